@@ -1,0 +1,1 @@
+"""The overlay: identities, framed messages, the Network interface and its backends, gossip."""

@@ -1,0 +1,1 @@
+"""Models and inference: serve transformer blocks, route prompts through peers, generate."""

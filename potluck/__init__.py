@@ -1,0 +1,1 @@
+"""The user-facing layer: command line, peer process, HTTP API."""
