@@ -44,12 +44,12 @@ def decode(body: bytes) -> Any:
             raw=False,
             use_list=True,
             strict_map_key=False,
-            max_buffer_size=len(body) + 1,
-            max_ext_len=0,
+            max_ext_len=0,  # container/str/bin limits already default to len(body)
         )
     except msgpack.ExtraData:
         raise FrameError("frame has trailing bytes after its msgpack body") from None
     except (ValueError, msgpack.UnpackException, UnicodeDecodeError, TypeError) as e:
+        # TypeError: an unhashable map key, e.g. a list used as a key.
         raise FrameError(f"frame is not valid msgpack: {type(e).__name__}: {e}"[:300]) from None
 
 

@@ -1,0 +1,119 @@
+"""`potluck` command line: id | serve | status | swarm new-key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import trio
+
+DEFAULT_DATA_DIR = Path(os.environ.get("POTLUCK_DATA_DIR", Path.home() / ".potluck"))
+
+
+def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                        help=f"where the identity key and state live (default {DEFAULT_DATA_DIR}, or $POTLUCK_DATA_DIR)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="potluck", description="Peer-to-peer LLM inference: bring compute, share compute.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("id", help="print this peer's id (creating its key on first use)")
+    _data_dir_arg(p)
+
+    p = sub.add_parser("serve", help="run a peer until SIGINT/SIGTERM")
+    _data_dir_arg(p)
+    p.add_argument("--listen", action="append", metavar="MULTIADDR",
+                   help="address to listen on (repeatable; default /ip4/127.0.0.1/tcp/0)")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                   help="full multiaddr (with /p2p/ID) of a peer to join through (repeatable)")
+    p.add_argument("--swarm-key", type=Path, metavar="FILE", help="join the private swarm that holds this key")
+    p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
+
+    p = sub.add_parser("status", help="show what the running peer knows")
+    _data_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("swarm", help="private swarms")
+    swarm_sub = p.add_subparsers(dest="swarm_command", required=True)
+    k = swarm_sub.add_parser("new-key", help="write a new swarm key to FILE (share it only with members)")
+    k.add_argument("file", type=Path)
+    return parser
+
+
+def cmd_id(args: argparse.Namespace) -> int:
+    from p2p.identity import Identity
+
+    print(Identity.load_or_create(args.data_dir).peer_id)
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from .peer import PeerConfig, run_peer
+
+    config = PeerConfig(
+        data_dir=args.data_dir,
+        listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
+        bootstrap=args.bootstrap,
+        swarm_key_file=args.swarm_key,
+        region=args.region,
+    )
+
+    def on_ready(peer) -> None:
+        print(f"potluck peer {peer.identity.peer_id}", flush=True)
+        for addr in peer.network.listen_addrs():
+            print(f"listening on {addr}", flush=True)
+
+    trio.run(run_peer, config, on_ready)
+    print("stopped", flush=True)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from . import control
+    from .status import render_status
+
+    try:
+        status = trio.run(control.call, args.data_dir, "status")
+    except control.PeerNotRunning as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2))
+    else:
+        render_status(status)
+    return 0
+
+
+def cmd_swarm(args: argparse.Namespace) -> int:
+    from p2p.swarm_key import new_key_file
+
+    new_key_file(args.file)
+    print(f"wrote a new swarm key to {args.file}; give it to the members, then start each peer with --swarm-key {args.file}")
+    return 0
+
+
+COMMANDS = {"id": cmd_id, "serve": cmd_serve, "status": cmd_status, "swarm": cmd_swarm}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"potluck {args.command}: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Local peer processes: run real `potluck serve` processes on this machine and read their state.
+
+Used by the main job (`potluck.demo`) and by the tests."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POTLUCK = [sys.executable, "-m", "potluck.cli"]
+
+
+class PeerProcess:
+    def __init__(self, data_dir: Path, *args: str, env: dict | None = None):
+        self.data_dir = Path(data_dir)
+        self.args = list(args)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+        self.peer_id: str | None = None
+        self.addrs: list[str] = []
+
+    def start(self, timeout: float = 60.0) -> "PeerProcess":
+        self.log_path = self.data_dir.with_suffix(".log")
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [*POTLUCK, "serve", "--data-dir", str(self.data_dir), *self.args],
+            stdout=subprocess.PIPE, stderr=self._log, env=self.env,
+        )
+        deadline = time.monotonic() + timeout
+        self.addrs = []
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                raise RuntimeError(f"peer exited early (rc={self.proc.wait()}); log: {self.log_tail()}")
+            if line.startswith("potluck peer "):
+                self.peer_id = line.split()[2]
+            elif line.startswith("listening on "):
+                self.addrs.append(line.split()[2])
+                return self
+        raise TimeoutError(f"peer did not start in {timeout}s; log: {self.log_tail()}")
+
+    @property
+    def addr(self) -> str:
+        return self.addrs[0]
+
+    def log_tail(self, n: int = 3000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n:]
+        except OSError:
+            return ""
+
+    def status(self) -> dict:
+        out = subprocess.run([*POTLUCK, "status", "--json", "--data-dir", str(self.data_dir)],
+                             capture_output=True, text=True, timeout=30, env=self.env)
+        if out.returncode != 0:
+            raise RuntimeError(f"status failed: {out.stderr}")
+        return json.loads(out.stdout)
+
+    def alive_peers(self) -> set[str]:
+        return {p["peer_id"] for p in self.status()["peers"] if p["alive"]}
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
+        """Send `sig`, wait for exit; returns seconds it took."""
+        start = time.monotonic()
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=timeout)
+        return time.monotonic() - start
+
+    def close(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+        if hasattr(self, "_log"):
+            self._log.close()
+
+
+def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {message}; last value: {last!r}")

@@ -1,0 +1,91 @@
+"""Real `potluck serve` processes on 127.0.0.1: joining, seeing each other, noticing deaths, shutting down."""
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+from potluck.localswarm import POTLUCK, wait_until
+
+
+def test_id_is_stable_and_key_is_private(tmp_path):
+    out1 = subprocess.run([*POTLUCK, "id", "--data-dir", str(tmp_path)], capture_output=True, text=True, check=True)
+    out2 = subprocess.run([*POTLUCK, "id", "--data-dir", str(tmp_path)], capture_output=True, text=True, check=True)
+    peer_id = out1.stdout.strip()
+    assert peer_id.startswith("12D3KooW") and peer_id == out2.stdout.strip()
+    assert stat.S_IMODE(os.stat(tmp_path / "identity.key").st_mode) == 0o600
+
+
+def test_console_script_is_installed(tmp_path):
+    script = os.path.join(os.path.dirname(sys.executable), "potluck")
+    out = subprocess.run([script, "id", "--data-dir", str(tmp_path)], capture_output=True, text=True, check=True)
+    assert out.stdout.startswith("12D3KooW")
+
+
+def test_two_peers_find_each_other_and_shut_down_cleanly(spawn):
+    a = spawn()
+    b = spawn("--bootstrap", a.addr)
+    assert a.addr.endswith(f"/p2p/{a.peer_id}")
+    wait_until(lambda: a.alive_peers() == {b.peer_id} and b.alive_peers() == {a.peer_id}, 20, message="a and b see each other")
+    rtts = [p["rtt_ms"] for p in b.status()["peers"]]
+    assert rtts and all(r is not None and r > 0 for r in rtts)
+    for proc in (b, a):
+        assert proc.stop(signal.SIGINT) < 3.0
+        assert proc.proc.returncode == 0
+
+
+def test_five_peers_all_see_each_other_and_notice_a_kill(spawn):
+    first = spawn()
+    # Each later peer knows only the previous one: peer exchange must spread the rest.
+    peers = [first]
+    for _ in range(4):
+        peers.append(spawn("--bootstrap", peers[-1].addr))
+    ids = {p.peer_id for p in peers}
+    for p in peers:
+        wait_until(lambda p=p: p.alive_peers() == ids - {p.peer_id}, 30, message=f"{p.peer_id} sees all others")
+    victim = peers[2]
+    victim.kill()
+    start = time.monotonic()
+    for p in peers:
+        if p is not victim:
+            wait_until(lambda p=p: victim.peer_id not in p.alive_peers(), 15, 0.25, message="the killed peer is noticed")
+    noticed = time.monotonic() - start
+    assert noticed < 15
+    # Every peer also got every other peer's signed presence note through gossip.
+    for p in peers:
+        if p is not victim:
+            assert ids <= set(p.status()["presence_seen"])
+
+
+def test_dead_peer_is_reconnected_when_it_returns(spawn):
+    a = spawn()
+    b = spawn("--bootstrap", a.addr)
+    wait_until(lambda: b.peer_id in a.alive_peers(), 20, message="a sees b")
+    b_dir, b_addr = b.data_dir, b.addr
+    b.kill()
+    wait_until(lambda: b.peer_id not in a.alive_peers(), 15, 0.25, message="a notices b is dead")
+    # Same identity, same address: a must find it again by itself.
+    port_listen = b_addr.split("/p2p/")[0]
+    b2 = spawn("--listen", port_listen, data_dir=b_dir)
+    assert b2.peer_id == b.peer_id
+    wait_until(lambda: b.peer_id in a.alive_peers(), 40, message="a reconnects to b")
+
+
+def test_status_without_a_running_peer_says_what_to_do(tmp_path):
+    out = subprocess.run([*POTLUCK, "status", "--data-dir", str(tmp_path)], capture_output=True, text=True)
+    assert out.returncode == 1
+    assert "no potluck peer is running" in out.stderr and "potluck serve" in out.stderr
+
+
+def test_status_table_is_readable(spawn):
+    a = spawn()
+    b = spawn("--bootstrap", a.addr, "--region", "eu-west")
+    wait_until(lambda: a.alive_peers() == {b.peer_id}, 20, message="a sees b")
+    out = subprocess.run([*POTLUCK, "status", "--data-dir", str(a.data_dir)], capture_output=True, text=True,
+                         env={**os.environ, "COLUMNS": "250"}, check=True)
+    assert "known peers (1 alive of 1)" in out.stdout
+    assert b.peer_id in out.stdout and "eu-west" in out.stdout and "ms" in out.stdout
