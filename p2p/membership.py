@@ -16,7 +16,7 @@ from dataclasses import dataclass, field as dc_field
 import trio
 
 from . import framing
-from .errors import BadRequest, P2PError
+from .errors import BadRequest, P2PError, SwarmKeyMismatch
 from .network import Network, protocol_id
 
 log = logging.getLogger(__name__)
@@ -106,11 +106,19 @@ class Membership:
     # --- joining ---------------------------------------------------------------------------------
 
     async def bootstrap(self, addrs: list[str]) -> int:
-        """Say hello to each bootstrap address; returns how many answered. Unanswered ones are retried by `run`."""
+        """Say hello to each bootstrap address; returns how many answered. Unanswered ones are retried by `run`.
+
+        Raises SwarmKeyMismatch when every bootstrap peer refused our swarm key: retrying cannot help.
+        """
         answered = 0
+        refusals: list[SwarmKeyMismatch] = []
         for addr in addrs:
             try:
                 peer_id = await self.network.connect(addr)
+            except SwarmKeyMismatch as e:
+                log.error("bootstrap peer %s refused us: %s", addr, e)
+                refusals.append(e)
+                continue
             except P2PError as e:
                 log.warning("bootstrap peer %s did not answer: %s", addr, e)
                 peer_id = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else None
@@ -120,6 +128,8 @@ class Membership:
             self.learn(peer_id, addr)
             if await self._hello(peer_id):
                 answered += 1
+        if addrs and len(refusals) == len(addrs):
+            raise refusals[0]
         return answered
 
     def learn(self, peer_id: str, addr: str | None, region: str | None = None) -> PeerState | None:

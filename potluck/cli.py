@@ -55,6 +55,8 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from p2p.errors import SwarmKeyMismatch
+
     from .peer import PeerConfig, run_peer
 
     config = PeerConfig(
@@ -70,7 +72,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for addr in peer.network.listen_addrs():
             print(f"listening on {addr}", flush=True)
 
-    trio.run(run_peer, config, on_ready)
+    try:
+        trio.run(run_peer, config, on_ready)
+    except SwarmKeyMismatch as e:
+        print(f"potluck serve: cannot join the swarm: {e}", file=sys.stderr)
+        return 2
     print("stopped", flush=True)
     return 0
 

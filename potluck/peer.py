@@ -98,6 +98,9 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
     async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key) as network:
         peer = Peer(config, identity, network)
+        if config.bootstrap:
+            # Before any task starts, so a refused swarm key ends the peer with a plain error.
+            await peer.membership.bootstrap(config.bootstrap)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
             await nursery.start(peer.gossip.run)
@@ -105,8 +108,6 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
             await nursery.start(
                 control.serve, Path(config.data_dir) / control.SOCKET_NAME, {"status": peer._status_command}
             )
-            if config.bootstrap:
-                await peer.membership.bootstrap(config.bootstrap)
             nursery.start_soon(peer._presence_loop)
             if on_ready:
                 on_ready(peer)
