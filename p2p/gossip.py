@@ -1,0 +1,332 @@
+"""Epidemic broadcast: signed messages pushed to a few random neighbours, plus pull anti-entropy.
+
+Every message is signed by its author; the id is the SHA-256 of the exact bytes that were signed,
+and those bytes travel as they are, so no re-encoding can break a signature. A peer checks the
+signature (and every field) before it stores, delivers or forwards anything, so a forged message
+dies at the first honest peer.
+
+Push: a peer that accepts a new message forwards it once to `fanout` random connected peers (not
+the one it came from). Pull: every `pull_interval` (jittered) a peer sends one random neighbour the
+ids it holds, and gets back the messages it lacks, so what a push missed (loss, partition, a late
+joiner) arrives within a few rounds.
+
+Every peer relays every topic: the swarm has few topics and all peers need them. Subscribing picks
+what is delivered to this peer and adds a validator; a message its topic's validator refuses is
+neither delivered nor forwarded. Everything is bounded: message size, history age and count,
+digest and pull-reply sizes. Messages older than `history_seconds` are refused, which is what
+lets the seen-cache forget ids after that long.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import logging
+import random
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from . import framing
+from .errors import BadRequest, FrameError, P2PError
+from .identity import Identity, verify_by_peer
+from .network import Network, protocol_id
+
+log = logging.getLogger(__name__)
+
+PUSH = protocol_id("gossip")
+PULL = protocol_id("gossip-pull")
+_SIGNING_DOMAIN = b"potluck-gossip/1\x00"  # a gossip signature can never pass for another record's
+MAX_TOPIC_LEN = 128
+MAX_PEER_ID_LEN = 64
+ID_LEN = 32
+SIG_LEN = 64
+MAX_CLOCK_SKEW = 30.0  # seconds a message's timestamp may run ahead of ours
+
+
+@dataclass(frozen=True)
+class GossipMessage:
+    id: bytes
+    topic: str
+    author: str
+    seq: int
+    timestamp: float  # the author's `Network.now()` at publication
+    data: Any
+    sender: str  # the neighbour it came from (our own peer id for our publications)
+
+
+OnMessage = Callable[[GossipMessage], Awaitable[None] | None]
+Validator = Callable[[GossipMessage], Awaitable[bool] | bool]
+
+
+@dataclass
+class GossipStats:
+    published: int = 0
+    accepted: int = 0  # new, valid messages stored (ours included)
+    delivered: int = 0  # handed to a subscriber
+    duplicates: int = 0
+    dropped_invalid: int = 0  # malformed, forged, unsigned, too old or too new
+    rejected: int = 0  # refused by a topic validator
+    pushes_sent: int = 0
+    push_failures: int = 0
+    pulls_sent: int = 0
+    pulls_served: int = 0
+    pulled: int = 0  # new messages that arrived in pull replies
+
+
+@dataclass
+class _Stored:
+    wire: dict  # {"b": signed body, "s": signature}, exactly as received
+    timestamp: float
+
+
+@dataclass
+class _Subscription:
+    on_message: OnMessage
+    validator: Validator | None
+
+
+class Gossip:
+    """One peer's gossip. Start `run` in a nursery; `publish` and deliveries need it running."""
+
+    def __init__(
+        self,
+        network: Network,
+        identity: Identity,
+        *,
+        fanout: int = 6,
+        pull_interval: float = 1.0,
+        history_seconds: float = 120.0,
+        max_message_bytes: int = 64 * 1024,
+        max_history: int = 10_000,
+        max_digest: int = 1024,
+        max_pull_messages: int = 256,
+        max_pull_bytes: int = 1024 * 1024,
+        request_timeout: float = 5.0,
+        rng: random.Random | None = None,
+    ):
+        if identity.peer_id != network.peer_id:
+            raise ValueError("gossip must sign with the network's own identity")
+        self.network = network
+        self.identity = identity
+        self.fanout = fanout
+        self.pull_interval = pull_interval
+        self.history_seconds = history_seconds
+        self.max_message_bytes = max_message_bytes
+        self.max_history = max_history
+        self.max_digest = max_digest
+        self.max_pull_messages = max_pull_messages
+        self.max_pull_bytes = max_pull_bytes
+        self.request_timeout = request_timeout
+        self.stats = GossipStats()
+        self._rng = rng or random.Random()
+        self._subscriptions: dict[str, _Subscription] = {}
+        # id -> (forget at, message) for every verified id: accepted ones with their message,
+        # validator-refused ones with None. Arrival order is expiry order, so expiry pops the front.
+        self._seen: dict[bytes, tuple[float, _Stored | None]] = {}
+        self._seq = 0
+        self._nursery: trio.Nursery | None = None
+
+    # --- public ----------------------------------------------------------------------------------
+
+    def subscribe(self, topic: str, on_message: OnMessage, validator: Validator | None = None) -> None:
+        """Deliver `topic`'s messages (ours too) to `on_message`; `validator` False or raising drops one."""
+        if not isinstance(topic, str) or not 0 < len(topic) <= MAX_TOPIC_LEN:
+            raise ValueError(f"a topic is a string of 1 to {MAX_TOPIC_LEN} characters")
+        self._subscriptions[topic] = _Subscription(on_message, validator)
+
+    async def publish(self, topic: str, data: Any) -> bytes:
+        """Sign, deliver locally and push `data`; returns the message id. Raises FrameTooLarge if too big."""
+        if self._nursery is None:
+            raise RuntimeError("Gossip.run is not running")
+        self._seq += 1
+        body = framing.encode(
+            {"topic": topic, "author": self.identity.peer_id, "seq": self._seq, "ts": self.network.now(), "data": data},
+            max_size=self.max_message_bytes,
+        )
+        wire = {"b": body, "s": self.identity.sign(_SIGNING_DOMAIN + body)}
+        message_id = hashlib.sha256(body).digest()
+        self.stats.published += 1
+        if not await self._accept(wire, self.identity.peer_id):
+            raise ValueError(f"the validator of topic {topic!r} refused this message")
+        return message_id
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve pushes and pulls and pull periodically, until cancelled."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            self.network.set_request_handler(PUSH, self._on_push)
+            self.network.set_request_handler(PULL, self._on_pull)
+            task_status.started()
+            try:
+                while True:
+                    await trio.sleep(self.pull_interval * self._rng.uniform(0.5, 1.5))
+                    self._forget_expired()
+                    peers = self.network.connected_peers()
+                    if peers:
+                        nursery.start_soon(self._pull, self._rng.choice(peers))
+            finally:
+                self._nursery = None
+
+    def has(self, message_id: bytes) -> bool:
+        """Whether this peer holds (accepted) the message."""
+        entry = self._seen.get(message_id)
+        return entry is not None and entry[1] is not None
+
+    # --- receiving -------------------------------------------------------------------------------
+
+    async def _accept(self, wire: Any, sender: str) -> bool:
+        """Check, store, forward and deliver one message; True if it was new and valid."""
+        try:
+            wire = framing.expect_map(wire, "gossip message")
+            body = framing.field(wire, "b", bytes, max_len=self.max_message_bytes)
+            sig = framing.field(wire, "s", bytes, max_len=SIG_LEN)
+        except FrameError as e:
+            self.stats.dropped_invalid += 1
+            raise BadRequest(str(e)) from None
+        message_id = hashlib.sha256(body).digest()
+        if message_id in self._seen:  # only verified ids get here, so checking first is safe and cheap
+            self.stats.duplicates += 1
+            return False
+        try:
+            message = self._check(message_id, body, sig, sender)
+        except FrameError as e:
+            self.stats.dropped_invalid += 1
+            raise BadRequest(str(e)) from None
+
+        subscription = self._subscriptions.get(message.topic)
+        if subscription is not None and subscription.validator is not None and not await _validate(subscription, message):
+            self.stats.rejected += 1
+            self._remember(message_id, None)  # authentic but refused: no need to look at it again
+            return False
+        self._remember(message_id, _Stored({"b": body, "s": sig}, message.timestamp))
+        self.stats.accepted += 1
+        self._forward(message_id, sender)
+        if subscription is not None:
+            self.stats.delivered += 1
+            try:
+                result = subscription.on_message(message)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("gossip subscriber for %r failed", message.topic)
+        return True
+
+    def _check(self, message_id: bytes, body: bytes, sig: bytes, sender: str) -> GossipMessage:
+        """The message `body` holds, if its fields, age and signature are all good; else FrameError."""
+        fields = framing.expect_map(framing.decode(body), "gossip body")
+        topic = framing.field(fields, "topic", str, max_len=MAX_TOPIC_LEN)
+        author = framing.field(fields, "author", str, max_len=MAX_PEER_ID_LEN)
+        seq = framing.field(fields, "seq", int)
+        ts = framing.field(fields, "ts", (float, int))
+        if not topic:
+            raise FrameError("empty topic")
+        if "data" not in fields:
+            raise FrameError("missing field 'data'")
+        now = self.network.now()
+        if not now - self.history_seconds <= ts <= now + MAX_CLOCK_SKEW:
+            raise FrameError(f"message timestamp {ts} is outside the accepted window")
+        if not verify_by_peer(author, _SIGNING_DOMAIN + body, sig):
+            raise FrameError(f"bad signature on a message claiming to be from {author[:64]}")
+        return GossipMessage(message_id, topic, author, seq, float(ts), fields["data"], sender)
+
+    def _remember(self, message_id: bytes, stored: _Stored | None) -> None:
+        # A message can come back until its timestamp leaves the window (the sender's clock may be
+        # MAX_CLOCK_SKEW ahead), so its id is kept that long after it arrived.
+        self._seen[message_id] = (trio.current_time() + self.history_seconds + MAX_CLOCK_SKEW, stored)
+        while len(self._seen) > self.max_history:
+            del self._seen[next(iter(self._seen))]
+
+    def _forget_expired(self) -> None:
+        now = trio.current_time()
+        while self._seen and self._seen[oldest := next(iter(self._seen))][0] <= now:
+            del self._seen[oldest]
+
+    # --- push ------------------------------------------------------------------------------------
+
+    def _forward(self, message_id: bytes, sender: str) -> None:
+        assert self._nursery is not None
+        peers = [p for p in self.network.connected_peers() if p != sender]
+        for peer in self._rng.sample(peers, min(self.fanout, len(peers))):
+            self._nursery.start_soon(self._push, peer, message_id)
+
+    async def _push(self, peer: str, message_id: bytes) -> None:
+        entry = self._seen.get(message_id)
+        if entry is None or entry[1] is None:
+            return
+        stored = entry[1]
+        self.stats.pushes_sent += 1
+        try:
+            await self.network.request(peer, PUSH, stored.wire, timeout=self.request_timeout)
+        except P2PError as e:
+            # Lost pushes are what pull anti-entropy is for; nothing more to do here.
+            self.stats.push_failures += 1
+            log.debug("push to %s failed: %s", peer, e)
+
+    async def _on_push(self, peer_id: str, body: Any) -> dict:
+        if self._nursery is None:
+            raise BadRequest("gossip is not running")
+        await self._accept(body, peer_id)
+        return {}
+
+    # --- pull ------------------------------------------------------------------------------------
+
+    def _digest(self) -> dict:
+        """The ids we hold, newest first, up to `max_digest`; `since` bounds what the peer offers."""
+        ids: list[bytes] = []
+        since = 0.0
+        for message_id, (_, stored) in reversed(self._seen.items()):
+            if len(ids) == self.max_digest:
+                break
+            ids.append(message_id)
+            if stored is not None:
+                since = stored.timestamp if not since else min(since, stored.timestamp)
+        return {"ids": ids, "since": since if len(ids) == self.max_digest else 0.0}
+
+    async def _pull(self, peer: str) -> None:
+        self.stats.pulls_sent += 1
+        try:
+            reply = await self.network.request(peer, PULL, self._digest(), timeout=self.request_timeout)
+            messages = framing.field(framing.expect_map(reply, "pull reply"), "msgs", list, max_len=self.max_pull_messages)
+        except P2PError as e:
+            log.debug("pull from %s failed: %s", peer, e)
+            return
+        for wire in messages:
+            try:
+                if await self._accept(wire, peer):
+                    self.stats.pulled += 1
+            except BadRequest as e:
+                log.debug("pull from %s carried a bad message: %s", peer, e)
+
+    async def _on_pull(self, peer_id: str, body: Any) -> dict:
+        request = framing.expect_map(body, "pull request")
+        ids = framing.field(request, "ids", list, max_len=self.max_digest)
+        since = framing.field(request, "since", (float, int))
+        if not all(isinstance(i, bytes) and len(i) == ID_LEN for i in ids):
+            raise BadRequest(f"a digest holds {ID_LEN}-byte message ids")
+        self.stats.pulls_served += 1
+        have = set(ids)
+        horizon = self.network.now() - self.history_seconds
+        out: list[dict] = []
+        size = 0
+        for message_id, (_, stored) in reversed(self._seen.items()):
+            if stored is None or message_id in have or stored.timestamp < max(since, horizon):
+                continue
+            size += len(stored.wire["b"]) + SIG_LEN
+            if len(out) == self.max_pull_messages or size > self.max_pull_bytes:
+                break
+            out.append(stored.wire)
+        return {"msgs": out}
+
+
+async def _validate(subscription: _Subscription, message: GossipMessage) -> bool:
+    assert subscription.validator is not None
+    try:
+        verdict = subscription.validator(message)
+        if inspect.isawaitable(verdict):
+            verdict = await verdict
+        return verdict is True
+    except Exception as e:
+        log.debug("validator for %r refused a message by raising %r", message.topic, e)
+        return False
