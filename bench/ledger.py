@@ -1,0 +1,206 @@
+"""How fast the credit log signs, verifies and durably stores entries, and how fast one spreads.
+
+`python -m bench.ledger --json` prints one JSON object:
+
+- `sign_per_s`, `verify_per_s`: Ed25519 alone (pynacl), over entry headers; the baseline the rest is
+  a ratio of.
+- `own_append_durable_per_s`: `Ledger.append_sync` on disk — sign, check, one fsynced SQLite
+  transaction per entry (what acknowledging each entry costs).
+- `ingest_durable_per_entry_per_s`: verify + append of another peer's entries, one durable
+  transaction per entry.
+- `ingest_durable_batched_per_s`: the same, one durable transaction per pulled range of
+  `--range` entries of one author.
+- `ingest_durable_per_reply_per_s`: one durable transaction per pull reply (up to 64 ranges of
+  different authors, as a catching-up peer gets them) — what replication does.
+  Each ingest figure is given for `dispute` entries (one signature each) and for `earn` entries
+  (two signatures: the entry's and the client's receipt, plus the FLOPs recomputation).
+- `sim`: on the simulator (`--nodes` peers, each dialling `--dials` others), the virtual seconds
+  for one new entry to reach every peer's verified store, by gossip push + pull, against the ideal
+  flood over the same connections (`bench.gossip_sim.ideal_flood`) in the same run.
+Everything runs in this one process on one core (no worker threads).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+
+import msgpack
+import trio
+import trio.testing
+
+from credits import CreditPolicy, Entry, Ledger, ReceiptSigner, Store, linear_pricing
+from credits.entry import ZERO_HASH, clear_signature_cache
+from p2p.identity import Identity
+
+PRICING = linear_pricing(lambda model: 1_000_000)
+
+
+def rate(n: int, seconds: float) -> float:
+    return round(n / seconds, 1)
+
+
+def make_chain(author: Identity, n: int, kind: str) -> list[bytes]:
+    client = Identity.generate()
+    signer = ReceiptSigner(client, server=author.public_key, model="m", start=0, end=4, pricing=PRICING)
+    out, prev = [], ZERO_HASH
+    for seq in range(1, n + 1):
+        if seq == 1:
+            body = msgpack.packb([author.public_key, 10**12, "start"])
+            k = "grant"
+        elif kind == "earn":
+            body, k = msgpack.packb([signer.sign(seq * 3).to_list()]), "earn"
+        else:
+            body, k = msgpack.packb([client.public_key, f"reason {seq}", b""]), "dispute"
+        e = Entry.create(author, seq, prev, 1_700_000_000_000 + seq, k, body)
+        out.append(e.encode())
+        prev = e.hash
+    return out
+
+
+def bench_crypto(n: int) -> dict:
+    me = Identity.generate()
+    headers = [Entry.create(me, 1, ZERO_HASH, i, "dispute", b"x").header for i in range(n)]
+    t = time.perf_counter()
+    sigs = [me.sign(h) for h in headers]
+    sign = time.perf_counter() - t
+    import nacl.signing
+
+    key = nacl.signing.VerifyKey(me.public_key)
+    t = time.perf_counter()
+    for h, s in zip(headers, sigs):
+        key.verify(h, s)
+    verify = time.perf_counter() - t
+    return {"sign_per_s": rate(n, sign), "verify_per_s": rate(n, verify)}
+
+
+def bench_store(n: int, range_size: int, directory: str) -> dict:
+    out: dict = {}
+    # Own appends, durable, one transaction each.
+    with tempfile.TemporaryDirectory(dir=directory) as d:
+        led = Ledger(Identity.generate(), Store(d), pricing=PRICING, policy=CreditPolicy(starting_grant=10**12))
+        led.append_sync("grant", msgpack.packb([led.me, 10**12, "start"]))
+        other = Identity.generate().public_key
+        t = time.perf_counter()
+        for i in range(n):
+            led.append_sync("dispute", msgpack.packb([other, f"r{i}", b""]))
+        out["own_append_durable_per_s"] = rate(n, time.perf_counter() - t)
+    for kind in ("dispute", "earn"):
+        wires = make_chain(Identity.generate(), n, kind)
+        clear_signature_cache()  # nothing here was verified before
+        with tempfile.TemporaryDirectory(dir=directory) as d:
+            led = Ledger(Identity.generate(), Store(d), pricing=PRICING, policy=CreditPolicy(starting_grant=10**12))
+            t = time.perf_counter()
+            for w in wires[: n // 4]:  # fsync-bound: a quarter is plenty to measure
+                r = led.ingest_sync([w])
+                assert r.stored == 1, r
+            out[f"ingest_durable_per_entry_per_s_{kind}"] = rate(n // 4, time.perf_counter() - t)
+        wires = make_chain(Identity.generate(), n, kind)
+        clear_signature_cache()
+        with tempfile.TemporaryDirectory(dir=directory) as d:
+            led = Ledger(Identity.generate(), Store(d), pricing=PRICING, policy=CreditPolicy(starting_grant=10**12))
+            t = time.perf_counter()
+            for i in range(0, n, range_size):
+                r = led.ingest_sync(wires[i:i + range_size])
+                assert r.error is None, r
+            out[f"ingest_durable_batched_per_s_{kind}"] = rate(n, time.perf_counter() - t)
+            assert led.verify_chain(Entry.decode(wires[0]).author) == n
+        # A catching-up peer: one pull reply of up to 64 ranges (here 32 authors x range entries) per transaction.
+        authors = max(1, n // range_size)
+        chains = [make_chain(Identity.generate(), range_size, kind) for _ in range(authors)]
+        clear_signature_cache()
+        with tempfile.TemporaryDirectory(dir=directory) as d:
+            led = Ledger(Identity.generate(), Store(d), pricing=PRICING, policy=CreditPolicy(starting_grant=10**12))
+            t = time.perf_counter()
+            for i in range(0, authors, 64):
+                rs = led.ingest_ranges_sync(chains[i:i + 64])
+                assert all(r.error is None for r in rs)
+            out[f"ingest_durable_per_reply_per_s_{kind}"] = rate(authors * range_size, time.perf_counter() - t)
+    return out
+
+
+async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
+    from bench.gossip_sim import ideal_flood
+    from credits.replication import Replicator
+    from p2p.errors import P2PError
+    from p2p.gossip import Gossip
+    from p2p.sim import SimWorld
+
+    rng = random.Random(seed)
+    async with SimWorld.open(seed=seed) as world, trio.open_nursery() as nursery:
+        ns = [world.add_node() for _ in range(nodes)]
+        leds = [Ledger(n.identity, Store(None), pricing=PRICING, clock=n.now) for n in ns]
+        gossips = [Gossip(n, n.identity, rng=random.Random(seed + i)) for i, n in enumerate(ns)]
+        reps = [Replicator(led, n, g, exchange_interval=5.0, rng=random.Random(seed + i))
+                for i, (led, n, g) in enumerate(zip(leds, ns, gossips))]
+
+        async def dial(i: int, j: int) -> None:
+            while ns[j].peer_id not in ns[i].connected_peers():
+                try:
+                    await ns[i].connect(ns[j].addr, timeout=2.0)
+                except P2PError:
+                    pass
+
+        async with trio.open_nursery() as dials_:
+            for i in range(nodes):
+                for j in rng.sample(range(nodes), dials):
+                    if i != j:
+                        dials_.start_soon(dial, i, j)
+        for g, r in zip(gossips, reps):
+            await nursery.start(g.run)
+            await nursery.start(r.run)
+        await trio.sleep(10)  # first full exchanges settle
+        times = []
+        ideal = []
+        for k in range(3):
+            author = rng.randrange(nodes)
+            t0 = trio.current_time()
+            entry = await leds[author].claim_starting_grant()
+            ideal.append(ideal_flood(world, ns, author))
+            while any(led.heads.get(entry.author) != (entry.seq, entry.hash) for led in leds):
+                await trio.sleep(0.01)
+            times.append(trio.current_time() - t0)
+            await trio.sleep(2)
+        nursery.cancel_scope.cancel()
+    return {"nodes": nodes, "dials": dials,
+            "entry_to_all_peers_s": [round(t, 3) for t in times],
+            "ideal_flood_s": [round(t, 3) for t in ideal],
+            "ratio_to_ideal": [round(t / i, 2) for t, i in zip(times, ideal)]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--entries", type=int, default=4000)
+    parser.add_argument("--range", type=int, default=128, help="entries per pulled range (one transaction)")
+    parser.add_argument("--dir", default=None, help="where the durable stores go (default: a temp dir on the data disk)")
+    parser.add_argument("--nodes", type=int, default=1000, help="simulated peers (0: skip the simulation)")
+    parser.add_argument("--dials", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    directory = args.dir or os.path.join(os.getcwd(), ".bench-ledger")
+    os.makedirs(directory, exist_ok=True)
+    result = {"entries": args.entries, "range": args.range, "sqlite": "WAL, synchronous=FULL", "cores": 1}
+    result.update(bench_crypto(args.entries))
+    result.update(bench_store(args.entries, args.range, directory))
+    try:
+        os.rmdir(directory)
+    except OSError:
+        pass
+    result["per_reply_vs_verify_alone"] = round(result["ingest_durable_per_reply_per_s_dispute"] / result["verify_per_s"], 2)
+    if args.nodes:
+        result["sim"] = trio.run(bench_sim, args.nodes, args.dials, args.seed,
+                                 clock=trio.testing.MockClock(autojump_threshold=0))
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for k, v in result.items():
+            print(f"{k:45} {v}")
+
+
+if __name__ == "__main__":
+    main()
