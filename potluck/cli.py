@@ -1,4 +1,4 @@
-"""`potluck` command line: id | serve | status | swarm new-key."""
+"""`potluck` command line: id | serve | status | credits | swarm new-key."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show what the running peer knows")
     _data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    p = sub.add_parser("credits", help="this peer's credits: balance, earned, spent, recent entries, every peer's balance")
+    _data_dir_arg(p)
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
 
     p = sub.add_parser("swarm", help="private swarms")
     swarm_sub = p.add_subparsers(dest="swarm_command", required=True)
@@ -81,20 +85,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_status(args: argparse.Namespace) -> int:
+def _show(args: argparse.Namespace, command: str, render) -> int:
+    """Ask the running peer for `command` and print it as JSON or through `render`."""
     from . import control
-    from .status import render_status
 
     try:
-        status = trio.run(control.call, args.data_dir, "status")
+        reply = trio.run(control.call, args.data_dir, command)
     except control.PeerNotRunning as e:
         print(e, file=sys.stderr)
         return 1
     if args.json:
-        print(json.dumps(status, indent=2))
+        print(json.dumps(reply, indent=2))
     else:
-        render_status(status)
+        render(reply)
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from .status import render_status
+
+    return _show(args, "status", render_status)
+
+
+def cmd_credits(args: argparse.Namespace) -> int:
+    from .status import render_credits
+
+    return _show(args, "credits", render_credits)
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
@@ -105,7 +121,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"id": cmd_id, "serve": cmd_serve, "status": cmd_status, "swarm": cmd_swarm}
+COMMANDS = {"id": cmd_id, "serve": cmd_serve, "status": cmd_status, "credits": cmd_credits, "swarm": cmd_swarm}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,8 @@ from typing import Callable
 
 import trio
 
+from credits import Ledger
+from credits.replication import Replicator
 from p2p import framing
 from p2p.gossip import Gossip
 from p2p.identity import Identity
@@ -22,6 +24,7 @@ from p2p.libp2p_net import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
+from pipeline.pricing import ModelPricing
 
 from . import control
 
@@ -43,12 +46,14 @@ class PeerConfig:
 class Peer:
     """The parts of a running peer, wired together; `run_peer` drives it."""
 
-    def __init__(self, config: PeerConfig, identity: Identity, network: Network):
+    def __init__(self, config: PeerConfig, identity: Identity, network: Network, ledger: Ledger):
         self.config = config
         self.identity = identity
         self.network = network
+        self.ledger = ledger
         self.membership = Membership(network, region=config.region)
         self.gossip = Gossip(network, identity)
+        self.replicator = Replicator(ledger, network, self.gossip)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.presence_seen: set[str] = set()
 
@@ -86,6 +91,9 @@ class Peer:
     async def _status_command(self, request: dict) -> dict:
         return self.status()
 
+    async def _credits_command(self, request: dict) -> dict:
+        return self.ledger.summary(await self.ledger.balances())
+
     async def _presence_loop(self) -> None:
         while True:
             await self.announce_presence()
@@ -96,21 +104,26 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
     """Run a peer until cancelled or until SIGINT/SIGTERM arrives."""
     identity = Identity.load_or_create(config.data_dir)
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
-    async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key) as network:
-        peer = Peer(config, identity, network)
-        if config.bootstrap:
-            # Before any task starts, so a refused swarm key ends the peer with a plain error.
-            await peer.membership.bootstrap(config.bootstrap)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
-            await nursery.start(peer.gossip.run)
-            await nursery.start(peer.membership.run)
-            await nursery.start(
-                control.serve, Path(config.data_dir) / control.SOCKET_NAME, {"status": peer._status_command}
-            )
-            nursery.start_soon(peer._presence_loop)
-            if on_ready:
-                on_ready(peer)
+    ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing())
+    try:
+        async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key) as network:
+            peer = Peer(config, identity, network, ledger)
+            if config.bootstrap:
+                # Before any task starts, so a refused swarm key ends the peer with a plain error.
+                await peer.membership.bootstrap(config.bootstrap)
+            await ledger.claim_starting_grant()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                await nursery.start(peer.gossip.run)
+                await nursery.start(peer.membership.run)
+                await nursery.start(peer.replicator.run)
+                await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME,
+                                    {"status": peer._status_command, "credits": peer._credits_command})
+                nursery.start_soon(peer._presence_loop)
+                if on_ready:
+                    on_ready(peer)
+    finally:
+        ledger.store.close()
 
 
 async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:

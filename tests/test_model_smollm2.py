@@ -9,6 +9,7 @@ import torch
 
 from pipeline import convert
 from pipeline.convert import DefaultModelMissing, default_model_dir, ensure_default_model, find_default_gguf
+from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, ModelPricing
 
 PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
@@ -146,7 +147,6 @@ def test_server_rss_scales_with_its_blocks(smollm2):
 
 # The id every peer must derive from the converted default model. If this changes, peers whose
 # conversion differs (e.g. another transformers dequantizer) would no longer join one swarm.
-SMOLLM2_ID = "2c49f44b91f1f918a0f1ca4e832c97147c7e2676c5fa8432ff91d96adb93e532"
 
 
 @pytest.mark.slow
@@ -155,7 +155,23 @@ def test_default_model_id_is_pinned_and_spans_verify(smollm2):
     from pipeline.identity import build_manifest, model_id, verify_blocks, verify_head
 
     _, folder = smollm2
-    assert model_id(folder) == SMOLLM2_ID
+    assert model_id(folder) == DEFAULT_MODEL_ID
     manifest = build_manifest(folder)
-    verify_blocks(folder, manifest, 10, 20, expected_id=SMOLLM2_ID)
+    verify_blocks(folder, manifest, 10, 20, expected_id=DEFAULT_MODEL_ID)
     verify_head(folder, manifest)
+
+
+@pytest.mark.slow
+@needs_wheel
+def test_default_model_config_that_every_peer_prices_with(smollm2):
+    from pipeline.config import ModelConfig
+
+    _, folder = smollm2
+    assert ModelConfig.load(folder).canonical() == DEFAULT_MODEL_CONFIG.canonical()
+    pricing = ModelPricing()
+    one_block = pricing(DEFAULT_MODEL_ID, 0, 1, 10)
+    assert pricing(DEFAULT_MODEL_ID, 0, 30, 10) == 30 * one_block > 0
+    with pytest.raises(KeyError):
+        pricing("0" * 64, 0, 1, 10)
+    with pytest.raises(ValueError):
+        pricing(DEFAULT_MODEL_ID, 0, 31, 10)

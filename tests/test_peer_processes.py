@@ -1,5 +1,6 @@
 """Real `potluck serve` processes on 127.0.0.1: joining, seeing each other, noticing deaths, shutting down."""
 
+import json
 import os
 import signal
 import stat
@@ -89,3 +90,25 @@ def test_status_table_is_readable(spawn):
                          env={**os.environ, "COLUMNS": "250"}, check=True)
     assert "known peers (1 alive of 1)" in out.stdout
     assert b.peer_id in out.stdout and "eu-west" in out.stdout and "ms" in out.stdout
+
+
+def test_credit_chains_replicate_between_processes(spawn):
+    a = spawn()
+    b = spawn("--bootstrap", a.addr)
+
+    def credits(p):
+        out = subprocess.run([*POTLUCK, "credits", "--json", "--data-dir", str(p.data_dir)],
+                             capture_output=True, text=True, check=True)
+        return json.loads(out.stdout)
+
+    # Each peer starts its chain with its grant; each ends up holding and verifying the other's.
+    def both_known(p):
+        return {q["peer_id"] for q in credits(p)["peers"]} == {a.peer_id, b.peer_id}
+
+    wait_until(lambda: both_known(a) and both_known(b), 30, message="both chains replicated")
+    ca, cb = credits(a), credits(b)
+    assert ca["chain_length"] == 1 and ca["granted"] > 0 and ca["balance"] == ca["granted"]
+    assert ca["total"] == cb["total"] == ca["granted"] + cb["granted"]
+    table = subprocess.run([*POTLUCK, "credits", "--data-dir", str(a.data_dir)], capture_output=True, text=True,
+                           env={**os.environ, "COLUMNS": "250"}, check=True).stdout
+    assert "GFLOP-credits" in table and b.peer_id in table
