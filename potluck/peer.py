@@ -17,6 +17,7 @@ import trio
 
 from credits import Ledger
 from credits.replication import Replicator
+from dht.node import DHTNode
 from p2p import framing
 from p2p.gossip import Gossip
 from p2p.identity import Identity
@@ -52,6 +53,7 @@ class Peer:
         self.network = network
         self.ledger = ledger
         self.membership = Membership(network, region=config.region)
+        self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None)
         self.gossip = Gossip(network, identity)
         self.replicator = Replicator(ledger, network, self.gossip)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
@@ -86,6 +88,7 @@ class Peer:
             "connected": sorted(self.network.connected_peers()),
             "presence_seen": sorted(self.presence_seen),
             "gossip": asdict(self.gossip.stats),
+            "dht": self.dht.status(),
         }
 
     async def _status_command(self, request: dict) -> dict:
@@ -93,6 +96,28 @@ class Peer:
 
     async def _credits_command(self, request: dict) -> dict:
         return self.ledger.summary(await self.ledger.balances())
+
+    # DHT operations for operators and tests, through the control socket.
+    async def _dht_store_command(self, request: dict) -> dict:
+        key = framing.field(request, "key", str, max_len=256)
+        ttl = framing.field(request, "ttl", (int, float))
+        return {"stored_at": await self.dht.store(key, request.get("value"), ttl=ttl)}
+
+    async def _dht_get_command(self, request: dict) -> dict:
+        entries = await self.dht.get(framing.field(request, "key", str, max_len=256))
+        return {subkey: {"value": e.value, "expires": e.expires} for subkey, e in entries.items()}
+
+    async def _dht_find_peer_command(self, request: dict) -> dict:
+        return {"addr": await self.dht.find_peer(framing.field(request, "peer_id", str, max_len=64))}
+
+    def commands(self) -> dict:
+        return {
+            "status": self._status_command,
+            "credits": self._credits_command,
+            "dht_store": self._dht_store_command,
+            "dht_get": self._dht_get_command,
+            "dht_find_peer": self._dht_find_peer_command,
+        }
 
     async def _presence_loop(self) -> None:
         while True:
@@ -117,8 +142,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 await nursery.start(peer.gossip.run)
                 await nursery.start(peer.membership.run)
                 await nursery.start(peer.replicator.run)
-                await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME,
-                                    {"status": peer._status_command, "credits": peer._credits_command})
+                await nursery.start(peer.dht.run)
+                await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME, peer.commands())
                 nursery.start_soon(peer._presence_loop)
                 if on_ready:
                     on_ready(peer)
