@@ -1,0 +1,206 @@
+"""Swarm vs local generation, SmolLM2-135M-Instruct fp32 greedy: `python -m bench.pipeline [--json]`.
+
+In one run, on this machine:
+- local: transformers' own `generate` (single process, greedy, `--new-tokens` tokens), and our
+  LocalModel (same block math as the servers, one process) — the baselines;
+- swarm: `--servers` real server processes (`python -m pipeline.server`, each its own Libp2pNetwork
+  + DHTNode on 127.0.0.1, blocks split evenly) and a client in this process that finds them through
+  the DHT; client-driven (each hop's output comes back to the client) and with server-to-server
+  forwarding (`push`).
+Reported: tokens/s (new tokens / wall time of the whole generation, prefill included), swarm/local
+ratios, time to first token, per-token time split into server compute, network (+ serialisation,
+thread hops) and the client's own head (embed, final norm, LM head, sampling), whether the swarm's
+tokens equal HF's, and peak RSS of each server process against a process holding the full model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import trio
+
+PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who befriends a whale."}]
+
+
+def rss_of(pid: int) -> dict:
+    out = {}
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(("VmHWM:", "VmRSS:")):
+                    k, v = line.split(":")
+                    out[k] = int(v.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def local_baselines(folder: Path, ids: list[int], n: int) -> dict:
+    from transformers import AutoModelForCausalLM
+
+    from pipeline.loading import load_local_model
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    kw = dict(do_sample=False, pad_token_id=0)
+    with torch.inference_mode():
+        hf.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+        t0 = time.perf_counter()
+        hf.generate(x, max_new_tokens=1, min_new_tokens=1, **kw)
+        ttft = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = hf.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)
+        wall = time.perf_counter() - t0
+    tokens = out[0, len(ids):].tolist()
+    ours = load_local_model(folder, device="cpu")
+    ours.generate_greedy(ids, 4)
+    t0 = time.perf_counter()
+    ours_tokens = ours.generate_greedy(ids, n)
+    ours_wall = time.perf_counter() - t0
+    return {"hf": {"tokens_per_s": n / wall, "ttft_s": ttft, "wall_s": wall},
+            "ours_local": {"tokens_per_s": n / ours_wall, "wall_s": ours_wall, "tokens_match_hf": ours_tokens == tokens},
+            "tokens": tokens}
+
+
+def start_servers(folder: Path, k: int, num_layers: int, threads: int) -> list[tuple[subprocess.Popen, dict]]:
+    cuts = [round(i * num_layers / k) for i in range(k + 1)]
+    procs = []
+    bootstrap: list[str] = []
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for i in range(k):
+        cmd = [sys.executable, "-m", "pipeline.server", "--model", str(folder), "--blocks", f"{cuts[i]}:{cuts[i + 1]}",
+               "--threads", str(threads)]
+        for b in bootstrap:
+            cmd += ["--bootstrap", b]
+        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                             cwd=Path(__file__).resolve().parent.parent)
+        line = p.stdout.readline()
+        if not line:
+            raise RuntimeError(f"server {i} did not start (exit {p.wait()})")
+        info = json.loads(line)
+        procs.append((p, info))
+        if not bootstrap:
+            bootstrap.append(info["addr"])
+    return procs
+
+
+async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, expect: list[int]) -> dict:
+    from dht.node import DHTNode
+    from p2p.identity import Identity
+    from p2p.libp2p_net import Libp2pNetwork
+    from pipeline.client import ClientConfig, DistributedModel
+
+    results = {}
+    async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as net:
+        dht = DHTNode(net, bootstrap=[bootstrap], client_mode=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dht.run)
+            model = await DistributedModel.from_pretrained(folder, net, dht, model_id=mid, config=ClientConfig())
+            await model.generate(ids, max_new_tokens=4, stop_token_ids=[])  # warm-up: dials, routes
+            for mode in ("direct", "push"):
+                model.config_client.push = mode == "push"
+                await model.generate(ids, max_new_tokens=2, stop_token_ids=[])
+                t0 = time.perf_counter()
+                g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[])
+                wall = time.perf_counter() - t0
+                st = g.stats
+                client_s = max(0.0, st["wall_s"] - st["compute_s"] - st["network_s"])
+                results[mode] = {
+                    "tokens_per_s": n / wall, "decode_tokens_per_s": st["tokens_per_s"], "ttft_s": st["ttft_s"],
+                    "wall_s": wall, "tokens_match_local": g.token_ids == expect,
+                    "per_token_ms": {"total": 1000 * st["wall_s"] / n, "server_compute": 1000 * st["compute_s"] / n,
+                                     "network_and_overhead": 1000 * st["network_s"] / n,
+                                     "client_head": 1000 * client_s / n},
+                    "route": [[p[-8:], a, b] for p, a, b in st["route"]], "push_fallbacks": st["push_fallbacks"],
+                }
+            nursery.cancel_scope.cancel()
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.pipeline")
+    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--data-dir", type=Path, default=Path(os.environ.get("POTLUCK_DATA_DIR", Path.home() / ".potluck")))
+    ap.add_argument("--model", type=Path, default=None, help="an HF folder (default: SmolLM2 from the data dir)")
+    ap.add_argument("--servers", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in every process, local baseline included (default 1: on a small shared "
+                         "machine more threads per process spin against each other)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from pipeline.convert import ensure_default_model
+    from pipeline.identity import model_id
+    from pipeline.loading import ModelFolder
+    from pipeline.measure import peak_rss
+
+    folder = args.model or ensure_default_model(args.data_dir, progress=not args.json)
+    mf = ModelFolder(folder)
+    mid = model_id(mf)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    n = args.new_tokens
+
+    local = local_baselines(folder, ids, n)
+    procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads)
+    try:
+        swarm = trio.run(swarm_runs, folder, mid, procs[0][1]["addr"], ids, n, local["tokens"])
+        servers = [{"blocks": [info["start"], info["end"]], "peak_rss_bytes": rss_of(p.pid).get("VmHWM"),
+                    "decode_tps_per_block": round(info["throughput"]["decode_tps"], 1)} for p, info in procs]
+    finally:
+        for p, _ in procs:
+            try:
+                p.stdin.close()
+            except OSError:
+                pass
+        for p, _ in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+    # the machine may be shared: measure the local baseline again after the swarm, keep the faster run
+    again = local_baselines(folder, ids, n)
+    for key in ("hf", "ours_local"):
+        runs = [local[key]["tokens_per_s"], again[key]["tokens_per_s"]]
+        if again[key]["tokens_per_s"] > local[key]["tokens_per_s"]:
+            local[key] = again[key]
+        local[key]["runs_tokens_per_s"] = runs
+    full = peak_rss(str(folder), "full")
+    runtime = full["baseline_rss_bytes"]
+    server_peak = max(s["peak_rss_bytes"] or 0 for s in servers)
+    hf_tps = local["hf"]["tokens_per_s"]
+    report = {
+        "model": mf.path.name, "model_id": mid[:16], "dtype": "float32", "new_tokens": n, "prompt_tokens": len(ids),
+        "servers": args.servers, "cpu_threads": torch.get_num_threads(), "cores": os.cpu_count(),
+        "local_hf": local["hf"], "local_ours": local["ours_local"],
+        "swarm_direct": swarm["direct"], "swarm_push": swarm["push"],
+        "ratio_swarm_direct_vs_local_hf": swarm["direct"]["tokens_per_s"] / hf_tps,
+        "ratio_swarm_push_vs_local_hf": swarm["push"]["tokens_per_s"] / hf_tps,
+        "ratio_push_vs_direct": swarm["push"]["tokens_per_s"] / swarm["direct"]["tokens_per_s"],
+        "rss": {"server_processes": servers, "full_model_peak_bytes": full["peak_rss_bytes"],
+                "runtime_baseline_bytes": runtime, "max_server_peak_bytes": server_peak,
+                "server_over_full": server_peak / full["peak_rss_bytes"],
+                "server_weights_over_full_weights": (server_peak - runtime) / max(1, full["peak_rss_bytes"] - runtime)},
+    }
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        for k in ("local_hf", "local_ours", "swarm_direct", "swarm_push"):
+            print(f"{k:14s} {report[k]['tokens_per_s']:7.1f} tok/s")
+        print(f"swarm/local: direct {report['ratio_swarm_direct_vs_local_hf']:.2f}, push {report['ratio_swarm_push_vs_local_hf']:.2f}")
+        print(json.dumps(report["rss"], indent=1))
+
+
+if __name__ == "__main__":
+    main()

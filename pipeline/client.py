@@ -1,0 +1,502 @@
+"""DistributedModel: the user's side of the swarm — embeddings, final norm and LM head here, blocks remote.
+
+    model = await DistributedModel.from_pretrained(folder, network, dht)
+    result = await model.generate("Hello", max_new_tokens=20)                  # Generation
+    async for event in model.stream(messages_or_prompt, temperature=0.7, seed=1):
+        print(event.text, end="")
+
+- A session (`InferenceSession`) asks the `SequenceManager` (pipeline/routing.py) for a route
+  covering all blocks, opens one stream per hop and sends each step's hidden states through them
+  (client-driven, or with server-to-server forwarding: `ClientConfig.push`).
+- Fault tolerance: the session keeps, per block boundary, the inputs of every step it completed
+  (in their original chunks). When a hop fails (stream closed, timeout, error reply, malformed or
+  non-finite output), its server is banned for a while, a new route for that hop's blocks is built
+  from the others, the history is replayed there — chunk by chunk in one message, so the rebuilt
+  KV cache is bit-identical — and the step goes on. Greedy output is the same as an undisturbed run.
+- Credits hook: `ClientConfig.receipt` — `receipt(peer_id, session_id, step_info) -> Any` — is called
+  before each step sent to a server and its result travels in the step as "receipt" (credits/ signs
+  cumulative per-session receipts there; nothing here interprets them).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable
+
+import torch
+import trio
+
+from p2p.errors import FrameError, P2PError
+from p2p.network import Network, Stream
+
+from . import protocol as proto
+from .loading import ModelFolder, load_head, resolve_dtype
+from .model import ModelHead
+from .protocol import expect_reply, pack_hidden, unpack_hidden
+from .routing import NoRoute, RouteHop, SequenceManager
+from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
+
+log = logging.getLogger(__name__)
+
+
+class GenerationFailed(RuntimeError):
+    """The swarm could not complete a step after every retry (no route, or every route failed)."""
+
+
+@dataclass
+class ClientConfig:
+    step_timeout: float = 30.0
+    open_timeout: float = 10.0
+    max_recoveries: int = 8  # per step
+    push: bool = False  # server-to-server forwarding of activations
+    receipt: Callable[[str, bytes, dict], Any] | None = None  # credits hook (see module docstring)
+
+
+@dataclass
+class TokenEvent:
+    token_id: int
+    text: str  # text this token adds (may be "" while a multi-byte char or a possible stop string is pending)
+    index: int
+
+
+@dataclass
+class Generation:
+    token_ids: list[int]
+    text: str
+    finish_reason: str  # "stop" (EOS or a stop string) or "length"
+    prompt_tokens: int
+    stats: dict = field(default_factory=dict)
+
+
+class _Hop:
+    """One open session with one server for blocks [start, end)."""
+
+    def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None):
+        self.peer_id, self.start, self.end = peer_id, start, end
+        self.stream, self.session_id, self.addr = stream, session_id, addr
+
+    def __repr__(self) -> str:
+        return f"<hop {self.peer_id[-6:]} [{self.start},{self.end})>"
+
+    @classmethod
+    async def open(cls, network: Network, hop: RouteHop, addr: str | None, *, model_id: str, max_length: int,
+                   dtype: str, timeout: float) -> "_Hop":
+        if addr is not None and network.address_of(hop.peer_id) is None:
+            network.add_address(hop.peer_id, addr)
+        stream = None
+        try:
+            with trio.fail_after(timeout):
+                stream = await network.open_stream(hop.peer_id, proto.INFERENCE)
+                await stream.send({"t": "open", "model": model_id, "start": hop.start, "end": hop.end,
+                                   "max_length": max_length, "dtype": dtype})
+                reply = expect_reply(await stream.receive(), "opened")
+            sid = reply.get("session")
+            if not isinstance(sid, bytes) or len(sid) != proto.SESSION_ID_LEN:
+                raise FrameError("'opened' reply lacks a session id")
+            return cls(hop.peer_id, hop.start, hop.end, stream, sid, addr)
+        except BaseException:
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    try:
+                        await stream.aclose()
+                    except P2PError:
+                        pass
+            raise
+
+    async def send_step(self, msg: dict) -> None:
+        await self.stream.send(msg)
+
+    async def receive_out(self, step_id: int, n: int, hidden_size: int, dtype: str) -> tuple[torch.Tensor, float]:
+        """The "out" for `step_id` (older outs, e.g. duplicates after a fallback, are skipped)."""
+        while True:
+            m = expect_reply(await self.stream.receive(), "out")
+            got = m.get("id")
+            if not isinstance(got, int) or got > step_id:
+                raise FrameError(f"reply for step {got!r} while waiting for step {step_id}")
+            if got < step_id:
+                continue
+            out = unpack_hidden(m.get("h"), dtype=dtype, hidden_size=hidden_size)
+            if out.shape[1] != n:
+                raise FrameError(f"server returned {out.shape[1]} tokens for a step of {n}")
+            if not torch.isfinite(out).all():
+                raise FrameError("server returned non-finite hidden states")
+            c = m.get("compute_s")
+            return out, float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0
+
+    async def close(self, polite: bool = True) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                if polite:
+                    await self.stream.send({"t": "close"})
+                await self.stream.aclose()
+            except P2PError:
+                pass
+
+
+class InferenceSession:
+    """A generation's path through the swarm: route, open hops, history for replay. Use `async with`."""
+
+    def __init__(self, model: "DistributedModel", max_length: int):
+        self.model = model
+        self.max_length = max_length
+        self.hops: list[_Hop] = []
+        self.position = 0
+        self.chunks: list[int] = []  # tokens per completed step
+        self.history: dict[int, list[torch.Tensor]] = {}  # block boundary → inputs of completed steps
+        self._step_id = 0
+        self.stats = {"steps": 0, "compute_s": 0.0, "step_wall_s": 0.0, "recoveries": 0, "push_fallbacks": 0,
+                      "servers": []}
+
+    @property
+    def route(self) -> list[tuple[str, int, int]]:
+        return [(h.peer_id, h.start, h.end) for h in self.hops]
+
+    async def __aenter__(self) -> "InferenceSession":
+        n = self.model.config.num_layers
+        self.hops = await self._open_route(0, n)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        hops, self.hops = self.hops, []
+        with trio.CancelScope(shield=True):
+            async with trio.open_nursery() as nursery:
+                for h in hops:
+                    nursery.start_soon(h.close)
+
+    async def _open_route(self, start: int, end: int) -> list[_Hop]:
+        """Route [start, end) and open every hop, banning servers that refuse and routing again."""
+        seq = self.model.sequence
+        for _ in range(self.model.config_client.max_recoveries + 1):
+            try:
+                route = await seq.route(start, end, need_cache_tokens=self.max_length)
+            except NoRoute as e:
+                raise GenerationFailed(str(e)) from None
+            hops: list[_Hop] = []
+            try:
+                for r in route:
+                    info = seq.server(r.peer_id)
+                    hops.append(await _Hop.open(self.model.network, r, info.addr if info else None,
+                                                model_id=self.model.model_id, max_length=self.max_length,
+                                                dtype=self.model.dtype_name, timeout=self.model.config_client.open_timeout))
+                self.stats["servers"].extend(self.route_of(hops))
+                return hops
+            except (P2PError, trio.TooSlowError) as e:
+                bad = route[len(hops)].peer_id
+                seq.ban(bad, f"could not open a session: {e}")
+                for h in hops:
+                    await h.close()
+        raise GenerationFailed(f"could not open a route through blocks [{start}, {end})")
+
+    @staticmethod
+    def route_of(hops: list[_Hop]) -> list[tuple[str, int, int]]:
+        return [(h.peer_id, h.start, h.end) for h in hops]
+
+    def _step_msg(self, hop: _Hop, step_id: int, pos: int, h: torch.Tensor, chunks: list[int] | None = None) -> dict:
+        msg = {"t": "step", "id": step_id, "pos": pos, "h": pack_hidden(h)}
+        if chunks is not None and len(chunks) > 1:
+            msg["chunks"] = chunks
+        hook = self.model.config_client.receipt
+        if hook is not None:
+            # credits/: the per-step receipt for this server is exchanged here (client side)
+            msg["receipt"] = hook(hop.peer_id, hop.session_id, {"id": step_id, "pos": pos, "tokens": h.shape[1],
+                                                               "start": hop.start, "end": hop.end})
+        return msg
+
+    async def _run_hop(self, hop: _Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
+        self._step_id += 1
+        step_id = self._step_id
+        t0 = trio.current_time()
+        with trio.fail_after(self.model.config_client.step_timeout):
+            await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
+            out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.config.hidden_size,
+                                                   self.model.dtype_name)
+        self.stats["compute_s"] += compute_s
+        self.model.sequence.observe_rtt(hop.peer_id, max(0.0, trio.current_time() - t0 - compute_s))
+        return out
+
+    async def _recover(self, index: int, err: BaseException) -> None:
+        """Replace hop `index` by a fresh route for its blocks and replay the history there."""
+        bad = self.hops[index]
+        seq = self.model.sequence
+        log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
+        seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
+        self.stats["recoveries"] += 1
+        await bad.close(polite=False)
+        for _ in range(self.model.config_client.max_recoveries + 1):
+            new = await self._open_route(bad.start, bad.end)  # GenerationFailed when no route is left
+            hop = None
+            try:
+                if self.position:
+                    history = dict(self.history)
+                    for hop in new:
+                        inputs = torch.cat(history[hop.start], dim=1)
+                        out = await self._run_hop(hop, inputs, 0, self.chunks)
+                        history[hop.end] = list(out.split(self.chunks, dim=1))
+                    for hop in new[:-1]:  # new inner boundaries; the outer ones are unchanged
+                        self.history[hop.end] = history[hop.end]
+            except (P2PError, trio.TooSlowError) as e:
+                seq.ban(hop.peer_id, f"replay failed: {type(e).__name__}: {e}")
+                for h in new:
+                    await h.close(polite=False)
+                continue
+            self.hops[index:index + 1] = new
+            return
+        raise GenerationFailed(f"could not rebuild blocks [{bad.start}, {bad.end}) on other servers")
+
+    async def step(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [1, n, hidden_size] (embeddings of new tokens) → output of the last block."""
+        n = hidden.shape[1]
+        pos = self.position
+        if n == 0:
+            return hidden
+        if pos + n > self.max_length:
+            raise ValueError(f"{pos + n} tokens exceed this session's max_length of {self.max_length}")
+        hidden = hidden.to(self.model.dtype).contiguous()
+        t0 = trio.current_time()
+        inputs: dict[int, torch.Tensor] = {}
+        i, h = 0, hidden
+        if self.model.config_client.push and len(self.hops) > 1:
+            i, h = await self._push_step(hidden, pos, inputs)
+        recoveries = 0
+        while i < len(self.hops):
+            hop = self.hops[i]
+            try:
+                out = await self._run_hop(hop, h, pos)
+            except (P2PError, trio.TooSlowError, GenerationFailed) as e:
+                recoveries += 1
+                if recoveries > self.model.config_client.max_recoveries:
+                    raise GenerationFailed(f"step at position {pos} failed {recoveries} times; last: {e}") from e
+                await self._recover(i, e)
+                continue
+            inputs[hop.start] = h
+            h = out
+            i += 1
+        for start, x in inputs.items():
+            self.history.setdefault(start, []).append(x)
+        self.chunks.append(n)
+        self.position += n
+        self.stats["steps"] += 1
+        self.stats["step_wall_s"] += trio.current_time() - t0
+        return h
+
+    async def _push_step(self, hidden: torch.Tensor, pos: int, inputs: dict[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
+        """Send the step to the first hop with the rest as its push list; collect every hop's output.
+        Returns (index of the first hop without an output, its input) for the client-driven loop."""
+        self._step_id += 1
+        step_id = self._step_id
+        hops = list(self.hops)
+        outs: list[tuple[torch.Tensor, float] | None] = [None] * len(hops)
+        cfg = self.model.config_client
+        n = hidden.shape[1]
+        msg = self._step_msg(hops[0], step_id, pos, hidden)
+        msg["push"] = [{"peer": hp.peer_id, "session": hp.session_id} for hp in hops[1:]]
+        msg["addrs"] = {hp.peer_id: hp.addr for hp in hops[1:] if hp.addr}
+        failed = False
+
+        async def collect(k: int, nursery: trio.Nursery) -> None:
+            nonlocal failed
+            try:
+                outs[k] = await hops[k].receive_out(step_id, n, self.model.config.hidden_size, self.model.dtype_name)
+            except (P2PError, FrameError) as e:
+                log.info("push step: hop %s failed: %s", hops[k], e)
+                failed = True
+                nursery.cancel_scope.cancel()
+
+        with trio.move_on_after(cfg.step_timeout):
+            try:
+                await hops[0].send_step(msg)
+            except P2PError:
+                failed = True
+            if not failed:
+                async with trio.open_nursery() as nursery:
+                    for k in range(len(hops)):
+                        nursery.start_soon(collect, k, nursery)
+        h = hidden
+        for k, hop in enumerate(hops):
+            if outs[k] is None:
+                self.stats["push_fallbacks"] += 1
+                return k, h
+            inputs[hop.start] = h
+            h, c = outs[k]
+            self.stats["compute_s"] += c
+        return len(hops), h
+
+
+class DistributedModel:
+    """A model whose blocks run in the swarm; embeddings, final norm and LM head run here."""
+
+    def __init__(self, folder: ModelFolder, head: ModelHead, network: Network, dht: Any, model_id: str, *,
+                 tokenizer: Any = None, config: ClientConfig | None = None):
+        self.folder = folder
+        self.config = folder.config
+        self.head = head
+        self.network = network
+        self.dht = dht
+        self.model_id = model_id
+        self.tokenizer = tokenizer
+        self.config_client = config or ClientConfig()
+        self.dtype = head.dtype
+        self.dtype_name = proto.dtype_name(self.dtype)
+        self.limiter = trio.CapacityLimiter(1)
+        self.sequence = SequenceManager(dht, model_id, self.config.num_layers)
+
+    @classmethod
+    async def from_pretrained(cls, model_folder: str | os.PathLike | ModelFolder, network: Network, dht: Any, *,
+                              dtype: str = "float32", model_id: str | None = None, config: ClientConfig | None = None,
+                              tokenizer: Any = "auto") -> "DistributedModel":
+        """Load only embeddings / final norm / LM head (in a thread); the model id is computed from the
+        folder unless given; the tokenizer comes from the folder when it has one (None otherwise)."""
+
+        def load() -> tuple:
+            mf = model_folder if isinstance(model_folder, ModelFolder) else ModelFolder(model_folder)
+            head = load_head(mf, dtype=resolve_dtype(dtype), device="cpu")
+            mid = model_id
+            if mid is None:
+                from .identity import model_id as compute_id
+
+                mid = compute_id(mf)
+            tok = tokenizer
+            if tok == "auto":
+                tok = None
+                if any((mf.path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+                    from transformers import AutoTokenizer
+
+                    tok = AutoTokenizer.from_pretrained(str(mf.path))
+            return mf, head, mid, tok
+
+        mf, head, mid, tok = await trio.to_thread.run_sync(load)
+        return cls(mf, head, network, dht, mid, tokenizer=tok, config=config)
+
+    # --- low level -------------------------------------------------------------------------------
+
+    def inference_session(self, max_length: int) -> InferenceSession:
+        return InferenceSession(self, max_length)
+
+    async def embed(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        t = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
+        if t.shape[1] <= 16:  # a table lookup of a few rows: cheaper than a thread hop
+            return self.head.embed(t)
+        return await trio.to_thread.run_sync(self.head.embed, t, limiter=self.limiter)
+
+    async def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return await trio.to_thread.run_sync(self.head.logits, hidden, limiter=self.limiter)
+
+    async def forward(self, input_ids: list[int] | torch.Tensor, *, chunk: int | None = None) -> torch.Tensor:
+        """Logits [1, n, vocab] for a token sequence, through a fresh session (in steps of `chunk`)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        n = ids.numel()
+        step = chunk or n
+        outs = []
+        async with self.inference_session(n) as session:
+            for a in range(0, n, step):
+                outs.append(await self.logits(await session.step(await self.embed(ids[a:a + step]))))
+        return torch.cat(outs, dim=1)
+
+    # --- text ------------------------------------------------------------------------------------
+
+    def encode(self, prompt: str | list[int] | list[dict]) -> list[int]:
+        """Token ids of a prompt: ids as they are, a string tokenized, a list of chat messages
+        rendered with the tokenizer's chat template (with the assistant's turn opened)."""
+        if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
+            return list(prompt)
+        if self.tokenizer is None:
+            raise ValueError("this model folder has no tokenizer: pass token ids")
+        if isinstance(prompt, list):
+            ids = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(self.tokenizer(prompt)["input_ids"])
+
+    def decode(self, ids: list[int]) -> str:
+        if self.tokenizer is None:
+            return ""
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _eos_ids(self) -> set[int]:
+        eos = self.config.eos_token_id
+        out = set([eos] if isinstance(eos, int) else (eos or []))
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
+            out.add(self.tokenizer.eos_token_id)
+        return out
+
+    async def stream(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
+                     *, stats: dict | None = None, **kw: Any) -> AsyncIterator[TokenEvent]:
+        """Generate token by token. `params` or keyword fields of SamplingParams. Fills `stats` (if
+        given) with ttft_s, tokens, tokens_per_s, route, finish_reason, compute_s, network_s."""
+        params = params or SamplingParams(**kw)
+        ids = self.encode(prompt)
+        if not ids:
+            raise ValueError("the prompt is empty")
+        stops = set(params.stop_token_ids) if params.stop_token_ids is not None else self._eos_ids()
+        sampler = Sampler(params)
+        stats = stats if stats is not None else {}
+        stats.update(prompt_tokens=len(ids), tokens=0, finish_reason="length")
+        t0 = time.perf_counter()
+        generated: list[int] = []
+        shown = 0
+        if params.max_new_tokens == 0:
+            return
+        async with self.inference_session(len(ids) + params.max_new_tokens) as session:
+            stats["route"] = session.route  # the live route (updated again at the end)
+            logits = await self.logits((await session.step(await self.embed(ids)))[:, -1:])  # last position only
+            stats["ttft_s"] = time.perf_counter() - t0
+            t_first = time.perf_counter()
+            for i in range(params.max_new_tokens):
+                tok = sampler(logits[0, -1])
+                if tok in stops:
+                    stats["finish_reason"] = "stop"
+                    break
+                generated.append(tok)
+                stats["tokens"] = len(generated)
+                text = self.decode(generated)
+                cut = find_stop(text, params.stop) if params.stop else None
+                if cut is not None:
+                    stats["finish_reason"] = "stop"
+                    if cut > shown:
+                        yield TokenEvent(tok, text[shown:cut], i)
+                    shown = cut
+                    break
+                upto = safe_prefix_len(text, params.stop)
+                delta = text[shown:upto] if upto > shown else ""
+                shown = max(shown, upto)
+                yield TokenEvent(tok, delta, i)
+                if i + 1 == params.max_new_tokens:
+                    break
+                logits = await self.logits(await session.step(await self.embed([tok])))
+            if stats["finish_reason"] == "length" and self.tokenizer is not None:
+                text = self.decode(generated)
+                if len(text) > shown:
+                    yield TokenEvent(-1, text[shown:], len(generated))
+            wall = time.perf_counter() - t0
+            decode_wall = time.perf_counter() - t_first
+            stats.update(route=session.route, servers=session.stats["servers"], steps=session.stats["steps"],
+                         recoveries=session.stats["recoveries"], push_fallbacks=session.stats["push_fallbacks"],
+                         compute_s=session.stats["compute_s"],
+                         network_s=max(0.0, session.stats["step_wall_s"] - session.stats["compute_s"]),
+                         wall_s=wall, decode_s=decode_wall,
+                         tokens_per_s=(len(generated) - 1) / decode_wall if len(generated) > 1 and decode_wall > 0 else 0.0,
+                         generated_ids=list(generated))
+
+    async def generate(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
+                       **kw: Any) -> Generation:
+        stats: dict = {}
+        params = params or SamplingParams(**kw)
+        ids = self.encode(prompt)
+        tokens: list[int] = []
+        async for ev in self.stream(ids, params, stats=stats):
+            if ev.token_id >= 0:
+                tokens.append(ev.token_id)
+        tokens = stats.get("generated_ids", tokens)
+        text = self.decode(tokens)
+        if params.stop:
+            cut = find_stop(text, params.stop)
+            if cut is not None:
+                text = text[:cut]
+        return Generation(tokens, text, stats.get("finish_reason", "length"), len(ids), stats)
+
+    async def chat(self, messages: list[dict], params: SamplingParams | None = None, **kw: Any) -> Generation:
+        return await self.generate(messages, params, **kw)

@@ -1,0 +1,188 @@
+"""Routing: which servers carry a session through blocks [start, end) — apart from the session itself.
+
+`find_route` is Dijkstra over block boundaries 0..n: an edge a → b exists for every server whose
+announced span contains [a, b) (spans may be cut), weighted by
+
+    rtt(server) + hop_overhead + (b - a) / decode_tps(server) + (no_cache_penalty if it lacks cache)
+
+(RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
+servers are left out. `coverage` / `choose_span` / `swarm_quality` are what `--blocks auto` uses.
+
+`SequenceManager` is the client's view of the swarm for one model (Petals' name): it caches the
+DHT's announcements for a few seconds, bans failing servers with exponential backoff, and builds
+routes on demand; sessions ask it for a route and report failures to it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import trio
+
+from .announce import ServerInfo, fetch_servers
+
+log = logging.getLogger(__name__)
+
+
+class NoRoute(RuntimeError):
+    """No chain of (unbanned, online) servers covers the blocks asked for."""
+
+
+@dataclass(frozen=True)
+class RouteHop:
+    peer_id: str
+    start: int
+    end: int
+
+
+@dataclass
+class RoutingConfig:
+    default_rtt: float = 0.05  # seconds, for a server we have no estimate for
+    hop_overhead: float = 0.002  # per hop on top of the RTT: fewer hops win ties
+    no_cache_penalty: float = 10.0
+
+
+def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Callable[[str], float | None] = lambda p: None,
+               exclude: Iterable[str] = (), need_cache_tokens: int = 0,
+               config: RoutingConfig | None = None) -> list[RouteHop]:
+    """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap."""
+    cfg = config or RoutingConfig()
+    banned = set(exclude)
+    usable = [s for s in servers if s.online and s.peer_id not in banned and s.start < end and s.end > start]
+    edges: dict[int, list[tuple[int, float, str]]] = {}
+    for s in usable:
+        r = rtt(s.peer_id)
+        base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead
+        if s.cache_tokens < need_cache_tokens:
+            base += cfg.no_cache_penalty
+        per_block = 1.0 / s.decode_tps
+        lo, hi = max(s.start, start), min(s.end, end)
+        for a in range(lo, hi):
+            for b in range(a + 1, hi + 1):
+                edges.setdefault(a, []).append((b, base + (b - a) * per_block, s.peer_id))
+    dist = {start: 0.0}
+    prev: dict[int, tuple[int, str]] = {}
+    heap = [(0.0, start)]
+    while heap:
+        d, a = heapq.heappop(heap)
+        if a == end:
+            break
+        if d > dist.get(a, math.inf):
+            continue
+        for b, w, peer in edges.get(a, ()):
+            nd = d + w
+            if nd < dist.get(b, math.inf) - 1e-12:
+                dist[b] = nd
+                prev[b] = (a, peer)
+                heapq.heappush(heap, (nd, b))
+    if end not in dist:
+        reach = max(dist)
+        raise NoRoute(f"no server (of {len(usable)} usable) serves block {reach} "
+                      f"on the way through blocks [{start}, {end})")
+    hops = []
+    b = end
+    while b != start:
+        a, peer = prev[b]
+        hops.append(RouteHop(peer, a, b))
+        b = a
+    return hops[::-1]
+
+
+def coverage(servers: Iterable[ServerInfo], num_blocks: int, *, exclude: Iterable[str] = ()) -> list[float]:
+    """Announced decode throughput per block, summed over online servers."""
+    banned = set(exclude)
+    out = [0.0] * num_blocks
+    for s in servers:
+        if s.online and s.peer_id not in banned:
+            for i in range(max(0, s.start), min(num_blocks, s.end)):
+                out[i] += s.decode_tps
+    return out
+
+
+def choose_span(servers: Iterable[ServerInfo], num_blocks: int, k: int, *, exclude: Iterable[str] = ()) -> tuple[int, int]:
+    """The window of k blocks the swarm covers least: lowest minimum throughput, then lowest total."""
+    k = max(1, min(k, num_blocks))
+    cov = coverage(servers, num_blocks, exclude=exclude)
+    best = min(range(num_blocks - k + 1), key=lambda a: (min(cov[a:a + k]), sum(cov[a:a + k]), a))
+    return best, best + k
+
+
+def swarm_quality(servers: Iterable[ServerInfo], num_blocks: int) -> float:
+    """min / max per-block throughput (0 when some block is uncovered, 1 when perfectly even)."""
+    cov = coverage(servers, num_blocks)
+    return 0.0 if not cov or max(cov) == 0 else min(cov) / max(cov)
+
+
+@dataclass
+class _Ban:
+    until: float
+    strikes: int
+
+
+@dataclass
+class SequenceManager:
+    """The client's view of one model's swarm: announcements (cached), bans, routes."""
+
+    dht: Any
+    model_id: str
+    num_blocks: int
+    refresh_interval: float = 5.0
+    ban_base: float = 15.0
+    ban_max: float = 300.0
+    config: RoutingConfig = field(default_factory=RoutingConfig)
+    servers: list[ServerInfo] = field(default_factory=list)
+    _fetched_at: float = -math.inf
+    _bans: dict[str, _Ban] = field(default_factory=dict)
+    _lock: trio.Lock = field(default_factory=trio.Lock)
+    rtts: dict[str, float] = field(default_factory=dict)  # measured by sessions (seconds)
+
+    async def refresh(self, force: bool = False) -> list[ServerInfo]:
+        async with self._lock:
+            if force or trio.current_time() - self._fetched_at > self.refresh_interval or not self.servers:
+                self.servers = await fetch_servers(self.dht, self.model_id, num_blocks=self.num_blocks)
+                self._fetched_at = trio.current_time()
+        return self.servers
+
+    def banned(self) -> set[str]:
+        now = trio.current_time()
+        return {p for p, b in self._bans.items() if b.until > now}
+
+    def ban(self, peer_id: str, reason: str = "") -> float:
+        """Leave `peer_id` out of routes for a while (doubling with each strike); returns the seconds."""
+        old = self._bans.get(peer_id)
+        strikes = (old.strikes + 1) if old else 1
+        seconds = min(self.ban_base * 2 ** (strikes - 1), self.ban_max)
+        self._bans[peer_id] = _Ban(trio.current_time() + seconds, strikes)
+        log.info("banned server %s for %.0f s: %s", peer_id[-8:], seconds, reason)
+        return seconds
+
+    def observe_rtt(self, peer_id: str, seconds: float) -> None:
+        old = self.rtts.get(peer_id)
+        self.rtts[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
+
+    def rtt(self, peer_id: str) -> float | None:
+        est = None
+        get = getattr(self.dht, "rtt_estimate", None)
+        if get is not None:
+            est = get(peer_id)
+        return est if est is not None else self.rtts.get(peer_id)
+
+    def server(self, peer_id: str) -> ServerInfo | None:
+        return next((s for s in self.servers if s.peer_id == peer_id), None)
+
+    async def route(self, start: int = 0, end: int | None = None, *, need_cache_tokens: int = 0,
+                    exclude: Iterable[str] = ()) -> list[RouteHop]:
+        end = self.num_blocks if end is None else end
+        servers = await self.refresh()
+        avoid = self.banned() | set(exclude)
+        try:
+            return find_route(servers, start, end, rtt=self.rtt, exclude=avoid, need_cache_tokens=need_cache_tokens,
+                              config=self.config)
+        except NoRoute:
+            servers = await self.refresh(force=True)  # the swarm may have changed since the last read
+            return find_route(servers, start, end, rtt=self.rtt, exclude=avoid, need_cache_tokens=need_cache_tokens,
+                              config=self.config)

@@ -1,0 +1,648 @@
+"""BlockServer: serve blocks [start, end) of a model to inference sessions, announce them in the DHT.
+
+    server = BlockServer(network, dht, model_folder, 0, 10)           # or start=None: --blocks auto
+    async with trio.open_nursery() as nursery:
+        await nursery.start(server.run)   # loads, measures, serves, announces; started → ready
+        ...
+        nursery.cancel_scope.cancel()     # clean shutdown: sessions closed, "offline" announced
+
+- Sessions (pipeline/protocol.py): one stream per session; the server keeps the session's KV cache
+  (preallocated for its max length, counted against `cache_budget_bytes`; a session that does not
+  fit is refused with CacheFull). A session may ask for any sub-span of ours. Idle sessions expire
+  after `session_timeout`. Every bad message gets an error reply and the session (and every other
+  session) goes on.
+- All torch work (loading, measuring, every step) runs in worker threads through one
+  `trio.CapacityLimiter`, so the peer's trio loop (DHT, membership, other sessions' I/O) never
+  waits on a matmul.
+- At start the server measures its throughput (prefill and decode tokens/s through one block,
+  after a warm-up) and announces span, throughput, free cache tokens, dtype, version, address and
+  clusters (pipeline/announce.py), again every `announce_period`, and "offline" on shutdown.
+- Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
+  the swarm covers least; every `rebalance_period` it moves when swarm quality (min/max per-block
+  throughput) is below `rebalance_threshold` and moving raises the minimum.
+- Server-to-server forwarding: a step may carry a "push" list; the output is then also sent to the
+  next server's session (stream `/potluck/inference-push/1.0.0`), which answers the client itself.
+- Credits hook: `receipt_hook(peer_id, session_id, step_info, receipt)` is called after each
+  computed step with the client's per-step receipt (the step message's optional "receipt" field)
+  — credits/ plugs in there; nothing here interprets receipts.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import trio
+
+from p2p.errors import FrameError, P2PError
+from p2p.framing import expect_map, field as mfield
+from p2p.network import Network, Stream
+
+from . import protocol as proto
+from .announce import VERSION, ServerInfo, announce_key, fetch_servers
+from .loading import ModelFolder, load_span, resolve_dtype
+from .model import BlockSpan, CacheError, KVCache
+from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
+from .routing import choose_span, coverage, swarm_quality
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerConfig:
+    dtype: str = "float32"
+    device: str | None = "cpu"
+    cache_budget_bytes: int = 256 * 1024 * 1024
+    max_sessions: int = 128
+    max_length: int = 8192  # longest session we accept (also capped by the model's context)
+    session_timeout: float = 300.0  # idle seconds before a session is dropped
+    announce_period: float = 30.0
+    announce_ttl: float | None = None  # default 2 × announce_period
+    throughput: dict | None = None  # {"decode_tps": f, "prefill_tps": f} to skip measuring
+    measure_decode_steps: int = 16
+    measure_prefill_tokens: int = 64
+    memory_budget_bytes: int | None = None  # for auto placement; default half of available memory
+    num_blocks: int | None = None  # for auto placement: force this many blocks
+    rebalance_period: float = 60.0
+    rebalance_threshold: float = 0.75
+    compute_threads: int = 1
+    push_timeout: float = 10.0
+
+
+@dataclass
+class _Session:
+    id: bytes
+    peer_id: str
+    span: BlockSpan  # the (sub-)span this session runs
+    cache: KVCache
+    max_length: int
+    dtype: str
+    stream: Stream
+    scope: trio.CancelScope
+    nbytes: int
+    last_used: float
+    last_step: int = -1
+    steps: int = 0
+    tokens: int = 0
+    send_lock: trio.Lock = field(default_factory=trio.Lock)
+    compute_lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_tokens: int = 64) -> dict:
+    """Tokens/s through ONE block of `span`, for prefill and for decode (after a short warm-up)."""
+    cfg = span.cfg
+    cache = span.new_cache(prefill_tokens + decode_steps + 8)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, prefill_tokens, cfg.hidden_size, generator=g).to(span.dtype)
+    span.forward(x[:, :4], cache)  # warm-up: first calls allocate and pick kernels
+    span.forward(x[:, :1], cache)
+    cache.trim(0)
+    t0 = time.perf_counter()
+    span.forward(x, cache)
+    prefill_s = max(time.perf_counter() - t0, 1e-9)
+    t0 = time.perf_counter()
+    for _ in range(decode_steps):
+        span.forward(x[:, :1], cache)
+    decode_s = max(time.perf_counter() - t0, 1e-9) / decode_steps
+    n = len(span)
+    return {"decode_tps": n / decode_s, "prefill_tps": n * prefill_tokens / prefill_s}
+
+
+def block_bytes(mf: ModelFolder, block: int, dtype: torch.dtype) -> int:
+    """Bytes block `block`'s weights take in `dtype` (from the safetensors headers, nothing read)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    total = 0
+    for name in mf.block_tensor_names(block):
+        _, info, _ = mf.tensor_info(name)
+        total += math.prod(info["shape"]) * size
+    return total
+
+
+def available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 4 << 30
+
+
+def parse_blocks(spec: str, num_blocks: int | None = None) -> tuple[int | None, int | None]:
+    """'a:b' → (a, b); 'auto' → (None, None)."""
+    if spec == "auto":
+        return None, None
+    try:
+        a, b = (int(x) for x in spec.split(":"))
+    except ValueError:
+        raise ValueError(f"--blocks must be a:b or auto, got {spec!r}") from None
+    if not (0 <= a < b) or (num_blocks is not None and b > num_blocks):
+        raise ValueError(f"--blocks {spec}: need 0 <= a < b <= {num_blocks or 'number of blocks'}")
+    return a, b
+
+
+class BlockServer:
+    def __init__(self, network: Network, dht: Any, model_folder: str | os.PathLike | ModelFolder,
+                 start: int | None = None, end: int | None = None, *, config: ServerConfig | None = None,
+                 model_id: str | None = None,
+                 receipt_hook: Callable[[str, bytes, dict, Any], None] | None = None):
+        if (start is None) != (end is None):
+            raise ValueError("give both start and end, or neither (auto placement)")
+        self.network = network
+        self.dht = dht
+        self.model_folder = model_folder
+        self.start, self.end = start, end
+        self.auto = start is None
+        self.config = config or ServerConfig()
+        self.model_id = model_id
+        self.receipt_hook = receipt_hook
+        self.dtype = resolve_dtype(self.config.dtype)
+        self.dtype_name = proto.dtype_name(self.dtype)
+        self.limiter = trio.CapacityLimiter(self.config.compute_threads)
+        self.span: BlockSpan | None = None
+        self.mf: ModelFolder | None = None
+        self.throughput: dict = {}
+        self.sessions: dict[bytes, _Session] = {}
+        self.cache_used = 0
+        self.ready = trio.Event()
+        self.stopping = False
+        self._subspans: dict[tuple[int, int], BlockSpan] = {}
+        self._push_streams: dict[str, Stream] = {}
+        self._push_locks: dict[str, trio.Lock] = {}
+        self._nursery: trio.Nursery | None = None
+        self.stats = {"sessions_opened": 0, "sessions_refused": 0, "steps": 0, "tokens": 0, "errors": 0,
+                      "pushes_sent": 0, "pushes_received": 0, "push_failures": 0, "expired": 0, "moves": 0}
+
+    # --- lifecycle -------------------------------------------------------------------------------
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Load, measure, serve and announce until cancelled; `started` once it accepts sessions."""
+        mf = self.mf = await trio.to_thread.run_sync(self._open_folder, limiter=self.limiter)
+        cfg = mf.config
+        if self.model_id is None:
+            from .identity import model_id as compute_id
+
+            self.model_id = await trio.to_thread.run_sync(compute_id, mf, limiter=self.limiter)
+        if self.auto:
+            self.start, self.end = await self._choose_span()
+        if not (0 <= self.start < self.end <= cfg.num_layers):
+            raise ValueError(f"span {self.start}:{self.end} is outside the model's {cfg.num_layers} blocks")
+        await self._load(self.start, self.end)
+        self.network.set_stream_handler(proto.INFERENCE, self._handle_session)
+        self.network.set_stream_handler(proto.PUSH, self._handle_push)
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                try:
+                    await self.announce()
+                except P2PError as e:  # the announce loop tries again shortly
+                    log.info("first announcement failed: %s", e)
+                self.ready.set()
+                task_status.started(self)
+                nursery.start_soon(self._announce_loop)
+                nursery.start_soon(self._expire_loop)
+                if self.auto:
+                    nursery.start_soon(self._rebalance_loop)
+        finally:
+            self.stopping = True
+            self._nursery = None
+            self.network.set_stream_handler(proto.INFERENCE, _refuse_stopped)
+            self.network.set_stream_handler(proto.PUSH, _refuse_stopped)
+            for s in list(self.sessions.values()):
+                s.scope.cancel()
+            with trio.CancelScope(shield=True), trio.move_on_after(3.0):
+                for st in list(self._push_streams.values()):
+                    with trio.move_on_after(0.5):
+                        try:
+                            await st.aclose()
+                        except P2PError:
+                            pass
+                try:
+                    await self.announce(state="offline")
+                except Exception as e:  # noqa: BLE001 - best effort while shutting down
+                    log.info("offline announcement failed: %s", e)
+
+    def _open_folder(self) -> ModelFolder:
+        return self.model_folder if isinstance(self.model_folder, ModelFolder) else ModelFolder(self.model_folder)
+
+    async def _load(self, start: int, end: int) -> None:
+        cfg = self.config
+        span = await trio.to_thread.run_sync(
+            lambda: load_span(self.mf, start, end, dtype=self.dtype, device=cfg.device), limiter=self.limiter)
+        if cfg.throughput is not None:
+            tp = {"decode_tps": float(cfg.throughput["decode_tps"]), "prefill_tps": float(cfg.throughput["prefill_tps"])}
+        else:
+            tp = await trio.to_thread.run_sync(
+                lambda: measure_throughput(span, decode_steps=cfg.measure_decode_steps,
+                                           prefill_tokens=cfg.measure_prefill_tokens), limiter=self.limiter)
+        self.span, self.start, self.end, self.throughput = span, start, end, tp
+        self._subspans = {(start, end): span}
+        log.info("serving blocks [%d, %d) of %s: %.0f decode / %.0f prefill tokens/s per block",
+                 start, end, self.model_id[:12], tp["decode_tps"], tp["prefill_tps"])
+
+    # --- placement -------------------------------------------------------------------------------
+
+    def blocks_that_fit(self) -> int:
+        cfg = self.config
+        n = self.mf.config.num_layers
+        if cfg.num_blocks is not None:
+            return max(1, min(cfg.num_blocks, n))
+        budget = (cfg.memory_budget_bytes if cfg.memory_budget_bytes is not None else available_memory() // 2)
+        budget -= cfg.cache_budget_bytes
+        per_block = max(1, block_bytes(self.mf, 0, self.dtype))
+        return max(1, min(n, budget // per_block))
+
+    async def _swarm(self) -> list[ServerInfo]:
+        try:
+            servers = await fetch_servers(self.dht, self.model_id, num_blocks=self.mf.config.num_layers)
+        except P2PError as e:
+            log.info("could not read the swarm's announcements: %s", e)
+            return []
+        return [s for s in servers if s.peer_id != self.network.peer_id]
+
+    async def _choose_span(self) -> tuple[int, int]:
+        k = self.blocks_that_fit()
+        return choose_span(await self._swarm(), self.mf.config.num_layers, k)
+
+    async def rebalance_once(self) -> bool:
+        """Move to a better window if the swarm is unbalanced and we would raise its minimum; True if moved."""
+        n = self.mf.config.num_layers
+        others = await self._swarm()
+        me = self.info()
+        if swarm_quality(others + [me], n) >= self.config.rebalance_threshold:
+            return False
+        k = self.end - self.start
+        a, b = choose_span(others, n, k)
+        if (a, b) == (self.start, self.end):
+            return False
+        now_min = min(coverage(others + [me], n))
+        moved = ServerInfo(**{**me.__dict__, "start": a, "end": b})
+        if min(coverage(others + [moved], n)) <= now_min:
+            return False
+        log.info("rebalancing: moving from [%d, %d) to [%d, %d)", self.start, self.end, a, b)
+        for s in list(self.sessions.values()):
+            s.scope.cancel()
+        await self._load(a, b)
+        self.stats["moves"] += 1
+        await self.announce()
+        return True
+
+    async def _rebalance_loop(self) -> None:
+        while True:
+            await trio.sleep(self.config.rebalance_period)
+            try:
+                await self.rebalance_once()
+            except (P2PError, OSError) as e:
+                log.info("rebalance failed: %s", e)
+
+    # --- announcements ---------------------------------------------------------------------------
+
+    def cache_tokens_left(self) -> int:
+        per_token = KVCache.bytes_for(self.mf.config, self.end - self.start, 1, dtype=self.dtype)
+        return max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
+
+    def info(self, state: str = "online") -> ServerInfo:
+        addrs = self.network.listen_addrs()
+        clusters = getattr(self.dht, "clusters", {}) or {}
+        return ServerInfo(peer_id=self.network.peer_id, start=self.start, end=self.end,
+                          decode_tps=self.throughput.get("decode_tps", 1.0),
+                          prefill_tps=self.throughput.get("prefill_tps", 1.0),
+                          cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
+                          version=VERSION, addr=addrs[0] if addrs else None,
+                          clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now())
+
+    async def announce(self, state: str = "online") -> int:
+        """Store our announcement; returns how many peers (ourselves included) hold it."""
+        ttl = self.config.announce_ttl or 2 * self.config.announce_period
+        acks = await self.dht.store(announce_key(self.model_id), self.info(state).to_value(), ttl=ttl, republish=False)
+        self._last_acks = acks
+        return acks
+
+    async def _announce_loop(self) -> None:
+        # Soon after start, announce again at 1, 2, 4, 8 ... s: a server that started first stored
+        # its record only at itself, and the DHT does not hand records to peers that join later.
+        fast = 1.0
+        while True:
+            if fast < self.config.announce_period:
+                await trio.sleep(fast)
+                fast *= 2
+            else:
+                await trio.sleep(self.config.announce_period)
+            try:
+                await self.announce()
+            except P2PError as e:
+                log.info("announcement failed: %s", e)
+
+    async def _expire_loop(self) -> None:
+        period = max(0.05, min(5.0, self.config.session_timeout / 4))
+        while True:
+            await trio.sleep(period)
+            now = trio.current_time()
+            for s in list(self.sessions.values()):
+                if now - s.last_used > self.config.session_timeout:
+                    log.info("session %s of %s expired", s.id.hex()[:8], s.peer_id[-8:])
+                    self.stats["expired"] += 1
+                    s.scope.cancel()
+
+    def status(self) -> dict:
+        return {"model_id": self.model_id, "start": self.start, "end": self.end, "dtype": self.dtype_name,
+                "throughput": self.throughput, "sessions": len(self.sessions), "cache_used_bytes": self.cache_used,
+                "cache_budget_bytes": self.config.cache_budget_bytes,
+                "cache_tokens_left": self.cache_tokens_left() if self.mf else 0, **self.stats}
+
+    # --- sessions --------------------------------------------------------------------------------
+
+    def _subspan(self, a: int, b: int) -> BlockSpan:
+        sub = self._subspans.get((a, b))
+        if sub is None:
+            s = self.span
+            sub = BlockSpan(s.cfg, a, b, s.blocks[a - s.start:b - s.start], dtype=s.dtype, device=s.device)
+            if len(self._subspans) < 256:
+                self._subspans[(a, b)] = sub
+        return sub
+
+    async def _handle_session(self, stream: Stream) -> None:
+        """One stream = one session: open, steps, close. Errors are answered, never raised."""
+        session: _Session | None = None
+        with trio.CancelScope() as scope:
+            try:
+                while True:
+                    msg = await stream.receive()
+                    try:
+                        m = expect_map(msg, "inference message")
+                        kind = mfield(m, "t", str, max_len=16)
+                        if kind == "open":
+                            if session is not None:
+                                raise InferenceError("SessionOpen", "a session is already open on this stream")
+                            session = await self._open(stream, m, scope)
+                            reply = {"t": "opened", "session": session.id, "start": session.span.start,
+                                     "end": session.span.end, "max_length": session.max_length,
+                                     "cache_tokens_left": self.cache_tokens_left()}
+                        elif kind == "step":
+                            if session is None:
+                                raise InferenceError("NoSession", "no session is open on this stream: send 'open' first")
+                            reply = await self._step(session, m, pushed=False)
+                            if reply is None:
+                                continue
+                        elif kind == "close":
+                            await self._send(session, stream, {"t": "closed"})
+                            return
+                        else:
+                            raise InferenceError("BadRequest", f"unknown message type {kind!r}")
+                    except (FrameError, InferenceError, CacheError) as e:
+                        self.stats["errors"] += 1
+                        reply = error(_kind(e), _message(e))
+                    await self._send(session, stream, reply)
+            except P2PError as e:  # stream closed or broken: the session ends with it
+                log.debug("session stream from %s ended: %s", stream.peer_id[-8:], e)
+            finally:
+                if session is not None:
+                    self._drop(session)
+        if scope.cancelled_caught and session is not None:
+            with trio.move_on_after(1.0) as _:
+                try:
+                    await stream.send(error("SessionExpired", "the server closed this session (idle, moved or stopping)"))
+                except P2PError:
+                    pass
+
+    async def _send(self, session: _Session | None, stream: Stream, msg: dict) -> None:
+        if session is None:
+            await stream.send(msg)
+        else:
+            async with session.send_lock:
+                await stream.send(msg)
+
+    async def _open(self, stream: Stream, m: dict, scope: trio.CancelScope) -> _Session:
+        cfg = self.mf.config
+        if self.stopping or self.span is None:
+            raise InferenceError("ServerStopping", "this server is shutting down")
+        model = mfield(m, "model", str, max_len=128)
+        if model != self.model_id:
+            raise InferenceError("ModelMismatch", f"this server serves model {self.model_id[:16]}, not {model[:16]}")
+        a = int_field(m, "start", 0, cfg.num_layers)
+        b = int_field(m, "end", 0, cfg.num_layers)
+        if not (self.start <= a < b <= self.end):
+            raise InferenceError("SpanNotServed", f"blocks [{a}, {b}) are not within the served span [{self.start}, {self.end})")
+        limit = min(self.config.max_length, cfg.max_position_embeddings)
+        max_length = mfield(m, "max_length", int)
+        if not 1 <= max_length <= limit:
+            raise InferenceError("BadMaxLength", f"max_length must be in [1, {limit}], got {max_length}")
+        dtype = mfield(m, "dtype", str, max_len=16)
+        if dtype != self.dtype_name:
+            raise InferenceError("DtypeMismatch", f"this server computes in {self.dtype_name}, not {dtype}")
+        if len(self.sessions) >= self.config.max_sessions:
+            self.stats["sessions_refused"] += 1
+            raise InferenceError("TooManySessions", f"this server already holds {len(self.sessions)} sessions")
+        need = KVCache.bytes_for(cfg, b - a, max_length, dtype=self.dtype)
+        if self.cache_used + need > self.config.cache_budget_bytes:
+            self.stats["sessions_refused"] += 1
+            raise InferenceError("CacheFull", f"the KV cache budget is full: {self.cache_used} of "
+                                 f"{self.config.cache_budget_bytes} bytes in use, this session needs {need}")
+        self.cache_used += need  # reserved before the await, so concurrent opens cannot overbook
+        try:
+            sub = self._subspan(a, b)
+            cache = await trio.to_thread.run_sync(sub.new_cache, max_length, limiter=self.limiter)
+        except BaseException:
+            self.cache_used -= need
+            raise
+        session = _Session(secrets.token_bytes(proto.SESSION_ID_LEN), stream.peer_id, sub, cache, max_length, dtype,
+                           stream, scope, need, trio.current_time())
+        self.sessions[session.id] = session
+        self.stats["sessions_opened"] += 1
+        return session
+
+    def _drop(self, session: _Session) -> None:
+        if self.sessions.pop(session.id, None) is not None:
+            self.cache_used -= session.nbytes
+
+    async def _step(self, session: _Session, m: dict, *, pushed: bool) -> dict | None:
+        """Run one step (or a replay of several) of `session`; the "out" reply, or None for a stale push."""
+        step_id = int_field(m, "id", 0, 1 << 62)
+        pos = int_field(m, "pos", 0, session.max_length)
+        hidden = unpack_hidden(mfield(m, "h", dict), dtype=session.dtype, hidden_size=self.mf.config.hidden_size,
+                               max_tokens=session.max_length)
+        n = hidden.shape[1]
+        chunks = proto.parse_chunks(m.get("chunks"), n)
+        push = proto.parse_push(m.get("push"))
+        addrs = m.get("addrs")
+        async with session.compute_lock:
+            if step_id < session.last_step:
+                if pushed:
+                    return None  # a late push for a step the client already redid directly
+                raise InferenceError("StaleStep", f"step {step_id} is older than step {session.last_step}")
+            if pos > session.cache.length:
+                raise InferenceError("BadPosition", f"position {pos} is past the {session.cache.length} tokens "
+                                     "this session holds (replay the history first)")
+            if pos + n > session.max_length:
+                raise InferenceError("MaxLengthExceeded", f"{pos + n} tokens exceed the session's max_length "
+                                     f"of {session.max_length}")
+            session.last_used = trio.current_time()
+
+            def compute() -> tuple[torch.Tensor, float]:
+                t0 = time.perf_counter()
+                outs, off, p = [], 0, pos
+                for c in chunks:
+                    outs.append(session.span.forward(hidden[:, off:off + c], session.cache, p))
+                    off, p = off + c, p + c
+                return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), time.perf_counter() - t0
+
+            out, compute_s = await trio.to_thread.run_sync(compute, limiter=self.limiter)
+            session.last_step = step_id
+            session.last_used = trio.current_time()
+        session.steps += 1
+        session.tokens += n
+        self.stats["steps"] += 1
+        self.stats["tokens"] += n
+        if self.receipt_hook is not None:
+            # credits/: the client's per-step receipt is exchanged here (server side)
+            try:
+                self.receipt_hook(session.peer_id, session.id, {"id": step_id, "pos": pos, "tokens": n,
+                                                                "start": session.span.start, "end": session.span.end},
+                                  m.get("receipt"))
+            except Exception:  # noqa: BLE001 - a hook must not break serving
+                log.exception("receipt hook failed")
+        packed = pack_hidden(out)
+        if push and self._nursery is not None:
+            self._nursery.start_soon(self._push, push, addrs, step_id, pos, packed)
+        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push)}
+
+    # --- server-to-server forwarding -------------------------------------------------------------
+
+    async def _push(self, push: list[tuple[str, bytes]], addrs: Any, step_id: int, pos: int, packed: dict) -> None:
+        (peer, sid), rest = push[0], push[1:]
+        msg = {"t": "push", "session": sid, "id": step_id, "pos": pos, "h": packed,
+               "push": [{"peer": p, "session": s} for p, s in rest]}
+        if isinstance(addrs, dict):
+            msg["addrs"] = addrs
+            addr = addrs.get(peer)
+            if isinstance(addr, str) and len(addr) < 512 and self.network.address_of(peer) is None:
+                self.network.add_address(peer, addr)
+        lock = self._push_locks.setdefault(peer, trio.Lock())
+        try:
+            with trio.fail_after(self.config.push_timeout):
+                async with lock:
+                    stream = self._push_streams.get(peer)
+                    if stream is None:
+                        stream = self._push_streams[peer] = await self.network.open_stream(peer, proto.PUSH)
+                    try:
+                        await stream.send(msg)
+                    except P2PError:
+                        self._push_streams.pop(peer, None)
+                        stream = self._push_streams[peer] = await self.network.open_stream(peer, proto.PUSH)
+                        await stream.send(msg)
+            self.stats["pushes_sent"] += 1
+        except (P2PError, trio.TooSlowError) as e:
+            self._push_streams.pop(peer, None)
+            self.stats["push_failures"] += 1
+            log.info("push to %s failed: %s (the client falls back)", peer[-8:], e)
+
+    async def _handle_push(self, stream: Stream) -> None:
+        """Steps pushed by the previous server of a route; the answer goes on the session's own stream."""
+        try:
+            while True:
+                msg = await stream.receive()
+                self.stats["pushes_received"] += 1
+                try:
+                    m = expect_map(msg, "push")
+                    if mfield(m, "t", str, max_len=16) != "push":
+                        raise FrameError("push streams carry only 'push' messages")
+                    sid = mfield(m, "session", bytes, max_len=proto.SESSION_ID_LEN)
+                except FrameError as e:
+                    log.info("bad push from %s: %s", stream.peer_id[-8:], e)
+                    continue
+                session = self.sessions.get(sid)
+                if session is None:
+                    log.info("push from %s for an unknown session", stream.peer_id[-8:])
+                    continue
+                if self._nursery is not None:
+                    self._nursery.start_soon(self._run_pushed, session, m)
+        except P2PError:
+            pass
+
+    async def _run_pushed(self, session: _Session, m: dict) -> None:
+        try:
+            reply = await self._step(session, m, pushed=True)
+        except (FrameError, InferenceError, CacheError) as e:
+            self.stats["errors"] += 1
+            reply = error(_kind(e), _message(e))
+        if reply is None or session.id not in self.sessions:
+            return
+        try:
+            await self._send(session, session.stream, reply)
+        except P2PError:
+            session.scope.cancel()
+
+
+def _kind(e: Exception) -> str:
+    if isinstance(e, InferenceError):
+        return e.kind
+    if isinstance(e, CacheError):
+        return "CacheError"
+    return "BadRequest"
+
+
+def _message(e: Exception) -> str:
+    return e.message if isinstance(e, InferenceError) else str(e)
+
+
+async def _refuse_stopped(stream: Stream) -> None:
+    try:
+        await stream.send(error("ServerStopping", "this server is not serving"))
+    except P2PError:
+        pass
+
+
+# --- a standalone server process (benchmarks, tests): python -m pipeline.server ----------------------
+
+
+async def _serve_main(args) -> None:
+    import json
+    import sys
+
+    from dht.node import DHTNode
+    from p2p.identity import Identity
+    from p2p.libp2p_net import Libp2pNetwork
+
+    async with Libp2pNetwork.open(Identity.generate(), [args.listen]) as net:
+        dht = DHTNode(net, bootstrap=args.bootstrap)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dht.run)
+            a, b = parse_blocks(args.blocks)
+            cfg = ServerConfig(dtype=args.dtype, announce_period=args.announce_period)
+            server = BlockServer(net, dht, args.model, a, b, config=cfg)
+            await nursery.start(server.run)
+            print(json.dumps({"ready": True, "peer_id": net.peer_id, "addr": net.listen_addrs()[0],
+                              "start": server.start, "end": server.end, "model_id": server.model_id,
+                              "throughput": server.throughput}), flush=True)
+            # stop cleanly when stdin closes (the parent exits or closes the pipe)
+            await trio.to_thread.run_sync(sys.stdin.read, abandon_on_cancel=True)
+            nursery.cancel_scope.cancel()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m pipeline.server")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--blocks", default="auto")
+    ap.add_argument("--listen", default="/ip4/127.0.0.1/tcp/0")
+    ap.add_argument("--bootstrap", action="append", default=[])
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--announce-period", type=float, default=30.0)
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    trio.run(_serve_main, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,94 @@
+"""Failures and concurrency: a server dies mid-generation (a replica exists) → identical greedy output;
+two clients share servers and each gets its own correct output."""
+
+import pytest
+import trio
+
+from conftest_models import make_tiny
+from conftest_pipeline import swarm
+from pipeline.identity import model_id
+from pipeline.loading import load_local_model
+
+PROMPT = [5, 17, 42, 8, 99, 3]
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny("llama", path)
+    return path, model_id(path), load_local_model(path, device="cpu")
+
+
+@pytest.mark.parametrize("push", [False, True], ids=["direct", "push"])
+@pytest.mark.parametrize("backend", ["sim", "libp2p"])
+@pytest.mark.parametrize("victim", [0, 1], ids=["first-hop", "last-hop"])
+async def test_server_killed_mid_generation(llama, backend, push, victim):
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 16)
+    with trio.fail_after(90):
+        async with swarm(backend, path, [(0, 2), (2, 4), (0, 2), (2, 4)], model_id=mid) as s:
+            model = await s.client(push=push, step_timeout=10.0)
+            stats: dict = {}
+            tokens, killed = [], None
+            async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[], stats=stats):
+                tokens.append(ev.token_id)
+                if ev.index == 5:
+                    killed = stats["route"][victim][0]
+                    await s.kill(s.server_of(killed))
+            assert tokens == want
+            assert stats["recoveries"] >= 1
+            assert killed not in [p for p, _, _ in stats["route"]]
+            assert killed in model.sequence.banned()
+            # the next generation routes around the dead server from the start
+            again = await model.generate(PROMPT, max_new_tokens=16, stop_token_ids=[])
+            assert again.token_ids == want and again.stats["recoveries"] == 0
+
+
+async def test_no_replica_is_a_clear_failure(llama):
+    from pipeline.client import GenerationFailed
+
+    path, mid, local = llama
+    with trio.fail_after(60):
+        async with swarm("sim", path, [(0, 2), (2, 4)], model_id=mid) as s:
+            model = await s.client(step_timeout=5.0)
+            with pytest.raises(GenerationFailed, match="no server"):
+                async for ev in model.stream(PROMPT, max_new_tokens=8, stop_token_ids=[]):
+                    if ev.index == 2:
+                        await s.kill(s.servers[1])
+
+
+@pytest.mark.parametrize("backend", ["sim", "libp2p"])
+async def test_two_clients_share_servers(llama, backend):
+    path, mid, local = llama
+    prompts = [PROMPT, [9, 8, 7, 6, 5, 4, 3, 2, 1]]
+    wants = [local.generate_greedy(p, 12) for p in prompts]
+    with trio.fail_after(60):
+        async with swarm(backend, path, [(0, 2), (2, 4)], model_id=mid) as s:
+            models = [await s.client(), await s.client()]
+            got: list = [None, None]
+
+            async def run(i: int) -> None:
+                got[i] = (await models[i].generate(prompts[i], max_new_tokens=12, stop_token_ids=[])).token_ids
+
+            async with trio.open_nursery() as nursery:
+                for i in range(2):
+                    nursery.start_soon(run, i)
+            assert got == wants
+            assert all(p.server.stats["sessions_opened"] == 2 for p in s.servers)
+            with trio.fail_after(5):  # sessions are closed and their caches freed
+                while not all(p.server.cache_used == 0 and not p.server.sessions for p in s.servers):
+                    await trio.sleep(0.01)
+
+
+async def test_sampling_is_seeded_through_the_swarm(llama):
+    path, mid, local = llama
+    with trio.fail_after(60):
+        async with swarm("sim", path, [(0, 2), (2, 4)], model_id=mid) as s:
+            model = await s.client()
+            kw = dict(max_new_tokens=10, temperature=0.9, top_k=20, top_p=0.9, seed=7, stop_token_ids=[])
+            a = await model.generate(PROMPT, **kw)
+            b = await model.generate(PROMPT, **kw)
+            c = await model.generate(PROMPT, **{**kw, "seed": 8})
+            assert a.token_ids == b.token_ids and len(a.token_ids) == 10
+            assert a.token_ids != c.token_ids
+            assert all(0 <= t < 101 for t in a.token_ids)
