@@ -168,3 +168,13 @@ def convert_gguf(gguf_path: str | os.PathLike, dest: str | os.PathLike, *, progr
     if progress:
         print(f"converted in {time.monotonic() - t0:.1f} s: {dest}", file=sys.stderr)
     return dest
+
+
+def model_folder(model: str | None, data_dir: str | os.PathLike, *, progress: bool = True) -> Path:
+    """The local folder for `--model`: the default model (None, "default" or its name) is converted
+    into the data dir on first use; anything else is a folder or a hub id."""
+    from .loading import resolve_model
+
+    if model is None or model in ("default", DEFAULT_MODEL_NAME):
+        return ensure_default_model(data_dir, progress=progress)
+    return resolve_model(model)

@@ -35,6 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="full multiaddr (with /p2p/ID) of a peer to join through (repeatable)")
     p.add_argument("--swarm-key", type=Path, metavar="FILE", help="join the private swarm that holds this key")
     p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
+    p.add_argument("--model", help="model to serve or use: a Hugging Face folder or hub id "
+                                   "(default: SmolLM2-135M-Instruct, converted into the data dir on first use)")
+    p.add_argument("--blocks", metavar="a:b|auto",
+                   help="serve blocks [a, b) of the model, or 'auto' to fill the swarm's gaps (default: serve none)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="torch threads for this peer (default: torch's choice); "
+                                               "give 1 when several peers share a machine")
 
     p = sub.add_parser("status", help="show what the running peer knows")
     _data_dir_arg(p)
@@ -61,15 +68,26 @@ def cmd_id(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     from p2p.errors import SwarmKeyMismatch
 
+    from pipeline.server import parse_blocks
+
     from .peer import PeerConfig, run_peer
 
+    if args.blocks is not None:
+        parse_blocks(args.blocks)  # a malformed span is an error before anything starts
     config = PeerConfig(
         data_dir=args.data_dir,
         listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
         bootstrap=args.bootstrap,
         swarm_key_file=args.swarm_key,
         region=args.region,
+        model=args.model,
+        blocks=args.blocks,
+        dtype=args.dtype,
     )
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     def on_ready(peer) -> None:
         print(f"potluck peer {peer.identity.peer_id}", flush=True)

@@ -1,8 +1,13 @@
-"""One potluck peer process: the overlay, membership, gossip, and the local control socket.
+"""One potluck peer process: overlay, membership, gossip, DHT, credits, and — when asked — a block
+server and a client for generating through the swarm; plus the local control socket.
 
 `run_peer` owns every task of the peer in one nursery, so SIGINT/SIGTERM cancel it and everything
 stops together. Each peer gossips a signed presence note (addresses, region) when it starts and
 every `presence_interval`, so peers learn of members they are not directly connected to.
+
+With `--blocks`, the peer serves that span of `--model` (the default model unless named). The
+client half (embeddings, final norm, LM head, tokenizer) is loaded on the first generation request,
+so volunteers that only serve never pay for it.
 """
 
 from __future__ import annotations
@@ -25,7 +30,11 @@ from p2p.libp2p_net import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
+from pipeline.client import DistributedModel, Generation
+from pipeline.convert import model_folder
 from pipeline.pricing import ModelPricing
+from pipeline.sampling import SamplingParams
+from pipeline.server import BlockServer, ServerConfig, parse_blocks
 
 from . import control
 
@@ -42,6 +51,9 @@ class PeerConfig:
     swarm_key_file: Path | None = None
     region: str = ""
     presence_interval: float = 30.0
+    model: str | None = None  # None: the default model
+    blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
+    dtype: str = "float32"
 
 
 class Peer:
@@ -58,6 +70,10 @@ class Peer:
         self.replicator = Replicator(ledger, network, self.gossip)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.presence_seen: set[str] = set()
+        self.server: BlockServer | None = None
+        self._client: DistributedModel | None = None
+        self._client_lock = trio.Lock()
+        self.last_generation: dict | None = None
 
     def _valid_presence(self, message) -> bool:
         body = framing.expect_map(message.data, "presence")
@@ -89,6 +105,8 @@ class Peer:
             "presence_seen": sorted(self.presence_seen),
             "gossip": asdict(self.gossip.stats),
             "dht": self.dht.status(),
+            "server": self.server.status() if self.server else None,
+            "last_generation": self.last_generation,
         }
 
     async def _status_command(self, request: dict) -> dict:
@@ -110,8 +128,36 @@ class Peer:
     async def _dht_find_peer_command(self, request: dict) -> dict:
         return {"addr": await self.dht.find_peer(framing.field(request, "peer_id", str, max_len=64))}
 
+    # --- generating through the swarm ----------------------------------------------------------------
+
+    async def client(self) -> DistributedModel:
+        """The client half of the model, loaded on first use."""
+        async with self._client_lock:
+            if self._client is None:
+                folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
+                self._client = await DistributedModel.from_pretrained(folder, self.network, self.dht,
+                                                                      dtype=self.config.dtype)
+            return self._client
+
+    async def generate(self, prompt: str | list[dict], params: SamplingParams) -> Generation:
+        client = await self.client()
+        result = await client.generate(prompt, params)
+        self.last_generation = _generation_summary(result)
+        return result
+
+    async def _generate_command(self, request: dict) -> dict:
+        prompt = request.get("messages") or framing.field(request, "prompt", str, max_len=1 << 20)
+        params = SamplingParams(
+            max_new_tokens=framing.field(request, "max_tokens", int, optional=True) or 64,
+            temperature=float(framing.field(request, "temperature", (int, float), optional=True) or 0.0),
+            seed=framing.field(request, "seed", int, optional=True),
+        )
+        result = await self.generate(prompt, params)
+        return {"text": result.text, "token_ids": result.token_ids, **self.last_generation}
+
     def commands(self) -> dict:
         return {
+            "generate": self._generate_command,
             "status": self._status_command,
             "credits": self._credits_command,
             "dht_store": self._dht_store_command,
@@ -137,18 +183,40 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 # Before any task starts, so a refused swarm key ends the peer with a plain error.
                 await peer.membership.bootstrap(config.bootstrap)
             await ledger.claim_starting_grant()
+            if config.blocks is not None:
+                folder = await trio.to_thread.run_sync(model_folder, config.model, config.data_dir)
+                start, end = parse_blocks(config.blocks)
+                peer.server = BlockServer(network, peer.dht, folder, start, end,
+                                          config=ServerConfig(dtype=config.dtype))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(peer.gossip.run)
                 await nursery.start(peer.membership.run)
                 await nursery.start(peer.replicator.run)
                 await nursery.start(peer.dht.run)
+                if peer.server is not None:
+                    await nursery.start(peer.server.run)
                 await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME, peer.commands())
                 nursery.start_soon(peer._presence_loop)
                 if on_ready:
                     on_ready(peer)
     finally:
         ledger.store.close()
+
+
+def _generation_summary(result: Generation) -> dict:
+    """What a person wants to know about a generation: which peers served which blocks, and how fast."""
+    stats = result.stats
+    return {
+        "route": [{"peer_id": peer_id, "start": start, "end": end} for peer_id, start, end in stats.get("route", [])],
+        "tokens": len(result.token_ids),
+        "prompt_tokens": result.prompt_tokens,
+        "finish_reason": result.finish_reason,
+        "ttft_s": stats.get("ttft_s"),
+        "wall_s": stats.get("wall_s"),
+        "tokens_per_s": stats.get("tokens_per_s"),
+        "recoveries": stats.get("recoveries", 0),
+    }
 
 
 async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:

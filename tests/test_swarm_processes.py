@@ -1,0 +1,96 @@
+"""SmolLM2 served by real `potluck serve --blocks` processes, used by a user's peer process: the tokens
+equal a local run, and a server SIGKILLed mid-generation (a replica exists) changes nothing."""
+
+import threading
+import time
+
+import pytest
+import trio
+
+from pipeline.convert import ensure_default_model
+from pipeline.loading import load_local_model
+from potluck import control
+from potluck.localswarm import PeerProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+PROMPT = "The three primary colors are"
+NEW_TOKENS = 40
+
+
+def _call(peer, cmd, **args):
+    async def go():
+        return await control.call(peer.data_dir, cmd, **args)
+    return trio.run(go)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return ensure_default_model(tmp_path_factory.mktemp("model"), progress=False)
+
+
+@pytest.fixture(scope="module")
+def swarm(model_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("swarm")
+    common = ["--model", str(model_dir), "--threads", "1"]
+    procs: dict[str, PeerProcess] = {}
+    try:
+        procs["head"] = PeerProcess(root / "s0", *common, "--blocks", "0:10").start(timeout=120)
+        boot = ["--bootstrap", procs["head"].addr]
+        for name, blocks in (("mid-a", "10:20"), ("mid-b", "10:20"), ("tail", "20:30")):
+            procs[name] = PeerProcess(root / name, *common, *boot, "--blocks", blocks).start(timeout=120)
+        procs["user"] = PeerProcess(root / "user", *common, *boot).start(timeout=120)
+        servers = [procs[n] for n in ("head", "mid-a", "mid-b", "tail")]
+        wait_until(lambda: all(_call(p, "status")["server"]["start"] is not None for p in servers), 120,
+                   message="servers loaded and announced")
+        yield procs
+    finally:
+        for p in procs.values():
+            p.close()
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir):
+    from transformers import AutoTokenizer
+
+    ids = AutoTokenizer.from_pretrained(model_dir)(PROMPT)["input_ids"]
+    return load_local_model(model_dir).generate_greedy(ids, NEW_TOKENS, eos_token_id=2)
+
+
+def test_swarm_of_processes_generates_what_a_local_run_does(swarm, reference):
+    user = swarm["user"]
+    result = wait_until(lambda: _try_generate(user), 90, 2, message="a generation through the swarm")
+    assert result["token_ids"] == reference
+    blocks = sorted((hop["start"], hop["end"]) for hop in result["route"])
+    assert blocks[0][0] == 0 and blocks[-1][1] == 30
+    assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
+    status = _call(user, "status")["last_generation"]
+    assert status["tokens"] == len(reference) and status["tokens_per_s"] > 0
+
+
+def test_server_killed_mid_generation_changes_nothing(swarm, reference):
+    user = swarm["user"]
+    replicas = [swarm["mid-a"], swarm["mid-b"]]
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(result=_call(user, "generate", prompt=PROMPT,
+                                                                     max_tokens=NEW_TOKENS)))
+    worker.start()
+    # Kill whichever replica the generation is using, once it is under way.
+    victim = wait_until(lambda: next((p for p in replicas if _call(p, "status")["server"]["sessions"] > 0), None),
+                        60, 0.1, message="a replica serving the session")
+    time.sleep(1.0)
+    victim.kill()
+    worker.join(timeout=180)
+    assert not worker.is_alive()
+    result = box["result"]
+    assert result["token_ids"] == reference
+    assert result["recoveries"] >= 1
+    survivor = next(p for p in replicas if p is not victim)
+    assert any(hop["peer_id"] == survivor.peer_id for hop in result["route"])
+
+
+def _try_generate(user):
+    try:
+        return _call(user, "generate", prompt=PROMPT, max_tokens=NEW_TOKENS)
+    except RuntimeError:
+        return None  # the user's peer has not yet learned a full route
