@@ -4,4 +4,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
+# System tools for the network-namespace tests; they need root and skip with the reason without it.
+if [ "$(id -u)" -eq 0 ]; then
+    bash scripts/setup-netns.sh
+fi
 exec .venv/bin/python -m pytest -q "$@"
