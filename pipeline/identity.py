@@ -26,7 +26,6 @@ import hashlib
 import json
 import mmap
 import os
-from pathlib import Path
 
 from .loading import ModelFolder
 

@@ -16,3 +16,12 @@ def spawn(tmp_path):
     yield _spawn
     for proc in procs:
         proc.close()
+
+
+@pytest.fixture(scope="session")
+def smollm2_data(tmp_path_factory):
+    """(data dir, folder): the default model converted once for the whole test session."""
+    from pipeline.convert import ensure_default_model
+
+    data = tmp_path_factory.mktemp("smollm2")
+    return data, ensure_default_model(data, progress=False)

@@ -1,4 +1,3 @@
-import nacl.signing
 import pytest
 
 from p2p.identity import Identity, b58decode, b58encode, peer_id_from_public_key, public_key_from_peer_id, verify_by_peer

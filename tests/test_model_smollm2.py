@@ -25,10 +25,9 @@ def _have_wheel() -> bool:
 needs_wheel = pytest.mark.skipif(not _have_wheel(), reason=convert.INSTALL_HINT)
 
 
-@pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    return data, ensure_default_model(data, progress=False)
+@pytest.fixture
+def smollm2(smollm2_data):
+    return smollm2_data
 
 
 def test_missing_wheel_is_a_clear_error(monkeypatch):

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import pytest
 
 from potluck.localswarm import POTLUCK, wait_until
 

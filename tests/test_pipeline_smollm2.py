@@ -8,7 +8,7 @@ import trio
 
 from conftest_pipeline import swarm
 from pipeline import convert
-from pipeline.convert import DefaultModelMissing, ensure_default_model, find_default_gguf
+from pipeline.convert import DefaultModelMissing, find_default_gguf
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -23,13 +23,10 @@ def _have_wheel() -> bool:
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
+def smollm2(smollm2_data):
     if not _have_wheel():
         pytest.skip(convert.INSTALL_HINT)
-    import os
-
-    data = os.environ.get("POTLUCK_TEST_DATA_DIR") or tmp_path_factory.mktemp("data")
-    folder = ensure_default_model(data, progress=False)
+    _, folder = smollm2_data
     from pipeline.identity import model_id
 
     return folder, model_id(folder)

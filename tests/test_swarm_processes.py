@@ -7,7 +7,6 @@ import time
 import pytest
 import trio
 
-from pipeline.convert import ensure_default_model
 from pipeline.loading import load_local_model
 from potluck import control
 from potluck.localswarm import PeerProcess, wait_until
@@ -25,8 +24,8 @@ def _call(peer, cmd, **args):
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return ensure_default_model(tmp_path_factory.mktemp("model"), progress=False)
+def model_dir(smollm2_data):
+    return smollm2_data[1]
 
 
 @pytest.fixture(scope="module")
