@@ -74,7 +74,7 @@ class Membership:
         dead_after: int = 2,
         exchange_interval: float = 5.0,
         max_peers: int = 64,
-        max_backoff: float = 30.0,
+        max_backoff: float = 15.0,
         forget_after: float = 600.0,
     ):
         self.network = network
@@ -234,7 +234,12 @@ class Membership:
         try:
             await self.network.request(state.peer_id, PING, {}, timeout=self.ping_timeout)
         except P2PError:
+            was_alive = state.alive
             self._mark_missed(state.peer_id)
+            if was_alive and not state.alive:
+                # A connection that outlived a network cut sits in TCP's retransmission backoff
+                # (tens of seconds); drop it so the next probe dials afresh.
+                await self.network.disconnect(state.peer_id)
             return
         was_alive = state.alive
         self._mark_alive(state.peer_id, trio.current_time() - start)
