@@ -1,0 +1,223 @@
+"""The pure layers of dht/: ids, k-buckets, signed records, Vivaldi, cluster election."""
+
+import math
+import random
+
+import pytest
+
+from dht.clusters import Clusters, region_seed
+from dht.ids import bucket_index, key_id, node_id, puzzle_ok, random_id_in_bucket, solve_puzzle
+from dht.records import Entry, InvalidRecord, RecordStore, Validators, merge, signing_bytes
+from dht.routing import Contact, RoutingTable
+from dht.vivaldi import Coord, Vivaldi
+from p2p.identity import Identity
+
+NOW = 1.7e9
+
+
+def ident(i: int) -> Identity:
+    return Identity(bytes([i % 256, i // 256]) + b"\x07" * 30)
+
+
+def contact(i: int) -> Contact:
+    pid = ident(i).peer_id
+    return Contact(pid, f"/sim/{i}/p2p/{pid}")
+
+
+# --- ids ---------------------------------------------------------------------------------------------
+
+
+def test_ids_are_sha256_and_buckets_follow_xor():
+    a = node_id(ident(1).peer_id)
+    assert 0 <= a < 2**256 and a == node_id(ident(1).peer_id)
+    assert key_id("blocks/x/1") != key_id("blocks/x/2")
+    rng = random.Random(0)
+    for index in (0, 1, 7, 100, 255):
+        other = random_id_in_bucket(a, index, rng)
+        assert bucket_index(a, other) == index
+    assert bucket_index(a, a) == -1
+
+
+def test_puzzle_off_by_default_and_checkable():
+    assert puzzle_ok(ident(1).peer_id, 0)
+    solved = solve_puzzle(8)
+    assert puzzle_ok(solved.peer_id, 8)
+    assert not puzzle_ok("not-a-peer-id", 4)
+    # about 1 in 256 random identities solve difficulty 8
+    assert sum(puzzle_ok(ident(i).peer_id, 8) for i in range(200)) < 10
+
+
+# --- routing -------------------------------------------------------------------------------------------
+
+
+def test_nearest_is_exact_against_brute_force():
+    me = node_id(ident(0).peer_id)
+    table = RoutingTable(me, k=20)
+    contacts = [contact(i) for i in range(1, 600)]
+    for c in contacts:
+        table.add(c)
+    held = table.contacts()
+    assert len(held) == len(table) < len(contacts)  # far buckets are full
+    rng = random.Random(1)
+    for _ in range(50):
+        target = rng.getrandbits(256)
+        want = sorted(held, key=lambda c: c.id ^ target)[:20]
+        assert [c.peer_id for c in table.nearest(target, 20)] == [c.peer_id for c in want]
+    want = sorted(held, key=lambda c: c.id ^ me)[:5]
+    assert [c.peer_id for c in table.nearest(me, 5)] == [c.peer_id for c in want]
+
+
+def test_full_bucket_keeps_old_entries_until_they_fail():
+    me = node_id(ident(0).peer_id)
+    table = RoutingTable(me, k=2)
+    # find three contacts in the same bucket
+    by_bucket: dict[int, list[Contact]] = {}
+    for i in range(1, 200):
+        c = contact(i)
+        by_bucket.setdefault(bucket_index(me, c.id), []).append(c)
+    a, b, c = next(v for v in by_bucket.values() if len(v) >= 3)[:3]
+    assert table.add(a) is None and table.add(b) is None
+    oldest = table.add(c)
+    assert oldest is not None and oldest.peer_id == a.peer_id  # ping a before evicting it
+    assert c.peer_id not in table
+    table.touch(a.peer_id)  # a answered: it stays, c waits as a replacement
+    assert a.peer_id in table and c.peer_id not in table
+    assert table.add(c).peer_id == b.peer_id  # now b is the least recently seen
+    table.remove(b.peer_id)  # b failed: the freshest replacement moves in
+    assert c.peer_id in table and b.peer_id not in table
+
+
+# --- records -------------------------------------------------------------------------------------------
+
+
+def test_signed_entries_accepted_and_merged_per_owner():
+    store = RecordStore()
+    owners = [ident(i) for i in range(3)]
+    for o in owners:
+        assert store.put(Entry.create(o, "blocks/m/12", {"span": [12, 18], "by": o.peer_id[-4:]}, NOW + 60), NOW)
+    got = store.get("blocks/m/12", NOW)
+    assert set(got) == {o.peer_id for o in owners}
+    assert got[owners[1].peer_id].value["span"] == [12, 18]
+    # a newer entry replaces the older one of the same owner; an older one does not
+    newer = Entry.create(owners[0], "blocks/m/12", {"v": 2}, NOW + 120)
+    older = Entry.create(owners[0], "blocks/m/12", {"v": 0}, NOW + 30)
+    assert store.put(newer, NOW) and not store.put(older, NOW)
+    assert store.get("blocks/m/12", NOW)[owners[0].peer_id].value == {"v": 2}
+    # suffixed subkeys belong to the same owner
+    assert store.put(Entry.create(owners[0], "blocks/m/12", 1, NOW + 60, suffix="gpu1"), NOW)
+    assert f"{owners[0].peer_id}/gpu1" in store.get("blocks/m/12", NOW)
+    # expiry at read time
+    assert store.get("blocks/m/12", NOW + 100).keys() == {owners[0].peer_id}
+
+
+def test_forged_expired_and_foreign_entries_refused():
+    store = RecordStore()
+    alice, mallory = ident(1), ident(2)
+    good = Entry.create(alice, "k/1", "hello", NOW + 60)
+    # forged: value changed after signing
+    forged = Entry(good.key, good.subkey, b"\xa4evil", good.expires, good.signature)
+    # missing / garbage signature
+    unsigned = Entry(good.key, good.subkey, good.raw, good.expires, b"\0" * 64)
+    # mallory signs an entry under alice's subkey
+    raw = good.raw
+    foreign = Entry("k/1", alice.peer_id, raw, NOW + 60, mallory.sign(signing_bytes("k/1", alice.peer_id, raw, NOW + 60)))
+    # signed for another key, replayed under this one
+    replay = Entry("k/2", good.subkey, good.raw, good.expires, good.signature)
+    expired = Entry.create(alice, "k/1", "old", NOW - 1)
+    immortal = Entry.create(alice, "k/1", "forever", NOW + 10 * 365 * 86400)
+    for bad in (forged, unsigned, foreign, replay, expired, immortal):
+        with pytest.raises(InvalidRecord):
+            store.put(bad, NOW)
+    assert store.put(good, NOW)
+    assert store.get("k/1", NOW)[alice.peer_id] == good
+
+
+def test_namespace_validator_and_merge():
+    class OnlyInts:
+        def validate(self, entry):
+            if not isinstance(entry.value, int):
+                raise InvalidRecord("ints only")
+
+        def select(self, current, new):
+            return new if new.value > current.value else current
+
+    v = Validators()
+    v.register("counters", OnlyInts())
+    store = RecordStore(v)
+    alice = ident(1)
+    with pytest.raises(InvalidRecord):
+        store.put(Entry.create(alice, "counters/a", "x", NOW + 60), NOW)
+    assert store.put(Entry.create(alice, "counters/a", 5, NOW + 30), NOW)
+    assert not store.put(Entry.create(alice, "counters/a", 3, NOW + 90), NOW)  # select keeps the bigger value
+    a = {alice.peer_id: Entry.create(alice, "x/1", 1, NOW + 10)}
+    b = {alice.peer_id: Entry.create(alice, "x/1", 2, NOW + 20), ident(2).peer_id: Entry.create(ident(2), "x/1", 3, NOW + 10)}
+    merged = merge(Validators(), a, b)
+    assert merged[alice.peer_id].value == 2 and len(merged) == 2
+
+
+# --- vivaldi -------------------------------------------------------------------------------------------
+
+
+def test_vivaldi_converges_on_a_synthetic_space():
+    rng = random.Random(3)
+    n = 60
+    pts = [(rng.uniform(0, 0.15), rng.uniform(0, 0.15), rng.uniform(0.002, 0.01)) for _ in range(n)]
+
+    def true(i, j):
+        return math.dist(pts[i][:2], pts[j][:2]) + pts[i][2] + pts[j][2]
+
+    nodes = [Vivaldi(rng=random.Random(i)) for i in range(n)]
+    for _ in range(8000):  # ~130 samples per node
+        i, j = rng.sample(range(n), 2)
+        nodes[i].observe(str(j), nodes[j].coord, true(i, j))
+    errs = sorted(abs(nodes[i].coord.rtt_to(nodes[j].coord) - true(i, j)) / true(i, j) for i in range(n) for j in range(i))
+    assert errs[len(errs) // 2] < 0.10
+
+
+def test_coordinates_from_the_wire_are_checked():
+    assert Coord.from_wire([0.01, -0.02, 0.003, 0.5]).x == 0.01
+    for bad in ([float("nan"), 0.0, 0.0, 0.5], [1e9, 0.0, 0.0, 0.5], [0.0, 0.0, -1.0, 0.5], [True, 0, 0, 0], "x", [0, 0, 0]):
+        with pytest.raises(ValueError):
+            Coord.from_wire(bad)
+
+
+# --- clusters ------------------------------------------------------------------------------------------
+
+
+def test_landmark_election_is_distance_bounded_min_gossip():
+    ids = sorted((ident(i).peer_id for i in range(12)), key=node_id)
+    lowest, low, me = ids[0], ids[1], ids[-1]
+    view = Clusters(me, {1: 0.100, 2: 0.030})
+    assert view.labels() == {1: me, 2: me}
+    # a neighbour 10 ms away that is 15 ms from the lowest-id landmark: 25 ms < 30 ms, both levels
+    assert sorted(view.heard(low, {1: (lowest, 0.015), 2: (lowest, 0.015)}, 0.010)) == [1, 2]
+    assert view.labels() == {1: lowest, 2: lowest} and abs(view.distance(2) - 0.025) < 1e-9
+    # a farther path to a landmark we follow does not replace ours; a shorter one does
+    view.heard(ids[2], {2: (lowest, 0.02)}, 0.009)
+    assert view.distance(2) == 0.025
+    view.heard(ids[3], {2: (lowest, 0.001)}, 0.004)
+    assert abs(view.distance(2) - 0.005) < 1e-9
+    # a label beyond the threshold is not adopted, even with a lower id
+    view2 = Clusters(me, {1: 0.100, 2: 0.030})
+    assert view2.heard(low, {1: (lowest, 0.05), 2: (lowest, 0.05)}, 0.01) == [1]
+    assert view2.label(2) == me and view2.label(1) == lowest
+    # the parent switching away (or drifting past threshold × hysteresis) makes us re-elect
+    view3 = Clusters(me, {2: 0.030})
+    view3.heard(low, {2: (lowest, 0.01)}, 0.01)
+    assert view3.label(2) == lowest
+    assert view3.heard(low, {2: (low, 0.0)}, 0.01) == [2]
+    assert view3.label(2) == low  # it re-elected from the same message: low itself is near and lower than us
+    view3.heard(low, {2: (low, 0.0)}, 0.05)  # RTT grew past 30 ms × 1.25
+    assert view3.label(2) == me
+    # a higher-id label never displaces a lower one
+    view4 = Clusters(lowest, {2: 0.030})
+    assert view4.heard(me, {2: (me, 0.0)}, 0.001) == [] and view4.label(2) == lowest
+
+
+def test_region_hint_seeds_a_plausible_coordinate():
+    eu, us, jp = region_seed("eu-central"), region_seed("us-east"), region_seed("jp")
+    assert region_seed(None) is None and region_seed("atlantis") is None
+    eu_us = eu.rtt_to(us)
+    assert 0.07 < eu_us < 0.2  # Frankfurt - Virginia ≈ 90-100 ms at 2/3 c × 1.5
+    assert eu.rtt_to(region_seed("uk")) < 0.04
+    assert jp.rtt_to(us) > eu_us
