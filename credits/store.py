@@ -119,6 +119,10 @@ class Store:
     def entries(self, author: bytes, first: int = 1, last: int | None = None) -> list[Entry]:
         return [Entry.decode(w) for w in self.range_wire(author, first, last if last is not None else 2**62)]
 
+    def entries_of_kind(self, kind: str) -> list[Entry]:
+        """Every stored entry of one kind, any author (e.g. disputes, for reliability views)."""
+        return [Entry.decode(r[0]) for r in self.db.execute("SELECT wire FROM entries WHERE kind=?", (kind,))]
+
     def recent(self, limit: int = 20) -> list[Entry]:
         return [Entry.decode(r[0]) for r in self.db.execute(
             "SELECT wire FROM entries ORDER BY ts DESC, seq DESC LIMIT ?", (limit,))]

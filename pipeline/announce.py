@@ -6,8 +6,10 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
 
     {"v": 1, "state": "online"|"offline", "start": a, "end": b, "decode_tps": f, "prefill_tps": f,
      "cache_tokens": n, "dtype": "float32", "version": "0.1.0", "addr": multiaddr|None,
-     "clusters": {"1": label, ...}, "t": announce time}
+     "clusters": {"1": label, ...}, "t": announce time, "reliability": r in [0, 1] (optional, 1.0)}
 
+`reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
+self-report: routing never believes it above what the client sees itself.
 `decode_tps` / `prefill_tps` are tokens per second through ONE block (a span of k blocks takes
 k / decode_tps per decoded token), measured by the server at start. `cache_tokens` is how many
 more tokens of KV cache (for its whole span) it can hold now. A clean shutdown stores an
@@ -52,6 +54,7 @@ class ServerInfo:
     clusters: dict[str, str] = field(default_factory=dict)
     t: float = 0.0
     expires: float = math.inf
+    reliability: float = 1.0
 
     def to_value(self) -> dict:
         d = asdict(self)
@@ -94,7 +97,8 @@ class ServerInfo:
                    decode_tps=float(num("decode_tps", 1e-6, 1e12)), prefill_tps=float(num("prefill_tps", 1e-6, 1e12)),
                    cache_tokens=num("cache_tokens", 0, 1 << 40, int), state=state, dtype=text("dtype", 16),
                    version=text("version", 32), addr=text("addr", 512, optional=True), clusters=dict(clusters),
-                   t=float(num("t", 0, 1e12)), expires=expires)
+                   t=float(num("t", 0, 1e12)), expires=expires,
+                   reliability=float(num("reliability", 0.0, 1.0)) if "reliability" in value else 1.0)
 
     @classmethod
     def from_entry(cls, entry: Entry, *, num_blocks: int | None = None) -> "ServerInfo":

@@ -13,9 +13,15 @@
   non-finite output), its server is banned for a while, a new route for that hop's blocks is built
   from the others, the history is replayed there — chunk by chunk in one message, so the rebuilt
   KV cache is bit-identical — and the step goes on. Greedy output is the same as an undisturbed run.
-- Credits hook: `ClientConfig.receipt` — `receipt(peer_id, session_id, step_info) -> Any` — is called
-  before each step sent to a server and its result travels in the step as "receipt" (credits/ signs
-  cumulative per-session receipts there; nothing here interprets them).
+- Credits: `ClientConfig.billing = ClientBilling(ledger)` (pipeline/billing.py) signs, with every
+  step, a cumulative receipt for the tokens the server says it has served so far ("served" in each
+  "out"); in push mode each push-list entry carries its hop's receipt. "close" carries the final
+  receipt, and the latest receipt per hop is recorded as a *spend* when the hop is closed or
+  abandoned. (Without billing, the older hook `ClientConfig.receipt(peer_id, session_id, step_info)`
+  is called instead; step_info also has "served" and "model".)
+- Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py, default 2 % of steps) re-runs
+  steps on a second server before their output is used; a liar (confirmed by a third server) is
+  distrusted, disputed on the client's chain, replaced, and the step re-run.
 """
 
 from __future__ import annotations
@@ -38,12 +44,17 @@ from .model import ModelHead
 from .protocol import expect_reply, pack_hidden, unpack_hidden
 from .routing import NoRoute, RouteHop, SequenceManager
 from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
+from .spotcheck import SpotCheckConfig, SpotChecker
 
 log = logging.getLogger(__name__)
 
 
 class GenerationFailed(RuntimeError):
     """The swarm could not complete a step after every retry (no route, or every route failed)."""
+
+
+class WrongOutput(P2PError):
+    """A spot check showed that a server's outputs were wrong (confirmed by a third server)."""
 
 
 @dataclass
@@ -53,6 +64,8 @@ class ClientConfig:
     max_recoveries: int = 8  # per step
     push: bool = False  # server-to-server forwarding of activations
     receipt: Callable[[str, bytes, dict], Any] | None = None  # credits hook (see module docstring)
+    billing: Any = None  # pipeline.billing.ClientBilling: receipts, spends, disputes
+    spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
 
 
 @dataclass
@@ -77,6 +90,20 @@ class _Hop:
     def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None):
         self.peer_id, self.start, self.end = peer_id, start, end
         self.stream, self.session_id, self.addr = stream, session_id, addr
+        self.served = 0  # tokens the server says it has computed in this session (what we sign for)
+        self.closed = False
+        # spot checks: (pos, inputs, chunks, outputs) of every step, and the checker's progress
+        self.entries: list[tuple[int, torch.Tensor, list[int], torch.Tensor]] = []
+        self.verified = 0
+        self.checker: "_Hop | None" = None
+        self.is_checker = False
+
+    def record(self, pos: int, inputs: torch.Tensor, chunks: list[int], out: torch.Tensor) -> None:
+        """Log a completed step (a re-run at an earlier position replaces what followed it)."""
+        while self.entries and self.entries[-1][0] >= pos:
+            self.entries.pop()
+        self.verified = min(self.verified, pos)
+        self.entries.append((pos, inputs, list(chunks), out))
 
     def __repr__(self) -> str:
         return f"<hop {self.peer_id[-6:]} [{self.start},{self.end})>"
@@ -123,14 +150,18 @@ class _Hop:
                 raise FrameError(f"server returned {out.shape[1]} tokens for a step of {n}")
             if not torch.isfinite(out).all():
                 raise FrameError("server returned non-finite hidden states")
+            served = m.get("served")
+            if isinstance(served, int) and not isinstance(served, bool) and 0 <= served <= 1 << 40:
+                self.served = served
             c = m.get("compute_s")
             return out, float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0
 
-    async def close(self, polite: bool = True) -> None:
+    async def close(self, polite: bool = True, receipt: Any = None) -> None:
+        self.closed = True
         with trio.CancelScope(shield=True), trio.move_on_after(1.0):
             try:
                 if polite:
-                    await self.stream.send({"t": "close"})
+                    await self.stream.send({"t": "close"} if receipt is None else {"t": "close", "receipt": receipt})
                 await self.stream.aclose()
             except P2PError:
                 pass
@@ -147,6 +178,9 @@ class InferenceSession:
         self.chunks: list[int] = []  # tokens per completed step
         self.history: dict[int, list[torch.Tensor]] = {}  # block boundary → inputs of completed steps
         self._step_id = 0
+        self.extra_hops: list[_Hop] = []  # spot-check sessions (checkers, referees)
+        cfg = model.config_client
+        self.checker = SpotChecker(self, cfg.spot_check) if cfg.spot_check is not None and cfg.spot_check.fraction > 0 else None
         self.stats = {"steps": 0, "compute_s": 0.0, "step_wall_s": 0.0, "recoveries": 0, "push_fallbacks": 0,
                       "servers": []}
 
@@ -161,19 +195,50 @@ class InferenceSession:
 
     async def __aexit__(self, *exc: object) -> None:
         hops, self.hops = self.hops, []
+        extra, self.extra_hops = self.extra_hops, []
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
-                for h in hops:
-                    nursery.start_soon(h.close)
+                for h in hops + extra:
+                    nursery.start_soon(self._close_hop, h)
+        if self.checker is not None:
+            self.stats["spot_checks"] = dict(self.checker.stats)
+
+    def _receipt(self, hop: _Hop, info: dict | None = None) -> Any:
+        """The receipt to send to `hop` now (billing), or the legacy hook's value, or None."""
+        cfg = self.model.config_client
+        info = {**(info or {}), "start": hop.start, "end": hop.end, "served": hop.served, "model": self.model.model_id}
+        if cfg.billing is not None:
+            return cfg.billing.receipt(hop.peer_id, hop.session_id, info)
+        if cfg.receipt is not None:
+            return cfg.receipt(hop.peer_id, hop.session_id, info)
+        return None
+
+    async def _close_hop(self, hop: _Hop, polite: bool = True, pay: bool = True) -> None:
+        """Close a hop (with the final receipt unless `pay` is False) and record what we signed for it
+        as a spend."""
+        if hop.closed:
+            return
+        billing = self.model.config_client.billing
+        receipt = None
+        if polite and pay and billing is not None:
+            try:
+                receipt = self._receipt(hop)
+            except Exception as e:  # noqa: BLE001 - never keep a hop open over a receipt
+                log.info("could not sign the final receipt for %s: %s", hop, e)
+        await hop.close(polite, receipt)
+        if billing is not None:
+            with trio.CancelScope(shield=True), trio.move_on_after(10.0):
+                await billing.closed(hop.peer_id, hop.session_id)
 
     async def _open_route(self, start: int, end: int) -> list[_Hop]:
         """Route [start, end) and open every hop, banning servers that refuse and routing again."""
         seq = self.model.sequence
+        last: BaseException | None = None
         for _ in range(self.model.config_client.max_recoveries + 1):
             try:
                 route = await seq.route(start, end, need_cache_tokens=self.max_length)
             except NoRoute as e:
-                raise GenerationFailed(str(e)) from None
+                raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from None
             hops: list[_Hop] = []
             try:
                 for r in route:
@@ -184,11 +249,13 @@ class InferenceSession:
                 self.stats["servers"].extend(self.route_of(hops))
                 return hops
             except (P2PError, trio.TooSlowError) as e:
+                last = e
                 bad = route[len(hops)].peer_id
                 seq.ban(bad, f"could not open a session: {e}")
                 for h in hops:
-                    await h.close()
-        raise GenerationFailed(f"could not open a route through blocks [{start}, {end})")
+                    await self._close_hop(h)
+        raise GenerationFailed(f"could not open a route through blocks [{start}, {end})"
+                               + (f"; last error: {last}" if last else ""))
 
     @staticmethod
     def route_of(hops: list[_Hop]) -> list[tuple[str, int, int]]:
@@ -198,11 +265,9 @@ class InferenceSession:
         msg = {"t": "step", "id": step_id, "pos": pos, "h": pack_hidden(h)}
         if chunks is not None and len(chunks) > 1:
             msg["chunks"] = chunks
-        hook = self.model.config_client.receipt
-        if hook is not None:
-            # credits/: the per-step receipt for this server is exchanged here (client side)
-            msg["receipt"] = hook(hop.peer_id, hop.session_id, {"id": step_id, "pos": pos, "tokens": h.shape[1],
-                                                               "start": hop.start, "end": hop.end})
+        receipt = self._receipt(hop, {"id": step_id, "pos": pos, "tokens": h.shape[1]})
+        if receipt is not None:
+            msg["receipt"] = receipt  # covers every token this server has served so far
         return msg
 
     async def _run_hop(self, hop: _Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
@@ -213,6 +278,8 @@ class InferenceSession:
             await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
             out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.config.hidden_size,
                                                    self.model.dtype_name)
+        if self.checker is not None and not hop.is_checker:
+            hop.record(pos, h, chunks or [h.shape[1]], out)
         self.stats["compute_s"] += compute_s
         self.model.sequence.observe_rtt(hop.peer_id, max(0.0, trio.current_time() - t0 - compute_s))
         return out
@@ -224,9 +291,15 @@ class InferenceSession:
         log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
         seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
         self.stats["recoveries"] += 1
-        await bad.close(polite=False)
+        if bad.checker is not None:
+            await self._close_hop(bad.checker)
+        liar = isinstance(err, WrongOutput)
+        await self._close_hop(bad, polite=liar, pay=not liar)  # a liar is not paid for the step it lied on
         for _ in range(self.model.config_client.max_recoveries + 1):
-            new = await self._open_route(bad.start, bad.end)  # GenerationFailed when no route is left
+            try:
+                new = await self._open_route(bad.start, bad.end)
+            except GenerationFailed as g:  # no route is left: say what broke the old one
+                raise GenerationFailed(f"{g} (after {bad}: {type(err).__name__}: {err})") from err
             hop = None
             try:
                 if self.position:
@@ -240,7 +313,7 @@ class InferenceSession:
             except (P2PError, trio.TooSlowError) as e:
                 seq.ban(hop.peer_id, f"replay failed: {type(e).__name__}: {e}")
                 for h in new:
-                    await h.close(polite=False)
+                    await self._close_hop(h, polite=False)
                 continue
             self.hops[index:index + 1] = new
             return
@@ -258,13 +331,26 @@ class InferenceSession:
         t0 = trio.current_time()
         inputs: dict[int, torch.Tensor] = {}
         i, h = 0, hidden
+        recoveries = 0
         if self.model.config_client.push and len(self.hops) > 1:
             i, h = await self._push_step(hidden, pos, inputs)
-        recoveries = 0
+            for k in range(i):  # spot checks of the pushed outputs, in route order
+                liar = await self._spot_check(self.hops[k])
+                if liar is not None:
+                    recoveries += 1
+                    h = inputs[self.hops[k].start]
+                    for j in range(k, len(self.hops)):
+                        inputs.pop(self.hops[j].start, None)
+                    await self._recover(k, WrongOutput(f"spot check: {liar} returned wrong outputs"))
+                    i = k
+                    break
         while i < len(self.hops):
             hop = self.hops[i]
             try:
                 out = await self._run_hop(hop, h, pos)
+                liar = await self._spot_check(hop)
+                if liar is not None:
+                    raise WrongOutput(f"spot check: {liar[-8:]} returned wrong outputs for blocks [{hop.start}, {hop.end})")
             except (P2PError, trio.TooSlowError, GenerationFailed) as e:
                 recoveries += 1
                 if recoveries > self.model.config_client.max_recoveries:
@@ -282,6 +368,14 @@ class InferenceSession:
         self.stats["step_wall_s"] += trio.current_time() - t0
         return h
 
+    async def _spot_check(self, hop: _Hop) -> str | None:
+        """Maybe (with the configured probability) check `hop`'s unverified steps; the hop's peer id if it
+        lied (the caller replaces it), else None (a lying checker is dealt with inside)."""
+        if self.checker is None or not self.checker.selected():
+            return None
+        liar = await self.checker.check(hop)
+        return liar if liar == hop.peer_id else None
+
     async def _push_step(self, hidden: torch.Tensor, pos: int, inputs: dict[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
         """Send the step to the first hop with the rest as its push list; collect every hop's output.
         Returns (index of the first hop without an output, its input) for the client-driven loop."""
@@ -292,7 +386,13 @@ class InferenceSession:
         cfg = self.model.config_client
         n = hidden.shape[1]
         msg = self._step_msg(hops[0], step_id, pos, hidden)
-        msg["push"] = [{"peer": hp.peer_id, "session": hp.session_id} for hp in hops[1:]]
+        msg["push"] = []
+        for hp in hops[1:]:
+            entry = {"peer": hp.peer_id, "session": hp.session_id}
+            receipt = self._receipt(hp, {"id": step_id, "pos": pos, "tokens": n})
+            if receipt is not None:
+                entry["receipt"] = receipt  # the servers forward it untouched
+            msg["push"].append(entry)
         msg["addrs"] = {hp.peer_id: hp.addr for hp in hops[1:] if hp.addr}
         failed = False
 
@@ -320,7 +420,10 @@ class InferenceSession:
                 self.stats["push_fallbacks"] += 1
                 return k, h
             inputs[hop.start] = h
-            h, c = outs[k]
+            out, c = outs[k]
+            if self.checker is not None:
+                hop.record(pos, h, [n], out)
+            h = out
             self.stats["compute_s"] += c
         return len(hops), h
 
@@ -342,6 +445,10 @@ class DistributedModel:
         self.dtype_name = proto.dtype_name(self.dtype)
         self.limiter = trio.CapacityLimiter(1)
         self.sequence = SequenceManager(dht, model_id, self.config.num_layers)
+        billing = self.config_client.billing
+        if billing is not None:
+            billing.register_model(model_id, self.config)
+            self.sequence.reliability_source = billing.reliability_by_peer
 
     @classmethod
     async def from_pretrained(cls, model_folder: str | os.PathLike | ModelFolder, network: Network, dht: Any, *,

@@ -4,13 +4,17 @@
 announced span contains [a, b) (spans may be cut), weighted by
 
     rtt(server) + hop_overhead + (b - a) / decode_tps(server) + (no_cache_penalty if it lacks cache)
+      + unreliability_penalty × (1 − reliability(server))
 
 (RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
 servers are left out. `coverage` / `choose_span` / `swarm_quality` are what `--blocks auto` uses.
 
 `SequenceManager` is the client's view of the swarm for one model (Petals' name): it caches the
 DHT's announcements for a few seconds, bans failing servers with exponential backoff, and builds
-routes on demand; sessions ask it for a route and report failures to it.
+routes on demand; sessions ask it for a route and report failures to it. Reliability of a server, as
+the client uses it: min(what it announces, what this client saw — spot checks failed mean 0 and a
+permanent ban (`distrust`), each failure ban a factor 0.8 — and what the client's ledger says:
+`reliability_source`, e.g. disputes in verified chains, pipeline/billing.py).
 """
 
 from __future__ import annotations
@@ -44,11 +48,13 @@ class RoutingConfig:
     default_rtt: float = 0.05  # seconds, for a server we have no estimate for
     hop_overhead: float = 0.002  # per hop on top of the RTT: fewer hops win ties
     no_cache_penalty: float = 10.0
+    unreliability_penalty: float = 1.0  # seconds of route cost for a server of reliability 0
 
 
 def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Callable[[str], float | None] = lambda p: None,
                exclude: Iterable[str] = (), need_cache_tokens: int = 0,
-               config: RoutingConfig | None = None) -> list[RouteHop]:
+               config: RoutingConfig | None = None,
+               reliability: Callable[[ServerInfo], float] | None = None) -> list[RouteHop]:
     """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap."""
     cfg = config or RoutingConfig()
     banned = set(exclude)
@@ -59,6 +65,8 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
         base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead
         if s.cache_tokens < need_cache_tokens:
             base += cfg.no_cache_penalty
+        r = reliability(s) if reliability is not None else s.reliability
+        base += cfg.unreliability_penalty * (1.0 - min(1.0, max(0.0, r)))
         per_block = 1.0 / s.decode_tps
         lo, hi = max(s.start, start), min(s.end, end)
         for a in range(lo, hi):
@@ -139,6 +147,10 @@ class SequenceManager:
     _bans: dict[str, _Ban] = field(default_factory=dict)
     _lock: trio.Lock = field(default_factory=trio.Lock)
     rtts: dict[str, float] = field(default_factory=dict)  # measured by sessions (seconds)
+    distrusted: dict[str, str] = field(default_factory=dict)  # peer → why (caught lying): never routed again
+    checks: dict[str, list[int]] = field(default_factory=dict)  # peer → [passed, failed] spot checks
+    reliability_source: Callable[[], Any] | None = None  # async () -> {peer_id: factor} (the client's ledger)
+    ledger_view: dict[str, float] = field(default_factory=dict)
 
     async def refresh(self, force: bool = False) -> list[ServerInfo]:
         async with self._lock:
@@ -149,7 +161,26 @@ class SequenceManager:
 
     def banned(self) -> set[str]:
         now = trio.current_time()
-        return {p for p, b in self._bans.items() if b.until > now}
+        return {p for p, b in self._bans.items() if b.until > now} | set(self.distrusted)
+
+    def distrust(self, peer_id: str, reason: str) -> None:
+        """`peer_id` was caught returning wrong outputs: leave it out of every route from now on."""
+        self.distrusted[peer_id] = reason
+        self.record_check(peer_id, False)
+        log.warning("server %s is distrusted: %s", peer_id[-8:], reason)
+
+    def record_check(self, peer_id: str, passed: bool) -> None:
+        c = self.checks.setdefault(peer_id, [0, 0])
+        c[0 if passed else 1] += 1
+
+    def reliability(self, info: ServerInfo) -> float:
+        """min(announced, observed here, the ledger's view) in [0, 1]."""
+        p = info.peer_id
+        if p in self.distrusted:
+            return 0.0
+        ban = self._bans.get(p)
+        local = 0.8 ** ban.strikes if ban else 1.0
+        return max(0.0, min(info.reliability, local, self.ledger_view.get(p, 1.0)))
 
     def ban(self, peer_id: str, reason: str = "") -> float:
         """Leave `peer_id` out of routes for a while (doubling with each strike); returns the seconds."""
@@ -178,11 +209,21 @@ class SequenceManager:
                     exclude: Iterable[str] = ()) -> list[RouteHop]:
         end = self.num_blocks if end is None else end
         servers = await self.refresh()
+        if self.reliability_source is not None:
+            try:
+                self.ledger_view = await self.reliability_source()
+            except Exception as e:  # noqa: BLE001 - a view, not a requirement
+                log.info("could not read the ledger's reliability view: %s", e)
         avoid = self.banned() | set(exclude)
         try:
             return find_route(servers, start, end, rtt=self.rtt, exclude=avoid, need_cache_tokens=need_cache_tokens,
-                              config=self.config)
+                              config=self.config, reliability=self.reliability)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
             return find_route(servers, start, end, rtt=self.rtt, exclude=avoid, need_cache_tokens=need_cache_tokens,
-                              config=self.config)
+                              config=self.config, reliability=self.reliability)
+
+    def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
+        """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates)."""
+        avoid = self.banned() | set(exclude)
+        return [s for s in self.servers if s.online and s.start <= start and end <= s.end and s.peer_id not in avoid]

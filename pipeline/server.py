@@ -22,9 +22,16 @@
   throughput) is below `rebalance_threshold` and moving raises the minimum.
 - Server-to-server forwarding: a step may carry a "push" list; the output is then also sent to the
   next server's session (stream `/potluck/inference-push/1.0.0`), which answers the client itself.
-- Credits hook: `receipt_hook(peer_id, session_id, step_info, receipt)` is called after each
-  computed step with the client's per-step receipt (the step message's optional "receipt" field)
-  — credits/ plugs in there; nothing here interprets receipts.
+- Credits (`billing=ServerBilling(ledger)`, pipeline/billing.py): "open" is admitted by the client's
+  balance (refused past the debt limit unless this server is idle); each step's "receipt" is checked
+  BEFORE the step is computed, and a step is served only while the receipts held cover every token
+  served before it ("ReceiptRequired: the client stopped signing receipts"); every "out" says how many
+  tokens the session has been served ("served"), which is what the client signs for; "close" carries
+  the final receipt; the latest receipt becomes an earn entry when the session ends (close, expiry,
+  disconnect, shutdown) and periodically in long sessions. Compute waits in a `PriorityLimiter`:
+  highest client balance first, FIFO within a balance. Idle (for admission) = no other session open.
+- Legacy hook: `receipt_hook(peer_id, session_id, step_info, receipt)` is still called after each
+  computed step with the step's raw "receipt" field (observation only; it cannot refuse).
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ from p2p.network import Network, Stream
 
 from . import protocol as proto
 from .announce import VERSION, ServerInfo, announce_key, fetch_servers
+from .billing import PriorityLimiter, ServerAccount, ServerBilling
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
@@ -92,6 +100,7 @@ class _Session:
     tokens: int = 0
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     compute_lock: trio.Lock = field(default_factory=trio.Lock)
+    account: ServerAccount | None = None  # credits (billing)
 
 
 def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_tokens: int = 64) -> dict:
@@ -152,7 +161,8 @@ class BlockServer:
     def __init__(self, network: Network, dht: Any, model_folder: str | os.PathLike | ModelFolder,
                  start: int | None = None, end: int | None = None, *, config: ServerConfig | None = None,
                  model_id: str | None = None,
-                 receipt_hook: Callable[[str, bytes, dict, Any], None] | None = None):
+                 receipt_hook: Callable[[str, bytes, dict, Any], None] | None = None,
+                 billing: ServerBilling | None = None):
         if (start is None) != (end is None):
             raise ValueError("give both start and end, or neither (auto placement)")
         self.network = network
@@ -163,9 +173,11 @@ class BlockServer:
         self.config = config or ServerConfig()
         self.model_id = model_id
         self.receipt_hook = receipt_hook
+        self.billing = billing
+        self.reliability = 1.0  # announced; refreshed from the ledger before each announcement
         self.dtype = resolve_dtype(self.config.dtype)
         self.dtype_name = proto.dtype_name(self.dtype)
-        self.limiter = trio.CapacityLimiter(self.config.compute_threads)
+        self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client balance
         self.span: BlockSpan | None = None
         self.mf: ModelFolder | None = None
         self.throughput: dict = {}
@@ -190,6 +202,8 @@ class BlockServer:
             from .identity import model_id as compute_id
 
             self.model_id = await trio.to_thread.run_sync(compute_id, mf, limiter=self.limiter)
+        if self.billing is not None:
+            self.billing.register_model(self.model_id, cfg)
         if self.auto:
             self.start, self.end = await self._choose_span()
         if not (0 <= self.start < self.end <= cfg.num_layers):
@@ -316,11 +330,17 @@ class BlockServer:
                           prefill_tps=self.throughput.get("prefill_tps", 1.0),
                           cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
                           version=VERSION, addr=addrs[0] if addrs else None,
-                          clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now())
+                          clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
+                          reliability=self.reliability)
 
     async def announce(self, state: str = "online") -> int:
         """Store our announcement; returns how many peers (ourselves included) hold it."""
         ttl = self.config.announce_ttl or 2 * self.config.announce_period
+        if self.billing is not None:
+            try:
+                self.reliability = await self.billing.reliability()
+            except Exception as e:  # noqa: BLE001 - announce with the last known factor
+                log.info("could not compute reliability: %s", e)
         acks = await self.dht.store(announce_key(self.model_id), self.info(state).to_value(), ttl=ttl, republish=False)
         self._last_acks = acks
         return acks
@@ -355,7 +375,8 @@ class BlockServer:
         return {"model_id": self.model_id, "start": self.start, "end": self.end, "dtype": self.dtype_name,
                 "throughput": self.throughput, "sessions": len(self.sessions), "cache_used_bytes": self.cache_used,
                 "cache_budget_bytes": self.config.cache_budget_bytes,
-                "cache_tokens_left": self.cache_tokens_left() if self.mf else 0, **self.stats}
+                "cache_tokens_left": self.cache_tokens_left() if self.mf else 0, "reliability": self.reliability,
+                **({"billing": dict(self.billing.stats)} if self.billing is not None else {}), **self.stats}
 
     # --- sessions --------------------------------------------------------------------------------
 
@@ -392,6 +413,11 @@ class BlockServer:
                             if reply is None:
                                 continue
                         elif kind == "close":
+                            if session is not None and session.account is not None and m.get("receipt") is not None:
+                                try:
+                                    session.account.check(m.get("receipt"), session.tokens, require=False)
+                                except InferenceError as e:
+                                    log.info("final receipt from %s refused: %s", stream.peer_id[-8:], e)
                             await self._send(session, stream, {"t": "closed"})
                             return
                         else:
@@ -405,6 +431,9 @@ class BlockServer:
             finally:
                 if session is not None:
                     self._drop(session)
+                    if session.account is not None:
+                        with trio.CancelScope(shield=True), trio.move_on_after(10.0):
+                            await self.billing.settle(session.account)  # the earn entry
         if scope.cancelled_caught and session is not None:
             with trio.move_on_after(1.0) as _:
                 try:
@@ -440,6 +469,15 @@ class BlockServer:
         if len(self.sessions) >= self.config.max_sessions:
             self.stats["sessions_refused"] += 1
             raise InferenceError("TooManySessions", f"this server already holds {len(self.sessions)} sessions")
+        sid = secrets.token_bytes(proto.SESSION_ID_LEN)
+        account = None
+        if self.billing is not None:
+            try:
+                account = await self.billing.open(stream.peer_id, session=sid, model=self.model_id, start=a, end=b,
+                                                  idle=not self.sessions)
+            except InferenceError:
+                self.stats["sessions_refused"] += 1
+                raise
         need = KVCache.bytes_for(cfg, b - a, max_length, dtype=self.dtype)
         if self.cache_used + need > self.config.cache_budget_bytes:
             self.stats["sessions_refused"] += 1
@@ -452,8 +490,8 @@ class BlockServer:
         except BaseException:
             self.cache_used -= need
             raise
-        session = _Session(secrets.token_bytes(proto.SESSION_ID_LEN), stream.peer_id, sub, cache, max_length, dtype,
-                           stream, scope, need, trio.current_time())
+        session = _Session(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
+                           trio.current_time(), account=account)
         self.sessions[session.id] = session
         self.stats["sessions_opened"] += 1
         return session
@@ -471,6 +509,7 @@ class BlockServer:
         n = hidden.shape[1]
         chunks = proto.parse_chunks(m.get("chunks"), n)
         push = proto.parse_push(m.get("push"))
+        push_receipts = [h.get("receipt") for h in m["push"]] if push else []  # forwarded as signed
         addrs = m.get("addrs")
         async with session.compute_lock:
             if step_id < session.last_step:
@@ -484,6 +523,11 @@ class BlockServer:
                 raise InferenceError("MaxLengthExceeded", f"{pos + n} tokens exceed the session's max_length "
                                      f"of {session.max_length}")
             session.last_used = trio.current_time()
+            limiter: Any = self.limiter
+            account = session.account
+            if account is not None:
+                account.check(m.get("receipt"), session.tokens)  # before any work: bounded risk
+                limiter = self.limiter.at(await self.billing.priority(account))
 
             def compute() -> tuple[torch.Tensor, float]:
                 t0 = time.perf_counter()
@@ -493,11 +537,14 @@ class BlockServer:
                     off, p = off + c, p + c
                 return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), time.perf_counter() - t0
 
-            out, compute_s = await trio.to_thread.run_sync(compute, limiter=self.limiter)
+            out, compute_s = await trio.to_thread.run_sync(compute, limiter=limiter)
             session.last_step = step_id
             session.last_used = trio.current_time()
+            session.tokens += n
+            served = session.tokens
         session.steps += 1
-        session.tokens += n
+        if account is not None and account.due(self.billing.clock()) and self._nursery is not None:
+            self._nursery.start_soon(self.billing.settle, account)  # periodic earn entry (long sessions)
         self.stats["steps"] += 1
         self.stats["tokens"] += n
         if self.receipt_hook is not None:
@@ -510,15 +557,20 @@ class BlockServer:
                 log.exception("receipt hook failed")
         packed = pack_hidden(out)
         if push and self._nursery is not None:
-            self._nursery.start_soon(self._push, push, addrs, step_id, pos, packed)
-        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push)}
+            self._nursery.start_soon(self._push, push, addrs, step_id, pos, packed, push_receipts)
+        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
 
     # --- server-to-server forwarding -------------------------------------------------------------
 
-    async def _push(self, push: list[tuple[str, bytes]], addrs: Any, step_id: int, pos: int, packed: dict) -> None:
+    async def _push(self, push: list[tuple[str, bytes]], addrs: Any, step_id: int, pos: int, packed: dict,
+                    receipts: list | None = None) -> None:
         (peer, sid), rest = push[0], push[1:]
+        receipts = receipts or [None] * len(push)
         msg = {"t": "push", "session": sid, "id": step_id, "pos": pos, "h": packed,
-               "push": [{"peer": p, "session": s} for p, s in rest]}
+               "push": [{"peer": p, "session": s, **({"receipt": r} if r is not None else {})}
+                        for (p, s), r in zip(rest, receipts[1:])]}
+        if receipts[0] is not None:
+            msg["receipt"] = receipts[0]
         if isinstance(addrs, dict):
             msg["addrs"] = addrs
             addr = addrs.get(peer)

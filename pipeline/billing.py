@@ -1,0 +1,420 @@
+"""Credits inside inference sessions: receipts per step, earn / spend entries, admission, compute priority.
+
+The peer wires one object on each side (see `ServerBilling` / `ClientBilling`):
+
+    ledger = Ledger.open(identity, data_dir, pricing=ModelPricing())
+    server = BlockServer(network, dht, folder, a, b, config=ServerConfig(...), billing=ServerBilling(ledger))
+    model = await DistributedModel.from_pretrained(folder, network, dht,
+                                                   config=ClientConfig(billing=ClientBilling(ledger)))
+
+Both register the model's config with the ledger's pricing (`ModelPricing.register`) when the model is
+loaded, so the receipts they sign or check can be priced; every other verifier of those receipts must
+know the config too (the default model's is built in; a peer that loads a model registers it).
+
+The protocol (pipeline/protocol.py carries it; the fields below are additions of this module):
+
+- Session id: the server's 16-byte session id is the receipt's session id (unique per server and
+  session, so per (client, session, server) the receipt counter rises and replays are refused).
+- Every "out" reply carries "served": the tokens the server has computed in this session so far
+  (all steps, replays and re-runs included). The client signs, with each next step, a cumulative
+  receipt (`ReceiptSigner`) for exactly that count — it never has to guess what the server did —
+  and sends it as the step's "receipt"; in push mode each push-list entry carries its hop's receipt
+  and the servers forward it untouched (they cannot alter it: it is signed by the client).
+- The server checks the receipt BEFORE computing (`ServerAccount.check`): a receipt that is not for
+  this (server, client, model, span, session), is not newer, claims more than was served, is not
+  signed by the client or is mispriced (FLOPs re-computed from the model config) is refused with
+  `BadReceipt`; and the step is served only if the receipts held cover every token served before it
+  (`ReceiptTracker.require`) — otherwise `ReceiptRequired: the client stopped signing receipts`.
+  So what a server risks is one step of work.
+- "close" carries the final receipt (covering the last step). The server appends its latest receipt
+  to its chain as an *earn* entry when the session ends (close, expiry, disconnect, shutdown) and,
+  for long sessions, every `earn_every` receipts or `earn_interval` seconds; the ledger refuses a
+  replayed or non-increasing counter, so a settle never double-counts. The client appends its latest
+  receipt per hop as the matching *spend* when it closes (or abandons) the hop. Balances follow from
+  the servers' earn entries alone (see credits.ledger), so a client that skips its spends still pays.
+- Admission: on "open" the server calls `ledger.admit(client, idle=<no other session open>)`; a
+  client past the debt limit is refused with `CreditRefused` and how to earn, unless the server is
+  idle (free when idle).
+- Priority: every torch job goes through `PriorityLimiter` (it replaces the plain CapacityLimiter in
+  front of the compute threads): waiting steps are served highest client balance first, FIFO within
+  an equal balance; loading and cache allocation go first (priority +inf).
+
+Reliability (`reliability_view`): how much a verifier trusts a server, from what it can check itself —
+the signed *dispute* entries against the server in verified chains, counted once per accuser, and
+only from accusers in good standing (not frozen by a fork proof, with credits earned by serving:
+a fresh Sybil key cannot smear anyone for free) — folded with what the verifier saw itself (spot
+checks passed / failed, hop failures; `SequenceManager`). Servers announce their own factor (uptime
+and disputes as their ledger sees them) in ServerInfo, but routing never takes a self-report above its
+own view: it uses min(announced, observed). FLOPs × reliability is what a server's work is *worth* to
+a verifier (`weighted_earnings`); the conserved balance fold in credits/ counts receipts at face
+value. Not fully verifiable: checks that passed are not recorded on chains, and a dispute's evidence
+is the accuser's claim (hashes of the inputs and of both outputs) — servers do not sign their outputs,
+so a third party cannot re-check a dispute without re-running the blocks itself.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import time
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import msgpack
+import trio
+
+from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker
+from p2p.identity import peer_id_from_public_key, public_key_from_peer_id
+
+from .protocol import InferenceError
+
+log = logging.getLogger(__name__)
+
+EARN_HINT = "To earn credits, serve blocks of this model: `potluck serve --model {model} --blocks auto`."
+
+
+# --- compute queue ordered by balance -------------------------------------------------------------------
+
+
+class PriorityLimiter:
+    """A capacity limiter whose waiters are served highest priority first, FIFO within a priority.
+
+    Usable wherever trio wants a limiter (`trio.to_thread.run_sync(fn, limiter=...)`): the plain
+    `acquire_on_behalf_of` takes priority +inf (loading, cache allocation); `at(priority)` gives a
+    limiter view that queues at `priority` (a client's balance, in FLOPs)."""
+
+    def __init__(self, total_tokens: int = 1):
+        if total_tokens < 1:
+            raise ValueError("a limiter needs at least one token")
+        self.total_tokens = total_tokens
+        self._holders: set[Any] = set()
+        self._waiters: list[tuple[float, int, Any, trio.Event]] = []
+        self._granted: set[Any] = set()
+        self._seq = itertools.count()
+        self.served: list[float] = []  # priorities in the order they were granted (tests, stats; bounded)
+
+    @property
+    def borrowed_tokens(self) -> int:
+        return len(self._holders)
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for _, _, b, _ in self._waiters if b is not None)
+
+    def at(self, priority: float) -> "_PriorityView":
+        return _PriorityView(self, priority)
+
+    async def acquire_on_behalf_of(self, borrower: Any, priority: float = math.inf) -> None:
+        if borrower in self._holders:
+            raise RuntimeError("this borrower already holds a token")
+        if len(self._holders) < self.total_tokens and not self.waiting:
+            self._grant(borrower, priority)
+            await trio.lowlevel.checkpoint()
+            return
+        event = trio.Event()
+        item = [-priority, next(self._seq), borrower, event]
+        heapq.heappush(self._waiters, item)  # type: ignore[arg-type]
+        try:
+            await event.wait()
+        except BaseException:
+            if borrower in self._holders:  # granted while being cancelled: hand it on
+                self.release_on_behalf_of(borrower)
+            else:
+                item[2] = None  # lazily dropped from the heap
+            raise
+
+    def _grant(self, borrower: Any, priority: float) -> None:
+        self._holders.add(borrower)
+        self.served.append(priority)
+        if len(self.served) > 1024:
+            del self.served[:512]
+
+    def release_on_behalf_of(self, borrower: Any) -> None:
+        if borrower not in self._holders:
+            raise RuntimeError("this borrower holds no token")
+        self._holders.discard(borrower)
+        while self._waiters and len(self._holders) < self.total_tokens:
+            neg, _, b, event = heapq.heappop(self._waiters)
+            if b is None:
+                continue
+            self._grant(b, -neg)
+            event.set()
+
+    async def acquire(self) -> None:
+        await self.acquire_on_behalf_of(trio.lowlevel.current_task())
+
+    def release(self) -> None:
+        self.release_on_behalf_of(trio.lowlevel.current_task())
+
+    async def __aenter__(self) -> None:
+        await self.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.release()
+
+
+class _PriorityView:
+    def __init__(self, limiter: PriorityLimiter, priority: float):
+        self.limiter, self.priority = limiter, priority
+
+    async def acquire_on_behalf_of(self, borrower: Any) -> None:
+        await self.limiter.acquire_on_behalf_of(borrower, self.priority)
+
+    def release_on_behalf_of(self, borrower: Any) -> None:
+        self.limiter.release_on_behalf_of(borrower)
+
+
+# --- server side ------------------------------------------------------------------------------------------
+
+
+def _register(pricing: Any, model_id: str, config: Any) -> None:
+    reg = getattr(pricing, "register", None)
+    if reg is not None and config is not None and not (getattr(pricing, "knows", None) and pricing.knows(model_id)):
+        reg(model_id, config)
+
+
+def parse_receipt(obj: Any) -> Receipt:
+    """A receipt from the wire (a list, as `Receipt.to_list`); InferenceError("BadReceipt") if malformed."""
+    try:
+        return Receipt.from_list(obj)
+    except InvalidReceipt as e:
+        raise InferenceError("BadReceipt", f"malformed receipt: {e}") from None
+
+
+@dataclass
+class ServerAccount:
+    """One session's credit state on the server."""
+
+    billing: "ServerBilling"
+    client: bytes
+    tracker: ReceiptTracker
+    priority: float
+    priority_at: float
+    recorded_counter: int = 0
+    recorded_at: float = 0.0
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+    def check(self, receipt: Any, served_tokens: int, *, require: bool = True) -> None:
+        """Before computing a step: accept the step's receipt (if any; the one already held again is
+        fine), then require that the receipts held cover the `served_tokens` already served.
+        Raises InferenceError ("BadReceipt" or "ReceiptRequired")."""
+        if receipt is not None:
+            r = parse_receipt(receipt)
+            held = self.tracker.latest
+            if held is not None and r.counter == held.counter and r.signature == held.signature:
+                r = None
+        else:
+            r = None
+        if r is not None:
+            try:
+                self.tracker.accept(r, served_tokens=served_tokens)
+            except InvalidReceipt as e:
+                self.billing.stats["bad_receipts"] += 1
+                raise InferenceError("BadReceipt", f"receipt refused: {e}") from None
+        if not require:
+            return
+        try:
+            self.tracker.require(served_tokens)
+        except InvalidReceipt as e:
+            self.billing.stats["unpaid_refusals"] += 1
+            raise InferenceError("ReceiptRequired", f"the client stopped signing receipts: {e}") from None
+
+    def due(self, now: float) -> bool:
+        """A periodic earn entry is due (long sessions)."""
+        latest = self.tracker.latest
+        if latest is None or latest.counter <= self.recorded_counter:
+            return False
+        return (latest.counter - self.recorded_counter >= self.billing.earn_every
+                or now - self.recorded_at >= self.billing.earn_interval)
+
+
+class ServerBilling:
+    """The server's side: admission, receipt checks, earn entries, compute priority. Pass it to
+    `BlockServer(..., billing=ServerBilling(ledger))`."""
+
+    def __init__(self, ledger: Ledger, pricing: Any = None, *, earn_every: int = 256, earn_interval: float = 60.0,
+                 priority_ttl: float = 1.0, model_name: str | None = None, clock: Callable[[], float] = time.monotonic):
+        """`earn_every` / `earn_interval`: a long session's receipt is appended as an earn entry every
+        that many receipts or seconds (and always at its end). `model_name`: what `--model` the refusal
+        message suggests (the served folder or hub id)."""
+        self.ledger = ledger
+        self.model_name = model_name
+        self.pricing = pricing if pricing is not None else ledger.pricing
+        self.earn_every = earn_every
+        self.earn_interval = earn_interval
+        self.priority_ttl = priority_ttl
+        self.clock = clock
+        self.me = ledger.me
+        self.started = clock()
+        self.stats = {"admitted": 0, "admitted_idle": 0, "refused": 0, "bad_receipts": 0, "unpaid_refusals": 0,
+                      "earn_entries": 0, "earned_flops": 0}
+
+    def register_model(self, model_id: str, config: Any) -> None:
+        _register(self.pricing, model_id, config)
+
+    async def open(self, peer_id: str, *, session: bytes, model: str, start: int, end: int,
+                   idle: bool) -> ServerAccount | None:
+        """Admit a client's new session (raises InferenceError("CreditRefused") past the debt limit
+        while busy) and start its account; None for this peer's own sessions (serving itself is free)."""
+        try:
+            client = public_key_from_peer_id(peer_id)
+        except ValueError:
+            raise InferenceError("BadPeer", "the client's peer id does not name an Ed25519 key") from None
+        if client == self.me:
+            return None
+        try:
+            bal = await self.ledger.admit(client, idle=idle)
+        except CreditRefused as e:
+            self.stats["refused"] += 1
+            raise InferenceError("CreditRefused", f"{e} {EARN_HINT.format(model=self.model_name or '<model>')}") from None
+        self.stats["admitted"] += 1
+        if idle:
+            self.stats["admitted_idle"] += 1
+        tracker = ReceiptTracker(server=self.me, client=client, model=model, start=start, end=end, session=session,
+                                 pricing=self.pricing)
+        now = self.clock()
+        return ServerAccount(self, client, tracker, float(bal.effective), now, recorded_at=now)
+
+    async def priority(self, account: ServerAccount) -> float:
+        """The client's balance (FLOPs), refreshed at most every `priority_ttl` seconds."""
+        now = self.clock()
+        if now - account.priority_at >= self.priority_ttl:
+            account.priority_at = now
+            account.priority = float((await self.ledger.balance(account.client)).effective)
+        return account.priority
+
+    async def settle(self, account: ServerAccount) -> bool:
+        """Append the latest receipt as an earn entry if it is newer than the last one; True if appended."""
+        async with account.lock:
+            latest = account.tracker.latest
+            if latest is None or latest.counter <= account.recorded_counter:
+                return False
+            try:
+                await self.ledger.record_earn(latest)
+            except InvalidReceipt as e:  # e.g. a receipt whose counter this chain already passed
+                log.warning("earn entry refused by our own ledger: %s", e)
+                account.recorded_counter = latest.counter
+                return False
+            account.recorded_counter = latest.counter
+            account.recorded_at = self.clock()
+            self.stats["earn_entries"] += 1
+            self.stats["earned_flops"] = self.stats.get("earned_flops", 0) + latest.flops
+            return True
+
+    async def reliability(self) -> float:
+        """What this server announces: its standing in its own ledger (`reliability_view`)."""
+        return (await reliability_view(self.ledger)).get(self.me, 1.0)
+
+
+# --- client side ------------------------------------------------------------------------------------------
+
+
+class ClientBilling:
+    """The client's side: signs cumulative receipts per (server, session), records spends, files
+    disputes. Pass it as `ClientConfig(billing=ClientBilling(ledger))`."""
+
+    def __init__(self, ledger: Ledger, pricing: Any = None):
+        self.ledger = ledger
+        self.identity = ledger.identity
+        self.pricing = pricing if pricing is not None else ledger.pricing
+        self.signers: dict[tuple[str, bytes], ReceiptSigner] = {}
+        self.stats = {"receipts": 0, "spend_entries": 0, "spent_flops": 0, "disputes": 0}
+
+    def register_model(self, model_id: str, config: Any) -> None:
+        _register(self.pricing, model_id, config)
+
+    def receipt(self, peer_id: str, session_id: bytes, info: dict) -> list | None:
+        """The receipt to send with a step (or close) to `peer_id`: covers `info["served"]`, the tokens
+        the server said it has computed so far; None when nothing is owed yet."""
+        served = int(info.get("served") or 0)
+        key = (peer_id, session_id)
+        signer = self.signers.get(key)
+        try:
+            if signer is None:
+                server = public_key_from_peer_id(peer_id)
+                if served <= 0 or server == self.identity.public_key:  # nothing owed; serving ourselves is free
+                    return None
+                signer = self.signers[key] = ReceiptSigner(
+                    self.identity, server=server, model=info["model"], start=info["start"], end=info["end"],
+                    pricing=self.pricing, session=session_id)
+            if served > signer.tokens:
+                signer.sign(served)
+                self.stats["receipts"] += 1
+        except (InvalidReceipt, KeyError, ValueError) as e:  # e.g. a model we cannot price: the server will say
+            log.warning("could not sign a receipt for %s: %s", peer_id[-8:], e)
+        return signer.latest.to_list() if signer is not None and signer.latest is not None else None
+
+    async def closed(self, peer_id: str, session_id: bytes) -> None:
+        """The session with `peer_id` is over: record the latest receipt signed for it as a spend."""
+        signer = self.signers.pop((peer_id, session_id), None)
+        if signer is None or signer.latest is None:
+            return
+        try:
+            await self.ledger.record_spend(signer.latest)
+        except InvalidReceipt as e:
+            log.warning("spend entry refused by our own ledger: %s", e)
+            return
+        self.stats["spend_entries"] += 1
+        self.stats["spent_flops"] += signer.latest.flops
+
+    async def reliability_by_peer(self) -> dict[str, float]:
+        """peer id → reliability factor from this ledger's verified chains (for routing)."""
+        return {peer_id_from_public_key(k): r for k, r in (await reliability_view(self.ledger)).items()}
+
+    async def dispute(self, accused_peer: str, reason: str, evidence: dict) -> None:
+        try:
+            accused = public_key_from_peer_id(accused_peer)
+        except ValueError:
+            return
+        await self.ledger.record_dispute(accused, reason[:200], msgpack.packb(evidence, use_bin_type=True))
+        self.stats["disputes"] += 1
+
+
+# --- reliability as a verifier sees it --------------------------------------------------------------------
+
+PER_DISPUTE = 0.5
+
+
+def _reliability_sync(ledger: Ledger) -> dict[bytes, float]:
+    balances = ledger.balances_sync() if ledger._balances is None or ledger._balances[0] != ledger.version \
+        else ledger._balances[1]
+    accusers: dict[bytes, set[bytes]] = {}
+    for e in ledger.store.entries_of_kind("dispute"):
+        b = balances.get(e.author)
+        if e.author in ledger.forks or b is None or b.earned <= 0:
+            continue  # only accusers in good standing, who earned by serving, count
+        try:
+            accused = msgpack.unpackb(e.body, raw=False)[0]
+        except Exception:  # noqa: BLE001 - verified on ingest; defensive
+            continue
+        if isinstance(accused, bytes):
+            accusers.setdefault(accused, set()).add(e.author)
+    out = {k: PER_DISPUTE ** len(v) for k, v in accusers.items()}
+    for k in ledger.forks:
+        out[k] = 0.0
+    return out
+
+
+_CACHE: "weakref.WeakKeyDictionary[Ledger, tuple[int, dict[bytes, float]]]" = weakref.WeakKeyDictionary()
+
+
+async def reliability_view(ledger: Ledger) -> dict[bytes, float]:
+    """public key → reliability factor in [0, 1] for every server with a dispute (or a fork) in this
+    ledger's verified chains; absent keys are 1.0. `PER_DISPUTE` ** (distinct accusers in good
+    standing: not frozen, earned > 0), 0 for a forked author. A deterministic function of the verified
+    chains, so peers holding the same chains agree. Cached per ledger version."""
+    cached = _CACHE.get(ledger)
+    if cached is not None and cached[0] == ledger.version:
+        return cached[1]
+    version = ledger.version
+    view = await ledger._call(_reliability_sync, ledger)
+    _CACHE[ledger] = (version, view)
+    return view
+
+
+def weighted_earnings(ledger: Ledger, balances: dict, view: dict[bytes, float]) -> dict[str, float]:
+    """peer id → FLOPs earned × reliability, as this verifier sees it (a view, not a balance)."""
+    return {peer_id_from_public_key(k): b.earned * view.get(k, 1.0) for k, b in balances.items() if b.earned}

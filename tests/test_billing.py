@@ -1,0 +1,338 @@
+"""Credits inside inference sessions: receipts per step, earn/spend entries that match and replicate,
+admission by balance (debt limit, free when idle), compute ordered by balance, unpaid clients cut off."""
+
+import pytest
+import torch
+import trio
+
+from conftest_models import make_tiny
+from conftest_pipeline import FIXED_TP, swarm
+from credits import CreditPolicy, Ledger, Receipt
+from credits.ledger import GFLOP
+from credits.replication import Replicator
+from p2p.gossip import Gossip
+from pipeline.billing import ClientBilling, PriorityLimiter, ServerBilling, reliability_view
+from pipeline.client import ClientConfig, DistributedModel, GenerationFailed
+from pipeline.identity import model_id
+from pipeline.loading import ModelFolder, load_local_model
+from pipeline.pricing import ModelPricing
+from pipeline.server import BlockServer, ServerConfig
+
+PROMPT = [5, 17, 42, 8, 99, 3]
+POLICY = CreditPolicy(starting_grant=1000 * GFLOP, debt_limit=0)
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny("llama", path)
+    return path, model_id(path), load_local_model(path, device="cpu"), ModelFolder(path).config
+
+
+def make_ledger(identity, data_dir, mid, cfg, policy=POLICY) -> Ledger:
+    pricing = ModelPricing()
+    pricing.register(mid, cfg)  # every verifier must be able to price the tiny model's receipts
+    return Ledger.open(identity, data_dir, pricing=pricing, policy=policy)
+
+
+async def billed_peer(s, *, client_mode: bool, mid, cfg, data_dir=None, policy=POLICY, replicate=False,
+                      policy_fn=None):
+    peer = await s._peer(client_mode=client_mode)
+    ident = peer.network.identity
+    led = make_ledger(ident, data_dir, mid, cfg, policy_fn(ident) if policy_fn else policy)
+    await led.claim_starting_grant()
+    peer.ledger = led
+    if replicate:
+        gossip = Gossip(peer.network, ident)
+        peer.replicator = Replicator(led, peer.network, gossip, exchange_interval=0.3, request_timeout=2.0)
+        await peer.nursery.start(gossip.run)
+        await peer.nursery.start(peer.replicator.run)
+    return peer
+
+
+async def add_server(s, a, b, *, mid, cfg, server_cls=BlockServer, billing_kw=None, **kw):
+    peer = await billed_peer(s, client_mode=False, mid=mid, cfg=cfg, **kw)
+    conf = ServerConfig(throughput=FIXED_TP, announce_period=5.0)
+    peer.server = server_cls(peer.network, peer.dht, s.folder, a, b, config=conf, model_id=mid,
+                             billing=ServerBilling(peer.ledger, **(billing_kw or {})))
+    await peer.nursery.start(peer.server.run)
+    s.servers.append(peer)
+    return peer
+
+
+async def add_client(s, *, mid, cfg, billing_cls=ClientBilling, spot_check=None, **kw):
+    peer = await billed_peer(s, client_mode=True, mid=mid, cfg=cfg, **kw)
+    s.clients.append(peer)
+    conf = ClientConfig(billing=billing_cls(peer.ledger), spot_check=spot_check, step_timeout=10.0)
+    model = await DistributedModel.from_pretrained(s.folder, peer.network, peer.dht, model_id=mid, config=conf)
+    return peer, model
+
+
+def latest_receipts(ledger: Ledger, author: bytes, kind: str) -> dict[tuple, Receipt]:
+    """(server, client, session) → the highest-counter receipt in `author`'s `kind` entries."""
+    import msgpack
+
+    out: dict[tuple, Receipt] = {}
+    for e in ledger.store.entries(author):
+        if e.kind == kind:
+            r = Receipt.from_list(msgpack.unpackb(e.body, raw=False)[0])
+            key = (r.server, r.client, r.session)
+            if key not in out or out[key].counter < r.counter:
+                out[key] = r
+    return out
+
+
+async def test_generation_earn_spend_match_and_balances_replicate(llama, tmp_path):
+    """3 servers + a client on in-process libp2p, each with its own on-disk ledger and replicator."""
+    path, mid, local, cfg = llama
+    want = local.generate_greedy(PROMPT, 8)
+    from pipeline.spotcheck import SpotCheckConfig
+
+    with trio.fail_after(90):
+        async with swarm("libp2p", path, [], model_id=mid) as s:
+            servers = [await add_server(s, a, b, mid=mid, cfg=cfg, data_dir=tmp_path / f"s{i}", replicate=True)
+                       for i, (a, b) in enumerate([(0, 2), (2, 4), (0, 2)])]
+            # every step is spot-checked, so the third server earns as a checker
+            client, model = await add_client(s, mid=mid, cfg=cfg, data_dir=tmp_path / "c", replicate=True,
+                                             spot_check=SpotCheckConfig(fraction=1.0, seed=1))
+            g = await model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+            assert g.token_ids == want
+            peers = servers + [client]
+            # the servers append their earn entries when the sessions end
+            with trio.fail_after(10):
+                while sum(p.server.billing.stats["earn_entries"] for p in servers) < 3:
+                    await trio.sleep(0.05)
+            # replication settles: every ledger holds every chain at the same head
+            with trio.fail_after(30):
+                while True:
+                    heads = [p.ledger.heads for p in peers]
+                    if all(len(h) == 4 for h in heads) and all(h == heads[0] for h in heads):
+                        break
+                    await trio.sleep(0.1)
+            views = [{k: b.raw for k, b in (await p.ledger.balances()).items()} for p in peers]
+            assert all(v == views[0] for v in views)
+            assert sum(views[0].values()) == 4 * POLICY.starting_grant  # conserved
+            ck = client.ledger.me
+            spends = latest_receipts(client.ledger, ck, "spend")
+            total = 0
+            for p in servers:
+                earns = latest_receipts(p.ledger, p.ledger.me, "earn")
+                mine = {k: r for k, r in spends.items() if r.server == p.ledger.me}
+                assert earns.keys() == mine.keys() and earns  # every server served (one as the checker)
+                for k, r in earns.items():
+                    assert r.flops == mine[k].flops and r.counter == mine[k].counter
+                    # tokens: the whole session (prompt + generated inputs, plus the checker's replays)
+                    assert r.tokens >= len(PROMPT) + 7
+                earned = sum(r.flops for r in earns.values())
+                assert views[0][p.ledger.me] == POLICY.starting_grant + earned
+                total += earned
+            assert views[0][ck] == POLICY.starting_grant - total
+            # every peer verified the same receipts: nothing refused anywhere
+            assert all(p.replicator.stats["rejected"] == 0 for p in peers)
+            assert model.config_client.billing.stats["spend_entries"] == len(spends)
+    for p in peers:
+        p.ledger.store.close()
+
+
+async def test_long_sessions_earn_periodically_and_count_once(llama):
+    path, mid, local, cfg = llama
+    with trio.fail_after(60):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            srv = await add_server(s, 0, 4, mid=mid, cfg=cfg, billing_kw={"earn_every": 3})
+            client, model = await add_client(s, mid=mid, cfg=cfg)
+            await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
+            with trio.fail_after(5):
+                while srv.server.sessions:
+                    await trio.sleep(0.02)
+            earns = [e for e in srv.ledger.store.entries(srv.ledger.me) if e.kind == "earn"]
+            assert len(earns) >= 3  # periodic entries, then the final one
+            (final,) = latest_receipts(srv.ledger, srv.ledger.me, "earn").values()
+            (spent,) = latest_receipts(client.ledger, client.ledger.me, "spend").values()
+            assert final == spent and final.tokens == len(PROMPT) + 9
+            bal = await srv.ledger.balance(srv.ledger.me)
+            assert bal.earned == final.flops  # cumulative receipts: only the latest counts
+            assert srv.server.status()["billing"]["earn_entries"] == len(earns)
+
+
+class StopsSigning(ClientBilling):
+    """A client that stops signing receipts after `after` of them."""
+
+    after = 3
+
+    def receipt(self, peer_id, session_id, info):
+        if self.stats["receipts"] >= self.after:
+            return None
+        return super().receipt(peer_id, session_id, info)
+
+
+async def test_client_that_stops_signing_is_cut_off(llama):
+    path, mid, local, cfg = llama
+    with trio.fail_after(60):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            servers = [await add_server(s, a, b, mid=mid, cfg=cfg) for a, b in [(0, 2), (2, 4)]]
+            _, model = await add_client(s, mid=mid, cfg=cfg, billing_cls=StopsSigning)
+            with pytest.raises(GenerationFailed, match="the client stopped signing receipts"):
+                await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
+            refused = sum(p.server.billing.stats["unpaid_refusals"] for p in servers)
+            assert refused >= 1
+            for p in servers:
+                # what each server served beyond what it holds receipts for is at most one step
+                await trio.sleep(0.1)
+                earns = latest_receipts(p.ledger, p.ledger.me, "earn")
+                assert all(r.tokens >= 1 for r in earns.values())
+                assert p.server.stats["tokens"] - sum(r.tokens for r in earns.values()) <= len(PROMPT)
+            # a forged receipt (signed by someone else) is refused before any compute
+            from credits import ReceiptSigner
+            from p2p.identity import Identity
+
+            mallory = Identity.generate()
+            model.config_client.billing = None  # send raw receipts through the legacy hook
+
+            def forged(peer_id, session_id, info):
+                if not info.get("served"):
+                    return None
+                from p2p.identity import public_key_from_peer_id
+
+                rs = ReceiptSigner(mallory, server=public_key_from_peer_id(peer_id), model=mid, start=info["start"],
+                                   end=info["end"], pricing=s.servers[0].ledger.pricing, session=session_id)
+                r = rs.sign(info["served"])
+                lst = r.to_list()
+                lst[1] = model.network.identity.public_key  # claim it is the client's
+                return lst
+
+            model.config_client.receipt = forged
+            model.sequence._bans.clear()  # the cut-off banned both servers for a while
+            with pytest.raises(GenerationFailed, match="BadReceipt"):
+                await model.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+
+
+async def test_debtor_refused_when_busy_served_when_idle(llama):
+    path, mid, local, cfg = llama
+    want = local.generate_greedy(PROMPT, 4)
+    poor = CreditPolicy(starting_grant=0, debt_limit=0)
+    with trio.fail_after(60):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            srv = await add_server(s, 0, 4, mid=mid, cfg=cfg, policy=poor)
+            _, debtor = await add_client(s, mid=mid, cfg=cfg, policy=poor)
+            _, other = await add_client(s, mid=mid, cfg=cfg, policy=poor)
+            g = await debtor.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])  # balance 0: served
+            assert g.token_ids == want
+            with trio.fail_after(5):
+                while srv.server.billing.stats["earn_entries"] < 1:
+                    await trio.sleep(0.02)
+            bal = await srv.ledger.balance(debtor.network.identity.public_key)
+            assert bal.effective < 0  # now in debt, as the server sees it
+            async with other.inference_session(16) as busy:  # the server is busy with another client
+                await busy.step(await other.embed(PROMPT))
+                with pytest.raises(GenerationFailed, match="CreditRefused.*potluck serve --model .* --blocks auto"):
+                    await debtor.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+            debtor.sequence._bans.clear()  # the refusal banned the server for a while; forget it
+            with trio.fail_after(5):
+                while srv.server.sessions:
+                    await trio.sleep(0.02)
+            g = await debtor.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])  # idle: free
+            assert g.token_ids == want
+            assert srv.server.billing.stats["refused"] == 1 and srv.server.billing.stats["admitted_idle"] >= 2
+
+
+async def test_priority_limiter_orders_by_balance_fifo_within():
+    lim = PriorityLimiter(1)
+    order = []
+    await lim.acquire_on_behalf_of("holder")
+
+    async def waiter(name, prio):
+        await lim.acquire_on_behalf_of(name, prio)
+        order.append(name)
+        await trio.sleep(0.01)
+        lim.release_on_behalf_of(name)
+
+    async with trio.open_nursery() as nursery:
+        for name, prio in [("a5", 5), ("b1", 1), ("c9", 9), ("d5", 5), ("e3", 3), ("f-2", -2)]:
+            nursery.start_soon(waiter, name, prio)
+            await trio.sleep(0.001)
+        # a cancelled waiter leaves the queue
+        with trio.move_on_after(0.01):
+            await lim.acquire_on_behalf_of("gone", 100)
+        assert lim.waiting == 6
+        lim.release_on_behalf_of("holder")
+    assert order == ["c9", "a5", "d5", "e3", "b1", "f-2"]
+    assert lim.borrowed_tokens == 0
+    # as a trio thread limiter
+    assert await trio.to_thread.run_sync(lambda: 7, limiter=lim.at(3)) == 7
+
+
+async def test_server_queues_steps_by_client_balance(llama):
+    path, mid, local, cfg = llama
+    holder = {}
+
+    def policy_fn(ident):  # the server is a grant authority, so it can fund the clients differently
+        holder.setdefault("key", ident.public_key)
+        return CreditPolicy(starting_grant=0, grant_authorities=frozenset([holder["key"]]))
+
+    with trio.fail_after(60):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            srv = await add_server(s, 0, 4, mid=mid, cfg=cfg, policy_fn=policy_fn)
+            policy = srv.ledger.policy
+            clients = [await add_client(s, mid=mid, cfg=cfg, policy=policy) for _ in range(3)]
+            amounts = [5 * GFLOP, 50 * GFLOP, 20 * GFLOP]
+            for (peer, _), amount in zip(clients, amounts):
+                await srv.ledger.grant(peer.network.identity.public_key, amount)
+            ready, go = [trio.Event() for _ in clients], trio.Event()
+            lim = srv.server.limiter
+
+            async def run(i, model):
+                async with model.inference_session(16) as sess:
+                    ready[i].set()
+                    await go.wait()
+                    await sess.step(await model.embed(PROMPT))
+
+            async with trio.open_nursery() as nursery:
+                for i, (_, model) in enumerate(clients):
+                    nursery.start_soon(run, i, model)
+                for e in ready:
+                    await e.wait()
+                await lim.acquire_on_behalf_of("test")  # the compute thread is busy
+                go.set()
+                with trio.fail_after(10):
+                    while lim.waiting < 3:
+                        await trio.sleep(0.01)
+                lim.release_on_behalf_of("test")
+            assert lim.served[-3:] == sorted(amounts, reverse=True)
+
+
+async def test_reliability_view_counts_accusers_in_good_standing(llama, tmp_path):
+    from credits import ReceiptSigner
+    from p2p.identity import Identity
+
+    path, mid, local, cfg = llama
+    ids = [Identity.generate() for _ in range(4)]  # 0: accused server, 1: serving accuser, 2: Sybil, 3: client
+    leds = [make_ledger(i, None, mid, cfg) for i in ids]
+    for led in leds:
+        await led.claim_starting_grant()
+    # 1 earned something (served 3), so its dispute counts; 2 never served
+    rs = ReceiptSigner(ids[3], server=ids[1].public_key, model=mid, start=0, end=2, pricing=leds[1].pricing)
+    await leds[1].record_earn(rs.sign(5))
+    await leds[1].record_dispute(ids[0].public_key, "spot check failed", b"")
+    await leds[2].record_dispute(ids[0].public_key, "spot check failed", b"")
+    viewer = leds[3]
+    for led in leds[:3]:
+        wires = led.store.range_wire(led.me, 1, 100)
+        assert (await viewer.ingest(wires)).stored == len(wires)
+    view = await reliability_view(viewer)
+    assert view[ids[0].public_key] == 0.5  # one credible accuser; the Sybil's dispute does not count
+    assert ids[1].public_key not in view
+
+
+def test_route_penalises_unreliable_servers():
+    from pipeline.announce import ServerInfo
+    from pipeline.routing import find_route
+
+    a = ServerInfo("A", 0, 4, decode_tps=1000.0, prefill_tps=1e4, cache_tokens=100, reliability=0.2)
+    b = ServerInfo("B", 0, 4, decode_tps=500.0, prefill_tps=1e4, cache_tokens=100)
+    assert [h.peer_id for h in find_route([a, b], 0, 4)] == ["B"]
+    assert [h.peer_id for h in find_route([a, b], 0, 4, reliability=lambda s: 1.0)] == ["A"]
+    # the announcement carries it, checked
+    v = a.to_value()
+    assert ServerInfo.from_value("A", v).reliability == 0.2
+    v.pop("reliability")
+    assert ServerInfo.from_value("A", v).reliability == 1.0
