@@ -3,7 +3,7 @@
 In one run, on this machine:
 - local: transformers' own `generate` (single process, greedy, `--new-tokens` tokens), and our
   LocalModel (same block math as the servers, one process) — the baselines;
-- swarm: `--servers` real server processes (`python -m pipeline.server`, each its own Libp2pNetwork
+- swarm: `--servers` real server processes (`potluck serve --blocks`, each its own Libp2pNetwork
   + DHTNode on 127.0.0.1, blocks split evenly) and a client in this process that finds them through
   the DHT; client-driven (each hop's output comes back to the client) and with server-to-server
   forwarding (`push`).
@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 import trio
+
+from potluck.localswarm import PeerProcess, wait_until
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who befriends a whale."}]
 
@@ -69,26 +70,17 @@ def local_baselines(folder: Path, ids: list[int], n: int) -> dict:
             "tokens": tokens}
 
 
-def start_servers(folder: Path, k: int, num_layers: int, threads: int) -> list[tuple[subprocess.Popen, dict]]:
+def start_servers(folder: Path, k: int, num_layers: int, threads: int, root: Path) -> list[tuple[PeerProcess, dict]]:
+    """`k` real `potluck serve` processes splitting the model's blocks; returns each with its server status."""
     cuts = [round(i * num_layers / k) for i in range(k + 1)]
-    procs = []
-    bootstrap: list[str] = []
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs: list[PeerProcess] = []
     for i in range(k):
-        cmd = [sys.executable, "-m", "pipeline.server", "--model", str(folder), "--blocks", f"{cuts[i]}:{cuts[i + 1]}",
-               "--threads", str(threads)]
-        for b in bootstrap:
-            cmd += ["--bootstrap", b]
-        p = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
-                             cwd=Path(__file__).resolve().parent.parent)
-        line = p.stdout.readline()
-        if not line:
-            raise RuntimeError(f"server {i} did not start (exit {p.wait()})")
-        info = json.loads(line)
-        procs.append((p, info))
-        if not bootstrap:
-            bootstrap.append(info["addr"])
-    return procs
+        boot = ["--bootstrap", procs[0].addr] if procs else []
+        procs.append(PeerProcess(root / f"server{i}", "--model", str(folder), "--blocks", f"{cuts[i]}:{cuts[i + 1]}",
+                                 "--threads", str(threads), *boot).start(timeout=180))
+    wait_until(lambda: all((p.status().get("server") or {}).get("throughput") for p in procs), 180,
+               message="servers to measure and announce")
+    return [(p, p.status()["server"]) for p in procs]
 
 
 async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, expect: list[int]) -> dict:
@@ -153,22 +145,16 @@ def main(argv: list[str] | None = None) -> None:
     n = args.new_tokens
 
     local = local_baselines(folder, ids, n)
-    procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads)
-    try:
-        swarm = trio.run(swarm_runs, folder, mid, procs[0][1]["addr"], ids, n, local["tokens"])
-        servers = [{"blocks": [info["start"], info["end"]], "peak_rss_bytes": rss_of(p.pid).get("VmHWM"),
-                    "decode_tps_per_block": round(info["throughput"]["decode_tps"], 1)} for p, info in procs]
-    finally:
-        for p, _ in procs:
-            try:
-                p.stdin.close()
-            except OSError:
-                pass
-        for p, _ in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    with tempfile.TemporaryDirectory(prefix="potluck-bench-") as tmp:
+        procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads, Path(tmp))
+        try:
+            swarm = trio.run(swarm_runs, folder, mid, procs[0][0].addr, ids, n, local["tokens"])
+            servers = [{"blocks": [info["start"], info["end"]], "peak_rss_bytes": rss_of(p.proc.pid).get("VmHWM"),
+                        "decode_tps_per_block": round(info["throughput"]["decode_tps"], 1)} for p, info in procs]
+        finally:
+            for p, _ in procs:
+                p.stop()
+                p.close()
     # the machine may be shared: measure the local baseline again after the swarm, keep the faster run
     again = local_baselines(folder, ids, n)
     for key in ("hf", "ours_local"):

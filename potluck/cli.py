@@ -1,4 +1,4 @@
-"""`potluck` command line: id | serve | status | credits | swarm new-key."""
+"""`potluck` command line: id | serve | chat | status | credits | swarm new-key."""
 
 from __future__ import annotations
 
@@ -42,6 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--threads", type=int, help="torch threads for this peer (default: torch's choice); "
                                                "give 1 when several peers share a machine")
+    p.add_argument("--api", metavar="HOST:PORT",
+                   help="serve the OpenAI-compatible HTTP API and the dashboard there, e.g. 127.0.0.1:8000")
+    p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POTLUCK_API_KEY"),
+                   help="require `Authorization: Bearer KEY` on every HTTP request (needed for a non-loopback "
+                        "--api; default $POTLUCK_API_KEY)")
+
+    p = sub.add_parser("chat", help="chat in the terminal through the running peer's API (or a fresh peer)")
+    _data_dir_arg(p)
+    p.add_argument("--url", help="base URL of a peer's API (default: ask the peer running with --data-dir; "
+                                 "if none runs, start one)")
+    p.add_argument("--api-key", default=os.environ.get("POTLUCK_API_KEY"), help="the API key, if the peer needs one")
+    p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
+                   help="for a fresh peer: a peer of the swarm to join through (repeatable)")
+    p.add_argument("--swarm-key", type=Path, metavar="FILE", help="for a fresh peer: the private swarm's key")
+    p.add_argument("--model", help="the model to chat with (default: the peer's)")
+    p.add_argument("--system", help="a system prompt")
+    p.add_argument("--max-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--seed", type=int)
 
     p = sub.add_parser("status", help="show what the running peer knows")
     _data_dir_arg(p)
@@ -66,6 +85,11 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    if args.api is not None:
+        from .api import check_bind, parse_hostport
+
+        check_bind(parse_hostport(args.api)[0], args.api_key)  # a refusal before anything starts
+
     from p2p.errors import SwarmKeyMismatch
 
     from pipeline.server import parse_blocks
@@ -83,6 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model,
         blocks=args.blocks,
         dtype=args.dtype,
+        api=args.api,
+        api_key=args.api_key,
     )
     if args.threads:
         import torch
@@ -91,6 +117,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     def on_ready(peer) -> None:
         print(f"potluck peer {peer.identity.peer_id}", flush=True)
+        if peer.api_url:
+            print(f"api on {peer.api_url}/v1 (dashboard: {peer.api_url}/)", flush=True)
         for addr in peer.network.listen_addrs():
             print(f"listening on {addr}", flush=True)
 
@@ -120,9 +148,33 @@ def _show(args: argparse.Namespace, command: str, render) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
+    from . import control
     from .status import render_status
 
-    return _show(args, "status", render_status)
+    async def both() -> dict:
+        status = await control.call(args.data_dir, "status", models=True)
+        try:
+            status["credits"] = await control.call(args.data_dir, "credits")
+        except RuntimeError as e:
+            status["credits"] = {"error": str(e)}
+        return status
+
+    try:
+        reply = trio.run(both)
+    except control.PeerNotRunning as e:
+        print(e, file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        render_status(reply)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from .chat import main as chat_main
+
+    return chat_main(args)
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
@@ -139,7 +191,7 @@ def cmd_swarm(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"id": cmd_id, "serve": cmd_serve, "status": cmd_status, "credits": cmd_credits, "swarm": cmd_swarm}
+COMMANDS = {"id": cmd_id, "serve": cmd_serve, "chat": cmd_chat, "status": cmd_status, "credits": cmd_credits, "swarm": cmd_swarm}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,11 +8,15 @@ every `presence_interval`, so peers learn of members they are not directly conne
 With `--blocks`, the peer serves that span of `--model` (the default model unless named). The
 client half (embeddings, final norm, LM head, tokenizer) is loaded on the first generation request,
 so volunteers that only serve never pay for it.
+
+With `--api HOST:PORT`, the same nursery also runs the OpenAI-compatible HTTP API and the dashboard
+(potluck/api.py); a non-loopback address needs `--api-key`.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import signal
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +41,7 @@ from pipeline.sampling import SamplingParams
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 
 from . import control
+from .swarmview import coverage_view
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +59,8 @@ class PeerConfig:
     model: str | None = None  # None: the default model
     blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
     dtype: str = "float32"
+    api: str | None = None  # "host:port": serve the HTTP API and dashboard there
+    api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
 
 
 class Peer:
@@ -74,6 +81,10 @@ class Peer:
         self._client: DistributedModel | None = None
         self._client_lock = trio.Lock()
         self.last_generation: dict | None = None
+        self.api_url: str | None = None
+        self._model_card: dict | None = None
+        self._swarm_cache: tuple[float, list[dict]] | None = None
+        self._swarm_lock = trio.Lock()
 
     def _valid_presence(self, message) -> bool:
         body = framing.expect_map(message.data, "presence")
@@ -107,10 +118,59 @@ class Peer:
             "dht": self.dht.status(),
             "server": self.server.status() if self.server else None,
             "last_generation": self.last_generation,
+            "api": self.api_url,
         }
 
     async def _status_command(self, request: dict) -> dict:
-        return self.status()
+        status = self.status()
+        if request.get("models"):
+            # Coverage of the models this peer already knows (a DHT read; never loads a model for it).
+            status["models"] = await self.swarm_models(load=False, timeout=2.0)
+        return status
+
+    # --- the swarm's models, as this peer sees them ---------------------------------------------------
+
+    async def model_card(self, load: bool = False) -> dict | None:
+        """name, model_id, num_blocks, context_length of this peer's model; None when not known without
+        loading it (`load=True` loads the client half)."""
+        if self._model_card is not None:
+            return self._model_card
+        card = None
+        if self._client is not None:
+            c = self._client
+            card = {"name": c.folder.path.name, "model_id": c.model_id, "num_blocks": c.config.num_layers,
+                    "context_length": _context_length(c.config)}
+        elif self.server is not None and self.server.model_id and self.server.mf is not None:
+            mf = self.server.mf
+            card = {"name": mf.path.name, "model_id": self.server.model_id, "num_blocks": mf.config.num_layers,
+                    "context_length": _context_length(mf.config)}
+        elif load:
+            await self.client()
+            return await self.model_card()
+        self._model_card = card
+        return card
+
+    async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:
+        """Each known model with the swarm's coverage of it (read from the DHT at most every `max_age` s)."""
+        async with self._swarm_lock:
+            now = trio.current_time()
+            if self._swarm_cache is not None and now - self._swarm_cache[0] < max_age:
+                return self._swarm_cache[1]
+            card = await self.model_card(load=load)
+            if card is None:
+                return []
+            from pipeline.announce import fetch_servers
+
+            view = None
+            with trio.move_on_after(timeout):
+                try:
+                    servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
+                    view = coverage_view(servers, card["num_blocks"])
+                except Exception as e:  # a status must not fail because a lookup did
+                    log.info("could not read the swarm of %s: %s", card["name"], e)
+            models = [{**card, "coverage": view}]
+            self._swarm_cache = (trio.current_time(), models)
+            return models
 
     async def _credits_command(self, request: dict) -> dict:
         return self.ledger.summary(await self.ledger.balances())
@@ -145,11 +205,24 @@ class Peer:
         self.last_generation = _generation_summary(result)
         return result
 
+    def record_generation(self, stats: dict, **extra) -> dict:
+        """Remember a generation made elsewhere (the HTTP API) as the last one; returns its summary."""
+        self.last_generation = {**_summary_from_stats(stats, stats.get("tokens", 0), stats.get("prompt_tokens", 0),
+                                                      stats.get("finish_reason", "length")), **extra}
+        return self.last_generation
+
+    async def my_spent(self) -> float:
+        """Credits this peer has spent so far (GFLOP-credits), as its ledger says now."""
+        from credits.ledger import credits
+
+        return credits((await self.ledger.balance(self.ledger.me)).spent)
+
     async def _generate_command(self, request: dict) -> dict:
         prompt = request.get("messages") or framing.field(request, "prompt", str, max_len=1 << 20)
         params = SamplingParams(
             max_new_tokens=framing.field(request, "max_tokens", int, optional=True) or 64,
             temperature=float(framing.field(request, "temperature", (int, float), optional=True) or 0.0),
+            top_p=float(framing.field(request, "top_p", (int, float), optional=True) or 1.0),
             seed=framing.field(request, "seed", int, optional=True),
         )
         result = await self.generate(prompt, params)
@@ -197,6 +270,12 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 if peer.server is not None:
                     await nursery.start(peer.server.run)
                 await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME, peer.commands())
+                if config.api is not None:
+                    from . import api
+
+                    host, port = api.parse_hostport(config.api)
+                    api.check_bind(host, config.api_key)
+                    peer.api_url = await nursery.start(api.serve, peer, host, port, config.api_key)
                 nursery.start_soon(peer._presence_loop)
                 if on_ready:
                     on_ready(peer)
@@ -204,14 +283,22 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
         ledger.store.close()
 
 
+def _context_length(config) -> int | None:
+    n = getattr(config, "max_position_embeddings", None)
+    return n if isinstance(n, int) and 0 < n < math.inf else None
+
+
 def _generation_summary(result: Generation) -> dict:
     """What a person wants to know about a generation: which peers served which blocks, and how fast."""
-    stats = result.stats
+    return _summary_from_stats(result.stats, len(result.token_ids), result.prompt_tokens, result.finish_reason)
+
+
+def _summary_from_stats(stats: dict, tokens: int, prompt_tokens: int, finish_reason: str) -> dict:
     return {
         "route": [{"peer_id": peer_id, "start": start, "end": end} for peer_id, start, end in stats.get("route", [])],
-        "tokens": len(result.token_ids),
-        "prompt_tokens": result.prompt_tokens,
-        "finish_reason": result.finish_reason,
+        "tokens": tokens,
+        "prompt_tokens": prompt_tokens,
+        "finish_reason": finish_reason,
         "ttft_s": stats.get("ttft_s"),
         "wall_s": stats.get("wall_s"),
         "tokens_per_s": stats.get("tokens_per_s"),

@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh
-# System tools for the network-namespace tests; they need root and skip with the reason without it.
+# System packages for the dashboard (headless Chromium) and network-namespace tests; installing
+# them needs root, and those tests skip with the reason where the tools are missing.
 if [ "$(id -u)" -eq 0 ]; then
+    bash scripts/setup-test-system.sh
     bash scripts/setup-netns.sh
 fi
 exec .venv/bin/python -m pytest -q "$@"

@@ -1,0 +1,497 @@
+"""The local peer's HTTP face: an OpenAI-compatible API, `/api/status`, `/api/credits`, the dashboard.
+
+    potluck serve --api 127.0.0.1:8000                      # loopback: no key needed
+    potluck serve --api 0.0.0.0:8000 --api-key SECRET       # any other address: the key is required
+
+    GET  /v1/models              the model(s) this peer can run, with the swarm's coverage of their blocks
+    POST /v1/chat/completions    messages through the tokenizer's chat template; stream: true gives SSE
+    POST /v1/completions         a plain prompt
+    GET  /api/status             this peer, its server, known peers, coverage, the last request's route
+    GET  /api/credits            this peer's credits and every balance it knows
+    GET  /                       the dashboard (potluck/dashboard/: plain HTML + JS, no CDN)
+
+Why hypercorn + Starlette. The peer is one trio program: every task of it lives in one nursery
+(`run_peer`), so SIGINT stops everything together and nothing needs locks across threads. The HTTP
+server therefore has to be a trio citizen that can be started *inside* that nursery, not a second
+event loop or a thread:
+- hypercorn has a native trio worker, and `hypercorn.trio.serve(app, config, task_status=...)` is an
+  ordinary trio task: `nursery.start` returns the bound address (port 0 works), cancelling the
+  nursery stops it. uvicorn is asyncio-only; daphne is Twisted; writing an HTTP/1.1 server on h11
+  ourselves would re-do keep-alive, pipelining, chunking and limits that hypercorn already does.
+- Starlette is written against anyio, so it runs on trio unchanged (routing, requests, responses),
+  and it is small: one pure-Python dependency (anyio, already here). FastAPI would add pydantic
+  models and OpenAPI generation we do not need; Quart is asyncio-first.
+- Generation code stays plain trio: a response runs a nursery with the generation (producer), the
+  SSE writer (consumer) and a watcher of `http.disconnect`; a client that goes away cancels that
+  nursery, which cancels the generation inside `InferenceSession`'s `async with`, which closes the
+  servers' sessions (hypercorn reports the disconnect as soon as the socket closes; its ASGI spec
+  version, 2.1, makes no promise that `send` fails, so we watch `receive` ourselves).
+
+Errors use the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
+    400 invalid_request_error  bad JSON, a bad or out-of-range parameter, a prompt too long (code says which)
+    401 invalid_request_error  missing or wrong API key (code invalid_api_key)
+    402 insufficient_quota     a server refused us: this peer is past the swarm's debt limit
+                               (code insufficient_credits; the message says how to earn). Not 429:
+                               retrying soon does not help, serving blocks does.
+    404 invalid_request_error  unknown model (code model_not_found), unknown path
+    503 server_error           no route covers the model (code no_route, names the missing blocks),
+                               or the swarm failed mid-generation (code generation_failed)
+In a stream, an error after the first byte arrives as one `data: {"error": ...}` event (the openai
+client raises it), then `data: [DONE]`. 402 and 503 carry `x-should-retry: false` so clients do not
+hammer a swarm that cannot serve them.
+
+Non-standard additions: every completion (and the final chunk of a stream) has a `potluck` field
+with the route, tokens/s and the credits this request spent; `/v1/models` entries have `potluck`
+with the coverage.
+"""
+
+from __future__ import annotations
+
+import hmac
+import html
+import ipaddress
+import json
+import logging
+import time
+from contextlib import aclosing
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qs, urlencode
+
+import trio
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
+                            completion_chunk, new_id, text_completion, usage)
+from .swarmview import format_ranges
+
+log = logging.getLogger(__name__)
+
+MAX_BODY = 4 * 1024 * 1024
+DASHBOARD_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                   "style.css": "text/css; charset=utf-8"}
+EARN_HINT = ("Earn credits by serving blocks of the model: `potluck serve --blocks auto` (a volunteer peer earns "
+             "for every step it computes), then retry; `potluck credits` shows your balance.")
+
+
+# --- binding ---------------------------------------------------------------------------------------
+
+
+def parse_hostport(spec: str) -> tuple[str, int]:
+    """"127.0.0.1:8000", "[::1]:8000", ":8000" (loopback) → (host, port)."""
+    host, sep, port = spec.rpartition(":")
+    if not sep:
+        raise ValueError(f"--api wants HOST:PORT, got {spec!r}")
+    host = host.strip("[]") or "127.0.0.1"
+    try:
+        p = int(port)
+    except ValueError:
+        raise ValueError(f"--api wants HOST:PORT with a numeric port, got {spec!r}") from None
+    if not 0 <= p <= 65535:
+        raise ValueError(f"--api port {p} is out of range")
+    return host, p
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and not api_key:
+        raise ValueError(f"--api {host}: an address other than loopback needs --api-key KEY "
+                         "(every request must then send `Authorization: Bearer KEY`)")
+
+
+async def serve(peer: Any, host: str, port: int, api_key: str | None = None, *,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Serve the API for `peer` until cancelled; `started` with the base URL (e.g. http://127.0.0.1:8000)."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve as hypercorn_serve
+
+    check_bind(host, api_key)
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("potluck.api.http")
+    config.graceful_timeout = 1.0
+    config.keep_alive_timeout = 30.0
+    app = create_app(peer, api_key=api_key)
+
+    class _Status:  # hypercorn reports the bound addresses (port 0 resolved) through task_status
+        def started(self, binds=None):
+            url = binds[0] if binds else f"http://{host}:{port}"
+            # a wildcard bind is reached locally through loopback: report an address one can open
+            url = url.replace("//0.0.0.0:", "//127.0.0.1:").replace("//[::]:", "//[::1]:")
+            log.info("HTTP API on %s", url)
+            task_status.started(url)
+
+    await hypercorn_serve(app, config, task_status=_Status())
+
+
+# --- the application -------------------------------------------------------------------------------
+
+
+def error_response(err: ApiError) -> JSONResponse:
+    headers = {} if err.retry else {"x-should-retry": "false"} if err.status >= 429 else {}
+    return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+class _KeyCheck:
+    """ASGI middleware: with a key, every HTTP request must carry it (Bearer header, x-api-key, or
+    ?key= for the dashboard's page, which a browser opens without headers)."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, key
+
+    def _ok(self, scope) -> bool:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        given = []
+        auth = headers.get("authorization", "")
+        if auth.lower().startswith("bearer "):
+            given.append(auth[7:].strip())
+        if "x-api-key" in headers:
+            given.append(headers["x-api-key"].strip())
+        given += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [])
+        return any(hmac.compare_digest(g.encode(), self.key.encode()) for g in given)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and self.key is not None and not self._ok(scope):
+            err = ApiError(401, "Missing or wrong API key: send `Authorization: Bearer KEY` with the key this peer "
+                                "was started with (--api-key).", code="invalid_api_key")
+            await error_response(err)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+class Api:
+    def __init__(self, peer: Any):
+        self.peer = peer
+
+    # --- helpers ------------------------------------------------------------------------------------
+
+    async def body_json(self, request: Request) -> Any:
+        data = bytearray()
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY:
+                raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
+        try:
+            return json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ApiError(400, f"We could not parse the JSON body of your request: {e}. Send a JSON object "
+                                "with Content-Type: application/json.", code="invalid_json") from None
+
+    async def models(self, load: bool = True) -> list[dict]:
+        return await self.peer.swarm_models(load=load)
+
+    async def resolve(self, name: str) -> dict:
+        models = await self.models()
+        wanted = name.strip().lower()
+        for m in models:
+            if wanted in (m["name"].lower(), m["model_id"], "default") or (len(wanted) >= 8 and m["model_id"].startswith(wanted)):
+                return m
+        known = ", ".join(f"{m['name']} (id {m['model_id'][:12]})" for m in models) or "none"
+        raise ApiError(404, f"The model '{name[:100]}' does not exist here. This peer runs: {known}; "
+                            "GET /v1/models lists them.", param="model", code="model_not_found")
+
+    @staticmethod
+    def no_route(model: dict) -> ApiError | None:
+        view = model.get("coverage")
+        if view is None or view["complete"]:
+            return None
+        missing = view["missing"]
+        span = " ".join(f"--blocks {a}:{b}" for a, b in missing)
+        return ApiError(503, f"No route covers model {model['name']}: blocks {format_ranges(missing)} (of "
+                             f"{view['num_blocks']}) are served by no online peer. Wait for servers to join, or "
+                             f"serve them yourself: potluck serve --model {model['name']} {span}",
+                        type="server_error", code="no_route")
+
+    # --- endpoints ----------------------------------------------------------------------------------
+
+    async def list_models(self, request: Request) -> Response:
+        data = [self.model_object(m) for m in await self.models()]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        return JSONResponse(self.model_object(await self.resolve(request.path_params["model"])))
+
+    @staticmethod
+    def model_object(m: dict) -> dict:
+        view = m.get("coverage") or {}
+        return {"id": m["name"], "object": "model", "created": 0, "owned_by": "potluck-swarm", "root": m["model_id"],
+                "potluck": {"model_id": m["model_id"], "num_blocks": m["num_blocks"],
+                            "covered_blocks": view.get("covered_blocks"), "missing_blocks": view.get("missing"),
+                            "replicas": view.get("replicas"), "throughput": view.get("throughput"),
+                            "context_length": m.get("context_length")}}
+
+    async def status(self, request: Request) -> Response:
+        status = self.peer.status()
+        status["models"] = await self.models(load=request.query_params.get("load", "1") != "0")
+        return JSONResponse(status)
+
+    async def credits(self, request: Request) -> Response:
+        ledger = self.peer.ledger
+        return JSONResponse(ledger.summary(await ledger.balances()))
+
+    async def dashboard(self, request: Request) -> Response:
+        name = request.path_params.get("name", "index.html")
+        if name not in DASHBOARD_FILES:
+            raise HTTPException(404)
+        text = resources.files("potluck").joinpath("dashboard", name).read_text(encoding="utf-8")
+        key = request.query_params.get("key")
+        if name == "index.html" and key:  # the page's own assets need the key too (a browser sends no header)
+            q = html.escape(urlencode({"key": key}))
+            text = text.replace('.css"', f'.css?{q}"').replace('.js"', f'.js?{q}"')
+        return Response(text, media_type=DASHBOARD_FILES[name], headers={"cache-control": "no-cache"})
+
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._generate(request, ChatRequest, "chat")
+
+    async def completions(self, request: Request) -> Response:
+        return await self._generate(request, CompletionRequest, "text")
+
+    async def _generate(self, request: Request, kind: type[GenerationRequest], what: str) -> Response:
+        body = await self.body_json(request)
+        req = kind.parse(body)
+        model = await self.resolve(req.model)
+        client = await self.peer.client()
+        try:
+            ids = client.encode(req.messages if what == "chat" else req.prompt)
+        except Exception as e:  # a template that refuses the roles, a tokenizer error
+            raise ApiError(400, f"could not tokenize the {'messages' if what == 'chat' else 'prompt'}: {e}",
+                           param="messages" if what == "chat" else "prompt") from None
+        vocab = getattr(client.config, "vocab_size", None)
+        if vocab and any(t >= vocab for t in ids):
+            raise ApiError(400, f"token ids must be below the vocabulary size {vocab}", param="prompt")
+        limit = model.get("context_length")
+        if limit:
+            room = limit - len(ids)
+            if room < 1 or (req.max_tokens_given and req.params.max_new_tokens > room):
+                raise ApiError(400, f"This model's context is {limit} tokens; the prompt has {len(ids)} and "
+                                    f"max_tokens asks for {req.params.max_new_tokens}. Shorten the prompt or lower "
+                                    "max_tokens.", param="max_tokens" if room >= 1 else "messages",
+                               code="context_length_exceeded")
+            req.params.max_new_tokens = min(req.params.max_new_tokens, room)
+        blocked = self.no_route(model)
+        if blocked is not None:
+            raise blocked
+        return _GenerationResponse(self.peer, client, req, model, ids, what)
+
+
+class _GenerationResponse:
+    """An ASGI response that runs the generation: non-streamed JSON, or SSE chunks. The generation,
+    the writer and a watcher of `http.disconnect` share one nursery; a disconnect cancels it."""
+
+    def __init__(self, peer: Any, client: Any, req: GenerationRequest, model: dict, ids: list[int], what: str):
+        self.peer, self.client, self.req, self.model, self.ids, self.what = peer, client, req, model, ids, what
+        self.rid = new_id("chatcmpl" if what == "chat" else "cmpl")
+        self.created = int(time.time())
+        self.stats: dict = {}
+
+    async def __call__(self, scope, receive, send) -> None:
+        self.scope = scope
+        send_ch, recv_ch = trio.open_memory_channel(256)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+            nursery.start_soon(self._produce, send_ch)
+            if self.req.stream:
+                await self._write_stream(recv_ch, send)
+            else:
+                await self._write_whole(recv_ch, send)
+            nursery.cancel_scope.cancel()
+
+    async def _watch_disconnect(self, receive, scope: trio.CancelScope) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                log.info("client went away; cancelling its generation")
+                scope.cancel()
+                return
+
+    async def _produce(self, ch: trio.MemorySendChannel) -> None:
+        """Run the generation, sending ("text", str) ..., then ("done", extra) or ("error", ApiError)."""
+        async with ch:
+            spent0 = await self._spent()
+            streamed = ""
+            try:
+                async with aclosing(self.client.stream(self.ids, self.req.params, stats=self.stats)) as events:
+                    async for ev in events:
+                        if ev.text:
+                            streamed += ev.text
+                            await ch.send(("text", ev.text))
+                # The stream holds back a tail that could still become a stop string (or half a UTF-8
+                # char); when it ends on EOS that tail is never sent. Give what `generate` would return.
+                final = self._final_text()
+                if len(final) > len(streamed) and final.startswith(streamed):
+                    await ch.send(("text", final[len(streamed):]))
+            except Exception as e:  # every failure becomes an answer, never a crashed connection
+                await ch.send(("error", map_error(e)))
+                return
+            spent = max(0.0, await self._spent() - spent0)
+            summary = self.peer.record_generation(self.stats, credits_spent=spent, source="api")
+            extra = {"route": summary["route"], "tokens_per_s": summary.get("tokens_per_s"),
+                     "ttft_s": summary.get("ttft_s"), "wall_s": summary.get("wall_s"), "credits_spent": spent,
+                     "recoveries": summary.get("recoveries", 0), "model_id": self.model["model_id"]}
+            await ch.send(("done", extra))
+
+    def _final_text(self) -> str:
+        from pipeline.sampling import find_stop
+
+        ids = self.stats.get("generated_ids")
+        if ids is None:
+            return ""
+        text = self.client.decode(ids)
+        if self.req.params.stop:
+            cut = find_stop(text, self.req.params.stop)
+            if cut is not None:
+                text = text[:cut]
+        return text
+
+    async def _spent(self) -> float:
+        try:
+            return await self.peer.my_spent()
+        except Exception as e:
+            log.debug("could not read the ledger: %s", e)
+            return 0.0
+
+    def _usage(self) -> dict:
+        return usage(len(self.ids), int(self.stats.get("tokens", 0)))
+
+    async def _write_whole(self, recv: trio.MemoryReceiveChannel, send) -> None:
+        parts = []
+        async for kind, value in recv:
+            if kind == "text":
+                parts.append(value)
+            elif kind == "error":
+                await error_response(value)(self.scope, None, send)
+                return
+            else:
+                make = chat_completion if self.what == "chat" else text_completion
+                body = make(self.rid, self.model["name"], "".join(parts), self.stats.get("finish_reason", "length"),
+                            self._usage(), value)
+                await JSONResponse(body)(self.scope, None, send)
+                return
+
+    def _chunk(self, **kw) -> dict:
+        if self.what == "chat":
+            return chat_chunk(self.rid, self.model["name"], self.created, **kw)
+        if "delta" in kw:
+            kw["text"] = kw.pop("delta").get("content", "")
+        return completion_chunk(self.rid, self.model["name"], self.created, **kw)
+
+    async def _write_stream(self, recv: trio.MemoryReceiveChannel, send) -> None:
+        started = False
+
+        async def event(obj: Any) -> None:
+            data = obj if isinstance(obj, str) else json.dumps(obj, separators=(",", ":"))
+            await send({"type": "http.response.body", "body": f"data: {data}\n\n".encode(), "more_body": True})
+
+        async def start() -> None:
+            nonlocal started
+            started = True
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream; charset=utf-8"),
+                                    (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]})
+            if self.what == "chat":
+                await event(self._chunk(delta={"role": "assistant", "content": ""}))
+
+        async for kind, value in recv:
+            if kind == "error":
+                if not started:  # nothing sent yet: a plain HTTP error with the right status
+                    await error_response(value)(self.scope, None, send)
+                    return
+                await event(value.body())
+                break
+            if not started:
+                await start()
+            if kind == "text":
+                await event(self._chunk(delta={"content": value}))
+            else:
+                await event(self._chunk(delta={}, finish_reason=self.stats.get("finish_reason", "length"), extra=value))
+                if self.req.include_usage:
+                    await event(self._chunk(no_choices=True, use=self._usage()))
+                break
+        await event("[DONE]")
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def _causes(e: BaseException):
+    seen = set()
+    stack = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        stack += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+
+
+def map_error(e: BaseException) -> ApiError:
+    """A generation failure as the API answers it."""
+    from credits.errors import CreditRefused
+
+    causes = list(_causes(e))
+    for x in causes:
+        if isinstance(x, ApiError):
+            return x
+    # The refusal itself when we hold it; else its text as a server sent it back over the wire.
+    refusal = next((x for x in causes if isinstance(x, CreditRefused)), None) or next(
+        (x for x in causes if "CreditRefused" in str(x) or "debt limit" in str(x)), None)
+    if refusal is not None:
+        return ApiError(402, f"The swarm refused this request: {refusal} {EARN_HINT}", type="insufficient_quota",
+                        code="insufficient_credits")
+    from pipeline.client import GenerationFailed
+
+    for x in causes:
+        if isinstance(x, GenerationFailed):
+            return ApiError(503, f"The swarm could not complete the generation: {x}", type="server_error",
+                            code="generation_failed")
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    log.exception("generation failed", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+def create_app(peer: Any, *, api_key: str | None = None):
+    api = Api(peer)
+
+    async def on_api_error(request: Request, exc: ApiError) -> Response:
+        return error_response(exc)
+
+    async def on_http_error(request: Request, exc: HTTPException) -> Response:
+        if exc.status_code == 404:
+            return error_response(ApiError(404, f"Unknown path {request.method} {request.url.path}. This peer "
+                                                "serves /v1/models, /v1/chat/completions, /v1/completions, "
+                                                "/api/status, /api/credits and the dashboard at /.",
+                                           code="unknown_url"))
+        if exc.status_code == 405:
+            return error_response(ApiError(405, f"{request.method} is not allowed on {request.url.path}",
+                                           code="method_not_allowed"))
+        return error_response(ApiError(exc.status_code, str(exc.detail)))
+
+    async def on_error(request: Request, exc: Exception) -> Response:
+        return error_response(map_error(exc))
+
+    routes = [
+        Route("/", api.dashboard, methods=["GET"]),
+        Route("/dashboard/{name}", api.dashboard, methods=["GET"]),
+        Route("/v1/models", api.list_models, methods=["GET"]),
+        Route("/v1/models/{model:path}", api.get_model, methods=["GET"]),
+        Route("/v1/chat/completions", api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", api.completions, methods=["POST"]),
+        Route("/api/status", api.status, methods=["GET"]),
+        Route("/api/credits", api.credits, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
+                                                       Exception: on_error})
+    return _KeyCheck(app, api_key)
