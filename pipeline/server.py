@@ -30,8 +30,6 @@
   the final receipt; the latest receipt becomes an earn entry when the session ends (close, expiry,
   disconnect, shutdown) and periodically in long sessions. Compute waits in a `PriorityLimiter`:
   highest client balance first, FIFO within a balance. Idle (for admission) = no other session open.
-- Legacy hook: `receipt_hook(peer_id, session_id, step_info, receipt)` is still called after each
-  computed step with the step's raw "receipt" field (observation only; it cannot refuse).
 """
 
 from __future__ import annotations
@@ -42,7 +40,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import trio
@@ -161,7 +159,6 @@ class BlockServer:
     def __init__(self, network: Network, dht: Any, model_folder: str | os.PathLike | ModelFolder,
                  start: int | None = None, end: int | None = None, *, config: ServerConfig | None = None,
                  model_id: str | None = None,
-                 receipt_hook: Callable[[str, bytes, dict, Any], None] | None = None,
                  billing: ServerBilling | None = None):
         if (start is None) != (end is None):
             raise ValueError("give both start and end, or neither (auto placement)")
@@ -172,7 +169,6 @@ class BlockServer:
         self.auto = start is None
         self.config = config or ServerConfig()
         self.model_id = model_id
-        self.receipt_hook = receipt_hook
         self.billing = billing
         self.reliability = 1.0  # announced; refreshed from the ledger before each announcement
         self.dtype = resolve_dtype(self.config.dtype)
@@ -547,14 +543,6 @@ class BlockServer:
             self._nursery.start_soon(self.billing.settle, account)  # periodic earn entry (long sessions)
         self.stats["steps"] += 1
         self.stats["tokens"] += n
-        if self.receipt_hook is not None:
-            # credits/: the client's per-step receipt is exchanged here (server side)
-            try:
-                self.receipt_hook(session.peer_id, session.id, {"id": step_id, "pos": pos, "tokens": n,
-                                                                "start": session.span.start, "end": session.span.end},
-                                  m.get("receipt"))
-            except Exception:  # noqa: BLE001 - a hook must not break serving
-                log.exception("receipt hook failed")
         packed = pack_hidden(out)
         if push and self._nursery is not None:
             self._nursery.start_soon(self._push, push, addrs, step_id, pos, packed, push_receipts)

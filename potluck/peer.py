@@ -34,7 +34,8 @@ from p2p.libp2p_net import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
-from pipeline.client import DistributedModel, Generation
+from pipeline.billing import ClientBilling, ServerBilling
+from pipeline.client import ClientConfig, DistributedModel, Generation
 from pipeline.convert import model_folder
 from pipeline.pricing import ModelPricing
 from pipeline.sampling import SamplingParams
@@ -195,8 +196,9 @@ class Peer:
         async with self._client_lock:
             if self._client is None:
                 folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
-                self._client = await DistributedModel.from_pretrained(folder, self.network, self.dht,
-                                                                      dtype=self.config.dtype)
+                self._client = await DistributedModel.from_pretrained(
+                    folder, self.network, self.dht, dtype=self.config.dtype,
+                    config=ClientConfig(billing=ClientBilling(self.ledger)))
             return self._client
 
     async def generate(self, prompt: str | list[dict], params: SamplingParams) -> Generation:
@@ -260,7 +262,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 folder = await trio.to_thread.run_sync(model_folder, config.model, config.data_dir)
                 start, end = parse_blocks(config.blocks)
                 peer.server = BlockServer(network, peer.dht, folder, start, end,
-                                          config=ServerConfig(dtype=config.dtype))
+                                          config=ServerConfig(dtype=config.dtype),
+                                          billing=ServerBilling(ledger, model_name=config.model))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(peer.gossip.run)

@@ -67,6 +67,29 @@ def test_swarm_of_processes_generates_what_a_local_run_does(swarm, reference):
     assert status["tokens"] == len(reference) and status["tokens_per_s"] > 0
 
 
+def test_credits_after_generation_match_and_agree_everywhere(swarm):
+    """Servers earned what the user was debited; every peer folds the same balances; the total is the grants."""
+    user = swarm["user"]
+    result = _call(user, "generate", prompt=PROMPT, max_tokens=8)
+    route = {hop["peer_id"] for hop in result["route"]}
+    peers = list(swarm.values())
+
+    def views():
+        return [{b["peer_id"]: (b["balance"], b["earned"], b["spent"]) for b in _call(p, "credits")["peers"]}
+                for p in peers]
+
+    def settled():
+        vs = views()
+        spent = vs[peers.index(user)].get(user.peer_id, (0, 0, 0))[2]
+        return vs if spent > 0 and all(v == vs[0] for v in vs) and len(vs[0]) == len(peers) else None
+
+    view = wait_until(settled, 60, 1, message="every peer to fold the same balances")[0]
+    assert all(view[p][1] > 0 for p in route)  # every server on the route was paid
+    assert view[user.peer_id][2] == pytest.approx(sum(v[1] for v in view.values()))  # debited what servers earned
+    grants = [_call(p, "credits")["granted"] for p in peers]
+    assert sum(v[0] for v in view.values()) == pytest.approx(sum(grants))  # conserved
+
+
 def test_server_killed_mid_generation_changes_nothing(swarm, reference):
     user = swarm["user"]
     replicas = [swarm["mid-a"], swarm["mid-b"]]
