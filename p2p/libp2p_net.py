@@ -18,6 +18,12 @@ The inner protocol name travels inside our frames, so an outsider that lists lib
 learns only that this is a potluck peer. Streams are served only to peers that completed the
 session handshake ("admitted" peers); anything else is reset.
 
+Relaying (peers behind NAT) is `p2p.relay`: circuit relay v2, whose two libp2p protocols are
+registered only where asked for (`relay_service=True`: `/libp2p/circuit/relay/0.2.0/hop`;
+`relays=[...]`: `/libp2p/circuit/relay/0.2.0/stop`), and which serves only admitted peers. A
+circuit address `<relay>/p2p/R/p2p-circuit/p2p/T` names peer T (the last /p2p/); dialing it first
+makes a libp2p connection to T through R, then runs the session handshake on it as on any other.
+
 Hostile input
 -------------
 Every frame's length is checked before its body is read, bodies must arrive within `frame_timeout`
@@ -98,6 +104,7 @@ from .errors import (
 from .framing import ExactReader, expect_map, field
 from .identity import Identity
 from .network import DEFAULT_REQUEST_TIMEOUT, ConnectionListener, Network, RequestHandler, Stream, StreamHandler
+from .relay import CircuitRelay, RelayLimits, split_circuit
 
 log = logging.getLogger(__name__)
 
@@ -568,6 +575,10 @@ class Libp2pNetwork(Network):
         max_streams_in: int = 64,
         stream_window: int = 4 * 1024 * 1024,
         linger: float = 10.0,
+        relay_service: bool = False,
+        relays: list[str] | None = None,
+        relay_limits: RelayLimits | None = None,
+        relay_timeout: float = 10.0,
     ):
         if swarm_key is not None and (not isinstance(swarm_key, bytes) or len(swarm_key) < 16):
             raise ValueError("a swarm key is at least 16 bytes (load it with p2p.swarm_key.load_key)")
@@ -588,6 +599,7 @@ class Libp2pNetwork(Network):
         self._sessions: dict[str, list[_Session]] = {}
         self._streams_in: dict[str, int] = {}
         self._dial_locks: dict[str, trio.Lock] = {}
+        self._implicit_dials: dict[str, tuple[trio.Event, list[BaseException]]] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = False
 
@@ -618,6 +630,11 @@ class Libp2pNetwork(Network):
         self._host._schedule_identify = lambda *args, **kwargs: None  # type: ignore[method-assign]
         swarm.register_notifee(_Notifee(self))
         self._swarm = swarm
+        # Circuit relay v2 (p2p.relay): dialing circuit addresses always works; the relay service and
+        # reservations on relays only when asked for (each registers one more libp2p protocol).
+        self._relay = CircuitRelay(self, service=relay_service, relays=relays, limits=relay_limits,
+                                   timeout=relay_timeout)
+        self.relay_dial_timeout = max(15.0, relay_timeout)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -630,7 +647,19 @@ class Libp2pNetwork(Network):
         swarm_key: bytes | None = None,
         **options: Any,
     ) -> AsyncIterator["Libp2pNetwork"]:
-        """Start listening; everything is closed when the block exits."""
+        """Start listening; everything is closed when the block exits.
+
+        Relaying (see `p2p.relay`), as keyword options:
+        - `relay_service=True`: serve circuit relay v2 to admitted peers: a publicly reachable member
+          lets members behind NAT reserve a slot and be dialled through it.
+        - `relays=[multiaddr, ...]`: this peer is behind NAT: reserve a slot on each of these relay
+          services (kept refreshed, re-made after the relay's connection drops) and announce
+          `<relay addr>/p2p-circuit/p2p/<our id>` first in `listen_addrs()`. `open` waits up to
+          `relay_timeout` (10 s) for the first reservations; it raises `SwarmKeyMismatch` or
+          `p2p.relay.RelayRefused` when every relay refused us, and otherwise keeps retrying the
+          missing ones in the background.
+        - `relay_limits=p2p.relay.RelayLimits(...)`: what a relay service grants.
+        """
         addrs = [multiaddr.Multiaddr(a) for a in (listen_addrs or ["/ip4/127.0.0.1/tcp/0"])]
         net = cls(identity, swarm_key, **options)
         try:
@@ -639,6 +668,7 @@ class Libp2pNetwork(Network):
                 try:
                     async with net._host.run(listen_addrs=addrs):
                         try:
+                            await net._relay.start(nursery)
                             yield net
                         finally:
                             net._closing = True
@@ -699,7 +729,17 @@ class Libp2pNetwork(Network):
     # --- addresses and connections ------------------------------------------------------------------
 
     def listen_addrs(self) -> list[str]:
+        """Our addresses through relays we hold a reservation on (first: behind NAT they are the ones
+        others can dial), then the addresses we listen on."""
+        return [*self._relay.circuit_addrs(), *self.direct_addrs()]
+
+    def direct_addrs(self) -> list[str]:
+        """The addresses we listen on (with /p2p/<id>), without circuit addresses."""
         return [str(a) for a in self._host.get_addrs()]
+
+    def relay_status(self) -> dict:
+        """Reservations held and served, circuits, bytes relayed (for status pages)."""
+        return self._relay.relay_status()
 
     def now(self) -> float:
         return time.time()
@@ -719,14 +759,21 @@ class Libp2pNetwork(Network):
 
     @staticmethod
     def _full_addr(addr: str, peer_id: str | None = None) -> str:
+        """`addr` ending in /p2p/<peer id> (appended when missing). For a circuit address
+        (`<relay addr>/p2p/<relay id>/p2p-circuit/p2p/<peer id>`) the peer is the last /p2p/."""
         try:
             ma = multiaddr.Multiaddr(addr)
         except Exception as e:
             raise PeerUnreachable(f"not a multiaddr: {addr[:120]!r} ({e})") from None
-        try:
-            found = ma.value_for_protocol("p2p")
-        except Exception:
-            found = None
+        circuit = split_circuit(str(ma))
+        if circuit is not None:
+            found = circuit[1]
+            addr = str(ma).rstrip("/")
+        else:
+            try:
+                found = ma.value_for_protocol("p2p")
+            except Exception:
+                found = None
         if not found:
             if peer_id is None:
                 raise PeerUnreachable(f"address {addr} lacks /p2p/<peer id>")
@@ -744,7 +791,7 @@ class Libp2pNetwork(Network):
     async def connect(self, addr: str, timeout: float = 5.0) -> str:
         full = self._full_addr(addr)
         ma = multiaddr.Multiaddr(full)
-        peer_id = ma.value_for_protocol("p2p")
+        peer_id = full.rsplit("/p2p/", 1)[1]
         if peer_id == self.peer_id:
             raise PeerUnreachable("cannot connect to ourselves")
         self._book.setdefault(peer_id, full)
@@ -766,6 +813,7 @@ class Libp2pNetwork(Network):
 
     async def _dial(self, peer_id: str, ma: multiaddr.Multiaddr) -> None:
         pid = ID.from_base58(peer_id)
+        relayed = split_circuit(str(ma)) is not None
         transport = ma.decapsulate(multiaddr.Multiaddr(f"/p2p/{peer_id}"))
         for attempt in (1, 2):
             # A connection the peer has just closed can still be listed (host.connect then returns at
@@ -774,8 +822,16 @@ class Libp2pNetwork(Network):
             # restarts would stay unreachable that long. We decide when to retry, so always dial.
             self._swarm.unblock_peer(pid)
             try:
-                await self._host.connect(PeerInfo(pid, [transport]))
+                if relayed:
+                    # A circuit: the relay connects us (p2p.relay); the connection then lives in the
+                    # swarm like a direct one, and our session handshake runs on it unchanged.
+                    if not self._swarm.get_connections(pid):
+                        await self._relay.dial(str(ma), peer_id)
+                else:
+                    await self._host.connect(PeerInfo(pid, [transport]))
             except trio.Cancelled:
+                raise
+            except P2PError:
                 raise
             except Exception as e:
                 detail = str(_unwrap_group(e)) if isinstance(e, BaseExceptionGroup) else str(e)
@@ -1070,11 +1126,34 @@ class Libp2pNetwork(Network):
         addr = self._book.get(peer_id)
         if addr is None:
             raise PeerUnreachable(f"no address known for {peer_id}; add_address() first")
-        await self.connect(addr)
+        # The dial runs in the background, bounded by its own timeout: a caller that gives up first
+        # (a short request deadline) does not abort it, and the next request joins it or finds the
+        # session. A circuit through a relay 150 ms away takes ~4 s (Noise, multistream-select and
+        # our handshake each cost round trips over both legs), longer than a ping's deadline.
+        dial = self._implicit_dials.get(peer_id)
+        if dial is None:
+            if self._nursery is None or self._closing:
+                raise StreamClosed("network is shutting down")
+            dial = self._implicit_dials[peer_id] = (trio.Event(), [])
+            self._nursery.start_soon(self._implicit_dial, peer_id, addr, dial)
+        await dial[0].wait()
+        if dial[1]:
+            raise dial[1][0]
         session = self._session(peer_id)
         if session is None:
             raise PeerUnreachable(f"connection to {peer_id} closed right after the handshake")
         return session
+
+    async def _implicit_dial(self, peer_id: str, addr: str, dial: tuple[trio.Event, list[BaseException]]) -> None:
+        try:
+            await self.connect(addr, timeout=self.relay_dial_timeout if split_circuit(addr) else 5.0)
+        except P2PError as e:
+            dial[1].append(e)
+        except Exception as e:  # never let a dial take the network's nursery down
+            dial[1].append(PeerUnreachable(f"dialing {peer_id} failed: {type(e).__name__}: {e}"[:400]))
+        finally:
+            self._implicit_dials.pop(peer_id, None)
+            dial[0].set()
 
     async def request(self, peer_id: str, protocol: str, body: Any, timeout: float = DEFAULT_REQUEST_TIMEOUT) -> Any:
         try:

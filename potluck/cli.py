@@ -34,6 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", action="append", default=[], metavar="MULTIADDR",
                    help="full multiaddr (with /p2p/ID) of a peer to join through (repeatable)")
     p.add_argument("--swarm-key", type=Path, metavar="FILE", help="join the private swarm that holds this key")
+    p.add_argument("--relay-service", action="store_true",
+                   help="relay connections (libp2p circuit relay v2) for members behind NAT; "
+                        "for a peer others can dial directly")
+    p.add_argument("--relay", action="append", default=[], metavar="MULTIADDR",
+                   help="behind NAT: full multiaddr of a peer running --relay-service; this peer reserves a slot "
+                        "there and is announced as reachable through it (repeatable)")
     p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
     p.add_argument("--model", help="model to serve or use: a Hugging Face folder or hub id "
                                    "(default: SmolLM2-135M-Instruct, converted into the data dir on first use)")
@@ -91,6 +97,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_bind(parse_hostport(args.api)[0], args.api_key)  # a refusal before anything starts
 
     from p2p.errors import SwarmKeyMismatch
+    from p2p.relay import RelayRefused
 
     from pipeline.server import parse_blocks
 
@@ -103,6 +110,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
         bootstrap=args.bootstrap,
         swarm_key_file=args.swarm_key,
+        relay_service=args.relay_service,
+        relays=args.relay,
         region=args.region,
         model=args.model,
         blocks=args.blocks,
@@ -126,6 +135,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         trio.run(run_peer, config, on_ready)
     except SwarmKeyMismatch as e:
         print(f"potluck serve: cannot join the swarm: {e}", file=sys.stderr)
+        return 2
+    except RelayRefused as e:
+        print(f"potluck serve: no relay would take us: {e}", file=sys.stderr)
         return 2
     print("stopped", flush=True)
     return 0

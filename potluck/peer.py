@@ -55,6 +55,8 @@ class PeerConfig:
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     bootstrap: list[str] = field(default_factory=list)
     swarm_key_file: Path | None = None
+    relay_service: bool = False  # serve circuit relay v2 for members behind NAT (a public peer)
+    relays: list[str] = field(default_factory=list)  # behind NAT: reserve on these relays, announce the circuit
     region: str = ""
     presence_interval: float = 30.0
     model: str | None = None  # None: the default model
@@ -252,7 +254,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
     ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing())
     try:
-        async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key) as network:
+        async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
+                                      relay_service=config.relay_service, relays=config.relays) as network:
             peer = Peer(config, identity, network, ledger)
             if config.bootstrap:
                 # Before any task starts, so a refused swarm key ends the peer with a plain error.
