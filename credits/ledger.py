@@ -14,18 +14,19 @@ Kinds and bodies (each body is the msgpack of a fixed-order list, decoded strict
   its counter must rise strictly along the author's chain.
 - `spend`  [receipt] — the client's own record of the same receipt (client = author). Kept for
   audits and `potluck credits`; it does not move balances (see below).
-- `dispute` [accused(32 B), reason(str), evidence(bytes)] — a signed accusation (spot checks
-  fill evidence in later). No balance effect yet.
+- `dispute` [accused(32 B), reason(str), evidence(bytes)] — a signed accusation from a spot check;
+  it lowers the accused server's reliability (below).
 - `fork`   [fork proof] — the author records a fork proof it checked (it is also stored and spread
   on its own, see `ForkProof`).
 
 Balances, as each peer sees them (a fold over the chains it has verified):
     balance(P) = grants to P + earned(P) − spent(P)
-where earned(S) sums, over S's earn entries, the FLOPs of the highest-counter receipt per
+where earned(S) sums, over S's earn entries, the worth of the highest-counter receipt per
 (client, session), and spent(C) sums the same receipts by client — a client's debit is derived from
 the *servers'* earn entries carrying its signature, so it cannot dodge a debt by not recording
-spends. Every receipt adds to one peer what it takes from another, so the total over all peers is
-exactly the sum of grants: conserved.
+spends. A receipt is worth its FLOPs × the server's reliability (`PER_DISPUTE` per distinct
+credible accuser, 0 once forked), to both sides, so every receipt adds to one peer what it takes
+from another and the total over all peers is exactly the sum of grants: conserved.
 
 Forks: a forked author's chain counts only below its lowest known fork seq (the prefix every peer
 agrees on), is not replicated further, and its balance is *frozen*: it no longer counts in its
@@ -60,6 +61,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 GFLOP = 10**9
+PER_DISPUTE = 0.5  # reliability factor per distinct credible accuser
 MAX_NOTE = 200
 MAX_EVIDENCE = 12 * 1024
 
@@ -164,6 +166,7 @@ class Ledger:
         # only what changed since it last talked to a peer, as Scuttlebutt skips unchanged feeds)
         self.changed: dict[bytes, int] = dict.fromkeys(self.heads, 0)
         self._balances: tuple[int, dict[bytes, Balance]] | None = None
+        self._reliability: tuple[int, dict[bytes, float]] | None = None
         self.on_append: list[Callable[[Entry], None]] = []  # own new entries (replication announces them)
         self.on_fork: list[Callable[[ForkProof], None]] = []  # new or lower fork proofs
 
@@ -431,13 +434,46 @@ class Ledger:
 
         for _author, recipient, amount in self.store.counted_grants():
             get(recipient).granted += amount
-        for server, client, flops in self.store.counted_transfers():
-            get(server).earned += flops
-            get(client).spent += flops
+        transfers = list(self.store.counted_transfers())
+        face_value: dict[bytes, int] = {}
+        for server, _client, flops in transfers:
+            face_value[server] = face_value.get(server, 0) + flops
+        reliability = self._reliability_from(face_value)
+        for server, client, flops in transfers:
+            # Work is worth FLOPs × the server's reliability, to both sides: the total stays conserved.
+            worth = int(flops * reliability.get(server, 1.0))
+            get(server).earned += worth
+            get(client).spent += worth
         for author in self.forks:
             get(author)
         self._balances = (version, out)
+        self._reliability = (version, reliability)
         return out
+
+    def _reliability_from(self, face_value: dict[bytes, int]) -> dict[bytes, float]:
+        """public key → reliability in [0, 1] for servers with disputes or forks (others are 1.0):
+        PER_DISPUTE ** (distinct accusers in good standing — not forked, and paid for serving at
+        least once, so a fresh Sybil key cannot smear anyone for free); 0 for a forked author.
+        A function of the verified chains alone, so peers holding the same chains agree."""
+        accusers: dict[bytes, set[bytes]] = {}
+        for entry in self.store.entries_of_kind("dispute"):
+            if entry.author in self.forks or face_value.get(entry.author, 0) <= 0:
+                continue
+            accused = msgpack.unpackb(entry.body, raw=False)[0]  # the body was checked on ingest
+            if isinstance(accused, bytes):
+                accusers.setdefault(accused, set()).add(entry.author)
+        out = {key: PER_DISPUTE ** len(who) for key, who in accusers.items()}
+        out.update({key: 0.0 for key in self.forks})
+        return out
+
+    def reliability_sync(self) -> dict[bytes, float]:
+        if self._reliability is None or self._reliability[0] != self.version:
+            self.balances_sync()
+        return self._reliability[1]
+
+    async def reliability(self) -> dict[bytes, float]:
+        """public key → reliability factor for every server with a dispute or a fork; absent keys are 1.0."""
+        return await self._call(self.reliability_sync)
 
     async def balance(self, key: bytes) -> Balance:
         return (await self.balances()).get(key) or Balance(key, frozen=key in self.forks)

@@ -39,15 +39,14 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   front of the compute threads): waiting steps are served highest client balance first, FIFO within
   an equal balance; loading and cache allocation go first (priority +inf).
 
-Reliability (`reliability_view`): how much a verifier trusts a server, from what it can check itself —
+Reliability (`Ledger.reliability`): how much a verifier trusts a server, from what it can check itself —
 the signed *dispute* entries against the server in verified chains, counted once per accuser, and
 only from accusers in good standing (not frozen by a fork proof, with credits earned by serving:
 a fresh Sybil key cannot smear anyone for free) — folded with what the verifier saw itself (spot
 checks passed / failed, hop failures; `SequenceManager`). Servers announce their own factor (uptime
 and disputes as their ledger sees them) in ServerInfo, but routing never takes a self-report above its
-own view: it uses min(announced, observed). FLOPs × reliability is what a server's work is *worth* to
-a verifier (`weighted_earnings`); the conserved balance fold in credits/ counts receipts at face
-value. Not fully verifiable: checks that passed are not recorded on chains, and a dispute's evidence
+own view: it uses min(announced, observed). The balance fold in credits/ counts each receipt at FLOPs
+× the server's reliability, for the server and its client alike (conserved). Not fully verifiable: checks that passed are not recorded on chains, and a dispute's evidence
 is the accuser's claim (hashes of the inputs and of both outputs) — servers do not sign their outputs,
 so a third party cannot re-check a dispute without re-running the blocks itself.
 """
@@ -59,7 +58,6 @@ import itertools
 import logging
 import math
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -305,8 +303,8 @@ class ServerBilling:
             return True
 
     async def reliability(self) -> float:
-        """What this server announces: its standing in its own ledger (`reliability_view`)."""
-        return (await reliability_view(self.ledger)).get(self.me, 1.0)
+        """What this server announces: its standing in its own ledger (`Ledger.reliability`)."""
+        return (await self.ledger.reliability()).get(self.me, 1.0)
 
 
 # --- client side ------------------------------------------------------------------------------------------
@@ -362,7 +360,7 @@ class ClientBilling:
 
     async def reliability_by_peer(self) -> dict[str, float]:
         """peer id → reliability factor from this ledger's verified chains (for routing)."""
-        return {peer_id_from_public_key(k): r for k, r in (await reliability_view(self.ledger)).items()}
+        return {peer_id_from_public_key(k): r for k, r in (await self.ledger.reliability()).items()}
 
     async def dispute(self, accused_peer: str, reason: str, evidence: dict) -> None:
         try:
@@ -371,50 +369,3 @@ class ClientBilling:
             return
         await self.ledger.record_dispute(accused, reason[:200], msgpack.packb(evidence, use_bin_type=True))
         self.stats["disputes"] += 1
-
-
-# --- reliability as a verifier sees it --------------------------------------------------------------------
-
-PER_DISPUTE = 0.5
-
-
-def _reliability_sync(ledger: Ledger) -> dict[bytes, float]:
-    balances = ledger.balances_sync() if ledger._balances is None or ledger._balances[0] != ledger.version \
-        else ledger._balances[1]
-    accusers: dict[bytes, set[bytes]] = {}
-    for e in ledger.store.entries_of_kind("dispute"):
-        b = balances.get(e.author)
-        if e.author in ledger.forks or b is None or b.earned <= 0:
-            continue  # only accusers in good standing, who earned by serving, count
-        try:
-            accused = msgpack.unpackb(e.body, raw=False)[0]
-        except Exception:  # noqa: BLE001 - verified on ingest; defensive
-            continue
-        if isinstance(accused, bytes):
-            accusers.setdefault(accused, set()).add(e.author)
-    out = {k: PER_DISPUTE ** len(v) for k, v in accusers.items()}
-    for k in ledger.forks:
-        out[k] = 0.0
-    return out
-
-
-_CACHE: "weakref.WeakKeyDictionary[Ledger, tuple[int, dict[bytes, float]]]" = weakref.WeakKeyDictionary()
-
-
-async def reliability_view(ledger: Ledger) -> dict[bytes, float]:
-    """public key → reliability factor in [0, 1] for every server with a dispute (or a fork) in this
-    ledger's verified chains; absent keys are 1.0. `PER_DISPUTE` ** (distinct accusers in good
-    standing: not frozen, earned > 0), 0 for a forked author. A deterministic function of the verified
-    chains, so peers holding the same chains agree. Cached per ledger version."""
-    cached = _CACHE.get(ledger)
-    if cached is not None and cached[0] == ledger.version:
-        return cached[1]
-    version = ledger.version
-    view = await ledger._call(_reliability_sync, ledger)
-    _CACHE[ledger] = (version, view)
-    return view
-
-
-def weighted_earnings(ledger: Ledger, balances: dict, view: dict[bytes, float]) -> dict[str, float]:
-    """peer id → FLOPs earned × reliability, as this verifier sees it (a view, not a balance)."""
-    return {peer_id_from_public_key(k): b.earned * view.get(k, 1.0) for k, b in balances.items() if b.earned}

@@ -11,7 +11,7 @@ from credits import CreditPolicy, Ledger, Receipt
 from credits.ledger import GFLOP
 from credits.replication import Replicator
 from p2p.gossip import Gossip
-from pipeline.billing import ClientBilling, PriorityLimiter, ServerBilling, reliability_view
+from pipeline.billing import ClientBilling, PriorityLimiter, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel, GenerationFailed
 from pipeline.identity import model_id
 from pipeline.loading import ModelFolder, load_local_model
@@ -300,7 +300,7 @@ async def test_server_queues_steps_by_client_balance(llama):
             assert lim.served[-3:] == sorted(amounts, reverse=True)
 
 
-async def test_reliability_view_counts_accusers_in_good_standing(llama, tmp_path):
+async def test_reliability_counts_credible_accusers_and_scales_what_a_server_earned(llama, tmp_path):
     from credits import ReceiptSigner
     from p2p.identity import Identity
 
@@ -309,18 +309,26 @@ async def test_reliability_view_counts_accusers_in_good_standing(llama, tmp_path
     leds = [make_ledger(i, None, mid, cfg) for i in ids]
     for led in leds:
         await led.claim_starting_grant()
-    # 1 earned something (served 3), so its dispute counts; 2 never served
-    rs = ReceiptSigner(ids[3], server=ids[1].public_key, model=mid, start=0, end=2, pricing=leds[1].pricing)
-    await leds[1].record_earn(rs.sign(5))
+    # both servers served the client; 1 earned something, so its dispute counts; 2 never served
+    for server in (0, 1):
+        rs = ReceiptSigner(ids[3], server=ids[server].public_key, model=mid, start=0, end=2, pricing=leds[server].pricing)
+        await leds[server].record_earn(rs.sign(5))
+    face = leds[1].pricing(mid, 0, 2, 5)
     await leds[1].record_dispute(ids[0].public_key, "spot check failed", b"")
     await leds[2].record_dispute(ids[0].public_key, "spot check failed", b"")
     viewer = leds[3]
     for led in leds[:3]:
         wires = led.store.range_wire(led.me, 1, 100)
         assert (await viewer.ingest(wires)).stored == len(wires)
-    view = await reliability_view(viewer)
+    view = await viewer.reliability()
     assert view[ids[0].public_key] == 0.5  # one credible accuser; the Sybil's dispute does not count
     assert ids[1].public_key not in view
+    # what the accused earned counts at half, for it and for its client alike: still conserved
+    balances = await viewer.balances()
+    assert balances[ids[0].public_key].earned == face // 2
+    assert balances[ids[1].public_key].earned == face
+    assert balances[ids[3].public_key].spent == face + face // 2
+    assert sum(b.raw for b in balances.values()) == sum(b.granted for b in balances.values())
 
 
 def test_route_penalises_unreliable_servers():
