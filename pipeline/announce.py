@@ -16,6 +16,11 @@ more tokens of KV cache (for its whole span) it can hold now. A clean shutdown s
 "offline" entry over the online one (same TTL, later expiry, so it wins at every holder).
 
 Values arrive from the network: `ServerInfo.from_entry` checks every field and drops what is bad.
+
+Gossip carries the same announcements for fast updates (`GOSSIP_TOPIC`, data `{"model": id,
+"ttl": s, "info": value}`, signed by the server as gossip author): a client hears a new server, or
+one going offline, at once instead of at its next DHT refresh. The DHT stays the source of truth
+for peers that were not listening.
 """
 
 from __future__ import annotations
@@ -35,8 +40,26 @@ VERSION = "0.1.0"
 STATES = ("online", "offline", "joining")
 
 
+GOSSIP_TOPIC = "pipeline/servers"
+MAX_GOSSIP_TTL = 3600.0
+
+
 def announce_key(model_id: str) -> str:
     return f"{ANNOUNCE_NAMESPACE}/{model_id}"
+
+
+def gossip_note(model_id: str, info: "ServerInfo", ttl: float) -> dict:
+    return {"model": model_id, "ttl": ttl, "info": info.to_value()}
+
+
+def from_gossip_note(author: str, data: Any, now: float) -> tuple[str, "ServerInfo"]:
+    """(model id, announcement) from a gossip note by `author`; raises InvalidRecord if malformed."""
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str) or len(data["model"]) > 128:
+        raise InvalidRecord("a server note is a map naming its model")
+    ttl = data.get("ttl")
+    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_GOSSIP_TTL:
+        raise InvalidRecord("a server note's ttl must be in (0, 3600] seconds")
+    return data["model"], ServerInfo.from_value(author, data.get("info"), expires=now + ttl)
 
 
 @dataclass

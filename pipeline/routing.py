@@ -143,6 +143,8 @@ class SequenceManager:
     ban_max: float = 300.0
     config: RoutingConfig = field(default_factory=RoutingConfig)
     servers: list[ServerInfo] = field(default_factory=list)
+    heard: dict[str, ServerInfo] = field(default_factory=dict)  # by gossip: may be newer than the DHT's
+    _fetched: list[ServerInfo] = field(default_factory=list)
     _fetched_at: float = -math.inf
     _bans: dict[str, _Ban] = field(default_factory=dict)
     _lock: trio.Lock = field(default_factory=trio.Lock)
@@ -155,9 +157,29 @@ class SequenceManager:
     async def refresh(self, force: bool = False) -> list[ServerInfo]:
         async with self._lock:
             if force or trio.current_time() - self._fetched_at > self.refresh_interval or not self.servers:
-                self.servers = await fetch_servers(self.dht, self.model_id, num_blocks=self.num_blocks)
+                self._fetched = await fetch_servers(self.dht, self.model_id, num_blocks=self.num_blocks,
+                                                    online_only=False)
                 self._fetched_at = trio.current_time()
+            self._merge()  # also drops gossiped announcements past their expiry
         return self.servers
+
+    def hear(self, info: ServerInfo) -> None:
+        """An announcement that came by gossip: routes use it at once, not at the next DHT refresh."""
+        known = self.heard.get(info.peer_id)
+        if known is None or info.t >= known.t:
+            self.heard[info.peer_id] = info
+            self._merge()
+
+    def _merge(self) -> None:
+        """The servers to route over: per server the newest announcement, from the DHT or gossip."""
+        now = self.dht.network.now()
+        newest = {s.peer_id: s for s in self._fetched}
+        for peer_id, info in list(self.heard.items()):
+            if info.expires <= now:
+                del self.heard[peer_id]
+            elif peer_id not in newest or info.t > newest[peer_id].t:
+                newest[peer_id] = info
+        self.servers = sorted((s for s in newest.values() if s.online), key=lambda s: (s.start, s.end, s.peer_id))
 
     def banned(self) -> set[str]:
         now = trio.current_time()

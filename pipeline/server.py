@@ -50,7 +50,7 @@ from p2p.framing import expect_map, field as mfield
 from p2p.network import Network, Stream
 
 from . import protocol as proto
-from .announce import VERSION, ServerInfo, announce_key, fetch_servers
+from .announce import GOSSIP_TOPIC, VERSION, ServerInfo, announce_key, fetch_servers, gossip_note
 from .billing import PriorityLimiter, ServerAccount, ServerBilling
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
@@ -158,7 +158,7 @@ def parse_blocks(spec: str, num_blocks: int | None = None) -> tuple[int | None, 
 class BlockServer:
     def __init__(self, network: Network, dht: Any, model_folder: str | os.PathLike | ModelFolder,
                  start: int | None = None, end: int | None = None, *, config: ServerConfig | None = None,
-                 model_id: str | None = None,
+                 model_id: str | None = None, gossip: Any = None,
                  billing: ServerBilling | None = None):
         if (start is None) != (end is None):
             raise ValueError("give both start and end, or neither (auto placement)")
@@ -169,6 +169,7 @@ class BlockServer:
         self.auto = start is None
         self.config = config or ServerConfig()
         self.model_id = model_id
+        self.gossip = gossip  # p2p.gossip.Gossip: announcements also go out as gossip, for fast updates
         self.billing = billing
         self.reliability = 1.0  # announced; refreshed from the ledger before each announcement
         self.dtype = resolve_dtype(self.config.dtype)
@@ -337,8 +338,11 @@ class BlockServer:
                 self.reliability = await self.billing.reliability()
             except Exception as e:  # noqa: BLE001 - announce with the last known factor
                 log.info("could not compute reliability: %s", e)
-        acks = await self.dht.store(announce_key(self.model_id), self.info(state).to_value(), ttl=ttl, republish=False)
+        info = self.info(state)
+        acks = await self.dht.store(announce_key(self.model_id), info.to_value(), ttl=ttl, republish=False)
         self._last_acks = acks
+        if self.gossip is not None:
+            await self.gossip.publish(GOSSIP_TOPIC, gossip_note(self.model_id, info, ttl))
         return acks
 
     async def _announce_loop(self) -> None:

@@ -34,6 +34,7 @@ from p2p.libp2p_net import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
+from pipeline.announce import GOSSIP_TOPIC, from_gossip_note
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel, Generation
 from pipeline.convert import model_folder
@@ -79,6 +80,7 @@ class Peer:
         self.gossip = Gossip(network, identity)
         self.replicator = Replicator(ledger, network, self.gossip)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
+        self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: set[str] = set()
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None
@@ -102,6 +104,16 @@ class Peer:
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])
+
+    def _valid_server_note(self, message) -> bool:
+        from_gossip_note(message.author, message.data, self.network.now())
+        return True
+
+    def _on_server_note(self, message) -> None:
+        """A server's announcement by gossip: the client's routes see it before the next DHT read."""
+        model_id, info = from_gossip_note(message.author, message.data, self.network.now())
+        if self._client is not None and self._client.model_id == model_id:
+            self._client.sequence.hear(info)
 
     async def announce_presence(self) -> None:
         await self.gossip.publish(
@@ -264,7 +276,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
             if config.blocks is not None:
                 folder = await trio.to_thread.run_sync(model_folder, config.model, config.data_dir)
                 start, end = parse_blocks(config.blocks)
-                peer.server = BlockServer(network, peer.dht, folder, start, end,
+                peer.server = BlockServer(network, peer.dht, folder, start, end, gossip=peer.gossip,
                                           config=ServerConfig(dtype=config.dtype),
                                           billing=ServerBilling(ledger, model_name=config.model))
             async with trio.open_nursery() as nursery:
