@@ -25,7 +25,7 @@ where earned(S) sums, over S's earn entries, the worth of the highest-counter re
 (client, session), and spent(C) sums the same receipts by client — a client's debit is derived from
 the *servers'* earn entries carrying its signature, so it cannot dodge a debt by not recording
 spends. A receipt is worth its FLOPs × the server's reliability (`PER_DISPUTE` per distinct
-credible accuser, 0 once forked), to both sides, so every receipt adds to one peer what it takes
+credible accuser), to both sides, so every receipt adds to one peer what it takes
 from another and the total over all peers is exactly the sum of grants: conserved.
 
 Forks: a forked author's chain counts only below its lowest known fork seq (the prefix every peer
@@ -438,23 +438,24 @@ class Ledger:
         face_value: dict[bytes, int] = {}
         for server, _client, flops in transfers:
             face_value[server] = face_value.get(server, 0) + flops
-        reliability = self._reliability_from(face_value)
+        disputed = self._disputed(face_value)
         for server, client, flops in transfers:
             # Work is worth FLOPs × the server's reliability, to both sides: the total stays conserved.
-            worth = int(flops * reliability.get(server, 1.0))
+            # (A forked author is frozen instead, below; its history keeps its face value.)
+            worth = int(flops * disputed.get(server, 1.0))
             get(server).earned += worth
             get(client).spent += worth
         for author in self.forks:
             get(author)
         self._balances = (version, out)
-        self._reliability = (version, reliability)
+        self._reliability = (version, {**disputed, **{key: 0.0 for key in self.forks}})
         return out
 
-    def _reliability_from(self, face_value: dict[bytes, int]) -> dict[bytes, float]:
-        """public key → reliability in [0, 1] for servers with disputes or forks (others are 1.0):
-        PER_DISPUTE ** (distinct accusers in good standing — not forked, and paid for serving at
-        least once, so a fresh Sybil key cannot smear anyone for free); 0 for a forked author.
-        A function of the verified chains alone, so peers holding the same chains agree."""
+    def _disputed(self, face_value: dict[bytes, int]) -> dict[bytes, float]:
+        """public key → PER_DISPUTE ** (distinct accusers in good standing — not forked, and paid for
+        serving at least once, so a fresh Sybil key cannot smear anyone for free), for every server
+        with such a dispute. A function of the verified chains alone, so peers holding the same
+        chains agree."""
         accusers: dict[bytes, set[bytes]] = {}
         for entry in self.store.entries_of_kind("dispute"):
             if entry.author in self.forks or face_value.get(entry.author, 0) <= 0:
@@ -462,9 +463,7 @@ class Ledger:
             accused = msgpack.unpackb(entry.body, raw=False)[0]  # the body was checked on ingest
             if isinstance(accused, bytes):
                 accusers.setdefault(accused, set()).add(entry.author)
-        out = {key: PER_DISPUTE ** len(who) for key, who in accusers.items()}
-        out.update({key: 0.0 for key in self.forks})
-        return out
+        return {key: PER_DISPUTE ** len(who) for key, who in accusers.items()}
 
     def reliability_sync(self) -> dict[bytes, float]:
         if self._reliability is None or self._reliability[0] != self.version:
@@ -472,7 +471,7 @@ class Ledger:
         return self._reliability[1]
 
     async def reliability(self) -> dict[bytes, float]:
-        """public key → reliability factor for every server with a dispute or a fork; absent keys are 1.0."""
+        """public key → reliability factor for every server with a dispute (or 0 with a fork); absent keys are 1.0."""
         return await self._call(self.reliability_sync)
 
     async def balance(self, key: bytes) -> Balance:
