@@ -1,15 +1,21 @@
 """Benchmark on hosts in network namespaces (netlab): `python -m bench.netns [--json]`.
 
-Measured on one lab, in one run:
+Measured on one lab, in one run (three regions, 5 ms RTT inside a region, eu–us 80, eu–ap 120,
+us–ap 150 ms; peers on <region>-0 and -1, DHT probes on <region>-2):
 - harness: RTT the delay router adds vs the configured RTT (TCP round trips between hosts), the
   router's own lateness (µs after each packet's due time), and TCP throughput through it;
-- membership: RTTs that `potluck serve` peers measure to each other, in-region vs cross-region.
+- membership: RTTs that `potluck serve` peers measure to each other, in-region vs cross-region;
+- dht_lookup: Coral clusters per region, and lookups (by `netlab.dhtprobe`, client-mode DHT nodes)
+  of records held in eu's level-2 cluster, read from eu (in-region), from ap (cross-region), and
+  from ap again (after the read cached them in ap);
+- tokens_per_s: the default model (SmolLM2-135M) served whole by eu-0 and us-0 (`--blocks 0:30`),
+  generated greedily by a user peer in each region (eu-1, us-1, ap-0), with the route's regions;
+- recovery_after_kill: the eu server SIGKILLed while the eu user generates: seconds from the kill
+  to the first step the us replica serves, and whether the output equals the undisturbed one.
 
-Not yet measured (each reports {"skipped": why} until its layer is wired into `potluck serve`):
-DHT lookup latency in-region vs cross-region, tokens/s per region, recovery time after a server
-kill. Each is one `measure_*(lab, peers) -> dict` function below; add it to MEASUREMENTS.
-
-Needs root (network namespaces); without it prints {"skipped": reason} and exits 0.
+Needs root (network namespaces); without it prints {"skipped": reason} and exits 0. The model is
+converted once into --data-dir (default: potluck's, ~/.potluck); without it the pipeline
+measurements report {"skipped": why}.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import statistics
 import sys
 import time
 
-REGIONS = {"eu": 2, "us": 2, "ap": 2}
+REGIONS = {"eu": 3, "us": 3, "ap": 3}
 RTT_MS = {("eu", "us"): 80.0, ("eu", "ap"): 120.0, ("us", "ap"): 150.0}
 INTRA_RTT_MS = 5.0
 
@@ -82,16 +88,141 @@ def measure_membership_rtt(lab, peers, settle_s: float = 12.0) -> dict:
     }
 
 
-def measure_dht_lookup(lab, peers) -> dict:
-    return {"skipped": "the DHT is not wired into `potluck serve` yet; add in-region vs cross-region lookups here"}
+def _call(peer, cmd, timeout: float = 40.0, **args):
+    import trio
+
+    from potluck import control
+
+    async def go():
+        with trio.fail_after(timeout):
+            return await control.call(peer.data_dir, cmd, **args)
+    return trio.run(go)
 
 
-def measure_tokens_per_s(lab, peers) -> dict:
-    return {"skipped": "the pipeline is not wired into `potluck serve` yet; add per-region tokens/s here"}
+def _level2(peers) -> dict[str, set[str]]:
+    by: dict[str, set[str]] = {}
+    for p in peers:
+        by.setdefault(p.host.region, set()).add(_call(p, "status")["dht"]["clusters"]["2"])
+    return by
+
+
+def measure_dht_lookup(lab, peers, keys: int = 20, settle_timeout: float = 120.0) -> dict:
+    """Level-2 clusters per region, then lookup latency of records held only in eu."""
+    from netlab.dhtprobe import Probe
+
+    t = time.monotonic()
+    i = 0
+    while True:  # labels settle on DHT traffic (see tests/test_netns_dht.py): store a warm-up record per round
+        by = _level2(peers)
+        if all(len(v) == 1 for v in by.values()) and len(set().union(*by.values())) == len(by):
+            break
+        if time.monotonic() - t > settle_timeout:
+            return {"error": f"regions did not become level-2 clusters in {settle_timeout}s",
+                    "labels": {r: sorted(v) for r, v in by.items()}}
+        for p in peers:
+            _call(p, "dht_store", key=f"warm/{p.peer_id}/{i}", value=i, ttl=60)
+        i += 1
+        time.sleep(1.0)
+    settled_s = time.monotonic() - t
+    ids = [p.peer_id for p in peers]
+    probes = {r: Probe(lab, lab.region_hosts(r)[2], [peers[0].addr], above=ids) for r in ("eu", "ap")}
+    try:
+        for probe in probes.values():
+            probe.ask("warm")
+        names = [f"bench/{i}" for i in range(keys)]
+        acks = probes["eu"].ask("store", keys=names, levels=[2], ttl=600)["acks"]
+        runs = {
+            "in_region_eu": probes["eu"].ask("lookup", keys=names)["results"],
+            "cross_region_ap_to_eu": probes["ap"].ask("lookup", keys=names)["results"],
+            "ap_again_after_caching": probes["ap"].ask("lookup", keys=names)["results"],
+        }
+    finally:
+        for probe in probes.values():
+            probe.close()
+    out = {
+        "clusters_settled_s": round(settled_s, 1),
+        "level2_clusters": len(set().union(*by.values())),
+        "store_acks_median": _median(acks),
+        "keys": keys,
+        "median_ms": {k: _median([r["ms"] for r in v]) for k, v in runs.items()},
+        "p90_ms": {k: round(sorted(r["ms"] for r in v)[int(0.9 * (len(v) - 1))], 3) for k, v in runs.items()},
+        "found_at_level": {k: sorted({r["level"] for r in v}) for k, v in runs.items()},
+        "median_hops": {k: _median([r["hops"] for r in v]) for k, v in runs.items()},
+        "all_found": all(r["found"] for v in runs.values() for r in v),
+    }
+    m = out["median_ms"]
+    out["cross_over_in_region_ratio"] = round(m["cross_region_ap_to_eu"] / m["in_region_eu"], 1)
+    return out
+
+
+PROMPT = "The three primary colors are"
+TOKENS = 16
+SERVER_HOSTS = ("eu-0", "us-0")  # each serves the whole model: a full set of spans per region
+USER_HOSTS = {"eu": "eu-1", "us": "us-1", "ap": "ap-0"}
+
+
+def _regions_of(lab, route) -> list[str]:
+    where = {p.peer_id: p.host.region for p in lab.peers}
+    return [where.get(h["peer_id"], "?") for h in route]
+
+
+def measure_tokens_per_s(lab, peers, runs: int = 3) -> dict:
+    """Greedy generations of TOKENS tokens by a user in each region (after one warm-up)."""
+    if not getattr(lab, "model_folder", None):
+        return {"skipped": getattr(lab, "model_skip", "no model")}
+    out: dict = {"tokens": TOKENS, "servers": {h: "0:30" for h in SERVER_HOSTS}}
+    for region, host in USER_HOSTS.items():
+        user = next(p for p in peers if p.host.name == host)
+        _call(user, "generate", prompt=PROMPT, max_tokens=2)  # loads the client half, learns routes
+        results = [_call(user, "generate", prompt=PROMPT, max_tokens=TOKENS) for _ in range(runs)]
+        tps = [r["tokens_per_s"] for r in results]
+        out[region] = {"user": host, "tokens_per_s_median": _median(tps), "tokens_per_s": [round(x, 2) for x in tps],
+                       "ttft_s_median": _median([r["ttft_s"] for r in results if r.get("ttft_s") is not None]),
+                       "route_regions": _regions_of(lab, results[-1]["route"])}
+        lab.reference_ids = lab.reference_ids or results[-1]["token_ids"]
+        out[region]["same_tokens_as_eu"] = all(r["token_ids"] == lab.reference_ids for r in results)
+    return out
 
 
 def measure_recovery_after_kill(lab, peers) -> dict:
-    return {"skipped": "needs the pipeline: time from a server kill to the next generated token"}
+    """SIGKILL eu's server while the eu user generates; time until the us replica serves a step."""
+    import threading
+
+    if not getattr(lab, "model_folder", None):
+        return {"skipped": getattr(lab, "model_skip", "no model")}
+    user = next(p for p in peers if p.host.name == USER_HOSTS["eu"])
+    victim = next(p for p in peers if p.host.name == "eu-0")
+    replica = next(p for p in peers if p.host.name == "us-0")
+    steps = lambda p: _call(p, "status")["server"]["steps"]  # noqa: E731
+    before = steps(victim)
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(
+        result=_call(user, "generate", prompt=PROMPT, max_tokens=TOKENS)), daemon=True)
+    worker.start()
+    deadline = time.monotonic() + 30
+    while steps(victim) < before + 4 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    replica_before = steps(replica)
+    victim.kill()
+    killed = time.monotonic()
+    recovered = None
+    while time.monotonic() - killed < 60:
+        if steps(replica) > replica_before:
+            recovered = time.monotonic() - killed
+            break
+        time.sleep(0.02)
+    worker.join(timeout=120)
+    result = box.get("result")
+    if result is None:
+        return {"error": "the generation did not finish", "kill_to_replica_step_s": recovered}
+    return {
+        "kill_to_replica_step_s": round(recovered, 3) if recovered is not None else None,
+        "recoveries": result["recoveries"],
+        "identical_output": result["token_ids"] == lab.reference_ids if lab.reference_ids else None,
+        "tokens_per_s_with_kill": round(result["tokens_per_s"], 2),
+        "wall_s": result.get("wall_s"),
+        "route_regions_after": _regions_of(lab, result["route"]),
+    }
 
 
 MEASUREMENTS = {
@@ -103,7 +234,41 @@ MEASUREMENTS = {
 }
 
 
-def run() -> dict:
+def _start_peers(lab, data_dir: str | None) -> list:
+    """eu-0 and us-0 serve the whole model, eu-1/us-1/ap-0 are users, ap-1 a plain peer. Without the
+    model: six plain peers (the pipeline measurements then say why they were skipped)."""
+    lab.model_folder, lab.model_skip, lab.reference_ids = None, None, None
+    try:
+        from pipeline.convert import ensure_default_model
+        from potluck.cli import DEFAULT_DATA_DIR
+
+        lab.model_folder = ensure_default_model(data_dir or DEFAULT_DATA_DIR, progress=False)
+    except Exception as e:  # noqa: BLE001 - the harness figures are still worth having
+        lab.model_skip = f"default model unavailable: {type(e).__name__}: {e}"
+    hosts = [lab.region_hosts(r)[j] for r in REGIONS for j in (0, 1)]
+    if lab.model_folder is None:
+        return lab.swarm(hosts)
+    common = ["--model", str(lab.model_folder), "--threads", "1"]
+
+    def args(host) -> list[str]:
+        if host.name in SERVER_HOSTS:
+            return [*common, "--blocks", "0:30"]
+        return common if host.name in USER_HOSTS.values() else []
+
+    first = lab.spawn_peer(hosts[0], *args(hosts[0]), timeout=120)
+    rest = [lab.peer_process(h, *args(h), "--bootstrap", first.addr).launch() for h in hosts[1:]]
+    for p in rest:
+        p.wait_ready(120)
+    peers = [first, *rest]
+    from potluck.localswarm import wait_until
+
+    servers = [p for p in peers if p.host.name in SERVER_HOSTS]
+    wait_until(lambda: all(_call(p, "status")["server"]["start"] is not None for p in servers), 180, 1,
+               message="servers loaded and announced")
+    return peers
+
+
+def run(data_dir: str | None = None) -> dict:
     from netlab import Lab, skip_reason
     from potluck.localswarm import wait_until
 
@@ -118,11 +283,12 @@ def run() -> dict:
             "lab_setup_s": round(lab.setup_s, 3),
         }
         t = time.monotonic()
-        peers = lab.swarm([h for h in lab.hosts.values() if h.kind == "host"])
+        peers = _start_peers(lab, data_dir)
         ids = {p.peer_id for p in peers}
         for p in peers:
             wait_until(lambda p=p: p.alive_peers() >= ids - {p.peer_id}, 90, message=f"{p.host.name} sees all")
         result["swarm_formed_s"] = round(time.monotonic() - t, 2)
+        result["model"] = str(lab.model_folder) if lab.model_folder else {"skipped": lab.model_skip}
         for name, fn in MEASUREMENTS.items():
             try:
                 result[name] = fn(lab, peers)
@@ -135,8 +301,9 @@ def run() -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.netns", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON only")
+    parser.add_argument("--data-dir", help="where the default model is converted (default: potluck's data dir)")
     args = parser.parse_args(argv)
-    result = run()
+    result = run(args.data_dir)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
