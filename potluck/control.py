@@ -46,18 +46,18 @@ async def serve(path: Path, commands: dict[str, Command], *, task_status=trio.TA
 async def _handle(stream: trio.SocketStream, commands: dict[str, Command]) -> None:
     reader = framing.ExactReader(stream.receive_some)
     try:
-        with trio.fail_after(30):
+        with trio.fail_after(30):  # for the request only: a command (a generation) may take longer
             request = framing.expect_map(await framing.read_frame(reader.read_exactly, MAX_CONTROL_FRAME))
-            name = framing.field(request, "cmd", str, max_len=64)
-            command = commands.get(name)
-            if command is None:
-                reply = {"error": f"unknown command {name!r}; known: {sorted(commands)}"}
-            else:
-                try:
-                    reply = {"ok": await command(request)}
-                except (P2PError, ValueError) as e:
-                    reply = {"error": str(e)}
-            await stream.send_all(framing.frame(reply, MAX_CONTROL_FRAME))
+        name = framing.field(request, "cmd", str, max_len=64)
+        command = commands.get(name)
+        if command is None:
+            reply = {"error": f"unknown command {name!r}; known: {sorted(commands)}"}
+        else:
+            try:
+                reply = {"ok": await command(request)}
+            except (P2PError, ValueError) as e:
+                reply = {"error": str(e)}
+        await stream.send_all(framing.frame(reply, MAX_CONTROL_FRAME))
     except (P2PError, trio.BrokenResourceError, trio.TooSlowError) as e:
         log.debug("control connection dropped: %s", e)
     finally:
