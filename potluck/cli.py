@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -143,12 +144,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _show(args: argparse.Namespace, command: str, render) -> int:
-    """Ask the running peer for `command` and print it as JSON or through `render`."""
+def _show(args: argparse.Namespace, fetch, render) -> int:
+    """Run `fetch()` against the running peer and print its reply as JSON or through `render`."""
     from . import control
 
     try:
-        reply = trio.run(control.call, args.data_dir, command)
+        reply = trio.run(fetch)
     except control.PeerNotRunning as e:
         print(e, file=sys.stderr)
         return 1
@@ -171,16 +172,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             status["credits"] = {"error": str(e)}
         return status
 
-    try:
-        reply = trio.run(both)
-    except control.PeerNotRunning as e:
-        print(e, file=sys.stderr)
-        return 1
-    if args.json:
-        print(json.dumps(reply, indent=2))
-    else:
-        render_status(reply)
-    return 0
+    return _show(args, both, render_status)
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -190,9 +182,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_credits(args: argparse.Namespace) -> int:
+    from . import control
     from .status import render_credits
 
-    return _show(args, "credits", render_credits)
+    return _show(args, functools.partial(control.call, args.data_dir, "credits"), render_credits)
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:

@@ -40,3 +40,14 @@ def make_tiny(family: str, path: Path, *, seed: int = 0, shard: bool = False):
                 p.copy_(0.15 * torch.randn_like(p))  # large enough that attention is far from uniform
     model.save_pretrained(path, max_shard_size="60KB" if shard else "5GB")
     return model
+
+
+def have_default_model_wheel() -> bool:
+    """Whether the wheel carrying the default model's GGUF is installed (scripts/setup.sh installs it)."""
+    from pipeline.convert import DefaultModelMissing, find_default_gguf
+
+    try:
+        find_default_gguf()
+        return True
+    except DefaultModelMissing:
+        return False

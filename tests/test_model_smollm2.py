@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 
+from conftest_models import have_default_model_wheel
 from pipeline import convert
 from pipeline.convert import DefaultModelMissing, default_model_dir, ensure_default_model, find_default_gguf
 from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, ModelPricing
@@ -14,15 +15,7 @@ from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, ModelPricin
 PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-def _have_wheel() -> bool:
-    try:
-        find_default_gguf()
-        return True
-    except DefaultModelMissing:
-        return False
-
-
-needs_wheel = pytest.mark.skipif(not _have_wheel(), reason=convert.INSTALL_HINT)
+needs_wheel = pytest.mark.skipif(not have_default_model_wheel(), reason=convert.INSTALL_HINT)
 
 
 @pytest.fixture

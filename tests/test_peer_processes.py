@@ -84,7 +84,9 @@ def test_status_without_a_running_peer_says_what_to_do(tmp_path):
 def test_status_table_is_readable(spawn):
     a = spawn()
     b = spawn("--bootstrap", a.addr, "--region", "eu-west")
-    wait_until(lambda: a.alive_peers() == {b.peer_id}, 20, message="a sees b")
+    # An inbound hello marks b alive before a's first ping has measured its RTT.
+    wait_until(lambda: [p["rtt_ms"] is not None for p in a.status()["peers"] if p["alive"]] == [True], 20,
+               message="a sees b and has measured its RTT")
     out = subprocess.run([*POTLUCK, "status", "--data-dir", str(a.data_dir)], capture_output=True, text=True,
                          env={**os.environ, "COLUMNS": "250"}, check=True)
     assert "known peers (1 alive of 1)" in out.stdout

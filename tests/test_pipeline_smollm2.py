@@ -7,24 +7,16 @@ import torch
 import trio
 
 from conftest_pipeline import swarm
+from conftest_models import have_default_model_wheel
 from pipeline import convert
-from pipeline.convert import DefaultModelMissing, find_default_gguf
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 
 
-def _have_wheel() -> bool:
-    try:
-        find_default_gguf()
-        return True
-    except DefaultModelMissing:
-        return False
-
-
 @pytest.fixture(scope="module")
 def smollm2(smollm2_data):
-    if not _have_wheel():
+    if not have_default_model_wheel():
         pytest.skip(convert.INSTALL_HINT)
     _, folder = smollm2_data
     from pipeline.identity import model_id
