@@ -77,6 +77,7 @@ class Swarm:
     scopes: dict[str, trio.CancelScope] = field(default_factory=dict)
     region_of: dict[str, str] = field(default_factory=dict)
     hint_regions: bool = False
+    progress: bool = False
 
     @property
     def alive(self) -> list[DHTNode]:
@@ -103,6 +104,8 @@ class Swarm:
             await self.add(place_fn(), [])
             n -= 1
         while n > 0:
+            if self.progress and len(self.nodes) % 1000 < wave:
+                print(f"[dht_sim] {len(self.nodes)} peers joined, virtual {trio.current_time():.0f} s", file=sys.stderr)
             batch = min(wave, n)
             joined = [x for x in self.alive if not x.client_mode]
             async with trio.open_nursery() as tmp:
@@ -195,7 +198,7 @@ async def run_bench(nodes: int, *, lookups: int, seed: int, dead_fraction: float
                            "churn_per_batch": churn_fraction}
     async with SimWorld.open(seed=seed, latency=LatencyModel(jitter=0.1, seed=seed)) as world:
         async with trio.open_nursery() as nursery:
-            swarm = Swarm(world, nursery, DHTConfig(), rng, hint_regions=region_hints)
+            swarm = Swarm(world, nursery, DHTConfig(), rng, hint_regions=region_hints, progress=nodes >= 5000)
             await swarm.grow(nodes, wave=wave)
             out["join_wall_s"] = round(time.perf_counter() - wall0, 1)
             out["join_virtual_s"] = round(trio.current_time(), 1)

@@ -10,4 +10,4 @@ if [ "$(id -u)" -eq 0 ]; then
     bash scripts/setup-test-system.sh
     bash scripts/setup-netns.sh
 fi
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q --durations=15 "$@"
