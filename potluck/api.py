@@ -317,6 +317,17 @@ class _GenerationResponse:
                 scope.cancel()
                 return
 
+    async def _explain(self, e: Exception) -> ApiError:
+        """A failure as the API answers it. When the swarm lost the route (a server left between the
+        coverage check and the generation), say which blocks are missing, as for any missing route."""
+        error = map_error(e)
+        if error.code == "generation_failed":
+            models = await self.peer.swarm_models(max_age=0.0)
+            missing = next((Api.no_route(m) for m in models if m["model_id"] == self.model["model_id"]), None)
+            if missing is not None:
+                return missing
+        return error
+
     async def _produce(self, ch: trio.MemorySendChannel) -> None:
         """Run the generation, sending ("text", str) ..., then ("done", extra) or ("error", ApiError)."""
         async with ch:
@@ -334,7 +345,7 @@ class _GenerationResponse:
                 if len(final) > len(streamed) and final.startswith(streamed):
                     await ch.send(("text", final[len(streamed):]))
             except Exception as e:  # every failure becomes an answer, never a crashed connection
-                await ch.send(("error", map_error(e)))
+                await ch.send(("error", await self._explain(e)))
                 return
             spent = max(0.0, await self._spent() - spent0)
             summary = self.peer.record_generation(self.stats, credits_spent=spent, source="api")

@@ -179,7 +179,11 @@ class Peer:
             view = None
             with trio.move_on_after(timeout):
                 try:
-                    servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
+                    if self._client is not None and self._client.model_id == card["model_id"]:
+                        # The view routes are built from (DHT + gossip), so "no route" means just that.
+                        servers = await self._client.sequence.refresh()
+                    else:
+                        servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
                     view = coverage_view(servers, card["num_blocks"])
                 except Exception as e:  # a status must not fail because a lookup did
                     log.info("could not read the swarm of %s: %s", card["name"], e)
