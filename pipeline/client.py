@@ -35,7 +35,7 @@ from typing import Any, AsyncIterator, Callable
 import torch
 import trio
 
-from p2p.errors import FrameError, P2PError
+from p2p.errors import FrameError, P2PError, StreamClosed
 from p2p.network import Network, Stream
 
 from . import protocol as proto
@@ -234,6 +234,7 @@ class InferenceSession:
         """Route [start, end) and open every hop, banning servers that refuse and routing again."""
         seq = self.model.sequence
         last: BaseException | None = None
+        retried: set[str] = set()
         for _ in range(self.model.config_client.max_recoveries + 1):
             try:
                 route = await seq.route(start, end, need_cache_tokens=self.max_length)
@@ -251,9 +252,14 @@ class InferenceSession:
             except (P2PError, trio.TooSlowError) as e:
                 last = e
                 bad = route[len(hops)].peer_id
-                seq.ban(bad, f"could not open a session: {e}")
                 for h in hops:
                     await self._close_hop(h)
+                if isinstance(e, StreamClosed) and bad not in retried:
+                    # A stream closed as it opened is most often a connection being replaced (a new
+                    # peer's first dial racing the server's); one more try before banning the server.
+                    retried.add(bad)
+                    continue
+                seq.ban(bad, f"could not open a session: {e}")
         raise GenerationFailed(f"could not open a route through blocks [{start}, {end})"
                                + (f"; last error: {last}" if last else ""))
 

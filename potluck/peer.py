@@ -198,7 +198,8 @@ class Peer:
     async def _dht_store_command(self, request: dict) -> dict:
         key = framing.field(request, "key", str, max_len=256)
         ttl = framing.field(request, "ttl", (int, float))
-        return {"stored_at": await self.dht.store(key, request.get("value"), ttl=ttl)}
+        # One-shot, like any store an operator makes by hand: it lives `ttl` seconds, not republished.
+        return {"stored_at": await self.dht.store(key, request.get("value"), ttl=ttl, republish=False)}
 
     async def _dht_get_command(self, request: dict) -> dict:
         entries = await self.dht.get(framing.field(request, "key", str, max_len=256))
