@@ -87,7 +87,7 @@ class FakePeer:
     async def client(self):
         return self._client
 
-    async def swarm_models(self, load=False):
+    async def swarm_models(self, load=False, timeout=5.0, max_age=2.0):
         return [{"name": "Tiny-Model", "model_id": "ab" * 32, "num_blocks": 6, "context_length": 64,
                  "coverage": coverage_view(self.servers, 6)}]
 
