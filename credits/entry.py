@@ -84,8 +84,20 @@ def clear_signature_cache() -> None:
     _VERIFIED.clear()
 
 
+class _Headed:
+    """What an entry and a body-less signed header share: the signed header bytes and the hash."""
+
+    @cached_property
+    def header(self) -> bytes:
+        return _header(self.author, self.seq, self.prev, self.timestamp, self.kind, self.body_hash)
+
+    @cached_property
+    def hash(self) -> bytes:
+        return sha256(self.header)
+
+
 @dataclass(frozen=True)
-class Entry:
+class Entry(_Headed):
     author: bytes
     seq: int
     prev: bytes
@@ -142,13 +154,6 @@ class Entry:
     def body_hash(self) -> bytes:
         return sha256(self.body)
 
-    @cached_property
-    def header(self) -> bytes:
-        return _header(self.author, self.seq, self.prev, self.timestamp, self.kind, self.body_hash)
-
-    @cached_property
-    def hash(self) -> bytes:
-        return sha256(self.header)
 
     @property
     def author_id(self) -> str:
@@ -186,7 +191,7 @@ def _check_fields(author: Any, seq: Any, prev: Any, timestamp: Any, kind: Any, b
 
 
 @dataclass(frozen=True)
-class SignedHeader:
+class SignedHeader(_Headed):
     """An entry without its body: enough to check the signature and the hash (used in fork proofs)."""
 
     author: bytes
@@ -212,13 +217,6 @@ class SignedHeader:
     def to_list(self) -> list:
         return [self.author, self.seq, self.prev, self.timestamp, self.kind, self.body_hash, self.signature]
 
-    @cached_property
-    def header(self) -> bytes:
-        return _header(self.author, self.seq, self.prev, self.timestamp, self.kind, self.body_hash)
-
-    @cached_property
-    def hash(self) -> bytes:
-        return sha256(self.header)
 
     def valid(self) -> bool:
         return verify_signature(self.author, self.header, self.signature, memo_key=self.hash)
