@@ -222,17 +222,22 @@ def text_completion(rid: str, model: str, text: str, finish_reason: str, use: di
             "usage": use, "potluck": extra}
 
 
+def _with_usage(chunk: dict, use: dict | None, extra: dict | None) -> dict:
+    """A streamed chunk with its optional usage and potluck fields."""
+    if use is not None:
+        chunk["usage"] = use
+    if extra is not None:
+        chunk["potluck"] = extra
+    return chunk
+
+
 def chat_chunk(rid: str, model: str, created: int, *, delta: dict | None = None, finish_reason: str | None = None,
                use: dict | None = None, no_choices: bool = False, extra: dict | None = None) -> dict:
     out = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
            "system_fingerprint": None,
            "choices": [] if no_choices else [{"index": 0, "delta": delta or {}, "logprobs": None,
                                               "finish_reason": finish_reason}]}
-    if use is not None:
-        out["usage"] = use
-    if extra is not None:
-        out["potluck"] = extra
-    return out
+    return _with_usage(out, use, extra)
 
 
 def completion_chunk(rid: str, model: str, created: int, *, text: str = "", finish_reason: str | None = None,
@@ -240,8 +245,4 @@ def completion_chunk(rid: str, model: str, created: int, *, text: str = "", fini
     out = {"id": rid, "object": "text_completion", "created": created, "model": model, "system_fingerprint": None,
            "choices": [] if no_choices else [{"index": 0, "text": text, "logprobs": None,
                                               "finish_reason": finish_reason}]}
-    if use is not None:
-        out["usage"] = use
-    if extra is not None:
-        out["potluck"] = extra
-    return out
+    return _with_usage(out, use, extra)
