@@ -227,7 +227,7 @@ class FreshPeer:
         Path(args.data_dir).mkdir(parents=True, exist_ok=True)
         self.log_path = Path(args.data_dir) / "chat-peer.log"
         self.log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log,
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, preexec_fn=_stop_with_parent,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.url = None
         deadline = time.monotonic() + 120
@@ -252,6 +252,20 @@ class FreshPeer:
                 self.proc.wait()
         self.proc.stdout.close()
         self.log.close()
+
+
+def _stop_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGTERM it when the chat process dies, however it
+    dies (a SIGKILLed chat runs no `finally`, and its peer must not outlive it)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _sigterm_exits(signum, frame) -> None:
+    raise SystemExit(128 + signum)  # unwinds through `finally`, which stops a peer we started
 
 
 def wait_for_model(api: ApiClient, wanted: str | None, timeout: float, out) -> str:
@@ -283,6 +297,7 @@ def wait_for_model(api: ApiClient, wanted: str | None, timeout: float, out) -> s
 def main(args: argparse.Namespace) -> int:
     out = sys.stdout
     fresh = None
+    signal.signal(signal.SIGTERM, _sigterm_exits)
     try:
         url = args.url
         if url is None:

@@ -276,6 +276,22 @@ def test_chat_starts_a_fresh_peer_when_none_runs(swarm, tmp_path):
     assert not (tmp_path / "fresh" / control.SOCKET_NAME).exists()  # the peer it started is gone
 
 
+def test_a_killed_chat_takes_its_fresh_peer_with_it(swarm, tmp_path):
+    data_dir = tmp_path / "orphan"
+    term = Terminal("--data-dir", str(data_dir), "--bootstrap", swarm.procs["head"].addr,
+                    "--model", str(swarm.model_dir))
+    try:
+        term.read_until(r"you> ", timeout=120)
+        assert (data_dir / control.SOCKET_NAME).exists()  # the peer it started is up
+        term.proc.kill()  # SIGKILL: the chat runs no cleanup of its own
+        term.proc.wait()
+        wait_until(lambda: not (data_dir / control.SOCKET_NAME).exists(), 20, message="the orphaned peer to stop")
+        with pytest.raises(control.PeerNotRunning):
+            trio.run(control.call, data_dir, "status")
+    finally:
+        term.close()
+
+
 def test_status_is_a_readable_table_and_json(swarm):
     head = subprocess.run([*POTLUCK, "status", "--data-dir", str(swarm.procs["head"].data_dir)],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "160"})
