@@ -6,34 +6,45 @@ A node uses the same node id at every level (Coral) and keeps one routing table 
 only members of its cluster at that level, so a key stored in its level-2 cluster lives at the
 XOR-closest members of that cluster and any member finds it without leaving the cluster.
 
-Membership without a coordinator — landmark election by distance-bounded minimum gossip:
-- A cluster is named by its *landmark*, a peer id. At each level a node holds (label, dist,
-  parent): the landmark it follows, its RTT distance to it along the chain of peers the label came
-  through, and the neighbour it came from. A node starts as its own landmark (dist 0).
-- Every DHT message carries the sender's (label, dist) per level. A node that hears (X, d) from
-  peer q, with RTT r to q (measured if we have talked to q; else Vivaldi's estimate, but only once
-  both coordinates report an error under 25 % — an unconverged estimate must not seed a label), computes
-  d' = d + r and adopts X when d' < T_L and X has a lower node id (sha256 of the peer id) than its
-  current label, or X is its label and d' is shorter. So the label of the lowest-id peer spreads
-  outward from it hop by hop, but never past RTT distance T_L: a cluster is the ball of radius T_L
-  (measured along real paths, which by the triangle inequality bounds the direct RTT) around the
-  lowest-id landmark that reaches a node. Peers of one metro/region — all well within T_L of each
-  other — converge on one label.
-- Updates from the parent refresh dist (maintenance pings the parent of each level); if the parent switches labels or its dist grows past
-  T_L × 1.25 (hysteresis against RTT noise), the node falls back to itself and re-elects from what
-  it hears next. Loops cannot keep a label alive by themselves: each round trip adds RTT until the
-  bound is crossed ("count to T_L", not to infinity).
-- No coordinates of landmarks are needed, so a drifting Vivaldi embedding cannot make labels stale;
-  Vivaldi serves the upper layers' estimates for peers never measured. A landmark that leaves keeps naming its
-  cluster as long as the chain that carries its label holds.
+Membership without a coordinator — landmark election by minimum gossip over balls in the network
+core:
+- A cluster is named by its *landmark*, a peer id, and centred on the landmark's Vivaldi coordinate.
+  At each level a node holds a label: the landmark it follows, the landmark's coordinate as the
+  landmark last advertised it, how long ago the landmark vouched for it (its *age*), the node's
+  distance to the landmark, and the neighbour the freshest word came from (its parent). A node
+  starts as its own landmark (distance 0, age 0).
+- Every DHT message carries the sender's label per level. A node that hears landmark X from peer q
+  adopts X when X has a lower node id (sha256 of the peer id) than its current landmark and its
+  distance to X is under T_L. So the label of the lowest-id landmark spreads outward from it, but
+  never past distance T_L from it: a cluster is the ball of radius T_L around the lowest-id
+  landmark that reaches a node.
+- The distance to a landmark is the smallest of two estimates: its distance *through the network
+  core*, ||x_self − x_X|| in Vivaldi's plane without the two heights (once both coordinates report
+  an error under the trust bound — an unconverged estimate must not seed a label), and the
+  path bound d_q + rtt(q) along the chain of peers the label came through (measured RTT, which by
+  the triangle inequality bounds the direct RTT; the only estimate before Vivaldi converges).
+  Heights are left out on purpose: they are each peer's access link, paid on every path whatever
+  the cluster, and counting them split metros by who has a slow last mile — at 10,000 simulated
+  peers chains of accumulated last miles crossed 30 ms within two or three hops and a region ended
+  in dozens of clusters.
+- Liveness by age, not by distance: the landmark advertises its label with age 0; everyone else
+  passes it on with the age it heard plus the time it has held it, keeping the freshest word (and
+  the landmark coordinate that came with it). A label older than `max_age` is dropped (the node
+  falls back to itself and re-elects from what it hears next), so a landmark that left or now
+  follows another stops naming a cluster within `max_age`, and loops cannot keep a label alive —
+  age only grows around them. Maintenance pings each label's parent (and, when the word is getting
+  old, the landmark itself) so live labels stay fresh.
+- If the distance to the landmark grows past T_L × 1.25 (hysteresis against RTT noise and
+  coordinate drift), the node falls back to itself and re-elects.
 - The `--region` hint only seeds: it places the node's initial Vivaldi coordinate at the region's
   nominal position (great-circle geometry in seconds of RTT, the same scale Vivaldi learns), so
   estimates are sensible before the first samples; measured RTT then moves the coordinate and
   decides membership.
 
-Known limits: a peer can lie about its coordinate or advertise a fake low-id landmark near a
-victim, merging clusters it should not — which costs latency (lookups look in a bigger cluster),
-never correctness (level 0 is always searched last, and records are signed).
+Known limits: a ball's edge can cut a metro in two when a landmark sits about T_L away from it.
+A peer can lie about its coordinate or advertise a fake low-id landmark near a victim, merging
+clusters it should not — which costs latency (lookups look in a bigger cluster), never correctness
+(level 0 is always searched last, and records are signed).
 """
 
 from __future__ import annotations
@@ -47,6 +58,8 @@ from .vivaldi import Coord
 
 DEFAULT_THRESHOLDS: dict[int, float] = {1: 0.100, 2: 0.030}
 HYSTERESIS = 1.25
+MAX_AGE = 600.0  # seconds a label lives without fresh word from its landmark
+TRUST_BELOW = 0.25  # Vivaldi error under which a coordinate may decide a label
 
 # Nominal positions (lat, lon) for `--region` hints; also used by the simulator bench.
 REGIONS: dict[str, tuple[float, float]] = {
@@ -101,10 +114,22 @@ def region_seed(region: str | None, rng: random.Random | None = None) -> Coord |
     return Coord(x * scale + rng.uniform(-jitter, jitter), y * scale + rng.uniform(-jitter, jitter), 0.005, 0.9)
 
 
+@dataclass(frozen=True, slots=True)
+class Advert:
+    """What a peer says about its label at one level."""
+
+    landmark: str
+    dist: float  # its distance to the landmark (seconds)
+    age: float  # seconds since the landmark vouched for the label
+    centre: Coord  # the landmark's coordinate, as the landmark advertised it
+
+
 @dataclass
 class Label:
     landmark: str
-    dist: float = 0.0
+    centre: Coord | None  # None: we are the landmark (our own coordinate is the centre)
+    chain: float = 0.0  # path bound: the parent's distance plus our RTT to the parent
+    vouched: float = 0.0  # local time at which the landmark vouched for the freshest word we have
     parent: str | None = None  # None: we are the landmark
     rank: int = field(default=-1)
 
@@ -113,17 +138,37 @@ class Label:
             self.rank = node_id(self.landmark)
 
 
+def core_distance(a: Coord, b: Coord) -> float:
+    """Vivaldi's estimate without the two heights (access links): distance through the core."""
+    return math.hypot(a.x - b.x, a.y - b.y)
+
+
 class Clusters:
     """The node's label (landmark peer id) at each level ≥ 1; level 0 is global and has none."""
 
-    def __init__(self, self_peer_id: str, thresholds: dict[int, float] | None = None, hysteresis: float = HYSTERESIS):
+    def __init__(self, self_peer_id: str, thresholds: dict[int, float] | None = None, *,
+                 hysteresis: float = HYSTERESIS, max_age: float = MAX_AGE, trust_below: float = TRUST_BELOW):
         self.self_peer_id = self_peer_id
         self.thresholds = dict(sorted((thresholds if thresholds is not None else DEFAULT_THRESHOLDS).items()))
         for level, t in self.thresholds.items():
             if level < 1 or not t > 0:
                 raise ValueError("cluster levels are integers ≥ 1 with a positive RTT threshold")
         self.hysteresis = hysteresis
-        self._labels: dict[int, Label] = {level: Label(self_peer_id) for level in self.thresholds}
+        self.max_age = max_age
+        self.trust_below = trust_below
+        self._labels: dict[int, Label] = {level: self._own() for level in self.thresholds}
+        self._ranks: dict[str, int] = {}
+
+    def _own(self) -> Label:
+        return Label(self.self_peer_id, None)
+
+    def _rank(self, landmark: str) -> int:
+        rank = self._ranks.get(landmark)
+        if rank is None:
+            if len(self._ranks) > 4096:
+                self._ranks.clear()
+            rank = self._ranks[landmark] = node_id(landmark)
+        return rank
 
     @property
     def levels(self) -> list[int]:
@@ -136,41 +181,78 @@ class Clusters:
     def labels(self) -> dict[int, str]:
         return {level: lab.landmark for level, lab in self._labels.items()}
 
-    def distance(self, level: int) -> float:
-        return self._labels[level].dist
+    def parents(self) -> list[str]:
+        """The peers our labels came through (maintenance pings them to keep the word fresh)."""
+        return list({lab.parent for lab in self._labels.values() if lab.parent is not None})
 
-    def wire(self) -> list:
-        """[[level, landmark, dist], ...] for piggybacking on messages."""
-        return [[level, lab.landmark, lab.dist] for level, lab in self._labels.items()]
+    def aging(self, now: float) -> list[str]:
+        """Landmarks whose word is past half its life: worth asking directly."""
+        return list({lab.landmark for lab in self._labels.values()
+                     if lab.parent is not None and now - lab.vouched > self.max_age / 2})
 
-    def heard(self, peer_id: str, adverts: dict[int, tuple[str, float]], rtt: float) -> list[int]:
-        """Peer `peer_id`, at RTT `rtt`, advertises {level: (landmark, its distance to it)}.
+    def _trusted(self, coord: Coord) -> bool:
+        return coord.error < self.trust_below
+
+    def distance(self, level: int, me: Coord) -> float:
+        """Our distance to our landmark at `level`: the smaller of the core and path estimates."""
+        lab = self._labels[level]
+        if lab.centre is None:
+            return 0.0
+        if self._trusted(me) and self._trusted(lab.centre):
+            return min(lab.chain, core_distance(me, lab.centre))
+        return lab.chain
+
+    def wire(self, me: Coord, now: float) -> list:
+        """[[level, landmark, dist, age, centre], ...] for piggybacking on messages."""
+        out = []
+        for level, lab in self._labels.items():
+            if lab.centre is None:
+                out.append([level, lab.landmark, 0.0, 0.0, me.wire()])
+            else:
+                out.append([level, lab.landmark, self.distance(level, me), max(now - lab.vouched, 0.0), lab.centre.wire()])
+        return out
+
+    def heard(self, peer_id: str, adverts: dict[int, Advert], rtt: float | None, me: Coord, now: float) -> list[int]:
+        """Peer `peer_id`, at RTT `rtt` (None: not known well enough), advertises its labels.
         Returns the levels whose label changed."""
         changed = []
         for level, threshold in self.thresholds.items():
             advert = adverts.get(level)
+            if advert is None or advert.landmark == self.self_peer_id or advert.age > self.max_age:
+                continue  # our own label coming back (we are its root), or word too old to use
             lab = self._labels[level]
-            if advert is None:
-                continue
-            landmark, d = advert
-            if landmark == self.self_peer_id:
-                continue  # our own label coming back: we are the root of it
-            via = d + rtt
-            if lab.parent == peer_id:
-                if landmark == lab.landmark and via <= threshold * self.hysteresis:
-                    lab.dist = via
+            chain = advert.dist + rtt if rtt is not None else math.inf
+            vouched = now - advert.age
+            if advert.landmark == lab.landmark:
+                # the parent's word replaces our path bound (its distance may have grown); others' can shorten it
+                lab.chain = chain if peer_id == lab.parent and rtt is not None else min(chain, lab.chain)
+                if vouched > lab.vouched:
+                    lab.vouched, lab.centre, lab.parent = vouched, advert.centre, peer_id
+                if self.distance(level, me) <= threshold * self.hysteresis:
                     continue
-                lab = self._labels[level] = Label(self.self_peer_id)  # parent left our cluster: re-elect
+                lab = self._labels[level] = self._own()  # drifted out of the landmark's ball: re-elect
                 changed.append(level)
-            if via >= threshold:
                 continue
-            if landmark == lab.landmark:
-                if via < lab.dist:
-                    lab.dist, lab.parent = via, peer_id
+            if self._rank(advert.landmark) >= lab.rank:
                 continue
-            rank = node_id(landmark)
-            if rank < lab.rank:
-                self._labels[level] = Label(landmark, via, peer_id, rank)
+            dist = chain
+            if self._trusted(me) and self._trusted(advert.centre):
+                dist = min(dist, core_distance(me, advert.centre))
+            if dist < threshold:
+                self._labels[level] = Label(advert.landmark, advert.centre, chain, vouched, peer_id, self._rank(advert.landmark))
                 if level not in changed:
                     changed.append(level)
+        return changed
+
+    def expire(self, me: Coord, now: float) -> list[int]:
+        """Drop labels whose word is older than `max_age` or whose landmark is now too far.
+        Returns the levels that fell back to ourselves."""
+        changed = []
+        for level, threshold in self.thresholds.items():
+            lab = self._labels[level]
+            if lab.centre is None:
+                continue
+            if now - lab.vouched > self.max_age or self.distance(level, me) > threshold * self.hysteresis:
+                self._labels[level] = self._own()
+                changed.append(level)
         return changed

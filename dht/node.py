@@ -87,6 +87,7 @@ class DHTConfig:
     healthy_size: int = 1  # table size at which bootstrap counts as done (also needs a self-lookup answer)
     max_peer_states: int = 4096
     trust_vivaldi_below: float = 0.25  # Vivaldi error under which estimates may decide cluster labels
+    cluster_label_max_age: float = 600.0  # a label without fresh word from its landmark for this long is dropped
     protocol: str = PROTOCOL
 
 
@@ -132,7 +133,8 @@ class DHTNode:
         self.node_id = node_id(self.peer_id)
         self.rng = random.Random(seed if seed is not None else self.node_id)
         self.vivaldi = Vivaldi(region_seed(region, self.rng), self.rng)
-        self.clusters_view = Clusters(self.peer_id, self.config.cluster_thresholds)
+        self.clusters_view = Clusters(self.peer_id, self.config.cluster_thresholds, max_age=self.config.cluster_label_max_age,
+                                      trust_below=self.config.trust_vivaldi_below)
         self.tables: dict[int, RoutingTable] = {lv: RoutingTable(self.node_id, self.config.k) for lv in self.clusters_view.levels}
         self.records = RecordStore(validators)
         self.peers: dict[str, PeerState] = {}
@@ -390,7 +392,7 @@ class DHTNode:
             return
         ps = self._state(peer_id)
         ps.coord = info.coord
-        ps.labels = {lv: lab[0] for lv, lab in info.labels.items()}
+        ps.labels = {lv: advert.landmark for lv, advert in info.labels.items()}
         ps.last_seen = now
         if info.addr is not None:
             ps.addr = info.addr
@@ -412,8 +414,7 @@ class DHTNode:
                 est = self.vivaldi.estimate(info.coord)
             else:
                 est = None
-            if est is not None:
-                changed = view.heard(peer_id, info.labels, est)
+            changed = view.heard(peer_id, info.labels, est, self.vivaldi.coord, now)
         for level in changed:
             self._relabel(level)
         if ps.addr is not None:
@@ -487,7 +488,7 @@ class DHTNode:
 
     def _info(self) -> dict:
         own = self.vivaldi.coord
-        return proto.encode_info(own, self.clusters_view.wire(), self.addr)
+        return proto.encode_info(own, self.clusters_view.wire(own, trio.current_time()), self.addr)
 
     async def _rpc(self, peer_id: str, addr: str | None, op: str, fields: dict, key: str = "") -> Reply:
         """One request with its RTT measured apart from connection setup; failures blacklist."""
@@ -534,7 +535,7 @@ class DHTNode:
 
         async def query(contact: Contact):
             reply = await self._rpc(contact.peer_id, contact.addr, "find_node", fields)
-            if level and reply.info.labels.get(level, ("",))[0] != label:
+            if level and reply.info.landmark(level) != label:
                 raise NotMember(contact.peer_id)
             return self._contacts(reply.contacts), False
 
@@ -561,7 +562,7 @@ class DHTNode:
             if good:
                 holders.append(contact.peer_id)
                 all_holders.append(contact.peer_id)
-            member = not level or reply.info.labels.get(level, ("",))[0] == label
+            member = not level or reply.info.landmark(level) == label
             if not member and not good:
                 raise NotMember(contact.peer_id)
             return self._contacts(reply.contacts) if member else [], len(holders) >= quorum
@@ -720,16 +721,19 @@ class DHTNode:
         near = [Contact(pid, self.peers[pid].addr) for pid, _ in self.closest(8)]
         if near:
             picks += self.rng.sample(near, min(cfg.vivaldi_pings // 2, len(near)))
-        # and the peers our cluster labels came through, to keep our distance to each landmark honest
-        for level in self.clusters_view.thresholds:
-            parent = self.clusters_view._labels[level].parent
-            if parent is not None and parent in self.peers and self.peers[parent].addr:
-                picks.append(Contact(parent, self.peers[parent].addr))
+        # and the peers our cluster labels came through (the landmarks themselves once the word
+        # gets old), to keep each label fresh and our distance to its landmark honest
+        for peer_id in self.clusters_view.parents() + self.clusters_view.aging(now):
+            ps = self.peers.get(peer_id)
+            if ps is not None and ps.addr:
+                picks.append(Contact(peer_id, ps.addr))
         for contact in {c.peer_id: c for c in picks}.values():
             try:
                 await self._rpc(contact.peer_id, contact.addr, "ping", {})
             except P2PError:
                 pass
+        for level in self.clusters_view.expire(self.vivaldi.coord, trio.current_time()):
+            self._relabel(level)
         for level in sorted(self._relabelled):
             if len(self.tables[level]):
                 # light at join: labels are still settling, and a relabel triggers a full walk later

@@ -4,8 +4,10 @@ Every request is a map {"op": OP, "i": INFO, ...}; every reply a map {"i": INFO,
 
 INFO, piggybacked on every message (this is how Vivaldi and cluster labels spread):
     {"c": [x, y, height, error],                 the sender's Vivaldi coordinate (seconds)
-     "l": [[level, landmark peer id, dist], …],   the sender's cluster label per level ≥ 1 and its
-                                                  RTT distance (seconds) to the landmark
+     "l": [[level, landmark peer id, dist, age,   the sender's cluster label per level ≥ 1: its
+            landmark coordinate], …],             distance (seconds) to the landmark, seconds since
+                                                  the landmark vouched for it, and the landmark's
+                                                  coordinate (see clusters.py)
      "a": multiaddr | nil}                        where to dial the sender; nil = client mode
                                                   (never enters routing tables)
 
@@ -35,6 +37,7 @@ from p2p.framing import expect_map, field
 from p2p.identity import public_key_from_peer_id
 from p2p.network import protocol_id
 
+from .clusters import Advert
 from .records import MAX_KEY_LEN, Entry, InvalidRecord, entry_from_wire
 from .vivaldi import Coord
 
@@ -46,6 +49,7 @@ MAX_ADDR_LEN = 256
 MAX_PEER_ID_LEN = 64
 MAX_LEVELS = 8
 MAX_LEVEL = 15
+MAX_LABEL_AGE = 86400.0
 
 _valid_peer_ids: dict[str, bool] = {}
 
@@ -70,8 +74,12 @@ def valid_peer_id(peer_id: Any) -> bool:
 @dataclass(slots=True)
 class PeerInfo:
     coord: Coord
-    labels: dict[int, tuple[str, float]]
+    labels: dict[int, Advert]
     addr: str | None
+
+    def landmark(self, level: int) -> str:
+        advert = self.labels.get(level)
+        return "" if advert is None else advert.landmark
 
 
 @dataclass(slots=True)
@@ -136,18 +144,20 @@ def _coord(item: Any, what: str) -> Coord:
 def decode_info(msg: dict, sender: str) -> PeerInfo:
     info = expect_map(field(msg, "i", dict), "info")
     coord = _coord(field(info, "c", list, max_len=4), "info coordinate")
-    labels: dict[int, tuple[str, float]] = {}
+    labels: dict[int, Advert] = {}
     for item in field(info, "l", list, max_len=MAX_LEVELS):
-        if not isinstance(item, list) or len(item) != 3:
-            raise FrameError("a cluster label is [level, landmark, dist]")
-        level, landmark, dist = item
+        if not isinstance(item, list) or len(item) != 5:
+            raise FrameError("a cluster label is [level, landmark, dist, age, landmark coordinate]")
+        level, landmark, dist, age, centre = item
         if isinstance(level, bool) or not isinstance(level, int) or not 1 <= level <= MAX_LEVEL:
             raise FrameError(f"cluster level must be an integer in 1..{MAX_LEVEL}")
         if not valid_peer_id(landmark):
             raise FrameError("cluster landmark must be a peer id")
         if isinstance(dist, bool) or not isinstance(dist, (int, float)) or not 0 <= dist <= 60.0:
             raise FrameError("landmark distance must be a number of seconds in [0, 60]")
-        labels[level] = (landmark, float(dist))
+        if isinstance(age, bool) or not isinstance(age, (int, float)) or not 0 <= age <= MAX_LABEL_AGE:
+            raise FrameError(f"label age must be a number of seconds in [0, {MAX_LABEL_AGE:.0f}]")
+        labels[level] = Advert(landmark, float(dist), float(age), _coord(centre, "landmark coordinate"))
     addr = field(info, "a", str, optional=True, max_len=MAX_ADDR_LEN)
     if addr is not None:
         _check_addr(addr, sender, "sender")

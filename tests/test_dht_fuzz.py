@@ -23,7 +23,7 @@ wire = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=6)
 
 
 def info():
-    return {"c": Coord(0.01, 0.02, 0.003, 0.5).wire(), "l": [[2, BOB.peer_id, 0.012]], "a": ADDR}
+    return {"c": Coord(0.01, 0.02, 0.003, 0.5).wire(), "l": [[2, BOB.peer_id, 0.012, 3.5, Coord(0.02, 0.01, 0.004, 0.2).wire()]], "a": ADDR}
 
 
 def valid_requests():
@@ -66,6 +66,7 @@ def test_arbitrary_objects_never_crash_the_decoders(obj):
 
 
 FIELDS = [("op",), ("i",), ("i", "c"), ("i", "c", 0), ("i", "l"), ("i", "l", 0), ("i", "l", 0, 0), ("i", "l", 0, 1),
+          ("i", "l", 0, 2), ("i", "l", 0, 3), ("i", "l", 0, 4), ("i", "l", 0, 4, 0),
           ("i", "a"), ("t",), ("lv",), ("cl",), ("k",), ("e",), ("e", 0), ("e", 0, 0), ("e", 0, 1), ("e", 0, 2), ("e", 0, 3)]
 
 
@@ -83,6 +84,9 @@ def test_mutated_valid_requests_are_refused_cleanly(which, path, value):
         return
     # whatever got through is well-typed
     assert isinstance(req.info.coord, Coord) and isinstance(req.level, int) and isinstance(req.key, str)
+    for level, advert in req.info.labels.items():
+        assert isinstance(level, int) and isinstance(advert.centre, Coord)
+        assert 0 <= advert.dist <= 60 and 0 <= advert.age <= proto.MAX_LABEL_AGE
     for e in req.entries:
         assert isinstance(e.raw, bytes) and isinstance(e.expires, float) and len(e.signature) == 64
 

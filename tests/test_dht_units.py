@@ -5,7 +5,7 @@ import random
 
 import pytest
 
-from dht.clusters import Clusters, region_seed
+from dht.clusters import Advert, Clusters, region_seed
 from dht.ids import bucket_index, key_id, node_id, puzzle_ok, random_id_in_bucket, solve_puzzle
 from dht.records import Entry, InvalidRecord, RecordStore, Validators, merge, signing_bytes
 from dht.routing import Contact, RoutingTable
@@ -184,34 +184,95 @@ def test_coordinates_from_the_wire_are_checked():
 # --- clusters ------------------------------------------------------------------------------------------
 
 
-def test_landmark_election_is_distance_bounded_min_gossip():
+UNSURE = Coord(0.0, 0.0, 0.005, 0.9)  # an unconverged coordinate: never decides a label
+
+
+def sure(x_ms: float, y_ms: float = 0.0, h_ms: float = 5.0) -> Coord:
+    return Coord(x_ms / 1000, y_ms / 1000, h_ms / 1000, 0.05)
+
+
+def adv(landmark: str, dist: float, age: float = 0.0, centre: Coord = UNSURE) -> Advert:
+    return Advert(landmark, dist, age, centre)
+
+
+def test_landmark_election_by_path_bound_before_vivaldi_converges():
     ids = sorted((ident(i).peer_id for i in range(12)), key=node_id)
     lowest, low, me = ids[0], ids[1], ids[-1]
     view = Clusters(me, {1: 0.100, 2: 0.030})
     assert view.labels() == {1: me, 2: me}
     # a neighbour 10 ms away that is 15 ms from the lowest-id landmark: 25 ms < 30 ms, both levels
-    assert sorted(view.heard(low, {1: (lowest, 0.015), 2: (lowest, 0.015)}, 0.010)) == [1, 2]
-    assert view.labels() == {1: lowest, 2: lowest} and abs(view.distance(2) - 0.025) < 1e-9
-    # a farther path to a landmark we follow does not replace ours; a shorter one does
-    view.heard(ids[2], {2: (lowest, 0.02)}, 0.009)
-    assert view.distance(2) == 0.025
-    view.heard(ids[3], {2: (lowest, 0.001)}, 0.004)
-    assert abs(view.distance(2) - 0.005) < 1e-9
-    # a label beyond the threshold is not adopted, even with a lower id
+    assert sorted(view.heard(low, {1: adv(lowest, 0.015), 2: adv(lowest, 0.015)}, 0.010, UNSURE, 0.0)) == [1, 2]
+    assert view.labels() == {1: lowest, 2: lowest} and abs(view.distance(2, UNSURE) - 0.025) < 1e-9
+    # a longer path to a landmark we follow does not replace ours; a shorter one does
+    view.heard(ids[2], {2: adv(lowest, 0.02)}, 0.009, UNSURE, 0.0)
+    assert abs(view.distance(2, UNSURE) - 0.025) < 1e-9
+    view.heard(ids[3], {2: adv(lowest, 0.001)}, 0.004, UNSURE, 0.0)
+    assert abs(view.distance(2, UNSURE) - 0.005) < 1e-9
+    # a label beyond the threshold is not adopted, even with a lower id; nor with no RTT and no trusted coordinates
     view2 = Clusters(me, {1: 0.100, 2: 0.030})
-    assert view2.heard(low, {1: (lowest, 0.05), 2: (lowest, 0.05)}, 0.01) == [1]
+    assert view2.heard(low, {1: adv(lowest, 0.05), 2: adv(lowest, 0.05)}, 0.01, UNSURE, 0.0) == [1]
     assert view2.label(2) == me and view2.label(1) == lowest
-    # the parent switching away (or drifting past threshold × hysteresis) makes us re-elect
+    assert Clusters(me, {2: 0.030}).heard(low, {2: adv(lowest, 0.0)}, None, UNSURE, 0.0) == []
+    # the parent's distance growing past threshold × hysteresis makes us re-elect
     view3 = Clusters(me, {2: 0.030})
-    view3.heard(low, {2: (lowest, 0.01)}, 0.01)
+    view3.heard(low, {2: adv(lowest, 0.01)}, 0.01, UNSURE, 0.0)
     assert view3.label(2) == lowest
-    assert view3.heard(low, {2: (low, 0.0)}, 0.01) == [2]
-    assert view3.label(2) == low  # it re-elected from the same message: low itself is near and lower than us
-    view3.heard(low, {2: (low, 0.0)}, 0.05)  # RTT grew past 30 ms × 1.25
+    assert view3.heard(low, {2: adv(lowest, 0.03, age=1.0)}, 0.01, UNSURE, 1.0) == [2]
     assert view3.label(2) == me
-    # a higher-id label never displaces a lower one
+    # a higher-id label never displaces a lower one; our own label coming back is ignored
     view4 = Clusters(lowest, {2: 0.030})
-    assert view4.heard(me, {2: (me, 0.0)}, 0.001) == [] and view4.label(2) == lowest
+    assert view4.heard(me, {2: adv(me, 0.0)}, 0.001, UNSURE, 0.0) == [] and view4.label(2) == lowest
+    assert view4.heard(me, {2: adv(lowest, 0.001)}, 0.001, UNSURE, 0.0) == [] and view4.distance(2, UNSURE) == 0.0
+
+
+def test_landmark_distance_through_the_core_leaves_access_links_out():
+    ids = sorted((ident(i).peer_id for i in range(12)), key=node_id)
+    lowest, low, me = ids[0], ids[1], ids[-1]
+    # we sit 12 ms (core) from the landmark, both with 20 ms access links: RTT 52 ms, the path
+    # bound through a neighbour even more — but the core distance puts us in its level-2 ball
+    here, there = sure(12.0, h_ms=20.0), sure(0.0, h_ms=20.0)
+    view = Clusters(me, {2: 0.030})
+    assert view.heard(low, {2: adv(lowest, 0.045, centre=there)}, 0.041, here, 0.0) == [2]
+    assert view.label(2) == lowest and abs(view.distance(2, here) - 0.012) < 1e-9
+    assert view.wire(here, 0.0)[0][:3] == [2, lowest, view.distance(2, here)]
+    # an unconverged coordinate (ours or the landmark's) cannot decide: the path bound does
+    for mine, theirs in ((UNSURE, there), (here, Coord(0.0, 0.0, 0.02, 0.9))):
+        assert Clusters(me, {2: 0.030}).heard(low, {2: adv(lowest, 0.045, centre=theirs)}, 0.041, mine, 0.0) == []
+    # 40 ms away through the core: outside, however short the heights
+    assert Clusters(me, {2: 0.030}).heard(low, {2: adv(lowest, 0.045, centre=sure(40.0, h_ms=0.1))}, 0.041,
+                                          sure(0.0, h_ms=0.1), 0.0) == []
+    # we drift to 45 ms from the landmark's latest coordinate (> 30 × 1.25): re-elect
+    assert view.expire(sure(45.0, h_ms=20.0), 1.0) == [2] and view.label(2) == me
+
+
+def test_labels_live_by_the_landmarks_word_and_expire_without_it():
+    ids = sorted((ident(i).peer_id for i in range(12)), key=node_id)
+    lowest, a, b, me = ids[0], ids[1], ids[2], ids[-1]
+    here, centre = sure(5.0), sure(0.0)
+    view = Clusters(me, {2: 0.030}, max_age=600.0)
+    view.heard(a, {2: adv(lowest, 0.005, age=10.0, centre=centre)}, 0.004, here, 100.0)
+    assert view.label(2) == lowest and view.parents() == [a]
+    # the age we pass on grows with the time we hold the word
+    assert view.wire(here, 150.0)[0][3] == 60.0
+    # fresher word through b: b becomes the parent and its centre (the landmark moved) is taken
+    moved = sure(1.0)
+    view.heard(b, {2: adv(lowest, 0.006, age=1.0, centre=moved)}, 0.004, here, 200.0)
+    assert view.parents() == [b] and view.wire(here, 200.0)[0][4] == moved.wire() and view.wire(here, 200.0)[0][3] == 1.0
+    # staler word from a does not take it back; word older than max_age is not used at all
+    view.heard(a, {2: adv(lowest, 0.005, age=50.0, centre=centre)}, 0.004, here, 201.0)
+    assert view.parents() == [b]
+    assert Clusters(me, {2: 0.030}, max_age=600.0).heard(a, {2: adv(lowest, 0.005, age=601.0, centre=centre)},
+                                                        0.004, here, 0.0) == []
+    # past half its life the landmark itself is worth a ping; past max_age the label is dropped
+    assert view.aging(199.0 + 301.0) == [lowest]
+    assert view.expire(here, 199.0 + 599.0) == [] and view.expire(here, 199.0 + 601.0) == [2]
+    assert view.label(2) == me and view.parents() == []
+    # a loop (a and me echoing each other) cannot keep a label alive: the age only grows
+    view.heard(a, {2: adv(lowest, 0.005, age=0.0, centre=centre)}, 0.004, here, 1000.0)
+    for t in range(1, 20):
+        echoed = view.wire(here, 1000.0 + 40 * t)[0]  # a hears us and passes it straight back
+        view.heard(a, {2: adv(lowest, echoed[2], age=echoed[3], centre=centre)}, 0.004, here, 1000.0 + 40 * t)
+    assert view.expire(here, 1000.0 + 40 * 19) == [2]
 
 
 def test_region_hint_seeds_a_plausible_coordinate():
