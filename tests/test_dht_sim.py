@@ -153,7 +153,8 @@ async def test_regions_form_level2_clusters_and_vivaldi_converges(autojump_clock
         async with trio.open_nursery() as nursery:
             # peers give a --region hint: it seeds their coordinate; samples refine it
             # (convergence from nothing is tested in test_dht_units on a synthetic space)
-            swarm = await swarm_of(world, nursery, 200, seed=5, place_fn=place, hints=True)
+            config = DHTConfig(cluster_label_max_age=120.0)
+            swarm = await swarm_of(world, nursery, 200, seed=5, place_fn=place, hints=True, config=config)
             await swarm.settle(4)
             err = vivaldi_error(swarm, 3000)
             print(f"Vivaldi median relative error after join + 4 rounds: {err:.1%}")
@@ -181,4 +182,16 @@ async def test_regions_form_level2_clusters_and_vivaldi_converges(autojump_clock
                 levels.append(result.level)
             print("levels where in-region keys were found:", levels)
             assert levels.count(2) >= 7
+
+            # eu's landmark leaves: without its word the label ages out (max_age 120 s here) and eu
+            # elects a new one; the other regions keep theirs
+            landmark = next(n for n in swarm.nodes if n.peer_id == main_label["eu-central"])
+            swarm.crash(landmark)
+            await trio.sleep(400)  # virtual: about 13 maintenance rounds
+            for region in names:
+                labels = [n.clusters[2] for n in swarm.alive if swarm.region_of[n.peer_id] == region]
+                top = statistics.mode(labels)
+                print(f"after eu's landmark left, {region}: {labels.count(top) / len(labels):.0%} in {top[-8:]}")
+                assert labels.count(top) / len(labels) >= 0.95
+                assert (top != main_label[region]) == (region == "eu-central")
             nursery.cancel_scope.cancel()
