@@ -34,6 +34,9 @@ core:
   follows another stops naming a cluster within `max_age`, and loops cannot keep a label alive —
   age only grows around them. Maintenance pings each label's parent (and, when the word is getting
   old, the landmark itself) so live labels stay fresh.
+- When neither estimate can decide (a coordinate not yet trusted, and a path bound over T_L), the
+  node pings the landmark itself: the measured RTT is then a path bound of one hop. A node that
+  hears from its landmark that the landmark now follows another re-elects at once.
 - If the distance to the landmark grows past T_L × 1.25 (hysteresis against RTT noise and
   coordinate drift), the node falls back to itself and re-elects.
 - The `--region` hint only seeds: it places the node's initial Vivaldi coordinate at the region's
@@ -158,6 +161,7 @@ class Clusters:
         self.trust_below = trust_below
         self._labels: dict[int, Label] = {level: self._own() for level in self.thresholds}
         self._ranks: dict[str, int] = {}
+        self._unsure: set[str] = set()
 
     def _own(self) -> Label:
         return Label(self.self_peer_id, None)
@@ -189,6 +193,12 @@ class Clusters:
         """Landmarks whose word is past half its life: worth asking directly."""
         return list({lab.landmark for lab in self._labels.values()
                      if lab.parent is not None and now - lab.vouched > self.max_age / 2})
+
+    def take_unsure(self) -> list[str]:
+        """Lower-id landmarks heard of whose distance we could not judge (no trusted coordinate,
+        and a path bound over the threshold): measuring the RTT to them directly decides."""
+        out, self._unsure = list(self._unsure), set()
+        return out
 
     def _trusted(self, coord: Coord) -> bool:
         return coord.error < self.trust_below
@@ -223,6 +233,9 @@ class Clusters:
             lab = self._labels[level]
             chain = advert.dist + rtt if rtt is not None else math.inf
             vouched = now - advert.age
+            if peer_id == lab.landmark and advert.landmark != peer_id:
+                lab = self._labels[level] = self._own()  # our landmark follows another now: re-elect
+                changed.append(level)
             if advert.landmark == lab.landmark:
                 # the parent's word replaces our path bound (its distance may have grown); others' can shorten it
                 lab.chain = chain if peer_id == lab.parent and rtt is not None else min(chain, lab.chain)
@@ -238,6 +251,8 @@ class Clusters:
             dist = chain
             if self._trusted(me) and self._trusted(advert.centre):
                 dist = min(dist, core_distance(me, advert.centre))
+            elif chain >= threshold and len(self._unsure) < 16:
+                self._unsure.add(advert.landmark)
             if dist < threshold:
                 self._labels[level] = Label(advert.landmark, advert.centre, chain, vouched, peer_id, self._rank(advert.landmark))
                 if level not in changed:

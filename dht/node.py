@@ -142,6 +142,7 @@ class DHTNode:
         self._connected: set[str] = set()
         self._nursery: trio.Nursery | None = None
         self._pinging: set[str] = set()
+        self._probed: dict[str, float] = {}  # landmark → when we last measured it
         self._owned: dict[tuple[str, str], tuple[Any, float, list[int] | None, float]] = {}
         self._relabelled: set[int] = set()
         self.stats = {"requests_in": 0, "requests_out": 0, "bad_requests": 0, "bad_replies": 0, "corrections": 0}
@@ -415,6 +416,8 @@ class DHTNode:
             else:
                 est = None
             changed = view.heard(peer_id, info.labels, est, self.vivaldi.coord, now)
+            for landmark in view.take_unsure():
+                self._probe_landmark(landmark)
         for level in changed:
             self._relabel(level)
         if ps.addr is not None:
@@ -434,6 +437,30 @@ class DHTNode:
             return
         self._pinging.add(old.peer_id)
         self._nursery.start_soon(self._ping_oldest, old)
+
+    def _probe_landmark(self, landmark: str) -> None:
+        """Measure the RTT to a landmark (at most once a minute each): its reply's label then decides."""
+        now = trio.current_time()
+        if self._nursery is None or landmark in self._pinging or now - self._probed.get(landmark, -math.inf) < 60.0:
+            return
+        if len(self._probed) > 1024:
+            self._probed.clear()
+        self._probed[landmark] = now
+        self._pinging.add(landmark)
+        self._nursery.start_soon(self._ping_landmark, landmark)
+
+    async def _ping_landmark(self, landmark: str) -> None:
+        try:
+            ps = self.peers.get(landmark)
+            addr = ps.addr if ps is not None and ps.addr else self.network.address_of(landmark)
+            if addr is None:
+                addr = await self.find_peer(landmark)
+            if addr is not None:
+                await self._rpc(landmark, addr, "ping", {})
+        except P2PError as e:
+            log.debug("landmark %s: %s", landmark, e)
+        finally:
+            self._pinging.discard(landmark)
 
     async def _ping_oldest(self, old: Contact) -> None:
         try:
@@ -723,10 +750,12 @@ class DHTNode:
             picks += self.rng.sample(near, min(cfg.vivaldi_pings // 2, len(near)))
         # and the peers our cluster labels came through (the landmarks themselves once the word
         # gets old), to keep each label fresh and our distance to its landmark honest
-        for peer_id in self.clusters_view.parents() + self.clusters_view.aging(now):
+        for peer_id in self.clusters_view.parents():
             ps = self.peers.get(peer_id)
             if ps is not None and ps.addr:
                 picks.append(Contact(peer_id, ps.addr))
+        for landmark in self.clusters_view.aging(now):
+            self._probe_landmark(landmark)
         for contact in {c.peer_id: c for c in picks}.values():
             try:
                 await self._rpc(contact.peer_id, contact.addr, "ping", {})

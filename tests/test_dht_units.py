@@ -223,6 +223,17 @@ def test_landmark_election_by_path_bound_before_vivaldi_converges():
     view4 = Clusters(lowest, {2: 0.030})
     assert view4.heard(me, {2: adv(me, 0.0)}, 0.001, UNSURE, 0.0) == [] and view4.label(2) == lowest
     assert view4.heard(me, {2: adv(lowest, 0.001)}, 0.001, UNSURE, 0.0) == [] and view4.distance(2, UNSURE) == 0.0
+    # a lower-id landmark whose distance nothing can judge is handed out once for a direct RTT probe
+    view5 = Clusters(me, {2: 0.030})
+    assert view5.heard(low, {2: adv(lowest, 0.05)}, 0.01, UNSURE, 0.0) == [] and view5.take_unsure() == [lowest]
+    assert view5.take_unsure() == []
+    # hearing from our landmark that it now follows another: re-elect at once (here: adopt that one)
+    view5.heard(low, {2: adv(low, 0.0)}, 0.01, UNSURE, 0.0)
+    assert view5.label(2) == low
+    assert view5.heard(low, {2: adv(lowest, 0.01)}, 0.01, UNSURE, 1.0) == [2] and view5.label(2) == lowest
+    view6 = Clusters(me, {2: 0.030})
+    view6.heard(low, {2: adv(low, 0.0)}, 0.01, UNSURE, 0.0)
+    assert view6.heard(low, {2: adv(lowest, 0.05)}, 0.01, UNSURE, 1.0) == [2] and view6.label(2) == me
 
 
 def test_landmark_distance_through_the_core_leaves_access_links_out():
