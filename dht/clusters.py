@@ -1,7 +1,8 @@
 """Coral-style cluster levels chosen by measured RTT, with no coordinator.
 
 Levels: 0 is the global DHT (everyone). Level L ≥ 1 has an RTT threshold T_L (default level 1 <
-100 ms, level 2 < 30 ms; configurable, any number of levels, tighter thresholds at higher levels).
+100 ms, level 2 < 30 ms; configurable, any number of levels, tighter thresholds at higher levels):
+the most a member may be from its cluster's landmark, access links left out (see below).
 A node uses the same node id at every level (Coral) and keeps one routing table per level holding
 only members of its cluster at that level, so a key stored in its level-2 cluster lives at the
 XOR-closest members of that cluster and any member finds it without leaving the cluster.
