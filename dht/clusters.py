@@ -55,7 +55,7 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .ids import node_id
 from .vivaldi import Coord
@@ -135,11 +135,7 @@ class Label:
     chain: float = 0.0  # path bound: the parent's distance plus our RTT to the parent
     vouched: float = 0.0  # local time at which the landmark vouched for the freshest word we have
     parent: str | None = None  # None: we are the landmark
-    rank: int = field(default=-1)
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            self.rank = node_id(self.landmark)
+    rank: int = 0  # node id of the landmark: the lower wins
 
 
 def core_distance(a: Coord, b: Coord) -> float:
@@ -160,12 +156,12 @@ class Clusters:
         self.hysteresis = hysteresis
         self.max_age = max_age
         self.trust_below = trust_below
-        self._labels: dict[int, Label] = {level: self._own() for level in self.thresholds}
         self._ranks: dict[str, int] = {}
+        self._labels: dict[int, Label] = {level: self._own() for level in self.thresholds}
         self._unsure: set[str] = set()
 
     def _own(self) -> Label:
-        return Label(self.self_peer_id, None)
+        return Label(self.self_peer_id, None, rank=self._rank(self.self_peer_id))
 
     def _rank(self, landmark: str) -> int:
         rank = self._ranks.get(landmark)
@@ -201,17 +197,18 @@ class Clusters:
         out, self._unsure = list(self._unsure), set()
         return out
 
-    def _trusted(self, coord: Coord) -> bool:
+    def trusted(self, coord: Coord) -> bool:
+        """Is this coordinate sure enough to decide a label?"""
         return coord.error < self.trust_below
+
+    def _core(self, me: Coord, centre: Coord) -> float:
+        """The core distance to a landmark at `centre`, or infinity while either coordinate is unsure."""
+        return core_distance(me, centre) if self.trusted(me) and self.trusted(centre) else math.inf
 
     def distance(self, level: int, me: Coord) -> float:
         """Our distance to our landmark at `level`: the smaller of the core and path estimates."""
         lab = self._labels[level]
-        if lab.centre is None:
-            return 0.0
-        if self._trusted(me) and self._trusted(lab.centre):
-            return min(lab.chain, core_distance(me, lab.centre))
-        return lab.chain
+        return 0.0 if lab.centre is None else min(lab.chain, self._core(me, lab.centre))
 
     def wire(self, me: Coord, now: float) -> list:
         """[[level, landmark, dist, age, centre], ...] for piggybacking on messages."""
@@ -249,12 +246,10 @@ class Clusters:
                 continue
             if self._rank(advert.landmark) >= lab.rank:
                 continue
-            dist = chain
-            if self._trusted(me) and self._trusted(advert.centre):
-                dist = min(dist, core_distance(me, advert.centre))
-            elif chain >= threshold and len(self._unsure) < 16:
+            core = self._core(me, advert.centre)
+            if core == math.inf and chain >= threshold and len(self._unsure) < 16:
                 self._unsure.add(advert.landmark)
-            if dist < threshold:
+            if min(chain, core) < threshold:
                 self._labels[level] = Label(advert.landmark, advert.centre, chain, vouched, peer_id, self._rank(advert.landmark))
                 if level not in changed:
                     changed.append(level)

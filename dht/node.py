@@ -411,7 +411,7 @@ class DHTNode:
             # unconverged estimate must not seed a label
             if ps.rtts:
                 est = ps.rtt
-            elif self.vivaldi.coord.error < self.config.trust_vivaldi_below and info.coord.error < self.config.trust_vivaldi_below:
+            elif view.trusted(self.vivaldi.coord) and view.trusted(info.coord):
                 est = self.vivaldi.estimate(info.coord)
             else:
                 est = None
