@@ -55,8 +55,10 @@ async def _handle(stream: trio.SocketStream, commands: dict[str, Command]) -> No
         else:
             try:
                 reply = {"ok": await command(request)}
-            except (P2PError, ValueError) as e:
-                reply = {"error": str(e)}
+            except Exception as e:  # a failed command fails its caller, never the peer
+                if not isinstance(e, (P2PError, ValueError, RuntimeError)):  # those say what went wrong
+                    log.exception("control command %r failed", name)
+                reply = {"error": str(e) or type(e).__name__}
         await stream.send_all(framing.frame(reply, MAX_CONTROL_FRAME))
     except (P2PError, trio.BrokenResourceError, trio.TooSlowError) as e:
         log.debug("control connection dropped: %s", e)

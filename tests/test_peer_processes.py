@@ -113,3 +113,25 @@ def test_credit_chains_replicate_between_processes(spawn):
     table = subprocess.run([*POTLUCK, "credits", "--data-dir", str(a.data_dir)], capture_output=True, text=True,
                            env={**os.environ, "COLUMNS": "250"}, check=True).stdout
     assert "GFLOP-credits" in table and b.peer_id in table
+
+
+def test_a_failed_command_is_an_error_reply_and_the_peer_keeps_serving(spawn, smollm2_data):
+    """A generation with no server to route through fails for that caller only: the peer answers with
+    the reason and goes on serving (an error escaping a command must not end a user's peer)."""
+    import trio
+
+    from potluck import control
+
+    peer = spawn("--model", str(smollm2_data[1]), "--threads", "1")
+
+    async def generate():
+        with trio.fail_after(60):
+            return await control.call(peer.data_dir, "generate", prompt="Hi", max_tokens=2)
+
+    try:
+        trio.run(generate)
+        raise AssertionError("a generation with no servers succeeded")
+    except RuntimeError as e:
+        assert "no server" in str(e) or "route" in str(e), e
+    assert peer.proc.poll() is None, peer.log_tail()
+    assert peer.status()["peer_id"] == peer.peer_id
