@@ -75,6 +75,7 @@ class DHTConfig:
     refresh_interval: float = 900.0
     join_refreshes: int = 1  # far buckets refreshed right after joining
     maintenance_interval: float = 30.0
+    relabel_settle: float = 1.0  # after a label changes, wait this long before announcing it
     vivaldi_pings: int = 2  # pings per maintenance round, for RTT samples
     default_ttl: float = 3600.0
     republish_fraction: float = 0.5  # owners re-sign and re-store once this fraction of the TTL is left
@@ -144,7 +145,8 @@ class DHTNode:
         self._pinging: set[str] = set()
         self._probed: dict[str, float] = {}  # landmark → when we last measured it
         self._owned: dict[tuple[str, str], tuple[Any, float, list[int] | None, float]] = {}
-        self._relabelled: set[int] = set()
+        self._relabelled: set[int] = set()  # levels whose label changed since we last announced it
+        self._relabel_wakeup = trio.Event()
         self.stats = {"requests_in": 0, "requests_out": 0, "bad_requests": 0, "bad_replies": 0, "corrections": 0}
         network.add_connection_listener(self._on_connection)
 
@@ -212,6 +214,7 @@ class DHTNode:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.network.set_request_handler(self.config.protocol, self._handle)
+            nursery.start_soon(self._announce_relabels)
             try:
                 ok = await self._bootstrap_once()
                 task_status.started(self)
@@ -483,6 +486,7 @@ class DHTNode:
                 table.add(Contact(peer_id, ps.addr), now)
         self.tables[level] = table
         self._relabelled.add(level)
+        self._relabel_wakeup.set()
 
     def _failed(self, peer_id: str) -> None:
         ps = self._state(peer_id)
@@ -725,8 +729,23 @@ class DHTNode:
             if level == 0:
                 continue
             if len(self.tables[level]):
-                # light at join: labels are still settling, and a relabel triggers a full walk later
                 await self._refresh(self.node_id, level)
+
+    async def _announce_relabels(self) -> None:
+        """Soon after our label at a level changes, walk to ourselves in the new cluster: our reply
+        carries the new label, so the members we meet add us now rather than whenever they next
+        hear from us (which may be a maintenance round or more away)."""
+        while True:
+            await self._relabel_wakeup.wait()
+            await trio.sleep(self.config.relabel_settle)  # labels change in bursts while they settle
+            self._relabel_wakeup = trio.Event()
+            levels, self._relabelled = sorted(self._relabelled), set()
+            for level in levels:
+                if level in self.tables and len(self.tables[level]):
+                    try:
+                        await self._refresh(self.node_id, level)
+                    except P2PError as e:
+                        log.debug("announcing level %d: %s", level, e)
 
     async def _maintain(self) -> None:
         cfg = self.config
@@ -763,10 +782,8 @@ class DHTNode:
                 pass
         for level in self.clusters_view.expire(self.vivaldi.coord, trio.current_time()):
             self._relabel(level)
-        for level in sorted(self._relabelled):
-            if len(self.tables[level]):
-                # light at join: labels are still settling, and a relabel triggers a full walk later
-                await self._refresh(self.node_id, level)
+        # a self-lookup in each cluster keeps its members' tables holding us
+        await self._self_lookups()
         # bucket refresh, a couple per round
         for level, table in list(self.tables.items()):
             for index in table.stale_buckets(now, cfg.refresh_interval)[:2]:
