@@ -88,42 +88,15 @@ def measure_membership_rtt(lab, peers, settle_s: float = 12.0) -> dict:
     }
 
 
-def _call(peer, cmd, timeout: float = 40.0, **args):
-    import trio
-
-    from potluck import control
-
-    async def go():
-        with trio.fail_after(timeout):
-            return await control.call(peer.data_dir, cmd, **args)
-    return trio.run(go)
-
-
-def _level2(peers) -> dict[str, set[str]]:
-    by: dict[str, set[str]] = {}
-    for p in peers:
-        by.setdefault(p.host.region, set()).add(_call(p, "status")["dht"]["clusters"]["2"])
-    return by
-
-
 def measure_dht_lookup(lab, peers, keys: int = 20, settle_timeout: float = 120.0) -> dict:
     """Level-2 clusters per region, then lookup latency of records held only in eu."""
-    from netlab.dhtprobe import Probe
+    from netlab.dhtprobe import Probe, level2_by_region, settle_clusters
 
-    t = time.monotonic()
-    i = 0
-    while True:  # labels settle on DHT traffic (see tests/test_netns_dht.py): store a warm-up record per round
-        by = _level2(peers)
-        if all(len(v) == 1 for v in by.values()) and len(set().union(*by.values())) == len(by):
-            break
-        if time.monotonic() - t > settle_timeout:
-            return {"error": f"regions did not become level-2 clusters in {settle_timeout}s",
-                    "labels": {r: sorted(v) for r, v in by.items()}}
-        for p in peers:
-            _call(p, "dht_store", key=f"warm/{p.peer_id}/{i}", value=i, ttl=60)
-        i += 1
-        time.sleep(1.0)
-    settled_s = time.monotonic() - t
+    try:
+        settled_s = settle_clusters(peers, settle_timeout)
+    except TimeoutError as e:
+        return {"error": str(e)}
+    by = level2_by_region(peers)
     ids = [p.peer_id for p in peers]
     probes = {r: Probe(lab, lab.region_hosts(r)[2], [peers[0].addr], above=ids) for r in ("eu", "ap")}
     try:
@@ -173,8 +146,8 @@ def measure_tokens_per_s(lab, peers, runs: int = 3) -> dict:
     out: dict = {"tokens": TOKENS, "servers": {h: "0:30" for h in SERVER_HOSTS}}
     for region, host in USER_HOSTS.items():
         user = next(p for p in peers if p.host.name == host)
-        _call(user, "generate", prompt=PROMPT, max_tokens=2)  # loads the client half, learns routes
-        results = [_call(user, "generate", prompt=PROMPT, max_tokens=TOKENS) for _ in range(runs)]
+        user.call("generate", prompt=PROMPT, max_tokens=2)  # loads the client half, learns routes
+        results = [user.call("generate", prompt=PROMPT, max_tokens=TOKENS) for _ in range(runs)]
         tps = [r["tokens_per_s"] for r in results]
         out[region] = {"user": host, "tokens_per_s_median": _median(tps), "tokens_per_s": [round(x, 2) for x in tps],
                        "ttft_s_median": _median([r["ttft_s"] for r in results if r.get("ttft_s") is not None]),
@@ -193,11 +166,11 @@ def measure_recovery_after_kill(lab, peers) -> dict:
     user = next(p for p in peers if p.host.name == USER_HOSTS["eu"])
     victim = next(p for p in peers if p.host.name == "eu-0")
     replica = next(p for p in peers if p.host.name == "us-0")
-    steps = lambda p: _call(p, "status")["server"]["steps"]  # noqa: E731
+    steps = lambda p: p.call("status")["server"]["steps"]  # noqa: E731
     before = steps(victim)
     box: dict = {}
     worker = threading.Thread(target=lambda: box.update(
-        result=_call(user, "generate", prompt=PROMPT, max_tokens=TOKENS)), daemon=True)
+        result=user.call("generate", prompt=PROMPT, max_tokens=TOKENS)), daemon=True)
     worker.start()
     deadline = time.monotonic() + 30
     while steps(victim) < before + 4 and time.monotonic() < deadline:
@@ -263,7 +236,7 @@ def _start_peers(lab, data_dir: str | None) -> list:
     from potluck.localswarm import wait_until
 
     servers = [p for p in peers if p.host.name in SERVER_HOSTS]
-    wait_until(lambda: all(_call(p, "status")["server"]["start"] is not None for p in servers), 180, 1,
+    wait_until(lambda: all(p.call("status")["server"]["start"] is not None for p in servers), 180, 1,
                message="servers loaded and announced")
     return peers
 

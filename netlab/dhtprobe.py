@@ -20,6 +20,7 @@ on stdin (`op`: status | warm | store | lookup | quit). Exits after --lifetime s
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
@@ -111,6 +112,34 @@ async def _run(args: argparse.Namespace) -> int:
                 await _serve(node, args)
                 nursery.cancel_scope.cancel()
     return 0
+
+
+def level2_by_region(peers) -> dict[str, set[str]]:
+    """Each region's level-2 cluster labels, as its `potluck serve` peers report them."""
+    by: dict[str, set[str]] = {}
+    for p in peers:
+        by.setdefault(p.host.region, set()).add(p.call("status")["dht"]["clusters"]["2"])
+    return by
+
+
+def settle_clusters(peers, timeout: float = 120.0) -> float:
+    """Wait until every region is one level-2 cluster, a different one each; returns the seconds it took.
+
+    Labels are re-decided on DHT messages, and an idle peer only pings a few contacts per 30 s
+    maintenance round; a swarm in use settles within seconds. So use it: each peer stores a
+    short-lived record every second until the regions agree."""
+    start = time.monotonic()
+    rounds = itertools.count()
+    while True:
+        by = level2_by_region(peers)
+        if all(len(v) == 1 for v in by.values()) and len(set().union(*by.values())) == len(by):
+            return time.monotonic() - start
+        if time.monotonic() - start > timeout:
+            raise TimeoutError(f"regions did not become level-2 clusters in {timeout}s: {by}")
+        i = next(rounds)
+        for p in peers:
+            p.call("dht_store", key=f"warm/{p.peer_id}/{i}", value=i, ttl=60)
+        time.sleep(1.0)
 
 
 class Probe:

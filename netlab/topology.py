@@ -209,23 +209,11 @@ class NetnsPeer(PeerProcess):
         raise TimeoutError(f"peer in {self.host.name} did not start in {timeout}s; log: {self.log_tail()}")
 
     def status(self) -> dict:
-        """`potluck status --json`, read in-process over the control socket (no interpreter start-up)."""
-        import trio
-
-        from potluck import control
-
-        with_deadline = lambda: _with_timeout(control.call(self.data_dir, "status"), 15.0)  # noqa: E731
-        return trio.run(with_deadline)
+        """`potluck status --json`, read in-process (no interpreter start-up)."""
+        return self.call("status", timeout=15.0)
 
     def peers_by_id(self) -> dict[str, dict]:
         return {p["peer_id"]: p for p in self.status()["peers"]}
-
-
-async def _with_timeout(coro, seconds: float):
-    import trio
-
-    with trio.fail_after(seconds):
-        return await coro
 
 
 def _default_rtts(regions: list[str], intra: float) -> dict[tuple[str, str], float]:
@@ -330,6 +318,13 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        for peer in self.peers:
+            # A peer that died on its own (not killed by a test) is a bug: show why, or CI only
+            # sees the next command failing.
+            rc = peer.proc.poll() if peer.proc is not None else None
+            if rc not in (None, 0, -signal.SIGKILL, -signal.SIGTERM):
+                print(f"netlab: peer in {peer.host.name} exited with rc={rc}; log:\n{peer.log_tail()}",
+                      file=sys.stderr)
         for peer in self.peers:
             try:
                 peer.close()

@@ -55,7 +55,19 @@ class PeerProcess:
         except OSError:
             return ""
 
+    def call(self, cmd: str, timeout: float = 40.0, **args):
+        """One control command (`potluck.control`), sent in-process over the peer's control socket."""
+        import trio
+
+        from potluck import control
+
+        async def go():
+            with trio.fail_after(timeout):
+                return await control.call(self.data_dir, cmd, **args)
+        return trio.run(go)
+
     def status(self) -> dict:
+        """`potluck status --json`, through the CLI as a user runs it."""
         out = subprocess.run([*POTLUCK, "status", "--json", "--data-dir", str(self.data_dir)],
                              capture_output=True, text=True, timeout=30, env=self.env)
         if out.returncode != 0:

@@ -36,12 +36,6 @@ CHROME_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-backgr
                 "--window-size=1280,1300"]
 
 
-def _call(peer: PeerProcess, cmd: str, **args):
-    async def go():
-        return await control.call(peer.data_dir, cmd, **args)
-    return trio.run(go)
-
-
 class Swarm:
     def __init__(self, procs: dict[str, PeerProcess], url: str, root: Path, model_dir: Path):
         self.procs, self.url, self.root, self.model_dir = procs, url, root, model_dir
@@ -87,7 +81,7 @@ def swarm(model_dir, tmp_path_factory):
             t.join()
         if errors:
             raise errors[0]
-        url = _call(procs["user"], "status")["api"]
+        url = procs["user"].call("status")["api"]
         assert url and url.startswith("http://127.0.0.1:"), url
         s = Swarm(procs, url, root, model_dir)
         with s.http() as http:
@@ -100,7 +94,7 @@ def swarm(model_dir, tmp_path_factory):
 
 
 def _sessions(swarm: Swarm) -> list[int]:
-    return [(_call(p, "status")["server"] or {}).get("sessions", 0) for p in swarm.servers]
+    return [(p.call("status")["server"] or {}).get("sessions", 0) for p in swarm.servers]
 
 
 # --- the API through the official client ------------------------------------------------------------
@@ -117,7 +111,7 @@ def test_openai_client_gives_the_python_apis_text(swarm):
     whole = client.chat.completions.create(**kw)
     chunks = list(client.chat.completions.create(**kw, stream=True, stream_options={"include_usage": True}))
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    ref = _call(swarm.user, "generate", messages=messages, max_tokens=10, temperature=0.8, seed=11)
+    ref = swarm.user.call("generate", messages=messages, max_tokens=10, temperature=0.8, seed=11)
     assert whole.choices[0].message.content == streamed == ref["text"] != ""
     assert whole.usage.completion_tokens == chunks[-1].usage.completion_tokens == len(ref["token_ids"])
     assert whole.usage.prompt_tokens == ref["prompt_tokens"]
@@ -127,7 +121,7 @@ def test_openai_client_gives_the_python_apis_text(swarm):
 
     prompt = "The three primary colors are"
     text = client.completions.create(model=MODEL, prompt=prompt, max_tokens=8, temperature=0).choices[0].text
-    assert text == _call(swarm.user, "generate", prompt=prompt, max_tokens=8)["text"] != ""
+    assert text == swarm.user.call("generate", prompt=prompt, max_tokens=8)["text"] != ""
 
 
 def test_errors_have_the_openai_shape_and_status(swarm):
@@ -162,10 +156,10 @@ def test_disconnect_mid_stream_frees_the_servers_sessions(swarm):
         if got == 3:
             break
     assert min(_sessions(swarm)) >= 1  # under way on every server
-    tokens_before = sum(_call(p, "status")["server"]["tokens"] for p in swarm.servers)
+    tokens_before = sum(p.call("status")["server"]["tokens"] for p in swarm.servers)
     stream.close()
     wait_until(lambda: _sessions(swarm) == [0, 0, 0], 10, 0.2, message="every server's session to close")
-    tokens_after = sum(_call(p, "status")["server"]["tokens"] for p in swarm.servers)
+    tokens_after = sum(p.call("status")["server"]["tokens"] for p in swarm.servers)
     assert tokens_after - tokens_before < 3 * 40  # stopped, far from 400 tokens
 
 

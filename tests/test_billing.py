@@ -2,7 +2,6 @@
 admission by balance (debt limit, free when idle), compute ordered by balance, unpaid clients cut off."""
 
 import pytest
-import torch
 import trio
 
 from conftest_models import make_tiny

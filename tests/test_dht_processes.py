@@ -10,18 +10,11 @@ from dht.protocol import PROTOCOL
 from dht.records import Entry
 from p2p.identity import Identity
 from p2p.libp2p_net import Libp2pNetwork
-from potluck import control
 from potluck.localswarm import PeerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
 N = 12
-
-
-def _sync_call(peer, cmd, **args):
-    async def go():
-        return await control.call(peer.data_dir, cmd, **args)
-    return trio.run(go)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +26,7 @@ def swarm(tmp_path_factory):
         for i in range(1, N):
             peers.append(PeerProcess(root / f"peer{i}", "--bootstrap", peers[0].addr))
             peers[-1].start()
-        wait_until(lambda: all(_sync_call(p, "status")["dht"]["ready"] for p in peers), 60, message="every DHT ready")
+        wait_until(lambda: all(p.call("status")["dht"]["ready"] for p in peers), 60, message="every DHT ready")
         yield peers
     finally:
         for p in peers:
@@ -44,21 +37,21 @@ def test_dht_across_processes(swarm):
     owners, reader = swarm[3:6], swarm[-1]
     key = "blocks/test-model/12"
     for i, owner in enumerate(owners):
-        assert _sync_call(owner, "dht_store", key=key, value={"span": [12, 18], "n": i}, ttl=300)["stored_at"] > 0
-    entries = wait_until(lambda: (e := _sync_call(reader, "dht_get", key=key)) and len(e) == 3 and e, 20,
+        assert owner.call("dht_store", key=key, value={"span": [12, 18], "n": i}, ttl=300)["stored_at"] > 0
+    entries = wait_until(lambda: (e := reader.call("dht_get", key=key)) and len(e) == 3 and e, 20,
                          message="all three owners' entries")
     assert set(entries) == {o.peer_id for o in owners}
     assert sorted(e["value"]["n"] for e in entries.values()) == [0, 1, 2]
 
     # Finding a peer that the asker has never talked to directly.
     target = swarm[7]
-    assert _sync_call(swarm[1], "dht_find_peer", peer_id=target.peer_id)["addr"].endswith(f"/p2p/{target.peer_id}")
+    assert swarm[1].call("dht_find_peer", peer_id=target.peer_id)["addr"].endswith(f"/p2p/{target.peer_id}")
 
     # Records expire everywhere.
-    _sync_call(owners[0], "dht_store", key="short-lived", value=1, ttl=2)
-    assert owners[0].peer_id in _sync_call(reader, "dht_get", key="short-lived")
+    owners[0].call("dht_store", key="short-lived", value=1, ttl=2)
+    assert owners[0].peer_id in reader.call("dht_get", key="short-lived")
     time.sleep(3)
-    assert _sync_call(reader, "dht_get", key="short-lived") == {}
+    assert reader.call("dht_get", key="short-lived") == {}
 
 
 async def test_forged_entries_are_refused(swarm):
@@ -81,4 +74,4 @@ async def test_forged_entries_are_refused(swarm):
             except Exception as e:  # refused outright is as good as refused per entry
                 assert "signature" in str(e) or "expired" in str(e) or "owner" in str(e), e
     for p in (target, swarm[-1]):
-        assert await trio.to_thread.run_sync(lambda: _sync_call(p, "dht_get", key=key)) == {}
+        assert await trio.to_thread.run_sync(lambda: p.call("dht_get", key=key)) == {}

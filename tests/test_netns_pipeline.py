@@ -15,10 +15,8 @@ import threading
 import time
 
 import pytest
-import trio
 
 from netlab import Lab, skip_reason
-from potluck import control
 from potluck.localswarm import wait_until
 
 _reason = skip_reason()
@@ -39,15 +37,8 @@ LOSSY_TOKENS = 10
 CUT_TOKENS = 4
 
 
-def call(peer, cmd, timeout: float = 40.0, **args):
-    async def go():
-        with trio.fail_after(timeout):
-            return await control.call(peer.data_dir, cmd, **args)
-    return trio.run(go)
-
-
 def generate(peer, n=NEW_TOKENS):
-    return call(peer, "generate", prompt=PROMPT, max_tokens=n)
+    return peer.call("generate", prompt=PROMPT, max_tokens=n)
 
 
 def try_generate(peer, n):
@@ -87,7 +78,7 @@ def swarm(smollm2_data, reference):
             p.wait_ready(120)
         peers = {p.host.name: p for p in [first, *rest]}
         servers = [peers[h] for h in SERVERS]
-        wait_until(lambda: all(call(p, "status")["server"]["start"] is not None for p in servers), 180, 1,
+        wait_until(lambda: all(p.call("status")["server"]["start"] is not None for p in servers), 180, 1,
                    message="servers loaded and announced")
         # First generations load each user's client half and learn the routes.
         for h in USERS:
@@ -137,14 +128,14 @@ def test_generation_completes_with_20_percent_loss_on_the_users_link(swarm, refe
 
 
 def credit_views(peers):
-    return {name: {b["peer_id"]: (b["balance"], b["earned"], b["spent"]) for b in call(p, "credits")["peers"]}
+    return {name: {b["peer_id"]: (b["balance"], b["earned"], b["spent"]) for b in p.call("credits")["peers"]}
             for name, p in peers.items()}
 
 
 def test_region_cut_for_30s_heals_and_credit_logs_converge(swarm, reference):
     lab, peers = swarm
     ids = {p.peer_id for p in peers.values()}
-    before = {name: call(p, "credits") for name, p in peers.items()}
+    before = {name: p.call("credits") for name, p in peers.items()}
     spent_before = {name: c["spent"] for name, c in before.items()}
     eu = [p for p in peers.values() if p.host.region == "eu"]
     rest = [p for p in peers.values() if p.host.region != "eu"]
@@ -178,7 +169,7 @@ def test_region_cut_for_30s_heals_and_credit_logs_converge(swarm, reference):
     views = wait_until(converged, 60, 1, message="every peer to fold the same balances")
     converged_s = time.monotonic() - healed
     view = next(iter(views.values()))
-    after = {name: call(p, "credits") for name, p in peers.items()}
+    after = {name: p.call("credits") for name, p in peers.items()}
     print(f"cut {healed - cut_at:.1f}s (the ap user's generation, rerouted to us, took {ap_took:.1f}s); membership "
           f"re-formed {reformed_s:.1f}s and credits converged {converged_s:.1f}s after healing; "
           f"chain lengths {[(n, before[n]['chain_length'], after[n]['chain_length']) for n in peers]}")
@@ -196,7 +187,7 @@ def test_region_cut_for_30s_heals_and_credit_logs_converge(swarm, reference):
 def test_server_killed_mid_generation_gives_identical_output(swarm, reference):
     lab, peers = swarm
     user, victim, replica = peers["eu-2"], peers["eu-1"], peers["us-1"]
-    steps = lambda p: call(p, "status")["server"]["steps"]  # noqa: E731
+    steps = lambda p: p.call("status")["server"]["steps"]  # noqa: E731
     victim_steps = steps(victim)
     box: dict = {}
     worker = threading.Thread(target=lambda: box.update(result=generate(user)))

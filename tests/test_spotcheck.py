@@ -12,7 +12,7 @@ from p2p.identity import public_key_from_peer_id
 from pipeline.identity import model_id
 from pipeline.loading import ModelFolder, load_local_model
 from pipeline.protocol import pack_hidden, unpack_hidden
-from pipeline.server import BlockServer, ServerConfig
+from pipeline.server import BlockServer
 from pipeline.spotcheck import SpotCheckConfig, relative_error
 from test_billing import add_client, add_server
 

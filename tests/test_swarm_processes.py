@@ -5,22 +5,14 @@ import threading
 import time
 
 import pytest
-import trio
 
 from pipeline.loading import load_local_model
-from potluck import control
 from potluck.localswarm import PeerProcess, wait_until
 
 pytestmark = pytest.mark.slow
 
 PROMPT = "The three primary colors are"
 NEW_TOKENS = 40
-
-
-def _call(peer, cmd, **args):
-    async def go():
-        return await control.call(peer.data_dir, cmd, **args)
-    return trio.run(go)
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +32,7 @@ def swarm(model_dir, tmp_path_factory):
             procs[name] = PeerProcess(root / name, *common, *boot, "--blocks", blocks).start(timeout=120)
         procs["user"] = PeerProcess(root / "user", *common, *boot).start(timeout=120)
         servers = [procs[n] for n in ("head", "mid-a", "mid-b", "tail")]
-        wait_until(lambda: all(_call(p, "status")["server"]["start"] is not None for p in servers), 120,
+        wait_until(lambda: all(p.call("status")["server"]["start"] is not None for p in servers), 120,
                    message="servers loaded and announced")
         yield procs
     finally:
@@ -63,19 +55,19 @@ def test_swarm_of_processes_generates_what_a_local_run_does(swarm, reference):
     blocks = sorted((hop["start"], hop["end"]) for hop in result["route"])
     assert blocks[0][0] == 0 and blocks[-1][1] == 30
     assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:]))
-    status = _call(user, "status")["last_generation"]
+    status = user.call("status")["last_generation"]
     assert status["tokens"] == len(reference) and status["tokens_per_s"] > 0
 
 
 def test_credits_after_generation_match_and_agree_everywhere(swarm):
     """Servers earned what the user was debited; every peer folds the same balances; the total is the grants."""
     user = swarm["user"]
-    result = _call(user, "generate", prompt=PROMPT, max_tokens=8)
+    result = user.call("generate", prompt=PROMPT, max_tokens=8)
     route = {hop["peer_id"] for hop in result["route"]}
     peers = list(swarm.values())
 
     def views():
-        return [{b["peer_id"]: (b["balance"], b["earned"], b["spent"]) for b in _call(p, "credits")["peers"]}
+        return [{b["peer_id"]: (b["balance"], b["earned"], b["spent"]) for b in p.call("credits")["peers"]}
                 for p in peers]
 
     def settled():
@@ -86,7 +78,7 @@ def test_credits_after_generation_match_and_agree_everywhere(swarm):
     view = wait_until(settled, 60, 1, message="every peer to fold the same balances")[0]
     assert all(view[p][1] > 0 for p in route)  # every server on the route was paid
     assert view[user.peer_id][2] == pytest.approx(sum(v[1] for v in view.values()))  # debited what servers earned
-    grants = [_call(p, "credits")["granted"] for p in peers]
+    grants = [p.call("credits")["granted"] for p in peers]
     assert sum(v[0] for v in view.values()) == pytest.approx(sum(grants))  # conserved
 
 
@@ -94,11 +86,11 @@ def test_server_killed_mid_generation_changes_nothing(swarm, reference):
     user = swarm["user"]
     replicas = [swarm["mid-a"], swarm["mid-b"]]
     box: dict = {}
-    worker = threading.Thread(target=lambda: box.update(result=_call(user, "generate", prompt=PROMPT,
+    worker = threading.Thread(target=lambda: box.update(result=user.call("generate", prompt=PROMPT,
                                                                      max_tokens=NEW_TOKENS)))
     worker.start()
     # Kill whichever replica the generation is using, once it is under way.
-    victim = wait_until(lambda: next((p for p in replicas if _call(p, "status")["server"]["sessions"] > 0), None),
+    victim = wait_until(lambda: next((p for p in replicas if p.call("status")["server"]["sessions"] > 0), None),
                         60, 0.1, message="a replica serving the session")
     time.sleep(1.0)
     victim.kill()
@@ -113,6 +105,6 @@ def test_server_killed_mid_generation_changes_nothing(swarm, reference):
 
 def _try_generate(user):
     try:
-        return _call(user, "generate", prompt=PROMPT, max_tokens=NEW_TOKENS)
+        return user.call("generate", prompt=PROMPT, max_tokens=NEW_TOKENS)
     except RuntimeError:
         return None  # the user's peer has not yet learned a full route
