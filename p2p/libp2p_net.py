@@ -58,6 +58,7 @@ members; Noise still encrypts everything on the wire.
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import hmac
 import itertools
@@ -126,6 +127,42 @@ _yamux.MAX_MESSAGE_SIZE = _NOISE_MAX_PLAINTEXT
 # of a small request/response. Safe for us because every stream we own is drained continuously, so
 # the half-window threshold is always reached while a sender waits.
 _yamux._yamux_release_on_read = lambda: False
+# The swarm's handler for an inbound connection, once the connection is up, waits for the whole
+# swarm to stop ("keep the handler alive so the connection stays open"). So every inbound connection
+# left a task behind after it closed, and held one of the swarm's 250 inbound slots (released when
+# the handler returns) for the peer's lifetime: a long-running peer ended up refusing every new
+# inbound connection. Wait for that connection to close instead.
+_upgraded_inbound: contextvars.ContextVar[tuple[list, trio.Event]] = contextvars.ContextVar("potluck_upgraded_inbound")
+_upgrade_inbound = _libp2p_swarm.Swarm.upgrade_inbound_raw_conn
+_handle_inbound = _libp2p_swarm.Swarm._do_handle_inbound_connection
+
+
+async def _upgrade_inbound_noted(self: Any, raw_conn: Any, maddr: Any) -> Any:
+    muxed = await _upgrade_inbound(self, raw_conn, maddr)
+    noted = _upgraded_inbound.get(None)
+    if noted is not None:
+        noted[0].append(muxed)
+        noted[1].set()
+    return muxed
+
+
+async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+    upgraded, done = [], trio.Event()
+    _upgraded_inbound.set((upgraded, done))  # the handler task below starts with a copy of this context
+
+    async def handle() -> None:
+        await _handle_inbound(self, read_write_closer, maddr, failure_event)
+        nursery.cancel_scope.cancel()  # it returned on its own: failed upgrade, or the swarm stopped
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(handle)
+        await done.wait()  # the upgrade (Noise + yamux) is bounded by libp2p's own timeout
+        await upgraded[0].event_closed.wait()
+        nursery.cancel_scope.cancel()
+
+
+_libp2p_swarm.Swarm.upgrade_inbound_raw_conn = _upgrade_inbound_noted
+_libp2p_swarm.Swarm._do_handle_inbound_connection = _handle_inbound_until_closed
 
 LIBP2P_PROTOCOL = TProtocol("/potluck/1.0.0")
 WIRE_VERSION = 1

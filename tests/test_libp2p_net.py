@@ -499,3 +499,29 @@ async def test_a_restarted_peer_is_reachable_again_at_once():
         async with Libp2pNetwork.open(b_id, [addr.split("/p2p/")[0]]) as b2:
             b2.set_request_handler(ECHO, echo)
             assert (await a.request(b_id.peer_id, ECHO, 1, timeout=3))["body"] == 1
+
+
+def _tasks_named(fragment: str) -> int:
+    n, stack = 0, [trio.lowlevel.current_root_task()]
+    while stack:
+        task = stack.pop()
+        n += fragment in task.name
+        for nursery in task.child_nurseries:
+            stack.extend(nursery.child_tasks)
+    return n
+
+
+async def test_closed_inbound_connections_leave_no_handler_task_behind():
+    """py-libp2p keeps each inbound connection's handler task (and one of the swarm's 250 inbound
+    slots) until the swarm stops; ours ends with the connection, so a long-lived peer keeps
+    accepting connections."""
+    async with peers(1) as (server,):
+        server.set_request_handler(ECHO, echo)
+        for i in range(20):
+            async with Libp2pNetwork.open(Identity.generate(), LOOPBACK) as client:
+                await client.connect(server.listen_addrs()[0])
+                assert (await client.request(server.peer_id, ECHO, i))["body"] == i
+        with trio.fail_after(5):
+            while _tasks_named("_run_handler"):
+                await trio.sleep(0.05)
+        assert server.connected_peers() == []
