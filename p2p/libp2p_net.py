@@ -32,7 +32,8 @@ stream drops that peer (with a logged reason and a best-effort goodbye frame `{"
 peers are unaffected. Each session has one reader task that always drains the stream (so a busy
 handler never leaves the sender waiting for yamux window updates, which py-libp2p turns into a
 stream reset after 5 s); each request runs in its own task; in-flight requests are bounded per peer
-in both directions (excess inbound requests are answered `Overloaded` at once).
+in both directions, and inbound also in bytes (excess inbound requests are answered `Overloaded` at
+once, so a peer cannot make us hold more than `max_inflight_bytes_in` of its requests).
 
 Long-lived streams and slow consumers
 -------------------------------------
@@ -293,6 +294,8 @@ class _Session:
         self.ids = itertools.count(1)
         self.out_slots = trio.Semaphore(net.max_inflight_out)
         self.inbound: dict[int, trio.CancelScope] = {}
+        self.inbound_sizes: dict[int, int] = {}  # frame bytes of each request being served
+        self.inbound_bytes = 0
         self.closed = False
         self.close_reason = ""
         self.done = trio.Event()
@@ -345,8 +348,8 @@ class _Session:
         reason = "stream closed"
         try:
             while True:
-                msg = await _read_frame(self.reader, net.max_frame, net.frame_timeout)
-                m = expect_map(msg, "session frame")
+                length = framing.parse_header(await self.reader.read_exactly(framing.HEADER_SIZE), net.max_frame)
+                m = expect_map(await _read_body(self.reader, length, net.frame_timeout), "session frame")
                 if "a" in m:
                     rid = _check_id(m["a"])
                     if "e" in m:
@@ -370,8 +373,15 @@ class _Session:
                         net._spawn(self._send_quietly, {"a": rid, "e": "Overloaded",
                                                         "m": f"more than {net.max_inflight_in} requests in flight"})
                         continue
+                    if self.inbound and self.inbound_bytes + length > net.max_inflight_bytes_in:
+                        # (one request is always taken, however big: max_frame bounds it)
+                        net._spawn(self._send_quietly, {"a": rid, "e": "Overloaded", "m": (
+                            f"more than {net.max_inflight_bytes_in} bytes of requests in flight")})
+                        continue
                     scope = trio.CancelScope()
                     self.inbound[rid] = scope
+                    self.inbound_sizes[rid] = length
+                    self.inbound_bytes += length
                     net._spawn(self._serve, rid, protocol, m.get("b"), scope)
                 elif "c" in m:
                     scope = self.inbound.get(_check_id(m["c"]))
@@ -450,6 +460,7 @@ class _Session:
                 pass
         finally:
             self.inbound.pop(rid, None)
+            self.inbound_bytes -= self.inbound_sizes.pop(rid, 0)
 
 
 class _Libp2pStream(Stream):
@@ -608,6 +619,7 @@ class Libp2pNetwork(Network):
         hello_timeout: float = 5.0,
         frame_timeout: float = 30.0,
         max_inflight_in: int = 64,
+        max_inflight_bytes_in: int = 64 * 1024 * 1024,
         max_inflight_out: int = 64,
         max_streams_in: int = 64,
         stream_window: int = 4 * 1024 * 1024,
@@ -625,6 +637,7 @@ class Libp2pNetwork(Network):
         self.gate_timeout = gate_timeout if swarm_key is not None else hello_timeout
         self.frame_timeout = frame_timeout
         self.max_inflight_in = max_inflight_in
+        self.max_inflight_bytes_in = max_inflight_bytes_in
         self.max_inflight_out = max_inflight_out
         self.max_streams_in = max_streams_in
         self.stream_window = stream_window

@@ -180,6 +180,36 @@ async def test_inbound_requests_are_bounded_per_peer():
         assert outcomes.count("Overloaded") == 2 and len(outcomes) == 6
 
 
+async def test_inbound_request_bytes_are_bounded_per_peer():
+    """Big requests count by size: a peer cannot park more than the byte budget with a slow handler."""
+    async with peers(2, max_inflight_bytes_in=1024 * 1024) as (a, b):
+        release = trio.Event()
+
+        async def wait(peer_id, body):
+            await release.wait()
+            return len(body)
+
+        b.set_request_handler(ECHO, wait)
+        await a.connect(b.listen_addrs()[0])
+        outcomes = []
+
+        async def one(size):
+            try:
+                outcomes.append(await a.request(b.peer_id, ECHO, b"x" * size, timeout=5))
+            except RemoteError as e:
+                outcomes.append(e.kind)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, 2 * 1024 * 1024)  # alone in flight: taken, however big
+            await trio.sleep(0.3)
+            for _ in range(2):
+                nursery.start_soon(one, 1000)  # over the budget while the big one is served
+            await trio.sleep(0.3)
+            release.set()
+        assert sorted(outcomes, key=str) == [2 * 1024 * 1024, "Overloaded", "Overloaded"], outcomes
+        assert await a.request(b.peer_id, ECHO, b"x" * 1000) == 1000  # the budget is given back
+
+
 async def test_streams_deliver_in_order_both_ways():
     async with peers(2) as (a, b):
         async def handler(stream):
