@@ -1012,8 +1012,7 @@ class Libp2pNetwork(Network):
         if not sessions:
             del self._sessions[session.peer_id]
             self._notify(session.peer_id, False)
-            # A connection without a session serves nothing; close it so both sides agree.
-            self._spawn(self._disconnect_quietly, session.peer_id)
+            self._close_sessionless(session.peer_id)
 
     def _notify(self, peer_id: str, connected: bool) -> None:
         for listener in list(self._listeners):
@@ -1050,6 +1049,22 @@ class Libp2pNetwork(Network):
             return
         for s in list(self._sessions.get(peer_id, ())):
             s._finish("connection closed")
+
+    def _close_sessionless(self, peer_id: str) -> None:
+        """Close the connections to a peer we hold no session with (they serve nothing), so both sides
+        agree. Only those open now: the peer may dial back before the close runs, and closing by peer
+        id would take the new connection down with the old."""
+        conns = list(self._swarm.get_connections(ID.from_base58(peer_id)))
+        if conns:
+            self._spawn(self._close_connections, conns)
+
+    async def _close_connections(self, conns: list[Any]) -> None:
+        with trio.CancelScope(shield=True), trio.move_on_after(2.0):  # see _disconnect_quietly
+            for conn in conns:
+                try:
+                    await conn.close()
+                except Exception:
+                    pass
 
     async def _disconnect_quietly(self, peer_id: str) -> None:
         # Shielded: a close interrupted half-way (e.g. by the teardown of the connection's own handler
@@ -1097,7 +1112,7 @@ class Libp2pNetwork(Network):
             log.info("refused a stream from %s: %s", peer_id, why)
             await _reset(raw)
             if self._session(peer_id) is None:
-                self._spawn(self._disconnect_quietly, peer_id)
+                self._close_sessionless(peer_id)
             return
         except StreamClosed:
             await _reset(raw)
@@ -1105,7 +1120,7 @@ class Libp2pNetwork(Network):
         if kind == "hello":
             if session is None:
                 await _close(raw)
-                self._spawn(self._disconnect_quietly, peer_id)
+                self._close_sessionless(peer_id)
                 return
             self._admit(session)
             await session.run()
@@ -1124,7 +1139,7 @@ class Libp2pNetwork(Network):
         if self._session(peer_id) is None:
             log.info("refused stream %s from unadmitted peer %s", protocol, peer_id)
             await _reset(raw)
-            self._spawn(self._disconnect_quietly, peer_id)
+            self._close_sessionless(peer_id)
             return
         handler = self._stream_handlers.get(protocol)
         if handler is None:

@@ -555,3 +555,17 @@ async def test_closed_inbound_connections_leave_no_handler_task_behind():
             while _tasks_named("_run_handler"):
                 await trio.sleep(0.05)
         assert server.connected_peers() == []
+
+
+async def test_a_peer_that_reconnects_at_once_keeps_its_new_connection():
+    """The clean-up of a closed session must not take down the connection the peer dialled right after
+    (it closed every connection to the peer id: about one quick reconnect in a hundred lost its reply)."""
+    async with peers(2) as (a, b):
+        b.set_request_handler(ECHO, echo)
+        for i in range(150):
+            with trio.fail_after(10):
+                await a.connect(b.listen_addrs()[0])
+                assert (await a.request(b.peer_id, ECHO, i))["body"] == i
+                await a.disconnect(b.peer_id)
+                while b.connected_peers():
+                    await trio.sleep(0.005)
