@@ -301,7 +301,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--wave", type=int, default=200, help="peers joining concurrently")
     ap.add_argument("--no-region-hints", action="store_true", help="peers start without a --region hint")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.nodes, args.lookups, args.wave, args.settle_rounds = 100, 10, 50, 1
     out = trio.run(lambda: run_bench(args.nodes, lookups=args.lookups, seed=args.seed, dead_fraction=args.dead,
                                      churn_fraction=args.churn, settle_rounds=args.settle_rounds, wave=args.wave,
                                      region_hints=not args.no_region_hints),

@@ -135,7 +135,7 @@ async def main_async(args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--nodes", type=int, default=1000)
     parser.add_argument("--dials", type=int, default=4, help="random peers each peer dials (mean degree ≈ 2×)")
@@ -148,7 +148,10 @@ def main() -> None:
     parser.add_argument("--limit", type=float, default=120.0, help="virtual seconds a message may take")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.nodes, args.messages = 100, 3
     result = trio.run(main_async, args, clock=trio.testing.MockClock(autojump_threshold=0))
     if args.json:
         print(json.dumps(result))

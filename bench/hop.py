@@ -218,7 +218,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=16 * 1024)
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--bulk-repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = p.parse_args(argv)
+    if args.quick:
+        args.rounds, args.warmup, args.mib, args.bulk_repeats = 200, 20, 4, 1
     result = trio.run(run, args)
     if args.json:
         print(json.dumps(result))

@@ -172,7 +172,7 @@ async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
             "ratio_to_ideal": [round(t / i, 2) for t, i in zip(times, ideal)]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=4000)
     parser.add_argument("--range", type=int, default=128, help="entries per pulled range (one transaction)")
@@ -181,7 +181,10 @@ def main() -> None:
     parser.add_argument("--dials", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
+    parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.entries, args.nodes = 300, 50
     directory = args.dir or os.path.join(os.getcwd(), ".bench-ledger")
     os.makedirs(directory, exist_ok=True)
     result = {"entries": args.entries, "range": args.range, "sqlite": "WAL, synchronous=FULL", "cores": 1}

@@ -207,10 +207,16 @@ MEASUREMENTS = {
 }
 
 
-def _start_peers(lab, data_dir: str | None) -> list:
+MODEL_MEASUREMENTS = {"tokens_per_s", "recovery_after_kill"}
+
+
+def _start_peers(lab, data_dir: str | None, *, with_model: bool = True) -> list:
     """eu-0 and us-0 serve the whole model, eu-1/us-1/ap-0 are users, ap-1 a plain peer. Without the
     model: six plain peers (the pipeline measurements then say why they were skipped)."""
     lab.model_folder, lab.model_skip, lab.reference_ids = None, None, None
+    if not with_model:
+        lab.model_skip = "--quick runs without the model"
+        return lab.swarm([lab.region_hosts(r)[j] for r in REGIONS for j in (0, 1)])
     try:
         from pipeline.convert import ensure_default_model
         from potluck.cli import DEFAULT_DATA_DIR
@@ -241,7 +247,7 @@ def _start_peers(lab, data_dir: str | None) -> list:
     return peers
 
 
-def run(data_dir: str | None = None) -> dict:
+def run(data_dir: str | None = None, *, quick: bool = False) -> dict:
     from netlab import Lab, skip_reason
     from potluck.localswarm import wait_until
 
@@ -256,13 +262,15 @@ def run(data_dir: str | None = None) -> dict:
             "lab_setup_s": round(lab.setup_s, 3),
         }
         t = time.monotonic()
-        peers = _start_peers(lab, data_dir)
+        peers = _start_peers(lab, data_dir, with_model=not quick)
         ids = {p.peer_id for p in peers}
         for p in peers:
             wait_until(lambda p=p: p.alive_peers() >= ids - {p.peer_id}, 90, message=f"{p.host.name} sees all")
         result["swarm_formed_s"] = round(time.monotonic() - t, 2)
         result["model"] = str(lab.model_folder) if lab.model_folder else {"skipped": lab.model_skip}
         for name, fn in MEASUREMENTS.items():
+            if quick and name in MODEL_MEASUREMENTS:
+                continue
             try:
                 result[name] = fn(lab, peers)
             except Exception as e:  # one failed measurement should not hide the others
@@ -275,8 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.netns", description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--data-dir", help="where the default model is converted (default: potluck's data dir)")
+    parser.add_argument("--quick", action="store_true",
+                        help="no model: the harness, membership and DHT figures only (the test suite runs it)")
     args = parser.parse_args(argv)
-    result = run(args.data_dir)
+    result = run(args.data_dir, quick=args.quick)
     if args.json:
         print(json.dumps(result, indent=2))
     else:

@@ -87,14 +87,21 @@ async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: 
     from dht.node import DHTNode
     from p2p.identity import Identity
     from p2p.libp2p_net import Libp2pNetwork
+    from credits import Ledger
+    from pipeline.billing import ClientBilling
     from pipeline.client import ClientConfig, DistributedModel
+    from pipeline.pricing import ModelPricing
 
     results = {}
-    async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as net:
+    identity = Identity.generate()
+    # servers started by `potluck serve` bill every step, so the client signs receipts like a peer does
+    ledger = Ledger.open(identity, pricing=ModelPricing())  # in memory
+    async with Libp2pNetwork.open(identity, ["/ip4/127.0.0.1/tcp/0"]) as net:
         dht = DHTNode(net, bootstrap=[bootstrap], client_mode=True)
         async with trio.open_nursery() as nursery:
             await nursery.start(dht.run)
-            model = await DistributedModel.from_pretrained(folder, net, dht, model_id=mid, config=ClientConfig())
+            model = await DistributedModel.from_pretrained(folder, net, dht, model_id=mid,
+                                                           config=ClientConfig(billing=ClientBilling(ledger)))
             await model.generate(ids, max_new_tokens=4, stop_token_ids=[])  # warm-up: dials, routes
             for mode in ("direct", "push"):
                 model.config_client.push = mode == "push"
@@ -126,7 +133,10 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in every process, local baseline included (default 1: on a small shared "
                          "machine more threads per process spin against each other)")
+    ap.add_argument("--quick", action="store_true", help="2 servers, 8 new tokens: a smoke run of every figure")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.servers, args.new_tokens = 2, 8
     torch.set_num_threads(args.threads)
 
     from pipeline.convert import ensure_default_model
