@@ -92,10 +92,21 @@ def cmd_id(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    from .startup import check_listen, check_peer_addr, check_port_free
+
+    # every refusal before anything starts: exit 2 with one line saying what to do
+    listen = args.listen or ["/ip4/127.0.0.1/tcp/0"]
+    for addr in listen:
+        check_listen(addr)
+    for flag, addrs in (("--bootstrap", args.bootstrap), ("--relay", args.relay)):
+        for addr in addrs:
+            check_peer_addr(addr, flag)
     if args.api is not None:
         from .api import check_bind, parse_hostport
 
-        check_bind(parse_hostport(args.api)[0], args.api_key)  # a refusal before anything starts
+        host, port = parse_hostport(args.api)
+        check_bind(host, args.api_key)
+        check_port_free(host, port, "--api", "choose another port, or stop the program that holds it")
 
     from p2p.errors import SwarmKeyMismatch
     from p2p.relay import RelayRefused
@@ -108,7 +119,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parse_blocks(args.blocks)  # a malformed span is an error before anything starts
     config = PeerConfig(
         data_dir=args.data_dir,
-        listen=args.listen or ["/ip4/127.0.0.1/tcp/0"],
+        listen=listen,
         bootstrap=args.bootstrap,
         swarm_key_file=args.swarm_key,
         relay_service=args.relay_service,
