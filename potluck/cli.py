@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "there and is announced as reachable through it (repeatable)")
     p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
     p.add_argument("--model", help="model to serve or use: a Hugging Face folder or hub id "
-                                   "(default: SmolLM2-135M-Instruct, converted into the data dir on first use)")
+                                   "(default: SmolLM2-135M-Instruct, converted once per machine into ~/.cache/potluck)")
     p.add_argument("--blocks", metavar="a:b|auto",
                    help="serve blocks [a, b) of the model, or 'auto' to fill the swarm's gaps (default: serve none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])

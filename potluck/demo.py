@@ -3,7 +3,8 @@
 Three `potluck serve --blocks` processes split SmolLM2-135M-Instruct's 30 blocks between them; this
 process is the user's peer: it joins through them, streams the answer token by token, then shows
 which peer served which blocks, the tokens/s, and the swarm as it sees it. The model is converted
-once into the data dir (`.data/` in the repository unless --data-dir says otherwise) and reused.
+once per machine into the shared cache (`pipeline.convert.cache_dir`) and reused; the peers' state
+lives in the data dir (`.data/` in the repository unless --data-dir says otherwise).
 """
 
 from __future__ import annotations

@@ -37,7 +37,8 @@ def test_missing_wheel_is_a_clear_error(monkeypatch):
 @needs_wheel
 def test_conversion_is_reused_and_atomic(smollm2):
     data, folder = smollm2
-    assert folder == default_model_dir(data)
+    assert folder == convert.shared_model_dir(find_default_gguf())  # the machine's one copy
+    assert not default_model_dir(data).exists()
     names = {p.name for p in folder.iterdir()}
     assert {"config.json", "model.safetensors", "generation_config.json", "tokenizer.json"} <= names
     cfg = json.loads((folder / "config.json").read_text())
@@ -51,6 +52,27 @@ def test_conversion_is_reused_and_atomic(smollm2):
     (stale / "config.json").write_text("{}")
     assert ensure_default_model(data, progress=False) == folder  # reused: no new conversion
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+@pytest.mark.slow
+@needs_wheel
+def test_peers_with_different_data_dirs_share_one_conversion(smollm2, tmp_path):
+    _, folder = smollm2
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    for other in ("peer-a", "peer-b"):
+        assert ensure_default_model(tmp_path / other, progress=False) == folder
+        assert not (tmp_path / other).exists()  # nothing written into the other data dirs
+    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime  # and no second conversion
+
+
+@pytest.mark.slow
+@needs_wheel
+def test_a_data_dir_with_its_own_copy_keeps_it(tmp_path):
+    own = default_model_dir(tmp_path)
+    own.mkdir(parents=True)
+    for name in ("config.json", "model.safetensors", convert.SOURCE_FILE):
+        (own / name).write_text("{}")
+    assert ensure_default_model(tmp_path, progress=False) == own
 
 
 @pytest.mark.slow
