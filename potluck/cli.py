@@ -98,7 +98,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_bind(parse_hostport(args.api)[0], args.api_key)  # a refusal before anything starts
 
     from p2p.errors import SwarmKeyMismatch
-    from p2p.relay import RelayRefused
+    from p2p.libp2p import RelayRefused
 
     from pipeline.server import parse_blocks
 

@@ -24,7 +24,8 @@ from p2p.errors import (
     StreamClosed,
 )
 from p2p.identity import Identity
-from p2p.libp2p_net import LIBP2P_PROTOCOL, Libp2pNetwork
+from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p.network import LIBP2P_PROTOCOL
 
 ECHO = "/potluck/echo/1.0.0"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
