@@ -24,7 +24,7 @@ def _fast(raw: Any) -> Any:
     return getattr(raw, "muxed_stream", raw)
 
 
-def read_some(raw: Any) -> Callable[[int], Awaitable[bytes]]:
+def _read_some(raw: Any) -> Callable[[int], Awaitable[bytes]]:
     """`read_some(n)` for an `ExactReader`: up to n bytes, b'' at the end, StreamClosed on a reset."""
     read = _fast(raw).read
 
@@ -42,7 +42,7 @@ def read_some(raw: Any) -> Callable[[int], Awaitable[bytes]]:
 
 
 def exact_reader(raw: Any) -> ExactReader:
-    return ExactReader(read_some(raw))
+    return ExactReader(_read_some(raw))
 
 
 async def write(raw: Any, data: bytes) -> None:
