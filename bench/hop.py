@@ -26,7 +26,7 @@ import trio
 
 from p2p.errors import StreamClosed
 from p2p.identity import Identity
-from p2p.libp2p_net import Libp2pNetwork
+from p2p.libp2p import Libp2pNetwork
 
 ECHO = "/potluck/bench-echo/1.0.0"
 SINK = "/potluck/bench-sink/1.0.0"

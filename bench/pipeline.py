@@ -86,8 +86,8 @@ def start_servers(folder: Path, k: int, num_layers: int, threads: int, root: Pat
 async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, expect: list[int]) -> dict:
     from dht.node import DHTNode
     from p2p.identity import Identity
-    from p2p.libp2p_net import Libp2pNetwork
     from credits import Ledger
+    from p2p.libp2p import Libp2pNetwork
     from pipeline.billing import ClientBilling
     from pipeline.client import ClientConfig, DistributedModel
     from pipeline.pricing import ModelPricing

@@ -98,7 +98,7 @@ async def _serve(node, args) -> None:
 
 async def _run(args: argparse.Namespace) -> int:
     from dht.node import DHTNode
-    from p2p.libp2p_net import Libp2pNetwork
+    from p2p.libp2p import Libp2pNetwork
 
     with trio.move_on_after(args.lifetime):
         async with Libp2pNetwork.open(high_rank_identity(args.above), [args.listen]) as net:

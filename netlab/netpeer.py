@@ -46,7 +46,7 @@ async def _timed(net, peer: str, count: int, size: int) -> float:
 async def _run(args: argparse.Namespace) -> int:
     from p2p.errors import P2PError
     from p2p.identity import Identity
-    from p2p.libp2p_net import Libp2pNetwork
+    from p2p.libp2p import Libp2pNetwork
     from p2p.swarm_key import load_key
 
     key = load_key(Path(args.swarm_key)) if args.swarm_key else None

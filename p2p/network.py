@@ -1,6 +1,6 @@
 """The one interface every protocol above p2p/ is written against.
 
-Two backends implement it: `p2p.libp2p_net` (real sockets: TCP + Noise + yamux) and `p2p.sim`
+Two backends implement it: `p2p.libp2p` (real sockets: TCP + Noise + yamux) and `p2p.sim`
 (in memory, under trio's virtual clock). Protocol code must use only what is here — and
 `trio.current_time()` / `Network.now()` for time — so that it runs unchanged on both.
 
@@ -10,8 +10,9 @@ a handler always sees a fresh, decoded object and must still check its fields (`
 
 Two ways to talk:
 - request/response: `request(peer, protocol, body)` → reply body. The remote handler's exception
-  arrives as `RemoteError` (with its type name and message); no answer before the deadline is
-  `RequestTimeout`. Backends multiplex requests over long-lived streams: no stream per request.
+  arrives as `RemoteError` (with its type name and message, cut to `MAX_REMOTE_ERROR_LEN`
+  characters); no answer before the deadline is `RequestTimeout`. Backends multiplex requests over
+  long-lived streams: no stream per request.
 - long-lived streams: `open_stream(peer, protocol)` → `Stream` with `send`/`receive` of whole
   messages, for sessions that exchange many messages in order (inference steps, range pulls).
 
@@ -36,6 +37,9 @@ ConnectionListener = Callable[[str, bool], None]
 """`listener(peer_id, connected)`: called synchronously when a connection opens (True) or closes (False)."""
 
 DEFAULT_REQUEST_TIMEOUT = 10.0
+MAX_REMOTE_ERROR_LEN = 2000
+"""A remote handler's error message reaches the caller cut to this many characters (both backends;
+the libp2p backend also refuses longer ones on the wire)."""
 
 
 def protocol_id(name: str, version: str = "1.0.0") -> str:

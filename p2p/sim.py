@@ -32,6 +32,7 @@ from .errors import PeerUnreachable, ProtocolNotSupported, RemoteError, RequestT
 from .identity import Identity
 from .network import (
     DEFAULT_REQUEST_TIMEOUT,
+    MAX_REMOTE_ERROR_LEN,
     ConnectionListener,
     Network,
     RequestHandler,
@@ -485,7 +486,8 @@ class SimNode(Network):
         try:
             reply = framing.encode(await handler(sender, framing.decode(payload)))
         except Exception as e:  # the handler's failure is the caller's answer, as on the wire
-            self._reply(conn, 64 + len(str(e)), pending, None, RemoteError(protocol, type(e).__name__, str(e)[:1000]))
+            message = str(e)[:MAX_REMOTE_ERROR_LEN]
+            self._reply(conn, 64 + len(message), pending, None, RemoteError(protocol, type(e).__name__, message))
         else:
             self._reply(conn, len(reply), pending, reply, None)
 

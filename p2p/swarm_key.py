@@ -7,7 +7,7 @@ The file uses the text format of libp2p's `swarm.key` (as written by go-ipfs / i
     <64 hex characters>
 
 so researchers can keep one key file for their tools. The key itself is 32 random bytes. What we do with
-it is our own gate (see `p2p.libp2p_net`): a challenge/response proof bound to both peer ids, not
+it is our own gate (see `p2p.libp2p.gate`): a challenge/response proof bound to both peer ids, not
 libp2p's pnet stream cipher.
 """
 

@@ -109,7 +109,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         check_port_free(host, port, "--api", "choose another port, or stop the program that holds it")
 
     from p2p.errors import SwarmKeyMismatch
-    from p2p.relay import RelayRefused
+    from p2p.libp2p import RelayRefused
 
     from pipeline.server import parse_blocks
 

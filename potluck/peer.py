@@ -30,7 +30,7 @@ from dht.node import DHTNode
 from p2p import framing
 from p2p.gossip import Gossip
 from p2p.identity import Identity
-from p2p.libp2p_net import Libp2pNetwork
+from p2p.libp2p import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key

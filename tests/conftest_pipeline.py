@@ -16,7 +16,7 @@ import trio
 
 from dht.node import DHTConfig, DHTNode
 from p2p.identity import Identity
-from p2p.libp2p_net import Libp2pNetwork
+from p2p.libp2p import Libp2pNetwork
 from p2p.sim import Place, SimWorld
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.server import BlockServer, ServerConfig

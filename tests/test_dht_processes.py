@@ -9,7 +9,7 @@ import trio
 from dht.protocol import PROTOCOL
 from dht.records import Entry
 from p2p.identity import Identity
-from p2p.libp2p_net import Libp2pNetwork
+from p2p.libp2p import Libp2pNetwork
 from potluck.localswarm import PeerProcess, wait_until
 
 pytestmark = pytest.mark.slow

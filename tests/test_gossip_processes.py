@@ -7,7 +7,7 @@ import trio
 from p2p import framing
 from p2p.gossip import PUSH
 from p2p.identity import Identity
-from p2p.libp2p_net import Libp2pNetwork
+from p2p.libp2p import Libp2pNetwork
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Circuit relay v2 between Libp2pNetworks on 127.0.0.1 (p2p.relay): a relay service, a 'NATed' peer
+"""Circuit relay v2 between Libp2pNetworks on 127.0.0.1 (p2p.libp2p.relay): a relay service, a 'NATed' peer
 that only dials out and is reached through its circuit address, and outsiders that try to use the relay.
 
 The NATed peer does listen on loopback (every Libp2pNetwork does), but nobody is given that address:
@@ -21,8 +21,8 @@ from multiaddr import Multiaddr
 
 from p2p.errors import PeerUnreachable, SwarmKeyMismatch
 from p2p.identity import Identity
-from p2p.libp2p_net import Libp2pNetwork
-from p2p.relay import HOP_PROTOCOL, RelayLimits, RelayRefused
+from p2p.libp2p import Libp2pNetwork, RelayLimits, RelayRefused
+from p2p.libp2p.relay import HOP_PROTOCOL
 
 ECHO = "/potluck/echo/1.0.0"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]

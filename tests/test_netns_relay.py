@@ -1,4 +1,4 @@
-"""Circuit relay v2 (p2p.relay) across real NATs: two volunteers behind different NATs talk through a
+"""Circuit relay v2 (p2p.libp2p.relay) across real NATs: two volunteers behind different NATs talk through a
 public relay peer, with our session protocol (and the swarm key gate) on top. Each peer is a
 `netlab.netpeer` process (a bare Libp2pNetwork, public API only) in its own namespace.
 

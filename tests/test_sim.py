@@ -1,4 +1,6 @@
-"""The in-memory backend: latency, loss, faults and streams, all in trio's virtual time."""
+"""The in-memory backend: latency, loss, faults and streams, all in trio's virtual time.
+
+What both backends must do alike is in test_network_contract.py."""
 
 import random
 import time
@@ -6,7 +8,7 @@ import time
 import pytest
 import trio
 
-from p2p.errors import FrameTooLarge, PeerUnreachable, ProtocolNotSupported, RemoteError, RequestTimeout, StreamClosed
+from p2p.errors import FrameTooLarge, PeerUnreachable, ProtocolNotSupported, RequestTimeout, StreamClosed
 from p2p.framing import DEFAULT_MAX_FRAME
 from p2p.sim import EPOCH, LatencyModel, Place, SimWorld
 
@@ -62,35 +64,10 @@ async def test_request_takes_one_rtt_and_connect_one_more(autojump_clock):
         assert a.now() == pytest.approx(EPOCH + trio.current_time())
 
 
-async def test_handlers_get_decoded_copies(autojump_clock):
+async def test_unknown_protocol_is_refused_in_one_rtt(autojump_clock):
     async with exact() as world:
         a, b = pair(world)
-        got = []
-
-        async def keep(peer_id, body):
-            got.append(body)
-            body["mutated"] = True
-            return body
-
-        b.set_request_handler("/keep", keep)
-        sent = {"list": [1, 2]}
-        reply = await a.request(b.peer_id, "/keep", sent)
-        assert sent == {"list": [1, 2]} and got[0] is not sent
-        assert reply == {"list": [1, 2], "mutated": True}
-
-
-async def test_handler_error_and_unknown_protocol(autojump_clock):
-    async with exact() as world:
-        a, b = pair(world)
-
-        async def fail(peer_id, body):
-            raise ValueError("no such block: 42")
-
-        b.set_request_handler("/fail", fail)
-        with pytest.raises(RemoteError) as info:
-            await a.request(b.peer_id, "/fail", {})
-        assert info.value.kind == "ValueError" and info.value.message == "no such block: 42"
-        assert info.value.protocol == "/fail"
+        await a.connect(b.addr)
         start = trio.current_time()
         with pytest.raises(ProtocolNotSupported):
             await a.request(b.peer_id, "/nope", {})
@@ -119,10 +96,6 @@ async def test_oversized_body_is_refused_before_sending(autojump_clock):
         with pytest.raises(FrameTooLarge):
             await a.request(b.peer_id, ECHO, b"x" * (DEFAULT_MAX_FRAME + 1))
         assert world.total_messages == 0
-        b.set_stream_handler("/s", lambda stream: trio.sleep_forever())
-        stream = await a.open_stream(b.peer_id, "/s")
-        with pytest.raises(FrameTooLarge):
-            await stream.send(b"x" * (DEFAULT_MAX_FRAME + 1))
 
 
 async def test_total_loss_times_out_at_the_deadline(autojump_clock):
@@ -266,24 +239,6 @@ async def test_streams_are_ordered_even_with_jitter_and_loss(autojump_clock):
         assert received == list(range(100))
         rtt = world.rtt(a.peer_id, b.peer_id)
         assert rtt < trio.current_time() - start < 2 * rtt
-
-
-async def test_stream_handler_replies_and_unknown_stream_protocol(autojump_clock):
-    async with exact() as world:
-        a, b = pair(world)
-
-        async def doubler(stream):
-            while True:
-                n = await stream.receive()
-                await stream.send(n * 2)
-
-        b.set_stream_handler("/double", doubler)
-        async with await a.open_stream(b.peer_id, "/double") as stream:
-            for i in range(5):
-                await stream.send(i)
-                assert await stream.receive() == 2 * i
-        with pytest.raises(ProtocolNotSupported):
-            await a.open_stream(b.peer_id, "/nope")
 
 
 async def test_streams_reset_on_crash_and_partition(autojump_clock):

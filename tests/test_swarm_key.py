@@ -19,7 +19,8 @@ from multiaddr import Multiaddr
 from p2p import framing
 from p2p.errors import SwarmKeyMismatch
 from p2p.identity import Identity
-from p2p.libp2p_net import LIBP2P_PROTOCOL, Libp2pNetwork
+from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p.network import LIBP2P_PROTOCOL
 from p2p.swarm_key import SwarmKeyError, format_key, load_key, new_key_file, parse_key
 
 ECHO = "/potluck/echo/1.0.0"
@@ -186,7 +187,7 @@ async def test_outsider_learns_nothing_and_is_disconnected():
 
 async def test_proof_is_bound_to_both_peer_ids():
     """A proof computed for one pair of peers does not verify for another (no relaying)."""
-    from p2p.libp2p_net import _proof
+    from p2p.libp2p.gate import proof as _proof
 
     a, b, c = (Identity.generate().peer_id for _ in range(3))
     nd, nl = os.urandom(32), os.urandom(32)

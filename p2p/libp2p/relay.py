@@ -40,9 +40,10 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import trio
+from libp2p.abc import IHost
 from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
@@ -52,16 +53,15 @@ from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, PeerId, Re
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 import multiaddr
 
-from .errors import P2PError, PeerUnreachable, SwarmKeyMismatch
-
-if TYPE_CHECKING:
-    from .libp2p_net import Libp2pNetwork
+from ..errors import P2PError, PeerUnreachable, SwarmKeyMismatch
+from ..network import ConnectionListener
+from . import io
+from .addresses import circuit_addr, full_addr, split_circuit
 
 log = logging.getLogger(__name__)
 
 HOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/hop")
 STOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/stop")
-CIRCUIT = "/p2p-circuit"
 
 # Status codes of circuit relay v2 (pb Status).
 OK = 100
@@ -104,26 +104,6 @@ class RelayLimits:
     circuit_data: int = 16 << 30  # bytes, both directions together, 0 = unlimited
 
 
-def split_circuit(addr: str) -> tuple[str, str | None] | None:
-    """(relay address with /p2p/<relay id>, target id or None) for a circuit address, None otherwise.
-
-    `/ip4/1.2.3.4/tcp/4001/p2p/RELAY/p2p-circuit/p2p/TARGET` → ("/ip4/…/p2p/RELAY", "TARGET")."""
-    if CIRCUIT not in addr:
-        return None
-    relay, _, rest = addr.partition(CIRCUIT)
-    if CIRCUIT in rest or "/p2p/" not in relay:
-        raise PeerUnreachable(f"circuit address {addr[:200]!r} must be <relay addr>/p2p/<relay id>/p2p-circuit/p2p/<peer id>")
-    if rest in ("", "/"):
-        return relay, None
-    if not rest.startswith("/p2p/") or "/" in rest[len("/p2p/"):]:
-        raise PeerUnreachable(f"circuit address {addr[:200]!r} must end in /p2p-circuit/p2p/<peer id>")
-    return relay, rest[len("/p2p/"):]
-
-
-def circuit_addr(relay_addr: str, peer_id: str) -> str:
-    return f"{relay_addr}{CIRCUIT}/p2p/{peer_id}"
-
-
 def _status_name(code: int) -> str:
     return _STATUS_NAMES.get(code, str(code))
 
@@ -137,37 +117,43 @@ def _pid(raw_id: bytes) -> ID | None:
         return None
 
 
-async def _reset(stream: Any) -> None:
-    with trio.move_on_after(1.0, shield=True):
-        try:
-            await stream.reset()
-        except Exception:
-            pass
+class RelayHost(Protocol):
+    """What the relay needs of its network: who we are, the libp2p host, and which peers passed the gate."""
 
+    @property
+    def peer_id(self) -> str: ...
 
-async def _close(stream: Any) -> None:
-    with trio.move_on_after(1.0, shield=True):
-        try:
-            await stream.close()
-        except Exception:
-            pass
+    @property
+    def host(self) -> IHost: ...
+
+    @property
+    def closing(self) -> bool: ...
+
+    def admitted(self, peer_id: str) -> bool:
+        """Whether the peer holds a session with us (it passed the gate)."""
+
+    async def connect(self, addr: str, timeout: float = 5.0) -> str: ...
+
+    def direct_addrs(self) -> list[str]: ...
+
+    def add_connection_listener(self, listener: ConnectionListener) -> None: ...
 
 
 class CircuitRelay:
     """The relay parts of one `Libp2pNetwork`: circuit dialing (always), the relay service (HOP,
     with `service=True`) and reservations on `relays` (with STOP to accept circuits)."""
 
-    def __init__(self, net: "Libp2pNetwork", *, service: bool = False, relays: list[str] | None = None,
+    def __init__(self, net: RelayHost, *, service: bool = False, relays: list[str] | None = None,
                  limits: RelayLimits | None = None, timeout: float = 10.0):
         self.net = net
-        self.host = net._host
+        self.host = net.host
         self.service = service
         self.limits = limits or RelayLimits()
         self.timeout = timeout
         self.relays: dict[str, str] = {}  # relay id -> its address (with /p2p/<id>)
         for addr in relays or []:
             try:
-                full = net._full_addr(addr)
+                full = full_addr(addr)
             except PeerUnreachable as e:
                 raise ValueError(f"relay address {addr!r}: {e}") from None
             if split_circuit(full) is not None:
@@ -265,7 +251,7 @@ class CircuitRelay:
                     with trio.move_on_after(max(1.0, (expires - time.time()) / 2)):
                         await lost.wait()
                     if lost.is_set():
-                        if not self.net._closing:
+                        if not self.net.closing:
                             log.warning("lost the connection to relay %s; reserving again", addr)
                         break
             except Exception as e:
@@ -290,12 +276,12 @@ class CircuitRelay:
                 await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
                 resp = await read_delimited_msg(stream, HopMessage)
         except trio.TooSlowError:
-            await _reset(stream)
+            await io.reset(stream)
             raise PeerUnreachable(f"relay {addr} did not answer the reservation within {self.timeout:g} s") from None
         except Exception as e:
-            await _reset(stream)
+            await io.reset(stream)
             raise PeerUnreachable(f"relay {addr} broke off the reservation: {type(e).__name__}: {e}"[:400]) from None
-        await _close(stream)
+        await io.close(stream)
         status = resp.status if resp.HasField("status") else 0
         if resp.type != HopMessage.STATUS or status != OK:
             raise RelayRefused(f"relay {addr} refused the reservation: {_status_name(status)}", status)
@@ -343,16 +329,16 @@ class CircuitRelay:
             with trio.fail_after(self.timeout):
                 conn = await self.host.upgrade_outbound_connection(raw, ID.from_base58(target))
         except trio.TooSlowError:
-            await _reset(stream)
+            await io.reset(stream)
             raise PeerUnreachable(f"no circuit to {target} through relay {relay_addr} within {self.timeout:g} s") from None
         except RelayRefused:
-            await _reset(stream)
+            await io.reset(stream)
             raise
         except trio.Cancelled:
-            await _reset(stream)
+            await io.reset(stream)
             raise
         except Exception as e:
-            await _reset(stream)
+            await io.reset(stream)
             raise PeerUnreachable(f"circuit to {target} through {relay_addr} failed: {type(e).__name__}: {e}"[:400]) from None
         self._relayed_conns.add(conn.muxed_conn)
 
@@ -373,9 +359,9 @@ class CircuitRelay:
 
     async def _on_stop(self, stream: Any) -> None:
         relay = stream.muxed_conn.peer_id.to_base58()
-        if relay not in self._reserved or self.net._session(relay) is None:
+        if relay not in self._reserved or not self.net.admitted(relay):
             log.info("refused a circuit from %s: we hold no reservation there", relay)
-            await _reset(stream)
+            await io.reset(stream)
             return
         try:
             with trio.fail_after(self.timeout):
@@ -383,7 +369,7 @@ class CircuitRelay:
                 source = _pid(msg.peer.id) if msg.type == StopMessage.CONNECT and msg.HasField("peer") else None
                 if source is None:
                     await write_delimited_msg(stream, StopMessage(type=StopMessage.STATUS, status=MALFORMED_MESSAGE))
-                    await _reset(stream)
+                    await io.reset(stream)
                     return
                 await write_delimited_msg(stream, StopMessage(type=StopMessage.STATUS, status=OK))
                 ma = multiaddr.Multiaddr(circuit_addr(self.relays[relay], source.to_base58()))
@@ -391,11 +377,11 @@ class CircuitRelay:
                                     addresses=[ma])
                 muxed = await self.host.upgrade_inbound_connection(raw, ma)
         except trio.Cancelled:
-            await _reset(stream)
+            await io.reset(stream)
             raise
         except Exception as e:
             log.info("circuit from relay %s failed: %s", relay, e)
-            await _reset(stream)
+            await io.reset(stream)
             return
         self._relayed_conns.add(muxed)
         if muxed.peer_id != source:
@@ -409,21 +395,21 @@ class CircuitRelay:
 
     # --- relay service (HOP) ------------------------------------------------------------------------
 
-    async def _admitted(self, peer_id: str, wait: float = 1.0) -> bool:
+    async def _wait_admitted(self, peer_id: str, wait: float = 1.0) -> bool:
         """Whether peer_id passed our gate; a HOP stream may race the end of the session handshake."""
         with trio.move_on_after(wait):
-            while self.net._session(peer_id) is None:
+            while not self.net.admitted(peer_id):
                 await trio.sleep(0.02)
             return True
         return False
 
     async def _on_hop(self, stream: Any) -> None:
         source = stream.muxed_conn.peer_id.to_base58()
-        if self.is_relayed(stream.muxed_conn) or not await self._admitted(source):
+        if self.is_relayed(stream.muxed_conn) or not await self._wait_admitted(source):
             log.info("refused a relay request from %s: %s", source,
                      "over a relayed connection" if self.is_relayed(stream.muxed_conn) else "not admitted")
             self.stats["circuits_refused"] += 1
-            await _reset(stream)
+            await io.reset(stream)
             return
         try:
             with trio.fail_after(self.timeout):
@@ -431,7 +417,7 @@ class CircuitRelay:
         except trio.Cancelled:
             raise
         except Exception:
-            await _reset(stream)
+            await io.reset(stream)
             return
         if msg.type == HopMessage.RESERVE:
             await self._serve_reserve(stream, source, msg)
@@ -439,7 +425,7 @@ class CircuitRelay:
             await self._serve_connect(stream, source, msg)
         else:
             await self._status(stream, MALFORMED_MESSAGE)
-            await _reset(stream)
+            await io.reset(stream)
 
     async def _status(self, stream: Any, code: int, **fields: Any) -> bool:
         try:
@@ -455,7 +441,7 @@ class CircuitRelay:
         if msg.HasField("peer") and msg.peer.id and _pid(msg.peer.id) != ID.from_base58(source):
             log.info("refused a reservation from %s on behalf of another peer", source)
             await self._status(stream, PERMISSION_DENIED)
-            await _close(stream)
+            await io.close(stream)
             return
         now = time.time()
         for peer, exp in list(self._reservations.items()):
@@ -463,14 +449,14 @@ class CircuitRelay:
                 del self._reservations[peer]
         if source not in self._reservations and len(self._reservations) >= self.limits.max_reservations:
             await self._status(stream, RESERVATION_REFUSED)
-            await _close(stream)
+            await io.close(stream)
             return
         expires = int(now + self.limits.reservation_ttl)
         self._reservations[source] = expires
         relay_addrs = [multiaddr.Multiaddr(a).to_bytes() for a in self.net.direct_addrs()]
         await self._status(stream, OK, reservation=Reservation(expire=expires, addrs=relay_addrs),
                            limit=self._limit())
-        await _close(stream)
+        await io.close(stream)
 
     def _limit(self) -> Limit:
         return Limit(duration=int(self.limits.circuit_duration), data=int(self.limits.circuit_data))
@@ -479,11 +465,11 @@ class CircuitRelay:
         target_pid = _pid(msg.peer.id) if msg.HasField("peer") else None
         if target_pid is None:
             await self._status(stream, MALFORMED_MESSAGE)
-            await _reset(stream)
+            await io.reset(stream)
             return
         target = target_pid.to_base58()
         refusal = None
-        if self._reservations.get(target, 0) <= time.time() or self.net._session(target) is None or target == source:
+        if self._reservations.get(target, 0) <= time.time() or not self.net.admitted(target) or target == source:
             refusal = NO_RESERVATION
         elif (self._circuits >= self.limits.max_circuits
               or self._circuits_of.get(target, 0) >= self.limits.max_circuits_per_peer
@@ -493,7 +479,7 @@ class CircuitRelay:
             self.stats["circuits_refused"] += 1
             log.info("refused a circuit %s -> %s: %s", source, target, _status_name(refusal))
             await self._status(stream, refusal)
-            await _close(stream)
+            await io.close(stream)
             return
         self._circuits += 1
         for p in (source, target):
@@ -515,13 +501,13 @@ class CircuitRelay:
                 log.info("circuit %s -> %s failed at the target: %s", source, target, e)
                 self.stats["circuits_refused"] += 1
                 await self._status(stream, CONNECTION_FAILED)
-                await _reset(stream)
+                await io.reset(stream)
                 if dst is not None:
-                    await _reset(dst)
+                    await io.reset(dst)
                 return
             if not await self._status(stream, OK, limit=self._limit()):
-                await _reset(stream)
-                await _reset(dst)
+                await io.reset(stream)
+                await io.reset(dst)
                 return
             self.stats["circuits_opened"] += 1
             await self._pump(stream, dst)
@@ -552,7 +538,7 @@ class CircuitRelay:
                     failed.set()
                     return
                 if not data:
-                    await _close(dst)
+                    await io.close(dst)
                     return
                 self.stats["bytes_relayed"] += len(data)
                 if budget[0] >= 0:
@@ -585,5 +571,5 @@ class CircuitRelay:
             nursery.start_soon(both)
             nursery.start_soon(watch)
         if failed.is_set():
-            await _reset(a)
-            await _reset(b)
+            await io.reset(a)
+            await io.reset(b)

@@ -1,0 +1,17 @@
+"""The real-socket backend of `p2p.network.Network`: py-libp2p with TCP + Noise + yamux.
+
+One concept a module (imports only go down the list):
+    patches.py    workarounds for py-libp2p 0.8.1 defects, applied by `Libp2pNetwork.open()`
+    io.py         frames on libp2p streams: exact reads, writes, best-effort reset/close
+    addresses.py  full multiaddrs (…/p2p/<id>) and circuit addresses through a relay
+    gate.py       the session handshake: wire version and the swarm key proof
+    session.py    RequestSession: one peer's requests and replies, multiplexed on one stream
+    stream.py     FlowControlledStream: a long-lived message stream with credit-based flow control
+    relay.py      circuit relay v2: reservations, circuit dialing, the relay service
+    network.py    Libp2pNetwork: the host, connections, admission, and the `Network` methods
+"""
+
+from .network import Libp2pNetwork
+from .relay import RelayLimits, RelayRefused
+
+__all__ = ["Libp2pNetwork", "RelayLimits", "RelayRefused"]

@@ -1,0 +1,93 @@
+"""Reading and writing frames on py-libp2p streams, with libp2p's errors turned into ours.
+
+A libp2p stream here is whatever `host.new_stream` returns or a stream handler receives (a NetStream,
+or a bare yamux stream): reads return up to n bytes (b'' at the end), and a dying connection raises
+any of several libp2p exceptions, which become `StreamClosed`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Awaitable, Callable
+
+import trio
+
+from .. import framing
+from ..errors import FrameError, StreamClosed
+from ..framing import ExactReader
+
+MAX_OPENING_FRAME = 4096  # the first frames of a stream (hello, open) and their answers
+
+
+def _fast(raw: Any) -> Any:
+    """The yamux stream under a libp2p NetStream. NetStream.read/write only add a trio.Lock round on
+    a state flag per call; closing and resetting still go through the NetStream (`raw`)."""
+    return getattr(raw, "muxed_stream", raw)
+
+
+def _read_some(raw: Any) -> Callable[[int], Awaitable[bytes]]:
+    """`read_some(n)` for an `ExactReader`: up to n bytes, b'' at the end, StreamClosed on a reset."""
+    read = _fast(raw).read
+
+    async def read_some(n: int) -> bytes:
+        try:
+            return await read(n)
+        except trio.Cancelled:
+            raise
+        except EOFError:  # libp2p StreamEOF
+            return b""
+        except Exception as e:  # StreamReset / StreamError / anything from a dying connection
+            raise StreamClosed(f"stream reset ({type(e).__name__})") from None
+
+    return read_some
+
+
+def exact_reader(raw: Any) -> ExactReader:
+    return ExactReader(_read_some(raw))
+
+
+async def write(raw: Any, data: bytes) -> None:
+    try:
+        await _fast(raw).write(data)
+    except trio.Cancelled:
+        raise
+    except Exception as e:
+        raise StreamClosed(f"cannot write: stream {type(e).__name__}") from None
+
+
+async def read_frame(reader: ExactReader, max_size: int, frame_timeout: float) -> Any:
+    """One frame; waits any time for a header, then at most `frame_timeout` for the announced body."""
+    length = framing.parse_header(await reader.read_exactly(framing.HEADER_SIZE), max_size)
+    return await read_body(reader, length, frame_timeout)
+
+
+async def read_body(reader: ExactReader, length: int, frame_timeout: float) -> Any:
+    try:
+        with trio.fail_after(frame_timeout):
+            body = await reader.read_exactly(length)
+    except trio.TooSlowError:
+        raise FrameError(f"frame body of {length} bytes did not arrive within {frame_timeout:g} s") from None
+    except StreamClosed as e:
+        raise FrameError(f"truncated frame: {e}") from None
+    return framing.decode(body)
+
+
+async def reset(raw: Any) -> None:
+    """Reset the stream, best effort, within 1 s, even in a cancelled scope."""
+    with trio.move_on_after(1.0, shield=True):
+        try:
+            await raw.reset()
+        except Exception:
+            pass
+
+
+async def close(raw: Any) -> None:
+    """Half-close the stream (what we sent is delivered), best effort, within 1 s, even in a cancelled scope."""
+    with trio.move_on_after(1.0, shield=True):
+        try:
+            await raw.close()
+        except Exception:
+            pass
+
+
+def peer_of(raw: Any) -> str:
+    return raw.muxed_conn.peer_id.to_base58()
