@@ -72,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show what the running peer knows")
     _data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--wide", action="store_true", help="full peer ids and addresses (lines may pass 80 columns)")
 
     p = sub.add_parser("credits", help="this peer's credits: balance, earned, spent, recent entries, every peer's balance")
     _data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--wide", action="store_true", help="full peer ids (lines may pass 80 columns)")
 
     p = sub.add_parser("swarm", help="private swarms")
     swarm_sub = p.add_subparsers(dest="swarm_command", required=True)
@@ -183,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             status["credits"] = {"error": str(e)}
         return status
 
-    return _show(args, both, render_status)
+    return _show(args, both, functools.partial(render_status, wide=args.wide))
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
@@ -196,7 +198,8 @@ def cmd_credits(args: argparse.Namespace) -> int:
     from . import control
     from .status import render_credits
 
-    return _show(args, functools.partial(control.call, args.data_dir, "credits"), render_credits)
+    return _show(args, functools.partial(control.call, args.data_dir, "credits"),
+                 functools.partial(render_credits, wide=args.wide))
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
