@@ -51,7 +51,8 @@ from p2p.network import Network, Stream
 
 from . import protocol as proto
 from .announce import GOSSIP_TOPIC, VERSION, ServerInfo, announce_key, fetch_servers, gossip_note
-from .billing import PriorityLimiter, ServerAccount, ServerBilling
+from .billing import ServerAccount, ServerBilling
+from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden

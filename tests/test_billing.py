@@ -10,9 +10,10 @@ from credits import CreditPolicy, Ledger, Receipt
 from credits.ledger import GFLOP
 from credits.replication import Replicator
 from p2p.gossip import Gossip
-from pipeline.billing import ClientBilling, PriorityLimiter, ServerBilling
+from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel, GenerationFailed
 from pipeline.identity import model_id
+from pipeline.limiter import PriorityLimiter
 from pipeline.loading import ModelFolder, load_local_model
 from pipeline.pricing import ModelPricing
 from pipeline.server import BlockServer, ServerConfig
