@@ -32,6 +32,7 @@ from typing import Any
 
 from dht.records import Entry, InvalidRecord
 
+from .directory import SwarmDirectory
 from .protocol import ANNOUNCE_NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -154,7 +155,7 @@ class AnnouncementValidator:
         return new if key(new) > key(current) else current
 
 
-async def fetch_servers(dht: Any, model_id: str, *, num_blocks: int | None = None,
+async def fetch_servers(dht: SwarmDirectory, model_id: str, *, num_blocks: int | None = None,
                         online_only: bool = True, quorum: int = 3) -> list[ServerInfo]:
     """Every valid announcement of `model_id` in the DHT (online ones unless told otherwise).
     `quorum` holders are heard (not just our own store, which may hold only part of the record:

@@ -39,6 +39,7 @@ from p2p.errors import FrameError, P2PError, StreamClosed
 from p2p.network import Network, Stream
 
 from . import protocol as proto
+from .directory import SwarmDirectory
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
 from .protocol import expect_reply, pack_hidden, unpack_hidden
@@ -437,7 +438,7 @@ class InferenceSession:
 class DistributedModel:
     """A model whose blocks run in the swarm; embeddings, final norm and LM head run here."""
 
-    def __init__(self, folder: ModelFolder, head: ModelHead, network: Network, dht: Any, model_id: str, *,
+    def __init__(self, folder: ModelFolder, head: ModelHead, network: Network, dht: SwarmDirectory, model_id: str, *
                  tokenizer: Any = None, config: ClientConfig | None = None):
         self.folder = folder
         self.config = folder.config
@@ -457,7 +458,7 @@ class DistributedModel:
             self.sequence.reliability_source = billing.reliability_by_peer
 
     @classmethod
-    async def from_pretrained(cls, model_folder: str | os.PathLike | ModelFolder, network: Network, dht: Any, *,
+    async def from_pretrained(cls, model_folder: str | os.PathLike | ModelFolder, network: Network, dht: SwarmDirectory, *
                               dtype: str = "float32", model_id: str | None = None, config: ClientConfig | None = None,
                               tokenizer: Any = "auto") -> "DistributedModel":
         """Load only embeddings / final norm / LM head (in a thread); the model id is computed from the

@@ -23,11 +23,12 @@ import heapq
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import trio
 
 from .announce import ServerInfo, fetch_servers
+from .directory import SwarmDirectory
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ class _Ban:
 class SequenceManager:
     """The client's view of one model's swarm: announcements (cached), bans, routes."""
 
-    dht: Any
+    dht: SwarmDirectory
     model_id: str
     num_blocks: int
     refresh_interval: float = 5.0
@@ -151,7 +152,7 @@ class SequenceManager:
     rtts: dict[str, float] = field(default_factory=dict)  # measured by sessions (seconds)
     distrusted: dict[str, str] = field(default_factory=dict)  # peer → why (caught lying): never routed again
     checks: dict[str, list[int]] = field(default_factory=dict)  # peer → [passed, failed] spot checks
-    reliability_source: Callable[[], Any] | None = None  # async () -> {peer_id: factor} (the client's ledger)
+    reliability_source: Callable[[], Awaitable[dict[str, float]]] | None = None  # {peer_id: factor} from the client's ledger
     ledger_view: dict[str, float] = field(default_factory=dict)
 
     async def refresh(self, force: bool = False) -> list[ServerInfo]:
@@ -218,10 +219,7 @@ class SequenceManager:
         self.rtts[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def rtt(self, peer_id: str) -> float | None:
-        est = None
-        get = getattr(self.dht, "rtt_estimate", None)
-        if get is not None:
-            est = get(peer_id)
+        est = self.dht.rtt_estimate(peer_id)
         return est if est is not None else self.rtts.get(peer_id)
 
     def server(self, peer_id: str) -> ServerInfo | None:

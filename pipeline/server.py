@@ -52,6 +52,7 @@ from p2p.network import Network, Stream
 from . import protocol as proto
 from .announce import GOSSIP_TOPIC, VERSION, ServerInfo, announce_key, fetch_servers, gossip_note
 from .billing import ServerAccount, ServerBilling
+from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
@@ -157,7 +158,7 @@ def parse_blocks(spec: str, num_blocks: int | None = None) -> tuple[int | None, 
 
 
 class BlockServer:
-    def __init__(self, network: Network, dht: Any, model_folder: str | os.PathLike | ModelFolder,
+    def __init__(self, network: Network, dht: SwarmDirectory, model_folder: str | os.PathLike | ModelFolder,
                  start: int | None = None, end: int | None = None, *, config: ServerConfig | None = None,
                  model_id: str | None = None, gossip: Any = None,
                  billing: ServerBilling | None = None):
@@ -322,7 +323,7 @@ class BlockServer:
 
     def info(self, state: str = "online") -> ServerInfo:
         addrs = self.network.listen_addrs()
-        clusters = getattr(self.dht, "clusters", {}) or {}
+        clusters = self.dht.clusters
         return ServerInfo(peer_id=self.network.peer_id, start=self.start, end=self.end,
                           decode_tps=self.throughput.get("decode_tps", 1.0),
                           prefill_tps=self.throughput.get("prefill_tps", 1.0),
