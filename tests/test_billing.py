@@ -129,7 +129,7 @@ async def test_generation_earn_spend_match_and_balances_replicate(llama, tmp_pat
             assert views[0][ck] == POLICY.starting_grant - total
             # every peer verified the same receipts: nothing refused anywhere
             assert all(p.replicator.stats["rejected"] == 0 for p in peers)
-            assert model.config_client.billing.stats["spend_entries"] == len(spends)
+            assert model.client_config.billing.stats["spend_entries"] == len(spends)
     for p in peers:
         p.ledger.store.close()
 
@@ -186,21 +186,23 @@ async def test_client_that_stops_signing_is_cut_off(llama):
             from p2p.identity import Identity
 
             mallory = Identity.generate()
-            model.config_client.billing = None  # send raw receipts through the legacy hook
 
-            def forged(peer_id, session_id, info):
-                if not info.get("served"):
-                    return None
-                from p2p.identity import public_key_from_peer_id
+            class Forger(ClientBilling):
+                """Sends receipts signed by mallory that claim to be the client's."""
 
-                rs = ReceiptSigner(mallory, server=public_key_from_peer_id(peer_id), model=mid, start=info["start"],
-                                   end=info["end"], pricing=s.servers[0].ledger.pricing, session=session_id)
-                r = rs.sign(info["served"])
-                lst = r.to_list()
-                lst[1] = model.network.identity.public_key  # claim it is the client's
-                return lst
+                def receipt(self, peer_id, session_id, info):
+                    if not info.get("served"):
+                        return None
+                    from p2p.identity import public_key_from_peer_id
 
-            model.config_client.receipt = forged
+                    rs = ReceiptSigner(mallory, server=public_key_from_peer_id(peer_id), model=mid, start=info["start"],
+                                       end=info["end"], pricing=s.servers[0].ledger.pricing, session=session_id)
+                    r = rs.sign(info["served"])
+                    lst = r.to_list()
+                    lst[1] = model.network.identity.public_key  # claim it is the client's
+                    return lst
+
+            model.client_config.billing = Forger(model.client_config.billing.ledger)
             model.sequence._bans.clear()  # the cut-off banned both servers for a while
             with pytest.raises(GenerationFailed, match="BadReceipt"):
                 await model.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
