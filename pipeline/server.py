@@ -47,6 +47,7 @@ import trio
 
 from p2p.errors import FrameError, P2PError
 from p2p.framing import expect_map, field as mfield
+from p2p.gossip import Gossip
 from p2p.network import Network, Stream
 
 from . import protocol as proto
@@ -84,7 +85,9 @@ class ServerConfig:
 
 
 @dataclass
-class _Session:
+class ServedSession:
+    """The server's state for one open inference session (one client stream)."""
+
     id: bytes
     peer_id: str
     span: BlockSpan  # the (sub-)span this session runs
@@ -160,7 +163,7 @@ def parse_blocks(spec: str, num_blocks: int | None = None) -> tuple[int | None, 
 class BlockServer:
     def __init__(self, network: Network, dht: SwarmDirectory, model_folder: str | os.PathLike | ModelFolder,
                  start: int | None = None, end: int | None = None, *, config: ServerConfig | None = None,
-                 model_id: str | None = None, gossip: Any = None,
+                 model_id: str | None = None, gossip: Gossip | None = None,
                  billing: ServerBilling | None = None):
         if (start is None) != (end is None):
             raise ValueError("give both start and end, or neither (auto placement)")
@@ -171,7 +174,7 @@ class BlockServer:
         self.auto = start is None
         self.config = config or ServerConfig()
         self.model_id = model_id
-        self.gossip = gossip  # p2p.gossip.Gossip: announcements also go out as gossip, for fast updates
+        self.gossip = gossip  # announcements also go out as gossip, for fast updates
         self.billing = billing
         self.reliability = 1.0  # announced; refreshed from the ledger before each announcement
         self.dtype = resolve_dtype(self.config.dtype)
@@ -180,7 +183,7 @@ class BlockServer:
         self.span: BlockSpan | None = None
         self.mf: ModelFolder | None = None
         self.throughput: dict = {}
-        self.sessions: dict[bytes, _Session] = {}
+        self.sessions: dict[bytes, ServedSession] = {}
         self.cache_used = 0
         self.ready = trio.Event()
         self.stopping = False
@@ -342,7 +345,6 @@ class BlockServer:
                 log.info("could not compute reliability: %s", e)
         info = self.info(state)
         acks = await self.dht.store(announce_key(self.model_id), info.to_value(), ttl=ttl, republish=False)
-        self._last_acks = acks
         if self.gossip is not None:
             await self.gossip.publish(GOSSIP_TOPIC, gossip_note(self.model_id, info, ttl))
         return acks
@@ -393,7 +395,7 @@ class BlockServer:
 
     async def _handle_session(self, stream: Stream) -> None:
         """One stream = one session: open, steps, close. Errors are answered, never raised."""
-        session: _Session | None = None
+        session: ServedSession | None = None
         with trio.CancelScope() as scope:
             try:
                 while True:
@@ -443,14 +445,14 @@ class BlockServer:
                 except P2PError:
                     pass
 
-    async def _send(self, session: _Session | None, stream: Stream, msg: dict) -> None:
+    async def _send(self, session: ServedSession | None, stream: Stream, msg: dict) -> None:
         if session is None:
             await stream.send(msg)
         else:
             async with session.send_lock:
                 await stream.send(msg)
 
-    async def _open(self, stream: Stream, m: dict, scope: trio.CancelScope) -> _Session:
+    async def _open(self, stream: Stream, m: dict, scope: trio.CancelScope) -> ServedSession:
         cfg = self.mf.config
         if self.stopping or self.span is None:
             raise InferenceError("ServerStopping", "this server is shutting down")
@@ -492,17 +494,17 @@ class BlockServer:
         except BaseException:
             self.cache_used -= need
             raise
-        session = _Session(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
+        session = ServedSession(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
                            trio.current_time(), account=account)
         self.sessions[session.id] = session
         self.stats["sessions_opened"] += 1
         return session
 
-    def _drop(self, session: _Session) -> None:
+    def _drop(self, session: ServedSession) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.cache_used -= session.nbytes
 
-    async def _step(self, session: _Session, m: dict, *, pushed: bool) -> dict | None:
+    async def _step(self, session: ServedSession, m: dict, *, pushed: bool) -> dict | None:
         """Run one step (or a replay of several) of `session`; the "out" reply, or None for a stale push."""
         step_id = int_field(m, "id", 0, 1 << 62)
         pos = int_field(m, "pos", 0, session.max_length)
@@ -612,7 +614,7 @@ class BlockServer:
         except P2PError:
             pass
 
-    async def _run_pushed(self, session: _Session, m: dict) -> None:
+    async def _run_pushed(self, session: ServedSession, m: dict) -> None:
         try:
             reply = await self._step(session, m, pushed=True)
         except (FrameError, InferenceError, CacheError) as e:
