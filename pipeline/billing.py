@@ -36,8 +36,8 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   client past the debt limit is refused with `CreditRefused` and how to earn, unless the server is
   idle (free when idle).
 - Priority: every torch job goes through `PriorityLimiter` (pipeline/limiter.py; it replaces the
-  plain CapacityLimiter in front of the compute threads): waiting steps are served highest client balance first, FIFO within
-  an equal balance; loading and cache allocation go first (priority +inf).
+  plain CapacityLimiter in front of the compute threads): waiting steps are served highest client
+  balance first, FIFO within an equal balance; loading and cache allocation go first (priority +inf).
 
 Reliability (`Ledger.reliability`): how much a verifier trusts a server, from what it can check itself —
 the signed *dispute* entries against the server in verified chains, counted once per accuser, and

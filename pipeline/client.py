@@ -11,10 +11,15 @@
   covering all blocks, opens one session per hop (`Hop`, pipeline/hop.py) and sends each step's
   hidden states through them (client-driven, or with server-to-server forwarding: `ClientConfig.push`).
 - Fault tolerance: the session keeps, per block boundary, the inputs of every step it completed
-  (in their original chunks). When a hop fails (stream closed, timeout, error reply, malformed or
-  non-finite output), its server is banned for a while, a new route for that hop's blocks is built
-  from the others, the history is replayed there — chunk by chunk in one message, so the rebuilt
-  KV cache is bit-identical — and the step goes on. Greedy output is the same as an undisturbed run.
+  (in their original chunks). When a hop faults (stream closed, timeout, error reply other than a
+  refusal, malformed or non-finite output), its server is banned for a while, a new route for that
+  hop's blocks is built from the others, the history is replayed there — chunk by chunk in one
+  message, so the rebuilt KV cache is bit-identical — and the step goes on. Greedy output is the
+  same as an undisturbed run.
+- Refusals (pipeline/errors.py: too long, cache full, no credit, no receipt, wrong model, busy) are
+  not faults: no ban. A server that refuses to open a session is left out of that route only and
+  another is tried where one could accept; when none is left, or the refusal is about the client
+  (its receipts), the typed `Refused` is raised at once.
 - Credits: `ClientConfig.billing = ClientBilling(ledger)` (pipeline/billing.py) signs, with every
   step, a cumulative receipt for the tokens the server says it has served so far ("served" in each
   "out"); in push mode each push-list entry carries its hop's receipt. "close" carries the final
@@ -42,6 +47,7 @@ from p2p.network import Network
 from . import protocol as proto
 from .billing import ClientBilling
 from .directory import SwarmDirectory
+from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
 from .hop import Hop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
@@ -51,10 +57,6 @@ from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
 from .spotcheck import SpotCheckConfig, SpotChecker
 
 log = logging.getLogger(__name__)
-
-
-class GenerationFailed(RuntimeError):
-    """The swarm could not complete a step after every retry (no route, or every route failed)."""
 
 
 class WrongOutput(P2PError):
@@ -157,15 +159,21 @@ class InferenceSession:
                 await billing.closed(hop.peer_id, hop.session_id)
 
     async def _open_route(self, start: int, end: int) -> list[Hop]:
-        """Route [start, end) and open every hop, banning servers that refuse and routing again."""
+        """Route [start, end) and open every hop. A server that faults is banned and the route built
+        again; one that refuses is left out of this route only (no ban); when no route is left after
+        refusals, the most useful refusal is raised (see `_telling`)."""
         seq = self.model.sequence
         last: BaseException | None = None
         retried: set[str] = set()
-        for _ in range(self.model.client_config.max_recoveries + 1):
+        refusals: dict[str, Refused] = {}  # peer → its refusal, for this route only
+        faults = 0
+        while faults <= self.model.client_config.max_recoveries:
             try:
-                route = await seq.route(start, end, need_cache_tokens=self.max_length)
+                route = await seq.route(start, end, need_cache_tokens=self.max_length, exclude=refusals.keys())
             except NoRoute as e:
-                raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from None
+                if refusals:
+                    raise _telling(list(refusals.values()))  # its cause (the server's reply) stays
+                raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from e
             hops: list[Hop] = []
             try:
                 for r in route:
@@ -173,8 +181,15 @@ class InferenceSession:
                     hops.append(await self.open_hop(r, info.addr if info else None))
                 self.stats["servers"].extend(self.route_of(hops))
                 return hops
+            except Refused as e:
+                for h in hops:
+                    await self.close_hop(h)
+                if not isinstance(e, SERVER_SPECIFIC):
+                    raise
+                refusals[route[len(hops)].peer_id] = e
             except (P2PError, trio.TooSlowError) as e:
                 last = e
+                faults += 1
                 bad = route[len(hops)].peer_id
                 for h in hops:
                     await self.close_hop(h)
@@ -234,6 +249,8 @@ class InferenceSession:
         for _ in range(self.model.client_config.max_recoveries + 1):
             try:
                 new = await self._open_route(bad.start, bad.end)
+            except Refused:
+                raise
             except GenerationFailed as g:  # no route is left: say what broke the old one
                 raise GenerationFailed(f"{g} (after {bad}: {type(err).__name__}: {err})") from err
             hop = None
@@ -287,6 +304,8 @@ class InferenceSession:
                 liar = await self._spot_check(hop)
                 if liar is not None:
                     raise WrongOutput(f"spot check: {liar[-8:]} returned wrong outputs for blocks [{hop.start}, {hop.end})")
+            except Refused:  # not a fault: nothing to recover from
+                raise
             except (P2PError, trio.TooSlowError, GenerationFailed) as e:
                 recoveries += 1
                 if recoveries > self.model.client_config.max_recoveries:
@@ -331,12 +350,16 @@ class InferenceSession:
             msg["push"].append(entry)
         msg["addrs"] = {hp.peer_id: hp.addr for hp in hops[1:] if hp.addr}
         failed = False
+        refusal: Refused | None = None
 
         async def collect(k: int, nursery: trio.Nursery) -> None:
-            nonlocal failed
+            nonlocal failed, refusal
             try:
                 outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
                                                     self.model.dtype_name)
+            except Refused as e:  # raised below, once the other hops' receives are cancelled
+                refusal = e
+                nursery.cancel_scope.cancel()
             except (P2PError, FrameError) as e:
                 log.info("push step: hop %s failed: %s", hops[k], e)
                 failed = True
@@ -351,6 +374,8 @@ class InferenceSession:
                 async with trio.open_nursery() as nursery:
                     for k in range(len(hops)):
                         nursery.start_soon(collect, k, nursery)
+        if refusal is not None:
+            raise refusal
         h = hidden
         for k, hop in enumerate(hops):
             if outs[k] is None:
@@ -363,6 +388,13 @@ class InferenceSession:
             h = out
             self.stats["compute_s"] += c
         return len(hops), h
+
+
+def _telling(refusals: list[Refused]) -> Refused:
+    """The refusal to raise when every server refused: the one offering the longest session (too
+    long / cache full, so the caller learns the usable limit), else the last."""
+    limited = [r for r in refusals if r.limit is not None]
+    return max(limited, key=lambda r: r.limit) if limited else refusals[-1]
 
 
 class DistributedModel:

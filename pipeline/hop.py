@@ -2,7 +2,9 @@
 
 `Hop.open` sends "open" and waits for "opened"; `send_step` / `receive_out` carry one step (the
 reply is checked: its step id, token count, finiteness); `close` ends the session, with the final
-receipt when there is one. A `StepRecord` is what one completed step of a hop sent and got back
+receipt when there is one. A server's refusal (a refusal kind, pipeline/errors.py) is raised as
+the typed `Refused` it maps to, with the wire error as its cause; other error replies stay
+`InferenceError`s (faults). A `StepRecord` is what one completed step of a hop sent and got back
 (the spot checker keeps them, pipeline/spotcheck.py).
 """
 
@@ -17,8 +19,21 @@ from p2p.errors import FrameError, P2PError
 from p2p.network import Network, Stream
 
 from . import protocol as proto
-from .protocol import expect_reply, unpack_hidden
+from .errors import REFUSALS
+from .protocol import InferenceError, expect_reply, unpack_hidden
 from .routing import RouteHop
+
+
+async def _receive_reply(stream: Stream, kind: str, peer_id: str) -> dict:
+    """The next reply on `stream`, of type `kind`; a refusal raises its typed `Refused`."""
+    msg = await stream.receive()
+    try:
+        return expect_reply(msg, kind)
+    except InferenceError as e:
+        refusal = REFUSALS.get(e.kind)
+        if refusal is None:
+            raise
+        raise refusal(e.kind, e.message, peer_id=peer_id, limit=e.limit) from e
 
 
 @dataclass(frozen=True)
@@ -58,7 +73,7 @@ class Hop:
                 stream = await network.open_stream(hop.peer_id, proto.INFERENCE)
                 await stream.send({"t": "open", "model": model_id, "start": hop.start, "end": hop.end,
                                    "max_length": max_length, "dtype": dtype})
-                reply = expect_reply(await stream.receive(), "opened")
+                reply = await _receive_reply(stream, "opened", hop.peer_id)
             sid = reply.get("session")
             if not isinstance(sid, bytes) or len(sid) != proto.SESSION_ID_LEN:
                 raise FrameError("'opened' reply lacks a session id")
@@ -78,7 +93,7 @@ class Hop:
     async def receive_out(self, step_id: int, n: int, hidden_size: int, dtype: str) -> tuple[torch.Tensor, float]:
         """The "out" for `step_id` (older outs, e.g. duplicates after a fallback, are skipped)."""
         while True:
-            m = expect_reply(await self.stream.receive(), "out")
+            m = await _receive_reply(self.stream, "out", self.peer_id)
             got = m.get("id")
             if not isinstance(got, int) or got > step_id:
                 raise FrameError(f"reply for step {got!r} while waiting for step {step_id}")

@@ -428,7 +428,7 @@ class BlockServer:
                             raise InferenceError("BadRequest", f"unknown message type {kind!r}")
                     except (FrameError, InferenceError, CacheError) as e:
                         self.stats["errors"] += 1
-                        reply = error(_kind(e), _message(e))
+                        reply = _error_reply(e)
                     await self._send(session, stream, reply)
             except P2PError as e:  # stream closed or broken: the session ends with it
                 log.debug("session stream from %s ended: %s", stream.peer_id[-8:], e)
@@ -466,7 +466,7 @@ class BlockServer:
         limit = min(self.config.max_length, cfg.max_position_embeddings)
         max_length = mfield(m, "max_length", int)
         if not 1 <= max_length <= limit:
-            raise InferenceError("BadMaxLength", f"max_length must be in [1, {limit}], got {max_length}")
+            raise InferenceError("BadMaxLength", f"max_length must be in [1, {limit}], got {max_length}", limit)
         dtype = mfield(m, "dtype", str, max_len=16)
         if dtype != self.dtype_name:
             raise InferenceError("DtypeMismatch", f"this server computes in {self.dtype_name}, not {dtype}")
@@ -485,8 +485,10 @@ class BlockServer:
         need = KVCache.bytes_for(cfg, b - a, max_length, dtype=self.dtype)
         if self.cache_used + need > self.config.cache_budget_bytes:
             self.stats["sessions_refused"] += 1
+            per_token = KVCache.bytes_for(cfg, b - a, 1, dtype=self.dtype)
+            room = max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
             raise InferenceError("CacheFull", f"the KV cache budget is full: {self.cache_used} of "
-                                 f"{self.config.cache_budget_bytes} bytes in use, this session needs {need}")
+                                 f"{self.config.cache_budget_bytes} bytes in use, this session needs {need}", room)
         self.cache_used += need  # reserved before the await, so concurrent opens cannot overbook
         try:
             sub = self._subspan(a, b)
@@ -525,7 +527,7 @@ class BlockServer:
                                      "this session holds (replay the history first)")
             if pos + n > session.max_length:
                 raise InferenceError("MaxLengthExceeded", f"{pos + n} tokens exceed the session's max_length "
-                                     f"of {session.max_length}")
+                                     f"of {session.max_length}", session.max_length)
             session.last_used = trio.current_time()
             limiter: Any = self.limiter
             account = session.account
@@ -619,7 +621,7 @@ class BlockServer:
             reply = await self._step(session, m, pushed=True)
         except (FrameError, InferenceError, CacheError) as e:
             self.stats["errors"] += 1
-            reply = error(_kind(e), _message(e))
+            reply = _error_reply(e)
         if reply is None or session.id not in self.sessions:
             return
         try:
@@ -628,16 +630,10 @@ class BlockServer:
             session.scope.cancel()
 
 
-def _kind(e: Exception) -> str:
+def _error_reply(e: FrameError | InferenceError | CacheError) -> dict:
     if isinstance(e, InferenceError):
-        return e.kind
-    if isinstance(e, CacheError):
-        return "CacheError"
-    return "BadRequest"
-
-
-def _message(e: Exception) -> str:
-    return e.message if isinstance(e, InferenceError) else str(e)
+        return error(e.kind, e.message, e.limit)
+    return error("CacheError" if isinstance(e, CacheError) else "BadRequest", str(e))
 
 
 async def _refuse_stopped(stream: Stream) -> None:

@@ -47,6 +47,7 @@ import trio
 from p2p.errors import P2PError
 
 from .billing import ClientBilling
+from .errors import Refused
 from .hop import Hop, StepRecord
 from .routing import RouteHop, SequenceManager
 
@@ -173,6 +174,8 @@ class SpotChecker:
                 try:
                     watch.checker = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
                     break
+                except Refused as e:  # not a fault: no ban, try another
+                    log.info("checker candidate %s refused: %s", info.peer_id[-8:], e)
                 except (P2PError, trio.TooSlowError) as e:
                     self.seq.ban(info.peer_id, f"could not open a checker session: {e}")
             if watch.checker is None:
@@ -187,8 +190,9 @@ class SpotChecker:
         self.stats["checks"] += 1
         try:
             got = await self._replay(checker, records)
-        except (P2PError, trio.TooSlowError) as e:
-            self.seq.ban(checker.peer_id, f"checker failed: {e}")
+        except (Refused, P2PError, trio.TooSlowError) as e:
+            if not isinstance(e, Refused):
+                self.seq.ban(checker.peer_id, f"checker failed: {e}")
             await self._drop_checker(watch)
             self.stats["unchecked"] += 1
             return None
@@ -243,6 +247,9 @@ class SpotChecker:
             try:
                 ref = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
                 out = await self._replay(ref, list(watch.records))
+            except Refused as e:  # not a fault: no ban, ask another
+                log.info("referee candidate %s refused: %s", info.peer_id[-8:], e)
+                continue
             except (P2PError, trio.TooSlowError) as e:
                 self.seq.ban(info.peer_id, f"referee failed: {e}")
                 continue
