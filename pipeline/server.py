@@ -177,6 +177,7 @@ class BlockServer:
         self.gossip = gossip  # announcements also go out as gossip, for fast updates
         self.billing = billing
         self.reliability = 1.0  # announced; refreshed from the ledger before each announcement
+        self.started = 0.0  # network time this server started serving (announced: clients lift fault bans)
         self.dtype = resolve_dtype(self.config.dtype)
         self.dtype_name = proto.dtype_name(self.dtype)
         self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client balance
@@ -213,6 +214,7 @@ class BlockServer:
         await self._load(self.start, self.end)
         self.network.set_stream_handler(proto.INFERENCE, self._handle_session)
         self.network.set_stream_handler(proto.PUSH, self._handle_push)
+        self.started = self.network.now()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -333,7 +335,7 @@ class BlockServer:
                           cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
                           version=VERSION, addr=addrs[0] if addrs else None,
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
-                          reliability=self.reliability)
+                          reliability=self.reliability, started=self.started)
 
     async def announce(self, state: str = "online") -> int:
         """Store our announcement; returns how many peers (ourselves included) hold it."""
