@@ -12,7 +12,8 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     flops.py      FLOPs per block per token, from the config
     pricing.py    ModelPricing: what a receipt's work costs, for the credit ledger
     sampling.py   SamplingParams, Sampler, stop strings
-    protocol.py   /potluck/inference/1.0.0 messages, error kinds, hidden states on the wire
+    errors.py     GenerationFailed and the typed Refused family (a refusal is not a fault)
+    protocol.py   /potluck/inference/1.0.0 messages, error kinds (refusals vs faults), hidden states on the wire
     directory.py  SwarmDirectory: the Protocol naming what pipeline uses of the DHT
     announce.py   ServerInfo announcements in the DHT and by gossip; fetch_servers
     routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)

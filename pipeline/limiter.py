@@ -23,7 +23,7 @@ class PriorityLimiter:
             raise ValueError("a limiter needs at least one token")
         self.total_tokens = total_tokens
         self._holders: set[Any] = set()
-        self._waiters: list[tuple[float, int, Any, trio.Event]] = []
+        self._waiters: list[list[Any]] = []  # [-priority, seq, borrower (None: cancelled), event]
         self._granted: set[Any] = set()
         self._seq = itertools.count()
         self.served: list[float] = []  # priorities in the order they were granted (tests, stats; bounded)
@@ -48,7 +48,7 @@ class PriorityLimiter:
             return
         event = trio.Event()
         item = [-priority, next(self._seq), borrower, event]
-        heapq.heappush(self._waiters, item)  # type: ignore[arg-type]
+        heapq.heappush(self._waiters, item)
         try:
             await event.wait()
         except BaseException:
