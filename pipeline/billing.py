@@ -35,9 +35,9 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
 - Admission: on "open" the server calls `ledger.admit(client, idle=<no other session open>)`; a
   client past the debt limit is refused with `CreditRefused` and how to earn, unless the server is
   idle (free when idle).
-- Priority: every torch job goes through `PriorityLimiter` (it replaces the plain CapacityLimiter in
-  front of the compute threads): waiting steps are served highest client balance first, FIFO within
-  an equal balance; loading and cache allocation go first (priority +inf).
+- Priority: every torch job goes through `PriorityLimiter` (pipeline/limiter.py; it replaces the
+  plain CapacityLimiter in front of the compute threads): waiting steps are served highest client
+  balance first, FIFO within an equal balance; loading and cache allocation go first (priority +inf).
 
 Reliability (`Ledger.reliability`): how much a verifier trusts a server, from what it can check itself —
 the signed *dispute* entries against the server in verified chains, counted once per accuser, and
@@ -53,10 +53,7 @@ so a third party cannot re-check a dispute without re-running the blocks itself.
 
 from __future__ import annotations
 
-import heapq
-import itertools
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -72,97 +69,6 @@ from .protocol import InferenceError
 log = logging.getLogger(__name__)
 
 EARN_HINT = "To earn credits, serve blocks of this model: `potluck serve --model {model} --blocks auto`."
-
-
-# --- compute queue ordered by balance -------------------------------------------------------------------
-
-
-class PriorityLimiter:
-    """A capacity limiter whose waiters are served highest priority first, FIFO within a priority.
-
-    Usable wherever trio wants a limiter (`trio.to_thread.run_sync(fn, limiter=...)`): the plain
-    `acquire_on_behalf_of` takes priority +inf (loading, cache allocation); `at(priority)` gives a
-    limiter view that queues at `priority` (a client's balance, in FLOPs)."""
-
-    def __init__(self, total_tokens: int = 1):
-        if total_tokens < 1:
-            raise ValueError("a limiter needs at least one token")
-        self.total_tokens = total_tokens
-        self._holders: set[Any] = set()
-        self._waiters: list[tuple[float, int, Any, trio.Event]] = []
-        self._granted: set[Any] = set()
-        self._seq = itertools.count()
-        self.served: list[float] = []  # priorities in the order they were granted (tests, stats; bounded)
-
-    @property
-    def borrowed_tokens(self) -> int:
-        return len(self._holders)
-
-    @property
-    def waiting(self) -> int:
-        return sum(1 for _, _, b, _ in self._waiters if b is not None)
-
-    def at(self, priority: float) -> "_PriorityView":
-        return _PriorityView(self, priority)
-
-    async def acquire_on_behalf_of(self, borrower: Any, priority: float = math.inf) -> None:
-        if borrower in self._holders:
-            raise RuntimeError("this borrower already holds a token")
-        if len(self._holders) < self.total_tokens and not self.waiting:
-            self._grant(borrower, priority)
-            await trio.lowlevel.checkpoint()
-            return
-        event = trio.Event()
-        item = [-priority, next(self._seq), borrower, event]
-        heapq.heappush(self._waiters, item)  # type: ignore[arg-type]
-        try:
-            await event.wait()
-        except BaseException:
-            if borrower in self._holders:  # granted while being cancelled: hand it on
-                self.release_on_behalf_of(borrower)
-            else:
-                item[2] = None  # lazily dropped from the heap
-            raise
-
-    def _grant(self, borrower: Any, priority: float) -> None:
-        self._holders.add(borrower)
-        self.served.append(priority)
-        if len(self.served) > 1024:
-            del self.served[:512]
-
-    def release_on_behalf_of(self, borrower: Any) -> None:
-        if borrower not in self._holders:
-            raise RuntimeError("this borrower holds no token")
-        self._holders.discard(borrower)
-        while self._waiters and len(self._holders) < self.total_tokens:
-            neg, _, b, event = heapq.heappop(self._waiters)
-            if b is None:
-                continue
-            self._grant(b, -neg)
-            event.set()
-
-    async def acquire(self) -> None:
-        await self.acquire_on_behalf_of(trio.lowlevel.current_task())
-
-    def release(self) -> None:
-        self.release_on_behalf_of(trio.lowlevel.current_task())
-
-    async def __aenter__(self) -> None:
-        await self.acquire()
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.release()
-
-
-class _PriorityView:
-    def __init__(self, limiter: PriorityLimiter, priority: float):
-        self.limiter, self.priority = limiter, priority
-
-    async def acquire_on_behalf_of(self, borrower: Any) -> None:
-        await self.limiter.acquire_on_behalf_of(borrower, self.priority)
-
-    def release_on_behalf_of(self, borrower: Any) -> None:
-        self.limiter.release_on_behalf_of(borrower)
 
 
 # --- server side ------------------------------------------------------------------------------------------

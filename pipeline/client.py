@@ -5,20 +5,26 @@
     async for event in model.stream(messages_or_prompt, temperature=0.7, seed=1):
         print(event.text, end="")
 
+- `model.model_config` is the architecture (pipeline/config.py), `model.client_config` this
+  client's `ClientConfig`.
 - A session (`InferenceSession`) asks the `SequenceManager` (pipeline/routing.py) for a route
-  covering all blocks, opens one stream per hop and sends each step's hidden states through them
-  (client-driven, or with server-to-server forwarding: `ClientConfig.push`).
+  covering all blocks, opens one session per hop (`Hop`, pipeline/hop.py) and sends each step's
+  hidden states through them (client-driven, or with server-to-server forwarding: `ClientConfig.push`).
 - Fault tolerance: the session keeps, per block boundary, the inputs of every step it completed
-  (in their original chunks). When a hop fails (stream closed, timeout, error reply, malformed or
-  non-finite output), its server is banned for a while, a new route for that hop's blocks is built
-  from the others, the history is replayed there — chunk by chunk in one message, so the rebuilt
-  KV cache is bit-identical — and the step goes on. Greedy output is the same as an undisturbed run.
+  (in their original chunks). When a hop faults (stream closed, timeout, error reply other than a
+  refusal, malformed or non-finite output), its server is banned for a while, a new route for that
+  hop's blocks is built from the others, the history is replayed there — chunk by chunk in one
+  message, so the rebuilt KV cache is bit-identical — and the step goes on. Greedy output is the
+  same as an undisturbed run.
+- Refusals (pipeline/errors.py: too long, cache full, no credit, no receipt, wrong model, busy) are
+  not faults: no ban. A server that refuses to open a session is left out of that route only and
+  another is tried where one could accept; when none is left, or the refusal is about the client
+  (its receipts), the typed `Refused` is raised at once.
 - Credits: `ClientConfig.billing = ClientBilling(ledger)` (pipeline/billing.py) signs, with every
   step, a cumulative receipt for the tokens the server says it has served so far ("served" in each
   "out"); in push mode each push-list entry carries its hop's receipt. "close" carries the final
   receipt, and the latest receipt per hop is recorded as a *spend* when the hop is closed or
-  abandoned. (Without billing, the older hook `ClientConfig.receipt(peer_id, session_id, step_info)`
-  is called instead; step_info also has "served" and "model".)
+  abandoned.
 - Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py, default 2 % of steps) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
@@ -30,27 +36,27 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator
 
 import torch
 import trio
 
 from p2p.errors import FrameError, P2PError, StreamClosed
-from p2p.network import Network, Stream
+from p2p.network import Network
 
 from . import protocol as proto
+from .billing import ClientBilling
+from .directory import SwarmDirectory
+from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
+from .hop import Hop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
-from .protocol import expect_reply, pack_hidden, unpack_hidden
+from .protocol import pack_hidden
 from .routing import NoRoute, RouteHop, SequenceManager
 from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
 from .spotcheck import SpotCheckConfig, SpotChecker
 
 log = logging.getLogger(__name__)
-
-
-class GenerationFailed(RuntimeError):
-    """The swarm could not complete a step after every retry (no route, or every route failed)."""
 
 
 class WrongOutput(P2PError):
@@ -63,8 +69,7 @@ class ClientConfig:
     open_timeout: float = 10.0
     max_recoveries: int = 8  # per step
     push: bool = False  # server-to-server forwarding of activations
-    receipt: Callable[[str, bytes, dict], Any] | None = None  # credits hook (see module docstring)
-    billing: Any = None  # pipeline.billing.ClientBilling: receipts, spends, disputes
+    billing: ClientBilling | None = None  # receipts, spends, disputes
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
 
 
@@ -84,103 +89,21 @@ class Generation:
     stats: dict = field(default_factory=dict)
 
 
-class _Hop:
-    """One open session with one server for blocks [start, end)."""
-
-    def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None):
-        self.peer_id, self.start, self.end = peer_id, start, end
-        self.stream, self.session_id, self.addr = stream, session_id, addr
-        self.served = 0  # tokens the server says it has computed in this session (what we sign for)
-        self.closed = False
-        # spot checks: (pos, inputs, chunks, outputs) of every step, and the checker's progress
-        self.entries: list[tuple[int, torch.Tensor, list[int], torch.Tensor]] = []
-        self.verified = 0
-        self.checker: "_Hop | None" = None
-        self.is_checker = False
-
-    def record(self, pos: int, inputs: torch.Tensor, chunks: list[int], out: torch.Tensor) -> None:
-        """Log a completed step (a re-run at an earlier position replaces what followed it)."""
-        while self.entries and self.entries[-1][0] >= pos:
-            self.entries.pop()
-        self.verified = min(self.verified, pos)
-        self.entries.append((pos, inputs, list(chunks), out))
-
-    def __repr__(self) -> str:
-        return f"<hop {self.peer_id[-6:]} [{self.start},{self.end})>"
-
-    @classmethod
-    async def open(cls, network: Network, hop: RouteHop, addr: str | None, *, model_id: str, max_length: int,
-                   dtype: str, timeout: float) -> "_Hop":
-        if addr is not None and network.address_of(hop.peer_id) is None:
-            network.add_address(hop.peer_id, addr)
-        stream = None
-        try:
-            with trio.fail_after(timeout):
-                stream = await network.open_stream(hop.peer_id, proto.INFERENCE)
-                await stream.send({"t": "open", "model": model_id, "start": hop.start, "end": hop.end,
-                                   "max_length": max_length, "dtype": dtype})
-                reply = expect_reply(await stream.receive(), "opened")
-            sid = reply.get("session")
-            if not isinstance(sid, bytes) or len(sid) != proto.SESSION_ID_LEN:
-                raise FrameError("'opened' reply lacks a session id")
-            return cls(hop.peer_id, hop.start, hop.end, stream, sid, addr)
-        except BaseException:
-            if stream is not None:
-                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-                    try:
-                        await stream.aclose()
-                    except P2PError:
-                        pass
-            raise
-
-    async def send_step(self, msg: dict) -> None:
-        await self.stream.send(msg)
-
-    async def receive_out(self, step_id: int, n: int, hidden_size: int, dtype: str) -> tuple[torch.Tensor, float]:
-        """The "out" for `step_id` (older outs, e.g. duplicates after a fallback, are skipped)."""
-        while True:
-            m = expect_reply(await self.stream.receive(), "out")
-            got = m.get("id")
-            if not isinstance(got, int) or got > step_id:
-                raise FrameError(f"reply for step {got!r} while waiting for step {step_id}")
-            if got < step_id:
-                continue
-            out = unpack_hidden(m.get("h"), dtype=dtype, hidden_size=hidden_size)
-            if out.shape[1] != n:
-                raise FrameError(f"server returned {out.shape[1]} tokens for a step of {n}")
-            if not torch.isfinite(out).all():
-                raise FrameError("server returned non-finite hidden states")
-            served = m.get("served")
-            if isinstance(served, int) and not isinstance(served, bool) and 0 <= served <= 1 << 40:
-                self.served = served
-            c = m.get("compute_s")
-            return out, float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0
-
-    async def close(self, polite: bool = True, receipt: Any = None) -> None:
-        self.closed = True
-        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
-            try:
-                if polite:
-                    await self.stream.send({"t": "close"} if receipt is None else {"t": "close", "receipt": receipt})
-                await self.stream.aclose()
-            except P2PError:
-                pass
-
-
 class InferenceSession:
     """A generation's path through the swarm: route, open hops, history for replay. Use `async with`."""
 
     def __init__(self, model: "DistributedModel", max_length: int):
         self.model = model
         self.max_length = max_length
-        self.hops: list[_Hop] = []
+        self.hops: list[Hop] = []
         self.position = 0
         self.chunks: list[int] = []  # tokens per completed step
         self.history: dict[int, list[torch.Tensor]] = {}  # block boundary → inputs of completed steps
         self._step_id = 0
-        self.extra_hops: list[_Hop] = []  # spot-check sessions (checkers, referees)
-        cfg = model.config_client
-        self.checker = SpotChecker(self, cfg.spot_check) if cfg.spot_check is not None and cfg.spot_check.fraction > 0 else None
+        cfg = model.client_config
+        self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
+                                    model_id=model.model_id, billing=cfg.billing)
+                        if cfg.spot_check is not None and cfg.spot_check.fraction > 0 else None)
         self.stats = {"steps": 0, "compute_s": 0.0, "step_wall_s": 0.0, "recoveries": 0, "push_fallbacks": 0,
                       "servers": []}
 
@@ -189,36 +112,41 @@ class InferenceSession:
         return [(h.peer_id, h.start, h.end) for h in self.hops]
 
     async def __aenter__(self) -> "InferenceSession":
-        n = self.model.config.num_layers
+        n = self.model.model_config.num_layers
         self.hops = await self._open_route(0, n)
         return self
 
     async def __aexit__(self, *exc: object) -> None:
         hops, self.hops = self.hops, []
-        extra, self.extra_hops = self.extra_hops, []
         with trio.CancelScope(shield=True):
             async with trio.open_nursery() as nursery:
-                for h in hops + extra:
-                    nursery.start_soon(self._close_hop, h)
+                for h in hops:
+                    nursery.start_soon(self.close_hop, h)
+                if self.checker is not None:
+                    nursery.start_soon(self.checker.aclose)
         if self.checker is not None:
             self.stats["spot_checks"] = dict(self.checker.stats)
 
-    def _receipt(self, hop: _Hop, info: dict | None = None) -> Any:
-        """The receipt to send to `hop` now (billing), or the legacy hook's value, or None."""
-        cfg = self.model.config_client
+    def _receipt(self, hop: Hop, info: dict | None = None) -> list | None:
+        """The receipt to send to `hop` now (with billing), else None."""
+        billing = self.model.client_config.billing
+        if billing is None:
+            return None
         info = {**(info or {}), "start": hop.start, "end": hop.end, "served": hop.served, "model": self.model.model_id}
-        if cfg.billing is not None:
-            return cfg.billing.receipt(hop.peer_id, hop.session_id, info)
-        if cfg.receipt is not None:
-            return cfg.receipt(hop.peer_id, hop.session_id, info)
-        return None
+        return billing.receipt(hop.peer_id, hop.session_id, info)
 
-    async def _close_hop(self, hop: _Hop, polite: bool = True, pay: bool = True) -> None:
+    async def open_hop(self, route_hop: RouteHop, addr: str | None) -> Hop:
+        """A session with `route_hop`'s server for its blocks, for this session's model, length and dtype."""
+        m = self.model
+        return await Hop.open(m.network, route_hop, addr, model_id=m.model_id, max_length=self.max_length,
+                              dtype=m.dtype_name, timeout=m.client_config.open_timeout)
+
+    async def close_hop(self, hop: Hop, polite: bool = True, pay: bool = True) -> None:
         """Close a hop (with the final receipt unless `pay` is False) and record what we signed for it
         as a spend."""
         if hop.closed:
             return
-        billing = self.model.config_client.billing
+        billing = self.model.client_config.billing
         receipt = None
         if polite and pay and billing is not None:
             try:
@@ -230,30 +158,41 @@ class InferenceSession:
             with trio.CancelScope(shield=True), trio.move_on_after(10.0):
                 await billing.closed(hop.peer_id, hop.session_id)
 
-    async def _open_route(self, start: int, end: int) -> list[_Hop]:
-        """Route [start, end) and open every hop, banning servers that refuse and routing again."""
+    async def _open_route(self, start: int, end: int) -> list[Hop]:
+        """Route [start, end) and open every hop. A server that faults is banned and the route built
+        again; one that refuses is left out of this route only (no ban); when no route is left after
+        refusals, the most useful refusal is raised (see `_telling`)."""
         seq = self.model.sequence
         last: BaseException | None = None
         retried: set[str] = set()
-        for _ in range(self.model.config_client.max_recoveries + 1):
+        refusals: dict[str, Refused] = {}  # peer → its refusal, for this route only
+        faults = 0
+        while faults <= self.model.client_config.max_recoveries:
             try:
-                route = await seq.route(start, end, need_cache_tokens=self.max_length)
+                route = await seq.route(start, end, need_cache_tokens=self.max_length, exclude=refusals.keys())
             except NoRoute as e:
-                raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from None
-            hops: list[_Hop] = []
+                if refusals:
+                    raise _telling(list(refusals.values()))  # its cause (the server's reply) stays
+                raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from e
+            hops: list[Hop] = []
             try:
                 for r in route:
                     info = seq.server(r.peer_id)
-                    hops.append(await _Hop.open(self.model.network, r, info.addr if info else None,
-                                                model_id=self.model.model_id, max_length=self.max_length,
-                                                dtype=self.model.dtype_name, timeout=self.model.config_client.open_timeout))
+                    hops.append(await self.open_hop(r, info.addr if info else None))
                 self.stats["servers"].extend(self.route_of(hops))
                 return hops
+            except Refused as e:
+                for h in hops:
+                    await self.close_hop(h)
+                if not isinstance(e, SERVER_SPECIFIC):
+                    raise
+                refusals[route[len(hops)].peer_id] = e
             except (P2PError, trio.TooSlowError) as e:
                 last = e
+                faults += 1
                 bad = route[len(hops)].peer_id
                 for h in hops:
-                    await self._close_hop(h)
+                    await self.close_hop(h)
                 if isinstance(e, StreamClosed) and bad not in retried:
                     # A stream closed as it opened is most often a connection being replaced (a new
                     # peer's first dial racing the server's); one more try before banning the server.
@@ -264,10 +203,10 @@ class InferenceSession:
                                + (f"; last error: {last}" if last else ""))
 
     @staticmethod
-    def route_of(hops: list[_Hop]) -> list[tuple[str, int, int]]:
+    def route_of(hops: list[Hop]) -> list[tuple[str, int, int]]:
         return [(h.peer_id, h.start, h.end) for h in hops]
 
-    def _step_msg(self, hop: _Hop, step_id: int, pos: int, h: torch.Tensor, chunks: list[int] | None = None) -> dict:
+    def _step_msg(self, hop: Hop, step_id: int, pos: int, h: torch.Tensor, chunks: list[int] | None = None) -> dict:
         msg = {"t": "step", "id": step_id, "pos": pos, "h": pack_hidden(h)}
         if chunks is not None and len(chunks) > 1:
             msg["chunks"] = chunks
@@ -276,18 +215,24 @@ class InferenceSession:
             msg["receipt"] = receipt  # covers every token this server has served so far
         return msg
 
-    async def _run_hop(self, hop: _Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
+    async def run_hop(self, hop: Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
+        """One step (or a replay of several, `chunks`) through `hop`; its outputs."""
         self._step_id += 1
         step_id = self._step_id
         t0 = trio.current_time()
-        with trio.fail_after(self.model.config_client.step_timeout):
+        with trio.fail_after(self.model.client_config.step_timeout):
             await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
-            out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.config.hidden_size,
+            out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.model_config.hidden_size,
                                                    self.model.dtype_name)
-        if self.checker is not None and not hop.is_checker:
-            hop.record(pos, h, chunks or [h.shape[1]], out)
         self.stats["compute_s"] += compute_s
         self.model.sequence.observe_rtt(hop.peer_id, max(0.0, trio.current_time() - t0 - compute_s))
+        return out
+
+    async def _run_route_hop(self, hop: Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
+        """`run_hop` for a hop of the route: the step is also kept for spot checks."""
+        out = await self.run_hop(hop, h, pos, chunks)
+        if self.checker is not None:
+            self.checker.record(hop, StepRecord(pos, h, tuple(chunks or [h.shape[1]]), out))
         return out
 
     async def _recover(self, index: int, err: BaseException) -> None:
@@ -297,13 +242,15 @@ class InferenceSession:
         log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
         seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
         self.stats["recoveries"] += 1
-        if bad.checker is not None:
-            await self._close_hop(bad.checker)
+        if self.checker is not None:
+            await self.checker.forget(bad)
         liar = isinstance(err, WrongOutput)
-        await self._close_hop(bad, polite=liar, pay=not liar)  # a liar is not paid for the step it lied on
-        for _ in range(self.model.config_client.max_recoveries + 1):
+        await self.close_hop(bad, polite=liar, pay=not liar)  # a liar is not paid for the step it lied on
+        for _ in range(self.model.client_config.max_recoveries + 1):
             try:
                 new = await self._open_route(bad.start, bad.end)
+            except Refused:
+                raise
             except GenerationFailed as g:  # no route is left: say what broke the old one
                 raise GenerationFailed(f"{g} (after {bad}: {type(err).__name__}: {err})") from err
             hop = None
@@ -312,14 +259,14 @@ class InferenceSession:
                     history = dict(self.history)
                     for hop in new:
                         inputs = torch.cat(history[hop.start], dim=1)
-                        out = await self._run_hop(hop, inputs, 0, self.chunks)
+                        out = await self._run_route_hop(hop, inputs, 0, self.chunks)
                         history[hop.end] = list(out.split(self.chunks, dim=1))
                     for hop in new[:-1]:  # new inner boundaries; the outer ones are unchanged
                         self.history[hop.end] = history[hop.end]
             except (P2PError, trio.TooSlowError) as e:
                 seq.ban(hop.peer_id, f"replay failed: {type(e).__name__}: {e}")
                 for h in new:
-                    await self._close_hop(h, polite=False)
+                    await self.close_hop(h, polite=False)
                 continue
             self.hops[index:index + 1] = new
             return
@@ -338,7 +285,7 @@ class InferenceSession:
         inputs: dict[int, torch.Tensor] = {}
         i, h = 0, hidden
         recoveries = 0
-        if self.model.config_client.push and len(self.hops) > 1:
+        if self.model.client_config.push and len(self.hops) > 1:
             i, h = await self._push_step(hidden, pos, inputs)
             for k in range(i):  # spot checks of the pushed outputs, in route order
                 liar = await self._spot_check(self.hops[k])
@@ -353,13 +300,15 @@ class InferenceSession:
         while i < len(self.hops):
             hop = self.hops[i]
             try:
-                out = await self._run_hop(hop, h, pos)
+                out = await self._run_route_hop(hop, h, pos)
                 liar = await self._spot_check(hop)
                 if liar is not None:
                     raise WrongOutput(f"spot check: {liar[-8:]} returned wrong outputs for blocks [{hop.start}, {hop.end})")
+            except Refused:  # not a fault: nothing to recover from
+                raise
             except (P2PError, trio.TooSlowError, GenerationFailed) as e:
                 recoveries += 1
-                if recoveries > self.model.config_client.max_recoveries:
+                if recoveries > self.model.client_config.max_recoveries:
                     raise GenerationFailed(f"step at position {pos} failed {recoveries} times; last: {e}") from e
                 await self._recover(i, e)
                 continue
@@ -374,7 +323,7 @@ class InferenceSession:
         self.stats["step_wall_s"] += trio.current_time() - t0
         return h
 
-    async def _spot_check(self, hop: _Hop) -> str | None:
+    async def _spot_check(self, hop: Hop) -> str | None:
         """Maybe (with the configured probability) check `hop`'s unverified steps; the hop's peer id if it
         lied (the caller replaces it), else None (a lying checker is dealt with inside)."""
         if self.checker is None or not self.checker.selected():
@@ -389,7 +338,7 @@ class InferenceSession:
         step_id = self._step_id
         hops = list(self.hops)
         outs: list[tuple[torch.Tensor, float] | None] = [None] * len(hops)
-        cfg = self.model.config_client
+        cfg = self.model.client_config
         n = hidden.shape[1]
         msg = self._step_msg(hops[0], step_id, pos, hidden)
         msg["push"] = []
@@ -401,11 +350,16 @@ class InferenceSession:
             msg["push"].append(entry)
         msg["addrs"] = {hp.peer_id: hp.addr for hp in hops[1:] if hp.addr}
         failed = False
+        refusal: Refused | None = None
 
         async def collect(k: int, nursery: trio.Nursery) -> None:
-            nonlocal failed
+            nonlocal failed, refusal
             try:
-                outs[k] = await hops[k].receive_out(step_id, n, self.model.config.hidden_size, self.model.dtype_name)
+                outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
+                                                    self.model.dtype_name)
+            except Refused as e:  # raised below, once the other hops' receives are cancelled
+                refusal = e
+                nursery.cancel_scope.cancel()
             except (P2PError, FrameError) as e:
                 log.info("push step: hop %s failed: %s", hops[k], e)
                 failed = True
@@ -420,6 +374,8 @@ class InferenceSession:
                 async with trio.open_nursery() as nursery:
                     for k in range(len(hops)):
                         nursery.start_soon(collect, k, nursery)
+        if refusal is not None:
+            raise refusal
         h = hidden
         for k, hop in enumerate(hops):
             if outs[k] is None:
@@ -428,36 +384,43 @@ class InferenceSession:
             inputs[hop.start] = h
             out, c = outs[k]
             if self.checker is not None:
-                hop.record(pos, h, [n], out)
+                self.checker.record(hop, StepRecord(pos, h, (n,), out))
             h = out
             self.stats["compute_s"] += c
         return len(hops), h
 
 
+def _telling(refusals: list[Refused]) -> Refused:
+    """The refusal to raise when every server refused: the one offering the longest session (too
+    long / cache full, so the caller learns the usable limit), else the last."""
+    limited = [r for r in refusals if r.limit is not None]
+    return max(limited, key=lambda r: r.limit) if limited else refusals[-1]
+
+
 class DistributedModel:
     """A model whose blocks run in the swarm; embeddings, final norm and LM head run here."""
 
-    def __init__(self, folder: ModelFolder, head: ModelHead, network: Network, dht: Any, model_id: str, *,
+    def __init__(self, folder: ModelFolder, head: ModelHead, network: Network, dht: SwarmDirectory, model_id: str, *,
                  tokenizer: Any = None, config: ClientConfig | None = None):
         self.folder = folder
-        self.config = folder.config
+        self.model_config = folder.config  # the architecture (pipeline/config.py)
         self.head = head
         self.network = network
         self.dht = dht
         self.model_id = model_id
         self.tokenizer = tokenizer
-        self.config_client = config or ClientConfig()
+        self.client_config = config or ClientConfig()
         self.dtype = head.dtype
         self.dtype_name = proto.dtype_name(self.dtype)
         self.limiter = trio.CapacityLimiter(1)
-        self.sequence = SequenceManager(dht, model_id, self.config.num_layers)
-        billing = self.config_client.billing
+        self.sequence = SequenceManager(dht, model_id, self.model_config.num_layers)
+        billing = self.client_config.billing
         if billing is not None:
-            billing.register_model(model_id, self.config)
+            billing.register_model(model_id, self.model_config)
             self.sequence.reliability_source = billing.reliability_by_peer
 
     @classmethod
-    async def from_pretrained(cls, model_folder: str | os.PathLike | ModelFolder, network: Network, dht: Any, *,
+    async def from_pretrained(cls, model_folder: str | os.PathLike | ModelFolder, network: Network, dht: SwarmDirectory, *,
                               dtype: str = "float32", model_id: str | None = None, config: ClientConfig | None = None,
                               tokenizer: Any = "auto") -> "DistributedModel":
         """Load only embeddings / final norm / LM head (in a thread); the model id is computed from the
@@ -530,7 +493,7 @@ class DistributedModel:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def _eos_ids(self) -> set[int]:
-        eos = self.config.eos_token_id
+        eos = self.model_config.eos_token_id
         out = set([eos] if isinstance(eos, int) else (eos or []))
         if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             out.add(self.tokenizer.eos_token_id)

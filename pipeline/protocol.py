@@ -22,8 +22,17 @@ server → server (stream `/potluck/inference-push/1.0.0`, one per pair of serve
       The receiving server runs the step in that session and answers on the session's own client
       stream with an "out" message, exactly as if the client had sent the step.
 
-Errors: {"t": "error", "kind": name, "m": readable message}. The stream stays usable after an error
-in one message (the client decides); the server never dies of a message.
+Errors: {"t": "error", "kind": name, "m": readable message, "limit": tokens (optional)}. The stream
+stays usable after an error in one message (the client decides); the server never dies of a message.
+Kinds that are *refusals* (pipeline/errors.py maps them to typed exceptions; never a reason to ban):
+    BadMaxLength, MaxLengthExceeded   the session is too long ("limit": the most tokens it takes)
+    CacheFull                         no room in the KV cache now ("limit": tokens it could hold)
+    CreditRefused                     the client is past the debt limit (credits)
+    ReceiptRequired, BadReceipt       no valid receipt for what was served (credits)
+    ModelMismatch, DtypeMismatch, SpanNotServed   another model, dtype or span
+    TooManySessions, ServerStopping   busy or shutting down
+The others (BadRequest, BadPosition, StaleStep, NoSession, SessionOpen, SessionExpired, CacheError,
+BadPeer) say that a message or a session broke.
 """
 
 from __future__ import annotations
@@ -49,12 +58,14 @@ SESSION_ID_LEN = 16
 
 
 class InferenceError(P2PError):
-    """A server refused or failed a session message; `kind` says which check failed."""
+    """A server refused or failed a session message; `kind` says which check failed, `limit` (for
+    the too-long and cache-full kinds) how many tokens it would take."""
 
-    def __init__(self, kind: str, message: str):
+    def __init__(self, kind: str, message: str, limit: int | None = None):
         super().__init__(f"{kind}: {message}")
         self.kind = kind
         self.message = message
+        self.limit = limit
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -91,8 +102,11 @@ def unpack_hidden(msg: Any, *, dtype: str, hidden_size: int, max_tokens: int | N
     return torch.from_numpy(arr)
 
 
-def error(kind: str, message: str) -> dict:
-    return {"t": "error", "kind": kind, "m": message[:1000]}
+def error(kind: str, message: str, limit: int | None = None) -> dict:
+    msg: dict = {"t": "error", "kind": kind, "m": message[:1000]}
+    if limit is not None:
+        msg["limit"] = limit
+    return msg
 
 
 def expect_reply(msg: Any, kind: str) -> dict:
@@ -100,7 +114,8 @@ def expect_reply(msg: Any, kind: str) -> dict:
     m = expect_map(msg, "inference reply")
     t = field(m, "t", str, max_len=16)
     if t == "error":
-        raise InferenceError(field(m, "kind", str, max_len=100), field(m, "m", str, max_len=1000))
+        raise InferenceError(field(m, "kind", str, max_len=100), field(m, "m", str, max_len=1000),
+                             int_field(m, "limit", 0, 1 << 40, optional=True))
     if t != kind:
         raise FrameError(f"expected a {kind!r} reply, got {t!r}")
     return m

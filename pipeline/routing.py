@@ -10,8 +10,10 @@ announced span contains [a, b) (spans may be cut), weighted by
 servers are left out. `coverage` / `choose_span` / `swarm_quality` are what `--blocks auto` uses.
 
 `SequenceManager` is the client's view of the swarm for one model (Petals' name): it caches the
-DHT's announcements for a few seconds, bans failing servers with exponential backoff, and builds
-routes on demand; sessions ask it for a route and report failures to it. Reliability of a server, as
+DHT's announcements for a few seconds, bans servers that fault (timeouts, broken streams, wrong
+outputs — never refusals, pipeline/errors.py) with exponential backoff, and builds routes on
+demand; sessions ask it for a route and report faults to it. A fault ban is lifted as soon as an
+announcement says the server started after the ban (a restart). Reliability of a server, as
 the client uses it: min(what it announces, what this client saw — spot checks failed mean 0 and a
 permanent ban (`distrust`), each failure ban a factor 0.8 — and what the client's ledger says:
 `reliability_source`, e.g. disputes in verified chains, pipeline/billing.py).
@@ -23,11 +25,12 @@ import heapq
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Awaitable, Callable, Iterable
 
 import trio
 
 from .announce import ServerInfo, fetch_servers
+from .directory import SwarmDirectory
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +130,16 @@ def swarm_quality(servers: Iterable[ServerInfo], num_blocks: int) -> float:
 
 @dataclass
 class _Ban:
-    until: float
+    until: float  # trio time
     strikes: int
+    since: float  # network time of the ban (announcements are stamped in it)
 
 
 @dataclass
 class SequenceManager:
     """The client's view of one model's swarm: announcements (cached), bans, routes."""
 
-    dht: Any
+    dht: SwarmDirectory
     model_id: str
     num_blocks: int
     refresh_interval: float = 5.0
@@ -151,7 +155,8 @@ class SequenceManager:
     rtts: dict[str, float] = field(default_factory=dict)  # measured by sessions (seconds)
     distrusted: dict[str, str] = field(default_factory=dict)  # peer → why (caught lying): never routed again
     checks: dict[str, list[int]] = field(default_factory=dict)  # peer → [passed, failed] spot checks
-    reliability_source: Callable[[], Any] | None = None  # async () -> {peer_id: factor} (the client's ledger)
+    # {peer_id: factor} from the client's ledger (ClientBilling.reliability_by_peer)
+    reliability_source: Callable[[], Awaitable[dict[str, float]]] | None = None
     ledger_view: dict[str, float] = field(default_factory=dict)
 
     async def refresh(self, force: bool = False) -> list[ServerInfo]:
@@ -179,6 +184,11 @@ class SequenceManager:
                 del self.heard[peer_id]
             elif peer_id not in newest or info.t > newest[peer_id].t:
                 newest[peer_id] = info
+        for peer_id, info in newest.items():
+            ban = self._bans.get(peer_id)
+            if ban is not None and info.started > ban.since and ban.until > trio.current_time():
+                ban.until = -math.inf  # restarted since the fault: route to it again (the strikes stay)
+                log.info("server %s restarted: its ban is lifted", peer_id[-8:])
         self.servers = sorted((s for s in newest.values() if s.online), key=lambda s: (s.start, s.end, s.peer_id))
 
     def banned(self) -> set[str]:
@@ -209,7 +219,7 @@ class SequenceManager:
         old = self._bans.get(peer_id)
         strikes = (old.strikes + 1) if old else 1
         seconds = min(self.ban_base * 2 ** (strikes - 1), self.ban_max)
-        self._bans[peer_id] = _Ban(trio.current_time() + seconds, strikes)
+        self._bans[peer_id] = _Ban(trio.current_time() + seconds, strikes, self.dht.network.now())
         log.info("banned server %s for %.0f s: %s", peer_id[-8:], seconds, reason)
         return seconds
 
@@ -218,10 +228,7 @@ class SequenceManager:
         self.rtts[peer_id] = seconds if old is None else 0.8 * old + 0.2 * seconds
 
     def rtt(self, peer_id: str) -> float | None:
-        est = None
-        get = getattr(self.dht, "rtt_estimate", None)
-        if get is not None:
-            est = get(peer_id)
+        est = self.dht.rtt_estimate(peer_id)
         return est if est is not None else self.rtts.get(peer_id)
 
     def server(self, peer_id: str) -> ServerInfo | None:
@@ -236,14 +243,13 @@ class SequenceManager:
                 self.ledger_view = await self.reliability_source()
             except Exception as e:  # noqa: BLE001 - a view, not a requirement
                 log.info("could not read the ledger's reliability view: %s", e)
-        avoid = self.banned() | set(exclude)
         try:
-            return find_route(servers, start, end, rtt=self.rtt, exclude=avoid, need_cache_tokens=need_cache_tokens,
-                              config=self.config, reliability=self.reliability)
+            return find_route(servers, start, end, rtt=self.rtt, exclude=self.banned() | set(exclude),
+                              need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
-            return find_route(servers, start, end, rtt=self.rtt, exclude=avoid, need_cache_tokens=need_cache_tokens,
-                              config=self.config, reliability=self.reliability)
+            return find_route(servers, start, end, rtt=self.rtt, exclude=self.banned() | set(exclude),
+                              need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates)."""

@@ -47,11 +47,14 @@ import trio
 
 from p2p.errors import FrameError, P2PError
 from p2p.framing import expect_map, field as mfield
+from p2p.gossip import Gossip
 from p2p.network import Network, Stream
 
 from . import protocol as proto
 from .announce import GOSSIP_TOPIC, VERSION, ServerInfo, announce_key, fetch_servers, gossip_note
-from .billing import PriorityLimiter, ServerAccount, ServerBilling
+from .billing import ServerAccount, ServerBilling
+from .directory import SwarmDirectory
+from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
@@ -82,7 +85,9 @@ class ServerConfig:
 
 
 @dataclass
-class _Session:
+class ServedSession:
+    """The server's state for one open inference session (one client stream)."""
+
     id: bytes
     peer_id: str
     span: BlockSpan  # the (sub-)span this session runs
@@ -156,9 +161,9 @@ def parse_blocks(spec: str, num_blocks: int | None = None) -> tuple[int | None, 
 
 
 class BlockServer:
-    def __init__(self, network: Network, dht: Any, model_folder: str | os.PathLike | ModelFolder,
+    def __init__(self, network: Network, dht: SwarmDirectory, model_folder: str | os.PathLike | ModelFolder,
                  start: int | None = None, end: int | None = None, *, config: ServerConfig | None = None,
-                 model_id: str | None = None, gossip: Any = None,
+                 model_id: str | None = None, gossip: Gossip | None = None,
                  billing: ServerBilling | None = None):
         if (start is None) != (end is None):
             raise ValueError("give both start and end, or neither (auto placement)")
@@ -169,16 +174,17 @@ class BlockServer:
         self.auto = start is None
         self.config = config or ServerConfig()
         self.model_id = model_id
-        self.gossip = gossip  # p2p.gossip.Gossip: announcements also go out as gossip, for fast updates
+        self.gossip = gossip  # announcements also go out as gossip, for fast updates
         self.billing = billing
         self.reliability = 1.0  # announced; refreshed from the ledger before each announcement
+        self.started = 0.0  # network time this server started serving (announced: clients lift fault bans)
         self.dtype = resolve_dtype(self.config.dtype)
         self.dtype_name = proto.dtype_name(self.dtype)
         self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client balance
         self.span: BlockSpan | None = None
         self.mf: ModelFolder | None = None
         self.throughput: dict = {}
-        self.sessions: dict[bytes, _Session] = {}
+        self.sessions: dict[bytes, ServedSession] = {}
         self.cache_used = 0
         self.ready = trio.Event()
         self.stopping = False
@@ -208,6 +214,7 @@ class BlockServer:
         await self._load(self.start, self.end)
         self.network.set_stream_handler(proto.INFERENCE, self._handle_session)
         self.network.set_stream_handler(proto.PUSH, self._handle_push)
+        self.started = self.network.now()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -321,14 +328,14 @@ class BlockServer:
 
     def info(self, state: str = "online") -> ServerInfo:
         addrs = self.network.listen_addrs()
-        clusters = getattr(self.dht, "clusters", {}) or {}
+        clusters = self.dht.clusters
         return ServerInfo(peer_id=self.network.peer_id, start=self.start, end=self.end,
                           decode_tps=self.throughput.get("decode_tps", 1.0),
                           prefill_tps=self.throughput.get("prefill_tps", 1.0),
                           cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
                           version=VERSION, addr=addrs[0] if addrs else None,
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
-                          reliability=self.reliability)
+                          reliability=self.reliability, started=self.started)
 
     async def announce(self, state: str = "online") -> int:
         """Store our announcement; returns how many peers (ourselves included) hold it."""
@@ -340,7 +347,6 @@ class BlockServer:
                 log.info("could not compute reliability: %s", e)
         info = self.info(state)
         acks = await self.dht.store(announce_key(self.model_id), info.to_value(), ttl=ttl, republish=False)
-        self._last_acks = acks
         if self.gossip is not None:
             await self.gossip.publish(GOSSIP_TOPIC, gossip_note(self.model_id, info, ttl))
         return acks
@@ -391,7 +397,7 @@ class BlockServer:
 
     async def _handle_session(self, stream: Stream) -> None:
         """One stream = one session: open, steps, close. Errors are answered, never raised."""
-        session: _Session | None = None
+        session: ServedSession | None = None
         with trio.CancelScope() as scope:
             try:
                 while True:
@@ -424,7 +430,7 @@ class BlockServer:
                             raise InferenceError("BadRequest", f"unknown message type {kind!r}")
                     except (FrameError, InferenceError, CacheError) as e:
                         self.stats["errors"] += 1
-                        reply = error(_kind(e), _message(e))
+                        reply = _error_reply(e)
                     await self._send(session, stream, reply)
             except P2PError as e:  # stream closed or broken: the session ends with it
                 log.debug("session stream from %s ended: %s", stream.peer_id[-8:], e)
@@ -441,14 +447,14 @@ class BlockServer:
                 except P2PError:
                     pass
 
-    async def _send(self, session: _Session | None, stream: Stream, msg: dict) -> None:
+    async def _send(self, session: ServedSession | None, stream: Stream, msg: dict) -> None:
         if session is None:
             await stream.send(msg)
         else:
             async with session.send_lock:
                 await stream.send(msg)
 
-    async def _open(self, stream: Stream, m: dict, scope: trio.CancelScope) -> _Session:
+    async def _open(self, stream: Stream, m: dict, scope: trio.CancelScope) -> ServedSession:
         cfg = self.mf.config
         if self.stopping or self.span is None:
             raise InferenceError("ServerStopping", "this server is shutting down")
@@ -462,7 +468,7 @@ class BlockServer:
         limit = min(self.config.max_length, cfg.max_position_embeddings)
         max_length = mfield(m, "max_length", int)
         if not 1 <= max_length <= limit:
-            raise InferenceError("BadMaxLength", f"max_length must be in [1, {limit}], got {max_length}")
+            raise InferenceError("BadMaxLength", f"max_length must be in [1, {limit}], got {max_length}", limit)
         dtype = mfield(m, "dtype", str, max_len=16)
         if dtype != self.dtype_name:
             raise InferenceError("DtypeMismatch", f"this server computes in {self.dtype_name}, not {dtype}")
@@ -481,8 +487,10 @@ class BlockServer:
         need = KVCache.bytes_for(cfg, b - a, max_length, dtype=self.dtype)
         if self.cache_used + need > self.config.cache_budget_bytes:
             self.stats["sessions_refused"] += 1
+            per_token = KVCache.bytes_for(cfg, b - a, 1, dtype=self.dtype)
+            room = max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
             raise InferenceError("CacheFull", f"the KV cache budget is full: {self.cache_used} of "
-                                 f"{self.config.cache_budget_bytes} bytes in use, this session needs {need}")
+                                 f"{self.config.cache_budget_bytes} bytes in use, this session needs {need}", room)
         self.cache_used += need  # reserved before the await, so concurrent opens cannot overbook
         try:
             sub = self._subspan(a, b)
@@ -490,17 +498,17 @@ class BlockServer:
         except BaseException:
             self.cache_used -= need
             raise
-        session = _Session(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
+        session = ServedSession(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
                            trio.current_time(), account=account)
         self.sessions[session.id] = session
         self.stats["sessions_opened"] += 1
         return session
 
-    def _drop(self, session: _Session) -> None:
+    def _drop(self, session: ServedSession) -> None:
         if self.sessions.pop(session.id, None) is not None:
             self.cache_used -= session.nbytes
 
-    async def _step(self, session: _Session, m: dict, *, pushed: bool) -> dict | None:
+    async def _step(self, session: ServedSession, m: dict, *, pushed: bool) -> dict | None:
         """Run one step (or a replay of several) of `session`; the "out" reply, or None for a stale push."""
         step_id = int_field(m, "id", 0, 1 << 62)
         pos = int_field(m, "pos", 0, session.max_length)
@@ -521,7 +529,7 @@ class BlockServer:
                                      "this session holds (replay the history first)")
             if pos + n > session.max_length:
                 raise InferenceError("MaxLengthExceeded", f"{pos + n} tokens exceed the session's max_length "
-                                     f"of {session.max_length}")
+                                     f"of {session.max_length}", session.max_length)
             session.last_used = trio.current_time()
             limiter: Any = self.limiter
             account = session.account
@@ -610,12 +618,12 @@ class BlockServer:
         except P2PError:
             pass
 
-    async def _run_pushed(self, session: _Session, m: dict) -> None:
+    async def _run_pushed(self, session: ServedSession, m: dict) -> None:
         try:
             reply = await self._step(session, m, pushed=True)
         except (FrameError, InferenceError, CacheError) as e:
             self.stats["errors"] += 1
-            reply = error(_kind(e), _message(e))
+            reply = _error_reply(e)
         if reply is None or session.id not in self.sessions:
             return
         try:
@@ -624,16 +632,10 @@ class BlockServer:
             session.scope.cancel()
 
 
-def _kind(e: Exception) -> str:
+def _error_reply(e: FrameError | InferenceError | CacheError) -> dict:
     if isinstance(e, InferenceError):
-        return e.kind
-    if isinstance(e, CacheError):
-        return "CacheError"
-    return "BadRequest"
-
-
-def _message(e: Exception) -> str:
-    return e.message if isinstance(e, InferenceError) else str(e)
+        return error(e.kind, e.message, e.limit)
+    return error("CacheError" if isinstance(e, CacheError) else "BadRequest", str(e))
 
 
 async def _refuse_stopped(stream: Stream) -> None:

@@ -38,20 +38,35 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 import trio
 
 from p2p.errors import P2PError
 
-if TYPE_CHECKING:
-    from .client import InferenceSession, _Hop
+from .billing import ClientBilling
+from .errors import Refused
+from .hop import Hop, StepRecord
+from .routing import RouteHop, SequenceManager
 
 log = logging.getLogger(__name__)
 
 MAX_CHECK_CHUNKS = 1024  # chunks per check message (the protocol allows 4096)
+
+
+class CheckedSession(Protocol):
+    """What the checker needs of the session it checks (pipeline.client.InferenceSession has it)."""
+
+    async def open_hop(self, route_hop: RouteHop, addr: str | None) -> Hop:
+        """A new session with a server, opened like the route's own (same model, length, dtype)."""
+
+    async def run_hop(self, hop: Hop, inputs: torch.Tensor, pos: int, chunks: list[int]) -> torch.Tensor:
+        """One step (or a replay of several, `chunks`) through `hop`; its outputs."""
+
+    async def close_hop(self, hop: Hop) -> None:
+        """Close `hop`, paying for what it served."""
 
 
 @dataclass
@@ -81,84 +96,110 @@ def _digest(t: torch.Tensor) -> bytes:
     return hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).digest()
 
 
+@dataclass
+class _Watch:
+    """The checker's view of one route hop: its steps, how far they are verified, its checker session."""
+
+    records: list[StepRecord] = field(default_factory=list)
+    verified: int = 0  # positions before this one were confirmed by the checker
+    checker: Hop | None = None
+
+
 class SpotChecker:
     """One session's spot checks (see the module docstring)."""
 
-    def __init__(self, session: "InferenceSession", config: SpotCheckConfig):
+    def __init__(self, session: CheckedSession, config: SpotCheckConfig, *, routes: SequenceManager,
+                 dtype: torch.dtype, model_id: str, billing: ClientBilling | None):
         self.session = session
         self.config = config
+        self.seq = routes
+        self.dtype = dtype
+        self.model_id = model_id
+        self.billing = billing
         self.rng = random.Random(config.seed) if config.seed is not None else random.Random()
+        self._watches: dict[Hop, _Watch] = {}
         self.stats = {"checks": 0, "passed": 0, "mismatches": 0, "liars": 0, "inconclusive": 0, "unchecked": 0,
                       "checked_tokens": 0}
 
     def selected(self) -> bool:
         return self.config.fraction > 0 and self.rng.random() < self.config.fraction
 
-    @property
-    def seq(self):
-        return self.session.model.sequence
+    def record(self, hop: Hop, step: StepRecord) -> None:
+        """Log a completed step of route hop `hop` (a re-run at an earlier position replaces what followed it)."""
+        watch = self._watches.setdefault(hop, _Watch())
+        while watch.records and watch.records[-1].pos >= step.pos:
+            watch.records.pop()
+        watch.verified = min(watch.verified, step.pos)
+        watch.records.append(step)
 
-    async def _open(self, peer_start_end: tuple[str, int, int], addr: str | None) -> "_Hop":
-        from .client import _Hop
-        from .routing import RouteHop
+    async def forget(self, hop: Hop) -> None:
+        """`hop` left the route: close its checker session and drop what was kept for it."""
+        watch = self._watches.pop(hop, None)
+        if watch is not None and watch.checker is not None:
+            await self.session.close_hop(watch.checker)
 
-        m = self.session.model
-        hop = await _Hop.open(m.network, RouteHop(*peer_start_end), addr, model_id=m.model_id,
-                              max_length=self.session.max_length, dtype=m.dtype_name,
-                              timeout=m.config_client.open_timeout)
-        hop.is_checker = True
-        self.session.extra_hops.append(hop)
-        return hop
+    async def aclose(self) -> None:
+        """Close every checker session (the session is ending)."""
+        watches, self._watches = list(self._watches.values()), {}
+        for watch in watches:
+            if watch.checker is not None:
+                await self.session.close_hop(watch.checker)
 
-    def _candidates(self, hop: "_Hop", exclude: set[str]) -> list:
+    def _candidates(self, hop: Hop, exclude: set[str]) -> list:
         cands = self.seq.checkers(hop.start, hop.end, exclude=exclude | {hop.peer_id})
         self.rng.shuffle(cands)
         return cands
 
-    async def _replay(self, target: "_Hop", entries: list, pos: int) -> torch.Tensor:
-        """Send `entries` (the checked hop's steps from `pos` on) to `target`; its outputs, concatenated."""
+    async def _replay(self, target: Hop, records: list[StepRecord]) -> torch.Tensor:
+        """Send `records` (the checked hop's steps from some position on) to `target`; its outputs, concatenated."""
         outs = []
-        for i in range(0, len(entries), MAX_CHECK_CHUNKS):
-            batch = entries[i:i + MAX_CHECK_CHUNKS]
-            inputs = torch.cat([e[1] for e in batch], dim=1)
-            chunks = [c for e in batch for c in e[2]]
-            outs.append(await self.session._run_hop(target, inputs, batch[0][0], chunks))
+        for i in range(0, len(records), MAX_CHECK_CHUNKS):
+            batch = records[i:i + MAX_CHECK_CHUNKS]
+            inputs = torch.cat([r.inputs for r in batch], dim=1)
+            chunks = [c for r in batch for c in r.chunks]
+            outs.append(await self.session.run_hop(target, inputs, batch[0].pos, chunks))
         return torch.cat(outs, dim=1)
 
-    async def check(self, hop: "_Hop") -> str | None:
+    async def check(self, hop: Hop) -> str | None:
         """Check every step of `hop` not yet verified; returns the peer id of a liar found (the hop's
         own, or a checker's), else None."""
-        entries = [e for e in hop.entries if e[0] >= hop.verified]
-        if not entries:
+        watch = self._watches.get(hop)
+        if watch is None:
             return None
-        if hop.checker is None:
+        records = [r for r in watch.records if r.pos >= watch.verified]
+        if not records:
+            return None
+        if watch.checker is None:
             for info in self._candidates(hop, set()):
                 try:
-                    hop.checker = await self._open((info.peer_id, hop.start, hop.end), info.addr)
+                    watch.checker = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
                     break
+                except Refused as e:  # not a fault: no ban, try another
+                    log.info("checker candidate %s refused: %s", info.peer_id[-8:], e)
                 except (P2PError, trio.TooSlowError) as e:
                     self.seq.ban(info.peer_id, f"could not open a checker session: {e}")
-            if hop.checker is None:
+            if watch.checker is None:
                 self.stats["unchecked"] += 1
                 return None
-            hop.verified = 0
-            entries = list(hop.entries)
-        checker = hop.checker
-        start_pos = entries[0][0]
-        end_pos = entries[-1][0] + entries[-1][1].shape[1]
-        claimed = torch.cat([e[3] for e in entries], dim=1)
+            watch.verified = 0
+            records = list(watch.records)
+        checker = watch.checker
+        start_pos = records[0].pos
+        end_pos = records[-1].pos + records[-1].tokens
+        claimed = torch.cat([r.outputs for r in records], dim=1)
         self.stats["checks"] += 1
         try:
-            got = await self._replay(checker, entries, start_pos)
-        except (P2PError, trio.TooSlowError) as e:
-            self.seq.ban(checker.peer_id, f"checker failed: {e}")
-            await self._drop_checker(hop)
+            got = await self._replay(checker, records)
+        except (Refused, P2PError, trio.TooSlowError) as e:
+            if not isinstance(e, Refused):
+                self.seq.ban(checker.peer_id, f"checker failed: {e}")
+            await self._drop_checker(watch)
             self.stats["unchecked"] += 1
             return None
-        tol = self.config.tol(self.session.model.dtype)
+        tol = self.config.tol(self.dtype)
         err = relative_error(claimed, got)
         if err <= tol:
-            hop.verified = end_pos
+            watch.verified = end_pos
             self.stats["passed"] += 1
             self.stats["checked_tokens"] += end_pos - start_pos
             self.seq.record_check(hop.peer_id, True)
@@ -167,8 +208,8 @@ class SpotChecker:
         self.stats["mismatches"] += 1
         log.warning("spot check: blocks [%d, %d) at positions [%d, %d): %s and %s differ (relative error %.3g)",
                     hop.start, hop.end, start_pos, end_pos, hop.peer_id[-8:], checker.peer_id[-8:], err)
-        verdict = await self._referee(hop, checker, claimed, got, start_pos, end_pos, tol)
-        await self._drop_checker(hop)
+        verdict = await self._referee(hop, watch, checker, claimed, got, start_pos, end_pos, tol)
+        await self._drop_checker(watch)
         if verdict is None:
             self.stats["inconclusive"] += 1
             for p in (hop.peer_id, checker.peer_id):
@@ -179,25 +220,24 @@ class SpotChecker:
         self.stats["liars"] += 1
         self.seq.distrust(liar, f"spot check: outputs of blocks [{hop.start}, {hop.end}) differ from two other servers")
         if liar != hop.peer_id:
-            hop.verified = end_pos
-        billing = self.session.model.config_client.billing
-        if billing is not None:
-            inputs = torch.cat([e[1] for e in entries], dim=1)
+            watch.verified = end_pos
+        if self.billing is not None:
+            inputs = torch.cat([r.inputs for r in records], dim=1)
             evidence = {
-                "model": self.session.model.model_id, "start": hop.start, "end": hop.end,
+                "model": self.model_id, "start": hop.start, "end": hop.end,
                 "positions": [start_pos, end_pos], "inputs_sha256": _digest(inputs),
                 "accused_output_sha256": _digest(claimed if liar == hop.peer_id else got),
                 "witness_output_sha256": _digest(got if liar == hop.peer_id else claimed),
                 "witnesses": [honest, referee], "relative_error": err, "referee_error": ref_err, "tolerance": tol,
             }
             try:
-                await billing.dispute(liar, f"spot check failed: blocks [{hop.start}, {hop.end}) "
-                                            f"relative error {err:.3g} > {tol:g}", evidence)
+                await self.billing.dispute(liar, f"spot check failed: blocks [{hop.start}, {hop.end}) "
+                                                 f"relative error {err:.3g} > {tol:g}", evidence)
             except Exception as e:  # noqa: BLE001 - the ban stands even if the entry fails
                 log.warning("could not record the dispute: %s", e)
         return liar
 
-    async def _referee(self, hop: "_Hop", checker: "_Hop", claimed: torch.Tensor, got: torch.Tensor,
+    async def _referee(self, hop: Hop, watch: _Watch, checker: Hop, claimed: torch.Tensor, got: torch.Tensor,
                        start_pos: int, end_pos: int, tol: float) -> tuple[str, str, float] | None:
         """Ask a third server to replay the hop's whole history: (liar, referee, error) or None."""
         if not self.config.referee:
@@ -205,20 +245,23 @@ class SpotChecker:
         for info in self._candidates(hop, {checker.peer_id}):
             ref = None
             try:
-                ref = await self._open((info.peer_id, hop.start, hop.end), info.addr)
-                out = await self._replay(ref, list(hop.entries), 0)
+                ref = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
+                out = await self._replay(ref, list(watch.records))
+            except Refused as e:  # not a fault: no ban, ask another
+                log.info("referee candidate %s refused: %s", info.peer_id[-8:], e)
+                continue
             except (P2PError, trio.TooSlowError) as e:
                 self.seq.ban(info.peer_id, f"referee failed: {e}")
                 continue
             finally:
                 if ref is not None:
-                    await self.session._close_hop(ref)
+                    await self.session.close_hop(ref)
             # the referee's outputs for the positions in question
             offset = 0
-            for e in hop.entries:
-                if e[0] == start_pos:
+            for r in watch.records:
+                if r.pos == start_pos:
                     break
-                offset += e[1].shape[1]
+                offset += r.tokens
             mine = out[:, offset:offset + (end_pos - start_pos)]
             e_hop, e_chk = relative_error(claimed, mine), relative_error(got, mine)
             if e_chk <= tol < e_hop:
@@ -228,8 +271,8 @@ class SpotChecker:
             return None
         return None
 
-    async def _drop_checker(self, hop: "_Hop") -> None:
-        checker, hop.checker = hop.checker, None
-        hop.verified = 0
+    async def _drop_checker(self, watch: _Watch) -> None:
+        checker, watch.checker = watch.checker, None
+        watch.verified = 0
         if checker is not None:
-            await self.session._close_hop(checker)
+            await self.session.close_hop(checker)

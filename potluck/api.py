@@ -269,7 +269,7 @@ class Api:
         except Exception as e:  # a template that refuses the roles, a tokenizer error
             raise ApiError(400, f"could not tokenize the {'messages' if what == 'chat' else 'prompt'}: {e}",
                            param="messages" if what == "chat" else "prompt") from None
-        vocab = getattr(client.config, "vocab_size", None)
+        vocab = getattr(client.model_config, "vocab_size", None)
         if vocab and any(t >= vocab for t in ids):
             raise ApiError(400, f"token ids must be below the vocabulary size {vocab}", param="prompt")
         limit = model.get("context_length")

@@ -153,8 +153,8 @@ class Peer:
         card = None
         if self._client is not None:
             c = self._client
-            card = {"name": c.folder.path.name, "model_id": c.model_id, "num_blocks": c.config.num_layers,
-                    "context_length": _context_length(c.config)}
+            card = {"name": c.folder.path.name, "model_id": c.model_id, "num_blocks": c.model_config.num_layers,
+                    "context_length": _context_length(c.model_config)}
         elif self.server is not None and self.server.model_id and self.server.mf is not None:
             mf = self.server.mf
             card = {"name": mf.path.name, "model_id": self.server.model_id, "num_blocks": mf.config.num_layers,

@@ -31,7 +31,7 @@ class FakeConfig:
 class FakeClient:
     """Tokens are characters; the answer is the prompt's words reversed, one token per character."""
 
-    config = FakeConfig()
+    model_config = FakeConfig()
 
     def __init__(self):
         self.fail: BaseException | None = None

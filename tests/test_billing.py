@@ -10,9 +10,11 @@ from credits import CreditPolicy, Ledger, Receipt
 from credits.ledger import GFLOP
 from credits.replication import Replicator
 from p2p.gossip import Gossip
-from pipeline.billing import ClientBilling, PriorityLimiter, ServerBilling
+from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel, GenerationFailed
+from pipeline.errors import InsufficientCredit, ReceiptRequired
 from pipeline.identity import model_id
+from pipeline.limiter import PriorityLimiter
 from pipeline.loading import ModelFolder, load_local_model
 from pipeline.pricing import ModelPricing
 from pipeline.server import BlockServer, ServerConfig
@@ -128,7 +130,7 @@ async def test_generation_earn_spend_match_and_balances_replicate(llama, tmp_pat
             assert views[0][ck] == POLICY.starting_grant - total
             # every peer verified the same receipts: nothing refused anywhere
             assert all(p.replicator.stats["rejected"] == 0 for p in peers)
-            assert model.config_client.billing.stats["spend_entries"] == len(spends)
+            assert model.client_config.billing.stats["spend_entries"] == len(spends)
     for p in peers:
         p.ledger.store.close()
 
@@ -170,8 +172,9 @@ async def test_client_that_stops_signing_is_cut_off(llama):
         async with swarm("sim", path, [], model_id=mid) as s:
             servers = [await add_server(s, a, b, mid=mid, cfg=cfg) for a, b in [(0, 2), (2, 4)]]
             _, model = await add_client(s, mid=mid, cfg=cfg, billing_cls=StopsSigning)
-            with pytest.raises(GenerationFailed, match="the client stopped signing receipts"):
+            with pytest.raises(GenerationFailed, match="the client stopped signing receipts") as cut:
                 await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
+            assert isinstance(cut.value, ReceiptRequired) and not model.sequence.banned()
             refused = sum(p.server.billing.stats["unpaid_refusals"] for p in servers)
             assert refused >= 1
             for p in servers:
@@ -185,22 +188,23 @@ async def test_client_that_stops_signing_is_cut_off(llama):
             from p2p.identity import Identity
 
             mallory = Identity.generate()
-            model.config_client.billing = None  # send raw receipts through the legacy hook
 
-            def forged(peer_id, session_id, info):
-                if not info.get("served"):
-                    return None
-                from p2p.identity import public_key_from_peer_id
+            class Forger(ClientBilling):
+                """Sends receipts signed by mallory that claim to be the client's."""
 
-                rs = ReceiptSigner(mallory, server=public_key_from_peer_id(peer_id), model=mid, start=info["start"],
-                                   end=info["end"], pricing=s.servers[0].ledger.pricing, session=session_id)
-                r = rs.sign(info["served"])
-                lst = r.to_list()
-                lst[1] = model.network.identity.public_key  # claim it is the client's
-                return lst
+                def receipt(self, peer_id, session_id, info):
+                    if not info.get("served"):
+                        return None
+                    from p2p.identity import public_key_from_peer_id
 
-            model.config_client.receipt = forged
-            model.sequence._bans.clear()  # the cut-off banned both servers for a while
+                    rs = ReceiptSigner(mallory, server=public_key_from_peer_id(peer_id), model=mid, start=info["start"],
+                                       end=info["end"], pricing=s.servers[0].ledger.pricing, session=session_id)
+                    r = rs.sign(info["served"])
+                    lst = r.to_list()
+                    lst[1] = model.network.identity.public_key  # claim it is the client's
+                    return lst
+
+            model.client_config.billing = Forger(model.client_config.billing.ledger)
             with pytest.raises(GenerationFailed, match="BadReceipt"):
                 await model.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
 
@@ -223,9 +227,10 @@ async def test_debtor_refused_when_busy_served_when_idle(llama):
             assert bal.effective < 0  # now in debt, as the server sees it
             async with other.inference_session(16) as busy:  # the server is busy with another client
                 await busy.step(await other.embed(PROMPT))
-                with pytest.raises(GenerationFailed, match="CreditRefused.*potluck serve --model .* --blocks auto"):
+                with pytest.raises(GenerationFailed, match="CreditRefused.*potluck serve --model .* --blocks auto") as no:
                     await debtor.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
-            debtor.sequence._bans.clear()  # the refusal banned the server for a while; forget it
+                assert isinstance(no.value, InsufficientCredit) and no.value.kind == "CreditRefused"
+                assert not debtor.sequence.banned()  # a refusal is not a fault
             with trio.fail_after(5):
                 while srv.server.sessions:
                     await trio.sleep(0.02)

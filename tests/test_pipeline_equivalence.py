@@ -39,7 +39,7 @@ async def test_swarm_matches_local(tiny, backend):
             assert g.token_ids == want_tokens
             assert g.finish_reason == "length" and len(g.stats["route"]) >= 2
             # with server-to-server forwarding, the same tokens
-            model.config_client.push = True
+            model.client_config.push = True
             g2 = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
             assert g2.token_ids == want_tokens and g2.stats["push_fallbacks"] == 0
 

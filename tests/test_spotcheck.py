@@ -66,7 +66,7 @@ async def test_lying_server_is_caught_disputed_and_avoided(llama, push):
             liar = await add_liar(s, 0, 2, mid=mid, cfg=cfg)
             honest = [await add_server(s, a, b, mid=mid, cfg=cfg) for a, b in [(0, 2), (0, 2), (2, 4)]]
             client, model = await add_client(s, mid=mid, cfg=cfg, spot_check=SpotCheckConfig(fraction=1.0, seed=3))
-            model.config_client.push = push
+            model.client_config.push = push
             await sees_all(model, 4)
             liar_id = liar.network.peer_id
             stats: dict = {}
@@ -109,7 +109,7 @@ async def test_lying_checker_is_caught(llama):
             await sees_all(model, 4)
             # pick the liar as the first checker: shuffle puts candidates in a seeded order; try seeds
             for seed in range(20):
-                model.config_client.spot_check.seed = seed
+                model.client_config.spot_check.seed = seed
                 g = await model.generate(PROMPT, max_new_tokens=6, stop_token_ids=[])
                 assert g.token_ids == want
                 if liar.network.peer_id in model.sequence.distrusted:
@@ -117,7 +117,7 @@ async def test_lying_checker_is_caught(llama):
             assert liar.network.peer_id in model.sequence.distrusted
             assert hop.network.peer_id not in model.sequence.distrusted
             assert g.stats["recoveries"] == 0  # the hop itself was never replaced
-            assert model.config_client.billing.stats["disputes"] == 1
+            assert model.client_config.billing.stats["disputes"] == 1
 
 
 def test_relative_error():

@@ -1,0 +1,121 @@
+"""One open inference session with one server for blocks [start, end): the client's end of a stream.
+
+`Hop.open` sends "open" and waits for "opened"; `send_step` / `receive_out` carry one step (the
+reply is checked: its step id, token count, finiteness); `close` ends the session, with the final
+receipt when there is one. A server's refusal (a refusal kind, pipeline/errors.py) is raised as
+the typed `Refused` it maps to, with the wire error as its cause; other error replies stay
+`InferenceError`s (faults). A `StepRecord` is what one completed step of a hop sent and got back
+(the spot checker keeps them, pipeline/spotcheck.py).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import trio
+
+from p2p.errors import FrameError, P2PError
+from p2p.network import Network, Stream
+
+from . import protocol as proto
+from .errors import REFUSALS
+from .protocol import InferenceError, expect_reply, unpack_hidden
+from .routing import RouteHop
+
+
+async def _receive_reply(stream: Stream, kind: str, peer_id: str) -> dict:
+    """The next reply on `stream`, of type `kind`; a refusal raises its typed `Refused`."""
+    msg = await stream.receive()
+    try:
+        return expect_reply(msg, kind)
+    except InferenceError as e:
+        refusal = REFUSALS.get(e.kind)
+        if refusal is None:
+            raise
+        raise refusal(e.kind, e.message, peer_id=peer_id, limit=e.limit) from e
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """A completed step of a hop: its position, inputs, the chunks they ran in, and the outputs."""
+
+    pos: int
+    inputs: torch.Tensor  # [1, tokens, hidden]
+    chunks: tuple[int, ...]
+    outputs: torch.Tensor  # [1, tokens, hidden]
+
+    @property
+    def tokens(self) -> int:
+        return self.inputs.shape[1]
+
+
+class Hop:
+    """One open session with one server for blocks [start, end)."""
+
+    def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None):
+        self.peer_id, self.start, self.end = peer_id, start, end
+        self.stream, self.session_id, self.addr = stream, session_id, addr
+        self.served = 0  # tokens the server says it has computed in this session (what we sign for)
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<hop {self.peer_id[-6:]} [{self.start},{self.end})>"
+
+    @classmethod
+    async def open(cls, network: Network, hop: RouteHop, addr: str | None, *, model_id: str, max_length: int,
+                   dtype: str, timeout: float) -> "Hop":
+        if addr is not None and network.address_of(hop.peer_id) is None:
+            network.add_address(hop.peer_id, addr)
+        stream = None
+        try:
+            with trio.fail_after(timeout):
+                stream = await network.open_stream(hop.peer_id, proto.INFERENCE)
+                await stream.send({"t": "open", "model": model_id, "start": hop.start, "end": hop.end,
+                                   "max_length": max_length, "dtype": dtype})
+                reply = await _receive_reply(stream, "opened", hop.peer_id)
+            sid = reply.get("session")
+            if not isinstance(sid, bytes) or len(sid) != proto.SESSION_ID_LEN:
+                raise FrameError("'opened' reply lacks a session id")
+            return cls(hop.peer_id, hop.start, hop.end, stream, sid, addr)
+        except BaseException:
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+                    try:
+                        await stream.aclose()
+                    except P2PError:
+                        pass
+            raise
+
+    async def send_step(self, msg: dict) -> None:
+        await self.stream.send(msg)
+
+    async def receive_out(self, step_id: int, n: int, hidden_size: int, dtype: str) -> tuple[torch.Tensor, float]:
+        """The "out" for `step_id` (older outs, e.g. duplicates after a fallback, are skipped)."""
+        while True:
+            m = await _receive_reply(self.stream, "out", self.peer_id)
+            got = m.get("id")
+            if not isinstance(got, int) or got > step_id:
+                raise FrameError(f"reply for step {got!r} while waiting for step {step_id}")
+            if got < step_id:
+                continue
+            out = unpack_hidden(m.get("h"), dtype=dtype, hidden_size=hidden_size)
+            if out.shape[1] != n:
+                raise FrameError(f"server returned {out.shape[1]} tokens for a step of {n}")
+            if not torch.isfinite(out).all():
+                raise FrameError("server returned non-finite hidden states")
+            served = m.get("served")
+            if isinstance(served, int) and not isinstance(served, bool) and 0 <= served <= 1 << 40:
+                self.served = served
+            c = m.get("compute_s")
+            return out, float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0
+
+    async def close(self, polite: bool = True, receipt: list | None = None) -> None:
+        self.closed = True
+        with trio.CancelScope(shield=True), trio.move_on_after(1.0):
+            try:
+                if polite:
+                    await self.stream.send({"t": "close"} if receipt is None else {"t": "close", "receipt": receipt})
+                await self.stream.aclose()
+            except P2PError:
+                pass
