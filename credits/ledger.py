@@ -53,7 +53,7 @@ import trio
 
 from p2p.identity import Identity, peer_id_from_public_key
 
-from .entry import KEY_LEN, MAX_INT, ZERO_HASH, Entry, ForkProof
+from .entry import KEY_LEN, MAX_INT, ZERO_HASH, ForkProof, LogEntry
 from .errors import CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
 from .receipts import Pricing, Receipt
 from .store import Store
@@ -167,7 +167,7 @@ class Ledger:
         self.changed: dict[bytes, int] = dict.fromkeys(self.heads, 0)
         self._balances: tuple[int, dict[bytes, Balance]] | None = None
         self._reliability: tuple[int, dict[bytes, float]] | None = None
-        self.on_append: list[Callable[[Entry], None]] = []  # own new entries (replication announces them)
+        self.on_append: list[Callable[[LogEntry], None]] = []  # own new entries (replication announces them)
         self.on_fork: list[Callable[[ForkProof], None]] = []  # new or lower fork proofs
 
     @classmethod
@@ -183,46 +183,46 @@ class Ledger:
 
     # --- own chain ---------------------------------------------------------------------------------
 
-    async def append(self, kind: str, body: bytes) -> Entry:
+    async def append(self, kind: str, body: bytes) -> LogEntry:
         """Sign and durably append an entry to this peer's chain; returns once it is committed."""
         entry = await self._call(self.append_sync, kind, body)
         for listener in self.on_append:
             listener(entry)
         return entry
 
-    def append_sync(self, kind: str, body: bytes) -> Entry:
+    def append_sync(self, kind: str, body: bytes) -> LogEntry:
         """Blocking `append` (benchmarks, the crash test child, single-threaded tools)."""
         with self.store.transaction():
             seq, prev, ts = self.store.head(self.me)
             timestamp = max(int(self.clock() * 1000), ts)
-            entry = Entry.create(self.identity, seq + 1, prev, timestamp, kind, body)
+            entry = LogEntry.create(self.identity, seq + 1, prev, timestamp, kind, body)
             new_fork = self._apply(entry)
             self.store.insert_entry(entry)
         self._committed(entry.author, entry.seq, entry.hash, new_fork)
         return entry
 
-    async def claim_starting_grant(self) -> Entry | None:
+    async def claim_starting_grant(self) -> LogEntry | None:
         """Append the starting grant if this chain is empty (and the policy grants anything)."""
         if self.heads.get(self.me, (0,))[0] > 0 or self.policy.starting_grant <= 0:
             return None
         return await self.append("grant", _pack([self.me, self.policy.starting_grant, "starting grant"]))
 
-    async def grant(self, recipient: bytes, amount: int, note: str = "") -> Entry:
+    async def grant(self, recipient: bytes, amount: int, note: str = "") -> LogEntry:
         """A swarm grant (only for authors in `policy.grant_authorities`)."""
         return await self.append("grant", _pack([recipient, amount, note]))
 
-    async def record_earn(self, receipt: Receipt) -> Entry:
+    async def record_earn(self, receipt: Receipt) -> LogEntry:
         """Server side: append the client's (latest) receipt as an earn entry. Raises InvalidReceipt."""
         return await self.append("earn", _pack([receipt.to_list()]))
 
-    async def record_spend(self, receipt: Receipt) -> Entry:
+    async def record_spend(self, receipt: Receipt) -> LogEntry:
         """Client side: record a receipt this peer signed."""
         return await self.append("spend", _pack([receipt.to_list()]))
 
-    async def record_dispute(self, accused: bytes, reason: str, evidence: bytes = b"") -> Entry:
+    async def record_dispute(self, accused: bytes, reason: str, evidence: bytes = b"") -> LogEntry:
         return await self.append("dispute", _pack([accused, reason, evidence]))
 
-    async def record_fork(self, proof: ForkProof) -> Entry:
+    async def record_fork(self, proof: ForkProof) -> LogEntry:
         return await self.append("fork", _pack([proof.to_list()]))
 
     # --- others' chains ----------------------------------------------------------------------------
@@ -259,10 +259,10 @@ class Ledger:
 
     def _ingest_range(self, wires: list[bytes], result: IngestResult) -> tuple | None:
         """One range, inside the caller's transaction; returns what changed (for `_committed`) or None."""
-        entries: list[Entry] = []
+        entries: list[LogEntry] = []
         for w in wires:
             try:
-                entries.append(Entry.decode(w))
+                entries.append(LogEntry.decode(w))
             except InvalidEntry as e:
                 result.error = str(e)
                 break
@@ -344,7 +344,7 @@ class Ledger:
 
     # --- the rules of each kind --------------------------------------------------------------------
 
-    def _apply(self, entry: Entry) -> bool:
+    def _apply(self, entry: LogEntry) -> bool:
         """Check `entry`'s body against its kind's rules and write its derived rows (inside the
         caller's transaction). Raises InvalidEntry before writing anything. True if it added a fork proof."""
         kind, author = entry.kind, entry.author
@@ -411,7 +411,7 @@ class Ledger:
             except InvalidForkProof as e:
                 raise InvalidEntry(f"fork entry: {e}") from None
             return self._put_fork(proof)
-        raise InvalidEntry(f"unknown kind {kind!r}")  # Entry.decode already refuses these
+        raise InvalidEntry(f"unknown kind {kind!r}")  # LogEntry.decode already refuses these
 
     # --- balances ----------------------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ link, sequence number and kind rule; one durable transaction per pull reply):
 Pulls are batched: one `RANGE` request carries up to `MAX_RANGES` [author, first, last] ranges
 (each at most `MAX_RANGE` entries, starting at our own head so that a different entry there shows
 a fork); the reply is at most `MAX_REPLY_BYTES`. A head vector is at most `MAX_HEADS` items. Every
-decoded field is checked (`framing.field`, `_check_head`, `Entry.decode`) and a bad request is
+decoded field is checked (`framing.field`, `_check_head`, `LogEntry.decode`) and a bad request is
 answered with BadRequest.
 
 Costs: a head exchange is one request whose size is the number of feeds that changed since the
@@ -43,7 +43,7 @@ from p2p.gossip import Gossip, GossipMessage
 from p2p.identity import peer_id_from_public_key
 from p2p.network import Network, protocol_id
 
-from .entry import HASH_LEN, KEY_LEN, MAX_ENTRY_BYTES, MAX_INT, Entry, ForkProof
+from .entry import HASH_LEN, KEY_LEN, MAX_ENTRY_BYTES, MAX_INT, ForkProof, LogEntry
 from .errors import InvalidForkProof
 from .ledger import Ledger
 
@@ -127,7 +127,7 @@ class Replicator:
 
     # --- push: own entries and fork proofs over gossip ---------------------------------------------
 
-    def _on_own_append(self, entry: Entry) -> None:
+    def _on_own_append(self, entry: LogEntry) -> None:
         if self.announce and self._nursery is not None:
             self._nursery.start_soon(self._publish, TOPIC_ENTRY, entry.encode())
 
@@ -138,14 +138,14 @@ class Replicator:
             log.debug("could not gossip on %s: %s", topic, e)
 
     def _valid_entry_message(self, message: GossipMessage) -> bool:
-        entry = Entry.decode(message.data)  # raising = refused
+        entry = LogEntry.decode(message.data)  # raising = refused
         if peer_id_from_public_key(entry.author) != message.author:
             return False  # only the author announces its own entries
         entry.verify()
         return True
 
     async def _on_entry_message(self, message: GossipMessage) -> None:
-        entry = Entry.decode(message.data)
+        entry = LogEntry.decode(message.data)
         if entry.author == self.ledger.me or entry.author in self.ledger.forks:
             return
         head = self.ledger.heads.get(entry.author, (0, b""))[0]

@@ -12,6 +12,6 @@ Layers, each readable alone (imports only go down the list):
 """
 
 from .node import DHTConfig, DHTNode, ValueLookup
-from .records import Entry, InvalidRecord, Validators
+from .records import InvalidRecord, SignedValue, Validators
 
-__all__ = ["DHTConfig", "DHTNode", "ValueLookup", "Entry", "InvalidRecord", "Validators"]
+__all__ = ["DHTConfig", "DHTNode", "ValueLookup", "SignedValue", "InvalidRecord", "Validators"]

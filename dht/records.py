@@ -1,8 +1,8 @@
-"""Signed records: key → {subkey → entry}, each entry signed by the peer that owns its subkey.
+"""Signed records: key → {subkey → SignedValue}, each value signed by the peer that owns its subkey.
 
-A record is one key (e.g. "blocks/SmolLM2/12") holding many entries, one per subkey. A subkey names
-its owner: it is the owner's peer id, optionally followed by "/suffix" ("12D3KooW…" or
-"12D3KooW…/gpu1"). An entry carries (subkey, value bytes, expires, signature) and is valid only when
+A record is one key (e.g. "blocks/SmolLM2/12") holding many entries (`SignedValue`s), one per
+subkey. A subkey names its owner: it is the owner's peer id, optionally followed by "/suffix"
+("12D3KooW…" or "12D3KooW…/gpu1"). An entry carries (subkey, value bytes, expires, signature) and is valid only when
 
 - the signature verifies under the public key the subkey's peer id embeds, over a canonical binary
   encoding of (key, subkey, value, expires) — so nobody can write or overwrite another owner's
@@ -58,7 +58,9 @@ def signing_bytes(key: str, subkey: str, value: bytes, expires: float) -> bytes:
 
 
 @dataclass(frozen=True)
-class Entry:
+class SignedValue:
+    """One subkey's entry in a record: a value its owner signed for (key, subkey) until `expires`."""
+
     key: str
     subkey: str
     raw: bytes  # the signed value bytes (msgpack of the caller's value)
@@ -78,7 +80,7 @@ class Entry:
         return [self.subkey, self.raw, self.expires, self.signature]
 
     @classmethod
-    def create(cls, identity: Identity, key: str, value: Any, expires: float, suffix: str = "") -> "Entry":
+    def create(cls, identity: Identity, key: str, value: Any, expires: float, suffix: str = "") -> "SignedValue":
         """Encode and sign `value` under the identity's own subkey (peer id, or peer id/suffix)."""
         subkey = identity.peer_id + (f"/{suffix}" if suffix else "")
         raw = framing.encode(value, MAX_VALUE_BYTES)
@@ -86,7 +88,7 @@ class Entry:
         return cls(key, subkey, raw, float(expires), signature)
 
 
-def entry_from_wire(key: str, item: Any) -> Entry:
+def entry_from_wire(key: str, item: Any) -> SignedValue:
     """Shape-check one wire entry [subkey, value, expires, signature]; signature is checked later."""
     if not isinstance(item, list) or len(item) != 4:
         raise InvalidRecord("an entry is a list [subkey, value, expires, signature]")
@@ -99,22 +101,22 @@ def entry_from_wire(key: str, item: Any) -> Entry:
         raise InvalidRecord("entry expires must be a finite number")
     if not isinstance(signature, bytes) or len(signature) != 64:
         raise InvalidRecord("entry signature must be 64 bytes")
-    return Entry(key, subkey, raw, float(expires), signature)
+    return SignedValue(key, subkey, raw, float(expires), signature)
 
 
 class Validator(Protocol):
-    def validate(self, entry: Entry) -> None: ...
+    def validate(self, entry: SignedValue) -> None: ...
 
-    def select(self, current: Entry, new: Entry) -> Entry: ...
+    def select(self, current: SignedValue, new: SignedValue) -> SignedValue: ...
 
 
 class DefaultValidator:
     """Accepts any value; keeps the entry that expires later."""
 
-    def validate(self, entry: Entry) -> None:
+    def validate(self, entry: SignedValue) -> None:
         return None
 
-    def select(self, current: Entry, new: Entry) -> Entry:
+    def select(self, current: SignedValue, new: SignedValue) -> SignedValue:
         if (new.expires, new.signature) > (current.expires, current.signature):
             return new
         return current
@@ -134,7 +136,7 @@ class Validators:
     def for_key(self, key: str) -> Validator:
         return self.by_namespace.get(namespace_of(key), self.default)
 
-    def check(self, entry: Entry, now: float) -> None:
+    def check(self, entry: SignedValue, now: float) -> None:
         """Raise InvalidRecord unless the entry is signed by its subkey's owner, current, and valid."""
         if not entry.key or len(entry.key) > MAX_KEY_LEN:
             raise InvalidRecord("key must be a non-empty string of at most 256 characters")
@@ -153,7 +155,7 @@ class Validators:
             raise InvalidRecord(f"value is not msgpack: {e}") from None
         self.for_key(entry.key).validate(entry)
 
-    def select(self, current: Entry, new: Entry) -> Entry:
+    def select(self, current: SignedValue, new: SignedValue) -> SignedValue:
         return self.for_key(new.key).select(current, new)
 
 
@@ -164,7 +166,7 @@ class RecordStore:
         self.validators = validators or Validators()
         self.max_keys = max_keys
         self.max_subkeys = max_subkeys
-        self._records: dict[str, dict[str, Entry]] = {}
+        self._records: dict[str, dict[str, SignedValue]] = {}
 
     def __len__(self) -> int:
         return len(self._records)
@@ -172,7 +174,7 @@ class RecordStore:
     def keys(self) -> list[str]:
         return list(self._records)
 
-    def put(self, entry: Entry, now: float) -> bool:
+    def put(self, entry: SignedValue, now: float) -> bool:
         """Validate and merge one entry. True when it is now the stored entry for its subkey;
         False when an existing entry wins. Raises InvalidRecord for an invalid entry or a full store."""
         self.validators.check(entry, now)
@@ -197,7 +199,7 @@ class RecordStore:
         record[entry.subkey] = chosen
         return chosen is entry
 
-    def get(self, key: str, now: float) -> dict[str, Entry]:
+    def get(self, key: str, now: float) -> dict[str, SignedValue]:
         self._prune_record(key, now)
         return dict(self._records.get(key, {}))
 
@@ -216,13 +218,13 @@ class RecordStore:
             self._prune_record(key, now)
         return before - sum(len(r) for r in self._records.values())
 
-    def items(self) -> list[tuple[str, dict[str, Entry]]]:
+    def items(self) -> list[tuple[str, dict[str, SignedValue]]]:
         return [(k, dict(v)) for k, v in self._records.items()]
 
 
-def merge(validators: Validators, *records: dict[str, Entry]) -> dict[str, Entry]:
+def merge(validators: Validators, *records: dict[str, SignedValue]) -> dict[str, SignedValue]:
     """Union of already-validated records, keeping the selected entry per subkey."""
-    out: dict[str, Entry] = {}
+    out: dict[str, SignedValue] = {}
     for record in records:
         for subkey, entry in record.items():
             current = out.get(subkey)

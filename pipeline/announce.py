@@ -30,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dht.records import Entry, InvalidRecord
+from dht.records import InvalidRecord, SignedValue
 
 from .protocol import ANNOUNCE_NAMESPACE
 
@@ -124,7 +124,7 @@ class ServerInfo:
                    reliability=float(num("reliability", 0.0, 1.0)) if "reliability" in value else 1.0)
 
     @classmethod
-    def from_entry(cls, entry: Entry, *, num_blocks: int | None = None) -> "ServerInfo":
+    def from_entry(cls, entry: SignedValue, *, num_blocks: int | None = None) -> "ServerInfo":
         if "/" in entry.subkey:
             raise InvalidRecord("announcements live under the bare peer id subkey")
         return cls.from_value(entry.owner, entry.value, num_blocks=num_blocks, expires=entry.expires)
@@ -143,11 +143,11 @@ class AnnouncementValidator:
     Register it with `Validators.register(ANNOUNCE_NAMESPACE, AnnouncementValidator())`; without
     it the DHT's default (later expiry wins) gives the same result for our announcements."""
 
-    def validate(self, entry: Entry) -> None:
+    def validate(self, entry: SignedValue) -> None:
         ServerInfo.from_entry(entry)
 
-    def select(self, current: Entry, new: Entry) -> Entry:
-        def key(e: Entry) -> tuple:
+    def select(self, current: SignedValue, new: SignedValue) -> SignedValue:
+        def key(e: SignedValue) -> tuple:
             t = e.value.get("t", 0) if isinstance(e.value, dict) else 0
             return (t if isinstance(t, (int, float)) else 0, e.expires, e.signature)
 

@@ -7,7 +7,7 @@ import msgpack
 import pytest
 import trio
 
-from credits import CreditPolicy, Entry, Ledger, ReceiptSigner, Store, linear_pricing
+from credits import CreditPolicy, Ledger, LogEntry, ReceiptSigner, Store, linear_pricing
 from credits.replication import Replicator
 from p2p.errors import P2PError
 from p2p.gossip import Gossip
@@ -129,7 +129,7 @@ async def test_a_fork_is_proved_spread_and_frozen_everywhere(autojump_clock):
         await swarm.wait_converged(limit=30)
         cheat = swarm.ledgers[0]
         seq, prev, ts = cheat.store.head(cheat.me)
-        two = [Entry.create(cheat.identity, seq + 1, prev, ts + 1, "dispute", msgpack.packb([swarm.ledgers[k].me, why, b""]))
+        two = [LogEntry.create(cheat.identity, seq + 1, prev, ts + 1, "dispute", msgpack.packb([swarm.ledgers[k].me, why, b""]))
                for k, why in ((2, "one story"), (3, "another story"))]
         # Each version goes to a different half of the swarm, straight into their stores (as if told privately).
         for i in range(1, 16):
@@ -229,7 +229,7 @@ async def test_hostile_peer_gets_nothing_stored(autojump_clock):
         stranger = Ledger(Identity.generate(), Store(None), pricing=PRICING, policy=POLICY)
         await stranger.claim_starting_grant()
         good = stranger.store.entries(stranger.me)[0]
-        forged = Entry(good.author, 1, good.prev, good.timestamp, good.kind, good.body, evil_node.identity.sign(good.header))
+        forged = LogEntry(good.author, 1, good.prev, good.timestamp, good.kind, good.body, evil_node.identity.sign(good.header))
 
         async def evil_heads(peer, body):
             return {"h": [[stranger.me, 1, forged.hash]], "x": [[b"junk"]]}

@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from dht.protocol import PROTOCOL
-from dht.records import Entry
+from dht.records import SignedValue
 from p2p.identity import Identity
 from p2p.libp2p_net import Libp2pNetwork
 from potluck.localswarm import PeerProcess, wait_until
@@ -62,10 +62,10 @@ async def test_forged_entries_are_refused(swarm):
         target = swarm[2]
         await net.connect(target.addr)
         info = {"c": [0.0, 0.0, 0.0, 1.0], "l": [], "a": None}
-        forged = Entry.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
+        forged = SignedValue.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
         forged[0] = victim_owner.peer_id  # an entry claiming another owner's subkey, signed by us
-        expired = Entry.create(attacker, key, {"span": [0, 30]}, net.now() - 10).wire()
-        bad_sig = Entry.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
+        expired = SignedValue.create(attacker, key, {"span": [0, 30]}, net.now() - 10).wire()
+        bad_sig = SignedValue.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
         bad_sig[3] = b"\1" * 64
         for entry in (forged, expired, bad_sig):
             try:

@@ -11,7 +11,7 @@ from bench.dht_sim import Swarm, random_place, vivaldi_error
 from dht import protocol as proto
 from dht.ids import key_id, node_id
 from dht.node import DHTConfig
-from dht.records import Entry, signing_bytes
+from dht.records import SignedValue, signing_bytes
 from dht.vivaldi import Coord
 from p2p.errors import RemoteError
 from p2p.identity import Identity
@@ -52,7 +52,7 @@ async def test_put_get_subkeys_from_several_owners_expiry_and_forgeries(autojump
             raw = b"\xa4evil"
             forged = [alice.peer_id, raw, exp, alice.sign(signing_bytes("blocks/m/12", alice.peer_id, b"\xa3xyz", exp))]
             foreign = [alice.peer_id, raw, exp, mallory.sign(signing_bytes("blocks/m/12", alice.peer_id, raw, exp))]
-            expired = Entry.create(mallory, "blocks/m/12", "late", world.nodes[0].now() - 1).wire()
+            expired = SignedValue.create(mallory, "blocks/m/12", "late", world.nodes[0].now() - 1).wire()
             attacker = swarm.nodes[7]
             body = {"op": "store", "i": attacker._info(), "k": "blocks/m/12", "e": [forged, foreign, expired]}
             reply = await attacker.network.request(holder.peer_id, proto.PROTOCOL, body)

@@ -7,7 +7,7 @@ import pytest
 
 from dht.clusters import Advert, Clusters, region_seed
 from dht.ids import bucket_index, key_id, node_id, puzzle_ok, random_id_in_bucket, solve_puzzle
-from dht.records import Entry, InvalidRecord, RecordStore, Validators, merge, signing_bytes
+from dht.records import InvalidRecord, RecordStore, SignedValue, Validators, merge, signing_bytes
 from dht.routing import Contact, RoutingTable
 from dht.vivaldi import Coord, Vivaldi
 from p2p.identity import Identity
@@ -94,17 +94,17 @@ def test_signed_entries_accepted_and_merged_per_owner():
     store = RecordStore()
     owners = [ident(i) for i in range(3)]
     for o in owners:
-        assert store.put(Entry.create(o, "blocks/m/12", {"span": [12, 18], "by": o.peer_id[-4:]}, NOW + 60), NOW)
+        assert store.put(SignedValue.create(o, "blocks/m/12", {"span": [12, 18], "by": o.peer_id[-4:]}, NOW + 60), NOW)
     got = store.get("blocks/m/12", NOW)
     assert set(got) == {o.peer_id for o in owners}
     assert got[owners[1].peer_id].value["span"] == [12, 18]
     # a newer entry replaces the older one of the same owner; an older one does not
-    newer = Entry.create(owners[0], "blocks/m/12", {"v": 2}, NOW + 120)
-    older = Entry.create(owners[0], "blocks/m/12", {"v": 0}, NOW + 30)
+    newer = SignedValue.create(owners[0], "blocks/m/12", {"v": 2}, NOW + 120)
+    older = SignedValue.create(owners[0], "blocks/m/12", {"v": 0}, NOW + 30)
     assert store.put(newer, NOW) and not store.put(older, NOW)
     assert store.get("blocks/m/12", NOW)[owners[0].peer_id].value == {"v": 2}
     # suffixed subkeys belong to the same owner
-    assert store.put(Entry.create(owners[0], "blocks/m/12", 1, NOW + 60, suffix="gpu1"), NOW)
+    assert store.put(SignedValue.create(owners[0], "blocks/m/12", 1, NOW + 60, suffix="gpu1"), NOW)
     assert f"{owners[0].peer_id}/gpu1" in store.get("blocks/m/12", NOW)
     # expiry at read time
     assert store.get("blocks/m/12", NOW + 100).keys() == {owners[0].peer_id}
@@ -113,18 +113,18 @@ def test_signed_entries_accepted_and_merged_per_owner():
 def test_forged_expired_and_foreign_entries_refused():
     store = RecordStore()
     alice, mallory = ident(1), ident(2)
-    good = Entry.create(alice, "k/1", "hello", NOW + 60)
+    good = SignedValue.create(alice, "k/1", "hello", NOW + 60)
     # forged: value changed after signing
-    forged = Entry(good.key, good.subkey, b"\xa4evil", good.expires, good.signature)
+    forged = SignedValue(good.key, good.subkey, b"\xa4evil", good.expires, good.signature)
     # missing / garbage signature
-    unsigned = Entry(good.key, good.subkey, good.raw, good.expires, b"\0" * 64)
+    unsigned = SignedValue(good.key, good.subkey, good.raw, good.expires, b"\0" * 64)
     # mallory signs an entry under alice's subkey
     raw = good.raw
-    foreign = Entry("k/1", alice.peer_id, raw, NOW + 60, mallory.sign(signing_bytes("k/1", alice.peer_id, raw, NOW + 60)))
+    foreign = SignedValue("k/1", alice.peer_id, raw, NOW + 60, mallory.sign(signing_bytes("k/1", alice.peer_id, raw, NOW + 60)))
     # signed for another key, replayed under this one
-    replay = Entry("k/2", good.subkey, good.raw, good.expires, good.signature)
-    expired = Entry.create(alice, "k/1", "old", NOW - 1)
-    immortal = Entry.create(alice, "k/1", "forever", NOW + 10 * 365 * 86400)
+    replay = SignedValue("k/2", good.subkey, good.raw, good.expires, good.signature)
+    expired = SignedValue.create(alice, "k/1", "old", NOW - 1)
+    immortal = SignedValue.create(alice, "k/1", "forever", NOW + 10 * 365 * 86400)
     for bad in (forged, unsigned, foreign, replay, expired, immortal):
         with pytest.raises(InvalidRecord):
             store.put(bad, NOW)
@@ -146,11 +146,11 @@ def test_namespace_validator_and_merge():
     store = RecordStore(v)
     alice = ident(1)
     with pytest.raises(InvalidRecord):
-        store.put(Entry.create(alice, "counters/a", "x", NOW + 60), NOW)
-    assert store.put(Entry.create(alice, "counters/a", 5, NOW + 30), NOW)
-    assert not store.put(Entry.create(alice, "counters/a", 3, NOW + 90), NOW)  # select keeps the bigger value
-    a = {alice.peer_id: Entry.create(alice, "x/1", 1, NOW + 10)}
-    b = {alice.peer_id: Entry.create(alice, "x/1", 2, NOW + 20), ident(2).peer_id: Entry.create(ident(2), "x/1", 3, NOW + 10)}
+        store.put(SignedValue.create(alice, "counters/a", "x", NOW + 60), NOW)
+    assert store.put(SignedValue.create(alice, "counters/a", 5, NOW + 30), NOW)
+    assert not store.put(SignedValue.create(alice, "counters/a", 3, NOW + 90), NOW)  # select keeps the bigger value
+    a = {alice.peer_id: SignedValue.create(alice, "x/1", 1, NOW + 10)}
+    b = {alice.peer_id: SignedValue.create(alice, "x/1", 2, NOW + 20), ident(2).peer_id: SignedValue.create(ident(2), "x/1", 3, NOW + 10)}
     merged = merge(Validators(), a, b)
     assert merged[alice.peer_id].value == 2 and len(merged) == 2
 
