@@ -140,12 +140,14 @@ def _pack(obj: Any) -> bytes:
 class Ledger:
     """One peer's ledger: its own chain, others' verified chains, fork proofs, balances.
 
-    Every database call goes through `_call`: with an on-disk store (`offload=True`, the default for
+    Every database call of the async API goes through `_call`: with an on-disk store (`offload=True`, the default for
     one) it runs in a worker thread under a CapacityLimiter(1) — a durable commit waits for an fsync,
     which must not stall the trio loop, and one limiter makes the single connection single-user.
     With an in-memory store (simulations) calls run inline: they are bounded (one append, or one
     range of at most `MAX_RANGE` entries) and take well under a millisecond or so each, and staying
     on the loop keeps the virtual clock honest (a thread would let `MockClock` jump while it works).
+    The `*_sync` methods and `verify_chain` are the blocking API, for benchmarks, tests and tools
+    that own the thread.
     """
 
     def __init__(self, identity: Identity, store: Store, *, pricing: Pricing, policy: CreditPolicy | None = None,
@@ -226,6 +228,23 @@ class Ledger:
         return await self.append("fork", _pack([proof.to_list()]))
 
     # --- others' chains ----------------------------------------------------------------------------
+
+    async def read_ranges(self, ranges: list[tuple[bytes, int, int]], max_bytes: int) -> list[list[bytes]]:
+        """Encoded stored entries of each (author, first, last) range, in seq order, at most `max_bytes`
+        in all: what replication serves to a peer's pull."""
+        return await self._call(self._read_ranges_sync, ranges, max_bytes)
+
+    def _read_ranges_sync(self, ranges: list[tuple[bytes, int, int]], max_bytes: int) -> list[list[bytes]]:
+        out, size = [], 0
+        for author, first, last in ranges:
+            wires = []
+            for wire in self.store.range_wire(author, first, last):
+                size += len(wire)
+                if size > max_bytes:
+                    break
+                wires.append(wire)
+            out.append(wires)
+        return out
 
     async def ingest(self, wires: list[bytes]) -> IngestResult:
         """Verify and store a pulled range of one author's entries (encoded, in seq order), in one
@@ -513,9 +532,10 @@ class Ledger:
             raise InvalidEntry("stored head does not match the stored chain")
         return n
 
-    def summary(self, balances: dict[bytes, Balance] | None = None, recent: int = 10) -> dict:
+    async def summary(self, recent: int = 10) -> dict:
         """What `potluck credits` and `GET /api/credits` show."""
-        balances = balances if balances is not None else self.balances_sync()
+        balances = await self.balances()
+        latest = await self._call(self.store.recent, recent)
         mine = balances.get(self.me) or Balance(self.me)
         return {
             "peer_id": self.identity.peer_id,
@@ -524,7 +544,7 @@ class Ledger:
             "granted": credits(mine.granted), "frozen": mine.frozen,
             "chain_length": self.heads.get(self.me, (0,))[0],
             "recent": [{"peer_id": e.author_id, "seq": e.seq, "kind": e.kind, "timestamp_ms": e.timestamp}
-                       for e in self.store.recent(recent)],
+                       for e in latest],
             "peers": sorted((b.as_dict() for b in balances.values()), key=lambda d: -d["balance"]),
             "forked": [peer_id_from_public_key(a) for a in self.forks],
             "total": credits(sum(b.raw for b in balances.values())),

@@ -361,22 +361,9 @@ class Replicator:
                     and type(item[1]) is int and type(item[2]) is int and 1 <= item[1] <= item[2] <= MAX_INT
                     and item[2] - item[1] < MAX_RANGE):
                 raise BadRequest(f"a range is [author key, first, last] with 1 <= first <= last < first + {MAX_RANGE}")
-            checked.append(item)
+            checked.append((item[0], item[1], item[2]))
         self.stats["served_ranges"] += len(checked)
-
-        def read() -> list[list[bytes]]:
-            out, size = [], 0
-            for author, first, last in checked:
-                wires = []
-                for w in self.ledger.store.range_wire(author, first, last):
-                    size += len(w)
-                    if size > MAX_REPLY_BYTES:
-                        break
-                    wires.append(w)
-                out.append(wires)
-            return out
-
-        return {"e": await self.ledger._call(read)}
+        return {"e": await self.ledger.read_ranges(checked, MAX_REPLY_BYTES)}
 
     async def _find_fork_point(self, peer: str, proof: ForkProof) -> None:
         """Walk back through `peer`'s branch to the lowest seq where it differs from ours, so every peer

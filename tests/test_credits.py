@@ -345,7 +345,7 @@ async def test_balances_are_equal_everywhere_and_conserved():
     assert sum(b.raw for b in views[0].values()) == 6 * POLICY.starting_grant
     total_earned = sum(b.earned for b in views[0].values())
     assert total_earned == sum(b.spent for b in views[0].values()) > 0
-    s0 = peers[0].summary()
+    s0 = await peers[0].summary()
     assert s0["unit"].startswith("GFLOP") and s0["total"] == 6 * POLICY.starting_grant / 1e9
 
 
