@@ -139,9 +139,6 @@ class Store:
                               (client, server, session)).fetchone()
         return row[0] or 0
 
-    def has_self_grant(self, author: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM grants WHERE author=? AND recipient=?", (author, author)).fetchone() is not None
-
     def fork(self, author: bytes) -> tuple[int, bytes] | None:
         row = self.db.execute("SELECT seq, proof FROM forks WHERE author=?", (author,)).fetchone()
         return (row[0], row[1]) if row else None

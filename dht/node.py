@@ -429,9 +429,10 @@ class DHTNode:
                 if level == 0 or ps.labels.get(level) == view.label(level):
                     old = table.add(contact, now)
                     if old is not None:
-                        self._check_oldest(old, table, contact)
+                        self._check_oldest(old)
 
-    def _check_oldest(self, old: Contact, table: RoutingTable, newcomer: Contact) -> None:
+    def _check_oldest(self, old: Contact) -> None:
+        """A full bucket offered `old` for eviction: ping it, unless it was heard from lately."""
         ps = self.peers.get(old.peer_id)
         now = trio.current_time()
         if ps is not None and now - ps.last_seen < self.config.fresh_for:
