@@ -67,11 +67,8 @@ async def test_forged_entries_are_refused(swarm):
         expired = SignedValue.create(attacker, key, {"span": [0, 30]}, net.now() - 10).wire()
         bad_sig = SignedValue.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
         bad_sig[3] = b"\1" * 64
-        for entry in (forged, expired, bad_sig):
-            try:
-                reply = await net.request(target.peer_id, PROTOCOL, {"op": "store", "i": info, "k": key, "e": [entry]})
-                assert reply["ok"] == [False]
-            except Exception as e:  # refused outright is as good as refused per entry
-                assert "signature" in str(e) or "expired" in str(e) or "owner" in str(e), e
+        for entry in (forged, expired, bad_sig):  # well-formed on the wire, so refused per entry
+            reply = await net.request(target.peer_id, PROTOCOL, {"op": "store", "i": info, "k": key, "e": [entry]})
+            assert reply["ok"] == [False]
     for p in (target, swarm[-1]):
         assert await trio.to_thread.run_sync(lambda: p.call("dht_get", key=key)) == {}
