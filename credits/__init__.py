@@ -1,8 +1,14 @@
 """Credits: signed append-only logs, client-signed receipts, gossip replication, balances.
 
-Public API (see each module): `LogEntry`, `ForkProof` (entry); `Store` (store); `Receipt`,
-`ReceiptSigner`, `ReceiptTracker`, `Pricing`, `linear_pricing` (receipts); `Ledger`, `CreditPolicy`,
-`Balance`, `credits`, `GFLOP` (ledger); `Replicator` (replication).
+Layers, each readable alone (imports only go down the list):
+    errors.py       the credit layer's exceptions (InvalidEntry, InvalidReceipt, CreditRefused, …)
+    entry.py        LogEntry: one signed entry of an author's log, its canonical encoding; ForkProof
+    receipts.py     Receipt: what a client signs for a server's work, pricing, the client's signer
+                    and the server's tracker
+    store.py        Store: SQLite tables of verified chains and what is derived from them (durable)
+    ledger.py       Ledger: the rules of each entry kind, verified ingestion, balances as a fold
+                    over chains; CreditPolicy
+    replication.py  Replicator: gossip push, head-vector anti-entropy and range pulls between peers
 """
 
 from .entry import ForkProof, LogEntry, SignedHeader
