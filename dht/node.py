@@ -19,7 +19,8 @@ What it does:
   with where the previous one got to (Coral). A value found in an inner cluster ends the lookup
   there. Stores go to the `replicas` closest answering peers at every level.
 - Records are signed by their owners (records.py); every entry that arrives — in a STORE or in a
-  FIND_VALUE reply — is verified before use. After a read, answering peers among the closest that
+  FIND_VALUE reply — is verified before use. What a node holds for others stays within
+  `DHTConfig.store_limits`, counted per owner and per sending peer. After a read, answering peers among the closest that
   lacked an entry or held an older one are sent the newest (stale holders corrected; this also
   caches hot keys along the path).
 - Owners republish their entries before expiry with a fresh signature; records expire at
@@ -48,7 +49,7 @@ from . import protocol as proto
 from .clusters import DEFAULT_THRESHOLDS, Clusters, region_seed
 from .ids import key_id, node_id, puzzle_ok, random_id_in_bucket
 from .protocol import PROTOCOL, PeerInfo, Reply, WireContact
-from .records import InvalidRecord, RecordStore, SignedValue, Validators, merge
+from .records import InvalidRecord, RecordStore, SignedValue, StoreLimits, Validators, merge
 from .routing import Contact, RoutingTable
 from .traversal import Candidate, LookupResult, iterative_lookup
 from .vivaldi import Coord, Vivaldi
@@ -89,6 +90,7 @@ class DHTConfig:
     max_peer_states: int = 4096
     trust_vivaldi_below: float = 0.25  # Vivaldi error under which estimates may decide cluster labels
     cluster_label_max_age: float = 600.0  # a label without fresh word from its landmark for this long is dropped
+    store_limits: StoreLimits = field(default_factory=StoreLimits)  # what this node stores for others
     protocol: str = PROTOCOL
 
 
@@ -137,7 +139,7 @@ class DHTNode:
         self.clusters_view = Clusters(self.peer_id, self.config.cluster_thresholds, max_age=self.config.cluster_label_max_age,
                                       trust_below=self.config.trust_vivaldi_below)
         self.tables: dict[int, RoutingTable] = {lv: RoutingTable(self.node_id, self.config.k) for lv in self.clusters_view.levels}
-        self.records = RecordStore(validators)
+        self.records = RecordStore(validators, self.config.store_limits)
         self.peers: dict[str, PeerState] = {}
         self.ready = trio.Event()
         self._connected: set[str] = set()
@@ -667,7 +669,7 @@ class DHTNode:
             ok = []
             for e in req.entries:
                 try:
-                    self.records.put(e, now)
+                    self.records.put(e, now, sender)
                     ok.append(True)
                 except InvalidRecord:
                     ok.append(False)

@@ -16,8 +16,9 @@ raises `InvalidRecord` for a value the namespace refuses; `select(current, new)`
 valid entries for one subkey to keep (default: the later expiry, ties broken by signature bytes so
 every holder converges on the same choice). Signature, owner and expiry checks are not pluggable.
 
-`RecordStore` is one node's storage, with caps on keys and subkeys per key so a flood cannot
-exhaust memory.
+`RecordStore` is one node's storage, within `StoreLimits`: totals, a share per record owner and
+per sending peer, and subkeys per owner in a record, so a flood cannot exhaust memory or lock
+honest owners out; a refusal raises `StoreRefused` (an `InvalidRecord`).
 """
 
 from __future__ import annotations
@@ -159,14 +160,59 @@ class Validators:
         return self.for_key(new.key).select(current, new)
 
 
-class RecordStore:
-    """A node's local records. `put` validates; `get` drops what has expired."""
+class StoreRefused(InvalidRecord):
+    """A valid entry this node will not store: a quota is full (the message names which)."""
 
-    def __init__(self, validators: Validators | None = None, *, max_keys: int = 100_000, max_subkeys: int = 1024):
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """What one node stores for others, sized for a volunteer's machine: at most `max_bytes` of
+    entries (a value is at most 16 KiB) in `max_values` entries. One owner, and one sending peer,
+    may fill only a small share, so neither one identity nor one connection can fill the store; an
+    announcement is a few hundred bytes and a server writes one per model, so honest owners stay far
+    below their share. The node's own writes (`sender=None`) count per owner but not per sender."""
+
+    max_values: int = 50_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_subkeys: int = 1024  # entries per record
+    owner_subkeys: int = 8  # entries one owner may hold in one record (its peer id plus suffixes)
+    owner_values: int = 256  # entries of one owner over all records
+    owner_bytes: int = 1024 * 1024
+    sender_values: int = 2048  # entries a peer sent (the last sender of each) over all records
+    sender_bytes: int = 8 * 1024 * 1024
+
+
+def entry_bytes(entry: SignedValue) -> int:
+    """What an entry costs the store, for quotas: its value, subkey and key."""
+    return len(entry.raw) + len(entry.subkey) + len(entry.key)
+
+
+@dataclass(slots=True)
+class _Usage:
+    values: int = 0
+    bytes: int = 0
+
+    def add(self, values: int, size: int) -> None:
+        self.values += values
+        self.bytes += size
+
+
+class RecordStore:
+    """A node's local records. `put` validates and enforces `StoreLimits`; `get` drops what has expired.
+
+    When a record is full, a new subkey may take the place of the soonest-expiring entry of the owner
+    holding the most entries in that record, if its own owner holds fewer: the record is shared
+    out by owner, so squatting many subkeys cannot lock a new owner out."""
+
+    def __init__(self, validators: Validators | None = None, limits: StoreLimits | None = None):
         self.validators = validators or Validators()
-        self.max_keys = max_keys
-        self.max_subkeys = max_subkeys
+        self.limits = limits or StoreLimits()
         self._records: dict[str, dict[str, SignedValue]] = {}
+        self._senders: dict[tuple[str, str], str] = {}  # (key, subkey) -> peer that sent the held entry
+        self._total = _Usage()
+        self._by_owner: dict[str, _Usage] = {}
+        self._by_sender: dict[str, _Usage] = {}
+        self._next_prune = -math.inf
 
     def __len__(self) -> int:
         return len(self._records)
@@ -174,30 +220,98 @@ class RecordStore:
     def keys(self) -> list[str]:
         return list(self._records)
 
-    def put(self, entry: SignedValue, now: float) -> bool:
-        """Validate and merge one entry. True when it is now the stored entry for its subkey;
-        False when an existing entry wins. Raises InvalidRecord for an invalid entry or a full store."""
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) held in all records."""
+        return self._total.values, self._total.bytes
+
+    def put(self, entry: SignedValue, now: float, sender: str | None = None) -> bool:
+        """Validate and merge one entry sent by `sender` (None: this node itself). True when it is now
+        the stored entry for its subkey; False when an existing entry wins. Raises InvalidRecord for
+        an invalid entry, StoreRefused when a limit refuses it."""
         self.validators.check(entry, now)
+        current = self._records.get(entry.key, {}).get(entry.subkey)
+        if current is not None:
+            if current == entry:
+                return True
+            if self.validators.select(current, entry) is current:
+                return False
+        try:
+            self._check_room(entry, sender, current)
+        except StoreRefused:
+            if now < self._next_prune:
+                raise
+            self._next_prune = now + 1.0  # expired entries count until pruned: prune, once a second at most
+            self.prune(now)
+            self._check_room(entry, sender, current)
+        if current is None:
+            self._make_room(entry, now)
+        else:
+            self._drop(entry.key, entry.subkey)
+        self._hold(entry, sender)
+        return True
+
+    def _check_room(self, entry: SignedValue, sender: str | None, replacing: SignedValue | None) -> None:
+        """Raise StoreRefused if holding `entry` (instead of `replacing`) exceeds the store's totals or
+        its owner's or sender's share."""
+        limits, size = self.limits, entry_bytes(entry)
+        new, old_size = (1, 0) if replacing is None else (0, entry_bytes(replacing))
+        if self._total.values + new > limits.max_values or self._total.bytes - old_size + size > limits.max_bytes:
+            raise StoreRefused(f"this node's store is full ({limits.max_values} entries, {limits.max_bytes} bytes)")
+        owner = self._by_owner.get(entry.owner, _Usage())
+        if owner.values + new > limits.owner_values or owner.bytes - old_size + size > limits.owner_bytes:
+            raise StoreRefused(f"owner {entry.owner[-12:]} has its share of this node's store "
+                               f"({limits.owner_values} entries, {limits.owner_bytes} bytes)")
+        if sender is None:
+            return
+        if replacing is not None and self._senders.get((entry.key, entry.subkey)) == sender:
+            values, size_after = 0, size - old_size
+        else:
+            values, size_after = 1, size
+        usage = self._by_sender.get(sender, _Usage())
+        if usage.values + values > limits.sender_values or usage.bytes + size_after > limits.sender_bytes:
+            raise StoreRefused(f"peer {sender[-12:]} has sent its share of this node's store "
+                               f"({limits.sender_values} entries, {limits.sender_bytes} bytes)")
+
+    def _make_room(self, entry: SignedValue, now: float) -> None:
+        """Before a new subkey joins its record: enforce the per-owner share and the record's size."""
         record = self._records.get(entry.key)
         if record is None:
-            if len(self._records) >= self.max_keys:
-                self.prune(now)
-                if len(self._records) >= self.max_keys:
-                    raise InvalidRecord("store is full")
-            record = self._records[entry.key] = {}
-        current = record.get(entry.subkey)
-        if current is None:
-            if len(record) >= self.max_subkeys:
-                self._prune_record(entry.key, now)
-                if len(record) >= self.max_subkeys:
-                    raise InvalidRecord("record has too many subkeys")
-            record[entry.subkey] = entry
-            return True
-        if current == entry:
-            return True
-        chosen = self.validators.select(current, entry)
-        record[entry.subkey] = chosen
-        return chosen is entry
+            return
+        self._prune_record(entry.key, now)
+        counts: dict[str, int] = {}
+        for held in record.values():
+            counts[held.owner] = counts.get(held.owner, 0) + 1
+        mine = counts.get(entry.owner, 0)
+        if mine >= self.limits.owner_subkeys:
+            raise StoreRefused(f"owner {entry.owner[-12:]} holds {mine} subkeys of {entry.key[:60]!r}, its limit")
+        if len(record) < self.limits.max_subkeys:
+            return
+        most = max(counts.values())
+        if mine >= most:
+            raise StoreRefused(f"record {entry.key[:60]!r} is full and no owner there holds more subkeys than this one")
+        victim = min((e for e in record.values() if counts[e.owner] == most), key=lambda e: (e.expires, e.subkey))
+        self._drop(entry.key, victim.subkey)
+
+    def _hold(self, entry: SignedValue, sender: str | None) -> None:
+        size = entry_bytes(entry)
+        self._records.setdefault(entry.key, {})[entry.subkey] = entry
+        self._total.add(1, size)
+        self._by_owner.setdefault(entry.owner, _Usage()).add(1, size)
+        if sender is not None:
+            self._senders[(entry.key, entry.subkey)] = sender
+            self._by_sender.setdefault(sender, _Usage()).add(1, size)
+
+    def _drop(self, key: str, subkey: str) -> None:
+        record = self._records[key]
+        entry = record.pop(subkey)
+        if not record:
+            del self._records[key]
+        size = entry_bytes(entry)
+        self._total.add(-1, -size)
+        _release(self._by_owner, entry.owner, size)
+        sender = self._senders.pop((key, subkey), None)
+        if sender is not None:
+            _release(self._by_sender, sender, size)
 
     def get(self, key: str, now: float) -> dict[str, SignedValue]:
         self._prune_record(key, now)
@@ -208,18 +322,23 @@ class RecordStore:
         if record is None:
             return
         for subkey in [s for s, e in record.items() if e.expires <= now]:
-            del record[subkey]
-        if not record:
-            del self._records[key]
+            self._drop(key, subkey)
 
     def prune(self, now: float) -> int:
-        before = sum(len(r) for r in self._records.values())
+        before = self._total.values
         for key in list(self._records):
             self._prune_record(key, now)
-        return before - sum(len(r) for r in self._records.values())
+        return before - self._total.values
 
     def items(self) -> list[tuple[str, dict[str, SignedValue]]]:
         return [(k, dict(v)) for k, v in self._records.items()]
+
+
+def _release(usages: dict[str, _Usage], who: str, size: int) -> None:
+    usage = usages[who]
+    usage.add(-1, -size)
+    if usage.values == 0:
+        del usages[who]
 
 
 def merge(validators: Validators, *records: dict[str, SignedValue]) -> dict[str, SignedValue]:
