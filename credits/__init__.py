@@ -6,11 +6,13 @@ Layers, each readable alone (imports only go down the list):
     receipts.py     Receipt: what a client signs for a server's work, pricing, the client's signer
                     and the server's tracker
     store.py        Store: SQLite tables of verified chains and what is derived from them (durable)
+    allowance.py    IngestLimits: how many entries without a receipt one author may add, over time
     ledger.py       Ledger: the rules of each entry kind, verified ingestion, balances as a fold
                     over chains; CreditPolicy
     replication.py  Replicator: gossip push, head-vector anti-entropy and range pulls between peers
 """
 
+from .allowance import IngestLimits
 from .entry import ForkProof, LogEntry, SignedHeader
 from .errors import CreditError, CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
 from .ledger import GFLOP, Balance, CreditPolicy, IngestResult, Ledger, credits
@@ -19,6 +21,6 @@ from .store import Store
 
 __all__ = [
     "LogEntry", "ForkProof", "SignedHeader", "CreditError", "CreditRefused", "InvalidEntry", "InvalidForkProof",
-    "InvalidReceipt", "GFLOP", "Balance", "CreditPolicy", "IngestResult", "Ledger", "credits", "Pricing", "Receipt",
-    "ReceiptSigner", "ReceiptTracker", "linear_pricing", "new_session_id", "Store",
+    "InvalidReceipt", "GFLOP", "Balance", "CreditPolicy", "IngestLimits", "IngestResult", "Ledger", "credits",
+    "Pricing", "Receipt", "ReceiptSigner", "ReceiptTracker", "linear_pricing", "new_session_id", "Store",
 ]

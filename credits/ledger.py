@@ -28,6 +28,10 @@ spends. A receipt is worth its FLOPs × the server's reliability (`PER_DISPUTE` 
 credible accuser), to both sides, so every receipt adds to one peer what it takes
 from another and the total over all peers is exactly the sum of grants: conserved.
 
+Ingestion bounds what one author adds without work behind it: grants, disputes and forks are paid
+for from a per-author allowance (`credits.allowance.IngestLimits`); earn and spend entries, which
+carry a receipt, are not.
+
 Forks: a forked author's chain counts only below its lowest known fork seq (the prefix every peer
 agrees on), is not replicated further, and its balance is *frozen*: it no longer counts in its
 favour (`effective = min(raw, 0)`), while its debts still stand. `Ledger.forks` exposes the proofs
@@ -53,6 +57,7 @@ import trio
 
 from p2p.identity import Identity, peer_id_from_public_key
 
+from .allowance import BACKED_KINDS, Allowances, IngestLimits
 from .entry import KEY_LEN, MAX_INT, ZERO_HASH, ForkProof, LogEntry
 from .errors import CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
 from .receipts import Pricing, Receipt
@@ -120,6 +125,7 @@ class IngestResult:
     fork: ForkProof | None = None  # a NEW fork proof found while ingesting
     error: str | None = None  # why ingestion stopped early (entries before it are stored)
     frozen: bool = False  # the author is forked: nothing at or past the fork point is taken
+    throttled: bool = False  # stopped at an entry the author's allowance cannot pay for (see credits.allowance)
 
 
 def _decode_body(body: bytes, n: int, kind: str) -> list:
@@ -151,7 +157,8 @@ class Ledger:
     """
 
     def __init__(self, identity: Identity, store: Store, *, pricing: Pricing, policy: CreditPolicy | None = None,
-                 clock: Callable[[], float] = time.time, offload: bool | None = None):
+                 clock: Callable[[], float] = time.time, offload: bool | None = None,
+                 ingest_limits: IngestLimits | None = None):
         self.identity = identity
         self.me = identity.public_key
         self.store = store
@@ -159,6 +166,7 @@ class Ledger:
         self.policy = policy or CreditPolicy()
         self.clock = clock
         self.offload = store.path is not None if offload is None else offload
+        self.allowances = Allowances(ingest_limits or IngestLimits(), clock)
         self._limiter = trio.CapacityLimiter(1)
         # In-memory mirrors (updated after each commit) so replication can read them without the DB.
         self.heads: dict[bytes, tuple[int, bytes]] = store.heads()
@@ -278,23 +286,23 @@ class Ledger:
 
     def _ingest_range(self, wires: list[bytes], result: IngestResult) -> tuple | None:
         """One range, inside the caller's transaction; returns what changed (for `_committed`) or None."""
-        entries: list[LogEntry] = []
+        entries: list[tuple[LogEntry, int]] = []  # with its wire size
         for w in wires:
             try:
-                entries.append(LogEntry.decode(w))
+                entries.append((LogEntry.decode(w), len(w)))
             except InvalidEntry as e:
                 result.error = str(e)
                 break
         if not entries:
             return None
-        author = entries[0].author
+        author = entries[0][0].author
         if author == self.me:
             result.error = "peers do not write this peer's own chain"
             return None
         new_fork = False
         seq, head_hash, head_ts = self.store.head(author)
         stored_any = False
-        for entry in entries:
+        for entry, size in entries:
             try:
                 if entry.author != author:
                     raise InvalidEntry("a range holds entries of one author")
@@ -318,6 +326,9 @@ class Ledger:
                     raise InvalidEntry(f"entry {entry.seq} does not link to entry {seq} (prev hash mismatch)")
                 if entry.timestamp < head_ts:
                     raise InvalidEntry(f"entry {entry.seq} is older than entry {seq}")
+                if not self._allowed(entry, size):
+                    result.throttled = True
+                    break
                 entry.verify()
                 new_fork = self._apply(entry) or new_fork
                 self.store.insert_entry(entry, head=(seq, head_hash), update_head=False)
@@ -332,6 +343,17 @@ class Ledger:
         if stored_any or new_fork:
             return (author, seq if stored_any else None, head_hash if stored_any else None, new_fork)
         return None
+
+    def _allowed(self, entry: LogEntry, size: int) -> bool:
+        """Whether `entry` may be stored now: receipt-backed entries and grant authorities always may;
+        others are paid for from the author's allowance (an entry refused later stays paid for)."""
+        if entry.kind in BACKED_KINDS or entry.author in self.policy.grant_authorities:
+            return True
+        return self.allowances.take(entry.author, size)
+
+    def throttled(self, author: bytes) -> bool:
+        """True while `author` has spent its allowance of entries without a receipt (replication waits)."""
+        return self.allowances.spent(author)
 
     async def add_fork_proof(self, proof: ForkProof) -> bool:
         """Check and keep a fork proof heard from a peer; True if it was new (or lower) here."""

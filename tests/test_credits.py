@@ -10,6 +10,7 @@ from credits import (
     CreditPolicy, CreditRefused, ForkProof, InvalidEntry, InvalidForkProof, InvalidReceipt, Ledger, LogEntry,
     Receipt, ReceiptSigner, ReceiptTracker, Store, linear_pricing,
 )
+from credits.allowance import IngestLimits
 from credits.entry import MAX_BODY, ZERO_HASH
 from p2p.identity import Identity
 
@@ -347,6 +348,39 @@ async def test_balances_are_equal_everywhere_and_conserved():
     assert total_earned == sum(b.spent for b in views[0].values()) > 0
     s0 = await peers[0].summary()
     assert s0["unit"].startswith("GFLOP") and s0["total"] == 6 * POLICY.starting_grant / 1e9
+
+
+async def test_an_authors_entries_without_receipts_are_bounded_in_number_and_bytes():
+    now = [1000.0]
+    limits = IngestLimits(burst_entries=8, burst_bytes=64 * 1024, entries_per_hour=4, bytes_per_hour=24 * 1024)
+    viewer = ledger(1, clock=lambda: now[0], ingest_limits=limits)
+    spammer, accused = ident(2), ident(3)
+    dispute = ("dispute", msgpack.packb([accused.public_key, "lied", b"x" * 12 * 1024]))
+    wires = [e.encode() for e in chain(spammer, [("grant", grant_body(spammer))] + [dispute] * 40)]
+    result = await viewer.ingest(wires)
+    assert result.stored == 6 and result.throttled and result.error is None  # 64 KiB: the grant and 5 disputes
+    assert viewer.heads[spammer.public_key][0] == 6 and viewer.throttled(spammer.public_key)
+    now[0] += 3600  # an hour refills 4 entries and 24 KiB: two more disputes fit
+    assert not viewer.throttled(spammer.public_key)
+    result = await viewer.ingest(wires[6:])
+    assert result.stored == 2 and result.throttled
+    now[0] += 10 * 3600  # the burst is the most an author saves up
+    assert (await viewer.ingest(wires[8:])).stored == 5
+    # small entries run out by number
+    chatty = ident(6)
+    notes = [("dispute", msgpack.packb([accused.public_key, f"lied {i}", b""])) for i in range(20)]
+    result = await viewer.ingest([e.encode() for e in chain(chatty, notes)])
+    assert result.stored == 8 and result.throttled
+
+
+async def test_earning_is_not_slowed_by_the_allowance():
+    viewer = ledger(1, ingest_limits=IngestLimits(burst_entries=2, burst_bytes=32 * 1024, entries_per_hour=1,
+                                                   bytes_per_hour=1024))
+    server, client = ident(4), ident(5)
+    earns = [("earn", receipt_body(sign(client, server, session=i.to_bytes(16, "big")))) for i in range(300)]
+    result = await viewer.ingest([e.encode() for e in chain(server, [("grant", grant_body(server))] + earns)])
+    assert result.stored == 301 and not result.throttled and result.error is None
+    assert (await viewer.balance(server.public_key)).earned == 300 * PRICING("m", 0, 3, 10)
 
 
 async def test_debt_limit_refuses_busy_but_serves_when_idle():
