@@ -77,7 +77,7 @@ class Allowances:
     def spent(self, author: bytes) -> bool:
         """True while `author`'s bucket could not pay for an entry of the largest size (reads only)."""
         bucket = self._buckets.get(author)
-        if bucket is None:
-            return False
+        if bucket is None or (bucket.entries >= 1 and bucket.size >= MAX_ENTRY_BYTES):
+            return False  # (buckets only refill between takes)
         entries, available = self._refilled(bucket, self.clock())
         return entries < 1 or available < MAX_ENTRY_BYTES
