@@ -146,9 +146,10 @@ def _pack(obj: Any) -> bytes:
 class Ledger:
     """One peer's ledger: its own chain, others' verified chains, fork proofs, balances.
 
-    Every database call of the async API goes through `_call`: with an on-disk store (`offload=True`, the default for
-    one) it runs in a worker thread under a CapacityLimiter(1) — a durable commit waits for an fsync,
-    which must not stall the trio loop, and one limiter makes the single connection single-user.
+    Every database call of the async API goes through `_call`: with an on-disk store (`offload=True`,
+    the default for one) it runs in a worker thread under a CapacityLimiter(1) — a durable commit waits
+    for an fsync, which must not stall the trio loop, and one limiter makes the single connection
+    single-user.
     With an in-memory store (simulations) calls run inline: they are bounded (one append, or one
     range of at most `MAX_RANGE` entries) and take well under a millisecond or so each, and staying
     on the loop keeps the virtual clock honest (a thread would let `MockClock` jump while it works).
