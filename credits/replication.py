@@ -144,6 +144,8 @@ class Replicator:
         entry = LogEntry.decode(message.data)  # raising = refused
         if peer_id_from_public_key(entry.author) != message.author:
             return False  # only the author announces its own entries
+        if self.ledger.throttled(entry.author):
+            return False  # its allowance is spent here: neither taken nor forwarded
         entry.verify()
         return True
 
