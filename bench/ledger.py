@@ -33,7 +33,7 @@ import msgpack
 import trio
 import trio.testing
 
-from credits import CreditPolicy, Entry, Ledger, ReceiptSigner, Store, linear_pricing
+from credits import CreditPolicy, Ledger, LogEntry, ReceiptSigner, Store, linear_pricing
 from credits.entry import ZERO_HASH, clear_signature_cache
 from p2p.identity import Identity
 
@@ -56,7 +56,7 @@ def make_chain(author: Identity, n: int, kind: str) -> list[bytes]:
             body, k = msgpack.packb([signer.sign(seq * 3).to_list()]), "earn"
         else:
             body, k = msgpack.packb([client.public_key, f"reason {seq}", b""]), "dispute"
-        e = Entry.create(author, seq, prev, 1_700_000_000_000 + seq, k, body)
+        e = LogEntry.create(author, seq, prev, 1_700_000_000_000 + seq, k, body)
         out.append(e.encode())
         prev = e.hash
     return out
@@ -64,7 +64,7 @@ def make_chain(author: Identity, n: int, kind: str) -> list[bytes]:
 
 def bench_crypto(n: int) -> dict:
     me = Identity.generate()
-    headers = [Entry.create(me, 1, ZERO_HASH, i, "dispute", b"x").header for i in range(n)]
+    headers = [LogEntry.create(me, 1, ZERO_HASH, i, "dispute", b"x").header for i in range(n)]
     t = time.perf_counter()
     sigs = [me.sign(h) for h in headers]
     sign = time.perf_counter() - t
@@ -108,7 +108,7 @@ def bench_store(n: int, range_size: int, directory: str) -> dict:
                 r = led.ingest_sync(wires[i:i + range_size])
                 assert r.error is None, r
             out[f"ingest_durable_batched_per_s_{kind}"] = rate(n, time.perf_counter() - t)
-            assert led.verify_chain(Entry.decode(wires[0]).author) == n
+            assert led.verify_chain(LogEntry.decode(wires[0]).author) == n
         # A catching-up peer: one pull reply of up to 64 ranges (here 32 authors x range entries) per transaction.
         authors = max(1, n // range_size)
         chains = [make_chain(Identity.generate(), range_size, kind) for _ in range(authors)]

@@ -1,18 +1,26 @@
 """Credits: signed append-only logs, client-signed receipts, gossip replication, balances.
 
-Public API (see each module): `Entry`, `ForkProof` (entry); `Store` (store); `Receipt`,
-`ReceiptSigner`, `ReceiptTracker`, `Pricing`, `linear_pricing` (receipts); `Ledger`, `CreditPolicy`,
-`Balance`, `credits`, `GFLOP` (ledger); `Replicator` (replication).
+Layers, each readable alone (imports only go down the list):
+    errors.py       the credit layer's exceptions (InvalidEntry, InvalidReceipt, CreditRefused, …)
+    entry.py        LogEntry: one signed entry of an author's log, its canonical encoding; ForkProof
+    receipts.py     Receipt: what a client signs for a server's work, pricing, the client's signer
+                    and the server's tracker
+    store.py        Store: SQLite tables of verified chains and what is derived from them (durable)
+    allowance.py    IngestLimits: how many entries without a receipt one author may add, over time
+    ledger.py       Ledger: the rules of each entry kind, verified ingestion, balances as a fold
+                    over chains; CreditPolicy
+    replication.py  Replicator: gossip push, head-vector anti-entropy and range pulls between peers
 """
 
-from .entry import Entry, ForkProof, SignedHeader
+from .allowance import IngestLimits
+from .entry import ForkProof, LogEntry, SignedHeader
 from .errors import CreditError, CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
 from .ledger import GFLOP, Balance, CreditPolicy, IngestResult, Ledger, credits
 from .receipts import Pricing, Receipt, ReceiptSigner, ReceiptTracker, linear_pricing, new_session_id
 from .store import Store
 
 __all__ = [
-    "Entry", "ForkProof", "SignedHeader", "CreditError", "CreditRefused", "InvalidEntry", "InvalidForkProof",
-    "InvalidReceipt", "GFLOP", "Balance", "CreditPolicy", "IngestResult", "Ledger", "credits", "Pricing", "Receipt",
-    "ReceiptSigner", "ReceiptTracker", "linear_pricing", "new_session_id", "Store",
+    "LogEntry", "ForkProof", "SignedHeader", "CreditError", "CreditRefused", "InvalidEntry", "InvalidForkProof",
+    "InvalidReceipt", "GFLOP", "Balance", "CreditPolicy", "IngestLimits", "IngestResult", "Ledger", "credits",
+    "Pricing", "Receipt", "ReceiptSigner", "ReceiptTracker", "linear_pricing", "new_session_id", "Store",
 ]

@@ -14,7 +14,7 @@ An entry is (author, seq, prev, timestamp, kind, body, signature):
   both validly signed, are a fork: the author signed two different histories.
 
 On the wire and on disk an entry is the msgpack of [author, seq, prev, timestamp, kind, body,
-signature]. `Entry.decode` reads that from untrusted bytes and checks every size and type before
+signature]. `LogEntry.decode` reads that from untrusted bytes and checks every size and type before
 anything else looks at it; it raises `InvalidEntry` with the reason and nothing else.
 """
 
@@ -97,7 +97,9 @@ class _Headed:
 
 
 @dataclass(frozen=True)
-class Entry(_Headed):
+class LogEntry(_Headed):
+    """One signed entry of an author's append-only credit log (see the module docstring)."""
+
     author: bytes
     seq: int
     prev: bytes
@@ -109,7 +111,7 @@ class Entry(_Headed):
     # --- making one -------------------------------------------------------------------------------
 
     @classmethod
-    def create(cls, identity: Identity, seq: int, prev: bytes, timestamp: int, kind: str, body: bytes) -> "Entry":
+    def create(cls, identity: Identity, seq: int, prev: bytes, timestamp: int, kind: str, body: bytes) -> "LogEntry":
         """Sign a new entry. The arguments are checked like a decoded entry's."""
         _check_fields(identity.public_key, seq, prev, timestamp, kind, body)
         header = _header(identity.public_key, seq, prev, timestamp, kind, sha256(body))
@@ -118,8 +120,8 @@ class Entry(_Headed):
     # --- reading one from the wire ------------------------------------------------------------------
 
     @classmethod
-    def decode(cls, data: Any) -> "Entry":
-        """Strictly decode untrusted bytes into an Entry (signature NOT yet checked: call `verify`)."""
+    def decode(cls, data: Any) -> "LogEntry":
+        """Strictly decode untrusted bytes into a LogEntry (signature NOT yet checked: call `verify`)."""
         if not isinstance(data, (bytes, bytearray)):
             raise InvalidEntry(f"an entry is msgpack bytes, got {type(data).__name__}")
         if len(data) > MAX_ENTRY_BYTES:
@@ -135,7 +137,7 @@ class Entry(_Headed):
         return cls.from_list(obj)
 
     @classmethod
-    def from_list(cls, obj: Any) -> "Entry":
+    def from_list(cls, obj: Any) -> "LogEntry":
         if not isinstance(obj, list) or len(obj) != 7:
             raise InvalidEntry("an entry is a list of 7 fields [author, seq, prev, timestamp, kind, body, signature]")
         author, seq, prev, timestamp, kind, body, signature = obj
@@ -168,7 +170,7 @@ class Entry(_Headed):
             raise InvalidEntry(f"bad signature on entry {self.seq} of {self.author_id}")
 
     def __repr__(self) -> str:
-        return f"Entry({self.author_id[-8:]}#{self.seq} {self.kind} {self.hash.hex()[:12]})"
+        return f"LogEntry({self.author_id[-8:]}#{self.seq} {self.kind} {self.hash.hex()[:12]})"
 
 
 def _check_fields(author: Any, seq: Any, prev: Any, timestamp: Any, kind: Any, body: Any) -> None:

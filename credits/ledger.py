@@ -28,6 +28,10 @@ spends. A receipt is worth its FLOPs × the server's reliability (`PER_DISPUTE` 
 credible accuser), to both sides, so every receipt adds to one peer what it takes
 from another and the total over all peers is exactly the sum of grants: conserved.
 
+Ingestion bounds what one author adds without work behind it: grants, disputes and forks are paid
+for from a per-author allowance (`credits.allowance.IngestLimits`); earn and spend entries, which
+carry a receipt, are not.
+
 Forks: a forked author's chain counts only below its lowest known fork seq (the prefix every peer
 agrees on), is not replicated further, and its balance is *frozen*: it no longer counts in its
 favour (`effective = min(raw, 0)`), while its debts still stand. `Ledger.forks` exposes the proofs
@@ -53,7 +57,8 @@ import trio
 
 from p2p.identity import Identity, peer_id_from_public_key
 
-from .entry import KEY_LEN, MAX_INT, ZERO_HASH, Entry, ForkProof
+from .allowance import BACKED_KINDS, Allowances, IngestLimits
+from .entry import KEY_LEN, MAX_INT, ZERO_HASH, ForkProof, LogEntry
 from .errors import CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
 from .receipts import Pricing, Receipt
 from .store import Store
@@ -120,6 +125,7 @@ class IngestResult:
     fork: ForkProof | None = None  # a NEW fork proof found while ingesting
     error: str | None = None  # why ingestion stopped early (entries before it are stored)
     frozen: bool = False  # the author is forked: nothing at or past the fork point is taken
+    throttled: bool = False  # stopped at an entry the author's allowance cannot pay for (see credits.allowance)
 
 
 def _decode_body(body: bytes, n: int, kind: str) -> list:
@@ -140,16 +146,20 @@ def _pack(obj: Any) -> bytes:
 class Ledger:
     """One peer's ledger: its own chain, others' verified chains, fork proofs, balances.
 
-    Every database call goes through `_call`: with an on-disk store (`offload=True`, the default for
-    one) it runs in a worker thread under a CapacityLimiter(1) — a durable commit waits for an fsync,
-    which must not stall the trio loop, and one limiter makes the single connection single-user.
+    Every database call of the async API goes through `_call`: with an on-disk store (`offload=True`,
+    the default for one) it runs in a worker thread under a CapacityLimiter(1) — a durable commit waits
+    for an fsync, which must not stall the trio loop, and one limiter makes the single connection
+    single-user.
     With an in-memory store (simulations) calls run inline: they are bounded (one append, or one
     range of at most `MAX_RANGE` entries) and take well under a millisecond or so each, and staying
     on the loop keeps the virtual clock honest (a thread would let `MockClock` jump while it works).
+    The `*_sync` methods and `verify_chain` are the blocking API, for benchmarks, tests and tools
+    that own the thread.
     """
 
     def __init__(self, identity: Identity, store: Store, *, pricing: Pricing, policy: CreditPolicy | None = None,
-                 clock: Callable[[], float] = time.time, offload: bool | None = None):
+                 clock: Callable[[], float] = time.time, offload: bool | None = None,
+                 ingest_limits: IngestLimits | None = None):
         self.identity = identity
         self.me = identity.public_key
         self.store = store
@@ -157,6 +167,7 @@ class Ledger:
         self.policy = policy or CreditPolicy()
         self.clock = clock
         self.offload = store.path is not None if offload is None else offload
+        self.allowances = Allowances(ingest_limits or IngestLimits(), clock)
         self._limiter = trio.CapacityLimiter(1)
         # In-memory mirrors (updated after each commit) so replication can read them without the DB.
         self.heads: dict[bytes, tuple[int, bytes]] = store.heads()
@@ -167,7 +178,7 @@ class Ledger:
         self.changed: dict[bytes, int] = dict.fromkeys(self.heads, 0)
         self._balances: tuple[int, dict[bytes, Balance]] | None = None
         self._reliability: tuple[int, dict[bytes, float]] | None = None
-        self.on_append: list[Callable[[Entry], None]] = []  # own new entries (replication announces them)
+        self.on_append: list[Callable[[LogEntry], None]] = []  # own new entries (replication announces them)
         self.on_fork: list[Callable[[ForkProof], None]] = []  # new or lower fork proofs
 
     @classmethod
@@ -183,49 +194,66 @@ class Ledger:
 
     # --- own chain ---------------------------------------------------------------------------------
 
-    async def append(self, kind: str, body: bytes) -> Entry:
+    async def append(self, kind: str, body: bytes) -> LogEntry:
         """Sign and durably append an entry to this peer's chain; returns once it is committed."""
         entry = await self._call(self.append_sync, kind, body)
         for listener in self.on_append:
             listener(entry)
         return entry
 
-    def append_sync(self, kind: str, body: bytes) -> Entry:
+    def append_sync(self, kind: str, body: bytes) -> LogEntry:
         """Blocking `append` (benchmarks, the crash test child, single-threaded tools)."""
         with self.store.transaction():
             seq, prev, ts = self.store.head(self.me)
             timestamp = max(int(self.clock() * 1000), ts)
-            entry = Entry.create(self.identity, seq + 1, prev, timestamp, kind, body)
+            entry = LogEntry.create(self.identity, seq + 1, prev, timestamp, kind, body)
             new_fork = self._apply(entry)
             self.store.insert_entry(entry)
         self._committed(entry.author, entry.seq, entry.hash, new_fork)
         return entry
 
-    async def claim_starting_grant(self) -> Entry | None:
+    async def claim_starting_grant(self) -> LogEntry | None:
         """Append the starting grant if this chain is empty (and the policy grants anything)."""
         if self.heads.get(self.me, (0,))[0] > 0 or self.policy.starting_grant <= 0:
             return None
         return await self.append("grant", _pack([self.me, self.policy.starting_grant, "starting grant"]))
 
-    async def grant(self, recipient: bytes, amount: int, note: str = "") -> Entry:
+    async def grant(self, recipient: bytes, amount: int, note: str = "") -> LogEntry:
         """A swarm grant (only for authors in `policy.grant_authorities`)."""
         return await self.append("grant", _pack([recipient, amount, note]))
 
-    async def record_earn(self, receipt: Receipt) -> Entry:
+    async def record_earn(self, receipt: Receipt) -> LogEntry:
         """Server side: append the client's (latest) receipt as an earn entry. Raises InvalidReceipt."""
         return await self.append("earn", _pack([receipt.to_list()]))
 
-    async def record_spend(self, receipt: Receipt) -> Entry:
+    async def record_spend(self, receipt: Receipt) -> LogEntry:
         """Client side: record a receipt this peer signed."""
         return await self.append("spend", _pack([receipt.to_list()]))
 
-    async def record_dispute(self, accused: bytes, reason: str, evidence: bytes = b"") -> Entry:
+    async def record_dispute(self, accused: bytes, reason: str, evidence: bytes = b"") -> LogEntry:
         return await self.append("dispute", _pack([accused, reason, evidence]))
 
-    async def record_fork(self, proof: ForkProof) -> Entry:
+    async def record_fork(self, proof: ForkProof) -> LogEntry:
         return await self.append("fork", _pack([proof.to_list()]))
 
     # --- others' chains ----------------------------------------------------------------------------
+
+    async def read_ranges(self, ranges: list[tuple[bytes, int, int]], max_bytes: int) -> list[list[bytes]]:
+        """Encoded stored entries of each (author, first, last) range, in seq order, at most `max_bytes`
+        in all: what replication serves to a peer's pull."""
+        return await self._call(self._read_ranges_sync, ranges, max_bytes)
+
+    def _read_ranges_sync(self, ranges: list[tuple[bytes, int, int]], max_bytes: int) -> list[list[bytes]]:
+        out, size = [], 0
+        for author, first, last in ranges:
+            wires = []
+            for wire in self.store.range_wire(author, first, last):
+                size += len(wire)
+                if size > max_bytes:
+                    break
+                wires.append(wire)
+            out.append(wires)
+        return out
 
     async def ingest(self, wires: list[bytes]) -> IngestResult:
         """Verify and store a pulled range of one author's entries (encoded, in seq order), in one
@@ -259,23 +287,23 @@ class Ledger:
 
     def _ingest_range(self, wires: list[bytes], result: IngestResult) -> tuple | None:
         """One range, inside the caller's transaction; returns what changed (for `_committed`) or None."""
-        entries: list[Entry] = []
+        entries: list[tuple[LogEntry, int]] = []  # with its wire size
         for w in wires:
             try:
-                entries.append(Entry.decode(w))
+                entries.append((LogEntry.decode(w), len(w)))
             except InvalidEntry as e:
                 result.error = str(e)
                 break
         if not entries:
             return None
-        author = entries[0].author
+        author = entries[0][0].author
         if author == self.me:
             result.error = "peers do not write this peer's own chain"
             return None
         new_fork = False
         seq, head_hash, head_ts = self.store.head(author)
         stored_any = False
-        for entry in entries:
+        for entry, size in entries:
             try:
                 if entry.author != author:
                     raise InvalidEntry("a range holds entries of one author")
@@ -299,6 +327,9 @@ class Ledger:
                     raise InvalidEntry(f"entry {entry.seq} does not link to entry {seq} (prev hash mismatch)")
                 if entry.timestamp < head_ts:
                     raise InvalidEntry(f"entry {entry.seq} is older than entry {seq}")
+                if not self._allowed(entry, size):
+                    result.throttled = True
+                    break
                 entry.verify()
                 new_fork = self._apply(entry) or new_fork
                 self.store.insert_entry(entry, head=(seq, head_hash), update_head=False)
@@ -313,6 +344,17 @@ class Ledger:
         if stored_any or new_fork:
             return (author, seq if stored_any else None, head_hash if stored_any else None, new_fork)
         return None
+
+    def _allowed(self, entry: LogEntry, size: int) -> bool:
+        """Whether `entry` may be stored now: receipt-backed entries and grant authorities always may;
+        others are paid for from the author's allowance (an entry refused later stays paid for)."""
+        if entry.kind in BACKED_KINDS or entry.author in self.policy.grant_authorities:
+            return True
+        return self.allowances.take(entry.author, size)
+
+    def throttled(self, author: bytes) -> bool:
+        """True while `author` has spent its allowance of entries without a receipt (replication waits)."""
+        return self.allowances.spent(author)
 
     async def add_fork_proof(self, proof: ForkProof) -> bool:
         """Check and keep a fork proof heard from a peer; True if it was new (or lower) here."""
@@ -344,7 +386,7 @@ class Ledger:
 
     # --- the rules of each kind --------------------------------------------------------------------
 
-    def _apply(self, entry: Entry) -> bool:
+    def _apply(self, entry: LogEntry) -> bool:
         """Check `entry`'s body against its kind's rules and write its derived rows (inside the
         caller's transaction). Raises InvalidEntry before writing anything. True if it added a fork proof."""
         kind, author = entry.kind, entry.author
@@ -411,7 +453,7 @@ class Ledger:
             except InvalidForkProof as e:
                 raise InvalidEntry(f"fork entry: {e}") from None
             return self._put_fork(proof)
-        raise InvalidEntry(f"unknown kind {kind!r}")  # Entry.decode already refuses these
+        raise InvalidEntry(f"unknown kind {kind!r}")  # LogEntry.decode already refuses these
 
     # --- balances ----------------------------------------------------------------------------------
 
@@ -513,9 +555,10 @@ class Ledger:
             raise InvalidEntry("stored head does not match the stored chain")
         return n
 
-    def summary(self, balances: dict[bytes, Balance] | None = None, recent: int = 10) -> dict:
+    async def summary(self, recent: int = 10) -> dict:
         """What `potluck credits` and `GET /api/credits` show."""
-        balances = balances if balances is not None else self.balances_sync()
+        balances = await self.balances()
+        latest = await self._call(self.store.recent, recent)
         mine = balances.get(self.me) or Balance(self.me)
         return {
             "peer_id": self.identity.peer_id,
@@ -524,7 +567,7 @@ class Ledger:
             "granted": credits(mine.granted), "frozen": mine.frozen,
             "chain_length": self.heads.get(self.me, (0,))[0],
             "recent": [{"peer_id": e.author_id, "seq": e.seq, "kind": e.kind, "timestamp_ms": e.timestamp}
-                       for e in self.store.recent(recent)],
+                       for e in latest],
             "peers": sorted((b.as_dict() for b in balances.values()), key=lambda d: -d["balance"]),
             "forked": [peer_id_from_public_key(a) for a in self.forks],
             "total": credits(sum(b.raw for b in balances.values())),

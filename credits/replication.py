@@ -18,10 +18,13 @@ link, sequence number and kind rule; one durable transaction per pull reply):
    every peer checks it before it keeps or forwards it. A forked author is not replicated past its
    fork point (it is frozen, see `credits.ledger`).
 
+An author that has spent its allowance of entries without receipts (`credits.allowance`) is not
+pulled until it could pay for an entry again.
+
 Pulls are batched: one `RANGE` request carries up to `MAX_RANGES` [author, first, last] ranges
 (each at most `MAX_RANGE` entries, starting at our own head so that a different entry there shows
 a fork); the reply is at most `MAX_REPLY_BYTES`. A head vector is at most `MAX_HEADS` items. Every
-decoded field is checked (`framing.field`, `_check_head`, `Entry.decode`) and a bad request is
+decoded field is checked (`framing.field`, `_check_head`, `LogEntry.decode`) and a bad request is
 answered with BadRequest.
 
 Costs: a head exchange is one request whose size is the number of feeds that changed since the
@@ -43,9 +46,9 @@ from p2p.gossip import Gossip, GossipMessage
 from p2p.identity import peer_id_from_public_key
 from p2p.network import Network, protocol_id
 
-from .entry import HASH_LEN, KEY_LEN, MAX_ENTRY_BYTES, MAX_INT, Entry, ForkProof
+from .entry import HASH_LEN, KEY_LEN, MAX_ENTRY_BYTES, MAX_INT, ForkProof, LogEntry
 from .errors import InvalidForkProof
-from .ledger import Ledger
+from .ledger import IngestResult, Ledger
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +98,7 @@ class Replicator:
         self._also: dict[bytes, set[str]] = {}  # author -> other peers that offered it meanwhile
         self._nursery: trio.Nursery | None = None
         self.stats = {"exchanges": 0, "exchange_failures": 0, "pulls": 0, "pulled_entries": 0,
-                      "rejected": 0, "forks_found": 0, "served_ranges": 0}
+                      "rejected": 0, "throttled": 0, "forks_found": 0, "served_ranges": 0}
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -127,7 +130,7 @@ class Replicator:
 
     # --- push: own entries and fork proofs over gossip ---------------------------------------------
 
-    def _on_own_append(self, entry: Entry) -> None:
+    def _on_own_append(self, entry: LogEntry) -> None:
         if self.announce and self._nursery is not None:
             self._nursery.start_soon(self._publish, TOPIC_ENTRY, entry.encode())
 
@@ -138,15 +141,17 @@ class Replicator:
             log.debug("could not gossip on %s: %s", topic, e)
 
     def _valid_entry_message(self, message: GossipMessage) -> bool:
-        entry = Entry.decode(message.data)  # raising = refused
+        entry = LogEntry.decode(message.data)  # raising = refused
         if peer_id_from_public_key(entry.author) != message.author:
             return False  # only the author announces its own entries
+        if self.ledger.throttled(entry.author):
+            return False  # its allowance is spent here: neither taken nor forwarded
         entry.verify()
         return True
 
     async def _on_entry_message(self, message: GossipMessage) -> None:
-        entry = Entry.decode(message.data)
-        if entry.author == self.ledger.me or entry.author in self.ledger.forks:
+        entry = LogEntry.decode(message.data)
+        if entry.author == self.ledger.me or entry.author in self.ledger.forks or self.ledger.throttled(entry.author):
             return
         head = self.ledger.heads.get(entry.author, (0, b""))[0]
         if entry.seq <= head + 1:
@@ -171,10 +176,13 @@ class Replicator:
         except InvalidForkProof as e:
             log.debug("bad fork proof from %s: %s", message.sender, e)
 
-    def _after_ingest(self, result: Any, peer: str, author: bytes) -> None:
+    def _after_ingest(self, result: IngestResult, peer: str, author: bytes) -> None:
         if result.error:
             self.stats["rejected"] += 1
             log.info("refused entries of %s from %s: %s", peer_id_from_public_key(author), peer, result.error)
+        if result.throttled:
+            self.stats["throttled"] += 1
+            log.debug("%s has spent its allowance of entries without receipts", peer_id_from_public_key(author))
         if result.fork is not None:
             self.stats["forks_found"] += 1
             log.warning("fork proof: %s signed two entries at seq %d", peer_id_from_public_key(author), result.fork.seq)
@@ -263,8 +271,8 @@ class Replicator:
             return
         wants = []
         for author, seq, hash_ in heads:
-            if author == self.ledger.me or author in self.ledger.forks:
-                continue
+            if author == self.ledger.me or author in self.ledger.forks or self.ledger.throttled(author):
+                continue  # a throttled author is pulled again once its allowance refills and a head says so
             if author in self._pulling:
                 self._also.setdefault(author, set()).add(peer)  # retried via a full exchange if that pull fails
                 continue
@@ -328,7 +336,7 @@ class Replicator:
                     self._after_ingest(result, peer, want[0])
                     if self._done(*want):
                         continue
-                    if result.error or result.fork or result.frozen or result.stored == 0:
+                    if result.error or result.fork or result.frozen or result.throttled or result.stored == 0:
                         stalled.append(want)  # a bad or a stale peer: others (or a later round) will do
                     else:
                         pending.append(want)  # more than one range behind: go on
@@ -361,22 +369,9 @@ class Replicator:
                     and type(item[1]) is int and type(item[2]) is int and 1 <= item[1] <= item[2] <= MAX_INT
                     and item[2] - item[1] < MAX_RANGE):
                 raise BadRequest(f"a range is [author key, first, last] with 1 <= first <= last < first + {MAX_RANGE}")
-            checked.append(item)
+            checked.append((item[0], item[1], item[2]))
         self.stats["served_ranges"] += len(checked)
-
-        def read() -> list[list[bytes]]:
-            out, size = [], 0
-            for author, first, last in checked:
-                wires = []
-                for w in self.ledger.store.range_wire(author, first, last):
-                    size += len(w)
-                    if size > MAX_REPLY_BYTES:
-                        break
-                    wires.append(w)
-                out.append(wires)
-            return out
-
-        return {"e": await self.ledger._call(read)}
+        return {"e": await self.ledger.read_ranges(checked, MAX_REPLY_BYTES)}
 
     async def _find_fork_point(self, peer: str, proof: ForkProof) -> None:
         """Walk back through `peer`'s branch to the lowest seq where it differs from ours, so every peer

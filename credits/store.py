@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-from .entry import ZERO_HASH, Entry
+from .entry import ZERO_HASH, LogEntry
 from .errors import InvalidEntry
 
 DB_FILE = "credits.sqlite"
@@ -103,9 +103,9 @@ class Store:
     def heads(self) -> dict[bytes, tuple[int, bytes]]:
         return {a: (s, h) for a, s, h in self.db.execute("SELECT author, seq, hash FROM heads")}
 
-    def get(self, author: bytes, seq: int) -> Entry | None:
+    def get(self, author: bytes, seq: int) -> LogEntry | None:
         row = self.db.execute("SELECT wire FROM entries WHERE author=? AND seq=?", (author, seq)).fetchone()
-        return Entry.decode(row[0]) if row else None
+        return LogEntry.decode(row[0]) if row else None
 
     def hash_at(self, author: bytes, seq: int) -> bytes | None:
         row = self.db.execute("SELECT hash FROM entries WHERE author=? AND seq=?", (author, seq)).fetchone()
@@ -116,15 +116,15 @@ class Store:
         return [r[0] for r in self.db.execute(
             "SELECT wire FROM entries WHERE author=? AND seq BETWEEN ? AND ? ORDER BY seq", (author, first, last))]
 
-    def entries(self, author: bytes, first: int = 1, last: int | None = None) -> list[Entry]:
-        return [Entry.decode(w) for w in self.range_wire(author, first, last if last is not None else 2**62)]
+    def entries(self, author: bytes, first: int = 1, last: int | None = None) -> list[LogEntry]:
+        return [LogEntry.decode(w) for w in self.range_wire(author, first, last if last is not None else 2**62)]
 
-    def entries_of_kind(self, kind: str) -> list[Entry]:
+    def entries_of_kind(self, kind: str) -> list[LogEntry]:
         """Every stored entry of one kind, any author (e.g. disputes, for reliability views)."""
-        return [Entry.decode(r[0]) for r in self.db.execute("SELECT wire FROM entries WHERE kind=?", (kind,))]
+        return [LogEntry.decode(r[0]) for r in self.db.execute("SELECT wire FROM entries WHERE kind=?", (kind,))]
 
-    def recent(self, limit: int = 20) -> list[Entry]:
-        return [Entry.decode(r[0]) for r in self.db.execute(
+    def recent(self, limit: int = 20) -> list[LogEntry]:
+        return [LogEntry.decode(r[0]) for r in self.db.execute(
             "SELECT wire FROM entries ORDER BY ts DESC, seq DESC LIMIT ?", (limit,))]
 
     def last_counter(self, server: bytes, client: bytes, session: bytes) -> tuple[int, int]:
@@ -138,9 +138,6 @@ class Store:
         row = self.db.execute("SELECT MAX(counter) FROM spends WHERE client=? AND server=? AND session=?",
                               (client, server, session)).fetchone()
         return row[0] or 0
-
-    def has_self_grant(self, author: bytes) -> bool:
-        return self.db.execute("SELECT 1 FROM grants WHERE author=? AND recipient=?", (author, author)).fetchone() is not None
 
     def fork(self, author: bytes) -> tuple[int, bytes] | None:
         row = self.db.execute("SELECT seq, proof FROM forks WHERE author=?", (author,)).fetchone()
@@ -171,7 +168,7 @@ class Store:
 
     # --- writes (inside `transaction()`) ----------------------------------------------------------
 
-    def insert_entry(self, entry: Entry, *, head: tuple[int, bytes] | None = None, update_head: bool = True) -> None:
+    def insert_entry(self, entry: LogEntry, *, head: tuple[int, bytes] | None = None, update_head: bool = True) -> None:
         """Append `entry` to its author's chain. The caller has verified it; this re-checks the link
         against `head` (the caller's view of the current head inside this transaction) or the stored
         head. With `update_head=False` the caller must `set_head` before committing."""

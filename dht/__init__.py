@@ -2,7 +2,8 @@
 
 Layers, each readable alone (imports only go down the list):
     ids.py        256-bit ids (sha256 of the peer id), XOR distance, optional identity puzzle
-    records.py    signed key → {subkey → entry} records, validators per namespace, local store
+    records.py    signed key → {subkey → SignedValue} records, validators per namespace, local store
+                  within StoreLimits (totals, a share per owner and per sending peer)
     vivaldi.py    2-D + height network coordinates from RTT samples
     clusters.py   Coral-style cluster levels by RTT, landmark election without a coordinator
     routing.py    k-buckets with least-recently-seen eviction that pings first
@@ -12,6 +13,7 @@ Layers, each readable alone (imports only go down the list):
 """
 
 from .node import DHTConfig, DHTNode, ValueLookup
-from .records import Entry, InvalidRecord, Validators
+from .records import InvalidRecord, SignedValue, StoreLimits, StoreRefused, Validators
 
-__all__ = ["DHTConfig", "DHTNode", "ValueLookup", "Entry", "InvalidRecord", "Validators"]
+__all__ = ["DHTConfig", "DHTNode", "ValueLookup", "SignedValue", "InvalidRecord", "StoreLimits", "StoreRefused",
+           "Validators"]

@@ -50,10 +50,6 @@ def random_id_in_bucket(self_id: int, index: int, rng: random.Random | None = No
     return self_id ^ ((1 << index) | low)
 
 
-def id_hex(value: int, length: int = 12) -> str:
-    return f"{value:064x}"[:length]
-
-
 # --- optional identity puzzle ---------------------------------------------------------------------
 
 

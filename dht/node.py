@@ -6,7 +6,7 @@ Compose it with any `p2p.network.Network` (libp2p or simulator):
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)          # serves /potluck/kad/1.0.0, bootstraps, maintains
         await node.store("blocks/m/12", {"span": [12, 18]}, ttl=120)
-        entries = await node.get("blocks/m/12")  # {subkey: Entry}; entry.value is the decoded value
+        entries = await node.get("blocks/m/12")  # {subkey: SignedValue}; entry.value is the decoded value
         node.status()                          # small dict for `potluck status` / dashboards
 
 What it does:
@@ -19,7 +19,8 @@ What it does:
   with where the previous one got to (Coral). A value found in an inner cluster ends the lookup
   there. Stores go to the `replicas` closest answering peers at every level.
 - Records are signed by their owners (records.py); every entry that arrives — in a STORE or in a
-  FIND_VALUE reply — is verified before use. After a read, answering peers among the closest that
+  FIND_VALUE reply — is verified before use. What a node holds for others stays within
+  `DHTConfig.store_limits`, counted per owner and per sending peer. After a read, answering peers among the closest that
   lacked an entry or held an older one are sent the newest (stale holders corrected; this also
   caches hot keys along the path).
 - Owners republish their entries before expiry with a fresh signature; records expire at
@@ -48,7 +49,7 @@ from . import protocol as proto
 from .clusters import DEFAULT_THRESHOLDS, Clusters, region_seed
 from .ids import key_id, node_id, puzzle_ok, random_id_in_bucket
 from .protocol import PROTOCOL, PeerInfo, Reply, WireContact
-from .records import Entry, InvalidRecord, RecordStore, Validators, merge
+from .records import InvalidRecord, RecordStore, SignedValue, StoreLimits, Validators, merge
 from .routing import Contact, RoutingTable
 from .traversal import Candidate, LookupResult, iterative_lookup
 from .vivaldi import Coord, Vivaldi
@@ -89,6 +90,7 @@ class DHTConfig:
     max_peer_states: int = 4096
     trust_vivaldi_below: float = 0.25  # Vivaldi error under which estimates may decide cluster labels
     cluster_label_max_age: float = 600.0  # a label without fresh word from its landmark for this long is dropped
+    store_limits: StoreLimits = field(default_factory=StoreLimits)  # what this node stores for others
     protocol: str = PROTOCOL
 
 
@@ -113,7 +115,7 @@ class PeerState:
 class ValueLookup:
     """A read's result with its cost, for benchmarks and diagnostics."""
 
-    entries: dict[str, Entry]
+    entries: dict[str, SignedValue]
     found: bool
     level: int | None  # level whose walk found it (None: not found)
     hops: int
@@ -137,7 +139,7 @@ class DHTNode:
         self.clusters_view = Clusters(self.peer_id, self.config.cluster_thresholds, max_age=self.config.cluster_label_max_age,
                                       trust_below=self.config.trust_vivaldi_below)
         self.tables: dict[int, RoutingTable] = {lv: RoutingTable(self.node_id, self.config.k) for lv in self.clusters_view.levels}
-        self.records = RecordStore(validators)
+        self.records = RecordStore(validators, self.config.store_limits)
         self.peers: dict[str, PeerState] = {}
         self.ready = trio.Event()
         self._connected: set[str] = set()
@@ -232,12 +234,12 @@ class DHTNode:
         """Sign `value` under our subkey (peer id, or peer id/suffix) and store it at the closest peers
         of every cluster level. Returns how many peers accepted it (0: it is stored nowhere)."""
         ttl = self.config.default_ttl if ttl is None else ttl
-        entry = Entry.create(self.network.identity, key, value, self.network.now() + ttl, suffix)
+        entry = SignedValue.create(self.network.identity, key, value, self.network.now() + ttl, suffix)
         if republish:
             self._owned[(key, entry.subkey)] = (value, ttl, levels, entry.expires)
         return await self.store_entries(key, [entry], levels=levels)
 
-    async def store_entries(self, key: str, entries: list[Entry], *, levels: list[int] | None = None) -> int:
+    async def store_entries(self, key: str, entries: list[SignedValue], *, levels: list[int] | None = None) -> int:
         """Store already-signed entries (ours or anyone's) at the closest peers of each level."""
         for e in entries:
             self.records.validators.check(e, self.network.now())
@@ -268,8 +270,8 @@ class DHTNode:
         return acks
 
     async def get(self, key: str, *, quorum: int = 1, secure: bool = False, exhaustive: bool = False,
-                  levels: list[int] | None = None) -> dict[str, Entry]:
-        """The record under `key`: {subkey: Entry}, newest entry per subkey, all verified.
+                  levels: list[int] | None = None) -> dict[str, SignedValue]:
+        """The record under `key`: {subkey: SignedValue}, newest entry per subkey, all verified.
 
         Coral semantics by default: the walk starts in our tightest cluster and returns from the
         first level where `quorum` holders answered — the nearest copies, which for a multi-owner
@@ -288,7 +290,7 @@ class DHTNode:
         target = key_id(key)
         paths = self.config.disjoint_paths if secure else 1
         quorum = max(quorum, paths if secure else 1)
-        answers: dict[str, dict[str, Entry]] = {}
+        answers: dict[str, dict[str, SignedValue]] = {}
         local = self.records.get(key, now) if use_local else {}
         holders = ["self"] if local else []
         messages = hops = 0
@@ -429,9 +431,10 @@ class DHTNode:
                 if level == 0 or ps.labels.get(level) == view.label(level):
                     old = table.add(contact, now)
                     if old is not None:
-                        self._check_oldest(old, table, contact)
+                        self._check_oldest(old)
 
-    def _check_oldest(self, old: Contact, table: RoutingTable, newcomer: Contact) -> None:
+    def _check_oldest(self, old: Contact) -> None:
+        """A full bucket offered `old` for eviction: ping it, unless it was heard from lately."""
         ps = self.peers.get(old.peer_id)
         now = trio.current_time()
         if ps is not None and now - ps.last_seen < self.config.fresh_for:
@@ -508,7 +511,7 @@ class DHTNode:
             return True
         return (self.node_id ^ target) < (closest[n - 1].id ^ target)
 
-    def _store_local(self, entry: Entry) -> int:
+    def _store_local(self, entry: SignedValue) -> int:
         try:
             self.records.put(entry, self.network.now())
             return 1
@@ -580,7 +583,7 @@ class DHTNode:
         async def query(contact: Contact):
             reply = await self._rpc(contact.peer_id, contact.addr, "find_value", fields, key)
             now = self.network.now()
-            good: dict[str, Entry] = {}
+            good: dict[str, SignedValue] = {}
             for e in reply.entries:
                 try:
                     self.records.validators.check(e, now)
@@ -625,7 +628,7 @@ class DHTNode:
             select=select or self.config.select, window=self.config.window, rtt=self._rtt_for,
             soft_timeout=self._soft_timeout, accept=self._accept)
 
-    def _correct_stale(self, key: str, merged: dict[str, Entry], answers: dict[str, dict[str, Entry]],
+    def _correct_stale(self, key: str, merged: dict[str, SignedValue], answers: dict[str, dict[str, SignedValue]],
                        closest: list[Contact]) -> None:
         if self._nursery is None:
             return
@@ -638,7 +641,7 @@ class DHTNode:
                 self.stats["corrections"] += 1
                 self._nursery.start_soon(self._send_store, contact, key, missing)
 
-    async def _send_store(self, contact: Contact, key: str, entries: list[Entry]) -> None:
+    async def _send_store(self, contact: Contact, key: str, entries: list[SignedValue]) -> None:
         try:
             await self._rpc(contact.peer_id, contact.addr, "store", {"k": key, "e": [e.wire() for e in entries[: proto.MAX_ENTRIES]]}, key)
         except P2PError:
@@ -666,7 +669,7 @@ class DHTNode:
             ok = []
             for e in req.entries:
                 try:
-                    self.records.put(e, now)
+                    self.records.put(e, now, sender)
                     ok.append(True)
                 except InvalidRecord:
                     ok.append(False)

@@ -38,7 +38,7 @@ from p2p.identity import public_key_from_peer_id
 from p2p.network import protocol_id
 
 from .clusters import Advert
-from .records import MAX_KEY_LEN, Entry, InvalidRecord, entry_from_wire
+from .records import MAX_KEY_LEN, InvalidRecord, SignedValue, entry_from_wire
 from .vivaldi import Coord
 
 PROTOCOL = protocol_id("kad", "1.0.0")
@@ -97,14 +97,14 @@ class Request:
     key: str = ""
     level: int = 0
     cluster: str = ""
-    entries: list[Entry] = dfield(default_factory=list)
+    entries: list[SignedValue] = dfield(default_factory=list)
 
 
 @dataclass(slots=True)
 class Reply:
     info: PeerInfo
     contacts: list[WireContact] = dfield(default_factory=list)
-    entries: list[Entry] = dfield(default_factory=list)
+    entries: list[SignedValue] = dfield(default_factory=list)
     stored: list[bool] = dfield(default_factory=list)
 
 
@@ -181,7 +181,7 @@ def _key(msg: dict) -> str:
     return key
 
 
-def _entries(msg: dict, key: str) -> list[Entry]:
+def _entries(msg: dict, key: str) -> list[SignedValue]:
     out = []
     for item in field(msg, "e", list, max_len=MAX_ENTRIES):
         try:

@@ -1,8 +1,8 @@
-"""Signed records: key → {subkey → entry}, each entry signed by the peer that owns its subkey.
+"""Signed records: key → {subkey → SignedValue}, each value signed by the peer that owns its subkey.
 
-A record is one key (e.g. "blocks/SmolLM2/12") holding many entries, one per subkey. A subkey names
-its owner: it is the owner's peer id, optionally followed by "/suffix" ("12D3KooW…" or
-"12D3KooW…/gpu1"). An entry carries (subkey, value bytes, expires, signature) and is valid only when
+A record is one key (e.g. "blocks/SmolLM2/12") holding many entries (`SignedValue`s), one per
+subkey. A subkey names its owner: it is the owner's peer id, optionally followed by "/suffix"
+("12D3KooW…" or "12D3KooW…/gpu1"). An entry carries (subkey, value bytes, expires, signature) and is valid only when
 
 - the signature verifies under the public key the subkey's peer id embeds, over a canonical binary
   encoding of (key, subkey, value, expires) — so nobody can write or overwrite another owner's
@@ -16,8 +16,9 @@ raises `InvalidRecord` for a value the namespace refuses; `select(current, new)`
 valid entries for one subkey to keep (default: the later expiry, ties broken by signature bytes so
 every holder converges on the same choice). Signature, owner and expiry checks are not pluggable.
 
-`RecordStore` is one node's storage, with caps on keys and subkeys per key so a flood cannot
-exhaust memory.
+`RecordStore` is one node's storage, within `StoreLimits`: totals, a share per record owner and
+per sending peer, and subkeys per owner in a record, so a flood cannot exhaust memory or lock
+honest owners out; a refusal raises `StoreRefused` (an `InvalidRecord`).
 """
 
 from __future__ import annotations
@@ -58,7 +59,9 @@ def signing_bytes(key: str, subkey: str, value: bytes, expires: float) -> bytes:
 
 
 @dataclass(frozen=True)
-class Entry:
+class SignedValue:
+    """One subkey's entry in a record: a value its owner signed for (key, subkey) until `expires`."""
+
     key: str
     subkey: str
     raw: bytes  # the signed value bytes (msgpack of the caller's value)
@@ -78,7 +81,7 @@ class Entry:
         return [self.subkey, self.raw, self.expires, self.signature]
 
     @classmethod
-    def create(cls, identity: Identity, key: str, value: Any, expires: float, suffix: str = "") -> "Entry":
+    def create(cls, identity: Identity, key: str, value: Any, expires: float, suffix: str = "") -> "SignedValue":
         """Encode and sign `value` under the identity's own subkey (peer id, or peer id/suffix)."""
         subkey = identity.peer_id + (f"/{suffix}" if suffix else "")
         raw = framing.encode(value, MAX_VALUE_BYTES)
@@ -86,7 +89,7 @@ class Entry:
         return cls(key, subkey, raw, float(expires), signature)
 
 
-def entry_from_wire(key: str, item: Any) -> Entry:
+def entry_from_wire(key: str, item: Any) -> SignedValue:
     """Shape-check one wire entry [subkey, value, expires, signature]; signature is checked later."""
     if not isinstance(item, list) or len(item) != 4:
         raise InvalidRecord("an entry is a list [subkey, value, expires, signature]")
@@ -99,22 +102,22 @@ def entry_from_wire(key: str, item: Any) -> Entry:
         raise InvalidRecord("entry expires must be a finite number")
     if not isinstance(signature, bytes) or len(signature) != 64:
         raise InvalidRecord("entry signature must be 64 bytes")
-    return Entry(key, subkey, raw, float(expires), signature)
+    return SignedValue(key, subkey, raw, float(expires), signature)
 
 
 class Validator(Protocol):
-    def validate(self, entry: Entry) -> None: ...
+    def validate(self, entry: SignedValue) -> None: ...
 
-    def select(self, current: Entry, new: Entry) -> Entry: ...
+    def select(self, current: SignedValue, new: SignedValue) -> SignedValue: ...
 
 
 class DefaultValidator:
     """Accepts any value; keeps the entry that expires later."""
 
-    def validate(self, entry: Entry) -> None:
+    def validate(self, entry: SignedValue) -> None:
         return None
 
-    def select(self, current: Entry, new: Entry) -> Entry:
+    def select(self, current: SignedValue, new: SignedValue) -> SignedValue:
         if (new.expires, new.signature) > (current.expires, current.signature):
             return new
         return current
@@ -134,7 +137,7 @@ class Validators:
     def for_key(self, key: str) -> Validator:
         return self.by_namespace.get(namespace_of(key), self.default)
 
-    def check(self, entry: Entry, now: float) -> None:
+    def check(self, entry: SignedValue, now: float) -> None:
         """Raise InvalidRecord unless the entry is signed by its subkey's owner, current, and valid."""
         if not entry.key or len(entry.key) > MAX_KEY_LEN:
             raise InvalidRecord("key must be a non-empty string of at most 256 characters")
@@ -153,18 +156,63 @@ class Validators:
             raise InvalidRecord(f"value is not msgpack: {e}") from None
         self.for_key(entry.key).validate(entry)
 
-    def select(self, current: Entry, new: Entry) -> Entry:
+    def select(self, current: SignedValue, new: SignedValue) -> SignedValue:
         return self.for_key(new.key).select(current, new)
 
 
-class RecordStore:
-    """A node's local records. `put` validates; `get` drops what has expired."""
+class StoreRefused(InvalidRecord):
+    """A valid entry this node will not store: a quota is full (the message names which)."""
 
-    def __init__(self, validators: Validators | None = None, *, max_keys: int = 100_000, max_subkeys: int = 1024):
+
+@dataclass(frozen=True)
+class StoreLimits:
+    """What one node stores for others, sized for a volunteer's machine: at most `max_bytes` of
+    entries (a value is at most 16 KiB) in `max_values` entries. One owner, and one sending peer,
+    may fill only a small share, so neither one identity nor one connection can fill the store; an
+    announcement is a few hundred bytes and a server writes one per model, so honest owners stay far
+    below their share. The node's own writes (`sender=None`) count per owner but not per sender."""
+
+    max_values: int = 50_000
+    max_bytes: int = 64 * 1024 * 1024
+    max_subkeys: int = 1024  # entries per record
+    owner_subkeys: int = 8  # entries one owner may hold in one record (its peer id plus suffixes)
+    owner_values: int = 256  # entries of one owner over all records
+    owner_bytes: int = 1024 * 1024
+    sender_values: int = 2048  # entries a peer sent (the last sender of each) over all records
+    sender_bytes: int = 8 * 1024 * 1024
+
+
+def entry_bytes(entry: SignedValue) -> int:
+    """What an entry costs the store, for quotas: its value, subkey and key."""
+    return len(entry.raw) + len(entry.subkey) + len(entry.key)
+
+
+@dataclass(slots=True)
+class _Usage:
+    values: int = 0
+    bytes: int = 0
+
+    def add(self, values: int, size: int) -> None:
+        self.values += values
+        self.bytes += size
+
+
+class RecordStore:
+    """A node's local records. `put` validates and enforces `StoreLimits`; `get` drops what has expired.
+
+    When a record is full, a new subkey may take the place of the soonest-expiring entry of the owner
+    holding the most entries in that record, if its own owner holds fewer: the record is shared
+    out by owner, so squatting many subkeys cannot lock a new owner out."""
+
+    def __init__(self, validators: Validators | None = None, limits: StoreLimits | None = None):
         self.validators = validators or Validators()
-        self.max_keys = max_keys
-        self.max_subkeys = max_subkeys
-        self._records: dict[str, dict[str, Entry]] = {}
+        self.limits = limits or StoreLimits()
+        self._records: dict[str, dict[str, SignedValue]] = {}
+        self._senders: dict[tuple[str, str], str] = {}  # (key, subkey) -> peer that sent the held entry
+        self._total = _Usage()
+        self._by_owner: dict[str, _Usage] = {}
+        self._by_sender: dict[str, _Usage] = {}
+        self._next_prune = -math.inf
 
     def __len__(self) -> int:
         return len(self._records)
@@ -172,32 +220,100 @@ class RecordStore:
     def keys(self) -> list[str]:
         return list(self._records)
 
-    def put(self, entry: Entry, now: float) -> bool:
-        """Validate and merge one entry. True when it is now the stored entry for its subkey;
-        False when an existing entry wins. Raises InvalidRecord for an invalid entry or a full store."""
+    def usage(self) -> tuple[int, int]:
+        """(entries, bytes) held in all records."""
+        return self._total.values, self._total.bytes
+
+    def put(self, entry: SignedValue, now: float, sender: str | None = None) -> bool:
+        """Validate and merge one entry sent by `sender` (None: this node itself). True when it is now
+        the stored entry for its subkey; False when an existing entry wins. Raises InvalidRecord for
+        an invalid entry, StoreRefused when a limit refuses it."""
         self.validators.check(entry, now)
+        current = self._records.get(entry.key, {}).get(entry.subkey)
+        if current is not None:
+            if current == entry:
+                return True
+            if self.validators.select(current, entry) is current:
+                return False
+        try:
+            self._check_room(entry, sender, current)
+        except StoreRefused:
+            if now < self._next_prune:
+                raise
+            self._next_prune = now + 1.0  # expired entries count until pruned: prune, once a second at most
+            self.prune(now)
+            self._check_room(entry, sender, current)
+        if current is None:
+            self._make_room(entry, now)
+        else:
+            self._drop(entry.key, entry.subkey)
+        self._hold(entry, sender)
+        return True
+
+    def _check_room(self, entry: SignedValue, sender: str | None, replacing: SignedValue | None) -> None:
+        """Raise StoreRefused if holding `entry` (instead of `replacing`) exceeds the store's totals or
+        its owner's or sender's share."""
+        limits, size = self.limits, entry_bytes(entry)
+        new, old_size = (1, 0) if replacing is None else (0, entry_bytes(replacing))
+        if self._total.values + new > limits.max_values or self._total.bytes - old_size + size > limits.max_bytes:
+            raise StoreRefused(f"this node's store is full ({limits.max_values} entries, {limits.max_bytes} bytes)")
+        owner = self._by_owner.get(entry.owner, _Usage())
+        if owner.values + new > limits.owner_values or owner.bytes - old_size + size > limits.owner_bytes:
+            raise StoreRefused(f"owner {entry.owner[-12:]} has its share of this node's store "
+                               f"({limits.owner_values} entries, {limits.owner_bytes} bytes)")
+        if sender is None:
+            return
+        if replacing is not None and self._senders.get((entry.key, entry.subkey)) == sender:
+            values, size_after = 0, size - old_size
+        else:
+            values, size_after = 1, size
+        usage = self._by_sender.get(sender, _Usage())
+        if usage.values + values > limits.sender_values or usage.bytes + size_after > limits.sender_bytes:
+            raise StoreRefused(f"peer {sender[-12:]} has sent its share of this node's store "
+                               f"({limits.sender_values} entries, {limits.sender_bytes} bytes)")
+
+    def _make_room(self, entry: SignedValue, now: float) -> None:
+        """Before a new subkey joins its record: enforce the per-owner share and the record's size."""
         record = self._records.get(entry.key)
         if record is None:
-            if len(self._records) >= self.max_keys:
-                self.prune(now)
-                if len(self._records) >= self.max_keys:
-                    raise InvalidRecord("store is full")
-            record = self._records[entry.key] = {}
-        current = record.get(entry.subkey)
-        if current is None:
-            if len(record) >= self.max_subkeys:
-                self._prune_record(entry.key, now)
-                if len(record) >= self.max_subkeys:
-                    raise InvalidRecord("record has too many subkeys")
-            record[entry.subkey] = entry
-            return True
-        if current == entry:
-            return True
-        chosen = self.validators.select(current, entry)
-        record[entry.subkey] = chosen
-        return chosen is entry
+            return
+        self._prune_record(entry.key, now)
+        counts: dict[str, int] = {}
+        for held in record.values():
+            counts[held.owner] = counts.get(held.owner, 0) + 1
+        mine = counts.get(entry.owner, 0)
+        if mine >= self.limits.owner_subkeys:
+            raise StoreRefused(f"owner {entry.owner[-12:]} holds {mine} subkeys of {entry.key[:60]!r}, its limit")
+        if len(record) < self.limits.max_subkeys:
+            return
+        most = max(counts.values())
+        if mine >= most:
+            raise StoreRefused(f"record {entry.key[:60]!r} is full and no owner there holds more subkeys than this one")
+        victim = min((e for e in record.values() if counts[e.owner] == most), key=lambda e: (e.expires, e.subkey))
+        self._drop(entry.key, victim.subkey)
 
-    def get(self, key: str, now: float) -> dict[str, Entry]:
+    def _hold(self, entry: SignedValue, sender: str | None) -> None:
+        size = entry_bytes(entry)
+        self._records.setdefault(entry.key, {})[entry.subkey] = entry
+        self._total.add(1, size)
+        self._by_owner.setdefault(entry.owner, _Usage()).add(1, size)
+        if sender is not None:
+            self._senders[(entry.key, entry.subkey)] = sender
+            self._by_sender.setdefault(sender, _Usage()).add(1, size)
+
+    def _drop(self, key: str, subkey: str) -> None:
+        record = self._records[key]
+        entry = record.pop(subkey)
+        if not record:
+            del self._records[key]
+        size = entry_bytes(entry)
+        self._total.add(-1, -size)
+        _release(self._by_owner, entry.owner, size)
+        sender = self._senders.pop((key, subkey), None)
+        if sender is not None:
+            _release(self._by_sender, sender, size)
+
+    def get(self, key: str, now: float) -> dict[str, SignedValue]:
         self._prune_record(key, now)
         return dict(self._records.get(key, {}))
 
@@ -206,23 +322,28 @@ class RecordStore:
         if record is None:
             return
         for subkey in [s for s, e in record.items() if e.expires <= now]:
-            del record[subkey]
-        if not record:
-            del self._records[key]
+            self._drop(key, subkey)
 
     def prune(self, now: float) -> int:
-        before = sum(len(r) for r in self._records.values())
+        before = self._total.values
         for key in list(self._records):
             self._prune_record(key, now)
-        return before - sum(len(r) for r in self._records.values())
+        return before - self._total.values
 
-    def items(self) -> list[tuple[str, dict[str, Entry]]]:
+    def items(self) -> list[tuple[str, dict[str, SignedValue]]]:
         return [(k, dict(v)) for k, v in self._records.items()]
 
 
-def merge(validators: Validators, *records: dict[str, Entry]) -> dict[str, Entry]:
+def _release(usages: dict[str, _Usage], who: str, size: int) -> None:
+    usage = usages[who]
+    usage.add(-1, -size)
+    if usage.values == 0:
+        del usages[who]
+
+
+def merge(validators: Validators, *records: dict[str, SignedValue]) -> dict[str, SignedValue]:
     """Union of already-validated records, keeping the selected entry per subkey."""
-    out: dict[str, Entry] = {}
+    out: dict[str, SignedValue] = {}
     for record in records:
         for subkey, entry in record.items():
             current = out.get(subkey)

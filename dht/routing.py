@@ -161,18 +161,8 @@ class RoutingTable:
                 out.append(i)
         return out
 
-    def filled_buckets(self) -> int:
-        return sum(1 for b in self._buckets.values() if b.entries)
-
     def bucket_sizes(self) -> dict[int, int]:
         return {i: len(b.entries) for i, b in sorted(self._buckets.items()) if b.entries}
-
-    def retain(self, keep: Callable[[Contact], bool]) -> list[str]:
-        """Drop every contact for which `keep` is false; returns the dropped peer ids."""
-        dropped = [c.peer_id for c in self.contacts() if not keep(c)]
-        for peer_id in dropped:
-            self.remove(peer_id)
-        return dropped
 
     def extend(self, contacts: Iterable[Contact], now: float = 0.0) -> None:
         for c in contacts:

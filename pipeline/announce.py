@@ -33,7 +33,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from dht.records import Entry, InvalidRecord
+from dht.records import InvalidRecord, SignedValue
 
 from .directory import SwarmDirectory
 from .protocol import ANNOUNCE_NAMESPACE
@@ -130,7 +130,7 @@ class ServerInfo:
                    started=float(num("started", 0, 1e12)) if "started" in value else 0.0)
 
     @classmethod
-    def from_entry(cls, entry: Entry, *, num_blocks: int | None = None) -> "ServerInfo":
+    def from_entry(cls, entry: SignedValue, *, num_blocks: int | None = None) -> "ServerInfo":
         if "/" in entry.subkey:
             raise InvalidRecord("announcements live under the bare peer id subkey")
         return cls.from_value(entry.owner, entry.value, num_blocks=num_blocks, expires=entry.expires)
@@ -149,11 +149,11 @@ class AnnouncementValidator:
     Register it with `Validators.register(ANNOUNCE_NAMESPACE, AnnouncementValidator())`; without
     it the DHT's default (later expiry wins) gives the same result for our announcements."""
 
-    def validate(self, entry: Entry) -> None:
+    def validate(self, entry: SignedValue) -> None:
         ServerInfo.from_entry(entry)
 
-    def select(self, current: Entry, new: Entry) -> Entry:
-        def key(e: Entry) -> tuple:
+    def select(self, current: SignedValue, new: SignedValue) -> SignedValue:
+        def key(e: SignedValue) -> tuple:
             t = e.value.get("t", 0) if isinstance(e.value, dict) else 0
             return (t if isinstance(t, (int, float)) else 0, e.expires, e.signature)
 

@@ -239,8 +239,7 @@ class Api:
         return JSONResponse(status)
 
     async def credits(self, request: Request) -> Response:
-        ledger = self.peer.ledger
-        return JSONResponse(ledger.summary(await ledger.balances()))
+        return JSONResponse(await self.peer.ledger.summary())
 
     async def dashboard(self, request: Request) -> Response:
         name = request.path_params.get("name", "index.html")

@@ -192,7 +192,7 @@ class Peer:
             return models
 
     async def _credits_command(self, request: dict) -> dict:
-        return self.ledger.summary(await self.ledger.balances())
+        return await self.ledger.summary()
 
     # DHT operations for operators and tests, through the control socket.
     async def _dht_store_command(self, request: dict) -> dict:

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from credits import (
-    CreditPolicy, CreditRefused, Entry, ForkProof, InvalidEntry, InvalidForkProof, InvalidReceipt, Ledger,
+    CreditPolicy, CreditRefused, ForkProof, InvalidEntry, InvalidForkProof, InvalidReceipt, Ledger, LogEntry,
     Receipt, ReceiptSigner, ReceiptTracker, Store, linear_pricing,
 )
+from credits.allowance import IngestLimits
 from credits.entry import MAX_BODY, ZERO_HASH
 from p2p.identity import Identity
 
@@ -25,10 +26,10 @@ def ledger(n: int, path=None, **kw) -> Ledger:
     return Ledger(ident(n), Store(path, durable=path is not None), pricing=PRICING, policy=kw.pop("policy", POLICY), **kw)
 
 
-def chain(identity: Identity, bodies: list[tuple[str, bytes]], start_ts: int = 1000) -> list[Entry]:
+def chain(identity: Identity, bodies: list[tuple[str, bytes]], start_ts: int = 1000) -> list[LogEntry]:
     out, prev = [], ZERO_HASH
     for i, (kind, body) in enumerate(bodies, start=1):
-        e = Entry.create(identity, i, prev, start_ts + i, kind, body)
+        e = LogEntry.create(identity, i, prev, start_ts + i, kind, body)
         out.append(e)
         prev = e.hash
     return out
@@ -59,15 +60,15 @@ def nothing_of(led: Ledger, author: Identity) -> bool:
 
 def test_entry_encoding_is_canonical_and_round_trips():
     a = ident(1)
-    e = Entry.create(a, 1, ZERO_HASH, 12345, "grant", grant_body(a))
-    d = Entry.decode(e.encode())
+    e = LogEntry.create(a, 1, ZERO_HASH, 12345, "grant", grant_body(a))
+    d = LogEntry.decode(e.encode())
     assert d == e and d.hash == e.hash and d.encode() == e.encode()
     d.verify()
     assert e.header[0] == 0x97  # a fixed-order msgpack list of 7, not JSON or a map
     assert msgpack.unpackb(e.header)[0] == "potluck/credit-entry/1"
     # The hash covers every field: change any one and it moves.
-    for changed in (Entry.create(a, 1, ZERO_HASH, 12346, "grant", grant_body(a)),
-                    Entry.create(a, 1, ZERO_HASH, 12345, "grant", grant_body(a, 5))):
+    for changed in (LogEntry.create(a, 1, ZERO_HASH, 12346, "grant", grant_body(a)),
+                    LogEntry.create(a, 1, ZERO_HASH, 12345, "grant", grant_body(a, 5))):
         assert changed.hash != e.hash
 
 
@@ -89,19 +90,19 @@ def test_entry_encoding_is_canonical_and_round_trips():
 ])
 def test_decoder_refuses_malformed_entries_with_a_reason(bad, why):
     with pytest.raises(InvalidEntry, match=why):
-        Entry.decode(bad)
+        LogEntry.decode(bad)
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.binary(max_size=600))
 def test_fuzz_decoder_random_bytes(data):
     try:
-        Entry.decode(data)
+        LogEntry.decode(data)
     except InvalidEntry:
         pass
 
 
-_VALID = Entry.create(ident(9), 3, b"\7" * 32, 99, "dispute", msgpack.packb([b"\1" * 32, "lied", b""])).encode()
+_VALID = LogEntry.create(ident(9), 3, b"\7" * 32, 99, "dispute", msgpack.packb([b"\1" * 32, "lied", b""])).encode()
 _scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**63, max_value=2**64 - 1),
                      st.floats(allow_nan=True), st.binary(max_size=80), st.text(max_size=20))
 
@@ -110,10 +111,10 @@ _scalars = st.one_of(st.none(), st.booleans(), st.integers(min_value=-2**63, max
 @given(st.lists(st.one_of(_scalars, st.lists(_scalars, max_size=3)), min_size=0, max_size=9))
 def test_fuzz_decoder_structured_lists(fields):
     try:
-        e = Entry.decode(msgpack.packb(fields, use_bin_type=True))
+        e = LogEntry.decode(msgpack.packb(fields, use_bin_type=True))
     except InvalidEntry:
         return
-    assert isinstance(e, Entry)
+    assert isinstance(e, LogEntry)
     with pytest.raises(InvalidEntry):
         e.verify()  # whatever parses, a random signature never verifies
 
@@ -124,7 +125,7 @@ def test_fuzz_decoder_bit_flips_never_pass_verification(pos, xor):
     data = bytearray(_VALID)
     data[pos] ^= xor
     try:
-        e = Entry.decode(bytes(data))
+        e = LogEntry.decode(bytes(data))
     except InvalidEntry:
         return
     with pytest.raises(InvalidEntry):
@@ -137,9 +138,9 @@ def test_fuzz_decoder_bit_flips_never_pass_verification(pos, xor):
 async def test_forged_signature_is_rejected_and_nothing_stored():
     victim, forger, x = ident(1), ident(2), ledger(3)
     good = chain(victim, [("grant", grant_body(victim))])[0]
-    forged = Entry(good.author, 1, ZERO_HASH, good.timestamp, "grant", grant_body(victim, 999), good.signature)
-    by_other = Entry.create(forger, 1, ZERO_HASH, 1, "grant", grant_body(victim))
-    stolen = Entry(victim.public_key, 1, ZERO_HASH, 1, "grant", grant_body(victim), by_other.signature)
+    forged = LogEntry(good.author, 1, ZERO_HASH, good.timestamp, "grant", grant_body(victim, 999), good.signature)
+    by_other = LogEntry.create(forger, 1, ZERO_HASH, 1, "grant", grant_body(victim))
+    stolen = LogEntry(victim.public_key, 1, ZERO_HASH, 1, "grant", grant_body(victim), by_other.signature)
     for bad in (forged, stolen):
         result = await x.ingest([bad.encode()])
         assert result.stored == 0 and "bad signature" in result.error
@@ -150,13 +151,13 @@ async def test_forged_signature_is_rejected_and_nothing_stored():
 async def test_broken_prev_hash_gap_and_time_travel_are_rejected():
     a, x = ident(1), ledger(3)
     c = chain(a, [("grant", grant_body(a))] + [("dispute", msgpack.packb([b"\5" * 32, "r", b""]))] * 3)
-    broken = Entry.create(a, 3, b"\xee" * 32, c[2].timestamp, "dispute", msgpack.packb([b"\5" * 32, "x", b""]))
+    broken = LogEntry.create(a, 3, b"\xee" * 32, c[2].timestamp, "dispute", msgpack.packb([b"\5" * 32, "x", b""]))
     result = await x.ingest([c[0].encode(), c[1].encode(), broken.encode()])
     assert result.stored == 2 and "prev hash" in result.error
     assert x.store.head(a.public_key)[0] == 2 and x.store.get(a.public_key, 3) is None
     result = await x.ingest([c[3].encode()])  # gap: 4 after 2
     assert result.stored == 0 and "gap" in result.error
-    older = Entry.create(a, 3, c[1].hash, 0, "dispute", msgpack.packb([b"\5" * 32, "x", b""]))
+    older = LogEntry.create(a, 3, c[1].hash, 0, "dispute", msgpack.packb([b"\5" * 32, "x", b""]))
     assert "older" in (await x.ingest([older.encode()])).error
     assert x.verify_chain(a.public_key) == 2
 
@@ -264,8 +265,8 @@ async def test_fork_is_detected_proved_and_freezes_the_author():
     cheat, client, x, y = ident(1), ident(2), ledger(3), ledger(4)
     base = chain(cheat, [("grant", grant_body(cheat))])
     r = sign(client, cheat, tokens=50)
-    earn = Entry.create(cheat, 2, base[0].hash, 2000, "earn", receipt_body(r))
-    other = Entry.create(cheat, 2, base[0].hash, 2000, "dispute", msgpack.packb([client.public_key, "x", b""]))
+    earn = LogEntry.create(cheat, 2, base[0].hash, 2000, "earn", receipt_body(r))
+    other = LogEntry.create(cheat, 2, base[0].hash, 2000, "dispute", msgpack.packb([client.public_key, "x", b""]))
     assert (await x.ingest([base[0].encode(), earn.encode()])).stored == 2
     bal = await x.balance(cheat.public_key)
     assert bal.raw == bal.effective == 1_000_000 + r.flops
@@ -278,7 +279,7 @@ async def test_fork_is_detected_proved_and_freezes_the_author():
     assert bal.frozen and bal.raw == 1_000_000 and bal.effective == 0
     assert (await x.balance(client.public_key)).spent == 0
     # Nothing past the fork point is taken any more.
-    nxt = Entry.create(cheat, 3, earn.hash, 3000, "dispute", msgpack.packb([client.public_key, "y", b""]))
+    nxt = LogEntry.create(cheat, 3, earn.hash, 3000, "dispute", msgpack.packb([client.public_key, "y", b""]))
     assert (await x.ingest([nxt.encode()])).frozen and x.store.head(cheat.public_key)[0] == 2
     # The proof is transferable: a peer that saw only one branch checks it and freezes the author too.
     wire = ForkProof.decode(proof.encode())
@@ -296,9 +297,9 @@ async def test_fork_is_detected_proved_and_freezes_the_author():
 
 async def test_bad_fork_proofs_are_refused():
     a, b = ident(1), ident(2)
-    e1 = Entry.create(a, 1, ZERO_HASH, 1, "grant", grant_body(a))
-    e2 = Entry.create(a, 1, ZERO_HASH, 2, "grant", grant_body(a))
-    eb = Entry.create(b, 1, ZERO_HASH, 2, "grant", grant_body(b))
+    e1 = LogEntry.create(a, 1, ZERO_HASH, 1, "grant", grant_body(a))
+    e2 = LogEntry.create(a, 1, ZERO_HASH, 2, "grant", grant_body(a))
+    eb = LogEntry.create(b, 1, ZERO_HASH, 2, "grant", grant_body(b))
     x = ledger(3)
     for bad in (ForkProof.of(e1.signed_header(), e1.signed_header()),
                 ForkProof.of(e1.signed_header(), eb.signed_header())):
@@ -345,8 +346,41 @@ async def test_balances_are_equal_everywhere_and_conserved():
     assert sum(b.raw for b in views[0].values()) == 6 * POLICY.starting_grant
     total_earned = sum(b.earned for b in views[0].values())
     assert total_earned == sum(b.spent for b in views[0].values()) > 0
-    s0 = peers[0].summary()
+    s0 = await peers[0].summary()
     assert s0["unit"].startswith("GFLOP") and s0["total"] == 6 * POLICY.starting_grant / 1e9
+
+
+async def test_an_authors_entries_without_receipts_are_bounded_in_number_and_bytes():
+    now = [1000.0]
+    limits = IngestLimits(burst_entries=8, burst_bytes=64 * 1024, entries_per_hour=4, bytes_per_hour=24 * 1024)
+    viewer = ledger(1, clock=lambda: now[0], ingest_limits=limits)
+    spammer, accused = ident(2), ident(3)
+    dispute = ("dispute", msgpack.packb([accused.public_key, "lied", b"x" * 12 * 1024]))
+    wires = [e.encode() for e in chain(spammer, [("grant", grant_body(spammer))] + [dispute] * 40)]
+    result = await viewer.ingest(wires)
+    assert result.stored == 6 and result.throttled and result.error is None  # 64 KiB: the grant and 5 disputes
+    assert viewer.heads[spammer.public_key][0] == 6 and viewer.throttled(spammer.public_key)
+    now[0] += 3600  # an hour refills 4 entries and 24 KiB: two more disputes fit
+    assert not viewer.throttled(spammer.public_key)
+    result = await viewer.ingest(wires[6:])
+    assert result.stored == 2 and result.throttled
+    now[0] += 10 * 3600  # the burst is the most an author saves up
+    assert (await viewer.ingest(wires[8:])).stored == 5
+    # small entries run out by number
+    chatty = ident(6)
+    notes = [("dispute", msgpack.packb([accused.public_key, f"lied {i}", b""])) for i in range(20)]
+    result = await viewer.ingest([e.encode() for e in chain(chatty, notes)])
+    assert result.stored == 8 and result.throttled
+
+
+async def test_earning_is_not_slowed_by_the_allowance():
+    viewer = ledger(1, ingest_limits=IngestLimits(burst_entries=2, burst_bytes=32 * 1024, entries_per_hour=1,
+                                                   bytes_per_hour=1024))
+    server, client = ident(4), ident(5)
+    earns = [("earn", receipt_body(sign(client, server, session=i.to_bytes(16, "big")))) for i in range(300)]
+    result = await viewer.ingest([e.encode() for e in chain(server, [("grant", grant_body(server))] + earns)])
+    assert result.stored == 301 and not result.throttled and result.error is None
+    assert (await viewer.balance(server.public_key)).earned == 300 * PRICING("m", 0, 3, 10)
 
 
 async def test_debt_limit_refuses_busy_but_serves_when_idle():

@@ -7,7 +7,7 @@ import msgpack
 import pytest
 import trio
 
-from credits import CreditPolicy, Entry, Ledger, ReceiptSigner, Store, linear_pricing
+from credits import CreditPolicy, IngestLimits, Ledger, LogEntry, ReceiptSigner, Store, linear_pricing
 from credits.replication import Replicator
 from p2p.errors import P2PError
 from p2p.gossip import Gossip
@@ -22,12 +22,12 @@ class CreditSwarm:
     """`n` simulated peers, each with gossip, an in-memory ledger and a replicator."""
 
     def __init__(self, world: SimWorld, n: int, *, dials: int = 4, seed: int = 0, exchange_interval: float = 3.0,
-                 pull_interval: float = 1.0, announce: bool = True):
+                 pull_interval: float = 1.0, announce: bool = True, ingest_limits: IngestLimits | None = None):
         self.world = world
         self.rng = random.Random(seed)
         self.nodes = [world.add_node() for _ in range(n)]
-        self.ledgers = [Ledger(node.identity, Store(None), pricing=PRICING, policy=POLICY, clock=node.now)
-                        for node in self.nodes]
+        self.ledgers = [Ledger(node.identity, Store(None), pricing=PRICING, policy=POLICY, clock=node.now,
+                               ingest_limits=ingest_limits) for node in self.nodes]
         self.gossips = [Gossip(node, node.identity, rng=random.Random(seed + i), pull_interval=pull_interval)
                         for i, node in enumerate(self.nodes)]
         self.reps = [Replicator(led, node, g, exchange_interval=exchange_interval, announce=announce,
@@ -72,8 +72,8 @@ class CreditSwarm:
         return [{k: (b.raw, b.frozen) for k, b in (await self.ledgers[i].balances()).items()}
                 for i in (indexes if indexes is not None else range(len(self.nodes)))]
 
-    async def wait_converged(self, limit: float, indexes=None, poll: float = 0.5) -> float:
-        """Virtual seconds until every peer (in `indexes`) holds the same heads and forks."""
+    async def wait_converged(self, limit: float, indexes=None, poll: float = 0.5, authors=None) -> float:
+        """Virtual seconds until every peer (in `indexes`) holds the same heads (of `authors`) and forks."""
         indexes = list(indexes if indexes is not None else range(len(self.nodes)))
         start = trio.current_time()
 
@@ -84,6 +84,8 @@ class CreditSwarm:
             for led in leds:
                 forks.update(led.forks)
                 for a, h in led.heads.items():
+                    if authors is not None and a not in authors:
+                        continue
                     if a not in best or h[0] > best[a][0]:
                         best[a] = h
             return sum(1 for led in leds for a, h in best.items() if a not in forks and led.heads.get(a) != h) + \
@@ -129,7 +131,7 @@ async def test_a_fork_is_proved_spread_and_frozen_everywhere(autojump_clock):
         await swarm.wait_converged(limit=30)
         cheat = swarm.ledgers[0]
         seq, prev, ts = cheat.store.head(cheat.me)
-        two = [Entry.create(cheat.identity, seq + 1, prev, ts + 1, "dispute", msgpack.packb([swarm.ledgers[k].me, why, b""]))
+        two = [LogEntry.create(cheat.identity, seq + 1, prev, ts + 1, "dispute", msgpack.packb([swarm.ledgers[k].me, why, b""]))
                for k, why in ((2, "one story"), (3, "another story"))]
         # Each version goes to a different half of the swarm, straight into their stores (as if told privately).
         for i in range(1, 16):
@@ -209,6 +211,31 @@ async def test_thousand_peers_with_loss_and_churn_converge_on_the_same_balances(
     assert time.perf_counter() - wall < 120
 
 
+async def test_one_authors_flood_of_disputes_is_not_replicated_but_earning_is(autojump_clock):
+    limits = IngestLimits(burst_entries=16, burst_bytes=128 * 1024, entries_per_hour=6, bytes_per_hour=32 * 1024)
+    async with SimWorld.open(seed=8) as world, trio.open_nursery() as nursery:
+        swarm = CreditSwarm(world, 6, dials=3, seed=8, ingest_limits=limits)
+        await swarm.start(nursery)
+        for led in swarm.ledgers:
+            await led.claim_starting_grant()
+        await swarm.wait_converged(limit=30)
+        flooder = swarm.ledgers[0]
+        for _ in range(200):  # 12 KiB of evidence each
+            await flooder.append("dispute", msgpack.packb([swarm.ledgers[1].me, "lies", b"x" * 12 * 1024]))
+        for k in range(60):  # meanwhile the others trade as usual
+            await swarm.pay(1 + k % 5, 1 + (k + 1) % 5)
+        await trio.sleep(30)
+        await swarm.wait_converged(limit=30, indexes=range(1, 6), authors=[led.me for led in swarm.ledgers[1:]])
+        for led in swarm.ledgers[1:]:
+            held = led.heads[flooder.me][0]
+            assert 1 < held <= 1 + 10, held  # its grant and what 128 KiB pays for, of 201 entries
+            assert led.throttled(flooder.me)
+        views = await swarm.views(range(1, 6))
+        assert all({k: v for k, v in view.items() if k != flooder.me} ==
+                   {k: v for k, v in views[0].items() if k != flooder.me} for view in views)
+        nursery.cancel_scope.cancel()
+
+
 async def test_hostile_peer_gets_nothing_stored(autojump_clock):
     """A peer that answers pulls with forged, malformed or oversized replies, sends bad head vectors
     and gossips entries in someone else's name: nothing of it is stored, nothing crashes."""
@@ -229,7 +256,7 @@ async def test_hostile_peer_gets_nothing_stored(autojump_clock):
         stranger = Ledger(Identity.generate(), Store(None), pricing=PRICING, policy=POLICY)
         await stranger.claim_starting_grant()
         good = stranger.store.entries(stranger.me)[0]
-        forged = Entry(good.author, 1, good.prev, good.timestamp, good.kind, good.body, evil_node.identity.sign(good.header))
+        forged = LogEntry(good.author, 1, good.prev, good.timestamp, good.kind, good.body, evil_node.identity.sign(good.header))
 
         async def evil_heads(peer, body):
             return {"h": [[stranger.me, 1, forged.hash]], "x": [[b"junk"]]}

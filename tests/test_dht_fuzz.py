@@ -5,7 +5,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dht import protocol as proto
-from dht.records import Entry
+from dht.records import SignedValue
 from dht.vivaldi import Coord
 from p2p import framing
 from p2p.errors import FrameError
@@ -27,7 +27,7 @@ def info():
 
 
 def valid_requests():
-    entry = Entry.create(ALICE, "k/1", {"x": 1}, 1.7e9 + 60).wire()
+    entry = SignedValue.create(ALICE, "k/1", {"x": 1}, 1.7e9 + 60).wire()
     return [
         {"op": "ping", "i": info()},
         {"op": "find_node", "i": info(), "t": b"\x07" * 32, "lv": 2, "cl": BOB.peer_id},
@@ -138,7 +138,7 @@ def test_random_bytes_through_framing_and_decoder(data):
 
 
 def test_oversized_entry_fields():
-    big = Entry.create(ALICE, "k/1", "x", 1.7e9 + 60).wire()
+    big = SignedValue.create(ALICE, "k/1", "x", 1.7e9 + 60).wire()
     big[1] = b"x" * (16 * 1024 + 1)
     msg = dict(valid_requests()[3], e=[big])
     try:

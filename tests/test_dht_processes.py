@@ -7,7 +7,7 @@ import pytest
 import trio
 
 from dht.protocol import PROTOCOL
-from dht.records import Entry
+from dht.records import SignedValue
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from potluck.localswarm import PeerProcess, wait_until
@@ -62,16 +62,13 @@ async def test_forged_entries_are_refused(swarm):
         target = swarm[2]
         await net.connect(target.addr)
         info = {"c": [0.0, 0.0, 0.0, 1.0], "l": [], "a": None}
-        forged = Entry.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
+        forged = SignedValue.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
         forged[0] = victim_owner.peer_id  # an entry claiming another owner's subkey, signed by us
-        expired = Entry.create(attacker, key, {"span": [0, 30]}, net.now() - 10).wire()
-        bad_sig = Entry.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
+        expired = SignedValue.create(attacker, key, {"span": [0, 30]}, net.now() - 10).wire()
+        bad_sig = SignedValue.create(attacker, key, {"span": [0, 30]}, net.now() + 300).wire()
         bad_sig[3] = b"\1" * 64
-        for entry in (forged, expired, bad_sig):
-            try:
-                reply = await net.request(target.peer_id, PROTOCOL, {"op": "store", "i": info, "k": key, "e": [entry]})
-                assert reply["ok"] == [False]
-            except Exception as e:  # refused outright is as good as refused per entry
-                assert "signature" in str(e) or "expired" in str(e) or "owner" in str(e), e
+        for entry in (forged, expired, bad_sig):  # well-formed on the wire, so refused per entry
+            reply = await net.request(target.peer_id, PROTOCOL, {"op": "store", "i": info, "k": key, "e": [entry]})
+            assert reply["ok"] == [False]
     for p in (target, swarm[-1]):
         assert await trio.to_thread.run_sync(lambda: p.call("dht_get", key=key)) == {}

@@ -11,7 +11,7 @@ from bench.dht_sim import Swarm, random_place, vivaldi_error
 from dht import protocol as proto
 from dht.ids import key_id, node_id
 from dht.node import DHTConfig
-from dht.records import Entry, signing_bytes
+from dht.records import SignedValue, StoreLimits, signing_bytes
 from dht.vivaldi import Coord
 from p2p.errors import RemoteError
 from p2p.identity import Identity
@@ -52,7 +52,7 @@ async def test_put_get_subkeys_from_several_owners_expiry_and_forgeries(autojump
             raw = b"\xa4evil"
             forged = [alice.peer_id, raw, exp, alice.sign(signing_bytes("blocks/m/12", alice.peer_id, b"\xa3xyz", exp))]
             foreign = [alice.peer_id, raw, exp, mallory.sign(signing_bytes("blocks/m/12", alice.peer_id, raw, exp))]
-            expired = Entry.create(mallory, "blocks/m/12", "late", world.nodes[0].now() - 1).wire()
+            expired = SignedValue.create(mallory, "blocks/m/12", "late", world.nodes[0].now() - 1).wire()
             attacker = swarm.nodes[7]
             body = {"op": "store", "i": attacker._info(), "k": "blocks/m/12", "e": [forged, foreign, expired]}
             reply = await attacker.network.request(holder.peer_id, proto.PROTOCOL, body)
@@ -72,6 +72,39 @@ async def test_put_get_subkeys_from_several_owners_expiry_and_forgeries(autojump
                 owner._owned.clear()
             await trio.sleep(61)
             assert await reader.get("blocks/m/12") == {}
+            nursery.cancel_scope.cancel()
+
+
+async def test_a_holder_refuses_one_peers_flood_but_takes_a_genuine_announcement(autojump_clock):
+    limits = StoreLimits(owner_values=8, sender_values=16, owner_subkeys=2, max_subkeys=8)
+    async with SimWorld.open(seed=4) as world:
+        async with trio.open_nursery() as nursery:
+            swarm = await swarm_of(world, nursery, 8, seed=4, config=DHTConfig(store_limits=limits))
+            attacker, holder, server = swarm.nodes[1], swarm.nodes[2], swarm.nodes[3]
+            now = world.nodes[0].now()
+
+            async def send(key, entries):
+                body = {"op": "store", "i": attacker._info(), "k": key, "e": [e.wire() for e in entries]}
+                return (await attacker.network.request(holder.peer_id, proto.PROTOCOL, body))["ok"]
+
+            # one owner's records: its share, then refused
+            oks = [(await send(f"junk/{i}", [SignedValue.create(attacker.network.identity, f"junk/{i}", i, now + 600)]))[0]
+                   for i in range(12)]
+            assert oks == [True] * 8 + [False] * 4
+            # many owners' subkeys on an announcement record, all sent by one peer
+            sybils = [Identity(bytes([7, i]) + b"\x01" * 30) for i in range(6)]
+            key = "blocks/m/3"
+            oks = await send(key, [SignedValue.create(s, key, "squat", now + 600, suffix=f"{j}") for s in sybils[:4]
+                                   for j in range(3)])
+            assert oks == [True, True, False] * 4  # two subkeys per owner
+            # the sender's share (16) is spent: other owners' entries from it are refused too
+            assert await send("other/1", [SignedValue.create(sybils[5], "other/1", 1, now + 600)]) == [False]
+            assert len(holder.records.get(key, now)) == 8  # the record is full
+            # a genuine server's announcement still gets in, in place of a largest holder's entry
+            genuine = SignedValue.create(server.network.identity, key, {"span": [3, 6]}, now + 60)
+            body = {"op": "store", "i": server._info(), "k": key, "e": [genuine.wire()]}
+            assert (await server.network.request(holder.peer_id, proto.PROTOCOL, body))["ok"] == [True]
+            assert server.peer_id in holder.records.get(key, now)
             nursery.cancel_scope.cancel()
 
 

@@ -7,7 +7,9 @@ import pytest
 
 from dht.clusters import Advert, Clusters, region_seed
 from dht.ids import bucket_index, key_id, node_id, puzzle_ok, random_id_in_bucket, solve_puzzle
-from dht.records import Entry, InvalidRecord, RecordStore, Validators, merge, signing_bytes
+from dht.records import (
+    InvalidRecord, RecordStore, SignedValue, StoreLimits, StoreRefused, Validators, entry_bytes, merge, signing_bytes,
+)
 from dht.routing import Contact, RoutingTable
 from dht.vivaldi import Coord, Vivaldi
 from p2p.identity import Identity
@@ -94,17 +96,17 @@ def test_signed_entries_accepted_and_merged_per_owner():
     store = RecordStore()
     owners = [ident(i) for i in range(3)]
     for o in owners:
-        assert store.put(Entry.create(o, "blocks/m/12", {"span": [12, 18], "by": o.peer_id[-4:]}, NOW + 60), NOW)
+        assert store.put(SignedValue.create(o, "blocks/m/12", {"span": [12, 18], "by": o.peer_id[-4:]}, NOW + 60), NOW)
     got = store.get("blocks/m/12", NOW)
     assert set(got) == {o.peer_id for o in owners}
     assert got[owners[1].peer_id].value["span"] == [12, 18]
     # a newer entry replaces the older one of the same owner; an older one does not
-    newer = Entry.create(owners[0], "blocks/m/12", {"v": 2}, NOW + 120)
-    older = Entry.create(owners[0], "blocks/m/12", {"v": 0}, NOW + 30)
+    newer = SignedValue.create(owners[0], "blocks/m/12", {"v": 2}, NOW + 120)
+    older = SignedValue.create(owners[0], "blocks/m/12", {"v": 0}, NOW + 30)
     assert store.put(newer, NOW) and not store.put(older, NOW)
     assert store.get("blocks/m/12", NOW)[owners[0].peer_id].value == {"v": 2}
     # suffixed subkeys belong to the same owner
-    assert store.put(Entry.create(owners[0], "blocks/m/12", 1, NOW + 60, suffix="gpu1"), NOW)
+    assert store.put(SignedValue.create(owners[0], "blocks/m/12", 1, NOW + 60, suffix="gpu1"), NOW)
     assert f"{owners[0].peer_id}/gpu1" in store.get("blocks/m/12", NOW)
     # expiry at read time
     assert store.get("blocks/m/12", NOW + 100).keys() == {owners[0].peer_id}
@@ -113,18 +115,18 @@ def test_signed_entries_accepted_and_merged_per_owner():
 def test_forged_expired_and_foreign_entries_refused():
     store = RecordStore()
     alice, mallory = ident(1), ident(2)
-    good = Entry.create(alice, "k/1", "hello", NOW + 60)
+    good = SignedValue.create(alice, "k/1", "hello", NOW + 60)
     # forged: value changed after signing
-    forged = Entry(good.key, good.subkey, b"\xa4evil", good.expires, good.signature)
+    forged = SignedValue(good.key, good.subkey, b"\xa4evil", good.expires, good.signature)
     # missing / garbage signature
-    unsigned = Entry(good.key, good.subkey, good.raw, good.expires, b"\0" * 64)
+    unsigned = SignedValue(good.key, good.subkey, good.raw, good.expires, b"\0" * 64)
     # mallory signs an entry under alice's subkey
     raw = good.raw
-    foreign = Entry("k/1", alice.peer_id, raw, NOW + 60, mallory.sign(signing_bytes("k/1", alice.peer_id, raw, NOW + 60)))
+    foreign = SignedValue("k/1", alice.peer_id, raw, NOW + 60, mallory.sign(signing_bytes("k/1", alice.peer_id, raw, NOW + 60)))
     # signed for another key, replayed under this one
-    replay = Entry("k/2", good.subkey, good.raw, good.expires, good.signature)
-    expired = Entry.create(alice, "k/1", "old", NOW - 1)
-    immortal = Entry.create(alice, "k/1", "forever", NOW + 10 * 365 * 86400)
+    replay = SignedValue("k/2", good.subkey, good.raw, good.expires, good.signature)
+    expired = SignedValue.create(alice, "k/1", "old", NOW - 1)
+    immortal = SignedValue.create(alice, "k/1", "forever", NOW + 10 * 365 * 86400)
     for bad in (forged, unsigned, foreign, replay, expired, immortal):
         with pytest.raises(InvalidRecord):
             store.put(bad, NOW)
@@ -146,13 +148,80 @@ def test_namespace_validator_and_merge():
     store = RecordStore(v)
     alice = ident(1)
     with pytest.raises(InvalidRecord):
-        store.put(Entry.create(alice, "counters/a", "x", NOW + 60), NOW)
-    assert store.put(Entry.create(alice, "counters/a", 5, NOW + 30), NOW)
-    assert not store.put(Entry.create(alice, "counters/a", 3, NOW + 90), NOW)  # select keeps the bigger value
-    a = {alice.peer_id: Entry.create(alice, "x/1", 1, NOW + 10)}
-    b = {alice.peer_id: Entry.create(alice, "x/1", 2, NOW + 20), ident(2).peer_id: Entry.create(ident(2), "x/1", 3, NOW + 10)}
+        store.put(SignedValue.create(alice, "counters/a", "x", NOW + 60), NOW)
+    assert store.put(SignedValue.create(alice, "counters/a", 5, NOW + 30), NOW)
+    assert not store.put(SignedValue.create(alice, "counters/a", 3, NOW + 90), NOW)  # select keeps the bigger value
+    a = {alice.peer_id: SignedValue.create(alice, "x/1", 1, NOW + 10)}
+    b = {alice.peer_id: SignedValue.create(alice, "x/1", 2, NOW + 20), ident(2).peer_id: SignedValue.create(ident(2), "x/1", 3, NOW + 10)}
     merged = merge(Validators(), a, b)
     assert merged[alice.peer_id].value == 2 and len(merged) == 2
+
+
+def test_one_owner_gets_only_its_share_of_the_store():
+    store = RecordStore(limits=StoreLimits(owner_values=5, owner_bytes=2000))
+    alice, bob = ident(1), ident(2)
+    for i in range(5):
+        assert store.put(SignedValue.create(alice, f"k/{i}", i, NOW + 60), NOW, sender=alice.peer_id)
+    with pytest.raises(StoreRefused, match="share"):
+        store.put(SignedValue.create(alice, "k/5", 5, NOW + 60), NOW, sender=alice.peer_id)
+    assert store.put(SignedValue.create(alice, "k/0", "newer", NOW + 90), NOW)  # replacing is not one more
+    assert store.put(SignedValue.create(bob, "k/5", 5, NOW + 60), NOW)  # others are not hindered
+    with pytest.raises(StoreRefused):  # bytes count too
+        store.put(SignedValue.create(bob, "k/6", "x" * 2000, NOW + 60), NOW)
+    # expired entries give their share back
+    assert store.put(SignedValue.create(alice, "k/5", 5, NOW + 200), NOW + 100)
+
+
+def test_one_sending_peer_gets_only_its_share_of_the_store():
+    store = RecordStore(limits=StoreLimits(sender_values=4))
+    mallory = ident(9)
+    owners = [ident(i) for i in range(10, 16)]
+    for o in owners[:4]:  # entries of many owners (each signs its own), all sent by one peer
+        assert store.put(SignedValue.create(o, "k/1", 1, NOW + 60), NOW, sender=mallory.peer_id)
+    with pytest.raises(StoreRefused, match="sent its share"):
+        store.put(SignedValue.create(owners[4], "k/1", 1, NOW + 60), NOW, sender=mallory.peer_id)
+    assert store.put(SignedValue.create(owners[4], "k/1", 1, NOW + 60), NOW, sender=owners[4].peer_id)
+    assert store.put(SignedValue.create(owners[5], "k/1", 1, NOW + 60), NOW)  # this node's own writes
+
+
+def test_the_store_has_a_total_and_makes_room_from_expired_entries():
+    entry = SignedValue.create(ident(1), "k/0", 0, NOW + 10)
+    store = RecordStore(limits=StoreLimits(max_values=3, max_bytes=10 * entry_bytes(entry)))
+    for i in range(3):
+        assert store.put(SignedValue.create(ident(i), "k/0", i, NOW + 10 * (i + 1)), NOW, sender=ident(i).peer_id)
+    with pytest.raises(StoreRefused, match="full"):
+        store.put(SignedValue.create(ident(3), "k/1", 3, NOW + 60), NOW, sender=ident(3).peer_id)
+    assert store.usage()[0] == 3
+    assert store.put(SignedValue.create(ident(3), "k/1", 3, NOW + 60), NOW + 15, sender=ident(3).peer_id)
+    assert store.usage() == (3, sum(entry_bytes(e) for _, r in store.items() for e in r.values()))
+    big = RecordStore(limits=StoreLimits(max_bytes=3 * entry_bytes(entry)))
+    for i in range(3):
+        big.put(SignedValue.create(ident(i), "k/0", i, NOW + 10), NOW)
+    with pytest.raises(StoreRefused, match="full"):
+        big.put(SignedValue.create(ident(3), "k/0", 3, NOW + 10), NOW)
+
+
+def test_squatted_subkeys_cannot_lock_a_new_owner_out_of_a_record():
+    store = RecordStore(limits=StoreLimits(max_subkeys=6, owner_subkeys=3))
+    mallory, eve, server = ident(1), ident(2), ident(3)
+    key = "blocks/m/12"
+    for i in range(3):
+        assert store.put(SignedValue.create(mallory, key, i, NOW + 600, suffix=f"s{i}"), NOW)
+    with pytest.raises(StoreRefused, match="subkeys"):  # one owner's subkeys are bounded per record
+        store.put(SignedValue.create(mallory, key, 3, NOW + 600, suffix="s3"), NOW)
+    for i in range(3):
+        assert store.put(SignedValue.create(eve, key, i, NOW + 600 - i, suffix=f"s{i}"), NOW)
+    assert len(store.get(key, NOW)) == 6  # full
+    # a genuine new server takes the place of the soonest-expiring entry of a largest holder
+    assert store.put(SignedValue.create(server, key, "hello", NOW + 60), NOW)
+    held = store.get(key, NOW)
+    assert server.peer_id in held and f"{eve.peer_id}/s2" not in held and len(held) == 6
+    # a holder as large as any other cannot push anyone out of a full record
+    assert store.put(SignedValue.create(server, key, 1, NOW + 60, suffix="b"), NOW)  # eve 2, mallory 3 → mallory
+    assert sum(1 for s in store.get(key, NOW) if s.startswith(mallory.peer_id)) == 2
+    with pytest.raises(StoreRefused, match="full"):
+        store.put(SignedValue.create(server, key, 2, NOW + 60, suffix="c"), NOW)
+    assert store.usage()[0] == 6
 
 
 # --- vivaldi -------------------------------------------------------------------------------------------

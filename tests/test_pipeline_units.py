@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from dht.records import Entry, InvalidRecord
+from dht.records import InvalidRecord, SignedValue
 from p2p.identity import Identity
 from pipeline.announce import AnnouncementValidator, ServerInfo
 from pipeline.routing import NoRoute, choose_span, coverage, find_route, swarm_quality
@@ -85,9 +85,9 @@ def test_announcement_parsing_and_validator():
         with pytest.raises(InvalidRecord):
             ServerInfo.from_value(me.peer_id, bad, num_blocks=30)
     v = AnnouncementValidator()
-    online = Entry.create(me, "pipeline/m", {**good, "t": 10.0}, 1000.0)
-    offline = Entry.create(me, "pipeline/m", {**good, "t": 20.0, "state": "offline"}, 500.0)
+    online = SignedValue.create(me, "pipeline/m", {**good, "t": 10.0}, 1000.0)
+    offline = SignedValue.create(me, "pipeline/m", {**good, "t": 20.0, "state": "offline"}, 500.0)
     v.validate(online)
     assert v.select(online, offline) is offline and v.select(offline, online) is offline
     with pytest.raises(InvalidRecord):
-        v.validate(Entry.create(me, "pipeline/m", {"v": 1}, 1000.0))
+        v.validate(SignedValue.create(me, "pipeline/m", {"v": 1}, 1000.0))
