@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from dht.records import Entry
+from dht.records import SignedValue
 
 
 class NetworkClock(Protocol):
@@ -27,7 +27,7 @@ class SwarmDirectory(Protocol):
     def rtt_estimate(self, peer_id: str) -> float | None:
         """Seconds to `peer_id` (measured or estimated), None when unknown."""
 
-    async def get(self, key: str, *, quorum: int = 1) -> dict[str, Entry]:
+    async def get(self, key: str, *, quorum: int = 1) -> dict[str, SignedValue]:
         """The record under `key`: {subkey: newest verified entry}."""
 
     async def store(self, key: str, value: Any, *, ttl: float | None = None, republish: bool = True) -> int:
