@@ -148,7 +148,8 @@ async def _upgrade_inbound_noted(self: Any, raw_conn: Any, maddr: Any) -> Any:
 
 
 async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
-    upgraded, done = [], trio.Event()
+    upgraded: list[Any] = []
+    done = trio.Event()
     _upgraded_inbound.set((upgraded, done))  # the handler task below starts with a copy of this context
 
     async def handle() -> None:
@@ -162,8 +163,8 @@ async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr:
         nursery.cancel_scope.cancel()
 
 
-_libp2p_swarm.Swarm.upgrade_inbound_raw_conn = _upgrade_inbound_noted
-_libp2p_swarm.Swarm._do_handle_inbound_connection = _handle_inbound_until_closed
+_libp2p_swarm.Swarm.upgrade_inbound_raw_conn = _upgrade_inbound_noted  # type: ignore[method-assign]
+_libp2p_swarm.Swarm._do_handle_inbound_connection = _handle_inbound_until_closed  # type: ignore[method-assign]
 
 LIBP2P_PROTOCOL = TProtocol("/potluck/1.0.0")
 WIRE_VERSION = 1
@@ -245,7 +246,7 @@ async def _read_body(reader: ExactReader, length: int, frame_timeout: float) -> 
 
 
 async def _reset(raw: Any) -> None:
-    with trio.move_on_after(1.0, shield=True):
+    with trio.move_on_after(1.0, shield=True):  # type: ignore[call-arg]  # stale trio-typing stub
         try:
             await raw.reset()
         except Exception:
@@ -253,7 +254,7 @@ async def _reset(raw: Any) -> None:
 
 
 async def _close(raw: Any) -> None:
-    with trio.move_on_after(1.0, shield=True):
+    with trio.move_on_after(1.0, shield=True):  # type: ignore[call-arg]  # stale trio-typing stub
         try:
             await raw.close()
         except Exception:
@@ -384,9 +385,9 @@ class _Session:
                     self.inbound_bytes += length
                     net._spawn(self._serve, rid, protocol, m.get("b"), scope)
                 elif "c" in m:
-                    scope = self.inbound.get(_check_id(m["c"]))
-                    if scope is not None:
-                        scope.cancel()
+                    running = self.inbound.get(_check_id(m["c"]))
+                    if running is not None:
+                        running.cancel()
                 elif "x" in m:
                     reason = f"peer said goodbye: {str(m['x'])[:300]}"
                     log.warning("peer %s closed our session: %s", self.peer_id, reason)
@@ -666,13 +667,14 @@ class Libp2pNetwork(Network):
             # One quick retry: callers (membership, routing) have their own retry and backoff policy.
             retry_config=RetryConfig(max_retries=1, initial_delay=0.05),
         )
+        assert isinstance(swarm, _libp2p_swarm.Swarm)  # typed as the interface; we use the Swarm's own parts
 
         # The auto-connector re-dials peers it finds in the peerstore when below a watermark of 100
         # connections; we decide whom to dial (and must not re-dial peers we dropped).
         async def _no_auto_connect() -> None:
             return None
 
-        swarm.auto_connector.maybe_connect = _no_auto_connect
+        swarm.auto_connector.maybe_connect = _no_auto_connect  # type: ignore[method-assign]
         self._host = BasicHost(swarm, default_protocols=OrderedDict([(LIBP2P_PROTOCOL, self._on_libp2p_stream)]))
         # BasicHost runs identify against every new connection and pushes identify (with our protocol
         # list and addresses) to peers; with no identify handler registered that is only wasted streams.
