@@ -89,7 +89,7 @@ class PriorityLimiter:
             raise ValueError("a limiter needs at least one token")
         self.total_tokens = total_tokens
         self._holders: set[Any] = set()
-        self._waiters: list[tuple[float, int, Any, trio.Event]] = []
+        self._waiters: list[list[Any]] = []  # [-priority, seq, borrower, event]
         self._granted: set[Any] = set()
         self._seq = itertools.count()
         self.served: list[float] = []  # priorities in the order they were granted (tests, stats; bounded)
@@ -114,7 +114,7 @@ class PriorityLimiter:
             return
         event = trio.Event()
         item = [-priority, next(self._seq), borrower, event]
-        heapq.heappush(self._waiters, item)  # type: ignore[arg-type]
+        heapq.heappush(self._waiters, item)
         try:
             await event.wait()
         except BaseException:
@@ -199,6 +199,7 @@ class ServerAccount:
         """Before computing a step: accept the step's receipt (if any; the one already held again is
         fine), then require that the receipts held cover the `served_tokens` already served.
         Raises InferenceError ("BadReceipt" or "ReceiptRequired")."""
+        r: Receipt | None
         if receipt is not None:
             r = parse_receipt(receipt)
             held = self.tracker.latest

@@ -30,7 +30,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, cast
 
 import torch
 import trio
@@ -181,7 +181,7 @@ class InferenceSession:
         self.extra_hops: list[_Hop] = []  # spot-check sessions (checkers, referees)
         cfg = model.config_client
         self.checker = SpotChecker(self, cfg.spot_check) if cfg.spot_check is not None and cfg.spot_check.fraction > 0 else None
-        self.stats = {"steps": 0, "compute_s": 0.0, "step_wall_s": 0.0, "recoveries": 0, "push_fallbacks": 0,
+        self.stats: dict[str, Any] = {"steps": 0, "compute_s": 0.0, "step_wall_s": 0.0, "recoveries": 0, "push_fallbacks": 0,
                       "servers": []}
 
     @property
@@ -317,6 +317,7 @@ class InferenceSession:
                     for hop in new[:-1]:  # new inner boundaries; the outer ones are unchanged
                         self.history[hop.end] = history[hop.end]
             except (P2PError, trio.TooSlowError) as e:
+                assert hop is not None  # only replaying through a hop raises
                 seq.ban(hop.peer_id, f"replay failed: {type(e).__name__}: {e}")
                 for h in new:
                     await self._close_hop(h, polite=False)
@@ -422,11 +423,12 @@ class InferenceSession:
                         nursery.start_soon(collect, k, nursery)
         h = hidden
         for k, hop in enumerate(hops):
-            if outs[k] is None:
+            got = outs[k]
+            if got is None:
                 self.stats["push_fallbacks"] += 1
                 return k, h
             inputs[hop.start] = h
-            out, c = outs[k]
+            out, c = got
             if self.checker is not None:
                 hop.record(pos, h, [n], out)
             h = out
@@ -514,7 +516,7 @@ class DistributedModel:
         """Token ids of a prompt: ids as they are, a string tokenized, a list of chat messages
         rendered with the tokenizer's chat template (with the assistant's turn opened)."""
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
+            return list(cast("list[int]", prompt))
         if self.tokenizer is None:
             raise ValueError("this model folder has no tokenizer: pass token ids")
         if isinstance(prompt, list):

@@ -28,7 +28,7 @@ in one message (the client decides); the server never dies of a message.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -106,6 +106,10 @@ def expect_reply(msg: Any, kind: str) -> dict:
     return m
 
 
+@overload
+def int_field(m: dict, name: str, lo: int, hi: int, *, optional: Literal[False] = False) -> int: ...
+@overload
+def int_field(m: dict, name: str, lo: int, hi: int, *, optional: bool) -> int | None: ...
 def int_field(m: dict, name: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
     v = field(m, name, int, optional=optional)
     if v is None:

@@ -215,10 +215,10 @@ class SpotChecker:
                     await self.session._close_hop(ref)
             # the referee's outputs for the positions in question
             offset = 0
-            for e in hop.entries:
-                if e[0] == start_pos:
+            for entry in hop.entries:
+                if entry[0] == start_pos:
                     break
-                offset += e[1].shape[1]
+                offset += entry[1].shape[1]
             mine = out[:, offset:offset + (end_pos - start_pos)]
             e_hop, e_chk = relative_error(claimed, mine), relative_error(got, mine)
             if e_chk <= tol < e_hop:
