@@ -25,6 +25,7 @@ from p2p.libp2p_net import Libp2pNetwork
 from p2p.relay import HOP_PROTOCOL, RelayLimits, RelayRefused
 
 pytestmark = pytest.mark.slow  # relays, reservations, circuits on real sockets
+
 ECHO = "/potluck/echo/1.0.0"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY = b"k" * 32
