@@ -42,7 +42,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import trio
 import trio.testing
@@ -138,7 +138,7 @@ class Swarm:
             pass
 
 
-def pct(values: list[float], q: float) -> float | None:
+def pct(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
     values = sorted(values)

@@ -155,7 +155,7 @@ async def measure(args: argparse.Namespace) -> dict:
         tcp, ours = _TcpSide(), _Libp2pSide()
         await tcp.start(nursery)
         await ours.start(stack)
-        sides = {"tcp": tcp, "libp2p": ours}
+        sides: dict[str, _TcpSide | _Libp2pSide] = {"tcp": tcp, "libp2p": ours}
         for side in sides.values():
             for _ in range(args.warmup):
                 await side.round_trip(payload)

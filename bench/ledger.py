@@ -160,6 +160,7 @@ async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
             author = rng.randrange(nodes)
             t0 = trio.current_time()
             entry = await leds[author].claim_starting_grant()
+            assert entry is not None  # a fresh ledger has its grant to claim
             ideal.append(ideal_flood(world, ns, author))
             while any(led.heads.get(entry.author) != (entry.seq, entry.hash) for led in leds):
                 await trio.sleep(0.01)

@@ -267,7 +267,8 @@ def run(data_dir: str | None = None, *, quick: bool = False) -> dict:
         for p in peers:
             wait_until(lambda p=p: p.alive_peers() >= ids - {p.peer_id}, 90, message=f"{p.host.name} sees all")
         result["swarm_formed_s"] = round(time.monotonic() - t, 2)
-        result["model"] = str(lab.model_folder) if lab.model_folder else {"skipped": lab.model_skip}
+        model_folder = getattr(lab, "model_folder", None)  # set by _start_peers, like the measurements read it
+        result["model"] = str(model_folder) if model_folder else {"skipped": getattr(lab, "model_skip", "no model")}
         for name, fn in MEASUREMENTS.items():
             if quick and name in MODEL_MEASUREMENTS:
                 continue

@@ -21,6 +21,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import cast
 
 import torch
 import trio
@@ -147,11 +148,11 @@ def main(argv: list[str] | None = None) -> None:
     folder = args.model or ensure_default_model(args.data_dir, progress=not args.json)
     mf = ModelFolder(folder)
     mid = model_id(mf)
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, BatchEncoding
 
     tok = AutoTokenizer.from_pretrained(str(folder))
-    ids = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True)
-    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    encoded = tok.apply_chat_template(PROMPT, add_generation_prompt=True, tokenize=True, return_dict=True)
+    ids = list(cast(BatchEncoding, encoded)["input_ids"])  # return_dict=True: its annotation lists every mode's type
     n = args.new_tokens
 
     local = local_baselines(folder, ids, n)
@@ -159,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
         procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads, Path(tmp))
         try:
             swarm = trio.run(swarm_runs, folder, mid, procs[0][0].addr, ids, n, local["tokens"])
-            servers = [{"blocks": [info["start"], info["end"]], "peak_rss_bytes": rss_of(p.proc.pid).get("VmHWM"),
+            servers = [{"blocks": [info["start"], info["end"]], "peak_rss_bytes": rss_of(p.proc.pid).get("VmHWM") if p.proc else None,
                         "decode_tps_per_block": round(info["throughput"]["decode_tps"], 1)} for p, info in procs]
         finally:
             for p, _ in procs:

@@ -24,7 +24,7 @@ import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import nacl.exceptions
@@ -86,6 +86,16 @@ def clear_signature_cache() -> None:
 
 class _Headed:
     """What an entry and a body-less signed header share: the signed header bytes and the hash."""
+
+    # the signed fields, which each subclass has
+    author: bytes
+    seq: int
+    prev: bytes
+    timestamp: int
+    kind: str
+    if TYPE_CHECKING:  # a field of SignedHeader; Entry computes it from the body
+        @property
+        def body_hash(self) -> bytes: ...
 
     @cached_property
     def header(self) -> bytes:

@@ -316,7 +316,9 @@ class Ledger:
                     if stored == entry.hash:
                         continue
                     entry.verify()
-                    proof = ForkProof.of(self.store.get(author, entry.seq).signed_header(), entry.signed_header())
+                    ours = self.store.get(author, entry.seq)
+                    assert ours is not None  # the chain holds every seq up to its head
+                    proof = ForkProof.of(ours.signed_header(), entry.signed_header())
                     if self._put_fork(proof):
                         result.fork, new_fork = proof, True
                     result.frozen = True
@@ -381,6 +383,7 @@ class Ledger:
     def _committed(self, author: bytes, seq: int | None, hash_: bytes | None, fork: bool) -> None:
         self.version += 1
         if seq is not None:
+            assert hash_ is not None  # a new head comes with its hash
             self.heads[author] = (seq, hash_)
         self.changed[author] = self.version
 
@@ -510,6 +513,7 @@ class Ledger:
     def reliability_sync(self) -> dict[bytes, float]:
         if self._reliability is None or self._reliability[0] != self.version:
             self.balances_sync()
+        assert self._reliability is not None  # balances_sync computed it
         return self._reliability[1]
 
     async def reliability(self) -> dict[bytes, float]:

@@ -102,7 +102,9 @@ class Replicator:
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # stale trio-typing stub
+    ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             self.network.set_request_handler(HEADS, self._on_heads)

@@ -45,8 +45,7 @@ def bucket_index(self_id: int, other_id: int) -> int:
 
 def random_id_in_bucket(self_id: int, index: int, rng: random.Random | None = None) -> int:
     """A uniformly random id whose distance from `self_id` lies in [2**index, 2**(index+1))."""
-    rng = rng or random
-    low = rng.getrandbits(index) if index > 0 else 0
+    low = (rng or random).getrandbits(index) if index > 0 else 0
     return self_id ^ ((1 << index) | low)
 
 

@@ -667,9 +667,9 @@ class DHTNode:
         elif req.op == "store":
             now = self.network.now()
             ok = []
-            for e in req.entries:
+            for entry in req.entries:
                 try:
-                    self.records.put(e, now, sender)
+                    self.records.put(entry, now, sender)
                     ok.append(True)
                 except InvalidRecord:
                     ok.append(False)
@@ -767,7 +767,7 @@ class DHTNode:
         # sharpens local estimates and spreads cluster labels within the cluster)
         contacts = self.tables[0].contacts()
         picks = self.rng.sample(contacts, min((cfg.vivaldi_pings + 1) // 2, len(contacts)))
-        near = [Contact(pid, self.peers[pid].addr) for pid, _ in self.closest(8)]
+        near = [Contact(pid, addr) for pid, _ in self.closest(8) if (addr := self.peers[pid].addr) is not None]
         if near:
             picks += self.rng.sample(near, min(cfg.vivaldi_pings // 2, len(near)))
         # and the peers our cluster labels came through (the landmarks themselves once the word

@@ -40,7 +40,8 @@ from .vivaldi import Coord
 
 NEW, INFLIGHT, DONE, FAILED = 0, 1, 2, 3
 
-QueryFn = Callable[[Contact], Awaitable[tuple[list[tuple[Contact, Coord | None]], bool]]]
+QueryAnswer = tuple[list[tuple[Contact, Coord | None]], bool]
+QueryFn = Callable[[Contact], Awaitable[QueryAnswer]]
 """`query(contact) -> (contacts with coordinate hints, stop)`; raises P2PError on failure."""
 
 
@@ -176,12 +177,12 @@ class _Walk:
 
     async def _ask(self, c: Candidate, send: trio.MemorySendChannel) -> None:
         try:
-            result = await self.lookup.query(c.contact)
+            result: QueryAnswer | P2PError = await self.lookup.query(c.contact)
         except P2PError as e:
             result = e
         send.send_nowait((c, result))
 
-    def _settle(self, c: Candidate, result: object) -> None:
+    def _settle(self, c: Candidate, result: QueryAnswer | P2PError) -> None:
         lk = self.lookup
         self.dirty = True
         if isinstance(result, BaseException):
@@ -189,7 +190,7 @@ class _Walk:
             lk.failed.append(c.contact.peer_id)
             return
         c.state = DONE
-        contacts, stop = result  # type: ignore[misc]
+        contacts, stop = result
         for contact, coord in contacts:
             if lk.accept(contact):
                 self.add(contact, c.depth + 1, coord)

@@ -160,7 +160,10 @@ def run(config_path: str) -> None:
     flags = {"stop": False, "reload": False, "dump": False}
     for sig, flag in ((signal.SIGTERM, "stop"), (signal.SIGINT, "stop"), (signal.SIGHUP, "reload"),
                       (signal.SIGUSR1, "dump")):
-        signal.signal(sig, lambda s, f, flag=flag: flags.__setitem__(flag, True))
+        def set_flag(signum: int, frame: object, flag: str = flag) -> None:
+            flags[flag] = True
+
+        signal.signal(sig, set_flag)
 
     if config.get("realtime", True):
         # Timing precision matters more than anything else this process does; it only ever blocks in

@@ -26,6 +26,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
 
 import trio
 
@@ -145,7 +146,7 @@ def settle_clusters(peers, timeout: float = 120.0) -> float:
 class Probe:
     """The harness side: a probe process in `host`'s namespace, owned by `lab` (killed when it closes)."""
 
-    def __init__(self, lab, host, bootstrap: list[str], *, above: list[str] = (), port: int = 4500,
+    def __init__(self, lab, host, bootstrap: list[str], *, above: Sequence[str] = (), port: int = 4500,
                  lifetime: float = 600.0, timeout: float = 60.0):
         import subprocess
 

@@ -65,13 +65,15 @@ class LabError(RuntimeError):
 
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     """One line of an unbuffered (bufsize=0) pipe within `timeout` s; "" on EOF or timeout."""
+    stdout = proc.stdout
+    assert stdout is not None  # stdout=PIPE
     deadline = time.monotonic() + timeout
     buf = bytearray()
     while time.monotonic() < deadline:
-        ready, _, _ = select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+        ready, _, _ = select.select([stdout], [], [], max(0.0, deadline - time.monotonic()))
         if not ready:
             break
-        b = proc.stdout.read(1)
+        b = stdout.read(1)
         if not b:
             break
         if b == b"\n":
@@ -192,6 +194,7 @@ class NetnsPeer(PeerProcess):
 
     def wait_ready(self, timeout: float = 60.0) -> "NetnsPeer":
         """Read the peer's stdout until it prints its listen address."""
+        assert self.proc is not None, "launch() first"
         deadline = time.monotonic() + timeout
         self.addrs = []
         while time.monotonic() < deadline:
@@ -471,6 +474,7 @@ class Lab:
 
     def _loss_rules(self, host: Host, p: float) -> list[list[str]]:
         link = host.gateway.router_if if host.kind == "private" and host.gateway else host.router_if
+        assert link is not None  # every host's veth is wired when the lab starts
         stat = ["-m", "statistic", "--mode", "random", "--probability", f"{p:.4f}", "-j", "DROP"]
         return [["-i", link, *stat], ["-o", link, *stat]]
 
@@ -521,6 +525,7 @@ class Lab:
         """Limit host's link to `rate` (tc syntax, e.g. "10mbit") in both directions; None removes it."""
         assert self.router is not None
         hub = host.gateway if host.kind == "private" and host.gateway else self.router
+        assert host.router_if is not None  # every host's veth is wired when the lab starts
         ends = [(host, "eth0"), (hub, host.router_if)]
         for ns_host, dev in ends:
             _run(["tc", "-n", ns_host.ns, "qdisc", "del", "dev", dev, "root"], check=False)

@@ -152,7 +152,9 @@ class Gossip:
             raise ValueError(f"the validator of topic {topic!r} refused this message")
         return message_id
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,  # type: ignore[name-defined]  # stale trio-typing stub
+    ) -> None:
         """Serve pushes and pulls and pull periodically, until cancelled."""
         async with trio.open_nursery() as nursery:
             self._nursery = nursery

@@ -121,9 +121,9 @@ class Membership:
                 continue
             except P2PError as e:
                 log.warning("bootstrap peer %s did not answer: %s", addr, e)
-                peer_id = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else None
-                if peer_id:
-                    self.learn(peer_id, addr)
+                named = addr.rsplit("/p2p/", 1)[-1] if "/p2p/" in addr else None
+                if named:
+                    self.learn(named, addr)
                 continue
             self.learn(peer_id, addr)
             if await self._hello(peer_id):

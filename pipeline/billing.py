@@ -105,6 +105,7 @@ class ServerAccount:
         """Before computing a step: accept the step's receipt (if any; the one already held again is
         fine), then require that the receipts held cover the `served_tokens` already served.
         Raises InferenceError ("BadReceipt" or "ReceiptRequired")."""
+        r: Receipt | None
         if receipt is not None:
             r = parse_receipt(receipt)
             held = self.tracker.latest

@@ -36,7 +36,7 @@ import logging
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 import torch
 import trio
@@ -264,6 +264,7 @@ class InferenceSession:
                     for hop in new[:-1]:  # new inner boundaries; the outer ones are unchanged
                         self.history[hop.end] = history[hop.end]
             except (P2PError, trio.TooSlowError) as e:
+                assert hop is not None  # only replaying through a hop raises
                 seq.ban(hop.peer_id, f"replay failed: {type(e).__name__}: {e}")
                 for h in new:
                     await self.close_hop(h, polite=False)
@@ -378,11 +379,12 @@ class InferenceSession:
             raise refusal
         h = hidden
         for k, hop in enumerate(hops):
-            if outs[k] is None:
+            got = outs[k]
+            if got is None:
                 self.stats["push_fallbacks"] += 1
                 return k, h
             inputs[hop.start] = h
-            out, c = outs[k]
+            out, c = got
             if self.checker is not None:
                 self.checker.record(hop, StepRecord(pos, h, (n,), out))
             h = out
@@ -477,7 +479,7 @@ class DistributedModel:
         """Token ids of a prompt: ids as they are, a string tokenized, a list of chat messages
         rendered with the tokenizer's chat template (with the assistant's turn opened)."""
         if isinstance(prompt, list) and all(isinstance(t, int) for t in prompt):
-            return list(prompt)
+            return list(cast("list[int]", prompt))
         if self.tokenizer is None:
             raise ValueError("this model folder has no tokenizer: pass token ids")
         if isinstance(prompt, list):

@@ -210,7 +210,7 @@ def _read_tensor(fh, path: Path, name: str, info: dict, data_start: int, out: to
     nbytes = t.numel() * t.element_size()
     if end - begin != nbytes:
         raise WeightsError(f"{path}: tensor {name} spans {end - begin} bytes, its dtype and shape need {nbytes}")
-    buf = memoryview(t.view(-1).view(torch.uint8).numpy()) if nbytes else memoryview(b"")
+    buf = t.view(-1).view(torch.uint8).numpy().data if nbytes else memoryview(b"")
     fh.seek(data_start + begin)
     got = 0
     while got < nbytes:

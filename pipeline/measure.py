@@ -78,9 +78,11 @@ def main() -> None:
     import torch  # noqa: F401  (counted in the baseline)
 
     from .loading import ModelFolder, load_head, load_span
+    from .model import BlockSpan, ModelHead
 
     mf = ModelFolder(a.folder)
     base = _peak()
+    objs: list[ModelHead | BlockSpan]
     if a.what == "head":
         objs = [load_head(mf, dtype=a.dtype, device="cpu")]
     elif a.what == "full":
@@ -92,7 +94,7 @@ def main() -> None:
     with torch.inference_mode():
         h = None
         for o in objs:
-            if hasattr(o, "embed"):
+            if isinstance(o, ModelHead):
                 h = o.embed(torch.arange(8)[None])
                 o.logits(h)
             else:

@@ -37,7 +37,7 @@ BadPeer) say that a message or a session broke.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -121,6 +121,10 @@ def expect_reply(msg: Any, kind: str) -> dict:
     return m
 
 
+@overload
+def int_field(m: dict, name: str, lo: int, hi: int, *, optional: Literal[False] = False) -> int: ...
+@overload
+def int_field(m: dict, name: str, lo: int, hi: int, *, optional: bool) -> int | None: ...
 def int_field(m: dict, name: str, lo: int, hi: int, *, optional: bool = False) -> int | None:
     v = field(m, name, int, optional=optional)
     if v is None:

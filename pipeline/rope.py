@@ -35,11 +35,9 @@ def inv_freq_and_scale(cfg: ModelConfig) -> tuple[torch.Tensor, float]:
         medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
         return torch.where(medium, smoothed, out), 1.0
     if kind == "yarn":
-        factor = r.get("factor")
+        given = r.get("factor")
         orig = float(r["original_max_position_embeddings"])
-        if factor is None:
-            factor = cfg.max_position_embeddings / orig
-        factor = float(factor)
+        factor = float(given if given is not None else cfg.max_position_embeddings / orig)
 
         def mscale(scale: float, m: float = 1.0) -> float:
             return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0

@@ -40,7 +40,7 @@ import os
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import torch
 import trio
@@ -61,6 +61,7 @@ from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidd
 from .routing import choose_span, coverage, swarm_quality
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass
@@ -199,16 +200,17 @@ class BlockServer:
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Load, measure, serve and announce until cancelled; `started` once it accepts sessions."""
-        mf = self.mf = await trio.to_thread.run_sync(self._open_folder, limiter=self.limiter)
+        mf = self.mf = await self._in_thread(self._open_folder)
         cfg = mf.config
         if self.model_id is None:
             from .identity import model_id as compute_id
 
-            self.model_id = await trio.to_thread.run_sync(compute_id, mf, limiter=self.limiter)
+            self.model_id = await self._in_thread(compute_id, mf)
         if self.billing is not None:
             self.billing.register_model(self.model_id, cfg)
         if self.auto:
             self.start, self.end = await self._choose_span()
+        assert self.start is not None and self.end is not None  # given, or chosen just above
         if not (0 <= self.start < self.end <= cfg.num_layers):
             raise ValueError(f"span {self.start}:{self.end} is outside the model's {cfg.num_layers} blocks")
         await self._load(self.start, self.end)
@@ -247,27 +249,33 @@ class BlockServer:
                 except Exception as e:  # noqa: BLE001 - best effort while shutting down
                     log.info("offline announcement failed: %s", e)
 
+    async def _in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` in a worker thread, queued by the compute limiter."""
+        # trio annotates `limiter` as a CapacityLimiter; it takes any object with that interface
+        return await trio.to_thread.run_sync(fn, *args, limiter=self.limiter)  # type: ignore[arg-type]
+
     def _open_folder(self) -> ModelFolder:
         return self.model_folder if isinstance(self.model_folder, ModelFolder) else ModelFolder(self.model_folder)
 
     async def _load(self, start: int, end: int) -> None:
         cfg = self.config
-        span = await trio.to_thread.run_sync(
-            lambda: load_span(self.mf, start, end, dtype=self.dtype, device=cfg.device), limiter=self.limiter)
+        mf, model_id = self.mf, self.model_id
+        assert mf is not None and model_id is not None  # run() opened the folder first
+        span = await self._in_thread(lambda: load_span(mf, start, end, dtype=self.dtype, device=cfg.device))
         if cfg.throughput is not None:
             tp = {"decode_tps": float(cfg.throughput["decode_tps"]), "prefill_tps": float(cfg.throughput["prefill_tps"])}
         else:
-            tp = await trio.to_thread.run_sync(
-                lambda: measure_throughput(span, decode_steps=cfg.measure_decode_steps,
-                                           prefill_tokens=cfg.measure_prefill_tokens), limiter=self.limiter)
+            tp = await self._in_thread(lambda: measure_throughput(span, decode_steps=cfg.measure_decode_steps,
+                                                                  prefill_tokens=cfg.measure_prefill_tokens))
         self.span, self.start, self.end, self.throughput = span, start, end, tp
         self._subspans = {(start, end): span}
         log.info("serving blocks [%d, %d) of %s: %.0f decode / %.0f prefill tokens/s per block",
-                 start, end, self.model_id[:12], tp["decode_tps"], tp["prefill_tps"])
+                 start, end, model_id[:12], tp["decode_tps"], tp["prefill_tps"])
 
     # --- placement -------------------------------------------------------------------------------
 
     def blocks_that_fit(self) -> int:
+        assert self.mf is not None  # run() opened the folder first
         cfg = self.config
         n = self.mf.config.num_layers
         if cfg.num_blocks is not None:
@@ -278,6 +286,7 @@ class BlockServer:
         return max(1, min(n, budget // per_block))
 
     async def _swarm(self) -> list[ServerInfo]:
+        assert self.mf is not None and self.model_id is not None  # run() opened the folder first
         try:
             servers = await fetch_servers(self.dht, self.model_id, num_blocks=self.mf.config.num_layers)
         except P2PError as e:
@@ -287,10 +296,12 @@ class BlockServer:
 
     async def _choose_span(self) -> tuple[int, int]:
         k = self.blocks_that_fit()
+        assert self.mf is not None  # run() opened the folder first
         return choose_span(await self._swarm(), self.mf.config.num_layers, k)
 
     async def rebalance_once(self) -> bool:
         """Move to a better window if the swarm is unbalanced and we would raise its minimum; True if moved."""
+        assert self.mf is not None and self.start is not None and self.end is not None  # run() set it up before serving
         n = self.mf.config.num_layers
         others = await self._swarm()
         me = self.info()
@@ -323,10 +334,12 @@ class BlockServer:
     # --- announcements ---------------------------------------------------------------------------
 
     def cache_tokens_left(self) -> int:
+        assert self.mf is not None and self.start is not None and self.end is not None  # run() set it up before serving
         per_token = KVCache.bytes_for(self.mf.config, self.end - self.start, 1, dtype=self.dtype)
         return max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
 
     def info(self, state: str = "online") -> ServerInfo:
+        assert self.start is not None and self.end is not None  # run() set it up before serving
         addrs = self.network.listen_addrs()
         clusters = self.dht.clusters
         return ServerInfo(peer_id=self.network.peer_id, start=self.start, end=self.end,
@@ -346,6 +359,7 @@ class BlockServer:
             except Exception as e:  # noqa: BLE001 - announce with the last known factor
                 log.info("could not compute reliability: %s", e)
         info = self.info(state)
+        assert self.model_id is not None  # run() set it up before serving
         acks = await self.dht.store(announce_key(self.model_id), info.to_value(), ttl=ttl, republish=False)
         if self.gossip is not None:
             await self.gossip.publish(GOSSIP_TOPIC, gossip_note(self.model_id, info, ttl))
@@ -390,6 +404,7 @@ class BlockServer:
         sub = self._subspans.get((a, b))
         if sub is None:
             s = self.span
+            assert s is not None  # run() set it up before serving
             sub = BlockSpan(s.cfg, a, b, s.blocks[a - s.start:b - s.start], dtype=s.dtype, device=s.device)
             if len(self._subspans) < 256:
                 self._subspans[(a, b)] = sub
@@ -415,9 +430,10 @@ class BlockServer:
                         elif kind == "step":
                             if session is None:
                                 raise InferenceError("NoSession", "no session is open on this stream: send 'open' first")
-                            reply = await self._step(session, m, pushed=False)
-                            if reply is None:
+                            out = await self._step(session, m, pushed=False)
+                            if out is None:
                                 continue
+                            reply = out
                         elif kind == "close":
                             if session is not None and session.account is not None and m.get("receipt") is not None:
                                 try:
@@ -439,7 +455,7 @@ class BlockServer:
                     self._drop(session)
                     if session.account is not None:
                         with trio.CancelScope(shield=True), trio.move_on_after(10.0):
-                            await self.billing.settle(session.account)  # the earn entry
+                            await session.account.billing.settle(session.account)  # the earn entry
         if scope.cancelled_caught and session is not None:
             with trio.move_on_after(1.0) as _:
                 try:
@@ -455,6 +471,7 @@ class BlockServer:
                 await stream.send(msg)
 
     async def _open(self, stream: Stream, m: dict, scope: trio.CancelScope) -> ServedSession:
+        assert self.mf is not None and self.model_id is not None and self.start is not None and self.end is not None
         cfg = self.mf.config
         if self.stopping or self.span is None:
             raise InferenceError("ServerStopping", "this server is shutting down")
@@ -494,7 +511,7 @@ class BlockServer:
         self.cache_used += need  # reserved before the await, so concurrent opens cannot overbook
         try:
             sub = self._subspan(a, b)
-            cache = await trio.to_thread.run_sync(sub.new_cache, max_length, limiter=self.limiter)
+            cache = await self._in_thread(sub.new_cache, max_length)
         except BaseException:
             self.cache_used -= need
             raise
@@ -510,6 +527,7 @@ class BlockServer:
 
     async def _step(self, session: ServedSession, m: dict, *, pushed: bool) -> dict | None:
         """Run one step (or a replay of several) of `session`; the "out" reply, or None for a stale push."""
+        assert self.mf is not None  # run() set it up before serving
         step_id = int_field(m, "id", 0, 1 << 62)
         pos = int_field(m, "pos", 0, session.max_length)
         hidden = unpack_hidden(mfield(m, "h", dict), dtype=session.dtype, hidden_size=self.mf.config.hidden_size,
@@ -535,7 +553,7 @@ class BlockServer:
             account = session.account
             if account is not None:
                 account.check(m.get("receipt"), session.tokens)  # before any work: bounded risk
-                limiter = self.limiter.at(await self.billing.priority(account))
+                limiter = self.limiter.at(await account.billing.priority(account))
 
             def compute() -> tuple[torch.Tensor, float]:
                 t0 = time.perf_counter()
@@ -551,8 +569,8 @@ class BlockServer:
             session.tokens += n
             served = session.tokens
         session.steps += 1
-        if account is not None and account.due(self.billing.clock()) and self._nursery is not None:
-            self._nursery.start_soon(self.billing.settle, account)  # periodic earn entry (long sessions)
+        if account is not None and account.due(account.billing.clock()) and self._nursery is not None:
+            self._nursery.start_soon(account.billing.settle, account)  # periodic earn entry (long sessions)
         self.stats["steps"] += 1
         self.stats["tokens"] += n
         packed = pack_hidden(out)

@@ -55,7 +55,7 @@ import logging
 import time
 from contextlib import aclosing
 from importlib import resources
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 
 import trio
@@ -161,6 +161,7 @@ class _KeyCheck:
         if "x-api-key" in headers:
             given.append(headers["x-api-key"].strip())
         given += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [])
+        assert self.key is not None  # checked only with a key
         return any(hmac.compare_digest(g.encode(), self.key.encode()) for g in given)
 
     async def __call__(self, scope, receive, send):
@@ -252,19 +253,20 @@ class Api:
             text = text.replace('.css"', f'.css?{q}"').replace('.js"', f'.js?{q}"')
         return Response(text, media_type=DASHBOARD_FILES[name], headers={"cache-control": "no-cache"})
 
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, request: Request) -> _GenerationResponse:
         return await self._generate(request, ChatRequest, "chat")
 
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, request: Request) -> _GenerationResponse:
         return await self._generate(request, CompletionRequest, "text")
 
-    async def _generate(self, request: Request, kind: type[GenerationRequest], what: str) -> Response:
+    async def _generate(self, request: Request, kind: type[ChatRequest] | type[CompletionRequest],
+                        what: str) -> _GenerationResponse:
         body = await self.body_json(request)
         req = kind.parse(body)
         model = await self.resolve(req.model)
         client = await self.peer.client()
         try:
-            ids = client.encode(req.messages if what == "chat" else req.prompt)
+            ids = client.encode(req.messages if isinstance(req, ChatRequest) else req.prompt)
         except Exception as e:  # a template that refuses the roles, a tokenizer error
             raise ApiError(400, f"could not tokenize the {'messages' if what == 'chat' else 'prompt'}: {e}",
                            param="messages" if what == "chat" else "prompt") from None
@@ -297,7 +299,7 @@ class _GenerationResponse:
         self.stats: dict = {}
 
     async def __call__(self, scope, receive, send) -> None:
-        self.scope = scope
+        self.scope, self.receive = scope, receive
         send_ch, recv_ch = trio.open_memory_channel(256)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
@@ -382,13 +384,13 @@ class _GenerationResponse:
             if kind == "text":
                 parts.append(value)
             elif kind == "error":
-                await error_response(value)(self.scope, None, send)
+                await error_response(value)(self.scope, self.receive, send)
                 return
             else:
                 make = chat_completion if self.what == "chat" else text_completion
                 body = make(self.rid, self.model["name"], "".join(parts), self.stats.get("finish_reason", "length"),
                             self._usage(), value)
-                await JSONResponse(body)(self.scope, None, send)
+                await JSONResponse(body)(self.scope, self.receive, send)
                 return
 
     def _chunk(self, **kw) -> dict:
@@ -417,7 +419,7 @@ class _GenerationResponse:
         async for kind, value in recv:
             if kind == "error":
                 if not started:  # nothing sent yet: a plain HTTP error with the right status
-                    await error_response(value)(self.scope, None, send)
+                    await error_response(value)(self.scope, self.receive, send)
                     return
                 await event(value.body())
                 break
@@ -436,7 +438,7 @@ class _GenerationResponse:
 
 def _causes(e: BaseException):
     seen = set()
-    stack = [e]
+    stack: list[BaseException | None] = [e]
     while stack:
         x = stack.pop()
         if x is None or id(x) in seen:
@@ -502,6 +504,8 @@ def create_app(peer: Any, *, api_key: str | None = None):
         Route("/api/status", api.status, methods=["GET"]),
         Route("/api/credits", api.credits, methods=["GET"]),
     ]
-    app = Starlette(routes=routes, exception_handlers={ApiError: on_api_error, HTTPException: on_http_error,
-                                                       Exception: on_error})
+    # Starlette types every handler as taking any Exception; each of ours takes the class it is registered for
+    handlers: dict[Any, Callable[..., Any]] = {ApiError: on_api_error, HTTPException: on_http_error,
+                                               Exception: on_error}
+    app = Starlette(routes=routes, exception_handlers=handlers)
     return _KeyCheck(app, api_key)

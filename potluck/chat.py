@@ -229,6 +229,7 @@ class FreshPeer:
         self.log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, preexec_fn=_stop_with_parent,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        assert self.proc.stdout is not None  # stdout=PIPE
         self.url = None
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -250,7 +251,8 @@ class FreshPeer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        self.proc.stdout.close()
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
         self.log.close()
 
 

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import cast
 
 import trio
 from rich.console import Console
@@ -73,14 +74,15 @@ async def ask(peer: Peer, console: Console, prompt: str, max_tokens: int) -> dic
 def local_baseline(model_dir: Path, prompt: str, max_tokens: int) -> float:
     """Tokens/s of the same greedy generation in one local process (the baseline the swarm is measured against)."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, BatchEncoding
 
     from pipeline.loading import load_local_model
 
     torch.set_num_threads(1)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                        tokenize=True, return_dict=True)["input_ids"]
+    encoded = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            tokenize=True, return_dict=True)
+    ids = cast(BatchEncoding, encoded)["input_ids"]  # return_dict=True: its annotation lists every mode's type
     model = load_local_model(model_dir)
     model.generate_greedy(ids, 4)  # warm-up
     start = time.perf_counter()

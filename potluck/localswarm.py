@@ -28,16 +28,17 @@ class PeerProcess:
         self.log_path = self.data_dir.with_suffix(".log")
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        proc = self.proc = subprocess.Popen(
             [*POTLUCK, "serve", "--data-dir", str(self.data_dir), *self.args],
             stdout=subprocess.PIPE, stderr=self._log, env=self.env,
         )
+        assert proc.stdout is not None  # stdout=PIPE
         deadline = time.monotonic() + timeout
         self.addrs = []
         while time.monotonic() < deadline:
-            line = self.proc.stdout.readline().decode()
+            line = proc.stdout.readline().decode()
             if not line:
-                raise RuntimeError(f"peer exited early (rc={self.proc.wait()}); log: {self.log_tail()}")
+                raise RuntimeError(f"peer exited early (rc={proc.wait()}); log: {self.log_tail()}")
             if line.startswith("potluck peer "):
                 self.peer_id = line.split()[2]
             elif line.startswith("listening on "):
@@ -78,11 +79,13 @@ class PeerProcess:
         return {p["peer_id"] for p in self.status()["peers"] if p["alive"]}
 
     def kill(self) -> None:
+        assert self.proc is not None, "start() first"
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait()
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> float:
         """Send `sig`, wait for exit; returns seconds it took."""
+        assert self.proc is not None, "start() first"
         start = time.monotonic()
         self.proc.send_signal(sig)
         self.proc.wait(timeout=timeout)

@@ -92,6 +92,7 @@ class GenerationRequest:
         given = body.get("max_completion_tokens", body.get("max_tokens"))
         name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
         max_tokens = _int({name: given}, name, 1, max_tokens_limit, DEFAULT_MAX_TOKENS)
+        assert max_tokens is not None  # it has a default
         temperature = _number(body, "temperature", 0.0, 2.0, 1.0)
         top_p = _number(body, "top_p", 0.0, 1.0, 1.0, lo_open=True)
         seed = _int(body, "seed", -(1 << 63), (1 << 63) - 1, None)

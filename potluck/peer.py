@@ -247,6 +247,7 @@ class Peer:
             seed=framing.field(request, "seed", int, optional=True),
         )
         result = await self.generate(prompt, params)
+        assert self.last_generation is not None  # generate() has just set it
         return {"text": result.text, "token_ids": result.token_ids, **self.last_generation}
 
     def commands(self) -> dict:

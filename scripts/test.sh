@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the whole test suite. Extra arguments go to pytest,
-# e.g. `bash scripts/test.sh -m "not slow"` to skip the real-model and many-process tests.
+# e.g. `bash scripts/test.sh -m "not slow"` for the quick loop: it skips the real-model, many-process,
+# network-namespace, relay and simulator-scale tests (`slow`).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 bash scripts/setup.sh

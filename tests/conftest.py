@@ -25,3 +25,25 @@ def smollm2_data(tmp_path_factory):
 
     data = tmp_path_factory.mktemp("smollm2")
     return data, ensure_default_model(data, progress=False)
+
+
+# The model fixtures import torch/transformers only when used, so collecting the other tests stays light.
+
+@pytest.fixture(scope="session")
+def llama_folder(tmp_path_factory):
+    """The tiny random-weight Llama (testkit.models), saved once for the whole session; tests only read it."""
+    from testkit.models import make_tiny
+
+    path = tmp_path_factory.mktemp("llama")
+    make_tiny("llama", path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def llama(llama_folder):
+    """(folder, model id, local model) of the tiny Llama. A module that also needs the config overrides
+    this fixture with one that extends it (test_billing.py, test_spotcheck.py)."""
+    from pipeline.identity import model_id
+    from pipeline.loading import load_local_model
+
+    return llama_folder, model_id(llama_folder), load_local_model(llama_folder, device="cpu")

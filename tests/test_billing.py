@@ -4,69 +4,24 @@ admission by balance (debt limit, free when idle), compute ordered by balance, u
 import pytest
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import FIXED_TP, swarm
 from credits import CreditPolicy, Ledger, Receipt
 from credits.ledger import GFLOP
-from credits.replication import Replicator
-from p2p.gossip import Gossip
-from pipeline.billing import ClientBilling, ServerBilling
-from pipeline.client import ClientConfig, DistributedModel, GenerationFailed
+from pipeline.billing import ClientBilling
+from pipeline.client import GenerationFailed
 from pipeline.errors import InsufficientCredit, ReceiptRequired
-from pipeline.identity import model_id
 from pipeline.limiter import PriorityLimiter
-from pipeline.loading import ModelFolder, load_local_model
-from pipeline.pricing import ModelPricing
-from pipeline.server import BlockServer, ServerConfig
+from pipeline.loading import ModelFolder
+from testkit.billing import POLICY, add_client, add_server, make_ledger
+from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
-POLICY = CreditPolicy(starting_grant=1000 * GFLOP, debt_limit=0)
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path, model_id(path), load_local_model(path, device="cpu"), ModelFolder(path).config
-
-
-def make_ledger(identity, data_dir, mid, cfg, policy=POLICY) -> Ledger:
-    pricing = ModelPricing()
-    pricing.register(mid, cfg)  # every verifier must be able to price the tiny model's receipts
-    return Ledger.open(identity, data_dir, pricing=pricing, policy=policy)
-
-
-async def billed_peer(s, *, client_mode: bool, mid, cfg, data_dir=None, policy=POLICY, replicate=False,
-                      policy_fn=None):
-    peer = await s._peer(client_mode=client_mode)
-    ident = peer.network.identity
-    led = make_ledger(ident, data_dir, mid, cfg, policy_fn(ident) if policy_fn else policy)
-    await led.claim_starting_grant()
-    peer.ledger = led
-    if replicate:
-        gossip = Gossip(peer.network, ident)
-        peer.replicator = Replicator(led, peer.network, gossip, exchange_interval=0.3, request_timeout=2.0)
-        await peer.nursery.start(gossip.run)
-        await peer.nursery.start(peer.replicator.run)
-    return peer
-
-
-async def add_server(s, a, b, *, mid, cfg, server_cls=BlockServer, billing_kw=None, **kw):
-    peer = await billed_peer(s, client_mode=False, mid=mid, cfg=cfg, **kw)
-    conf = ServerConfig(throughput=FIXED_TP, announce_period=5.0)
-    peer.server = server_cls(peer.network, peer.dht, s.folder, a, b, config=conf, model_id=mid,
-                             billing=ServerBilling(peer.ledger, **(billing_kw or {})))
-    await peer.nursery.start(peer.server.run)
-    s.servers.append(peer)
-    return peer
-
-
-async def add_client(s, *, mid, cfg, billing_cls=ClientBilling, spot_check=None, **kw):
-    peer = await billed_peer(s, client_mode=True, mid=mid, cfg=cfg, **kw)
-    s.clients.append(peer)
-    conf = ClientConfig(billing=billing_cls(peer.ledger), spot_check=spot_check, step_timeout=10.0)
-    model = await DistributedModel.from_pretrained(s.folder, peer.network, peer.dht, model_id=mid, config=conf)
-    return peer, model
+def llama(llama):
+    """The shared tiny Llama (tests/conftest.py) and its config, which the ledgers price receipts by."""
+    path, mid, local = llama
+    return path, mid, local, ModelFolder(path).config
 
 
 def latest_receipts(ledger: Ledger, author: bytes, kind: str) -> dict[tuple, Receipt]:

@@ -8,8 +8,12 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from credits import Ledger, Store, linear_pricing
 from p2p.identity import Identity
+
+pytestmark = pytest.mark.slow  # eight child processes, each SIGKILLed
 
 CHILD = r"""
 import sys, msgpack

@@ -14,6 +14,8 @@ from p2p.gossip import Gossip
 from p2p.identity import Identity
 from p2p.sim import SimWorld
 
+pytestmark = pytest.mark.slow  # about 45 s
+
 PRICING = linear_pricing(lambda model: 1_000_000)
 POLICY = CreditPolicy(starting_grant=10**12)
 

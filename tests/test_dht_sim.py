@@ -14,6 +14,8 @@ from dht.node import DHTConfig
 from dht.records import SignedValue, StoreLimits, signing_bytes
 from dht.vivaldi import Coord
 from p2p.errors import RemoteError
+
+pytestmark = pytest.mark.slow  # about 45 s
 from p2p.identity import Identity
 from p2p.sim import Place, SimWorld
 

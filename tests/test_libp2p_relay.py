@@ -24,6 +24,8 @@ from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork, RelayLimits, RelayRefused
 from p2p.libp2p.relay import HOP_PROTOCOL
 
+pytestmark = pytest.mark.slow  # relays, reservations, circuits on real sockets
+
 ECHO = "/potluck/echo/1.0.0"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY = b"k" * 32

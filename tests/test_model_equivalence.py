@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from conftest_models import make_tiny
 from pipeline.config import ModelConfig
 from pipeline.loading import ModelFolder, load_head, load_local_model, load_span
 from pipeline.model import CacheError
+from testkit.models import make_tiny
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 SPANS = [(0, 1), (1, 3), (3, 4)]

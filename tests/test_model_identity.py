@@ -7,15 +7,13 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest_models import make_tiny
 from pipeline.identity import ModelMismatch, build_manifest, manifest_id, model_id, verify_blocks, verify_head
+from testkit.models import make_tiny
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path
+def tiny(llama_folder):
+    return llama_folder
 
 
 def test_id_is_stable_and_independent_of_sharding_and_bookkeeping(tiny, tmp_path):

@@ -7,10 +7,10 @@ import os
 import pytest
 import torch
 
-from conftest_models import have_default_model_wheel
 from pipeline import convert
 from pipeline.convert import DefaultModelMissing, default_model_dir, ensure_default_model, find_default_gguf
 from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, ModelPricing
+from testkit.models import have_default_model_wheel
 
 PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
 

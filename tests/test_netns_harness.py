@@ -13,7 +13,7 @@ from netlab import Lab, skip_reason
 from netlab.topology import PREFIX
 
 _reason = skip_reason()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

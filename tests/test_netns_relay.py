@@ -15,7 +15,7 @@ from netlab.topology import REPO_ROOT, _read_line
 from p2p.swarm_key import new_key_file
 
 _reason = skip_reason()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

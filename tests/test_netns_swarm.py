@@ -12,7 +12,7 @@ from netlab import Lab, skip_reason
 from potluck.localswarm import POTLUCK, wait_until
 
 _reason = skip_reason()
-pytestmark = pytest.mark.skipif(_reason is not None, reason=_reason or "")
+pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
 
 REGIONS = {"eu": 2, "us": 2, "ap": 2}
 

@@ -8,8 +8,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 
 from potluck.localswarm import POTLUCK, wait_until
+
+pytestmark = pytest.mark.slow  # many `potluck serve` processes
 
 
 def test_id_is_stable_and_key_is_private(tmp_path):

@@ -5,9 +5,9 @@ import pytest
 import torch
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import swarm
 from pipeline.identity import model_id
+from testkit.models import make_tiny
+from testkit.swarms import swarm
 
 FAMILIES = ["llama", "qwen2", "mistral"]
 SPANS = [(0, 2), (2, 4), (0, 3), (1, 4)]  # overlapping replicas; (0, 3) and (1, 4) alone need a cut

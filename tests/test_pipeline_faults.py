@@ -4,19 +4,9 @@ two clients share servers and each gets its own correct output."""
 import pytest
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import swarm
-from pipeline.identity import model_id
-from pipeline.loading import load_local_model
+from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path, model_id(path), load_local_model(path, device="cpu")
 
 
 @pytest.mark.parametrize("push", [False, True], ids=["direct", "push"])

@@ -6,25 +6,15 @@ import pytest
 import torch
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import swarm
 from p2p import tensor as wire
 from p2p.errors import P2PError
 from pipeline import protocol as proto
 from pipeline.announce import fetch_servers
-from pipeline.identity import model_id
-from pipeline.loading import load_local_model
 from pipeline.protocol import pack_hidden
+from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 H = 64
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path, model_id(path), load_local_model(path, device="cpu")
 
 
 async def raw_stream(s, server):

@@ -5,21 +5,12 @@ import pytest
 import torch
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import swarm
 from pipeline.announce import fetch_servers
-from pipeline.identity import model_id
-from pipeline.loading import ModelFolder, load_local_model
+from pipeline.loading import ModelFolder
 from pipeline.server import block_bytes, parse_blocks
+from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path, model_id(path), load_local_model(path, device="cpu")
 
 
 def test_parse_blocks():

@@ -6,9 +6,9 @@ import pytest
 import torch
 import trio
 
-from conftest_pipeline import swarm
-from conftest_models import have_default_model_wheel
 from pipeline import convert
+from testkit.models import have_default_model_wheel
+from testkit.swarms import swarm
 
 pytestmark = pytest.mark.slow
 MESSAGES = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]

@@ -6,25 +6,23 @@ import msgpack
 import pytest
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import swarm
 from p2p.identity import public_key_from_peer_id
-from pipeline.identity import model_id
-from pipeline.loading import ModelFolder, load_local_model
+from pipeline.loading import ModelFolder
 from pipeline.protocol import pack_hidden, unpack_hidden
 from pipeline.server import BlockServer
 from pipeline.spotcheck import SpotCheckConfig, relative_error
-from test_billing import add_client, add_server
+from testkit.billing import add_client, add_server
+from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 FAST = {"decode_tps": 100000.0, "prefill_tps": 1e6}  # routing prefers the liar
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path, model_id(path), load_local_model(path, device="cpu"), ModelFolder(path).config
+def llama(llama):
+    """The shared tiny Llama (tests/conftest.py) and its config, which the ledgers price receipts by."""
+    path, mid, local = llama
+    return path, mid, local, ModelFolder(path).config
 
 
 class LyingServer(BlockServer):

@@ -49,7 +49,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.peer.id import ID
-from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, PeerId, Reservation, StopMessage
+from libp2p.relay.circuit_v2.pb.circuit_pb2 import HopMessage, Limit, PeerId, Reservation, Status, StopMessage
 from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_msg
 import multiaddr
 
@@ -64,16 +64,16 @@ HOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/hop")
 STOP_PROTOCOL = TProtocol("/libp2p/circuit/relay/0.2.0/stop")
 
 # Status codes of circuit relay v2 (pb Status).
-OK = 100
-RESERVATION_REFUSED = 200
-RESOURCE_LIMIT_EXCEEDED = 201
-PERMISSION_DENIED = 202
-CONNECTION_FAILED = 203
-NO_RESERVATION = 204
-MALFORMED_MESSAGE = 400
-UNEXPECTED_MESSAGE = 401
+OK = Status.OK  # 100
+RESERVATION_REFUSED = Status.RESERVATION_REFUSED  # 200
+RESOURCE_LIMIT_EXCEEDED = Status.RESOURCE_LIMIT_EXCEEDED  # 201
+PERMISSION_DENIED = Status.PERMISSION_DENIED  # 202
+CONNECTION_FAILED = Status.CONNECTION_FAILED  # 203
+NO_RESERVATION = Status.NO_RESERVATION  # 204
+MALFORMED_MESSAGE = Status.MALFORMED_MESSAGE  # 400
+UNEXPECTED_MESSAGE = Status.UNEXPECTED_MESSAGE  # 401
 
-_STATUS_NAMES = {
+_STATUS_NAMES: dict[int, str] = {
     OK: "OK", RESERVATION_REFUSED: "RESERVATION_REFUSED", RESOURCE_LIMIT_EXCEEDED: "RESOURCE_LIMIT_EXCEEDED",
     PERMISSION_DENIED: "PERMISSION_DENIED", CONNECTION_FAILED: "CONNECTION_FAILED",
     NO_RESERVATION: "NO_RESERVATION", MALFORMED_MESSAGE: "MALFORMED_MESSAGE",
@@ -387,7 +387,7 @@ class CircuitRelay:
         if muxed.peer_id != source:
             log.warning("circuit via %s announced %s but Noise authenticated %s; closing", relay,
                         source.to_base58(), muxed.peer_id.to_base58())
-            with trio.move_on_after(2.0, shield=True):
+            with trio.move_on_after(2.0, shield=True):  # type: ignore[call-arg]  # stale trio-typing stub
                 try:
                     await muxed.close()
                 except Exception:
@@ -427,7 +427,7 @@ class CircuitRelay:
             await self._status(stream, MALFORMED_MESSAGE)
             await io.reset(stream)
 
-    async def _status(self, stream: Any, code: int, **fields: Any) -> bool:
+    async def _status(self, stream: Any, code: Status.ValueType, **fields: Any) -> bool:
         try:
             with trio.fail_after(self.timeout):
                 await write_delimited_msg(stream, HopMessage(type=HopMessage.STATUS, status=code, **fields))

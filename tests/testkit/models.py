@@ -1,4 +1,4 @@
-"""Tiny random-weight HF models for the model-layer tests (imported by tests/test_model_*.py)."""
+"""Tiny random-weight HF models for the model and pipeline tests (the shared `llama` fixtures are in tests/conftest.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,6 @@
+"""What the tests build on, imported as `testkit.*` (pytest puts tests/ on sys.path):
+
+    models   tiny random-weight HF models (Llama, Qwen2, Mistral); whether the default model's wheel is installed
+    swarms   swarms of BlockServers and clients, on the simulator or on real libp2p sockets
+    billing  peers of such a swarm with a credit ledger: billed servers and clients
+"""

@@ -1,0 +1,55 @@
+"""Billed peers in a `testkit.swarms` swarm: each has a credit ledger that prices the tiny model, servers
+bill through ServerBilling, clients pay through ClientBilling (optionally spot-checking)."""
+
+from __future__ import annotations
+
+from credits import CreditPolicy, Ledger
+from credits.ledger import GFLOP
+from credits.replication import Replicator
+from p2p.gossip import Gossip
+from pipeline.billing import ClientBilling, ServerBilling
+from pipeline.client import ClientConfig, DistributedModel
+from pipeline.pricing import ModelPricing
+from pipeline.server import BlockServer, ServerConfig
+from testkit.swarms import FIXED_TP
+
+POLICY = CreditPolicy(starting_grant=1000 * GFLOP, debt_limit=0)
+
+
+def make_ledger(identity, data_dir, mid, cfg, policy=POLICY) -> Ledger:
+    pricing = ModelPricing()
+    pricing.register(mid, cfg)  # every verifier must be able to price the tiny model's receipts
+    return Ledger.open(identity, data_dir, pricing=pricing, policy=policy)
+
+
+async def billed_peer(s, *, client_mode: bool, mid, cfg, data_dir=None, policy=POLICY, replicate=False,
+                      policy_fn=None):
+    peer = await s._peer(client_mode=client_mode)
+    ident = peer.network.identity
+    led = make_ledger(ident, data_dir, mid, cfg, policy_fn(ident) if policy_fn else policy)
+    await led.claim_starting_grant()
+    peer.ledger = led
+    if replicate:
+        gossip = Gossip(peer.network, ident)
+        peer.replicator = Replicator(led, peer.network, gossip, exchange_interval=0.3, request_timeout=2.0)
+        await peer.nursery.start(gossip.run)
+        await peer.nursery.start(peer.replicator.run)
+    return peer
+
+
+async def add_server(s, a, b, *, mid, cfg, server_cls=BlockServer, billing_kw=None, **kw):
+    peer = await billed_peer(s, client_mode=False, mid=mid, cfg=cfg, **kw)
+    conf = ServerConfig(throughput=FIXED_TP, announce_period=5.0)
+    peer.server = server_cls(peer.network, peer.dht, s.folder, a, b, config=conf, model_id=mid,
+                             billing=ServerBilling(peer.ledger, **(billing_kw or {})))
+    await peer.nursery.start(peer.server.run)
+    s.servers.append(peer)
+    return peer
+
+
+async def add_client(s, *, mid, cfg, billing_cls=ClientBilling, spot_check=None, **kw):
+    peer = await billed_peer(s, client_mode=True, mid=mid, cfg=cfg, **kw)
+    s.clients.append(peer)
+    conf = ClientConfig(billing=billing_cls(peer.ledger), spot_check=spot_check, step_timeout=10.0)
+    model = await DistributedModel.from_pretrained(s.folder, peer.network, peer.dht, model_id=mid, config=conf)
+    return peer, model
