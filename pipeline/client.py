@@ -70,7 +70,7 @@ class ClientConfig:
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
 
 
-Span = tuple[str, int, int]  # (peer id, first block, end block) of one hop
+HopSpan = tuple[str, int, int]  # (peer id, first block, end block) of one hop
 
 
 @dataclass(frozen=True)
@@ -78,7 +78,7 @@ class TokenEvent:
     token_id: int
     text: str  # text this token adds (may be "" while a multi-byte char or a possible stop string is pending)
     index: int
-    route: list[Span] = field(default_factory=list)  # the hops that computed this token
+    route: list[HopSpan] = field(default_factory=list)  # the hops that computed this token
 
 
 @dataclass(frozen=True)
@@ -89,8 +89,8 @@ class Generation:
     text: str  # the decoded tokens, cut before a stop string
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
-    route: list[Span] = field(default_factory=list)  # the route at the end
-    servers: list[Span] = field(default_factory=list)  # every hop opened, replacements included
+    route: list[HopSpan] = field(default_factory=list)  # the route at the end
+    servers: list[HopSpan] = field(default_factory=list)  # every hop opened, replacements included
     steps: int = 0
     recoveries: int = 0
     push_fallbacks: int = 0

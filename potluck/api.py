@@ -68,7 +68,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from .generation import ApiPeer, GenerationResult, PreparedGeneration, explain, map_error, prepare, resolve, run
+from .generation import ApiPeer, GenerationResult, PreparedGeneration, map_error, prepare, resolve, run
 from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
                             completion_chunk, new_id, text_completion, usage)
 
@@ -290,7 +290,7 @@ class _GenerationResponse:
                         else:
                             await ch.send(("text", piece))
             except Exception as e:  # every failure becomes an answer, never a crashed connection
-                await ch.send(("error", await explain(self.peer, self.model, e)))
+                await ch.send(("error", map_error(e)))
 
     def _usage(self, result: GenerationResult) -> dict:
         return usage(len(self.job.ids), len(result.generation.token_ids))

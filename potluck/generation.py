@@ -4,16 +4,17 @@ and the control socket (`generate`, potluck/peer.py).
     job = await prepare(peer, "default", prompt_or_messages, params, max_tokens_given=True)
     async for piece in run(peer, job, source="api"):   # str ..., then one GenerationResult
         ...
+    result = await complete(peer, job, source="control")  # or all at once
 
 - `prepare` checks a request against the model and the swarm before anything runs: the model
   exists (404), the prompt tokenizes (400), its ids fit the vocabulary, prompt + max_tokens fit the
   context (400 context_length_exceeded; an unasked-for max_tokens is lowered to fit), and a route
   covers every block (503 no_route, naming the missing blocks).
-- `run` streams the text and ends with the typed `GenerationResult`; it records the result as the
-  peer's last generation (status, dashboard). The credits a result reports are what this client
-  signed for this generation's own sessions (`Generation.paid`), so concurrent requests never see
-  each other's spending.
-- `explain` turns a failure into the `ApiError` both front doors answer with: refusals and
+- `run` streams the text and ends with the typed `GenerationResult` (`complete` waits for it); it
+  records the result as the peer's last generation (status, dashboard). The credits a result
+  reports are what this client signed for this generation's own sessions (`Generation.paid`), so
+  concurrent requests never see each other's spending.
+- A failure is raised as the `ApiError` both front doors answer with (`explain`): refusals and
   failures are told apart by exception type on the cause chain, never by their text.
 - `ApiPeer` is what the front doors use of a peer (`peer.Peer` is one; tests use a stand-in).
 """
@@ -186,8 +187,8 @@ class GenerationResult:
             "tokens_per_s": g.tokens_per_s,
             "recoveries": g.recoveries,
             "credits_spent": self.credits_spent,
-            "paid": [{"peer_id": peer_id_from_public_key(r.server), "session": r.session.hex(), "start": r.start, "end": r.end,
-                      "tokens": r.tokens, "credits": credits(r.flops)} for r in g.paid],
+            "paid": [{"peer_id": peer_id_from_public_key(r.server), "session": r.session.hex(), "start": r.start,
+                      "end": r.end, "tokens": r.tokens, "credits": credits(r.flops)} for r in g.paid],
             "model_id": self.model_id,
             "source": self.source,
         }
@@ -195,18 +196,31 @@ class GenerationResult:
 
 async def run(peer: ApiPeer, job: PreparedGeneration, *, source: str) -> AsyncGenerator[str | GenerationResult, None]:
     """Run a prepared generation: its text piece by piece (the pieces add up to the whole text), then
-    its `GenerationResult`, which becomes the peer's last generation."""
+    its `GenerationResult`, which becomes the peer's last generation. A failure is raised as the
+    `ApiError` that says what went wrong (`explain`)."""
     result = None
-    async with aclosing(job.client.stream(job.ids, job.params)) as events:
-        async for event in events:
-            if event.text:
-                yield event.text
-            if isinstance(event, Finished):
-                result = GenerationResult(event.generation, job.model["model_id"], source)
+    try:
+        async with aclosing(job.client.stream(job.ids, job.params)) as events:
+            async for event in events:
+                if event.text:
+                    yield event.text
+                if isinstance(event, Finished):
+                    result = GenerationResult(event.generation, job.model["model_id"], source)
+    except Exception as e:
+        raise await explain(peer, job.model, e) from e
     if result is None:
         raise RuntimeError("the generation's stream ended without its Finished event")
     peer.last_generation = result.summary()
     yield result
+
+
+async def complete(peer: ApiPeer, job: PreparedGeneration, *, source: str) -> GenerationResult:
+    """`run` to the end, for a caller that wants the whole result at once."""
+    async with aclosing(run(peer, job, source=source)) as pieces:
+        async for piece in pieces:
+            if isinstance(piece, GenerationResult):
+                return piece
+    raise RuntimeError("the generation ended without its result")
 
 
 # --- failures -----------------------------------------------------------------------------------------------

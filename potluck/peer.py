@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import math
 import signal
-from contextlib import aclosing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -235,16 +234,8 @@ class Peer:
         prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
         job = await generation.prepare(self, req.model, prompt, req.params,
                                        max_tokens_given=request.get("max_tokens") is not None)
-        text: list[str] = []
-        try:
-            async with aclosing(generation.run(self, job, source="control")) as pieces:
-                async for piece in pieces:
-                    if isinstance(piece, generation.GenerationResult):
-                        return {"text": "".join(text), "token_ids": piece.generation.token_ids, **piece.summary()}
-                    text.append(piece)
-        except Exception as e:
-            raise await generation.explain(self, job.model, e) from e
-        raise RuntimeError("the generation ended without its result")
+        result = await generation.complete(self, job, source="control")
+        return {"text": result.generation.text, "token_ids": result.generation.token_ids, **result.summary()}
 
     def commands(self) -> dict:
         return {
