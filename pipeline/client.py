@@ -17,8 +17,9 @@
   step, a cumulative receipt for the tokens the server says it has served so far ("served" in each
   "out"); in push mode each push-list entry carries its hop's receipt. "close" carries the final
   receipt, and the latest receipt per hop is recorded as a *spend* when the hop is closed or
-  abandoned. (Without billing, the older hook `ClientConfig.receipt(peer_id, session_id, step_info)`
-  is called instead; step_info also has "served" and "model".)
+  abandoned; a generation's spends are its `Generation.paid` (what this one generation cost).
+  (Without billing, the older hook `ClientConfig.receipt(peer_id, session_id, step_info)` is
+  called instead; step_info also has "served" and "model".)
 - Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py, default 2 % of steps) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
