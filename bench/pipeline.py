@@ -110,15 +110,14 @@ async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: 
                 t0 = time.perf_counter()
                 g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[])
                 wall = time.perf_counter() - t0
-                st = g.stats
-                client_s = max(0.0, st["wall_s"] - st["compute_s"] - st["network_s"])
+                client_s = max(0.0, g.wall_s - g.compute_s - g.network_s)
                 results[mode] = {
-                    "tokens_per_s": n / wall, "decode_tokens_per_s": st["tokens_per_s"], "ttft_s": st["ttft_s"],
+                    "tokens_per_s": n / wall, "decode_tokens_per_s": g.tokens_per_s, "ttft_s": g.ttft_s,
                     "wall_s": wall, "tokens_match_local": g.token_ids == expect,
-                    "per_token_ms": {"total": 1000 * st["wall_s"] / n, "server_compute": 1000 * st["compute_s"] / n,
-                                     "network_and_overhead": 1000 * st["network_s"] / n,
+                    "per_token_ms": {"total": 1000 * g.wall_s / n, "server_compute": 1000 * g.compute_s / n,
+                                     "network_and_overhead": 1000 * g.network_s / n,
                                      "client_head": 1000 * client_s / n},
-                    "route": [[p[-8:], a, b] for p, a, b in st["route"]], "push_fallbacks": st["push_fallbacks"],
+                    "route": [[p[-8:], a, b] for p, a, b in g.route], "push_fallbacks": g.push_fallbacks,
                 }
             nursery.cancel_scope.cancel()
     return results

@@ -252,18 +252,21 @@ class ClientBilling:
             log.warning("could not sign a receipt for %s: %s", peer_id[-8:], e)
         return signer.latest.to_list() if signer is not None and signer.latest is not None else None
 
-    async def closed(self, peer_id: str, session_id: bytes) -> None:
-        """The session with `peer_id` is over: record the latest receipt signed for it as a spend."""
+    async def closed(self, peer_id: str, session_id: bytes) -> Receipt | None:
+        """The session with `peer_id` is over: record the latest receipt signed for it as a spend.
+        Returns that receipt (what the session cost: what we signed, even if our ledger refused to
+        record it), or None when nothing was owed."""
         signer = self.signers.pop((peer_id, session_id), None)
         if signer is None or signer.latest is None:
-            return
+            return None
         try:
             await self.ledger.record_spend(signer.latest)
         except InvalidReceipt as e:
             log.warning("spend entry refused by our own ledger: %s", e)
-            return
+            return signer.latest
         self.stats["spend_entries"] += 1
         self.stats["spent_flops"] += signer.latest.flops
+        return signer.latest
 
     async def reliability_by_peer(self) -> dict[str, float]:
         """peer id → reliability factor from this ledger's verified chains (for routing)."""

@@ -3,7 +3,7 @@
     model = await DistributedModel.from_pretrained(folder, network, dht)
     result = await model.generate("Hello", max_new_tokens=20)                  # Generation
     async for event in model.stream(messages_or_prompt, temperature=0.7, seed=1):
-        print(event.text, end="")
+        print(event.text, end="")                  # TokenEvent ..., then Finished(text, generation)
 
 - `model.model_config` is the architecture (pipeline/config.py), `model.client_config` this
   client's `ClientConfig`.
@@ -24,7 +24,7 @@
   step, a cumulative receipt for the tokens the server says it has served so far ("served" in each
   "out"); in push mode each push-list entry carries its hop's receipt. "close" carries the final
   receipt, and the latest receipt per hop is recorded as a *spend* when the hop is closed or
-  abandoned.
+  abandoned; a generation's spends are its `Generation.paid` (what this one generation cost).
 - Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py, default 2 % of steps) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
@@ -35,12 +35,14 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import aclosing
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, cast
+from typing import Any, AsyncGenerator, cast
 
 import torch
 import trio
 
+from credits import Receipt
 from p2p.errors import FrameError, P2PError, StreamClosed
 from p2p.network import Network
 
@@ -73,20 +75,51 @@ class ClientConfig:
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
 
 
-@dataclass
+HopSpan = tuple[str, int, int]  # (peer id, first block, end block) of one hop
+
+
+@dataclass(frozen=True)
 class TokenEvent:
     token_id: int
     text: str  # text this token adds (may be "" while a multi-byte char or a possible stop string is pending)
     index: int
+    route: list[HopSpan] = field(default_factory=list)  # the hops that computed this token
 
 
-@dataclass
+@dataclass(frozen=True)
 class Generation:
+    """What a generation produced and how it went: `generate` returns it, `stream` ends with it."""
+
     token_ids: list[int]
-    text: str
+    text: str  # the decoded tokens, cut before a stop string
     finish_reason: str  # "stop" (EOS or a stop string) or "length"
     prompt_tokens: int
-    stats: dict = field(default_factory=dict)
+    route: list[HopSpan] = field(default_factory=list)  # the route at the end
+    servers: list[HopSpan] = field(default_factory=list)  # every hop opened, replacements included
+    steps: int = 0
+    recoveries: int = 0
+    push_fallbacks: int = 0
+    spot_checks: dict | None = None  # the spot checker's counts, when it ran
+    paid: list[Receipt] = field(default_factory=list)  # the receipts recorded as this generation's spends
+    ttft_s: float = 0.0
+    wall_s: float = 0.0
+    decode_s: float = 0.0
+    tokens_per_s: float = 0.0  # decode speed, after the first token
+    compute_s: float = 0.0  # the servers' compute time, as they report it
+    network_s: float = 0.0  # step wall time less compute
+
+    @property
+    def spent_flops(self) -> int:
+        return sum(r.flops for r in self.paid)
+
+
+@dataclass(frozen=True)
+class Finished:
+    """A stream's last event: the text held back until the end (a possible stop string's start, half a
+    character; "" when none was) and the whole `Generation`."""
+
+    text: str
+    generation: Generation
 
 
 class InferenceSession:
@@ -105,7 +138,7 @@ class InferenceSession:
                                     model_id=model.model_id, billing=cfg.billing)
                         if cfg.spot_check is not None and cfg.spot_check.fraction > 0 else None)
         self.stats = {"steps": 0, "compute_s": 0.0, "step_wall_s": 0.0, "recoveries": 0, "push_fallbacks": 0,
-                      "servers": []}
+                      "servers": [], "paid": []}
 
     @property
     def route(self) -> list[tuple[str, int, int]]:
@@ -156,7 +189,9 @@ class InferenceSession:
         await hop.close(polite, receipt)
         if billing is not None:
             with trio.CancelScope(shield=True), trio.move_on_after(10.0):
-                await billing.closed(hop.peer_id, hop.session_id)
+                spend = await billing.closed(hop.peer_id, hop.session_id)
+                if spend is not None:
+                    self.stats["paid"].append(spend)
 
     async def _open_route(self, start: int, end: int) -> list[Hop]:
         """Route [start, end) and open every hop. A server that faults is banned and the route built
@@ -173,7 +208,7 @@ class InferenceSession:
             except NoRoute as e:
                 if refusals:
                     raise _telling(list(refusals.values()))  # its cause (the server's reply) stays
-                raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from e
+                raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from last if last is not None else e
             hops: list[Hop] = []
             try:
                 for r in route:
@@ -502,79 +537,79 @@ class DistributedModel:
         return out
 
     async def stream(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
-                     *, stats: dict | None = None, **kw: Any) -> AsyncIterator[TokenEvent]:
-        """Generate token by token. `params` or keyword fields of SamplingParams. Fills `stats` (if
-        given) with ttft_s, tokens, tokens_per_s, route, finish_reason, compute_s, network_s."""
+                     **kw: Any) -> AsyncGenerator[TokenEvent | Finished, None]:
+        """Generate token by token (`params`, or keyword fields of SamplingParams): a `TokenEvent` per
+        token, then one `Finished` with the rest of the text and the `Generation`. The events' texts
+        add up to the generation's text, whatever the finish reason."""
         params = params or SamplingParams(**kw)
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
         stops = set(params.stop_token_ids) if params.stop_token_ids is not None else self._eos_ids()
         sampler = Sampler(params)
-        stats = stats if stats is not None else {}
-        stats.update(prompt_tokens=len(ids), tokens=0, finish_reason="length")
         t0 = time.perf_counter()
         generated: list[int] = []
-        shown = 0
+        shown = 0  # characters of the text the events have carried so far
+        finish_reason = "length"
         if params.max_new_tokens == 0:
+            yield Finished("", Generation([], "", finish_reason, len(ids)))
             return
-        async with self.inference_session(len(ids) + params.max_new_tokens) as session:
-            stats["route"] = session.route  # the live route (updated again at the end)
+        session = self.inference_session(len(ids) + params.max_new_tokens)
+        async with session:
             logits = await self.logits((await session.step(await self.embed(ids)))[:, -1:])  # last position only
-            stats["ttft_s"] = time.perf_counter() - t0
+            ttft = time.perf_counter() - t0
             t_first = time.perf_counter()
             for i in range(params.max_new_tokens):
                 tok = sampler(logits[0, -1])
                 if tok in stops:
-                    stats["finish_reason"] = "stop"
+                    finish_reason = "stop"
                     break
                 generated.append(tok)
-                stats["tokens"] = len(generated)
                 text = self.decode(generated)
                 cut = find_stop(text, params.stop) if params.stop else None
                 if cut is not None:
-                    stats["finish_reason"] = "stop"
+                    finish_reason = "stop"
                     if cut > shown:
-                        yield TokenEvent(tok, text[shown:cut], i)
-                    shown = cut
+                        yield TokenEvent(tok, text[shown:cut], i, session.route)
+                    shown = max(shown, cut)
                     break
                 upto = safe_prefix_len(text, params.stop)
                 delta = text[shown:upto] if upto > shown else ""
                 shown = max(shown, upto)
-                yield TokenEvent(tok, delta, i)
+                yield TokenEvent(tok, delta, i, session.route)
                 if i + 1 == params.max_new_tokens:
                     break
                 logits = await self.logits(await session.step(await self.embed([tok])))
-            if stats["finish_reason"] == "length" and self.tokenizer is not None:
-                text = self.decode(generated)
-                if len(text) > shown:
-                    yield TokenEvent(-1, text[shown:], len(generated))
             wall = time.perf_counter() - t0
             decode_wall = time.perf_counter() - t_first
-            stats.update(route=session.route, servers=session.stats["servers"], steps=session.stats["steps"],
-                         recoveries=session.stats["recoveries"], push_fallbacks=session.stats["push_fallbacks"],
-                         compute_s=session.stats["compute_s"],
-                         network_s=max(0.0, session.stats["step_wall_s"] - session.stats["compute_s"]),
-                         wall_s=wall, decode_s=decode_wall,
-                         tokens_per_s=(len(generated) - 1) / decode_wall if len(generated) > 1 and decode_wall > 0 else 0.0,
-                         generated_ids=list(generated))
+            route = session.route
+        # After the sessions closed: what this client signed for them is known (`paid`).
+        text = self.final_text(generated, params.stop)
+        stats = session.stats
+        yield Finished(text[shown:], Generation(
+            generated, text, finish_reason, len(ids), route=route, servers=list(stats["servers"]),
+            steps=stats["steps"], recoveries=stats["recoveries"], push_fallbacks=stats["push_fallbacks"],
+            spot_checks=stats.get("spot_checks"), paid=list(stats["paid"]), ttft_s=ttft, wall_s=wall,
+            decode_s=decode_wall,
+            tokens_per_s=(len(generated) - 1) / decode_wall if len(generated) > 1 and decode_wall > 0 else 0.0,
+            compute_s=stats["compute_s"], network_s=max(0.0, stats["step_wall_s"] - stats["compute_s"])))
+
+    def final_text(self, token_ids: list[int], stop: list[str]) -> str:
+        """The text of generated tokens, cut before the first stop string."""
+        text = self.decode(token_ids)
+        cut = find_stop(text, stop) if stop else None
+        return text if cut is None else text[:cut]
 
     async def generate(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
                        **kw: Any) -> Generation:
-        stats: dict = {}
-        params = params or SamplingParams(**kw)
-        ids = self.encode(prompt)
-        tokens: list[int] = []
-        async for ev in self.stream(ids, params, stats=stats):
-            if ev.token_id >= 0:
-                tokens.append(ev.token_id)
-        tokens = stats.get("generated_ids", tokens)
-        text = self.decode(tokens)
-        if params.stop:
-            cut = find_stop(text, params.stop)
-            if cut is not None:
-                text = text[:cut]
-        return Generation(tokens, text, stats.get("finish_reason", "length"), len(ids), stats)
+        generation = None
+        async with aclosing(self.stream(prompt, params, **kw)) as events:
+            async for event in events:
+                if isinstance(event, Finished):
+                    generation = event.generation
+        if generation is None:
+            raise RuntimeError("the stream ended without its Finished event")
+        return generation
 
     async def chat(self, messages: list[dict], params: SamplingParams | None = None, **kw: Any) -> Generation:
         return await self.generate(messages, params, **kw)

@@ -28,7 +28,9 @@ event loop or a thread:
   version, 2.1, makes no promise that `send` fails, so we watch `receive` ourselves).
 
 Errors use the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
-    400 invalid_request_error  bad JSON, a bad or out-of-range parameter, a prompt too long (code says which)
+    400 invalid_request_error  bad JSON (or JSON nested deeper than 32 levels), a bad, out-of-range or
+                               unsupported parameter (tools, response_format, ...), a prompt too long
+                               (code says which)
     401 invalid_request_error  missing or wrong API key (code invalid_api_key)
     402 insufficient_quota     a server refused us: this peer is past the swarm's debt limit
                                (code insufficient_credits; the message says how to earn). Not 429:
@@ -41,7 +43,8 @@ client raises it), then `data: [DONE]`. 402 and 503 carry `x-should-retry: false
 hammer a swarm that cannot serve them.
 
 Non-standard additions: every completion (and the final chunk of a stream) has a `potluck` field
-with the route, tokens/s and the credits this request spent; `/v1/models` entries have `potluck`
+with the route, tokens/s and the credits this request spent (what this peer signed for the request's
+own server sessions, listed in `paid`); `/v1/models` entries have `potluck`
 with the coverage.
 """
 
@@ -65,17 +68,16 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .generation import ApiPeer, GenerationResult, PreparedGeneration, map_error, prepare, resolve, run
 from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
                             completion_chunk, new_id, text_completion, usage)
-from .swarmview import format_ranges
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
+MAX_JSON_DEPTH = 32  # no request needs more; deeper would only exhaust the parser's recursion
 DASHBOARD_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                    "style.css": "text/css; charset=utf-8"}
-EARN_HINT = ("Earn credits by serving blocks of the model: `potluck serve --blocks auto` (a volunteer peer earns "
-             "for every step it computes), then retry; `potluck credits` shows your balance.")
 
 
 # --- binding ---------------------------------------------------------------------------------------
@@ -111,7 +113,7 @@ def check_bind(host: str, api_key: str | None) -> None:
                          "(every request must then send `Authorization: Bearer KEY`)")
 
 
-async def serve(peer: Any, host: str, port: int, api_key: str | None = None, *,
+async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None, *,
                 task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API for `peer` until cancelled; `started` with the base URL (e.g. http://127.0.0.1:8000)."""
     from hypercorn.config import Config
@@ -174,7 +176,7 @@ class _KeyCheck:
 
 
 class Api:
-    def __init__(self, peer: Any):
+    def __init__(self, peer: ApiPeer):
         self.peer = peer
 
     # --- helpers ------------------------------------------------------------------------------------
@@ -186,35 +188,16 @@ class Api:
             if len(data) > MAX_BODY:
                 raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
         try:
-            return json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError) as e:
+            body = json.loads(bytes(data))
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:
             raise ApiError(400, f"We could not parse the JSON body of your request: {e}. Send a JSON object "
                                 "with Content-Type: application/json.", code="invalid_json") from None
+        if _depth(body) > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
+        return body
 
     async def models(self, load: bool = True) -> list[dict]:
         return await self.peer.swarm_models(load=load)
-
-    async def resolve(self, name: str) -> dict:
-        models = await self.models()
-        wanted = name.strip().lower()
-        for m in models:
-            if wanted in (m["name"].lower(), m["model_id"], "default") or (len(wanted) >= 8 and m["model_id"].startswith(wanted)):
-                return m
-        known = ", ".join(f"{m['name']} (id {m['model_id'][:12]})" for m in models) or "none"
-        raise ApiError(404, f"The model '{name[:100]}' does not exist here. This peer runs: {known}; "
-                            "GET /v1/models lists them.", param="model", code="model_not_found")
-
-    @staticmethod
-    def no_route(model: dict) -> ApiError | None:
-        view = model.get("coverage")
-        if view is None or view["complete"]:
-            return None
-        missing = view["missing"]
-        span = " ".join(f"--blocks {a}:{b}" for a, b in missing)
-        return ApiError(503, f"No route covers model {model['name']}: blocks {format_ranges(missing)} (of "
-                             f"{view['num_blocks']}) are served by no online peer. Wait for servers to join, or "
-                             f"serve them yourself: potluck serve --model {model['name']} {span}",
-                        type="server_error", code="no_route")
 
     # --- endpoints ----------------------------------------------------------------------------------
 
@@ -223,7 +206,7 @@ class Api:
         return JSONResponse({"object": "list", "data": data})
 
     async def get_model(self, request: Request) -> Response:
-        return JSONResponse(self.model_object(await self.resolve(request.path_params["model"])))
+        return JSONResponse(self.model_object(await resolve(self.peer, request.path_params["model"])))
 
     @staticmethod
     def model_object(m: dict) -> dict:
@@ -259,44 +242,22 @@ class Api:
     async def completions(self, request: Request) -> _GenerationResponse:
         return await self._generate(request, CompletionRequest, "text")
 
-    async def _generate(self, request: Request, kind: type[ChatRequest] | type[CompletionRequest],
-                        what: str) -> _GenerationResponse:
-        body = await self.body_json(request)
-        req = kind.parse(body)
-        model = await self.resolve(req.model)
-        client = await self.peer.client()
-        try:
-            ids = client.encode(req.messages if isinstance(req, ChatRequest) else req.prompt)
-        except Exception as e:  # a template that refuses the roles, a tokenizer error
-            raise ApiError(400, f"could not tokenize the {'messages' if what == 'chat' else 'prompt'}: {e}",
-                           param="messages" if what == "chat" else "prompt") from None
-        vocab = getattr(client.model_config, "vocab_size", None)
-        if vocab and any(t >= vocab for t in ids):
-            raise ApiError(400, f"token ids must be below the vocabulary size {vocab}", param="prompt")
-        limit = model.get("context_length")
-        if limit:
-            room = limit - len(ids)
-            if room < 1 or (req.max_tokens_given and req.params.max_new_tokens > room):
-                raise ApiError(400, f"This model's context is {limit} tokens; the prompt has {len(ids)} and "
-                                    f"max_tokens asks for {req.params.max_new_tokens}. Shorten the prompt or lower "
-                                    "max_tokens.", param="max_tokens" if room >= 1 else "messages",
-                               code="context_length_exceeded")
-            req.params.max_new_tokens = min(req.params.max_new_tokens, room)
-        blocked = self.no_route(model)
-        if blocked is not None:
-            raise blocked
-        return _GenerationResponse(self.peer, client, req, model, ids, what)
+    async def _generate(self, request: Request, kind: type[GenerationRequest], what: str) -> Response:
+        req = kind.parse(await self.body_json(request))
+        prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
+        job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given)
+        return _GenerationResponse(self.peer, job, req, what)
 
 
 class _GenerationResponse:
     """An ASGI response that runs the generation: non-streamed JSON, or SSE chunks. The generation,
     the writer and a watcher of `http.disconnect` share one nursery; a disconnect cancels it."""
 
-    def __init__(self, peer: Any, client: Any, req: GenerationRequest, model: dict, ids: list[int], what: str):
-        self.peer, self.client, self.req, self.model, self.ids, self.what = peer, client, req, model, ids, what
+    def __init__(self, peer: ApiPeer, job: PreparedGeneration, req: GenerationRequest, what: str):
+        self.peer, self.job, self.req, self.what = peer, job, req, what
+        self.model = job.model
         self.rid = new_id("chatcmpl" if what == "chat" else "cmpl")
         self.created = int(time.time())
-        self.stats: dict = {}
 
     async def __call__(self, scope, receive, send) -> None:
         self.scope, self.receive = scope, receive
@@ -318,65 +279,28 @@ class _GenerationResponse:
                 scope.cancel()
                 return
 
-    async def _explain(self, e: Exception) -> ApiError:
-        """A failure as the API answers it. When the swarm lost the route (a server left between the
-        coverage check and the generation), say which blocks are missing, as for any missing route."""
-        error = map_error(e)
-        if error.code == "generation_failed":
-            models = await self.peer.swarm_models(max_age=0.0)
-            missing = next((Api.no_route(m) for m in models if m["model_id"] == self.model["model_id"]), None)
-            if missing is not None:
-                return missing
-        return error
-
     async def _produce(self, ch: trio.MemorySendChannel) -> None:
-        """Run the generation, sending ("text", str) ..., then ("done", extra) or ("error", ApiError)."""
+        """Run the generation, sending ("text", str) ..., then ("done", GenerationResult) or ("error", ApiError)."""
         async with ch:
-            spent0 = await self._spent()
-            streamed = ""
             try:
-                async with aclosing(self.client.stream(self.ids, self.req.params, stats=self.stats)) as events:
-                    async for ev in events:
-                        if ev.text:
-                            streamed += ev.text
-                            await ch.send(("text", ev.text))
-                # The stream holds back a tail that could still become a stop string (or half a UTF-8
-                # char); when it ends on EOS that tail is never sent. Give what `generate` would return.
-                final = self._final_text()
-                if len(final) > len(streamed) and final.startswith(streamed):
-                    await ch.send(("text", final[len(streamed):]))
+                async with aclosing(run(self.peer, self.job, source="api")) as pieces:
+                    async for piece in pieces:
+                        if isinstance(piece, GenerationResult):
+                            await ch.send(("done", piece))
+                        else:
+                            await ch.send(("text", piece))
             except Exception as e:  # every failure becomes an answer, never a crashed connection
-                await ch.send(("error", await self._explain(e)))
-                return
-            spent = max(0.0, await self._spent() - spent0)
-            summary = self.peer.record_generation(self.stats, credits_spent=spent, source="api")
-            extra = {"route": summary["route"], "tokens_per_s": summary.get("tokens_per_s"),
-                     "ttft_s": summary.get("ttft_s"), "wall_s": summary.get("wall_s"), "credits_spent": spent,
-                     "recoveries": summary.get("recoveries", 0), "model_id": self.model["model_id"]}
-            await ch.send(("done", extra))
+                await ch.send(("error", map_error(e)))
 
-    def _final_text(self) -> str:
-        from pipeline.sampling import find_stop
+    def _usage(self, result: GenerationResult) -> dict:
+        return usage(len(self.job.ids), len(result.generation.token_ids))
 
-        ids = self.stats.get("generated_ids")
-        if ids is None:
-            return ""
-        text = self.client.decode(ids)
-        if self.req.params.stop:
-            cut = find_stop(text, self.req.params.stop)
-            if cut is not None:
-                text = text[:cut]
-        return text
-
-    async def _spent(self) -> float:
-        try:
-            return await self.peer.my_spent()
-        except Exception as e:
-            log.debug("could not read the ledger: %s", e)
-            return 0.0
-
-    def _usage(self) -> dict:
-        return usage(len(self.ids), int(self.stats.get("tokens", 0)))
+    @staticmethod
+    def _extra(result: GenerationResult) -> dict:
+        """The answer's `potluck` field."""
+        summary = result.summary()
+        return {k: summary[k] for k in ("route", "tokens_per_s", "ttft_s", "wall_s", "credits_spent", "paid",
+                                        "recoveries", "model_id")}
 
     async def _write_whole(self, recv: trio.MemoryReceiveChannel, send) -> None:
         parts = []
@@ -388,9 +312,9 @@ class _GenerationResponse:
                 return
             else:
                 make = chat_completion if self.what == "chat" else text_completion
-                body = make(self.rid, self.model["name"], "".join(parts), self.stats.get("finish_reason", "length"),
-                            self._usage(), value)
-                await JSONResponse(body)(self.scope, self.receive, send)
+                body = make(self.rid, self.model["name"], "".join(parts), value.generation.finish_reason,
+                            self._usage(value), self._extra(value))
+                await JSONResponse(body)(self.scope, None, send)
                 return
 
     def _chunk(self, **kw) -> dict:
@@ -428,53 +352,27 @@ class _GenerationResponse:
             if kind == "text":
                 await event(self._chunk(delta={"content": value}))
             else:
-                await event(self._chunk(delta={}, finish_reason=self.stats.get("finish_reason", "length"), extra=value))
+                await event(self._chunk(delta={}, finish_reason=value.generation.finish_reason,
+                                        extra=self._extra(value)))
                 if self.req.include_usage:
-                    await event(self._chunk(no_choices=True, use=self._usage()))
+                    await event(self._chunk(no_choices=True, use=self._usage(value)))
                 break
         await event("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def _causes(e: BaseException):
-    seen = set()
-    stack: list[BaseException | None] = [e]
+def _depth(obj: Any) -> int:
+    """How deeply JSON arrays and objects nest in `obj` (without recursion)."""
+    deepest, stack = 0, [(obj, 1)]
     while stack:
-        x = stack.pop()
-        if x is None or id(x) in seen:
-            continue
-        seen.add(id(x))
-        yield x
-        stack += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+        x, d = stack.pop()
+        if isinstance(x, (list, dict)):
+            deepest = max(deepest, d)
+            stack += [(v, d + 1) for v in (x.values() if isinstance(x, dict) else x)]
+    return deepest
 
 
-def map_error(e: BaseException) -> ApiError:
-    """A generation failure as the API answers it."""
-    from credits.errors import CreditRefused
-
-    causes = list(_causes(e))
-    for x in causes:
-        if isinstance(x, ApiError):
-            return x
-    # The refusal itself when we hold it; else its text as a server sent it back over the wire.
-    refusal = next((x for x in causes if isinstance(x, CreditRefused)), None) or next(
-        (x for x in causes if "CreditRefused" in str(x) or "debt limit" in str(x)), None)
-    if refusal is not None:
-        return ApiError(402, f"The swarm refused this request: {refusal} {EARN_HINT}", type="insufficient_quota",
-                        code="insufficient_credits")
-    from pipeline.client import GenerationFailed
-
-    for x in causes:
-        if isinstance(x, GenerationFailed):
-            return ApiError(503, f"The swarm could not complete the generation: {x}", type="server_error",
-                            code="generation_failed")
-    if isinstance(e, ValueError):
-        return ApiError(400, str(e))
-    log.exception("generation failed", exc_info=e)
-    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
-
-
-def create_app(peer: Any, *, api_key: str | None = None):
+def create_app(peer: ApiPeer, *, api_key: str | None = None):
     api = Api(peer)
 
     async def on_api_error(request: Request, exc: ApiError) -> Response:

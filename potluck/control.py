@@ -17,6 +17,8 @@ import trio
 from p2p import framing
 from p2p.errors import P2PError
 
+from .openai_schema import ApiError
+
 log = logging.getLogger(__name__)
 
 SOCKET_NAME = "control.sock"
@@ -56,7 +58,7 @@ async def _handle(stream: trio.SocketStream, commands: dict[str, Command]) -> No
             try:
                 reply = {"ok": await command(request)}
             except Exception as e:  # a failed command fails its caller, never the peer
-                if not isinstance(e, (P2PError, ValueError, RuntimeError)):  # those say what went wrong
+                if not isinstance(e, (P2PError, ValueError, RuntimeError, ApiError)):  # those say what went wrong
                     log.exception("control command %r failed", name)
                 reply = {"error": str(e) or type(e).__name__}
         await stream.send_all(framing.frame(reply, MAX_CONTROL_FRAME))

@@ -21,7 +21,7 @@ import trio
 from rich.console import Console
 from rich.table import Table
 
-from pipeline.client import GenerationFailed
+from pipeline.client import Finished, Generation, GenerationFailed
 from pipeline.convert import ensure_default_model
 from pipeline.sampling import SamplingParams
 
@@ -52,20 +52,20 @@ def start_servers(console: Console, data_dir: Path, model_dir: Path, servers: in
     return procs
 
 
-async def ask(peer: Peer, console: Console, prompt: str, max_tokens: int) -> dict:
-    """Stream the answer to `prompt` through the swarm; returns the generation's stats."""
+async def ask(peer: Peer, console: Console, prompt: str, max_tokens: int) -> Generation:
+    """Stream the answer to `prompt` through the swarm; returns the generation."""
     client = await peer.client()
     params = SamplingParams(max_new_tokens=max_tokens)
     messages = [{"role": "user", "content": prompt}]
     with trio.fail_after(120):
         while True:  # the first announcements may take a moment to reach this peer's DHT
-            stats: dict = {}
             try:
                 console.print(f"\n[bold]you:[/bold] {prompt}\n[bold]swarm:[/bold] ", end="")
-                async for event in client.stream(messages, params, stats=stats):
+                async for event in client.stream(messages, params):
                     console.print(event.text, end="", highlight=False, soft_wrap=True)
-                console.print()
-                return stats
+                    if isinstance(event, Finished):
+                        console.print()
+                        return event.generation
             except GenerationFailed as e:
                 console.print(f"[yellow](no full route yet: {e}; retrying)[/yellow]")
                 await trio.sleep(2)
@@ -90,30 +90,29 @@ def local_baseline(model_dir: Path, prompt: str, max_tokens: int) -> float:
     return len(out) / (time.perf_counter() - start)
 
 
-def show_route(console: Console, stats: dict, procs: list[PeerProcess]) -> None:
+def show_route(console: Console, g: Generation, procs: list[PeerProcess]) -> None:
     names = {p.peer_id: f"server{i}" for i, p in enumerate(procs)}
     table = Table(title="which peers served which blocks")
     for column in ("blocks", "peer", "peer id"):
         table.add_column(column, overflow="fold")
-    for peer_id, start, end in stats.get("route", []):
+    for peer_id, start, end in g.route:
         table.add_row(f"{start}:{end}", names.get(peer_id, "?"), peer_id)
     console.print(table)
-    console.print(f"{stats.get('tokens', 0)} tokens, first after {stats.get('ttft_s', 0):.2f} s, "
-                  f"then {stats.get('tokens_per_s', 0):.1f} tokens/s "
-                  f"(compute {stats.get('compute_s', 0):.2f} s, network {stats.get('network_s', 0):.2f} s)")
+    console.print(f"{len(g.token_ids)} tokens, first after {g.ttft_s:.2f} s, then {g.tokens_per_s:.1f} tokens/s "
+                  f"(compute {g.compute_s:.2f} s, network {g.network_s:.2f} s)")
 
 
-async def run_user_peer(config: PeerConfig, console: Console, args: argparse.Namespace, procs) -> dict:
+async def run_user_peer(config: PeerConfig, console: Console, args: argparse.Namespace, procs) -> Generation:
     send, receive = trio.open_memory_channel(1)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(run_peer, config, send.send_nowait)
         peer: Peer = await receive.receive()
-        stats = await ask(peer, console, args.prompt, args.max_tokens)
-        show_route(console, stats, procs)
+        answer = await ask(peer, console, args.prompt, args.max_tokens)
+        show_route(console, answer, procs)
         console.print()
         render_status(peer.status(), console)
         nursery.cancel_scope.cancel()
-    return stats
+    return answer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         procs = start_servers(console, args.data_dir, model_dir, args.servers)
         config = PeerConfig(data_dir=args.data_dir / "user", bootstrap=[procs[0].addr], model=str(model_dir),
                             region="local")
-        stats = trio.run(run_user_peer, config, console, args, procs)
+        answer = trio.run(run_user_peer, config, console, args, procs)
     finally:
         for p in procs:
             if p.proc and p.proc.poll() is None:
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             p.close()
     if not args.no_baseline:
         local = local_baseline(model_dir, args.prompt, args.max_tokens)
-        swarm = stats.get("tokens_per_s") or 0.0
+        swarm = answer.tokens_per_s
         console.print(f"local single process: {local:.1f} tokens/s; swarm of {args.servers}: {swarm:.1f} tokens/s "
                       f"({swarm / local:.2f}× local)")
     return 0

@@ -6,10 +6,10 @@ raises `ApiError` naming the field, which the API answers as OpenAI does:
     HTTP 4xx/5xx  {"error": {"message": "...", "type": "invalid_request_error", "param": "top_p", "code": "..."}}
 
 Fields we take: model, messages | prompt, max_tokens (or max_completion_tokens), temperature,
-top_p, seed, stop, stream, stream_options.include_usage, n (= 1 only), and the penalties and
-logprobs only at their neutral values (we do not implement them, and say so rather than ignore
-them). Other fields (user, metadata, ...) are ignored, like OpenAI's servers ignore what they do
-not use.
+top_p, seed, stop, stream, stream_options.include_usage, n (= 1 only), and the penalties,
+logprobs, tools / tool_choice / functions and response_format only at their neutral values (we do
+not implement them, and say so rather than ignore them). Other fields (user, metadata, ...) are
+ignored, like OpenAI's servers ignore what they do not use.
 """
 
 from __future__ import annotations
@@ -73,6 +73,17 @@ def _neutral(body: dict, name: str, neutral: Any) -> None:
         raise bad(name, f"'{name}' is not supported by potluck (leave it out or set it to {neutral!r})", "unsupported_parameter")
 
 
+def _free_text_only(body: dict) -> None:
+    """Tools and structured output need a model that was asked for them; potluck's models answer in
+    free text, so a request that relies on them is refused rather than answered as if it did not."""
+    for name, neutral in (("tools", []), ("functions", []), ("tool_choice", "none"), ("function_call", "none"),
+                          ("response_format", {"type": "text"})):
+        x = body.get(name)
+        if x is not None and x != neutral:
+            raise bad(name, f"'{name}' is not supported by potluck: its models answer in free text (leave "
+                            f"'{name}' out)", "unsupported_parameter")
+
+
 @dataclass
 class GenerationRequest:
     model: str
@@ -123,6 +134,7 @@ class GenerationRequest:
         _neutral(body, "best_of", 1)
         _neutral(body, "echo", False)
         _neutral(body, "suffix", None)
+        _free_text_only(body)
         if seed is not None:
             seed %= 1 << 63  # torch generators take non-negative seeds
         from pipeline.sampling import SamplingParams  # (torch: imported when a request comes, not with the CLI)

@@ -36,13 +36,13 @@ from p2p.network import Network
 from p2p.swarm_key import load_key
 from pipeline.announce import GOSSIP_TOPIC, from_gossip_note
 from pipeline.billing import ClientBilling, ServerBilling
-from pipeline.client import ClientConfig, DistributedModel, Generation
+from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
 from pipeline.pricing import ModelPricing
-from pipeline.sampling import SamplingParams
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 
-from . import control
+from . import control, generation
+from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class Peer:
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None
         self._client_lock = trio.Lock()
-        self.last_generation: dict | None = None
+        self.last_generation: dict | None = None  # generation.GenerationResult.summary() of the latest one
         self.api_url: str | None = None
         self._model_card: dict | None = None
         self._swarm_cache: tuple[float, list[dict]] | None = None
@@ -220,35 +220,22 @@ class Peer:
                     config=ClientConfig(billing=ClientBilling(self.ledger)))
             return self._client
 
-    async def generate(self, prompt: str | list[dict], params: SamplingParams) -> Generation:
-        client = await self.client()
-        result = await client.generate(prompt, params)
-        self.last_generation = _generation_summary(result)
-        return result
-
-    def record_generation(self, stats: dict, **extra) -> dict:
-        """Remember a generation made elsewhere (the HTTP API) as the last one; returns its summary."""
-        self.last_generation = {**_summary_from_stats(stats, stats.get("tokens", 0), stats.get("prompt_tokens", 0),
-                                                      stats.get("finish_reason", "length")), **extra}
-        return self.last_generation
-
-    async def my_spent(self) -> float:
-        """Credits this peer has spent so far (GFLOP-credits), as its ledger says now."""
-        from credits.ledger import credits
-
-        return credits((await self.ledger.balance(self.ledger.me)).spent)
-
     async def _generate_command(self, request: dict) -> dict:
-        prompt = request.get("messages") or framing.field(request, "prompt", str, max_len=1 << 20)
-        params = SamplingParams(
-            max_new_tokens=framing.field(request, "max_tokens", int, optional=True) or 64,
-            temperature=float(framing.field(request, "temperature", (int, float), optional=True) or 0.0),
-            top_p=float(framing.field(request, "top_p", (int, float), optional=True) or 1.0),
-            seed=framing.field(request, "seed", int, optional=True),
-        )
-        result = await self.generate(prompt, params)
-        assert self.last_generation is not None  # generate() has just set it
-        return {"text": result.text, "token_ids": result.token_ids, **self.last_generation}
+        """A generation for `potluck`'s own tools: checked and run like an API request (potluck/generation.py),
+        with greedy sampling and 64 tokens unless asked otherwise."""
+        body = {"model": request.get("model", "default"), "max_tokens": request.get("max_tokens", 64),
+                "temperature": request.get("temperature", 0.0),
+                **{k: request[k] for k in ("top_p", "seed") if k in request}}
+        req: ChatRequest | CompletionRequest
+        if "messages" in request:
+            req = ChatRequest.parse({**body, "messages": request["messages"]})
+        else:
+            req = CompletionRequest.parse({**body, "prompt": request.get("prompt")})
+        prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
+        job = await generation.prepare(self, req.model, prompt, req.params,
+                                       max_tokens_given=request.get("max_tokens") is not None)
+        result = await generation.complete(self, job, source="control")
+        return {"text": result.generation.text, "token_ids": result.generation.token_ids, **result.summary()}
 
     def commands(self) -> dict:
         return {
@@ -310,24 +297,6 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
 def _context_length(config) -> int | None:
     n = getattr(config, "max_position_embeddings", None)
     return n if isinstance(n, int) and 0 < n < math.inf else None
-
-
-def _generation_summary(result: Generation) -> dict:
-    """What a person wants to know about a generation: which peers served which blocks, and how fast."""
-    return _summary_from_stats(result.stats, len(result.token_ids), result.prompt_tokens, result.finish_reason)
-
-
-def _summary_from_stats(stats: dict, tokens: int, prompt_tokens: int, finish_reason: str) -> dict:
-    return {
-        "route": [{"peer_id": peer_id, "start": start, "end": end} for peer_id, start, end in stats.get("route", [])],
-        "tokens": tokens,
-        "prompt_tokens": prompt_tokens,
-        "finish_reason": finish_reason,
-        "ttft_s": stats.get("ttft_s"),
-        "wall_s": stats.get("wall_s"),
-        "tokens_per_s": stats.get("tokens_per_s"),
-        "recoveries": stats.get("recoveries", 0),
-    }
 
 
 async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:

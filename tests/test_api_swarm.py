@@ -18,11 +18,13 @@ import time
 from pathlib import Path
 
 import httpx
+import msgpack
 import openai
 import pytest
 import trio
 from openai import OpenAI
 
+from credits import Receipt, Store, credits
 from potluck import control
 from potluck.localswarm import POTLUCK, PeerProcess, wait_until
 
@@ -171,6 +173,52 @@ def test_readme_client_snippet_runs_unchanged(swarm, capsys):
     exec(compile(snippet, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert out.strip() and re.search(r" \d+\n", out)
+
+
+def _earned(swarm: Swarm, sessions: set[str]) -> dict[str, float]:
+    """Session id (hex) → GFLOP-credits the servers' own ledgers record as earned for it (each earn
+    entry holds the session's latest receipt; the highest counter is what the session earned)."""
+    latest: dict[str, Receipt] = {}
+    for p in swarm.servers:
+        store = Store(p.data_dir)  # a second connection to the running server's database
+        try:
+            earns = store.entries_of_kind("earn")
+        finally:
+            store.close()
+        for entry in earns:
+            r = Receipt.from_list(msgpack.unpackb(entry.body, raw=False)[0])
+            key = r.session.hex()
+            if key in sessions and (key not in latest or latest[key].counter < r.counter):
+                latest[key] = r
+    return {key: credits(r.flops) for key, r in latest.items()}
+
+
+def test_concurrent_requests_each_report_the_credits_of_their_own_sessions(swarm):
+    """Two requests at once: each answer's credits_spent is what the servers earned for that request's
+    sessions, not the movement of the ledger while both ran."""
+    client = swarm.openai()
+    questions = ["Name a fruit.", "Tell me, in one long sentence, about the history of the city of Rome."]
+    answers: dict[int, dict] = {}
+
+    def ask(i: int) -> None:
+        reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": questions[i]}],
+                                               max_tokens=4 + 12 * i, temperature=0)
+        answers[i] = reply.model_extra["potluck"]
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sorted(answers) == [0, 1]
+    for extra in answers.values():
+        paid = {p["session"]: p["credits"] for p in extra["paid"]}
+        assert len(paid) == 3 and {p["peer_id"] for p in extra["paid"]} == {p.peer_id for p in swarm.servers}
+        earned = wait_until(lambda: (e := _earned(swarm, set(paid))).keys() == paid.keys() and e, 30, 0.5,
+                            message="the servers' earn entries for the request's sessions")
+        assert earned == pytest.approx(paid)
+        assert extra["credits_spent"] == pytest.approx(sum(earned.values())) and extra["credits_spent"] > 0
+    assert answers[0]["credits_spent"] < answers[1]["credits_spent"]  # the longer request cost more
 
 
 # --- potluck chat, potluck status ---------------------------------------------------------------------

@@ -5,14 +5,19 @@ is in tests/test_api_swarm.py."""
 from __future__ import annotations
 
 import json
+from typing import AsyncGenerator
 
 import httpx
 import pytest
 import trio
 
-from credits.errors import CreditRefused
-from pipeline.client import GenerationFailed, TokenEvent
+from credits import Receipt, credits
+from p2p.identity import Identity
+from pipeline.client import Finished, Generation, GenerationFailed, TokenEvent
+from pipeline.protocol import InferenceError
+from pipeline.sampling import SamplingParams
 from potluck import api
+from potluck.generation import ApiPeer, CreditsView, GenerationClient
 from potluck.openai_schema import ApiError, ChatRequest, CompletionRequest
 from potluck.swarmview import coverage_view, format_ranges, missing_ranges
 
@@ -28,8 +33,17 @@ class FakeConfig:
     num_layers = 6
 
 
+SERVER = Identity.generate().public_key
+
+
+def receipt(flops: int, session: bytes) -> Receipt:
+    """A receipt as a server holds it (the API only reads its server, session, tokens and FLOPs)."""
+    return Receipt(SERVER, b"\1" * 32, "ab" * 32, 0, 6, 10, flops, session, 1, b"\0" * 64)
+
+
 class FakeClient:
-    """Tokens are characters; the answer is the prompt's words reversed, one token per character."""
+    """Tokens are characters; the answer is the prompt's words reversed, one token per character.
+    Each generation pays 1e9 FLOPs per prompt token in one session (its receipts: `paid`)."""
 
     model_config = FakeConfig()
 
@@ -38,6 +52,7 @@ class FakeClient:
         self.started = trio.Event()
         self.cancelled = False
         self.slow = 0.0
+        self.paid: list[Receipt] = []
 
     def encode(self, prompt):
         text = prompt if isinstance(prompt, str) else " ".join(m["content"] for m in prompt)
@@ -46,23 +61,25 @@ class FakeClient:
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 
-    async def stream(self, ids, params, stats):
-        stats.update(prompt_tokens=len(ids), tokens=0, finish_reason="length", route=[("peerA", 0, 6)])
+    async def stream(self, ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenEvent | Finished, None]:
         self.started.set()
         if self.fail is not None:
             raise self.fail
         answer = "olleh dlrow"[:params.max_new_tokens]
+        route = [("peerA", 0, 6)]
         out = []
         try:
             for i, c in enumerate(answer):
                 await trio.sleep(self.slow)
                 out.append(ord(c))
-                stats["tokens"] = len(out)
-                yield TokenEvent(ord(c), c, i)
+                yield TokenEvent(ord(c), c, i, route)
         except trio.Cancelled:
             self.cancelled = True
             raise
-        stats.update(generated_ids=out, tokens_per_s=10.0, ttft_s=0.01, wall_s=0.1)
+        paid = [receipt(len(ids) * 10**9, len(ids).to_bytes(16, "big"))]
+        self.paid += paid
+        yield Finished("", Generation(out, answer, "length", len(ids), route=route, paid=paid, ttft_s=0.01,
+                                      wall_s=0.1, tokens_per_s=10.0))
 
 
 class FakeLedger:
@@ -75,34 +92,30 @@ class FakeLedger:
 
 
 class FakePeer:
+    """A stand-in for `potluck.peer.Peer`, as the API sees it (`ApiPeer`)."""
+
     def __init__(self, servers):
         self._client = FakeClient()
         self.servers = servers
-        self.ledger = FakeLedger()
-        self.last_generation = None
+        self.ledger: CreditsView = FakeLedger()
+        self.last_generation: dict | None = None
 
-    def status(self):
+    def status(self) -> dict:
         return {"peer_id": "me", "peers": [], "last_generation": self.last_generation}
 
-    async def client(self):
+    async def client(self) -> GenerationClient:
         return self._client
 
-    async def swarm_models(self, load=False, timeout=5.0, max_age=2.0):
+    async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:
         return [{"name": "Tiny-Model", "model_id": "ab" * 32, "num_blocks": 6, "context_length": 64,
                  "coverage": coverage_view(self.servers, 6)}]
-
-    def record_generation(self, stats, **extra):
-        self.last_generation = {"route": stats.get("route"), **extra}
-        return {"route": [], "tokens_per_s": 10.0}
-
-    async def my_spent(self):
-        return 0.0
 
 
 @pytest.fixture
 async def served(nursery):
     peer = FakePeer([FakeInfo("peerA", 0, 3), FakeInfo("peerB", 3, 6)])
-    url = await nursery.start(api.serve, peer, "127.0.0.1", 0)
+    as_seen: ApiPeer = peer  # the Protocol the API takes: a type checker holds the stand-in to it
+    url = await nursery.start(api.serve, as_seen, "127.0.0.1", 0)
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         yield peer, http
 
@@ -131,6 +144,29 @@ async def test_chat_completion_and_usage(served):
     assert body["choices"][0]["finish_reason"] == "length"
     assert body["usage"] == {"prompt_tokens": 11, "completion_tokens": 5, "total_tokens": 16}
     assert peer.last_generation["source"] == "api"
+    assert body["potluck"]["credits_spent"] == peer.last_generation["credits_spent"] == 11.0  # 11 prompt tokens
+
+
+async def test_each_answer_reports_the_credits_of_its_own_sessions(served):
+    """Two requests at once: each answer's credits are what its own generation paid, not the ledger's
+    movement over the time both ran."""
+    peer, http = served
+    peer._client.slow = 0.05
+    answers = {}
+
+    async def ask(content):
+        r = await http.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": content}]})
+        answers[content] = r.json()["potluck"]
+
+    async with trio.open_nursery() as nursery:
+        for content in ("hi", "a longer question"):
+            nursery.start_soon(ask, content)
+    assert len(peer._client.paid) == 2
+    for content, extra in answers.items():
+        (mine,) = [r for r in peer._client.paid if r.session == len(content).to_bytes(16, "big")]
+        assert extra["credits_spent"] == credits(mine.flops) == len(content)
+        assert extra["paid"] == [{"peer_id": extra["paid"][0]["peer_id"], "session": mine.session.hex(), "start": 0,
+                                  "end": 6, "tokens": 10, "credits": credits(mine.flops)}]
 
 
 async def test_stream_is_sse_chunks_ending_with_done(served):
@@ -161,6 +197,9 @@ async def test_stream_is_sse_chunks_ending_with_done(served):
     ({"messages": []}, 400, "invalid_value", "messages"),
     ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value", "messages[0].role"),
     ({"stream": "yes"}, 400, "invalid_type", "stream"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, 400, "unsupported_parameter", "tools"),
+    ({"tool_choice": "auto"}, 400, "unsupported_parameter", "tool_choice"),
+    ({"response_format": {"type": "json_object"}}, 400, "unsupported_parameter", "response_format"),
 ])
 async def test_bad_requests_are_400_or_404_in_openai_shape(served, patch, status, code, param):
     _, http = served
@@ -173,6 +212,10 @@ async def test_bad_json_unknown_path_and_method(served):
     err = error_of(await http.post("/v1/chat/completions", content=b"{not json"), 400, "invalid_json")
     assert "JSON" in err["message"]
     error_of(await http.post("/v1/chat/completions", content=b"[1, 2]"), 400, "invalid_body")
+    for depth in (40, 100_000):  # deeper than the API takes; deeper than the parser can
+        error_of(await http.post("/v1/chat/completions", content=b"[" * depth + b"]" * depth), 400, "invalid_json")
+    ok = {**CHAT, "response_format": {"type": "text"}, "tool_choice": "none", "tools": []}  # neutral values
+    assert (await http.post("/v1/chat/completions", json=ok)).status_code == 200
     error_of(await http.get("/v1/nothing"), 404, "unknown_url")
     error_of(await http.get("/v1/chat/completions"), 405)
 
@@ -191,8 +234,14 @@ async def test_no_route_names_the_missing_blocks(served):
 @pytest.mark.parametrize("stream", [False, True])
 async def test_over_the_debt_limit_is_402_and_says_how_to_earn(served, stream):
     peer, http = served
-    peer._client.fail = GenerationFailed("server refused: CreditRefused")
-    peer._client.fail.__cause__ = CreditRefused("your balance is -2,000 GFLOP-credits, past this swarm's debt limit")
+    # What production raises: the server's refusal arrives as an InferenceError of kind CreditRefused
+    # (pipeline/billing.py), the server is banned, and with no other route the session gives up with
+    # GenerationFailed from that refusal (pipeline/client.py, InferenceSession._open_route).
+    refusal = InferenceError("CreditRefused", "your balance is -2,000 GFLOP-credits, past this swarm's debt limit")
+    try:
+        raise GenerationFailed(f"no server covers blocks [0, 6); last error: {refusal}") from refusal
+    except GenerationFailed as e:
+        peer._client.fail = e
     r = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
     err = error_of(r, 402, "insufficient_credits")
     assert err["type"] == "insufficient_quota"
@@ -221,7 +270,7 @@ async def test_api_key_is_checked_on_every_request(nursery):
     with pytest.raises(ValueError, match="--api-key"):
         api.check_bind("0.0.0.0", None)
     api.check_bind("::1", None)
-    peer = FakePeer([FakeInfo("peerA", 0, 6)])
+    peer: ApiPeer = FakePeer([FakeInfo("peerA", 0, 6)])
     url = await nursery.start(api.serve, peer, "127.0.0.1", 0, "s3cret")
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         for method, path in (("GET", "/v1/models"), ("GET", "/api/status"), ("GET", "/"), ("POST", "/v1/completions")):

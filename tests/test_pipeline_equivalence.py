@@ -37,11 +37,11 @@ async def test_swarm_matches_local(tiny, backend):
             torch.testing.assert_close(got, want_logits, rtol=1e-5, atol=1e-5)
             g = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
             assert g.token_ids == want_tokens
-            assert g.finish_reason == "length" and len(g.stats["route"]) >= 2
+            assert g.finish_reason == "length" and len(g.route) >= 2
             # with server-to-server forwarding, the same tokens
             model.client_config.push = True
             g2 = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
-            assert g2.token_ids == want_tokens and g2.stats["push_fallbacks"] == 0
+            assert g2.token_ids == want_tokens and g2.push_fallbacks == 0
 
 
 async def test_cut_spans_only(tiny):
@@ -54,5 +54,5 @@ async def test_cut_spans_only(tiny):
             model = await s.client()
             g = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
             assert g.token_ids == want_tokens
-            spans = [(a, b) for _, a, b in g.stats["route"]]
+            spans = [(a, b) for _, a, b in g.route]
             assert spans in ([(0, 3), (3, 4)], [(0, 1), (1, 4)])

@@ -5,6 +5,7 @@ import pytest
 import trio
 
 from testkit.swarms import swarm
+from pipeline.client import Finished, TokenEvent
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 
@@ -18,20 +19,22 @@ async def test_server_killed_mid_generation(llama, backend, push, victim):
     with trio.fail_after(90):
         async with swarm(backend, path, [(0, 2), (2, 4), (0, 2), (2, 4)], model_id=mid) as s:
             model = await s.client(push=push, step_timeout=10.0)
-            stats: dict = {}
-            tokens, killed = [], None
-            async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[], stats=stats):
+            tokens, killed, g = [], None, None
+            async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[]):
+                if isinstance(ev, Finished):
+                    g = ev.generation
+                    continue
                 tokens.append(ev.token_id)
                 if ev.index == 5:
-                    killed = stats["route"][victim][0]
+                    killed = ev.route[victim][0]
                     await s.kill(s.server_of(killed))
             assert tokens == want
-            assert stats["recoveries"] >= 1
-            assert killed not in [p for p, _, _ in stats["route"]]
+            assert g.recoveries >= 1
+            assert killed not in [p for p, _, _ in g.route]
             assert killed in model.sequence.banned()
             # the next generation routes around the dead server from the start
             again = await model.generate(PROMPT, max_new_tokens=16, stop_token_ids=[])
-            assert again.token_ids == want and again.stats["recoveries"] == 0
+            assert again.token_ids == want and again.recoveries == 0
 
 
 async def test_no_replica_is_a_clear_failure(llama):
@@ -43,7 +46,7 @@ async def test_no_replica_is_a_clear_failure(llama):
             model = await s.client(step_timeout=5.0)
             with pytest.raises(GenerationFailed, match="no server"):
                 async for ev in model.stream(PROMPT, max_new_tokens=8, stop_token_ids=[]):
-                    if ev.index == 2:
+                    if isinstance(ev, TokenEvent) and ev.index == 2:
                         await s.kill(s.servers[1])
 
 

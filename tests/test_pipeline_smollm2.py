@@ -1,6 +1,7 @@
 """SmolLM2-135M-Instruct through 3 servers on real libp2p sockets: greedy text equals transformers'
-local `generate`; the chat template and stop strings work; a server's peak RSS is a fraction of the
-full model's (the multi-process version lives in bench/pipeline.py and the lead's CLI tests)."""
+local `generate`; the chat template and stop strings work (a held-back tail still arrives on EOS); a
+server's peak RSS is a fraction of the full model's (the multi-process version lives in
+bench/pipeline.py and the lead's CLI tests)."""
 
 import pytest
 import torch
@@ -47,3 +48,10 @@ async def test_smollm2_swarm_equals_local_hf(smollm2):
             async for ev in model.stream(MESSAGES, max_new_tokens=24, stop=["Paris"]):
                 streamed.append(ev.text)
             assert "".join(streamed) == want_text[:want_text.index("Paris")]
+            # The start of a possible stop string is held back until it is known; when the answer ends
+            # on EOS instead, the stream's last event still carries it.
+            assert g.finish_reason == "stop"  # EOS
+            never = want_text[-1] + "\u2603 never"
+            events = [ev async for ev in model.stream(MESSAGES, max_new_tokens=24, stop=[never])]
+            assert "".join(ev.text for ev in events) == want_text == events[-1].generation.text
+            assert events[-1].text.endswith(want_text[-1]) and events[-1].generation.finish_reason == "stop"

@@ -7,6 +7,7 @@ import pytest
 import trio
 
 from p2p.identity import public_key_from_peer_id
+from pipeline.client import TokenEvent
 from pipeline.loading import ModelFolder
 from pipeline.protocol import pack_hidden, unpack_hidden
 from pipeline.server import BlockServer
@@ -67,13 +68,13 @@ async def test_lying_server_is_caught_disputed_and_avoided(llama, push):
             model.client_config.push = push
             await sees_all(model, 4)
             liar_id = liar.network.peer_id
-            stats: dict = {}
-            tokens = [ev.token_id async for ev in model.stream(PROMPT, max_new_tokens=10, stop_token_ids=[],
-                                                              stats=stats)]
-            assert stats["servers"][0][0] == liar_id  # it was routed through first
+            events = [ev async for ev in model.stream(PROMPT, max_new_tokens=10, stop_token_ids=[])]
+            tokens = [ev.token_id for ev in events if isinstance(ev, TokenEvent)]
+            g = events[-1].generation
+            assert g.servers[0][0] == liar_id  # it was routed through first
             assert tokens == want  # every lie was caught before its output was used
-            assert liar_id in model.sequence.distrusted and liar_id not in [p for p, _, _ in stats["route"]]
-            assert stats["recoveries"] >= 1
+            assert liar_id in model.sequence.distrusted and liar_id not in [p for p, _, _ in g.route]
+            assert g.recoveries >= 1
             # a signed dispute on the client's chain, with evidence
             disputes = [e for e in client.ledger.store.entries(client.ledger.me) if e.kind == "dispute"]
             assert len(disputes) == 1
@@ -84,8 +85,8 @@ async def test_lying_server_is_caught_disputed_and_avoided(llama, push):
             assert set(ev["witnesses"]) <= {p.network.peer_id for p in honest}
             # avoided afterwards, and the next generation is clean
             g = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
-            assert g.token_ids == want and liar_id not in [p for p, _, _ in g.stats["servers"]]
-            assert g.stats["recoveries"] == 0
+            assert g.token_ids == want and liar_id not in [p for p, _, _ in g.servers]
+            assert g.recoveries == 0
             # honest servers were never accused
             assert not any(p.network.peer_id in model.sequence.distrusted for p in honest)
 
@@ -114,7 +115,7 @@ async def test_lying_checker_is_caught(llama):
                     break
             assert liar.network.peer_id in model.sequence.distrusted
             assert hop.network.peer_id not in model.sequence.distrusted
-            assert g.stats["recoveries"] == 0  # the hop itself was never replaced
+            assert g.recoveries == 0  # the hop itself was never replaced
             assert model.client_config.billing.stats["disputes"] == 1
 
 

@@ -1,0 +1,291 @@
+"""One generation through the swarm, the same for every front door: the HTTP API (potluck/api.py)
+and the control socket (`generate`, potluck/peer.py).
+
+    job = await prepare(peer, "default", prompt_or_messages, params, max_tokens_given=True)
+    async for piece in run(peer, job, source="api"):   # str ..., then one GenerationResult
+        ...
+    result = await complete(peer, job, source="control")  # or all at once
+
+- `prepare` checks a request against the model and the swarm before anything runs: the model
+  exists (404), the prompt tokenizes (400), its ids fit the vocabulary, prompt + max_tokens fit the
+  context (400 context_length_exceeded; an unasked-for max_tokens is lowered to fit), and a route
+  covers every block (503 no_route, naming the missing blocks).
+- `run` streams the text and ends with the typed `GenerationResult` (`complete` waits for it); it
+  records the result as the peer's last generation (status, dashboard). The credits a result
+  reports are what this client signed for this generation's own sessions (`Generation.paid`), so
+  concurrent requests never see each other's spending.
+- A failure is raised as the `ApiError` both front doors answer with (`explain`): refusals and
+  failures are told apart by exception type on the cause chain, never by their text.
+- `ApiPeer` is what the front doors use of a peer (`peer.Peer` is one; tests use a stand-in).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from contextlib import aclosing
+from dataclasses import dataclass
+from typing import AsyncGenerator, Iterator, Protocol
+
+from credits import Balance, CreditRefused, credits
+from p2p.identity import peer_id_from_public_key
+from pipeline.client import Finished, Generation, GenerationFailed, TokenEvent
+from pipeline.errors import REFUSALS, CacheFull, InsufficientCredit, Refused, TooLong
+from pipeline.protocol import InferenceError
+from pipeline.routing import NoRoute
+from pipeline.sampling import SamplingParams
+
+from .openai_schema import ApiError
+from .swarmview import format_ranges
+
+log = logging.getLogger(__name__)
+
+EARN_HINT = ("Earn credits by serving blocks of the model: `potluck serve --blocks auto` (a volunteer peer earns "
+             "for every step it computes), then retry; `potluck credits` shows your balance.")
+
+Prompt = str | list[int] | list[dict]
+
+
+# --- what the front doors use of a peer ---------------------------------------------------------------
+
+
+class ModelVocabulary(Protocol):
+    """What a request check reads of a model's config (`pipeline.config.ModelConfig`)."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+
+class GenerationClient(Protocol):
+    """The client half of a model (`pipeline.client.DistributedModel`)."""
+
+    @property
+    def model_config(self) -> ModelVocabulary: ...
+
+    def encode(self, prompt: Prompt) -> list[int]: ...
+
+    def stream(self, prompt: list[int], params: SamplingParams) -> AsyncGenerator[TokenEvent | Finished, None]: ...
+
+
+class CreditsView(Protocol):
+    """The peer's ledger, as far as the API shows it (`credits.Ledger`)."""
+
+    async def balances(self) -> dict[bytes, Balance]: ...
+
+    def summary(self, balances: dict[bytes, Balance] | None = None) -> dict: ...
+
+
+class ApiPeer(Protocol):
+    """What the HTTP API and the control socket use of a running peer (`potluck.peer.Peer`)."""
+
+    last_generation: dict | None  # the summary of the latest generation, for status and the dashboard
+
+    @property
+    def ledger(self) -> CreditsView: ...
+
+    def status(self) -> dict: ...
+
+    async def client(self) -> GenerationClient: ...
+
+    async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]: ...
+
+
+# --- checking a request -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PreparedGeneration:
+    """A request that passed every check: ready to run."""
+
+    model: dict  # the model card with its coverage (Peer.swarm_models)
+    client: GenerationClient
+    ids: list[int]
+    params: SamplingParams
+
+
+async def resolve(peer: ApiPeer, name: str) -> dict:
+    """The model called `name` (its name, id, an id prefix of 8+ characters, or "default"); 404 if none."""
+    models = await peer.swarm_models(load=True)
+    wanted = name.strip().lower()
+    for m in models:
+        if wanted in (m["name"].lower(), m["model_id"], "default") or (len(wanted) >= 8 and m["model_id"].startswith(wanted)):
+            return m
+    known = ", ".join(f"{m['name']} (id {m['model_id'][:12]})" for m in models) or "none"
+    raise ApiError(404, f"The model '{name[:100]}' does not exist here. This peer runs: {known}; "
+                        "GET /v1/models lists them.", param="model", code="model_not_found")
+
+
+def no_route(model: dict) -> ApiError | None:
+    """The 503 to answer when no route covers `model`'s blocks, else None."""
+    view = model.get("coverage")
+    if view is None or view["complete"]:
+        return None
+    missing = view["missing"]
+    span = " ".join(f"--blocks {a}:{b}" for a, b in missing)
+    return ApiError(503, f"No route covers model {model['name']}: blocks {format_ranges(missing)} (of "
+                         f"{view['num_blocks']}) are served by no online peer. Wait for servers to join, or "
+                         f"serve them yourself: potluck serve --model {model['name']} {span}",
+                    type="server_error", code="no_route")
+
+
+async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: SamplingParams, *,
+                  max_tokens_given: bool) -> PreparedGeneration:
+    """Check a request (see the module docstring); raises ApiError naming what is wrong."""
+    model = await resolve(peer, model_name)
+    client = await peer.client()
+    what = "messages" if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) else "prompt"
+    try:
+        ids = client.encode(prompt)
+    except Exception as e:  # a template that refuses the roles, a tokenizer error
+        raise ApiError(400, f"could not tokenize the {what}: {e}", param=what) from None
+    if not ids:
+        raise ApiError(400, f"the {what} is empty", param=what)
+    vocab = client.model_config.vocab_size
+    if any(t >= vocab for t in ids):
+        raise ApiError(400, f"token ids must be below the vocabulary size {vocab}", param="prompt")
+    limit = model.get("context_length")
+    if limit:
+        room = limit - len(ids)
+        if room < 1 or (max_tokens_given and params.max_new_tokens > room):
+            raise ApiError(400, f"This model's context is {limit} tokens; the prompt has {len(ids)} and "
+                                f"max_tokens asks for {params.max_new_tokens}. Shorten the prompt or lower "
+                                "max_tokens.", param="max_tokens" if room >= 1 else what,
+                           code="context_length_exceeded")
+        params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
+    blocked = no_route(model)
+    if blocked is not None:
+        raise blocked
+    return PreparedGeneration(model, client, ids, params)
+
+
+# --- running it -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """A finished generation as the front doors report it."""
+
+    generation: Generation
+    model_id: str
+    source: str  # "api" or "control"
+
+    @property
+    def credits_spent(self) -> float:
+        """GFLOP-credits this client signed for this generation's sessions (receipts' face value)."""
+        return credits(self.generation.spent_flops)
+
+    def summary(self) -> dict:
+        """Route, tokens, timings and cost: the peer's `last_generation`, the API's `potluck` field."""
+        g = self.generation
+        return {
+            "route": [{"peer_id": peer_id, "start": start, "end": end} for peer_id, start, end in g.route],
+            "tokens": len(g.token_ids),
+            "prompt_tokens": g.prompt_tokens,
+            "finish_reason": g.finish_reason,
+            "ttft_s": g.ttft_s,
+            "wall_s": g.wall_s,
+            "tokens_per_s": g.tokens_per_s,
+            "recoveries": g.recoveries,
+            "credits_spent": self.credits_spent,
+            "paid": [{"peer_id": peer_id_from_public_key(r.server), "session": r.session.hex(), "start": r.start,
+                      "end": r.end, "tokens": r.tokens, "credits": credits(r.flops)} for r in g.paid],
+            "model_id": self.model_id,
+            "source": self.source,
+        }
+
+
+async def run(peer: ApiPeer, job: PreparedGeneration, *, source: str) -> AsyncGenerator[str | GenerationResult, None]:
+    """Run a prepared generation: its text piece by piece (the pieces add up to the whole text), then
+    its `GenerationResult`, which becomes the peer's last generation. A failure is raised as the
+    `ApiError` that says what went wrong (`explain`)."""
+    result = None
+    try:
+        async with aclosing(job.client.stream(job.ids, job.params)) as events:
+            async for event in events:
+                if event.text:
+                    yield event.text
+                if isinstance(event, Finished):
+                    result = GenerationResult(event.generation, job.model["model_id"], source)
+    except Exception as e:
+        raise await explain(peer, job.model, e) from e
+    if result is None:
+        raise RuntimeError("the generation's stream ended without its Finished event")
+    peer.last_generation = result.summary()
+    yield result
+
+
+async def complete(peer: ApiPeer, job: PreparedGeneration, *, source: str) -> GenerationResult:
+    """`run` to the end, for a caller that wants the whole result at once."""
+    async with aclosing(run(peer, job, source=source)) as pieces:
+        async for piece in pieces:
+            if isinstance(piece, GenerationResult):
+                return piece
+    raise RuntimeError("the generation ended without its result")
+
+
+# --- failures -----------------------------------------------------------------------------------------------
+
+
+def _causes(e: BaseException) -> Iterator[BaseException]:
+    """`e` and everything on its cause/context chain and in its exception groups."""
+    seen = set()
+    stack: list[BaseException | None] = [e]
+    while stack:
+        x = stack.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        yield x
+        stack += [x.__cause__, x.__context__, *getattr(x, "exceptions", ())]
+
+
+def _refusal(x: BaseException) -> Refused | None:
+    """`x` as a typed refusal: the client's own, a server's error reply by its wire kind, or the
+    ledger's credit refusal; None for anything else."""
+    if isinstance(x, Refused):
+        return x
+    if isinstance(x, InferenceError) and x.kind in REFUSALS:
+        return REFUSALS[x.kind](x.kind, str(x), limit=x.limit)
+    if isinstance(x, CreditRefused):
+        return InsufficientCredit("CreditRefused", str(x))
+    return None
+
+
+def map_error(e: BaseException) -> ApiError:
+    """A failure as the front doors answer it, by the types on its cause chain: a refusal the user
+    can act on (too long: 400 with the usable limit; no credit: 402) before any other failure (503)."""
+    causes = list(_causes(e))
+    for x in causes:
+        if isinstance(x, ApiError):
+            return x
+    refusals = [r for r in map(_refusal, causes) if r is not None]
+    credit = next((r for r in refusals if isinstance(r, InsufficientCredit)), None)
+    if credit is not None:
+        return ApiError(402, f"The swarm refused this request: {credit.message} {EARN_HINT}",
+                        type="insufficient_quota", code="insufficient_credits")
+    too_long = next((r for r in refusals if isinstance(r, (TooLong, CacheFull))), None)
+    if too_long is not None:
+        room = (f"the servers of this model can hold at most {too_long.limit} tokens of a request (prompt + "
+                "max_tokens) right now" if too_long.limit is not None else "no server can hold a request this long now")
+        return ApiError(400, f"This request is too long for the swarm: {room}. Shorten the prompt or lower max_tokens.",
+                        param="messages", code="context_length_exceeded")
+    failed = next((x for x in causes if isinstance(x, (GenerationFailed, NoRoute))), None)
+    if failed is not None:
+        return ApiError(503, f"The swarm could not complete the generation: {failed}", type="server_error",
+                        code="generation_failed")
+    if isinstance(e, ValueError):
+        return ApiError(400, str(e))
+    log.exception("generation failed", exc_info=e)
+    return ApiError(500, f"internal error: {type(e).__name__}: {e}", type="server_error", code="internal_error")
+
+
+async def explain(peer: ApiPeer, model: dict, e: BaseException) -> ApiError:
+    """`map_error`, and when the swarm lost the route (a server left between the coverage check and
+    the generation), which blocks are missing, as for any missing route."""
+    error = map_error(e)
+    if error.code == "generation_failed":
+        models = await peer.swarm_models(max_age=0.0)
+        missing = next((no_route(m) for m in models if m["model_id"] == model["model_id"]), None)
+        if missing is not None:
+            return missing
+    return error
