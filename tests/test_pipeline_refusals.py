@@ -5,24 +5,14 @@ a server that faulted and restarted is routed to again as soon as its new announ
 import pytest
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import FIXED_TP, swarm
 from pipeline.errors import CacheFull, GenerationFailed, TooLong
-from pipeline.identity import model_id
-from pipeline.loading import load_local_model
 from pipeline.protocol import InferenceError
 from pipeline.server import BlockServer, ServerConfig
+from testkit.swarms import FIXED_TP, swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 LONG = [(7 * i) % 100 for i in range(50)]
 KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 16 * 4  # K and V, 4 blocks, 2 kv heads, head_dim 16, float32
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path, model_id(path), load_local_model(path, device="cpu")
 
 
 @pytest.mark.parametrize("refusal, server_cfg, limit", [
