@@ -50,6 +50,11 @@ class Busy(Refused):
     """The server holds as many sessions as it takes, or is stopping."""
 
 
+class PushRefused(Refused):
+    """A server would not forward a step to the next hop named: no current announcement (as the
+    server reads the swarm) shows that peer serving the next blocks of the model."""
+
+
 REFUSALS: dict[str, type[Refused]] = {
     "BadMaxLength": TooLong,
     "MaxLengthExceeded": TooLong,
@@ -62,6 +67,7 @@ REFUSALS: dict[str, type[Refused]] = {
     "SpanNotServed": WrongModel,
     "TooManySessions": Busy,
     "ServerStopping": Busy,
+    "PushRefused": PushRefused,
 }
 
 # Refusals that depend on the server asked (its cache, its limits, its view of the client's balance,
