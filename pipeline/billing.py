@@ -124,8 +124,8 @@ class ServerAccount:
         receipt held before (see `rollback`). Raises InferenceError ("BadReceipt" or "ReceiptRequired")."""
         previous = self.tracker.latest
         r = parse_receipt(receipt) if receipt is not None else None
-        if r is not None and previous is not None and r.counter == previous.counter and r.signature == previous.signature:
-            r = None
+        if r is not None and r == previous:
+            r = None  # the one held, again
         if r is not None:
             try:
                 self.tracker.accept(r, served_tokens=covered_tokens)
@@ -230,11 +230,15 @@ class ServerBilling:
         try:
             await self.settle(account)
         finally:
-            accounts = self.open_accounts.get(account.client)
-            if accounts is not None:
-                accounts.discard(account)
-                if not accounts:
-                    del self.open_accounts[account.client]
+            self.forget(account)
+
+    def forget(self, account: ServerAccount) -> None:
+        """`account`'s session is gone (or never opened): it no longer counts as open."""
+        accounts = self.open_accounts.get(account.client)
+        if accounts is not None:
+            accounts.discard(account)
+            if not accounts:
+                del self.open_accounts[account.client]
 
     async def priority(self, account: ServerAccount) -> float:
         """The client's balance (FLOPs), refreshed at most every `priority_ttl` seconds."""

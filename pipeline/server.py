@@ -394,7 +394,8 @@ class BlockServer:
             await trio.sleep(period)
             now = trio.current_time()
             for s in list(self.sessions.values()):
-                if not s.compute_lock.locked() and now - s.last_used > (self.config.session_timeout if s.steps else first):
+                timeout = self.config.session_timeout if s.steps else first
+                if not s.compute_lock.locked() and now - s.last_used > timeout:
                     log.info("session %s of %s expired", s.id.hex()[:8], s.peer_id[-8:])
                     self.stats["expired"] += 1
                     s.scope.cancel()
@@ -508,15 +509,20 @@ class BlockServer:
                 raise
         standing = self.billing is not None and (account is None or account.standing)  # None: ourselves
         per_token = KVCache.bytes_for(cfg, b - a, 1, dtype=self.dtype)
-        self._check_room(stream.peer_id, standing, max_length * per_token, per_token)  # it could finish here
         capacity = min(max_length, self.config.initial_cache_tokens)
         need = capacity * per_token
-        self._reserve(stream.peer_id, standing, need, per_token)  # before the await: opens cannot overbook
         try:
-            sub = self._subspan(a, b)
-            cache = await trio.to_thread.run_sync(sub.new_cache, capacity, limiter=self.limiter)
+            self._check_room(stream.peer_id, standing, max_length * per_token, per_token)  # it could finish here
+            self._reserve(stream.peer_id, standing, need, per_token)  # before the await: opens cannot overbook
+            try:
+                sub = self._subspan(a, b)
+                cache = await trio.to_thread.run_sync(sub.new_cache, capacity, limiter=self.limiter)
+            except BaseException:
+                self.cache_used -= need
+                raise
         except BaseException:
-            self.cache_used -= need
+            if account is not None:
+                self.billing.forget(account)
             raise
         session = ServedSession(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
                                 trio.current_time(), account=account, standing=standing)

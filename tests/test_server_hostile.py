@@ -264,7 +264,8 @@ async def test_push_goes_only_to_announced_servers(llama, backend):
             named = {victim.network.peer_id: victim.network.listen_addrs()[0]}
             if backend == "libp2p":
                 named[stranger] = f"/ip4/127.0.0.1/tcp/{port}/p2p/{stranger}"
-            targets = [victim.network.peer_id, other.network.peer_id, first.network.peer_id]  # nobody, wrong span, itself
+            # not a server; a server of the same blocks (not the next ones); the server itself
+            targets = [victim.network.peer_id, other.network.peer_id, first.network.peer_id]
             if backend == "libp2p":
                 targets.append(stranger)
             for i, target in enumerate(targets, start=1):
