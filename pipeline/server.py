@@ -13,7 +13,8 @@
   CacheFull unless its max length fits the free budget and the client's share, but reserves only
   `initial_cache_tokens`; the cache grows (doubling, copied) as steps need it, each growth checked
   again. A client holds at most `cache_share` of the budget over all its sessions, or
-  `cache_share_standing` with a positive balance (billing); a client with standing whose session
+  `cache_share_standing` with a positive balance (billing), and opens at most `cache_share` of
+  `max_sessions`; a client with standing whose session
   does not fit displaces sessions of clients without that have been idle `displace_idle_after`.
   Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after.
 - All torch work (loading, measuring, every step) runs in worker threads through one
@@ -94,7 +95,7 @@ class ServerConfig:
     push_timeout: float = 10.0
     first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
     initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
-    cache_share: float = 0.5  # of the budget, the most one client without standing holds
+    cache_share: float = 0.5  # of the budget (and of max_sessions), the most one client without standing holds
     cache_share_standing: float = 1.0  # ... and one with a positive balance
     displace_idle_after: float = 1.0  # a session idle this long may be displaced by a client with standing
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
@@ -498,6 +499,11 @@ class BlockServer:
         if len(self.sessions) >= self.config.max_sessions:
             self.stats["sessions_refused"] += 1
             raise InferenceError("TooManySessions", f"this server already holds {len(self.sessions)} sessions")
+        mine = sum(s.peer_id == stream.peer_id for s in self.sessions.values())
+        if mine >= max(1, int(self.config.max_sessions * self.config.cache_share)):
+            self.stats["sessions_refused"] += 1
+            raise InferenceError("TooManySessions", f"this server already holds {mine} of your sessions, as many "
+                                 "as one client may open")
         sid = secrets.token_bytes(proto.SESSION_ID_LEN)
         account = None
         if self.billing is not None:

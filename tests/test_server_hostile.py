@@ -1,7 +1,7 @@
 """A hostile peer cannot take an honest block server down (issue #13, the server's part):
 
-- the KV cache: "open" reserves only what a session starts with and the cache grows as it computes;
-  one client without credit holds at most its share; sessions that never compute expire quickly;
+- the KV cache and session slots: "open" reserves only what a session starts with and the cache grows as it computes;
+  one client without credit holds at most its share (of the cache and of the sessions); sessions that never compute expire quickly;
   a client with credit displaces idle sessions of clients without;
 - compute: every step (the first and the prefill too) is paid for before it runs, by a receipt
   that covers it; a client that never pays gets nothing, and one that signs without credit gets at
@@ -22,7 +22,7 @@ from p2p.identity import Identity, peer_id_from_public_key
 from pipeline import protocol as proto
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
-from pipeline.errors import REFUSALS, CacheFull, InsufficientCredit, PushRefused
+from pipeline.errors import REFUSALS, Busy, CacheFull, InsufficientCredit, PushRefused
 from pipeline.identity import model_id
 from pipeline.loading import ModelFolder, load_local_model
 from pipeline.protocol import pack_hidden
@@ -284,3 +284,18 @@ async def test_push_goes_only_to_announced_servers(llama, backend):
             await trio.sleep(0.2)
             assert dialled == [] and connections == []
             assert first.network.address_of(stranger) is None
+
+
+async def test_one_client_cannot_take_every_session(llama):
+    path, mid, local, cfg = llama
+    with trio.fail_after(60):
+        async with swarm("sim", path, [(0, 4)], model_id=mid, max_sessions=4) as s:
+            srv = s.servers[0]
+            await s.client()
+            await s.client()
+            mallory, honest = s.clients
+            streams = [await raw_stream(mallory, srv) for _ in range(3)]
+            assert [(await ask(st, open_msg(mid)))["t"] for st in streams[:2]] == ["opened", "opened"]
+            refused = await ask(streams[2], open_msg(mid))
+            assert refused["kind"] == "TooManySessions" and REFUSALS[refused["kind"]] is Busy
+            assert (await ask(await raw_stream(honest, srv), open_msg(mid)))["t"] == "opened"
