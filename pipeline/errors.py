@@ -2,9 +2,9 @@
 
 A server *refuses* a request it cannot or will not take (its cache is full, the session is too long,
 the client has no credit or stopped paying, it serves another model, dtype or span, it is busy or
-stopping) with a typed error kind on the wire (pipeline/protocol.py). The client raises the matching
-`Refused` subclass, never bans a server for it, tries another server where one could accept, and
-otherwise fails at once with it. Only *faults* (timeouts, broken streams, malformed or wrong outputs)
+stopping, it will not forward to the next hop named) with a typed error kind on the wire
+(pipeline/protocol.py). The client raises the matching `Refused` subclass, never bans a server for
+it, tries another server where one could accept, and otherwise fails at once with it. Only *faults* (timeouts, broken streams, malformed or wrong outputs)
 ban a server. `REFUSALS` maps each wire kind to its class; the server's kind is kept in `kind`.
 """
 
