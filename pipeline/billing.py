@@ -16,16 +16,21 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
 - Session id: the server's 16-byte session id is the receipt's session id (unique per server and
   session, so per (client, session, server) the receipt counter rises and replays are refused).
 - Every "out" reply carries "served": the tokens the server has computed in this session so far
-  (all steps, replays and re-runs included). The client signs, with each next step, a cumulative
-  receipt (`ReceiptSigner`) for exactly that count — it never has to guess what the server did —
-  and sends it as the step's "receipt"; in push mode each push-list entry carries its hop's receipt
-  and the servers forward it untouched (they cannot alter it: it is signed by the client).
-- The server checks the receipt BEFORE computing (`ServerAccount.check`): a receipt that is not for
-  this (server, client, model, span, session), is not newer, claims more than was served, is not
-  signed by the client or is mispriced (FLOPs re-computed from the model config) is refused with
-  `BadReceipt`; and the step is served only if the receipts held cover every token served before it
-  (`ReceiptTracker.require`) — otherwise `ReceiptRequired: the client stopped signing receipts`.
-  So what a server risks is one step of work.
+  (all steps, replays and re-runs included). With each step the client signs a cumulative receipt
+  (`ReceiptSigner`) for that count PLUS the step's own tokens — a signed commitment to pay for the
+  step before it is computed — and sends it as the step's "receipt"; in push mode each push-list
+  entry carries its hop's receipt and the servers forward it untouched (they cannot alter it: it is
+  signed by the client).
+- The server checks the receipt BEFORE computing (`ServerBilling.commit`): a receipt that is not for
+  this (server, client, model, span, session), is not newer, claims more than was served plus the
+  step, is not signed by the client or is mispriced (FLOPs re-computed from the model config) is
+  refused with `BadReceipt`; a step whose tokens the receipts held do not cover is refused with
+  `ReceiptRequired: the client stopped signing receipts`; and, unless the server is idle (no other
+  client's session open), a step that would put the client's unsettled receipts (across all its
+  sessions here) past its balance plus the debt limit is refused with `CreditRefused`. So no step
+  or prefill is computed unpaid, and what a server can lose to a client that never pays up is that
+  client's debt allowance (a fresh key: `CreditPolicy.debt_limit`, plus any grant its chain shows).
+  A step that is not computed after all gives its receipt back (`ServerAccount.rollback`).
 - "close" carries the final receipt (covering the last step). The server appends its latest receipt
   to its chain as an *earn* entry when the session ends (close, expiry, disconnect, shutdown) and,
   for long sessions, every `earn_every` receipts or `earn_interval` seconds; the ledger refuses a
@@ -61,7 +66,7 @@ from typing import Any, Callable
 import msgpack
 import trio
 
-from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker
+from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, credits
 from p2p.identity import peer_id_from_public_key, public_key_from_peer_id
 
 from .protocol import InferenceError
@@ -88,7 +93,7 @@ def parse_receipt(obj: Any) -> Receipt:
         raise InferenceError("BadReceipt", f"malformed receipt: {e}") from None
 
 
-@dataclass
+@dataclass(eq=False)  # one per session, kept in sets
 class ServerAccount:
     """One session's credit state on the server."""
 
@@ -98,34 +103,47 @@ class ServerAccount:
     priority: float
     priority_at: float
     recorded_counter: int = 0
+    recorded_flops: int = 0
     recorded_at: float = 0.0
     lock: trio.Lock = field(default_factory=trio.Lock)
 
-    def check(self, receipt: Any, served_tokens: int, *, require: bool = True) -> None:
-        """Before computing a step: accept the step's receipt (if any; the one already held again is
-        fine), then require that the receipts held cover the `served_tokens` already served.
-        Raises InferenceError ("BadReceipt" or "ReceiptRequired")."""
-        r: Receipt | None
-        if receipt is not None:
-            r = parse_receipt(receipt)
-            held = self.tracker.latest
-            if held is not None and r.counter == held.counter and r.signature == held.signature:
-                r = None
-        else:
-            r = None
+    @property
+    def unsettled_flops(self) -> int:
+        """What the receipts held here are worth beyond the last earn entry (not in the ledger yet)."""
+        latest = self.tracker.latest
+        return latest.flops - self.recorded_flops if latest is not None else 0
+
+    @property
+    def standing(self) -> bool:
+        """The client has credit (a positive balance, as of the last priority refresh)."""
+        return self.priority > 0
+
+    def check(self, receipt: Any, covered_tokens: int, *, require: bool = True) -> Receipt | None:
+        """Accept `receipt` (if any; the one already held again is fine), which may cover up to
+        `covered_tokens`, then require that the receipts held cover all `covered_tokens`. Returns the
+        receipt held before (see `rollback`). Raises InferenceError ("BadReceipt" or "ReceiptRequired")."""
+        previous = self.tracker.latest
+        r = parse_receipt(receipt) if receipt is not None else None
+        if r is not None and r == previous:
+            r = None  # the one held, again
         if r is not None:
             try:
-                self.tracker.accept(r, served_tokens=served_tokens)
+                self.tracker.accept(r, served_tokens=covered_tokens)
             except InvalidReceipt as e:
                 self.billing.stats["bad_receipts"] += 1
                 raise InferenceError("BadReceipt", f"receipt refused: {e}") from None
-        if not require:
-            return
-        try:
-            self.tracker.require(served_tokens)
-        except InvalidReceipt as e:
-            self.billing.stats["unpaid_refusals"] += 1
-            raise InferenceError("ReceiptRequired", f"the client stopped signing receipts: {e}") from None
+        if require:
+            try:
+                self.tracker.require(covered_tokens)
+            except InvalidReceipt as e:
+                self.billing.stats["unpaid_refusals"] += 1
+                self.rollback(previous)
+                raise InferenceError("ReceiptRequired", f"the client stopped signing receipts: {e}") from None
+        return previous
+
+    def rollback(self, previous: Receipt | None) -> None:
+        """The step a receipt committed to was not computed: hold the receipt from before it again."""
+        self.tracker.latest = previous
 
     def due(self, now: float) -> bool:
         """A periodic earn entry is due (long sessions)."""
@@ -154,8 +172,9 @@ class ServerBilling:
         self.clock = clock
         self.me = ledger.me
         self.started = clock()
+        self.open_accounts: dict[bytes, set[ServerAccount]] = {}  # client → its sessions' accounts
         self.stats = {"admitted": 0, "admitted_idle": 0, "refused": 0, "bad_receipts": 0, "unpaid_refusals": 0,
-                      "earn_entries": 0, "earned_flops": 0}
+                      "over_allowance": 0, "earn_entries": 0, "earned_flops": 0}
 
     def register_model(self, model_id: str, config: Any) -> None:
         _register(self.pricing, model_id, config)
@@ -181,7 +200,45 @@ class ServerBilling:
         tracker = ReceiptTracker(server=self.me, client=client, model=model, start=start, end=end, session=session,
                                  pricing=self.pricing)
         now = self.clock()
-        return ServerAccount(self, client, tracker, float(bal.effective), now, recorded_at=now)
+        account = ServerAccount(self, client, tracker, float(bal.effective), now, recorded_at=now)
+        self.open_accounts.setdefault(client, set()).add(account)
+        return account
+
+    async def commit(self, account: ServerAccount, receipt: Any, *, served: int, step_tokens: int,
+                     idle: bool) -> Receipt | None:
+        """Before computing a step of `step_tokens` after `served` tokens: the step's receipt must
+        cover both (a signed commitment to pay), and unless `idle`, the client's unsettled receipts
+        here must stay within its balance plus the debt limit. Returns the receipt held before, for
+        `ServerAccount.rollback` if the step is not computed. Raises InferenceError ("BadReceipt",
+        "ReceiptRequired", "CreditRefused")."""
+        previous = account.check(receipt, served + step_tokens)
+        if idle:
+            return previous
+        balance = (await self.ledger.balance(account.client)).effective
+        unsettled = sum(a.unsettled_flops for a in self.open_accounts.get(account.client, ()))
+        if balance - unsettled < -self.ledger.policy.debt_limit:
+            account.rollback(previous)
+            self.stats["over_allowance"] += 1
+            raise InferenceError(
+                "CreditRefused", f"this step would bring your balance to {credits(balance - unsettled):,.0f} "
+                f"GFLOP-credits, past this swarm's debt limit of {credits(self.ledger.policy.debt_limit):,.0f}; "
+                f"this server is busy. {EARN_HINT.format(model=self.model_name or '<model>')}")
+        return previous
+
+    async def end(self, account: ServerAccount) -> None:
+        """The session is over: its earn entry, and it no longer counts as open."""
+        try:
+            await self.settle(account)
+        finally:
+            self.forget(account)
+
+    def forget(self, account: ServerAccount) -> None:
+        """`account`'s session is gone (or never opened): it no longer counts as open."""
+        accounts = self.open_accounts.get(account.client)
+        if accounts is not None:
+            accounts.discard(account)
+            if not accounts:
+                del self.open_accounts[account.client]
 
     async def priority(self, account: ServerAccount) -> float:
         """The client's balance (FLOPs), refreshed at most every `priority_ttl` seconds."""
@@ -202,8 +259,10 @@ class ServerBilling:
             except InvalidReceipt as e:  # e.g. a receipt whose counter this chain already passed
                 log.warning("earn entry refused by our own ledger: %s", e)
                 account.recorded_counter = latest.counter
+                account.recorded_flops = latest.flops
                 return False
             account.recorded_counter = latest.counter
+            account.recorded_flops = latest.flops
             account.recorded_at = self.clock()
             self.stats["earn_entries"] += 1
             self.stats["earned_flops"] = self.stats.get("earned_flops", 0) + latest.flops
@@ -233,8 +292,9 @@ class ClientBilling:
 
     def receipt(self, peer_id: str, session_id: bytes, info: dict) -> list | None:
         """The receipt to send with a step (or close) to `peer_id`: covers `info["served"]`, the tokens
-        the server said it has computed so far; None when nothing is owed yet."""
-        served = int(info.get("served") or 0)
+        the server said it has computed so far, plus the step's own `info["tokens"]` (servers compute
+        only what is signed for); None when nothing is owed."""
+        served = int(info.get("served") or 0) + int(info.get("tokens") or 0)
         key = (peer_id, session_id)
         signer = self.signers.get(key)
         try:

@@ -384,7 +384,6 @@ class InferenceSession:
             if receipt is not None:
                 entry["receipt"] = receipt  # the servers forward it untouched
             msg["push"].append(entry)
-        msg["addrs"] = {hp.peer_id: hp.addr for hp in hops[1:] if hp.addr}
         failed = False
         refusal: Refused | None = None
 

@@ -2,9 +2,9 @@
 
 A server *refuses* a request it cannot or will not take (its cache is full, the session is too long,
 the client has no credit or stopped paying, it serves another model, dtype or span, it is busy or
-stopping) with a typed error kind on the wire (pipeline/protocol.py). The client raises the matching
-`Refused` subclass, never bans a server for it, tries another server where one could accept, and
-otherwise fails at once with it. Only *faults* (timeouts, broken streams, malformed or wrong outputs)
+stopping, it will not forward to the next hop named) with a typed error kind on the wire
+(pipeline/protocol.py). The client raises the matching `Refused` subclass, never bans a server for
+it, tries another server where one could accept, and otherwise fails at once with it. Only *faults* (timeouts, broken streams, malformed or wrong outputs)
 ban a server. `REFUSALS` maps each wire kind to its class; the server's kind is kept in `kind`.
 """
 
@@ -50,6 +50,11 @@ class Busy(Refused):
     """The server holds as many sessions as it takes, or is stopping."""
 
 
+class PushRefused(Refused):
+    """A server would not forward a step to the next hop named: no current announcement (as the
+    server reads the swarm) shows that peer serving the next blocks of the model."""
+
+
 REFUSALS: dict[str, type[Refused]] = {
     "BadMaxLength": TooLong,
     "MaxLengthExceeded": TooLong,
@@ -62,6 +67,7 @@ REFUSALS: dict[str, type[Refused]] = {
     "SpanNotServed": WrongModel,
     "TooManySessions": Busy,
     "ServerStopping": Busy,
+    "PushRefused": PushRefused,
 }
 
 # Refusals that depend on the server asked (its cache, its limits, its view of the client's balance,

@@ -9,12 +9,18 @@ client → server
         → {"t": "opened", "session": 16 random bytes, "start": a, "end": b, "max_length": L,
            "cache_tokens_left": int}
     {"t": "step", "id": n, "pos": p, "h": tensor [1, k, hidden], "chunks": [k1, k2, ...] (optional),
-     "push": [{"peer": id, "session": bytes}, ...] (optional), "receipt": any (optional, credits hook)}
-        → {"t": "out", "id": n, "h": tensor [1, k, hidden], "compute_s": seconds, "pushed": bool}
+     "push": [{"peer": id, "session": bytes, "receipt": ...}, ...] (optional), "receipt": (credits)}
+        → {"t": "out", "id": n, "h": tensor [1, k, hidden], "compute_s": seconds, "pushed": bool,
+           "served": tokens computed in this session so far}
       `chunks` replays several earlier steps in one message: the server runs them one after the other
       (k = Σ chunks), exactly as they first ran, so a rebuilt KV cache is bit-identical to the lost one.
       `push` (server-to-server forwarding): after computing, the server also sends its output to the
-      first entry's session as a "push" on a stream of its own, with the rest of the list.
+      first entry's session as a "push" on a stream of its own, with the rest of the list. The first
+      entry must be a server whose current announcement covers the block after this session's span
+      (else PushRefused, before computing); it is dialled by peer id (its announced address), never
+      at an address from the client.
+      `receipt` (credits, pipeline/billing.py) covers every token served so far AND this step's: the
+      step is paid for before it is computed (ReceiptRequired / CreditRefused otherwise).
     {"t": "close"}                                 → {"t": "closed"} and the stream ends
 
 server → server (stream `/potluck/inference-push/1.0.0`, one per pair of servers, no replies)
@@ -26,11 +32,13 @@ Errors: {"t": "error", "kind": name, "m": readable message, "limit": tokens (opt
 stays usable after an error in one message (the client decides); the server never dies of a message.
 Kinds that are *refusals* (pipeline/errors.py maps them to typed exceptions; never a reason to ban):
     BadMaxLength, MaxLengthExceeded   the session is too long ("limit": the most tokens it takes)
-    CacheFull                         no room in the KV cache now ("limit": tokens it could hold)
-    CreditRefused                     the client is past the debt limit (credits)
+    CacheFull                         no room in the KV cache now, or past the client's share of it
+                                      ("limit": tokens it could hold)
+    CreditRefused                     the client is (or this step would take it) past the debt limit
     ReceiptRequired, BadReceipt       no valid receipt for what was served (credits)
     ModelMismatch, DtypeMismatch, SpanNotServed   another model, dtype or span
     TooManySessions, ServerStopping   busy or shutting down
+    PushRefused                       the push list's next hop is not an announced server of the next blocks
 The others (BadRequest, BadPosition, StaleStep, NoSession, SessionOpen, SessionExpired, CacheError,
 BadPeer) say that a message or a session broke.
 """

@@ -6,11 +6,17 @@
         ...
         nursery.cancel_scope.cancel()     # clean shutdown: sessions closed, "offline" announced
 
-- Sessions (pipeline/protocol.py): one stream per session; the server keeps the session's KV cache
-  (preallocated for its max length, counted against `cache_budget_bytes`; a session that does not
-  fit is refused with CacheFull). A session may ask for any sub-span of ours. Idle sessions expire
-  after `session_timeout`. Every bad message gets an error reply and the session (and every other
-  session) goes on.
+- Sessions (pipeline/protocol.py): one stream per session; the server keeps the session's KV cache,
+  counted against `cache_budget_bytes`. A session may ask for any sub-span of ours. Every bad
+  message gets an error reply and the session (and every other session) goes on.
+- What a session holds is what it uses (a stranger cannot sit on the cache): "open" is refused with
+  CacheFull unless its max length fits the free budget and the client's share, but reserves only
+  `initial_cache_tokens`; the cache grows (doubling, copied) as steps need it, each growth checked
+  again. A client holds at most `cache_share` of the budget over all its sessions, or
+  `cache_share_standing` with a positive balance (billing), and opens at most `cache_share` of
+  `max_sessions`; a client with standing whose session
+  does not fit displaces sessions of clients without that have been idle `displace_idle_after`.
+  Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after.
 - All torch work (loading, measuring, every step) runs in worker threads through one
   `trio.CapacityLimiter`, so the peer's trio loop (DHT, membership, other sessions' I/O) never
   waits on a matmul.
@@ -22,11 +28,16 @@
   throughput) is below `rebalance_threshold` and moving raises the minimum.
 - Server-to-server forwarding: a step may carry a "push" list; the output is then also sent to the
   next server's session (stream `/potluck/inference-push/1.0.0`), which answers the client itself.
+  The next hop must be a server whose current announcement (as this server reads the DHT, at most
+  every `announcement_refresh` seconds) covers the block after the session's span; it is dialled by
+  peer id, at the address it announced when the network knows none. A step naming anyone else is
+  refused before computing (PushRefused); addresses a client sends are never used.
 - Credits (`billing=ServerBilling(ledger)`, pipeline/billing.py): "open" is admitted by the client's
   balance (refused past the debt limit unless this server is idle); each step's "receipt" is checked
-  BEFORE the step is computed, and a step is served only while the receipts held cover every token
-  served before it ("ReceiptRequired: the client stopped signing receipts"); every "out" says how many
-  tokens the session has been served ("served"), which is what the client signs for; "close" carries
+  BEFORE the step is computed and must cover every token served before it and the step's own
+  ("ReceiptRequired: the client stopped signing receipts"); unless no other client has a session
+  here, a step that would take the client's unsettled receipts past its debt allowance is refused
+  (CreditRefused); every "out" says how many tokens the session has been served ("served"); "close" carries
   the final receipt; the latest receipt becomes an earn entry when the session ends (close, expiry,
   disconnect, shutdown) and periodically in long sessions. Compute waits in a `PriorityLimiter`:
   highest client balance first, FIFO within a balance. Idle (for admission) = no other session open.
@@ -83,6 +94,12 @@ class ServerConfig:
     rebalance_threshold: float = 0.75
     compute_threads: int = 1
     push_timeout: float = 10.0
+    first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
+    initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
+    cache_share: float = 0.5  # of the budget (and of max_sessions), the most one client without standing holds
+    cache_share_standing: float = 1.0  # ... and one with a positive balance
+    displace_idle_after: float = 1.0  # a session idle this long may be displaced by a client with standing
+    announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
 
 
 @dataclass
@@ -102,6 +119,7 @@ class ServedSession:
     last_step: int = -1
     steps: int = 0
     tokens: int = 0
+    standing: bool = False  # may displace idle sessions of clients without (see BlockServer._reserve)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     compute_lock: trio.Lock = field(default_factory=trio.Lock)
     account: ServerAccount | None = None  # credits (billing)
@@ -192,9 +210,13 @@ class BlockServer:
         self._subspans: dict[tuple[int, int], BlockSpan] = {}
         self._push_streams: dict[str, Stream] = {}
         self._push_locks: dict[str, trio.Lock] = {}
+        self._announced: dict[str, ServerInfo] = {}  # peer id → its announcement, as last read
+        self._announced_at = -math.inf
+        self._announced_lock = trio.Lock()
         self._nursery: trio.Nursery | None = None
         self.stats = {"sessions_opened": 0, "sessions_refused": 0, "steps": 0, "tokens": 0, "errors": 0,
-                      "pushes_sent": 0, "pushes_received": 0, "push_failures": 0, "expired": 0, "moves": 0}
+                      "pushes_sent": 0, "pushes_received": 0, "push_failures": 0, "pushes_refused": 0, "expired": 0,
+                      "displaced": 0, "moves": 0}
 
     # --- lifecycle -------------------------------------------------------------------------------
 
@@ -381,12 +403,14 @@ class BlockServer:
                 log.info("announcement failed: %s", e)
 
     async def _expire_loop(self) -> None:
-        period = max(0.05, min(5.0, self.config.session_timeout / 4))
+        first = min(self.config.first_step_timeout, self.config.session_timeout)
+        period = max(0.05, min(5.0, first / 4))
         while True:
             await trio.sleep(period)
             now = trio.current_time()
             for s in list(self.sessions.values()):
-                if now - s.last_used > self.config.session_timeout:
+                timeout = self.config.session_timeout if s.steps else first
+                if not s.compute_lock.locked() and now - s.last_used > timeout:
                     log.info("session %s of %s expired", s.id.hex()[:8], s.peer_id[-8:])
                     self.stats["expired"] += 1
                     s.scope.cancel()
@@ -455,7 +479,7 @@ class BlockServer:
                     self._drop(session)
                     if session.account is not None:
                         with trio.CancelScope(shield=True), trio.move_on_after(10.0):
-                            await session.account.billing.settle(session.account)  # the earn entry
+                            await self.billing.end(session.account)  # the earn entry
         if scope.cancelled_caught and session is not None:
             with trio.move_on_after(1.0) as _:
                 try:
@@ -492,6 +516,11 @@ class BlockServer:
         if len(self.sessions) >= self.config.max_sessions:
             self.stats["sessions_refused"] += 1
             raise InferenceError("TooManySessions", f"this server already holds {len(self.sessions)} sessions")
+        mine = sum(s.peer_id == stream.peer_id for s in self.sessions.values())
+        if mine >= max(1, int(self.config.max_sessions * self.config.cache_share)):
+            self.stats["sessions_refused"] += 1
+            raise InferenceError("TooManySessions", f"this server already holds {mine} of your sessions, as many "
+                                 "as one client may open")
         sid = secrets.token_bytes(proto.SESSION_ID_LEN)
         account = None
         if self.billing is not None:
@@ -501,25 +530,67 @@ class BlockServer:
             except InferenceError:
                 self.stats["sessions_refused"] += 1
                 raise
-        need = KVCache.bytes_for(cfg, b - a, max_length, dtype=self.dtype)
-        if self.cache_used + need > self.config.cache_budget_bytes:
-            self.stats["sessions_refused"] += 1
-            per_token = KVCache.bytes_for(cfg, b - a, 1, dtype=self.dtype)
-            room = max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
-            raise InferenceError("CacheFull", f"the KV cache budget is full: {self.cache_used} of "
-                                 f"{self.config.cache_budget_bytes} bytes in use, this session needs {need}", room)
-        self.cache_used += need  # reserved before the await, so concurrent opens cannot overbook
+        standing = self.billing is not None and (account is None or account.standing)  # None: ourselves
+        per_token = KVCache.bytes_for(cfg, b - a, 1, dtype=self.dtype)
+        capacity = min(max_length, self.config.initial_cache_tokens)
+        need = capacity * per_token
         try:
-            sub = self._subspan(a, b)
-            cache = await self._in_thread(sub.new_cache, max_length)
+            self._check_room(stream.peer_id, standing, max_length * per_token, per_token)  # it could finish here
+            self._reserve(stream.peer_id, standing, need, per_token)  # before the await: opens cannot overbook
+            try:
+                sub = self._subspan(a, b)
+                cache = await self._in_thread(sub.new_cache, capacity)
+            except BaseException:
+                self.cache_used -= need
+                raise
         except BaseException:
-            self.cache_used -= need
+            if account is not None:
+                self.billing.forget(account)
             raise
         session = ServedSession(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
-                           trio.current_time(), account=account)
+                                trio.current_time(), account=account, standing=standing)
         self.sessions[session.id] = session
         self.stats["sessions_opened"] += 1
         return session
+
+    def _check_room(self, peer_id: str, standing: bool, nbytes: int, per_token: int) -> None:
+        """Raise CacheFull unless `nbytes` more fit the client's share and the budget (after displacing
+        idle sessions, for a client with standing). CacheFull's limit: the tokens that would fit."""
+        budget = self.config.cache_budget_bytes
+        free = budget - self.cache_used
+        if standing:
+            free += sum(s.nbytes for s in self._displaceable())
+        if nbytes > free:
+            self.stats["sessions_refused"] += 1
+            raise InferenceError("CacheFull", f"the KV cache budget is full: {self.cache_used} of {budget} bytes "
+                                 f"in use, this session needs {nbytes} more", max(0, free) // per_token)
+        share = int(budget * (self.config.cache_share_standing if standing else self.config.cache_share))
+        held = sum(s.nbytes for s in self.sessions.values() if s.peer_id == peer_id)
+        if held + nbytes > share:
+            self.stats["sessions_refused"] += 1
+            raise InferenceError("CacheFull", f"a client {'with' if standing else 'without'} credit may hold "
+                                 f"{share} bytes of this server's KV cache; you hold {held}, this session needs "
+                                 f"{nbytes} more", max(0, share - held) // per_token)
+
+    def _reserve(self, peer_id: str, standing: bool, nbytes: int, per_token: int) -> None:
+        """Count `nbytes` more of KV cache for a session of `peer_id` (displacing idle sessions of
+        clients without standing if it has standing and needs the room); CacheFull if they do not fit."""
+        self._check_room(peer_id, standing, nbytes, per_token)
+        budget = self.config.cache_budget_bytes
+        for s in sorted(self._displaceable(), key=lambda s: s.last_used):
+            if self.cache_used + nbytes <= budget:
+                break
+            log.info("session %s of %s displaced (idle, no credit)", s.id.hex()[:8], s.peer_id[-8:])
+            self.stats["displaced"] += 1
+            self._drop(s)
+            s.scope.cancel()
+        self.cache_used += nbytes
+
+    def _displaceable(self) -> list[ServedSession]:
+        """Sessions of clients without standing that are idle (no step running, none lately)."""
+        now = trio.current_time()
+        return [s for s in self.sessions.values() if not s.standing and not s.compute_lock.locked()
+                and now - s.last_used >= self.config.displace_idle_after]
 
     def _drop(self, session: ServedSession) -> None:
         if self.sessions.pop(session.id, None) is not None:
@@ -536,7 +607,7 @@ class BlockServer:
         chunks = proto.parse_chunks(m.get("chunks"), n)
         push = proto.parse_push(m.get("push"))
         push_receipts = [h.get("receipt") for h in m["push"]] if push else []  # forwarded as signed
-        addrs = m.get("addrs")
+        next_hop = await self._next_hop(session, push[0][0]) if push else None
         async with session.compute_lock:
             if step_id < session.last_step:
                 if pushed:
@@ -551,19 +622,37 @@ class BlockServer:
             session.last_used = trio.current_time()
             limiter: Any = self.limiter
             account = session.account
-            if account is not None:
-                account.check(m.get("receipt"), session.tokens)  # before any work: bounded risk
-                limiter = self.limiter.at(await account.billing.priority(account))
+            paid_before = None
+            if account is not None:  # paid for before any work: the receipt covers this step too
+                paid_before = await self.billing.commit(
+                    account, m.get("receipt"), served=session.tokens, step_tokens=n,
+                    idle=all(s.peer_id == session.peer_id for s in self.sessions.values()))
+            try:
+                capacity = session.cache.capacity
+                if pos + n > capacity:  # the cache grows with what the session uses
+                    capacity = min(session.max_length, max(pos + n, 2 * capacity))
+                    per_token = session.span.cache_bytes(1)
+                    extra = capacity * per_token - session.nbytes
+                    self._reserve(session.peer_id, session.standing, extra, per_token)
+                    session.nbytes += extra
+                if account is not None:
+                    limiter = self.limiter.at(await self.billing.priority(account))
 
-            def compute() -> tuple[torch.Tensor, float]:
-                t0 = time.perf_counter()
-                outs, off, p = [], 0, pos
-                for c in chunks:
-                    outs.append(session.span.forward(hidden[:, off:off + c], session.cache, p))
-                    off, p = off + c, p + c
-                return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), time.perf_counter() - t0
+                def compute() -> tuple[torch.Tensor, float]:
+                    t0 = time.perf_counter()
+                    if capacity > session.cache.capacity:
+                        session.cache = _grown(session.span, session.cache, capacity)
+                    outs, off, p = [], 0, pos
+                    for c in chunks:
+                        outs.append(session.span.forward(hidden[:, off:off + c], session.cache, p))
+                        off, p = off + c, p + c
+                    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), time.perf_counter() - t0
 
-            out, compute_s = await trio.to_thread.run_sync(compute, limiter=limiter)
+                out, compute_s = await trio.to_thread.run_sync(compute, limiter=limiter)
+            except BaseException:
+                if account is not None:
+                    account.rollback(paid_before)
+                raise
             session.last_step = step_id
             session.last_used = trio.current_time()
             session.tokens += n
@@ -574,13 +663,41 @@ class BlockServer:
         self.stats["steps"] += 1
         self.stats["tokens"] += n
         packed = pack_hidden(out)
-        if push and self._nursery is not None:
-            self._nursery.start_soon(self._push, push, addrs, step_id, pos, packed, push_receipts)
+        if next_hop is not None and self._nursery is not None:
+            self._nursery.start_soon(self._push, push, next_hop, step_id, pos, packed, push_receipts)
         return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
 
     # --- server-to-server forwarding -------------------------------------------------------------
 
-    async def _push(self, push: list[tuple[str, bytes]], addrs: Any, step_id: int, pos: int, packed: dict,
+    async def _next_hop(self, session: ServedSession, peer_id: str) -> ServerInfo:
+        """The announcement of `peer_id` if it is a current server of the block after `session`'s span
+        (read again from the DHT, at most every `announcement_refresh` s, when not known); else
+        InferenceError("PushRefused"): we forward only to servers the swarm announces, never to an
+        address a client names."""
+        block = session.span.end
+        info = await self._announcement(peer_id)
+        if info is None or not info.online or not info.covers(block):
+            self.stats["pushes_refused"] += 1
+            raise InferenceError("PushRefused", f"peer {peer_id[-12:]} has no current announcement serving block "
+                                 f"{block} of this model (pushes go only to announced servers)")
+        return info
+
+    async def _announcement(self, peer_id: str) -> ServerInfo | None:
+        async with self._announced_lock:
+            info = self._announced.get(peer_id)
+            now = self.network.now()
+            if (info is None or info.expires <= now) and now - self._announced_at >= self.config.announcement_refresh:
+                self._announced_at = now
+                try:
+                    servers = await fetch_servers(self.dht, self.model_id, num_blocks=self.mf.config.num_layers)
+                except P2PError as e:
+                    log.info("could not read the swarm's announcements: %s", e)
+                    servers = []
+                self._announced = {s.peer_id: s for s in servers}
+                info = self._announced.get(peer_id)
+        return info if info is not None and info.expires > self.network.now() else None
+
+    async def _push(self, push: list[tuple[str, bytes]], next_hop: ServerInfo, step_id: int, pos: int, packed: dict,
                     receipts: list | None = None) -> None:
         (peer, sid), rest = push[0], push[1:]
         receipts = receipts or [None] * len(push)
@@ -589,11 +706,8 @@ class BlockServer:
                         for (p, s), r in zip(rest, receipts[1:])]}
         if receipts[0] is not None:
             msg["receipt"] = receipts[0]
-        if isinstance(addrs, dict):
-            msg["addrs"] = addrs
-            addr = addrs.get(peer)
-            if isinstance(addr, str) and len(addr) < 512 and self.network.address_of(peer) is None:
-                self.network.add_address(peer, addr)
+        if next_hop.addr is not None and self.network.address_of(peer) is None:
+            self.network.add_address(peer, next_hop.addr)  # what it announced (signed by itself)
         lock = self._push_locks.setdefault(peer, trio.Lock())
         try:
             with trio.fail_after(self.config.push_timeout):
@@ -648,6 +762,16 @@ class BlockServer:
             await self._send(session, session.stream, reply)
         except P2PError:
             session.scope.cancel()
+
+
+def _grown(span: BlockSpan, cache: KVCache, capacity: int) -> KVCache:
+    """A copy of `cache` with room for `capacity` tokens (what it holds is copied bit for bit)."""
+    new = span.new_cache(capacity)
+    n = cache.length
+    for dst, src in zip(new.k + new.v, cache.k + cache.v):
+        dst[:, :, :n] = src[:, :, :n]
+    new.length = n
+    return new
 
 
 def _error_reply(e: FrameError | InferenceError | CacheError) -> dict:

@@ -148,13 +148,14 @@ async def test_client_that_stops_signing_is_cut_off(llama):
                 """Sends receipts signed by mallory that claim to be the client's."""
 
                 def receipt(self, peer_id, session_id, info):
-                    if not info.get("served"):
+                    owed = info.get("served", 0) + info.get("tokens", 0)  # served so far and this step
+                    if not owed:
                         return None
                     from p2p.identity import public_key_from_peer_id
 
                     rs = ReceiptSigner(mallory, server=public_key_from_peer_id(peer_id), model=mid, start=info["start"],
                                        end=info["end"], pricing=s.servers[0].ledger.pricing, session=session_id)
-                    r = rs.sign(info["served"])
+                    r = rs.sign(owed)
                     lst = r.to_list()
                     lst[1] = model.network.identity.public_key  # claim it is the client's
                     return lst
