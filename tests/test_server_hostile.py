@@ -15,19 +15,17 @@ import pytest
 import torch
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import FIXED_TP, swarm
 from credits import CreditPolicy, ReceiptSigner
 from p2p.identity import Identity, peer_id_from_public_key
 from pipeline import protocol as proto
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.errors import REFUSALS, Busy, CacheFull, InsufficientCredit, PushRefused
-from pipeline.identity import model_id
-from pipeline.loading import ModelFolder, load_local_model
+from pipeline.loading import ModelFolder
 from pipeline.protocol import pack_hidden
 from pipeline.server import BlockServer, ServerConfig
-from test_billing import make_ledger
+from testkit.billing import make_ledger
+from testkit.swarms import FIXED_TP, swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 LONG = [(7 * i) % 100 for i in range(50)]
@@ -36,10 +34,9 @@ KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 16 * 4  # K and V, 4 blocks, 2 kv heads, head_d
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path, model_id(path), load_local_model(path, device="cpu"), ModelFolder(path).config
+def llama(llama):
+    path, mid, local = llama
+    return path, mid, local, ModelFolder(path).config
 
 
 async def ledger_peer(s, *, client_mode, mid, cfg, policy):
