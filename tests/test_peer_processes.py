@@ -91,9 +91,13 @@ def test_status_table_is_readable(spawn):
     wait_until(lambda: [p["rtt_ms"] is not None for p in a.status()["peers"] if p["alive"]] == [True], 20,
                message="a sees b and has measured its RTT")
     out = subprocess.run([*POTLUCK, "status", "--data-dir", str(a.data_dir)], capture_output=True, text=True,
-                         env={**os.environ, "COLUMNS": "250"}, check=True)
+                         env={**os.environ, "COLUMNS": "80"}, check=True)
     assert "known peers (1 alive of 1)" in out.stdout
-    assert b.peer_id in out.stdout and "eu-west" in out.stdout and "ms" in out.stdout
+    assert "…" + b.peer_id[-8:] in out.stdout and "eu-west" in out.stdout and "ms" in out.stdout
+    assert all(len(line) <= 80 for line in out.stdout.splitlines()), out.stdout
+    wide = subprocess.run([*POTLUCK, "status", "--wide", "--data-dir", str(a.data_dir)], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "250"}, check=True)
+    assert b.peer_id in wide.stdout
 
 
 def test_credit_chains_replicate_between_processes(spawn):
@@ -114,8 +118,12 @@ def test_credit_chains_replicate_between_processes(spawn):
     assert ca["chain_length"] == 1 and ca["granted"] > 0 and ca["balance"] == ca["granted"]
     assert ca["total"] == cb["total"] == ca["granted"] + cb["granted"]
     table = subprocess.run([*POTLUCK, "credits", "--data-dir", str(a.data_dir)], capture_output=True, text=True,
-                           env={**os.environ, "COLUMNS": "250"}, check=True).stdout
-    assert "GFLOP-credits" in table and b.peer_id in table
+                           env={**os.environ, "COLUMNS": "80"}, check=True).stdout
+    assert "GFLOP-credits" in table and "…" + b.peer_id[-8:] in table
+    assert all(len(line) <= 80 for line in table.splitlines()), table
+    wide = subprocess.run([*POTLUCK, "credits", "--wide", "--data-dir", str(a.data_dir)], capture_output=True,
+                          text=True, env={**os.environ, "COLUMNS": "250"}, check=True).stdout
+    assert b.peer_id in wide
 
 
 def test_a_failed_command_is_an_error_reply_and_the_peer_keeps_serving(spawn, smollm2_data):
