@@ -14,6 +14,7 @@ import trio
 from credits import Receipt, credits
 from p2p.identity import Identity
 from pipeline.client import Finished, Generation, GenerationFailed, TokenEvent
+from pipeline.errors import REFUSALS, Refused
 from pipeline.protocol import InferenceError
 from pipeline.sampling import SamplingParams
 from potluck import api
@@ -231,21 +232,38 @@ async def test_no_route_names_the_missing_blocks(served):
     assert models[0]["potluck"]["missing_blocks"] == [[2, 4], [5, 6]]
 
 
+def refused(kind: str, message: str, limit: int | None = None) -> Exception:
+    """What production raises when every server refused: the typed refusal of the server's wire kind
+    (pipeline/hop.py maps the error reply), the reply itself as its cause."""
+    reply = InferenceError(kind, message, limit=limit)
+    try:
+        raise REFUSALS[kind](kind, message, peer_id="peerA", limit=limit) from reply
+    except Refused as e:
+        return e
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_over_the_debt_limit_is_402_and_says_how_to_earn(served, stream):
     peer, http = served
-    # What production raises: the server's refusal arrives as an InferenceError of kind CreditRefused
-    # (pipeline/billing.py), the server is banned, and with no other route the session gives up with
-    # GenerationFailed from that refusal (pipeline/client.py, InferenceSession._open_route).
-    refusal = InferenceError("CreditRefused", "your balance is -2,000 GFLOP-credits, past this swarm's debt limit")
-    try:
-        raise GenerationFailed(f"no server covers blocks [0, 6); last error: {refusal}") from refusal
-    except GenerationFailed as e:
-        peer._client.fail = e
+    peer._client.fail = refused("CreditRefused", "your balance is -2,000 GFLOP-credits, past this swarm's debt limit")
     r = await http.post("/v1/chat/completions", json={**CHAT, "stream": stream})
     err = error_of(r, 402, "insufficient_credits")
     assert err["type"] == "insufficient_quota"
     assert "potluck serve --blocks auto" in err["message"] and "debt limit" in err["message"]
+
+
+@pytest.mark.parametrize("kind", ["CacheFull", "MaxLengthExceeded"])
+async def test_too_long_for_every_server_is_400_naming_the_limit(served, kind):
+    peer, http = served
+    peer._client.fail = refused(kind, "no room for 6,600 tokens", limit=5800)
+    err = error_of(await http.post("/v1/chat/completions", json=CHAT), 400, "context_length_exceeded")
+    assert "at most 5800 tokens" in err["message"] and "Shorten the prompt" in err["message"]
+
+
+async def test_a_busy_swarm_is_503_not_a_client_error(served):
+    peer, http = served
+    peer._client.fail = refused("TooManySessions", "this server holds 64 sessions")
+    error_of(await http.post("/v1/chat/completions", json=CHAT), 503, "generation_failed")
 
 
 async def test_generation_failure_is_503(served):
