@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", metavar="a:b|auto",
                    help="serve blocks [a, b) of the model, or 'auto' to fill the swarm's gaps (default: serve none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--cache-mb", type=int, metavar="MiB",
+                   help="memory for the KV cache of the blocks served (default 256); bounds the sessions it holds")
     p.add_argument("--threads", type=int, help="torch threads for this peer (default: torch's choice); "
                                                "give 1 when several peers share a machine")
     p.add_argument("--api", metavar="HOST:PORT",
@@ -119,6 +121,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     if args.blocks is not None:
         parse_blocks(args.blocks)  # a malformed span is an error before anything starts
+    if args.cache_mb is not None and args.cache_mb < 1:
+        raise ValueError("--cache-mb wants a positive number of MiB")
     config = PeerConfig(
         data_dir=args.data_dir,
         listen=listen,
@@ -130,6 +134,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         model=args.model,
         blocks=args.blocks,
         dtype=args.dtype,
+        cache_mib=args.cache_mb,
         api=args.api,
         api_key=args.api_key,
     )

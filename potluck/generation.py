@@ -27,7 +27,7 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncGenerator, Iterator, Protocol
 
-from credits import Balance, CreditRefused, credits
+from credits import CreditRefused, credits
 from p2p.identity import peer_id_from_public_key
 from pipeline.client import Finished, Generation, GenerationFailed, TokenEvent
 from pipeline.errors import REFUSALS, CacheFull, InsufficientCredit, Refused, TooLong
@@ -70,9 +70,7 @@ class GenerationClient(Protocol):
 class CreditsView(Protocol):
     """The peer's ledger, as far as the API shows it (`credits.Ledger`)."""
 
-    async def balances(self) -> dict[bytes, Balance]: ...
-
-    def summary(self, balances: dict[bytes, Balance] | None = None) -> dict: ...
+    async def summary(self, recent: int = 10) -> dict: ...
 
 
 class ApiPeer(Protocol):
@@ -155,7 +153,24 @@ async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: Sampli
     blocked = no_route(model)
     if blocked is not None:
         raise blocked
+    params = _fit_swarm_cache(model, len(ids), params, max_tokens_given=max_tokens_given, what=what)
     return PreparedGeneration(model, client, ids, params)
+
+
+def _fit_swarm_cache(model: dict, prompt_tokens: int, params: SamplingParams, *, max_tokens_given: bool,
+                     what: str) -> SamplingParams:
+    """Refuse (400, naming the limit) a request longer than any route's servers have KV cache for, as
+    they announced it, before any server is asked; an unasked-for max_tokens is lowered to fit."""
+    fits = (model.get("coverage") or {}).get("max_request_tokens")
+    if fits is None:
+        return params
+    room = fits - prompt_tokens
+    if room < 1 or (max_tokens_given and params.max_new_tokens > room):
+        raise ApiError(400, f"This request is too long for the swarm now: its servers can hold at most {fits} tokens "
+                            f"of a request (prompt + max_tokens); the prompt has {prompt_tokens} and max_tokens asks "
+                            f"for {params.max_new_tokens}. Shorten the prompt or lower max_tokens.",
+                       param="max_tokens" if room >= 1 else what, code="context_length_exceeded")
+    return dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
 
 
 # --- running it -------------------------------------------------------------------------------------------

@@ -63,6 +63,7 @@ class PeerConfig:
     model: str | None = None  # None: the default model
     blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
     dtype: str = "float32"
+    cache_mib: int | None = None  # the KV cache budget of served blocks (None: the server's default)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
 
@@ -253,6 +254,12 @@ class Peer:
             await trio.sleep(self.config.presence_interval)
 
 
+def _server_config(config: PeerConfig) -> ServerConfig:
+    if config.cache_mib is None:
+        return ServerConfig(dtype=config.dtype)
+    return ServerConfig(dtype=config.dtype, cache_budget_bytes=config.cache_mib << 20)
+
+
 async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None = None) -> None:
     """Run a peer until cancelled or until SIGINT/SIGTERM arrives."""
     identity = Identity.load_or_create(config.data_dir)
@@ -270,7 +277,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 folder = await trio.to_thread.run_sync(model_folder, config.model, config.data_dir)
                 start, end = parse_blocks(config.blocks)
                 peer.server = BlockServer(network, peer.dht, folder, start, end, gossip=peer.gossip,
-                                          config=ServerConfig(dtype=config.dtype),
+                                          config=_server_config(config),
                                           billing=ServerBilling(ledger, model_name=config.model))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)

@@ -33,6 +33,7 @@ def coverage_view(servers: Iterable, num_blocks: int) -> dict:
     """Per-block replicas and summed decode throughput of the online servers, the gaps, the servers."""
     replicas = [0] * num_blocks
     tps = [0.0] * num_blocks
+    room = [0] * num_blocks  # the most cache tokens one server of each block has free
     listed = []
     for s in servers:
         if not s.online:
@@ -40,6 +41,7 @@ def coverage_view(servers: Iterable, num_blocks: int) -> dict:
         for i in range(max(0, s.start), min(num_blocks, s.end)):
             replicas[i] += 1
             tps[i] += s.decode_tps
+            room[i] = max(room[i], s.cache_tokens)
         listed.append({"peer_id": s.peer_id, "start": s.start, "end": s.end, "decode_tps": round(s.decode_tps, 2),
                        "prefill_tps": round(s.prefill_tps, 2), "cache_tokens": s.cache_tokens,
                        "clusters": dict(s.clusters), "addr": s.addr})
@@ -51,5 +53,8 @@ def coverage_view(servers: Iterable, num_blocks: int) -> dict:
         "missing": missing,
         "replicas": replicas,
         "throughput": [round(t, 2) for t in tps],  # tokens/s through each block, summed over its servers
+        # the longest request (prompt + new tokens) the best route can hold now, as the servers announced
+        # their free KV cache; None while some block has no server
+        "max_request_tokens": min(room) if room and not missing else None,
         "servers": sorted(listed, key=lambda d: (d["start"], d["end"], d["peer_id"])),
     }

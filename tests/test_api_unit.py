@@ -84,10 +84,7 @@ class FakeClient:
 
 
 class FakeLedger:
-    async def balances(self):
-        return {}
-
-    def summary(self, balances=None):
+    async def summary(self, recent: int = 10) -> dict:
         return {"peer_id": "me", "balance": 5.0, "earned": 0.0, "spent": 0.0, "granted": 5.0, "unit": "GFLOP-credits",
                 "frozen": False, "peers": [], "total": 5.0, "recent": [], "chain_length": 1, "forked": []}
 
@@ -322,3 +319,16 @@ def test_parsing_units():
     assert api.parse_hostport("[::1]:80") == ("::1", 80) and api.parse_hostport(":8000") == ("127.0.0.1", 8000)
     assert missing_ranges([1, 0, 0, 2, 0]) == [[1, 3], [4, 5]]
     assert format_ranges([[1, 3], [4, 5]]) == "1-2, 4"
+
+
+async def test_a_request_longer_than_the_announced_cache_is_400_before_any_server_is_asked(served):
+    peer, http = served
+    for info in peer.servers:
+        info.cache_tokens = 40  # what the servers announce as free: the route holds 40 tokens
+    r = await http.post("/v1/completions", json={"model": "default", "prompt": "x" * 30, "max_tokens": 20})
+    err = error_of(r, 400, "context_length_exceeded")
+    assert "at most 40 tokens" in err["message"] and "the prompt has 30" in err["message"]
+    assert not peer._client.started.is_set()  # refused before the generation started
+    # an unasked-for max_tokens is lowered to what fits; the request succeeds
+    r = await http.post("/v1/completions", json={"model": "default", "prompt": "x" * 30})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 10
