@@ -215,7 +215,8 @@ class Api:
                 "potluck": {"model_id": m["model_id"], "num_blocks": m["num_blocks"],
                             "covered_blocks": view.get("covered_blocks"), "missing_blocks": view.get("missing"),
                             "replicas": view.get("replicas"), "throughput": view.get("throughput"),
-                            "context_length": m.get("context_length")}}
+                            "context_length": m.get("context_length"),
+                            "max_request_tokens": view.get("max_request_tokens")}}
 
     async def status(self, request: Request) -> Response:
         status = self.peer.status()

@@ -1,0 +1,121 @@
+"""A bad day on a real swarm (issue #12): what users do on day one must not take the swarm away.
+
+Three `potluck serve` processes of SmolLM2 (blocks 0:15 once, 15:30 twice, each with a small KV cache)
+and a user peer with `--api`, driven with the official `openai` client. Each mishap — a prompt longer
+than the servers can hold, a second peer started on a port in use, a server stopped mid-answer — gets
+its clear answer, and right after it an ordinary request is served on the first try: nobody was banned
+for a refusal (a ban of the head server would leave blocks 0:15 without a route), and the status tells
+the truth. The figures (latency of the ordinary request after each mishap) are printed with -s."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+
+import openai
+import pytest
+from openai import OpenAI
+
+from potluck.localswarm import POTLUCK, PeerProcess, wait_until
+
+pytestmark = pytest.mark.slow
+
+MODEL = "SmolLM2-135M-Instruct"
+ORDINARY = [{"role": "user", "content": "Name a primary color."}]
+
+
+class Swarm:
+    def __init__(self, procs: dict[str, PeerProcess], url: str):
+        self.procs, self.url = procs, url
+        self.user = procs["user"]
+        self.client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+
+    def model(self) -> dict:
+        return self.client.models.retrieve(MODEL).model_extra["potluck"]
+
+    def ordinary(self, after: str) -> None:
+        """One ordinary chat request, on the first try (max_retries=0)."""
+        t0 = time.monotonic()
+        reply = self.client.chat.completions.create(model=MODEL, messages=ORDINARY, max_tokens=4, temperature=0)
+        assert reply.choices[0].message.content
+        print(f"ordinary request after {after}: {time.monotonic() - t0:.2f} s")
+
+
+@pytest.fixture(scope="module")
+def swarm(smollm2_data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("badday")
+    common = ["--model", str(smollm2_data[1]), "--threads", "1", "--cache-mb", "32"]
+    procs: dict[str, PeerProcess] = {}
+    try:
+        procs["head"] = PeerProcess(root / "head", *common, "--blocks", "0:15").start(timeout=120)
+        boot = ["--bootstrap", procs["head"].addr]
+        rest = {"tail-a": ["--blocks", "15:30"], "tail-b": ["--blocks", "15:30"], "user": ["--api", "127.0.0.1:0"]}
+        for name, args in rest.items():
+            procs[name] = PeerProcess(root / name, *common, *boot, *args)
+        errors: list[BaseException] = []
+
+        def start(p: PeerProcess) -> None:
+            try:
+                p.start(timeout=120)
+            except BaseException as e:  # reported below
+                errors.append(e)
+
+        threads = [threading.Thread(target=start, args=(procs[n],)) for n in rest]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        s = Swarm(procs, procs["user"].call("status")["api"])
+        wait_until(lambda: s.model()["replicas"] == [1] * 15 + [2] * 15, 120, 1,
+                   message="the user's peer to see all three servers")
+        yield s
+    finally:
+        for p in procs.values():
+            p.close()
+
+
+def _opened(swarm: Swarm) -> dict[str, int]:
+    return {n: swarm.procs[n].call("status")["server"]["sessions_opened"] for n in ("head", "tail-a", "tail-b")}
+
+
+def test_a_prompt_longer_than_the_servers_hold_is_400_naming_the_limit(swarm):
+    limit = swarm.model()["max_request_tokens"]
+    assert limit is not None and limit < 8192  # the servers' cache, not the model's context, is the limit here
+    opened = _opened(swarm)
+    long_prompt = [{"role": "user", "content": "Summarize this. " + "The lighthouse keeper counted waves. " * (limit // 6)}]
+    with pytest.raises(openai.BadRequestError) as refused:
+        swarm.client.chat.completions.create(model=MODEL, messages=long_prompt, max_tokens=10)
+    assert refused.value.code == "context_length_exceeded"
+    assert f"at most {limit} tokens" in refused.value.message and "Shorten the prompt" in refused.value.message
+    assert _opened(swarm) == opened  # no server was even asked
+    swarm.ordinary("a prompt too long")
+
+
+def test_a_second_peer_on_a_used_port_exits_2_and_the_swarm_goes_on(swarm, tmp_path):
+    port = swarm.user.addr.split("/tcp/")[1].split("/")[0]
+    proc = subprocess.run([*POTLUCK, "serve", "--data-dir", str(tmp_path / "again"), "--listen",
+                           f"/ip4/127.0.0.1/tcp/{port}"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "already in use" in proc.stderr, proc.stderr
+    swarm.ordinary("a peer refused its port")
+
+
+def test_a_server_stopped_mid_answer_changes_nothing_for_the_user(swarm):
+    prompt = [{"role": "user", "content": "Write two sentences about the sea."}]
+    want = swarm.user.call("generate", messages=prompt, max_tokens=24)["text"]  # greedy, undisturbed
+    stream = swarm.client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=24, temperature=0,
+                                                  stream=True)
+    pieces, stopped = [], None
+    for chunk in stream:
+        pieces.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+        if stopped is None and len(pieces) >= 3:
+            busy = [n for n in ("tail-a", "tail-b") if swarm.procs[n].call("status")["server"]["sessions"]]
+            assert len(busy) == 1, busy  # the route goes through one of the two replicas
+            stopped = busy[0]
+            swarm.procs[stopped].stop()  # SIGTERM: it leaves mid-answer
+    assert stopped is not None and "".join(pieces) == want  # failover replays: the answer is unchanged
+    swarm.ordinary("a server left mid-answer")
+    # the status tells the truth: the user's peer sees one replica of 15:30 now
+    wait_until(lambda: swarm.model()["replicas"] == [1] * 30, 30, 1, message="the departed server to leave the view")
