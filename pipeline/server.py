@@ -20,6 +20,9 @@
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
   the swarm covers least; every `rebalance_period` it moves when swarm quality (min/max per-block
   throughput) is below `rebalance_threshold` and moving raises the minimum.
+- A client in the same process (the peer's own, pipeline/hop.py `LocalHop`) opens sessions with
+  `open_local`: the same admission and refusals, the same KV caches and limits, but steps are calls
+  (`InProcessSession.run`) — no stream, no serialisation, nothing billed (serving ourselves is free).
 - Server-to-server forwarding: a step may carry a "push" list; the output is then also sent to the
   next server's session (stream `/potluck/inference-push/1.0.0`), which answers the client itself.
 - Credits (`billing=ServerBilling(ledger)`, pipeline/billing.py): "open" is admitted by the client's
@@ -94,7 +97,7 @@ class ServedSession:
     cache: KVCache
     max_length: int
     dtype: str
-    stream: Stream
+    stream: Stream | None  # None: a session of this peer's own client (`open_local`)
     scope: trio.CancelScope
     nbytes: int
     last_used: float
@@ -454,8 +457,9 @@ class BlockServer:
             async with session.send_lock:
                 await stream.send(msg)
 
-    async def _open(self, stream: Stream, m: dict, scope: trio.CancelScope) -> ServedSession:
+    async def _open(self, stream: Stream | None, m: dict, scope: trio.CancelScope) -> ServedSession:
         cfg = self.mf.config
+        peer_id = self.network.peer_id if stream is None else stream.peer_id
         if self.stopping or self.span is None:
             raise InferenceError("ServerStopping", "this server is shutting down")
         model = mfield(m, "model", str, max_len=128)
@@ -479,7 +483,7 @@ class BlockServer:
         account = None
         if self.billing is not None:
             try:
-                account = await self.billing.open(stream.peer_id, session=sid, model=self.model_id, start=a, end=b,
+                account = await self.billing.open(peer_id, session=sid, model=self.model_id, start=a, end=b,
                                                   idle=not self.sessions)
             except InferenceError:
                 self.stats["sessions_refused"] += 1
@@ -498,7 +502,7 @@ class BlockServer:
         except BaseException:
             self.cache_used -= need
             raise
-        session = ServedSession(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
+        session = ServedSession(sid, peer_id, sub, cache, max_length, dtype, stream, scope, need,
                            trio.current_time(), account=account)
         self.sessions[session.id] = session
         self.stats["sessions_opened"] += 1
@@ -518,7 +522,19 @@ class BlockServer:
         chunks = proto.parse_chunks(m.get("chunks"), n)
         push = proto.parse_push(m.get("push"))
         push_receipts = [h.get("receipt") for h in m["push"]] if push else []  # forwarded as signed
-        addrs = m.get("addrs")
+        ran = await self._run(session, step_id, pos, hidden, chunks, m.get("receipt"), pushed=pushed)
+        if ran is None:
+            return None
+        out, compute_s, served = ran
+        packed = pack_hidden(out)
+        if push and self._nursery is not None:
+            self._nursery.start_soon(self._push, push, m.get("addrs"), step_id, pos, packed, push_receipts)
+        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
+
+    async def _run(self, session: ServedSession, step_id: int, pos: int, hidden: torch.Tensor, chunks: list[int],
+                   receipt: Any, *, pushed: bool) -> tuple[torch.Tensor, float, int] | None:
+        """Compute a step of `session`: (outputs, compute seconds, tokens served so far), or None for a stale push."""
+        n = hidden.shape[1]
         async with session.compute_lock:
             if step_id < session.last_step:
                 if pushed:
@@ -534,7 +550,7 @@ class BlockServer:
             limiter: Any = self.limiter
             account = session.account
             if account is not None:
-                account.check(m.get("receipt"), session.tokens)  # before any work: bounded risk
+                account.check(receipt, session.tokens)  # before any work: bounded risk
                 limiter = self.limiter.at(await self.billing.priority(account))
 
             def compute() -> tuple[torch.Tensor, float]:
@@ -555,10 +571,27 @@ class BlockServer:
             self._nursery.start_soon(self.billing.settle, account)  # periodic earn entry (long sessions)
         self.stats["steps"] += 1
         self.stats["tokens"] += n
-        packed = pack_hidden(out)
-        if push and self._nursery is not None:
-            self._nursery.start_soon(self._push, push, addrs, step_id, pos, packed, push_receipts)
-        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
+        return out, compute_s, served
+
+    # --- sessions of a client in this process (pipeline/hop.py LocalHop) -------------------------
+
+    async def open_local(self, model: str, start: int, end: int, max_length: int, dtype: str) -> InProcessSession:
+        """A session for this peer's own client: admitted like a stream's "open" (the same refusals, as
+        InferenceErrors) but with no stream — its steps are calls (`InProcessSession.run`). It ends like
+        any session (idle, a move, shutdown) or at `InProcessSession.close`."""
+        if self._nursery is None:
+            raise InferenceError("ServerStopping", "this server is not serving")
+        m = {"model": model, "start": start, "end": end, "max_length": max_length, "dtype": dtype}
+        return InProcessSession(self, await self._nursery.start(self._hold_local, m))
+
+    async def _hold_local(self, m: dict, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:  # what expiry, a move and shutdown cancel
+            session = await self._open(None, m, scope)
+            try:
+                task_status.started(session)
+                await trio.sleep_forever()
+            finally:
+                self._drop(session)
 
     # --- server-to-server forwarding -------------------------------------------------------------
 
@@ -610,7 +643,7 @@ class BlockServer:
                     log.info("bad push from %s: %s", stream.peer_id[-8:], e)
                     continue
                 session = self.sessions.get(sid)
-                if session is None:
+                if session is None or session.stream is None:
                     log.info("push from %s for an unknown session", stream.peer_id[-8:])
                     continue
                 if self._nursery is not None:
@@ -630,6 +663,32 @@ class BlockServer:
             await self._send(session, session.stream, reply)
         except P2PError:
             session.scope.cancel()
+
+
+@dataclass
+class InProcessSession:
+    """A session of this peer's own client (`BlockServer.open_local`): steps are calls, not messages."""
+
+    server: BlockServer
+    session: ServedSession
+
+    @property
+    def id(self) -> bytes:
+        return self.session.id
+
+    async def run(self, hidden: torch.Tensor, pos: int, chunks: list[int] | None = None) -> tuple[torch.Tensor, float, int]:
+        """A step (or a replay of several, `chunks`) computed in this process: (outputs, compute seconds,
+        tokens served so far); the same checks as a step message, raised as InferenceErrors."""
+        s = self.session
+        if s.id not in self.server.sessions:
+            raise InferenceError("SessionExpired", "the server closed this session (idle, moved or stopping)")
+        ran = await self.server._run(s, s.last_step + 1, pos, hidden, chunks or [hidden.shape[1]], None, pushed=False)
+        assert ran is not None  # only pushes are ever stale
+        return ran
+
+    def close(self) -> None:
+        self.server._drop(self.session)
+        self.session.scope.cancel()
 
 
 def _error_reply(e: FrameError | InferenceError | CacheError) -> dict:
