@@ -137,8 +137,8 @@ class LocalServerSession(Protocol):
     @property
     def id(self) -> bytes: ...
 
-    async def run(self, hidden: torch.Tensor, pos: int, chunks: list[int] | None) -> tuple[torch.Tensor, float, int]:
-        """(outputs, compute seconds, tokens served so far); the server's checks raise InferenceErrors."""
+    async def run(self, hidden: torch.Tensor, pos: int, chunks: list[int] | None) -> tuple[torch.Tensor, float]:
+        """(outputs, compute seconds); the server's checks raise InferenceErrors."""
 
     def close(self) -> None: ...
 
@@ -158,7 +158,6 @@ class LocalHop:
     def __init__(self, peer_id: str, start: int, end: int, session: LocalServerSession):
         self.peer_id, self.start, self.end = peer_id, start, end
         self.session, self.session_id = session, session.id
-        self.served = 0  # tokens our server has computed in this session
         self.closed = False
 
     def __repr__(self) -> str:
@@ -176,7 +175,7 @@ class LocalHop:
     async def run(self, h: torch.Tensor, pos: int, chunks: list[int] | None) -> tuple[torch.Tensor, float]:
         """One step (or a replay of several, `chunks`): (outputs, compute seconds)."""
         try:
-            out, compute_s, self.served = await self.session.run(h, pos, chunks)
+            out, compute_s = await self.session.run(h, pos, chunks)
         except InferenceError as e:
             _raise_typed(e, self.peer_id)
         except CacheError as e:  # what a stream's session answers as an error reply: a fault

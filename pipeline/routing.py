@@ -8,17 +8,18 @@ announced span contains [a, b) (spans may be cut), weighted by
 
 (RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
 servers are left out. The client's own server (`local`: its blocks run in process) costs no RTT and
-no hop overhead, and wins ties: a route uses our own blocks wherever they are at least as fast. `coverage` / `choose_span` / `swarm_quality` are what `--blocks auto` uses.
+no hop overhead, and wins ties: a route uses our own blocks wherever they are at least as fast.
+`coverage` / `choose_span` / `swarm_quality` are what `--blocks auto` uses.
 
 `SequenceManager` is the client's view of the swarm for one model (Petals' name): it caches the
 DHT's announcements for a few seconds, bans servers that fault (timeouts, broken streams, wrong
 outputs — never refusals, pipeline/errors.py) with exponential backoff, and builds routes on
 demand; sessions ask it for a route and report faults to it. The client's own peer id is routed to
-only when the client runs its peer's blocks in process (`local_peer`): nothing dials itself. A fault ban is lifted as soon as an
-announcement says the server started after the ban (a restart). Reliability of a server, as
-the client uses it: min(what it announces, what this client saw — spot checks failed mean 0 and a
-permanent ban (`distrust`), each failure ban a factor 0.8 — and what the client's ledger says:
-`reliability_source`, e.g. disputes in verified chains, pipeline/billing.py).
+only when the client runs its peer's blocks in process (`local_peer`): nothing dials itself. A fault
+ban is lifted as soon as an announcement says the server started after the ban (a restart).
+Reliability of a server, as the client uses it: min(what it announces, what this client saw — spot
+checks failed mean 0 and a permanent ban (`distrust`), each failure ban a factor 0.8 — and what the
+client's ledger says: `reliability_source`, e.g. disputes in verified chains, pipeline/billing.py).
 """
 
 from __future__ import annotations

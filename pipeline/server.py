@@ -676,15 +676,16 @@ class InProcessSession:
     def id(self) -> bytes:
         return self.session.id
 
-    async def run(self, hidden: torch.Tensor, pos: int, chunks: list[int] | None = None) -> tuple[torch.Tensor, float, int]:
-        """A step (or a replay of several, `chunks`) computed in this process: (outputs, compute seconds,
-        tokens served so far); the same checks as a step message, raised as InferenceErrors."""
+    async def run(self, hidden: torch.Tensor, pos: int, chunks: list[int] | None = None) -> tuple[torch.Tensor, float]:
+        """A step (or a replay of several, `chunks`) computed in this process: (outputs, compute seconds);
+        the same checks as a step message, raised as InferenceErrors."""
         s = self.session
         if s.id not in self.server.sessions:
             raise InferenceError("SessionExpired", "the server closed this session (idle, moved or stopping)")
         ran = await self.server._run(s, s.last_step + 1, pos, hidden, chunks or [hidden.shape[1]], None, pushed=False)
         assert ran is not None  # only pushes are ever stale
-        return ran
+        out, compute_s, _ = ran
+        return out, compute_s
 
     def close(self) -> None:
         self.server._drop(self.session)
