@@ -450,8 +450,8 @@ class DistributedModel:
         self.dtype_name = proto.dtype_name(self.dtype)
         self.limiter = trio.CapacityLimiter(1)
         self.local_server = local_server
-        self.sequence = SequenceManager(dht, model_id, self.model_config.num_layers,
-                                        local_peer=network.peer_id if local_server is not None else None)
+        self.sequence = SequenceManager(dht, model_id, self.model_config.num_layers, me=network.peer_id,
+                                        local_blocks=local_server is not None)
         billing = self.client_config.billing
         if billing is not None:
             billing.register_model(model_id, self.model_config)

@@ -15,7 +15,7 @@ no hop overhead, and wins ties: a route uses our own blocks wherever they are at
 DHT's announcements for a few seconds, bans servers that fault (timeouts, broken streams, wrong
 outputs — never refusals, pipeline/errors.py) with exponential backoff, and builds routes on
 demand; sessions ask it for a route and report faults to it. The client's own peer id is routed to
-only when the client runs its peer's blocks in process (`local_peer`): nothing dials itself. A fault
+only when the client runs its peer's blocks in process (`local_blocks`): nothing dials itself. A fault
 ban is lifted as soon as an announcement says the server started after the ban (a restart).
 Reliability of a server, as the client uses it: min(what it announces, what this client saw — spot
 checks failed mean 0 and a permanent ban (`distrust`), each failure ban a factor 0.8 — and what the
@@ -165,12 +165,13 @@ class SequenceManager:
     # {peer_id: factor} from the client's ledger (ClientBilling.reliability_by_peer)
     reliability_source: Callable[[], Awaitable[dict[str, float]]] | None = None
     ledger_view: dict[str, float] = field(default_factory=dict)
-    local_peer: str | None = None  # our own peer id when the client runs its peer's blocks in process
+    me: str | None = None  # the client's own peer id: routed to only with `local_blocks`
+    local_blocks: bool = False  # the client runs its peer's own blocks in process
 
     def _avoid(self, exclude: Iterable[str]) -> set[str]:
         """Peers no route or check may use: banned, distrusted, `exclude`, and ourselves unless in process."""
-        me = self.dht.network.peer_id
-        return self.banned() | set(exclude) | ({me} if me != self.local_peer else set())
+        unreachable = {self.me} if self.me is not None and not self.local_blocks else set()
+        return self.banned() | set(exclude) | unreachable
 
     async def refresh(self, force: bool = False) -> list[ServerInfo]:
         async with self._lock:
@@ -256,15 +257,16 @@ class SequenceManager:
                 self.ledger_view = await self.reliability_source()
             except Exception as e:  # noqa: BLE001 - a view, not a requirement
                 log.info("could not read the ledger's reliability view: %s", e)
+        local = self.me if self.local_blocks else None
         try:
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=self.local_peer)
+                              local=local)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=self.local_peer)
+                              local=local)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates)."""

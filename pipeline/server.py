@@ -643,15 +643,15 @@ class BlockServer:
                     log.info("bad push from %s: %s", stream.peer_id[-8:], e)
                     continue
                 session = self.sessions.get(sid)
-                if session is None or session.stream is None:
+                if session is None or session.stream is None:  # none, or our own client's (no stream)
                     log.info("push from %s for an unknown session", stream.peer_id[-8:])
                     continue
                 if self._nursery is not None:
-                    self._nursery.start_soon(self._run_pushed, session, m)
+                    self._nursery.start_soon(self._run_pushed, session, session.stream, m)
         except P2PError:
             pass
 
-    async def _run_pushed(self, session: ServedSession, m: dict) -> None:
+    async def _run_pushed(self, session: ServedSession, reply_to: Stream, m: dict) -> None:
         try:
             reply = await self._step(session, m, pushed=True)
         except (FrameError, InferenceError, CacheError) as e:
@@ -660,7 +660,7 @@ class BlockServer:
         if reply is None or session.id not in self.sessions:
             return
         try:
-            await self._send(session, session.stream, reply)
+            await self._send(session, reply_to, reply)
         except P2PError:
             session.scope.cancel()
 

@@ -1,22 +1,25 @@
 """A peer that serves blocks uses them itself, in process: alone it generates what the local model
 does; its own blocks mix with remote spans in one route (direct and pushed); it never opens a stream
 to itself; routes prefer its blocks where they are at least as fast; a refusal of its own server
-(cache full) sends the session to a remote one; a failed remote hop is replayed next to it; it is
-never spot-checked, but checks remote hops."""
+(cache full) sends the session to a remote one; a failed remote hop is replayed next to it, and its
+own session ending is recovered on a remote server; it is never spot-checked, but checks remote
+hops; with credits it pays only the remote hops."""
 
 import pytest
 import torch
 import trio
 
 from conftest_models import make_tiny
-from conftest_pipeline import FIXED_TP, swarm
+from conftest_pipeline import swarm
 from pipeline.announce import ServerInfo
+from pipeline.billing import ClientBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.hop import LocalHop
 from pipeline.identity import model_id
 from pipeline.loading import load_local_model
 from pipeline.routing import find_route
 from pipeline.spotcheck import SpotCheckConfig
+from test_billing import add_server, latest_receipts
 
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 7]
 KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 16 * 4  # K and V, 4 blocks, 2 kv heads, head_dim 16, float32
@@ -82,6 +85,21 @@ def test_routes_prefer_our_own_blocks_where_at_least_as_fast():
     assert spans(find_route(slow, 0, 4, local="me")) == [("remote", 0, 4)]
     full = [srv("remote", 0, 4), srv("me", 0, 4, cache=5)]
     assert spans(find_route(full, 0, 4, need_cache_tokens=100, local="me")) == [("remote", 0, 4)]
+
+
+async def test_a_client_without_its_peers_server_routes_around_it(llama):
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 6)
+    with trio.fail_after(60):
+        async with swarm("sim", path, [(0, 4), (0, 4)], model_id=mid) as s:
+            me, remote = s.servers
+            to_self = streams_to_self(me.network)
+            model = await DistributedModel.from_pretrained(path, me.network, me.dht, model_id=mid)
+            await sees(model, 2)
+            for _ in range(3):  # whichever way ties fall, never through ourselves
+                g = await model.generate(PROMPT, max_new_tokens=6, stop_token_ids=[])
+                assert g.token_ids == want and g.stats["route"] == [(remote.network.peer_id, 0, 4)]
+            assert to_self == [] and not model.sequence.banned()
 
 
 @pytest.mark.parametrize("backend", ["sim", "libp2p"])
@@ -194,3 +212,45 @@ async def test_own_blocks_are_never_spot_checked_but_check_remote_hops(llama):
             tokens, (route, stats) = await greedy(model, PROMPT, 8)
             assert tokens == want and route == [(me.network.peer_id, 0, 4)]
             assert stats["spot_checks"]["checks"] == 0 and remote.server.stats["sessions_opened"] == 1
+
+
+async def test_our_session_ending_is_a_fault_recovered_elsewhere(llama):
+    """Our server drops the session (idle expiry, a move, shutdown): the history is replayed on a remote
+    server and the output stays the local model's."""
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 12)
+    with trio.fail_after(60):
+        async with swarm("sim", path, [(0, 4), (0, 4)], model_id=mid) as s:
+            me, remote = s.servers
+            model = await own_client(s, me, step_timeout=5.0)
+            await sees(model, 2)
+            stats: dict = {}
+            tokens = []
+            async for ev in model.stream(PROMPT, max_new_tokens=12, stop_token_ids=[], stats=stats):
+                tokens.append(ev.token_id)
+                if ev.index == 4:
+                    assert stats["route"] == [(me.network.peer_id, 0, 4)]
+                    for session in list(me.server.sessions.values()):
+                        session.scope.cancel()  # what expiry does
+            assert tokens == want
+            assert stats["recoveries"] == 1 and stats["route"] == [(remote.network.peer_id, 0, 4)]
+            assert not me.server.sessions and me.server.cache_used == 0
+
+
+async def test_billed_peer_pays_only_the_remote_hop(llama, tmp_path):
+    path, mid, local = llama
+    cfg = local.cfg
+    want = local.generate_greedy(PROMPT, 8)
+    with trio.fail_after(60):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            me = await add_server(s, 0, 2, mid=mid, cfg=cfg)
+            remote = await add_server(s, 2, 4, mid=mid, cfg=cfg)
+            model = await own_client(s, me, billing=ClientBilling(me.ledger))
+            await sees(model, 2)
+            g = await model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+            assert g.token_ids == want
+            assert [p for p, _, _ in g.stats["route"]] == [me.network.peer_id, remote.network.peer_id]
+            assert me.server.billing.stats["admitted"] == 0  # our own session has no account
+            spends = latest_receipts(me.ledger, me.ledger.me, "spend")
+            assert [r.server for r in spends.values()] == [remote.ledger.me]
+            assert next(iter(spends.values())).tokens == len(PROMPT) + 7
