@@ -58,8 +58,8 @@ async def sees(model, n: int) -> None:
             await trio.sleep(0.05)
 
 
-async def greedy(model, prompt: list[int], n: int) -> tuple[list[int], object]:
-    """`n` greedy tokens through one session; (tokens, the closed session: its route and stats)."""
+async def greedy(model, prompt: list[int], n: int) -> tuple[list[int], list, dict]:
+    """`n` greedy tokens through one session: (tokens, its route, its stats once closed)."""
     tokens: list[int] = []
     async with model.inference_session(len(prompt) + n) as session:
         h = await session.step(await model.embed(prompt))
@@ -67,7 +67,7 @@ async def greedy(model, prompt: list[int], n: int) -> tuple[list[int], object]:
             tokens.append(int((await model.logits(h[:, -1:]))[0, -1].argmax()))
             h = await session.step(await model.embed(tokens[-1:]))
         route = session.route
-    return tokens, (route, session.stats)
+    return tokens, route, session.stats
 
 
 def srv(peer, a, b, tps=1000.0, cache=10_000) -> ServerInfo:
@@ -201,7 +201,7 @@ async def test_own_blocks_are_never_spot_checked_but_check_remote_hops(llama):
             to_self = streams_to_self(me.network)
             model = await own_client(s, me, spot_check=SpotCheckConfig(fraction=1.0, seed=1))
             await sees(model, 2)
-            tokens, (route, stats) = await greedy(model, PROMPT, 8)
+            tokens, route, stats = await greedy(model, PROMPT, 8)
             assert tokens == want and route == [(remote.network.peer_id, 0, 4)]
             checks = stats["spot_checks"]
             assert checks["passed"] == checks["checks"] > 0 and checks["unchecked"] == 0
@@ -209,7 +209,7 @@ async def test_own_blocks_are_never_spot_checked_but_check_remote_hops(llama):
             assert to_self == []
             # with our blocks in the route, no step is checked: nobody checks us against ourselves
             model.sequence.ban(remote.network.peer_id, "test: route through our own blocks")
-            tokens, (route, stats) = await greedy(model, PROMPT, 8)
+            tokens, route, stats = await greedy(model, PROMPT, 8)
             assert tokens == want and route == [(me.network.peer_id, 0, 4)]
             assert stats["spot_checks"]["checks"] == 0 and remote.server.stats["sessions_opened"] == 1
 
