@@ -19,7 +19,8 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)
     limiter.py    PriorityLimiter: worker-thread limiter served by priority, FIFO within one
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)
-    hop.py        Hop: the client's end of one session with one server; StepRecord
+    hop.py        Hop: the client's end of one session — RemoteHop (a stream) or LocalHop (our own server,
+                  in process); StepRecord
     spotcheck.py  SpotChecker: re-runs steps on a second server, referee, disputes
     server.py     BlockServer: serves a span, KV caches per session, announces, forwards pushes
     client.py     DistributedModel / InferenceSession: route, steps, recovery by replay, generation

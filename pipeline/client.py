@@ -1,6 +1,7 @@
-"""DistributedModel: the user's side of the swarm — embeddings, final norm and LM head here, blocks remote.
+"""DistributedModel: the user's side of the swarm — embeddings, final norm and LM head here, blocks remote
+(or in this process, where the peer serves them itself).
 
-    model = await DistributedModel.from_pretrained(folder, network, dht)
+    model = await DistributedModel.from_pretrained(folder, network, dht)   # local_server=: our own BlockServer
     result = await model.generate("Hello", max_new_tokens=20)                  # Generation
     async for event in model.stream(messages_or_prompt, temperature=0.7, seed=1):
         print(event.text, end="")                  # TokenEvent ..., then Finished(text, generation)
@@ -9,7 +10,13 @@
   client's `ClientConfig`.
 - A session (`InferenceSession`) asks the `SequenceManager` (pipeline/routing.py) for a route
   covering all blocks, opens one session per hop (`Hop`, pipeline/hop.py) and sends each step's
-  hidden states through them (client-driven, or with server-to-server forwarding: `ClientConfig.push`).
+  hidden states through them (client-driven, or with server-to-server forwarding: `ClientConfig.push`,
+  along each run of consecutive remote hops).
+- Our own blocks: given the peer's own server (`local_server`), routes may use it like any server,
+  preferred where it is at least as fast (pipeline/routing.py), and its hops are `LocalHop`s: steps
+  are calls in this process, with no stream, no serialisation and no receipts; they fault, refuse,
+  recover and replay as a remote hop does, but are never spot-checked (nobody checks us against
+  ourselves) — our server may check remote hops, though. Without it, routes leave our peer out.
 - Fault tolerance: the session keeps, per block boundary, the inputs of every step it completed
   (in their original chunks). When a hop faults (stream closed, timeout, error reply other than a
   refusal, malformed or non-finite output), its server is banned for a while, a new route for that
@@ -50,7 +57,7 @@ from . import protocol as proto
 from .billing import ClientBilling
 from .directory import SwarmDirectory
 from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
-from .hop import Hop, StepRecord
+from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
 from .protocol import pack_hidden
@@ -160,7 +167,7 @@ class InferenceSession:
         if self.checker is not None:
             self.stats["spot_checks"] = dict(self.checker.stats)
 
-    def _receipt(self, hop: Hop, info: dict | None = None) -> list | None:
+    def _receipt(self, hop: RemoteHop, info: dict | None = None) -> list | None:
         """The receipt to send to `hop` now (with billing), else None."""
         billing = self.model.client_config.billing
         if billing is None:
@@ -169,15 +176,22 @@ class InferenceSession:
         return billing.receipt(hop.peer_id, hop.session_id, info)
 
     async def open_hop(self, route_hop: RouteHop, addr: str | None) -> Hop:
-        """A session with `route_hop`'s server for its blocks, for this session's model, length and dtype."""
+        """A session with `route_hop`'s server for its blocks, for this session's model, length and dtype
+        (in this process when that server is our own)."""
         m = self.model
-        return await Hop.open(m.network, route_hop, addr, model_id=m.model_id, max_length=self.max_length,
-                              dtype=m.dtype_name, timeout=m.client_config.open_timeout)
+        if m.local_server is not None and route_hop.peer_id == m.network.peer_id:
+            return await LocalHop.open(m.local_server, route_hop, model_id=m.model_id, max_length=self.max_length,
+                                       dtype=m.dtype_name)
+        return await RemoteHop.open(m.network, route_hop, addr, model_id=m.model_id, max_length=self.max_length,
+                                    dtype=m.dtype_name, timeout=m.client_config.open_timeout)
 
     async def close_hop(self, hop: Hop, polite: bool = True, pay: bool = True) -> None:
         """Close a hop (with the final receipt unless `pay` is False) and record what we signed for it
         as a spend."""
         if hop.closed:
+            return
+        if isinstance(hop, LocalHop):  # nothing signed: serving ourselves is free
+            hop.close()
             return
         billing = self.model.client_config.billing
         receipt = None
@@ -241,7 +255,7 @@ class InferenceSession:
     def route_of(hops: list[Hop]) -> list[tuple[str, int, int]]:
         return [(h.peer_id, h.start, h.end) for h in hops]
 
-    def _step_msg(self, hop: Hop, step_id: int, pos: int, h: torch.Tensor, chunks: list[int] | None = None) -> dict:
+    def _step_msg(self, hop: RemoteHop, step_id: int, pos: int, h: torch.Tensor, chunks: list[int] | None = None) -> dict:
         msg = {"t": "step", "id": step_id, "pos": pos, "h": pack_hidden(h)}
         if chunks is not None and len(chunks) > 1:
             msg["chunks"] = chunks
@@ -252,6 +266,10 @@ class InferenceSession:
 
     async def run_hop(self, hop: Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
         """One step (or a replay of several, `chunks`) through `hop`; its outputs."""
+        if isinstance(hop, LocalHop):  # our own compute: no timeout, no RTT
+            out, compute_s = await hop.run(h, pos, chunks)
+            self.stats["compute_s"] += compute_s
+            return out
         self._step_id += 1
         step_id = self._step_id
         t0 = trio.current_time()
@@ -264,9 +282,9 @@ class InferenceSession:
         return out
 
     async def _run_route_hop(self, hop: Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
-        """`run_hop` for a hop of the route: the step is also kept for spot checks."""
+        """`run_hop` for a hop of the route: the step is also kept for spot checks (of remote hops)."""
         out = await self.run_hop(hop, h, pos, chunks)
-        if self.checker is not None:
+        if self.checker is not None and isinstance(hop, RemoteHop):
             self.checker.record(hop, StepRecord(pos, h, tuple(chunks or [h.shape[1]]), out))
         return out
 
@@ -321,20 +339,24 @@ class InferenceSession:
         inputs: dict[int, torch.Tensor] = {}
         i, h = 0, hidden
         recoveries = 0
-        if self.model.client_config.push and len(self.hops) > 1:
-            i, h = await self._push_step(hidden, pos, inputs)
-            for k in range(i):  # spot checks of the pushed outputs, in route order
-                liar = await self._spot_check(self.hops[k])
-                if liar is not None:
-                    recoveries += 1
-                    h = inputs[self.hops[k].start]
-                    for j in range(k, len(self.hops)):
-                        inputs.pop(self.hops[j].start, None)
-                    await self._recover(k, WrongOutput(f"spot check: {liar} returned wrong outputs"))
-                    i = k
-                    break
+        push_runs = self._push_runs() if self.model.client_config.push else {}
         while i < len(self.hops):
             hop = self.hops[i]
+            run = push_runs.pop(hop, None)  # pushed once a step; what the push missed runs client-driven
+            if run is not None:
+                done, h = await self._push_step(run, h, pos, inputs)
+                for k in range(i, i + done):  # spot checks of the pushed outputs, in route order
+                    liar = await self._spot_check(self.hops[k])
+                    if liar is not None:
+                        recoveries += 1
+                        h = inputs[self.hops[k].start]
+                        for j in range(k, len(self.hops)):
+                            inputs.pop(self.hops[j].start, None)
+                        await self._recover(k, WrongOutput(f"spot check: {liar} returned wrong outputs"))
+                        done = k - i
+                        break
+                i += done
+                continue
             try:
                 out = await self._run_route_hop(hop, h, pos)
                 liar = await self._spot_check(hop)
@@ -362,17 +384,30 @@ class InferenceSession:
     async def _spot_check(self, hop: Hop) -> str | None:
         """Maybe (with the configured probability) check `hop`'s unverified steps; the hop's peer id if it
         lied (the caller replaces it), else None (a lying checker is dealt with inside)."""
-        if self.checker is None or not self.checker.selected():
+        if self.checker is None or isinstance(hop, LocalHop) or not self.checker.selected():
             return None
         liar = await self.checker.check(hop)
         return liar if liar == hop.peer_id else None
 
-    async def _push_step(self, hidden: torch.Tensor, pos: int, inputs: dict[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
-        """Send the step to the first hop with the rest as its push list; collect every hop's output.
-        Returns (index of the first hop without an output, its input) for the client-driven loop."""
+    def _push_runs(self) -> dict[Hop, list[RemoteHop]]:
+        """The route's runs of two or more consecutive remote hops, by their first hop: what a step pushes."""
+        runs: dict[Hop, list[RemoteHop]] = {}
+        run: list[RemoteHop] = []
+        for hop in [*self.hops, None]:
+            if isinstance(hop, RemoteHop):
+                run.append(hop)
+                continue
+            if len(run) > 1:
+                runs[run[0]] = run
+            run = []
+        return runs
+
+    async def _push_step(self, hops: list[RemoteHop], hidden: torch.Tensor, pos: int,
+                         inputs: dict[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
+        """Send the step to the first of `hops` with the rest as its push list; collect every hop's output.
+        Returns (how many hops gave an output, the input of the next) for the client-driven loop."""
         self._step_id += 1
         step_id = self._step_id
-        hops = list(self.hops)
         outs: list[tuple[torch.Tensor, float] | None] = [None] * len(hops)
         cfg = self.model.client_config
         n = hidden.shape[1]
@@ -437,7 +472,8 @@ class DistributedModel:
     """A model whose blocks run in the swarm; embeddings, final norm and LM head run here."""
 
     def __init__(self, folder: ModelFolder, head: ModelHead, network: Network, dht: SwarmDirectory, model_id: str, *,
-                 tokenizer: Any = None, config: ClientConfig | None = None):
+                 tokenizer: Any = None, config: ClientConfig | None = None, local_server: LocalServer | None = None):
+        """`local_server`: this peer's own BlockServer (on `network`), whose blocks then run in process."""
         self.folder = folder
         self.model_config = folder.config  # the architecture (pipeline/config.py)
         self.head = head
@@ -449,7 +485,9 @@ class DistributedModel:
         self.dtype = head.dtype
         self.dtype_name = proto.dtype_name(self.dtype)
         self.limiter = trio.CapacityLimiter(1)
-        self.sequence = SequenceManager(dht, model_id, self.model_config.num_layers)
+        self.local_server = local_server
+        self.sequence = SequenceManager(dht, model_id, self.model_config.num_layers, me=network.peer_id,
+                                        local_blocks=local_server is not None)
         billing = self.client_config.billing
         if billing is not None:
             billing.register_model(model_id, self.model_config)
@@ -458,7 +496,7 @@ class DistributedModel:
     @classmethod
     async def from_pretrained(cls, model_folder: str | os.PathLike | ModelFolder, network: Network, dht: SwarmDirectory, *,
                               dtype: str = "float32", model_id: str | None = None, config: ClientConfig | None = None,
-                              tokenizer: Any = "auto") -> "DistributedModel":
+                              tokenizer: Any = "auto", local_server: LocalServer | None = None) -> "DistributedModel":
         """Load only embeddings / final norm / LM head (in a thread); the model id is computed from the
         folder unless given; the tokenizer comes from the folder when it has one (None otherwise)."""
 
@@ -480,7 +518,7 @@ class DistributedModel:
             return mf, head, mid, tok
 
         mf, head, mid, tok = await trio.to_thread.run_sync(load)
-        return cls(mf, head, network, dht, mid, tokenizer=tok, config=config)
+        return cls(mf, head, network, dht, mid, tokenizer=tok, config=config, local_server=local_server)
 
     # --- low level -------------------------------------------------------------------------------
 

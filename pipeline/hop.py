@@ -1,16 +1,20 @@
-"""One open inference session with one server for blocks [start, end): the client's end of a stream.
+"""The client's end of one session with one server for blocks [start, end): a `Hop`.
 
-`Hop.open` sends "open" and waits for "opened"; `send_step` / `receive_out` carry one step (the
-reply is checked: its step id, token count, finiteness); `close` ends the session, with the final
-receipt when there is one. A server's refusal (a refusal kind, pipeline/errors.py) is raised as
-the typed `Refused` it maps to, with the wire error as its cause; other error replies stay
-`InferenceError`s (faults). A `StepRecord` is what one completed step of a hop sent and got back
-(the spot checker keeps them, pipeline/spotcheck.py).
+A `RemoteHop` is a stream to another peer: `RemoteHop.open` sends "open" and waits for "opened";
+`send_step` / `receive_out` carry one step (the reply is checked: its step id, token count,
+finiteness); `close` ends the session, with the final receipt when there is one. A `LocalHop` is a
+session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no
+stream and no serialisation, and nothing to sign for (serving ourselves is free). Either way a
+server's refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to,
+with the server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord`
+is what one completed step of a hop sent and got back (the spot checker keeps them,
+pipeline/spotcheck.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NoReturn, Protocol
 
 import torch
 import trio
@@ -20,8 +24,17 @@ from p2p.network import Network, Stream
 
 from . import protocol as proto
 from .errors import REFUSALS
+from .model import CacheError
 from .protocol import InferenceError, expect_reply, unpack_hidden
 from .routing import RouteHop
+
+
+def _raise_typed(e: InferenceError, peer_id: str) -> NoReturn:
+    """Raise a server's error `e`: as the typed `Refused` its kind maps to, else as it is (a fault)."""
+    refusal = REFUSALS.get(e.kind)
+    if refusal is None:
+        raise e
+    raise refusal(e.kind, e.message, peer_id=peer_id, limit=e.limit) from e
 
 
 async def _receive_reply(stream: Stream, kind: str, peer_id: str) -> dict:
@@ -30,10 +43,7 @@ async def _receive_reply(stream: Stream, kind: str, peer_id: str) -> dict:
     try:
         return expect_reply(msg, kind)
     except InferenceError as e:
-        refusal = REFUSALS.get(e.kind)
-        if refusal is None:
-            raise
-        raise refusal(e.kind, e.message, peer_id=peer_id, limit=e.limit) from e
+        _raise_typed(e, peer_id)
 
 
 @dataclass(frozen=True)
@@ -50,8 +60,8 @@ class StepRecord:
         return self.inputs.shape[1]
 
 
-class Hop:
-    """One open session with one server for blocks [start, end)."""
+class RemoteHop:
+    """One open session with another peer's server for blocks [start, end), over a stream."""
 
     def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None):
         self.peer_id, self.start, self.end = peer_id, start, end
@@ -64,7 +74,7 @@ class Hop:
 
     @classmethod
     async def open(cls, network: Network, hop: RouteHop, addr: str | None, *, model_id: str, max_length: int,
-                   dtype: str, timeout: float) -> "Hop":
+                   dtype: str, timeout: float) -> "RemoteHop":
         if addr is not None and network.address_of(hop.peer_id) is None:
             network.add_address(hop.peer_id, addr)
         stream = None
@@ -119,3 +129,64 @@ class Hop:
                 await self.stream.aclose()
             except P2PError:
                 pass
+
+
+class LocalServerSession(Protocol):
+    """A session of this peer's own server (pipeline/server.py `InProcessSession`)."""
+
+    @property
+    def id(self) -> bytes: ...
+
+    async def run(self, hidden: torch.Tensor, pos: int, chunks: list[int] | None) -> tuple[torch.Tensor, float]:
+        """(outputs, compute seconds); the server's checks raise InferenceErrors."""
+
+    def close(self) -> None: ...
+
+
+class LocalServer(Protocol):
+    """What a `LocalHop` uses of this peer's own BlockServer (pipeline/server.py)."""
+
+    async def open_local(self, model: str, start: int, end: int, max_length: int, dtype: str) -> LocalServerSession:
+        """A session admitted like a stream's "open" (refusals raised as InferenceErrors)."""
+
+
+class LocalHop:
+    """One open session with this peer's own server for blocks [start, end), in this process."""
+
+    addr: str | None = None  # nothing to dial
+
+    def __init__(self, peer_id: str, start: int, end: int, session: LocalServerSession):
+        self.peer_id, self.start, self.end = peer_id, start, end
+        self.session, self.session_id = session, session.id
+        self.closed = False
+
+    def __repr__(self) -> str:
+        return f"<local hop [{self.start},{self.end})>"
+
+    @classmethod
+    async def open(cls, server: LocalServer, hop: RouteHop, *, model_id: str, max_length: int,
+                   dtype: str) -> "LocalHop":
+        try:
+            session = await server.open_local(model_id, hop.start, hop.end, max_length, dtype)
+        except InferenceError as e:
+            _raise_typed(e, hop.peer_id)
+        return cls(hop.peer_id, hop.start, hop.end, session)
+
+    async def run(self, h: torch.Tensor, pos: int, chunks: list[int] | None) -> tuple[torch.Tensor, float]:
+        """One step (or a replay of several, `chunks`): (outputs, compute seconds)."""
+        try:
+            out, compute_s = await self.session.run(h, pos, chunks)
+        except InferenceError as e:
+            _raise_typed(e, self.peer_id)
+        except CacheError as e:  # what a stream's session answers as an error reply: a fault
+            raise InferenceError("CacheError", str(e)) from e
+        if not torch.isfinite(out).all():
+            raise FrameError("our own server returned non-finite hidden states")
+        return out.to("cpu"), compute_s
+
+    def close(self) -> None:
+        self.closed = True
+        self.session.close()
+
+
+Hop = RemoteHop | LocalHop

@@ -7,16 +7,19 @@ announced span contains [a, b) (spans may be cut), weighted by
       + unreliability_penalty × (1 − reliability(server))
 
 (RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
-servers are left out. `coverage` / `choose_span` / `swarm_quality` are what `--blocks auto` uses.
+servers are left out. The client's own server (`local`: its blocks run in process) costs no RTT and
+no hop overhead, and wins ties: a route uses our own blocks wherever they are at least as fast.
+`coverage` / `choose_span` / `swarm_quality` are what `--blocks auto` uses.
 
 `SequenceManager` is the client's view of the swarm for one model (Petals' name): it caches the
 DHT's announcements for a few seconds, bans servers that fault (timeouts, broken streams, wrong
 outputs — never refusals, pipeline/errors.py) with exponential backoff, and builds routes on
-demand; sessions ask it for a route and report faults to it. A fault ban is lifted as soon as an
-announcement says the server started after the ban (a restart). Reliability of a server, as
-the client uses it: min(what it announces, what this client saw — spot checks failed mean 0 and a
-permanent ban (`distrust`), each failure ban a factor 0.8 — and what the client's ledger says:
-`reliability_source`, e.g. disputes in verified chains, pipeline/billing.py).
+demand; sessions ask it for a route and report faults to it. The client's own peer id is routed to
+only when the client runs its peer's blocks in process (`local_blocks`): nothing dials itself. A fault
+ban is lifted as soon as an announcement says the server started after the ban (a restart).
+Reliability of a server, as the client uses it: min(what it announces, what this client saw — spot
+checks failed mean 0 and a permanent ban (`distrust`), each failure ban a factor 0.8 — and what the
+client's ledger says: `reliability_source`, e.g. disputes in verified chains, pipeline/billing.py).
 """
 
 from __future__ import annotations
@@ -52,25 +55,29 @@ class RoutingConfig:
     hop_overhead: float = 0.002  # per hop on top of the RTT: fewer hops win ties
     no_cache_penalty: float = 10.0
     unreliability_penalty: float = 1.0  # seconds of route cost for a server of reliability 0
+    local_discount: float = 1e-6  # our own blocks' compute time counts this fraction less: they win ties
 
 
 def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Callable[[str], float | None] = lambda p: None,
                exclude: Iterable[str] = (), need_cache_tokens: int = 0,
                config: RoutingConfig | None = None,
-               reliability: Callable[[ServerInfo], float] | None = None) -> list[RouteHop]:
-    """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap."""
+               reliability: Callable[[ServerInfo], float] | None = None, local: str | None = None) -> list[RouteHop]:
+    """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap.
+    `local`: the peer whose blocks run in this process (no network between us)."""
     cfg = config or RoutingConfig()
     banned = set(exclude)
     usable = [s for s in servers if s.online and s.peer_id not in banned and s.start < end and s.end > start]
     edges: dict[int, list[tuple[int, float, str]]] = {}
     for s in usable:
-        r = rtt(s.peer_id)
-        base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead
+        if s.peer_id == local:
+            base, per_block = 0.0, (1.0 - cfg.local_discount) / s.decode_tps
+        else:
+            r = rtt(s.peer_id)
+            base, per_block = (cfg.default_rtt if r is None else r) + cfg.hop_overhead, 1.0 / s.decode_tps
         if s.cache_tokens < need_cache_tokens:
             base += cfg.no_cache_penalty
         r = reliability(s) if reliability is not None else s.reliability
         base += cfg.unreliability_penalty * (1.0 - min(1.0, max(0.0, r)))
-        per_block = 1.0 / s.decode_tps
         lo, hi = max(s.start, start), min(s.end, end)
         for a in range(lo, hi):
             for b in range(a + 1, hi + 1):
@@ -158,6 +165,13 @@ class SequenceManager:
     # {peer_id: factor} from the client's ledger (ClientBilling.reliability_by_peer)
     reliability_source: Callable[[], Awaitable[dict[str, float]]] | None = None
     ledger_view: dict[str, float] = field(default_factory=dict)
+    me: str | None = None  # the client's own peer id: routed to only with `local_blocks`
+    local_blocks: bool = False  # the client runs its peer's own blocks in process
+
+    def _avoid(self, exclude: Iterable[str]) -> set[str]:
+        """Peers no route or check may use: banned, distrusted, `exclude`, and ourselves unless in process."""
+        unreachable = {self.me} if self.me is not None and not self.local_blocks else set()
+        return self.banned() | set(exclude) | unreachable
 
     async def refresh(self, force: bool = False) -> list[ServerInfo]:
         async with self._lock:
@@ -243,15 +257,18 @@ class SequenceManager:
                 self.ledger_view = await self.reliability_source()
             except Exception as e:  # noqa: BLE001 - a view, not a requirement
                 log.info("could not read the ledger's reliability view: %s", e)
+        local = self.me if self.local_blocks else None
         try:
-            return find_route(servers, start, end, rtt=self.rtt, exclude=self.banned() | set(exclude),
-                              need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability)
+            return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
+                              need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
+                              local=local)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
-            return find_route(servers, start, end, rtt=self.rtt, exclude=self.banned() | set(exclude),
-                              need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability)
+            return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
+                              need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
+                              local=local)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates)."""
-        avoid = self.banned() | set(exclude)
+        avoid = self._avoid(exclude)
         return [s for s in self.servers if s.online and s.start <= start and end <= s.end and s.peer_id not in avoid]

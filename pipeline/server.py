@@ -26,6 +26,9 @@
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
   the swarm covers least; every `rebalance_period` it moves when swarm quality (min/max per-block
   throughput) is below `rebalance_threshold` and moving raises the minimum.
+- A client in the same process (the peer's own, pipeline/hop.py `LocalHop`) opens sessions with
+  `open_local`: the same admission and refusals, the same KV caches and limits, but steps are calls
+  (`InProcessSession.run`) — no stream, no serialisation, nothing billed (serving ourselves is free).
 - Server-to-server forwarding: a step may carry a "push" list; the output is then also sent to the
   next server's session (stream `/potluck/inference-push/1.0.0`), which answers the client itself.
   The next hop must be a server whose current announcement (as this server reads the DHT, at most
@@ -112,7 +115,7 @@ class ServedSession:
     cache: KVCache
     max_length: int
     dtype: str
-    stream: Stream
+    stream: Stream | None  # None: a session of this peer's own client (`open_local`)
     scope: trio.CancelScope
     nbytes: int
     last_used: float
@@ -494,9 +497,10 @@ class BlockServer:
             async with session.send_lock:
                 await stream.send(msg)
 
-    async def _open(self, stream: Stream, m: dict, scope: trio.CancelScope) -> ServedSession:
+    async def _open(self, stream: Stream | None, m: dict, scope: trio.CancelScope) -> ServedSession:
         assert self.mf is not None and self.model_id is not None and self.start is not None and self.end is not None
         cfg = self.mf.config
+        peer_id = self.network.peer_id if stream is None else stream.peer_id
         if self.stopping or self.span is None:
             raise InferenceError("ServerStopping", "this server is shutting down")
         model = mfield(m, "model", str, max_len=128)
@@ -516,7 +520,7 @@ class BlockServer:
         if len(self.sessions) >= self.config.max_sessions:
             self.stats["sessions_refused"] += 1
             raise InferenceError("TooManySessions", f"this server already holds {len(self.sessions)} sessions")
-        mine = sum(s.peer_id == stream.peer_id for s in self.sessions.values())
+        mine = sum(s.peer_id == peer_id for s in self.sessions.values())
         if mine >= max(1, int(self.config.max_sessions * self.config.cache_share)):
             self.stats["sessions_refused"] += 1
             raise InferenceError("TooManySessions", f"this server already holds {mine} of your sessions, as many "
@@ -525,7 +529,7 @@ class BlockServer:
         account = None
         if self.billing is not None:
             try:
-                account = await self.billing.open(stream.peer_id, session=sid, model=self.model_id, start=a, end=b,
+                account = await self.billing.open(peer_id, session=sid, model=self.model_id, start=a, end=b,
                                                   idle=not self.sessions)
             except InferenceError:
                 self.stats["sessions_refused"] += 1
@@ -535,8 +539,8 @@ class BlockServer:
         capacity = min(max_length, self.config.initial_cache_tokens)
         need = capacity * per_token
         try:
-            self._check_room(stream.peer_id, standing, max_length * per_token, per_token)  # it could finish here
-            self._reserve(stream.peer_id, standing, need, per_token)  # before the await: opens cannot overbook
+            self._check_room(peer_id, standing, max_length * per_token, per_token)  # it could finish here
+            self._reserve(peer_id, standing, need, per_token)  # before the await: opens cannot overbook
             try:
                 sub = self._subspan(a, b)
                 cache = await self._in_thread(sub.new_cache, capacity)
@@ -547,7 +551,7 @@ class BlockServer:
             if account is not None:
                 self.billing.forget(account)
             raise
-        session = ServedSession(sid, stream.peer_id, sub, cache, max_length, dtype, stream, scope, need,
+        session = ServedSession(sid, peer_id, sub, cache, max_length, dtype, stream, scope, need,
                                 trio.current_time(), account=account, standing=standing)
         self.sessions[session.id] = session
         self.stats["sessions_opened"] += 1
@@ -608,6 +612,20 @@ class BlockServer:
         push = proto.parse_push(m.get("push"))
         push_receipts = [h.get("receipt") for h in m["push"]] if push else []  # forwarded as signed
         next_hop = await self._next_hop(session, push[0][0]) if push else None
+        ran = await self._run(session, step_id, pos, hidden, chunks, m.get("receipt"), pushed=pushed)
+        if ran is None:
+            return None
+        out, compute_s, served = ran
+        packed = pack_hidden(out)
+        if next_hop is not None and self._nursery is not None:
+            self._nursery.start_soon(self._push, push, next_hop, step_id, pos, packed, push_receipts)
+        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
+
+    async def _run(self, session: ServedSession, step_id: int, pos: int, hidden: torch.Tensor, chunks: list[int],
+                   receipt: Any, *, pushed: bool) -> tuple[torch.Tensor, float, int] | None:
+        """Compute a step of `session`, paid for first: (outputs, compute seconds, tokens served so far),
+        or None for a stale push."""
+        n = hidden.shape[1]
         async with session.compute_lock:
             if step_id < session.last_step:
                 if pushed:
@@ -625,7 +643,7 @@ class BlockServer:
             paid_before = None
             if account is not None:  # paid for before any work: the receipt covers this step too
                 paid_before = await self.billing.commit(
-                    account, m.get("receipt"), served=session.tokens, step_tokens=n,
+                    account, receipt, served=session.tokens, step_tokens=n,
                     idle=all(s.peer_id == session.peer_id for s in self.sessions.values()))
             try:
                 capacity = session.cache.capacity
@@ -662,10 +680,27 @@ class BlockServer:
             self._nursery.start_soon(account.billing.settle, account)  # periodic earn entry (long sessions)
         self.stats["steps"] += 1
         self.stats["tokens"] += n
-        packed = pack_hidden(out)
-        if next_hop is not None and self._nursery is not None:
-            self._nursery.start_soon(self._push, push, next_hop, step_id, pos, packed, push_receipts)
-        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
+        return out, compute_s, served
+
+    # --- sessions of a client in this process (pipeline/hop.py LocalHop) -------------------------
+
+    async def open_local(self, model: str, start: int, end: int, max_length: int, dtype: str) -> InProcessSession:
+        """A session for this peer's own client: admitted like a stream's "open" (the same refusals, as
+        InferenceErrors) but with no stream — its steps are calls (`InProcessSession.run`). It ends like
+        any session (idle, a move, shutdown) or at `InProcessSession.close`."""
+        if self._nursery is None:
+            raise InferenceError("ServerStopping", "this server is not serving")
+        m = {"model": model, "start": start, "end": end, "max_length": max_length, "dtype": dtype}
+        return InProcessSession(self, await self._nursery.start(self._hold_local, m))
+
+    async def _hold_local(self, m: dict, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        with trio.CancelScope() as scope:  # what expiry, a move and shutdown cancel
+            session = await self._open(None, m, scope)
+            try:
+                task_status.started(session)
+                await trio.sleep_forever()
+            finally:
+                self._drop(session)
 
     # --- server-to-server forwarding -------------------------------------------------------------
 
@@ -742,15 +777,15 @@ class BlockServer:
                     log.info("bad push from %s: %s", stream.peer_id[-8:], e)
                     continue
                 session = self.sessions.get(sid)
-                if session is None:
+                if session is None or session.stream is None:  # none, or our own client's (no stream)
                     log.info("push from %s for an unknown session", stream.peer_id[-8:])
                     continue
                 if self._nursery is not None:
-                    self._nursery.start_soon(self._run_pushed, session, m)
+                    self._nursery.start_soon(self._run_pushed, session, session.stream, m)
         except P2PError:
             pass
 
-    async def _run_pushed(self, session: ServedSession, m: dict) -> None:
+    async def _run_pushed(self, session: ServedSession, reply_to: Stream, m: dict) -> None:
         try:
             reply = await self._step(session, m, pushed=True)
         except (FrameError, InferenceError, CacheError) as e:
@@ -759,7 +794,7 @@ class BlockServer:
         if reply is None or session.id not in self.sessions:
             return
         try:
-            await self._send(session, session.stream, reply)
+            await self._send(session, reply_to, reply)
         except P2PError:
             session.scope.cancel()
 
@@ -772,6 +807,33 @@ def _grown(span: BlockSpan, cache: KVCache, capacity: int) -> KVCache:
         dst[:, :, :n] = src[:, :, :n]
     new.length = n
     return new
+
+
+@dataclass
+class InProcessSession:
+    """A session of this peer's own client (`BlockServer.open_local`): steps are calls, not messages."""
+
+    server: BlockServer
+    session: ServedSession
+
+    @property
+    def id(self) -> bytes:
+        return self.session.id
+
+    async def run(self, hidden: torch.Tensor, pos: int, chunks: list[int] | None = None) -> tuple[torch.Tensor, float]:
+        """A step (or a replay of several, `chunks`) computed in this process: (outputs, compute seconds);
+        the same checks as a step message, raised as InferenceErrors."""
+        s = self.session
+        if s.id not in self.server.sessions:
+            raise InferenceError("SessionExpired", "the server closed this session (idle, moved or stopping)")
+        ran = await self.server._run(s, s.last_step + 1, pos, hidden, chunks or [hidden.shape[1]], None, pushed=False)
+        assert ran is not None  # only pushes are ever stale
+        out, compute_s, _ = ran
+        return out, compute_s
+
+    def close(self) -> None:
+        self.server._drop(self.session)
+        self.session.scope.cancel()
 
 
 def _error_reply(e: FrameError | InferenceError | CacheError) -> dict:

@@ -30,7 +30,8 @@ client's chain whose evidence holds the span, positions, hashes of the inputs an
 outputs, and the errors. Checker and referee sessions are ordinary sessions: the client pays them
 with receipts like any hop. Comparison: per token, ‖a − b‖₂ / ‖b‖₂ ≤ `tolerance` (default 1e-3 for
 float32, 5e-2 for bfloat16 — different hardware gives different rounding, a lie is far larger).
-Not done: a client that holds the blocks itself does not referee locally yet.
+The client's own blocks (pipeline/hop.py `LocalHop`) are never checked — nobody checks us against
+ourselves — but its own server is a checker and referee candidate like any other, run in process.
 """
 
 from __future__ import annotations

@@ -218,7 +218,7 @@ class Peer:
                 folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
                 self._client = await DistributedModel.from_pretrained(
                     folder, self.network, self.dht, dtype=self.config.dtype,
-                    config=ClientConfig(billing=ClientBilling(self.ledger)))
+                    config=ClientConfig(billing=ClientBilling(self.ledger)), local_server=self.server)
             return self._client
 
     async def _generate_command(self, request: dict) -> dict:
