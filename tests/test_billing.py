@@ -4,14 +4,14 @@ admission by balance (debt limit, free when idle), compute ordered by balance, u
 import pytest
 import trio
 
-from credits import CreditPolicy, Ledger, Receipt
+from credits import CreditPolicy
 from credits.ledger import GFLOP
 from pipeline.billing import ClientBilling
 from pipeline.client import GenerationFailed
 from pipeline.errors import InsufficientCredit, ReceiptRequired
 from pipeline.limiter import PriorityLimiter
 from pipeline.loading import ModelFolder
-from testkit.billing import POLICY, add_client, add_server, make_ledger
+from testkit.billing import POLICY, add_client, add_server, latest_receipts, make_ledger
 from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
@@ -22,20 +22,6 @@ def llama(llama):
     """The shared tiny Llama (tests/conftest.py) and its config, which the ledgers price receipts by."""
     path, mid, local = llama
     return path, mid, local, ModelFolder(path).config
-
-
-def latest_receipts(ledger: Ledger, author: bytes, kind: str) -> dict[tuple, Receipt]:
-    """(server, client, session) → the highest-counter receipt in `author`'s `kind` entries."""
-    import msgpack
-
-    out: dict[tuple, Receipt] = {}
-    for e in ledger.store.entries(author):
-        if e.kind == kind:
-            r = Receipt.from_list(msgpack.unpackb(e.body, raw=False)[0])
-            key = (r.server, r.client, r.session)
-            if key not in out or out[key].counter < r.counter:
-                out[key] = r
-    return out
 
 
 async def test_generation_earn_spend_match_and_balances_replicate(llama, tmp_path):

@@ -9,27 +9,17 @@ import pytest
 import torch
 import trio
 
-from conftest_models import make_tiny
-from conftest_pipeline import swarm
 from pipeline.announce import ServerInfo
 from pipeline.billing import ClientBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.hop import LocalHop
-from pipeline.identity import model_id
-from pipeline.loading import load_local_model
 from pipeline.routing import find_route
 from pipeline.spotcheck import SpotCheckConfig
-from test_billing import add_server, latest_receipts
+from testkit.billing import add_server, latest_receipts
+from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3, 61, 7]
 KV_BYTES_PER_TOKEN = 2 * 4 * 2 * 16 * 4  # K and V, 4 blocks, 2 kv heads, head_dim 16, float32
-
-
-@pytest.fixture(scope="module")
-def llama(tmp_path_factory):
-    path = tmp_path_factory.mktemp("llama")
-    make_tiny("llama", path)
-    return path, model_id(path), load_local_model(path, device="cpu")
 
 
 def streams_to_self(network) -> list[str]:

@@ -3,7 +3,7 @@ bill through ServerBilling, clients pay through ClientBilling (optionally spot-c
 
 from __future__ import annotations
 
-from credits import CreditPolicy, Ledger
+from credits import CreditPolicy, Ledger, Receipt
 from credits.ledger import GFLOP
 from credits.replication import Replicator
 from p2p.gossip import Gossip
@@ -53,3 +53,17 @@ async def add_client(s, *, mid, cfg, billing_cls=ClientBilling, spot_check=None,
     conf = ClientConfig(billing=billing_cls(peer.ledger), spot_check=spot_check, step_timeout=10.0)
     model = await DistributedModel.from_pretrained(s.folder, peer.network, peer.dht, model_id=mid, config=conf)
     return peer, model
+
+
+def latest_receipts(ledger: Ledger, author: bytes, kind: str) -> dict[tuple, Receipt]:
+    """(server, client, session) → the highest-counter receipt in `author`'s `kind` entries."""
+    import msgpack
+
+    out: dict[tuple, Receipt] = {}
+    for e in ledger.store.entries(author):
+        if e.kind == kind:
+            r = Receipt.from_list(msgpack.unpackb(e.body, raw=False)[0])
+            key = (r.server, r.client, r.session)
+            if key not in out or out[key].counter < r.counter:
+                out[key] = r
+    return out
