@@ -534,7 +534,8 @@ class BlockServer:
             except InferenceError:
                 self.stats["sessions_refused"] += 1
                 raise
-        standing = self.billing is not None and (account is None or account.standing)  # None: ourselves
+        # our own client (in process) always has standing here; account None with billing: ourselves too
+        standing = peer_id == self.network.peer_id or (self.billing is not None and (account is None or account.standing))
         per_token = KVCache.bytes_for(cfg, b - a, 1, dtype=self.dtype)
         capacity = min(max_length, self.config.initial_cache_tokens)
         need = capacity * per_token

@@ -11,7 +11,7 @@ import trio
 
 from pipeline.announce import ServerInfo
 from pipeline.billing import ClientBilling
-from pipeline.client import ClientConfig, DistributedModel
+from pipeline.client import ClientConfig, DistributedModel, Finished
 from pipeline.hop import LocalHop
 from pipeline.routing import find_route
 from pipeline.spotcheck import SpotCheckConfig
@@ -88,7 +88,7 @@ async def test_a_client_without_its_peers_server_routes_around_it(llama):
             await sees(model, 2)
             for _ in range(3):  # whichever way ties fall, never through ourselves
                 g = await model.generate(PROMPT, max_new_tokens=6, stop_token_ids=[])
-                assert g.token_ids == want and g.stats["route"] == [(remote.network.peer_id, 0, 4)]
+                assert g.token_ids == want and g.route == [(remote.network.peer_id, 0, 4)]
             assert to_self == [] and not model.sequence.banned()
 
 
@@ -104,7 +104,7 @@ async def test_peer_serving_every_block_generates_alone(llama, backend):
             await sees(model, 1)
             g = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
             assert g.token_ids == want
-            assert g.stats["route"] == [(peer.network.peer_id, 0, 4)]
+            assert g.route == [(peer.network.peer_id, 0, 4)]
             async with model.inference_session(len(PROMPT)) as session:  # logits too, in chunks
                 assert all(isinstance(h, LocalHop) for h in session.hops)
                 got = torch.cat([await model.logits(await session.step(await model.embed(PROMPT[a:a + 3])))
@@ -131,9 +131,9 @@ async def test_own_blocks_and_remote_spans_in_one_route(llama, backend, push):
             await sees(model, 3)
             g = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
             assert g.token_ids == want
-            assert g.stats["route"] == [(p.network.peer_id, a, b) for p, (a, b) in
+            assert g.route == [(p.network.peer_id, a, b) for p, (a, b) in
                                         [(me, (0, 2)), (second, (2, 3)), (third, (3, 4))]]
-            assert g.stats["push_fallbacks"] == 0
+            assert g.push_fallbacks == 0
             if push:  # the remote run 2:3 → 3:4 was pushed: the client never sent the last hop a step
                 assert second.server.stats["pushes_sent"] == third.server.stats["pushes_received"] > 0
             assert to_self == []
@@ -154,7 +154,7 @@ async def test_own_server_refusing_sends_the_session_elsewhere(llama):
                 assert first.route == [(me.network.peer_id, 0, 4)]
                 g = await model.generate(PROMPT, max_new_tokens=6, stop_token_ids=[])
             assert g.token_ids == want
-            assert g.stats["route"] == [(remote.network.peer_id, 0, 4)]
+            assert g.route == [(remote.network.peer_id, 0, 4)]
             assert me.server.stats["sessions_refused"] == 1
             assert not model.sequence.banned()  # a refusal is not a fault
 
@@ -167,16 +167,18 @@ async def test_remote_hop_fails_and_is_replayed_next_to_our_blocks(llama):
             me = s.servers[0]
             model = await own_client(s, me, step_timeout=5.0)
             await sees(model, 3)
-            stats: dict = {}
-            tokens, killed = [], None
-            async for ev in model.stream(PROMPT, max_new_tokens=12, stop_token_ids=[], stats=stats):
+            tokens, killed, g = [], None, None
+            async for ev in model.stream(PROMPT, max_new_tokens=12, stop_token_ids=[]):
+                if isinstance(ev, Finished):
+                    g = ev.generation
+                    continue
                 tokens.append(ev.token_id)
                 if ev.index == 4:
-                    killed = stats["route"][1][0]
+                    killed = ev.route[1][0]
                     await s.kill(s.server_of(killed))
-            assert tokens == want
-            assert stats["recoveries"] >= 1
-            assert stats["route"][0] == (me.network.peer_id, 0, 2) and killed not in [p for p, _, _ in stats["route"]]
+            assert tokens == want and g is not None
+            assert g.recoveries >= 1
+            assert g.route[0] == (me.network.peer_id, 0, 2) and killed not in [p for p, _, _ in g.route]
             assert me.server.stats["sessions_opened"] == 1  # our hop went on: nothing to replay there
 
 
@@ -214,16 +216,18 @@ async def test_our_session_ending_is_a_fault_recovered_elsewhere(llama):
             me, remote = s.servers
             model = await own_client(s, me, step_timeout=5.0)
             await sees(model, 2)
-            stats: dict = {}
-            tokens = []
-            async for ev in model.stream(PROMPT, max_new_tokens=12, stop_token_ids=[], stats=stats):
+            tokens, g = [], None
+            async for ev in model.stream(PROMPT, max_new_tokens=12, stop_token_ids=[]):
+                if isinstance(ev, Finished):
+                    g = ev.generation
+                    continue
                 tokens.append(ev.token_id)
                 if ev.index == 4:
-                    assert stats["route"] == [(me.network.peer_id, 0, 4)]
+                    assert ev.route == [(me.network.peer_id, 0, 4)]
                     for session in list(me.server.sessions.values()):
                         session.scope.cancel()  # what expiry does
-            assert tokens == want
-            assert stats["recoveries"] == 1 and stats["route"] == [(remote.network.peer_id, 0, 4)]
+            assert tokens == want and g is not None
+            assert g.recoveries == 1 and g.route == [(remote.network.peer_id, 0, 4)]
             assert not me.server.sessions and me.server.cache_used == 0
 
 
@@ -239,7 +243,7 @@ async def test_billed_peer_pays_only_the_remote_hop(llama, tmp_path):
             await sees(model, 2)
             g = await model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
             assert g.token_ids == want
-            assert [p for p, _, _ in g.stats["route"]] == [me.network.peer_id, remote.network.peer_id]
+            assert [p for p, _, _ in g.route] == [me.network.peer_id, remote.network.peer_id]
             assert me.server.billing.stats["admitted"] == 0  # our own session has no account
             spends = latest_receipts(me.ledger, me.ledger.me, "spend")
             assert [r.server for r in spends.values()] == [remote.ledger.me]
