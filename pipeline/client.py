@@ -129,6 +129,20 @@ class Finished:
     generation: Generation
 
 
+@dataclass
+class SessionStats:
+    """What one session did, summed as it runs; a generation's `Generation` is built from it."""
+
+    steps: int = 0
+    compute_s: float = 0.0  # servers' compute, as they reported it
+    step_wall_s: float = 0.0  # wall time of the steps, seen from here
+    recoveries: int = 0
+    push_fallbacks: int = 0
+    servers: list[tuple[str, int, int]] = field(default_factory=list)  # every route hop used, in order
+    paid: list[Receipt] = field(default_factory=list)  # the spends this client signed for its sessions
+    spot_checks: dict | None = None  # the checker's counters, once the session closed
+
+
 class InferenceSession:
     """A generation's path through the swarm: route, open hops, history for replay. Use `async with`."""
 
@@ -144,8 +158,7 @@ class InferenceSession:
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
                                     model_id=model.model_id, billing=cfg.billing)
                         if cfg.spot_check is not None and cfg.spot_check.fraction > 0 else None)
-        self.stats = {"steps": 0, "compute_s": 0.0, "step_wall_s": 0.0, "recoveries": 0, "push_fallbacks": 0,
-                      "servers": [], "paid": []}
+        self.stats = SessionStats()
 
     @property
     def route(self) -> list[tuple[str, int, int]]:
@@ -165,7 +178,7 @@ class InferenceSession:
                 if self.checker is not None:
                     nursery.start_soon(self.checker.aclose)
         if self.checker is not None:
-            self.stats["spot_checks"] = dict(self.checker.stats)
+            self.stats.spot_checks = dict(self.checker.stats)
 
     def _receipt(self, hop: RemoteHop, info: dict | None = None) -> list | None:
         """The receipt to send to `hop` now (with billing), else None."""
@@ -205,7 +218,7 @@ class InferenceSession:
             with trio.CancelScope(shield=True), trio.move_on_after(10.0):
                 spend = await billing.closed(hop.peer_id, hop.session_id)
                 if spend is not None:
-                    self.stats["paid"].append(spend)
+                    self.stats.paid.append(spend)
 
     async def _open_route(self, start: int, end: int) -> list[Hop]:
         """Route [start, end) and open every hop. A server that faults is banned and the route built
@@ -228,7 +241,7 @@ class InferenceSession:
                 for r in route:
                     info = seq.server(r.peer_id)
                     hops.append(await self.open_hop(r, info.addr if info else None))
-                self.stats["servers"].extend(self.route_of(hops))
+                self.stats.servers.extend(self.route_of(hops))
                 return hops
             except Refused as e:
                 for h in hops:
@@ -268,7 +281,7 @@ class InferenceSession:
         """One step (or a replay of several, `chunks`) through `hop`; its outputs."""
         if isinstance(hop, LocalHop):  # our own compute: no timeout, no RTT
             out, compute_s = await hop.run(h, pos, chunks)
-            self.stats["compute_s"] += compute_s
+            self.stats.compute_s += compute_s
             return out
         self._step_id += 1
         step_id = self._step_id
@@ -277,7 +290,7 @@ class InferenceSession:
             await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
             out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.model_config.hidden_size,
                                                    self.model.dtype_name)
-        self.stats["compute_s"] += compute_s
+        self.stats.compute_s += compute_s
         self.model.sequence.observe_rtt(hop.peer_id, max(0.0, trio.current_time() - t0 - compute_s))
         return out
 
@@ -294,7 +307,7 @@ class InferenceSession:
         seq = self.model.sequence
         log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
         seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
-        self.stats["recoveries"] += 1
+        self.stats.recoveries += 1
         if self.checker is not None:
             await self.checker.forget(bad)
         liar = isinstance(err, WrongOutput)
@@ -377,8 +390,8 @@ class InferenceSession:
             self.history.setdefault(start, []).append(x)
         self.chunks.append(n)
         self.position += n
-        self.stats["steps"] += 1
-        self.stats["step_wall_s"] += trio.current_time() - t0
+        self.stats.steps += 1
+        self.stats.step_wall_s += trio.current_time() - t0
         return h
 
     async def _spot_check(self, hop: Hop) -> str | None:
@@ -450,14 +463,14 @@ class InferenceSession:
         for k, hop in enumerate(hops):
             got = outs[k]
             if got is None:
-                self.stats["push_fallbacks"] += 1
+                self.stats.push_fallbacks += 1
                 return k, h
             inputs[hop.start] = h
             out, c = got
             if self.checker is not None:
                 self.checker.record(hop, StepRecord(pos, h, (n,), out))
             h = out
-            self.stats["compute_s"] += c
+            self.stats.compute_s += c
         return len(hops), h
 
 
@@ -465,7 +478,7 @@ def _telling(refusals: list[Refused]) -> Refused:
     """The refusal to raise when every server refused: the one offering the longest session (too
     long / cache full, so the caller learns the usable limit), else the last."""
     limited = [r for r in refusals if r.limit is not None]
-    return max(limited, key=lambda r: r.limit) if limited else refusals[-1]
+    return max(limited, key=lambda r: r.limit or 0) if limited else refusals[-1]
 
 
 class DistributedModel:
@@ -624,12 +637,12 @@ class DistributedModel:
         text = self.final_text(generated, params.stop)
         stats = session.stats
         yield Finished(text[shown:], Generation(
-            generated, text, finish_reason, len(ids), route=route, servers=list(stats["servers"]),
-            steps=stats["steps"], recoveries=stats["recoveries"], push_fallbacks=stats["push_fallbacks"],
-            spot_checks=stats.get("spot_checks"), paid=list(stats["paid"]), ttft_s=ttft, wall_s=wall,
+            generated, text, finish_reason, len(ids), route=route, servers=list(stats.servers),
+            steps=stats.steps, recoveries=stats.recoveries, push_fallbacks=stats.push_fallbacks,
+            spot_checks=stats.spot_checks, paid=list(stats.paid), ttft_s=ttft, wall_s=wall,
             decode_s=decode_wall,
             tokens_per_s=(len(generated) - 1) / decode_wall if len(generated) > 1 and decode_wall > 0 else 0.0,
-            compute_s=stats["compute_s"], network_s=max(0.0, stats["step_wall_s"] - stats["compute_s"])))
+            compute_s=stats.compute_s, network_s=max(0.0, stats.step_wall_s - stats.compute_s)))
 
     def final_text(self, token_ids: list[int], stop: list[str]) -> str:
         """The text of generated tokens, cut before the first stop string."""

@@ -482,7 +482,7 @@ class BlockServer:
                     self._drop(session)
                     if session.account is not None:
                         with trio.CancelScope(shield=True), trio.move_on_after(10.0):
-                            await self.billing.end(session.account)  # the earn entry
+                            await session.account.billing.end(session.account)  # the earn entry
         if scope.cancelled_caught and session is not None:
             with trio.move_on_after(1.0) as _:
                 try:
@@ -550,7 +550,7 @@ class BlockServer:
                 raise
         except BaseException:
             if account is not None:
-                self.billing.forget(account)
+                account.billing.forget(account)
             raise
         session = ServedSession(sid, peer_id, sub, cache, max_length, dtype, stream, scope, need,
                                 trio.current_time(), account=account, standing=standing)
@@ -643,7 +643,7 @@ class BlockServer:
             account = session.account
             paid_before = None
             if account is not None:  # paid for before any work: the receipt covers this step too
-                paid_before = await self.billing.commit(
+                paid_before = await account.billing.commit(
                     account, receipt, served=session.tokens, step_tokens=n,
                     idle=all(s.peer_id == session.peer_id for s in self.sessions.values()))
             try:
@@ -655,7 +655,7 @@ class BlockServer:
                     self._reserve(session.peer_id, session.standing, extra, per_token)
                     session.nbytes += extra
                 if account is not None:
-                    limiter = self.limiter.at(await self.billing.priority(account))
+                    limiter = self.limiter.at(await account.billing.priority(account))
 
                 def compute() -> tuple[torch.Tensor, float]:
                     t0 = time.perf_counter()
@@ -719,6 +719,7 @@ class BlockServer:
         return info
 
     async def _announcement(self, peer_id: str) -> ServerInfo | None:
+        assert self.mf is not None and self.model_id is not None  # only serving servers forward
         async with self._announced_lock:
             info = self._announced.get(peer_id)
             now = self.network.now()

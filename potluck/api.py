@@ -243,7 +243,8 @@ class Api:
     async def completions(self, request: Request) -> _GenerationResponse:
         return await self._generate(request, CompletionRequest, "text")
 
-    async def _generate(self, request: Request, kind: type[GenerationRequest], what: str) -> Response:
+    async def _generate(self, request: Request, kind: type[ChatRequest] | type[CompletionRequest],
+                        what: str) -> _GenerationResponse:
         req = kind.parse(await self.body_json(request))
         prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
         job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given)
@@ -315,7 +316,7 @@ class _GenerationResponse:
                 make = chat_completion if self.what == "chat" else text_completion
                 body = make(self.rid, self.model["name"], "".join(parts), value.generation.finish_reason,
                             self._usage(value), self._extra(value))
-                await JSONResponse(body)(self.scope, None, send)
+                await JSONResponse(body)(self.scope, self.receive, send)
                 return
 
     def _chunk(self, **kw) -> dict:

@@ -11,7 +11,7 @@ import trio
 
 from pipeline.announce import ServerInfo
 from pipeline.billing import ClientBilling
-from pipeline.client import ClientConfig, DistributedModel, Finished
+from pipeline.client import ClientConfig, DistributedModel, Finished, SessionStats
 from pipeline.hop import LocalHop
 from pipeline.routing import find_route
 from pipeline.spotcheck import SpotCheckConfig
@@ -48,7 +48,7 @@ async def sees(model, n: int) -> None:
             await trio.sleep(0.05)
 
 
-async def greedy(model, prompt: list[int], n: int) -> tuple[list[int], list, dict]:
+async def greedy(model, prompt: list[int], n: int) -> tuple[list[int], list, SessionStats]:
     """`n` greedy tokens through one session: (tokens, its route, its stats once closed)."""
     tokens: list[int] = []
     async with model.inference_session(len(prompt) + n) as session:
@@ -195,7 +195,7 @@ async def test_own_blocks_are_never_spot_checked_but_check_remote_hops(llama):
             await sees(model, 2)
             tokens, route, stats = await greedy(model, PROMPT, 8)
             assert tokens == want and route == [(remote.network.peer_id, 0, 4)]
-            checks = stats["spot_checks"]
+            checks = stats.spot_checks
             assert checks["passed"] == checks["checks"] > 0 and checks["unchecked"] == 0
             assert me.server.stats["sessions_opened"] == 1  # the checker session, in process
             assert to_self == []
@@ -203,7 +203,7 @@ async def test_own_blocks_are_never_spot_checked_but_check_remote_hops(llama):
             model.sequence.ban(remote.network.peer_id, "test: route through our own blocks")
             tokens, route, stats = await greedy(model, PROMPT, 8)
             assert tokens == want and route == [(me.network.peer_id, 0, 4)]
-            assert stats["spot_checks"]["checks"] == 0 and remote.server.stats["sessions_opened"] == 1
+            assert stats.spot_checks["checks"] == 0 and remote.server.stats["sessions_opened"] == 1
 
 
 async def test_our_session_ending_is_a_fault_recovered_elsewhere(llama):
