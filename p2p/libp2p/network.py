@@ -130,6 +130,7 @@ class Libp2pNetwork(Network):
         gate_timeout: float = 2.0,
         hello_timeout: float = 5.0,
         frame_timeout: float = 30.0,
+        max_frame_objects: int = framing.DEFAULT_MAX_OBJECTS,
         max_inflight_in: int = 64,
         max_inflight_bytes_in: int = 64 * 1024 * 1024,
         max_inflight_out: int = 64,
@@ -148,6 +149,7 @@ class Libp2pNetwork(Network):
         self.max_frame = max_frame
         self.gate_timeout = gate_timeout if swarm_key is not None else hello_timeout
         self.frame_timeout = frame_timeout
+        self.decoder = io.FrameDecoder(max_frame_objects)
         self.max_inflight_in = max_inflight_in
         self.max_inflight_bytes_in = max_inflight_bytes_in
         self.max_inflight_out = max_inflight_out

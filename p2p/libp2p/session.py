@@ -39,6 +39,7 @@ class SessionOwner(Protocol):
 
     max_frame: int
     frame_timeout: float
+    decoder: io.FrameDecoder
     max_inflight_in: int
     max_inflight_bytes_in: int
     max_inflight_out: int
@@ -138,7 +139,7 @@ class RequestSession:
         try:
             while True:
                 length = framing.parse_header(await self.reader.read_exactly(framing.HEADER_SIZE), owner.max_frame)
-                m = expect_map(await io.read_body(self.reader, length, owner.frame_timeout), "session frame")
+                m = expect_map(await io.read_body(self.reader, length, owner.frame_timeout, owner.decoder), "session frame")
                 if "a" in m:
                     rid = _check_id(m["a"])
                     if "e" in m:
