@@ -141,6 +141,7 @@ class Libp2pNetwork(Network):
         relays: list[str] | None = None,
         relay_limits: RelayLimits | None = None,
         relay_timeout: float = 10.0,
+        inbound_limits: patches.InboundLimits = patches.InboundLimits(),
     ):
         if swarm_key is not None and (not isinstance(swarm_key, bytes) or len(swarm_key) < 16):
             raise ValueError("a swarm key is at least 16 bytes (load it with p2p.swarm_key.load_key)")
@@ -187,6 +188,7 @@ class Libp2pNetwork(Network):
             return None
 
         swarm.auto_connector.maybe_connect = _no_auto_connect
+        patches.limit_inbound(swarm, inbound_limits)
         self._host = BasicHost(swarm, default_protocols=OrderedDict([(LIBP2P_PROTOCOL, self._on_libp2p_stream)]))
         # BasicHost runs identify against every new connection and pushes identify (with our protocol
         # list and addresses) to peers; with no identify handler registered that is only wasted streams.
@@ -422,6 +424,7 @@ class Libp2pNetwork(Network):
         return RequestSession(self, peer_id, raw, reader)
 
     def _admit(self, session: RequestSession) -> None:
+        patches.admitted(self._swarm, session.raw.muxed_conn)
         sessions = self._sessions.setdefault(session.peer_id, [])
         first = not any(not s.closed for s in sessions)
         sessions.append(session)
