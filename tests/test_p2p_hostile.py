@@ -6,6 +6,7 @@ objects, half-open connections from one address (slowloris), request floods, gos
 
 from __future__ import annotations
 
+import random
 import struct
 import time
 import tracemalloc
@@ -16,10 +17,13 @@ import trio
 from libp2p.peer.id import ID
 
 from p2p import framing
-from p2p.errors import FrameError, StreamClosed
+from p2p.errors import FrameError
+from p2p.gossip import Gossip, GossipQuotas
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from p2p.libp2p.network import LIBP2P_PROTOCOL
+from p2p.libp2p.patches import InboundLimits
+from p2p.sim import SimWorld
 
 ECHO = "/potluck/echo/1.0.0"
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -109,3 +113,95 @@ async def test_a_peer_keeps_answering_while_sent_frames_of_empty_arrays():
                         await trio.sleep(0.02)
             done.set()
         assert slowest < 1.0, slowest
+
+
+# --- gossip quotas ---------------------------------------------------------------------------------
+
+
+async def test_a_flooding_author_is_throttled_at_every_peer_and_honest_news_still_arrives(autojump_clock):
+    quotas = GossipQuotas()
+    async with SimWorld.open(seed=5) as world, trio.open_nursery() as nursery:
+        nodes = [world.add_node() for _ in range(30)]
+        gossips = [Gossip(node, node.identity, rng=random.Random(i)) for i, node in enumerate(nodes)]
+        got: list[list] = [[] for _ in nodes]
+        for i, gossip in enumerate(gossips):
+            gossip.subscribe("news", lambda m, i=i: got[i].append((m.author, m.data)))
+        rng = random.Random(5)
+        for i, node in enumerate(nodes):
+            for j in rng.sample(range(len(nodes)), 4):
+                if i != j and nodes[j].peer_id not in node.connected_peers():
+                    await node.connect(nodes[j].addr)
+        for gossip in gossips:
+            await nursery.start(gossip.run)
+        flooder, honest = gossips[0], gossips[1]
+        seconds, per_second = 30, 100
+        honest_ids = []
+        for second in range(seconds):
+            for n in range(per_second):
+                await flooder.publish("news", {"n": second * per_second + n, "pad": b"x" * 1024})
+            honest_ids.append(await honest.publish("news", {"honest": second}))
+            await trio.sleep(1)
+        await trio.sleep(10)  # pulls settle
+
+        most = quotas.burst + quotas.rate * (seconds + 10) + 1
+        for i, gossip in enumerate(gossips[2:], start=2):
+            from_flooder = sum(1 for author, _ in got[i] if author == flooder.network.peer_id)
+            assert from_flooder <= most, (i, from_flooder)
+            # what it holds: at most max_held of the flooder's, plus the honest author's 30 small ones
+            assert gossip.held_bytes <= quotas.max_held * 1200 + seconds * 200, (i, gossip.held_bytes)
+            assert all(gossip.has(message_id) for message_id in honest_ids), i
+        print("per peer: accepted from the flooder", [sum(1 for a, _ in g if a == flooder.network.peer_id) for g in got[2:]],
+              "held bytes", [g.held_bytes for g in gossips[2:]], "throttled", [g.stats.throttled for g in gossips[2:]])
+        nursery.cancel_scope.cancel()
+
+
+# --- handshake hardening -----------------------------------------------------------------------------
+
+
+async def open_idle_sockets(port: int, n: int, source: str) -> list:
+    """`n` TCP connections to 127.0.0.1:`port` from `source` that never say anything (slowloris)."""
+    sockets = []
+    for _ in range(n):
+        sock = trio.socket.socket()
+        await sock.bind((source, 0))
+        await sock.connect(("127.0.0.1", port))
+        sockets.append(sock)
+    return sockets
+
+
+async def test_idle_sockets_from_one_address_do_not_starve_other_peers():
+    async with peers(1) as (server,), peers(4) as friends:
+        server.set_request_handler(ECHO, echo)
+        port = int(server.listen_addrs()[0].split("/tcp/")[1].split("/")[0])
+        sockets = await open_idle_sockets(port, 300, "127.0.0.2")  # more than libp2p's 250 inbound slots
+        try:
+            await trio.sleep(0.5)  # let the server accept them all
+            started = trio.current_time()
+            for friend in friends:  # dialing from 127.0.0.1
+                await friend.connect(server.listen_addrs()[0], timeout=5)
+                assert await friend.request(server.peer_id, ECHO, "hi", timeout=5) == "hi"
+            assert trio.current_time() - started < 5
+        finally:
+            for sock in sockets:
+                sock.close()
+
+
+async def test_a_connection_that_never_finishes_its_upgrade_is_closed():
+    limits = InboundLimits(upgrade_timeout=0.5)
+    async with peers(1, inbound_limits=limits) as (server,):
+        port = int(server.listen_addrs()[0].split("/tcp/")[1].split("/")[0])
+        (sock,) = await open_idle_sockets(port, 1, "127.0.0.3")
+        with sock, trio.fail_after(3):
+            while await sock.recv(100):  # the server opens multistream-select; we never answer
+                pass  # ... and it closes the connection at the upgrade deadline
+
+
+async def test_admitted_peers_from_one_address_do_not_count_against_its_limit():
+    limits = InboundLimits(max_unadmitted_per_ip=2)
+    async with peers(1, inbound_limits=limits) as (server,), peers(6) as friends:
+        server.set_request_handler(ECHO, echo)
+        for friend in friends:  # all from 127.0.0.1, one after the other, and they stay connected
+            await friend.connect(server.listen_addrs()[0], timeout=5)
+        for friend in friends:
+            assert await friend.request(server.peer_id, ECHO, "hi", timeout=5) == "hi"
+        assert len(server.connected_peers()) == len(friends)
