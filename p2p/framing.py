@@ -64,12 +64,19 @@ class _TooManyObjects(Exception):
 
 def decode(body: bytes, max_objects: int = DEFAULT_MAX_OBJECTS) -> Any:
     """Decode one msgpack body strictly into at most `max_objects` objects; any defect is a FrameError."""
+    return decode_counted(body, max_objects)[0]
+
+
+def decode_counted(body: bytes, max_objects: int = DEFAULT_MAX_OBJECTS, count_from: int | None = None) -> tuple[Any, int]:
+    """`decode`, and how many objects it built: counted for bodies longer than `count_from` bytes
+    (by default `max_objects`, the shortest that needs counting), else `len(body)`, a bound on it."""
+    count_from = max_objects if count_from is None else min(count_from, max_objects)
+    budget = _ObjectBudget(max_objects)
     hooks: dict[str, Any] = {}
-    if len(body) > max_objects:  # shorter bodies cannot hold more objects than bytes
-        budget = _ObjectBudget(max_objects)
+    if len(body) > count_from:  # shorter bodies cannot hold more objects than bytes
         hooks = {"list_hook": budget, "object_hook": budget}
     try:
-        return msgpack.unpackb(
+        obj = msgpack.unpackb(
             body,
             raw=False,
             use_list=True,
@@ -86,6 +93,7 @@ def decode(body: bytes, max_objects: int = DEFAULT_MAX_OBJECTS) -> Any:
     except (ValueError, msgpack.UnpackException, UnicodeDecodeError, TypeError) as e:
         # TypeError: an unhashable map key, e.g. a list used as a key.
         raise FrameError(f"frame is not valid msgpack: {type(e).__name__}: {e}"[:300]) from None
+    return obj, (max_objects - budget.left if hooks else len(body))
 
 
 def parse_header(header: bytes, max_size: int = DEFAULT_MAX_FRAME) -> int:

@@ -6,6 +6,7 @@ objects, half-open connections from one address (slowloris), request floods, gos
 
 from __future__ import annotations
 
+import gc
 import random
 import struct
 import time
@@ -17,7 +18,7 @@ import trio
 from libp2p.peer.id import ID
 
 from p2p import framing
-from p2p.errors import FrameError
+from p2p.errors import FrameError, RemoteError
 from p2p.gossip import Gossip
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
@@ -203,3 +204,65 @@ async def test_admitted_peers_from_one_address_do_not_count_against_its_limit():
         for friend in friends:
             assert await friend.request(server.peer_id, ECHO, "hi", timeout=5) == "hi"
         assert len(server.connected_peers()) == len(friends)
+
+
+# --- request floods ----------------------------------------------------------------------------------
+
+
+async def test_requests_in_flight_are_charged_for_what_they_decode_into():
+    """64 KB of empty arrays is 64 Ki lists (~8 MB with the list holding them): the byte budget counts
+    that, not the 64 KB."""
+    async with peers(2, max_inflight_bytes_in=8 * 1024 * 1024) as (hostile, server):
+        release = trio.Event()
+        taken = []
+
+        async def wait(peer_id, body):
+            taken.append(len(body))
+            await release.wait()
+            return len(body)
+
+        server.set_request_handler(ECHO, wait)
+        await hostile.connect(server.listen_addrs()[0])
+        outcomes = []
+
+        async def one():
+            try:
+                outcomes.append(await hostile.request(server.peer_id, ECHO, [[]] * 64_000, timeout=10))
+            except RemoteError as e:
+                outcomes.append(e.kind)
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(8):  # 8 × 64 KB on the wire is far under the budget; decoded, one fills it
+                nursery.start_soon(one)
+            with trio.fail_after(20):
+                while len(taken) + len(outcomes) < 8:
+                    await trio.sleep(0.05)
+            release.set()
+        assert outcomes.count(64_000) == 1 and outcomes.count("Overloaded") == 7, outcomes
+
+
+async def test_a_flood_of_requests_leaves_nothing_behind():
+    async with peers(2) as (client, server):
+        server.set_request_handler(ECHO, echo)
+        await client.connect(server.listen_addrs()[0])
+
+        async def flood(n: int) -> None:
+            async def some(k: int) -> None:
+                for i in range(k):
+                    assert await client.request(server.peer_id, ECHO, {"n": i, "pad": b"x" * 200}) == {"n": i, "pad": b"x" * 200}
+
+            async with trio.open_nursery() as nursery:
+                for _ in range(32):
+                    nursery.start_soon(some, n // 32)
+
+        await flood(320)  # warm up: every lazily built structure exists
+        gc.collect()
+        tracemalloc.start()
+        try:
+            before = tracemalloc.get_traced_memory()[0]
+            await flood(3200)
+            gc.collect()
+            grown = tracemalloc.get_traced_memory()[0] - before
+        finally:
+            tracemalloc.stop()
+        assert grown < 512 * 1024, grown  # both peers: a few hundred bytes per request would show

@@ -30,9 +30,14 @@ class FrameDecoder:
         self._threads = trio.CapacityLimiter(threads)
 
     async def __call__(self, body: bytes) -> Any:
+        return (await self.counted(body, self.max_objects))[0]
+
+    async def counted(self, body: bytes, count_from: int) -> tuple[Any, int]:
+        """The message and how many objects it holds (`framing.decode_counted`)."""
         if len(body) <= self.off_loop_from:
-            return framing.decode(body, self.max_objects)
-        return await trio.to_thread.run_sync(framing.decode, body, self.max_objects, limiter=self._threads)
+            return framing.decode_counted(body, self.max_objects, count_from)
+        return await trio.to_thread.run_sync(framing.decode_counted, body, self.max_objects, count_from,
+                                             limiter=self._threads)
 
 
 _OPENING_DECODER = FrameDecoder()  # opening frames are at most MAX_OPENING_FRAME bytes: never off the loop
@@ -82,14 +87,23 @@ async def read_frame(reader: ExactReader, max_size: int, frame_timeout: float) -
 
 
 async def read_body(reader: ExactReader, length: int, frame_timeout: float, decode: FrameDecoder) -> Any:
+    return await decode(await _read_body_bytes(reader, length, frame_timeout))
+
+
+async def read_body_counted(reader: ExactReader, length: int, frame_timeout: float, decoder: FrameDecoder,
+                            count_from: int) -> tuple[Any, int]:
+    """`read_body`, and how many objects the message holds (`FrameDecoder.counted`)."""
+    return await decoder.counted(await _read_body_bytes(reader, length, frame_timeout), count_from)
+
+
+async def _read_body_bytes(reader: ExactReader, length: int, frame_timeout: float) -> bytes:
     try:
         with trio.fail_after(frame_timeout):
-            body = await reader.read_exactly(length)
+            return await reader.read_exactly(length)
     except trio.TooSlowError:
         raise FrameError(f"frame body of {length} bytes did not arrive within {frame_timeout:g} s") from None
     except StreamClosed as e:
         raise FrameError(f"truncated frame: {e}") from None
-    return await decode(body)
 
 
 async def reset(raw: Any) -> None:
