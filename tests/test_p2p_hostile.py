@@ -21,9 +21,8 @@ from p2p import framing
 from p2p.errors import FrameError, RemoteError
 from p2p.gossip import Gossip
 from p2p.identity import Identity
-from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p import InboundLimits, Libp2pNetwork
 from p2p.libp2p.network import LIBP2P_PROTOCOL
-from p2p.libp2p.patches import InboundLimits
 from p2p.sim import SimWorld
 
 ECHO = "/potluck/echo/1.0.0"

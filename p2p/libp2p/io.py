@@ -40,9 +40,6 @@ class FrameDecoder:
                                              limiter=self._threads)
 
 
-_OPENING_DECODER = FrameDecoder()  # opening frames are at most MAX_OPENING_FRAME bytes: never off the loop
-
-
 def _fast(raw: Any) -> Any:
     """The yamux stream under a libp2p NetStream. NetStream.read/write only add a trio.Lock round on
     a state flag per call; closing and resetting still go through the NetStream (`raw`)."""
@@ -83,7 +80,7 @@ async def read_frame(reader: ExactReader, max_size: int, frame_timeout: float) -
     """One opening frame (`max_size` is at most MAX_OPENING_FRAME); waits any time for a header, then
     at most `frame_timeout` for the announced body."""
     length = framing.parse_header(await reader.read_exactly(framing.HEADER_SIZE), max_size)
-    return await read_body(reader, length, frame_timeout, _OPENING_DECODER)
+    return framing.decode(await _read_body_bytes(reader, length, frame_timeout))  # small: on the loop
 
 
 async def read_body(reader: ExactReader, length: int, frame_timeout: float, decode: FrameDecoder) -> Any:

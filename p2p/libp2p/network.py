@@ -25,9 +25,13 @@ connection to T through R, then runs the session handshake on it as on any other
 Hostile input
 -------------
 Every frame's length is checked before its body is read, bodies must arrive within `frame_timeout`
-once announced, and every frame is decoded strictly and shape-checked. A malformed frame on a session
-stream drops that peer (with a logged reason and a best-effort goodbye frame); other peers are
-unaffected.
+once announced, and every frame is decoded strictly and shape-checked, into at most
+`max_frame_objects` objects (frames over 256 KiB in a worker thread: `io.FrameDecoder`). A malformed
+frame on a session stream drops that peer (with a logged reason and a best-effort goodbye frame);
+other peers are unaffected. Inbound requests in flight are bounded per peer in count and in what they
+decode into (`session`). Inbound connections not admitted yet are bounded per remote IP address, and
+must finish their Noise + yamux upgrade within a deadline (`patches.InboundLimits`), so idle sockets
+from one address cannot take the swarm's inbound slots from everyone else.
 """
 
 from __future__ import annotations
