@@ -19,7 +19,7 @@ from libp2p.peer.id import ID
 
 from p2p import framing
 from p2p.errors import FrameError, RemoteError
-from p2p.gossip import Gossip
+from p2p.gossip import Gossip, GossipQuotas
 from p2p.identity import Identity
 from p2p.libp2p import InboundLimits, Libp2pNetwork
 from p2p.libp2p.network import LIBP2P_PROTOCOL
@@ -265,3 +265,18 @@ async def test_a_flood_of_requests_leaves_nothing_behind():
         finally:
             tracemalloc.stop()
         assert grown < 512 * 1024, grown  # both peers: a few hundred bytes per request would show
+
+
+async def test_what_a_peer_holds_is_capped_per_author_and_in_all(autojump_clock):
+    quotas = GossipQuotas(max_held=5, max_total_bytes=20_000)
+    async with SimWorld.open(seed=6) as world, trio.open_nursery() as nursery:
+        node = world.add_node()
+        gossip = Gossip(node, node.identity, quotas=quotas)
+        await nursery.start(gossip.run)
+        ids = {topic: [await gossip.publish(topic, b"x" * 2000) for _ in range(8)] for topic in ("a", "b", "c")}
+        held = [i for topic_ids in ids.values() for i in topic_ids if gossip.has(i)]
+        assert gossip.held_bytes <= 20_000 and len(held) == 20_000 // 2100  # each message is ~2.1 kB
+        assert gossip.stats.let_go == 3 * 8 - len(held)
+        assert held[-5:] == ids["c"][-5:]  # max_held for ("us", "c"): its newest 5
+        assert ids["a"][-1] not in held  # the oldest in all went first
+        nursery.cancel_scope.cancel()
