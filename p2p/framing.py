@@ -4,6 +4,12 @@ A frame is a 4-byte big-endian length followed by that many bytes of msgpack. Th
 against the limit before any of the body is read, so a hostile prefix costs the reader nothing.
 Decoding is strict: no extension types, bounded container sizes, and the result must be of the type
 the protocol expects (`expect_*` helpers) before anyone uses it.
+
+Decoding is bounded by what it builds, not only by bytes: a frame may decode into at most
+`max_objects` Python objects (containers and their elements). Every object costs at least one byte
+on the wire, so a body of at most `max_objects` bytes is decoded as it is; a longer one is decoded
+with a hook on every container that counts elements and stops the decode once the budget is spent
+(a 16 MiB frame of empty arrays would otherwise become 16 million lists, ~1 GB).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import msgpack
 from .errors import FrameError, FrameTooLarge, StreamClosed
 
 DEFAULT_MAX_FRAME = 16 * 1024 * 1024  # one frame; big payloads (tensors) stay well under this
+DEFAULT_MAX_OBJECTS = 128 * 1024  # objects one frame may decode into: at most ~10 MB of Python objects
 _HEADER = struct.Struct(">I")
 HEADER_SIZE = _HEADER.size
 
@@ -36,21 +43,57 @@ def frame(obj: Any, max_size: int = DEFAULT_MAX_FRAME) -> bytes:
     return _HEADER.pack(len(body)) + body
 
 
-def decode(body: bytes) -> Any:
-    """Decode one msgpack body strictly; any defect is a FrameError with a readable reason."""
+class _ObjectBudget:
+    """A msgpack list/map hook that counts what the decode has built and stops it past the budget."""
+
+    __slots__ = ("left",)
+
+    def __init__(self, max_objects: int):
+        self.left = max_objects
+
+    def __call__(self, container: Any) -> Any:
+        self.left -= len(container) + 1
+        if self.left < 0:
+            raise _TooManyObjects
+        return container
+
+
+class _TooManyObjects(Exception):
+    """Raised inside msgpack by `_ObjectBudget`; becomes a FrameError."""
+
+
+def decode(body: bytes, max_objects: int = DEFAULT_MAX_OBJECTS) -> Any:
+    """Decode one msgpack body strictly into at most `max_objects` objects; any defect is a FrameError."""
+    return decode_counted(body, max_objects)[0]
+
+
+def decode_counted(body: bytes, max_objects: int = DEFAULT_MAX_OBJECTS, count_from: int | None = None) -> tuple[Any, int]:
+    """`decode`, and how many objects it built: counted for bodies longer than `count_from` bytes
+    (by default `max_objects`, the shortest that needs counting), else `len(body)`, a bound on it."""
+    count_from = max_objects if count_from is None else min(count_from, max_objects)
+    budget = _ObjectBudget(max_objects)
+    hooks: dict[str, Any] = {}
+    if len(body) > count_from:  # shorter bodies cannot hold more objects than bytes
+        hooks = {"list_hook": budget, "object_hook": budget}
     try:
-        return msgpack.unpackb(
+        obj = msgpack.unpackb(
             body,
             raw=False,
             use_list=True,
             strict_map_key=False,
-            max_ext_len=0,  # container/str/bin limits already default to len(body)
+            max_ext_len=0,
+            max_array_len=max_objects,
+            max_map_len=max_objects,  # str/bin lengths are bounded by len(body), their default
+            **hooks,
         )
+    except _TooManyObjects:
+        raise FrameError(f"frame of {len(body)} bytes decodes into more than {max_objects} objects") from None
     except msgpack.ExtraData:
         raise FrameError("frame has trailing bytes after its msgpack body") from None
     except (ValueError, msgpack.UnpackException, UnicodeDecodeError, TypeError) as e:
         # TypeError: an unhashable map key, e.g. a list used as a key.
         raise FrameError(f"frame is not valid msgpack: {type(e).__name__}: {e}"[:300]) from None
+    return obj, (max_objects - budget.left if hooks else len(body))
 
 
 def parse_header(header: bytes, max_size: int = DEFAULT_MAX_FRAME) -> int:

@@ -15,6 +15,13 @@ what is delivered to this peer and adds a validator; a message its topic's valid
 neither delivered nor forwarded. Everything is bounded: message size, history age and count,
 digest and pull-reply sizes. Messages older than `history_seconds` are refused, which is what
 lets the seen-cache forget ids after that long.
+
+Quotas (`GossipQuotas`) stop one author from making every peer relay and hold a flood of its own
+(validly signed) messages: per author and topic, a token-bucket rate (messages over it are neither
+stored, delivered nor forwarded, so a flood stops at the author's neighbours) and a cap on the
+messages and bytes held (older ones are let go, their ids still known); and a cap on the bytes
+held in all. Rates are checked only after the signature, so nobody can spend an honest author's
+quota; our own publications are not rate-limited.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import hashlib
 import inspect
 import logging
 import random
+from collections import deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
@@ -46,6 +54,21 @@ MAX_CLOCK_SKEW = 30.0  # seconds a message's timestamp may run ahead of ours
 
 
 @dataclass(frozen=True)
+class GossipQuotas:
+    """What one author may make a peer accept and hold, per topic, and what a peer holds in all.
+
+    The defaults let a server announce every few seconds and a ledger gossip bursts of credit entries,
+    and hold a peer's gossip to a few tens of MB whatever its neighbours send."""
+
+    rate: float = 2.0  # messages per second per (author, topic), sustained
+    burst: int = 100  # messages per (author, topic) accepted at once
+    max_held: int = 64  # messages held (offered in pulls) per (author, topic); older ones are let go
+    max_held_bytes: int = 512 * 1024  # bytes held per (author, topic)
+    max_total_bytes: int = 32 * 1024 * 1024  # bytes held for every author and topic together
+    max_rated: int = 4096  # (author, topic) rates tracked; the stalest is forgotten beyond
+
+
+@dataclass(frozen=True)
 class GossipMessage:
     id: bytes
     topic: str
@@ -66,6 +89,8 @@ class GossipStats:
     accepted: int = 0  # new, valid messages stored (ours included)
     delivered: int = 0  # handed to a subscriber
     duplicates: int = 0
+    throttled: int = 0  # authentic, but over its author's rate for the topic
+    let_go: int = 0  # held messages dropped for their author's (or the peer's) cap; ids still known
     dropped_invalid: int = 0  # malformed, forged, unsigned, too old or too new
     rejected: int = 0  # refused by a topic validator
     pushes_sent: int = 0
@@ -79,6 +104,28 @@ class GossipStats:
 class _Stored:
     wire: dict  # {"b": signed body, "s": signature}, exactly as received
     timestamp: float
+    key: tuple[str, str]  # (author, topic): what its quota is counted against
+    size: int
+
+
+class _Held:
+    """The messages held for one (author, topic), oldest first, and their bytes."""
+
+    __slots__ = ("ids", "size")
+
+    def __init__(self) -> None:
+        self.ids: deque[bytes] = deque()
+        self.size = 0
+
+
+class _Bucket:
+    """A token bucket: `tokens` messages may pass now, refilled at the quota's rate."""
+
+    __slots__ = ("tokens", "at")
+
+    def __init__(self, tokens: float, at: float):
+        self.tokens = tokens
+        self.at = at
 
 
 @dataclass
@@ -104,6 +151,7 @@ class Gossip:
         max_pull_messages: int = 256,
         max_pull_bytes: int = 1024 * 1024,
         request_timeout: float = 5.0,
+        quotas: GossipQuotas = GossipQuotas(),
         rng: random.Random | None = None,
     ):
         if identity.peer_id != network.peer_id:
@@ -119,12 +167,16 @@ class Gossip:
         self.max_pull_messages = max_pull_messages
         self.max_pull_bytes = max_pull_bytes
         self.request_timeout = request_timeout
+        self.quotas = quotas
         self.stats = GossipStats()
         self._rng = rng or random.Random()
         self._subscriptions: dict[str, _Subscription] = {}
         # id -> (forget at, message) for every verified id: accepted ones with their message,
         # validator-refused ones with None. Arrival order is expiry order, so expiry pops the front.
         self._seen: dict[bytes, tuple[float, _Stored | None]] = {}
+        self._held: dict[tuple[str, str], _Held] = {}
+        self._held_bytes = 0
+        self._rates: dict[tuple[str, str], _Bucket] = {}
         self._seq = 0
         self._nursery: trio.Nursery | None = None
 
@@ -171,6 +223,11 @@ class Gossip:
             finally:
                 self._nursery = None
 
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of messages held (offered in pulls), every author and topic together."""
+        return self._held_bytes
+
     def has(self, message_id: bytes) -> bool:
         """Whether this peer holds (accepted) the message."""
         entry = self._seen.get(message_id)
@@ -197,12 +254,17 @@ class Gossip:
             self.stats.dropped_invalid += 1
             raise BadRequest(str(e)) from None
 
+        key = (message.author, message.topic)
+        if message.author != self.identity.peer_id and not self._take_token(key):
+            self.stats.throttled += 1
+            self._remember(message_id, None)  # not stored, not forwarded: the flood stops here
+            return False
         subscription = self._subscriptions.get(message.topic)
         if subscription is not None and subscription.validator is not None and not await _validate(subscription, message):
             self.stats.rejected += 1
             self._remember(message_id, None)  # authentic but refused: no need to look at it again
             return False
-        self._remember(message_id, _Stored({"b": body, "s": sig}, message.timestamp))
+        self._remember(message_id, _Stored({"b": body, "s": sig}, message.timestamp, key, len(body) + len(sig)))
         self.stats.accepted += 1
         self._forward(message_id, sender)
         if subscription is not None:
@@ -233,17 +295,67 @@ class Gossip:
             raise FrameError(f"bad signature on a message claiming to be from {author[:64]}")
         return GossipMessage(message_id, topic, author, seq, float(ts), fields["data"], sender)
 
+    def _take_token(self, key: tuple[str, str]) -> bool:
+        """Whether the author may have one more message on the topic accepted now (and count it)."""
+        quotas, now = self.quotas, trio.current_time()
+        bucket = self._rates.pop(key, None)  # re-inserted last: the dict's order is staleness
+        if bucket is None:
+            bucket = _Bucket(quotas.burst, now)
+            while len(self._rates) >= quotas.max_rated:
+                del self._rates[next(iter(self._rates))]
+        bucket.tokens = min(quotas.burst, bucket.tokens + (now - bucket.at) * quotas.rate)
+        bucket.at = now
+        self._rates[key] = bucket
+        if bucket.tokens < 1:
+            return False
+        bucket.tokens -= 1
+        return True
+
     def _remember(self, message_id: bytes, stored: _Stored | None) -> None:
         # A message can come back until its timestamp leaves the window (the sender's clock may be
         # MAX_CLOCK_SKEW ahead), so its id is kept that long after it arrived.
-        self._seen[message_id] = (trio.current_time() + self.history_seconds + MAX_CLOCK_SKEW, stored)
+        forget_at = trio.current_time() + self.history_seconds + MAX_CLOCK_SKEW
+        self._seen[message_id] = (forget_at, stored)
         while len(self._seen) > self.max_history:
-            del self._seen[next(iter(self._seen))]
+            oldest = next(iter(self._seen))
+            self._release(oldest, self._seen.pop(oldest)[1])
+        if stored is None:
+            return
+        held = self._held.setdefault(stored.key, _Held())
+        held.ids.append(message_id)
+        held.size += stored.size
+        self._held_bytes += stored.size
+        quotas = self.quotas
+        while len(held.ids) > quotas.max_held or held.size > quotas.max_held_bytes:
+            self._let_go(held.ids[0])
+        while self._held_bytes > quotas.max_total_bytes:
+            self._let_go(next(i for i, (_, s) in self._seen.items() if s is not None))
+
+    def _let_go(self, message_id: bytes) -> None:
+        """Stop holding a message but keep its id known, so that pulls do not bring it back."""
+        forget_at, stored = self._seen[message_id]
+        self._seen[message_id] = (forget_at, None)
+        self._release(message_id, stored)
+        self.stats.let_go += 1
+
+    def _release(self, message_id: bytes, stored: _Stored | None) -> None:
+        """Take a message that is no longer held off its author's account."""
+        if stored is None:
+            return
+        held = self._held[stored.key]
+        if held.ids[0] == message_id:
+            held.ids.popleft()
+        else:
+            held.ids.remove(message_id)
+        held.size -= stored.size
+        self._held_bytes -= stored.size
+        if not held.ids:
+            del self._held[stored.key]
 
     def _forget_expired(self) -> None:
         now = trio.current_time()
         while self._seen and self._seen[oldest := next(iter(self._seen))][0] <= now:
-            del self._seen[oldest]
+            self._release(oldest, self._seen.pop(oldest)[1])
 
     # --- push ------------------------------------------------------------------------------------
 

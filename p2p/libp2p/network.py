@@ -25,9 +25,13 @@ connection to T through R, then runs the session handshake on it as on any other
 Hostile input
 -------------
 Every frame's length is checked before its body is read, bodies must arrive within `frame_timeout`
-once announced, and every frame is decoded strictly and shape-checked. A malformed frame on a session
-stream drops that peer (with a logged reason and a best-effort goodbye frame); other peers are
-unaffected.
+once announced, and every frame is decoded strictly and shape-checked, into at most
+`max_frame_objects` objects (frames over 256 KiB in a worker thread: `io.FrameDecoder`). A malformed
+frame on a session stream drops that peer (with a logged reason and a best-effort goodbye frame);
+other peers are unaffected. Inbound requests in flight are bounded per peer in count and in what they
+decode into (`session`). Inbound connections not admitted yet are bounded per remote IP address, and
+must finish their Noise + yamux upgrade within a deadline (`patches.InboundLimits`), so idle sockets
+from one address cannot take the swarm's inbound slots from everyone else.
 """
 
 from __future__ import annotations
@@ -130,6 +134,7 @@ class Libp2pNetwork(Network):
         gate_timeout: float = 2.0,
         hello_timeout: float = 5.0,
         frame_timeout: float = 30.0,
+        max_frame_objects: int = framing.DEFAULT_MAX_OBJECTS,
         max_inflight_in: int = 64,
         max_inflight_bytes_in: int = 64 * 1024 * 1024,
         max_inflight_out: int = 64,
@@ -140,6 +145,7 @@ class Libp2pNetwork(Network):
         relays: list[str] | None = None,
         relay_limits: RelayLimits | None = None,
         relay_timeout: float = 10.0,
+        inbound_limits: patches.InboundLimits = patches.InboundLimits(),
     ):
         if swarm_key is not None and (not isinstance(swarm_key, bytes) or len(swarm_key) < 16):
             raise ValueError("a swarm key is at least 16 bytes (load it with p2p.swarm_key.load_key)")
@@ -148,6 +154,7 @@ class Libp2pNetwork(Network):
         self.max_frame = max_frame
         self.gate_timeout = gate_timeout if swarm_key is not None else hello_timeout
         self.frame_timeout = frame_timeout
+        self.decoder = io.FrameDecoder(max_frame_objects)
         self.max_inflight_in = max_inflight_in
         self.max_inflight_bytes_in = max_inflight_bytes_in
         self.max_inflight_out = max_inflight_out
@@ -185,6 +192,7 @@ class Libp2pNetwork(Network):
             return None
 
         swarm.auto_connector.maybe_connect = _no_auto_connect
+        patches.limit_inbound(swarm, inbound_limits)
         self._host = BasicHost(swarm, default_protocols=OrderedDict([(LIBP2P_PROTOCOL, self._on_libp2p_stream)]))
         # BasicHost runs identify against every new connection and pushes identify (with our protocol
         # list and addresses) to peers; with no identify handler registered that is only wasted streams.
@@ -420,6 +428,7 @@ class Libp2pNetwork(Network):
         return RequestSession(self, peer_id, raw, reader)
 
     def _admit(self, session: RequestSession) -> None:
+        patches.admitted(self._swarm, session.raw.muxed_conn)
         sessions = self._sessions.setdefault(session.peer_id, [])
         first = not any(not s.closed for s in sessions)
         sessions.append(session)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import weakref
+from dataclasses import dataclass
 from typing import Any
 
 import trio
@@ -18,6 +20,7 @@ import libp2p.stream_muxer.yamux.yamux as _yamux
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as _NOISE_MAX_PLAINTEXT
 
 _applied = False
+log = logging.getLogger(__name__)
 
 # The swarm's handler for an inbound connection, once the connection is up, waits for the whole
 # swarm to stop ("keep the handler alive so the connection stays open"). So every inbound connection
@@ -39,7 +42,76 @@ async def _upgrade_inbound_noted(self: Any, raw_conn: Any, maddr: Any) -> Any:
     return muxed
 
 
+@dataclass(frozen=True)
+class InboundLimits:
+    """What a swarm grants an inbound TCP connection before its peer is admitted (accept → Noise +
+    yamux upgrade → our gate): a stranger that opens sockets and says nothing, or upgrades and never
+    passes the gate (slowloris), must not use up the swarm's 250 inbound slots."""
+
+    upgrade_timeout: float = 5.0  # seconds from accept to a multiplexed connection (libp2p's own: 10)
+    max_unadmitted_per_ip: int = 8  # connections from one IP address not admitted yet
+
+
+class _UnadmittedByIp:
+    """Counts the inbound connections from each remote IP whose peer is not admitted yet."""
+
+    def __init__(self, limits: InboundLimits):
+        self.limits = limits
+        self.counts: dict[str, int] = {}
+        self.admissions: weakref.WeakKeyDictionary[Any, trio.Event] = weakref.WeakKeyDictionary()
+
+    def take(self, ip: str) -> bool:
+        n = self.counts.get(ip, 0)
+        if n >= self.limits.max_unadmitted_per_ip:
+            return False
+        self.counts[ip] = n + 1
+        return True
+
+    def give_back(self, ip: str) -> None:
+        self.counts[ip] -= 1
+        if not self.counts[ip]:
+            del self.counts[ip]
+
+
+_inbound_limits: weakref.WeakKeyDictionary[Any, _UnadmittedByIp] = weakref.WeakKeyDictionary()
+
+
+def limit_inbound(swarm: Any, limits: InboundLimits) -> None:
+    """Apply `limits` to the swarm's inbound TCP connections (once `apply()` has run)."""
+    _inbound_limits[swarm] = _UnadmittedByIp(limits)
+
+
+def admitted(swarm: Any, muxed_conn: Any) -> None:
+    """The peer on this connection passed our gate: it no longer counts against its IP's limit."""
+    unadmitted = _inbound_limits.get(swarm)
+    if unadmitted is not None:
+        event = unadmitted.admissions.get(muxed_conn)
+        if event is not None:
+            event.set()
+
+
+def _remote_ip(read_write_closer: Any) -> str | None:
+    address = read_write_closer.get_remote_address() if hasattr(read_write_closer, "get_remote_address") else None
+    return address[0] if address else None
+
+
+async def _close_quietly(read_write_closer: Any) -> None:
+    with trio.move_on_after(1.0, shield=True):
+        try:
+            await read_write_closer.close()
+        except Exception:
+            pass
+
+
 async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
+    unadmitted = _inbound_limits.get(self)
+    ip = _remote_ip(read_write_closer) if unadmitted is not None else None
+    if unadmitted is not None and ip is not None:
+        if not unadmitted.take(ip):
+            log.info("refused an inbound connection from %s: %d not admitted yet",
+                     ip, unadmitted.limits.max_unadmitted_per_ip)
+            await _close_quietly(read_write_closer)
+            return
     upgraded, done = [], trio.Event()
     _upgraded_inbound.set((upgraded, done))  # the handler task below starts with a copy of this context
 
@@ -47,11 +119,31 @@ async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr:
         await _handle_inbound(self, read_write_closer, maddr, failure_event)
         nursery.cancel_scope.cancel()  # it returned on its own: failed upgrade, or the swarm stopped
 
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(handle)
-        await done.wait()  # the upgrade (Noise + yamux) is bounded by libp2p's own timeout
-        await upgraded[0].event_closed.wait()
-        nursery.cancel_scope.cancel()
+    async def give_back_once_admitted(admission: trio.Event) -> None:
+        nonlocal ip
+        await admission.wait()
+        if ip is not None:
+            unadmitted.give_back(ip)
+            ip = None
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handle)
+            with trio.move_on_after(unadmitted.limits.upgrade_timeout if unadmitted is not None else float("inf")):
+                await done.wait()  # the upgrade (Noise + yamux); libp2p's own timeout bounds it too
+            if not done.is_set():
+                nursery.cancel_scope.cancel()
+                await _close_quietly(read_write_closer)
+                return
+            if unadmitted is not None and ip is not None:
+                # Until the gate admits the peer (the network closes it after its gate timeout if not).
+                admission = unadmitted.admissions[upgraded[0]] = trio.Event()
+                nursery.start_soon(give_back_once_admitted, admission)
+            await upgraded[0].event_closed.wait()
+            nursery.cancel_scope.cancel()
+    finally:
+        if unadmitted is not None and ip is not None:
+            unadmitted.give_back(ip)
 
 
 def apply() -> None:

@@ -11,7 +11,10 @@ Each session has one reader task that always drains the stream (so a busy handle
 sender waiting for yamux window updates, which py-libp2p turns into a stream reset after 5 s); each
 inbound request runs in its own task; in-flight requests are bounded per peer in both directions, and
 inbound also in bytes (excess inbound requests are answered `Overloaded` at once, so a peer cannot make
-us hold more than `max_inflight_bytes_in` of its requests). A malformed frame ends the session and
+us hold more than `max_inflight_bytes_in` of its requests). A request's bytes are what it costs us
+decoded: its frame plus `OBJECT_COST` per object it decoded into (counted for frames over
+`COUNT_OBJECTS_FROM` bytes; a smaller one is charged as if every byte were an object), so frames of
+empty arrays cannot hold 64× more memory than the budget says. A malformed frame ends the session and
 drops the peer; other peers are unaffected.
 """
 
@@ -32,6 +35,8 @@ from . import io
 log = logging.getLogger(__name__)
 
 MAX_PROTOCOL_LEN = 200
+OBJECT_COST = 64  # bytes a small decoded object costs: its header, and its slot in a list or map
+COUNT_OBJECTS_FROM = 4096  # request frames longer than this are charged for the objects they hold
 
 
 class SessionOwner(Protocol):
@@ -39,6 +44,7 @@ class SessionOwner(Protocol):
 
     max_frame: int
     frame_timeout: float
+    decoder: io.FrameDecoder
     max_inflight_in: int
     max_inflight_bytes_in: int
     max_inflight_out: int
@@ -84,7 +90,7 @@ class RequestSession:
         self.ids = itertools.count(1)
         self.out_slots = trio.Semaphore(owner.max_inflight_out)
         self.inbound: dict[int, trio.CancelScope] = {}
-        self.inbound_sizes: dict[int, int] = {}  # frame bytes of each request being served
+        self.inbound_sizes: dict[int, int] = {}  # decoded cost of each request being served
         self.inbound_bytes = 0
         self.closed = False
         self.close_reason = ""
@@ -138,7 +144,9 @@ class RequestSession:
         try:
             while True:
                 length = framing.parse_header(await self.reader.read_exactly(framing.HEADER_SIZE), owner.max_frame)
-                m = expect_map(await io.read_body(self.reader, length, owner.frame_timeout), "session frame")
+                m, objects = await io.read_body_counted(self.reader, length, owner.frame_timeout, owner.decoder,
+                                                        COUNT_OBJECTS_FROM)
+                m = expect_map(m, "session frame")
                 if "a" in m:
                     rid = _check_id(m["a"])
                     if "e" in m:
@@ -162,15 +170,16 @@ class RequestSession:
                         owner.spawn(self._send_quietly, {"a": rid, "e": "Overloaded",
                                                          "m": f"more than {owner.max_inflight_in} requests in flight"})
                         continue
-                    if self.inbound and self.inbound_bytes + length > owner.max_inflight_bytes_in:
+                    cost = length + OBJECT_COST * objects
+                    if self.inbound and self.inbound_bytes + cost > owner.max_inflight_bytes_in:
                         # (one request is always taken, however big: max_frame bounds it)
                         owner.spawn(self._send_quietly, {"a": rid, "e": "Overloaded", "m": (
                             f"more than {owner.max_inflight_bytes_in} bytes of requests in flight")})
                         continue
                     scope = trio.CancelScope()
                     self.inbound[rid] = scope
-                    self.inbound_sizes[rid] = length
-                    self.inbound_bytes += length
+                    self.inbound_sizes[rid] = cost
+                    self.inbound_bytes += cost
                     owner.spawn(self._serve, rid, protocol, m.get("b"), scope)
                 elif "c" in m:
                     scope = self.inbound.get(_check_id(m["c"]))

@@ -32,6 +32,7 @@ class StreamOwner(Protocol):
 
     max_frame: int
     frame_timeout: float
+    decoder: io.FrameDecoder
     stream_window: int
     linger: float
 
@@ -72,7 +73,7 @@ class FlowControlledStream(Stream):
         try:
             while True:
                 length = framing.parse_header(await self.reader.read_exactly(framing.HEADER_SIZE), owner.max_frame)
-                msg = await io.read_body(self.reader, length, owner.frame_timeout)
+                msg = await io.read_body(self.reader, length, owner.frame_timeout, owner.decoder)
                 if not isinstance(msg, list) or len(msg) != 2 or msg[0] not in (0, 1) or isinstance(msg[0], bool):
                     raise FrameError("stream frame must be [0, message] or [1, credit]")
                 if msg[0] == 1:
