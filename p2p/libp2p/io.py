@@ -105,7 +105,7 @@ async def _read_body_bytes(reader: ExactReader, length: int, frame_timeout: floa
 
 async def reset(raw: Any) -> None:
     """Reset the stream, best effort, within 1 s, even in a cancelled scope."""
-    with trio.move_on_after(1.0, shield=True):
+    with trio.move_on_after(1.0, shield=True):  # type: ignore[call-arg]  # stale trio-typing stub
         try:
             await raw.reset()
         except Exception:
@@ -114,7 +114,7 @@ async def reset(raw: Any) -> None:
 
 async def close(raw: Any) -> None:
     """Half-close the stream (what we sent is delivered), best effort, within 1 s, even in a cancelled scope."""
-    with trio.move_on_after(1.0, shield=True):
+    with trio.move_on_after(1.0, shield=True):  # type: ignore[call-arg]  # stale trio-typing stub
         try:
             await raw.close()
         except Exception:

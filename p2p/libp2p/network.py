@@ -53,6 +53,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.host.basic_host import BasicHost, _IdentifyNotifee
 from libp2p.host.exceptions import StreamFailure
 from libp2p.network.config import ConnectionConfig, RetryConfig
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -185,13 +186,14 @@ class Libp2pNetwork(Network):
             # One quick retry: callers (membership, routing) have their own retry and backoff policy.
             retry_config=RetryConfig(max_retries=1, initial_delay=0.05),
         )
+        assert isinstance(swarm, Swarm)  # typed as the interface; we use the Swarm's own parts
 
         # The auto-connector re-dials peers it finds in the peerstore when below a watermark of 100
         # connections; we decide whom to dial (and must not re-dial peers we dropped).
         async def _no_auto_connect() -> None:
             return None
 
-        swarm.auto_connector.maybe_connect = _no_auto_connect
+        swarm.auto_connector.maybe_connect = _no_auto_connect  # type: ignore[method-assign]
         patches.limit_inbound(swarm, inbound_limits)
         self._host = BasicHost(swarm, default_protocols=OrderedDict([(LIBP2P_PROTOCOL, self._on_libp2p_stream)]))
         # BasicHost runs identify against every new connection and pushes identify (with our protocol

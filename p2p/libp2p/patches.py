@@ -96,7 +96,7 @@ def _remote_ip(read_write_closer: Any) -> str | None:
 
 
 async def _close_quietly(read_write_closer: Any) -> None:
-    with trio.move_on_after(1.0, shield=True):
+    with trio.move_on_after(1.0, shield=True):  # type: ignore[call-arg]  # stale trio-typing stub
         try:
             await read_write_closer.close()
         except Exception:
@@ -112,7 +112,8 @@ async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr:
                      ip, unadmitted.limits.max_unadmitted_per_ip)
             await _close_quietly(read_write_closer)
             return
-    upgraded, done = [], trio.Event()
+    upgraded: list[Any] = []
+    done = trio.Event()
     _upgraded_inbound.set((upgraded, done))  # the handler task below starts with a copy of this context
 
     async def handle() -> None:
@@ -122,7 +123,7 @@ async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr:
     async def give_back_once_admitted(admission: trio.Event) -> None:
         nonlocal ip
         await admission.wait()
-        if ip is not None:
+        if ip is not None and unadmitted is not None:
             unadmitted.give_back(ip)
             ip = None
 
@@ -170,5 +171,5 @@ def apply() -> None:
     # of a small request/response. Safe for us because every stream we own is drained continuously, so
     # the half-window threshold is always reached while a sender waits.
     _yamux._yamux_release_on_read = lambda: False
-    _libp2p_swarm.Swarm.upgrade_inbound_raw_conn = _upgrade_inbound_noted
-    _libp2p_swarm.Swarm._do_handle_inbound_connection = _handle_inbound_until_closed
+    _libp2p_swarm.Swarm.upgrade_inbound_raw_conn = _upgrade_inbound_noted  # type: ignore[method-assign]
+    _libp2p_swarm.Swarm._do_handle_inbound_connection = _handle_inbound_until_closed  # type: ignore[method-assign]

@@ -182,9 +182,9 @@ class RequestSession:
                     self.inbound_bytes += cost
                     owner.spawn(self._serve, rid, protocol, m.get("b"), scope)
                 elif "c" in m:
-                    scope = self.inbound.get(_check_id(m["c"]))
-                    if scope is not None:
-                        scope.cancel()
+                    running = self.inbound.get(_check_id(m["c"]))
+                    if running is not None:
+                        running.cancel()
                 elif "x" in m:
                     reason = f"peer said goodbye: {str(m['x'])[:300]}"
                     log.warning("peer %s closed our session: %s", self.peer_id, reason)
