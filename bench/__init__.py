@@ -1,1 +1,10 @@
-"""Benchmarks: `python -m bench.NAME --json` prints one JSON object of figures against a same-run baseline."""
+"""Benchmarks: `python -m bench.NAME --json` prints one JSON object of figures against a same-run baseline.
+
+Every bench takes `--quick` (small sizes, seconds), which tests/test_bench_quick.py runs:
+    hop         one libp2p hop vs raw trio TCP (round trip, throughput)
+    gossip_sim  gossip reach and cost on the simulator vs an ideal flood
+    dht_sim     clustered vs plain Kademlia on one simulated topology
+    ledger      credit-log sign/verify/store rates and spread
+    pipeline    SmolLM2 through real server processes vs local generation
+    netns       the namespace lab's figures (needs root)
+"""

@@ -1,1 +1,16 @@
-"""The user-facing layer: command line, peer process, HTTP API."""
+"""The user-facing layer: command line, peer process, HTTP API, chat, dashboard.
+
+Modules (imports go down to pipeline/, credits/, dht/, p2p/; nothing below imports potluck):
+    cli.py            `potluck id | serve | chat | status | credits | swarm new-key`
+    startup.py        refusals before a peer starts: ports in use, malformed addresses (exit 2)
+    peer.py           one peer process: wires overlay, DHT, credits, block server and client together
+    control.py        the local control socket `potluck status` and friends talk to
+    generation.py     one generation for every front door: request checks, the typed result, error mapping
+    openai_schema.py  the OpenAI wire format: request parsing, response and chunk shapes
+    api.py            the HTTP face: OpenAI-compatible endpoints, /api/status, /api/credits, the dashboard
+    swarmview.py      a model's coverage as one peer sees it (replicas, throughput, longest request)
+    status.py         `potluck status` / `potluck credits` as tables that fit 80 columns
+    chat.py           `potluck chat` in the terminal
+    localswarm.py     real `potluck serve` processes on this machine (the demo, the tests)
+    demo.py           the main job: a local swarm answers a prompt
+"""
