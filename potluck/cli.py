@@ -41,6 +41,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--relay", action="append", default=[], metavar="MULTIADDR",
                    help="behind NAT: full multiaddr of a peer running --relay-service; this peer reserves a slot "
                         "there and is announced as reachable through it (repeatable)")
+    p.add_argument("--starting-grant", type=float, metavar="CREDITS",
+                   help="credit policy: GFLOP-credits each new identity starts with (default 100000); a swarm's "
+                        "peers must all use the same policy")
+    p.add_argument("--debt-limit", type=float, metavar="CREDITS",
+                   help="credit policy: how far below zero a busy server still serves a client (default 10000 "
+                        "GFLOP-credits); the same for every peer of a swarm")
     p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
     p.add_argument("--model", help="model to serve or use: a Hugging Face folder or hub id "
                                    "(default: SmolLM2-135M-Instruct, converted once per machine into ~/.cache/potluck)")
@@ -95,6 +101,19 @@ def cmd_id(args: argparse.Namespace) -> int:
     return 0
 
 
+def _credit_policy(args: argparse.Namespace):
+    """The CreditPolicy the flags ask for, or None for the defaults."""
+    if args.starting_grant is None and args.debt_limit is None:
+        return None
+    from credits import CreditPolicy
+    from credits.ledger import GFLOP
+
+    default = CreditPolicy()
+    grant = default.starting_grant if args.starting_grant is None else round(args.starting_grant * GFLOP)
+    debt = default.debt_limit if args.debt_limit is None else round(args.debt_limit * GFLOP)
+    return CreditPolicy(starting_grant=grant, debt_limit=debt)  # ValueError (exit 2) when negative
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .startup import check_listen, check_peer_addr, check_port_free
 
@@ -135,6 +154,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         dtype=args.dtype,
         cache_mib=args.cache_mb,
+        credit_policy=_credit_policy(args),
         api=args.api,
         api_key=args.api_key,
     )

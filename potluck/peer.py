@@ -24,7 +24,7 @@ from typing import Callable
 
 import trio
 
-from credits import Ledger
+from credits import CreditPolicy, Ledger
 from credits.replication import Replicator
 from dht.node import DHTNode
 from p2p import framing
@@ -64,6 +64,7 @@ class PeerConfig:
     blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
     dtype: str = "float32"
     cache_mib: int | None = None  # the KV cache budget of served blocks (None: the server's default)
+    credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
 
@@ -264,7 +265,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
     """Run a peer until cancelled or until SIGINT/SIGTERM arrives."""
     identity = Identity.load_or_create(config.data_dir)
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
-    ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing())
+    ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(), policy=config.credit_policy)
     try:
         async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
                                       relay_service=config.relay_service, relays=config.relays) as network:

@@ -336,12 +336,13 @@ def test_a_killed_chat_takes_its_fresh_peer_with_it(swarm, tmp_path):
 
 def test_status_is_a_readable_table_and_json(swarm):
     head = subprocess.run([*POTLUCK, "status", "--data-dir", str(swarm.procs["head"].data_dir)],
-                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "160"})
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "COLUMNS": "80"})
     assert head.returncode == 0, head.stderr
     out = head.stdout
-    for text in ("serving blocks 0-9", f"coverage of {MODEL}", "30/30 covered", "known peers", "credits",
-                 "balance", swarm.procs["tail"].peer_id):
+    for text in (f"serving blocks 0:10 of {MODEL}", "30/30 blocks covered, complete", "known peers", "credits",
+                 "balance", "10:20", "20:30", "…" + swarm.procs["tail"].peer_id[-8:]):
         assert text in out, (text, out)
+    assert all(len(line) <= 80 for line in out.splitlines()), out
     user = json.loads(subprocess.run([*POTLUCK, "status", "--json", "--data-dir", str(swarm.user.data_dir)],
                                      capture_output=True, text=True, timeout=60, check=True).stdout)
     assert user["api"] == swarm.url and user["server"] is None

@@ -1,11 +1,12 @@
 """A bad day on a real swarm (issue #12): what users do on day one must not take the swarm away.
 
 Three `potluck serve` processes of SmolLM2 (blocks 0:15 once, 15:30 twice, each with a small KV cache)
-and a user peer with `--api`, driven with the official `openai` client. Each mishap — a prompt longer
-than the servers can hold, a second peer started on a port in use, a server stopped mid-answer — gets
-its clear answer, and right after it an ordinary request is served on the first try: nobody was banned
-for a refusal (a ban of the head server would leave blocks 0:15 without a route), and the status tells
-the truth. The figures (latency of the ordinary request after each mishap) are printed with -s."""
+and two user peers with `--api`, driven with the official `openai` client, in a swarm whose credit
+policy grants nothing and allows no debt (a busy server refuses whoever owes it). Each mishap — a
+prompt longer than the servers can hold, a second peer started on a port in use, a broke user while
+the servers are busy, a server stopped mid-answer — gets its clear answer, and right after it an
+ordinary request is served on the first try: nobody was banned for a refusal (a ban of the head
+server would leave blocks 0:15 without a route), and the status tells the truth. The figures (latency of the ordinary request after each mishap) are printed with -s."""
 
 from __future__ import annotations
 
@@ -26,10 +27,14 @@ ORDINARY = [{"role": "user", "content": "Name a primary color."}]
 
 
 class Swarm:
-    def __init__(self, procs: dict[str, PeerProcess], url: str):
-        self.procs, self.url = procs, url
+    def __init__(self, procs: dict[str, PeerProcess]):
+        self.procs = procs
         self.user = procs["user"]
-        self.client = OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
+        self.client = self.openai("user")
+
+    def openai(self, name: str) -> OpenAI:
+        url = self.procs[name].call("status")["api"]
+        return OpenAI(base_url=url + "/v1", api_key="-", max_retries=0, timeout=120)
 
     def model(self) -> dict:
         return self.client.models.retrieve(MODEL).model_extra["potluck"]
@@ -45,12 +50,14 @@ class Swarm:
 @pytest.fixture(scope="module")
 def swarm(smollm2_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("badday")
-    common = ["--model", str(smollm2_data[1]), "--threads", "1", "--cache-mb", "32"]
+    common = ["--model", str(smollm2_data[1]), "--threads", "1", "--cache-mb", "32",
+              "--starting-grant", "0", "--debt-limit", "0"]
     procs: dict[str, PeerProcess] = {}
     try:
         procs["head"] = PeerProcess(root / "head", *common, "--blocks", "0:15").start(timeout=120)
         boot = ["--bootstrap", procs["head"].addr]
-        rest = {"tail-a": ["--blocks", "15:30"], "tail-b": ["--blocks", "15:30"], "user": ["--api", "127.0.0.1:0"]}
+        rest = {"tail-a": ["--blocks", "15:30"], "tail-b": ["--blocks", "15:30"], "user": ["--api", "127.0.0.1:0"],
+                "other-user": ["--api", "127.0.0.1:0"]}
         for name, args in rest.items():
             procs[name] = PeerProcess(root / name, *common, *boot, *args)
         errors: list[BaseException] = []
@@ -68,13 +75,17 @@ def swarm(smollm2_data, tmp_path_factory):
             t.join()
         if errors:
             raise errors[0]
-        s = Swarm(procs, procs["user"].call("status")["api"])
+        s = Swarm(procs)
         wait_until(lambda: s.model()["replicas"] == [1] * 15 + [2] * 15, 120, 1,
                    message="the user's peer to see all three servers")
         yield s
     finally:
         for p in procs.values():
             p.close()
+
+
+def _sessions(swarm: Swarm) -> dict[str, int]:
+    return {n: swarm.procs[n].call("status")["server"]["sessions"] for n in ("head", "tail-a", "tail-b")}
 
 
 def _opened(swarm: Swarm) -> dict[str, int]:
@@ -100,6 +111,25 @@ def test_a_second_peer_on_a_used_port_exits_2_and_the_swarm_goes_on(swarm, tmp_p
                            f"/ip4/127.0.0.1/tcp/{port}"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "already in use" in proc.stderr, proc.stderr
     swarm.ordinary("a peer refused its port")
+
+
+def test_a_broke_user_gets_402_while_the_servers_are_busy(swarm):
+    swarm.ordinary("nothing (so this user owes the servers)")
+    other = swarm.openai("other-user")
+    story = other.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "Tell a long story."}],
+                                          max_tokens=48, temperature=0, stream=True)
+    chunks = iter(story)
+    first = ""
+    while not first:  # its first token came back: the other user's sessions are open, the servers busy
+        chunk = next(chunks)
+        first = chunk.choices[0].delta.content or "" if chunk.choices else ""
+    with pytest.raises(openai.APIStatusError) as refused:
+        swarm.client.chat.completions.create(model=MODEL, messages=ORDINARY, max_tokens=4, temperature=0)
+    assert refused.value.status_code == 402 and refused.value.code == "insufficient_credits"
+    assert "potluck serve --blocks auto" in refused.value.message  # it says how to earn
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)  # the other user is served
+    wait_until(lambda: not any(_sessions(swarm).values()), 30, 0.2, message="the other user's sessions to close")
+    swarm.ordinary("a refusal for credit")  # idle servers serve debtors; nobody was banned
 
 
 def test_a_server_stopped_mid_answer_changes_nothing_for_the_user(swarm):
