@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -49,9 +50,12 @@ def test_conversion_is_reused_and_atomic(smollm2):
     # a leftover from an interrupted conversion is not mistaken for a finished one, and is not used
     stale = folder.parent / f".{folder.name}.tmp-999999"
     stale.mkdir()
-    (stale / "config.json").write_text("{}")
-    assert ensure_default_model(data, progress=False) == folder  # reused: no new conversion
-    assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    try:
+        (stale / "config.json").write_text("{}")
+        assert ensure_default_model(data, progress=False) == folder  # reused: no new conversion
+        assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
+    finally:  # the cache is the machine's: leave it as found
+        shutil.rmtree(stale)
 
 
 @pytest.mark.slow
