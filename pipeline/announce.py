@@ -270,11 +270,12 @@ async def announce_model(dht: SwarmDirectory, card: ModelCard, ttl: float) -> in
     return await dht.store(MODEL_INDEX_KEY, card.to_value(), ttl=ttl, republish=False)
 
 
-async def fetch_models(dht: SwarmDirectory, *, quorum: int = 3) -> list[ModelCard]:
-    """The models the swarm's servers list in the model index, one card per model id (when servers
-    disagree about a model's card, the one most of them announce)."""
+async def fetch_models(dht: SwarmDirectory, *, quorum: int = 3) -> list[tuple[ModelCard, float]]:
+    """The models the swarm's servers list in the model index: per model id, its card (when servers
+    disagree about it, the one most of them announce) and when the last of its entries expires."""
     entries = await dht.get(MODEL_INDEX_KEY, quorum=quorum)
     votes: dict[str, dict[ModelCard, int]] = {}
+    expires: dict[str, float] = {}
     for entry in entries.values():
         if "/" in entry.subkey:  # one entry per server, under its bare peer id
             continue
@@ -285,4 +286,5 @@ async def fetch_models(dht: SwarmDirectory, *, quorum: int = 3) -> list[ModelCar
             continue
         cards = votes.setdefault(card.model_id, {})
         cards[card] = cards.get(card, 0) + 1
-    return [max(cards, key=lambda c: (cards[c], c.name)) for cards in votes.values()]
+        expires[card.model_id] = max(expires.get(card.model_id, 0.0), entry.expires)
+    return [(max(cards, key=lambda c: (cards[c], c.name)), expires[model_id]) for model_id, cards in votes.items()]

@@ -32,13 +32,13 @@ from credits import Ledger
 from credits.replication import Replicator
 from dht.node import DHTNode
 from p2p import framing
+from p2p.errors import P2PError
 from p2p.gossip import Gossip
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
-from p2p.errors import P2PError
 from pipeline.announce import GOSSIP_TOPIC, ModelCard, fetch_models, fetch_servers, from_gossip_note
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
@@ -53,7 +53,7 @@ from .swarmview import coverage_view
 log = logging.getLogger(__name__)
 
 PRESENCE_TOPIC = "presence"
-MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the newest kept
+MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
 
 
 @dataclass
@@ -95,7 +95,8 @@ class Peer:
         self.last_generation: dict | None = None  # generation.GenerationResult.summary() of the latest one
         self.api_url: str | None = None
         self._model_card: dict | None = None
-        self._heard_models: dict[str, ModelCard] = {}  # model id → card as its servers announce it, oldest first
+        # model id → (card as its servers announce it, until when), the least recently heard first
+        self._heard_models: dict[str, tuple[ModelCard, float]] = {}
         self._swarm_cache: tuple[float, list[dict]] | None = None
         self._swarm_lock = trio.Lock()
 
@@ -125,13 +126,22 @@ class Peer:
             self._client.sequence.hear(info)
         card = info.card(model_id)
         if info.online and card is not None:
-            self._hear_model(card)
+            self._hear_model(card, info.expires)
 
-    def _hear_model(self, card: ModelCard) -> None:
-        self._heard_models.pop(card.model_id, None)
-        self._heard_models[card.model_id] = card
+    def _hear_model(self, card: ModelCard, expires: float) -> None:
+        """A model a server announces, listed until its announcement expires (unless heard again)."""
+        _, known_until = self._heard_models.pop(card.model_id, (card, 0.0))
+        self._heard_models[card.model_id] = (card, max(expires, known_until))
         while len(self._heard_models) > MAX_HEARD_MODELS:
             del self._heard_models[next(iter(self._heard_models))]
+
+    def _models_heard(self) -> list[ModelCard]:
+        """The models heard of whose announcements have not expired, by name."""
+        now = self.network.now()
+        for model_id, (_, expires) in list(self._heard_models.items()):
+            if expires <= now:
+                del self._heard_models[model_id]
+        return sorted((card for card, _ in self._heard_models.values()), key=lambda c: (c.name, c.model_id))
 
     async def announce_presence(self) -> None:
         await self.gossip.publish(
@@ -207,8 +217,8 @@ class Peer:
             async def read_index() -> None:
                 with trio.move_on_at(deadline):
                     try:
-                        for heard in await fetch_models(self.dht):
-                            self._hear_model(heard)
+                        for heard, expires in await fetch_models(self.dht):
+                            self._hear_model(heard, expires)
                     except P2PError as e:  # the models heard by gossip are still listed
                         log.info("could not read the swarm's model index: %s", e)
 
@@ -216,8 +226,7 @@ class Peer:
                 for card in cards:
                     nursery.start_soon(read_coverage, card)
                 nursery.start_soon(read_index)
-            heard = sorted(self._heard_models.values(), key=lambda c: (c.name, c.model_id))
-            others = [{**c.as_dict(), "runs_here": False} for c in heard if c.model_id not in views]
+            others = [{**c.as_dict(), "runs_here": False} for c in self._models_heard() if c.model_id not in views]
             async with trio.open_nursery() as nursery:
                 for card in others:
                     nursery.start_soon(read_coverage, card)

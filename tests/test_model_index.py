@@ -2,15 +2,21 @@
 `models` DHT record lists each server's model, and `potluck status` shows models this peer never loaded."""
 
 import pytest
+import trio
 from rich.console import Console
 
+from credits import Ledger
 from dht.records import InvalidRecord, SignedValue
+from p2p.gossip import Gossip
 from p2p.identity import Identity
-from pipeline.announce import (MAX_MODEL_NAME_LEN, MODEL_INDEX_KEY, ModelCard, ServerInfo, fetch_models,
-                               from_gossip_note, gossip_note)
+from pipeline.announce import (GOSSIP_TOPIC, MAX_MODEL_NAME_LEN, MODEL_INDEX_KEY, ModelCard, ServerInfo,
+                               fetch_models, from_gossip_note, gossip_note)
 from pipeline.config import ModelConfig
+from pipeline.pricing import ModelPricing
+from potluck.peer import Peer, PeerConfig
 from potluck.status import render_status
 from potluck.swarmview import coverage_view
+from testkit.swarms import HERE, swarm
 
 MODEL = "ab" * 32
 SERVER = Identity(b"\x05" * 32)
@@ -100,7 +106,7 @@ async def test_the_model_index_lists_each_model_once_as_most_servers_announce_it
                SignedValue.create(servers[4], MODEL_INDEX_KEY, card.to_value(), 100.0, suffix="x")]  # not a bare id
     directory = Directory(entries)
     cards = await fetch_models(directory)
-    assert sorted(cards, key=lambda c: c.name) == [other, card]
+    assert sorted(cards, key=lambda c: c[0].name) == [(other, 100.0), (card, 100.0)]
     assert directory.asked == [(MODEL_INDEX_KEY, 3)]
 
 
@@ -130,3 +136,38 @@ def test_status_of_a_peer_without_a_model_shows_the_swarms_models():
         assert text in out, (text, out)
     serves = {line.split()[0]: line for line in out.splitlines() if line.startswith("…")}
     assert "0:15" in serves["…" + a[-8:]] and "15:30" in serves["…" + b[-8:]]
+
+
+async def test_a_peer_without_a_model_lists_the_swarms_models_from_the_index_and_gossip(llama_folder, tmp_path):
+    from pipeline.identity import model_id
+
+    mid = model_id(llama_folder)
+    with trio.fail_after(60):
+        async with swarm("sim", llama_folder, [(0, 2), (2, 4)], model_id=mid) as s, trio.open_nursery() as nursery:
+            node = s.world.add_node(place=HERE)
+            peer = Peer(PeerConfig(data_dir=tmp_path, bootstrap=list(s.bootstrap)), node.identity, node,
+                        Ledger.open(node.identity, tmp_path, pricing=ModelPricing()))
+            await nursery.start(peer.dht.run)
+            await nursery.start(peer.gossip.run)
+            # The servers (testkit's: no gossip) listed their model in the DHT's model index.
+            (model,) = await peer.swarm_models()
+            assert model["model_id"] == mid and model["name"] == llama_folder.name[:MAX_MODEL_NAME_LEN]
+            assert (model["num_blocks"], model["runs_here"], model["coverage"]["complete"]) == (4, False, True)
+            assert [(srv["start"], srv["end"]) for srv in model["coverage"]["servers"]] == [(0, 2), (2, 4)]
+            assert await peer.model_card() is None  # listed without loading anything
+
+            # A model heard only by gossip (its server's DHT entries not read yet) is listed too.
+            other = s.world.add_node(place=HERE)
+            gossip = Gossip(other, other.identity)
+            await nursery.start(gossip.run)
+            await other.connect(node.listen_addrs()[0])
+            info = ServerInfo(other.peer_id, 0, 24, decode_tps=50.0, prefill_tps=500.0, cache_tokens=64, t=other.now(),
+                              model_name="Qwen2-0.5B", num_blocks=24, context_length=32768)
+            await gossip.publish(GOSSIP_TOPIC, gossip_note("cd" * 32, info, ttl=60))
+            await trio.sleep(1)
+            models = {m["name"]: m for m in await peer.swarm_models(max_age=0.0)}
+            assert models.keys() == {model["name"], "Qwen2-0.5B"}
+            heard = models["Qwen2-0.5B"]
+            assert (heard["model_id"], heard["num_blocks"], heard["context_length"]) == ("cd" * 32, 24, 32768)
+            assert heard["coverage"]["covered_blocks"] == 0  # what the DHT holds of it: nothing yet
+            nursery.cancel_scope.cancel()
