@@ -15,7 +15,8 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     errors.py     GenerationFailed and the typed Refused family (a refusal is not a fault)
     protocol.py   /potluck/inference/1.0.0 messages, error kinds (refusals vs faults), hidden states on the wire
     directory.py  SwarmDirectory: the Protocol naming what pipeline uses of the DHT
-    announce.py   ServerInfo announcements in the DHT and by gossip; fetch_servers
+    announce.py   ServerInfo announcements in the DHT and by gossip; fetch_servers; the swarm's model index
+                  (ModelCard, fetch_models)
     routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)
     limiter.py    PriorityLimiter: worker-thread limiter served by priority, FIFO within one
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)

@@ -7,7 +7,8 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
     {"v": 1, "state": "online"|"offline", "start": a, "end": b, "decode_tps": f, "prefill_tps": f,
      "cache_tokens": n, "dtype": "float32", "version": "0.1.0", "addr": multiaddr|None,
      "clusters": {"1": label, ...}, "t": announce time, "reliability": r in [0, 1] (optional, 1.0),
-     "started": when this server (process) started serving (optional, 0)}
+     "started": when this server (process) started serving (optional, 0),
+     "model_name": the model folder's name, "num_blocks": n, "context_length": n (each optional, None)}
 
 `reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
 self-report: routing never believes it above what the client sees itself.
@@ -18,12 +19,21 @@ k / decode_tps per decoded token), measured by the server at start. `cache_token
 more tokens of KV cache (for its whole span) it can hold now. A clean shutdown stores an
 "offline" entry over the online one (same TTL, later expiry, so it wins at every holder).
 
+`model_name`, `num_blocks` and `context_length` let a peer that has not loaded the model show it
+(`ServerInfo.card`); announcements from before they existed decode with None.
+
 Values arrive from the network: `ServerInfo.from_entry` checks every field and drops what is bad.
 
 Gossip carries the same announcements for fast updates (`GOSSIP_TOPIC`, data `{"model": id,
 "ttl": s, "info": value}`, signed by the server as gossip author): a client hears a new server, or
 one going offline, at once instead of at its next DHT refresh. The DHT stays the source of truth
 for peers that were not listening.
+
+The swarm's model index: one more record, key `models` (`MODEL_INDEX_KEY`), one entry per server
+(subkey = its peer id; the DHT's store limits bound a record's entries and each owner's share) whose
+value is the `ModelCard` of the model it serves: `{"v": 1, "model": id, "model_name": name,
+"num_blocks": n, "context_length": n|None}`. A peer that serves nothing reads it (`fetch_models`) to
+list the models the swarm serves, then each model's announcements for its coverage.
 """
 
 from __future__ import annotations
@@ -31,10 +41,11 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 from dht.records import InvalidRecord, SignedValue
 
+from .config import ModelConfig
 from .directory import SwarmDirectory
 from .protocol import ANNOUNCE_NAMESPACE
 
@@ -46,6 +57,11 @@ STATES = ("online", "offline", "joining")
 
 GOSSIP_TOPIC = "pipeline/servers"
 MAX_GOSSIP_TTL = 3600.0
+MODEL_INDEX_KEY = "models"
+MAX_MODEL_ID_LEN = 128
+MAX_MODEL_NAME_LEN = 64  # a server announces its folder's name cut to this
+MAX_NUM_BLOCKS = 1 << 16
+MAX_CONTEXT_LENGTH = 1 << 30
 
 
 def announce_key(model_id: str) -> str:
@@ -58,12 +74,65 @@ def gossip_note(model_id: str, info: "ServerInfo", ttl: float) -> dict:
 
 def from_gossip_note(author: str, data: Any, now: float) -> tuple[str, "ServerInfo"]:
     """(model id, announcement) from a gossip note by `author`; raises InvalidRecord if malformed."""
-    if not isinstance(data, dict) or not isinstance(data.get("model"), str) or len(data["model"]) > 128:
+    if not isinstance(data, dict) or not isinstance(data.get("model"), str) or len(data["model"]) > MAX_MODEL_ID_LEN:
         raise InvalidRecord("a server note is a map naming its model")
     ttl = data.get("ttl")
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0 < ttl <= MAX_GOSSIP_TTL:
         raise InvalidRecord("a server note's ttl must be in (0, 3600] seconds")
     return data["model"], ServerInfo.from_value(author, data.get("info"), expires=now + ttl)
+
+
+def _check_model_name(name: Any) -> str:
+    # Printable only: peers print it in terminals (`potluck status`) and the dashboard.
+    if not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LEN or not name.isprintable():
+        raise InvalidRecord(f"a model name must be printable text of 1 to {MAX_MODEL_NAME_LEN} characters")
+    return name
+
+
+def _check_count(value: Any, what: str, hi: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= hi:
+        raise InvalidRecord(f"{what} must be an integer in [1, {hi}]")
+    return value
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a peer knows of a model without loading it: its id, and its name, number of blocks and
+    context length as a server announced them (the id is checked against the weights only by loading)."""
+
+    model_id: str
+    name: str
+    num_blocks: int
+    context_length: int | None = None
+
+    def to_value(self) -> dict:
+        return {"v": 1, "model": self.model_id, "model_name": self.name, "num_blocks": self.num_blocks,
+                "context_length": self.context_length}
+
+    @classmethod
+    def from_value(cls, value: Any) -> "ModelCard":
+        """Parse a model index entry; raises InvalidRecord naming the bad field."""
+        if not isinstance(value, dict) or value.get("v") != 1:
+            raise InvalidRecord("a model index entry must be a map with v = 1")
+        model_id = value.get("model")
+        if not isinstance(model_id, str) or not 0 < len(model_id) <= MAX_MODEL_ID_LEN:
+            raise InvalidRecord(f"a model index entry names a model id of at most {MAX_MODEL_ID_LEN} characters")
+        context = value.get("context_length")
+        return cls(model_id, _check_model_name(value.get("model_name")),
+                   _check_count(value.get("num_blocks"), "num_blocks", MAX_NUM_BLOCKS),
+                   None if context is None else _check_count(context, "context_length", MAX_CONTEXT_LENGTH))
+
+    @classmethod
+    def announced(cls, model_id: str, folder_name: str, config: ModelConfig) -> "ModelCard":
+        """The card a server announces for its model folder: within the bounds every peer checks."""
+        name = "".join(c if c.isprintable() else "?" for c in folder_name)[:MAX_MODEL_NAME_LEN] or "?"
+        context = config.max_position_embeddings
+        return cls(model_id, name, config.num_layers, context if 0 < context <= MAX_CONTEXT_LENGTH else None)
+
+    def as_dict(self) -> dict:
+        """The model card as `/v1/models`, `/api/status` and `potluck status` show it."""
+        return {"name": self.name, "model_id": self.model_id, "num_blocks": self.num_blocks,
+                "context_length": self.context_length}
 
 
 @dataclass
@@ -83,6 +152,9 @@ class ServerInfo:
     expires: float = math.inf
     reliability: float = 1.0
     started: float = 0.0
+    model_name: str | None = None
+    num_blocks: int | None = None
+    context_length: int | None = None
 
     def to_value(self) -> dict:
         d = asdict(self)
@@ -111,7 +183,13 @@ class ServerInfo:
                 raise InvalidRecord(f"announcement field {name!r} must be a string of at most {max_len}")
             return x
 
-        limit = num_blocks if num_blocks is not None else 1 << 16
+        def optional(name: str, check: Callable[[Any], Any]) -> Any:
+            return None if value.get(name) is None else check(value[name])
+
+        announced_blocks = optional("num_blocks", lambda n: _check_count(n, "announcement num_blocks", MAX_NUM_BLOCKS))
+        if num_blocks is not None and announced_blocks not in (None, num_blocks):
+            raise InvalidRecord(f"announcement num_blocks {announced_blocks} disagrees with the model's {num_blocks}")
+        limit = num_blocks or announced_blocks or MAX_NUM_BLOCKS
         start = num("start", 0, limit - 1, int)
         end = num("end", start + 1, limit, int)
         state = text("state", 16)
@@ -127,7 +205,10 @@ class ServerInfo:
                    version=text("version", 32), addr=text("addr", 512, optional=True), clusters=dict(clusters),
                    t=float(num("t", 0, 1e12)), expires=expires,
                    reliability=float(num("reliability", 0.0, 1.0)) if "reliability" in value else 1.0,
-                   started=float(num("started", 0, 1e12)) if "started" in value else 0.0)
+                   started=float(num("started", 0, 1e12)) if "started" in value else 0.0,
+                   model_name=optional("model_name", _check_model_name), num_blocks=announced_blocks,
+                   context_length=optional("context_length", lambda n: _check_count(
+                       n, "announcement context_length", MAX_CONTEXT_LENGTH)))
 
     @classmethod
     def from_entry(cls, entry: SignedValue, *, num_blocks: int | None = None) -> "ServerInfo":
@@ -141,6 +222,12 @@ class ServerInfo:
 
     def covers(self, block: int) -> bool:
         return self.start <= block < self.end
+
+    def card(self, model_id: str) -> ModelCard | None:
+        """The card of the model this server announces; None if the announcement does not say (an old one)."""
+        if self.model_name is None or self.num_blocks is None:
+            return None
+        return ModelCard(model_id, self.model_name, self.num_blocks, self.context_length)
 
 
 class AnnouncementValidator:
@@ -176,3 +263,28 @@ async def fetch_servers(dht: SwarmDirectory, model_id: str, *, num_blocks: int |
         if info.online or not online_only:
             out.append(info)
     return sorted(out, key=lambda s: (s.start, s.end, s.peer_id))
+
+
+async def announce_model(dht: SwarmDirectory, card: ModelCard, ttl: float) -> int:
+    """Store our entry in the swarm's model index; how many peers accepted it."""
+    return await dht.store(MODEL_INDEX_KEY, card.to_value(), ttl=ttl, republish=False)
+
+
+async def fetch_models(dht: SwarmDirectory, *, quorum: int = 3) -> list[tuple[ModelCard, float]]:
+    """The models the swarm's servers list in the model index: per model id, its card (when servers
+    disagree about it, the one most of them announce) and when the last of its entries expires."""
+    entries = await dht.get(MODEL_INDEX_KEY, quorum=quorum)
+    votes: dict[str, dict[ModelCard, int]] = {}
+    expires: dict[str, float] = {}
+    for entry in entries.values():
+        if "/" in entry.subkey:  # one entry per server, under its bare peer id
+            continue
+        try:
+            card = ModelCard.from_value(entry.value)
+        except InvalidRecord as e:
+            log.debug("dropped model index entry from %s: %s", entry.subkey[:20], e)
+            continue
+        cards = votes.setdefault(card.model_id, {})
+        cards[card] = cards.get(card, 0) + 1
+        expires[card.model_id] = max(expires.get(card.model_id, 0.0), entry.expires)
+    return [(max(cards, key=lambda c: (cards[c], c.name)), expires[model_id]) for model_id, cards in votes.items()]

@@ -65,7 +65,8 @@ from p2p.gossip import Gossip
 from p2p.network import Network, Stream
 
 from . import protocol as proto
-from .announce import GOSSIP_TOPIC, VERSION, ServerInfo, announce_key, fetch_servers, gossip_note
+from .announce import (GOSSIP_TOPIC, VERSION, ModelCard, ServerInfo, announce_key, announce_model, fetch_servers,
+                       gossip_note)
 from .billing import ServerAccount, ServerBilling
 from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
@@ -364,7 +365,9 @@ class BlockServer:
         return max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
 
     def info(self, state: str = "online") -> ServerInfo:
-        assert self.start is not None and self.end is not None  # run() set it up before serving
+        assert self.mf is not None and self.model_id is not None  # run() set it up before serving
+        assert self.start is not None and self.end is not None
+        card = ModelCard.announced(self.model_id, self.mf.path.name, self.mf.config)
         addrs = self.network.listen_addrs()
         clusters = self.dht.clusters
         return ServerInfo(peer_id=self.network.peer_id, start=self.start, end=self.end,
@@ -373,7 +376,8 @@ class BlockServer:
                           cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
                           version=VERSION, addr=addrs[0] if addrs else None,
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
-                          reliability=self.reliability, started=self.started)
+                          reliability=self.reliability, started=self.started,
+                          model_name=card.name, num_blocks=card.num_blocks, context_length=card.context_length)
 
     async def announce(self, state: str = "online") -> int:
         """Store our announcement; returns how many peers (ourselves included) hold it."""
@@ -388,6 +392,9 @@ class BlockServer:
         acks = await self.dht.store(announce_key(self.model_id), info.to_value(), ttl=ttl, republish=False)
         if self.gossip is not None:
             await self.gossip.publish(GOSSIP_TOPIC, gossip_note(self.model_id, info, ttl))
+        card = info.card(self.model_id)
+        if info.online and card is not None:  # offline: the index entry lapses with its ttl
+            await announce_model(self.dht, card, ttl)
         return acks
 
     async def _announce_loop(self) -> None:

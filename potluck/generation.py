@@ -102,8 +102,9 @@ class PreparedGeneration:
 
 
 async def resolve(peer: ApiPeer, name: str) -> dict:
-    """The model called `name` (its name, id, an id prefix of 8+ characters, or "default"); 404 if none."""
-    models = await peer.swarm_models(load=True)
+    """The model called `name` (its name, id, an id prefix of 8+ characters, or "default") among those
+    this peer generates with (`runs_here`; the swarm may serve others); 404 if none."""
+    models = [m for m in await peer.swarm_models(load=True) if m.get("runs_here")]
     wanted = name.strip().lower()
     for m in models:
         if wanted in (m["name"].lower(), m["model_id"], "default") or (len(wanted) >= 8 and m["model_id"].startswith(wanted)):

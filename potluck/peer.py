@@ -9,6 +9,10 @@ With `--blocks`, the peer serves that span of `--model` (the default model unles
 client half (embeddings, final norm, LM head, tokenizer) is loaded on the first generation request,
 so volunteers that only serve never pay for it.
 
+Every peer, with a model or none, lists the models the swarm serves (`swarm_models`: for `potluck
+status`, `/api/status`, `/v1/models`) from the servers' announcements: the DHT's model index and the
+gossip notes it receives.
+
 With `--api HOST:PORT`, the same nursery also runs the OpenAI-compatible HTTP API and the dashboard
 (potluck/api.py); a non-loopback address needs `--api-key`.
 """
@@ -28,13 +32,14 @@ from credits import CreditPolicy, Ledger
 from credits.replication import Replicator
 from dht.node import DHTNode
 from p2p import framing
+from p2p.errors import P2PError
 from p2p.gossip import Gossip
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
-from pipeline.announce import GOSSIP_TOPIC, from_gossip_note
+from pipeline.announce import GOSSIP_TOPIC, ModelCard, fetch_models, fetch_servers, from_gossip_note
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
@@ -48,6 +53,7 @@ from .swarmview import coverage_view
 log = logging.getLogger(__name__)
 
 PRESENCE_TOPIC = "presence"
+MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
 
 
 @dataclass
@@ -90,6 +96,8 @@ class Peer:
         self.last_generation: dict | None = None  # generation.GenerationResult.summary() of the latest one
         self.api_url: str | None = None
         self._model_card: dict | None = None
+        # model id → (card as its servers announce it, until when), the least recently heard first
+        self._heard_models: dict[str, tuple[ModelCard, float]] = {}
         self._swarm_cache: tuple[float, list[dict]] | None = None
         self._swarm_lock = trio.Lock()
 
@@ -112,10 +120,29 @@ class Peer:
         return True
 
     def _on_server_note(self, message) -> None:
-        """A server's announcement by gossip: the client's routes see it before the next DHT read."""
+        """A server's announcement by gossip: the client's routes see it before the next DHT read, and
+        `swarm_models` lists its model even on a peer that has loaded none."""
         model_id, info = from_gossip_note(message.author, message.data, self.network.now())
         if self._client is not None and self._client.model_id == model_id:
             self._client.sequence.hear(info)
+        card = info.card(model_id)
+        if info.online and card is not None:
+            self._hear_model(card, info.expires)
+
+    def _hear_model(self, card: ModelCard, expires: float) -> None:
+        """A model a server announces, listed until its announcement expires (unless heard again)."""
+        _, known_until = self._heard_models.pop(card.model_id, (card, 0.0))
+        self._heard_models[card.model_id] = (card, max(expires, known_until))
+        while len(self._heard_models) > MAX_HEARD_MODELS:
+            del self._heard_models[next(iter(self._heard_models))]
+
+    def _models_heard(self) -> list[ModelCard]:
+        """The models heard of whose announcements have not expired, by name."""
+        now = self.network.now()
+        for model_id, (_, expires) in list(self._heard_models.items()):
+            if expires <= now:
+                del self._heard_models[model_id]
+        return sorted((card for card, _ in self._heard_models.values()), key=lambda c: (c.name, c.model_id))
 
     async def announce_presence(self) -> None:
         await self.gossip.publish(
@@ -168,30 +195,54 @@ class Peer:
         return card
 
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:
-        """Each known model with the swarm's coverage of it (read from the DHT at most every `max_age` s)."""
+        """Every model the swarm serves, as far as this peer knows, with the swarm's coverage of it (read
+        from the DHT at most every `max_age` s): this peer's own model first (`"runs_here": True`, the
+        one it generates with), then those its servers announce (the DHT's model index, gossip)."""
         async with self._swarm_lock:
             now = trio.current_time()
             if self._swarm_cache is not None and now - self._swarm_cache[0] < max_age:
                 return self._swarm_cache[1]
-            card = await self.model_card(load=load)
-            if card is None:
-                return []
-            from pipeline.announce import fetch_servers
+            deadline = now + timeout
+            own = await self.model_card(load=load)
+            cards = [{**own, "runs_here": True}] if own is not None else []
+            views: dict[str, dict | None] = {}
 
-            view = None
-            with trio.move_on_after(timeout):
-                try:
-                    if self._client is not None and self._client.model_id == card["model_id"]:
-                        # The view routes are built from (DHT + gossip), so "no route" means just that.
-                        servers = await self._client.sequence.refresh()
-                    else:
-                        servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
-                    view = coverage_view(servers, card["num_blocks"])
-                except Exception as e:  # a status must not fail because a lookup did
-                    log.info("could not read the swarm of %s: %s", card["name"], e)
-            models = [{**card, "coverage": view}]
+            async def read_coverage(card: dict) -> None:
+                views[card["model_id"]] = None
+                with trio.move_on_at(deadline):
+                    try:
+                        views[card["model_id"]] = await self._coverage(card)
+                    except Exception as e:  # a status must not fail because a lookup did
+                        log.info("could not read the swarm of %s: %s", card["name"], e)
+
+            async def read_index() -> None:
+                with trio.move_on_at(deadline):
+                    try:
+                        for heard, expires in await fetch_models(self.dht):
+                            self._hear_model(heard, expires)
+                    except P2PError as e:  # the models heard by gossip are still listed
+                        log.info("could not read the swarm's model index: %s", e)
+
+            async with trio.open_nursery() as nursery:  # our own model's coverage does not wait for the index
+                for card in cards:
+                    nursery.start_soon(read_coverage, card)
+                nursery.start_soon(read_index)
+            others = [{**c.as_dict(), "runs_here": False} for c in self._models_heard() if c.model_id not in views]
+            async with trio.open_nursery() as nursery:
+                for card in others:
+                    nursery.start_soon(read_coverage, card)
+            cards += others
+            models = [{**card, "coverage": views[card["model_id"]]} for card in cards]
             self._swarm_cache = (trio.current_time(), models)
             return models
+
+    async def _coverage(self, card: dict) -> dict:
+        if self._client is not None and self._client.model_id == card["model_id"]:
+            # The view routes are built from (DHT + gossip), so "no route" means just that.
+            servers = await self._client.sequence.refresh()
+        else:
+            servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
+        return coverage_view(servers, card["num_blocks"])
 
     async def _credits_command(self, request: dict) -> dict:
         return await self.ledger.summary()

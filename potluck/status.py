@@ -1,9 +1,14 @@
-"""Readable rendering of a peer's status (rich tables)."""
+"""Readable rendering of a peer's status (rich tables).
+
+Text that came from other peers (model names, regions, cluster labels) is escaped: it is shown, never
+read as rich markup.
+"""
 
 from __future__ import annotations
 
 from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -22,7 +27,7 @@ def _bar(replicas: list[int], width: int = 60) -> Text:
 
 def _label(label: str) -> str:
     """A cluster label, short (they are often the anchor's peer id)."""
-    return "…" + label[-8:] if len(label) > 16 else label or "-"
+    return escape("…" + label[-8:] if len(label) > 16 else label or "-")
 
 
 def short_id(peer_id: str) -> str:
@@ -36,7 +41,7 @@ def span(a: int, b: int) -> str:
 
 
 def _model_names(status: dict) -> dict[str, str]:
-    return {m["model_id"]: m["name"] for m in status.get("models") or []}
+    return {m["model_id"]: escape(m["name"]) for m in status.get("models") or []}
 
 
 def _model_name(model_id: str | None, names: dict[str, str]) -> str:
@@ -94,14 +99,15 @@ def render_status(status: dict, console: Console | None = None, *, wide: bool = 
     for p in status["peers"]:
         rtt = "-" if p["rtt_ms"] is None else f"{p['rtt_ms']:.1f} ms"
         state = "[green]alive[/green]" if p["alive"] else "[red]dead[/red]"
-        row = [p["peer_id"] if wide else short_id(p["peer_id"]), rtt, p["region"] or "-",
+        row = [p["peer_id"] if wide else short_id(p["peer_id"]), rtt, escape(p["region"] or "-"),
                ", ".join(serves.get(p["peer_id"], [])) or "-", state]
         table.add_row(*row, *([p["addr"] or "-"] if wide else []))
     console.print(table)
 
     for m in status.get("models") or []:
         cov = m.get("coverage")
-        console.print(f"[bold]{m['name']}[/bold] (model {m['model_id'][:12]}, {m['num_blocks']} blocks)")
+        context = f", context {m['context_length']:,}" if m.get("context_length") else ""
+        console.print(f"[bold]{escape(m['name'])}[/bold] (model {m['model_id'][:12]}, {m['num_blocks']} blocks{context})")
         if cov is None:
             console.print("  coverage unknown (the DHT did not answer in time)")
             continue

@@ -106,7 +106,7 @@ class FakePeer:
 
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:
         return [{"name": "Tiny-Model", "model_id": "ab" * 32, "num_blocks": 6, "context_length": 64,
-                 "coverage": coverage_view(self.servers, 6)}]
+                 "runs_here": True, "coverage": coverage_view(self.servers, 6)}]
 
 
 @pytest.fixture
