@@ -14,6 +14,10 @@
   different authors, as a catching-up peer gets them) — what replication does.
   Each ingest figure is given for `dispute` entries (one signature each) and for `earn` entries
   (two signatures: the entry's and the client's receipt, plus the FLOPs recomputation).
+- `standing`: for swarms of `--standing-peers` peers (each the client of 10 random servers, one
+  receipt each, written straight into an in-memory store: no signatures), how long one peer's
+  `StandingView` takes to recompute (read every counted receipt and the reliability factors, build
+  the work graph, compute its view), the graph alone, and one more viewer's standings on that graph.
 - `sim`: on the simulator (`--nodes` peers, each dialling `--dials` others), the virtual seconds
   for one new entry to reach every peer's verified store, by gossip push + pull, against the ideal
   flood over the same connections (`bench.gossip_sim.ideal_flood`) in the same run.
@@ -33,7 +37,9 @@ import msgpack
 import trio
 import trio.testing
 
-from credits import CreditPolicy, Ledger, LogEntry, ReceiptSigner, Store, linear_pricing
+from credits import (
+    CreditPolicy, Ledger, LogEntry, ReceiptSigner, StandingView, Store, WorkGraph, linear_pricing, standings,
+)
 from credits.entry import ZERO_HASH, clear_signature_cache
 from p2p.identity import Identity
 
@@ -123,6 +129,30 @@ def bench_store(n: int, range_size: int, directory: str) -> dict:
     return out
 
 
+def bench_standing(peers: int, servers_per_client: int = 10, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    viewer = Identity.generate()
+    keys = [viewer.public_key] + [rng.randbytes(32) for _ in range(peers - 1)]
+    led = Ledger(viewer, Store(None), pricing=PRICING)
+    with led.store.transaction():
+        for client in keys:
+            for server in rng.sample(keys, servers_per_client + 1):
+                if server != client:
+                    led.store.insert_transfer(server, client, rng.randbytes(16), 1, 1, rng.randint(10**9, 10**12), "m")
+    t = time.perf_counter()
+    view = StandingView(led).standings_sync()
+    recompute = time.perf_counter() - t
+    transfers = led.store.counted_transfers()
+    t = time.perf_counter()
+    graph = WorkGraph.from_transfers(transfers)
+    graph_s = time.perf_counter() - t
+    t = time.perf_counter()
+    standings(graph, keys[1])
+    return {"peers": peers, "edges": graph.edges(), "with_standing": len(view),
+            "recompute_s": round(recompute, 4), "graph_s": round(graph_s, 4),
+            "one_view_ms": round((time.perf_counter() - t) * 1000, 3)}
+
+
 async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
     from bench.gossip_sim import ideal_flood
     from credits.replication import Replicator
@@ -181,11 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=1000, help="simulated peers (0: skip the simulation)")
     parser.add_argument("--dials", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--standing-peers", type=int, nargs="*", default=[1000, 10000],
+                        help="swarm sizes to time standing on (none: skip)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.entries, args.nodes = 300, 50
+        args.entries, args.nodes, args.standing_peers = 300, 50, [100, 1000]
     directory = args.dir or os.path.join(os.getcwd(), ".bench-ledger")
     os.makedirs(directory, exist_ok=True)
     result = {"entries": args.entries, "range": args.range, "sqlite": "WAL, synchronous=FULL", "cores": 1}
@@ -196,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError:
         pass
     result["per_reply_vs_verify_alone"] = round(result["ingest_durable_per_reply_per_s_dispute"] / result["verify_per_s"], 2)
+    result["standing"] = [bench_standing(n, seed=args.seed) for n in args.standing_peers]
     if args.nodes:
         result["sim"] = trio.run(bench_sim, args.nodes, args.dials, args.seed,
                                  clock=trio.testing.MockClock(autojump_threshold=0))
