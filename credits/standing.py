@@ -23,6 +23,9 @@ me: every relay edge A→me carries at most its own worth. Each term is a flow a
 X→A→me within the edge's worth, so standing(X) is at most the two-hop max-flow from X to me
 (NetFlow/MeritRank family); unlike one max-flow per X, the relayed shares of all X are one feasible
 flow, so a relay cannot vouch for any number of identities at full value each.
+The direction matters: flow runs from X to me, along the work, so it measures X's work that reached
+me (directly, or through a peer that then served me). The reverse flow, me to X, would measure what X
+consumed from those near me — which anyone can raise by asking to be served.
 
 What a Sybil group S gains at most, in my view. Let W(S) be the work honest peers within two hops of
 me (me and those that served me) received from S: receipts they signed for S's members. Any path
@@ -86,8 +89,7 @@ def standings(graph: WorkGraph, viewer: bytes) -> dict[bytes, int]:
         total = sum(upstream.values())
         for server, worth in upstream.items():
             out[server] += worth if passed_on >= total else worth * passed_on // total
-    out.pop(viewer, None)
-    return dict(out)
+    return {peer: value for peer, value in out.items() if value > 0 and peer != viewer}
 
 
 class StandingView:
