@@ -16,8 +16,10 @@
   (two signatures: the entry's and the client's receipt, plus the FLOPs recomputation).
 - `standing`: for swarms of `--standing-peers` peers (each the client of 10 random servers, one
   receipt each, written straight into an in-memory store: no signatures), how long one peer's
-  `StandingView` takes to recompute (read every counted receipt and the reliability factors, build
-  the work graph, compute its view), the graph alone, and one more viewer's standings on that graph.
+  `StandingView` takes to recompute (read its part of the work graph, compute its view): with the
+  balance fold it reads the reliability factors from still to do (`recompute_s`) and done
+  (`recompute_balances_known_s`); and, on the whole work graph built in memory, the build and one
+  more viewer's standings.
 - `sim`: on the simulator (`--nodes` peers, each dialling `--dials` others), the virtual seconds
   for one new entry to reach every peer's verified store, by gossip push + pull, against the ideal
   flood over the same connections (`bench.gossip_sim.ideal_flood`) in the same run.
@@ -141,7 +143,10 @@ def bench_standing(peers: int, servers_per_client: int = 10, seed: int = 0) -> d
                     led.store.insert_transfer(server, client, rng.randbytes(16), 1, 1, rng.randint(10**9, 10**12), "m")
     t = time.perf_counter()
     view = StandingView(led).standings_sync()
-    recompute = time.perf_counter() - t
+    recompute = time.perf_counter() - t  # with the balance fold (the reliability factors) to compute
+    t = time.perf_counter()
+    StandingView(led).standings_sync()
+    recompute_warm = time.perf_counter() - t  # the fold already done for this ledger version
     transfers = led.store.counted_transfers()
     t = time.perf_counter()
     graph = WorkGraph.from_transfers(transfers)
@@ -149,7 +154,8 @@ def bench_standing(peers: int, servers_per_client: int = 10, seed: int = 0) -> d
     t = time.perf_counter()
     standings(graph, keys[1])
     return {"peers": peers, "edges": graph.edges(), "with_standing": len(view),
-            "recompute_s": round(recompute, 4), "graph_s": round(graph_s, 4),
+            "recompute_s": round(recompute, 4), "recompute_balances_known_s": round(recompute_warm, 4),
+            "whole_graph_s": round(graph_s, 4),
             "one_view_ms": round((time.perf_counter() - t) * 1000, 3)}
 
 

@@ -41,8 +41,10 @@ did, whatever its size. Not yet used for admission, queue priority, the debt lim
 grant — those still read balances.
 
 `StandingView` keeps one peer's standings, recomputed from its ledger at most every `max_age`
-seconds (and only when the ledger changed): a recomputation reads every counted receipt and the
-reliability factors through the ledger's worker, never SQLite on the trio thread.
+seconds (and only when the ledger changed), through the ledger's worker, never SQLite on the trio
+thread. A recomputation reads only the receipts this peer signed and those its servers signed
+(through the store's client index), and the reliability factors of the balance fold (which the
+ledger computes once per change, for balances anyway).
 """
 
 from __future__ import annotations
@@ -120,8 +122,11 @@ class StandingView:
 
     def standings_sync(self) -> dict[bytes, int]:
         """Blocking: recompute now (benchmarks, tools that own the thread)."""
-        version, at = self.ledger.version, self.ledger.clock()
-        graph = WorkGraph.from_transfers(self.ledger.store.counted_transfers(), self.ledger.reliability_sync())
-        table = standings(graph, self.ledger.me)
+        version, at, me = self.ledger.version, self.ledger.clock(), self.ledger.me
+        reliability = self.ledger.reliability_sync()  # the balance fold's, computed once per ledger change
+        into_me = self.ledger.store.counted_transfers_to([me])
+        relays = {server for server, _client, _flops in into_me}
+        graph = WorkGraph.from_transfers(into_me + self.ledger.store.counted_transfers_to(relays), reliability)
+        table = standings(graph, me)
         self._computed = (version, at, table)
         return table
