@@ -14,6 +14,12 @@
   different authors, as a catching-up peer gets them) — what replication does.
   Each ingest figure is given for `dispute` entries (one signature each) and for `earn` entries
   (two signatures: the entry's and the client's receipt, plus the FLOPs recomputation).
+- `standing`: for swarms of `--standing-peers` peers (each the client of 10 random servers, one
+  receipt each, written straight into an in-memory store: no signatures), how long one peer's
+  `StandingView` takes to recompute (read its part of the work graph, compute its view): with the
+  balance fold it reads the reliability factors from still to do (`recompute_s`) and done
+  (`recompute_balances_known_s`); and, on the whole work graph built in memory, the build and one
+  more viewer's standings.
 - `sim`: on the simulator (`--nodes` peers, each dialling `--dials` others), the virtual seconds
   for one new entry to reach every peer's verified store, by gossip push + pull, against the ideal
   flood over the same connections (`bench.gossip_sim.ideal_flood`) in the same run.
@@ -33,16 +39,16 @@ import msgpack
 import trio
 import trio.testing
 
-from credits import CreditPolicy, IngestLimits, Ledger, LogEntry, ReceiptSigner, Store, linear_pricing
+from credits import (
+    CreditPolicy, IngestLimits, Ledger, LogEntry, ReceiptSigner, StandingView, Store, WorkGraph, linear_pricing, standings,
+)
 from credits.entry import ZERO_HASH, clear_signature_cache
 from p2p.identity import Identity
 
 PRICING = linear_pricing(lambda model: 1_000_000)
-
-
-# The store's own speed: one author's thousands of disputes would be throttled by the per-author
-# allowance (credits/allowance.py), which is not what these figures measure.
-UNTHROTTLED = IngestLimits(burst_entries=10**9, burst_bytes=1 << 40, entries_per_hour=1e12, bytes_per_hour=1e15)
+# Ingest figures measure verification and storage, not the allowance a peer gives one author's
+# entries without a receipt (credits.allowance), which the dispute chains here would exhaust.
+UNTHROTTLED = IngestLimits(burst_entries=1 << 30, burst_bytes=1 << 40)
 
 
 def rate(n: int, seconds: float) -> float:
@@ -132,6 +138,34 @@ def bench_store(n: int, range_size: int, directory: str) -> dict:
     return out
 
 
+def bench_standing(peers: int, servers_per_client: int = 10, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    viewer = Identity.generate()
+    keys = [viewer.public_key] + [rng.randbytes(32) for _ in range(peers - 1)]
+    led = Ledger(viewer, Store(None), pricing=PRICING)
+    with led.store.transaction():
+        for client in keys:
+            for server in rng.sample(keys, servers_per_client + 1):
+                if server != client:
+                    led.store.insert_transfer(server, client, rng.randbytes(16), 1, 1, rng.randint(10**9, 10**12), "m")
+    t = time.perf_counter()
+    view = StandingView(led).standings_sync()
+    recompute = time.perf_counter() - t  # with the balance fold (the reliability factors) to compute
+    t = time.perf_counter()
+    StandingView(led).standings_sync()
+    recompute_warm = time.perf_counter() - t  # the fold already done for this ledger version
+    transfers = led.store.counted_transfers()
+    t = time.perf_counter()
+    graph = WorkGraph.from_transfers(transfers)
+    graph_s = time.perf_counter() - t
+    t = time.perf_counter()
+    standings(graph, keys[1])
+    return {"peers": peers, "edges": graph.edges(), "with_standing": len(view),
+            "recompute_s": round(recompute, 4), "recompute_balances_known_s": round(recompute_warm, 4),
+            "whole_graph_s": round(graph_s, 4),
+            "one_view_ms": round((time.perf_counter() - t) * 1000, 3)}
+
+
 async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
     from bench.gossip_sim import ideal_flood
     from credits.replication import Replicator
@@ -190,11 +224,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--nodes", type=int, default=1000, help="simulated peers (0: skip the simulation)")
     parser.add_argument("--dials", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--standing-peers", type=int, nargs="*", default=[1000, 10000],
+                        help="swarm sizes to time standing on (none: skip)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.entries, args.nodes = 300, 50
+        args.entries, args.nodes, args.standing_peers = 300, 50, [100, 1000]
     directory = args.dir or os.path.join(os.getcwd(), ".bench-ledger")
     os.makedirs(directory, exist_ok=True)
     result = {"entries": args.entries, "range": args.range, "sqlite": "WAL, synchronous=FULL", "cores": 1}
@@ -205,6 +241,7 @@ def main(argv: list[str] | None = None) -> None:
     except OSError:
         pass
     result["per_reply_vs_verify_alone"] = round(result["ingest_durable_per_reply_per_s_dispute"] / result["verify_per_s"], 2)
+    result["standing"] = [bench_standing(n, seed=args.seed) for n in args.standing_peers]
     if args.nodes:
         result["sim"] = trio.run(bench_sim, args.nodes, args.dials, args.seed,
                                  clock=trio.testing.MockClock(autojump_threshold=0))

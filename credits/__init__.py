@@ -1,4 +1,4 @@
-"""Credits: signed append-only logs, client-signed receipts, gossip replication, balances.
+"""Credits: signed append-only logs, client-signed receipts, gossip replication, balances, standing.
 
 Layers, each readable alone (imports only go down the list):
     errors.py       the credit layer's exceptions (InvalidEntry, InvalidReceipt, CreditRefused, …)
@@ -9,6 +9,8 @@ Layers, each readable alone (imports only go down the list):
     allowance.py    IngestLimits: how many entries without a receipt one author may add, over time
     ledger.py       Ledger: the rules of each entry kind, verified ingestion, balances as a fold
                     over chains; CreditPolicy
+    standing.py     WorkGraph, StandingView: each peer's own view of another, the flow of verified work
+                    that reached it (Sybil-bounded; balances stay the shared fold)
     replication.py  Replicator: gossip push, head-vector anti-entropy and range pulls between peers
 """
 
@@ -17,10 +19,12 @@ from .entry import ForkProof, LogEntry, SignedHeader
 from .errors import CreditError, CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
 from .ledger import GFLOP, Balance, CreditPolicy, IngestResult, Ledger, credits
 from .receipts import Pricing, Receipt, ReceiptSigner, ReceiptTracker, linear_pricing, new_session_id
+from .standing import StandingView, WorkGraph, standings
 from .store import Store
 
 __all__ = [
     "LogEntry", "ForkProof", "SignedHeader", "CreditError", "CreditRefused", "InvalidEntry", "InvalidForkProof",
     "InvalidReceipt", "GFLOP", "Balance", "CreditPolicy", "IngestLimits", "IngestResult", "Ledger", "credits",
     "Pricing", "Receipt", "ReceiptSigner", "ReceiptTracker", "linear_pricing", "new_session_id", "Store",
+    "StandingView", "WorkGraph", "standings",
 ]

@@ -39,10 +39,11 @@ for routing.
 
 Sybil caveat: identities are free, so with a starting grant > 0 anyone can mint
 `starting_grant` per key they generate, and move it to one key by signing receipts between their
-own keys (conservation still holds — the grants are real, just farmed). The starting grant is
-therefore small and bounded, servers serve debtors only when idle, and private swarms can set
-`starting_grant=0` and fund members through grant authorities. Sybil-resistant reputation
-(max-flow over the contribution graph as in BarterCast/NetFlow, or MeritRank) is not done.
+own keys (conservation still holds — the grants are real, just farmed); receipts for work never
+done move balances just as well. The starting grant is therefore small and bounded, servers serve
+debtors only when idle, and private swarms can set `starting_grant=0` and fund members through
+grant authorities. `credits.standing` computes each peer's own, Sybil-bounded view of another
+(flow of verified work to it); admission and priority do not use it yet.
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, TypeVar
 
 import msgpack
 import trio
@@ -64,6 +65,7 @@ from .receipts import Pricing, Receipt
 from .store import Store
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 GFLOP = 10**9
 PER_DISPUTE = 0.5  # reliability factor per distinct credible accuser
@@ -191,6 +193,11 @@ class Ledger:
             return await trio.to_thread.run_sync(fn, *args, limiter=self._limiter)
         await trio.lowlevel.checkpoint()
         return fn(*args)
+
+    async def read(self, fn: Callable[[], T]) -> T:
+        """Run a blocking read of the store (`fn`, e.g. a view's recomputation) the way every ledger call runs."""
+        result: T = await self._call(fn)
+        return result
 
     # --- own chain ---------------------------------------------------------------------------------
 
@@ -559,8 +566,9 @@ class Ledger:
             raise InvalidEntry("stored head does not match the stored chain")
         return n
 
-    async def summary(self, recent: int = 10) -> dict:
-        """What `potluck credits` and `GET /api/credits` show."""
+    async def summary(self, recent: int = 10, standings: Mapping[bytes, int] | None = None) -> dict:
+        """What `potluck credits` and `GET /api/credits` show; with `standings` (`credits.standing`), each
+        other peer's standing in this peer's view too (credits; this peer's own is None)."""
         balances = await self.balances()
         latest = await self._call(self.store.recent, recent)
         mine = balances.get(self.me) or Balance(self.me)
@@ -572,7 +580,13 @@ class Ledger:
             "chain_length": self.heads.get(self.me, (0,))[0],
             "recent": [{"peer_id": e.author_id, "seq": e.seq, "kind": e.kind, "timestamp_ms": e.timestamp}
                        for e in latest],
-            "peers": sorted((b.as_dict() for b in balances.values()), key=lambda d: -d["balance"]),
+            "peers": sorted((self._peer_row(b, standings) for b in balances.values()), key=lambda d: -d["balance"]),
             "forked": [peer_id_from_public_key(a) for a in self.forks],
             "total": credits(sum(b.raw for b in balances.values())),
         }
+
+    def _peer_row(self, balance: Balance, standings: Mapping[bytes, int] | None) -> dict:
+        row = balance.as_dict()
+        if standings is not None:
+            row["standing"] = None if balance.key == self.me else credits(standings.get(balance.key, 0))
+        return row

@@ -18,7 +18,7 @@ from __future__ import annotations
 import sqlite3
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Collection, Iterator
 
 from .entry import ZERO_HASH, LogEntry
 from .errors import InvalidEntry
@@ -155,6 +155,21 @@ class Store:
                  best AS (SELECT server, client, session, MAX(counter) AS counter FROM t GROUP BY server, client, session)
             SELECT t.server, t.client, t.flops FROM t JOIN best USING (server, client, session, counter)
         """).fetchall()
+
+    def counted_transfers_to(self, clients: Collection[bytes]) -> list[tuple[bytes, bytes, int]]:
+        """`counted_transfers` of receipts signed by `clients` only (read through the client index)."""
+        out: list[tuple[bytes, bytes, int]] = []
+        keys = list(clients)
+        for i in range(0, len(keys), 500):  # below SQLite's limit on bound parameters
+            chunk = keys[i:i + 500]
+            out += self.db.execute(f"""
+                WITH t AS (SELECT tr.* FROM transfers tr LEFT JOIN forks f ON f.author = tr.server
+                           WHERE tr.client IN ({",".join("?" * len(chunk))}) AND (f.seq IS NULL OR tr.seq < f.seq)),
+                     best AS (SELECT server, client, session, MAX(counter) AS counter FROM t
+                              GROUP BY server, client, session)
+                SELECT t.server, t.client, t.flops FROM t JOIN best USING (server, client, session, counter)
+            """, chunk).fetchall()
+        return out
 
     def counted_grants(self) -> list[tuple[bytes, bytes, int]]:
         """(author, recipient, amount) of grants below the author's fork point (if it forked)."""

@@ -28,7 +28,7 @@ from typing import Callable
 
 import trio
 
-from credits import CreditPolicy, Ledger
+from credits import CreditPolicy, Ledger, StandingView
 from credits.replication import Replicator
 from dht.node import DHTNode
 from p2p import framing
@@ -83,6 +83,7 @@ class Peer:
         self.identity = identity
         self.network = network
         self.ledger = ledger
+        self.standing = StandingView(ledger)  # this peer's own view of others' work (shown, not yet decided on)
         self.membership = Membership(network, region=config.region)
         self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None)
         self.gossip = Gossip(network, identity)
@@ -245,7 +246,7 @@ class Peer:
         return coverage_view(servers, card["num_blocks"])
 
     async def _credits_command(self, request: dict) -> dict:
-        return await self.ledger.summary()
+        return await self.ledger.summary(standings=await self.standing.standings())
 
     # DHT operations for operators and tests, through the control socket.
     async def _dht_store_command(self, request: dict) -> dict:

@@ -149,7 +149,7 @@ def _amount(value: float) -> str:
 
 
 def render_credits(summary: dict, console: Console | None = None, *, wide: bool = False) -> None:
-    """This peer's credits and every known peer's balance, within 80 columns unless `wide`."""
+    """This peer's credits and every known peer's balance and standing, within 80 columns unless `wide`."""
     console = console or Console()
     who = (lambda peer_id: peer_id) if wide else short_id
     frozen = "  [red]FROZEN (forked chain)[/red]" if summary["frozen"] else ""
@@ -167,10 +167,12 @@ def render_credits(summary: dict, console: Console | None = None, *, wide: bool 
     peers = Table(title=f"balances as this peer sees them (total {_amount(summary['total'])})", box=box.SIMPLE_HEAD, show_edge=False,
                   title_justify="left", pad_edge=False)
     peers.add_column("peer", overflow="fold")
-    for column in ("balance", "earned", "spent", "granted", "state"):
+    for column in ("balance", "earned", "spent", "granted", "standing", "state"):
         peers.add_column(column, justify="right" if column != "state" else "left", no_wrap=True)
     for b in summary["peers"]:
         state = "[red]frozen[/red]" if b["frozen"] else "ok"
+        # standing is this peer's own view (credits.standing): "-" for itself, or from a peer that sends none
+        standing = b.get("standing")
         peers.add_row(who(b["peer_id"]), _amount(b["balance"]), _amount(b["earned"]), _amount(b["spent"]),
-                      _amount(b["granted"]), state)
+                      _amount(b["granted"]), "-" if standing is None else _amount(standing), state)
     console.print(peers)
