@@ -149,3 +149,16 @@ def test_a_server_stopped_mid_answer_changes_nothing_for_the_user(swarm):
     swarm.ordinary("a server left mid-answer")
     # the status tells the truth: the user's peer sees one replica of 15:30 now
     wait_until(lambda: swarm.model()["replicas"] == [1] * 30, 30, 1, message="the departed server to leave the view")
+
+
+def test_a_restarted_server_is_routed_to_again(swarm):
+    """The server that left mid-answer (a fault for the user's peer, which banned it) restarts on its
+    identity; its fresh announcement lifts the ban: with the other replica SIGKILLed, the user's next
+    request goes through the restarted server at once, not after the ban's backoff."""
+    gone = next(n for n in ("tail-a", "tail-b") if swarm.procs[n].proc.poll() is not None)
+    other = "tail-b" if gone == "tail-a" else "tail-a"
+    swarm.procs[gone].start(timeout=120)
+    wait_until(lambda: swarm.model()["replicas"] == [1] * 15 + [2] * 15, 60, 1,
+               message="the restarted server to be announced again")
+    swarm.procs[other].kill()
+    swarm.ordinary("a server restarted on its identity and the other replica killed")
