@@ -11,9 +11,10 @@ Robustness (liars answer with floods of fake contacts that sort closest to the t
   the walk waits for it only once nothing else is left to ask, unless a suspect offered it.
 - Every candidate remembers which peers offered it (its referrers; seeds have none). A referrer
   that has not yet had an offer answer in this walk gets one query in flight at a time, so an
-  unknown liar holds at most one α slot; a referrer whose offers mostly fail (FAILED or given up)
-  is suspect, and candidates only suspects offered drop out of the ranking — they are asked only
-  when nothing else is under way, are trimmed first, and are not handed on to a later walk.
+  unknown liar holds at most one α slot; a referrer whose offers mostly fail (FAILED or given up,
+  twice at least: one dead contact is no lie) is suspect, and candidates only suspects offered drop out of the ranking — they are asked only
+  when nothing else is under way, are trimmed first (then those no proven referrer vouches for),
+  and are not handed on to a later walk.
 - One answer may inject at most k new candidates (an honest answer lists at most k), the closest
   of those it offers, and the shortlist is trimmed to a bounded size.
 - Failed peers are never counted among the closest; `accept` drops contacts the node refuses
@@ -131,6 +132,13 @@ class _Walk:
             return False
         return all(r in self.referrers and self.referrers[r].suspect for r in c.referrers)
 
+    def vouched(self, c: Candidate) -> bool:
+        """A seed, offered by two peers, or by one whose offers have answered."""
+        if len(c.referrers) != 1:
+            return True
+        r = self.referrers.get(c.referrers[0])
+        return r is not None and r.proven
+
     def throttled(self, c: Candidate) -> bool:
         """Every referrer of `c` is unproven and already has a query in flight."""
         if not c.referrers:
@@ -145,8 +153,8 @@ class _Walk:
         if self.dirty:
             live = sorted((c for c in self.cands.values() if c.state != FAILED), key=lambda c: c.dist)
             limit = self.lookup.max_candidates
-            if len(live) > limit:  # forget never-queried candidates: suspect ones first, then far ones
-                by_worth = sorted(live, key=lambda c: (self.suspect(c), c.dist))
+            if len(live) > limit:  # forget never-queried candidates: suspect, then unvouched, then far ones
+                by_worth = sorted(live, key=lambda c: (self.suspect(c), not self.vouched(c), c.dist))
                 for c in by_worth[limit:]:
                     if c.state == NEW:
                         del self.cands[c.contact.peer_id]

@@ -414,7 +414,7 @@ async def lookup(net: ScriptedNetwork):
     return result, trio.current_time() - start
 
 
-async def test_liars_fake_contacts_cost_a_soft_timeout_of_one_slot_each(autojump_clock):
+async def test_liars_fake_contacts_cost_soft_timeouts_of_one_slot_each(autojump_clock):
     target = key_id("wanted")
     honest, elapsed = await lookup(ScriptedNetwork(target, set()))
     truth = ScriptedNetwork(target, set()).by_distance(f"h{i}" for i in range(80))[:20]
@@ -425,11 +425,11 @@ async def test_liars_fake_contacts_cost_a_soft_timeout_of_one_slot_each(autojump
         attacked, attacked_elapsed = await lookup(net)
         fakes_asked = [p for p in net.asked if p.startswith("fake")]
         liars_asked = [p for p in net.asked if p in liars]
-        # the walk still finds the true closest, never waits out a black hole, and asks each liar's
-        # fakes once at most (given up at the soft timeout: the liar is suspect from then on)
+        # the walk still finds the true closest, never waits out a black hole, and asks at most two
+        # of each liar's fakes, one at a time (each given up at the soft timeout; then it is suspect)
         assert [c.peer_id for c in attacked.closest] == truth
-        assert len(fakes_asked) <= len(liars_asked)
-        assert attacked_elapsed <= elapsed + 3 * SOFT, (elapsed, attacked_elapsed)  # unprotected: 10-19 s
+        assert len(fakes_asked) <= 2 * len(liars_asked)
+        assert attacked_elapsed <= elapsed + 5 * SOFT, (elapsed, attacked_elapsed)  # unprotected: 10-19 s
         assert not any(c.contact.peer_id.startswith("fake") for c in attacked.candidates)
 
 
