@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -99,6 +100,25 @@ class PeerProcess:
             self.proc.stdout.close()
         if hasattr(self, "_log"):
             self._log.close()
+
+
+def start_all(procs: list[PeerProcess], timeout: float = 60.0) -> None:
+    """Start peers concurrently (each loads its model on its own); raises the first failure."""
+    errors: list[BaseException] = []
+
+    def start(p: PeerProcess) -> None:
+        try:
+            p.start(timeout=timeout)
+        except BaseException as e:  # raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=start, args=(p,)) for p in procs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5, message: str = "condition"):

@@ -26,7 +26,7 @@ from openai import OpenAI
 
 from credits import Receipt, Store, credits
 from potluck import control
-from potluck.localswarm import POTLUCK, PeerProcess, wait_until
+from potluck.localswarm import POTLUCK, PeerProcess, start_all, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -68,21 +68,7 @@ def swarm(model_dir, tmp_path_factory):
                 "user": ["--api", "0.0.0.0:0", "--api-key", KEY, "--region", "home"]}
         for name, args in rest.items():
             procs[name] = PeerProcess(root / name, *common, *boot, *args)
-        errors: list[BaseException] = []
-
-        def start(p):
-            try:
-                p.start(timeout=120)
-            except BaseException as e:  # reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=start, args=(procs[n],)) for n in rest]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        start_all([procs[n] for n in rest], timeout=120)
         url = procs["user"].call("status")["api"]
         assert url and url.startswith("http://127.0.0.1:"), url
         s = Swarm(procs, url, root, model_dir)

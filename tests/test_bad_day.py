@@ -11,14 +11,13 @@ server would leave blocks 0:15 without a route), and the status tells the truth.
 from __future__ import annotations
 
 import subprocess
-import threading
 import time
 
 import openai
 import pytest
 from openai import OpenAI
 
-from potluck.localswarm import POTLUCK, PeerProcess, wait_until
+from potluck.localswarm import POTLUCK, PeerProcess, start_all, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -60,21 +59,7 @@ def swarm(smollm2_data, tmp_path_factory):
                 "other-user": ["--api", "127.0.0.1:0"]}
         for name, args in rest.items():
             procs[name] = PeerProcess(root / name, *common, *boot, *args)
-        errors: list[BaseException] = []
-
-        def start(p: PeerProcess) -> None:
-            try:
-                p.start(timeout=120)
-            except BaseException as e:  # reported below
-                errors.append(e)
-
-        threads = [threading.Thread(target=start, args=(procs[n],)) for n in rest]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        start_all([procs[n] for n in rest], timeout=120)
         s = Swarm(procs)
         wait_until(lambda: s.model()["replicas"] == [1] * 15 + [2] * 15, 120, 1,
                    message="the user's peer to see all three servers")
