@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -111,25 +111,14 @@ class Swarm:
 
 @asynccontextmanager
 async def swarm(backend: str, folder, spans: list[tuple[int | None, int | None]], *, model_id: str, **server_cfg: Any):
-    async with trio.open_nursery() as nursery:
-        if backend == "sim":
-            async with SimWorld.open(seed=0) as world:
-                s = Swarm(backend, folder, model_id, nursery, world=world)
-                for a, b in spans:
-                    await s.add_server(a, b, **server_cfg)
-                try:
-                    yield s
-                finally:
-                    with trio.CancelScope(shield=True):
-                        await s.stop()
-                    nursery.cancel_scope.cancel()
-        else:
-            s = Swarm(backend, folder, model_id, nursery)
-            for a, b in spans:
-                await s.add_server(a, b, **server_cfg)
-            try:
-                yield s
-            finally:
-                with trio.CancelScope(shield=True):
-                    await s.stop()
-                nursery.cancel_scope.cancel()
+    async with trio.open_nursery() as nursery, AsyncExitStack() as stack:
+        world = await stack.enter_async_context(SimWorld.open(seed=0)) if backend == "sim" else None
+        s = Swarm(backend, folder, model_id, nursery, world=world)
+        for a, b in spans:
+            await s.add_server(a, b, **server_cfg)
+        try:
+            yield s
+        finally:
+            with trio.CancelScope(shield=True):
+                await s.stop()
+            nursery.cancel_scope.cancel()
