@@ -1,9 +1,9 @@
 """The real-socket backend of `p2p.network.Network`: py-libp2p with TCP + Noise + yamux.
 
 One concept a module (imports only go down the list):
+    io.py         frames on libp2p streams: exact reads, writes, bounded decoding, best-effort reset/close
     patches.py    workarounds for py-libp2p 0.8.1 defects, applied by `Libp2pNetwork.open()`, and the
                   limits on inbound connections not admitted yet (`InboundLimits`)
-    io.py         frames on libp2p streams: exact reads, writes, bounded decoding, best-effort reset/close
     addresses.py  full multiaddrs (…/p2p/<id>) and circuit addresses through a relay
     gate.py       the session handshake: wire version and the swarm key proof
     session.py    RequestSession: one peer's requests and replies, multiplexed on one stream

@@ -66,6 +66,17 @@ def _raise_refusal(peer_id: str, msg: dict) -> None:
     raise PeerUnreachable(f"peer {peer_id} refused the connection: {kind}: {message}")
 
 
+async def _listener_says(reader: ExactReader, peer_id: str, want: str, what: str, timeout: float) -> dict:
+    """The listener's next handshake message, of type `want`; its refusal is raised as what it says."""
+    msg = expect_map(await io.read_frame(reader, io.MAX_OPENING_FRAME, timeout), what)
+    kind = field(msg, "t", str, max_len=16)
+    if kind == "refuse":
+        _raise_refusal(peer_id, msg)
+    if kind != want:
+        raise FrameError(f"expected {want}, got {kind!r}")
+    return msg
+
+
 async def handshake_as_dialer(raw: Any, reader: ExactReader, *, own_id: str, peer_id: str, key: bytes | None,
                               timeout: float) -> None:
     """Run the dialer's side on a fresh stream to `peer_id`; returns once the listener welcomed us.
@@ -74,12 +85,7 @@ async def handshake_as_dialer(raw: Any, reader: ExactReader, *, own_id: str, pee
     try:
         with trio.fail_after(timeout):
             await io.write(raw, framing.frame({"t": "hello", "v": WIRE_VERSION, "n": nonce_d, "k": key is not None}))
-            reply = expect_map(await io.read_frame(reader, io.MAX_OPENING_FRAME, timeout), "hello reply")
-            kind = field(reply, "t", str, max_len=16)
-            if kind == "refuse":
-                _raise_refusal(peer_id, reply)
-            if kind != "hello":
-                raise FrameError(f"expected hello, got {kind!r}")
+            reply = await _listener_says(reader, peer_id, "hello", "hello reply", timeout)
             nonce_l = field(reply, "n", bytes, max_len=NONCE_SIZE)
             theirs = field(reply, "k", bool)
             if len(nonce_l) != NONCE_SIZE:
@@ -93,12 +99,7 @@ async def handshake_as_dialer(raw: Any, reader: ExactReader, *, own_id: str, pee
                     raise SwarmKeyMismatch(_mismatch_message(peer_id, True, True))
                 proof_d = proof(key, b"dialer", nonce_d, nonce_l, own_id, peer_id)
             await io.write(raw, framing.frame({"t": "proof", "p": proof_d}))
-            final = expect_map(await io.read_frame(reader, io.MAX_OPENING_FRAME, timeout), "handshake result")
-            kind = field(final, "t", str, max_len=16)
-            if kind == "refuse":
-                _raise_refusal(peer_id, final)
-            if kind != "welcome":
-                raise FrameError(f"expected welcome, got {kind!r}")
+            await _listener_says(reader, peer_id, "welcome", "handshake result", timeout)
     except trio.TooSlowError:
         if key is not None:
             raise SwarmKeyMismatch(

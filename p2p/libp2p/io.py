@@ -113,7 +113,8 @@ async def reset(raw: Any) -> None:
 
 
 async def close(raw: Any) -> None:
-    """Half-close the stream (what we sent is delivered), best effort, within 1 s, even in a cancelled scope."""
+    """Close a stream (half-close: what we sent is delivered) or a raw connection, best effort, within
+    1 s, even in a cancelled scope."""
     with trio.move_on_after(1.0, shield=True):  # type: ignore[call-arg]  # stale trio-typing stub
         try:
             await raw.close()

@@ -19,6 +19,8 @@ import libp2p.network.swarm as _libp2p_swarm
 import libp2p.stream_muxer.yamux.yamux as _yamux
 from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as _NOISE_MAX_PLAINTEXT
 
+from . import io
+
 _applied = False
 log = logging.getLogger(__name__)
 
@@ -95,14 +97,6 @@ def _remote_ip(read_write_closer: Any) -> str | None:
     return address[0] if address else None
 
 
-async def _close_quietly(read_write_closer: Any) -> None:
-    with trio.move_on_after(1.0, shield=True):  # type: ignore[call-arg]  # stale trio-typing stub
-        try:
-            await read_write_closer.close()
-        except Exception:
-            pass
-
-
 async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr: Any, failure_event: Any) -> None:
     unadmitted = _inbound_limits.get(self)
     ip = _remote_ip(read_write_closer) if unadmitted is not None else None
@@ -110,7 +104,7 @@ async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr:
         if not unadmitted.take(ip):
             log.info("refused an inbound connection from %s: %d not admitted yet",
                      ip, unadmitted.limits.max_unadmitted_per_ip)
-            await _close_quietly(read_write_closer)
+            await io.close(read_write_closer)
             return
     upgraded: list[Any] = []
     done = trio.Event()
@@ -134,7 +128,7 @@ async def _handle_inbound_until_closed(self: Any, read_write_closer: Any, maddr:
                 await done.wait()  # the upgrade (Noise + yamux); libp2p's own timeout bounds it too
             if not done.is_set():
                 nursery.cancel_scope.cancel()
-                await _close_quietly(read_write_closer)
+                await io.close(read_write_closer)
                 return
             if unadmitted is not None and ip is not None:
                 # Until the gate admits the peer (the network closes it after its gate timeout if not).
