@@ -224,7 +224,7 @@ class Api:
         return JSONResponse(status)
 
     async def credits(self, request: Request) -> Response:
-        return JSONResponse(await self.peer.ledger.summary())
+        return JSONResponse(await self.peer.credits())
 
     async def dashboard(self, request: Request) -> Response:
         name = request.path_params.get("name", "index.html")
