@@ -4,7 +4,8 @@ The shared balance fold (`credits.ledger`) is what a Sybil farms: receipts betwe
 credit one of them without bound. So a server decides on its own view instead (`credits.standing`):
 
     owed(C)      = spent(C) − granted(C)          what C's receipts, as this server holds them, say it
-                                                  consumed beyond the grants it was given (≥ 0)
+                                                  consumed beyond the grants it was given (negative
+                                                  while some of its grants are unspent)
     allowance(C) = policy.debt_limit + standing(C) a newcomer's allowance plus C's work that reached
                                                   this server (directly, or through a peer that
                                                   served it)
@@ -40,7 +41,7 @@ class Position:
 
     key: bytes
     standing: int  # its work that reached this server (credits.standing); the compute priority
-    owed: int  # spent − granted, at least 0
+    owed: int  # spent − granted (negative: grants left)
     allowance: int  # debt_limit + standing
     frozen: bool = False  # a fork proof is held: served only when idle
 
@@ -60,7 +61,7 @@ class Admission:
     async def position(self, client: bytes) -> Position:
         balance = await self.ledger.balance(client)
         standing = await self.view.standing(client)
-        return Position(client, standing, max(0, balance.spent - balance.granted),
+        return Position(client, standing, balance.spent - balance.granted,
                         self.ledger.policy.debt_limit + standing, balance.frozen)
 
     async def admit(self, client: bytes, *, idle: bool) -> Position:
