@@ -74,7 +74,7 @@ MAX_NOTE = 200
 MAX_EVIDENCE = 12 * 1024
 
 
-UNIT = "GFLOP-credits (1 credit = 1e9 FLOPs of model compute: earned by serving blocks, spent by asking)"
+UNIT = "GFLOP-credits (1 credit = 1e9 FLOPs of compute, earned by serving)"
 
 
 def credits(flops: int) -> float:

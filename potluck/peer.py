@@ -247,8 +247,10 @@ class Peer:
 
     async def credits(self) -> dict:
         """What `potluck credits` and `GET /api/credits` show: the ledger's summary with every peer's
-        standing in this peer's view, and this peer's own standing as the peers it served likely see it."""
-        return await self.ledger.summary(standings=await self.standing.standings(),
+        standing in this peer's view, and this peer's own standing as the peers it served likely see it.
+        Recomputed for each request (a person asking wants what the ledger holds now; it also refreshes
+        the view the server decides on)."""
+        return await self.ledger.summary(standings=await self.ledger.read(self.standing.standings_sync),
                                          seen_by=await self.ledger.read(self.standing.seen_by_sync))
 
     async def _credits_command(self, request: dict) -> dict:

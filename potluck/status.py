@@ -157,15 +157,15 @@ def render_credits(summary: dict, console: Console | None = None, *, wide: bool 
     console.print(f"  balance {_amount(summary['balance'])}, earned {_amount(summary['earned'])}, "
                   f"spent {_amount(summary['spent'])}, granted {_amount(summary['granted'])}")
     console.print(f"  unit: {summary['unit']}")
-    console.print("  standing: a peer's work that reached this one (it served me, or served those who served "
-                  "me); busy servers queue and admit by it, so farmed balances buy nothing")
+    console.print("  standing: a peer's work that reached me (served me, or those who served me);")
+    console.print("  busy servers admit and queue by standing: a farmed balance buys nothing")
     mine = summary.get("my_standing")
     if mine is not None:
         if mine["peers"]:
-            console.print(f"  my standing as the {mine['peers']} peers I served likely see it: min "
-                          f"{_amount(mine['min'])}, median {_amount(mine['median'])}, max {_amount(mine['max'])}")
+            console.print(f"  my standing as the {mine['peers']} peers I served likely see it:")
+            console.print(f"    min {_amount(mine['min'])}, median {_amount(mine['median'])}, max {_amount(mine['max'])}")
         else:
-            console.print("  my standing: none yet (serve blocks with `potluck serve --blocks auto` to earn it)")
+            console.print("  my standing: none yet (`potluck serve --blocks auto` earns it)")
     recent = Table(title=f"recent entries (own chain: {summary['chain_length']})", box=box.SIMPLE_HEAD, show_edge=False,
                    title_justify="left", pad_edge=False)
     for column in ("peer", "seq", "kind"):
