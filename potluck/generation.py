@@ -40,8 +40,8 @@ from .swarmview import format_ranges
 
 log = logging.getLogger(__name__)
 
-EARN_HINT = ("Earn credits by serving blocks of the model: `potluck serve --blocks auto` (a volunteer peer earns "
-             "for every step it computes), then retry; `potluck credits` shows your balance.")
+EARN_HINT = ("Earn standing by serving blocks of the model: `potluck serve --blocks auto` (a volunteer peer earns "
+             "for every step it computes), then retry; `potluck credits` shows your standing.")
 
 Prompt = str | list[int] | list[dict]
 
