@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--wide", action="store_true", help="full peer ids and addresses (lines may pass 80 columns)")
 
-    p = sub.add_parser("credits", help="this peer's credits: balance, earned, spent, recent entries, every peer's balance")
+    p = sub.add_parser("credits", help="this peer's credits: the unit, balance, my standing as others likely see "
+                                       "it; per peer: balance, what we earned from and spent with each other, "
+                                       "standing in my view")
     _data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--wide", action="store_true", help="full peer ids (lines may pass 80 columns)")
