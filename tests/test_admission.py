@@ -12,7 +12,10 @@ import hashlib
 
 import pytest
 
-from credits import Admission, CreditPolicy, CreditRefused, Ledger, ReceiptSigner, StandingView, Store, linear_pricing
+from credits import (
+    Admission, CreditPolicy, CreditRefused, InvalidReceipt, Ledger, ReceiptSigner, StandingView, Store, WorkGraph,
+    linear_pricing, standings,
+)
 from p2p.identity import Identity
 
 PRICING = linear_pricing({"m": 1_000_000})
@@ -137,6 +140,17 @@ async def test_grants_count_against_what_a_client_owes():
     admission.check(position, unsettled=flops(10))  # the grant covers 50 tokens in all
     with pytest.raises(CreditRefused):
         admission.check(position, unsettled=flops(11))
+
+
+async def test_a_peer_cannot_serve_itself_into_balance_or_standing():
+    swarm = Swarm()
+    me, other = swarm.peer("me"), swarm.peer("other")
+    with pytest.raises(InvalidReceipt):  # no receipt names one key as both client and server
+        swarm.sign(me, me, 1_000_000)
+    # nor does any edge from a key to itself count, should a store hold one
+    graph = WorkGraph.from_transfers([(me.me, me.me, flops(10**6)), (other.me, me.me, flops(5))])
+    assert graph.received == {me.me: {other.me: flops(5)}}
+    assert standings(graph, other.me) == {} and standings(graph, me.me) == {other.me: flops(5)}
 
 
 @pytest.mark.parametrize("sybil_clients", [1, 10, 100])
