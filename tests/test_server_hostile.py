@@ -135,13 +135,14 @@ async def test_cache_hog_holds_a_share_briefly_and_is_displaced(llama):
             with pytest.raises(CacheFull):
                 await poor.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
             assert not poor.sequence.banned()
-            # ... and so is one with a balance (a grant) but no standing here ...
+            # ... and so is one with a balance (a grant) but no standing here, once those sessions are idle ...
+            await trio.sleep(server.config.displace_idle_after)
             _, funded = await billed_client(s, srv, mid=mid, cfg=cfg, grant=10**12)
             with pytest.raises(CacheFull):
                 await funded.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+            assert server.stats["displaced"] == 0
             # ... while one with standing (its work reached this server) displaces the idle sessions it needs
             _, rich = await billed_client(s, srv, mid=mid, cfg=cfg, served_tokens=10)
-            await trio.sleep(server.config.displace_idle_after)
             g = await rich.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
             assert g.token_ids == want
             assert server.stats["displaced"] >= 1
