@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 
+import msgpack
 import pytest
 
 from credits import (
@@ -64,8 +65,6 @@ class Swarm:
 
 
 def _earn_body(receipt) -> bytes:
-    import msgpack
-
     return msgpack.packb([receipt.to_list()], use_bin_type=True)
 
 
