@@ -20,6 +20,15 @@
   balance fold it reads the reliability factors from still to do (`recompute_s`) and done
   (`recompute_balances_known_s`); and, on the whole work graph built in memory, the build and one
   more viewer's standings.
+- `sybils`: a swarm of `--sybil-peers` peers, 10 % of them Sybils in groups of `--sybil-group`
+  keys, each of which signs for an hour of work (1,000 tokens/s) its group's first key never did,
+  and which consume some honest work and
+  do a little real work for honest clients; honest clients each use 3 honest servers (receipts
+  written straight into a store, as above). Every honest peer computes its view: the most standing
+  any Sybil (`max_sybil_standing`) and any group (`max_group_standing`) reaches in any honest view,
+  against the work honest peers received from that group (`max_group_work_received`) — the bound —
+  and the balance the farm shows in the shared fold (`max_group_farmed_balance`), the baseline.
+  Figures in GFLOP-credits.
 - `sim`: on the simulator (`--nodes` peers, each dialling `--dials` others), the virtual seconds
   for one new entry to reach every peer's verified store, by gossip push + pull, against the ideal
   flood over the same connections (`bench.gossip_sim.ideal_flood`) in the same run.
@@ -43,6 +52,7 @@ from credits import (
     CreditPolicy, IngestLimits, Ledger, LogEntry, ReceiptSigner, StandingView, Store, WorkGraph, linear_pricing, standings,
 )
 from credits.entry import ZERO_HASH, clear_signature_cache
+from credits.ledger import GFLOP
 from p2p.identity import Identity
 
 PRICING = linear_pricing(lambda model: 1_000_000)
@@ -166,6 +176,52 @@ def bench_standing(peers: int, servers_per_client: int = 10, seed: int = 0) -> d
             "one_view_ms": round((time.perf_counter() - t) * 1000, 3)}
 
 
+def bench_sybils(peers: int, group_size: int, sybil_share: float = 0.1, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    viewer = Identity.generate()  # owns the store; its own view is not among those measured
+    keys = [rng.randbytes(32) for _ in range(peers)]
+    n_sybils = int(peers * sybil_share)
+    honest, sybils = keys[n_sybils:], keys[:n_sybils]
+    groups = [sybils[i:i + group_size] for i in range(0, n_sybils, group_size)]
+    hour = 3_600_000 * 30_000_000  # an hour at 1,000 tokens/s through 30 blocks of 1e6 FLOPs each
+    led = Ledger(viewer, Store(None), pricing=PRICING)
+    counter = iter(range(1, 1 << 62))
+
+    def serve(server: bytes, client: bytes, flops: int) -> None:
+        led.store.insert_transfer(server, client, rng.randbytes(16), 1, next(counter), flops, "m")
+
+    with led.store.transaction():
+        for client in honest:
+            for server in rng.sample(honest, 3):
+                if server != client:
+                    serve(server, client, rng.randint(10**10, 10**11))
+        for group in groups:
+            for member in group:
+                if member != group[0]:
+                    serve(group[0], member, hour)  # the farm's "server" earns an hour from each of its keys
+                serve(rng.choice(honest), member, rng.randint(10**10, 10**11))
+            serve(group[0], rng.choice(honest), 3 * 10**10)
+    t = time.perf_counter()
+    graph = WorkGraph.from_transfers(led.store.counted_transfers())
+    views = [standings(graph, h) for h in honest]
+    views_s = time.perf_counter() - t
+    balances = led.balances_sync()
+    out = {"peers": peers, "sybils": n_sybils, "group": group_size, "honest_views": len(views),
+           "views_s": round(views_s, 3), "max_sybil_standing": 0.0, "max_group_standing": 0.0,
+           "max_group_work_received": 0.0, "max_group_farmed_balance": 0.0}
+    for group in groups:
+        members = set(group)
+        received = sum(w for h in honest for s, w in graph.received.get(h, {}).items() if s in members)
+        farmed = sum(max(0, balances[m].effective) for m in members if m in balances)
+        reached = [sum(view.get(m, 0) for m in members) for view in views]
+        out["max_sybil_standing"] = max(out["max_sybil_standing"],
+                                        max(view.get(m, 0) for view in views for m in members) / GFLOP)
+        out["max_group_standing"] = max(out["max_group_standing"], max(reached) / GFLOP)
+        out["max_group_work_received"] = max(out["max_group_work_received"], received / GFLOP)
+        out["max_group_farmed_balance"] = max(out["max_group_farmed_balance"], farmed / GFLOP)
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
 async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
     from bench.gossip_sim import ideal_flood
     from credits.replication import Replicator
@@ -176,7 +232,9 @@ async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
     rng = random.Random(seed)
     async with SimWorld.open(seed=seed) as world, trio.open_nursery() as nursery:
         ns = [world.add_node() for _ in range(nodes)]
-        leds = [Ledger(n.identity, Store(None), pricing=PRICING, clock=n.now) for n in ns]
+        # a starting grant is the new entry spread below (open swarms grant 0: a private swarm's policy)
+        policy = CreditPolicy(starting_grant=GFLOP)
+        leds = [Ledger(n.identity, Store(None), pricing=PRICING, policy=policy, clock=n.now) for n in ns]
         gossips = [Gossip(n, n.identity, rng=random.Random(seed + i)) for i, n in enumerate(ns)]
         reps = [Replicator(led, n, g, exchange_interval=5.0, rng=random.Random(seed + i))
                 for i, (led, n, g) in enumerate(zip(leds, ns, gossips))]
@@ -226,11 +284,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--standing-peers", type=int, nargs="*", default=[1000, 10000],
                         help="swarm sizes to time standing on (none: skip)")
+    parser.add_argument("--sybil-peers", type=int, default=1000, help="swarm size of the Sybil figure (0: skip)")
+    parser.add_argument("--sybil-group", type=int, default=10, help="keys per Sybil group (at least 2)")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.entries, args.nodes, args.standing_peers = 300, 50, [100, 1000]
+        args.entries, args.nodes, args.standing_peers, args.sybil_peers = 300, 50, [100, 1000], 200
     directory = args.dir or os.path.join(os.getcwd(), ".bench-ledger")
     os.makedirs(directory, exist_ok=True)
     result = {"entries": args.entries, "range": args.range, "sqlite": "WAL, synchronous=FULL", "cores": 1}
@@ -242,6 +302,8 @@ def main(argv: list[str] | None = None) -> None:
         pass
     result["per_reply_vs_verify_alone"] = round(result["ingest_durable_per_reply_per_s_dispute"] / result["verify_per_s"], 2)
     result["standing"] = [bench_standing(n, seed=args.seed) for n in args.standing_peers]
+    if args.sybil_peers:
+        result["sybils"] = bench_sybils(args.sybil_peers, args.sybil_group, seed=args.seed)
     if args.nodes:
         result["sim"] = trio.run(bench_sim, args.nodes, args.dials, args.seed,
                                  clock=trio.testing.MockClock(autojump_threshold=0))

@@ -37,13 +37,14 @@ agrees on), is not replicated further, and its balance is *frozen*: it no longer
 favour (`effective = min(raw, 0)`), while its debts still stand. `Ledger.forks` exposes the proofs
 for routing.
 
-Sybil caveat: identities are free, so with a starting grant > 0 anyone can mint
-`starting_grant` per key they generate, and move it to one key by signing receipts between their
-own keys (conservation still holds — the grants are real, just farmed); receipts for work never
-done move balances just as well. The starting grant is therefore small and bounded, servers serve
-debtors only when idle, and private swarms can set `starting_grant=0` and fund members through
-grant authorities. `credits.standing` computes each peer's own, Sybil-bounded view of another
-(flow of verified work to it); admission and priority do not use it yet.
+Sybil caveat: identities are free, and receipts for work never done move balances just as well
+as real ones: two keys one person controls can sign each other any amount (conservation still holds
+— the total is the grants — but the balance is farmed). So balances are the shared record, not
+what decisions read: servers admit, queue and share their cache by *standing*, each peer's own view
+of the verified work that reached it (`credits.standing`, `credits.admission`), which a farm does
+not raise. And nothing is minted by default: `starting_grant` is 0 in open swarms (a newcomer is
+served by idle servers and, when they are busy, within each server's debt allowance); a private
+swarm may set a starting grant or fund its members through grant authorities.
 """
 
 from __future__ import annotations
@@ -60,7 +61,7 @@ from p2p.identity import Identity, peer_id_from_public_key
 
 from .allowance import BACKED_KINDS, Allowances, IngestLimits
 from .entry import KEY_LEN, MAX_INT, ZERO_HASH, ForkProof, LogEntry
-from .errors import CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
+from .errors import InvalidEntry, InvalidForkProof, InvalidReceipt
 from .receipts import Pricing, Receipt
 from .store import Store
 
@@ -73,6 +74,9 @@ MAX_NOTE = 200
 MAX_EVIDENCE = 12 * 1024
 
 
+UNIT = "GFLOP-credits (1 credit = 1e9 FLOPs of compute, earned by serving)"
+
+
 def credits(flops: int) -> float:
     """FLOPs → GFLOP-credits, for people."""
     return flops / GFLOP
@@ -82,10 +86,12 @@ def credits(flops: int) -> float:
 class CreditPolicy:
     """Swarm-wide credit rules. Every peer of a swarm must use the same policy, or their balances differ."""
 
-    starting_grant: int = 100_000 * GFLOP  # 100k GFLOP-credits: ~370k tokens of a 135M model, ~7k of a 7B one
+    starting_grant: int = 0  # identities are free: an open swarm mints nothing (a private one may)
     grant_authorities: frozenset[bytes] = frozenset()
     max_authority_grant: int = 10**9 * GFLOP
-    debt_limit: int = 10_000 * GFLOP  # busy servers refuse clients whose balance is below -debt_limit
+    # A newcomer's allowance at a busy server (credits.admission): 10k GFLOP-credits, ~37k tokens
+    # through all blocks of the 135M default model, ~700 of a 7B one: a few short generations.
+    debt_limit: int = 10_000 * GFLOP
 
     def __post_init__(self) -> None:
         if not 0 <= self.starting_grant <= MAX_INT or not 0 <= self.max_authority_grant <= MAX_INT:
@@ -533,23 +539,6 @@ class Ledger:
     def is_frozen(self, key: bytes) -> bool:
         return key in self.forks
 
-    async def admit(self, client: bytes, *, idle: bool) -> Balance:
-        """For a server, before it queues a client's work: returns the client's balance (order the queue
-        by `.effective`, highest first), or raises CreditRefused when the client is past the debt limit
-        (or frozen by a fork proof) and this server is busy. Free when idle."""
-        bal = await self.balance(client)
-        if idle:
-            return bal
-        if bal.frozen:
-            raise CreditRefused(f"peer {bal.peer_id} signed two histories of its credit log (fork proof held); "
-                                "this server serves it only when idle")
-        if bal.effective < -self.policy.debt_limit:
-            raise CreditRefused(
-                f"your balance is {credits(bal.effective):,.0f} GFLOP-credits, past this swarm's debt limit of "
-                f"{credits(self.policy.debt_limit):,.0f}; this server is busy and serves debtors only when idle. "
-                "Earn credits by serving blocks with `potluck serve` (or wait for an idle server).")
-        return bal
-
     # --- checks ------------------------------------------------------------------------------------
 
     def verify_chain(self, author: bytes) -> int:
@@ -566,27 +555,58 @@ class Ledger:
             raise InvalidEntry("stored head does not match the stored chain")
         return n
 
-    async def summary(self, recent: int = 10, standings: Mapping[bytes, int] | None = None) -> dict:
-        """What `potluck credits` and `GET /api/credits` show; with `standings` (`credits.standing`), each
-        other peer's standing in this peer's view too (credits; this peer's own is None)."""
+    async def summary(self, recent: int = 10, standings: Mapping[bytes, int] | None = None,
+                      seen_by: Mapping[bytes, int] | None = None) -> dict:
+        """What `potluck credits` and `GET /api/credits` show. Per peer: its balance in the shared fold,
+        what this peer earned from it and spent with it (the receipts between the two), and with
+        `standings` (`credits.standing`) its standing in this peer's view (this peer's own: None).
+        `seen_by` (`StandingView.seen_by_sync`): this peer's standing in the views of peers it served,
+        summarised as "my_standing"."""
         balances = await self.balances()
         latest = await self._call(self.store.recent, recent)
+        between = await self._call(self._between_sync)
         mine = balances.get(self.me) or Balance(self.me)
-        return {
+        out = {
             "peer_id": self.identity.peer_id,
-            "unit": "GFLOP-credits (1 credit = 1e9 FLOPs)",
+            "unit": UNIT,
             "balance": credits(mine.effective), "earned": credits(mine.earned), "spent": credits(mine.spent),
             "granted": credits(mine.granted), "frozen": mine.frozen,
             "chain_length": self.heads.get(self.me, (0,))[0],
             "recent": [{"peer_id": e.author_id, "seq": e.seq, "kind": e.kind, "timestamp_ms": e.timestamp}
                        for e in latest],
-            "peers": sorted((self._peer_row(b, standings) for b in balances.values()), key=lambda d: -d["balance"]),
+            "peers": sorted((self._peer_row(b, standings, between) for b in balances.values()),
+                            key=lambda d: -d["balance"]),
             "forked": [peer_id_from_public_key(a) for a in self.forks],
             "total": credits(sum(b.raw for b in balances.values())),
         }
+        if seen_by is not None:
+            values = sorted(seen_by.values())
+            out["my_standing"] = {
+                "peers": len(values),  # the peers this one served (the most served, at most a few dozen)
+                **({"min": credits(values[0]), "median": credits(values[len(values) // 2]),
+                    "max": credits(values[-1])} if values else {"min": None, "median": None, "max": None}),
+            }
+        return out
 
-    def _peer_row(self, balance: Balance, standings: Mapping[bytes, int] | None) -> dict:
+    def _between_sync(self) -> dict[bytes, tuple[int, int]]:
+        """peer → (what this peer earned from it, what this peer spent with it): the worth of the
+        counted receipts between the two, as in the balance fold."""
+        reliability = self.reliability_sync()
+        out: dict[bytes, tuple[int, int]] = {}
+        for server, client, flops in self.store.counted_transfers():
+            if (server == self.me) == (client == self.me):
+                continue  # not between this peer and another
+            worth = int(flops * reliability.get(server, 1.0))
+            other = client if server == self.me else server
+            earned, spent = out.get(other, (0, 0))
+            out[other] = (earned + worth, spent) if server == self.me else (earned, spent + worth)
+        return out
+
+    def _peer_row(self, balance: Balance, standings: Mapping[bytes, int] | None,
+                  between: Mapping[bytes, tuple[int, int]]) -> dict:
         row = balance.as_dict()
+        earned_from, spent_with = between.get(balance.key, (0, 0))
+        row["earned_from"], row["spent_with"] = credits(earned_from), credits(spent_with)
         if standings is not None:
             row["standing"] = None if balance.key == self.me else credits(standings.get(balance.key, 0))
         return row

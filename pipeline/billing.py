@@ -26,10 +26,11 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   step, is not signed by the client or is mispriced (FLOPs re-computed from the model config) is
   refused with `BadReceipt`; a step whose tokens the receipts held do not cover is refused with
   `ReceiptRequired: the client stopped signing receipts`; and, unless the server is idle (no other
-  client's session open), a step that would put the client's unsettled receipts (across all its
-  sessions here) past its balance plus the debt limit is refused with `CreditRefused`. So no step
-  or prefill is computed unpaid, and what a server can lose to a client that never pays up is that
-  client's debt allowance (a fresh key: `CreditPolicy.debt_limit`, plus any grant its chain shows).
+  client's session open), a step that would put what the client owes (its unsettled receipts across
+  all its sessions here, plus spent − granted as this server's ledger shows it) past its allowance
+  (`CreditPolicy.debt_limit` + its standing in this server's own view, `credits.admission`) is
+  refused with `CreditRefused`. So no step or prefill is computed unpaid, and what a server can lose
+  to a client that never pays up is that client's allowance (a fresh key: `debt_limit`).
   A step that is not computed after all gives its receipt back (`ServerAccount.rollback`).
 - "close" carries the final receipt (covering the last step). The server appends its latest receipt
   to its chain as an *earn* entry when the session ends (close, expiry, disconnect, shutdown) and,
@@ -37,12 +38,13 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   replayed or non-increasing counter, so a settle never double-counts. The client appends its latest
   receipt per hop as the matching *spend* when it closes (or abandons) the hop. Balances follow from
   the servers' earn entries alone (see credits.ledger), so a client that skips its spends still pays.
-- Admission: on "open" the server calls `ledger.admit(client, idle=<no other session open>)`; a
-  client past the debt limit is refused with `CreditRefused` and how to earn, unless the server is
+- Admission: on "open" the server calls `Admission.admit(client, idle=<no other session open>)`; a
+  client past its allowance is refused with `CreditRefused` and how to earn, unless the server is
   idle (free when idle).
 - Priority: every torch job goes through `PriorityLimiter` (pipeline/limiter.py; it replaces the
   plain CapacityLimiter in front of the compute threads): waiting steps are served highest client
-  balance first, FIFO within an equal balance; loading and cache allocation go first (priority +inf).
+  standing (in this server's view) first, FIFO within an equal standing — a farmed balance buys no
+  place in the queue; loading and cache allocation go first (priority +inf).
 
 Reliability (`Ledger.reliability`): how much a verifier trusts a server, from what it can check itself —
 the signed *dispute* entries against the server in verified chains, counted once per accuser, and
@@ -66,14 +68,16 @@ from typing import Any, Callable
 import msgpack
 import trio
 
-from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, credits
+from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, StandingView
+from credits.admission import Admission
 from p2p.identity import peer_id_from_public_key, public_key_from_peer_id
 
 from .protocol import InferenceError
 
 log = logging.getLogger(__name__)
 
-EARN_HINT = "To earn credits, serve blocks of this model: `potluck serve --model {model} --blocks auto`."
+EARN_HINT = ("To earn standing, serve blocks of this model: `potluck serve --model {model} --blocks auto` "
+             "(or wait for an idle server).")
 
 
 # --- server side ------------------------------------------------------------------------------------------
@@ -115,7 +119,7 @@ class ServerAccount:
 
     @property
     def standing(self) -> bool:
-        """The client has credit (a positive balance, as of the last priority refresh)."""
+        """The client has standing in this server's view (as of the last priority refresh)."""
         return self.priority > 0
 
     def check(self, receipt: Any, covered_tokens: int, *, require: bool = True) -> Receipt | None:
@@ -158,12 +162,15 @@ class ServerBilling:
     """The server's side: admission, receipt checks, earn entries, compute priority. Pass it to
     `BlockServer(..., billing=ServerBilling(ledger))`."""
 
-    def __init__(self, ledger: Ledger, pricing: Any = None, *, earn_every: int = 256, earn_interval: float = 60.0,
-                 priority_ttl: float = 1.0, model_name: str | None = None, clock: Callable[[], float] = time.monotonic):
-        """`earn_every` / `earn_interval`: a long session's receipt is appended as an earn entry every
-        that many receipts or seconds (and always at its end). `model_name`: what `--model` the refusal
-        message suggests (the served folder or hub id)."""
+    def __init__(self, ledger: Ledger, pricing: Any = None, *, standing: StandingView | None = None,
+                 earn_every: int = 256, earn_interval: float = 60.0, priority_ttl: float = 1.0,
+                 model_name: str | None = None, clock: Callable[[], float] = time.monotonic):
+        """`standing`: this peer's view of others (the peer shares its own; default: a new one on
+        `ledger`). `earn_every` / `earn_interval`: a long session's receipt is appended as an earn entry
+        every that many receipts or seconds (and always at its end). `model_name`: what `--model` the
+        refusal message suggests (the served folder or hub id)."""
         self.ledger = ledger
+        self.admission = Admission(ledger, standing)
         self.model_name = model_name
         self.pricing = pricing if pricing is not None else ledger.pricing
         self.earn_every = earn_every
@@ -181,7 +188,7 @@ class ServerBilling:
 
     async def open(self, peer_id: str, *, session: bytes, model: str, start: int, end: int,
                    idle: bool) -> ServerAccount | None:
-        """Admit a client's new session (raises InferenceError("CreditRefused") past the debt limit
+        """Admit a client's new session (raises InferenceError("CreditRefused") past its allowance
         while busy) and start its account; None for this peer's own sessions (serving itself is free)."""
         try:
             client = public_key_from_peer_id(peer_id)
@@ -190,7 +197,7 @@ class ServerBilling:
         if client == self.me:
             return None
         try:
-            bal = await self.ledger.admit(client, idle=idle)
+            position = await self.admission.admit(client, idle=idle)
         except CreditRefused as e:
             self.stats["refused"] += 1
             raise InferenceError("CreditRefused", f"{e} {EARN_HINT.format(model=self.model_name or '<model>')}") from None
@@ -200,29 +207,29 @@ class ServerBilling:
         tracker = ReceiptTracker(server=self.me, client=client, model=model, start=start, end=end, session=session,
                                  pricing=self.pricing)
         now = self.clock()
-        account = ServerAccount(self, client, tracker, float(bal.effective), now, recorded_at=now)
+        account = ServerAccount(self, client, tracker, float(position.standing), now, recorded_at=now)
         self.open_accounts.setdefault(client, set()).add(account)
         return account
 
     async def commit(self, account: ServerAccount, receipt: Any, *, served: int, step_tokens: int,
                      idle: bool) -> Receipt | None:
         """Before computing a step of `step_tokens` after `served` tokens: the step's receipt must
-        cover both (a signed commitment to pay), and unless `idle`, the client's unsettled receipts
-        here must stay within its balance plus the debt limit. Returns the receipt held before, for
+        cover both (a signed commitment to pay), and unless `idle`, what the client owes (the step
+        included) must stay within its allowance (`credits.admission`). Returns the receipt held before, for
         `ServerAccount.rollback` if the step is not computed. Raises InferenceError ("BadReceipt",
         "ReceiptRequired", "CreditRefused")."""
         previous = account.check(receipt, served + step_tokens)
         if idle:
             return previous
-        balance = (await self.ledger.balance(account.client)).effective
+        position = await self.admission.position(account.client)
         unsettled = sum(a.unsettled_flops for a in self.open_accounts.get(account.client, ()))
-        if balance - unsettled < -self.ledger.policy.debt_limit:
+        try:
+            self.admission.check(position, unsettled)
+        except CreditRefused as e:
             account.rollback(previous)
             self.stats["over_allowance"] += 1
-            raise InferenceError(
-                "CreditRefused", f"this step would bring your balance to {credits(balance - unsettled):,.0f} "
-                f"GFLOP-credits, past this swarm's debt limit of {credits(self.ledger.policy.debt_limit):,.0f}; "
-                f"this server is busy. {EARN_HINT.format(model=self.model_name or '<model>')}")
+            raise InferenceError("CreditRefused",
+                                 f"{e} {EARN_HINT.format(model=self.model_name or '<model>')}") from None
         return previous
 
     async def end(self, account: ServerAccount) -> None:
@@ -241,11 +248,11 @@ class ServerBilling:
                 del self.open_accounts[account.client]
 
     async def priority(self, account: ServerAccount) -> float:
-        """The client's balance (FLOPs), refreshed at most every `priority_ttl` seconds."""
+        """The client's standing in this server's view (FLOPs), refreshed at most every `priority_ttl` seconds."""
         now = self.clock()
         if now - account.priority_at >= self.priority_ttl:
             account.priority_at = now
-            account.priority = float((await self.ledger.balance(account.client)).effective)
+            account.priority = float(await self.admission.view.standing(account.client))
         return account.priority
 
     async def settle(self, account: ServerAccount) -> bool:

@@ -34,7 +34,8 @@ Kinds that are *refusals* (pipeline/errors.py maps them to typed exceptions; nev
     BadMaxLength, MaxLengthExceeded   the session is too long ("limit": the most tokens it takes)
     CacheFull                         no room in the KV cache now, or past the client's share of it
                                       ("limit": tokens it could hold)
-    CreditRefused                     the client is (or this step would take it) past the debt limit
+    CreditRefused                     the client owes (or this step would make it owe) the server more than
+                                      its allowance: the debt limit plus its standing there
     ReceiptRequired, BadReceipt       no valid receipt for what was served (credits)
     ModelMismatch, DtypeMismatch, SpanNotServed   another model, dtype or span
     TooManySessions, ServerStopping   busy or shutting down

@@ -13,7 +13,7 @@
   CacheFull unless its max length fits the free budget and the client's share, but reserves only
   `initial_cache_tokens`; the cache grows (doubling, copied) as steps need it, each growth checked
   again. A client holds at most `cache_share` of the budget over all its sessions, or
-  `cache_share_standing` with a positive balance (billing), and opens at most `cache_share` of
+  `cache_share_standing` with standing in this server's view (billing, credits.standing), and opens at most `cache_share` of
   `max_sessions`; a client with standing whose session
   does not fit displaces sessions of clients without that have been idle `displace_idle_after`.
   Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after.
@@ -35,15 +35,15 @@
   every `announcement_refresh` seconds) covers the block after the session's span; it is dialled by
   peer id, at the address it announced when the network knows none. A step naming anyone else is
   refused before computing (PushRefused); addresses a client sends are never used.
-- Credits (`billing=ServerBilling(ledger)`, pipeline/billing.py): "open" is admitted by the client's
-  balance (refused past the debt limit unless this server is idle); each step's "receipt" is checked
+- Credits (`billing=ServerBilling(ledger)`, pipeline/billing.py): "open" is admitted by what the client
+  owes against its allowance here (credits.admission: refused past it unless this server is idle); each step's "receipt" is checked
   BEFORE the step is computed and must cover every token served before it and the step's own
   ("ReceiptRequired: the client stopped signing receipts"); unless no other client has a session
   here, a step that would take the client's unsettled receipts past its debt allowance is refused
   (CreditRefused); every "out" says how many tokens the session has been served ("served"); "close" carries
   the final receipt; the latest receipt becomes an earn entry when the session ends (close, expiry,
   disconnect, shutdown) and periodically in long sessions. Compute waits in a `PriorityLimiter`:
-  highest client balance first, FIFO within a balance. Idle (for admission) = no other session open.
+  highest client standing (this server's own view) first, FIFO within a standing. Idle (for admission) = no other session open.
 """
 
 from __future__ import annotations
@@ -101,7 +101,7 @@ class ServerConfig:
     first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
     initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
     cache_share: float = 0.5  # of the budget (and of max_sessions), the most one client without standing holds
-    cache_share_standing: float = 1.0  # ... and one with a positive balance
+    cache_share_standing: float = 1.0  # ... and one with standing in this server's view
     displace_idle_after: float = 1.0  # a session idle this long may be displaced by a client with standing
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
 
@@ -203,7 +203,7 @@ class BlockServer:
         self.started = 0.0  # network time this server started serving (announced: clients lift fault bans)
         self.dtype = resolve_dtype(self.config.dtype)
         self.dtype_name = proto.dtype_name(self.dtype)
-        self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client balance
+        self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client standing
         self.span: BlockSpan | None = None
         self.mf: ModelFolder | None = None
         self.throughput: dict = {}
@@ -580,7 +580,7 @@ class BlockServer:
         held = sum(s.nbytes for s in self.sessions.values() if s.peer_id == peer_id)
         if held + nbytes > share:
             self.stats["sessions_refused"] += 1
-            raise InferenceError("CacheFull", f"a client {'with' if standing else 'without'} credit may hold "
+            raise InferenceError("CacheFull", f"a client {'with' if standing else 'without'} standing here may hold "
                                  f"{share} bytes of this server's KV cache; you hold {held}, this session needs "
                                  f"{nbytes} more", max(0, share - held) // per_token)
 
@@ -592,7 +592,7 @@ class BlockServer:
         for s in sorted(self._displaceable(), key=lambda s: s.last_used):
             if self.cache_used + nbytes <= budget:
                 break
-            log.info("session %s of %s displaced (idle, no credit)", s.id.hex()[:8], s.peer_id[-8:])
+            log.info("session %s of %s displaced (idle, no standing)", s.id.hex()[:8], s.peer_id[-8:])
             self.stats["displaced"] += 1
             self._drop(s)
             s.scope.cancel()

@@ -7,7 +7,8 @@
     POST /v1/chat/completions    messages through the tokenizer's chat template; stream: true gives SSE
     POST /v1/completions         a plain prompt
     GET  /api/status             this peer, its server, known peers, coverage, the last request's route
-    GET  /api/credits            this peer's credits and every balance it knows
+    GET  /api/credits            this peer's credits, its standing as others likely see it, and per known
+                                 peer: balance, what we owe each other, standing in this peer's view
     GET  /                       the dashboard (potluck/dashboard/: plain HTML + JS, no CDN)
 
 Why hypercorn + Starlette. The peer is one trio program: every task of it lives in one nursery
@@ -32,7 +33,7 @@ Errors use the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
                                unsupported parameter (tools, response_format, ...), a prompt too long
                                (code says which)
     401 invalid_request_error  missing or wrong API key (code invalid_api_key)
-    402 insufficient_quota     a server refused us: this peer is past the swarm's debt limit
+    402 insufficient_quota     a server refused us: this peer owes it its allowance (debt limit + standing)
                                (code insufficient_credits; the message says how to earn). Not 429:
                                retrying soon does not help, serving blocks does.
     404 invalid_request_error  unknown model (code model_not_found), unknown path
@@ -224,7 +225,7 @@ class Api:
         return JSONResponse(status)
 
     async def credits(self, request: Request) -> Response:
-        return JSONResponse(await self.peer.ledger.summary())
+        return JSONResponse(await self.peer.credits())
 
     async def dashboard(self, request: Request) -> Response:
         name = request.path_params.get("name", "index.html")

@@ -42,11 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="behind NAT: full multiaddr of a peer running --relay-service; this peer reserves a slot "
                         "there and is announced as reachable through it (repeatable)")
     p.add_argument("--starting-grant", type=float, metavar="CREDITS",
-                   help="credit policy: GFLOP-credits each new identity starts with (default 100000); a swarm's "
-                        "peers must all use the same policy")
+                   help="credit policy: GFLOP-credits each new identity grants itself (default 0: an open swarm "
+                        "mints nothing; a private swarm may); a swarm's peers must all use the same policy")
     p.add_argument("--debt-limit", type=float, metavar="CREDITS",
-                   help="credit policy: how far below zero a busy server still serves a client (default 10000 "
-                        "GFLOP-credits); the same for every peer of a swarm")
+                   help="credit policy: how much a newcomer may owe a busy server (default 10000 GFLOP-credits; "
+                        "a client's standing there adds to it); the same for every peer of a swarm")
     p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
     p.add_argument("--model", help="model to serve or use: a Hugging Face folder or hub id "
                                    "(default: SmolLM2-135M-Instruct, converted once per machine into ~/.cache/potluck)")
@@ -82,7 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--wide", action="store_true", help="full peer ids and addresses (lines may pass 80 columns)")
 
-    p = sub.add_parser("credits", help="this peer's credits: balance, earned, spent, recent entries, every peer's balance")
+    p = sub.add_parser("credits", help="this peer's credits: the unit, balance, my standing as others likely see "
+                                       "it; per peer: balance, what we earned from and spent with each other, "
+                                       "standing in my view")
     _data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--wide", action="store_true", help="full peer ids (lines may pass 80 columns)")

@@ -83,7 +83,7 @@ class Peer:
         self.identity = identity
         self.network = network
         self.ledger = ledger
-        self.standing = StandingView(ledger)  # this peer's own view of others' work (shown, not yet decided on)
+        self.standing = StandingView(ledger)  # this peer's own view of others' work: its server decides on it
         self.membership = Membership(network, region=config.region)
         self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None)
         self.gossip = Gossip(network, identity)
@@ -245,8 +245,16 @@ class Peer:
             servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
         return coverage_view(servers, card["num_blocks"])
 
+    async def credits(self) -> dict:
+        """What `potluck credits` and `GET /api/credits` show: the ledger's summary with every peer's
+        standing in this peer's view, and this peer's own standing as the peers it served likely see it.
+        Recomputed for each request (a person asking wants what the ledger holds now; it also refreshes
+        the view the server decides on)."""
+        return await self.ledger.summary(standings=await self.ledger.read(self.standing.standings_sync),
+                                         seen_by=await self.ledger.read(self.standing.seen_by_sync))
+
     async def _credits_command(self, request: dict) -> dict:
-        return await self.ledger.summary(standings=await self.standing.standings())
+        return await self.credits()
 
     # DHT operations for operators and tests, through the control socket.
     async def _dht_store_command(self, request: dict) -> dict:
@@ -331,7 +339,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 start, end = parse_blocks(config.blocks)
                 peer.server = BlockServer(network, peer.dht, folder, start, end, gossip=peer.gossip,
                                           config=_server_config(config),
-                                          billing=ServerBilling(ledger, model_name=config.model))
+                                          billing=ServerBilling(ledger, standing=peer.standing,
+                                                                model_name=config.model))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(peer.gossip.run)

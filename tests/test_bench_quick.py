@@ -66,6 +66,11 @@ def test_ledger_quick():
     assert figure(r, "verify_per_s") > 0 and figure(r, "own_append_durable_per_s") > 0
     assert figure(r, "per_reply_vs_verify_alone") > 0
     assert figure(r, "sim.nodes") == 50
+    assert figure(r, "standing.1.recompute_s") >= 0 and figure(r, "standing.1.peers") == 1000
+    # Sybils reach no more standing than twice the work honest peers received from them (the bound of
+    # credits/standing.py), far below the balance their farm shows
+    reached, received = figure(r, "sybils.max_group_standing"), figure(r, "sybils.max_group_work_received")
+    assert reached <= 2 * received < figure(r, "sybils.max_group_farmed_balance")
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
 """Credits inside inference sessions: receipts per step, earn/spend entries that match and replicate,
-admission by balance (debt limit, free when idle), compute ordered by balance, unpaid clients cut off."""
+admission by what a client owes against its allowance (debt limit + standing in the server's view,
+free when idle), compute ordered by standing, unpaid clients cut off."""
 
 import pytest
 import trio
@@ -11,7 +12,7 @@ from pipeline.client import GenerationFailed
 from pipeline.errors import InsufficientCredit, ReceiptRequired
 from pipeline.limiter import PriorityLimiter
 from pipeline.loading import ModelFolder
-from testkit.billing import POLICY, add_client, add_server, latest_receipts, make_ledger
+from testkit.billing import POLICY, add_client, add_server, give_standing, latest_receipts, make_ledger
 from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
@@ -207,11 +208,13 @@ async def test_priority_limiter_orders_by_balance_fifo_within():
     assert await trio.to_thread.run_sync(lambda: 7, limiter=lim.at(3)) == 7
 
 
-async def test_server_queues_steps_by_client_balance(llama):
+async def test_server_queues_steps_by_client_standing_not_balance(llama):
+    """Waiting steps go highest standing (in the server's own view) first; a client the server funded
+    with a large grant, but whose work never reached it, waits behind every client with standing."""
     path, mid, local, cfg = llama
     holder = {}
 
-    def policy_fn(ident):  # the server is a grant authority, so it can fund the clients differently
+    def policy_fn(ident):  # the server is a grant authority, so it can fund one client richly
         holder.setdefault("key", ident.public_key)
         return CreditPolicy(starting_grant=0, grant_authorities=frozenset([holder["key"]]))
 
@@ -219,10 +222,11 @@ async def test_server_queues_steps_by_client_balance(llama):
         async with swarm("sim", path, [], model_id=mid) as s:
             srv = await add_server(s, 0, 4, mid=mid, cfg=cfg, policy_fn=policy_fn)
             policy = srv.ledger.policy
-            clients = [await add_client(s, mid=mid, cfg=cfg, policy=policy) for _ in range(3)]
-            amounts = [5 * GFLOP, 50 * GFLOP, 20 * GFLOP]
-            for (peer, _), amount in zip(clients, amounts):
-                await srv.ledger.grant(peer.network.identity.public_key, amount)
+            clients = [await add_client(s, mid=mid, cfg=cfg, policy=policy) for _ in range(4)]
+            standing = [await give_standing(peer.ledger, srv.ledger, model=mid, start=0, end=4, tokens=tokens)
+                        for (peer, _), tokens in zip(clients[:3], (5, 50, 20))]
+            await srv.ledger.grant(clients[3][0].network.identity.public_key, 10**6 * GFLOP)  # balance, no standing
+            assert (await srv.ledger.balance(clients[3][0].network.identity.public_key)).effective > max(standing)
             ready, go = [trio.Event() for _ in clients], trio.Event()
             lim = srv.server.limiter
 
@@ -240,10 +244,10 @@ async def test_server_queues_steps_by_client_balance(llama):
                 await lim.acquire_on_behalf_of("test")  # the compute thread is busy
                 go.set()
                 with trio.fail_after(10):
-                    while lim.waiting < 3:
+                    while lim.waiting < 4:
                         await trio.sleep(0.01)
                 lim.release_on_behalf_of("test")
-            assert lim.served[-3:] == sorted(amounts, reverse=True)
+            assert lim.served[-4:] == sorted(standing, reverse=True) + [0]
 
 
 async def test_reliability_counts_credible_accusers_and_scales_what_a_server_earned(llama, tmp_path):
