@@ -72,6 +72,7 @@ from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
+from .proofs import SEED_LEN, InputChain, sign_step
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
 from .routing import choose_span, coverage, swarm_quality
 
@@ -127,6 +128,8 @@ class ServedSession:
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     compute_lock: trio.Lock = field(default_factory=trio.Lock)
     account: ServerAccount | None = None  # credits (billing)
+    seed: bytes | None = None  # the client's fingerprint seed: steps are signed (pipeline/proofs.py)
+    inputs: InputChain | None = None  # the input digest of the session's history (signed steps)
 
 
 def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_tokens: int = 64) -> dict:
@@ -532,6 +535,9 @@ class BlockServer:
             self.stats["sessions_refused"] += 1
             raise InferenceError("TooManySessions", f"this server already holds {mine} of your sessions, as many "
                                  "as one client may open")
+        seed = mfield(m, "seed", bytes, max_len=SEED_LEN, optional=True)
+        if seed is not None and len(seed) != SEED_LEN:
+            raise InferenceError("BadRequest", f"'seed' must be {SEED_LEN} bytes")
         sid = secrets.token_bytes(proto.SESSION_ID_LEN)
         account = None
         if self.billing is not None:
@@ -560,7 +566,8 @@ class BlockServer:
                 account.billing.forget(account)
             raise
         session = ServedSession(sid, peer_id, sub, cache, max_length, dtype, stream, scope, need,
-                                trio.current_time(), account=account, standing=standing)
+                                trio.current_time(), account=account, standing=standing, seed=seed,
+                                inputs=InputChain(sid) if seed is not None else None)
         self.sessions[session.id] = session
         self.stats["sessions_opened"] += 1
         return session
@@ -623,16 +630,23 @@ class BlockServer:
         ran = await self._run(session, step_id, pos, hidden, chunks, m.get("receipt"), pushed=pushed)
         if ran is None:
             return None
-        out, compute_s, served = ran
+        out, compute_s, served, input_digest = ran
         packed = pack_hidden(out)
         if next_hop is not None and self._nursery is not None:
             self._nursery.start_soon(self._push, push, next_hop, step_id, pos, packed, push_receipts)
-        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
+        reply = {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
+        if session.seed is not None and input_digest is not None:
+            assert self.model_id is not None  # run() set it before serving
+            reply["signed"] = sign_step(
+                self.network.identity, model=self.model_id, start=session.span.start, end=session.span.end,
+                dtype=session.dtype, session=session.id, step=step_id, pos=pos, chunks=chunks,
+                input_digest=input_digest, outputs=out, seed=session.seed).to_wire()
+        return reply
 
     async def _run(self, session: ServedSession, step_id: int, pos: int, hidden: torch.Tensor, chunks: list[int],
-                   receipt: Any, *, pushed: bool) -> tuple[torch.Tensor, float, int] | None:
-        """Compute a step of `session`, paid for first: (outputs, compute seconds, tokens served so far),
-        or None for a stale push."""
+                   receipt: Any, *, pushed: bool) -> tuple[torch.Tensor, float, int, bytes | None] | None:
+        """Compute a step of `session`, paid for first: (outputs, compute seconds, tokens served so far,
+        input digest when steps are signed), or None for a stale push."""
         n = hidden.shape[1]
         async with session.compute_lock:
             if step_id < session.last_step:
@@ -683,12 +697,13 @@ class BlockServer:
             session.last_used = trio.current_time()
             session.tokens += n
             served = session.tokens
+            input_digest = session.inputs.add(pos, chunks, hidden) if session.inputs is not None else None
         session.steps += 1
         if account is not None and account.due(account.billing.clock()) and self._nursery is not None:
             self._nursery.start_soon(account.billing.settle, account)  # periodic earn entry (long sessions)
         self.stats["steps"] += 1
         self.stats["tokens"] += n
-        return out, compute_s, served
+        return out, compute_s, served, input_digest
 
     # --- sessions of a client in this process (pipeline/hop.py LocalHop) -------------------------
 
@@ -837,7 +852,7 @@ class InProcessSession:
             raise InferenceError("SessionExpired", "the server closed this session (idle, moved or stopping)")
         ran = await self.server._run(s, s.last_step + 1, pos, hidden, chunks or [hidden.shape[1]], None, pushed=False)
         assert ran is not None  # only pushes are ever stale
-        out, compute_s, _ = ran
+        out, compute_s, _, _ = ran
         return out, compute_s
 
     def close(self) -> None:

@@ -27,13 +27,25 @@ def llama(llama):
 
 
 class LyingServer(BlockServer):
-    """Honest for its first `honest_steps` steps of each session, then adds noise to what it returns."""
+    """Honest for its first `honest_steps` steps of each session, then adds noise to what it computed
+    — and signs the noisy outputs as its result, as a server that cuts corners would."""
 
     honest_steps = 3
 
+    async def _run(self, session, *args, **kw):
+        ran = await super()._run(session, *args, **kw)
+        if ran is not None and session.steps > self.honest_steps:
+            out, *rest = ran
+            return (out + 0.05 * out.abs().mean(), *rest)
+        return ran
+
+
+class UnsignedLiar(BlockServer):
+    """Changes its outputs after signing them: what it returns is not what it signed."""
+
     async def _step(self, session, m, *, pushed):
         reply = await super()._step(session, m, pushed=pushed)
-        if reply is not None and session.steps > self.honest_steps:
+        if reply is not None:
             h = unpack_hidden(reply["h"], dtype="float32", hidden_size=self.mf.config.hidden_size)
             reply["h"] = pack_hidden(h + 0.05 * h.abs().mean())
         return reply
