@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from credits.entry import verify_signature
+from credits.ledger import MAX_EVIDENCE
 from p2p.errors import FrameError
 
 from .protocol import MAX_CHUNKS, SESSION_ID_LEN, WIRE_DTYPES
@@ -47,7 +48,7 @@ SEED_LEN = 16
 FINGERPRINT_DIMS = 16
 DIGEST_LEN = 32
 SIG_LEN = 64
-MAX_PROOF_BYTES = 12 * 1024  # what a dispute entry's evidence may hold (credits.ledger MAX_EVIDENCE)
+MAX_PROOF_BYTES = MAX_EVIDENCE  # a proof travels inline as a dispute entry's evidence
 MAX_PROOF_STEPS = 1024
 MAX_FINGERPRINT_BYTES = MAX_PROOF_BYTES
 RECORD_FIELDS = 12

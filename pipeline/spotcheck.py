@@ -36,7 +36,6 @@ ourselves — but its own server is a checker and referee candidate like any oth
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -49,7 +48,8 @@ from p2p.errors import P2PError
 
 from .billing import ClientBilling
 from .errors import Refused
-from .hop import Hop, StepRecord
+from .hop import Hop, RemoteHop, StepRecord
+from .proofs import DisputeProof
 from .routing import RouteHop, SequenceManager
 
 log = logging.getLogger(__name__)
@@ -93,8 +93,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((num / den).max()) if num.numel() else 0.0
 
 
-def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).digest()
+def _proof(liar: Hop, reference: torch.Tensor, start_pos: int, tol: float) -> DisputeProof | None:
+    """The proof against `liar`: its first signed step, among those `reference` (honest outputs from
+    position `start_pos` on) covers, whose outputs differ beyond `tol`; None if none does."""
+    if not isinstance(liar, RemoteHop):
+        return None
+    end_pos = start_pos + reference.shape[1]
+    for i, step in enumerate(liar.log.steps):
+        if step.pos < start_pos or step.pos + step.tokens > end_pos:
+            continue
+        honest = reference[:, step.pos - start_pos:step.pos - start_pos + step.tokens]
+        if relative_error(step.outputs, honest) > tol:
+            return liar.log.proof(i)
+    return None
 
 
 @dataclass
@@ -223,17 +234,11 @@ class SpotChecker:
         if liar != hop.peer_id:
             watch.verified = end_pos
         if self.billing is not None:
-            inputs = torch.cat([r.inputs for r in records], dim=1)
-            evidence = {
-                "model": self.model_id, "start": hop.start, "end": hop.end,
-                "positions": [start_pos, end_pos], "inputs_sha256": _digest(inputs),
-                "accused_output_sha256": _digest(claimed if liar == hop.peer_id else got),
-                "witness_output_sha256": _digest(got if liar == hop.peer_id else claimed),
-                "witnesses": [honest, referee], "relative_error": err, "referee_error": ref_err, "tolerance": tol,
-            }
+            lied, reference = (hop, got) if liar == hop.peer_id else (checker, claimed)
+            proof = _proof(lied, reference, start_pos, tol)
             try:
                 await self.billing.dispute(liar, f"spot check failed: blocks [{hop.start}, {hop.end}) "
-                                                 f"relative error {err:.3g} > {tol:g}", evidence)
+                                                 f"relative error {err:.3g} > {tol:g}", proof)
             except Exception as e:  # noqa: BLE001 - the ban stands even if the entry fails
                 log.warning("could not record the dispute: %s", e)
         return liar

@@ -8,7 +8,9 @@ import trio
 
 from p2p.identity import public_key_from_peer_id
 from pipeline.client import TokenEvent
+from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.loading import ModelFolder
+from pipeline.proofs import DisputeProof
 from pipeline.protocol import pack_hidden, unpack_hidden
 from pipeline.server import BlockServer
 from pipeline.spotcheck import SpotCheckConfig, relative_error
@@ -87,14 +89,18 @@ async def test_lying_server_is_caught_disputed_and_avoided(llama, push):
             assert tokens == want  # every lie was caught before its output was used
             assert liar_id in model.sequence.distrusted and liar_id not in [p for p, _, _ in g.route]
             assert g.recoveries >= 1
-            # a signed dispute on the client's chain, with evidence
+            # a signed dispute on the client's chain, whose evidence is a proof signed by the liar
             disputes = [e for e in client.ledger.store.entries(client.ledger.me) if e.kind == "dispute"]
             assert len(disputes) == 1
             accused, reason, evidence = msgpack.unpackb(disputes[0].body, raw=False)
             assert accused == public_key_from_peer_id(liar_id) and "spot check" in reason
-            ev = msgpack.unpackb(evidence, raw=False)
-            assert ev["start"] == 0 and ev["end"] == 2 and ev["relative_error"] > ev["tolerance"]
-            assert set(ev["witnesses"]) <= {p.network.peer_id for p in honest}
+            proof = DisputeProof.decode(evidence, accused)
+            assert proof.record.valid() and proof.inputs_match()
+            assert (proof.record.start, proof.record.end) == (0, 2)
+            assert client.ledger.reliability_sync() == {accused: 0.0}  # its own referee-backed verdict
+            # a server of the span that was not involved re-runs the proof and finds the lie
+            judge = DisputeJudge(honest[0].ledger, ServedBlocks(honest[0].server))
+            assert await judge.judge(accused, evidence) is True and judge.stats["replays"] == 1
             # avoided afterwards, and the next generation is clean
             g = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
             assert g.token_ids == want and liar_id not in [p for p, _, _ in g.servers]

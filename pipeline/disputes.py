@@ -1,0 +1,169 @@
+"""Judging disputes: a peer that holds a span re-runs the proofs of disputes against servers of it.
+
+A dispute entry (credits.ledger) carries a `DisputeProof` (pipeline/proofs.py). `DisputeJudge` takes
+the disputes its ledger holds that it has no verdict on yet (`Ledger.unjudged_disputes`: never those
+of an accuser already caught making a false accusation) and judges each, cheapest check first:
+
+1. the proof decodes (bounded: sizes and types) — else the accusation is false;
+2. the signed step is the accused's (one Ed25519 check) — else false: a forged record costs no compute;
+3. the carried steps hash to the signed input digest (hashing only) — else false: the accuser
+   claimed inputs the server never ran;
+4. only then, if this peer holds the span (`SpanReplayer`, a serving peer's `ServedBlocks`), it
+   replays the steps on a fresh KV cache and compares the signed step's fingerprint with its own
+   within the dtype's tolerance: beyond it, the accused lied; within it, the accusation was false.
+   A peer that does not hold the span keeps "cannot judge" and the dispute counts nothing here.
+
+Verdicts go to the peer's own store (`Ledger.record_verdict`); a liar or false accuser then has
+reliability 0 in this peer's view (routing, standing). So a peer filing 1,000 false disputes costs
+the verifier at most one replay (none with forged records), and the accused nothing. An accused
+already proven a liar here needs no replay: its dispute is taken once steps 1–3 pass.
+Replays run in the server's compute limiter at the lowest priority: paying clients go first.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING, Callable, Protocol
+
+import torch
+import trio
+
+from credits import Ledger
+
+from .model import BlockSpan, CacheError
+from .proofs import DisputeProof, InvalidProof, fingerprint, fingerprint_error
+from .protocol import WIRE_DTYPES
+from .spotcheck import SpotCheckConfig
+
+if TYPE_CHECKING:
+    from .server import BlockServer
+
+log = logging.getLogger(__name__)
+
+ProofSteps = list[tuple[int, tuple[int, ...], torch.Tensor]]
+
+
+class SpanReplayer(Protocol):
+    """Blocks this peer can re-run a proof on (a serving peer's `ServedBlocks`)."""
+
+    @property
+    def hidden_size(self) -> int | None: ...
+
+    def holds(self, model: str, start: int, end: int, dtype: str) -> bool:
+        """This peer computes blocks [start, end) of `model` in `dtype`."""
+
+    async def replay(self, start: int, end: int, steps: ProofSteps) -> torch.Tensor:
+        """Run `steps` in order on a fresh KV cache of blocks [start, end); the last step's outputs."""
+
+
+class ServedBlocks:
+    """The blocks a `BlockServer` serves, as a `SpanReplayer`."""
+
+    def __init__(self, server: "BlockServer"):
+        self.server = server
+
+    @property
+    def hidden_size(self) -> int | None:
+        span = self.server.span
+        return span.cfg.hidden_size if span is not None else None
+
+    def holds(self, model: str, start: int, end: int, dtype: str) -> bool:
+        span = self.server.span
+        return (span is not None and self.server.model_id == model and self.server.dtype_name == dtype
+                and span.start <= start < end <= span.end)
+
+    async def replay(self, start: int, end: int, steps: ProofSteps) -> torch.Tensor:
+        span = self.server.span
+        assert span is not None  # holds() said so
+        sub = BlockSpan(span.cfg, start, end, span.blocks[start - span.start:end - span.start], dtype=span.dtype,
+                        device=span.device)
+
+        def run() -> torch.Tensor:
+            cache = sub.new_cache(max(pos + sum(chunks) for pos, chunks, _ in steps))
+            outs: list[torch.Tensor] = []  # the last step's
+            for pos, chunks, inputs in steps:
+                outs, off = [], 0
+                for c in chunks:
+                    outs.append(sub.forward(inputs[:, off:off + c], cache, pos + off))
+                    off += c
+            return torch.cat(outs, dim=1).to("cpu")
+
+        return await trio.to_thread.run_sync(run, limiter=self.server.limiter.at(-math.inf))
+
+
+def default_tolerance(dtype: str) -> float:
+    """What a fingerprint may differ by on other hardware: the spot checks' tolerance for the dtype."""
+    return SpotCheckConfig().tol(WIRE_DTYPES[dtype])
+
+
+class DisputeJudge:
+    """Judges the disputes in `ledger` (see the module docstring); `blocks` None: this peer holds no span."""
+
+    def __init__(self, ledger: Ledger, blocks: SpanReplayer | None, *, period: float = 5.0, batch: int = 64,
+                 tolerance: Callable[[str], float] = default_tolerance):
+        self.ledger = ledger
+        self.blocks = blocks
+        self.period = period
+        self.batch = batch
+        self.tolerance = tolerance
+        self.stats = {"lies": 0, "false": 0, "malformed": 0, "forged": 0, "bad_inputs": 0, "unjudged": 0,
+                      "replays": 0}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Judge new disputes whenever the ledger changed, every `period` seconds, until cancelled."""
+        task_status.started()
+        seen = -1
+        while True:
+            if self.ledger.version != seen:
+                seen = self.ledger.version
+                while await self.judge_pending():
+                    pass
+                seen = self.ledger.version  # our own verdicts bumped it
+            await trio.sleep(self.period)
+
+    async def judge_pending(self) -> int:
+        """Judge up to `batch` disputes not judged yet; how many were taken from the queue."""
+        pending = await self.ledger.unjudged_disputes(self.batch)
+        for entry, accused, evidence in pending:
+            liars, _false = await self.ledger.read(self.ledger.verdicts_sync)
+            verdict = await self.judge(accused, evidence, proven=accused in liars)
+            await self.ledger.record_verdict(entry.author, entry.seq, accused, verdict)
+            if verdict is not None:
+                log.info("dispute %d of %s against %s: %s", entry.seq, entry.author_id[-8:], accused.hex()[:8],
+                         "a proven lie" if verdict else "a false accusation")
+        return len(pending)
+
+    async def judge(self, accused: bytes, evidence: bytes, *, proven: bool = False) -> bool | None:
+        """True: `accused` lied; False: the accusation is false; None: this peer cannot tell (no span)."""
+        hidden = self.blocks.hidden_size if self.blocks is not None else None
+        try:
+            proof = DisputeProof.decode(evidence, accused, hidden)
+        except InvalidProof:
+            self.stats["malformed"] += 1
+            self.stats["false"] += 1
+            return False
+        if not proof.record.valid():
+            self.stats["forged"] += 1
+            self.stats["false"] += 1
+            return False
+        if not proof.inputs_match():
+            self.stats["bad_inputs"] += 1
+            self.stats["false"] += 1
+            return False
+        if proven:
+            return True
+        r = proof.record
+        if self.blocks is None or not self.blocks.holds(r.model, r.start, r.end, r.dtype):
+            self.stats["unjudged"] += 1
+            return None
+        try:
+            out = await self.blocks.replay(r.start, r.end, proof.steps)
+        except CacheError as e:  # positions the server itself would have refused: it never signed them
+            log.info("proof does not replay: %s", e)
+            self.stats["unjudged"] += 1
+            return None
+        self.stats["replays"] += 1
+        lie = fingerprint_error(r.fingerprint, fingerprint(out, r.seed)) > self.tolerance(r.dtype)
+        self.stats["lies" if lie else "false"] += 1
+        return lie
