@@ -126,7 +126,9 @@ class DisputeJudge:
         """Judge up to `batch` disputes not judged yet; how many were taken from the queue."""
         pending = await self.ledger.unjudged_disputes(self.batch)
         for entry, accused, evidence in pending:
-            liars, _false = await self.ledger.read(self.ledger.verdicts_sync)
+            liars, false_accusers = await self.ledger.read(self.ledger.verdicts_sync)
+            if entry.author in false_accusers:  # caught earlier in this batch: never verified again
+                continue
             verdict = await self.judge(accused, evidence, proven=accused in liars)
             await self.ledger.record_verdict(entry.author, entry.seq, accused, verdict)
             if verdict is not None:

@@ -43,6 +43,7 @@ from pipeline.announce import GOSSIP_TOPIC, ModelCard, fetch_models, fetch_serve
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
+from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.pricing import ModelPricing
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 
@@ -340,6 +341,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 await nursery.start(peer.dht.run)
                 if peer.server is not None:
                     await nursery.start(peer.server.run)
+                    # disputes against servers of our span: re-run their proofs (pipeline/disputes.py)
+                    await nursery.start(DisputeJudge(ledger, ServedBlocks(peer.server)).run)
                 await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME, peer.commands())
                 if config.api is not None:
                     from . import api

@@ -9,6 +9,7 @@ from credits.replication import Replicator
 from p2p.gossip import Gossip
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
+from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.pricing import ModelPricing
 from pipeline.server import BlockServer, ServerConfig
 from testkit.swarms import FIXED_TP
@@ -43,6 +44,7 @@ async def add_server(s, a, b, *, mid, cfg, server_cls=BlockServer, billing_kw=No
     peer.server = server_cls(peer.network, peer.dht, s.folder, a, b, config=conf, model_id=mid,
                              billing=ServerBilling(peer.ledger, **(billing_kw or {})))
     await peer.nursery.start(peer.server.run)
+    peer.judge = DisputeJudge(peer.ledger, ServedBlocks(peer.server))  # tests call judge_pending()
     s.servers.append(peer)
     return peer
 
