@@ -24,20 +24,18 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import TYPE_CHECKING, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import trio
 
 from credits import Ledger
 
+from .limiter import PriorityLimiter
 from .model import BlockSpan, CacheError
 from .proofs import DisputeProof, InvalidProof, fingerprint, fingerprint_error
 from .protocol import WIRE_DTYPES
 from .spotcheck import SpotCheckConfig
-
-if TYPE_CHECKING:
-    from .server import BlockServer
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +55,19 @@ class SpanReplayer(Protocol):
         """Run `steps` in order on a fresh KV cache of blocks [start, end); the last step's outputs."""
 
 
+class BlocksServer(Protocol):
+    """What `ServedBlocks` reads of a BlockServer (pipeline/server.py)."""
+
+    span: BlockSpan | None
+    model_id: str | None
+    dtype_name: str
+    limiter: PriorityLimiter
+
+
 class ServedBlocks:
     """The blocks a `BlockServer` serves, as a `SpanReplayer`."""
 
-    def __init__(self, server: "BlockServer"):
+    def __init__(self, server: BlocksServer):
         self.server = server
 
     @property
@@ -89,7 +96,8 @@ class ServedBlocks:
                     off += c
             return torch.cat(outs, dim=1).to("cpu")
 
-        return await trio.to_thread.run_sync(run, limiter=self.server.limiter.at(-math.inf))
+        lowest: Any = self.server.limiter.at(-math.inf)  # a CapacityLimiter to trio, as in the server
+        return await trio.to_thread.run_sync(run, limiter=lowest)
 
 
 def default_tolerance(dtype: str) -> float:
@@ -110,7 +118,7 @@ class DisputeJudge:
         self.stats = {"lies": 0, "false": 0, "malformed": 0, "forged": 0, "bad_inputs": 0, "unjudged": 0,
                       "replays": 0}
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Judge new disputes whenever the ledger changed, every `period` seconds, until cancelled."""
         task_status.started()
         seen = -1
@@ -123,18 +131,20 @@ class DisputeJudge:
             await trio.sleep(self.period)
 
     async def judge_pending(self) -> int:
-        """Judge up to `batch` disputes not judged yet; how many were taken from the queue."""
+        """Judge up to `batch` disputes not judged yet; how many were judged."""
         pending = await self.ledger.unjudged_disputes(self.batch)
+        judged = 0
         for entry, accused, evidence in pending:
             liars, false_accusers = await self.ledger.read(self.ledger.verdicts_sync)
             if entry.author in false_accusers:  # caught earlier in this batch: never verified again
                 continue
             verdict = await self.judge(accused, evidence, proven=accused in liars)
             await self.ledger.record_verdict(entry.author, entry.seq, accused, verdict)
+            judged += 1
             if verdict is not None:
                 log.info("dispute %d of %s against %s: %s", entry.seq, entry.author_id[-8:], accused.hex()[:8],
                          "a proven lie" if verdict else "a false accusation")
-        return len(pending)
+        return judged
 
     async def judge(self, accused: bytes, evidence: bytes, *, proven: bool = False) -> bool | None:
         """True: `accused` lied; False: the accusation is false; None: this peer cannot tell (no span)."""
