@@ -35,6 +35,11 @@
 - Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py, default 2 % of steps) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
+- Signed results: every remote hop's "out" carries the server's signature over the step's result
+  (pipeline/proofs.py); the client checks it as the reply arrives and, once the step's inputs are
+  known, that it covers them (`RemoteHop.accept`). A result that is not what the server signed is a
+  fault (`BadSignedStep`): the hop is replaced like a broken stream; in push mode a hop that signed
+  other inputs than the client saw is run directly instead.
 """
 
 from __future__ import annotations

@@ -35,6 +35,11 @@
   every `announcement_refresh` seconds) covers the block after the session's span; it is dialled by
   peer id, at the address it announced when the network knows none. A step naming anyone else is
   refused before computing (PushRefused); addresses a client sends are never used.
+- Signed results (pipeline/proofs.py): when "open" carries the client's fingerprint seed, every "out"
+  carries the server's signature over the step's result — the input digest chaining the session's
+  history (`InputChain`, updated with the KV cache under the session's compute lock), the output
+  digest and the seeded fingerprint — so a lie it returns is a lie it signed, checkable by anyone
+  holding the span (pipeline/disputes.py).
 - Credits (`billing=ServerBilling(ledger)`, pipeline/billing.py): "open" is admitted by the client's
   balance (refused past the debt limit unless this server is idle); each step's "receipt" is checked
   BEFORE the step is computed and must cover every token served before it and the step's own

@@ -25,9 +25,12 @@ float noise) and its outputs are compared with everything H returned since the l
 On a mismatch a referee R (a third server for the span) replays H's whole history in a fresh session;
 the server R disagrees with is the liar (if R agrees with neither, or no third server exists, the
 check is inconclusive: both are banned for a while, nobody is accused). The liar is distrusted by the
-route (never used again by this client), and, with billing, gets a signed *dispute* entry on the
-client's chain whose evidence holds the span, positions, hashes of the inputs and of the three
-outputs, and the errors. Checker and referee sessions are ordinary sessions: the client pays them
+route (never used again by this client), and, with billing, gets a verdict in the client's own view
+and a signed *dispute* entry on the client's chain whose evidence is a proof (pipeline/proofs.py):
+the liar's own signed result for its first step that differs from the honest outputs, and the
+inputs of its session up to that step, which any peer holding the span can re-run
+(pipeline/disputes.py). A proof too large for an entry is not filed (a dispute without a proof
+would count nothing; the client's own verdict stands). Checker and referee sessions are ordinary sessions: the client pays them
 with receipts like any hop. Comparison: per token, ‖a − b‖₂ / ‖b‖₂ ≤ `tolerance` (default 1e-3 for
 float32, 5e-2 for bfloat16 — different hardware gives different rounding, a lie is far larger).
 The client's own blocks (pipeline/hop.py `LocalHop`) are never checked — nobody checks us against
