@@ -21,6 +21,7 @@ Layers, each readable alone (imports only go down the list; none comes back up):
                   (ModelCard, fetch_models)
     routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)
     limiter.py    PriorityLimiter: worker-thread limiter served by priority, FIFO within one
+    proofshelf.py ProofShelf: proofs too large for a dispute entry, kept and served by their accuser; fetch_proof
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)
     hop.py        Hop: the client's end of one session — RemoteHop (a stream) or LocalHop (our own server,
                   in process); StepRecord

@@ -69,7 +69,8 @@ import trio
 from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, credits
 from p2p.identity import peer_id_from_public_key, public_key_from_peer_id
 
-from .proofs import MAX_PROOF_BYTES, DisputeProof
+from .proofs import MAX_FETCHED_PROOF, MAX_PROOF_BYTES, DisputeClaim, DisputeProof, is_claim
+from .proofshelf import ProofShelf
 from .protocol import InferenceError
 
 log = logging.getLogger(__name__)
@@ -281,8 +282,13 @@ class ClientBilling:
     """The client's side: signs cumulative receipts per (server, session), records spends, files
     disputes. Pass it as `ClientConfig(billing=ClientBilling(ledger))`."""
 
-    def __init__(self, ledger: Ledger, pricing: Any = None):
+    def __init__(self, ledger: Ledger, pricing: Any = None, *, shelf: ProofShelf | None = None,
+                 inline_proof_bytes: int = MAX_PROOF_BYTES):
+        """`shelf`: where proofs larger than `inline_proof_bytes` are kept and served to verifiers
+        (pipeline/proofshelf.py; the peer serves it on its network); None: such disputes are not filed."""
         self.ledger = ledger
+        self.shelf = shelf
+        self.inline_proof_bytes = min(inline_proof_bytes, MAX_PROOF_BYTES)
         self.identity = ledger.identity
         self.pricing = pricing if pricing is not None else ledger.pricing
         self.signers: dict[tuple[str, bytes], ReceiptSigner] = {}
@@ -335,15 +341,20 @@ class ClientBilling:
 
     async def dispute(self, accused_peer: str, reason: str, proof: DisputeProof | None) -> None:
         """A referee-backed spot check caught `accused_peer` lying: a verdict in our own view, and a
-        dispute entry carrying `proof` for everyone else (only with a proof that fits an entry:
-        without one, a dispute would count nothing anywhere and cost us our credibility)."""
+        dispute entry for everyone else carrying `proof` (inline when it fits, else a claim naming the
+        proof on our shelf). Without a proof none is filed: it would count nothing anywhere and make
+        us a false accuser."""
         try:
             accused = public_key_from_peer_id(accused_peer)
         except ValueError:
             return
         seq = 0
         evidence = proof.encode() if proof is not None else b""
-        if proof is not None and len(evidence) <= MAX_PROOF_BYTES:
+        if proof is not None and len(evidence) > self.inline_proof_bytes and self.shelf is not None \
+                and len(evidence) <= MAX_FETCHED_PROOF:
+            evidence = DisputeClaim(proof.record, self.shelf.put(evidence), len(evidence)).encode()
+        filed = len(evidence) <= self.inline_proof_bytes or is_claim(evidence)
+        if proof is not None and filed and len(evidence) <= MAX_PROOF_BYTES:
             seq = (await self.ledger.record_dispute(accused, reason[:200], evidence)).seq
             self.stats["disputes"] += 1
         else:

@@ -4,10 +4,13 @@ A dispute entry (credits.ledger) carries a `DisputeProof` (pipeline/proofs.py). 
 the disputes its ledger holds that it has no verdict on yet (`Ledger.unjudged_disputes`: never those
 of an accuser already caught making a false accusation) and judges each, cheapest check first:
 
-1. the proof decodes (bounded: sizes and types) — else the accusation is false;
-2. the signed step is the accused's (one Ed25519 check) — else false: a forged record costs no compute;
+1. the proof (or claim, pipeline/proofshelf.py) decodes (bounded: sizes and types) — else the
+   accusation is false;
+2. the signed step is the accused's (one Ed25519 check) — else false: a forged record costs no
+   compute and no transfer;
 3. the carried steps hash to the signed input digest (hashing only) — else false: the accuser
-   claimed inputs the server never ran;
+   claimed inputs the server never ran (a claim's proof is fetched from the accuser first, only by
+   a peer that holds the span; one the accuser does not serve leaves no verdict);
 4. only then, if this peer holds the span (`SpanReplayer`, a serving peer's `ServedBlocks`), it
    replays the steps on a fresh KV cache and compares the signed step's fingerprint with its own
    within the dtype's tolerance: beyond it, the accused lied; within it, the accusation was false.
@@ -30,10 +33,15 @@ import torch
 import trio
 
 from credits import Ledger
+from p2p.network import Network
 
 from .limiter import PriorityLimiter
 from .model import BlockSpan, CacheError
-from .proofs import DisputeProof, InvalidProof, fingerprint, fingerprint_error
+from .proofs import (
+    MAX_FETCHED_PROOF, MAX_FETCHED_STEPS, DisputeClaim, DisputeProof, InvalidProof, fingerprint, fingerprint_error,
+    is_claim,
+)
+from .proofshelf import fetch_proof
 from .protocol import WIRE_DTYPES
 from .spotcheck import SpotCheckConfig
 
@@ -108,15 +116,17 @@ def default_tolerance(dtype: str) -> float:
 class DisputeJudge:
     """Judges the disputes in `ledger` (see the module docstring); `blocks` None: this peer holds no span."""
 
-    def __init__(self, ledger: Ledger, blocks: SpanReplayer | None, *, period: float = 5.0, batch: int = 64,
-                 tolerance: Callable[[str], float] = default_tolerance):
+    def __init__(self, ledger: Ledger, blocks: SpanReplayer | None, *, network: Network | None = None,
+                 period: float = 5.0, batch: int = 64, tolerance: Callable[[str], float] = default_tolerance):
+        """`network`: where proofs too large for an entry are fetched from their accusers (None: never)."""
         self.ledger = ledger
         self.blocks = blocks
+        self.network = network
         self.period = period
         self.batch = batch
         self.tolerance = tolerance
         self.stats = {"lies": 0, "false": 0, "malformed": 0, "forged": 0, "bad_inputs": 0, "unjudged": 0,
-                      "replays": 0}
+                      "unfetched": 0, "replays": 0}
 
     async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Judge new disputes whenever the ledger changed, every `period` seconds, until cancelled."""
@@ -138,7 +148,7 @@ class DisputeJudge:
             liars, false_accusers = await self.ledger.read(self.ledger.verdicts_sync)
             if entry.author in false_accusers:  # caught earlier in this batch: never verified again
                 continue
-            verdict = await self.judge(accused, evidence, proven=accused in liars)
+            verdict = await self.judge(accused, evidence, accuser=entry.author_id, proven=accused in liars)
             await self.ledger.record_verdict(entry.author, entry.seq, accused, verdict)
             judged += 1
             if verdict is not None:
@@ -146,36 +156,58 @@ class DisputeJudge:
                          "a proven lie" if verdict else "a false accusation")
         return judged
 
-    async def judge(self, accused: bytes, evidence: bytes, *, proven: bool = False) -> bool | None:
-        """True: `accused` lied; False: the accusation is false; None: this peer cannot tell (no span)."""
+    async def judge(self, accused: bytes, evidence: bytes, *, accuser: str | None = None,
+                    proven: bool = False) -> bool | None:
+        """True: `accused` lied; False: the accusation is false; None: this peer cannot tell (it does not
+        hold the span, or `accuser` does not serve the proof its claim names)."""
         hidden = self.blocks.hidden_size if self.blocks is not None else None
+        claim: DisputeClaim | None = None
+        proof: DisputeProof | None = None
         try:
-            proof = DisputeProof.decode(evidence, accused, hidden)
+            if is_claim(evidence):
+                claim = DisputeClaim.decode(evidence, accused)
+                record = claim.record
+            else:
+                proof = DisputeProof.decode(evidence, accused, hidden)
+                record = proof.record
         except InvalidProof:
-            self.stats["malformed"] += 1
-            self.stats["false"] += 1
-            return False
-        if not proof.record.valid():
-            self.stats["forged"] += 1
-            self.stats["false"] += 1
-            return False
-        if not proof.inputs_match():
-            self.stats["bad_inputs"] += 1
-            self.stats["false"] += 1
-            return False
+            return self._false("malformed")
+        if not record.valid():
+            return self._false("forged")
+        if proof is not None and not proof.inputs_match():
+            return self._false("bad_inputs")
         if proven:
             return True
-        r = proof.record
-        if self.blocks is None or not self.blocks.holds(r.model, r.start, r.end, r.dtype):
+        if self.blocks is None or not self.blocks.holds(record.model, record.start, record.end, record.dtype):
             self.stats["unjudged"] += 1
             return None
+        if claim is not None:
+            data = None
+            if self.network is not None and accuser is not None:
+                data = await fetch_proof(self.network, accuser, claim.digest, claim.size)
+            if data is None:
+                self.stats["unfetched"] += 1
+                return None
+            try:
+                proof = DisputeProof.decode(data, accused, hidden, max_bytes=MAX_FETCHED_PROOF,
+                                            max_steps=MAX_FETCHED_STEPS)
+            except InvalidProof:
+                return self._false("malformed")
+            if proof.record != record or not proof.inputs_match():
+                return self._false("bad_inputs")
+        assert proof is not None  # inline, or fetched just above
         try:
-            out = await self.blocks.replay(r.start, r.end, proof.steps)
+            out = await self.blocks.replay(record.start, record.end, proof.steps)
         except CacheError as e:  # positions the server itself would have refused: it never signed them
             log.info("proof does not replay: %s", e)
             self.stats["unjudged"] += 1
             return None
         self.stats["replays"] += 1
-        lie = fingerprint_error(r.fingerprint, fingerprint(out, r.seed)) > self.tolerance(r.dtype)
+        lie = fingerprint_error(record.fingerprint, fingerprint(out, record.seed)) > self.tolerance(record.dtype)
         self.stats["lies" if lie else "false"] += 1
         return lie
+
+    def _false(self, why: str) -> bool:
+        self.stats[why] += 1
+        self.stats["false"] += 1
+        return False

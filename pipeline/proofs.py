@@ -19,8 +19,9 @@ the step's position and chunks, the *input digest*, the *output digest* and the 
 The client checks every signed step as it arrives (`check_signed`: signature, digests, fingerprint);
 a mismatch is a fault (`BadSignedStep`, a FrameError), like a broken stream. A `DisputeProof` is
 the accused's signed step plus the steps of its session up to it (position, chunks, input bytes),
-inline: it travels as a dispute entry's evidence (credits.ledger), so its size is bounded by
-`MAX_PROOF_BYTES`. A verifier (`verify_claim`, cheap: no compute) checks the signature and that the
+inline as a dispute entry's evidence (credits.ledger) when it fits `MAX_PROOF_BYTES`; a larger one
+travels as a `DisputeClaim` (the signed step, the proof's sha256 and size) and is fetched from the
+accuser (pipeline/proofshelf.py). A verifier (`verify_claim`, cheap: no compute) checks the signature and that the
 carried steps hash to the signed input digest; a verifier that holds the span re-runs the steps
 (pipeline/disputes.py) and compares the last step's fingerprint (`fingerprint_error`).
 """
@@ -50,6 +51,9 @@ DIGEST_LEN = 32
 SIG_LEN = 64
 MAX_PROOF_BYTES = MAX_EVIDENCE  # a proof travels inline as a dispute entry's evidence
 MAX_PROOF_STEPS = 1024
+MAX_FETCHED_PROOF = 15 * 1024 * 1024  # a proof served by its accuser (pipeline/proofshelf.py): under one frame
+MAX_FETCHED_STEPS = 1 << 16
+CLAIM_VERSION = "potluck/dispute-claim/1"
 MAX_FINGERPRINT_BYTES = MAX_PROOF_BYTES
 RECORD_FIELDS = 12
 CLIENT_FINGERPRINT_TOLERANCE = 1e-4  # the client recomputes the fingerprint of what it received: float noise only
@@ -273,23 +277,24 @@ class DisputeProof:
         return msgpack.packb([PROOF_VERSION, self.record.to_wire(), steps], use_bin_type=True)
 
     @classmethod
-    def decode(cls, data: Any, accused: bytes, hidden_size: int | None = None) -> "DisputeProof":
+    def decode(cls, data: Any, accused: bytes, hidden_size: int | None = None, *, max_bytes: int = MAX_PROOF_BYTES,
+               max_steps: int = MAX_PROOF_STEPS) -> "DisputeProof":
         """Strictly decode untrusted evidence bytes; InvalidProof says what is wrong. `hidden_size`
-        (the verifier's model) fixes the inputs' shape; None: inferred from the first step."""
-        if not isinstance(data, bytes) or len(data) > MAX_PROOF_BYTES:
-            raise InvalidProof(f"a proof is at most {MAX_PROOF_BYTES} bytes")
+        (the verifier's model) fixes the inputs' shape; None: inferred from the first step. A proof
+        fetched from its accuser may be larger (`MAX_FETCHED_PROOF`, `MAX_FETCHED_STEPS`)."""
+        if not isinstance(data, bytes) or len(data) > max_bytes:
+            raise InvalidProof(f"a proof is at most {max_bytes} bytes")
         try:
             obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0, max_map_len=0,
-                                  max_array_len=max(MAX_PROOF_STEPS, MAX_CHUNKS), max_str_len=128,
-                                  max_bin_len=MAX_PROOF_BYTES)
+                                  max_array_len=max(max_steps, MAX_CHUNKS), max_str_len=128, max_bin_len=max_bytes)
         except Exception as e:  # noqa: BLE001 - any msgpack defect
             raise InvalidProof(f"a proof is not valid msgpack: {type(e).__name__}") from None
         if not isinstance(obj, list) or len(obj) != 3 or obj[0] != PROOF_VERSION:
             raise InvalidProof(f"a proof is [{PROOF_VERSION!r}, signed step, steps]")
         record = SignedStep.from_wire(accused, obj[1])
         raw_steps = obj[2]
-        if not isinstance(raw_steps, list) or not 0 < len(raw_steps) <= MAX_PROOF_STEPS:
-            raise InvalidProof(f"a proof carries 1..{MAX_PROOF_STEPS} steps")
+        if not isinstance(raw_steps, list) or not 0 < len(raw_steps) <= max_steps:
+            raise InvalidProof(f"a proof carries 1..{max_steps} steps")
         itemsize = 2 if record.dtype == "bfloat16" else 4
         steps = []
         for s in raw_steps:
@@ -322,3 +327,42 @@ class DisputeProof:
         for pos, chunks, inputs in self.steps:
             digest = chain.add(pos, list(chunks), inputs)
         return digest == self.record.input_digest and len(chain.links) == len(self.steps)
+
+
+@dataclass(frozen=True)
+class DisputeClaim:
+    """What a dispute entry carries when its proof is too large for it: the accused's signed step and
+    the sha256 and size of the full proof, which the accuser serves (pipeline/proofshelf.py)."""
+
+    record: SignedStep
+    digest: bytes
+    size: int
+
+    def encode(self) -> bytes:
+        return msgpack.packb([CLAIM_VERSION, self.record.to_wire(), self.digest, self.size], use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: Any, accused: bytes) -> "DisputeClaim":
+        """Strictly decode untrusted evidence bytes; InvalidProof says what is wrong."""
+        if not isinstance(data, bytes) or len(data) > MAX_PROOF_BYTES:
+            raise InvalidProof(f"a claim is at most {MAX_PROOF_BYTES} bytes")
+        try:
+            obj = msgpack.unpackb(data, raw=False, strict_map_key=True, max_ext_len=0, max_map_len=0,
+                                  max_array_len=MAX_CHUNKS, max_str_len=128, max_bin_len=MAX_PROOF_BYTES)
+        except Exception as e:  # noqa: BLE001 - any msgpack defect
+            raise InvalidProof(f"a claim is not valid msgpack: {type(e).__name__}") from None
+        if not isinstance(obj, list) or len(obj) != 4 or obj[0] != CLAIM_VERSION:
+            raise InvalidProof(f"a claim is [{CLAIM_VERSION!r}, signed step, proof sha256, proof size]")
+        record = SignedStep.from_wire(accused, obj[1])
+        digest, size = obj[2], obj[3]
+        if not isinstance(digest, bytes) or len(digest) != DIGEST_LEN:
+            raise InvalidProof(f"a claim names its proof by a {DIGEST_LEN}-byte sha256")
+        if type(size) is not int or not 0 < size <= MAX_FETCHED_PROOF:
+            raise InvalidProof(f"a claimed proof is 1..{MAX_FETCHED_PROOF} bytes")
+        return cls(record, digest, size)
+
+
+def is_claim(evidence: Any) -> bool:
+    """Whether dispute evidence is a `DisputeClaim` (else it should be an inline `DisputeProof`)."""
+    prefix = msgpack.packb(CLAIM_VERSION)
+    return isinstance(evidence, bytes) and evidence[1:1 + len(prefix)] == prefix

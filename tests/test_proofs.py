@@ -16,11 +16,12 @@ from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.limiter import PriorityLimiter
 from pipeline.loading import ModelFolder, load_span
 from pipeline.proofs import (
-    BadSignedStep, DisputeProof, InputChain, InvalidProof, ProvenLog, SignedStep, check_signed, fingerprint, sign_step,
+    BadSignedStep, DisputeClaim, DisputeProof, InputChain, InvalidProof, ProvenLog, check_signed, is_claim, sign_step,
 )
+from pipeline.proofshelf import ProofShelf
 from pipeline.server import BlockServer
-from pipeline.spotcheck import SpotCheckConfig
 from pipeline.protocol import pack_hidden, unpack_hidden
+from pipeline.spotcheck import SpotCheckConfig
 from testkit.billing import POLICY, add_client, add_server, make_ledger
 from testkit.swarms import swarm
 
@@ -283,7 +284,10 @@ async def test_a_result_that_differs_from_its_signature_is_a_fault_at_once(llama
             assert liar.network.peer_id in model.sequence.banned() and g.recoveries >= 1
 
 
-async def test_a_caught_liar_is_proven_at_another_server_and_its_standing_there_drops_to_zero(llama):
+@pytest.mark.parametrize("inline", [True, False], ids=["inline", "fetched"])
+async def test_a_caught_liar_is_proven_at_another_server_and_its_standing_there_drops_to_zero(llama, inline):
+    """The client files the proof in its dispute entry, or (too large for one: here any) a claim whose
+    proof the verifier fetches from the client's shelf."""
     path, mid, local, cfg = llama
     with trio.fail_after(120):
         async with swarm("sim", path, [], model_id=mid) as s:
@@ -294,7 +298,7 @@ async def test_a_caught_liar_is_proven_at_another_server_and_its_standing_there_
             for p in (liar, honest[0]):
                 await p.ledger.record_earn(ReceiptSigner(verifier.network.identity, server=p.ledger.me, model=mid,
                                                          start=0, end=2, pricing=p.ledger.pricing).sign(4))
-            client, model = await add_client(s, mid=mid, cfg=cfg, replicate=True,
+            client, model = await add_client(s, mid=mid, cfg=cfg, replicate=True, inline_proof_bytes=None if inline else 0,
                                              spot_check=SpotCheckConfig(fraction=1.0, seed=3))
             await sees(model, 5)
             # the simulator's latencies would otherwise decide between servers: the liar is the nearest
@@ -314,6 +318,9 @@ async def test_a_caught_liar_is_proven_at_another_server_and_its_standing_there_
             while await verifier.judge.judge_pending():
                 pass
             assert verifier.judge.stats["lies"] == 1 and verifier.judge.stats["replays"] == 1
+            evidence = msgpack.unpackb(next(e for e in client.ledger.store.entries(client.ledger.me)
+                                            if e.kind == "dispute").body, raw=False)[2]
+            assert is_claim(evidence) is not inline
             assert (await verifier.ledger.reliability()) == {liar_key: 0.0}
             table = view.standings_sync()
             assert liar_key not in table  # its work is forfeited in the verifier's view
@@ -325,3 +332,33 @@ async def test_a_caught_liar_is_proven_at_another_server_and_its_standing_there_
             for wires in chains:
                 assert (await stranger.ingest(wires)).stored == len(wires)
             assert {k: b.raw for k, b in (await stranger.balances()).items()} == folded
+
+
+async def test_claims_of_large_proofs_are_checked_before_any_fetch(llama, span):
+    """A proof too large for an entry travels as a claim; the verifier checks the claim's signature
+    before fetching anything, and an accuser that does not serve its proof gets no verdict."""
+    _, mid, _, cfg = llama
+    honest, liar = Identity.generate(), Identity.generate()
+    proof = serve(span, liar, mid, HISTORY, lie_at=4).proof(2)
+    blocks = CountingBlocks(span, mid)
+    judge = DisputeJudge(make_ledger(Identity.generate(), None, mid, cfg), blocks)  # no network: nothing fetched
+    claim = DisputeClaim(proof.record, ProofShelf().put(proof.encode()), len(proof.encode())).encode()
+    assert is_claim(claim) and not is_claim(proof.encode())
+    assert await judge.judge(honest.public_key, claim, accuser="12D3KooWAccuser") is False  # not the server's
+    assert judge.stats["forged"] == 1
+    assert await judge.judge(liar.public_key, claim, accuser="12D3KooWAccuser") is None  # signed, but not served
+    assert judge.stats["unfetched"] == 1 and blocks.replays == 0
+    good = DisputeClaim.decode(claim, liar.public_key)
+    for bad in [msgpack.packb(["potluck/dispute-claim/1", proof.record.to_wire(), b"short", 10]),
+                msgpack.packb(["potluck/dispute-claim/1", proof.record.to_wire(), good.digest, 0]),
+                msgpack.packb(["potluck/dispute-claim/1", proof.record.to_wire(), good.digest, 1 << 40]),
+                msgpack.packb(["potluck/dispute-claim/1", [1, 2], good.digest, 10]), b"\x94\xc1", b"x" * 20000]:
+        with pytest.raises(InvalidProof):
+            DisputeClaim.decode(bad, liar.public_key)
+
+
+def test_the_proof_shelf_is_bounded():
+    shelf = ProofShelf(max_bytes=100)
+    first = shelf.put(b"a" * 60)
+    second = shelf.put(b"b" * 60)
+    assert shelf.get(first) is None and shelf.get(second) == b"b" * 60
