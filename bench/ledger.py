@@ -108,7 +108,9 @@ def bench_proofs(n: int, tokens: int) -> dict:
     from pipeline.disputes import DisputeJudge, ServedBlocks
     from pipeline.limiter import PriorityLimiter
     from pipeline.loading import load_span
-    from pipeline.proofs import DisputeProof, InputChain, ProvenLog, check_signed, sign_step
+    from pipeline.proofs import (
+        DisputeProof, InputChain, ProvenLog, check_signed, result_digests, sign_step, tensor_digest,
+    )
 
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -127,9 +129,12 @@ def bench_proofs(n: int, tokens: int) -> dict:
         for i, (pos, x) in enumerate(steps):
             out = span.forward(x, cache, pos)
             if signed:  # the server signs, the client checks and keeps the step
+                output_digest, output_fingerprint = result_digests(out, seed)
                 wire = sign_step(server, model="m", start=0, end=2, dtype="float32", session=session, step=i,
-                                 pos=pos, chunks=[x.shape[1]], input_digest=chain.add(pos, [x.shape[1]], x),
-                                 outputs=out, seed=seed).to_wire()
+                                 pos=pos, chunks=[x.shape[1]],
+                                 input_digest=chain.add(pos, [x.shape[1]], tensor_digest(x)),
+                                 output_digest=output_digest, output_fingerprint=output_fingerprint,
+                                 seed=seed).to_wire()
                 log.accept(check_signed(wire, server=server.public_key, model="m", start=0, end=2, dtype="float32",
                                         session=session, step=i, seed=seed, outputs=out), pos, [x.shape[1]], x, out)
         return time.perf_counter() - t0, log

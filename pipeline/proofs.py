@@ -115,11 +115,12 @@ class InputChain:
         self.root = genesis(session)
         self.links: list[tuple[int, bytes]] = []  # (position the step started at, the chain up to it)
 
-    def add(self, pos: int, chunks: list[int], inputs: torch.Tensor) -> bytes:
-        """The input digest of a step at `pos` (what followed it is dropped, as from the KV cache)."""
+    def add(self, pos: int, chunks: list[int], inputs_digest: bytes) -> bytes:
+        """The input digest of a step at `pos` whose inputs have `tensor_digest` `inputs_digest` (what
+        followed it is dropped, as from the KV cache)."""
         while self.links and self.links[-1][0] >= pos:
             self.links.pop()
-        digest = link(self.links[-1][1] if self.links else self.root, pos, chunks, tensor_digest(inputs))
+        digest = link(self.links[-1][1] if self.links else self.root, pos, chunks, inputs_digest)
         self.links.append((pos, digest))
         return digest
 
@@ -189,11 +190,19 @@ class SignedStep:
         return cls(server, model, start, end, dtype, session, step, pos, tuple(chunks), din, dout, seed, fp, sig)
 
 
+def result_digests(outputs: torch.Tensor, seed: bytes) -> tuple[bytes, bytes]:
+    """(output digest, fingerprint) of a step's outputs: what signing needs of the tensor (a server
+    computes them in its compute thread, not on the trio thread)."""
+    return tensor_digest(outputs), fingerprint(outputs, seed)
+
+
 def sign_step(identity: Any, *, model: str, start: int, end: int, dtype: str, session: bytes, step: int, pos: int,
-              chunks: list[int], input_digest: bytes, outputs: torch.Tensor, seed: bytes) -> SignedStep:
-    """The server's side: sign one step's result (`identity`: a p2p Identity)."""
+              chunks: list[int], input_digest: bytes, output_digest: bytes, output_fingerprint: bytes,
+              seed: bytes) -> SignedStep:
+    """The server's side: sign one step's result (`identity`: a p2p Identity; the digests from
+    `InputChain.add` and `result_digests`)."""
     unsigned = SignedStep(identity.public_key, model, start, end, dtype, session, step, pos, tuple(chunks),
-                          input_digest, tensor_digest(outputs), seed, fingerprint(outputs, seed))
+                          input_digest, output_digest, seed, output_fingerprint)
     return SignedStep(**{**unsigned.__dict__, "signature": identity.sign(unsigned.message())})
 
 
@@ -325,7 +334,7 @@ class DisputeProof:
         chain = InputChain(self.record.session)
         digest = b""
         for pos, chunks, inputs in self.steps:
-            digest = chain.add(pos, list(chunks), inputs)
+            digest = chain.add(pos, list(chunks), tensor_digest(inputs))
         return digest == self.record.input_digest and len(chain.links) == len(self.steps)
 
 

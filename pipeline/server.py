@@ -77,7 +77,7 @@ from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
-from .proofs import SEED_LEN, InputChain, sign_step
+from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
 from .routing import choose_span, coverage, swarm_quality
 
@@ -635,23 +635,25 @@ class BlockServer:
         ran = await self._run(session, step_id, pos, hidden, chunks, m.get("receipt"), pushed=pushed)
         if ran is None:
             return None
-        out, compute_s, served, input_digest = ran
+        out, compute_s, served, signed = ran
         packed = pack_hidden(out)
         if next_hop is not None and self._nursery is not None:
             self._nursery.start_soon(self._push, push, next_hop, step_id, pos, packed, push_receipts)
         reply = {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
-        if session.seed is not None and input_digest is not None:
+        if session.seed is not None and signed is not None:
             assert self.model_id is not None  # run() set it before serving
+            input_digest, output_digest, output_fingerprint = signed
             reply["signed"] = sign_step(
                 self.network.identity, model=self.model_id, start=session.span.start, end=session.span.end,
                 dtype=session.dtype, session=session.id, step=step_id, pos=pos, chunks=chunks,
-                input_digest=input_digest, outputs=out, seed=session.seed).to_wire()
+                input_digest=input_digest, output_digest=output_digest, output_fingerprint=output_fingerprint,
+                seed=session.seed).to_wire()
         return reply
 
     async def _run(self, session: ServedSession, step_id: int, pos: int, hidden: torch.Tensor, chunks: list[int],
-                   receipt: Any, *, pushed: bool) -> tuple[torch.Tensor, float, int, bytes | None] | None:
+                   receipt: Any, *, pushed: bool) -> tuple[torch.Tensor, float, int, tuple[bytes, bytes, bytes] | None] | None:
         """Compute a step of `session`, paid for first: (outputs, compute seconds, tokens served so far,
-        input digest when steps are signed), or None for a stale push."""
+        (input digest, output digest, fingerprint) when steps are signed), or None for a stale push."""
         n = hidden.shape[1]
         async with session.compute_lock:
             if step_id < session.last_step:
@@ -683,7 +685,7 @@ class BlockServer:
                 if account is not None:
                     limiter = self.limiter.at(await account.billing.priority(account))
 
-                def compute() -> tuple[torch.Tensor, float]:
+                def compute() -> tuple[torch.Tensor, float, tuple[bytes, bytes, bytes] | None]:
                     t0 = time.perf_counter()
                     if capacity > session.cache.capacity:
                         session.cache = _grown(session.span, session.cache, capacity)
@@ -691,9 +693,14 @@ class BlockServer:
                     for c in chunks:
                         outs.append(session.span.forward(hidden[:, off:off + c], session.cache, p))
                         off, p = off + c, p + c
-                    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), time.perf_counter() - t0
+                    result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+                    elapsed = time.perf_counter() - t0
+                    # what signing needs of the tensors, hashed and projected here, off the trio thread
+                    digests = (tensor_digest(hidden), *result_digests(result, session.seed)) \
+                        if session.seed is not None else None
+                    return result, elapsed, digests
 
-                out, compute_s = await trio.to_thread.run_sync(compute, limiter=limiter)
+                out, compute_s, digests = await trio.to_thread.run_sync(compute, limiter=limiter)
             except BaseException:
                 if account is not None:
                     account.rollback(paid_before)
@@ -702,13 +709,16 @@ class BlockServer:
             session.last_used = trio.current_time()
             session.tokens += n
             served = session.tokens
-            input_digest = session.inputs.add(pos, chunks, hidden) if session.inputs is not None else None
+            signed = None
+            if digests is not None and session.inputs is not None:
+                inputs_digest, output_digest, output_fingerprint = digests
+                signed = (session.inputs.add(pos, chunks, inputs_digest), output_digest, output_fingerprint)
         session.steps += 1
         if account is not None and account.due(account.billing.clock()) and self._nursery is not None:
             self._nursery.start_soon(account.billing.settle, account)  # periodic earn entry (long sessions)
         self.stats["steps"] += 1
         self.stats["tokens"] += n
-        return out, compute_s, served, input_digest
+        return out, compute_s, served, signed
 
     # --- sessions of a client in this process (pipeline/hop.py LocalHop) -------------------------
 

@@ -29,9 +29,9 @@ route (never used again by this client), and, with billing, gets a verdict in th
 and a signed *dispute* entry on the client's chain whose evidence is a proof (pipeline/proofs.py):
 the liar's own signed result for its first step that differs from the honest outputs, and the
 inputs of its session up to that step, which any peer holding the span can re-run
-(pipeline/disputes.py). A proof too large for an entry is not filed (a dispute without a proof
-would count nothing; the client's own verdict stands). Checker and referee sessions are ordinary sessions: the client pays them
-with receipts like any hop. Comparison: per token, ‖a − b‖₂ / ‖b‖₂ ≤ `tolerance` (default 1e-3 for
+(pipeline/disputes.py); a proof too large for an entry is filed as a claim and served from the
+client's shelf (pipeline/proofshelf.py). Checker and referee sessions are ordinary sessions: the
+client pays them with receipts like any hop. Comparison: per token, ‖a − b‖₂ / ‖b‖₂ ≤ `tolerance` (default 1e-3 for
 float32, 5e-2 for bfloat16 — different hardware gives different rounding, a lie is far larger).
 The client's own blocks (pipeline/hop.py `LocalHop`) are never checked — nobody checks us against
 ourselves — but its own server is a checker and referee candidate like any other, run in process.

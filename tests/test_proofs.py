@@ -16,7 +16,8 @@ from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.limiter import PriorityLimiter
 from pipeline.loading import ModelFolder, load_span
 from pipeline.proofs import (
-    BadSignedStep, DisputeClaim, DisputeProof, InputChain, InvalidProof, ProvenLog, check_signed, is_claim, sign_step,
+    BadSignedStep, DisputeClaim, DisputeProof, InputChain, InvalidProof, ProvenLog, check_signed, is_claim, result_digests,
+    sign_step, tensor_digest,
 )
 from pipeline.proofshelf import ProofShelf
 from pipeline.server import BlockServer
@@ -61,13 +62,18 @@ def serve(span, server: Identity, mid: str, steps, *, lie_at: int | None = None)
         out = span.forward(inputs, cache, pos)
         if i == lie_at:
             out = out + 0.05 * out.abs().mean()
-        digest = chain.add(pos, [inputs.shape[1]], inputs)
+        digest = chain.add(pos, [inputs.shape[1]], tensor_digest(inputs))
         wire = sign_step(server, model=mid, start=0, end=2, dtype="float32", session=SESSION, step=i, pos=pos,
-                         chunks=[inputs.shape[1]], input_digest=digest, outputs=out, seed=SEED).to_wire()
+                         chunks=[inputs.shape[1]], input_digest=digest, **signed_outputs(out), seed=SEED).to_wire()
         record = check_signed(wire, server=server.public_key, model=mid, start=0, end=2, dtype="float32",
                               session=SESSION, step=i, seed=SEED, outputs=out)
         log.accept(record, pos, [inputs.shape[1]], inputs, out)
     return log
+
+
+def signed_outputs(out: torch.Tensor) -> dict:
+    output_digest, output_fingerprint = result_digests(out, SEED)
+    return {"output_digest": output_digest, "output_fingerprint": output_fingerprint}
 
 
 def inputs(n: int, seed: int) -> torch.Tensor:
@@ -112,7 +118,7 @@ def test_client_refuses_results_that_are_not_what_was_signed(llama, span):
     server = Identity.generate()
     out = span.forward(inputs(3, 7), span.new_cache(8), 0)
     record = sign_step(server, model=mid, start=0, end=2, dtype="float32", session=SESSION, step=1, pos=0,
-                       chunks=[3], input_digest=b"d" * 32, outputs=out, seed=SEED)
+                       chunks=[3], input_digest=b"d" * 32, **signed_outputs(out), seed=SEED)
     want = dict(server=server.public_key, model=mid, start=0, end=2, dtype="float32", session=SESSION, step=1,
                 seed=SEED, outputs=out)
     check_signed(record.to_wire(), **want)
@@ -230,8 +236,11 @@ class SigningLiar(BlockServer):
     async def _run(self, session, *args, **kw):
         ran = await super()._run(session, *args, **kw)
         if ran is not None and session.steps > 3:
-            out, *rest = ran
-            return (out + 0.05 * out.abs().mean(), *rest)
+            out, compute_s, served, signed = ran
+            out = out + 0.05 * out.abs().mean()
+            if signed is not None:  # the digests it signs are of what it returns
+                signed = (signed[0], *result_digests(out, session.seed))
+            return out, compute_s, served, signed
         return ran
 
 

@@ -10,7 +10,7 @@ from p2p.identity import public_key_from_peer_id
 from pipeline.client import TokenEvent
 from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.loading import ModelFolder
-from pipeline.proofs import DisputeProof
+from pipeline.proofs import DisputeProof, result_digests
 from pipeline.protocol import pack_hidden, unpack_hidden
 from pipeline.server import BlockServer
 from pipeline.spotcheck import SpotCheckConfig, relative_error
@@ -37,8 +37,11 @@ class LyingServer(BlockServer):
     async def _run(self, session, *args, **kw):
         ran = await super()._run(session, *args, **kw)
         if ran is not None and session.steps > self.honest_steps:
-            out, *rest = ran
-            return (out + 0.05 * out.abs().mean(), *rest)
+            out, compute_s, served, signed = ran
+            out = out + 0.05 * out.abs().mean()
+            if signed is not None:  # the digests it signs are of what it returns
+                signed = (signed[0], *result_digests(out, session.seed))
+            return out, compute_s, served, signed
         return ran
 
 
