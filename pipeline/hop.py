@@ -6,8 +6,9 @@ finiteness, and the server's signature over the result, pipeline/proofs.py); onc
 are known (at once, or after a push collected every hop's output) `accept` checks the signed input
 digest and keeps the step in the hop's signed history `log`, what a dispute proof is built from. A
 bad signed result is a `BadSignedStep` (a FrameError: a fault, like a broken stream). `close` ends
-the session, with the final receipt when there is one. A `LocalHop` is a session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no
-stream and no serialisation, and nothing to sign for (serving ourselves is free). Either way a
+the session, with the final receipt when there is one. A `LocalHop` is a session with this peer's
+own BlockServer (`LocalServer`), in process: `run` is a call, with no stream and no serialisation,
+and nothing to sign for (serving ourselves is free). Either way a
 server's refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to,
 with the server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord`
 is what one completed step of a hop sent and got back (the spot checker keeps them,
