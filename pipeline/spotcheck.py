@@ -230,8 +230,7 @@ class SpotChecker:
             for p in (hop.peer_id, checker.peer_id):
                 self.seq.ban(p, "spot check inconclusive")
             return None
-        liar, referee, ref_err = verdict
-        honest = checker.peer_id if liar == hop.peer_id else hop.peer_id
+        liar, _referee, _referee_error = verdict
         self.stats["liars"] += 1
         self.seq.distrust(liar, f"spot check: outputs of blocks [{hop.start}, {hop.end}) differ from two other servers")
         if liar != hop.peer_id:

@@ -23,7 +23,7 @@ from pipeline.proofshelf import ProofShelf
 from pipeline.server import BlockServer
 from pipeline.protocol import pack_hidden, unpack_hidden
 from pipeline.spotcheck import SpotCheckConfig
-from testkit.billing import POLICY, add_client, add_server, make_ledger
+from testkit.billing import add_client, add_server, make_ledger
 from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]

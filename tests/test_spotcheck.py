@@ -11,7 +11,6 @@ from pipeline.client import TokenEvent
 from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.loading import ModelFolder
 from pipeline.proofs import DisputeProof, result_digests
-from pipeline.protocol import pack_hidden, unpack_hidden
 from pipeline.server import BlockServer
 from pipeline.spotcheck import SpotCheckConfig, relative_error
 from testkit.billing import add_client, add_server
@@ -43,17 +42,6 @@ class LyingServer(BlockServer):
                 signed = (signed[0], *result_digests(out, session.seed))
             return out, compute_s, served, signed
         return ran
-
-
-class UnsignedLiar(BlockServer):
-    """Changes its outputs after signing them: what it returns is not what it signed."""
-
-    async def _step(self, session, m, *, pushed):
-        reply = await super()._step(session, m, pushed=pushed)
-        if reply is not None:
-            h = unpack_hidden(reply["h"], dtype="float32", hidden_size=self.mf.config.hidden_size)
-            reply["h"] = pack_hidden(h + 0.05 * h.abs().mean())
-        return reply
 
 
 async def sees_all(model, n: int) -> None:
