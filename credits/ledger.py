@@ -15,18 +15,28 @@ Kinds and bodies (each body is the msgpack of a fixed-order list, decoded strict
 - `spend`  [receipt] — the client's own record of the same receipt (client = author). Kept for
   audits and `potluck credits`; it does not move balances (see below).
 - `dispute` [accused(32 B), reason(str), evidence(bytes)] — a signed accusation from a spot check;
-  it lowers the accused server's reliability (below).
+  its evidence is a proof (pipeline/proofs.py: the accused's signed step result and the inputs it
+  ran on) that any peer holding the span can re-run. It moves no balance (below).
 - `fork`   [fork proof] — the author records a fork proof it checked (it is also stored and spread
   on its own, see `ForkProof`).
 
 Balances, as each peer sees them (a fold over the chains it has verified):
     balance(P) = grants to P + earned(P) − spent(P)
-where earned(S) sums, over S's earn entries, the worth of the highest-counter receipt per
+where earned(S) sums, over S's earn entries, the FLOPs of the highest-counter receipt per
 (client, session), and spent(C) sums the same receipts by client — a client's debit is derived from
 the *servers'* earn entries carrying its signature, so it cannot dodge a debt by not recording
-spends. A receipt is worth its FLOPs × the server's reliability (`PER_DISPUTE` per distinct
-credible accuser), to both sides, so every receipt adds to one peer what it takes
-from another and the total over all peers is exactly the sum of grants: conserved.
+spends. Every receipt adds to one peer what it takes from another, so the total over all peers is
+exactly the sum of grants: conserved, and the same at every peer holding the same chains.
+
+Disputes and verdicts. A dispute is a claim; it counts nothing until this peer has judged it
+itself (pipeline/disputes.py re-runs the proof on blocks it holds) and kept a *verdict* in its own
+store (`record_verdict`, never replicated). A proven liar, a peer whose accusation was false and a
+forked author have reliability 0 in this peer's view (`reliability_sync`): routing avoids them and
+`credits.standing` counts their work at nothing — a liar's earnings are forfeited where decisions are
+made, not rewritten in the shared fold. A client's own referee-backed spot check is a verdict in its
+own view. Once an accuser is found making a false accusation, its disputes are never verified again
+(`unjudged_disputes` leaves them out), so dispute spam costs the verifier one check per accuser and
+the accused nothing.
 
 Ingestion bounds what one author adds without work behind it: grants, disputes and forks are paid
 for from a per-author allowance (`credits.allowance.IngestLimits`); earn and spend entries, which
@@ -69,7 +79,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 GFLOP = 10**9
-PER_DISPUTE = 0.5  # reliability factor per distinct credible accuser
 MAX_NOTE = 200
 MAX_EVIDENCE = 12 * 1024
 
@@ -492,46 +501,59 @@ class Ledger:
 
         for _author, recipient, amount in self.store.counted_grants():
             get(recipient).granted += amount
-        transfers = list(self.store.counted_transfers())
-        face_value: dict[bytes, int] = {}
-        for server, _client, flops in transfers:
-            face_value[server] = face_value.get(server, 0) + flops
-        disputed = self._disputed(face_value)
-        for server, client, flops in transfers:
-            # Work is worth FLOPs × the server's reliability, to both sides: the total stays conserved.
-            # (A forked author is frozen instead, below; its history keeps its face value.)
-            worth = int(flops * disputed.get(server, 1.0))
-            get(server).earned += worth
-            get(client).spent += worth
+        for server, client, flops in self.store.counted_transfers():
+            # Every receipt counts at its face value, to both sides: the total stays conserved, and the
+            # fold is the same at every peer holding the same chains (disputes do not enter it).
+            get(server).earned += flops
+            get(client).spent += flops
         for author in self.forks:
             get(author)
         self._balances = (version, out)
-        self._reliability = (version, {**disputed, **{key: 0.0 for key in self.forks}})
         return out
 
-    def _disputed(self, face_value: dict[bytes, int]) -> dict[bytes, float]:
-        """public key → PER_DISPUTE ** (distinct accusers in good standing — not forked, and paid for
-        serving at least once, so a fresh Sybil key cannot smear anyone for free), for every server
-        with such a dispute. A function of the verified chains alone, so peers holding the same
-        chains agree."""
-        accusers: dict[bytes, set[bytes]] = {}
-        for entry in self.store.entries_of_kind("dispute"):
-            if entry.author in self.forks or face_value.get(entry.author, 0) <= 0:
-                continue
-            accused = msgpack.unpackb(entry.body, raw=False)[0]  # the body was checked on ingest
-            if isinstance(accused, bytes):
-                accusers.setdefault(accused, set()).add(entry.author)
-        return {key: PER_DISPUTE ** len(who) for key, who in accusers.items()}
-
     def reliability_sync(self) -> dict[bytes, float]:
+        """public key → 0.0 for every peer this peer found lying (a dispute it verified, or its own
+        referee-backed check), making a false accusation, or forking; absent keys are 1.0."""
         if self._reliability is None or self._reliability[0] != self.version:
-            self.balances_sync()
-        assert self._reliability is not None  # balances_sync computed it
+            version = self.version
+            liars, false_accusers = self.verdicts_sync()
+            self._reliability = (version, dict.fromkeys(liars | false_accusers | set(self.forks), 0.0))
         return self._reliability[1]
 
     async def reliability(self) -> dict[bytes, float]:
-        """public key → reliability factor for every server with a dispute (or 0 with a fork); absent keys are 1.0."""
+        """`reliability_sync`, through the ledger's worker."""
         return await self._call(self.reliability_sync)
+
+    # --- verdicts on disputes (this peer's own; see the module docstring) -------------------------
+
+    def verdicts_sync(self) -> tuple[set[bytes], set[bytes]]:
+        """(proven liars, false accusers) by this peer's own verdicts."""
+        liars: set[bytes] = set()
+        false_accusers: set[bytes] = set()
+        for accuser, _seq, accused, lie in self.store.verdicts():
+            (liars if lie else false_accusers).add(accused if lie else accuser)
+        return liars, false_accusers
+
+    async def record_verdict(self, accuser: bytes, seq: int, accused: bytes, lie: bool | None) -> None:
+        """Keep this peer's verdict on dispute `seq` of `accuser` (0: its own check, no entry): `lie`
+        True, `accused` lied; False, the accusation was false; None, this peer cannot judge it."""
+        await self._call(self._record_verdict_sync, accuser, seq, accused, lie)
+
+    def _record_verdict_sync(self, accuser: bytes, seq: int, accused: bytes, lie: bool | None) -> None:
+        with self.store.transaction():
+            self.store.put_verdict(accuser, seq, accused, lie)
+        if lie is not None:
+            self.version += 1  # reliability and standing views recompute; no chain changed
+
+    async def unjudged_disputes(self, limit: int = 64) -> list[tuple[LogEntry, bytes, bytes]]:
+        """Disputes by others this peer has no verdict on, from accusers not yet caught making a false
+        accusation: (entry, accused key, evidence)."""
+        entries = await self._call(self.store.unjudged_disputes, self.me, limit)
+        out = []
+        for entry in entries:
+            accused, _reason, evidence = _decode_body(entry.body, 3, "dispute")  # checked on ingest
+            out.append((entry, accused, evidence))
+        return out
 
     async def balance(self, key: bytes) -> Balance:
         return (await self.balances()).get(key) or Balance(key, frozen=key in self.forks)

@@ -8,8 +8,9 @@ first, actually received.
 
 The work graph. Every counted receipt (`Store.counted_transfers`: the highest counter per
 (server, client, session), below a forked server's fork point) is an edge server → client in the
-direction the work went, weighted by its worth: FLOPs × the server's reliability (disputes halve
-it, a fork makes it 0), the worth the balance fold uses. Only the client can sign an edge into
+direction the work went, weighted by its worth: FLOPs × the server's reliability in this peer's own
+view (`Ledger.reliability_sync`: 0 for a server this peer proved a liar, one that made a false
+accusation, or a forked one; else 1) — so a proven liar's work is forfeited here, whatever the fold says. Only the client can sign an edge into
 itself, so an edge into an honest peer is work that peer really received.
 
 Standing of X in the view of me (the viewer), over paths of at most two edges (BarterCast's bound,
@@ -46,9 +47,9 @@ first) and the larger KV-cache share (standing > 0). The balances stay the share
 `StandingView` keeps one peer's standings, recomputed from its ledger at most every `max_age`
 seconds (and only when the ledger changed; one recomputation at a time, the others wait for it),
 through the ledger's worker, never SQLite on the trio thread. A recomputation reads only the
-receipts this peer signed and those its servers signed (through the store's client index), and the
-reliability factors of the balance fold (which the ledger computes once per change, for balances
-anyway). `seen_by` estimates this peer's own standing in the views of the peers it served, from the
+receipts this peer signed and those its servers signed (through the store's client index), and this
+peer's reliability factors (which the ledger computes once per change of its chains or verdicts).
+`seen_by` estimates this peer's own standing in the views of the peers it served, from the
 same graph as held here (each of them may hold more or less of it).
 """
 
@@ -134,7 +135,7 @@ class StandingView:
     def standings_sync(self) -> dict[bytes, int]:
         """Blocking: recompute now (benchmarks, tools that own the thread)."""
         version, at, me = self.ledger.version, self.ledger.clock(), self.ledger.me
-        reliability = self.ledger.reliability_sync()  # the balance fold's, computed once per ledger change
+        reliability = self.ledger.reliability_sync()  # this peer's verdicts and forks, once per ledger change
         into_me = self.ledger.store.counted_transfers_to([me])
         relays = {server for server, _client, _flops in into_me}
         graph = WorkGraph.from_transfers(into_me + self.ledger.store.counted_transfers_to(relays), reliability)

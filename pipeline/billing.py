@@ -46,16 +46,17 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   standing (in this server's view) first, FIFO within an equal standing — a farmed balance buys no
   place in the queue; loading and cache allocation go first (priority +inf).
 
-Reliability (`Ledger.reliability`): how much a verifier trusts a server, from what it can check itself —
-the signed *dispute* entries against the server in verified chains, counted once per accuser, and
-only from accusers in good standing (not frozen by a fork proof, with credits earned by serving:
-a fresh Sybil key cannot smear anyone for free) — folded with what the verifier saw itself (spot
-checks passed / failed, hop failures; `SequenceManager`). Servers announce their own factor (uptime
-and disputes as their ledger sees them) in ServerInfo, but routing never takes a self-report above its
-own view: it uses min(announced, observed). The balance fold in credits/ counts each receipt at FLOPs
-× the server's reliability, for the server and its client alike (conserved). Not fully verifiable: checks that passed are not recorded on chains, and a dispute's evidence
-is the accuser's claim (hashes of the inputs and of both outputs) — servers do not sign their outputs,
-so a third party cannot re-check a dispute without re-running the blocks itself.
+Reliability (`Ledger.reliability`): how much a peer trusts a server, from what it checked itself —
+0 for a server it proved a liar (a dispute whose proof it re-ran, pipeline/disputes.py, or its own
+referee-backed spot check, `ClientBilling.dispute`), for a peer whose accusation it found false, and
+for a forked author — folded with what it saw itself (spot checks passed / failed, hop failures;
+`SequenceManager`). Servers sign every step's result (pipeline/proofs.py), so a dispute carries
+the accused's own signature over what it returned and the inputs it ran on: anyone holding the span
+can check it, and a dispute nobody could check counts nothing. Disputes never move balances: the
+fold stays the same everywhere and conserved, so dispute spam changes nobody's balance; a proven
+liar's work is worth 0 in the standing of the peers that proved it (credits.standing). Servers
+announce their own factor in ServerInfo, but routing never takes a self-report above its own view:
+it uses min(announced, observed).
 """
 
 from __future__ import annotations
@@ -65,13 +66,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import msgpack
 import trio
 
 from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, StandingView
 from credits.admission import Admission
 from p2p.identity import peer_id_from_public_key, public_key_from_peer_id
 
+from .proofs import MAX_FETCHED_PROOF, MAX_PROOF_BYTES, DisputeClaim, DisputeProof, is_claim
+from .proofshelf import ProofShelf
 from .protocol import InferenceError
 
 log = logging.getLogger(__name__)
@@ -287,12 +289,17 @@ class ClientBilling:
     """The client's side: signs cumulative receipts per (server, session), records spends, files
     disputes. Pass it as `ClientConfig(billing=ClientBilling(ledger))`."""
 
-    def __init__(self, ledger: Ledger, pricing: Any = None):
+    def __init__(self, ledger: Ledger, pricing: Any = None, *, shelf: ProofShelf | None = None,
+                 inline_proof_bytes: int = MAX_PROOF_BYTES):
+        """`shelf`: where proofs larger than `inline_proof_bytes` are kept and served to verifiers
+        (pipeline/proofshelf.py; the peer serves it on its network); None: such disputes are not filed."""
         self.ledger = ledger
+        self.shelf = shelf
+        self.inline_proof_bytes = min(inline_proof_bytes, MAX_PROOF_BYTES)
         self.identity = ledger.identity
         self.pricing = pricing if pricing is not None else ledger.pricing
         self.signers: dict[tuple[str, bytes], ReceiptSigner] = {}
-        self.stats = {"receipts": 0, "spend_entries": 0, "spent_flops": 0, "disputes": 0}
+        self.stats = {"receipts": 0, "spend_entries": 0, "spent_flops": 0, "disputes": 0, "unfiled_disputes": 0}
 
     def register_model(self, model_id: str, config: Any) -> None:
         _register(self.pricing, model_id, config)
@@ -339,10 +346,24 @@ class ClientBilling:
         """peer id → reliability factor from this ledger's verified chains (for routing)."""
         return {peer_id_from_public_key(k): r for k, r in (await self.ledger.reliability()).items()}
 
-    async def dispute(self, accused_peer: str, reason: str, evidence: dict) -> None:
+    async def dispute(self, accused_peer: str, reason: str, proof: DisputeProof | None) -> None:
+        """A referee-backed spot check caught `accused_peer` lying: a verdict in our own view, and a
+        dispute entry for everyone else carrying `proof` (inline when it fits, else a claim naming the
+        proof on our shelf). Without a proof none is filed: it would count nothing anywhere and make
+        us a false accuser."""
         try:
             accused = public_key_from_peer_id(accused_peer)
         except ValueError:
             return
-        await self.ledger.record_dispute(accused, reason[:200], msgpack.packb(evidence, use_bin_type=True))
-        self.stats["disputes"] += 1
+        seq = 0
+        evidence = proof.encode() if proof is not None else b""
+        if proof is not None and len(evidence) > self.inline_proof_bytes and self.shelf is not None \
+                and len(evidence) <= MAX_FETCHED_PROOF:
+            evidence = DisputeClaim(proof.record, self.shelf.put(evidence), len(evidence)).encode()
+        filed = len(evidence) <= self.inline_proof_bytes or is_claim(evidence)
+        if proof is not None and filed and len(evidence) <= MAX_PROOF_BYTES:
+            seq = (await self.ledger.record_dispute(accused, reason[:200], evidence)).seq
+            self.stats["disputes"] += 1
+        else:
+            self.stats["unfiled_disputes"] += 1
+        await self.ledger.record_verdict(self.ledger.me, seq, accused, True)

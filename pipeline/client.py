@@ -35,6 +35,11 @@
 - Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py, default 2 % of steps) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
+- Signed results: every remote hop's "out" carries the server's signature over the step's result
+  (pipeline/proofs.py); the client checks it as the reply arrives and, once the step's inputs are
+  known, that it covers them (`RemoteHop.accept`). A result that is not what the server signed is a
+  fault (`BadSignedStep`): the hop is replaced like a broken stream; in push mode a hop that signed
+  other inputs than the client saw is run directly instead.
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
 from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
+from .proofs import BadSignedStep
 from .protocol import pack_hidden
 from .routing import NoRoute, RouteHop, SequenceManager
 from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
@@ -290,6 +296,7 @@ class InferenceSession:
             await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
             out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.model_config.hidden_size,
                                                    self.model.dtype_name)
+        hop.accept(step_id, pos, chunks or [h.shape[1]], h, out)
         self.stats.compute_s += compute_s
         self.model.sequence.observe_rtt(hop.peer_id, max(0.0, trio.current_time() - t0 - compute_s))
         return out
@@ -465,8 +472,14 @@ class InferenceSession:
             if got is None:
                 self.stats.push_fallbacks += 1
                 return k, h
-            inputs[hop.start] = h
             out, c = got
+            try:
+                hop.accept(step_id, pos, (n,), h, out)
+            except BadSignedStep as e:  # e.g. a push that carried other inputs than the client saw: run it directly
+                log.info("push step: hop %s signed other inputs: %s", hop, e)
+                self.stats.push_fallbacks += 1
+                return k, h
+            inputs[hop.start] = h
             if self.checker is not None:
                 self.checker.record(hop, StepRecord(pos, h, (n,), out))
             h = out

@@ -25,10 +25,13 @@ float noise) and its outputs are compared with everything H returned since the l
 On a mismatch a referee R (a third server for the span) replays H's whole history in a fresh session;
 the server R disagrees with is the liar (if R agrees with neither, or no third server exists, the
 check is inconclusive: both are banned for a while, nobody is accused). The liar is distrusted by the
-route (never used again by this client), and, with billing, gets a signed *dispute* entry on the
-client's chain whose evidence holds the span, positions, hashes of the inputs and of the three
-outputs, and the errors. Checker and referee sessions are ordinary sessions: the client pays them
-with receipts like any hop. Comparison: per token, ‖a − b‖₂ / ‖b‖₂ ≤ `tolerance` (default 1e-3 for
+route (never used again by this client), and, with billing, gets a verdict in the client's own view
+and a signed *dispute* entry on the client's chain whose evidence is a proof (pipeline/proofs.py):
+the liar's own signed result for its first step that differs from the honest outputs, and the
+inputs of its session up to that step, which any peer holding the span can re-run
+(pipeline/disputes.py); a proof too large for an entry is filed as a claim and served from the
+client's shelf (pipeline/proofshelf.py). Checker and referee sessions are ordinary sessions: the
+client pays them with receipts like any hop. Comparison: per token, ‖a − b‖₂ / ‖b‖₂ ≤ `tolerance` (default 1e-3 for
 float32, 5e-2 for bfloat16 — different hardware gives different rounding, a lie is far larger).
 The client's own blocks (pipeline/hop.py `LocalHop`) are never checked — nobody checks us against
 ourselves — but its own server is a checker and referee candidate like any other, run in process.
@@ -36,7 +39,6 @@ ourselves — but its own server is a checker and referee candidate like any oth
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -49,7 +51,8 @@ from p2p.errors import P2PError
 
 from .billing import ClientBilling
 from .errors import Refused
-from .hop import Hop, StepRecord
+from .hop import Hop, RemoteHop, StepRecord
+from .proofs import DisputeProof
 from .routing import RouteHop, SequenceManager
 
 log = logging.getLogger(__name__)
@@ -93,8 +96,19 @@ def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((num / den).max()) if num.numel() else 0.0
 
 
-def _digest(t: torch.Tensor) -> bytes:
-    return hashlib.sha256(t.detach().float().contiguous().numpy().tobytes()).digest()
+def _proof(liar: Hop, reference: torch.Tensor, start_pos: int, tol: float) -> DisputeProof | None:
+    """The proof against `liar`: its first signed step, among those `reference` (honest outputs from
+    position `start_pos` on) covers, whose outputs differ beyond `tol`; None if none does."""
+    if not isinstance(liar, RemoteHop):
+        return None
+    end_pos = start_pos + reference.shape[1]
+    for i, step in enumerate(liar.log.steps):
+        if step.pos < start_pos or step.pos + step.tokens > end_pos:
+            continue
+        honest = reference[:, step.pos - start_pos:step.pos - start_pos + step.tokens]
+        if relative_error(step.outputs, honest) > tol:
+            return liar.log.proof(i)
+    return None
 
 
 @dataclass
@@ -216,24 +230,17 @@ class SpotChecker:
             for p in (hop.peer_id, checker.peer_id):
                 self.seq.ban(p, "spot check inconclusive")
             return None
-        liar, referee, ref_err = verdict
-        honest = checker.peer_id if liar == hop.peer_id else hop.peer_id
+        liar, _referee, _referee_error = verdict
         self.stats["liars"] += 1
         self.seq.distrust(liar, f"spot check: outputs of blocks [{hop.start}, {hop.end}) differ from two other servers")
         if liar != hop.peer_id:
             watch.verified = end_pos
         if self.billing is not None:
-            inputs = torch.cat([r.inputs for r in records], dim=1)
-            evidence = {
-                "model": self.model_id, "start": hop.start, "end": hop.end,
-                "positions": [start_pos, end_pos], "inputs_sha256": _digest(inputs),
-                "accused_output_sha256": _digest(claimed if liar == hop.peer_id else got),
-                "witness_output_sha256": _digest(got if liar == hop.peer_id else claimed),
-                "witnesses": [honest, referee], "relative_error": err, "referee_error": ref_err, "tolerance": tol,
-            }
+            lied, reference = (hop, got) if liar == hop.peer_id else (checker, claimed)
+            proof = _proof(lied, reference, start_pos, tol)
             try:
                 await self.billing.dispute(liar, f"spot check failed: blocks [{hop.start}, {hop.end}) "
-                                                 f"relative error {err:.3g} > {tol:g}", evidence)
+                                                 f"relative error {err:.3g} > {tol:g}", proof)
             except Exception as e:  # noqa: BLE001 - the ban stands even if the entry fails
                 log.warning("could not record the dispute: %s", e)
         return liar

@@ -43,6 +43,8 @@ from pipeline.announce import GOSSIP_TOPIC, ModelCard, fetch_models, fetch_serve
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
+from pipeline.disputes import DisputeJudge, ServedBlocks
+from pipeline.proofshelf import ProofShelf
 from pipeline.pricing import ModelPricing
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 
@@ -88,6 +90,8 @@ class Peer:
         self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None)
         self.gossip = Gossip(network, identity)
         self.replicator = Replicator(ledger, network, self.gossip)
+        self.proofs = ProofShelf()  # proofs of our disputes too large for an entry, served to verifiers
+        self.proofs.serve_on(network)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: set[str] = set()
@@ -279,7 +283,7 @@ class Peer:
                 folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
                 self._client = await DistributedModel.from_pretrained(
                     folder, self.network, self.dht, dtype=self.config.dtype,
-                    config=ClientConfig(billing=ClientBilling(self.ledger)), local_server=self.server)
+                    config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs)), local_server=self.server)
             return self._client
 
     async def _generate_command(self, request: dict) -> dict:
@@ -349,6 +353,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 await nursery.start(peer.dht.run)
                 if peer.server is not None:
                     await nursery.start(peer.server.run)
+                    # disputes against servers of our span: re-run their proofs (pipeline/disputes.py)
+                    await nursery.start(DisputeJudge(ledger, ServedBlocks(peer.server), network=network).run)
                 await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME, peer.commands())
                 if config.api is not None:
                     from . import api

@@ -5,7 +5,7 @@ free when idle), compute ordered by standing, unpaid clients cut off."""
 import pytest
 import trio
 
-from credits import CreditPolicy
+from credits import CreditPolicy, StandingView
 from credits.ledger import GFLOP
 from pipeline.billing import ClientBilling
 from pipeline.client import GenerationFailed
@@ -250,7 +250,10 @@ async def test_server_queues_steps_by_client_standing_not_balance(llama):
             assert lim.served[-4:] == sorted(standing, reverse=True) + [0]
 
 
-async def test_reliability_counts_credible_accusers_and_scales_what_a_server_earned(llama, tmp_path):
+async def test_disputes_count_only_as_the_viewers_own_verdicts_and_never_move_balances(llama, tmp_path):
+    """Disputes used to cut what the accused earned in every peer's fold, on the accuser's word alone.
+    Now the fold ignores them; a verdict this peer reached itself zeroes the liar's reliability (routing,
+    standing) and a false accusation the accuser's, in this peer's view only."""
     from credits import ReceiptSigner
     from p2p.identity import Identity
 
@@ -259,7 +262,6 @@ async def test_reliability_counts_credible_accusers_and_scales_what_a_server_ear
     leds = [make_ledger(i, None, mid, cfg) for i in ids]
     for led in leds:
         await led.claim_starting_grant()
-    # both servers served the client; 1 earned something, so its dispute counts; 2 never served
     for server in (0, 1):
         rs = ReceiptSigner(ids[3], server=ids[server].public_key, model=mid, start=0, end=2, pricing=leds[server].pricing)
         await leds[server].record_earn(rs.sign(5))
@@ -270,15 +272,20 @@ async def test_reliability_counts_credible_accusers_and_scales_what_a_server_ear
     for led in leds[:3]:
         wires = led.store.range_wire(led.me, 1, 100)
         assert (await viewer.ingest(wires)).stored == len(wires)
-    view = await viewer.reliability()
-    assert view[ids[0].public_key] == 0.5  # one credible accuser; the Sybil's dispute does not count
-    assert ids[1].public_key not in view
-    # what the accused earned counts at half, for it and for its client alike: still conserved
+    assert await viewer.reliability() == {}  # claims without a verdict count nothing
     balances = await viewer.balances()
-    assert balances[ids[0].public_key].earned == face // 2
-    assert balances[ids[1].public_key].earned == face
-    assert balances[ids[3].public_key].spent == face + face // 2
-    assert sum(b.raw for b in balances.values()) == sum(b.granted for b in balances.values())
+    assert balances[ids[0].public_key].earned == face and balances[ids[3].public_key].spent == 2 * face
+    assert sum(b.raw for b in balances.values()) == sum(b.granted for b in balances.values())  # conserved
+    # the viewer judged one dispute a proven lie, the other a false accusation
+    disputes = {e.author: e for e, _, _ in await viewer.unjudged_disputes()}
+    await viewer.record_verdict(ids[1].public_key, disputes[ids[1].public_key].seq, ids[0].public_key, True)
+    await viewer.record_verdict(ids[2].public_key, disputes[ids[2].public_key].seq, ids[0].public_key, False)
+    assert await viewer.reliability() == {ids[0].public_key: 0.0, ids[2].public_key: 0.0}
+    assert {k: b.raw for k, b in (await viewer.balances()).items()} == {k: b.raw for k, b in balances.items()}
+    assert await viewer.unjudged_disputes() == []
+    # the liar's work is worth nothing in the viewer's standing; the honest server's stays
+    table = StandingView(viewer).standings_sync()
+    assert table == {ids[1].public_key: face}
 
 
 def test_route_penalises_unreliable_servers():

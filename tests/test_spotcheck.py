@@ -8,8 +8,9 @@ import trio
 
 from p2p.identity import public_key_from_peer_id
 from pipeline.client import TokenEvent
+from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.loading import ModelFolder
-from pipeline.protocol import pack_hidden, unpack_hidden
+from pipeline.proofs import DisputeProof, result_digests
 from pipeline.server import BlockServer
 from pipeline.spotcheck import SpotCheckConfig, relative_error
 from testkit.billing import add_client, add_server
@@ -27,16 +28,20 @@ def llama(llama):
 
 
 class LyingServer(BlockServer):
-    """Honest for its first `honest_steps` steps of each session, then adds noise to what it returns."""
+    """Honest for its first `honest_steps` steps of each session, then adds noise to what it computed
+    — and signs the noisy outputs as its result, as a server that cuts corners would."""
 
     honest_steps = 3
 
-    async def _step(self, session, m, *, pushed):
-        reply = await super()._step(session, m, pushed=pushed)
-        if reply is not None and session.steps > self.honest_steps:
-            h = unpack_hidden(reply["h"], dtype="float32", hidden_size=self.mf.config.hidden_size)
-            reply["h"] = pack_hidden(h + 0.05 * h.abs().mean())
-        return reply
+    async def _run(self, session, *args, **kw):
+        ran = await super()._run(session, *args, **kw)
+        if ran is not None and session.steps > self.honest_steps:
+            out, compute_s, served, signed = ran
+            out = out + 0.05 * out.abs().mean()
+            if signed is not None:  # the digests it signs are of what it returns
+                signed = (signed[0], *result_digests(out, session.seed))
+            return out, compute_s, served, signed
+        return ran
 
 
 async def sees_all(model, n: int) -> None:
@@ -75,14 +80,18 @@ async def test_lying_server_is_caught_disputed_and_avoided(llama, push):
             assert tokens == want  # every lie was caught before its output was used
             assert liar_id in model.sequence.distrusted and liar_id not in [p for p, _, _ in g.route]
             assert g.recoveries >= 1
-            # a signed dispute on the client's chain, with evidence
+            # a signed dispute on the client's chain, whose evidence is a proof signed by the liar
             disputes = [e for e in client.ledger.store.entries(client.ledger.me) if e.kind == "dispute"]
             assert len(disputes) == 1
             accused, reason, evidence = msgpack.unpackb(disputes[0].body, raw=False)
             assert accused == public_key_from_peer_id(liar_id) and "spot check" in reason
-            ev = msgpack.unpackb(evidence, raw=False)
-            assert ev["start"] == 0 and ev["end"] == 2 and ev["relative_error"] > ev["tolerance"]
-            assert set(ev["witnesses"]) <= {p.network.peer_id for p in honest}
+            proof = DisputeProof.decode(evidence, accused)
+            assert proof.record.valid() and proof.inputs_match()
+            assert (proof.record.start, proof.record.end) == (0, 2)
+            assert client.ledger.reliability_sync() == {accused: 0.0}  # its own referee-backed verdict
+            # a server of the span that was not involved re-runs the proof and finds the lie
+            judge = DisputeJudge(honest[0].ledger, ServedBlocks(honest[0].server))
+            assert await judge.judge(accused, evidence) is True and judge.stats["replays"] == 1
             # avoided afterwards, and the next generation is clean
             g = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
             assert g.token_ids == want and liar_id not in [p for p, _, _ in g.servers]

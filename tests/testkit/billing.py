@@ -9,7 +9,9 @@ from credits.replication import Replicator
 from p2p.gossip import Gossip
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
+from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.pricing import ModelPricing
+from pipeline.proofshelf import ProofShelf
 from pipeline.server import BlockServer, ServerConfig
 from testkit.swarms import FIXED_TP
 
@@ -48,14 +50,20 @@ async def add_server(s, a, b, *, mid, cfg, server_cls=BlockServer, billing_kw=No
     peer.server = server_cls(peer.network, peer.dht, s.folder, a, b, config=conf, model_id=mid,
                              billing=ServerBilling(peer.ledger, **billing_kw))
     await peer.nursery.start(peer.server.run)
+    peer.judge = DisputeJudge(peer.ledger, ServedBlocks(peer.server), network=peer.network)  # tests call judge_pending()
     s.servers.append(peer)
     return peer
 
 
-async def add_client(s, *, mid, cfg, billing_cls=ClientBilling, spot_check=None, **kw):
+async def add_client(s, *, mid, cfg, billing_cls=ClientBilling, spot_check=None, inline_proof_bytes=None, **kw):
+    """`inline_proof_bytes`: dispute proofs larger than this go on the client's `ProofShelf`, served to verifiers."""
     peer = await billed_peer(s, client_mode=True, mid=mid, cfg=cfg, **kw)
     s.clients.append(peer)
-    conf = ClientConfig(billing=billing_cls(peer.ledger), spot_check=spot_check, step_timeout=10.0)
+    billing = billing_cls(peer.ledger)
+    if inline_proof_bytes is not None:
+        billing.shelf, billing.inline_proof_bytes = ProofShelf(), inline_proof_bytes
+        billing.shelf.serve_on(peer.network)
+    conf = ClientConfig(billing=billing, spot_check=spot_check, step_timeout=10.0)
     model = await DistributedModel.from_pretrained(s.folder, peer.network, peer.dht, model_id=mid, config=conf)
     return peer, model
 
