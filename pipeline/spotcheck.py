@@ -48,6 +48,7 @@ import trio
 from p2p.errors import P2PError
 
 from .billing import ClientBilling
+from .checkpolicy import AdaptivePolicy, CheckPolicy, FixedPolicy
 from .errors import Refused
 from .hop import Hop, StepRecord
 from .routing import RouteHop, SequenceManager
@@ -70,17 +71,31 @@ class CheckedSession(Protocol):
         """Close `hop`, paying for what it served."""
 
 
+# Max per-token relative L2 error between two honest servers computing in a dtype (see "Tolerance" in
+# the module docstring; measured by bench/spotcheck.py).
+TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 0.25}
+
+
 @dataclass
 class SpotCheckConfig:
-    fraction: float = 0.02  # probability that a step (of each hop) is checked
-    tolerance: float | None = None  # max per-token relative L2 error; None: by dtype
+    fraction: float | None = None  # fixed probability per step (tests, the benchmark's baseline); None: `policy`
+    policy: AdaptivePolicy = field(default_factory=AdaptivePolicy)  # per-server trust, shared by the model's sessions
+    tolerance: float | None = None  # max per-token relative L2 error; None: by dtype (TOLERANCE)
     referee: bool = True  # on a mismatch, ask a third server
     seed: int | None = None
 
-    def tol(self, dtype: torch.dtype) -> float:
+    @property
+    def enabled(self) -> bool:
+        return self.fraction is None or self.fraction > 0
+
+    def selection(self) -> CheckPolicy:
+        return self.policy if self.fraction is None else FixedPolicy(self.fraction)
+
+    def tol(self, *dtypes: torch.dtype) -> float:
+        """The tolerance for comparing servers computing in `dtypes`: the coarsest one's."""
         if self.tolerance is not None:
             return self.tolerance
-        return 5e-2 if dtype == torch.bfloat16 else 1e-3
+        return max(TOLERANCE.get(d, max(TOLERANCE.values())) for d in dtypes)
 
 
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -118,12 +133,15 @@ class SpotChecker:
         self.model_id = model_id
         self.billing = billing
         self.rng = random.Random(config.seed) if config.seed is not None else random.Random()
+        self.policy = config.selection()
         self._watches: dict[Hop, _Watch] = {}
         self.stats = {"checks": 0, "passed": 0, "mismatches": 0, "liars": 0, "inconclusive": 0, "unchecked": 0,
                       "checked_tokens": 0}
 
-    def selected(self) -> bool:
-        return self.config.fraction > 0 and self.rng.random() < self.config.fraction
+    def selected(self, hop: Hop) -> bool:
+        """Whether to check `hop`'s unverified steps now (after each of its steps), as the policy says."""
+        p = self.policy.probability(hop.peer_id)
+        return p >= 1.0 or (p > 0 and self.rng.random() < p)
 
     def record(self, hop: Hop, step: StepRecord) -> None:
         """Log a completed step of route hop `hop` (a re-run at an earlier position replaces what followed it)."""
@@ -201,6 +219,7 @@ class SpotChecker:
         err = relative_error(claimed, got)
         if err <= tol:
             watch.verified = end_pos
+            self.policy.verified(hop.peer_id, len(records))
             self.stats["passed"] += 1
             self.stats["checked_tokens"] += end_pos - start_pos
             self.seq.record_check(hop.peer_id, True)
@@ -215,10 +234,12 @@ class SpotChecker:
             self.stats["inconclusive"] += 1
             for p in (hop.peer_id, checker.peer_id):
                 self.seq.ban(p, "spot check inconclusive")
+                self.policy.failed(p)
             return None
         liar, referee, ref_err = verdict
         honest = checker.peer_id if liar == hop.peer_id else hop.peer_id
         self.stats["liars"] += 1
+        self.policy.failed(liar)
         self.seq.distrust(liar, f"spot check: outputs of blocks [{hop.start}, {hop.end}) differ from two other servers")
         if liar != hop.peer_id:
             watch.verified = end_pos
