@@ -20,6 +20,9 @@
   generations in which the liar was caught, the steps it served before it was caught (from its
   first lie), and whether greedy output equalled local in every generation where no lie went
   unchecked.
+- `liar_processes`: the liar as a real peer process (`bench.liarpeer`, rates `--process-rates`), two
+  honest `potluck serve` processes for its span and one for the rest, on loopback libp2p; a fresh
+  client in this process (adaptive policy) per generation, `--process-generations` per rate.
 - `overhead`: honest swarm, one client generating `--overhead-generations` times in a row: checker
   tokens computed per generated token, adaptive vs fixed 2 % (the same sessions), the adaptive
   figure over its first generations (servers on probation) and over the last (trusted).
@@ -32,6 +35,7 @@ import json
 import os
 import random
 import statistics
+import sys
 import tempfile
 from pathlib import Path
 
@@ -46,6 +50,7 @@ from pipeline.loading import ModelFolder, load_head, load_local_model, load_span
 from pipeline.protocol import pack_hidden, unpack_hidden
 from pipeline.server import BlockServer, ServerConfig
 from pipeline.spotcheck import SpotCheckConfig, relative_error
+from potluck.localswarm import PeerProcess
 
 FIXED_TP = {"decode_tps": 1000.0, "prefill_tps": 10000.0}
 # The liar announces itself far faster than the honest servers of its span, so that every fresh client
@@ -336,6 +341,89 @@ async def overhead_runs(folder: Path, model_id: str, generations: int, new_token
     out["adaptive_over_fixed_last_quarter"] = round(out["adaptive"]["last_quarter"] / fixed, 3) if fixed else None
     return out
 
+
+def _liar_log(path: Path) -> tuple[dict[str, int], dict[str, int]]:
+    """(first lie, steps served) per session, from a `bench.liarpeer` peer's log."""
+    first: dict[str, int] = {}
+    steps: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[0] in ("LIE", "STEP") and parts[2].isdigit():
+            (first if parts[0] == "LIE" else steps)[parts[1]] = int(parts[2])
+    return first, steps
+
+
+async def _process_client(folder: Path, model_id: str, bootstrap: str, liar: PeerProcess, generations: int,
+                          new_tokens: int, want: list[int]) -> dict:
+    from credits import Ledger
+    from p2p.identity import Identity
+    from p2p.libp2p import Libp2pNetwork
+    from pipeline.billing import ClientBilling
+    from pipeline.pricing import ModelPricing
+
+    identity = Identity.generate()
+    billing = ClientBilling(Ledger.open(identity, pricing=ModelPricing()))  # `potluck serve` bills every step
+    mf, head = ModelFolder(folder), load_head(folder, dtype=torch.float32, device="cpu")
+    runs = []
+    async with Libp2pNetwork.open(identity, ["/ip4/127.0.0.1/tcp/0"]) as net:
+        dht = DHTNode(net, bootstrap=[bootstrap], client_mode=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(dht.run)
+            for g in range(generations):
+                model = DistributedModel(mf, head, net, dht, model_id, config=ClientConfig(
+                    billing=billing, spot_check=SpotCheckConfig(seed=g), step_timeout=30.0))
+                await sees(model, 4)
+                before = set(_liar_log(liar.log_path)[1])
+                gen = await model.generate(PROMPT, max_new_tokens=new_tokens, stop_token_ids=[])
+                first, steps = _liar_log(liar.log_path)
+                lied = [s for s in steps if s not in before and s in first]
+                runs.append({"routed": liar.peer_id in [p for p, _, _ in gen.servers], "lied": bool(lied),
+                             "caught": liar.peer_id in model.sequence.distrusted,
+                             "identical": gen.token_ids == want,
+                             "steps_to_detection": sum(steps[s] - first[s] + 1 for s in lied),
+                             "accused": len(model.sequence.distrusted.keys() - {liar.peer_id})})
+            nursery.cancel_scope.cancel()
+    with_lie = [r for r in runs if r["lied"]]
+    caught = [r for r in with_lie if r["caught"]]
+    std = [r["steps_to_detection"] for r in caught]
+    return {"generations": len(runs), "routed_through_liar": sum(r["routed"] for r in runs),
+            "generations_with_a_lie": len(with_lie),
+            "detection_probability": round(len(caught) / len(with_lie), 3) if with_lie else None,
+            "steps_to_detection_max": max(std) if std else None,
+            "output_identical_to_local": round(sum(r["identical"] for r in runs) / len(runs), 3),
+            "false_accusations": sum(r["accused"] for r in runs)}
+
+
+def process_runs(folder: Path, model_id: str, rates: list[float], generations: int, new_tokens: int,
+                 root: Path) -> dict:
+    """The liar as a real peer process (`bench.liarpeer`), two honest processes for its span and one for
+    the rest; a fresh client in this process (libp2p on loopback, adaptive policy) per generation."""
+    from potluck.localswarm import start_all
+
+    want = load_local_model(folder, device="cpu").generate_greedy(PROMPT, new_tokens)
+    common = ["--model", str(folder), "--threads", "1"]
+    wrap = [sys.executable, "-m", "bench.liarpeer"]
+    head = PeerProcess(root / "tail", *common, "--blocks", "2:4").start(timeout=180)
+    boot = ["--bootstrap", head.addr]
+    honest = [PeerProcess(root / f"honest{i}", *common, *boot, "--blocks", "0:2",
+                   command=[*wrap, "--lie-rate", "0", "--announce-tps", "20"]) for i in range(2)]
+    procs = [head, *honest]
+    try:
+        start_all(honest, timeout=180)
+        result: dict = {}
+        for rate in rates:  # one liar process per rate: its rate is fixed at start
+            liar = PeerProcess(root / f"liar{rate:g}", *common, *boot, "--blocks", "0:2",
+                        command=[*wrap, "--lie-rate", str(rate), "--lie-seed", "1", "--announce-tps", "1e6"])
+            procs.append(liar)
+            liar.start(timeout=180)
+            result[f"rate_{rate:g}"] = trio.run(_process_client, folder, model_id, head.addr, liar, generations,
+                                                new_tokens, want)
+            liar.stop()  # SIGTERM: it announces that it is offline, and the next liar takes its place
+        return result
+    finally:
+        for p in procs:
+            p.close()
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sessions", type=int, default=8, help="sessions per noise measurement")
@@ -347,12 +435,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 0.05, 0.01])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--overhead-generations", type=int, default=40)
+    parser.add_argument("--process-generations", type=int, default=50,
+                        help="generations per lie rate with the liar as a real peer process (0: skip)")
+    parser.add_argument("--process-rates", type=float, nargs="*", default=[1.0, 0.05])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure")
     args = parser.parse_args(argv)
     if args.quick:
         args.sessions, args.honest_steps, args.generations, args.overhead_generations = 2, 200, 2, 4
-        args.new_tokens = 8
+        args.new_tokens, args.process_generations = 8, 0
     result: dict = {"cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_llama(Path(tmp) / "tiny")
@@ -362,6 +453,9 @@ def main(argv: list[str] | None = None) -> None:
         mid = compute_model_id(tiny)
         result["liars"] = trio.run(liar_runs, tiny, mid, args.rates, args.generations, args.new_tokens)
         result["overhead"] = trio.run(overhead_runs, tiny, mid, args.overhead_generations, args.new_tokens)
+        if args.process_generations:
+            result["liar_processes"] = process_runs(tiny, mid, args.process_rates, args.process_generations,
+                                                    args.new_tokens, Path(tmp) / "peers")
         if args.smollm2:
             from pipeline.convert import ensure_default_model
 

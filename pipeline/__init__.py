@@ -22,7 +22,8 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)
     hop.py        Hop: the client's end of one session — RemoteHop (a stream) or LocalHop (our own server,
                   in process); StepRecord
-    spotcheck.py  SpotChecker: re-runs steps on a second server, referee, disputes
+    checkpolicy.py  which steps are spot-checked: AdaptivePolicy (per-server trust), FixedPolicy
+    spotcheck.py  SpotChecker: re-runs steps on a second server, referee, disputes; tolerances by dtype
     server.py     BlockServer: serves a span, KV caches per session, announces, forwards pushes
     client.py     DistributedModel / InferenceSession: route, steps, recovery by replay, generation
 """
