@@ -133,6 +133,7 @@ class _Watch:
     records: list[StepRecord] = field(default_factory=list)
     verified: int = 0  # positions before this one were confirmed by the checker
     checker: Hop | None = None
+    refused: set[str] = field(default_factory=set)  # candidates that refused to check it: not asked again
 
 
 class SpotChecker:
@@ -203,12 +204,13 @@ class SpotChecker:
         if not records:
             return None
         if watch.checker is None:
-            for info in self._candidates(hop, set()):
+            for info in self._candidates(hop, watch.refused):
                 try:
                     watch.checker = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
                     break
-                except Refused as e:  # not a fault: no ban, try another
+                except Refused as e:  # not a fault: no ban, try another (and not this one again for this hop)
                     log.info("checker candidate %s refused: %s", info.peer_id[-8:], e)
+                    watch.refused.add(info.peer_id)
                 except (P2PError, trio.TooSlowError) as e:
                     self.seq.ban(info.peer_id, f"could not open a checker session: {e}")
             if watch.checker is None:
