@@ -187,3 +187,13 @@ async def test_trust_earned_thins_checks_and_a_failure_resets_it(llama):
             assert not policy.trusted(liar_id) and policy.records[liar_id].failures == 1
             assert policy.trusted(tail)  # the honest server kept its record
             assert not any(p.network.peer_id in model.sequence.distrusted for p in honest)
+
+
+def test_serve_takes_a_fixed_fraction_and_refuses_one_out_of_range(tmp_path, capsys):
+    from potluck.cli import build_parser, main
+
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--spot-check-fraction", "0.02"])
+    assert args.spot_check_fraction == 0.02
+    assert build_parser().parse_args(["serve", "--data-dir", str(tmp_path)]).spot_check_fraction is None  # adaptive
+    assert main(["serve", "--data-dir", str(tmp_path), "--spot-check-fraction", "1.5"]) == 2
+    assert "--spot-check-fraction" in capsys.readouterr().err
