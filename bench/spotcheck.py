@@ -14,18 +14,22 @@
   (the acceptance bar is 0).
 - `lies`: the smallest lie (relative size, the `LyingServer` kind of perturbation: a constant added to
   every element) each pair's tolerance still catches.
-- `liars`: whole generations through a simulated swarm (in process: a `LyingServer` that lies on
-  100 %, 5 % or 1 % of its steps, two honest servers for its span, one for the rest), `--generations`
-  fresh clients per rate and policy, under the adaptive policy and under a fixed 2 %: the fraction of
-  generations in which the liar was caught, the steps it served before it was caught (from its
-  first lie), and whether greedy output equalled local in every generation where no lie went
-  unchecked.
+- `liars`: whole generations through a simulated swarm (in process: a `RateLiar` that lies on 100 %,
+  5 % or 1 % of its steps and announces itself fastest, two honest servers for its span, one for
+  the rest), `--generations` generations per rate and policy, each by a fresh client: under the
+  adaptive policy with the liar new to the client (`adaptive_new`), with the liar trusted after
+  1,000 honestly verified steps (`adaptive_trusted`), and under a fixed 2 %. Per case: the
+  generations in which it lied, the fraction of those in which it was caught, the steps it served
+  from its first lie to its detection, the fraction of generations whose greedy output equals local
+  (overall and among those where it was caught), and honest servers accused.
 - `liar_processes`: the liar as a real peer process (`bench.liarpeer`, rates `--process-rates`), two
   honest `potluck serve` processes for its span and one for the rest, on loopback libp2p; a fresh
   client in this process (adaptive policy) per generation, `--process-generations` per rate.
-- `overhead`: honest swarm, one client generating `--overhead-generations` times in a row: checker
-  tokens computed per generated token, adaptive vs fixed 2 % (the same sessions), the adaptive
-  figure over its first generations (servers on probation) and over the last (trusted).
+- `overhead`: honest swarm (two servers per span), one client per policy generating
+  `--overhead-generations` times in a row: the checkers' extra compute per token served — tokens
+  re-run by checkers over tokens run by the route's hops (all hops span 2 of the 4 blocks, so this
+  is the extra block compute per generated token, as a fraction) — adaptive vs fixed 2 % over the
+  same number of generations, over the first generation (servers on probation) and the last quarter.
 """
 
 from __future__ import annotations

@@ -69,8 +69,8 @@ class AdaptivePolicy:
     """Per-server trust earned by verified steps (see the module docstring)."""
 
     trust_after: int = 64  # verified steps a server needs before it is checked at random
-    scale: float = 8.0  # trusted: probability scale / verified ...
-    floor: float = 0.005  # ... but never below this
+    scale: float = 1.0  # trusted: probability scale / verified (1/64 ≈ 1.6 % at trust) ...
+    floor: float = 0.002  # ... but never below this
     max_servers: int = 4096  # records kept (least recently seen dropped first)
     records: OrderedDict[str, TrustRecord] = field(default_factory=OrderedDict)
 
