@@ -323,7 +323,8 @@ async def overhead_runs(folder: Path, model_id: str, generations: int, new_token
         for a, b in [(0, 2), (0, 2), (2, 4), (2, 4)]:
             await sw.server(a, b)
         node = await sw.client_node()
-        for name, spot in [("adaptive", SpotCheckConfig(seed=1)), ("fixed_2pct", SpotCheckConfig(fraction=0.02, seed=1))]:
+        # unseeded: a seeded SpotCheckConfig draws the same steps in every session
+        for name, spot in [("adaptive", SpotCheckConfig()), ("fixed_2pct", SpotCheckConfig(fraction=0.02))]:
             model = sw.model(node, spot)
             await sees(model, 4)
             per_gen = []
