@@ -25,6 +25,7 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)
     hop.py        Hop: the client's end of one session — RemoteHop (a stream) or LocalHop (our own server,
                   in process); StepRecord
+    checkpolicy.py  which steps are spot-checked: AdaptivePolicy (per-server trust), FixedPolicy
     spotcheck.py  SpotChecker: re-runs steps on a second server, referee, disputes with the liar's signed step
     server.py     BlockServer: serves a span, KV caches per session, signs step results, announces, forwards pushes
     disputes.py   DisputeJudge: a serving peer re-runs the proofs of disputes on its blocks; verdicts

@@ -32,7 +32,8 @@
   "out"); in push mode each push-list entry carries its hop's receipt. "close" carries the final
   receipt, and the latest receipt per hop is recorded as a *spend* when the hop is closed or
   abandoned; a generation's spends are its `Generation.paid` (what this one generation cost).
-- Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py, default 2 % of steps) re-runs
+- Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py; which steps: pipeline/checkpolicy.py,
+  by default every step of a server new to this client, then fewer as it earns trust) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
 - Signed results: every remote hop's "out" carries the server's signature over the step's result
@@ -163,7 +164,7 @@ class InferenceSession:
         cfg = model.client_config
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
                                     model_id=model.model_id, billing=cfg.billing)
-                        if cfg.spot_check is not None and cfg.spot_check.fraction > 0 else None)
+                        if cfg.spot_check is not None and cfg.spot_check.enabled else None)
         self.stats = SessionStats()
 
     @property
@@ -402,9 +403,9 @@ class InferenceSession:
         return h
 
     async def _spot_check(self, hop: Hop) -> str | None:
-        """Maybe (with the configured probability) check `hop`'s unverified steps; the hop's peer id if it
-        lied (the caller replaces it), else None (a lying checker is dealt with inside)."""
-        if self.checker is None or isinstance(hop, LocalHop) or not self.checker.selected():
+        """Maybe (as the check policy says for its server) check `hop`'s unverified steps; the hop's peer id
+        if it lied (the caller replaces it), else None (a lying checker is dealt with inside)."""
+        if self.checker is None or isinstance(hop, LocalHop) or not self.checker.selected(hop):
             return None
         liar = await self.checker.check(hop)
         return liar if liar == hop.peer_id else None

@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for the KV cache of the blocks served (default 256); bounds the sessions it holds")
     p.add_argument("--threads", type=int, help="torch threads for this peer (default: torch's choice); "
                                                "give 1 when several peers share a machine")
+    p.add_argument("--spot-check-fraction", type=float, metavar="P",
+                   help="re-check this fraction of every server's steps on another server (0: none; default: "
+                        "adaptive — every step of a server new to this peer, fewer as it earns trust)")
     p.add_argument("--api", metavar="HOST:PORT",
                    help="serve the OpenAI-compatible HTTP API and the dashboard there, e.g. 127.0.0.1:8000")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POTLUCK_API_KEY"),
@@ -144,6 +147,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parse_blocks(args.blocks)  # a malformed span is an error before anything starts
     if args.cache_mb is not None and args.cache_mb < 1:
         raise ValueError("--cache-mb wants a positive number of MiB")
+    if args.spot_check_fraction is not None and not 0.0 <= args.spot_check_fraction <= 1.0:
+        raise ValueError("--spot-check-fraction wants a number in [0, 1]")
     config = PeerConfig(
         data_dir=args.data_dir,
         listen=listen,
@@ -156,6 +161,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         dtype=args.dtype,
         cache_mib=args.cache_mb,
+        spot_check_fraction=args.spot_check_fraction,
         credit_policy=_credit_policy(args),
         api=args.api,
         api_key=args.api_key,

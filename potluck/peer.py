@@ -47,6 +47,7 @@ from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.proofshelf import ProofShelf
 from pipeline.pricing import ModelPricing
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
+from pipeline.spotcheck import SpotCheckConfig
 
 from . import control, generation
 from .openai_schema import ChatRequest, CompletionRequest
@@ -72,6 +73,7 @@ class PeerConfig:
     blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
     dtype: str = "float32"
     cache_mib: int | None = None  # the KV cache budget of served blocks (None: the server's default)
+    spot_check_fraction: float | None = None  # fixed spot-check fraction (0: none); None: adaptive (checkpolicy)
     credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
@@ -283,7 +285,9 @@ class Peer:
                 folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
                 self._client = await DistributedModel.from_pretrained(
                     folder, self.network, self.dht, dtype=self.config.dtype,
-                    config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs)), local_server=self.server)
+                    config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs),
+                                        spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction)),
+                    local_server=self.server)
             return self._client
 
     async def _generate_command(self, request: dict) -> dict:

@@ -73,6 +73,22 @@ def test_ledger_quick():
     assert reached <= 2 * received < figure(r, "sybils.max_group_farmed_balance")
 
 
+def test_spotcheck_quick():
+    r = run_bench("spotcheck")
+    for name, pair in r["noise"]["tiny"].items():
+        assert figure(r, f"noise.tiny.{name}.tolerance") > 0 and pair["over_tolerance"] == 0, (name, pair)
+    for name, pair in r["false_accusations"]["tiny"].items():
+        assert pair["checked_steps"] >= 200 and pair["false_accusations"] == 0, (name, pair)
+    assert r["lies"]["tiny"]["float32/1t vs float32/4t"]["smallest_lie_caught"] <= 0.01  # a 1 % lie is caught
+    for rate in ("rate_1", "rate_0.05", "rate_0.01"):
+        for policy in ("adaptive_new", "adaptive_trusted", "fixed_2pct"):
+            assert r["liars"][rate][policy]["false_accusations"] == 0
+    assert r["liars"]["rate_1"]["adaptive_new"]["detection_probability"] == 1.0  # on probation: every step checked
+    assert r["liars"]["rate_1"]["adaptive_new"]["output_identical_to_local"] == 1.0
+    assert figure(r, "overhead.adaptive.checker_compute_per_token") > 0
+    assert figure(r, "overhead.fixed_2pct.checker_compute_per_token") >= 0
+
+
 @pytest.mark.slow
 def test_pipeline_quick(smollm2_data):
     data_dir, _ = smollm2_data

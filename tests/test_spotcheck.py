@@ -17,7 +17,11 @@ from testkit.billing import add_client, add_server
 from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
-FAST = {"decode_tps": 100000.0, "prefill_tps": 1e6}  # routing prefers the liar
+# Routing must prefer the liar whatever the client's RTT estimates: they are measured in real time and
+# differ by milliseconds between servers (more under load), so the liar's edge is made 100 ms, not the
+# 2 ms that 100,000 vs 1,000 tokens/s gave (which made the test flaky under load).
+FAST = {"decode_tps": 100000.0, "prefill_tps": 1e6}
+SLOW = {"decode_tps": 20.0, "prefill_tps": 200.0}
 
 
 @pytest.fixture(scope="module")
@@ -44,20 +48,25 @@ class LyingServer(BlockServer):
         return ran
 
 
-async def sees_all(model, n: int) -> None:
-    """Wait until the client's view of the swarm holds all `n` servers, with their latest throughput."""
+async def sees_all(model, peers) -> None:
+    """Wait until the client's view of the swarm holds every one of `peers`, with its latest throughput."""
+    want = {p.network.peer_id: p.server.throughput["decode_tps"] for p in peers}
     with trio.fail_after(20):
         while True:
-            servers = await model.sequence.refresh(force=True)
-            if len(servers) == n and max(x.decode_tps for x in servers) == FAST["decode_tps"]:
+            servers = {x.peer_id: x.decode_tps for x in await model.sequence.refresh(force=True)}
+            if servers == want:
                 return
             await trio.sleep(0.1)
 
 
+async def announce(peer, throughput: dict) -> None:
+    peer.server.throughput = dict(throughput)
+    await peer.server.announce()
+
+
 async def add_liar(s, a, b, *, mid, cfg):
     peer = await add_server(s, a, b, mid=mid, cfg=cfg, server_cls=LyingServer)
-    peer.server.throughput = dict(FAST)  # announce itself as the fastest
-    await peer.server.announce()
+    await announce(peer, FAST)  # announce itself as the fastest
     return peer
 
 
@@ -69,9 +78,11 @@ async def test_lying_server_is_caught_disputed_and_avoided(llama, push):
         async with swarm("sim", path, [], model_id=mid) as s:
             liar = await add_liar(s, 0, 2, mid=mid, cfg=cfg)
             honest = [await add_server(s, a, b, mid=mid, cfg=cfg) for a, b in [(0, 2), (0, 2), (2, 4)]]
+            for peer in honest[:2]:
+                await announce(peer, SLOW)
             client, model = await add_client(s, mid=mid, cfg=cfg, spot_check=SpotCheckConfig(fraction=1.0, seed=3))
             model.client_config.push = push
-            await sees_all(model, 4)
+            await sees_all(model, [liar, *honest])
             liar_id = liar.network.peer_id
             events = [ev async for ev in model.stream(PROMPT, max_new_tokens=10, stop_token_ids=[])]
             tokens = [ev.token_id for ev in events if isinstance(ev, TokenEvent)]
@@ -107,14 +118,15 @@ async def test_lying_checker_is_caught(llama):
     with trio.fail_after(90):
         async with swarm("sim", path, [], model_id=mid) as s:
             hop = await add_server(s, 0, 2, mid=mid, cfg=cfg)
-            hop.server.throughput = dict(FAST)
-            await hop.server.announce()
+            await announce(hop, FAST)
             liar = await add_server(s, 0, 2, mid=mid, cfg=cfg, server_cls=LyingServer)
             liar.server.honest_steps = 0
-            await add_server(s, 0, 2, mid=mid, cfg=cfg)
-            await add_server(s, 2, 4, mid=mid, cfg=cfg)
+            await announce(liar, SLOW)
+            other = await add_server(s, 0, 2, mid=mid, cfg=cfg)
+            await announce(other, SLOW)
+            tail = await add_server(s, 2, 4, mid=mid, cfg=cfg)
             client, model = await add_client(s, mid=mid, cfg=cfg, spot_check=SpotCheckConfig(fraction=1.0, seed=0))
-            await sees_all(model, 4)
+            await sees_all(model, [hop, liar, other, tail])
             # pick the liar as the first checker: shuffle puts candidates in a seeded order; try seeds
             for seed in range(20):
                 model.client_config.spot_check.seed = seed
