@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--honest-steps", type=int, default=0)
     parser.add_argument("--announce-tps", type=float, default=None)
     args, rest = parser.parse_known_args(argv)
-    potluck.peer.BlockServer = liar_class(args.lie_rate, args.lie_seed, args.honest_steps, args.announce_tps)
+    setattr(potluck.peer, "BlockServer", liar_class(args.lie_rate, args.lie_seed, args.honest_steps, args.announce_tps))
     return potluck.cli.main(rest)
 
 

@@ -42,6 +42,7 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import trio
@@ -51,7 +52,7 @@ from p2p.sim import Place, SimWorld
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.identity import model_id as compute_model_id
 from pipeline.loading import ModelFolder, load_head, load_local_model, load_span
-from pipeline.protocol import pack_hidden, unpack_hidden
+from pipeline.proofs import result_digests
 from pipeline.server import BlockServer, ServerConfig
 from pipeline.spotcheck import SpotCheckConfig, relative_error
 from potluck.localswarm import PeerProcess
@@ -192,6 +193,9 @@ def false_accusations(folder: Path, steps_wanted: int, prefill: int, session_len
 # --- whole generations through a simulated swarm ---------------------------------------------------
 
 
+S = TypeVar("S", bound=BlockServer)
+
+
 class RateLiar(BlockServer):
     """Lies (adds a constant of 5 % of the mean magnitude to every element) on each step after its first
     `honest_steps` with probability `rate`; keeps, per session, the step of its first lie and how many steps it served."""
@@ -205,16 +209,19 @@ class RateLiar(BlockServer):
         self.first_lie: dict[bytes, int] = {}
         self.steps: dict[bytes, int] = {}
 
-    async def _step(self, session, m, *, pushed):
-        reply = await super()._step(session, m, pushed=pushed)
-        if reply is None:
-            return reply
+    async def _run(self, session, *args, **kw):
+        ran = await super()._run(session, *args, **kw)
+        if ran is None:
+            return ran
         self.steps[session.id] = session.steps
         if session.steps > self.honest_steps and self.rng.random() < self.rate:
             self.first_lie.setdefault(session.id, session.steps)
-            h = unpack_hidden(reply["h"], dtype="float32", hidden_size=self.mf.config.hidden_size)
-            reply["h"] = pack_hidden(h + 0.05 * h.abs().mean())
-        return reply
+            out, compute_s, served, signed = ran
+            out = out + 0.05 * out.abs().mean()
+            if signed is not None:  # it signs what it returns, as a server that cuts corners would
+                signed = (signed[0], *result_digests(out, session.seed))
+            return out, compute_s, served, signed
+        return ran
 
 
 class SimSwarm:
@@ -234,7 +241,7 @@ class SimSwarm:
             self.bootstrap.append(net.listen_addrs()[0])
         return net, dht
 
-    async def server(self, a: int, b: int, cls: type[BlockServer] = BlockServer, tp: dict = FIXED_TP, **kw) -> BlockServer:
+    async def server(self, a: int, b: int, cls: type[S] = BlockServer, tp: dict = FIXED_TP, **kw) -> S:  # type: ignore[assignment]
         net, dht = await self._node(False)
         server = cls(net, dht, self.folder, a, b, config=ServerConfig(throughput=dict(tp), announce_period=5.0),
                      model_id=self.model_id, **kw)
@@ -276,7 +283,7 @@ async def liar_runs(folder: Path, model_id: str, rates: list[float], generations
     out: dict = {}
     async with SimWorld.open(seed=0) as world, trio.open_nursery() as nursery:
         sw = SimSwarm(world, nursery, folder, model_id)
-        honest = [await sw.server(0, 2, tp=SLOW_TP) for _ in range(2)] + [await sw.server(2, 4)]
+        honest: list[BlockServer] = [await sw.server(0, 2, tp=SLOW_TP) for _ in range(2)] + [await sw.server(2, 4)]
         liar = await sw.server(0, 2, cls=RateLiar, tp=FAST_TP, seed=1)
         liar_id = liar.network.peer_id
         node = await sw.client_node()
@@ -331,7 +338,7 @@ async def overhead_runs(folder: Path, model_id: str, generations: int, new_token
             for _ in range(generations):
                 gen = await model.generate(PROMPT, max_new_tokens=new_tokens, stop_token_ids=[])
                 hop_tokens = (len(PROMPT) + new_tokens - 1) * len(gen.route)  # all hops span 2 of the 4 blocks
-                per_gen.append(gen.spot_checks["checked_tokens"] / hop_tokens)
+                per_gen.append((gen.spot_checks or {}).get("checked_tokens", 0) / hop_tokens)
                 if model.sequence.distrusted:
                     raise AssertionError(f"honest servers accused: {model.sequence.distrusted}")
             tail = per_gen[-max(1, generations // 4):]
