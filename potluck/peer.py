@@ -30,6 +30,7 @@ import trio
 
 from credits import CreditPolicy, Ledger, StandingView
 from credits.replication import Replicator
+from dht import Validators
 from dht.node import DHTNode
 from p2p import framing
 from p2p.errors import P2PError
@@ -39,11 +40,13 @@ from p2p.libp2p import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
-from pipeline.announce import GOSSIP_TOPIC, ModelCard, fetch_models, fetch_servers, from_gossip_note
+from pipeline.announce import (GOSSIP_TOPIC, AnnouncementValidator, ModelCard, fetch_models, fetch_servers,
+                               from_gossip_note)
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
 from pipeline.pricing import ModelPricing
+from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 
 from . import control, generation
@@ -85,7 +88,8 @@ class Peer:
         self.ledger = ledger
         self.standing = StandingView(ledger)  # this peer's own view of others' work (shown, not yet decided on)
         self.membership = Membership(network, region=config.region)
-        self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None)
+        self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None,
+                           validators=_validators())
         self.gossip = Gossip(network, identity)
         self.replicator = Replicator(ledger, network, self.gossip)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
@@ -305,6 +309,14 @@ class Peer:
         while True:
             await self.announce_presence()
             await trio.sleep(self.config.presence_interval)
+
+
+def _validators() -> Validators:
+    """What this peer's DHT stores under the swarm's own keys: well-formed server announcements only,
+    one per server (not whatever a stranger signs under the model's record)."""
+    validators = Validators()
+    validators.register(ANNOUNCE_NAMESPACE, AnnouncementValidator())
+    return validators
 
 
 def _server_config(config: PeerConfig) -> ServerConfig:
