@@ -106,8 +106,8 @@ class Sizes:
     json_requests: int
 
 
-QUICK = Sizes(seconds=3.0, baseline_s=1.5, bombs=2, corpus_rounds=1, dht_records=400, squat_subkeys=16,
-              sybil_announcements=60, chain_entries=200, hog_sessions=80, unpaid_keys=2, pushes=8, sockets=120,
+QUICK = Sizes(seconds=2.0, baseline_s=1.0, bombs=1, corpus_rounds=1, dht_records=400, squat_subkeys=16,
+              sybil_announcements=60, chain_entries=200, hog_sessions=48, unpaid_keys=2, pushes=8, sockets=120,
               requests=3000, gossip_messages=300, json_requests=12)
 FULL = Sizes(seconds=15.0, baseline_s=4.0, bombs=6, corpus_rounds=4, dht_records=3000, squat_subkeys=100,
              sybil_announcements=1200, chain_entries=1000, hog_sessions=300, unpaid_keys=4, pushes=100,
@@ -284,8 +284,8 @@ async def in_parallel(n: int, each: Callable[[int], Awaitable[None]], count: int
 
 async def _send_raw(net: Libp2pNetwork, target: Target, frame: bytes) -> tuple[bool, bool]:
     """Write `frame` on a fresh raw session; (whether the victim answered, whether it closed the connection)."""
-    if target.peer_id not in net.connected_peers():
-        await net.connect(target.addr, timeout=10)
+    await net.disconnect(target.peer_id)  # a fresh connection for each frame: the last one may be closing
+    await net.connect(target.addr, timeout=10)
     session = await raw_session(net, target.peer_id)
     await session.raw.write(frame)
     answered = False
