@@ -16,6 +16,7 @@ and time (bench/hostile.py holds what the hostile tests send too):
     slowloris              many raw TCP sockets that never say anything
     request_flood          many well-formed DHT requests
     gossip_flood           one author publishing many signed messages
+    presence_sybils        many fresh identities, one presence note each
     nested_json            deeply nested JSON bodies to the victim's HTTP API
     announcement_squatting many subkeys on the model's announcement record (one key; Sybil keys)
 
@@ -51,7 +52,8 @@ import httpx
 import torch
 import trio
 
-from bench.hostile import malformed_frames, object_bomb_frame, open_idle_sockets, open_msg, raw_session
+from bench.hostile import (malformed_frames, object_bomb_frame, open_idle_sockets, open_msg, raw_session,
+                           signed_gossip)
 from credits import CreditPolicy, Ledger, ReceiptSigner
 from credits.allowance import IngestLimits
 from credits.ledger import GFLOP
@@ -62,6 +64,7 @@ from dht.records import SignedValue, StoreLimits
 from dht.vivaldi import Coord
 from p2p import framing
 from p2p.errors import FrameError, P2PError
+from p2p.gossip import PUSH as GOSSIP_PUSH
 from p2p.gossip import Gossip, GossipQuotas
 from p2p.identity import Identity, public_key_from_peer_id
 from p2p.libp2p import InboundLimits, Libp2pNetwork
@@ -77,7 +80,7 @@ from pipeline.pricing import ModelPricing
 from pipeline.server import ServerConfig
 from potluck import control
 from potluck.localswarm import PeerProcess, start_all, wait_until
-from potluck.peer import PRESENCE_TOPIC
+from potluck.peer import MAX_PRESENCE_SEEN, PRESENCE_TOPIC
 
 MiB = 1 << 20
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -103,15 +106,16 @@ class Sizes:
     sockets: int
     requests: int
     gossip_messages: int
+    sybil_notes: int
     json_requests: int
 
 
 QUICK = Sizes(seconds=2.0, baseline_s=1.0, bombs=1, corpus_rounds=1, dht_records=400, squat_subkeys=16,
               sybil_announcements=60, chain_entries=200, hog_sessions=48, unpaid_keys=2, pushes=8, sockets=120,
-              requests=3000, gossip_messages=300, json_requests=12)
+              requests=3000, gossip_messages=300, sybil_notes=320, json_requests=12)
 FULL = Sizes(seconds=15.0, baseline_s=4.0, bombs=6, corpus_rounds=4, dht_records=3000, squat_subkeys=100,
              sybil_announcements=1200, chain_entries=1000, hog_sessions=300, unpaid_keys=4, pushes=100,
-             sockets=1000, requests=200_000, gossip_messages=3000, json_requests=200)
+             sockets=1000, requests=200_000, gossip_messages=3000, sybil_notes=3000, json_requests=200)
 
 
 # --- what runs beside the attacks: the RSS sampler and the honest client ----------------------------
@@ -657,6 +661,24 @@ async def gossip_flood(target: Target) -> Outcome:
                    {"relayed_by_victim": quotas.burst + math.ceil(quotas.rate * elapsed)})
 
 
+async def presence_sybils(target: Target) -> Outcome:
+    """Fresh identities, one valid presence note each (within any per-author quota), through one
+    connection: what the victim keeps per author must stay bounded."""
+    sent = 0
+    async with stranger(target) as net:
+        async def one(i: int) -> None:
+            nonlocal sent
+            note = signed_gossip(Identity.generate(), PRESENCE_TOPIC, {"addrs": [], "region": ""}, seq=1, now=net.now())
+            await net.request(target.peer_id, GOSSIP_PUSH, note, timeout=10)
+            sent += 1
+
+        with trio.move_on_after(target.sizes.seconds * 3):
+            await in_parallel(16, one, target.sizes.sybil_notes)
+    listed = len((await target.call("status"))["presence_seen"])
+    return Outcome({"notes_sent": sent, "presence_authors_listed": listed},
+                   {"presence_authors_listed": MAX_PRESENCE_SEEN})
+
+
 async def nested_json(target: Target) -> Outcome:
     bodies = [b"[" * 40 + b"]" * 40, b"[" * 100_000 + b"]" * 100_000,
               b'{"prompt":' * 50_000 + b"1" + b"}" * 50_000, b'{"model": "x", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}"]
@@ -689,6 +711,7 @@ ATTACKS: dict[str, Attack] = {
     "slowloris": slowloris,
     "request_flood": request_flood,
     "gossip_flood": gossip_flood,
+    "presence_sybils": presence_sybils,
     "nested_json": nested_json,
     "announcement_squatting": announcement_squatting,  # last: its fakes stay in the record until they expire
 }

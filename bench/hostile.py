@@ -11,6 +11,8 @@ import trio
 from libp2p.peer.id import ID
 
 from p2p import framing
+from p2p.gossip import _SIGNING_DOMAIN
+from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from p2p.libp2p.network import LIBP2P_PROTOCOL
 
@@ -82,3 +84,10 @@ async def open_idle_sockets(port: int, n: int, source: str) -> list:
 def open_msg(model_id: str, start: int, end: int, max_length: int = 8, dtype: str = "float32") -> dict:
     """A pipeline session's "open" message."""
     return {"t": "open", "model": model_id, "start": start, "end": end, "max_length": max_length, "dtype": dtype}
+
+
+def signed_gossip(author: Identity, topic: str, data: object, *, seq: int, now: float) -> dict:
+    """A gossip message in `author`'s name, as its push carries it: one connection can send the
+    messages of any number of (fresh, free) identities."""
+    body = framing.encode({"topic": topic, "author": author.peer_id, "seq": seq, "ts": now, "data": data})
+    return {"b": body, "s": author.sign(_SIGNING_DOMAIN + body)}

@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 PRESENCE_TOPIC = "presence"
 MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
+MAX_PRESENCE_SEEN = 256  # authors of presence notes that status lists; the latest kept (new keys are free)
 
 
 @dataclass
@@ -94,7 +95,7 @@ class Peer:
         self.replicator = Replicator(ledger, network, self.gossip)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
-        self.presence_seen: set[str] = set()
+        self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None
         self._client_lock = trio.Lock()
@@ -115,7 +116,10 @@ class Peer:
         return True
 
     def _on_presence(self, message) -> None:
-        self.presence_seen.add(message.author)
+        self.presence_seen.pop(message.author, None)
+        self.presence_seen[message.author] = None
+        while len(self.presence_seen) > MAX_PRESENCE_SEEN:
+            del self.presence_seen[next(iter(self.presence_seen))]
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])

@@ -94,7 +94,8 @@ def test_netns_quick():
 
 
 ATTACKS = ("object_bomb", "malformed_frames", "dht_store_flood", "credit_chain_flood", "kv_cache_hog", "unpaid_compute",
-           "push_ssrf", "slowloris", "request_flood", "gossip_flood", "nested_json", "announcement_squatting")
+           "push_ssrf", "slowloris", "request_flood", "gossip_flood", "presence_sybils", "nested_json",
+           "announcement_squatting")
 
 
 def test_attack_quick():
@@ -120,4 +121,5 @@ def test_attack_quick():
     assert got["slowloris"]["sockets_opened"] > r["attacks"]["slowloris"]["notes"]["max_unadmitted_per_ip"]
     assert got["request_flood"]["requests_answered"] > 0
     assert got["gossip_flood"]["published"] > got["gossip_flood"]["relayed_by_victim"]  # throttled, not relayed
+    assert got["presence_sybils"]["notes_sent"] > got["presence_sybils"]["presence_authors_listed"]  # bounded, not all
     assert got["nested_json"]["requests"] > 0 and got["nested_json"]["answered_other_than_400"] == 0
