@@ -492,7 +492,8 @@ async def unpaid_compute(target: Target) -> Outcome:
     async with stranger(target) as parker_net:
         parked = await parker_net.open_stream(target.peer_id, proto.INFERENCE)
         await ask(parked, open_msg(target.model_id, 0, target.blocks, max_length=8))
-        with trio.move_on_after(sizes.seconds * 2):
+        # (the parked session is dropped after first_step_timeout: the Sybils are done before)
+        with trio.move_on_after(min(sizes.seconds * 2, ServerConfig().first_step_timeout - 2)):
             async with trio.open_nursery() as nursery:
                 for _ in range(sizes.unpaid_keys):
                     await nursery.start(sybil)
