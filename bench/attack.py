@@ -63,7 +63,7 @@ from dht.node import DHTConfig, DHTNode
 from dht.records import SignedValue, StoreLimits
 from dht.vivaldi import Coord
 from p2p import framing
-from p2p.errors import FrameError, P2PError
+from p2p.errors import FrameError, P2PError, RemoteError
 from p2p.gossip import PUSH as GOSSIP_PUSH
 from p2p.gossip import Gossip, GossipQuotas
 from p2p.identity import Identity, public_key_from_peer_id
@@ -423,12 +423,18 @@ async def kv_cache_hog(target: Target) -> Outcome:
     """Sessions opened by a key the victim knows no credit of, held open and idle."""
     config = ServerConfig()
     streams = []
-    opened = refused = 0
+    opened = refused = streams_refused = 0
     held_peak = 0
     async with stranger(target) as net:
         with trio.move_on_after(target.sizes.seconds):
             for _ in range(target.sizes.hog_sessions):
-                stream = await net.open_stream(target.peer_id, proto.INFERENCE)
+                try:
+                    stream = await net.open_stream(target.peer_id, proto.INFERENCE)
+                except RemoteError as e:
+                    if e.kind != "Overloaded":
+                        raise
+                    streams_refused += 1  # the p2p layer's cap on one peer's open streams
+                    continue
                 reply = await ask(stream, open_msg(target.model_id, 0, target.blocks,
                                                    max_length=target.config.max_position_embeddings))
                 if reply["t"] == "opened":
@@ -444,7 +450,8 @@ async def kv_cache_hog(target: Target) -> Outcome:
         for stream in streams:
             await stream.aclose()
     honest = 2 * target.honest_max_length * target.kv_bytes_per_token()  # the honest client's sessions
-    return Outcome({"sessions_opened": opened, "sessions_refused": refused, "cache_bytes_held": held_peak},
+    return Outcome({"sessions_opened": opened, "sessions_refused": refused, "streams_refused": streams_refused,
+                    "cache_bytes_held": held_peak},
                    {"sessions_opened": int(config.cache_share * config.max_sessions),
                     "cache_bytes_held": int(config.cache_share * target.cache_budget) + honest},
                    {"cache_budget_bytes": target.cache_budget})
