@@ -44,7 +44,7 @@ import tempfile
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -183,9 +183,11 @@ class HonestClient(threading.Thread):
                     ok = False
                 self.done.append(Generation(started, time.monotonic() - started, ok))
 
-    def window(self, t0: float, t1: float) -> dict:
-        """The generations started in [t0, t1): how many, the fraction that succeeded, their median latency."""
-        gens = [g for g in list(self.done) if t0 <= g.started < t1]
+    def window(self, t0: float, t1: float, *, overlapping: bool = False) -> dict:
+        """The generations started in [t0, t1) (or, `overlapping`, under way at some time in it): how
+        many, the fraction that succeeded, their median latency."""
+        gens = [g for g in list(self.done)
+                if (g.started < t1 and g.started + g.latency > t0 if overlapping else t0 <= g.started < t1)]
         ok = [g.latency for g in gens if g.ok]
         return {"generations": len(gens), "success": len(ok) / len(gens) if gens else None,
                 "median_latency_ms": round(statistics.median(ok) * 1000, 1) if ok else None}
@@ -435,8 +437,9 @@ async def kv_cache_hog(target: Target) -> Outcome:
                         raise
                     streams_refused += 1  # the p2p layer's cap on one peer's open streams
                     continue
-                reply = await ask(stream, open_msg(target.model_id, 0, target.blocks,
-                                                   max_length=target.config.max_position_embeddings))
+                # what "open" reserves whatever the max_length, and no longer than a share may be
+                longest = min(target.config.max_position_embeddings, config.initial_cache_tokens)
+                reply = await ask(stream, open_msg(target.model_id, 0, target.blocks, max_length=longest))
                 if reply["t"] == "opened":
                     opened += 1
                     streams.append(stream)
@@ -741,7 +744,7 @@ def run_attack(name: str, attack: Attack, target: Target, rss: RssSampler, hones
     alive = target.alive()
     if alive:
         trio.run(target.call, "status")  # and still answers
-    before, during = honest.window(before_from, started), honest.window(started, ended)
+    before, during = honest.window(before_from, started), honest.window(started, ended, overlapping=True)
     ratio = (during["median_latency_ms"] / before["median_latency_ms"]
              if during["median_latency_ms"] and before["median_latency_ms"] else None)
     peak = max(rss.peak(started, ended + 0.5), rss_before, rss_after)
@@ -808,8 +811,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="each attack's time bound (overrides the mode's)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
+    if args.smollm2:  # a generation takes seconds on a CPU: windows long enough to hold several
+        sizes = replace(sizes, seconds=max(sizes.seconds, 8.0), baseline_s=max(sizes.baseline_s, 6.0))
     if args.seconds:
-        sizes = Sizes(**{**asdict(sizes), "seconds": args.seconds})
+        sizes = replace(sizes, seconds=args.seconds)
     names = args.only or list(ATTACKS)
     with tempfile.TemporaryDirectory(prefix="potluck-attack-") as tmp:
         root = Path(tmp)
@@ -818,9 +823,11 @@ def main(argv: list[str] | None = None) -> int:
         try:
             api = user.call("status")["api"]
             prompt: Any = "Name a primary color." if args.smollm2 else [5, 17, 42, 8, 99, 3]
-            with httpx.Client(base_url=api, timeout=30) as http:
+            body = {"model": folder.name, "prompt": prompt, "max_tokens": HONEST_MAX_TOKENS, "temperature": 0}
+            with httpx.Client(base_url=api, timeout=180) as http:
                 wait_until(lambda: http.get("/v1/models").json()["data"][0]["potluck"]["covered_blocks"]
                            == config.num_layers, 120, 0.5, message="the user's peer to see the victim's blocks")
+                http.post("/v1/completions", json=body).raise_for_status()  # loads the user's client half
             pricing = ModelPricing()
             pricing.register(mid, config)
             policy = CreditPolicy(debt_limit=round(pricing(mid, 0, config.num_layers, ALLOWANCE_TOKENS)))
@@ -828,8 +835,7 @@ def main(argv: list[str] | None = None) -> int:
                             honest_max_length=64 + HONEST_MAX_TOKENS, sizes=sizes)
             rss = RssSampler(target.pid)
             rss.start()
-            honest = HonestClient(api, {"model": folder.name, "prompt": prompt, "max_tokens": HONEST_MAX_TOKENS,
-                                        "temperature": 0})
+            honest = HonestClient(api, body)
             honest.start()
             report: dict[str, Any] = {
                 "mode": "quick" if args.quick else "full",

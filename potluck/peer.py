@@ -49,7 +49,7 @@ from pipeline.pricing import ModelPricing
 from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 
-from . import control, generation
+from . import control, generation, memory
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
 
@@ -331,6 +331,7 @@ def _server_config(config: PeerConfig) -> ServerConfig:
 
 async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None = None) -> None:
     """Run a peer until cancelled or until SIGINT/SIGTERM arrives."""
+    memory.return_big_blocks()  # KV caches and big frames go back to the OS when freed
     identity = Identity.load_or_create(config.data_dir)
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
     ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(), policy=config.credit_policy)
