@@ -236,8 +236,11 @@ class Target:
         return self.peer.proc.poll() is None
 
     async def call(self, cmd: str) -> Any:
+        return await self.call_with(cmd)
+
+    async def call_with(self, cmd: str, **args: Any) -> Any:
         with trio.fail_after(30):
-            return await control.call(self.peer.data_dir, cmd)
+            return await control.call(self.peer.data_dir, cmd, **args)
 
     def kv_bytes_per_token(self) -> int:
         return 2 * self.blocks * self.config.kv_size * 4  # K and V, float32
@@ -387,9 +390,14 @@ async def announcement_squatting(target: Target) -> Outcome:
                 by_sybils, sybils_sent = by_sybils + took, sybils_sent + 1
 
             await in_parallel(8, sybil, sizes.sybil_announcements)
+    held = await target.call_with("dht_get", key=key)  # the victim's own store answers first
     return Outcome({"subkeys_one_identity": by_one, "sybil_announcements_sent": sybils_sent,
-                    "sybil_subkeys_stored": by_sybils},
-                   {"subkeys_one_identity": 1, "sybil_subkeys_stored": StoreLimits().max_subkeys})  # one: bare peer id
+                    "sybil_stores_accepted": by_sybils, "record_entries": len(held),
+                    "victims_own_announcement_evicted": int(target.peer_id not in held)},
+                   {"subkeys_one_identity": 1, "record_entries": StoreLimits().max_subkeys},  # one: bare peer id
+                   # a full record takes a new owner's entry in place of the soonest-expiring one of an
+                   # owner holding the most: with one entry per Sybil, that may be an honest server's
+                   {"max_subkeys": StoreLimits().max_subkeys})
 
 
 async def credit_chain_flood(target: Target) -> Outcome:
