@@ -7,4 +7,6 @@ Every bench takes `--quick` (small sizes, seconds), which tests/test_bench_quick
     ledger      credit-log sign/verify/store rates and spread
     pipeline    SmolLM2 through real server processes vs local generation
     netns       the namespace lab's figures (needs root)
+    attack      attacks on a real peer: its RSS, whether it stays up, what the attacker got, an honest client beside
+And what the attack bench and the hostile tests send: hostile.py (not a bench).
 """

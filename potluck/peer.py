@@ -30,6 +30,7 @@ import trio
 
 from credits import CreditPolicy, Ledger, StandingView
 from credits.replication import Replicator
+from dht import Validators
 from dht.node import DHTNode
 from p2p import framing
 from p2p.errors import P2PError
@@ -39,17 +40,19 @@ from p2p.libp2p import Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
-from pipeline.announce import GOSSIP_TOPIC, ModelCard, fetch_models, fetch_servers, from_gossip_note
+from pipeline.announce import (GOSSIP_TOPIC, AnnouncementValidator, ModelCard, fetch_models, fetch_servers,
+                               from_gossip_note)
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
 from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.proofshelf import ProofShelf
 from pipeline.pricing import ModelPricing
+from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 from pipeline.spotcheck import SpotCheckConfig
 
-from . import control, generation
+from . import control, generation, memory
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
 
@@ -57,6 +60,7 @@ log = logging.getLogger(__name__)
 
 PRESENCE_TOPIC = "presence"
 MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
+MAX_PRESENCE_SEEN = 256  # authors of presence notes that status lists; the latest kept (new keys are free)
 
 
 @dataclass
@@ -89,14 +93,15 @@ class Peer:
         self.ledger = ledger
         self.standing = StandingView(ledger)  # this peer's own view of others' work: its server decides on it
         self.membership = Membership(network, region=config.region)
-        self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None)
+        self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None,
+                           validators=_validators())
         self.gossip = Gossip(network, identity)
         self.replicator = Replicator(ledger, network, self.gossip)
         self.proofs = ProofShelf()  # proofs of our disputes too large for an entry, served to verifiers
         self.proofs.serve_on(network)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
-        self.presence_seen: set[str] = set()
+        self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None
         self._client_lock = trio.Lock()
@@ -117,7 +122,10 @@ class Peer:
         return True
 
     def _on_presence(self, message) -> None:
-        self.presence_seen.add(message.author)
+        self.presence_seen.pop(message.author, None)
+        self.presence_seen[message.author] = None
+        while len(self.presence_seen) > MAX_PRESENCE_SEEN:
+            del self.presence_seen[next(iter(self.presence_seen))]
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])
@@ -323,6 +331,14 @@ class Peer:
             await trio.sleep(self.config.presence_interval)
 
 
+def _validators() -> Validators:
+    """What this peer's DHT stores under the swarm's own keys: well-formed server announcements only,
+    one per server (not whatever a stranger signs under the model's record)."""
+    validators = Validators()
+    validators.register(ANNOUNCE_NAMESPACE, AnnouncementValidator())
+    return validators
+
+
 def _server_config(config: PeerConfig) -> ServerConfig:
     if config.cache_mib is None:
         return ServerConfig(dtype=config.dtype)
@@ -331,6 +347,7 @@ def _server_config(config: PeerConfig) -> ServerConfig:
 
 async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None = None) -> None:
     """Run a peer until cancelled or until SIGINT/SIGTERM arrives."""
+    memory.return_big_blocks()  # KV caches and big frames go back to the OS when freed
     identity = Identity.load_or_create(config.data_dir)
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
     ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(), policy=config.credit_policy)

@@ -112,3 +112,35 @@ def test_netns_quick():
     assert figure(r, "membership_rtt.cross_over_in_region_ratio") > 1  # the lab's regions are farther apart
     assert r["dht_lookup"].get("all_found") is True, r["dht_lookup"]
     assert "tokens_per_s" not in r and "recovery_after_kill" not in r  # --quick leaves the model out
+
+
+ATTACKS = ("object_bomb", "malformed_frames", "dht_store_flood", "credit_chain_flood", "kv_cache_hog", "unpaid_compute",
+           "push_ssrf", "slowloris", "request_flood", "gossip_flood", "presence_sybils", "nested_json",
+           "announcement_squatting")
+
+
+def test_attack_quick():
+    r = run_bench("attack", timeout=400)
+    assert sorted(r["attacks"]) == sorted(ATTACKS)
+    for name, a in r["attacks"].items():
+        assert a["alive"] is True, (name, a)  # the victim stayed up and still answers its control socket
+        for point in ("before", "peak", "after"):
+            assert figure(r, f"attacks.{name}.rss_mb.{point}") > 0
+        figure(r, f"attacks.{name}.rss_growth_mb")
+        assert a["honest_during"]["generations"] > 0, (name, a)  # the honest client was generating all along
+        assert set(a["goals_met"]) == {"rss_growth", "alive", "honest_success", "latency", "attacker_bounded"}
+        # What the attacker got, as the victim reports it, is within the defences' bounds (counts, not timings).
+        for what, bound in a["bounds"].items():
+            assert a["attacker_obtained"][what] <= bound, (name, what, a["attacker_obtained"][what], bound)
+        assert a["goals_met"]["attacker_bounded"] is True, (name, a)
+    got = {name: a["attacker_obtained"] for name, a in r["attacks"].items()}
+    # the attacks really ran: each sent what it is about
+    assert got["object_bomb"]["frames_sent"] >= 1 and got["object_bomb"]["connections_kept"] == 0
+    assert got["malformed_frames"]["frames_sent"] >= 10
+    assert got["unpaid_compute"]["unreceipted_tokens"] == 0 and got["unpaid_compute"]["sybil_keys"] >= 1
+    assert got["push_ssrf"]["pushes_refused"] >= 1 and got["push_ssrf"]["connections_to_named_hosts"] == 0
+    assert got["slowloris"]["sockets_opened"] > r["attacks"]["slowloris"]["notes"]["max_unadmitted_per_ip"]
+    assert got["request_flood"]["requests_answered"] > 0
+    assert got["gossip_flood"]["published"] > got["gossip_flood"]["relayed_by_victim"]  # throttled, not relayed
+    assert got["presence_sybils"]["notes_sent"] > got["presence_sybils"]["presence_authors_listed"]  # bounded, not all
+    assert got["nested_json"]["requests"] > 0 and got["nested_json"]["answered_other_than_400"] == 0
