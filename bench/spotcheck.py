@@ -447,15 +447,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 0.05, 0.01])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--overhead-generations", type=int, default=40)
-    parser.add_argument("--process-generations", type=int, default=50,
-                        help="generations per lie rate with the liar as a real peer process (0: skip)")
+    parser.add_argument("--process-generations", type=int, default=None,
+                        help="generations per lie rate with the liar as a real peer process (0: skip; "
+                             "default 50, --quick 0)")
     parser.add_argument("--process-rates", type=float, nargs="*", default=[1.0, 0.05])
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure")
     args = parser.parse_args(argv)
     if args.quick:
         args.sessions, args.honest_steps, args.generations, args.overhead_generations = 2, 200, 2, 4
-        args.new_tokens, args.process_generations = 8, 0
+        args.new_tokens = 8
+    if args.process_generations is None:
+        args.process_generations = 0 if args.quick else 50
     result: dict = {"cores": os.cpu_count()}
     with tempfile.TemporaryDirectory() as tmp:
         tiny = make_tiny_llama(Path(tmp) / "tiny")

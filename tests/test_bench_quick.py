@@ -90,6 +90,17 @@ def test_spotcheck_quick():
 
 
 @pytest.mark.slow
+def test_spotcheck_liar_process_quick():
+    """The liar as a real `potluck serve` process (bench.liarpeer), new to each client: every generation
+    it lied in is caught before the lie is used, and nobody honest is accused."""
+    r = run_bench("spotcheck", "--process-generations", "3", "--process-rates", "1", timeout=600)
+    run = r["liar_processes"]["rate_1"]
+    assert run["generations"] == 3 and run["routed_through_liar"] >= 1 and run["generations_with_a_lie"] >= 1, run
+    assert run["detection_probability"] == 1.0 and run["output_identical_to_local"] == 1.0, run
+    assert run["false_accusations"] == 0, run
+
+
+@pytest.mark.slow
 def test_pipeline_quick(smollm2_data):
     data_dir, _ = smollm2_data
     r = run_bench("pipeline", "--data-dir", str(data_dir), timeout=600)
