@@ -7,4 +7,5 @@ Every bench takes `--quick` (small sizes, seconds), which tests/test_bench_quick
     ledger      credit-log sign/verify/store rates and spread
     pipeline    SmolLM2 through real server processes vs local generation
     netns       the namespace lab's figures (needs root)
+    fuzz        every wire and stored-data decoder against fuzzed inputs (bench.fuzzgen makes them)
 """

@@ -213,6 +213,9 @@ class _Reader:
     async def send_all(self, data: bytes) -> None:
         self.sent += data
 
+    async def write(self, data: bytes) -> None:
+        self.sent += data
+
     async def aclose(self) -> None:
         pass
 
@@ -479,6 +482,39 @@ def relay_targets(peer: Identity) -> list[Target]:
             Target("p2p.libp2p.relay.StopMessage", read(StopMessage), typed, [delimited(m) for m in stop], encode=_bytes)]
 
 
+def gate_targets(dialer: Identity, listener: Identity) -> list[Target]:
+    """The session handshake (p2p.libp2p.gate), each side reading what the other would send."""
+    from p2p.libp2p import gate, io
+
+    key = b"\x0c" * 32
+    nonce = b"\x0d" * gate.NONCE_SIZE
+
+    async def as_listener(data: bytes) -> None:
+        stream = _Reader(data, 5)
+        reader = framing.ExactReader(stream.receive_some)
+        hello = framing.expect_map(await io.read_frame(reader, io.MAX_OPENING_FRAME, 5.0), "first frame")
+        if not await gate.handshake_as_listener(stream, reader, hello, own_id=listener.peer_id,
+                                                peer_id=dialer.peer_id, key=key, timeout=5.0):
+            raise Refused
+
+    async def as_dialer(data: bytes) -> None:
+        stream = _Reader(data, 5)
+        await gate.handshake_as_dialer(stream, framing.ExactReader(stream.receive_some), own_id=dialer.peer_id,
+                                       peer_id=listener.peer_id, key=None, timeout=5.0)
+
+    # A proof binds both sides' fresh nonces, so no fixed input passes the listener's check: its
+    # seeds carry a wrong proof (refused after the whole exchange) or none (a swarm without a key).
+    hellos = [[{"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": True}, {"t": "proof", "p": b"\x01" * 32}],
+              [{"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": False}, {"t": "proof", "p": None}]]
+    replies = [[{"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": False, "p": None}, {"t": "welcome"}],
+               [{"t": "refuse", "e": "SwarmKeyMismatch", "m": "keys differ"}]]
+    def frames(messages: list) -> bytes:
+        return b"".join(framed(m) for m in messages)
+
+    return [Target("p2p.libp2p.gate.listener", as_listener, (Refused, FrameError, StreamClosed), hellos, encode=frames),
+            Target("p2p.libp2p.gate.dialer", as_dialer, (P2PError,), replies, encode=frames)]
+
+
 def _bytes(value: Any) -> bytes:
     return value if isinstance(value, bytes) else pack(value)
 
@@ -583,6 +619,7 @@ async def all_targets(world: SimWorld, nursery: trio.Nursery) -> list[Target]:
     alice, bob, carol = Identity(b"\x01" * 32), Identity(b"\x02" * 32), Identity(b"\x04" * 32)
     return [framing_target(), frames_target(), tensor_target(), *key_file_targets(alice),
             *await network_targets(world, nursery, Identity(b"\x05" * 32), bob), *relay_targets(bob),
+            *gate_targets(alice, bob),
             *dht_targets(alice, bob), *credit_targets(alice, bob), *ledger_targets(carol, bob),
             *announce_targets(alice), *pipeline_targets(bob, alice), *api_targets(), control_target()]
 
@@ -616,7 +653,8 @@ async def run(n: int, seed: int, only: list[str] | None, hang_s: float, rss_mb: 
                 if target.name == "p2p.framing.decode":
                     t_framing = elapsed
                 decoders[target.name] = dict(report.as_dict(), per_s=round(n / max(elapsed, 1e-9)))
-                print(f"{target.name}: {n} inputs, {decoders[target.name]['crashes']} crashes", file=sys.stderr)
+                print(f"{target.name}: {n} inputs, {decoders[target.name]['crashes']} crashes, "
+                      f"peak RSS {_peak_rss_mb():.0f} MB", file=sys.stderr)
             nursery.cancel_scope.cancel()
     out["decoders"] = decoders
     out["decoder_count"] = len(decoders)

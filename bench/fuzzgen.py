@@ -61,6 +61,7 @@ def random_value(rng: random.Random, depth: int = 0, *, wild: bool = False) -> A
 
 
 _WILD: list[Any] = []
+_WILD_IDS: set[int] = set()  # shared by every input: mutations never reach inside them
 
 
 def _wild_values() -> list[Any]:
@@ -74,12 +75,13 @@ def _wild_values() -> list[Any]:
             for i in range(depth):
                 value = [value] if i % 2 else {"k": value}
             _WILD.append(value)
+        _WILD_IDS.update(id(v) for v in _WILD)
     return _WILD
 
 
 def _copy(value: Any, depth: int = 0) -> Any:
-    """A copy of the top of `value` (deeper than `_slots` reaches is shared, never mutated)."""
-    if depth > 12:
+    """A copy of the top of `value` (what `_slots` does not reach is shared, never mutated)."""
+    if depth > 12 or id(value) in _WILD_IDS:
         return value
     if isinstance(value, list):
         return [_copy(v, depth + 1) for v in value[:64]] + value[64:]
@@ -91,7 +93,7 @@ def _copy(value: Any, depth: int = 0) -> Any:
 def _slots(value: Any, out: list[tuple[Any, Any]], depth: int = 0) -> None:
     """The (container, key-or-index) places inside `value`, depth-first: the first 64 of each
     container, to a depth of 12 (a huge or deep value is mutated near its top)."""
-    if depth > 12 or len(out) > 512:
+    if depth > 12 or len(out) > 512 or id(value) in _WILD_IDS:
         return
     if isinstance(value, list):
         for i, v in enumerate(value[:64]):
