@@ -108,7 +108,7 @@ class Report:
                 "crashes": sum(c.count for c in self.crashes.values()), "max_input_ms": round(self.max_input_ms, 3),
                 "rss_growth_mb": round(self.rss_growth_mb, 1),
                 "crash_examples": [{"kind": c.kind, "where": c.where, "count": c.count, "message": c.message[:300],
-                                    "input_hex": c.example.hex()[:2000], "input_len": len(c.example)}
+                                    "input_hex": c.example[:1000].hex(), "input_len": len(c.example)}
                                    for c in self.crashes.values()]}
 
 

@@ -22,6 +22,7 @@ INTERESTING_BYTES = bytes([0x00, 0x01, 0x7F, 0x80, 0xFF, 0xC0, 0xC1, 0xC2, 0xC3,
 HUGE_HEADERS = (b"\xdd\xff\xff\xff\xff", b"\xdf\xff\xff\xff\xff", b"\xdb\x7f\xff\xff\xff", b"\xc6\x7f\xff\xff\xff",
                 b"\xdc\xff\xff", b"\xde\xff\xff", b"\xcf\xff\xff\xff\xff\xff\xff\xff\xff", b"\xd3\x80\x00\x00\x00\x00\x00\x00\x00")
 INTERESTING_INTS = (0, 1, -1, 10**400, 2**31 - 1, 2**31, 2**32, 2**53 + 1, 2**63 - 1, -(2**63), 2**64 - 1, 255, 256, 65535, 65536)
+MAX_INPUT = 4 * 1024 * 1024  # inputs stay below this; length fields still claim up to 4 GiB
 INTERESTING_FLOATS = (float("nan"), float("inf"), float("-inf"), -0.0, 1e308, -1e308, 5e-324, 0.5)
 
 
@@ -130,7 +131,9 @@ def mutate_structure(rng: random.Random, seed: Any) -> Any:
                 container.insert(key, _copy(container[key]))
         elif op == 8:
             if isinstance(container, list):
-                container.extend([_copy(container[key])] * rng.choice((10, 1000, 5000)))
+                item = container[key]
+                small = not isinstance(item, (list, dict, str, bytes)) or len(item) <= 64
+                container.extend([_copy(item)] * (rng.choice((10, 1000, 5000)) if small else 10))
             else:
                 container[key] = [container[key]]
         else:
@@ -207,9 +210,12 @@ class FuzzInputs:
             seed = rng.choice(self.seeds)
             value = mutate_structure(rng, seed) if roll < 0.5 else random_shape(rng, seed)
             try:
-                return self.encode(value)
-            except (TypeError, ValueError, OverflowError, RecursionError):  # not encodable in this format: fall back to bytes
-                return mutate_bytes(rng, rng.choice(self.encoded), self.encoded)
+                data = self.encode(value)
+            except (TypeError, ValueError, OverflowError, RecursionError):  # not encodable in this format
+                data = b""
+            if 0 < len(data) <= MAX_INPUT:
+                return data
+            return mutate_bytes(rng, rng.choice(self.encoded), self.encoded)
         return rng.randbytes(rng.choice((0, 1, 2, 4, 8, 16, 64, 256, 1024)))
 
 
