@@ -100,13 +100,14 @@ class Report:
     rejected: int = 0
     accepted: int = 0
     max_input_ms: float = 0.0
+    max_input_rss_mb: float = 0.0  # the most one input grew the peak RSS
     rss_growth_mb: float = 0.0
     crashes: dict[tuple[str, str], Crash] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
         return {"inputs": self.inputs, "rejected": self.rejected, "accepted": self.accepted,
                 "crashes": sum(c.count for c in self.crashes.values()), "max_input_ms": round(self.max_input_ms, 3),
-                "rss_growth_mb": round(self.rss_growth_mb, 1),
+                "max_input_rss_mb": round(self.max_input_rss_mb, 1), "rss_growth_mb": round(self.rss_growth_mb, 1),
                 "crash_examples": [{"kind": c.kind, "where": c.where, "count": c.count, "message": c.message[:300],
                                     "input_hex": c.example[:1000].hex(), "input_len": len(c.example)}
                                    for c in self.crashes.values()]}
@@ -157,6 +158,7 @@ async def run_target(target: Target, n: int, rng: random.Random, hang_s: float, 
         report.inputs += 1
         report.max_input_ms = max(report.max_input_ms, elapsed * 1000)
         grown = _peak_rss_mb() - before
+        report.max_input_rss_mb = max(report.max_input_rss_mb, grown)
         if failure is not None:
             key = (type(failure).__name__, _where(failure))
             message = str(failure)
@@ -196,18 +198,19 @@ class _Reader:
     """A stream that hands out `data` in small pieces, then end-of-stream."""
 
     def __init__(self, data: bytes, chunk: int = 7):
-        self.data = data
-        self.chunk = chunk
+        self.data = memoryview(data)
+        self.chunk = max(chunk, len(data) // 256)  # small pieces, but not a million awaits for 4 MiB
         self.sent = bytearray()
 
     async def receive_some(self, n: int | None = None) -> bytes:
         await trio.lowlevel.checkpoint()
-        out, self.data = self.data[:self.chunk], self.data[self.chunk:]
-        return out
+        return self._take(self.chunk)
 
     async def read(self, n: int = -1) -> bytes:  # the libp2p stream interface the relay reads through
-        size = self.chunk if n is None or n < 0 else min(n, self.chunk)
-        out, self.data = self.data[:size], self.data[size:]
+        return self._take(self.chunk if n is None or n < 0 else min(n, self.chunk))
+
+    def _take(self, n: int) -> bytes:
+        out, self.data = bytes(self.data[:n]), self.data[n:]
         return out
 
     async def send_all(self, data: bytes) -> None:
