@@ -8,14 +8,15 @@ A *crash* is any exception other than the decoder's typed refusal (listed with e
 input that takes longer than `--hang-s` (default 5 s), or one that grows the process's peak RSS by
 more than `--rss-mb` (default 256 MB). Per decoder the JSON reports inputs, typed rejections,
 accepted, crashes (each distinct one with a minimised input, hex), the slowest input's time, and
-the peak RSS growth; `crashes_total` is the goal's figure (0). The same-run baseline is
-`msgpack_unpack_per_s`: plain `msgpack.unpackb` of the same inputs to `p2p.framing.decode`, which
-the `framing.decode` rate is a ratio of.
+the peak RSS growth (in all, and the most for one input); `crashes_total` is the goal's figure (0).
+The same-run baseline is `msgpack_unpack_per_s`: plain `msgpack.unpackb` over inputs made as
+`p2p.framing.decode`'s are, which the `framing.decode` rate is a ratio of.
 
 Decoders that sit inside a handler are driven through it, as a peer's message would be (gossip,
-membership, replication, billing, the control socket, the HTTP body); the server's inference
-messages are checked with the protocol's own parsers (`pipeline.protocol`), as the block server
-calls them on each step.
+membership, replication, billing, the control socket, the HTTP body), and the asking side of a
+protocol is fed fuzzed replies; a handler that answers instead of raising counts as refusing when
+it answers no (`Refused`). The server's inference messages are checked with the protocol's own
+parsers (`pipeline.protocol`), as the block server calls them on each step.
 """
 
 from __future__ import annotations
