@@ -131,9 +131,9 @@ def mutate_structure(rng: random.Random, seed: Any) -> Any:
                 container.insert(key, _copy(container[key]))
         elif op == 8:
             if isinstance(container, list):
-                item = container[key]
-                small = not isinstance(item, (list, dict, str, bytes)) or len(item) <= 64
-                container.extend([_copy(item)] * (rng.choice((10, 1000, 5000)) if small else 10))
+                item = container[key]  # a scalar many times; a container (a huge one, maybe) twice
+                small = not isinstance(item, (list, dict)) and (not isinstance(item, (str, bytes)) or len(item) <= 64)
+                container.extend([item] * (rng.choice((10, 1000, 5000)) if small else 2))
             else:
                 container[key] = [container[key]]
         else:
