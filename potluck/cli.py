@@ -20,6 +20,54 @@ def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
                         help=f"where the identity key and state live (default {DEFAULT_DATA_DIR}, or $POTLUCK_DATA_DIR)")
 
 
+def _limit_args(parser: argparse.ArgumentParser) -> None:
+    limits = parser.add_argument_group("limits", "what this peer grants other peers; the defaults suit a "
+                                                 "volunteer's machine")
+    limits.add_argument("--max-inbound-per-ip", type=int, metavar="N",
+                        help="connections one IP address may hold open before their peer passes the "
+                             "handshake (default 8)")
+    limits.add_argument("--inflight-mb", type=float, metavar="MiB",
+                        help="memory one peer's requests may hold here at once, as decoded (default 64; "
+                             "at least 16, the largest message)")
+    limits.add_argument("--dht-store-mb", type=float, metavar="MiB",
+                        help="DHT records stored for other peers (default 64)")
+    limits.add_argument("--gossip-rate", type=float, metavar="MSGS/S",
+                        help="gossip messages taken per second from one author on one topic, after a burst "
+                             "of 100 (default 2)")
+    limits.add_argument("--gossip-mb", type=float, metavar="MiB",
+                        help="gossip messages held to relay to other peers (default 32)")
+
+
+def peer_limits(args: argparse.Namespace):
+    """The PeerLimits the limit flags ask for (a ValueError names a flag out of range)."""
+    from dataclasses import replace
+
+    from p2p import framing
+
+    from .peer import PeerLimits
+
+    for flag, value in (("--max-inbound-per-ip", args.max_inbound_per_ip), ("--dht-store-mb", args.dht_store_mb),
+                        ("--gossip-rate", args.gossip_rate), ("--gossip-mb", args.gossip_mb)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} wants a positive number")
+    mib = 1 << 20
+    if args.inflight_mb is not None and not args.inflight_mb * mib >= framing.DEFAULT_MAX_FRAME:
+        raise ValueError(f"--inflight-mb wants at least {framing.DEFAULT_MAX_FRAME // mib} (MiB): a request "
+                         "may be that large")
+    limits = PeerLimits()
+    if args.max_inbound_per_ip is not None:
+        limits = replace(limits, inbound=replace(limits.inbound, max_unadmitted_per_ip=args.max_inbound_per_ip))
+    if args.inflight_mb is not None:
+        limits = replace(limits, inflight_bytes_in=round(args.inflight_mb * mib))
+    if args.dht_store_mb is not None:
+        limits = replace(limits, dht_store=replace(limits.dht_store, max_bytes=round(args.dht_store_mb * mib)))
+    if args.gossip_rate is not None:
+        limits = replace(limits, gossip=replace(limits.gossip, rate=args.gossip_rate))
+    if args.gossip_mb is not None:
+        limits = replace(limits, gossip=replace(limits.gossip, max_total_bytes=round(args.gossip_mb * mib)))
+    return limits
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potluck", description="Peer-to-peer LLM inference: bring compute, share compute.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -65,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POTLUCK_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every HTTP request (needed for a non-loopback "
                         "--api; default $POTLUCK_API_KEY)")
+    _limit_args(p)
 
     p = sub.add_parser("chat", help="chat in the terminal through the running peer's API (or a fresh peer)")
     _data_dir_arg(p)
@@ -165,6 +214,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         credit_policy=_credit_policy(args),
         api=args.api,
         api_key=args.api_key,
+        limits=peer_limits(args),
     )
     if args.threads:
         import torch

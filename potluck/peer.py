@@ -31,12 +31,13 @@ import trio
 from credits import CreditPolicy, Ledger, StandingView
 from credits.replication import Replicator
 from dht import Validators
-from dht.node import DHTNode
+from dht.node import DHTConfig, DHTNode
+from dht.records import StoreLimits
 from p2p import framing
 from p2p.errors import P2PError
-from p2p.gossip import Gossip
+from p2p.gossip import Gossip, GossipQuotas
 from p2p.identity import Identity
-from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p import InboundLimits, Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
@@ -63,6 +64,24 @@ MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that st
 MAX_PRESENCE_SEEN = 256  # authors of presence notes that status lists; the latest kept (new keys are free)
 
 
+@dataclass(frozen=True)
+class PeerLimits:
+    """What this peer grants other peers, layer by layer (`potluck serve`'s limit flags). The defaults
+    are each layer's own, sized for a volunteer's machine."""
+
+    inbound: InboundLimits = InboundLimits()  # connections not admitted yet, per IP; the upgrade deadline
+    inflight_bytes_in: int | None = None  # one peer's requests held at once, as decoded (None: the network's)
+    dht_store: StoreLimits = StoreLimits()  # DHT records stored for others
+    gossip: GossipQuotas = GossipQuotas()  # per-author gossip rates, and the gossip held
+
+    def network_options(self) -> dict:
+        """The `Libp2pNetwork.open` options these limits set."""
+        options: dict = {"inbound_limits": self.inbound}
+        if self.inflight_bytes_in is not None:
+            options["max_inflight_bytes_in"] = self.inflight_bytes_in
+        return options
+
+
 @dataclass
 class PeerConfig:
     data_dir: Path
@@ -81,6 +100,7 @@ class PeerConfig:
     credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
+    limits: PeerLimits = PeerLimits()
 
 
 class Peer:
@@ -94,8 +114,8 @@ class Peer:
         self.standing = StandingView(ledger)  # this peer's own view of others' work: its server decides on it
         self.membership = Membership(network, region=config.region)
         self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None,
-                           validators=_validators())
-        self.gossip = Gossip(network, identity)
+                           validators=_validators(), config=DHTConfig(store_limits=config.limits.dht_store))
+        self.gossip = Gossip(network, identity, quotas=config.limits.gossip)
         self.replicator = Replicator(ledger, network, self.gossip)
         self.proofs = ProofShelf()  # proofs of our disputes too large for an entry, served to verifiers
         self.proofs.serve_on(network)
@@ -353,7 +373,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
     ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(), policy=config.credit_policy)
     try:
         async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
-                                      relay_service=config.relay_service, relays=config.relays) as network:
+                                      relay_service=config.relay_service, relays=config.relays,
+                                      **config.limits.network_options()) as network:
             peer = Peer(config, identity, network, ledger)
             if config.bootstrap:
                 # Before any task starts, so a refused swarm key ends the peer with a plain error.

@@ -100,6 +100,23 @@ def test_spotcheck_liar_process_quick():
     assert run["false_accusations"] == 0, run
 
 
+def test_fuzz_quick():
+    # a generous per-input bound: on a loaded machine a slow input is not a hang (tests assert no timings)
+    r = run_bench("fuzz", "--hang-s", "60", timeout=900)
+    assert r["decoder_count"] >= 30 and set(r["decoders"]) >= {
+        "p2p.framing.decode", "p2p.tensor.unpack", "p2p.gossip.push", "p2p.membership.hello", "dht.protocol.decode_request",
+        "dht.records.SignedValue", "credits.LogEntry.decode", "credits.ForkProof.decode", "credits.replication.heads",
+        "pipeline.protocol.step", "pipeline.announce.ServerInfo", "potluck.openai_schema.ChatRequest", "potluck.control",
+        "p2p.libp2p.relay.HopMessage", "p2p.swarm_key.decode_key_file", "p2p.identity.key_file"}
+    for name, d in r["decoders"].items():
+        assert d["inputs"] == r["inputs_per_decoder"] > 0, name
+        assert d["rejected"] + d["accepted"] + d["crashes"] == d["inputs"], name
+        assert d["rejected"] > 0, name  # every decoder saw inputs it had to refuse
+    crashes = {name: d["crash_examples"] for name, d in r["decoders"].items() if d["crashes"]}
+    assert r["crashes_total"] == 0, json.dumps(crashes)[:3000]
+    assert figure(r, "msgpack_unpack_per_s") > 0 and figure(r, "framing_decode_vs_msgpack") > 0
+
+
 @pytest.mark.slow
 def test_pipeline_quick(smollm2_data):
     data_dir, _ = smollm2_data
