@@ -10,6 +10,7 @@ import torch
 import trio
 
 from credits import IngestLimits, ReceiptSigner, StandingView
+from bench.spotcheck import RateLiar
 from p2p.identity import Identity, public_key_from_peer_id
 from pipeline.client import TokenEvent
 from pipeline.disputes import DisputeJudge, ServedBlocks
@@ -230,18 +231,10 @@ async def test_a_thousand_false_disputes_change_nothing_and_cost_one_replay(llam
     assert (await led[honest].reliability()).get(honest.public_key, 1.0) == 1.0
 
 
-class SigningLiar(BlockServer):
+class SigningLiar(RateLiar):
     """From its fourth step on, adds noise to what it computed and signs that as its result."""
 
-    async def _run(self, session, *args, **kw):
-        ran = await super()._run(session, *args, **kw)
-        if ran is not None and session.steps > 3:
-            out, compute_s, served, signed = ran
-            out = out + 0.05 * out.abs().mean()
-            if signed is not None:  # the digests it signs are of what it returns
-                signed = (signed[0], *result_digests(out, session.seed))
-            return out, compute_s, served, signed
-        return ran
+    honest_steps = 3
 
 
 class UnsignedLiar(BlockServer):

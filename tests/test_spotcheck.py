@@ -6,12 +6,12 @@ import msgpack
 import pytest
 import trio
 
+from bench.spotcheck import RateLiar
 from p2p.identity import public_key_from_peer_id
 from pipeline.client import TokenEvent
 from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.loading import ModelFolder
-from pipeline.proofs import DisputeProof, result_digests
-from pipeline.server import BlockServer
+from pipeline.proofs import DisputeProof
 from pipeline.spotcheck import SpotCheckConfig, relative_error
 from testkit.billing import add_client, add_server
 from testkit.swarms import swarm
@@ -31,21 +31,11 @@ def llama(llama):
     return path, mid, local, ModelFolder(path).config
 
 
-class LyingServer(BlockServer):
-    """Honest for its first `honest_steps` steps of each session, then adds noise to what it computed
-    — and signs the noisy outputs as its result, as a server that cuts corners would."""
+class LyingServer(RateLiar):
+    """Honest for its first 3 steps of each session, then adds noise to what it computed — and signs
+    the noisy outputs as its result, as a server that cuts corners would."""
 
     honest_steps = 3
-
-    async def _run(self, session, *args, **kw):
-        ran = await super()._run(session, *args, **kw)
-        if ran is not None and session.steps > self.honest_steps:
-            out, compute_s, served, signed = ran
-            out = out + 0.05 * out.abs().mean()
-            if signed is not None:  # the digests it signs are of what it returns
-                signed = (signed[0], *result_digests(out, session.seed))
-            return out, compute_s, served, signed
-        return ran
 
 
 async def sees_all(model, peers) -> None:
