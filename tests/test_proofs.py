@@ -9,8 +9,8 @@ import pytest
 import torch
 import trio
 
-from credits import IngestLimits, ReceiptSigner, StandingView
 from bench.spotcheck import RateLiar
+from credits import IngestLimits, ReceiptSigner, StandingView
 from p2p.identity import Identity, public_key_from_peer_id
 from pipeline.client import TokenEvent
 from pipeline.disputes import DisputeJudge, ServedBlocks
