@@ -127,6 +127,14 @@ class ExactReader:
         del self._buf[:n]
         return out
 
+    async def at_end(self) -> bool:
+        """Whether the stream ends here: nothing buffered and nothing more arrives (waits for either)."""
+        if self._buf:
+            return False
+        chunk = await self._read_some(65536)
+        self._buf += chunk
+        return not chunk
+
 
 # --- shape checks for decoded messages ------------------------------------------------------------
 

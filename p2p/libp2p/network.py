@@ -3,9 +3,11 @@ Noise + yamux.
 
 What travels on a connection
 ----------------------------
-Only ONE libp2p protocol id is registered, `/potluck/1.0.0` (identify, identify-push and ping, which
-py-libp2p's BasicHost serves by default and which would tell any outsider our listen addresses and
-protocol list, are removed). Every libp2p stream starts with one of two frames (`p2p.framing`):
+Our own traffic uses ONE libp2p protocol id, `/potluck/1.0.0`. Open swarms also serve libp2p's
+identify, identify-push and ping (`identify`), so other libp2p nodes can identify and ping us, and we
+identify each admitted peer to learn the address it sees us at (`observed_addrs`). A private swarm
+registers `/potluck/1.0.0` alone: an outsider learns neither our addresses nor our protocol list.
+Every `/potluck/1.0.0` stream starts with one of two frames (`p2p.framing`):
 
 - `{"t": "hello", ...}` opens a request session (`session`) after the gate handshake (`gate`);
 - `{"t": "open", "p": "/potluck/NAME/x.y.z"}` opens a long-lived message stream (`open_stream`,
@@ -84,6 +86,7 @@ from ..network import (
 )
 from . import gate, io, patches
 from .addresses import full_addr, split_circuit
+from .identify import IdentifyService, PeerRecord
 from .relay import CircuitRelay, RelayLimits
 from .session import MAX_PROTOCOL_LEN, RequestSession
 from .stream import FlowControlledStream
@@ -196,8 +199,8 @@ class Libp2pNetwork(Network):
         swarm.auto_connector.maybe_connect = _no_auto_connect  # type: ignore[method-assign]
         patches.limit_inbound(swarm, inbound_limits)
         self._host = BasicHost(swarm, default_protocols=OrderedDict([(LIBP2P_PROTOCOL, self._on_libp2p_stream)]))
-        # BasicHost runs identify against every new connection and pushes identify (with our protocol
-        # list and addresses) to peers; with no identify handler registered that is only wasted streams.
+        # BasicHost runs identify against every new connection (admitted or not) and pushes identify
+        # to every peer; we identify admitted peers only (`identify`), and never push.
         swarm.notifees = [n for n in swarm.notifees if not isinstance(n, _IdentifyNotifee)]
         self._host._schedule_identify = lambda *args, **kwargs: None  # type: ignore[method-assign]
         swarm.register_notifee(_Notifee(self))
@@ -207,6 +210,7 @@ class Libp2pNetwork(Network):
         self._relay = CircuitRelay(self, service=relay_service, relays=relays, limits=relay_limits,
                                    timeout=relay_timeout)
         self.relay_dial_timeout = max(15.0, relay_timeout)
+        self._identify = IdentifyService(self, serve=swarm_key is None)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -328,6 +332,18 @@ class Libp2pNetwork(Network):
         """The addresses we listen on (with /p2p/<id>), without circuit addresses."""
         return [str(a) for a in self._host.get_addrs()]
 
+    def observed_addrs(self) -> list[tuple[str, int]]:
+        """Our addresses as admitted peers see them (identify), each with how many peers report it,
+        most reported first. Empty in private swarms (they do not run identify)."""
+        return self._identify.observed.addrs()
+
+    def identified(self, peer_id: str) -> PeerRecord | None:
+        """What an admitted peer said about itself in identify, once it answered."""
+        return self._identify.records.get(peer_id)
+
+    def is_relayed(self, muxed_conn: Any) -> bool:
+        return self._relay.is_relayed(muxed_conn)
+
     def relay_status(self) -> dict:
         """Reservations held and served, circuits, bytes relayed (for status pages)."""
         return self._relay.relay_status()
@@ -436,6 +452,8 @@ class Libp2pNetwork(Network):
         sessions.append(session)
         if first:
             self._notify(session.peer_id, True)
+            if self._identify.serve:
+                self.spawn(self._identify_peer, session.peer_id)
 
     def session_ended(self, session: RequestSession) -> None:
         sessions = self._sessions.get(session.peer_id)
@@ -444,8 +462,16 @@ class Libp2pNetwork(Network):
         sessions.remove(session)
         if not sessions:
             del self._sessions[session.peer_id]
+            self._identify.forget(session.peer_id)
             self._notify(session.peer_id, False)
             self._close_sessionless(session.peer_id)
+
+    async def _identify_peer(self, peer_id: str) -> None:
+        try:
+            await self._identify.identify(peer_id)
+        except (P2PError, trio.TooSlowError) as e:
+            # An identify that fails says nothing against the peer: sessions decide who is connected.
+            log.info("identify of %s failed: %s", peer_id, e or type(e).__name__)
 
     def _notify(self, peer_id: str, connected: bool) -> None:
         for listener in list(self._listeners):

@@ -1,0 +1,352 @@
+"""libp2p identify and ping for other libp2p nodes, and the addresses peers observe us at.
+
+Open swarms serve libp2p's `/ipfs/id/1.0.0` (our agent version, public key, listen addresses,
+protocols, and the address we see the asker at), `/ipfs/id/push/1.0.0` and `/ipfs/ping/1.0.0` to
+anyone connected, so a go/rust/js libp2p node that dials a potluck peer can identify and ping it. A
+private swarm registers none of them: an outsider's multistream `ls` names only `/potluck/1.0.0`
+(the swarm-key gate decides everything else).
+
+Once a peer is admitted, we identify it in turn: its answer says which address it sees us at (our
+observed address: behind NAT, the NAT's public side). `ObservedAddrs` keeps one such report per
+reporting peer, for a bounded number of peers, from admitted peers only (a stranger's claims are not
+stored).
+
+Hostile input: an identify message is at most `MAX_MESSAGE` bytes (go-libp2p's own bound on a signed
+identify record) after a bounded varint, at most `MAX_MESSAGES` of them; fields are shape-checked
+(`decode`), and the public key must be the one the peer id names. Each peer may hold at most
+`max_streams_per_peer` of these streams at once (ping, identify and push together); more are reset.
+A ping stream that sends nothing for `PING_IDLE` seconds is closed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any, Awaitable, Callable, Protocol
+
+import multiaddr
+import trio
+from libp2p.abc import IHost
+from libp2p.crypto.serialization import deserialize_public_key
+from libp2p.custom_types import TProtocol
+from libp2p.identity.identify.pb.identify_pb2 import Identify
+from libp2p.peer.id import ID
+from multiaddr.protocols import P_P2P
+
+from ..errors import FrameError, StreamClosed
+from ..framing import ExactReader
+from . import io
+
+log = logging.getLogger(__name__)
+
+IDENTIFY = TProtocol("/ipfs/id/1.0.0")
+IDENTIFY_PUSH = TProtocol("/ipfs/id/push/1.0.0")
+PING = TProtocol("/ipfs/ping/1.0.0")
+PROTOCOL_VERSION = "ipfs/0.1.0"
+
+MAX_MESSAGE = 8 * 1024  # go-libp2p's signedIDSize: the largest identify message it reads
+MAX_MESSAGES = 10  # go-libp2p's maxMessages: an identify answer may come in several (merged)
+MAX_ADDRS = 64
+MAX_PROTOCOLS = 128
+MAX_TEXT = 256  # agent version, protocol version, one protocol id
+PING_SIZE = 32
+PING_IDLE = 10.0  # go-libp2p closes an idle ping stream after 10 s too
+ANSWER_TIMEOUT = 5.0
+
+
+def _agent_version() -> str:
+    try:
+        return f"potluck/{metadata.version('potluck')}"
+    except metadata.PackageNotFoundError:
+        return "potluck"
+
+
+AGENT_VERSION = _agent_version()
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What a peer said about itself (and about us) in identify."""
+
+    agent_version: str
+    protocol_version: str
+    listen_addrs: tuple[str, ...]
+    protocols: tuple[str, ...]
+    observed_addr: str | None  # where the peer sees us
+
+
+class IdentifyHost(Protocol):
+    """What identify needs of `Libp2pNetwork`."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def host(self) -> IHost: ...
+
+    def listen_addrs(self) -> list[str]: ...
+
+    def is_relayed(self, muxed_conn: Any) -> bool: ...
+
+    def admitted(self, peer_id: str) -> bool: ...
+
+
+class ObservedAddrs:
+    """Our addresses as peers observe them: one (the latest) report per reporting peer, at most
+    `max_reporters` peers (the least recently reporting ones are forgotten first)."""
+
+    def __init__(self, max_reporters: int = 64):
+        self.max_reporters = max_reporters
+        self._by_reporter: OrderedDict[str, str] = OrderedDict()
+
+    def report(self, reporter: str, addr: str) -> None:
+        self._by_reporter[reporter] = addr
+        self._by_reporter.move_to_end(reporter)
+        while len(self._by_reporter) > self.max_reporters:
+            self._by_reporter.popitem(last=False)
+
+    def of(self, reporter: str) -> str | None:
+        return self._by_reporter.get(reporter)
+
+    def addrs(self) -> list[tuple[str, int]]:
+        """Each observed address with how many peers report it, most reported first."""
+        counts: dict[str, int] = {}
+        for addr in self._by_reporter.values():
+            counts[addr] = counts.get(addr, 0) + 1
+        return sorted(counts.items(), key=lambda item: -item[1])
+
+    def __len__(self) -> int:
+        return len(self._by_reporter)
+
+
+def _observed(remote: tuple[str, int] | None) -> multiaddr.Multiaddr | None:
+    if remote is None:
+        return None
+    host, port = remote[0], remote[1]
+    if host.lower().startswith("::ffff:"):
+        host = host[7:]
+    return multiaddr.Multiaddr(f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}")
+
+
+def encode(net: IdentifyHost, observed: multiaddr.Multiaddr | None) -> bytes:
+    """Our identify message, as one varint-delimited protobuf."""
+    addrs = [multiaddr.Multiaddr(a).decapsulate_code(P_P2P).to_bytes() for a in net.listen_addrs()]
+    protocols = [str(p) for p in net.host.get_mux().get_protocols() if p is not None]
+    msg = Identify(
+        protocol_version=PROTOCOL_VERSION,
+        agent_version=AGENT_VERSION,
+        public_key=net.host.get_public_key().serialize(),
+        listen_addrs=addrs,
+        observed_addr=observed.to_bytes() if observed is not None else b"",
+        protocols=protocols,
+    )
+    body = msg.SerializeToString()
+    return _uvarint(len(body)) + body
+
+
+def _uvarint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
+
+
+async def _read_uvarint(reader: ExactReader) -> int:
+    """A varint of at most 4 bytes (enough for MAX_MESSAGE)."""
+    value = 0
+    for i in range(4):
+        byte = (await reader.read_exactly(1))[0]
+        value |= (byte & 0x7F) << (7 * i)
+        if not byte & 0x80:
+            return value
+    raise FrameError("identify message length too long")
+
+
+async def read_messages(reader: ExactReader) -> Identify:
+    """An identify answer: up to MAX_MESSAGES delimited messages until the end of the stream, merged."""
+    merged = Identify()
+    for _ in range(MAX_MESSAGES):
+        if await reader.at_end():
+            return merged
+        try:
+            length = await _read_uvarint(reader)
+        except StreamClosed as e:
+            raise FrameError(f"identify message cut short: {e}") from None
+        if length > MAX_MESSAGE:
+            raise FrameError(f"identify message of {length} bytes (limit {MAX_MESSAGE})")
+        try:
+            body = await reader.read_exactly(length)
+        except StreamClosed as e:
+            raise FrameError(f"identify message cut short: {e}") from None
+        part = Identify()
+        try:
+            part.ParseFromString(body)
+        except Exception as e:  # protobuf's DecodeError (and anything a malformed message raises)
+            raise FrameError(f"malformed identify message: {type(e).__name__}") from None
+        merged.MergeFrom(part)
+        if len(merged.listen_addrs) > MAX_ADDRS or len(merged.protocols) > MAX_PROTOCOLS:
+            raise FrameError("identify lists too many addresses or protocols")
+    if not await reader.at_end():
+        raise FrameError(f"more than {MAX_MESSAGES} identify messages")
+    return merged
+
+
+def _addr(raw: bytes, what: str) -> str:
+    try:
+        return str(multiaddr.Multiaddr(raw))
+    except Exception:
+        raise FrameError(f"identify {what} is not a multiaddr") from None
+
+
+def _text(value: str, what: str) -> str:
+    if len(value) > MAX_TEXT:
+        raise FrameError(f"identify {what} longer than {MAX_TEXT} characters")
+    return value
+
+
+def decode(msg: Identify, peer_id: str) -> PeerRecord:
+    """The record in `msg` from `peer_id`; FrameError when its shape is wrong or its public key is
+    not the one the peer id names."""
+    if len(msg.listen_addrs) > MAX_ADDRS or len(msg.protocols) > MAX_PROTOCOLS:
+        raise FrameError("identify lists too many addresses or protocols")
+    if msg.public_key:
+        try:
+            key_id = ID.from_pubkey(deserialize_public_key(msg.public_key)).to_base58()
+        except Exception:
+            raise FrameError("identify public key is malformed") from None
+        if key_id != peer_id:
+            raise FrameError("identify public key is not the peer's")
+    return PeerRecord(
+        agent_version=_text(msg.agent_version, "agent version"),
+        protocol_version=_text(msg.protocol_version, "protocol version"),
+        listen_addrs=tuple(_addr(a, "listen address") for a in msg.listen_addrs),
+        protocols=tuple(_text(p, "protocol") for p in msg.protocols),
+        observed_addr=_addr(msg.observed_addr, "observed address") if msg.observed_addr else None,
+    )
+
+
+class IdentifyService:
+    """Serves identify, identify-push and ping (registered only by open swarms), identifies admitted
+    peers, and keeps what they said: their records while admitted, our observed addresses."""
+
+    def __init__(self, net: IdentifyHost, *, serve: bool, max_streams_per_peer: int = 4,
+                 max_reporters: int = 64):
+        self.net = net
+        self.serve = serve
+        self.max_streams_per_peer = max_streams_per_peer
+        self.observed = ObservedAddrs(max_reporters)
+        self.records: dict[str, PeerRecord] = {}  # admitted peers only; forgotten with their session
+        self._streams: dict[str, int] = {}
+        self.stats = {"identify_served": 0, "pings_served": 0, "streams_refused": 0}
+        if serve:
+            net.host.set_stream_handler(IDENTIFY, self._on_identify)
+            net.host.set_stream_handler(IDENTIFY_PUSH, self._on_push)
+            net.host.set_stream_handler(PING, self._on_ping)
+
+    # --- serving ------------------------------------------------------------------------------------
+
+    def _take(self, peer_id: str) -> bool:
+        n = self._streams.get(peer_id, 0)
+        if n >= self.max_streams_per_peer:
+            self.stats["streams_refused"] += 1
+            return False
+        self._streams[peer_id] = n + 1
+        return True
+
+    def _give_back(self, peer_id: str) -> None:
+        self._streams[peer_id] -= 1
+        if not self._streams[peer_id]:
+            del self._streams[peer_id]
+
+    async def _bounded(self, raw: Any, protocol: str, serve: Callable[[Any, str], Awaitable[None]]) -> None:
+        try:
+            peer_id = io.peer_of(raw)
+        except Exception:
+            await io.reset(raw)
+            return
+        if not self._take(peer_id):
+            log.info("reset a %s stream from %s: %d open", protocol, peer_id, self.max_streams_per_peer)
+            await io.reset(raw)
+            return
+        try:
+            await serve(raw, peer_id)
+        except (StreamClosed, FrameError, trio.TooSlowError) as e:
+            log.info("%s stream from %s ended: %s", protocol, peer_id, e or type(e).__name__)
+            await io.reset(raw)
+        finally:
+            self._give_back(peer_id)
+
+    async def _on_identify(self, raw: Any) -> None:
+        await self._bounded(raw, IDENTIFY, self._answer_identify)
+
+    async def _answer_identify(self, raw: Any, peer_id: str) -> None:
+        # On a relayed connection the socket's far end is the relay, not the asker.
+        observed = None if self.net.is_relayed(raw.muxed_conn) else _observed(raw.get_remote_address())
+        with trio.fail_after(ANSWER_TIMEOUT):
+            await io.write(raw, encode(self.net, observed))
+        self.stats["identify_served"] += 1
+        await io.close(raw)
+
+    async def _on_push(self, raw: Any) -> None:
+        await self._bounded(raw, IDENTIFY_PUSH, self._take_push)
+
+    async def _take_push(self, raw: Any, peer_id: str) -> None:
+        with trio.fail_after(ANSWER_TIMEOUT):
+            record = decode(await read_messages(io.exact_reader(raw)), peer_id)
+        await io.close(raw)
+        self._keep(peer_id, record, relayed=self.net.is_relayed(raw.muxed_conn))
+
+    async def _on_ping(self, raw: Any) -> None:
+        await self._bounded(raw, PING, self._echo)
+
+    async def _echo(self, raw: Any, peer_id: str) -> None:
+        reader = io.exact_reader(raw)
+        while True:
+            with trio.move_on_after(PING_IDLE) as idle:
+                if await reader.at_end():
+                    break  # the pinger is done
+            if idle.cancelled_caught:
+                break
+            with trio.fail_after(ANSWER_TIMEOUT):
+                await io.write(raw, await reader.read_exactly(PING_SIZE))
+            self.stats["pings_served"] += 1
+        await io.close(raw)
+
+    # --- identifying admitted peers -----------------------------------------------------------------
+
+    async def identify(self, peer_id: str) -> PeerRecord:
+        """Ask `peer_id` (connected) for its identify record; keep it and the address it sees us at.
+        Raises StreamClosed (no such protocol, connection gone), FrameError or trio.TooSlowError."""
+        try:
+            raw = await self.net.host.new_stream(ID.from_base58(peer_id), [IDENTIFY])
+        except trio.Cancelled:
+            raise
+        except Exception as e:
+            raise StreamClosed(f"cannot open identify to {peer_id}: {type(e).__name__}") from None
+        try:
+            with trio.fail_after(ANSWER_TIMEOUT):
+                record = decode(await read_messages(io.exact_reader(raw)), peer_id)
+        except BaseException:
+            await io.reset(raw)
+            raise
+        await io.close(raw)
+        self._keep(peer_id, record, relayed=self.net.is_relayed(raw.muxed_conn))
+        return record
+
+    def _keep(self, peer_id: str, record: PeerRecord, relayed: bool) -> None:
+        if not self.net.admitted(peer_id):  # a stranger's record is not kept
+            return
+        self.records[peer_id] = record
+        # Over a relay the peer sees the relay's view of us, which is no address of ours.
+        if record.observed_addr is not None and not relayed and "/p2p-circuit" not in record.observed_addr:
+            self.observed.report(peer_id, record.observed_addr)
+
+    def forget(self, peer_id: str) -> None:
+        self.records.pop(peer_id, None)
