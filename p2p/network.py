@@ -129,6 +129,11 @@ class Network(ABC):
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         """Open a long-lived stream. Dials if needed. Raises ProtocolNotSupported if refused."""
 
+    def observed_addrs(self) -> list[tuple[str, int]]:
+        """Our addresses as other peers observe them, each with how many peers report it, most reported
+        first; empty on backends that do not learn them."""
+        return []
+
     # --- time ------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -3,8 +3,10 @@ hivemind==1.1.12) driven through its control socket with the `p2pclient` package
 
 `fetch(cache)` downloads both into a cache folder (once) and says where they are, or why they cannot be
 had. `python -m testkit.golibp2p P2PD PEER_ADDR` (with p2pclient on PYTHONPATH) runs p2pd, has it
-connect to the peer at PEER_ADDR, ping it over `/ipfs/ping/1.0.0` and open `/ipfs/id/1.0.0`, and prints
-one JSON object of what it got. It runs in its own process: p2pclient ships its own copy of libp2p's
+connect to the peer at PEER_ADDR, ping it over `/ipfs/ping/1.0.0` and open `/ipfs/id/1.0.0` (go-libp2p
+negotiates both streams; the daemon hands us their bytes), and prints one JSON object of what it got
+(the identify answer as hex, for the test to decode). This daemon has no PEERSTORE command, so what
+go-libp2p's own identify recorded cannot be read back. It runs in its own process: p2pclient ships its own copy of libp2p's
 crypto protobufs, which cannot be loaded next to py-libp2p's in one process.
 """
 
@@ -75,8 +77,6 @@ async def _drive(p2pd: str, peer_addr: str) -> dict:
     from multiaddr import Multiaddr
     from p2pclient import Client
     from p2pclient.libp2p_stubs.peer.id import ID
-    from p2pclient.pb import p2pd_pb2 as pb
-    from p2pclient.utils import raise_if_failed, read_pbmsg_safe, write_pbmsg
 
     folder = tempfile.mkdtemp(prefix="p2pd-")
     sock = f"{folder}/p2pd.sock"
@@ -94,29 +94,6 @@ async def _drive(p2pd: str, peer_addr: str) -> dict:
         peer_id = ID.from_base58(peer)
         result: dict = {"go_peer_id": go_id.to_base58(), "go_addrs": [str(a) for a in go_addrs]}
         await client.connect(peer_id, [Multiaddr(transport)])
-
-        async def peerstore(kind: int) -> object:
-            stream = await client.control.daemon_connector.open_connection()
-            try:
-                await write_pbmsg(stream, pb.Request(type=pb.Request.PEERSTORE, peerStore=pb.PeerstoreRequest(
-                    type=kind, id=peer_id.to_bytes())))
-                response = pb.Response()
-                await read_pbmsg_safe(stream, response)
-                raise_if_failed(response)
-                return response.peerStore
-            finally:
-                await stream.aclose()
-
-        # What go-libp2p's own identify (run on connect) recorded about the peer; it may take a moment.
-        with anyio.fail_after(10):
-            while True:
-                protocols = list((await peerstore(pb.PeerstoreRequest.GET_PROTOCOLS)).protos)  # type: ignore[attr-defined]
-                if protocols:
-                    break
-                await anyio.sleep(0.1)
-        info = (await peerstore(pb.PeerstoreRequest.GET_PEER_INFO)).peer  # type: ignore[attr-defined]
-        result["peerstore_protocols"] = protocols
-        result["peerstore_addrs"] = [str(Multiaddr(a)) for a in info.addrs]
 
         try:
             _, stream = await client.stream_open(peer_id, ["/ipfs/ping/1.0.0"])

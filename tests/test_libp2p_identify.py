@@ -1,0 +1,225 @@
+"""libp2p identify, identify-push and ping on Libp2pNetwork (p2p.libp2p.identify), on real sockets.
+
+Interop with a go-libp2p node is in test_golibp2p_interop.py."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import pytest
+import trio
+from libp2p import new_host
+from libp2p.crypto import ed25519
+from libp2p.host.ping import PingService
+from libp2p.identity.identify.pb.identify_pb2 import Identify
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from p2p.errors import FrameError
+from p2p.framing import ExactReader
+from p2p.identity import Identity
+from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p.identify import (
+    IDENTIFY,
+    IDENTIFY_PUSH,
+    MAX_MESSAGE,
+    MAX_MESSAGES,
+    PING,
+    ObservedAddrs,
+    _uvarint,
+    decode,
+    read_messages,
+)
+from p2p.libp2p import io
+from p2p.libp2p.network import LIBP2P_PROTOCOL
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+
+
+@asynccontextmanager
+async def peers(n: int, **options):
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK, **options))
+               for _ in range(n)]
+
+
+@asynccontextmanager
+async def plain_host():
+    """A stock py-libp2p host (not potluck: it never passes our gate)."""
+    host = new_host(listen_addrs=[Multiaddr(LOOPBACK[0])])
+    async with host.run(listen_addrs=[Multiaddr(LOOPBACK[0])]):
+        yield host
+
+
+def transport(addr: str) -> str:
+    return addr.rsplit("/p2p/", 1)[0]
+
+
+def reader_of(data: bytes) -> ExactReader:
+    left = [data]
+
+    async def read_some(n: int) -> bytes:
+        chunk, left[0] = left[0][:n], left[0][n:]
+        return chunk
+
+    return ExactReader(read_some)
+
+
+def delimited(*msgs: Identify) -> bytes:
+    return b"".join(_uvarint(len(body)) + body for body in (m.SerializeToString() for m in msgs))
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+# --- open swarms --------------------------------------------------------------------------------------
+
+
+async def test_admitted_peers_identify_each_other_and_learn_where_they_are_seen():
+    async with peers(2) as (a, b):
+        await a.connect(b.listen_addrs()[0])
+        await until(lambda: a.identified(b.peer_id) and b.identified(a.peer_id))
+        record = a.identified(b.peer_id)
+        assert record.agent_version.startswith("potluck/") and record.protocol_version == "ipfs/0.1.0"
+        assert record.listen_addrs == (transport(b.listen_addrs()[0]),)
+        assert set(record.protocols) == {str(LIBP2P_PROTOCOL), IDENTIFY, IDENTIFY_PUSH, PING}
+        # a dialled b's listening address: a sees b there, and b sees a at the port a dialled from
+        assert b.observed_addrs() == [(transport(b.listen_addrs()[0]), 1)]
+        assert a.observed_addrs() == [(record.observed_addr, 1)]
+        assert Multiaddr(record.observed_addr).value_for_protocol("ip4") == "127.0.0.1"
+        await a.disconnect(b.peer_id)
+        await until(lambda: a.identified(b.peer_id) is None and b.identified(a.peer_id) is None)
+        assert len(a.observed_addrs()) == 1  # what a peer reported outlives its connection (bounded)
+
+
+async def test_a_plain_libp2p_host_can_ping_and_identify_an_open_swarm_peer():
+    async with peers(1) as (member,), plain_host() as outsider:
+        pid = ID.from_base58(member.peer_id)
+        await outsider.connect(info_from_p2p_addr(Multiaddr(member.listen_addrs()[0])))
+        rtts = await PingService(outsider).ping(pid, ping_amt=3)
+        assert len(rtts) == 3
+        raw = await outsider.new_stream(pid, [IDENTIFY])
+        record = decode(await read_messages(io.exact_reader(raw)), member.peer_id)
+        assert Multiaddr(record.observed_addr).value_for_protocol("ip4") == "127.0.0.1"
+        assert transport(member.listen_addrs()[0]) in record.listen_addrs
+        # a stranger is still no member: nothing of it is kept, and the gate still closes its connection
+        assert member.connected_peers() == [] and member.identified(outsider.get_id().to_base58()) is None
+        with trio.fail_after(member.gate_timeout + 3):
+            while outsider.get_network().get_connections(pid):
+                await trio.sleep(0.05)
+
+
+async def test_pushes_are_kept_from_admitted_peers_only():
+    async with peers(2) as (a, b), plain_host() as outsider:
+        await a.connect(b.listen_addrs()[0])
+        await until(lambda: b.identified(a.peer_id) is not None)
+        pushed = Identify(agent_version="pushed/1", listen_addrs=[Multiaddr("/ip4/10.0.0.1/tcp/7").to_bytes()],
+                          observed_addr=Multiaddr("/ip4/203.0.113.9/tcp/4001").to_bytes())
+        raw = await a._host.new_stream(ID.from_base58(b.peer_id), [IDENTIFY_PUSH])
+        await raw.write(delimited(pushed))
+        await raw.close()
+        await until(lambda: b.identified(a.peer_id).agent_version == "pushed/1")
+        assert b.identified(a.peer_id).listen_addrs == ("/ip4/10.0.0.1/tcp/7",)
+        assert ("/ip4/203.0.113.9/tcp/4001", 1) in b.observed_addrs()
+        # the same push from a stranger changes nothing
+        before = b.observed_addrs()
+        await outsider.connect(info_from_p2p_addr(Multiaddr(b.listen_addrs()[0])))
+        raw = await outsider.new_stream(ID.from_base58(b.peer_id), [IDENTIFY_PUSH])
+        await raw.write(delimited(Identify(agent_version="stranger/1",
+                                           observed_addr=Multiaddr("/ip4/198.51.100.1/tcp/1").to_bytes())))
+        await raw.close()
+        await trio.sleep(0.5)
+        assert b.observed_addrs() == before and b.identified(outsider.get_id().to_base58()) is None
+
+
+async def test_identify_and_ping_streams_are_bounded_per_peer():
+    async with peers(1) as (member,), plain_host() as outsider:
+        pid = ID.from_base58(member.peer_id)
+        await outsider.connect(info_from_p2p_addr(Multiaddr(member.listen_addrs()[0])))
+        held = [await outsider.new_stream(pid, [PING]) for _ in range(4)]  # open, never pinging
+        await until(lambda: member._identify._streams.get(outsider.get_id().to_base58()) == 4)
+        with trio.fail_after(3), pytest.raises(Exception):  # reset, never an echo
+            extra = await outsider.new_stream(pid, [PING])
+            await extra.write(b"x" * 32)
+            if not await extra.read(32):
+                raise EOFError
+        assert member._identify.stats["streams_refused"] == 1
+        await held[0].close()
+        await until(lambda: member._identify._streams.get(outsider.get_id().to_base58()) == 3)
+        again = await outsider.new_stream(pid, [PING])
+        await again.write(b"y" * 32)
+        with trio.fail_after(3):
+            assert await again.read(32) == b"y" * 32
+
+
+# --- private swarms -----------------------------------------------------------------------------------
+
+
+async def test_private_swarm_peers_serve_no_identify_and_learn_no_observed_address():
+    async with peers(2, swarm_key=b"k" * 32) as (a, b):
+        await a.connect(b.listen_addrs()[0])
+        await trio.sleep(0.5)
+        assert a.identified(b.peer_id) is None and a.observed_addrs() == [] and b.observed_addrs() == []
+        assert set(b._host.get_mux().get_protocols()) == {LIBP2P_PROTOCOL}
+
+
+# --- hostile identify answers -------------------------------------------------------------------------
+
+
+def _other_key() -> bytes:
+    return ed25519.create_new_key_pair().public_key.serialize()
+
+
+HOSTILE = {
+    "oversized message": (_uvarint(MAX_MESSAGE + 1) + b"\0" * 16, "limit"),
+    "endless length varint": (b"\xff" * 8, "length too long"),
+    "cut short": (_uvarint(100) + b"\x0a\x02", "cut short"),
+    "not protobuf": (_uvarint(3) + b"\xff\xff\xff", "malformed identify"),
+    "too many messages": (delimited(*[Identify(agent_version="x")] * (MAX_MESSAGES + 1)), "more than"),
+    "too many addresses": (delimited(*[Identify(listen_addrs=[Multiaddr("/ip4/1.2.3.4/tcp/1").to_bytes()] * 40)] * 2),
+                           "too many"),
+    "bad address": (delimited(Identify(listen_addrs=[b"\xff\xfe"])), "not a multiaddr"),
+    "bad observed address": (delimited(Identify(observed_addr=b"\xff\xfe")), "not a multiaddr"),
+    "long agent": (delimited(Identify(agent_version="a" * 300)), "longer than"),
+    "someone else's key": (delimited(Identify(public_key=_other_key())), "not the peer's"),
+    "malformed key": (delimited(Identify(public_key=b"\x08\x01")), "malformed"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+async def test_hostile_identify_answers_are_refused(case):
+    data, message = HOSTILE[case]
+    peer = Identity.generate().peer_id
+    with pytest.raises(FrameError, match=message):
+        decode(await read_messages(reader_of(data)), peer)
+
+
+async def test_a_lying_identify_answer_stores_nothing():
+    """An admitted peer that answers identify with another peer's key: its record and its claim about
+    our address are dropped, and its session goes on."""
+    async with peers(2) as (a, liar):
+        lie = delimited(Identify(public_key=_other_key(), observed_addr=Multiaddr("/ip4/6.6.6.6/tcp/6").to_bytes()))
+
+        async def lying(raw):
+            await raw.write(lie)
+            await raw.close()
+
+        liar._host.set_stream_handler(IDENTIFY, lying)
+        await a.connect(liar.listen_addrs()[0])
+        await until(lambda: liar.identified(a.peer_id) is not None)  # the liar identified a
+        await trio.sleep(0.3)
+        assert a.identified(liar.peer_id) is None and a.observed_addrs() == []
+        assert a.connected_peers() == [liar.peer_id]
+
+
+def test_observed_addresses_are_kept_per_reporter_and_bounded():
+    observed = ObservedAddrs(max_reporters=4)
+    for i in range(10):
+        observed.report(f"peer{i}", "/ip4/203.0.113.1/tcp/1" if i % 2 else "/ip4/203.0.113.2/tcp/2")
+    assert len(observed) == 4 and observed.of("peer0") is None and observed.of("peer9") is not None
+    observed.report("peer9", "/ip4/203.0.113.2/tcp/2")  # a reporter's new report replaces its old one
+    assert observed.addrs() == [("/ip4/203.0.113.2/tcp/2", 3), ("/ip4/203.0.113.1/tcp/1", 1)]
