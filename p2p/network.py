@@ -134,6 +134,11 @@ class Network(ABC):
         first; empty on backends that do not learn them."""
         return []
 
+    def reachability(self) -> dict:
+        """Whether other peers can dial us: {"status": "public" | "private" | "unknown", ...}; always
+        unknown on backends that do not check."""
+        return {"status": "unknown"}
+
     # --- time ------------------------------------------------------------------------------------
 
     @abstractmethod

@@ -189,6 +189,7 @@ class Peer:
             "peer_id": self.identity.peer_id,
             "addrs": self.network.listen_addrs(),
             "observed_addrs": [addr for addr, _ in self.network.observed_addrs()],
+            "reachability": self.network.reachability(),
             "region": self.config.region,
             "private_swarm": self.config.swarm_key_file is not None,
             "peers": [p.as_dict() for p in self.membership.peers()],

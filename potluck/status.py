@@ -59,6 +59,9 @@ def render_status(status: dict, console: Console | None = None, *, wide: bool = 
     facts = [f"region {status['region'] or '-'}"]
     if status.get("private_swarm"):
         facts.append("private swarm")
+    reachability = (status.get("reachability") or {}).get("status")
+    if reachability in ("public", "private"):
+        facts.append("dialable (public)" if reachability == "public" else "not dialable (behind NAT)")
     clusters = (status.get("dht") or {}).get("clusters") or {}
     labels = [f"L{lv} {_label(label)}" for lv, label in sorted(clusters.items()) if label]
     if labels:

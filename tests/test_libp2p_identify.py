@@ -16,7 +16,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from p2p.errors import FrameError
+from p2p.errors import FrameError, RemoteError
 from p2p.framing import ExactReader
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
@@ -32,6 +32,7 @@ from p2p.libp2p.identify import (
     read_messages,
 )
 from p2p.libp2p import io
+from p2p.libp2p.autonat import AUTONAT, AutonatLimits
 from p2p.libp2p.network import LIBP2P_PROTOCOL
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -223,3 +224,84 @@ def test_observed_addresses_are_kept_per_reporter_and_bounded():
     assert len(observed) == 4 and observed.of("peer0") is None and observed.of("peer9") is not None
     observed.report("peer9", "/ip4/203.0.113.2/tcp/2")  # a reporter's new report replaces its old one
     assert observed.addrs() == [("/ip4/203.0.113.2/tcp/2", 3), ("/ip4/203.0.113.1/tcp/1", 1)]
+
+
+# --- reachability (autonat) ---------------------------------------------------------------------------
+
+
+async def settled(*nets: Libp2pNetwork, timeout: float = 20.0) -> None:
+    await until(lambda: all(n.reachability()["status"] != "unknown" for n in nets), timeout)
+
+
+async def test_a_dialable_peer_is_public_and_one_whose_listen_address_is_elsewhere_is_private():
+    eager = AutonatLimits(per_peer_interval=0.0)  # so that the re-check below is answered at once
+    async with peers(2, autonat_limits=eager) as (a, b), \
+            Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.2/tcp/0"]) as hidden:
+        await b.connect(a.listen_addrs()[0])
+        # `hidden` listens on 127.0.0.2 but its connections come from 127.0.0.1 (like a host behind
+        # NAT): nobody may dial 127.0.0.2 for it, and nothing of it listens on 127.0.0.1.
+        await hidden.connect(a.listen_addrs()[0])
+        await hidden.connect(b.listen_addrs()[0])
+        await settled(a, b, hidden)
+        assert a.reachability()["status"] == b.reachability()["status"] == "public"
+        assert a.reachability()["reachable_addrs"] == [transport(a.listen_addrs()[0])]
+        assert hidden.reachability()["status"] == "private" and hidden.reachability()["reachable_addrs"] == []
+        # it starts listening where it can be dialled: its candidates change, and it checks again
+        await hidden._swarm.listen(Multiaddr("/ip4/127.0.0.1/tcp/0"))
+        await until(lambda: hidden.reachability()["status"] == "public", 20)
+        assert all(addr.startswith("/ip4/127.0.0.1/") for addr in hidden.reachability()["reachable_addrs"])
+
+
+@asynccontextmanager
+async def tcp_listener(host: str):
+    """A TCP listener on `host` that accepts, counts, and never speaks; yields (port, accepted list)."""
+    accepted: list = []
+    listeners = await trio.open_tcp_listeners(0, host=host)
+
+    async def hold(stream):
+        accepted.append(stream)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(trio.serve_listeners, hold, listeners)
+        yield listeners[0].socket.getsockname()[1], accepted
+        nursery.cancel_scope.cancel()
+
+
+async def test_dial_backs_go_only_to_the_requester_itself():
+    async with peers(3, autonat_limits=AutonatLimits(per_peer_interval=0.0)) as (server, requester, bystander), \
+            tcp_listener("127.0.0.3") as (port, accepted):
+        await requester.connect(server.listen_addrs()[0])
+        await until(lambda: requester.reachability()["status"] != "unknown")
+        # an address at another IP than the request comes from is never dialled, whoever listens there
+        elsewhere = f"/ip4/127.0.0.3/tcp/{port}"
+        # an address at the requester's IP where another peer answers: dialled, but Noise shows it is
+        # not the requester
+        other = transport(bystander.listen_addrs()[0])
+        answer = await requester.request(server.peer_id, AUTONAT, {"addrs": [elsewhere, other]})
+        assert answer == {"ok": [], "failed": [other]}
+        await trio.sleep(0.3)
+        assert accepted == []
+
+
+async def test_dial_back_requests_are_rate_limited_and_bounded():
+    limits = AutonatLimits(per_peer_interval=60.0, max_concurrent=1, dial_timeout=2.0)
+    async with peers(3, autonat_limits=limits) as (server, one, two), tcp_listener("127.0.0.1") as (port, accepted):
+        for net in (one, two):
+            await net.connect(server.listen_addrs()[0])
+        await until(lambda: server._autonat.stats["dialbacks_served"] == 2)  # their own first checks
+        server._autonat._asked_by.clear()
+        with pytest.raises(RemoteError) as again:
+            for _ in range(2):
+                await one.request(server.peer_id, AUTONAT, {"addrs": []})
+        assert again.value.kind == "DialBackRefused"
+        # a dial-back that hangs (a listener that never speaks Noise) holds the only job slot
+        silent = f"/ip4/127.0.0.1/tcp/{port}"
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(two.request, server.peer_id, AUTONAT, {"addrs": [silent]})
+            await until(lambda: len(accepted) == 1)
+            server._autonat._asked_by.clear()
+            with pytest.raises(RemoteError) as busy:
+                await one.request(server.peer_id, AUTONAT, {"addrs": [silent]})
+            assert busy.value.kind == "DialBackRefused"
+        assert len(accepted) == 1

@@ -76,3 +76,9 @@ def test_a_peer_with_many_servers_stays_within_80_columns():
 def test_client_peer_without_model_or_server():
     out = render(BASE)
     assert "serving no blocks" in out and "no model seen yet" in out and "known peers" in out
+
+
+def test_reachability_is_shown_once_known():
+    assert "dialable" not in render({**BASE, "reachability": {"status": "unknown"}})
+    assert "dialable (public)" in render({**BASE, "reachability": {"status": "public"}})
+    assert "not dialable (behind NAT)" in render({**BASE, "reachability": {"status": "private"}})

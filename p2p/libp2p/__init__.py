@@ -8,15 +8,17 @@ One concept a module (imports only go down the list):
     gate.py       the session handshake: wire version and the swarm key proof
     identify.py   libp2p identify, identify-push and ping for other libp2p nodes (open swarms), and
                   the addresses admitted peers observe us at
+    autonat.py    reachability detection: peers dial us back on new connections (public / private)
     session.py    RequestSession: one peer's requests and replies, multiplexed on one stream
     stream.py     FlowControlledStream: a long-lived message stream with credit-based flow control
     relay.py      circuit relay v2: reservations, circuit dialing, the relay service
     network.py    Libp2pNetwork: the host, connections, admission, and the `Network` methods
 """
 
+from .autonat import AutonatLimits
 from .identify import PeerRecord
 from .network import Libp2pNetwork
 from .patches import InboundLimits
 from .relay import RelayLimits, RelayRefused
 
-__all__ = ["InboundLimits", "Libp2pNetwork", "PeerRecord", "RelayLimits", "RelayRefused"]
+__all__ = ["AutonatLimits", "InboundLimits", "Libp2pNetwork", "PeerRecord", "RelayLimits", "RelayRefused"]

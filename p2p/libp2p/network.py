@@ -24,6 +24,10 @@ only where asked for (`relay_service=True`: `/libp2p/circuit/relay/0.2.0/hop`; `
 `<relay>/p2p/R/p2p-circuit/p2p/T` names peer T (the last /p2p/); dialing it first makes a libp2p
 connection to T through R, then runs the session handshake on it as on any other.
 
+Reachability (`autonat`): once peers are admitted, a few of them are asked to dial us back on new
+connections, at our listening addresses and at each IP they see us at; `reachability()` says whether
+that worked (public), did not (private: behind NAT), or is not known yet.
+
 Hostile input
 -------------
 Every frame's length is checked before its body is read, bodies must arrive within `frame_timeout`
@@ -38,6 +42,7 @@ from one address cannot take the swarm's inbound slots from everyone else.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import time
 from collections import OrderedDict
@@ -86,6 +91,7 @@ from ..network import (
 )
 from . import gate, io, patches
 from .addresses import full_addr, split_circuit
+from .autonat import Autonat, AutonatLimits
 from .identify import IdentifyService, PeerRecord
 from .relay import CircuitRelay, RelayLimits
 from .session import MAX_PROTOCOL_LEN, RequestSession
@@ -150,6 +156,8 @@ class Libp2pNetwork(Network):
         relay_limits: RelayLimits | None = None,
         relay_timeout: float = 10.0,
         inbound_limits: patches.InboundLimits = patches.InboundLimits(),
+        autonat_limits: AutonatLimits | None = None,
+        reachability_recheck: float = 300.0,
     ):
         if swarm_key is not None and (not isinstance(swarm_key, bytes) or len(swarm_key) < 16):
             raise ValueError("a swarm key is at least 16 bytes (load it with p2p.swarm_key.load_key)")
@@ -211,6 +219,7 @@ class Libp2pNetwork(Network):
                                    timeout=relay_timeout)
         self.relay_dial_timeout = max(15.0, relay_timeout)
         self._identify = IdentifyService(self, serve=swarm_key is None)
+        self._autonat = Autonat(self, swarm, limits=autonat_limits, recheck=reachability_recheck)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -246,6 +255,7 @@ class Libp2pNetwork(Network):
                     async with net._host.run(listen_addrs=addrs):
                         try:
                             await net._relay.start(nursery)
+                            nursery.start_soon(net._autonat.run)
                             yield net
                         finally:
                             net._closing = True
@@ -343,6 +353,24 @@ class Libp2pNetwork(Network):
 
     def is_relayed(self, muxed_conn: Any) -> bool:
         return self._relay.is_relayed(muxed_conn)
+
+    def remote_ip(self, peer_id: str) -> str | None:
+        """The IP address an admitted peer's session comes from; None over a relay (or not admitted)."""
+        session = self._session(peer_id)
+        if session is None or self.is_relayed(session.raw.muxed_conn):
+            return None
+        remote = session.raw.get_remote_address()
+        if not remote:
+            return None
+        ip = ipaddress.ip_address(remote[0])
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        return str(ip)
+
+    def reachability(self) -> dict:
+        """Whether peers can dial us (`autonat`): status "public", "private" or "unknown", the
+        addresses they reached us at, and when that was checked."""
+        return self._autonat.reachability.as_dict()
 
     def relay_status(self) -> dict:
         """Reservations held and served, circuits, bytes relayed (for status pages)."""
