@@ -31,6 +31,7 @@ from typing import Any, Protocol
 import multiaddr
 import trio
 from libp2p.abc import IHost
+from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 
 from ..errors import P2PError
@@ -118,7 +119,7 @@ def _ip_port(addr: str) -> tuple[str, int] | None:
 class Autonat:
     """Both sides: serves dial-back requests, and keeps `reachability` of this peer up to date."""
 
-    def __init__(self, net: AutonatHost, swarm: Any, *, limits: AutonatLimits | None = None, ask: int = 3,
+    def __init__(self, net: AutonatHost, swarm: Swarm, *, limits: AutonatLimits | None = None, ask: int = 3,
                  recheck: float = 300.0, poll: float = 2.0, answer_timeout: float = 15.0):
         self.net = net
         self.swarm = swarm
