@@ -34,7 +34,9 @@ the liar's own signed result for its first step that differs from the honest out
 inputs of its session up to that step, which any peer holding the span can re-run
 (pipeline/disputes.py); a proof too large for an entry is filed as a claim and served from the
 client's shelf (pipeline/proofshelf.py). Checker and referee sessions are ordinary sessions: the
-client pays them with receipts like any hop.
+client pays them with receipts like any hop. A passed check is also handed to
+`SpotCheckConfig.attestations`, which shares it with other clients as a signed attestation
+(pipeline/attestations.py; how they count it: pipeline/checkpolicy.py).
 
 Checker choice and bounded checks. A check runs while the user waits, so the checker is the nearest
 candidate: candidates are ordered by the client's RTT estimate (routing's: measured by sessions, the
@@ -103,6 +105,12 @@ class CheckedSession(Protocol):
         """Close `hop`, paying for what it served."""
 
 
+class AttestationSink(Protocol):
+    """Where a passed check's verified steps go to be shared (pipeline/attestations.py `AttestationBook`)."""
+
+    def verified(self, server: str, model: str, start: int, end: int, steps: int) -> None: ...
+
+
 # Max per-token relative L2 error between two honest servers computing in a dtype (see "Tolerance" in
 # the module docstring; measured by bench/spotcheck.py).
 TOLERANCE = {torch.float32: 1e-3, torch.float16: 5e-2, torch.bfloat16: 0.25}
@@ -120,6 +128,7 @@ class SpotCheckConfig:
     wait_min: float = 1.0
     wait_factor: float = 3.0
     max_timeouts: int = 2  # consecutive checks a checker may leave unanswered before another is chosen
+    attestations: AttestationSink | None = None  # passed checks are shared as signed attestations
 
     @property
     def enabled(self) -> bool:
@@ -268,6 +277,8 @@ class SpotChecker:
         if err <= tol:
             watch.verified = end_pos
             self.policy.verified(hop.peer_id, len(records))
+            if self.config.attestations is not None:
+                self.config.attestations.verified(hop.peer_id, self.model_id, hop.start, hop.end, len(records))
             self.stats["passed"] += 1
             self.stats["checked_tokens"] += end_pos - start_pos
             self.seq.record_check(hop.peer_id, True)
