@@ -119,7 +119,8 @@ class Peer:
                            validators=_validators(), config=DHTConfig(store_limits=config.limits.dht_store))
         self.gossip = Gossip(network, identity, quotas=config.limits.gossip)
         self.replicator = Replicator(ledger, network, self.gossip)
-        self.proofs = ProofShelf()  # proofs of our disputes too large for an entry, served to verifiers
+        # proofs of our disputes too large for an entry, served to verifiers (kept across restarts)
+        self.proofs = ProofShelf.open(config.data_dir)
         self.proofs.serve_on(network)
         # our passed spot checks, shared; others', counted toward servers' probation (pipeline/attestations.py)
         self.attestations = AttestationBook(identity, self.standing.standings, network.now)
