@@ -92,7 +92,7 @@ def test_a_liar_caught_by_a_user_is_judged_by_a_third_process(llama_folder, tmp_
                    message="the liar's earn entries replicated to A")
         # ... but in A's own view, with its verdict, its work counts nothing
         rows = {r["peer_id"]: r for r in a.call("credits")["peers"]}
-        assert rows[user.peer_id]["standing"] > 0 and rows.get(liar.peer_id, {"standing": 0})["standing"] == 0
+        assert rows[user.peer_id]["standing"] > 0 and rows[liar.peer_id]["standing"] == 0
         assert (user_key, liar_key, 0) not in verdicts(a) and not any(lie == 0 for _, _, lie in verdicts(a))
     finally:
         for p in procs:
