@@ -71,6 +71,9 @@ def test_ledger_quick():
     # credits/standing.py), far below the balance their farm shows
     reached, received = figure(r, "sybils.max_group_standing"), figure(r, "sybils.max_group_work_received")
     assert reached <= 2 * received < figure(r, "sybils.max_group_farmed_balance")
+    # the spot checks' compute beside the ledger's: both policies measured in the same run
+    assert figure(r, "spotcheck_overhead.adaptive.checker_compute_per_token") > 0
+    assert figure(r, "spotcheck_overhead.fixed_2pct.checker_compute_per_token") >= 0
 
 
 def test_spotcheck_quick():
