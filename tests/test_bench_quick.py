@@ -90,6 +90,10 @@ def test_spotcheck_quick():
     assert r["liars"]["rate_1"]["adaptive_new"]["output_identical_to_local"] == 1.0
     assert figure(r, "overhead.adaptive.checker_compute_per_token") > 0
     assert figure(r, "overhead.fixed_2pct.checker_compute_per_token") >= 0
+    # a slow nearest checker: bounded checks give up on it (twice, then swap it), waiting ones never do;
+    # the liar is caught either way
+    assert r["slow_checker"]["bounded"]["timeouts"] == 2 and r["slow_checker"]["unbounded"]["timeouts"] == 0
+    assert r["slow_checker"]["bounded"]["liar_caught"] and r["slow_checker"]["unbounded"]["liar_caught"]
 
 
 @pytest.mark.slow
