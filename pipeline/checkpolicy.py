@@ -6,9 +6,9 @@ number of its consecutive steps a check has verified (`TrustRecord.verified`):
 - *probation* (fewer than `trust_after` verified steps — a server new to this client, or one whose
   check recently failed): every one of its steps is checked before its output is used. With lazy
   shadow sessions (pipeline/spotcheck.py) that costs one checker pass over the server's sessions
-  — the same compute as checking each session once at its end — but no unchecked output is ever
-  used, so a liar that lies from any step k on is caught at step k, before the lie reaches the
-  generation;
+  — the same compute as checking each session once at its end — but no unchecked output is used
+  (unless its checker does not answer in time, pipeline/spotcheck.py), so a liar that lies from any
+  step k on is caught at step k, before the lie reaches the generation;
 - *trusted*: each step is checked with probability max(`floor`, `scale` / verified), falling as the
   record grows. A check verifies every step of the hop since the previous one, so a lie is caught
   at the first check after it in the same hop session;
