@@ -162,6 +162,11 @@ class AttestationBook:
             return  # published at the next interval; until then, more of the same kind waits
         self._pending[key] = self._pending.get(key, 0) + steps
 
+    def failed(self, server: str) -> None:
+        """Our check caught `server`: what we verified of it before is not published (spotcheck's sink)."""
+        for key in [k for k in self._pending if k[0] == server]:
+            del self._pending[key]
+
     async def publish_pending(self, gossip: Publisher) -> int:
         """Sign and publish one attestation per (server, model, span) verified since the last call."""
         pending, self._pending = self._pending, {}

@@ -110,6 +110,9 @@ class AttestationSink(Protocol):
 
     def verified(self, server: str, model: str, start: int, end: int, steps: int) -> None: ...
 
+    def failed(self, server: str) -> None:
+        """A check caught `server` (or could not tell it from its checker): share nothing of it."""
+
 
 # Max per-token relative L2 error between two honest servers computing in a dtype (see "Tolerance" in
 # the module docstring; measured by bench/spotcheck.py).
@@ -294,10 +297,14 @@ class SpotChecker:
             for p in (hop.peer_id, checker.peer_id):
                 self.seq.ban(p, "spot check inconclusive")
                 self.policy.failed(p)
+                if self.config.attestations is not None:
+                    self.config.attestations.failed(p)
             return None
         liar, _referee, _referee_error = verdict
         self.stats["liars"] += 1
         self.policy.failed(liar)
+        if self.config.attestations is not None:
+            self.config.attestations.failed(liar)
         self.seq.distrust(liar, f"spot check: outputs of blocks [{hop.start}, {hop.end}) differ from two other servers")
         if liar != hop.peer_id:
             watch.verified = end_pos

@@ -199,6 +199,7 @@ class Peer:
             "connected": sorted(self.network.connected_peers()),
             "presence_seen": sorted(self.presence_seen),
             "gossip": asdict(self.gossip.stats),
+            "attestations": dict(self.attestations.stats),
             "dht": self.dht.status(),
             "server": self.server.status() if self.server else None,
             "last_generation": self.last_generation,

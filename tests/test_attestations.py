@@ -133,6 +133,9 @@ async def test_attestations_travel_by_gossip_and_forged_ones_stop(autojump_clock
             await nursery.start(b.run, g)
         checker.verified(SERVER, MODEL, 0, 2, 5)
         checker.verified(SERVER, MODEL, 0, 2, 3)
+        caught = Identity.generate().peer_id
+        checker.verified(caught, MODEL, 0, 2, 3)
+        checker.failed(caught)  # a server our checks then caught: nothing of it is shared
         sybil.verified(SERVER, MODEL, 0, 2, 16)
         assert await checker.publish_pending(gossips[0]) == 1
         assert await sybil.publish_pending(gossips[2]) == 1

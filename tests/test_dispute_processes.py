@@ -8,7 +8,8 @@ tolerance): the liar (blocks 0:2, announcing itself fastest, honest for 3 steps 
 two honest servers A and B of 0:2 (the user's checker and referee, and judges of the dispute), and
 the user U serving 2:4. A first generates through U (so U served A: work from U reaches A), then the
 liar starts and U generates through it. The liar's standing in A's view would be what it did for U
-relayed by U (credits.standing); A's verdict makes it 0."""
+relayed by U (credits.standing); A's verdict makes it 0. U's passed checks reach A as attestations
+(pipeline/attestations.py)."""
 
 import sqlite3
 import sys
@@ -94,6 +95,8 @@ def test_a_liar_caught_by_a_user_is_judged_by_a_third_process(llama_folder, tmp_
         rows = {r["peer_id"]: r for r in a.call("credits")["peers"]}
         assert rows[user.peer_id]["standing"] > 0 and rows[liar.peer_id]["standing"] == 0
         assert (user_key, liar_key, 0) not in verdicts(a) and not any(lie == 0 for _, _, lie in verdicts(a))
+        # U's passed checks reach A as signed attestations, counted there (U has standing at A)
+        wait_until(lambda: a.call("status")["attestations"]["accepted"] >= 1, 60, 1, message="U's attestations at A")
     finally:
         for p in procs:
             p.close()
