@@ -350,7 +350,9 @@ async def slow_checker_runs(folder: Path, model_id: str, delay: float, new_token
         liar.honest_steps = 1
         slow = await sw.server(0, 2, cls=SlowChecker, tp={"decode_tps": 1.0, "prefill_tps": 10.0})
         slow.delay = delay
-        far = {(await sw.server(0, 2, tp=SLOW_TP)).network.peer_id for _ in range(2)}
+        far: set[str] = set()
+        for _ in range(2):
+            far.add((await sw.server(0, 2, tp=SLOW_TP)).network.peer_id)
         await sw.server(2, 4)
         node = await sw.client_node()
         for name, spot in [("bounded", SpotCheckConfig()), ("unbounded", SpotCheckConfig(wait_min=math.inf))]:
