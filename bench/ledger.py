@@ -36,6 +36,11 @@
   `--proof-tokens` tokens over the span, KV cache included) against `forward_s`, the same steps run
   straight through the span in the same run; `signed_forward_s`, those steps with each signed by the
   server and checked by the client (what signing costs a session); and the proof's size.
+- `spotcheck_overhead`: what checking the servers costs in compute, beside what the ledger costs:
+  `bench.spotcheck`'s overhead run (an honest simulated swarm of the tiny model, two servers per
+  span, one client per policy generating `--spotcheck-generations` times): the checkers' extra
+  block compute per generated token under the adaptive policy against the fixed 2 % per step of the
+  same run (overall, first generation on probation, last quarter).
 - `sim`: on the simulator (`--nodes` peers, each dialling `--dials` others), the virtual seconds
   for one new entry to reach every peer's verified store, by gossip push + pull, against the ideal
   flood over the same connections (`bench.gossip_sim.ideal_flood`) in the same run.
@@ -50,6 +55,7 @@ import os
 import random
 import tempfile
 import time
+from pathlib import Path
 
 import msgpack
 import trio
@@ -356,6 +362,17 @@ async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
             "ratio_to_ideal": [round(t / i, 2) for t, i in zip(times, ideal)]}
 
 
+def spotcheck_overhead(generations: int, new_tokens: int) -> dict:
+    """bench.spotcheck's overhead run (adaptive vs fixed 2 %) on the tiny model, built in a temp dir."""
+    from bench.spotcheck import make_tiny_llama, overhead_runs
+    from pipeline.identity import model_id
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tiny = make_tiny_llama(Path(tmp) / "tiny")
+        return {"new_tokens": new_tokens,
+                **trio.run(overhead_runs, tiny, model_id(tiny), generations, new_tokens)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--entries", type=int, default=4000)
@@ -369,11 +386,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sybil-peers", type=int, default=1000, help="swarm size of the Sybil figure (0: skip)")
     parser.add_argument("--sybil-group", type=int, default=10, help="keys per Sybil group (at least 2)")
     parser.add_argument("--proof-tokens", type=int, default=40, help="tokens of the session a timed proof covers")
+    parser.add_argument("--spotcheck-generations", type=int, default=40,
+                        help="generations per policy of the spot-check overhead figure (0: skip)")
+    parser.add_argument("--spotcheck-tokens", type=int, default=32, help="new tokens per such generation")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = parser.parse_args(argv)
     if args.quick:
         args.entries, args.nodes, args.standing_peers, args.sybil_peers, args.proof_tokens = 300, 50, [100, 1000], 200, 16
+        args.spotcheck_generations, args.spotcheck_tokens = 4, 8
     directory = args.dir or os.path.join(os.getcwd(), ".bench-ledger")
     os.makedirs(directory, exist_ok=True)
     result = {"entries": args.entries, "range": args.range, "sqlite": "WAL, synchronous=FULL", "cores": 1}
@@ -390,6 +411,8 @@ def main(argv: list[str] | None = None) -> None:
     result["proofs"] = bench_proofs(args.entries, args.proof_tokens)
     result["proofs"]["signature_check_vs_verify"] = round(result["proofs"]["signature_check_per_s"]
                                                           / result["verify_per_s"], 2)
+    if args.spotcheck_generations:
+        result["spotcheck_overhead"] = spotcheck_overhead(args.spotcheck_generations, args.spotcheck_tokens)
     if args.nodes:
         result["sim"] = trio.run(bench_sim, args.nodes, args.dials, args.seed,
                                  clock=trio.testing.MockClock(autojump_threshold=0))

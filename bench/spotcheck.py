@@ -25,6 +25,12 @@
 - `liar_processes`: the liar as a real peer process (`bench.liarpeer`, rates `--process-rates`), two
   honest `potluck serve` processes for its span and one for the rest, on loopback libp2p; a fresh
   client in this process (adaptive policy) per generation, `--process-generations` per rate.
+- `slow_checker`: a liar new to the client (lying from its second step) whose nearest replica answers
+  every step `--checker-delay` seconds late, two honest replicas farther: the generation's wall time,
+  checks, checks that timed out and the seconds waited for checkers, with bounded checks (the
+  default: a check waits `wait_min` + `wait_factor` × its steps' own time, then the output is used
+  unchecked for now and a checker that misses twice is swapped) against checks that wait for the
+  checker up to the step timeout, in the same run; and whether the liar was caught in each.
 - `overhead`: honest swarm (two servers per span), one client per policy generating
   `--overhead-generations` times in a row: the checkers' extra compute per token served — tokens
   re-run by checkers over tokens run by the route's hops (all hops span 2 of the 4 blocks, so this
@@ -36,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -322,6 +329,49 @@ async def liar_runs(folder: Path, model_id: str, rates: list[float], generations
     return out
 
 
+class SlowChecker(BlockServer):
+    """Answers every step `delay` seconds late: a replica across a slow link."""
+
+    delay = 3.0
+
+    async def _run(self, session, *args, **kw):
+        await trio.sleep(self.delay)
+        return await super()._run(session, *args, **kw)
+
+
+async def slow_checker_runs(folder: Path, model_id: str, delay: float, new_tokens: int) -> dict:
+    """A liar new to the client (lies from its 2nd step), its nearest replica a `SlowChecker`, two honest
+    replicas farther away: one generation with bounded checks (the default) and one where a check waits
+    for its checker up to the step timeout (the baseline, how checks waited before), each by a fresh client."""
+    out: dict = {"checker_delay_s": delay, "new_tokens": new_tokens}
+    async with SimWorld.open(seed=0) as world, trio.open_nursery() as nursery:
+        sw = SimSwarm(world, nursery, folder, model_id)
+        liar = await sw.server(0, 2, cls=RateLiar, tp=FAST_TP, seed=1)
+        liar.honest_steps = 1
+        slow = await sw.server(0, 2, cls=SlowChecker, tp={"decode_tps": 1.0, "prefill_tps": 10.0})
+        slow.delay = delay
+        far: set[str] = set()
+        for _ in range(2):
+            far.add((await sw.server(0, 2, tp=SLOW_TP)).network.peer_id)
+        await sw.server(2, 4)
+        node = await sw.client_node()
+        for name, spot in [("bounded", SpotCheckConfig()), ("unbounded", SpotCheckConfig(wait_min=math.inf))]:
+            model = sw.model(node, spot)
+            await sees(model, 5)
+            model.sequence.rtt = lambda peer_id: 0.5 if peer_id in far else 0.0  # type: ignore[method-assign]
+            gen = await model.generate(PROMPT, max_new_tokens=new_tokens, stop_token_ids=[])
+            checks = gen.spot_checks or {}
+            out[name] = {"wall_s": round(gen.wall_s, 3), "checks": checks.get("checks", 0),
+                         "timeouts": checks.get("timeouts", 0),
+                         "waited_s": round(checks.get("waited_s", 0.0), 3),
+                         "liar_caught": liar.network.peer_id in model.sequence.distrusted,
+                         "slow_checker_banned": slow.network.peer_id in model.sequence.banned()}
+        nursery.cancel_scope.cancel()
+    out["bound_s"] = SpotCheckConfig().wait_min  # plus wait_factor × the checked steps' own (ms) time
+    out["wall_ratio_bounded_to_unbounded"] = round(out["bounded"]["wall_s"] / out["unbounded"]["wall_s"], 3)
+    return out
+
+
 async def overhead_runs(folder: Path, model_id: str, generations: int, new_tokens: int) -> dict:
     """Honest swarm, one client per policy generating `generations` times: checker tokens per hop token."""
     out: dict = {}
@@ -447,6 +497,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[1.0, 0.05, 0.01])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--overhead-generations", type=int, default=40)
+    parser.add_argument("--checker-delay", type=float, default=3.0, help="seconds the slow checker answers late")
     parser.add_argument("--process-generations", type=int, default=None,
                         help="generations per lie rate with the liar as a real peer process (0: skip; "
                              "default 50, --quick 0)")
@@ -456,7 +507,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.quick:
         args.sessions, args.honest_steps, args.generations, args.overhead_generations = 2, 200, 2, 4
-        args.new_tokens = 8
+        args.new_tokens, args.checker_delay = 8, 1.5
     if args.process_generations is None:
         args.process_generations = 0 if args.quick else 50
     result: dict = {"cores": os.cpu_count()}
@@ -468,6 +519,7 @@ def main(argv: list[str] | None = None) -> None:
         mid = compute_model_id(tiny)
         result["liars"] = trio.run(liar_runs, tiny, mid, args.rates, args.generations, args.new_tokens)
         result["overhead"] = trio.run(overhead_runs, tiny, mid, args.overhead_generations, args.new_tokens)
+        result["slow_checker"] = trio.run(slow_checker_runs, tiny, mid, args.checker_delay, args.new_tokens)
         if args.process_generations:
             result["liar_processes"] = process_runs(tiny, mid, args.process_rates, args.process_generations,
                                                     args.new_tokens, Path(tmp) / "peers")

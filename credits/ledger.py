@@ -545,10 +545,11 @@ class Ledger:
         if lie is not None:
             self.version += 1  # reliability and standing views recompute; no chain changed
 
-    async def unjudged_disputes(self, limit: int = 64) -> list[tuple[LogEntry, bytes, bytes]]:
-        """Disputes by others this peer has no verdict on, from accusers not yet caught making a false
-        accusation: (entry, accused key, evidence)."""
-        entries = await self._call(self.store.unjudged_disputes, self.me, limit)
+    async def unjudged_disputes(self, limit: int = 64, tries_below: int = 1) -> list[tuple[LogEntry, bytes, bytes]]:
+        """Disputes by others this peer has no verdict on (and could not judge fewer than `tries_below`
+        times; 1: never tried), from accusers not yet caught making a false accusation:
+        (entry, accused key, evidence)."""
+        entries = await self._call(self.store.unjudged_disputes, self.me, limit, tries_below)
         out = []
         for entry in entries:
             accused, _reason, evidence = _decode_body(entry.body, 3, "dispute")  # checked on ingest

@@ -51,8 +51,8 @@ CREATE TABLE IF NOT EXISTS grants (
 -- the lowest-seq fork proof known per author
 CREATE TABLE IF NOT EXISTS forks (author BLOB PRIMARY KEY, seq INTEGER NOT NULL, proof BLOB NOT NULL) WITHOUT ROWID;
 -- this peer's own verdicts on disputes (seq: of the dispute in the accuser's chain; 0: a check of its
--- own with no entry): lie=1, the accused is a proven liar; lie=0, the accusation was false; lie=-1, this
--- peer could not judge it (it does not hold the span). Not replicated: each peer judges for itself.
+-- own with no entry): lie=1, the accused is a proven liar; lie=0, the accusation was false; lie=-n, this
+-- peer could not judge it, n times so far (no span, proof not served). Not replicated: each peer judges for itself.
 CREATE TABLE IF NOT EXISTS verdicts (
     accuser BLOB NOT NULL, seq INTEGER NOT NULL, accused BLOB NOT NULL, lie INTEGER NOT NULL,
     PRIMARY KEY (accuser, seq, accused)) WITHOUT ROWID;
@@ -192,14 +192,15 @@ class Store:
         return [(a, s, x, bool(lie)) for a, s, x, lie in self.db.execute(
             "SELECT accuser, seq, accused, lie FROM verdicts WHERE lie >= 0")]
 
-    def unjudged_disputes(self, me: bytes, limit: int) -> list[LogEntry]:
-        """Up to `limit` dispute entries by others with no verdict here yet, leaving out every accuser
-        already found making a false accusation (its disputes are never verified again)."""
+    def unjudged_disputes(self, me: bytes, limit: int, tries_below: int = 1) -> list[LogEntry]:
+        """Up to `limit` dispute entries by others with no verdict here yet and fewer than `tries_below`
+        "cannot judge" outcomes (1: never tried), leaving out every accuser already found making a false
+        accusation (its disputes are never verified again)."""
         return [LogEntry.decode(r[0]) for r in self.db.execute("""
             SELECT e.wire FROM entries e LEFT JOIN verdicts v ON v.accuser = e.author AND v.seq = e.seq
-            WHERE e.kind = 'dispute' AND e.author != ? AND v.seq IS NULL
+            WHERE e.kind = 'dispute' AND e.author != ? AND (v.seq IS NULL OR (v.lie < 0 AND -v.lie < ?))
               AND e.author NOT IN (SELECT accuser FROM verdicts WHERE lie = 0)
-            ORDER BY e.author, e.seq LIMIT ?""", (me, limit))]
+            ORDER BY e.author, e.seq LIMIT ?""", (me, tries_below, limit))]
 
     # --- writes (inside `transaction()`) ----------------------------------------------------------
 
@@ -230,9 +231,14 @@ class Store:
         self.db.execute("INSERT INTO grants VALUES (?, ?, ?, ?)", (author, seq, recipient, amount))
 
     def put_verdict(self, accuser: bytes, seq: int, accused: bytes, lie: bool | None) -> None:
-        """`lie` None: this peer could not judge the dispute (it is not offered again)."""
-        self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)",
-                        (accuser, seq, accused, -1 if lie is None else int(lie)))
+        """`lie` None: this peer could not judge the dispute (once more: counted, see `unjudged_disputes`)."""
+        if lie is None:
+            row = self.db.execute("SELECT lie FROM verdicts WHERE accuser = ? AND seq = ? AND accused = ?",
+                                  (accuser, seq, accused)).fetchone()
+            value = min(row[0], 0) - 1 if row is not None else -1
+        else:
+            value = int(lie)
+        self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)", (accuser, seq, accused, value))
 
     def put_fork(self, author: bytes, seq: int, proof: bytes) -> bool:
         """Keep the lowest-seq proof per author; True if this one was new or lower."""

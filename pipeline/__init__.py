@@ -21,11 +21,14 @@ Layers, each readable alone (imports only go down the list; none comes back up):
                   (ModelCard, fetch_models)
     routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)
     limiter.py    PriorityLimiter: worker-thread limiter served by priority, FIFO within one
-    proofshelf.py ProofShelf: proofs too large for a dispute entry, kept and served by their accuser; fetch_proof
+    proofshelf.py ProofShelf: proofs too large for a dispute entry, kept (SQLite in the data dir) and served
+                  by their accuser; fetch_proof
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)
     hop.py        Hop: the client's end of one session — RemoteHop (a stream) or LocalHop (our own server,
                   in process); StepRecord
     checkpolicy.py  which steps are spot-checked: AdaptivePolicy (per-server trust), FixedPolicy
+    attestations.py AttestationBook: passed checks shared as signed attestations by gossip, counted
+                  toward probation only from signers with standing
     spotcheck.py  SpotChecker: re-runs steps on a second server, referee, disputes with the liar's signed step
     server.py     BlockServer: serves a span, KV caches per session, signs step results, announces, forwards pushes
     disputes.py   DisputeJudge: a serving peer re-runs the proofs of disputes on its blocks; verdicts

@@ -6,14 +6,18 @@ number of its consecutive steps a check has verified (`TrustRecord.verified`):
 - *probation* (fewer than `trust_after` verified steps — a server new to this client, or one whose
   check recently failed): every one of its steps is checked before its output is used. With lazy
   shadow sessions (pipeline/spotcheck.py) that costs one checker pass over the server's sessions
-  — the same compute as checking each session once at its end — but no unchecked output is ever
-  used, so a liar that lies from any step k on is caught at step k, before the lie reaches the
-  generation;
+  — the same compute as checking each session once at its end — but no unchecked output is used
+  (unless its checker does not answer in time, pipeline/spotcheck.py), so a liar that lies from any
+  step k on is caught at step k, before the lie reaches the generation;
 - *trusted*: each step is checked with probability max(`floor`, `scale` / verified), falling as the
   record grows. A check verifies every step of the hop since the previous one, so a lie is caught
   at the first check after it in the same hop session;
 - any failed or inconclusive check resets the server's count to 0 (back to probation; a confirmed
   liar is also distrusted by the route, pipeline/routing.py).
+- *shared attestations* (`vouches`, pipeline/attestations.py): steps other clients' checks verified,
+  counted only from signers with standing in this peer's view, capped per signer there and in all
+  at `max_vouched` of `trust_after` here (so at most half of probation is skipped), and never for a
+  server that ever failed one of our own checks.
 
 Measured (bench/spotcheck.py, tiny model, 32-token generations, 50 per case): a liar new to the
 client, lying on 100 %, 5 % or 1 % of its steps, is caught in every generation it lies in, on the
@@ -54,6 +58,12 @@ class CheckPolicy(Protocol):
         """A check of `peer_id` failed or was inconclusive."""
 
 
+class Vouches(Protocol):
+    """Steps of a server that other clients' checks verified and that count here (pipeline/attestations.py)."""
+
+    def steps(self, peer_id: str) -> int: ...
+
+
 @dataclass(frozen=True)
 class FixedPolicy:
     """Every step checked with probability `fraction`, whoever served it."""
@@ -84,11 +94,15 @@ class AdaptivePolicy:
     scale: float = 1.0  # trusted: probability scale / verified (1/64 ≈ 1.6 % at trust) ...
     floor: float = 0.002  # ... but never below this
     max_servers: int = 4096  # records kept (least recently seen dropped first)
+    vouches: Vouches | None = None  # others' attested steps (shared attestations), None: only our own checks
+    max_vouched: float = 0.5  # ... counted up to this share of trust_after, never for a server that failed us
     records: OrderedDict[str, TrustRecord] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
-        if self.trust_after < 0 or self.scale < 0 or not 0.0 <= self.floor <= 1.0 or self.max_servers < 1:
-            raise ValueError("AdaptivePolicy: trust_after, scale >= 0; floor in [0, 1]; max_servers >= 1")
+        if self.trust_after < 0 or self.scale < 0 or not 0.0 <= self.floor <= 1.0 or self.max_servers < 1 \
+                or not 0.0 <= self.max_vouched < 1.0:
+            raise ValueError("AdaptivePolicy: trust_after, scale >= 0; floor in [0, 1]; max_servers >= 1; "
+                             "max_vouched in [0, 1)")
 
     def record(self, peer_id: str) -> TrustRecord:
         rec = self.records.pop(peer_id, None) or TrustRecord()
@@ -97,15 +111,22 @@ class AdaptivePolicy:
             self.records.popitem(last=False)
         return rec
 
+    def vouched(self, peer_id: str, rec: TrustRecord) -> int:
+        """Steps others' attestations add to `rec` (capped; none once the server failed one of our checks)."""
+        if self.vouches is None or rec.failures:
+            return 0
+        return min(self.vouches.steps(peer_id), int(self.max_vouched * self.trust_after))
+
     def trusted(self, peer_id: str) -> bool:
         rec = self.records.get(peer_id)
-        return rec is not None and rec.verified >= self.trust_after
+        return rec is not None and rec.verified + self.vouched(peer_id, rec) >= self.trust_after
 
     def probability(self, peer_id: str) -> float:
         rec = self.record(peer_id)
-        if rec.verified < self.trust_after:
+        verified = rec.verified + self.vouched(peer_id, rec)
+        if verified < self.trust_after:
             return 1.0
-        return min(1.0, max(self.floor, self.scale / max(rec.verified, 1)))
+        return min(1.0, max(self.floor, self.scale / max(verified, 1)))
 
     def verified(self, peer_id: str, steps: int) -> None:
         self.record(peer_id).verified += max(0, steps)

@@ -163,7 +163,7 @@ class InferenceSession:
         self._step_id = 0
         cfg = model.client_config
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
-                                    model_id=model.model_id, billing=cfg.billing)
+                                    model_id=model.model_id, billing=cfg.billing, step_timeout=cfg.step_timeout)
                         if cfg.spot_check is not None and cfg.spot_check.enabled else None)
         self.stats = SessionStats()
 
@@ -304,9 +304,10 @@ class InferenceSession:
 
     async def _run_route_hop(self, hop: Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
         """`run_hop` for a hop of the route: the step is also kept for spot checks (of remote hops)."""
+        t0 = trio.current_time()
         out = await self.run_hop(hop, h, pos, chunks)
         if self.checker is not None and isinstance(hop, RemoteHop):
-            self.checker.record(hop, StepRecord(pos, h, tuple(chunks or [h.shape[1]]), out))
+            self.checker.record(hop, StepRecord(pos, h, tuple(chunks or [h.shape[1]]), out), trio.current_time() - t0)
         return out
 
     async def _recover(self, index: int, err: BaseException) -> None:

@@ -14,7 +14,10 @@ of an accuser already caught making a false accusation) and judges each, cheapes
 4. only then, if this peer holds the span (`SpanReplayer`, a serving peer's `ServedBlocks`), it
    replays the steps on a fresh KV cache and compares the signed step's fingerprint with its own
    within the dtype's tolerance: beyond it, the accused lied; within it, the accusation was false.
-   A peer that does not hold the span keeps "cannot judge" and the dispute counts nothing here.
+   A peer that does not hold the span keeps "cannot judge" and the dispute counts nothing here —
+   for now: every `retry_period` the judge tries such disputes again (it may hold the span by then,
+   or the accuser may serve its proof again), up to `max_tries` "cannot judge" outcomes in all
+   (counted in the store, so across restarts too), then leaves them.
 
 Verdicts go to the peer's own store (`Ledger.record_verdict`); a liar or false accuser then has
 reliability 0 in this peer's view (routing, standing). So a peer filing 1,000 false disputes costs
@@ -117,13 +120,16 @@ class DisputeJudge:
     """Judges the disputes in `ledger` (see the module docstring); `blocks` None: this peer holds no span."""
 
     def __init__(self, ledger: Ledger, blocks: SpanReplayer | None, *, network: Network | None = None,
-                 period: float = 5.0, batch: int = 64, tolerance: Callable[[str], float] = default_tolerance):
+                 period: float = 5.0, batch: int = 64, tolerance: Callable[[str], float] = default_tolerance,
+                 retry_period: float = 300.0, max_tries: int = 4):
         """`network`: where proofs too large for an entry are fetched from their accusers (None: never)."""
         self.ledger = ledger
         self.blocks = blocks
         self.network = network
         self.period = period
         self.batch = batch
+        self.retry_period = retry_period
+        self.max_tries = max_tries
         self.tolerance = tolerance
         self.stats = {"lies": 0, "false": 0, "malformed": 0, "forged": 0, "bad_inputs": 0, "unjudged": 0,
                       "unfetched": 0, "replays": 0}
@@ -132,17 +138,22 @@ class DisputeJudge:
         """Judge new disputes whenever the ledger changed, every `period` seconds, until cancelled."""
         task_status.started()
         seen = -1
+        retry_at = trio.current_time() + self.retry_period
         while True:
             if self.ledger.version != seen:
                 seen = self.ledger.version
                 while await self.judge_pending():
                     pass
                 seen = self.ledger.version  # our own verdicts bumped it
+            if trio.current_time() >= retry_at:
+                retry_at = trio.current_time() + self.retry_period
+                await self.judge_pending(retry=True)  # one batch a round: each try counts toward max_tries
             await trio.sleep(self.period)
 
-    async def judge_pending(self) -> int:
-        """Judge up to `batch` disputes not judged yet; how many were judged."""
-        pending = await self.ledger.unjudged_disputes(self.batch)
+    async def judge_pending(self, *, retry: bool = False) -> int:
+        """Judge up to `batch` disputes not judged yet (`retry`: also those this peer could not judge
+        fewer than `max_tries` times); how many were judged."""
+        pending = await self.ledger.unjudged_disputes(self.batch, self.max_tries if retry else 1)
         judged = 0
         for entry, accused, evidence in pending:
             liars, false_accusers = await self.ledger.read(self.ledger.verdicts_sync)

@@ -23,7 +23,7 @@ float noise) and its outputs are compared with everything H returned since the l
   of its length on C;
 - the check runs before H's output is passed on, so a lie caught on the selected step never
   reaches the output: H is replaced (history replayed elsewhere) and the step re-run; what an
-  unchecked lie already changed cannot be undone (with fraction 1.0, nothing is ever used unchecked).
+  unchecked lie already changed cannot be undone (with fraction 1.0 and checkers that answer in time, nothing is ever used unchecked).
 
 On a mismatch a referee R (a third server for the span) replays H's whole history in a fresh session;
 the server R disagrees with is the liar (if R agrees with neither, or no third server exists, the
@@ -34,7 +34,22 @@ the liar's own signed result for its first step that differs from the honest out
 inputs of its session up to that step, which any peer holding the span can re-run
 (pipeline/disputes.py); a proof too large for an entry is filed as a claim and served from the
 client's shelf (pipeline/proofshelf.py). Checker and referee sessions are ordinary sessions: the
-client pays them with receipts like any hop.
+client pays them with receipts like any hop. A passed check is also handed to
+`SpotCheckConfig.attestations`, which shares it with other clients as a signed attestation
+(pipeline/attestations.py; how they count it: pipeline/checkpolicy.py).
+
+Checker choice and bounded checks. A check runs while the user waits, so the checker is the nearest
+candidate: candidates are ordered by the client's RTT estimate (routing's: measured by sessions, the
+DHT's pings, else Vivaldi), in buckets of `NEAR_S` — within a bucket, and for a candidate with no
+estimate yet (its first check measures it), the order is random, spreading checks over equally near
+replicas. And a check is bounded: opening the checker session and its replay get `wait_min` +
+`wait_factor` × the wall time of the steps it covers (as the client measured them), never more than
+the step timeout. A checker that has not answered by then is dropped (its session closed; not banned:
+slow is not a fault) and the output is used *unchecked for now*: the steps stay in the hop's
+unverified history, so the next check — on the same checker, or after `max_timeouts` consecutive
+misses in this session on another one — covers them, and a lie among them is caught there. A slow
+checker costs the user at most the bound per check, not its own time (counted as `timeouts`;
+`waited_s` sums the waits). A mismatch is not bounded: the referee is asked before the output is used.
 
 Tolerance. Comparison: per token, ‖a − b‖₂ / ‖b‖₂ ≤ the tolerance of the coarser dtype of the two
 servers (`TOLERANCE`; today both compute in the session's dtype: a server refuses another). Honest
@@ -74,6 +89,7 @@ from .routing import RouteHop, SequenceManager
 log = logging.getLogger(__name__)
 
 MAX_CHECK_CHUNKS = 1024  # chunks per check message (the protocol allows 4096)
+NEAR_S = 0.04  # checker candidates whose RTT estimates fall in one bucket this wide are equally near
 
 
 class CheckedSession(Protocol):
@@ -85,8 +101,17 @@ class CheckedSession(Protocol):
     async def run_hop(self, hop: Hop, inputs: torch.Tensor, pos: int, chunks: list[int]) -> torch.Tensor:
         """One step (or a replay of several, `chunks`) through `hop`; its outputs."""
 
-    async def close_hop(self, hop: Hop) -> None:
+    async def close_hop(self, hop: Hop, polite: bool = True, pay: bool = True) -> None:
         """Close `hop`, paying for what it served."""
+
+
+class AttestationSink(Protocol):
+    """Where a passed check's verified steps go to be shared (pipeline/attestations.py `AttestationBook`)."""
+
+    def verified(self, server: str, model: str, start: int, end: int, steps: int) -> None: ...
+
+    def failed(self, server: str) -> None:
+        """A check caught `server` (or could not tell it from its checker): share nothing of it."""
 
 
 # Max per-token relative L2 error between two honest servers computing in a dtype (see "Tolerance" in
@@ -101,6 +126,12 @@ class SpotCheckConfig:
     tolerance: float | None = None  # max per-token relative L2 error; None: by dtype (TOLERANCE)
     referee: bool = True  # on a mismatch, ask a third server
     seed: int | None = None
+    # A check waits at most wait_min + wait_factor × (the checked steps' own time), and never past the
+    # step timeout; then the output is used unchecked for now (see "Bounded checks" above).
+    wait_min: float = 1.0
+    wait_factor: float = 3.0
+    max_timeouts: int = 2  # consecutive checks a checker may leave unanswered before another is chosen
+    attestations: AttestationSink | None = None  # passed checks are shared as signed attestations
 
     @property
     def enabled(self) -> bool:
@@ -146,6 +177,7 @@ class _Watch:
     """The checker's view of one route hop: its steps, how far they are verified, its checker session."""
 
     records: list[StepRecord] = field(default_factory=list)
+    took: list[float] = field(default_factory=list)  # wall seconds of each record's step, as the client saw it
     verified: int = 0  # positions before this one were confirmed by the checker
     checker: Hop | None = None
     refused: set[str] = field(default_factory=set)  # candidates that refused to check it: not asked again
@@ -155,8 +187,9 @@ class SpotChecker:
     """One session's spot checks (see the module docstring)."""
 
     def __init__(self, session: CheckedSession, config: SpotCheckConfig, *, routes: SequenceManager,
-                 dtype: torch.dtype, model_id: str, billing: ClientBilling | None):
+                 dtype: torch.dtype, model_id: str, billing: ClientBilling | None, step_timeout: float = 30.0):
         self.session = session
+        self.step_timeout = step_timeout
         self.config = config
         self.seq = routes
         self.dtype = dtype
@@ -165,21 +198,30 @@ class SpotChecker:
         self.rng = random.Random(config.seed) if config.seed is not None else random.Random()
         self.policy = config.selection()
         self._watches: dict[Hop, _Watch] = {}
+        self._timeouts: dict[str, int] = {}  # checker → consecutive checks it left unanswered, this session
         self.stats = {"checks": 0, "passed": 0, "mismatches": 0, "liars": 0, "inconclusive": 0, "unchecked": 0,
-                      "checked_tokens": 0}
+                      "checked_tokens": 0, "timeouts": 0, "waited_s": 0.0}
 
     def selected(self, hop: Hop) -> bool:
         """Whether to check `hop`'s unverified steps now (after each of its steps), as the policy says."""
         p = self.policy.probability(hop.peer_id)
         return p >= 1.0 or (p > 0 and self.rng.random() < p)
 
-    def record(self, hop: Hop, step: StepRecord) -> None:
-        """Log a completed step of route hop `hop` (a re-run at an earlier position replaces what followed it)."""
+    def record(self, hop: Hop, step: StepRecord, seconds: float | None = None) -> None:
+        """Log a completed step of route hop `hop` that took `seconds` (None: unknown, as long as its previous
+        one); a re-run at an earlier position replaces what followed it."""
         watch = self._watches.setdefault(hop, _Watch())
         while watch.records and watch.records[-1].pos >= step.pos:
             watch.records.pop()
+            watch.took.pop()
         watch.verified = min(watch.verified, step.pos)
         watch.records.append(step)
+        watch.took.append(seconds if seconds is not None else (watch.took[-1] if watch.took else 0.0))
+
+    def bound(self, watch: _Watch, first: int) -> float:
+        """Seconds a check of `watch`'s records from index `first` on may take (see "bounded checks")."""
+        cfg = self.config
+        return min(self.step_timeout, cfg.wait_min + cfg.wait_factor * sum(watch.took[first:]))
 
     async def forget(self, hop: Hop) -> None:
         """`hop` left the route: close its checker session and drop what was kept for it."""
@@ -195,9 +237,10 @@ class SpotChecker:
                 await self.session.close_hop(watch.checker)
 
     def _candidates(self, hop: Hop, exclude: set[str]) -> list:
+        """Servers that could check `hop`, nearest first (RTT buckets of `NEAR_S`; random within one)."""
         cands = self.seq.checkers(hop.start, hop.end, exclude=exclude | {hop.peer_id})
         self.rng.shuffle(cands)
-        return cands
+        return sorted(cands, key=lambda s: int((self.seq.rtt(s.peer_id) or 0.0) / NEAR_S))
 
     async def _replay(self, target: Hop, records: list[StepRecord]) -> torch.Tensor:
         """Send `records` (the checked hop's steps from some position on) to `target`; its outputs, concatenated."""
@@ -211,46 +254,34 @@ class SpotChecker:
 
     async def check(self, hop: Hop) -> str | None:
         """Check every step of `hop` not yet verified; returns the peer id of a liar found (the hop's
-        own, or a checker's), else None."""
+        own, or a checker's), else None. Waits for the checker at most `bound` (see "bounded checks")."""
         watch = self._watches.get(hop)
         if watch is None:
             return None
-        records = [r for r in watch.records if r.pos >= watch.verified]
-        if not records:
+        unverified = [i for i, r in enumerate(watch.records) if r.pos >= watch.verified]
+        if not unverified:
             return None
-        if watch.checker is None:
-            for info in self._candidates(hop, watch.refused):
-                try:
-                    watch.checker = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
-                    break
-                except Refused as e:  # not a fault: no ban, try another (and not this one again for this hop)
-                    log.info("checker candidate %s refused: %s", info.peer_id[-8:], e)
-                    watch.refused.add(info.peer_id)
-                except (P2PError, trio.TooSlowError) as e:
-                    self.seq.ban(info.peer_id, f"could not open a checker session: {e}")
-            if watch.checker is None:
-                self.stats["unchecked"] += 1
-                return None
-            watch.verified = 0
-            records = list(watch.records)
-        checker = watch.checker
+        asked: list[str] = []  # the checker being asked (or opened), for a timeout to be charged to
+        t0 = trio.current_time()
+        with trio.move_on_after(self.bound(watch, 0 if watch.checker is None else unverified[0])) as wait:
+            compared = await self._compare(hop, watch, asked)
+        self.stats["waited_s"] += trio.current_time() - t0
+        if wait.cancelled_caught:
+            await self._timed_out(watch, asked[-1] if asked else None)
+            return None
+        if compared is None:
+            return None
+        checker, records, claimed, got = compared
+        self._timeouts.pop(checker.peer_id, None)
         start_pos = records[0].pos
         end_pos = records[-1].pos + records[-1].tokens
-        claimed = torch.cat([r.outputs for r in records], dim=1)
-        self.stats["checks"] += 1
-        try:
-            got = await self._replay(checker, records)
-        except (Refused, P2PError, trio.TooSlowError) as e:
-            if not isinstance(e, Refused):
-                self.seq.ban(checker.peer_id, f"checker failed: {e}")
-            await self._drop_checker(watch)
-            self.stats["unchecked"] += 1
-            return None
         tol = self.config.tol(self.dtype)
         err = relative_error(claimed, got)
         if err <= tol:
             watch.verified = end_pos
             self.policy.verified(hop.peer_id, len(records))
+            if self.config.attestations is not None:
+                self.config.attestations.verified(hop.peer_id, self.model_id, hop.start, hop.end, len(records))
             self.stats["passed"] += 1
             self.stats["checked_tokens"] += end_pos - start_pos
             self.seq.record_check(hop.peer_id, True)
@@ -266,10 +297,14 @@ class SpotChecker:
             for p in (hop.peer_id, checker.peer_id):
                 self.seq.ban(p, "spot check inconclusive")
                 self.policy.failed(p)
+                if self.config.attestations is not None:
+                    self.config.attestations.failed(p)
             return None
         liar, _referee, _referee_error = verdict
         self.stats["liars"] += 1
         self.policy.failed(liar)
+        if self.config.attestations is not None:
+            self.config.attestations.failed(liar)
         self.seq.distrust(liar, f"spot check: outputs of blocks [{hop.start}, {hop.end}) differ from two other servers")
         if liar != hop.peer_id:
             watch.verified = end_pos
@@ -283,12 +318,61 @@ class SpotChecker:
                 log.warning("could not record the dispute: %s", e)
         return liar
 
+    async def _compare(self, hop: Hop, watch: _Watch, asked: list[str]
+                       ) -> tuple[Hop, list[StepRecord], torch.Tensor, torch.Tensor] | None:
+        """Open the checker if `hop` has none and replay its unverified steps there:
+        (checker, those steps, the hop's outputs, the checker's), or None when nobody could check."""
+        records = [r for r in watch.records if r.pos >= watch.verified]
+        if watch.checker is None:
+            for info in self._candidates(hop, watch.refused | self._slow()):
+                asked.append(info.peer_id)
+                try:
+                    watch.checker = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
+                    break
+                except Refused as e:  # not a fault: no ban, try another (and not this one again for this hop)
+                    log.info("checker candidate %s refused: %s", info.peer_id[-8:], e)
+                    watch.refused.add(info.peer_id)
+                except (P2PError, trio.TooSlowError) as e:
+                    self.seq.ban(info.peer_id, f"could not open a checker session: {e}")
+            if watch.checker is None:
+                self.stats["unchecked"] += 1
+                return None
+            watch.verified = 0
+            records = list(watch.records)
+        checker = watch.checker
+        asked.append(checker.peer_id)
+        claimed = torch.cat([r.outputs for r in records], dim=1)
+        self.stats["checks"] += 1
+        try:
+            got = await self._replay(checker, records)
+        except (Refused, P2PError, trio.TooSlowError) as e:
+            if not isinstance(e, Refused):
+                self.seq.ban(checker.peer_id, f"checker failed: {e}")
+            await self._drop_checker(watch)
+            self.stats["unchecked"] += 1
+            return None
+        return checker, records, claimed, got
+
+    async def _timed_out(self, watch: _Watch, peer_id: str | None) -> None:
+        """The checker `peer_id` did not answer in time: drop its session; the steps stay unverified."""
+        self.stats["timeouts"] += 1
+        self.stats["unchecked"] += 1
+        if peer_id is not None:
+            self._timeouts[peer_id] = self._timeouts.get(peer_id, 0) + 1
+            log.info("checker %s did not answer in time (%d in a row): output used unchecked for now",
+                     peer_id[-8:], self._timeouts[peer_id])
+        await self._drop_checker(watch)
+
+    def _slow(self) -> set[str]:
+        """Checkers that missed `max_timeouts` checks in a row: not chosen again in this session."""
+        return {p for p, n in self._timeouts.items() if n >= self.config.max_timeouts}
+
     async def _referee(self, hop: Hop, watch: _Watch, checker: Hop, claimed: torch.Tensor, got: torch.Tensor,
                        start_pos: int, end_pos: int, tol: float) -> tuple[str, str, float] | None:
         """Ask a third server to replay the hop's whole history: (liar, referee, error) or None."""
         if not self.config.referee:
             return None
-        for info in self._candidates(hop, {checker.peer_id}):
+        for info in self._candidates(hop, {checker.peer_id} | self._slow()):
             ref = None
             try:
                 ref = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)

@@ -43,7 +43,9 @@ from p2p.network import Network
 from p2p.swarm_key import load_key
 from pipeline.announce import (GOSSIP_TOPIC, AnnouncementValidator, ModelCard, fetch_models, fetch_servers,
                                from_gossip_note)
+from pipeline.attestations import AttestationBook
 from pipeline.billing import ClientBilling, ServerBilling
+from pipeline.checkpolicy import AdaptivePolicy
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
 from pipeline.disputes import DisputeJudge, ServedBlocks
@@ -117,8 +119,11 @@ class Peer:
                            validators=_validators(), config=DHTConfig(store_limits=config.limits.dht_store))
         self.gossip = Gossip(network, identity, quotas=config.limits.gossip)
         self.replicator = Replicator(ledger, network, self.gossip)
-        self.proofs = ProofShelf()  # proofs of our disputes too large for an entry, served to verifiers
+        # proofs of our disputes too large for an entry, served to verifiers (kept across restarts)
+        self.proofs = ProofShelf.open(config.data_dir)
         self.proofs.serve_on(network)
+        # our passed spot checks, shared; others', counted toward servers' probation (pipeline/attestations.py)
+        self.attestations = AttestationBook(identity, self.standing.standings, network.now)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
@@ -196,6 +201,7 @@ class Peer:
             "connected": sorted(self.network.connected_peers()),
             "presence_seen": sorted(self.presence_seen),
             "gossip": asdict(self.gossip.stats),
+            "attestations": dict(self.attestations.stats),
             "dht": self.dht.status(),
             "server": self.server.status() if self.server else None,
             "last_generation": self.last_generation,
@@ -313,11 +319,14 @@ class Peer:
         async with self._client_lock:
             if self._client is None:
                 folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
+                policy = AdaptivePolicy()
                 self._client = await DistributedModel.from_pretrained(
                     folder, self.network, self.dht, dtype=self.config.dtype,
                     config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs),
-                                        spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction)),
+                                        spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction,
+                                                                   policy=policy, attestations=self.attestations)),
                     local_server=self.server)
+                policy.vouches = self.attestations.vouches(self._client.model_id)
             return self._client
 
     async def _generate_command(self, request: dict) -> dict:
@@ -394,6 +403,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 await nursery.start(peer.gossip.run)
                 await nursery.start(peer.membership.run)
                 await nursery.start(peer.replicator.run)
+                await nursery.start(peer.attestations.run, peer.gossip)
                 await nursery.start(peer.dht.run)
                 if peer.server is not None:
                     await nursery.start(peer.server.run)

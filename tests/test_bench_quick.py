@@ -71,6 +71,9 @@ def test_ledger_quick():
     # credits/standing.py), far below the balance their farm shows
     reached, received = figure(r, "sybils.max_group_standing"), figure(r, "sybils.max_group_work_received")
     assert reached <= 2 * received < figure(r, "sybils.max_group_farmed_balance")
+    # the spot checks' compute beside the ledger's: both policies measured in the same run
+    assert figure(r, "spotcheck_overhead.adaptive.checker_compute_per_token") > 0
+    assert figure(r, "spotcheck_overhead.fixed_2pct.checker_compute_per_token") >= 0
 
 
 def test_spotcheck_quick():
@@ -87,6 +90,10 @@ def test_spotcheck_quick():
     assert r["liars"]["rate_1"]["adaptive_new"]["output_identical_to_local"] == 1.0
     assert figure(r, "overhead.adaptive.checker_compute_per_token") > 0
     assert figure(r, "overhead.fixed_2pct.checker_compute_per_token") >= 0
+    # a slow nearest checker: bounded checks give up on it (twice, then swap it), waiting ones never do;
+    # the liar is caught either way
+    assert r["slow_checker"]["bounded"]["timeouts"] == 2 and r["slow_checker"]["unbounded"]["timeouts"] == 0
+    assert r["slow_checker"]["bounded"]["liar_caught"] and r["slow_checker"]["unbounded"]["liar_caught"]
 
 
 @pytest.mark.slow

@@ -364,3 +364,52 @@ def test_the_proof_shelf_is_bounded():
     first = shelf.put(b"a" * 60)
     second = shelf.put(b"b" * 60)
     assert shelf.get(first) is None and shelf.get(second) == b"b" * 60
+
+
+def test_the_proof_shelf_is_bounded_in_count_too(tmp_path):
+    shelf = ProofShelf.open(tmp_path, max_count=2)
+    digests = [shelf.put(bytes([i]) * 10) for i in range(3)]
+    assert shelf.get(digests[0]) is None and shelf.get(digests[2]) == b"\x02" * 10
+    shelf.close()
+    shelf = ProofShelf.open(tmp_path, max_count=2, max_bytes=25)  # the bounds hold for what was kept before
+    shelf.put(b"x" * 10)
+    assert [shelf.get(d) for d in digests] == [None, None, b"\x02" * 10]
+
+
+async def test_a_proof_is_served_after_a_restart(tmp_path):
+    """The accuser's shelf is in its data directory: a restarted accuser still serves the proof."""
+    from p2p.sim import SimWorld
+    from pipeline.proofshelf import fetch_proof
+
+    proof = b"p" * 5000
+    digest = ProofShelf.open(tmp_path).put(proof)  # then the process is gone, its shelf object with it
+    async with SimWorld.open(seed=7) as world:
+        accuser, verifier = world.add_node(), world.add_node()
+        ProofShelf.open(tmp_path).serve_on(accuser)  # the restarted accuser
+        await verifier.connect(accuser.addr, timeout=2.0)
+        assert await fetch_proof(verifier, accuser.peer_id, digest, len(proof)) == proof
+        assert await fetch_proof(verifier, accuser.peer_id, b"\x00" * 32, len(proof)) is None
+
+
+async def test_cannot_judge_is_retried_a_bounded_number_of_times(llama, span):
+    """A judge without the span records "cannot judge"; retries take the dispute up again (and decide it
+    once the peer holds the span), at most `max_tries` times in all."""
+    _, mid, _, cfg = llama
+    liar, accuser, verifier = (Identity.generate() for _ in range(3))
+    led = {who: make_ledger(who, None, mid, cfg) for who in (accuser, verifier)}
+    for ledger in led.values():
+        await ledger.claim_starting_grant()
+    proof = serve(span, liar, mid, HISTORY, lie_at=4).proof(2)
+    for i in range(2):
+        led[accuser].append_sync("dispute", msgpack.packb([liar.public_key, f"lie {i}", proof.encode()]))
+    wires = led[accuser].store.range_wire(accuser.public_key, 1, 10**6)
+    assert (await led[verifier].ingest(wires)).stored == len(wires)
+    judge = DisputeJudge(led[verifier], None, max_tries=3)
+    assert await judge.judge_pending() == 2 and judge.stats["unjudged"] == 2
+    assert await judge.judge_pending() == 0  # not again until a retry round ...
+    assert await judge.judge_pending(retry=True) == 2 and judge.stats["unjudged"] == 4
+    judge.blocks = CountingBlocks(span, mid)  # ... by which time this peer holds the span
+    led[verifier].store.put_verdict(accuser.public_key, 3, liar.public_key, None)  # the second: a third failure
+    assert await judge.judge_pending(retry=True) == 1 and judge.stats["lies"] == 1
+    assert await judge.judge_pending(retry=True) == 0  # one decided, the other out of tries
+    assert (await led[verifier].reliability())[liar.public_key] == 0.0

@@ -12,7 +12,9 @@ from pipeline.client import TokenEvent
 from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.loading import ModelFolder
 from pipeline.proofs import DisputeProof
-from pipeline.spotcheck import SpotCheckConfig, relative_error
+from pipeline.announce import ServerInfo
+from pipeline.server import BlockServer
+from pipeline.spotcheck import SpotCheckConfig, SpotChecker, relative_error
 from testkit.billing import add_client, add_server
 from testkit.swarms import swarm
 
@@ -128,6 +130,83 @@ async def test_lying_checker_is_caught(llama):
             assert hop.network.peer_id not in model.sequence.distrusted
             assert g.recoveries == 0  # the hop itself was never replaced
             assert model.client_config.billing.stats["disputes"] == 1
+
+
+class SlowServer(BlockServer):
+    """Answers every step `delay` seconds late, as a checker across a slow link would."""
+
+    delay = 60.0
+
+    async def _run(self, session, *args, **kw):
+        await trio.sleep(self.delay)
+        return await super()._run(session, *args, **kw)
+
+
+async def test_slow_checker_does_not_stall_and_the_lie_is_caught_later(llama):
+    """The nearest checker never answers in time: each check waits only its bound (far less than the
+    checker's delay), the output is used unchecked meanwhile, the checker is swapped after
+    `max_timeouts` misses, and the next completed check — covering every step since the first — catches
+    the liar's earlier lie."""
+    path, mid, local, cfg = llama
+    with trio.fail_after(90):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            liar = await add_liar(s, 0, 2, mid=mid, cfg=cfg)
+            liar.server.honest_steps = 1  # lies from its second step on, while only the slow checker is asked
+            slow = await add_server(s, 0, 2, mid=mid, cfg=cfg, server_cls=SlowServer)
+            far = [await add_server(s, 0, 2, mid=mid, cfg=cfg) for _ in range(2)]
+            for peer in far:
+                await announce(peer, SLOW)
+            await announce(slow, {"decode_tps": 1.0, "prefill_tps": 10.0})  # routes avoid it; checks may not
+            tail = await add_server(s, 2, 4, mid=mid, cfg=cfg)
+            client, model = await add_client(s, mid=mid, cfg=cfg, spot_check=SpotCheckConfig(fraction=1.0, seed=0))
+            await sees_all(model, [liar, slow, *far, tail])
+            # the slow checker is the nearest one, the two honest ones far (routing still picks the liar)
+            far_ids = {p.network.peer_id for p in far}
+            model.sequence.rtt = lambda peer_id: 0.5 if peer_id in far_ids else 0.0
+            liar_id = liar.network.peer_id
+            with trio.fail_after(SlowServer.delay / 2):  # not one slow answer was waited for
+                g = await model.generate(PROMPT, max_new_tokens=6, stop_token_ids=[])
+            checks = g.spot_checks
+            assert checks is not None
+            assert checks["timeouts"] == model.client_config.spot_check.max_timeouts  # then swapped
+            assert checks["liars"] == 1 and liar_id in model.sequence.distrusted
+            assert slow.network.peer_id not in model.sequence.distrusted  # slow is not a fault
+            assert slow.network.peer_id not in model.sequence.banned()
+            # the lie was used unchecked (step 2) and caught by the first completed check (step 3)
+            assert liar.server.first_lie and min(liar.server.first_lie.values()) == 2
+            assert client.ledger.reliability_sync() == {public_key_from_peer_id(liar_id): 0.0}
+            # the next generation runs on honest servers and equals local
+            g = await model.generate(PROMPT, max_new_tokens=6, stop_token_ids=[])
+            assert g.token_ids == local.generate_greedy(PROMPT, 6)
+
+
+class _Seq:
+    """The two things `SpotChecker._candidates` asks of routing: candidates, and RTT estimates."""
+
+    def __init__(self, rtts: dict):
+        self.rtts = rtts
+
+    def checkers(self, start, end, *, exclude=()):
+        return [ServerInfo(p, 0, 2, 1.0, 1.0, 0) for p in self.rtts if p not in exclude]
+
+    def rtt(self, peer_id):
+        return self.rtts[peer_id]
+
+
+def test_checker_candidates_nearest_first():
+    """Nearest first, by RTT bucket; within a bucket (and with no estimate) the order is random."""
+    import torch
+
+    rtts = {"hop": 0.0, "far": 0.150, "near": 0.002, "near2": 0.010, "unknown": None, "mid": 0.090}
+    orders = set()
+    for seed in range(20):
+        checker = SpotChecker(None, SpotCheckConfig(seed=seed), routes=_Seq(rtts), dtype=torch.float32,  # type: ignore[arg-type]
+                              model_id="m", billing=None)
+        hop = type("H", (), {"peer_id": "hop", "start": 0, "end": 2})()
+        order = [s.peer_id for s in checker._candidates(hop, set())]
+        assert set(order[:3]) == {"near", "near2", "unknown"} and order[3:] == ["mid", "far"]
+        orders.add(tuple(order[:3]))
+    assert len(orders) > 1  # equally near replicas share the checks
 
 
 def test_relative_error():
