@@ -20,6 +20,8 @@ from pipeline.client import Finished, Generation, GenerationFailed, TokenEvent
 from pipeline.sampling import SamplingParams
 from potluck import api, fallback
 from potluck.apps import AppTable, load_apps, parse_apps
+from potluck.chat import stats_line
+from potluck.cli import main
 from potluck.fallback import FallbackConfig, FallbackFailed, Upstream
 from potluck.generation import ApiPeer, GenerationClient
 from potluck.swarmview import coverage_view
@@ -285,3 +287,17 @@ async def test_receipts_come_with_the_answer_when_asked(nursery):
         assert [r.session.hex() for r in receipts] == [p["session"] for p in asked["potluck"]["paid"]]
         r = await http.post("/v1/chat/completions", json={**CHAT, "potluck": {"receipts": "yes"}})
         assert r.status_code == 400 and r.json()["error"]["param"] == "potluck"
+
+
+def test_the_apps_file_and_fallback_flags_are_checked_before_start(tmp_path: Path):
+    bad = tmp_path / "apps.json"
+    bad.write_text(json.dumps({"apps": {"x": {"key": "short"}}}))
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--api", "127.0.0.1:0", "--apps", str(bad)]) == 2
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--fallback", "http://127.0.0.1:1/v1"]) == 2
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--api", "127.0.0.1:0", "--fallback",
+                 "http://127.0.0.1:1/v1", "--fallback-key-env", "POTLUCK_TEST_UNSET_VARIABLE"]) == 2
+
+
+def test_chat_says_an_answer_came_from_the_fallback():
+    line = stats_line(5, 3, 1.0, {"fallback": True, "fallback_model": "big-model", "credits_spent": None, "route": []})
+    assert "answered by the fallback (big-model): no credits" in line
