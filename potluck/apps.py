@@ -178,11 +178,15 @@ def parse_apps(doc: Any, where: str) -> list[App]:
         if key in keys:
             raise ValueError(f"--apps {where}: app '{name}' has the key of another app")
         keys.add(key)
-        limits = {}
-        for what in ("tokens_per_minute", "credits_per_minute"):
-            x = spec.get(what)
-            if x is not None and (isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf):
-                raise ValueError(f"--apps {where}: app '{name}': {what} must be a positive number")
-            limits[what] = None if x is None else float(x)
-        out.append(App(name, key, **limits))
+        tokens, credits = (_per_minute(spec, what, name, where) for what in ("tokens_per_minute", "credits_per_minute"))
+        out.append(App(name, key, tokens_per_minute=tokens, credits_per_minute=credits))
     return out
+
+
+def _per_minute(spec: dict, what: str, name: str, where: str) -> float | None:
+    x = spec.get(what)
+    if x is None:
+        return None
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf:
+        raise ValueError(f"--apps {where}: app '{name}': {what} must be a positive number")
+    return float(x)
