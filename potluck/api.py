@@ -82,7 +82,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .apps import App, AppTable
-from .fallback import UPSTREAM_CODES, FallbackConfig, FallbackFailed, Upstream, UpstreamFinished, continuation
+from .fallback import UPSTREAM_CODES, FallbackConfig, FallbackFailed, Upstream, continuation
 from .generation import ApiPeer, GenerationResult, PreparedGeneration, map_error, prepare, resolve, run
 from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
                             completion_chunk, new_id, parse_json_body, text_completion, usage)
@@ -164,13 +164,14 @@ def error_response(err: ApiError) -> JSONResponse:
 
 
 CALLER = "potluck.app"  # the ASGI scope's key for who is asking: an `App`, or None for the operator
+APP_PATHS = ("/v1/", "/api/usage")  # what an app's key opens; the rest (status, credits, dashboard) is the operator's
 
 
 class _KeyCheck:
     """ASGI middleware: with a key, every HTTP request must carry it (Bearer header, x-api-key, or
     ?key= for the dashboard's page, which a browser opens without headers). With apps, an app's key
     is let in as that app (`scope[CALLER]`); the operator is the --api-key key, or, without one, a
-    request without an app key."""
+    request without an app key. An app sees the API and its usage, not the peer's status or credits."""
 
     def __init__(self, app, key: str | None, apps: AppTable | None):
         self.app, self.key, self.apps = app, key, apps
@@ -207,6 +208,11 @@ class _KeyCheck:
                 which = "an app's key (--apps) or " if self.apps is not None else ""
                 err = ApiError(401, f"Missing or wrong API key: send `Authorization: Bearer KEY` with {which}the key "
                                     "this peer was started with (--api-key).", code="invalid_api_key")
+                await error_response(err)(scope, receive, send)
+                return
+            if scope[CALLER] is not None and not scope["path"].startswith(APP_PATHS):
+                err = ApiError(403, f"An app's key opens the OpenAI API and /api/usage; {scope['path'][:100]} is the "
+                                    "operator's.", code="operator_only")
                 await error_response(err)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -392,21 +398,19 @@ class _GenerationResponse:
         if params.stop:
             request["stop"] = list(params.stop)
         pieces_after = 0
-        end: UpstreamFinished | None = None
+
+        async def write(text: str) -> None:
+            nonlocal pieces_after
+            pieces_after += 1
+            await ch.send(("text", text))
+
         try:
-            async with aclosing(upstream.stream(self.what, self.model["name"], request)) as pieces:
-                async for piece in pieces:
-                    if isinstance(piece, UpstreamFinished):
-                        end = piece
-                    else:
-                        pieces_after += 1
-                        await ch.send(("text", piece))
-        except (FallbackFailed, trio.TooSlowError) as e:
+            end = await upstream.answer(self.what, self.model["name"], request, write)
+        except FallbackFailed as e:
             self._meter_failure()
             await ch.send(("error", ApiError(error.status, f"{error.message} The fallback failed too: {e}",
                                              type=error.type, code=error.code)))
             return
-        assert end is not None  # the upstream's stream ends with it or raises
         prompt_tokens = len(self.job.ids) if self.job is not None else end.prompt_tokens or 0
         completion = len(written) + (end.completion_tokens if end.completion_tokens is not None else pieces_after)
         extra = {"fallback": True, "fallback_model": end.model, "swarm_error": error.code,

@@ -4,7 +4,7 @@
                   --fallback-key-env EXAMPLE_API_KEY --fallback-model SmolLM2-135M-Instruct=small-model
 
 When no route covers the model (503 no_route), or the swarm fails mid-answer (503
-generation_failed), the API asks the upstream instead (`Upstream.stream`). The answer continues
+generation_failed), the API asks the upstream instead (`Upstream.answer`). The answer continues
 from the text the swarm already produced: a completion's prompt is sent with that text appended,
 a chat's messages with it as the assistant's last message, and max_tokens is what is left. Text a
 client has seen is never taken back, so a stream stays one answer. Nothing through the upstream
@@ -19,9 +19,9 @@ is checked for its shape before a field of it is used (`FallbackFailed` otherwis
 from __future__ import annotations
 
 import json
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncGenerator, AsyncIterator
+from typing import AsyncGenerator, AsyncIterator, Awaitable, Callable
 
 import httpx
 import trio
@@ -101,33 +101,37 @@ class Upstream:
         except httpx.HTTPError as e:
             raise FallbackFailed(f"the fallback {self.config.url} failed: {type(e).__name__}: {e}") from e
 
-    async def stream(self, what: str, model: str, request: dict) -> AsyncGenerator[str | UpstreamFinished, None]:
+    async def answer(self, what: str, model: str, request: dict,
+                     on_text: Callable[[str], Awaitable[None]]) -> UpstreamFinished:
         """The upstream's answer to `request` (prompt or messages, sampling fields), `what` "chat" or
-        "text": text pieces, then one `UpstreamFinished`. Raises FallbackFailed."""
+        "text": each piece of text is given to `on_text` as it comes. Raises FallbackFailed."""
         upstream_model = self.config.upstream_model(model)
         body = {**request, "model": upstream_model, "stream": True, "stream_options": {"include_usage": True}}
         path = "/chat/completions" if what == "chat" else "/completions"
         finish: str | None = None
         counts: dict[str, int | None] = {"prompt_tokens": None, "completion_tokens": None}
-        with trio.fail_after(self.config.deadline):
+        with trio.move_on_after(self.config.deadline) as deadline:
             async with self._open(path, body) as r:
-                async for data in _events(r):
-                    if data == "[DONE]":
-                        break
-                    event = _json_object(data)
-                    if "error" in event:
-                        raise FallbackFailed(f"the fallback failed mid-answer: {str(event['error'])[:MAX_ERROR_BYTES]}")
-                    usage = event.get("usage")
-                    if isinstance(usage, dict):
-                        counts = {k: _count(usage.get(k)) for k in counts}
-                    text, reason = _choice(event, what)
-                    if text:
-                        yield text
-                    if reason is not None:
-                        finish = reason
+                async with aclosing(_events(r)) as events:
+                    async for data in events:
+                        if data == "[DONE]":
+                            break
+                        event = _json_object(data)
+                        if "error" in event:
+                            raise FallbackFailed(f"the fallback failed mid-answer: {str(event['error'])[:MAX_ERROR_BYTES]}")
+                        usage = event.get("usage")
+                        if isinstance(usage, dict):
+                            counts = {k: _count(usage.get(k)) for k in counts}
+                        text, reason = _choice(event, what)
+                        if text:
+                            await on_text(text)
+                        if reason is not None:
+                            finish = reason
+        if deadline.cancelled_caught:
+            raise FallbackFailed(f"the fallback did not finish its answer in {self.config.deadline:g} s")
         if finish is None:
             raise FallbackFailed("the fallback's answer ended without a finish_reason")
-        yield UpstreamFinished(upstream_model, finish, **counts)
+        return UpstreamFinished(upstream_model, finish, **counts)
 
 
 async def _head(r: httpx.Response) -> str:

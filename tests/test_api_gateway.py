@@ -185,9 +185,14 @@ async def test_an_upstream_that_floods_is_cut_at_the_line_bound(nursery, monkeyp
     port = listeners[0].socket.getsockname()[1]
     monkeypatch.setattr(fallback, "MAX_LINE_BYTES", 64 << 10)
     upstream = Upstream(FallbackConfig(f"http://127.0.0.1:{port}/v1", read_timeout=10))
+    received: list[str] = []
+
+    async def keep(text: str) -> None:
+        received.append(text)
+
     with pytest.raises(FallbackFailed, match="line longer than"):
-        async for _ in upstream.stream("chat", "m", {"messages": []}):
-            pass
+        await upstream.answer("chat", "m", {"messages": []}, keep)
+    assert received == []
 
 
 async def _flood(stream: trio.SocketStream) -> None:
@@ -241,6 +246,9 @@ async def test_apps_are_metered_and_held_to_their_quota(gateway):
         everyone = (await operator.get("/api/usage")).json()["apps"]
         assert set(everyone) == {"a", "b"} and everyone["b"]["credits_spent"] == 10.0
         assert (await as_app(url, "sk-wrong-0123456789abcdef").get("/api/usage")).status_code == 401
+        r = await a.get("/api/credits")  # the operator's, not an app's
+        assert r.status_code == 403 and r.json()["error"]["code"] == "operator_only"
+        assert (await operator.get("/api/credits")).status_code == 200
 
 
 async def test_with_an_admin_key_apps_and_admin_get_in_and_nobody_else(nursery):
