@@ -67,7 +67,7 @@ import ipaddress
 import json
 import logging
 import time
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable
@@ -140,7 +140,6 @@ async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None,
     config.errorlog = logging.getLogger("potluck.api.http")
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 30.0
-    app = create_app(peer, api_key=api_key, apps=apps, fallback=fallback)
 
     class _Status:  # hypercorn reports the bound addresses (port 0 resolved) through task_status
         def started(self, binds=None):
@@ -150,7 +149,10 @@ async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None,
             log.info("HTTP API on %s", url)
             task_status.started(url)
 
-    await hypercorn_serve(app, config, task_status=_Status())
+    async with AsyncExitStack() as stack:
+        upstream = await stack.enter_async_context(Upstream.connect(fallback)) if fallback is not None else None
+        app = create_app(peer, api_key=api_key, apps=apps, upstream=upstream)
+        await hypercorn_serve(app, config, task_status=_Status())
 
 
 # --- the application -------------------------------------------------------------------------------
@@ -219,9 +221,8 @@ class _KeyCheck:
 
 
 class Api:
-    def __init__(self, peer: ApiPeer, apps: AppTable | None = None, fallback: FallbackConfig | None = None):
-        self.peer, self.apps = peer, apps
-        self.upstream = Upstream(fallback) if fallback is not None else None
+    def __init__(self, peer: ApiPeer, apps: AppTable | None = None, upstream: Upstream | None = None):
+        self.peer, self.apps, self.upstream = peer, apps, upstream
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -514,8 +515,8 @@ class _GenerationResponse:
 
 
 def create_app(peer: ApiPeer, *, api_key: str | None = None, apps: AppTable | None = None,
-               fallback: FallbackConfig | None = None):
-    api = Api(peer, apps, fallback)
+               upstream: Upstream | None = None):
+    api = Api(peer, apps, upstream)
 
     async def on_api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc)

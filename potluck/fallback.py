@@ -83,21 +83,28 @@ def continuation(what: str, prompt: str | list[dict], partial: str) -> dict:
 
 
 class Upstream:
-    def __init__(self, config: FallbackConfig):
-        self.config = config
+    """The fallback's client; its connections are kept open between answers (`connect`)."""
+
+    def __init__(self, config: FallbackConfig, http: httpx.AsyncClient):
+        self.config, self.http = config, http
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, config: FallbackConfig) -> AsyncIterator["Upstream"]:
+        timeout = httpx.Timeout(config.read_timeout, connect=10.0)
+        async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
+            yield cls(config, http)
 
     @asynccontextmanager
     async def _open(self, path: str, body: dict) -> AsyncIterator[httpx.Response]:
         headers = {"content-type": "application/json", "accept": "text/event-stream", "accept-encoding": "identity"}
         if self.config.key:
             headers["authorization"] = f"Bearer {self.config.key}"
-        timeout = httpx.Timeout(self.config.read_timeout, connect=10.0)
         try:
-            async with httpx.AsyncClient(timeout=timeout, follow_redirects=False) as http:
-                async with http.stream("POST", self.config.url.rstrip("/") + path, json=body, headers=headers) as r:
-                    if r.status_code != 200:
-                        raise FallbackFailed(f"the fallback answered HTTP {r.status_code}: {await _head(r)}")
-                    yield r
+            async with self.http.stream("POST", self.config.url.rstrip("/") + path, json=body, headers=headers) as r:
+                if r.status_code != 200:
+                    raise FallbackFailed(f"the fallback answered HTTP {r.status_code}: {await _head(r)}")
+                yield r
         except httpx.HTTPError as e:
             raise FallbackFailed(f"the fallback {self.config.url} failed: {type(e).__name__}: {e}") from e
 

@@ -184,14 +184,14 @@ async def test_an_upstream_that_floods_is_cut_at_the_line_bound(nursery, monkeyp
     listeners = await nursery.start(trio.serve_tcp, _flood, 0)
     port = listeners[0].socket.getsockname()[1]
     monkeypatch.setattr(fallback, "MAX_LINE_BYTES", 64 << 10)
-    upstream = Upstream(FallbackConfig(f"http://127.0.0.1:{port}/v1", read_timeout=10))
     received: list[str] = []
 
     async def keep(text: str) -> None:
         received.append(text)
 
-    with pytest.raises(FallbackFailed, match="line longer than"):
-        await upstream.answer("chat", "m", {"messages": []}, keep)
+    async with Upstream.connect(FallbackConfig(f"http://127.0.0.1:{port}/v1", read_timeout=10)) as upstream:
+        with pytest.raises(FallbackFailed, match="line longer than"):
+            await upstream.answer("chat", "m", {"messages": []}, keep)
     assert received == []
 
 
