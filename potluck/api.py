@@ -165,6 +165,7 @@ def error_response(err: ApiError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
 
 
+MAX_KEYS_GIVEN = 4  # keys of one request compared with every app's: a URL of a thousand ?key= is not a thousand
 CALLER = "potluck.app"  # the ASGI scope's key for who is asking: an `App`, or None for the operator
 APP_PATHS = ("/v1/", "/api/usage")  # what an app's key opens; the rest (status, credits, dashboard) is the operator's
 
@@ -188,7 +189,7 @@ class _KeyCheck:
         if "x-api-key" in headers:
             given.append(headers["x-api-key"].strip())
         given += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [])
-        return given
+        return given[:MAX_KEYS_GIVEN]
 
     def _caller(self, scope) -> tuple[bool, App | None]:
         """(let in, the app asking or None for the operator)."""

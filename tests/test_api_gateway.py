@@ -267,6 +267,15 @@ async def test_without_apps_usage_is_404_and_any_key_is_taken_as_today(nursery):
         assert (await http.get("/api/usage")).status_code == 404
 
 
+async def test_a_request_offers_at_most_a_few_keys(gateway):
+    """Each key a request offers is compared with every app's: past MAX_KEYS_GIVEN they are not read."""
+    url, _, _ = gateway
+    async with httpx.AsyncClient(base_url=url, timeout=10) as http:
+        wrong = [("key", f"sk-wrong-{i:016d}") for i in range(api.MAX_KEYS_GIVEN)]
+        assert (await http.get("/api/usage", params=wrong + [("key", KEY_A)])).status_code == 401
+        assert (await http.get("/api/usage", params=wrong[1:] + [("key", KEY_A)])).status_code == 200
+
+
 def test_apps_files_are_checked(tmp_path: Path):
     good = tmp_path / "apps.toml"
     good.write_text('[apps.notes]\nkey = "sk-notes-0123456789abcdef"\ntokens_per_minute = 100\n')
