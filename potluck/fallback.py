@@ -67,7 +67,7 @@ def parse_model_map(specs: list[str]) -> dict[str, str]:
 class UpstreamFinished:
     """The end of an upstream answer."""
 
-    model: str  # the upstream's model, as it named it
+    model: str  # the model the upstream was asked for (after --fallback-model)
     finish_reason: str
     prompt_tokens: int | None  # as the upstream counted them (None if it did not say)
     completion_tokens: int | None
