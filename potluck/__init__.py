@@ -8,7 +8,9 @@ Modules (imports go down to pipeline/, credits/, dht/, p2p/; nothing below impor
     memory.py         the peer process gives big freed blocks back to the OS (glibc's mmap threshold)
     generation.py     one generation for every front door: request checks, the typed result, error mapping
     openai_schema.py  the OpenAI wire format: request parsing, response and chunk shapes
-    api.py            the HTTP face: OpenAI-compatible endpoints, /api/status, /api/credits, the dashboard
+    api.py            the HTTP face: OpenAI-compatible endpoints, /api/status, /api/credits, /api/usage, the dashboard
+    apps.py           many applications behind one API: per-app keys, quotas per minute, metering
+    fallback.py       an OpenAI-compatible upstream that answers when the swarm cannot
     swarmview.py      a model's coverage as one peer sees it (replicas, throughput, longest request)
     status.py         `potluck status` / `potluck credits` as tables that fit 80 columns
     chat.py           `potluck chat` in the terminal

@@ -9,6 +9,7 @@
     GET  /api/status             this peer, its server, known peers, coverage, the last request's route
     GET  /api/credits            this peer's credits, its standing as others likely see it, and per known
                                  peer: balance, what we owe each other, standing in this peer's view
+    GET  /api/usage              with --apps: an app's own usage (its key), every app's (the operator)
     GET  /                       the dashboard (potluck/dashboard/: plain HTML + JS, no CDN)
 
 Why hypercorn + Starlette. The peer is one trio program: every task of it lives in one nursery
@@ -37,16 +38,25 @@ Errors use the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
                                (code insufficient_credits; the message says how to earn). Not 429:
                                retrying soon does not help, serving blocks does.
     404 invalid_request_error  unknown model (code model_not_found), unknown path
+    429 requests               an app (--apps) used up a quota; `retry-after` says when to retry
+                               (code rate_limit_exceeded)
     503 server_error           no route covers the model (code no_route, names the missing blocks),
-                               or the swarm failed mid-generation (code generation_failed)
+                               or the swarm failed mid-generation (code generation_failed); with
+                               --fallback the upstream answers instead (potluck/fallback.py)
 In a stream, an error after the first byte arrives as one `data: {"error": ...}` event (the openai
 client raises it), then `data: [DONE]`. 402 and 503 carry `x-should-retry: false` so clients do not
 hammer a swarm that cannot serve them.
 
 Non-standard additions: every completion (and the final chunk of a stream) has a `potluck` field
 with the route, tokens/s and the credits this request spent (what this peer signed for the request's
-own server sessions, listed in `paid`); `/v1/models` entries have `potluck`
-with the coverage.
+own server sessions, listed in `paid`), and `fallback` (true when the fallback answered, wholly or
+from where the swarm stopped); a request with `"potluck": {"receipts": true}` also gets `receipts`,
+the receipts this peer signed to the servers for this answer (hex msgpack, `credits.Receipt.from_list`):
+an application can check their signatures and prices and compare them with the servers' ledgers.
+`/v1/models` entries have `potluck` with the coverage.
+
+Many applications (--apps, potluck/apps.py): each request with an app's key is metered and held to
+its quotas; the operator (the --api-key key, or loopback without a key) sees every app's usage.
 """
 
 from __future__ import annotations
@@ -57,11 +67,13 @@ import ipaddress
 import json
 import logging
 import time
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any, Callable
 from urllib.parse import parse_qs, urlencode
 
+import msgpack
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -69,6 +81,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .apps import App, AppTable
+from .fallback import UPSTREAM_CODES, FallbackConfig, FallbackFailed, Upstream, continuation
 from .generation import ApiPeer, GenerationResult, PreparedGeneration, map_error, prepare, resolve, run
 from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
                             completion_chunk, new_id, parse_json_body, text_completion, usage)
@@ -113,8 +127,8 @@ def check_bind(host: str, api_key: str | None) -> None:
                          "(every request must then send `Authorization: Bearer KEY`)")
 
 
-async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None, *,
-                task_status=trio.TASK_STATUS_IGNORED) -> None:
+async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None, *, apps: AppTable | None = None,
+                fallback: FallbackConfig | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API for `peer` until cancelled; `started` with the base URL (e.g. http://127.0.0.1:8000)."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
@@ -126,7 +140,6 @@ async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None,
     config.errorlog = logging.getLogger("potluck.api.http")
     config.graceful_timeout = 1.0
     config.keep_alive_timeout = 30.0
-    app = create_app(peer, api_key=api_key)
 
     class _Status:  # hypercorn reports the bound addresses (port 0 resolved) through task_status
         def started(self, binds=None):
@@ -136,7 +149,10 @@ async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None,
             log.info("HTTP API on %s", url)
             task_status.started(url)
 
-    await hypercorn_serve(app, config, task_status=_Status())
+    async with AsyncExitStack() as stack:
+        upstream = await stack.enter_async_context(Upstream.connect(fallback)) if fallback is not None else None
+        app = create_app(peer, api_key=api_key, apps=apps, upstream=upstream)
+        await hypercorn_serve(app, config, task_status=_Status())
 
 
 # --- the application -------------------------------------------------------------------------------
@@ -144,17 +160,27 @@ async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None,
 
 def error_response(err: ApiError) -> JSONResponse:
     headers = {} if err.retry else {"x-should-retry": "false"} if err.status >= 429 else {}
+    if err.retry_after is not None:
+        headers = {"retry-after": str(err.retry_after)}
     return JSONResponse(err.body(), status_code=err.status, headers=headers)
+
+
+MAX_KEYS_GIVEN = 4  # keys of one request compared with every app's: a URL of a thousand ?key= is not a thousand
+CALLER = "potluck.app"  # the ASGI scope's key for who is asking: an `App`, or None for the operator
+APP_PATHS = ("/v1/", "/api/usage")  # what an app's key opens; the rest (status, credits, dashboard) is the operator's
 
 
 class _KeyCheck:
     """ASGI middleware: with a key, every HTTP request must carry it (Bearer header, x-api-key, or
-    ?key= for the dashboard's page, which a browser opens without headers)."""
+    ?key= for the dashboard's page, which a browser opens without headers). With apps, an app's key
+    is let in as that app (`scope[CALLER]`); the operator is the --api-key key, or, without one, a
+    request without an app key. An app sees the API and its usage, not the peer's status or credits."""
 
-    def __init__(self, app, key: str | None):
-        self.app, self.key = app, key
+    def __init__(self, app, key: str | None, apps: AppTable | None):
+        self.app, self.key, self.apps = app, key, apps
 
-    def _ok(self, scope) -> bool:
+    @staticmethod
+    def _given(scope) -> list[str]:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         given = []
         auth = headers.get("authorization", "")
@@ -163,21 +189,41 @@ class _KeyCheck:
         if "x-api-key" in headers:
             given.append(headers["x-api-key"].strip())
         given += parse_qs(scope.get("query_string", b"").decode("latin-1")).get("key", [])
-        assert self.key is not None  # checked only with a key
-        return any(hmac.compare_digest(g.encode(), self.key.encode()) for g in given)
+        return given[:MAX_KEYS_GIVEN]
+
+    def _caller(self, scope) -> tuple[bool, App | None]:
+        """(let in, the app asking or None for the operator)."""
+        given = self._given(scope)
+        if self.key is not None and any(hmac.compare_digest(g.encode(), self.key.encode()) for g in given):
+            return True, None
+        if self.apps is None:
+            return self.key is None, None
+        for g in given:
+            app = self.apps.by_key(g)
+            if app is not None:
+                return True, app
+        return self.key is None and not given, None  # (a wrong key is not taken for the operator)
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] == "http" and self.key is not None and not self._ok(scope):
-            err = ApiError(401, "Missing or wrong API key: send `Authorization: Bearer KEY` with the key this peer "
-                                "was started with (--api-key).", code="invalid_api_key")
-            await error_response(err)(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            allowed, scope[CALLER] = self._caller(scope)
+            if not allowed:
+                which = "an app's key (--apps) or " if self.apps is not None else ""
+                err = ApiError(401, f"Missing or wrong API key: send `Authorization: Bearer KEY` with {which}the key "
+                                    "this peer was started with (--api-key).", code="invalid_api_key")
+                await error_response(err)(scope, receive, send)
+                return
+            if scope[CALLER] is not None and not scope["path"].startswith(APP_PATHS):
+                err = ApiError(403, f"An app's key opens the OpenAI API and /api/usage; {scope['path'][:100]} is the "
+                                    "operator's.", code="operator_only")
+                await error_response(err)(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 
 class Api:
-    def __init__(self, peer: ApiPeer):
-        self.peer = peer
+    def __init__(self, peer: ApiPeer, apps: AppTable | None = None, upstream: Upstream | None = None):
+        self.peer, self.apps, self.upstream = peer, apps, upstream
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -219,6 +265,12 @@ class Api:
     async def credits(self, request: Request) -> Response:
         return JSONResponse(await self.peer.credits())
 
+    async def usage(self, request: Request) -> Response:
+        if self.apps is None:
+            raise ApiError(404, "This peer serves no apps (start it with --apps FILE to meter them).",
+                           code="no_apps")
+        return JSONResponse(self.apps.usage(request.scope.get(CALLER)))
+
     async def dashboard(self, request: Request) -> Response:
         name = request.path_params.get("name", "index.html")
         if name not in DASHBOARD_FILES:
@@ -238,19 +290,45 @@ class Api:
 
     async def _generate(self, request: Request, kind: type[ChatRequest] | type[CompletionRequest],
                         what: str) -> _GenerationResponse:
-        req = kind.parse(await self.body_json(request))
-        prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
-        job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given)
-        return _GenerationResponse(self.peer, job, req, what)
+        caller: App | None = request.scope.get(CALLER)
+        if caller is not None and self.apps is not None:
+            self.apps.admit(caller)
+        try:
+            req = kind.parse(await self.body_json(request))
+            prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
+            try:
+                job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given)
+            except ApiError as e:
+                if self.upstream is None or e.code not in UPSTREAM_CODES:
+                    raise
+                return _GenerationResponse(self, req, what, await resolve(self.peer, req.model), caller, swarm_error=e)
+        except ApiError:
+            if caller is not None and self.apps is not None:
+                self.apps.record_failure(caller)
+            raise
+        return _GenerationResponse(self, req, what, job.model, caller, job=job)
+
+
+@dataclass(frozen=True)
+class _FallbackAnswer:
+    """How an answer through the fallback ended: what the response's last chunk says."""
+
+    finish_reason: str
+    use: dict
+    extra: dict
 
 
 class _GenerationResponse:
     """An ASGI response that runs the generation: non-streamed JSON, or SSE chunks. The generation,
-    the writer and a watcher of `http.disconnect` share one nursery; a disconnect cancels it."""
+    the writer and a watcher of `http.disconnect` share one nursery; a disconnect cancels it. When
+    the swarm cannot answer (`swarm_error` before it starts, or a failure on the way) and a fallback
+    is configured, the fallback writes the rest of the answer."""
 
-    def __init__(self, peer: ApiPeer, job: PreparedGeneration, req: GenerationRequest, what: str):
-        self.peer, self.job, self.req, self.what = peer, job, req, what
-        self.model = job.model
+    def __init__(self, api: Api, req: GenerationRequest, what: str, model: dict, caller: App | None, *,
+                 job: PreparedGeneration | None = None, swarm_error: ApiError | None = None):
+        self.peer, self.apps, self.upstream = api.peer, api.apps, api.upstream
+        self.req, self.what, self.model, self.caller = req, what, model, caller
+        self.job, self.swarm_error = job, swarm_error
         self.rid = new_id("chatcmpl" if what == "chat" else "cmpl")
         self.created = int(time.time())
 
@@ -275,27 +353,108 @@ class _GenerationResponse:
                 return
 
     async def _produce(self, ch: trio.MemorySendChannel) -> None:
-        """Run the generation, sending ("text", str) ..., then ("done", GenerationResult) or ("error", ApiError)."""
+        """Run the generation, sending ("text", str) ..., then ("done", GenerationResult),
+        ("fallback", _FallbackAnswer) or ("error", ApiError)."""
         async with ch:
+            written: list[str] = []
             try:
+                if self.job is None:
+                    assert self.swarm_error is not None  # one or the other
+                    raise self.swarm_error
                 async with aclosing(run(self.peer, self.job, source="api")) as pieces:
                     async for piece in pieces:
                         if isinstance(piece, GenerationResult):
+                            self._meter(len(self.job.ids), len(piece.generation.token_ids), piece.credits_spent,
+                                        fallback=False)
                             await ch.send(("done", piece))
                         else:
+                            written.append(piece)
                             await ch.send(("text", piece))
             except Exception as e:  # every failure becomes an answer, never a crashed connection
-                await ch.send(("error", map_error(e)))
+                error = map_error(e)
+                if self.upstream is not None and error.code in UPSTREAM_CODES and self._prompt_text() is not None:
+                    await self._fall_back(ch, self.upstream, error, written)
+                    return
+                self._meter_failure()
+                await ch.send(("error", error))
+
+    def _prompt_text(self) -> str | list[dict] | None:
+        """The prompt as an upstream can take it: text or messages (token ids are this model's own)."""
+        prompt = self.req.messages if isinstance(self.req, ChatRequest) else getattr(self.req, "prompt", None)
+        if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and isinstance(prompt[0], dict)):
+            return prompt
+        return None
+
+    async def _fall_back(self, ch: trio.MemorySendChannel, upstream: Upstream, error: ApiError,
+                         written: list[str]) -> None:
+        """The rest of the answer (all of it when the swarm wrote nothing) through the fallback."""
+        prompt = self._prompt_text()
+        assert prompt is not None  # checked by the caller
+        log.info("the swarm cannot answer (%s): asking the fallback after %d pieces", error.code, len(written))
+        params = self.req.params
+        request: dict[str, Any] = {**continuation(self.what, prompt, "".join(written)),
+                                   "max_tokens": max(1, params.max_new_tokens - len(written)),
+                                   "temperature": params.temperature, "top_p": params.top_p}
+        if params.seed is not None:
+            request["seed"] = params.seed
+        if params.stop:
+            request["stop"] = list(params.stop)
+        pieces_after = 0
+
+        async def write(text: str) -> None:
+            nonlocal pieces_after
+            pieces_after += 1
+            await ch.send(("text", text))
+
+        try:
+            end = await upstream.answer(self.what, self.model["name"], request, write)
+        except FallbackFailed as e:
+            self._meter_failure()
+            await ch.send(("error", ApiError(error.status, f"{error.message} The fallback failed too: {e}",
+                                             type=error.type, code=error.code)))
+            return
+        prompt_tokens = len(self.job.ids) if self.job is not None else end.prompt_tokens or 0
+        completion = len(written) + (end.completion_tokens if end.completion_tokens is not None else pieces_after)
+        extra = {"fallback": True, "fallback_model": end.model, "swarm_error": error.code,
+                 "swarm_pieces": len(written), "route": [], "paid": [], "model_id": self.model["model_id"],
+                 # nothing through the fallback costs credits; what a swarm part cost before it failed
+                 # is in the ledger (this answer does not know it)
+                 "credits_spent": 0.0 if not written else None}
+        if self.req.receipts:
+            extra["receipts"] = []
+        self.peer.last_generation = {**extra, "tokens": completion, "prompt_tokens": prompt_tokens,
+                                     "finish_reason": end.finish_reason, "source": "api"}
+        self._meter(prompt_tokens, completion, 0.0, fallback=True)
+        await ch.send(("fallback", _FallbackAnswer(end.finish_reason, usage(prompt_tokens, completion), extra)))
+
+    def _meter(self, prompt_tokens: int, completion_tokens: int, credits_spent: float, *, fallback: bool) -> None:
+        if self.caller is not None and self.apps is not None:
+            self.apps.record(self.caller, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                             credits_spent=credits_spent, fallback=fallback)
+
+    def _meter_failure(self) -> None:
+        if self.caller is not None and self.apps is not None:
+            self.apps.record_failure(self.caller)
 
     def _usage(self, result: GenerationResult) -> dict:
+        assert self.job is not None  # a swarm's result has its job
         return usage(len(self.job.ids), len(result.generation.token_ids))
 
-    @staticmethod
-    def _extra(result: GenerationResult) -> dict:
+    def _extra(self, result: GenerationResult) -> dict:
         """The answer's `potluck` field."""
         summary = result.summary()
-        return {k: summary[k] for k in ("route", "tokens_per_s", "ttft_s", "wall_s", "credits_spent", "paid",
-                                        "recoveries", "model_id")}
+        extra = {k: summary[k] for k in ("route", "tokens_per_s", "ttft_s", "wall_s", "credits_spent", "paid",
+                                         "recoveries", "model_id")}
+        extra["fallback"] = False
+        if self.req.receipts:
+            extra["receipts"] = [msgpack.packb(r.to_list(), use_bin_type=True).hex() for r in result.generation.paid]
+        return extra
+
+    def _ending(self, value: GenerationResult | _FallbackAnswer) -> tuple[str, dict, dict]:
+        """(finish_reason, usage, potluck field) of a finished answer."""
+        if isinstance(value, _FallbackAnswer):
+            return value.finish_reason, value.use, value.extra
+        return value.generation.finish_reason, self._usage(value), self._extra(value)
 
     async def _write_whole(self, recv: trio.MemoryReceiveChannel, send) -> None:
         parts = []
@@ -306,9 +465,9 @@ class _GenerationResponse:
                 await error_response(value)(self.scope, self.receive, send)
                 return
             else:
+                finish_reason, use, extra = self._ending(value)
                 make = chat_completion if self.what == "chat" else text_completion
-                body = make(self.rid, self.model["name"], "".join(parts), value.generation.finish_reason,
-                            self._usage(value), self._extra(value))
+                body = make(self.rid, self.model["name"], "".join(parts), finish_reason, use, extra)
                 await JSONResponse(body)(self.scope, self.receive, send)
                 return
 
@@ -347,17 +506,18 @@ class _GenerationResponse:
             if kind == "text":
                 await event(self._chunk(delta={"content": value}))
             else:
-                await event(self._chunk(delta={}, finish_reason=value.generation.finish_reason,
-                                        extra=self._extra(value)))
+                finish_reason, use, extra = self._ending(value)
+                await event(self._chunk(delta={}, finish_reason=finish_reason, extra=extra))
                 if self.req.include_usage:
-                    await event(self._chunk(no_choices=True, use=self._usage(value)))
+                    await event(self._chunk(no_choices=True, use=use))
                 break
         await event("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
-def create_app(peer: ApiPeer, *, api_key: str | None = None):
-    api = Api(peer)
+def create_app(peer: ApiPeer, *, api_key: str | None = None, apps: AppTable | None = None,
+               upstream: Upstream | None = None):
+    api = Api(peer, apps, upstream)
 
     async def on_api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc)
@@ -385,9 +545,10 @@ def create_app(peer: ApiPeer, *, api_key: str | None = None):
         Route("/v1/completions", api.completions, methods=["POST"]),
         Route("/api/status", api.status, methods=["GET"]),
         Route("/api/credits", api.credits, methods=["GET"]),
+        Route("/api/usage", api.usage, methods=["GET"]),
     ]
     # Starlette types every handler as taking any Exception; each of ours takes the class it is registered for
     handlers: dict[Any, Callable[..., Any]] = {ApiError: on_api_error, HTTPException: on_http_error,
                                                Exception: on_error}
     app = Starlette(routes=routes, exception_handlers=handlers)
-    return _KeyCheck(app, api_key)
+    return _KeyCheck(app, api_key, apps)

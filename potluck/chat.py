@@ -111,7 +111,10 @@ def stats_line(prompt_tokens: int | None, tokens: int, wall: float, extra: dict 
              f"{tps:.1f} tok/s"]
     if extra.get("ttft_s") is not None:
         parts.append(f"first token {extra['ttft_s']:.2f} s")
-    parts.append(f"{extra.get('credits_spent', 0.0):,.1f} credits spent")
+    if extra.get("fallback"):
+        parts.append(f"answered by the fallback ({extra.get('fallback_model')}): no credits")
+    else:
+        parts.append(f"{extra.get('credits_spent', 0.0):,.1f} credits spent")
     route = extra.get("route") or []
     if route:
         parts.append("route " + " → ".join(f"{h['start']}-{h['end'] - 1} {_short(h['peer_id'])}" for h in route))

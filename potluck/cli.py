@@ -113,6 +113,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POTLUCK_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every HTTP request (needed for a non-loopback "
                         "--api; default $POTLUCK_API_KEY)")
+    p.add_argument("--apps", type=Path, metavar="FILE",
+                   help="serve many applications: a TOML/JSON table of apps with their API keys and quotas per "
+                        "minute (tokens, credits); each is metered, refused with 429 past a quota, and sees its "
+                        "usage at /api/usage")
+    p.add_argument("--fallback", metavar="URL",
+                   help="an OpenAI-compatible API (its base URL, e.g. https://host/v1) that answers when the swarm "
+                        "cannot (no route, or a failure mid-answer); such answers are marked and cost no credits")
+    p.add_argument("--fallback-key-env", metavar="VAR",
+                   help="the environment variable that holds the fallback's API key")
+    p.add_argument("--fallback-model", action="append", default=[], metavar="NAME|OURS=NAME",
+                   help="the fallback's model for every request, or for one of ours (repeatable; default: the "
+                        "request's model name)")
     _limit_args(p)
 
     p = sub.add_parser("chat", help="chat in the terminal through the running peer's API (or a fresh peer)")
@@ -168,6 +180,25 @@ def _credit_policy(args: argparse.Namespace):
     return CreditPolicy(starting_grant=grant, debt_limit=debt)  # ValueError (exit 2) when negative
 
 
+def _api_gateway(args: argparse.Namespace):
+    """(the AppTable of --apps, the FallbackConfig of --fallback), each None when not asked for."""
+    from .apps import load_apps
+    from .fallback import FallbackConfig, parse_model_map
+
+    if (args.apps or args.fallback) and args.api is None:
+        raise ValueError("--apps and --fallback are the HTTP API's: give --api HOST:PORT too")
+    if (args.fallback_key_env or args.fallback_model) and not args.fallback:
+        raise ValueError("--fallback-key-env and --fallback-model need --fallback URL")
+    key = None
+    if args.fallback_key_env:
+        key = os.environ.get(args.fallback_key_env)
+        if not key:
+            raise ValueError(f"--fallback-key-env {args.fallback_key_env}: that environment variable is not set")
+    fallback = (FallbackConfig(args.fallback, key=key, models=parse_model_map(args.fallback_model))
+                if args.fallback else None)
+    return (load_apps(args.apps) if args.apps else None), fallback
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from .startup import check_listen, check_peer_addr, check_port_free
 
@@ -198,6 +229,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--cache-mb wants a positive number of MiB")
     if args.spot_check_fraction is not None and not 0.0 <= args.spot_check_fraction <= 1.0:
         raise ValueError("--spot-check-fraction wants a number in [0, 1]")
+    apps, fallback = _api_gateway(args)
     config = PeerConfig(
         data_dir=args.data_dir,
         listen=listen,
@@ -214,6 +246,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         credit_policy=_credit_policy(args),
         api=args.api,
         api_key=args.api_key,
+        apps=apps,
+        fallback=fallback,
         limits=peer_limits(args),
     )
     if args.threads:

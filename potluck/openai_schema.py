@@ -6,7 +6,8 @@ raises `ApiError` naming the field, which the API answers as OpenAI does:
     HTTP 4xx/5xx  {"error": {"message": "...", "type": "invalid_request_error", "param": "top_p", "code": "..."}}
 
 Fields we take: model, messages | prompt, max_tokens (or max_completion_tokens), temperature,
-top_p, seed, stop, stream, stream_options.include_usage, n (= 1 only), and the penalties,
+top_p, seed, stop, stream, stream_options.include_usage, n (= 1 only), potluck.receipts (ours: the
+answer carries the signed receipts it was charged by), and the penalties,
 logprobs, tools / tool_choice / functions and response_format only at their neutral values (we do
 not implement them, and say so rather than ignore them). Other fields (user, metadata, ...) are
 ignored, like OpenAI's servers ignore what they do not use.
@@ -39,9 +40,10 @@ class ApiError(Exception):
     """An error answered in the OpenAI shape with an HTTP status."""
 
     def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, retry: bool = False):
+                 code: str | None = None, retry: bool = False, retry_after: int | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.retry = status, message, type, param, code, retry
+        self.retry_after = retry_after  # seconds (a 429 past an app's quota): a retry then may succeed
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -119,6 +121,7 @@ class GenerationRequest:
     stream: bool = False
     include_usage: bool = False
     max_tokens_given: bool = False
+    receipts: bool = False  # `"potluck": {"receipts": true}`: the answer carries its signed receipts
 
     @staticmethod
     def _common(body: Any, max_tokens_limit: int) -> dict:
@@ -163,6 +166,12 @@ class GenerationRequest:
         _neutral(body, "echo", False)
         _neutral(body, "suffix", None)
         _free_text_only(body)
+        extensions = body.get("potluck") or {}
+        if not isinstance(extensions, dict):
+            raise bad("potluck", "'potluck' must be an object", "invalid_type")
+        receipts = extensions.get("receipts", False)
+        if not isinstance(receipts, bool):
+            raise bad("potluck", "'potluck.receipts' must be true or false", "invalid_type")
         if seed is not None:
             seed %= 1 << 63  # torch generators take non-negative seeds
         from pipeline.sampling import SamplingParams  # (torch: imported when a request comes, not with the CLI)
@@ -170,7 +179,7 @@ class GenerationRequest:
         # OpenAI's default temperature is 1 (sampling); temperature 0 is greedy here.
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         return dict(model=model, params=params, stream=stream, include_usage=include_usage,
-                    max_tokens_given=given is not None)
+                    max_tokens_given=given is not None, receipts=receipts)
 
 
 @dataclass

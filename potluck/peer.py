@@ -14,11 +14,13 @@ status`, `/api/status`, `/v1/models`) from the servers' announcements: the DHT's
 gossip notes it receives.
 
 With `--api HOST:PORT`, the same nursery also runs the OpenAI-compatible HTTP API and the dashboard
-(potluck/api.py); a non-loopback address needs `--api-key`.
+(potluck/api.py); a non-loopback address needs `--api-key`. `--apps` and `--fallback` are the API's
+(potluck/apps.py, potluck/fallback.py).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import signal
@@ -56,6 +58,8 @@ from pipeline.server import BlockServer, ServerConfig, parse_blocks
 from pipeline.spotcheck import SpotCheckConfig
 
 from . import control, generation, memory
+from .apps import AppTable
+from .fallback import FallbackConfig
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
 
@@ -102,6 +106,8 @@ class PeerConfig:
     credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
+    apps: AppTable | None = None  # --apps: the applications the API serves, their keys and quotas
+    fallback: FallbackConfig | None = None  # --fallback: the upstream that answers when the swarm cannot
     limits: PeerLimits = PeerLimits()
 
 
@@ -415,7 +421,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
 
                     host, port = api.parse_hostport(config.api)
                     api.check_bind(host, config.api_key)
-                    peer.api_url = await nursery.start(api.serve, peer, host, port, config.api_key)
+                    peer.api_url = await nursery.start(functools.partial(
+                        api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback))
                 nursery.start_soon(peer._presence_loop)
                 if on_ready:
                     on_ready(peer)
