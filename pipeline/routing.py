@@ -269,7 +269,7 @@ class SequenceManager:
         announcement claims (span, throughput) cannot tell an honest stranger from a Sybil."""
         avoid = self._avoid(())
         usable = [s for s in self.servers if s.online and s.peer_id not in avoid and s.start < end and s.end > start]
-        covered = set()
+        covered: set[int] = set()
         for s in usable:
             if self.verified(s.peer_id) or (self.local_blocks and s.peer_id == self.me):
                 covered.update(range(max(s.start, start), min(s.end, end)))
