@@ -15,7 +15,7 @@ from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from pipeline.announce import AnnouncementValidator, ServerInfo, announce_key
 from pipeline.protocol import ANNOUNCE_NAMESPACE
-from pipeline.routing import find_route
+from pipeline.routing import RoutingConfig, find_route
 from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
@@ -129,4 +129,16 @@ async def test_honest_generations_succeed_among_hundreds_of_fake_announcements(l
                 figures[f"{name}_s_per_generation"] = round((time.monotonic() - t0) / 3, 2)
                 figures[f"{name}_dials_failed"] = model.sequence.dials_failed
                 assert sum(i.decode_tps == 1e6 for i in model.sequence.servers) >= 200  # it read the fakes
+            # one that neither probes nor gets a head start from RTTs (every fake looks cheaper than the
+            # live servers): it opens fakes one after another, each a dial spent but no retry of its 0
+            blind = await s.client(probe_width=0, max_recoveries=0)
+            blind.sequence.config = RoutingConfig(default_rtt=0.0)
+            await blind.sequence.refresh(force=True)
+            network = s.clients[-1].network
+            for peer in network.connected_peers():
+                await network.disconnect(peer)
+            g = await blind.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+            assert g.token_ids == want
+            assert blind.sequence.dials_failed > 0 and not blind.sequence.banned()
+            figures["blind_dials_failed"] = blind.sequence.dials_failed
             print(figures)
