@@ -18,7 +18,8 @@ and time (bench/hostile.py holds what the hostile tests send too):
     gossip_flood           one author publishing many signed messages
     presence_sybils        many fresh identities, one presence note each
     nested_json            deeply nested JSON bodies to the victim's HTTP API
-    announcement_squatting many subkeys on the model's announcement record (one key; Sybil keys)
+    announcement_squatting many subkeys on the model's announcement record (one key; Sybil keys announcing
+                           dead addresses), then new users' clients generating among the fakes
 
 For each: the victim's RSS before, peak and after (VmRSS, sampled every 50 ms) and `rss_growth_mb`
 (peak - before), `alive`, the honest client's success and median latency just before and during the
@@ -73,7 +74,7 @@ from pipeline.announce import ServerInfo, announce_key
 from pipeline.billing import ClientBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.config import ModelConfig
-from pipeline.errors import InsufficientCredit
+from pipeline.errors import GenerationFailed, InsufficientCredit, Refused
 from pipeline.identity import model_id as model_id_of
 from pipeline.loading import ModelFolder
 from pipeline.pricing import ModelPricing
@@ -161,6 +162,17 @@ class Generation:
     started: float
     latency: float
     ok: bool
+    error: str | None = None  # the API's error code (or the HTTP error's type) when not ok
+
+
+def api_error_code(reply: httpx.Response) -> str | None:
+    """The error code of an API error reply (the OpenAI shape), if it has one."""
+    try:
+        body = reply.json()
+    except ValueError:
+        return None
+    error = body.get("error") if isinstance(body, dict) else None
+    return error.get("code") if isinstance(error, dict) else None
 
 
 class HonestClient(threading.Thread):
@@ -176,12 +188,15 @@ class HonestClient(threading.Thread):
         with httpx.Client(base_url=self.api_url, timeout=self.timeout) as http:
             while not self.stopped.is_set():
                 started = time.monotonic()
+                error = None
                 try:
                     reply = http.post("/v1/completions", json=self.body)
                     ok = reply.status_code == 200 and reply.json()["usage"]["completion_tokens"] > 0
-                except httpx.HTTPError:
-                    ok = False
-                self.done.append(Generation(started, time.monotonic() - started, ok))
+                    if not ok:
+                        error = f"{reply.status_code} {api_error_code(reply)}"
+                except httpx.HTTPError as e:
+                    ok, error = False, type(e).__name__
+                self.done.append(Generation(started, time.monotonic() - started, ok, error))
 
     def window(self, t0: float, t1: float, *, overlapping: bool = False) -> dict:
         """The generations started in [t0, t1) (or, `overlapping`, under way at some time in it): how
@@ -189,8 +204,13 @@ class HonestClient(threading.Thread):
         gens = [g for g in list(self.done)
                 if (g.started < t1 and g.started + g.latency > t0 if overlapping else t0 <= g.started < t1)]
         ok = [g.latency for g in gens if g.ok]
+        errors: dict[str, int] = {}
+        for g in gens:
+            if g.error is not None:
+                errors[g.error] = errors.get(g.error, 0) + 1
         return {"generations": len(gens), "success": len(ok) / len(gens) if gens else None,
-                "median_latency_ms": round(statistics.median(ok) * 1000, 1) if ok else None}
+                "median_latency_ms": round(statistics.median(ok) * 1000, 1) if ok else None,
+                **({"errors": errors} if errors else {})}
 
 
 # --- the victim, as the attacks see it --------------------------------------------------------------
@@ -361,10 +381,48 @@ async def dht_store_flood(target: Target) -> Outcome:
     return Outcome({"records_sent": sent, "records_stored": stored}, {"records_stored": StoreLimits().owner_values})
 
 
+async def fresh_client(target: Target, *, cold: bool, generations: int = 3) -> dict:
+    """A new user's client (a fresh key, its DHT bootstrapped from the victim) generating a few short
+    completions; `cold`: it has read the announcements but holds no connection to any server, so it
+    must find the live one among whatever else is announced. Success, latency, first contacts that
+    failed (dials spent on dead addresses) and servers banned (faults)."""
+    identity = Identity.generate()
+    ledger = Ledger.open(identity, None, pricing=target.pricing, policy=target.policy)
+    prompt = [random.randrange(3, target.config.vocab_size) for _ in range(4)]
+    latencies: list[float] = []
+    failures: list[str] = []
+    try:
+        async with stranger(target, identity) as net, trio.open_nursery() as nursery:
+            dht = DHTNode(net, bootstrap=[target.addr], client_mode=True, config=DHTConfig(request_timeout=5.0))
+            await nursery.start(dht.run)
+            model = await DistributedModel.from_pretrained(
+                target.folder, net, dht, model_id=target.model_id,
+                config=ClientConfig(billing=ClientBilling(ledger), spot_check=None, step_timeout=10.0))
+            announced = len(await model.sequence.refresh(force=True))
+            if cold:
+                for peer in net.connected_peers():
+                    await net.disconnect(peer)
+            for _ in range(generations):  # 4 + 4 tokens each: within a new key's debt allowance
+                t0 = trio.current_time()
+                try:
+                    await model.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+                    latencies.append(trio.current_time() - t0)
+                except (GenerationFailed, Refused) as e:
+                    failures.append(type(e).__name__)
+            nursery.cancel_scope.cancel()
+    finally:
+        ledger.store.close()
+    return {"generations": generations, "succeeded": len(latencies), "failures": failures,
+            "median_latency_ms": round(statistics.median(latencies) * 1000, 1) if latencies else None,
+            "announcements_read": announced, "dials_failed": model.sequence.dials_failed,
+            "servers_banned": len(model.sequence.banned())}
+
+
 async def announcement_squatting(target: Target) -> Outcome:
     """One key storing many subkeys of the model's announcement record, then many fresh keys each
-    announcing a fake server of every block at an address where nothing listens. The fakes expire
-    soon after the attack (they are the last thing this bench does to the record)."""
+    announcing a fake server of every block, with more throughput than the victim's, at an address
+    where nothing listens; then new users' clients generate (one connected to the victim, one cold).
+    The fakes expire soon after the attack (they are the last thing this bench does to the record)."""
     key = announce_key(target.model_id)
     sizes = target.sizes
 
@@ -373,31 +431,40 @@ async def announcement_squatting(target: Target) -> Outcome:
                           addr=f"/ip4/127.0.0.1/tcp/1/p2p/{identity.peer_id}", num_blocks=target.blocks,
                           model_name=target.folder.name).to_value()
 
+    baseline = await fresh_client(target, cold=False)
     one = Identity.generate()
     by_one = by_sybils = sybils_sent = 0
     async with stranger(target, one) as net:
         with trio.move_on_after(sizes.seconds):
             for i in range(sizes.squat_subkeys):
                 now = net.now()
-                entry = SignedValue.create(one, key, fake(one, now), now + sizes.seconds + 5, suffix=f"s{i}" if i else "")
+                entry = SignedValue.create(one, key, fake(one, now), now + sizes.seconds + 60, suffix=f"s{i}" if i else "")
                 by_one += await _store(net, target, key, [entry])
 
             async def sybil(i: int) -> None:
                 nonlocal by_sybils, sybils_sent
                 identity, now = Identity.generate(), net.now()
-                entry = SignedValue.create(identity, key, fake(identity, now), now + sizes.seconds + 5)
+                entry = SignedValue.create(identity, key, fake(identity, now), now + sizes.seconds + 60)
                 took = await _store(net, target, key, [entry])
                 by_sybils, sybils_sent = by_sybils + took, sybils_sent + 1
 
             await in_parallel(8, sybil, sizes.sybil_announcements)
     held = await target.call_with("dht_get", key=key)  # the victim's own store answers first
+    connected = await fresh_client(target, cold=False)
+    cold = await fresh_client(target, cold=True)
+    failed = sum(c["generations"] - c["succeeded"] for c in (connected, cold))
     return Outcome({"subkeys_one_identity": by_one, "sybil_announcements_sent": sybils_sent,
                     "sybil_stores_accepted": by_sybils, "record_entries": len(held),
-                    "victims_own_announcement_evicted": int(target.peer_id not in held)},
-                   {"subkeys_one_identity": 1, "record_entries": StoreLimits().max_subkeys},  # one: bare peer id
-                   # a full record takes a new owner's entry in place of the soonest-expiring one of an
-                   # owner holding the most: with one entry per Sybil, that may be an honest server's
-                   {"max_subkeys": StoreLimits().max_subkeys})
+                    "victims_own_announcement_evicted": int(target.peer_id not in held),
+                    "new_user_generations_failed": failed,
+                    "new_user_dials_failed": connected["dials_failed"] + cold["dials_failed"]},
+                   {"subkeys_one_identity": 1, "record_entries": StoreLimits().max_subkeys,  # one: bare peer id
+                    # a full record takes a new owner's entry in place of the newest of an owner holding
+                    # the most: with one entry per Sybil, another Sybil's, never one held before the flood
+                    "victims_own_announcement_evicted": 0,
+                    "new_user_generations_failed": 0},
+                   {"max_subkeys": StoreLimits().max_subkeys,
+                    "new_user_before": baseline, "new_user_connected": connected, "new_user_cold": cold})
 
 
 async def credit_chain_flood(target: Target) -> Outcome:
@@ -464,7 +531,8 @@ async def kv_cache_hog(target: Target) -> Outcome:
     return Outcome({"sessions_opened": opened, "sessions_refused": refused, "streams_refused": streams_refused,
                     "cache_bytes_held": held_peak},
                    {"sessions_opened": int(config.cache_share * config.max_sessions),
-                    "cache_bytes_held": int(config.cache_share * target.cache_budget) + honest},
+                    "cache_bytes_held": min(int(config.cache_share * target.cache_budget),
+                                            config.stranger_cache_bytes) + honest},
                    {"cache_budget_bytes": target.cache_budget})
 
 

@@ -200,15 +200,19 @@ class _Usage:
 class RecordStore:
     """A node's local records. `put` validates and enforces `StoreLimits`; `get` drops what has expired.
 
-    When a record is full, a new subkey may take the place of the soonest-expiring entry of the owner
-    holding the most entries in that record, if its own owner holds fewer: the record is shared
-    out by owner, so squatting many subkeys cannot lock a new owner out."""
+    When a record is full, a new subkey may take the place of the entry that arrived last among those
+    of the owners holding the most entries in that record, if its own owner holds fewer: the record
+    is shared out by owner, so squatting many subkeys cannot lock a new owner out, and entries held
+    longest stay (as Kademlia keeps its oldest contacts), so a flood of fresh identities, whatever
+    their TTL, churns among itself instead of pushing out the servers that were there before it."""
 
     def __init__(self, validators: Validators | None = None, limits: StoreLimits | None = None):
         self.validators = validators or Validators()
         self.limits = limits or StoreLimits()
         self._records: dict[str, dict[str, SignedValue]] = {}
         self._senders: dict[tuple[str, str], str] = {}  # (key, subkey) -> peer that sent the held entry
+        self._arrival: dict[tuple[str, str], int] = {}  # (key, subkey) -> when it first came (a count; kept on updates)
+        self._arrivals = 0
         self._total = _Usage()
         self._by_owner: dict[str, _Usage] = {}
         self._by_sender: dict[str, _Usage] = {}
@@ -243,11 +247,16 @@ class RecordStore:
             self._next_prune = now + 1.0  # expired entries count until pruned: prune, once a second at most
             self.prune(now)
             self._check_room(entry, sender, current)
+        arrival = self._arrival.get((entry.key, entry.subkey))
         if current is None:
             self._make_room(entry, now)
         else:
             self._drop(entry.key, entry.subkey)
         self._hold(entry, sender)
+        if arrival is None:
+            self._arrivals += 1
+            arrival = self._arrivals
+        self._arrival[(entry.key, entry.subkey)] = arrival
         return True
 
     def _check_room(self, entry: SignedValue, sender: str | None, replacing: SignedValue | None) -> None:
@@ -289,7 +298,8 @@ class RecordStore:
         most = max(counts.values())
         if mine >= most:
             raise StoreRefused(f"record {entry.key[:60]!r} is full and no owner there holds more subkeys than this one")
-        victim = min((e for e in record.values() if counts[e.owner] == most), key=lambda e: (e.expires, e.subkey))
+        victim = max((e for e in record.values() if counts[e.owner] == most),
+                     key=lambda e: self._arrival[(e.key, e.subkey)])
         self._drop(entry.key, victim.subkey)
 
     def _hold(self, entry: SignedValue, sender: str | None) -> None:
@@ -309,13 +319,17 @@ class RecordStore:
         size = entry_bytes(entry)
         self._total.add(-1, -size)
         _release(self._by_owner, entry.owner, size)
+        self._arrival.pop((key, subkey), None)
         sender = self._senders.pop((key, subkey), None)
         if sender is not None:
             _release(self._by_sender, sender, size)
 
     def get(self, key: str, now: float) -> dict[str, SignedValue]:
+        """The record's current entries, those held longest first (a reply carries only the first
+        `protocol.MAX_ENTRIES`: a flood of newcomers cannot crowd out the entries that were there before)."""
         self._prune_record(key, now)
-        return dict(self._records.get(key, {}))
+        record = self._records.get(key, {})
+        return {subkey: record[subkey] for subkey in sorted(record, key=lambda s: self._arrival[(key, s)])}
 
     def _prune_record(self, key: str, now: float) -> None:
         record = self._records.get(key)

@@ -60,6 +60,7 @@ from p2p.errors import FrameError, P2PError, StreamClosed
 from p2p.network import Network
 
 from . import protocol as proto
+from .announce import ServerInfo
 from .billing import ClientBilling
 from .directory import SwarmDirectory
 from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
@@ -83,7 +84,9 @@ class WrongOutput(P2PError):
 class ClientConfig:
     step_timeout: float = 30.0
     open_timeout: float = 10.0
-    max_recoveries: int = 8  # per step
+    dial_timeout: float = 3.0  # a first contact's dial: an announced address may be dead
+    probe_width: int = 32  # never-contacted servers dialled at once while routing
+    max_recoveries: int = 8  # per step (failed first contacts do not count while other servers remain)
     push: bool = False  # server-to-server forwarding of activations
     billing: ClientBilling | None = None  # receipts, spends, disputes
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
@@ -230,13 +233,16 @@ class InferenceSession:
     async def _open_route(self, start: int, end: int) -> list[Hop]:
         """Route [start, end) and open every hop. A server that faults is banned and the route built
         again; one that refuses is left out of this route only (no ban); when no route is left after
-        refusals, the most useful refusal is raised (see `_telling`)."""
+        refusals, the most useful refusal is raised (see `_telling`). Servers never reached are dialled
+        first (`_probe`); one that cannot be reached or opened is left out a while (not a fault: an
+        announcement is no proof that anything listens)."""
         seq = self.model.sequence
         last: BaseException | None = None
         retried: set[str] = set()
         refusals: dict[str, Refused] = {}  # peer → its refusal, for this route only
         faults = 0
         while faults <= self.model.client_config.max_recoveries:
+            await self._probe(start, end)
             try:
                 route = await seq.route(start, end, need_cache_tokens=self.max_length, exclude=refusals.keys())
             except NoRoute as e:
@@ -248,6 +254,7 @@ class InferenceSession:
                 for r in route:
                     info = seq.server(r.peer_id)
                     hops.append(await self.open_hop(r, info.addr if info else None))
+                    seq.note_reached(r.peer_id)
                 self.stats.servers.extend(self.route_of(hops))
                 return hops
             except Refused as e:
@@ -258,7 +265,6 @@ class InferenceSession:
                 refusals[route[len(hops)].peer_id] = e
             except (P2PError, trio.TooSlowError) as e:
                 last = e
-                faults += 1
                 bad = route[len(hops)].peer_id
                 for h in hops:
                     await self.close_hop(h)
@@ -267,9 +273,35 @@ class InferenceSession:
                     # peer's first dial racing the server's); one more try before banning the server.
                     retried.add(bad)
                     continue
+                if bad not in seq.reached:
+                    seq.note_contact(bad, False)
+                    continue
+                faults += 1
                 seq.ban(bad, f"could not open a session: {e}")
         raise GenerationFailed(f"could not open a route through blocks [{start}, {end})"
                                + (f"; last error: {last}" if last else ""))
+
+    async def _probe(self, start: int, end: int) -> None:
+        """Dial never-contacted servers of [start, end), `probe_width` at a time with a short timeout,
+        until every block there has a server we reached (or none is left to try)."""
+        seq, network, cfg = self.model.sequence, self.model.network, self.model.client_config
+        await seq.refresh()
+        seq.note_connected(network.connected_peers())
+        while batch := seq.to_probe(start, end, cfg.probe_width):
+            async with trio.open_nursery() as nursery:
+                for info in batch:
+                    nursery.start_soon(self._dial, info)
+
+    async def _dial(self, info: ServerInfo) -> None:
+        """A first contact with `info`'s server at the address it announced; the outcome goes to routing."""
+        network, seq = self.model.network, self.model.sequence
+        ok = False
+        if info.addr is not None and info.addr.endswith(f"/p2p/{info.peer_id}"):  # its own address, not another's
+            try:
+                ok = await network.connect(info.addr, timeout=self.model.client_config.dial_timeout) == info.peer_id
+            except (P2PError, trio.TooSlowError) as e:
+                log.debug("could not dial server %s at %s: %s", info.peer_id[-8:], info.addr[:80], e)
+        seq.note_contact(info.peer_id, ok)
 
     @staticmethod
     def route_of(hops: list[Hop]) -> list[tuple[str, int, int]]:

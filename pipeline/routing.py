@@ -6,6 +6,11 @@ announced span contains [a, b) (spans may be cut), weighted by
     rtt(server) + hop_overhead + (b - a) / decode_tps(server) + (no_cache_penalty if it lacks cache)
       + unreliability_penalty × (1 − reliability(server))
 
+A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
+an announcement of huge throughput at an address where nothing listens, so its throughput counts as
+the slowest announced among the candidates and `unverified_penalty` is added: a server we have
+dialled or opened a session with wins over any number of strangers announcing more.
+
 (RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
 servers are left out. The client's own server (`local`: its blocks run in process) costs no RTT and
 no hop overhead, and wins ties: a route uses our own blocks wherever they are at least as fast.
@@ -17,6 +22,10 @@ outputs — never refusals, pipeline/errors.py) with exponential backoff, and bu
 demand; sessions ask it for a route and report faults to it. The client's own peer id is routed to
 only when the client runs its peer's blocks in process (`local_blocks`): nothing dials itself. A fault
 ban is lifted as soon as an announcement says the server started after the ban (a restart).
+What the client has verified of each server: `reached` (a session opened), `contacted` (a dial
+succeeded), `unreachable` (a first contact failed: left out for `unreachable_for` seconds without a
+ban's strike — a dead address costs a dial, not a fault). `to_probe` names the never-contacted
+servers worth dialling before routing (pipeline/client.py dials them in parallel).
 Reliability of a server, as the client uses it: min(what it announces, what this client saw — spot
 checks failed mean 0 and a permanent ban (`distrust`), each failure ban a factor 0.8 — and what the
 client's ledger says: `reliability_source`, e.g. disputes in verified chains, pipeline/billing.py).
@@ -27,6 +36,7 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable
 
@@ -56,21 +66,29 @@ class RoutingConfig:
     no_cache_penalty: float = 10.0
     unreliability_penalty: float = 1.0  # seconds of route cost for a server of reliability 0
     local_discount: float = 1e-6  # our own blocks' compute time counts this fraction less: they win ties
+    unverified_penalty: float = 1.0  # seconds of route cost for a server this client has never reached
 
 
 def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Callable[[str], float | None] = lambda p: None,
                exclude: Iterable[str] = (), need_cache_tokens: int = 0,
                config: RoutingConfig | None = None,
-               reliability: Callable[[ServerInfo], float] | None = None, local: str | None = None) -> list[RouteHop]:
+               reliability: Callable[[ServerInfo], float] | None = None, local: str | None = None,
+               verified: Callable[[str], bool] | None = None) -> list[RouteHop]:
     """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap.
-    `local`: the peer whose blocks run in this process (no network between us)."""
+    `local`: the peer whose blocks run in this process (no network between us). `verified`: whether
+    this client has reached a server (None: believe every announcement)."""
     cfg = config or RoutingConfig()
     banned = set(exclude)
     usable = [s for s in servers if s.online and s.peer_id not in banned and s.start < end and s.end > start]
+    slowest = min((s.decode_tps for s in usable), default=1.0)
     edges: dict[int, list[tuple[int, float, str]]] = {}
     for s in usable:
         if s.peer_id == local:
             base, per_block = 0.0, (1.0 - cfg.local_discount) / s.decode_tps
+        elif verified is not None and not verified(s.peer_id):
+            r = rtt(s.peer_id)
+            base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead + cfg.unverified_penalty
+            per_block = 1.0 / slowest
         else:
             r = rtt(s.peer_id)
             base, per_block = (cfg.default_rtt if r is None else r) + cfg.hop_overhead, 1.0 / s.decode_tps
@@ -167,11 +185,18 @@ class SequenceManager:
     ledger_view: dict[str, float] = field(default_factory=dict)
     me: str | None = None  # the client's own peer id: routed to only with `local_blocks`
     local_blocks: bool = False  # the client runs its peer's own blocks in process
+    unreachable_for: float = 300.0  # seconds a server whose first contact failed is left out
+    reached: set[str] = field(default_factory=set)  # servers we opened a session with
+    contacted: set[str] = field(default_factory=set)  # servers we dialled (or are connected to)
+    unreachable: dict[str, float] = field(default_factory=dict)  # never-reached server → trio time it may be tried again
+    dials_failed: int = 0  # first contacts that failed (dial or session open), over this manager's life
 
     def _avoid(self, exclude: Iterable[str]) -> set[str]:
         """Peers no route or check may use: banned, distrusted, `exclude`, and ourselves unless in process."""
-        unreachable = {self.me} if self.me is not None and not self.local_blocks else set()
-        return self.banned() | set(exclude) | unreachable
+        ourselves = {self.me} if self.me is not None and not self.local_blocks else set()
+        now = trio.current_time()
+        dead = {p for p, until in self.unreachable.items() if until > now}
+        return self.banned() | set(exclude) | ourselves | dead
 
     async def refresh(self, force: bool = False) -> list[ServerInfo]:
         async with self._lock:
@@ -198,12 +223,63 @@ class SequenceManager:
                 del self.heard[peer_id]
             elif peer_id not in newest or info.t > newest[peer_id].t:
                 newest[peer_id] = info
+        now_trio = trio.current_time()
+        for peer_id, until in list(self.unreachable.items()):
+            if until <= now_trio:
+                del self.unreachable[peer_id]
+        announced = {p for p, info in newest.items() if info.online}
+        self.reached &= announced  # what we know of servers that are gone goes with them
+        self.contacted &= announced
         for peer_id, info in newest.items():
             ban = self._bans.get(peer_id)
             if ban is not None and info.started > ban.since and ban.until > trio.current_time():
                 ban.until = -math.inf  # restarted since the fault: route to it again (the strikes stay)
                 log.info("server %s restarted: its ban is lifted", peer_id[-8:])
         self.servers = sorted((s for s in newest.values() if s.online), key=lambda s: (s.start, s.end, s.peer_id))
+
+    def verified(self, peer_id: str) -> bool:
+        """We reached `peer_id`: opened a session with it, or dialled it."""
+        return peer_id in self.reached or peer_id in self.contacted
+
+    def note_reached(self, peer_id: str) -> None:
+        self.reached.add(peer_id)
+        self.unreachable.pop(peer_id, None)
+
+    def note_contact(self, peer_id: str, ok: bool) -> None:
+        """The outcome of a first contact (a dial, or a session open before any succeeded): a failure
+        leaves the server out for `unreachable_for` seconds, with no ban."""
+        if ok:
+            self.contacted.add(peer_id)
+            self.unreachable.pop(peer_id, None)
+        else:
+            self.dials_failed += 1
+            self.contacted.discard(peer_id)
+            self.unreachable[peer_id] = trio.current_time() + self.unreachable_for
+            log.info("server %s could not be reached: left out for %.0f s", peer_id[-8:], self.unreachable_for)
+
+    def note_connected(self, peers: Iterable[str]) -> None:
+        """Announced servers among `peers` (the network's open connections) count as contacted."""
+        announced = {s.peer_id for s in self.servers}
+        self.contacted.update(p for p in peers if p in announced)
+
+    def to_probe(self, start: int, end: int, n: int) -> list[ServerInfo]:
+        """Up to `n` never-contacted servers to dial before routing [start, end): none while every
+        block there has a verified server we may route to; else servers of the blocks that lack one,
+        those our DHT has heard from first (a live peer), in random order otherwise: what an
+        announcement claims (span, throughput) cannot tell an honest stranger from a Sybil."""
+        avoid = self._avoid(())
+        usable = [s for s in self.servers if s.online and s.peer_id not in avoid and s.start < end and s.end > start]
+        covered: set[int] = set()
+        for s in usable:
+            if self.verified(s.peer_id) or (self.local_blocks and s.peer_id == self.me):
+                covered.update(range(max(s.start, start), min(s.end, end)))
+        missing = set(range(start, end)) - covered
+        if not missing:
+            return []
+        unknown = [s for s in usable if not self.verified(s.peer_id) and missing.intersection(range(s.start, s.end))]
+        random.shuffle(unknown)
+        unknown.sort(key=lambda s: self.dht.rtt_estimate(s.peer_id) is None)
+        return unknown[:n]
 
     def banned(self) -> set[str]:
         now = trio.current_time()
@@ -261,14 +337,18 @@ class SequenceManager:
         try:
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local)
+                              local=local, verified=self.verified)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local)
+                              local=local, verified=self.verified)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
-        """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates)."""
+        """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates):
+        our own (in process), servers we reached or our DHT hears from, not strangers known by their
+        announcement alone (a checker is opened in passing, one candidate after another: dead addresses
+        would each cost a dial)."""
         avoid = self._avoid(exclude)
-        return [s for s in self.servers if s.online and s.start <= start and end <= s.end and s.peer_id not in avoid]
+        return [s for s in self.servers if s.online and s.start <= start and end <= s.end and s.peer_id not in avoid
+                and (s.peer_id == self.me or self.verified(s.peer_id) or self.dht.rtt_estimate(s.peer_id) is not None)]

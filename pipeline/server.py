@@ -12,7 +12,8 @@
 - What a session holds is what it uses (a stranger cannot sit on the cache): "open" is refused with
   CacheFull unless its max length fits the free budget and the client's share, but reserves only
   `initial_cache_tokens`; the cache grows (doubling, copied) as steps need it, each growth checked
-  again. A client holds at most `cache_share` of the budget over all its sessions, or
+  again. A client holds at most `cache_share` of the budget over all its sessions (and at most
+  `stranger_cache_bytes`; all clients without standing together at most `strangers_cache_bytes`), or
   `cache_share_standing` with standing in this server's view (billing, credits.standing), and opens at most `cache_share` of
   `max_sessions`; a client with standing whose session
   does not fit displaces sessions of clients without that have been idle `displace_idle_after`.
@@ -107,6 +108,11 @@ class ServerConfig:
     first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
     initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
     cache_share: float = 0.5  # of the budget (and of max_sessions), the most one client without standing holds
+    # ... and never more than this: SmolLM2-135M (all 30 blocks, float32) keeps 45 KiB a token, so this
+    # holds a 472-token prompt plus the API's default 256 new tokens; a key costs nothing to make, so
+    # a byte bound, not a fraction of whatever budget the volunteer gave
+    stranger_cache_bytes: int = 32 << 20
+    strangers_cache_bytes: int = 48 << 20  # all clients without standing together (Sybil keys too)
     cache_share_standing: float = 1.0  # ... and one with standing in this server's view
     displace_idle_after: float = 1.0  # a session idle this long may be displaced by a client with standing
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
@@ -588,13 +594,23 @@ class BlockServer:
             self.stats["sessions_refused"] += 1
             raise InferenceError("CacheFull", f"the KV cache budget is full: {self.cache_used} of {budget} bytes "
                                  f"in use, this session needs {nbytes} more", max(0, free) // per_token)
-        share = int(budget * (self.config.cache_share_standing if standing else self.config.cache_share))
+        share = int(budget * self.config.cache_share_standing) if standing else \
+            min(int(budget * self.config.cache_share), self.config.stranger_cache_bytes)
         held = sum(s.nbytes for s in self.sessions.values() if s.peer_id == peer_id)
         if held + nbytes > share:
             self.stats["sessions_refused"] += 1
             raise InferenceError("CacheFull", f"a client {'with' if standing else 'without'} standing here may hold "
                                  f"{share} bytes of this server's KV cache; you hold {held}, this session needs "
                                  f"{nbytes} more", max(0, share - held) // per_token)
+        if standing:
+            return
+        strangers = sum(s.nbytes for s in self.sessions.values() if not s.standing)
+        if strangers + nbytes > self.config.strangers_cache_bytes:
+            self.stats["sessions_refused"] += 1
+            raise InferenceError("CacheFull", f"clients without standing here may hold "
+                                 f"{self.config.strangers_cache_bytes} bytes of this server's KV cache together; "
+                                 f"they hold {strangers}, this session needs {nbytes} more",
+                                 max(0, self.config.strangers_cache_bytes - strangers) // per_token)
 
     def _reserve(self, peer_id: str, standing: bool, nbytes: int, per_token: int) -> None:
         """Count `nbytes` more of KV cache for a session of `peer_id` (displacing idle sessions of
