@@ -74,6 +74,7 @@ from .announce import (GOSSIP_TOPIC, VERSION, ModelCard, ServerInfo, announce_ke
                        gossip_note)
 from .billing import ServerAccount, ServerBilling
 from .directory import SwarmDirectory
+from .batching import BatchStep, StepBatcher
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
@@ -103,6 +104,8 @@ class ServerConfig:
     rebalance_period: float = 60.0
     rebalance_threshold: float = 0.75
     compute_threads: int = 1
+    max_batch_steps: int = 8  # steps of different sessions computed as one forward (1: no batching)
+    max_batch_tokens: int = 512  # new tokens in one batch (a longer step runs alone)
     push_timeout: float = 10.0
     first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
     initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
@@ -211,7 +214,9 @@ class BlockServer:
         self.started = 0.0  # network time this server started serving (announced: clients lift fault bans)
         self.dtype = resolve_dtype(self.config.dtype)
         self.dtype_name = proto.dtype_name(self.dtype)
-        self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client standing
+        self.limiter = PriorityLimiter(self.config.compute_threads)  # loading, batches, dispute replays
+        self.batcher = StepBatcher(self.limiter, max_steps=self.config.max_batch_steps,
+                                   max_tokens=self.config.max_batch_tokens)  # steps queue by client standing
         self.span: BlockSpan | None = None
         self.mf: ModelFolder | None = None
         self.throughput: dict = {}
@@ -254,6 +259,7 @@ class BlockServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.batcher.run)
                 try:
                     await self.announce()
                 except P2PError as e:  # the announce loop tries again shortly
@@ -667,7 +673,6 @@ class BlockServer:
                 raise InferenceError("MaxLengthExceeded", f"{pos + n} tokens exceed the session's max_length "
                                      f"of {session.max_length}", session.max_length)
             session.last_used = trio.current_time()
-            limiter: Any = self.limiter
             account = session.account
             paid_before = None
             if account is not None:  # paid for before any work: the receipt covers this step too
@@ -682,36 +687,29 @@ class BlockServer:
                     extra = capacity * per_token - session.nbytes
                     self._reserve(session.peer_id, session.standing, extra, per_token)
                     session.nbytes += extra
-                if account is not None:
-                    limiter = self.limiter.at(await account.billing.priority(account))
+                priority = math.inf if account is None else await account.billing.priority(account)
+                seed = session.seed
 
-                def compute() -> tuple[torch.Tensor, float, tuple[bytes, bytes, bytes] | None]:
-                    t0 = time.perf_counter()
-                    if capacity > session.cache.capacity:
-                        session.cache = _grown(session.span, session.cache, capacity)
-                    outs, off, p = [], 0, pos
-                    for c in chunks:
-                        outs.append(session.span.forward(hidden[:, off:off + c], session.cache, p))
-                        off, p = off + c, p + c
-                    result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-                    elapsed = time.perf_counter() - t0
-                    # what signing needs of the tensors, hashed and projected here, off the trio thread
-                    digests = (tensor_digest(hidden), *result_digests(result, session.seed)) \
-                        if session.seed is not None else None
-                    return result, elapsed, digests
+                def digests(result: torch.Tensor) -> tuple[bytes, bytes, bytes] | None:
+                    # what signing needs of the tensors, hashed and projected in the worker thread
+                    return (tensor_digest(hidden), *result_digests(result, seed)) if seed is not None else None
 
-                out, compute_s, digests = await trio.to_thread.run_sync(compute, limiter=limiter)
+                done = await self.batcher.submit(BatchStep(session.span, session.cache, hidden, pos, chunks,
+                                                           capacity, digests, priority))
             except BaseException:
                 if account is not None:
                     account.rollback(paid_before)
                 raise
+            session.cache = done.cache
+            assert done.outputs is not None  # submit raises the step's error otherwise
+            out, compute_s, step_digests = done.outputs, done.compute_s, done.after_value
             session.last_step = step_id
             session.last_used = trio.current_time()
             session.tokens += n
             served = session.tokens
             signed = None
-            if digests is not None and session.inputs is not None:
-                inputs_digest, output_digest, output_fingerprint = digests
+            if step_digests is not None and session.inputs is not None:
+                inputs_digest, output_digest, output_fingerprint = step_digests
                 signed = (session.inputs.add(pos, chunks, inputs_digest), output_digest, output_fingerprint)
         session.steps += 1
         if account is not None and account.due(account.billing.clock()) and self._nursery is not None:
@@ -836,16 +834,6 @@ class BlockServer:
             await self._send(session, reply_to, reply)
         except P2PError:
             session.scope.cancel()
-
-
-def _grown(span: BlockSpan, cache: KVCache, capacity: int) -> KVCache:
-    """A copy of `cache` with room for `capacity` tokens (what it holds is copied bit for bit)."""
-    new = span.new_cache(capacity)
-    n = cache.length
-    for dst, src in zip(new.k + new.v, cache.k + cache.v):
-        dst[:, :, :n] = src[:, :, :n]
-    new.length = n
-    return new
 
 
 @dataclass
