@@ -77,6 +77,7 @@ from .directory import SwarmDirectory
 from .batching import BatchStep, StepBatcher
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
+from .measure import batch_throughput
 from .model import BlockSpan, CacheError, KVCache
 from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
@@ -140,8 +141,10 @@ class ServedSession:
     inputs: InputChain | None = None  # the input digest of the session's history (signed steps)
 
 
-def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_tokens: int = 64) -> dict:
-    """Tokens/s through ONE block of `span`, for prefill and for decode (after a short warm-up)."""
+def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_tokens: int = 64, batch: int = 1) -> dict:
+    """Tokens/s through ONE block of `span`, for prefill and for decode (after a short warm-up); with
+    `batch` > 1 also the aggregate decode tokens/s when that many sessions step together (continuous
+    batching: what this server can serve, where decode_tps is what one stream gets)."""
     cfg = span.cfg
     cache = span.new_cache(prefill_tokens + decode_steps + 8)
     g = torch.Generator().manual_seed(0)
@@ -157,7 +160,11 @@ def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_token
         span.forward(x[:, :1], cache)
     decode_s = max(time.perf_counter() - t0, 1e-9) / decode_steps
     n = len(span)
-    return {"decode_tps": n / decode_s, "prefill_tps": n * prefill_tokens / prefill_s}
+    tp = {"decode_tps": n / decode_s, "prefill_tps": n * prefill_tokens / prefill_s}
+    if batch > 1:
+        tps = batch_throughput(span, (batch,), context=16, steps=max(2, decode_steps // 4), repeats=1)
+        tp.update(batch_decode_tps=max(tps[batch], tp["decode_tps"]), batch_size=batch)
+    return tp
 
 
 def block_bytes(mf: ModelFolder, block: int, dtype: torch.dtype) -> int:
@@ -304,9 +311,13 @@ class BlockServer:
         span = await self._in_thread(lambda: load_span(mf, start, end, dtype=self.dtype, device=cfg.device))
         if cfg.throughput is not None:
             tp = {"decode_tps": float(cfg.throughput["decode_tps"]), "prefill_tps": float(cfg.throughput["prefill_tps"])}
+            if "batch_decode_tps" in cfg.throughput:
+                tp.update(batch_decode_tps=float(cfg.throughput["batch_decode_tps"]),
+                          batch_size=int(cfg.throughput["batch_size"]))
         else:
             tp = await self._in_thread(lambda: measure_throughput(span, decode_steps=cfg.measure_decode_steps,
-                                                                  prefill_tokens=cfg.measure_prefill_tokens))
+                                                                  prefill_tokens=cfg.measure_prefill_tokens,
+                                                                  batch=cfg.max_batch_steps))
         self.span, self.start, self.end, self.throughput = span, start, end, tp
         self._subspans = {(start, end): span}
         log.info("serving blocks [%d, %d) of %s: %.0f decode / %.0f prefill tokens/s per block",
@@ -387,6 +398,8 @@ class BlockServer:
         return ServerInfo(peer_id=self.network.peer_id, start=self.start, end=self.end,
                           decode_tps=self.throughput.get("decode_tps", 1.0),
                           prefill_tps=self.throughput.get("prefill_tps", 1.0),
+                          batch_decode_tps=self.throughput.get("batch_decode_tps"),
+                          batch_size=self.throughput.get("batch_size", 1),
                           cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
                           version=VERSION, addr=addrs[0] if addrs else None,
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
@@ -444,6 +457,7 @@ class BlockServer:
                 "throughput": self.throughput, "sessions": len(self.sessions), "cache_used_bytes": self.cache_used,
                 "cache_budget_bytes": self.config.cache_budget_bytes,
                 "cache_tokens_left": self.cache_tokens_left() if self.mf else 0, "reliability": self.reliability,
+                "batching": dict(self.batcher.stats),
                 **({"billing": dict(self.billing.stats)} if self.billing is not None else {}), **self.stats}
 
     # --- sessions --------------------------------------------------------------------------------

@@ -184,3 +184,37 @@ async def test_concurrent_clients_through_a_batching_swarm_get_their_lone_tokens
                     nursery.start_soon(gen, i)
             assert got == want
             assert max(p.server.batcher.stats["largest"] for p in s.servers) > 1
+
+
+def test_announcements_carry_batched_capacity_and_old_ones_still_decode():
+    from pipeline.announce import InvalidRecord, ServerInfo
+    from pipeline.routing import choose_span, coverage
+
+    new = ServerInfo("p1", 0, 2, decode_tps=100.0, prefill_tps=900.0, cache_tokens=10,
+                     batch_decode_tps=450.0, batch_size=8)
+    back = ServerInfo.from_value("p1", new.to_value(), num_blocks=4)
+    assert (back.batch_decode_tps, back.batch_size, back.capacity_tps) == (450.0, 8, 450.0)
+    old = new.to_value()
+    del old["batch_decode_tps"], old["batch_size"]  # a server from before batching
+    was = ServerInfo.from_value("p2", old, num_blocks=4)
+    assert (was.batch_decode_tps, was.batch_size, was.capacity_tps) == (None, 1, 100.0)
+    for bad in ({"batch_decode_tps": -1.0}, {"batch_decode_tps": "fast"}, {"batch_size": 0}, {"batch_size": 1.5},
+                {"batch_size": 10**9}):
+        with pytest.raises(InvalidRecord):
+            ServerInfo.from_value("p3", {**new.to_value(), **bad}, num_blocks=4)
+    # --blocks auto sees capacity: a batching server's blocks are the better covered ones
+    plain = ServerInfo("p4", 2, 4, decode_tps=120.0, prefill_tps=900.0, cache_tokens=10)
+    assert coverage([new, plain], 4) == [450.0, 450.0, 120.0, 120.0]
+    assert choose_span([new, plain], 4, 2) == (2, 4)
+
+
+def test_batch_throughput_probe(llama_folder):
+    from pipeline.measure import batch_throughput
+    from pipeline.server import measure_throughput
+
+    span = load_span(llama_folder, 0, 4, device="cpu")
+    tps = batch_throughput(span, (1, 4), context=4, steps=2, repeats=1)
+    assert set(tps) == {1, 4} and all(v > 0 for v in tps.values())
+    tp = measure_throughput(span, decode_steps=4, prefill_tokens=8, batch=4)
+    assert tp["batch_size"] == 4 and tp["batch_decode_tps"] >= tp["decode_tps"] > 0
+    assert "batch_decode_tps" not in measure_throughput(span, decode_steps=4, prefill_tokens=8)
