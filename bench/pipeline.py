@@ -9,7 +9,7 @@ In one run, on this machine:
   forwarding (`push`).
 - concurrency (continuous batching): `--clients` clients (each its own identity, ledger and libp2p
   network; the head's weights shared in this process) generate at once through the same servers:
-  aggregate tok/s over the same clients' single-stream tok/s (`aggregate_over_single`), per-client
+  aggregate tok/s over the same clients' single-stream tok/s (`aggregate_over_single`; push mode), per-client
   tok/s, the servers' batch sizes; then again on servers started with `--max-batch 1` (batching off,
   skipped by --quick); and in process, decode tok/s of one server's span for batch 1/2/4/8 (the
   batching gain without any network, `forward_by_batch`).
@@ -153,7 +153,10 @@ async def concurrent_runs(folder: Path, mid: str, bootstrap: str, ids: list[int]
             dht = DHTNode(net, bootstrap=[bootstrap], client_mode=True)
             async with trio.open_nursery() as inner:
                 await inner.start(dht.run)
-                model = DistributedModel(mf, head, net, dht, mid, config=ClientConfig(billing=ClientBilling(ledger)))
+                # push: servers forward to each other, so this one process (all the clients) handles one
+                # message a token per client instead of one per hop
+                model = DistributedModel(mf, head, net, dht, mid,
+                                         config=ClientConfig(billing=ClientBilling(ledger), push=True))
                 await model.generate(ids, max_new_tokens=2, stop_token_ids=[])  # warm-up: dials, routes
                 task_status.started(model)
                 await finished.wait()

@@ -18,10 +18,12 @@
   does not fit displaces sessions of clients without that have been idle `displace_idle_after`.
   Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after.
 - All torch work (loading, measuring, every step) runs in worker threads through one
-  `trio.CapacityLimiter`, so the peer's trio loop (DHT, membership, other sessions' I/O) never
-  waits on a matmul.
+  `PriorityLimiter`, so the peer's trio loop (DHT, membership, other sessions' I/O) never
+  waits on a matmul. Steps go through a `StepBatcher` (pipeline/batching.py, continuous batching):
+  the steps of different sessions waiting at the same time run as one forward, at most
+  `max_batch_steps` steps and `max_batch_tokens` new tokens a batch, one batch at a time.
 - At start the server measures its throughput (prefill and decode tokens/s through one block,
-  after a warm-up) and announces span, throughput, free cache tokens, dtype, version, address and
+  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, dtype, version, address and
   clusters (pipeline/announce.py), again every `announce_period`, and "offline" on shutdown.
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
   the swarm covers least; every `rebalance_period` it moves when swarm quality (min/max per-block
@@ -47,8 +49,9 @@
   here, a step that would take the client's unsettled receipts past its debt allowance is refused
   (CreditRefused); every "out" says how many tokens the session has been served ("served"); "close" carries
   the final receipt; the latest receipt becomes an earn entry when the session ends (close, expiry,
-  disconnect, shutdown) and periodically in long sessions. Compute waits in a `PriorityLimiter`:
-  highest client standing (this server's own view) first, FIFO within a standing. Idle (for admission) = no other session open.
+  disconnect, shutdown) and periodically in long sessions. Steps wait in the batcher's queue:
+  highest client standing (this server's own view) first, FIFO within a standing; batches are filled
+  in that order, so a step waits behind lower standing for at most the batch in flight. Idle (for admission) = no other session open.
 """
 
 from __future__ import annotations
@@ -72,9 +75,9 @@ from p2p.network import Network, Stream
 from . import protocol as proto
 from .announce import (GOSSIP_TOPIC, VERSION, ModelCard, ServerInfo, announce_key, announce_model, fetch_servers,
                        gossip_note)
+from .batching import BatchStep, StepBatcher
 from .billing import ServerAccount, ServerBilling
 from .directory import SwarmDirectory
-from .batching import BatchStep, StepBatcher
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .measure import batch_throughput
@@ -708,13 +711,15 @@ class BlockServer:
                     # what signing needs of the tensors, hashed and projected in the worker thread
                     return (tensor_digest(hidden), *result_digests(result, seed)) if seed is not None else None
 
-                done = await self.batcher.submit(BatchStep(session.span, session.cache, hidden, pos, chunks,
-                                                           capacity, digests, priority))
+                done = BatchStep(session.span, session.cache, hidden, pos, chunks, capacity, digests, priority)
+                try:
+                    await self.batcher.submit(done)
+                finally:
+                    session.cache = done.cache  # grown, even when the step then failed
             except BaseException:
                 if account is not None:
                     account.rollback(paid_before)
                 raise
-            session.cache = done.cache
             assert done.outputs is not None  # submit raises the step's error otherwise
             out, compute_s, step_digests = done.outputs, done.compute_s, done.after_value
             session.last_step = step_id
