@@ -19,8 +19,8 @@ whose announcement says it started after the ban (pipeline/routing.py).
 k / decode_tps per decoded token), measured by the server at start. `cache_tokens` is how many
 more tokens of KV cache (for its whole span) it can hold now. `batch_decode_tps` is the aggregate
 decode tokens/s through one block when `batch_size` sessions step together (the server batches them,
-pipeline/batching.py): its capacity, where `decode_tps` is what one stream sees (`capacity_tps`). A clean shutdown stores an
-"offline" entry over the online one (same TTL, later expiry, so it wins at every holder).
+pipeline/batching.py): its capacity, where `decode_tps` is what one stream sees (`capacity_tps`).
+A clean shutdown stores an "offline" entry over the online one (same TTL, later expiry, so it wins at every holder).
 
 `model_name`, `num_blocks` and `context_length` let a peer that has not loaded the model show it
 (`ServerInfo.card`); announcements from before they existed decode with None.
@@ -109,13 +109,6 @@ class ModelCard:
     name: str
     num_blocks: int
     context_length: int | None = None
-    batch_decode_tps: float | None = None
-    batch_size: int = 1
-
-    @property
-    def capacity_tps(self) -> float:
-        """Decode tokens/s through one block over all the sessions it serves at once (batched)."""
-        return max(self.decode_tps, self.batch_decode_tps or 0.0)
 
     def to_value(self) -> dict:
         return {"v": 1, "model": self.model_id, "model_name": self.name, "num_blocks": self.num_blocks,
