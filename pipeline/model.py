@@ -3,7 +3,9 @@
 A server holds a `BlockSpan` (blocks [start, end) of the model) and one `KVCache` per inference
 session; `span.forward(hidden, cache)` takes hidden states [batch, new_tokens, hidden] at positions
 [cache.length, cache.length + new_tokens), appends their keys/values to the cache and returns the
-span's output hidden states. A client holds a `ModelHead` (embeddings, final norm, LM head).
+span's output hidden states; `span.forward_batch([(hidden, cache, position), ...])` runs the steps
+of several sessions as one forward (projections and MLP over their stacked tokens, attention per
+session against its own cache). A client holds a `ModelHead` (embeddings, final norm, LM head).
 `LocalModel` chains a head and spans in one process (tests, benchmarks, local fallback).
 
 The math mirrors transformers' Llama / Qwen2 / Mistral modules (RMSNorm in float32, rotate-half
@@ -12,7 +14,7 @@ rotary embeddings, GQA, SwiGLU) so logits agree with HF's to float rounding; tes
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -104,32 +106,75 @@ class Block:
 
     def forward(self, x: torch.Tensor, cache: KVCache, slot: int, start: int,
                 cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        cfg, w = self.cfg, self.w
+        q, k, v = self._qkv(x, cos, sin)
+        a = self._attend(q, k, v, cache, slot, start, mask)
+        return self._finish(x, a.transpose(1, 2).reshape(x.shape[0], x.shape[1], self.cfg.q_size))
+
+    def forward_ragged(self, x: torch.Tensor, parts: list["_Part"], cos: torch.Tensor, sin: torch.Tensor,
+                       slot: int) -> torch.Tensor:
+        """x [1, T, hidden]: the new tokens of several sessions side by side (`parts` say whose, in
+        order); projections and MLP run once over all T, attention per session against its own cache."""
+        cfg = self.cfg
+        q, k, v = self._qkv(x, cos, sin)
+        outs = []
+        for p in parts:
+            window = self.window if (self.window is not None and p.start + p.n > self.window) else None
+            mask = p.masks[window] if window in p.masks else p.mask(window)
+            a = self._attend(q[:, :, p.off:p.off + p.n], k[:, :, p.off:p.off + p.n], v[:, :, p.off:p.off + p.n],
+                             p.cache, slot, p.start, mask)
+            outs.append(a.transpose(1, 2).reshape(1, p.n, cfg.q_size))
+        return self._finish(x, torch.cat(outs, dim=1))
+
+    def _qkv(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cfg = self.cfg
         b, n, _ = x.shape
-        h = rms_norm(x, w["attn_norm"], cfg.rms_norm_eps)
+        h = rms_norm(x, self.w["attn_norm"], cfg.rms_norm_eps)
         qkv = F.linear(h, self.qkv, self.qkv_bias)
         q, k, v = qkv.split([cfg.q_size, cfg.kv_size, cfg.kv_size], dim=-1)
         q = q.view(b, n, cfg.num_heads, cfg.head_dim).transpose(1, 2)
         k = k.view(b, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
         v = v.view(b, n, cfg.num_kv_heads, cfg.head_dim).transpose(1, 2)
-        q = apply_rotary(q, cos, sin)
-        k = apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cache: KVCache, slot: int, start: int,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """Append k/v at [start, start + n) of the cache; q's attention over the cache up to there."""
+        cfg = self.cfg
+        n = q.shape[2]
         end = start + n
         cache.k[slot][:, :, start:end] = k
         cache.v[slot][:, :, start:end] = v
         keys = cache.k[slot][:, :, :end]
         values = cache.v[slot][:, :, :end]
         if mask is None and n > 1:  # window-free prefill from position 0: plain causal
-            a = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True,
-                                               scale=cfg.head_dim ** -0.5)
-        else:
-            a = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True,
-                                               scale=cfg.head_dim ** -0.5)
-        a = a.transpose(1, 2).reshape(b, n, cfg.q_size)
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=True,
+                                                  scale=cfg.head_dim ** -0.5)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=True,
+                                              scale=cfg.head_dim ** -0.5)
+
+    def _finish(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """The output projection, residual, and the MLP block, over a [b, n, q_size] attention output."""
+        cfg, w = self.cfg, self.w
         x = x + F.linear(a, w["o"], w.get("o_bias"))
         h = rms_norm(x, w["mlp_norm"], cfg.rms_norm_eps)
         gate, up = F.linear(h, self.gate_up, self.gate_up_bias).chunk(2, dim=-1)
         return x + F.linear(F.silu(gate) * up, w["down"], w.get("down_bias"))
+
+
+@dataclass
+class _Part:
+    """One session's share of a ragged batch: its tokens x[:, off:off + n] at positions [start, start + n)."""
+
+    off: int
+    n: int
+    start: int
+    cache: KVCache
+    masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor | None:
+        m = self.masks[window] = (attention_mask(self.start, self.n, window, self.cache.k[0].device)
+                                  if (self.start > 0 or window is not None) else None)
+        return m
 
 
 class BlockSpan:
@@ -153,13 +198,17 @@ class BlockSpan:
     def cache_bytes(self, capacity: int, batch: int = 1) -> int:
         return KVCache.bytes_for(self.cfg, len(self), capacity, batch=batch, dtype=self.dtype)
 
-    @torch.inference_mode()
-    def forward(self, hidden: torch.Tensor, cache: KVCache, position: int | None = None) -> torch.Tensor:
-        """hidden [batch, new, hidden_size] at positions [position, position + new) → the span's output.
+    def grown(self, cache: KVCache, capacity: int) -> KVCache:
+        """A copy of `cache` with room for `capacity` tokens (what it holds is copied bit for bit)."""
+        new = self.new_cache(capacity, cache.batch)
+        n = cache.length
+        for dst, src in zip(new.k + new.v, cache.k + cache.v):
+            dst[:, :, :n] = src[:, :, :n]
+        new.length = n
+        return new
 
-        `position` defaults to `cache.length`; a smaller one first trims the cache (a step re-run
-        after a rollback), a larger one is an error. The cache grows by `new` tokens.
-        """
+    def _check(self, hidden: torch.Tensor, cache: KVCache, position: int | None) -> int:
+        """The step's start position, after checking shapes and room (CacheError); nothing is changed."""
         cfg = self.cfg
         if hidden.dim() != 3 or hidden.shape[-1] != cfg.hidden_size:
             raise CacheError(f"hidden states must be [batch, tokens, {cfg.hidden_size}], got {list(hidden.shape)}")
@@ -169,12 +218,22 @@ class BlockSpan:
         start = cache.length if position is None else position
         if start > cache.length:
             raise CacheError(f"position {start} is past the cache's {cache.length} tokens")
-        if n == 0:
-            return hidden
         if start + n > cache.capacity:
             raise CacheError(f"{start + n} tokens exceed the session's cache of {cache.capacity}")
-        if start < cache.length:
-            cache.trim(start)
+        return start
+
+    @torch.inference_mode()
+    def forward(self, hidden: torch.Tensor, cache: KVCache, position: int | None = None) -> torch.Tensor:
+        """hidden [batch, new, hidden_size] at positions [position, position + new) → the span's output.
+
+        `position` defaults to `cache.length`; a smaller one first trims the cache (a step re-run
+        after a rollback), a larger one is an error. The cache grows by `new` tokens.
+        """
+        start = self._check(hidden, cache, position)
+        n = hidden.shape[1]
+        if n == 0:
+            return hidden
+        cache.trim(start)
         x = hidden.to(device=self.device, dtype=self.dtype)
         cos, sin = self.rotary.cos_sin(start, n, self.dtype)
         masks: dict[int | None, torch.Tensor | None] = {}
@@ -185,6 +244,40 @@ class BlockSpan:
             x = block.forward(x, cache, slot, start, cos, sin, masks[win])
         cache.length = start + n
         return x
+
+    @torch.inference_mode()
+    def forward_batch(self, steps: list[tuple[torch.Tensor, KVCache, int | None]]) -> list[torch.Tensor]:
+        """Several sessions' steps as one forward: each (hidden [1, n_i, hidden_size], its own cache,
+        position) → its output, equal to `forward` of that step alone up to float rounding.
+
+        The new tokens of all steps are stacked (ragged, no padding) for the projections and the MLP;
+        attention runs per step against its own cache. Each cache must appear once. A step that does
+        not fit its cache raises CacheError before any cache is touched."""
+        if len({id(c) for _, c, _ in steps}) != len(steps):
+            raise CacheError("a batch holds each session's cache once")
+        for hidden, cache, _ in steps:
+            if hidden.dim() != 3 or hidden.shape[0] != 1:
+                raise CacheError(f"a batched step is one sequence [1, tokens, hidden], got {list(hidden.shape)}")
+        starts = [self._check(h, c, p) for h, c, p in steps]
+        parts, off = [], 0
+        for (hidden, cache, _), start in zip(steps, starts):
+            parts.append(_Part(off, hidden.shape[1], start, cache))
+            off += hidden.shape[1]
+        live = [p for p in parts if p.n]
+        for p in live:
+            p.cache.trim(p.start)
+        if live:
+            x = torch.cat([h.to(device=self.device, dtype=self.dtype) for h, _, _ in steps], dim=1)
+            tables = [self.rotary.cos_sin(p.start, p.n, self.dtype) for p in parts]
+            cos = torch.cat([c for c, _ in tables], dim=0)
+            sin = torch.cat([s for _, s in tables], dim=0)
+            for slot, block in enumerate(self.blocks):
+                x = block.forward_ragged(x, live, cos, sin, slot)
+            for p in live:
+                p.cache.length = p.start + p.n
+        else:
+            x = torch.cat([h for h, _, _ in steps], dim=1)
+        return [x[:, p.off:p.off + p.n] for p in parts]
 
 
 class ModelHead:

@@ -129,13 +129,13 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
 
 
 def coverage(servers: Iterable[ServerInfo], num_blocks: int, *, exclude: Iterable[str] = ()) -> list[float]:
-    """Announced decode throughput per block, summed over online servers."""
+    """Announced decode capacity per block (batched, `ServerInfo.capacity_tps`), summed over online servers."""
     banned = set(exclude)
     out = [0.0] * num_blocks
     for s in servers:
         if s.online and s.peer_id not in banned:
             for i in range(max(0, s.start), min(num_blocks, s.end)):
-                out[i] += s.decode_tps
+                out[i] += s.capacity_tps
     return out
 
 

@@ -19,10 +19,12 @@
   does not fit displaces sessions of clients without that have been idle `displace_idle_after`.
   Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after.
 - All torch work (loading, measuring, every step) runs in worker threads through one
-  `trio.CapacityLimiter`, so the peer's trio loop (DHT, membership, other sessions' I/O) never
-  waits on a matmul.
+  `PriorityLimiter`, so the peer's trio loop (DHT, membership, other sessions' I/O) never
+  waits on a matmul. Steps go through a `StepBatcher` (pipeline/batching.py, continuous batching):
+  the steps of different sessions waiting at the same time run as one forward, at most
+  `max_batch_steps` steps and `max_batch_tokens` new tokens a batch, one batch at a time.
 - At start the server measures its throughput (prefill and decode tokens/s through one block,
-  after a warm-up) and announces span, throughput, free cache tokens, dtype, version, address and
+  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, dtype, version, address and
   clusters (pipeline/announce.py), again every `announce_period`, and "offline" on shutdown.
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
   the swarm covers least; every `rebalance_period` it moves when swarm quality (min/max per-block
@@ -48,8 +50,9 @@
   here, a step that would take the client's unsettled receipts past its debt allowance is refused
   (CreditRefused); every "out" says how many tokens the session has been served ("served"); "close" carries
   the final receipt; the latest receipt becomes an earn entry when the session ends (close, expiry,
-  disconnect, shutdown) and periodically in long sessions. Compute waits in a `PriorityLimiter`:
-  highest client standing (this server's own view) first, FIFO within a standing. Idle (for admission) = no other session open.
+  disconnect, shutdown) and periodically in long sessions. Steps wait in the batcher's queue:
+  highest client standing (this server's own view) first, FIFO within a standing; batches are filled
+  in that order, so a step waits behind lower standing for at most the batch in flight. Idle (for admission) = no other session open.
 """
 
 from __future__ import annotations
@@ -73,10 +76,12 @@ from p2p.network import Network, Stream
 from . import protocol as proto
 from .announce import (GOSSIP_TOPIC, VERSION, ModelCard, ServerInfo, announce_key, announce_model, fetch_servers,
                        gossip_note)
+from .batching import BatchStep, StepBatcher
 from .billing import ServerAccount, ServerBilling
 from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
+from .measure import batch_throughput
 from .model import BlockSpan, CacheError, KVCache
 from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
@@ -104,6 +109,8 @@ class ServerConfig:
     rebalance_period: float = 60.0
     rebalance_threshold: float = 0.75
     compute_threads: int = 1
+    max_batch_steps: int = 8  # steps of different sessions computed as one forward (1: no batching)
+    max_batch_tokens: int = 512  # new tokens in one batch (a longer step runs alone)
     push_timeout: float = 10.0
     first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
     initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
@@ -143,8 +150,10 @@ class ServedSession:
     inputs: InputChain | None = None  # the input digest of the session's history (signed steps)
 
 
-def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_tokens: int = 64) -> dict:
-    """Tokens/s through ONE block of `span`, for prefill and for decode (after a short warm-up)."""
+def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_tokens: int = 64, batch: int = 1) -> dict:
+    """Tokens/s through ONE block of `span`, for prefill and for decode (after a short warm-up); with
+    `batch` > 1 also the aggregate decode tokens/s when that many sessions step together (continuous
+    batching: what this server can serve, where decode_tps is what one stream gets)."""
     cfg = span.cfg
     cache = span.new_cache(prefill_tokens + decode_steps + 8)
     g = torch.Generator().manual_seed(0)
@@ -160,7 +169,11 @@ def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_token
         span.forward(x[:, :1], cache)
     decode_s = max(time.perf_counter() - t0, 1e-9) / decode_steps
     n = len(span)
-    return {"decode_tps": n / decode_s, "prefill_tps": n * prefill_tokens / prefill_s}
+    tp = {"decode_tps": n / decode_s, "prefill_tps": n * prefill_tokens / prefill_s}
+    if batch > 1:
+        tps = batch_throughput(span, (batch,), context=16, steps=max(2, decode_steps // 4), repeats=1)
+        tp.update(batch_decode_tps=max(tps[batch], tp["decode_tps"]), batch_size=batch)
+    return tp
 
 
 def block_bytes(mf: ModelFolder, block: int, dtype: torch.dtype) -> int:
@@ -217,7 +230,9 @@ class BlockServer:
         self.started = 0.0  # network time this server started serving (announced: clients lift fault bans)
         self.dtype = resolve_dtype(self.config.dtype)
         self.dtype_name = proto.dtype_name(self.dtype)
-        self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client standing
+        self.limiter = PriorityLimiter(self.config.compute_threads)  # loading, batches, dispute replays
+        self.batcher = StepBatcher(self.limiter, max_steps=self.config.max_batch_steps,
+                                   max_tokens=self.config.max_batch_tokens)  # steps queue by client standing
         self.span: BlockSpan | None = None
         self.mf: ModelFolder | None = None
         self.throughput: dict = {}
@@ -260,6 +275,7 @@ class BlockServer:
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
+                await nursery.start(self.batcher.run)
                 try:
                     await self.announce()
                 except P2PError as e:  # the announce loop tries again shortly
@@ -304,9 +320,13 @@ class BlockServer:
         span = await self._in_thread(lambda: load_span(mf, start, end, dtype=self.dtype, device=cfg.device))
         if cfg.throughput is not None:
             tp = {"decode_tps": float(cfg.throughput["decode_tps"]), "prefill_tps": float(cfg.throughput["prefill_tps"])}
+            if "batch_decode_tps" in cfg.throughput:
+                tp.update(batch_decode_tps=float(cfg.throughput["batch_decode_tps"]),
+                          batch_size=int(cfg.throughput["batch_size"]))
         else:
             tp = await self._in_thread(lambda: measure_throughput(span, decode_steps=cfg.measure_decode_steps,
-                                                                  prefill_tokens=cfg.measure_prefill_tokens))
+                                                                  prefill_tokens=cfg.measure_prefill_tokens,
+                                                                  batch=cfg.max_batch_steps))
         self.span, self.start, self.end, self.throughput = span, start, end, tp
         self._subspans = {(start, end): span}
         log.info("serving blocks [%d, %d) of %s: %.0f decode / %.0f prefill tokens/s per block",
@@ -387,6 +407,8 @@ class BlockServer:
         return ServerInfo(peer_id=self.network.peer_id, start=self.start, end=self.end,
                           decode_tps=self.throughput.get("decode_tps", 1.0),
                           prefill_tps=self.throughput.get("prefill_tps", 1.0),
+                          batch_decode_tps=self.throughput.get("batch_decode_tps"),
+                          batch_size=self.throughput.get("batch_size", 1),
                           cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
                           version=VERSION, addr=addrs[0] if addrs else None,
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
@@ -444,6 +466,7 @@ class BlockServer:
                 "throughput": self.throughput, "sessions": len(self.sessions), "cache_used_bytes": self.cache_used,
                 "cache_budget_bytes": self.config.cache_budget_bytes,
                 "cache_tokens_left": self.cache_tokens_left() if self.mf else 0, "reliability": self.reliability,
+                "batching": dict(self.batcher.stats),
                 **({"billing": dict(self.billing.stats)} if self.billing is not None else {}), **self.stats}
 
     # --- sessions --------------------------------------------------------------------------------
@@ -683,7 +706,6 @@ class BlockServer:
                 raise InferenceError("MaxLengthExceeded", f"{pos + n} tokens exceed the session's max_length "
                                      f"of {session.max_length}", session.max_length)
             session.last_used = trio.current_time()
-            limiter: Any = self.limiter
             account = session.account
             paid_before = None
             if account is not None:  # paid for before any work: the receipt covers this step too
@@ -698,36 +720,31 @@ class BlockServer:
                     extra = capacity * per_token - session.nbytes
                     self._reserve(session.peer_id, session.standing, extra, per_token)
                     session.nbytes += extra
-                if account is not None:
-                    limiter = self.limiter.at(await account.billing.priority(account))
+                priority = math.inf if account is None else await account.billing.priority(account)
+                seed = session.seed
 
-                def compute() -> tuple[torch.Tensor, float, tuple[bytes, bytes, bytes] | None]:
-                    t0 = time.perf_counter()
-                    if capacity > session.cache.capacity:
-                        session.cache = _grown(session.span, session.cache, capacity)
-                    outs, off, p = [], 0, pos
-                    for c in chunks:
-                        outs.append(session.span.forward(hidden[:, off:off + c], session.cache, p))
-                        off, p = off + c, p + c
-                    result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
-                    elapsed = time.perf_counter() - t0
-                    # what signing needs of the tensors, hashed and projected here, off the trio thread
-                    digests = (tensor_digest(hidden), *result_digests(result, session.seed)) \
-                        if session.seed is not None else None
-                    return result, elapsed, digests
+                def digests(result: torch.Tensor) -> tuple[bytes, bytes, bytes] | None:
+                    # what signing needs of the tensors, hashed and projected in the worker thread
+                    return (tensor_digest(hidden), *result_digests(result, seed)) if seed is not None else None
 
-                out, compute_s, digests = await trio.to_thread.run_sync(compute, limiter=limiter)
+                done = BatchStep(session.span, session.cache, hidden, pos, chunks, capacity, digests, priority)
+                try:
+                    await self.batcher.submit(done)
+                finally:
+                    session.cache = done.cache  # grown, even when the step then failed
             except BaseException:
                 if account is not None:
                     account.rollback(paid_before)
                 raise
+            assert done.outputs is not None  # submit raises the step's error otherwise
+            out, compute_s, step_digests = done.outputs, done.compute_s, done.after_value
             session.last_step = step_id
             session.last_used = trio.current_time()
             session.tokens += n
             served = session.tokens
             signed = None
-            if digests is not None and session.inputs is not None:
-                inputs_digest, output_digest, output_fingerprint = digests
+            if step_digests is not None and session.inputs is not None:
+                inputs_digest, output_digest, output_fingerprint = step_digests
                 signed = (session.inputs.add(pos, chunks, inputs_digest), output_digest, output_fingerprint)
         session.steps += 1
         if account is not None and account.due(account.billing.clock()) and self._nursery is not None:
@@ -852,16 +869,6 @@ class BlockServer:
             await self._send(session, reply_to, reply)
         except P2PError:
             session.scope.cancel()
-
-
-def _grown(span: BlockSpan, cache: KVCache, capacity: int) -> KVCache:
-    """A copy of `cache` with room for `capacity` tokens (what it holds is copied bit for bit)."""
-    new = span.new_cache(capacity)
-    n = cache.length
-    for dst, src in zip(new.k + new.v, cache.k + cache.v):
-        dst[:, :, :n] = src[:, :, :n]
-    new.length = n
-    return new
 
 
 @dataclass

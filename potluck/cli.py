@@ -103,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--cache-mb", type=int, metavar="MiB",
                    help="memory for the KV cache of the blocks served (default 256); bounds the sessions it holds")
+    p.add_argument("--max-batch", type=int, metavar="N",
+                   help="steps of different sessions the blocks served compute as one forward (default 8; 1: no "
+                        "batching)")
     p.add_argument("--threads", type=int, help="torch threads for this peer (default: torch's choice); "
                                                "give 1 when several peers share a machine")
     p.add_argument("--spot-check-fraction", type=float, metavar="P",
@@ -227,6 +230,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parse_blocks(args.blocks)  # a malformed span is an error before anything starts
     if args.cache_mb is not None and args.cache_mb < 1:
         raise ValueError("--cache-mb wants a positive number of MiB")
+    if args.max_batch is not None and not 1 <= args.max_batch <= 256:
+        raise ValueError("--max-batch wants a number of steps in [1, 256]")
     if args.spot_check_fraction is not None and not 0.0 <= args.spot_check_fraction <= 1.0:
         raise ValueError("--spot-check-fraction wants a number in [0, 1]")
     apps, fallback = _api_gateway(args)
@@ -242,6 +247,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         dtype=args.dtype,
         cache_mib=args.cache_mb,
+        max_batch=args.max_batch,
         spot_check_fraction=args.spot_check_fraction,
         credit_policy=_credit_policy(args),
         api=args.api,

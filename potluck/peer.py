@@ -102,6 +102,7 @@ class PeerConfig:
     blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
     dtype: str = "float32"
     cache_mib: int | None = None  # the KV cache budget of served blocks (None: the server's default)
+    max_batch: int | None = None  # steps computed as one forward by the served blocks (None: the server's default)
     spot_check_fraction: float | None = None  # fixed spot-check fraction (0: none); None: adaptive (checkpolicy)
     credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
@@ -377,9 +378,12 @@ def _validators() -> Validators:
 
 
 def _server_config(config: PeerConfig) -> ServerConfig:
-    if config.cache_mib is None:
-        return ServerConfig(dtype=config.dtype)
-    return ServerConfig(dtype=config.dtype, cache_budget_bytes=config.cache_mib << 20)
+    sc = ServerConfig(dtype=config.dtype)
+    if config.cache_mib is not None:
+        sc.cache_budget_bytes = config.cache_mib << 20
+    if config.max_batch is not None:
+        sc.max_batch_steps = config.max_batch
+    return sc
 
 
 async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None = None) -> None:

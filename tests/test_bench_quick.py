@@ -134,6 +134,10 @@ def test_pipeline_quick(smollm2_data):
         assert r[mode]["tokens_match_local"] is True, r[mode]  # greedy through the swarm = local
     assert figure(r, "ratio_swarm_direct_vs_local_hf") > 0 and figure(r, "ratio_swarm_push_vs_local_hf") > 0
     assert figure(r, "rss.server_over_full") > 0
+    c = r["concurrent"]  # continuous batching: 4 clients at once through the same servers
+    assert c["clients"] == 4 and c["tokens_match_local"] is True, c
+    assert figure(r, "aggregate_over_single") > 0 and figure(r, "concurrent.per_client_tokens_per_s.min") > 0
+    assert figure(r, "concurrent.forward_by_batch.tokens_per_s_per_block.8") > 0
 
 
 @pytest.mark.slow

@@ -3,10 +3,12 @@ admission by what a client owes against its allowance (debt limit + standing in 
 free when idle), compute ordered by standing, unpaid clients cut off."""
 
 import pytest
+import torch
 import trio
 
 from credits import CreditPolicy, StandingView
 from credits.ledger import GFLOP
+from pipeline.batching import BatchStep
 from pipeline.billing import ClientBilling
 from pipeline.client import GenerationFailed
 from pipeline.errors import InsufficientCredit, ReceiptRequired
@@ -209,8 +211,9 @@ async def test_priority_limiter_orders_by_balance_fifo_within():
 
 
 async def test_server_queues_steps_by_client_standing_not_balance(llama):
-    """Waiting steps go highest standing (in the server's own view) first; a client the server funded
-    with a large grant, but whose work never reached it, waits behind every client with standing."""
+    """Waiting steps go highest standing (in the server's own view) first — batches are filled in that
+    order (pipeline/batching.py); a client the server funded with a large grant, but whose work never
+    reached it, waits behind every client with standing."""
     path, mid, local, cfg = llama
     holder = {}
 
@@ -228,7 +231,7 @@ async def test_server_queues_steps_by_client_standing_not_balance(llama):
             await srv.ledger.grant(clients[3][0].network.identity.public_key, 10**6 * GFLOP)  # balance, no standing
             assert (await srv.ledger.balance(clients[3][0].network.identity.public_key)).effective > max(standing)
             ready, go = [trio.Event() for _ in clients], trio.Event()
-            lim = srv.server.limiter
+            lim, batcher = srv.server.limiter, srv.server.batcher
 
             async def run(i, model):
                 async with model.inference_session(16) as sess:
@@ -241,13 +244,19 @@ async def test_server_queues_steps_by_client_standing_not_balance(llama):
                     nursery.start_soon(run, i, model)
                 for e in ready:
                     await e.wait()
-                await lim.acquire_on_behalf_of("test")  # the compute thread is busy
+                await lim.acquire_on_behalf_of("test")  # the compute thread is busy with a batch in flight
+                span = srv.server.span
+                busy = BatchStep(span, span.new_cache(4), torch.zeros(1, 1, cfg.hidden_size), 0, [1], 4)
+                nursery.start_soon(batcher.submit, busy)
+                with trio.fail_after(10):
+                    while not busy.taken:
+                        await trio.sleep(0.01)
                 go.set()
                 with trio.fail_after(10):
-                    while lim.waiting < 4:
+                    while batcher.waiting < 4:
                         await trio.sleep(0.01)
                 lim.release_on_behalf_of("test")
-            assert lim.served[-4:] == sorted(standing, reverse=True) + [0]
+            assert batcher.served[-4:] == sorted(standing, reverse=True) + [0]
 
 
 async def test_disputes_count_only_as_the_viewers_own_verdicts_and_never_move_balances(llama, tmp_path):
