@@ -132,11 +132,14 @@ def _proof(liar: Hop, reference: torch.Tensor, start_pos: int, tol: float) -> Di
     if not isinstance(liar, RemoteHop):
         return None
     end_pos = start_pos + reference.shape[1]
-    for i, step in enumerate(liar.log.steps):
-        if step.pos < start_pos or step.pos + step.tokens > end_pos:
+    steps = liar.log.steps
+    for i, step in enumerate(steps):
+        # what the session kept of it: a later step may have rolled its rejected drafts back
+        kept = steps[i + 1].pos - step.pos if i + 1 < len(steps) else step.tokens
+        if step.pos < start_pos or step.pos + kept > end_pos:
             continue
-        honest = reference[:, step.pos - start_pos:step.pos - start_pos + step.tokens]
-        if relative_error(step.outputs, honest) > tol:
+        honest = reference[:, step.pos - start_pos:step.pos - start_pos + kept]
+        if relative_error(step.outputs[:, :kept], honest) > tol:
             return liar.log.proof(i)
     return None
 
@@ -178,6 +181,8 @@ class SpotChecker:
         watch = self._watches.setdefault(hop, _Watch())
         while watch.records and watch.records[-1].pos >= step.pos:
             watch.records.pop()
+        if watch.records:  # a step rolling back the rejected drafts of the one before it
+            watch.records[-1] = watch.records[-1].upto(step.pos)
         watch.verified = min(watch.verified, step.pos)
         watch.records.append(step)
 
