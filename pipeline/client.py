@@ -36,6 +36,13 @@
   by default every step of a server new to this client, then fewer as it earns trust) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
+- Speculative decoding (`ClientConfig.speculative`, on by default; `speculative=` per generation,
+  pipeline/speculative.py): each decode pass sends the last token and k drafted ones as ONE step,
+  keeps the drafts the model agrees with plus its own next token (`verify`: the same tokens plain
+  decoding gives, greedy or seeded), and `InferenceSession.keep` forgets the rest: the next step
+  starts there, servers roll their caches back by its `pos`, the history replayed after a fault and
+  the spot checker's records hold only kept positions, and the rejected drafts are credited back in
+  the next receipt (pipeline/protocol.py `refunded_tokens`).
 - Signed results: every remote hop's "out" carries the server's signature over the step's result
   (pipeline/proofs.py); the client checks it as the reply arrives and, once the step's inputs are
   known, that it covers them (`RemoteHop.accept`). A result that is not what the server signed is a
