@@ -44,9 +44,9 @@ client raises it), then `data: [DONE]`. 402 and 503 carry `x-should-retry: false
 hammer a swarm that cannot serve them.
 
 Non-standard additions: every completion (and the final chunk of a stream) has a `potluck` field
-with the route, tokens/s and the credits this request spent (what this peer signed for the request's
-own server sessions, listed in `paid`); `/v1/models` entries have `potluck`
-with the coverage.
+with the route, tokens/s, speculative decoding's tokens per pass and acceptance (`speculation`) and
+the credits this request spent (what this peer signed for the request's own server sessions, listed
+in `paid`); `/v1/models` entries have `potluck` with the coverage.
 """
 
 from __future__ import annotations
@@ -295,7 +295,7 @@ class _GenerationResponse:
         """The answer's `potluck` field."""
         summary = result.summary()
         return {k: summary[k] for k in ("route", "tokens_per_s", "ttft_s", "wall_s", "credits_spent", "paid",
-                                        "recoveries", "model_id")}
+                                        "recoveries", "speculation", "model_id")}
 
     async def _write_whole(self, recv: trio.MemoryReceiveChannel, send) -> None:
         parts = []
