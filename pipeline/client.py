@@ -687,7 +687,7 @@ class DistributedModel:
                 k = 0
                 if drafter is not None and draft_length is not None:
                     k = min(draft_length.next_k(), params.max_new_tokens - len(generated) - 1)
-                drafts = drafter.draft(ids + generated, k) if drafter is not None and k > 0 else []
+                drafts = await drafter.draft(ids + generated, k) if drafter is not None and k > 0 else []
                 pos = session.position
                 t_pass = time.perf_counter()
                 logits = await self.logits(await session.step(await self.embed([generated[-1], *drafts])))

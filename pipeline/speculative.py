@@ -2,14 +2,15 @@
 
     spec = SpeculativeConfig()                          # prompt lookup, k adapted (the client's default)
     drafter, length = spec.drafter(), spec.draft_length()
-    drafts = drafter.draft(context, length.next_k())    # context: prompt + tokens accepted so far
+    drafts = await drafter.draft(context, length.next_k())  # context: prompt + tokens accepted so far
     ... one step of [last token, *drafts] → logits at every position ...
     tokens = verify(sampler, logits, drafts, index)     # the tokens plain decoding picks here, 1..k+1
     length.observe(len(drafts), len(tokens) - 1, pass_s)
 
-- Drafter: `PromptLookup` — the longest n-gram (n = ngram_max..1) ending the context that occurred
-  before, and the tokens that followed its latest occurrence: no extra model, strong where the
-  answer restates its input (edits, summaries, code, RAG); nothing when no n-gram repeats.
+- Drafters: `PromptLookup` (the default) — the longest n-gram (n = ngram_max..1) ending the context
+  that occurred before, and the tokens that followed its latest occurrence: no extra model, strong
+  where the answer restates its input (edits, summaries, code, RAG); nothing when no n-gram repeats.
+  `DraftModel` — a small local model of the same tokenizer drafting greedily (`--draft-model`).
 - Acceptance (`verify`): the token at each verified position is what `Sampler` picks there —
   argmax when greedy, Gumbel-max with per-index noise when sampling (pipeline/sampling.py) — and
   the drafts are taken while they equal it. Greedy: output identical to plain greedy. Sampling:
@@ -35,7 +36,10 @@ from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import torch
+import trio
 
+from .loading import load_local_model
+from .model import LocalModel, LocalSession
 from .protocol import MAX_REFUNDED_TOKENS
 
 MAX_DRAFT = MAX_REFUNDED_TOKENS  # drafts per pass: servers credit back at most this many rejected ones
@@ -44,7 +48,7 @@ MAX_DRAFT = MAX_REFUNDED_TOKENS  # drafts per pass: servers credit back at most 
 class Drafter(Protocol):
     """Proposes the next tokens of a context (prompt + accepted tokens, append-only within a generation)."""
 
-    def draft(self, context: list[int], k: int) -> list[int]:
+    async def draft(self, context: list[int], k: int) -> list[int]:
         """Up to `k` tokens that may follow `context` (fewer, or none, when it has no guess)."""
 
 
@@ -64,7 +68,10 @@ class PromptLookup:
                 self._seen[tuple(context[t - n:t])] = t
         self._indexed = max(self._indexed, len(context))
 
-    def draft(self, context: list[int], k: int) -> list[int]:
+    async def draft(self, context: list[int], k: int) -> list[int]:
+        return self.lookup(context, k)
+
+    def lookup(self, context: list[int], k: int) -> list[int]:
         if k <= 0 or not context:
             return []
         self._index(context)
@@ -73,6 +80,44 @@ class PromptLookup:
             if follow is not None:
                 return context[follow:follow + k]
         return []
+
+
+class DraftModel:
+    """Drafts greedily with a small local model of the same tokenizer (`LocalModel`: our block math, all
+    blocks in this process), in a worker thread; its KV cache keeps what the drafts share with the
+    context and rolls back the rest. A point mass too: `verify`'s rule holds as it is."""
+
+    def __init__(self, model: LocalModel, capacity: int = 4096):
+        self.model = model
+        self.capacity = capacity
+        self.session: LocalSession | None = None  # allocated at the first draft
+        self.cached: list[int] = []  # the tokens the draft cache holds
+
+    async def draft(self, context: list[int], k: int) -> list[int]:
+        if k <= 0 or not context or len(context) + k > self.capacity:
+            return []
+        return await trio.to_thread.run_sync(self._draft, list(context), k)
+
+    def _draft(self, context: list[int], k: int) -> list[int]:
+        if self.session is None:
+            self.session = self.model.new_session(self.capacity)
+        same = 0
+        for a, b in zip(self.cached, context):
+            if a != b:
+                break
+            same += 1
+        same = min(same, len(context) - 1)  # the last context token is fed again: its logits start the draft
+        for cache in self.session.caches:
+            cache.trim(same)
+        logits = self.model.step(torch.tensor([context[same:]]), self.session)
+        self.cached = list(context)
+        out: list[int] = []
+        while True:
+            out.append(int(logits[0, -1].argmax()))
+            if len(out) == k:
+                return out
+            logits = self.model.step(torch.tensor([out[-1:]]), self.session)
+            self.cached.append(out[-1])
 
 
 def verify(pick: Callable[[torch.Tensor, int], int], logits: torch.Tensor, drafts: list[int], index: int) -> list[int]:
@@ -181,3 +226,13 @@ class SpeculationStats:
     def summary(self) -> dict:
         return {"passes": self.passes, "drafted": self.drafted, "accepted": self.accepted,
                 "tokens_per_pass": round(self.tokens_per_pass, 3), "acceptance": round(self.acceptance, 3)}
+
+
+def with_draft_model(folder: str, vocab_size: int, **kw: int) -> SpeculativeConfig:
+    """Speculation drafting with the model in `folder` (loaded whole, here: call it in a thread); ValueError
+    unless its vocabulary has the target's size (a cheap check that the tokenizer is the same)."""
+    local = load_local_model(folder, device="cpu")
+    if local.cfg.vocab_size != vocab_size:
+        raise ValueError(f"the draft model's vocabulary has {local.cfg.vocab_size} tokens, the model's "
+                         f"{vocab_size}: a draft model must share the tokenizer")
+    return SpeculativeConfig(make_drafter=lambda: DraftModel(local), **kw)

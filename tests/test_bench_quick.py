@@ -127,6 +127,10 @@ def test_pipeline_quick(smollm2_data):
         assert r[mode]["tokens_match_local"] is True, r[mode]  # greedy through the swarm = local
     assert figure(r, "ratio_swarm_direct_vs_local_hf") > 0 and figure(r, "ratio_swarm_push_vs_local_hf") > 0
     assert figure(r, "rss.server_over_full") > 0
+    assert figure(r, "speculative_over_plain") > 0 and r["speculative"]["identical"] is True  # prompt lookup = plain
+    assert figure(r, "speculative.prompt_lookup.tokens_per_pass") >= 1
+    assert 0 <= figure(r, "speculative.prompt_lookup.acceptance") <= 1
+    assert figure(r, "local_hf_prompt_lookup.prompt_lookup_over_plain") > 0
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ from pipeline.hop import StepRecord
 from pipeline.loading import ModelFolder
 from pipeline.protocol import MAX_REFUNDED_TOKENS, refunded_tokens
 from pipeline.sampling import Sampler, SamplingParams
-from pipeline.speculative import DraftLength, PromptLookup, SpeculativeConfig, verify
+from pipeline.speculative import DraftLength, PromptLookup, SpeculativeConfig, verify, with_draft_model
 from pipeline.spotcheck import SpotCheckConfig
 from testkit.billing import add_client, add_server, latest_receipts
 from testkit.swarms import swarm
@@ -38,7 +38,7 @@ class Oracle:
     def __init__(self, prompt: list[int], want: list[int]):
         self.prompt, self.want = prompt, want
 
-    def draft(self, context: list[int], k: int) -> list[int]:
+    async def draft(self, context: list[int], k: int) -> list[int]:
         done = len(context) - len(self.prompt)
         return [t if (done + j) % 3 != 2 else (t + 1) % 101 for j, t in enumerate(self.want[done:done + k])]
 
@@ -52,12 +52,12 @@ def oracle(prompt: list[int], want: list[int]) -> SpeculativeConfig:
 
 def test_prompt_lookup_drafts_what_followed_the_latest_longest_match():
     d = PromptLookup(ngram_max=3)
-    assert d.draft([1, 2, 3, 4], 3) == []  # nothing repeats
-    assert d.draft([1, 2, 3, 4, 9, 1, 2], 3) == [3, 4, 9]
+    assert d.lookup([1, 2, 3, 4], 3) == []  # nothing repeats
+    assert d.lookup([1, 2, 3, 4, 9, 1, 2], 3) == [3, 4, 9]
     # the longest n-gram wins over a later shorter one; k bounds the draft; the context grows
-    assert d.draft([1, 2, 3, 4, 9, 1, 2, 5, 2], 2) == [5, 2]  # "2" alone: latest occurrence
-    assert d.draft([1, 2, 3, 4, 9, 1, 2, 5, 2, 3], 4) == [4, 9, 1, 2]  # "2 3" matches at the start
-    assert d.draft([1, 2, 3, 4, 9, 1, 2, 5, 2, 3], 0) == []
+    assert d.lookup([1, 2, 3, 4, 9, 1, 2, 5, 2], 2) == [5, 2]  # "2" alone: latest occurrence
+    assert d.lookup([1, 2, 3, 4, 9, 1, 2, 5, 2, 3], 4) == [4, 9, 1, 2]  # "2 3" matches at the start
+    assert d.lookup([1, 2, 3, 4, 9, 1, 2, 5, 2, 3], 0) == []
 
 
 def test_greedy_acceptance_takes_the_matching_prefix_and_the_models_token():
@@ -150,6 +150,23 @@ async def test_greedy_and_seeded_output_identical_with_speculation(llama):
             drafted = await model.generate(RESTATING, speculative=oracle(RESTATING, plain.token_ids), **kw)
             assert drafted.token_ids == plain.token_ids and drafted.speculation.accepted > 0
             assert (await model.generate(RESTATING, speculative=True, **kw)).token_ids == plain.token_ids
+
+
+async def test_a_local_draft_model_drafts_what_the_route_accepts(llama, tmp_path):
+    """The tiny model as its own draft model: nearly every draft is accepted, the output is plain greedy's;
+    a draft model with another vocabulary is refused."""
+    path, mid, local, _ = llama
+    want = local.generate_greedy(RANDOM, 24)
+    spec = await trio.to_thread.run_sync(with_draft_model, str(path), local.cfg.vocab_size)
+    with trio.fail_after(120):
+        async with swarm("sim", path, [(0, 2), (2, 4)], model_id=mid) as s:
+            model = await s.client(spot_check=None, speculative=spec)
+            for _ in range(2):  # the draft cache rolls back between generations too
+                g = await model.generate(RANDOM, max_new_tokens=24, stop_token_ids=[])
+                assert g.token_ids == want
+                assert g.speculation.acceptance > 0.9 and g.speculation.tokens_per_pass > 3
+    with pytest.raises(ValueError, match="vocabulary"):
+        with_draft_model(str(path), local.cfg.vocab_size + 1)
 
 
 @pytest.mark.parametrize("push", [False, True], ids=["direct", "push"])
