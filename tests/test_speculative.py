@@ -232,3 +232,18 @@ async def test_rejected_drafts_are_not_billed(llama):
                 spend = spends[(earn.server, earn.client, earn.session)]
                 assert (spend.tokens, spend.flops, spend.counter) == (earn.tokens, earn.flops, earn.counter)
             assert sum(r.flops for r in g.paid) == sum(r.flops for r in spends.values())
+
+
+def test_the_answers_potluck_field_reports_speculation():
+    from pipeline.client import Generation
+    from pipeline.speculative import SpeculationStats
+    from potluck.api import _GenerationResponse
+    from potluck.generation import GenerationResult
+
+    g = Generation([1, 2, 3, 4, 5], "", "length", 3,
+                   speculation=SpeculationStats(passes=2, drafted=6, accepted=2, tokens=4))
+    extra = _GenerationResponse._extra(GenerationResult(g, "m" * 64, "api"))
+    assert extra["speculation"] == {"passes": 2, "drafted": 6, "accepted": 2, "tokens_per_pass": 2.0,
+                                    "acceptance": 0.333}
+    assert _GenerationResponse._extra(GenerationResult(Generation([1], "", "length", 3), "m" * 64, "api"))[
+        "speculation"] is None
