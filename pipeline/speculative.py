@@ -20,9 +20,10 @@
   the model's, and with a seed the output equals plain decoding's token for token.
 - Draft length (`DraftLength`): k maximises expected tokens per unit time, E(k)/(1 + r·k), with
   E(k) = (1 − α^(k+1))/(1 − α) for the measured per-draft acceptance α and r the measured cost of
-  one more position in a pass relative to a one-token pass (round trip included: where round trips
-  are expensive r is small and k grows). k is 0 while drafts keep failing; as the acceptance
-  evidence ages, small drafts are tried again.
+  one more position in a pass relative to a one-token pass (a line a + b·positions through the
+  timed passes, r = b/(a + b): the round trip is in a, so where round trips are expensive r is
+  small and k grows). k is 0 while drafts keep failing; as the acceptance evidence ages, small
+  drafts are tried again.
 - Billing: a pass of 1 + k tokens is paid for before it is computed (pipeline/billing.py); the next
   step's position rolls back the rejected drafts and their tokens are credited back
   (`protocol.refunded_tokens`), so a session is billed its accepted positions plus at most the
@@ -32,7 +33,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -142,9 +143,13 @@ class DraftLength:
     decay: float = 0.9  # weight of older evidence per pass
     accepted: float = 0.0  # decayed counts of drafts accepted / rejected
     rejected: float = 0.0
-    base_s: float | None = None  # decayed estimate of a one-token pass (s)
-    per_token_s: float | None = None  # ... and of one more position in a pass
-    prior_cost: float = 0.1  # r before anything is measured
+    prior_cost: float = 0.1  # r until passes of different sizes were timed
+    # decayed sums for a least-squares line through (positions in a pass, its seconds): a + b·positions
+    _w: float = field(default=0.0, init=False, repr=False)
+    _sx: float = field(default=0.0, init=False, repr=False)
+    _sy: float = field(default=0.0, init=False, repr=False)
+    _sxx: float = field(default=0.0, init=False, repr=False)
+    _sxy: float = field(default=0.0, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not 0 <= self.max_k <= MAX_DRAFT:
@@ -157,10 +162,16 @@ class DraftLength:
 
     @property
     def relative_cost(self) -> float:
-        """r: one more position in a pass, relative to a one-token pass."""
-        if self.base_s is None or self.per_token_s is None or self.base_s <= 0:
+        """r: one more position in a pass, relative to a one-token pass (round trip included): b / (a + b)."""
+        if self._w <= 0:
             return self.prior_cost
-        return min(1.0, max(1e-3, self.per_token_s / self.base_s))
+        mx, my = self._sx / self._w, self._sy / self._w
+        var = self._sxx / self._w - mx * mx
+        if var < 0.25:  # passes of (nearly) one size: the line is not determined
+            return self.prior_cost
+        b = max(0.0, (self._sxy / self._w - mx * my) / var)
+        a = my - b * mx
+        return min(1.0, max(1e-3, b / (a + b))) if a + b > 0 else 1.0
 
     def next_k(self) -> int:
         a, r = min(self.acceptance, 0.999), self.relative_cost
@@ -181,11 +192,12 @@ class DraftLength:
             self.rejected += accepted < drafted
         if not math.isfinite(pass_s) or pass_s <= 0:
             return
-        if drafted == 0:
-            self.base_s = pass_s if self.base_s is None else d * self.base_s + (1 - d) * pass_s
-        elif self.base_s is not None:
-            slope = max(0.0, pass_s - self.base_s) / drafted
-            self.per_token_s = slope if self.per_token_s is None else d * self.per_token_s + (1 - d) * slope
+        n = 1 + drafted
+        self._w = d * self._w + 1.0
+        self._sx = d * self._sx + n
+        self._sy = d * self._sy + pass_s
+        self._sxx = d * self._sxx + n * n
+        self._sxy = d * self._sxy + n * pass_s
 
 
 @dataclass

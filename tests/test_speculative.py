@@ -113,6 +113,15 @@ def test_draft_length_follows_acceptance_and_cost():
     for x in (cheap, dear):
         x.accepted, x.rejected = 3.0, 1.0
     assert cheap.next_k() > dear.next_k()
+    # measured: a long round trip (0.1 s) with cheap positions vs a short one with dear positions
+    far, near = DraftLength(), DraftLength()
+    for i in range(40):
+        drafted = [0, 2, 4, 6][i % 4]
+        far.observe(drafted, drafted * 3 // 4, 0.1 + 0.001 * (1 + drafted))
+        near.observe(drafted, drafted * 3 // 4, 0.002 + 0.004 * (1 + drafted))
+    assert far.relative_cost == pytest.approx(0.001 / 0.101, rel=1e-3)
+    assert near.relative_cost == pytest.approx(0.004 / 0.006, rel=1e-3)
+    assert far.next_k() > near.next_k()
 
 
 def test_refunds_cover_only_the_previous_steps_drafts():
