@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 import trio
@@ -144,6 +144,7 @@ class DraftLength:
     accepted: float = 0.0  # decayed counts of drafts accepted / rejected
     rejected: float = 0.0
     prior_cost: float = 0.1  # r until passes of different sizes were timed
+    measure: bool = True  # False: r stays `prior_cost` (k then follows the acceptance alone)
     # decayed sums for a least-squares line through (positions in a pass, its seconds): a + b·positions
     _w: float = field(default=0.0, init=False, repr=False)
     _sx: float = field(default=0.0, init=False, repr=False)
@@ -163,7 +164,7 @@ class DraftLength:
     @property
     def relative_cost(self) -> float:
         """r: one more position in a pass, relative to a one-token pass (round trip included): b / (a + b)."""
-        if self._w <= 0:
+        if not self.measure or self._w <= 0:
             return self.prior_cost
         mx, my = self._sx / self._w, self._sy / self._w
         var = self._sxx / self._w - mx * mx
@@ -208,6 +209,7 @@ class SpeculativeConfig:
     ngram_max: int = 3
     ngram_min: int = 1
     make_drafter: Callable[[], Drafter] | None = None  # another drafter (one per generation); None: prompt lookup
+    position_cost: float | None = None  # r, fixed (e.g. servers whose extra positions are nearly free); None: measured
 
     def drafter(self) -> Drafter:
         if self.make_drafter is not None:
@@ -215,6 +217,8 @@ class SpeculativeConfig:
         return PromptLookup(self.ngram_max, self.ngram_min)
 
     def draft_length(self) -> DraftLength:
+        if self.position_cost is not None:
+            return DraftLength(max_k=self.max_k, prior_cost=self.position_cost, measure=False)
         return DraftLength(max_k=self.max_k)
 
 
@@ -240,7 +244,7 @@ class SpeculationStats:
                 "tokens_per_pass": round(self.tokens_per_pass, 3), "acceptance": round(self.acceptance, 3)}
 
 
-def with_draft_model(folder: str, vocab_size: int, **kw: int) -> SpeculativeConfig:
+def with_draft_model(folder: str, vocab_size: int, **kw: Any) -> SpeculativeConfig:
     """Speculation drafting with the model in `folder` (loaded whole, here: call it in a thread); ValueError
     unless its vocabulary has the target's size (a cheap check that the tokenizer is the same)."""
     local = load_local_model(folder, device="cpu")

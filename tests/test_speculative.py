@@ -44,7 +44,8 @@ class Oracle:
 
 
 def oracle(prompt: list[int], want: list[int]) -> SpeculativeConfig:
-    return SpeculativeConfig(make_drafter=lambda: Oracle(prompt, want))
+    # k from the acceptance alone (a fixed position cost): what the tests assert must not hang on timings
+    return SpeculativeConfig(make_drafter=lambda: Oracle(prompt, want), position_cost=0.05)
 
 
 # --- units ----------------------------------------------------------------------------------------------------
@@ -166,7 +167,7 @@ async def test_a_local_draft_model_drafts_what_the_route_accepts(llama, tmp_path
     a draft model with another vocabulary is refused."""
     path, mid, local, _ = llama
     want = local.generate_greedy(RANDOM, 24)
-    spec = await trio.to_thread.run_sync(with_draft_model, str(path), local.cfg.vocab_size)
+    spec = await trio.to_thread.run_sync(lambda: with_draft_model(str(path), local.cfg.vocab_size, position_cost=0.05))
     with trio.fail_after(120):
         async with swarm("sim", path, [(0, 2), (2, 4)], model_id=mid) as s:
             model = await s.client(spot_check=None, speculative=spec)
