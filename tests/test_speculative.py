@@ -257,3 +257,10 @@ def test_the_answers_potluck_field_reports_speculation():
                                     "acceptance": 0.333}
     assert _GenerationResponse._extra(GenerationResult(Generation([1], "", "length", 3), "m" * 64, "api"))[
         "speculation"] is None
+
+
+def test_serve_refuses_a_draft_model_that_is_not_a_model_folder(tmp_path, capsys):
+    from potluck.cli import main
+
+    assert main(["serve", "--data-dir", str(tmp_path / "data"), "--draft-model", str(tmp_path)]) == 2
+    assert "--draft-model" in capsys.readouterr().err
