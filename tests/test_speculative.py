@@ -244,19 +244,17 @@ async def test_rejected_drafts_are_not_billed(llama):
             assert sum(r.flops for r in g.paid) == sum(r.flops for r in spends.values())
 
 
-def test_the_answers_potluck_field_reports_speculation():
+def test_the_generation_summary_reports_speculation():
+    """What the answer's `potluck` field and the control socket's `generate` carry (potluck/generation.py)."""
     from pipeline.client import Generation
     from pipeline.speculative import SpeculationStats
-    from potluck.api import _GenerationResponse
     from potluck.generation import GenerationResult
 
     g = Generation([1, 2, 3, 4, 5], "", "length", 3,
                    speculation=SpeculationStats(passes=2, drafted=6, accepted=2, tokens=4))
-    extra = _GenerationResponse._extra(GenerationResult(g, "m" * 64, "api"))
-    assert extra["speculation"] == {"passes": 2, "drafted": 6, "accepted": 2, "tokens_per_pass": 2.0,
-                                    "acceptance": 0.333}
-    assert _GenerationResponse._extra(GenerationResult(Generation([1], "", "length", 3), "m" * 64, "api"))[
-        "speculation"] is None
+    assert GenerationResult(g, "m" * 64, "api").summary()["speculation"] == {
+        "passes": 2, "drafted": 6, "accepted": 2, "tokens_per_pass": 2.0, "acceptance": 0.333}
+    assert GenerationResult(Generation([1], "", "length", 3), "m" * 64, "api").summary()["speculation"] is None
 
 
 def test_serve_refuses_a_draft_model_that_is_not_a_model_folder(tmp_path, capsys):
