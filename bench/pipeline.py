@@ -17,6 +17,11 @@ Reported: tokens/s (new tokens / wall time of the whole generation, prefill incl
 ratios, time to first token, per-token time split into server compute, network (+ serialisation,
 thread hops) and the client's own head (embed, final norm, LM head, sampling), whether the swarm's
 tokens equal HF's, and peak RSS of each server process against a process holding the full model.
+
+Speculative decoding (`speculative`): on a prompt that restates given text (`RESTATE`), the same
+swarm (client-driven) with prompt lookup vs without — `speculative_over_plain` (tok/s ratio), tokens
+per pass, acceptance, identical output — and the same pair locally with transformers'
+`prompt_lookup_num_tokens` as the fair local baseline (`local_hf_prompt_lookup`).
 """
 
 from __future__ import annotations
@@ -35,6 +40,11 @@ import trio
 from potluck.localswarm import PeerProcess, wait_until
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who befriends a whale."}]
+RESTATE = [{"role": "user", "content": (
+    "Copy this paragraph exactly, word for word:\n\nThe lighthouse stood on a rock at the edge of the bay. Every "
+    "night the keeper climbed the one hundred and twelve steps, trimmed the wick, wound the clockwork and "
+    "watched the beam sweep across the water. Ships passed far out, their lights small and steady, and the "
+    "keeper wrote each one in the log: the hour, the heading, the weather and the state of the sea.")}]
 
 
 def rss_of(pid: int) -> dict:
@@ -77,6 +87,51 @@ def local_baselines(folder: Path, ids: list[int], n: int) -> dict:
             "tokens": tokens}
 
 
+def local_speculative(folder: Path, ids: list[int], n: int, lookup: int = 8) -> dict:
+    """transformers' generate on the restating prompt, greedy, without and with `prompt_lookup_num_tokens`."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32).eval()
+    x = torch.tensor([ids])
+    out: dict = {}
+    with torch.inference_mode():
+        for name, extra in (("plain", {}), ("prompt_lookup", {"prompt_lookup_num_tokens": lookup})):
+            kw = dict(do_sample=False, pad_token_id=0, **extra)
+            hf.generate(x, max_new_tokens=4, min_new_tokens=4, **kw)  # warm-up
+            t0 = time.perf_counter()
+            tokens = hf.generate(x, max_new_tokens=n, min_new_tokens=n, **kw)[0, len(ids):].tolist()
+            wall = time.perf_counter() - t0
+            out[name] = {"tokens_per_s": n / wall, "wall_s": wall, "tokens": tokens}
+    out["prompt_lookup_over_plain"] = out["prompt_lookup"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
+    out["identical"] = out["prompt_lookup"].pop("tokens") == out["plain"].pop("tokens")
+    return out
+
+
+async def speculative_runs(model, n: int) -> dict:
+    """The restating prompt through the swarm (client-driven), plain and with prompt lookup, one after the other."""
+    ids = model.encode(RESTATE)
+    model.client_config.push = False
+    out: dict = {"prompt_tokens": len(ids)}
+    tokens = {}
+    for name, spec in (("plain", False), ("prompt_lookup", True)):
+        await model.generate(ids, max_new_tokens=2, stop_token_ids=[], speculative=spec)
+        t0 = time.perf_counter()
+        g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[], speculative=spec)
+        wall = time.perf_counter() - t0
+        passes = g.steps - 1  # the prefill is the first step
+        out[name] = {"tokens_per_s": n / wall, "decode_tokens_per_s": g.tokens_per_s, "wall_s": wall,
+                     "passes": passes, "tokens_per_pass": (n - 1) / max(1, passes),
+                     "ms_per_pass": 1000 * g.decode_s / max(1, passes),
+                     "server_compute_ms_per_step": 1000 * g.compute_s / g.steps}  # the prefill included
+        if g.speculation is not None:
+            out[name]["acceptance"] = g.speculation.acceptance
+            out[name]["drafted"] = g.speculation.drafted
+        tokens[name] = g.token_ids
+    out["identical"] = tokens["plain"] == tokens["prompt_lookup"]
+    out["speculative_over_plain"] = out["prompt_lookup"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
+    return out
+
+
 def start_servers(folder: Path, k: int, num_layers: int, threads: int, root: Path,
                   *extra: str) -> list[tuple[PeerProcess, dict]]:
     """`k` real `potluck serve` processes splitting the model's blocks; returns each with its server status."""
@@ -113,9 +168,10 @@ async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: 
             await model.generate(ids, max_new_tokens=4, stop_token_ids=[])  # warm-up: dials, routes
             for mode in ("direct", "push"):
                 model.client_config.push = mode == "push"
-                await model.generate(ids, max_new_tokens=2, stop_token_ids=[])
+                # plain decoding, like the local baseline (speculation has its own figures below)
+                await model.generate(ids, max_new_tokens=2, stop_token_ids=[], speculative=False)
                 t0 = time.perf_counter()
-                g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[])
+                g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[], speculative=False)
                 wall = time.perf_counter() - t0
                 client_s = max(0.0, g.wall_s - g.compute_s - g.network_s)
                 results[mode] = {
@@ -126,6 +182,7 @@ async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: 
                                      "client_head": 1000 * client_s / n},
                     "route": [[p[-8:], a, b] for p, a, b in g.route], "push_fallbacks": g.push_fallbacks,
                 }
+            results["speculative"] = await speculative_runs(model, n)
             nursery.cancel_scope.cancel()
     return results
 
@@ -169,7 +226,7 @@ async def concurrent_runs(folder: Path, mid: str, bootstrap: str, ids: list[int]
 
         async def gen(i: int) -> None:
             t0 = time.perf_counter()
-            g = await models[i].generate(ids, max_new_tokens=n, stop_token_ids=[])
+            g = await models[i].generate(ids, max_new_tokens=n, stop_token_ids=[], speculative=False)  # batching alone
             results[i] = (time.perf_counter() - t0, g)
 
         await gen(0)
@@ -246,6 +303,8 @@ def main(argv: list[str] | None = None) -> None:
     n = args.new_tokens
 
     local = local_baselines(folder, ids, n)
+    restating = tok.apply_chat_template(RESTATE, add_generation_prompt=True, tokenize=True, return_dict=True)
+    local_spec = local_speculative(folder, list(cast(BatchEncoding, restating)["input_ids"]), n)
     with tempfile.TemporaryDirectory(prefix="potluck-bench-") as tmp:
         procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads, Path(tmp))
         try:
@@ -294,6 +353,8 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_swarm_push_vs_local_hf": swarm["push"]["tokens_per_s"] / hf_tps,
         "ratio_push_vs_direct": swarm["push"]["tokens_per_s"] / swarm["direct"]["tokens_per_s"],
         "concurrent": concurrent, "aggregate_over_single": concurrent["aggregate_over_single"],
+        "speculative": swarm["speculative"], "speculative_over_plain": swarm["speculative"]["speculative_over_plain"],
+        "local_hf_prompt_lookup": local_spec,
         "rss": {"server_processes": servers, "full_model_peak_bytes": full["peak_rss_bytes"],
                 "runtime_baseline_bytes": runtime, "max_server_peak_bytes": server_peak,
                 "server_over_full": server_peak / full["peak_rss_bytes"],
@@ -306,6 +367,10 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{k:14s} {report[k]['tokens_per_s']:7.1f} tok/s")
         print(f"swarm/local: direct {report['ratio_swarm_direct_vs_local_hf']:.2f}, push {report['ratio_swarm_push_vs_local_hf']:.2f}")
         print(f"{args.clients} clients: aggregate/single {report['aggregate_over_single']:.2f}")
+        spec = report["speculative"]
+        print(f"speculative (restating prompt): {spec['speculative_over_plain']:.2f}x plain, "
+              f"{spec['prompt_lookup']['tokens_per_pass']:.2f} tokens/pass, acceptance {spec['prompt_lookup']['acceptance']:.2f}; "
+              f"local HF prompt lookup {report['local_hf_prompt_lookup']['prompt_lookup_over_plain']:.2f}x")
         print(json.dumps(report["rss"], indent=1))
 
 

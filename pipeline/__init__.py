@@ -11,7 +11,8 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     measure.py    peak RSS of loading part of a model, in a subprocess; a span's tokens/s (alone, batched)
     flops.py      FLOPs per block per token, from the config
     pricing.py    ModelPricing: what a receipt's work costs, for the credit ledger
-    sampling.py   SamplingParams, Sampler, stop strings
+    sampling.py   SamplingParams, Sampler (Gumbel-max per output index), stop strings
+    speculative.py  speculative decoding: PromptLookup drafts, `verify` (the acceptance rule), DraftLength (adaptive k)
     errors.py     GenerationFailed and the typed Refused family (a refusal is not a fault)
     protocol.py   /potluck/inference/1.0.0 messages, error kinds (refusals vs faults), hidden states on the wire
     proofs.py     signed step results (input chain, output digest, seeded fingerprint), the client's

@@ -36,6 +36,13 @@
   by default every step of a server new to this client, then fewer as it earns trust) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
+- Speculative decoding (`ClientConfig.speculative`, on by default; `speculative=` per generation,
+  pipeline/speculative.py): each decode pass sends the last token and k drafted ones as ONE step,
+  keeps the drafts the model agrees with plus its own next token (`verify`: the same tokens plain
+  decoding gives, greedy or seeded), and `InferenceSession.keep` forgets the rest: the next step
+  starts there, servers roll their caches back by its `pos`, the history replayed after a fault and
+  the spot checker's records hold only kept positions, and the rejected drafts are credited back in
+  the next receipt (pipeline/protocol.py `refunded_tokens`).
 - Signed results: every remote hop's "out" carries the server's signature over the step's result
   (pipeline/proofs.py); the client checks it as the reply arrives and, once the step's inputs are
   known, that it covers them (`RemoteHop.accept`). A result that is not what the server signed is a
@@ -71,6 +78,7 @@ from .proofs import BadSignedStep
 from .protocol import pack_hidden
 from .routing import NoRoute, RouteHop, SequenceManager
 from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
+from .speculative import SpeculationStats, SpeculativeConfig, verify
 from .spotcheck import SpotCheckConfig, SpotChecker
 
 log = logging.getLogger(__name__)
@@ -90,6 +98,7 @@ class ClientConfig:
     push: bool = False  # server-to-server forwarding of activations
     billing: ClientBilling | None = None  # receipts, spends, disputes
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
+    speculative: SpeculativeConfig | None = field(default_factory=SpeculativeConfig)  # None: one token a pass
 
 
 HopSpan = tuple[str, int, int]  # (peer id, first block, end block) of one hop
@@ -124,6 +133,7 @@ class Generation:
     tokens_per_s: float = 0.0  # decode speed, after the first token
     compute_s: float = 0.0  # the servers' compute time, as they report it
     network_s: float = 0.0  # step wall time less compute
+    speculation: SpeculationStats | None = None  # the decode passes, when drafting was on
 
     @property
     def spent_flops(self) -> int:
@@ -191,11 +201,13 @@ class InferenceSession:
             self.stats.spot_checks = dict(self.checker.stats)
 
     def _receipt(self, hop: RemoteHop, info: dict | None = None) -> list | None:
-        """The receipt to send to `hop` now (with billing), else None."""
+        """The receipt to send to `hop` now (with billing), else None; with a step's `info["pos"]`, the
+        rejected drafts that step rolls back are not paid for (`RemoteHop.billed_before`)."""
         billing = self.model.client_config.billing
         if billing is None:
             return None
-        info = {**(info or {}), "start": hop.start, "end": hop.end, "served": hop.served, "model": self.model.model_id}
+        served = hop.billed_before(info["pos"]) if info and "pos" in info else hop.served
+        info = {**(info or {}), "start": hop.start, "end": hop.end, "served": served, "model": self.model.model_id}
         return billing.receipt(hop.peer_id, hop.session_id, info)
 
     async def open_hop(self, route_hop: RouteHop, addr: str | None) -> Hop:
@@ -379,6 +391,20 @@ class InferenceSession:
             self.hops[index:index + 1] = new
             return
         raise GenerationFailed(f"could not rebuild blocks [{bad.start}, {bad.end}) on other servers")
+
+    def keep(self, length: int) -> None:
+        """Forget the positions from `length` on, inside the last step (the rejected drafts of a
+        speculative pass): the next step starts at `length` and the servers roll their caches back to
+        it; the history replayed after a failure holds only what was kept."""
+        drop = self.position - length
+        if drop <= 0:
+            return
+        if not self.chunks or drop >= self.chunks[-1]:
+            raise ValueError(f"can only roll back inside the last step ({self.position} → {length})")
+        self.chunks[-1] -= drop
+        for inputs in self.history.values():
+            inputs[-1] = inputs[-1][:, :self.chunks[-1]]
+        self.position = length
 
     async def step(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden [1, n, hidden_size] (embeddings of new tokens) → output of the last block."""
@@ -633,17 +659,25 @@ class DistributedModel:
             out.add(self.tokenizer.eos_token_id)
         return out
 
-    async def stream(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
+    async def stream(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
+                     speculative: SpeculativeConfig | bool | None = None,
                      **kw: Any) -> AsyncGenerator[TokenEvent | Finished, None]:
         """Generate token by token (`params`, or keyword fields of SamplingParams): a `TokenEvent` per
         token, then one `Finished` with the rest of the text and the `Generation`. The events' texts
-        add up to the generation's text, whatever the finish reason."""
+        add up to the generation's text, whatever the finish reason. `speculative`: draft tokens and
+        verify them several a pass (pipeline/speculative.py; the tokens are the same either way) —
+        None: as `ClientConfig.speculative` says (on by default), False: off, True or a config: on."""
         params = params or SamplingParams(**kw)
+        spec = (self.client_config.speculative if speculative is None else
+                SpeculativeConfig() if speculative is True else speculative or None)
         ids = self.encode(prompt)
         if not ids:
             raise ValueError("the prompt is empty")
         stops = set(params.stop_token_ids) if params.stop_token_ids is not None else self._eos_ids()
         sampler = Sampler(params)
+        drafter = spec.drafter() if spec is not None else None
+        draft_length = spec.draft_length() if spec is not None else None
+        speculation = SpeculationStats() if spec is not None else None
         t0 = time.perf_counter()
         generated: list[int] = []
         shown = 0  # characters of the text the events have carried so far
@@ -656,27 +690,48 @@ class DistributedModel:
             logits = await self.logits((await session.step(await self.embed(ids)))[:, -1:])  # last position only
             ttft = time.perf_counter() - t0
             t_first = time.perf_counter()
-            for i in range(params.max_new_tokens):
-                tok = sampler(logits[0, -1])
-                if tok in stops:
-                    finish_reason = "stop"
+            new = [sampler(logits[0, -1], 0)]  # tokens chosen by the model, not yet shown
+            done = False
+            while not done:
+                for tok in new:
+                    i = len(generated)
+                    if tok in stops:
+                        finish_reason, done = "stop", True
+                        break
+                    generated.append(tok)
+                    text = self.decode(generated)
+                    cut = find_stop(text, params.stop) if params.stop else None
+                    if cut is not None:
+                        finish_reason, done = "stop", True
+                        if cut > shown:
+                            yield TokenEvent(tok, text[shown:cut], i, session.route)
+                        shown = max(shown, cut)
+                        break
+                    upto = safe_prefix_len(text, params.stop)
+                    delta = text[shown:upto] if upto > shown else ""
+                    shown = max(shown, upto)
+                    yield TokenEvent(tok, delta, i, session.route)
+                    if len(generated) == params.max_new_tokens:
+                        done = True
+                        break
+                if done:
                     break
-                generated.append(tok)
-                text = self.decode(generated)
-                cut = find_stop(text, params.stop) if params.stop else None
-                if cut is not None:
-                    finish_reason = "stop"
-                    if cut > shown:
-                        yield TokenEvent(tok, text[shown:cut], i, session.route)
-                    shown = max(shown, cut)
-                    break
-                upto = safe_prefix_len(text, params.stop)
-                delta = text[shown:upto] if upto > shown else ""
-                shown = max(shown, upto)
-                yield TokenEvent(tok, delta, i, session.route)
-                if i + 1 == params.max_new_tokens:
-                    break
-                logits = await self.logits(await session.step(await self.embed([tok])))
+                # one pass: the last token, and drafts of what may follow it (never past max_new_tokens)
+                k = 0
+                if drafter is not None and draft_length is not None:
+                    k = min(draft_length.next_k(), params.max_new_tokens - len(generated) - 1)
+                drafts = await drafter.draft(ids + generated, k) if drafter is not None and k > 0 else []
+                pos = session.position
+                t_pass = time.perf_counter()
+                logits = await self.logits(await session.step(await self.embed([generated[-1], *drafts])))
+                new = verify(sampler, logits[0], drafts, len(generated))
+                session.keep(pos + len(new))  # the servers roll the rejected drafts back at the next step
+                if speculation is not None and draft_length is not None:
+                    draft_length.observe(len(drafts), len(new) - 1, time.perf_counter() - t_pass)
+                    speculation.passes += 1
+                    speculation.drafted += len(drafts)
+                    speculation.accepted += len(new) - 1
+                    speculation.tokens += len(new)
             wall = time.perf_counter() - t0
             decode_wall = time.perf_counter() - t_first
             route = session.route
@@ -689,7 +744,8 @@ class DistributedModel:
             spot_checks=stats.spot_checks, paid=list(stats.paid), ttft_s=ttft, wall_s=wall,
             decode_s=decode_wall,
             tokens_per_s=(len(generated) - 1) / decode_wall if len(generated) > 1 and decode_wall > 0 else 0.0,
-            compute_s=stats.compute_s, network_s=max(0.0, stats.step_wall_s - stats.compute_s)))
+            compute_s=stats.compute_s, network_s=max(0.0, stats.step_wall_s - stats.compute_s),
+            speculation=speculation))
 
     def final_text(self, token_ids: list[int], stop: list[str]) -> str:
         """The text of generated tokens, cut before the first stop string."""
@@ -697,10 +753,10 @@ class DistributedModel:
         cut = find_stop(text, stop) if stop else None
         return text if cut is None else text[:cut]
 
-    async def generate(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None,
-                       **kw: Any) -> Generation:
+    async def generate(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
+                       speculative: SpeculativeConfig | bool | None = None, **kw: Any) -> Generation:
         generation = None
-        async with aclosing(self.stream(prompt, params, **kw)) as events:
+        async with aclosing(self.stream(prompt, params, speculative=speculative, **kw)) as events:
             async for event in events:
                 if isinstance(event, Finished):
                     generation = event.generation

@@ -66,6 +66,20 @@ class StepRecord:
     def tokens(self) -> int:
         return self.inputs.shape[1]
 
+    def upto(self, end: int) -> "StepRecord":
+        """This step without its positions from `end` on (rejected drafts rolled back), `end` > `pos`."""
+        keep = end - self.pos
+        if keep >= self.tokens:
+            return self
+        chunks, total = [], 0
+        for c in self.chunks:
+            if total + c >= keep:
+                chunks.append(keep - total)
+                break
+            chunks.append(c)
+            total += c
+        return StepRecord(self.pos, self.inputs[:, :keep], tuple(chunks), self.outputs[:, :keep])
+
 
 class RemoteHop:
     """One open session with another peer's server for blocks [start, end), over a stream."""
@@ -77,6 +91,7 @@ class RemoteHop:
         self.model_id, self.dtype, self.seed = model_id, dtype, seed
         self.server_key = public_key_from_peer_id(peer_id)
         self.served = 0  # tokens the server says it has computed in this session (what we sign for)
+        self.last_pos, self.last_tokens = 0, 0  # the last accepted step (what a rollback may credit back)
         self.closed = False
         self.signed: dict[int, SignedStep] = {}  # step id → its signed result, until its inputs are accepted
         self.log = ProvenLog(session_id)  # the signed history: what a dispute proof is built from
@@ -144,6 +159,12 @@ class RemoteHop:
         if record is None:
             raise BadSignedStep(f"no signed result for step {step_id}")
         self.log.accept(record, pos, chunks, inputs, outputs)
+        self.last_pos, self.last_tokens = pos, inputs.shape[1]
+
+    def billed_before(self, pos: int) -> int:
+        """What the server counts as served before a step at `pos`: `served` less the rejected drafts
+        that step rolls back (pipeline/protocol.py `refunded_tokens`, the server's own rule)."""
+        return self.served - proto.refunded_tokens(self.last_pos, self.last_tokens, pos)
 
     async def close(self, polite: bool = True, receipt: list | None = None) -> None:
         self.closed = True

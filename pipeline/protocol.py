@@ -24,6 +24,10 @@ client → server
       at an address from the client.
       `receipt` (credits, pipeline/billing.py) covers every token served so far AND this step's: the
       step is paid for before it is computed (ReceiptRequired / CreditRefused otherwise).
+      `pos` below the tokens the session holds rolls the KV cache back to `pos` first. Rolling back
+      into the previous step only — the rejected drafts of a speculative pass (pipeline/speculative.py)
+      — takes its rolled-back tokens off "served", at most MAX_REFUNDED_TOKENS and never that step's
+      first (`refunded_tokens`: client and server count the same); a deeper rollback is a re-run, billed.
     {"t": "close"}                                 → {"t": "closed"} and the stream ends
 
 server → server (stream `/potluck/inference-push/1.0.0`, one per pair of servers, no replies)
@@ -67,6 +71,7 @@ MAX_LENGTH_LIMIT = 1 << 20
 MAX_CHUNKS = 4096
 MAX_PUSH = 64
 SESSION_ID_LEN = 16
+MAX_REFUNDED_TOKENS = 16  # rolled-back tokens a step may take off "served" (pipeline/speculative.py MAX_DRAFT)
 
 
 class InferenceError(P2PError):
@@ -157,6 +162,16 @@ def parse_push(value: Any) -> list[tuple[str, bytes]]:
         h = expect_map(hop, "push hop")
         out.append((field(h, "peer", str, max_len=128), field(h, "session", bytes, max_len=SESSION_ID_LEN)))
     return out
+
+
+def refunded_tokens(last_pos: int, last_tokens: int, pos: int) -> int:
+    """Tokens a step at `pos` takes off "served" after a step of `last_tokens` at `last_pos`: those it
+    rolls back, when it rolls back into that step but not past its first token, at most MAX_REFUNDED_TOKENS
+    (so every step still pays at least one token, and a server computes at most that many unpaid)."""
+    held = last_pos + last_tokens
+    if not last_pos < pos < held:
+        return 0
+    return min(held - pos, MAX_REFUNDED_TOKENS)
 
 
 def parse_chunks(value: Any, total: int) -> list[int]:

@@ -3,11 +3,19 @@
 `SamplingParams` is what a user asks for (the OpenAI fields map onto it); `Sampler` turns one
 logits row into one token id. temperature 0 (the default) is greedy: argmax, no randomness, so a
 swarm run equals a local run token for token. With a seed, sampling is reproducible.
+
+Sampling is Gumbel-max with noise drawn per output index (from the seed and the index alone): the
+token at index i depends on that position's logits and nothing else — not on how many tokens were
+sampled before it in one call or another — so a speculative pass that verifies several positions at
+once picks exactly the tokens plain decoding would (pipeline/speculative.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+import hashlib
+import secrets
 
 import torch
 
@@ -44,15 +52,13 @@ class SamplingParams:
 class Sampler:
     def __init__(self, params: SamplingParams):
         self.params = params
-        self.generator = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
+        self.seed = params.seed if params.seed is not None else secrets.randbits(63)
 
-    def __call__(self, logits: torch.Tensor) -> int:
-        """logits [vocab] (any float dtype) → token id."""
+    def scores(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [vocab] → the log-probabilities sampling draws from (temperature, top-k, top-p
+        applied; -inf where a token cannot be drawn). Only for temperature > 0."""
         p = self.params
-        logits = logits.detach().to(torch.float32).reshape(-1)
-        if p.greedy:
-            return int(logits.argmax())
-        logits = logits / p.temperature
+        logits = logits.detach().to(torch.float32).reshape(-1) / p.temperature
         if p.top_k and p.top_k < logits.numel():
             kth = torch.topk(logits, p.top_k).values[-1]
             logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -63,8 +69,21 @@ class Sampler:
             drop = probs.cumsum(-1) - probs >= p.top_p
             sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
             logits = torch.full_like(logits, float("-inf")).scatter(0, order, sorted_logits)
-        probs = torch.softmax(logits, dim=-1)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        return torch.log_softmax(logits, dim=-1)
+
+    def noise(self, index: int, size: int) -> torch.Tensor:
+        """Gumbel noise for output index `index`: a function of (seed, index) only."""
+        key = hashlib.blake2b(f"{self.seed}:{index}".encode(), digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key, "big") >> 1)
+        u = torch.rand(size, generator=g, dtype=torch.float64).clamp_(1e-300, 1.0)
+        return -torch.log(-torch.log(u)).to(torch.float32)
+
+    def __call__(self, logits: torch.Tensor, index: int = 0) -> int:
+        """logits [vocab] (any float dtype) → the token id at output index `index`."""
+        if self.params.greedy:
+            return int(logits.detach().reshape(-1).to(torch.float32).argmax())
+        scores = self.scores(logits)
+        return int((scores + self.noise(index, scores.numel())).argmax())
 
 
 def find_stop(text: str, stops: list[str]) -> int | None:

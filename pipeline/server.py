@@ -140,8 +140,10 @@ class ServedSession:
     nbytes: int
     last_used: float
     last_step: int = -1
+    last_pos: int = 0  # where the last step started, and its tokens (what a rollback may credit back)
+    last_tokens: int = 0
     steps: int = 0
-    tokens: int = 0
+    tokens: int = 0  # what the session is billed: tokens computed, less rolled-back drafts (refunded_tokens)
     standing: bool = False  # may displace idle sessions of clients without (see BlockServer._reserve)
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     compute_lock: trio.Lock = field(default_factory=trio.Lock)
@@ -708,9 +710,10 @@ class BlockServer:
             session.last_used = trio.current_time()
             account = session.account
             paid_before = None
+            billed = session.tokens - proto.refunded_tokens(session.last_pos, session.last_tokens, pos)
             if account is not None:  # paid for before any work: the receipt covers this step too
                 paid_before = await account.billing.commit(
-                    account, receipt, served=session.tokens, step_tokens=n,
+                    account, receipt, served=billed, step_tokens=n,
                     idle=all(s.peer_id == session.peer_id for s in self.sessions.values()))
             try:
                 capacity = session.cache.capacity
@@ -740,7 +743,8 @@ class BlockServer:
             out, compute_s, step_digests = done.outputs, done.compute_s, done.after_value
             session.last_step = step_id
             session.last_used = trio.current_time()
-            session.tokens += n
+            session.last_pos, session.last_tokens = pos, n
+            session.tokens = billed + n
             served = session.tokens
             signed = None
             if step_digests is not None and session.inputs is not None:

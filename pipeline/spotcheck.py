@@ -163,11 +163,14 @@ def _proof(liar: Hop, reference: torch.Tensor, start_pos: int, tol: float) -> Di
     if not isinstance(liar, RemoteHop):
         return None
     end_pos = start_pos + reference.shape[1]
-    for i, step in enumerate(liar.log.steps):
-        if step.pos < start_pos or step.pos + step.tokens > end_pos:
+    steps = liar.log.steps
+    for i, step in enumerate(steps):
+        # what the session kept of it: a later step may have rolled its rejected drafts back
+        kept = steps[i + 1].pos - step.pos if i + 1 < len(steps) else step.tokens
+        if step.pos < start_pos or step.pos + kept > end_pos:
             continue
-        honest = reference[:, step.pos - start_pos:step.pos - start_pos + step.tokens]
-        if relative_error(step.outputs, honest) > tol:
+        honest = reference[:, step.pos - start_pos:step.pos - start_pos + kept]
+        if relative_error(step.outputs[:, :kept], honest) > tol:
             return liar.log.proof(i)
     return None
 
@@ -214,6 +217,8 @@ class SpotChecker:
         while watch.records and watch.records[-1].pos >= step.pos:
             watch.records.pop()
             watch.took.pop()
+        if watch.records:  # a step rolling back the rejected drafts of the one before it
+            watch.records[-1] = watch.records[-1].upto(step.pos)
         watch.verified = min(watch.verified, step.pos)
         watch.records.append(step)
         watch.took.append(seconds if seconds is not None else (watch.took[-1] if watch.took else 0.0))

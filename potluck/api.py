@@ -48,7 +48,8 @@ client raises it), then `data: [DONE]`. 402 and 503 carry `x-should-retry: false
 hammer a swarm that cannot serve them.
 
 Non-standard additions: every completion (and the final chunk of a stream) has a `potluck` field
-with the route, tokens/s and the credits this request spent (what this peer signed for the request's
+with the route, tokens/s, speculative decoding's tokens per pass and acceptance
+(`speculation`) and the credits this request spent (what this peer signed for the request's
 own server sessions, listed in `paid`), and `fallback` (true when the fallback answered, wholly or
 from where the swarm stopped); a request with `"potluck": {"receipts": true}` also gets `receipts`,
 the receipts this peer signed to the servers for this answer (hex msgpack, `credits.Receipt.from_list`):
@@ -444,7 +445,7 @@ class _GenerationResponse:
         """The answer's `potluck` field."""
         summary = result.summary()
         extra = {k: summary[k] for k in ("route", "tokens_per_s", "ttft_s", "wall_s", "credits_spent", "paid",
-                                         "recoveries", "model_id")}
+                                         "recoveries", "speculation", "model_id")}
         extra["fallback"] = False
         if self.req.receipts:
             extra["receipts"] = [msgpack.packb(r.to_list(), use_bin_type=True).hex() for r in result.generation.paid]

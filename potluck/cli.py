@@ -111,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--spot-check-fraction", type=float, metavar="P",
                    help="re-check this fraction of every server's steps on another server (0: none; default: "
                         "adaptive — every step of a server new to this peer, fewer as it earns trust)")
+    p.add_argument("--draft-model", metavar="FOLDER",
+                   help="speculative decoding drafts with this small local model of the same tokenizer (an HF "
+                        "folder; default: prompt lookup, no extra model)")
     p.add_argument("--api", metavar="HOST:PORT",
                    help="serve the OpenAI-compatible HTTP API and the dashboard there, e.g. 127.0.0.1:8000")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POTLUCK_API_KEY"),
@@ -235,6 +238,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.spot_check_fraction is not None and not 0.0 <= args.spot_check_fraction <= 1.0:
         raise ValueError("--spot-check-fraction wants a number in [0, 1]")
     apps, fallback = _api_gateway(args)
+    if args.draft_model is not None and not (Path(args.draft_model) / "config.json").is_file():
+        raise ValueError(f"--draft-model {args.draft_model}: not a model folder (no config.json)")
     config = PeerConfig(
         data_dir=args.data_dir,
         listen=listen,
@@ -249,6 +254,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cache_mib=args.cache_mb,
         max_batch=args.max_batch,
         spot_check_fraction=args.spot_check_fraction,
+        draft_model=args.draft_model,
         credit_policy=_credit_policy(args),
         api=args.api,
         api_key=args.api_key,

@@ -195,6 +195,8 @@ class GenerationResult:
             "wall_s": g.wall_s,
             "tokens_per_s": g.tokens_per_s,
             "recoveries": g.recoveries,
+            # speculative decoding: decode passes, drafts, tokens per pass, acceptance (None: off)
+            "speculation": g.speculation.summary() if g.speculation is not None else None,
             "credits_spent": self.credits_spent,
             "paid": [{"peer_id": peer_id_from_public_key(r.server), "session": r.session.hex(), "start": r.start,
                       "end": r.end, "tokens": r.tokens, "credits": credits(r.flops)} for r in g.paid],

@@ -55,6 +55,7 @@ from pipeline.proofshelf import ProofShelf
 from pipeline.pricing import ModelPricing
 from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
+from pipeline.speculative import with_draft_model
 from pipeline.spotcheck import SpotCheckConfig
 
 from . import control, generation, memory
@@ -104,6 +105,7 @@ class PeerConfig:
     cache_mib: int | None = None  # the KV cache budget of served blocks (None: the server's default)
     max_batch: int | None = None  # steps computed as one forward by the served blocks (None: the server's default)
     spot_check_fraction: float | None = None  # fixed spot-check fraction (0: none); None: adaptive (checkpolicy)
+    draft_model: str | None = None  # an HF folder: speculative decoding drafts with it (None: prompt lookup)
     credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
@@ -334,6 +336,9 @@ class Peer:
                                                                    policy=policy, attestations=self.attestations)),
                     local_server=self.server)
                 policy.vouches = self.attestations.vouches(self._client.model_id)
+                if self.config.draft_model is not None:
+                    self._client.client_config.speculative = await trio.to_thread.run_sync(
+                        with_draft_model, self.config.draft_model, self._client.model_config.vocab_size)
             return self._client
 
     async def _generate_command(self, request: dict) -> dict:
