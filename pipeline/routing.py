@@ -14,7 +14,8 @@ dialled or opened a session with wins over any number of strangers announcing mo
 (RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
 servers are left out. The client's own server (`local`: its blocks run in process) costs no RTT and
 no hop overhead, and wins ties: a route uses our own blocks wherever they are at least as fast.
-`coverage` / `choose_span` / `swarm_quality` are what `--blocks auto` uses.
+`coverage` / `replicas` / `choose_span` / `swarm_quality` / `rebalance_span` are what `--blocks auto` uses:
+replicas of the least-replicated blocks first (up to `REPLICA_TARGET`), throughput second.
 
 `SequenceManager` is the client's view of the swarm for one model (Petals' name): it caches the
 DHT's announcements for a few seconds, bans servers that fault (timeouts, broken streams, wrong
@@ -37,7 +38,7 @@ import heapq
 import logging
 import math
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Awaitable, Callable, Iterable
 
 import trio
@@ -128,6 +129,9 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
     return hops[::-1]
 
 
+REPLICA_TARGET = 2  # `--blocks auto` raises every block to this many replicas before it weighs throughput
+
+
 def coverage(servers: Iterable[ServerInfo], num_blocks: int, *, exclude: Iterable[str] = ()) -> list[float]:
     """Announced decode capacity per block (batched, `ServerInfo.capacity_tps`), summed over online servers."""
     banned = set(exclude)
@@ -139,11 +143,31 @@ def coverage(servers: Iterable[ServerInfo], num_blocks: int, *, exclude: Iterabl
     return out
 
 
+def replicas(servers: Iterable[ServerInfo], num_blocks: int, *, exclude: Iterable[str] = ()) -> list[int]:
+    """How many online servers announce each block."""
+    banned = set(exclude)
+    out = [0] * num_blocks
+    for s in servers:
+        if s.online and s.peer_id not in banned:
+            for i in range(max(0, s.start), min(num_blocks, s.end)):
+                out[i] += 1
+    return out
+
+
+def _scarcity(counts: list[int]) -> list[int]:
+    """Replica counts up to the target, ascending: lexicographically smaller is scarcer."""
+    return sorted(min(c, REPLICA_TARGET) for c in counts)
+
+
 def choose_span(servers: Iterable[ServerInfo], num_blocks: int, k: int, *, exclude: Iterable[str] = ()) -> tuple[int, int]:
-    """The window of k blocks the swarm covers least: lowest minimum throughput, then lowest total."""
+    """The window of k blocks the swarm lacks most: the fewest replicas (counted up to `REPLICA_TARGET`,
+    the least-replicated blocks first), then the lowest minimum throughput, then the lowest total."""
     k = max(1, min(k, num_blocks))
+    servers = list(servers)
+    reps = replicas(servers, num_blocks, exclude=exclude)
     cov = coverage(servers, num_blocks, exclude=exclude)
-    best = min(range(num_blocks - k + 1), key=lambda a: (min(cov[a:a + k]), sum(cov[a:a + k]), a))
+    best = min(range(num_blocks - k + 1),
+               key=lambda a: (_scarcity(reps[a:a + k]), min(cov[a:a + k]), sum(cov[a:a + k]), a))
     return best, best + k
 
 
@@ -151,6 +175,24 @@ def swarm_quality(servers: Iterable[ServerInfo], num_blocks: int) -> float:
     """min / max per-block throughput (0 when some block is uncovered, 1 when perfectly even)."""
     cov = coverage(servers, num_blocks)
     return 0.0 if not cov or max(cov) == 0 else min(cov) / max(cov)
+
+
+def rebalance_span(others: list[ServerInfo], me: ServerInfo, num_blocks: int, threshold: float) -> tuple[int, int] | None:
+    """Where `me` should move to, or None to stay. It moves when some block is below `REPLICA_TARGET`
+    replicas or swarm quality is below `threshold`, and only to a window that leaves the swarm
+    strictly better: fewer scarce blocks (all blocks' replica counts up to the target, ascending,
+    compared lexicographically — so every move raises the same measure and moves cannot cycle),
+    else the same counts and a higher minimum throughput."""
+    now = others + [me]
+    if min(replicas(now, num_blocks)) >= REPLICA_TARGET and swarm_quality(now, num_blocks) >= threshold:
+        return None
+    a, b = choose_span(others, num_blocks, me.end - me.start)
+    if (a, b) == (me.start, me.end):
+        return None
+    moved = others + [replace(me, start=a, end=b)]
+    before = (_scarcity(replicas(now, num_blocks)), min(coverage(now, num_blocks)))
+    after = (_scarcity(replicas(moved, num_blocks)), min(coverage(moved, num_blocks)))
+    return (a, b) if after > before else None
 
 
 @dataclass

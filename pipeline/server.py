@@ -27,8 +27,10 @@
   after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, dtype, version, address and
   clusters (pipeline/announce.py), again every `announce_period`, and "offline" on shutdown.
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
-  the swarm covers least; every `rebalance_period` it moves when swarm quality (min/max per-block
-  throughput) is below `rebalance_threshold` and moving raises the minimum.
+  whose blocks have the fewest replicas (up to 2), then the least throughput (pipeline/routing.py
+  `choose_span`); every `rebalance_period` it moves when a block has fewer than 2 replicas or swarm
+  quality (min/max per-block throughput) is below `rebalance_threshold`, and moving leaves the swarm
+  better by that same order (`rebalance_span`).
 - A client in the same process (the peer's own, pipeline/hop.py `LocalHop`) opens sessions with
   `open_local`: the same admission and refusals, the same KV caches and limits, but steps are calls
   (`InProcessSession.run`) — no stream, no serialisation, nothing billed (serving ourselves is free).
@@ -85,7 +87,7 @@ from .measure import batch_throughput
 from .model import BlockSpan, CacheError, KVCache
 from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
-from .routing import choose_span, coverage, swarm_quality
+from .routing import choose_span, rebalance_span
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -362,21 +364,13 @@ class BlockServer:
         return choose_span(await self._swarm(), self.mf.config.num_layers, k)
 
     async def rebalance_once(self) -> bool:
-        """Move to a better window if the swarm is unbalanced and we would raise its minimum; True if moved."""
+        """Move to a better window if the swarm lacks replicas or balance and moving helps; True if moved."""
         assert self.mf is not None and self.start is not None and self.end is not None  # run() set it up before serving
-        n = self.mf.config.num_layers
-        others = await self._swarm()
-        me = self.info()
-        if swarm_quality(others + [me], n) >= self.config.rebalance_threshold:
+        target = rebalance_span(await self._swarm(), self.info(), self.mf.config.num_layers,
+                                self.config.rebalance_threshold)
+        if target is None:
             return False
-        k = self.end - self.start
-        a, b = choose_span(others, n, k)
-        if (a, b) == (self.start, self.end):
-            return False
-        now_min = min(coverage(others + [me], n))
-        moved = ServerInfo(**{**me.__dict__, "start": a, "end": b})
-        if min(coverage(others + [moved], n)) <= now_min:
-            return False
+        a, b = target
         log.info("rebalancing: moving from [%d, %d) to [%d, %d)", self.start, self.end, a, b)
         for s in list(self.sessions.values()):
             s.scope.cancel()
