@@ -187,3 +187,21 @@ def test_attack_quick():
     assert got["gossip_flood"]["published"] > got["gossip_flood"]["relayed_by_victim"]  # throttled, not relayed
     assert got["presence_sybils"]["notes_sent"] > got["presence_sybils"]["presence_authors_listed"]  # bounded, not all
     assert got["nested_json"]["requests"] > 0 and got["nested_json"]["answered_other_than_400"] == 0
+
+
+def test_placement_quick():
+    r = run_bench("placement")
+    assert [run["volunteers"] for run in r["runs"]] == [20, 40]
+    gained = {"joined": 0.0, "rebalanced": 0.0}
+    for i, run in enumerate(r["runs"]):
+        bound = figure(r, f"runs.{i}.bound")
+        for rule in ("before", "after"):
+            for stage in ("joined", "rebalanced"):
+                assert 0 <= figure(r, f"runs.{i}.{rule}.{stage}.two_replicas") <= bound + 1e-9  # memory's limit
+        for stage in ("joined", "rebalanced"):
+            after, before = (figure(r, f"runs.{i}.{rule}.{stage}.two_replicas") for rule in ("after", "before"))
+            assert after >= before, (i, stage, after, before)
+            gained[stage] += after - before
+    # the replica rule keeps more blocks doubled than the throughput rule on the same volunteers, as they
+    # join (choose_span) and once they have rebalanced (rebalance_span)
+    assert gained["joined"] > 0 and gained["rebalanced"] > 0, gained

@@ -72,3 +72,16 @@ def test_rebalance_still_evens_throughput_once_replicas_are_full():
     me = srv("me", 0, 3, tps=1000.0)
     assert rebalance_span(others, me, N, threshold=0.75) == (3, 6)
     assert rebalance_span(others, srv("me", 3, 6, tps=1000.0), N, threshold=0.75) is None
+
+
+def test_rebalance_doubles_a_fast_single_replica_even_at_some_throughput():
+    # blocks 3..5 have one fast replica, 0..2 three slow ones: moving lowers the minimum throughput
+    # (30 → 20 tokens/s) but gives every block a second replica
+    others = [srv("a", 0, 3, tps=10.0), srv("b", 0, 3, tps=10.0), srv("c", 3, 6, tps=1000.0)]
+    assert rebalance_span(others, srv("me", 0, 3, tps=10.0), N, threshold=0.75) == (3, 6)
+
+
+def test_rebalance_runs_for_missing_replicas_even_when_throughput_is_even():
+    others = [srv("a", 0, 3, tps=50.0), srv("b", 0, 3, tps=50.0), srv("c", 3, 6, tps=100.0)]
+    me = srv("me", 0, 3, tps=1.0)  # swarm quality 100/101: balanced by throughput
+    assert rebalance_span(others, me, N, threshold=0.75) == (3, 6)
