@@ -57,3 +57,26 @@ async def test_throughput_is_measured_and_announced(llama):
             [info] = await fetch_servers(p.dht, mid)
             assert (info.start, info.end) == (1, 3) and info.decode_tps == pytest.approx(tp["decode_tps"])
             assert info.cache_tokens > 0 and info.dtype == "float32"
+
+
+async def test_auto_placement_doubles_the_single_replica_blocks_first(llama):
+    path, mid, local = llama
+    slow = {"decode_tps": 10.0, "prefill_tps": 100.0}
+    with trio.fail_after(60):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            for _ in range(3):
+                await s.add_server(0, 2, throughput=slow)
+            fast = await s.add_server(2, 4)  # one replica with more throughput than the three slow ones together
+            new = await s.add_server(None, None, num_blocks=2, throughput=slow)
+            assert (new.server.start, new.server.end) == (2, 4)  # the throughput rule alone would pick 0..2
+            spare = s.servers[2]
+            assert not await spare.server.rebalance_once()  # every block has 2 replicas; moving lowers the minimum
+            fast.scope.cancel()
+            await fast.done.wait()
+            assert await spare.server.rebalance_once()  # 2..3 are back to one replica: a third of 0..2 moves there
+            assert (spare.server.start, spare.server.end) == (2, 4)
+            online = await fetch_servers(s.servers[0].dht, mid)
+            assert sorted((x.start, x.end) for x in online) == [(0, 2), (0, 2), (2, 4), (2, 4)]
+            model = await s.client()
+            g = await model.generate(PROMPT, max_new_tokens=8, stop_token_ids=[])
+            assert g.token_ids == local.generate_greedy(PROMPT, 8)
