@@ -90,7 +90,7 @@ def simulate(joining: list[tuple[int, float]], num_blocks: int, choose: ChooseSp
 
 
 def mean_of(runs: list[dict], stage: str, name: str) -> float:
-    return round(statistics.fmean(float(run[stage][name]) for run in runs), 4)
+    return statistics.fmean(float(run[stage][name]) for run in runs)
 
 
 def run_size(count: int, args: argparse.Namespace) -> dict:
@@ -116,9 +116,10 @@ def run_size(count: int, args: argparse.Namespace) -> dict:
         fig: dict = {}
         for stage in ("joined", "rebalanced"):
             two = mean_of(runs, stage, "two_replicas")
-            fig[stage] = {"two_replicas": two, "vs_bound": round(two / bound, 4) if bound else 1.0,
+            fig[stage] = {"two_replicas": round(two, 4), "vs_bound": round(two / bound, 4) if bound else 1.0,
                           "vs_bound_covered": round(two / bound_covered, 4) if bound_covered else 1.0,
-                          "covered": mean_of(runs, stage, "covered"), "min_replicas": mean_of(runs, stage, "min_replicas")}
+                          "covered": round(mean_of(runs, stage, "covered"), 4),
+                          "min_replicas": round(mean_of(runs, stage, "min_replicas"), 4)}
         fig["rebalanced"]["moves_per_server"] = round(mean_of(runs, "rebalanced", "moves") / count, 4)
         out[name] = fig
     return out
