@@ -177,7 +177,7 @@ class GenerationRequest:
         if not isinstance(receipts, bool):
             raise bad("potluck", "'potluck.receipts' must be true or false", "invalid_type")
         prefer = extensions.get("prefer")
-        if prefer is not None and prefer not in PREFERENCES:
+        if prefer is not None and (not isinstance(prefer, str) or prefer not in PREFERENCES):
             raise bad("potluck", f"'potluck.prefer' must be one of {', '.join(PREFERENCES)}")
         if seed is not None:
             seed %= 1 << 63  # torch generators take non-negative seeds

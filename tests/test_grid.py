@@ -128,3 +128,16 @@ def test_signal_file_turned_bad_drops_the_signal(tmp_path, caplog):
     assert "grid signal dropped" in caplog.text
     path.write_text(json.dumps({**GREEN.to_value(), "timestamp": NOW - 200}))
     assert source.current(NOW) is None  # stale: not announced
+
+
+def test_request_field_prefer_checked():
+    from potluck.openai_schema import ApiError, ChatRequest
+
+    body = {"model": "default", "messages": [{"role": "user", "content": "hi"}]}
+    assert ChatRequest.parse(body).prefer is None
+    assert ChatRequest.parse({**body, "potluck": {"prefer": "green"}}).prefer == "green"
+    assert ChatRequest.parse({**body, "potluck": {"prefer": "fast"}}).prefer == "fast"
+    for bad in ("cheap", 1, ["green"], {"green": True}):
+        with pytest.raises(ApiError) as e:
+            ChatRequest.parse({**body, "potluck": {"prefer": bad}})
+        assert e.value.status == 400
