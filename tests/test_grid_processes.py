@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from pipeline.grid import GREEN_WEIGHT
-from potluck.localswarm import POTLUCK, PeerProcess, wait_until
+from potluck.localswarm import POTLUCK, PeerProcess, start_all, wait_until
 
 GREEN = {"load": 0.2, "carbon": 0.05, "renewable": 0.9}
 DIRTY = {"load": 0.9, "carbon": 0.95, "renewable": 0.05}
@@ -73,13 +73,13 @@ def test_api_request_preferring_green_goes_through_the_greener_server(smollm2_da
     refresher.thread.start()
     procs: dict[str, PeerProcess] = {}
     try:
-        procs["dirty"] = PeerProcess(tmp_path / "dirty", *common, "--blocks", "0:30",
-                                     "--grid-signal", str(tmp_path / "dirty.json")).start(timeout=120)
-        boot = ["--bootstrap", procs["dirty"].addr]
-        procs["green"] = PeerProcess(tmp_path / "green", *common, *boot, "--blocks", "0:30",
-                                     "--grid-signal", str(tmp_path / "green.json")).start(timeout=120)
-        procs["user"] = PeerProcess(tmp_path / "user", *common, *boot, "--api", "127.0.0.1:0",
+        procs["user"] = PeerProcess(tmp_path / "user", *common, "--api", "127.0.0.1:0",
                                     "--spot-check-fraction", "0").start(timeout=120)
+        boot = ["--bootstrap", procs["user"].addr]
+        for name in ("green", "dirty"):  # started together: each measures its speed under the same load
+            procs[name] = PeerProcess(tmp_path / name, *common, *boot, "--blocks", "0:30",
+                                      "--grid-signal", str(tmp_path / f"{name}.json"))
+        start_all([procs["green"], procs["dirty"]], timeout=120)
         user = procs["user"]
         url = user.call("status")["api"]
 
