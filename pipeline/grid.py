@@ -42,7 +42,6 @@ PREFERENCES = {"fast": 0.0, "green": GREEN_WEIGHT}
 DEFAULT_MAX_AGE = 90.0  # seconds: 3 of the default 30 s announce periods
 FUTURE_SKEW = 5.0  # seconds of clock difference tolerated for a timestamp ahead of ours
 MAX_FILE_BYTES = 4096
-FIELDS = ("load", "carbon", "renewable")
 
 
 class GridSignalError(ValueError):
@@ -71,7 +70,8 @@ class GridSignal:
                 raise InvalidRecord(f"grid signal field {name!r} must be a number in [0, {hi:g}]")
             return float(x)
 
-        return cls(*(number(name, 1.0) for name in FIELDS), timestamp=number("timestamp", 1e12))
+        return cls(load=number("load", 1.0), carbon=number("carbon", 1.0), renewable=number("renewable", 1.0),
+                   timestamp=number("timestamp", 1e12))
 
     def fresh(self, now: float, max_age: float = DEFAULT_MAX_AGE) -> bool:
         """Neither older than `max_age` seconds nor stamped in the future (beyond `FUTURE_SKEW`)."""
