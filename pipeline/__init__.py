@@ -17,6 +17,7 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     protocol.py   /potluck/inference/1.0.0 messages, error kinds (refusals vs faults), hidden states on the wire
     proofs.py     signed step results (input chain, output digest, seeded fingerprint), the client's
                   per-step check, dispute proofs (bounded decoding, input check)
+    grid.py       GridSignal (a server's grid load, carbon, renewables; its file), GridPreference: P_grid in routing
     directory.py  SwarmDirectory: the Protocol naming what pipeline uses of the DHT
     announce.py   ServerInfo announcements in the DHT and by gossip; fetch_servers; the swarm's model index
                   (ModelCard, fetch_models)

@@ -9,7 +9,8 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
      "clusters": {"1": label, ...}, "t": announce time, "reliability": r in [0, 1] (optional, 1.0),
      "started": when this server (process) started serving (optional, 0),
      "model_name": the model folder's name, "num_blocks": n, "context_length": n (each optional, None),
-     "batch_decode_tps": f (optional, None), "batch_size": n (optional, 1)}
+     "batch_decode_tps": f (optional, None), "batch_size": n (optional, 1),
+     "grid": {"load": L, "carbon": C, "renewable": R, "timestamp": t} (optional, None)}
 
 `reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
 self-report: routing never believes it above what the client sees itself.
@@ -21,6 +22,9 @@ more tokens of KV cache (for its whole span) it can hold now. `batch_decode_tps`
 decode tokens/s through one block when `batch_size` sessions step together (the server batches them,
 pipeline/batching.py): its capacity, where `decode_tps` is what one stream sees (`capacity_tps`).
 A clean shutdown stores an "offline" entry over the online one (same TTL, later expiry, so it wins at every holder).
+
+`grid` is the server's grid signal (pipeline/grid.py: from its `--grid-signal` file), signed with
+the rest; routing with a green preference reads it while it is fresh.
 
 `model_name`, `num_blocks` and `context_length` let a peer that has not loaded the model show it
 (`ServerInfo.card`); announcements from before they existed decode with None.
@@ -51,6 +55,7 @@ from p2p.framing import brief
 
 from .config import ModelConfig
 from .directory import SwarmDirectory
+from .grid import GridSignal
 from .protocol import ANNOUNCE_NAMESPACE
 
 log = logging.getLogger(__name__)
@@ -162,6 +167,7 @@ class ServerInfo:
     context_length: int | None = None
     batch_decode_tps: float | None = None
     batch_size: int = 1
+    grid: GridSignal | None = None
 
     @property
     def capacity_tps(self) -> float:
@@ -222,7 +228,8 @@ class ServerInfo:
                    context_length=optional("context_length", lambda n: _check_count(
                        n, "announcement context_length", MAX_CONTEXT_LENGTH)),
                    batch_decode_tps=float(num("batch_decode_tps", 1e-6, 1e12)) if value.get("batch_decode_tps") is not None else None,
-                   batch_size=num("batch_size", 1, MAX_BATCH_SIZE, int) if "batch_size" in value else 1)
+                   batch_size=num("batch_size", 1, MAX_BATCH_SIZE, int) if "batch_size" in value else 1,
+                   grid=optional("grid", GridSignal.from_value))
 
     @classmethod
     def from_entry(cls, entry: SignedValue, *, num_blocks: int | None = None) -> "ServerInfo":

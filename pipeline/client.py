@@ -99,6 +99,7 @@ class ClientConfig:
     billing: ClientBilling | None = None  # receipts, spends, disputes
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
     speculative: SpeculativeConfig | None = field(default_factory=SpeculativeConfig)  # None: one token a pass
+    prefer: str = "fast"  # routes: "fast", or "green" (servers' grid signals weigh in, pipeline/grid.py)
 
 
 HopSpan = tuple[str, int, int]  # (peer id, first block, end block) of one hop
@@ -166,9 +167,11 @@ class SessionStats:
 class InferenceSession:
     """A generation's path through the swarm: route, open hops, history for replay. Use `async with`."""
 
-    def __init__(self, model: "DistributedModel", max_length: int):
+    def __init__(self, model: "DistributedModel", max_length: int, prefer: str | None = None):
+        """`prefer`: the routing preference ("fast" / "green"; None: the client config's)."""
         self.model = model
         self.max_length = max_length
+        self.prefer = prefer or model.client_config.prefer
         self.hops: list[Hop] = []
         self.position = 0
         self.chunks: list[int] = []  # tokens per completed step
@@ -256,7 +259,8 @@ class InferenceSession:
         while faults <= self.model.client_config.max_recoveries:
             await self._probe(start, end)
             try:
-                route = await seq.route(start, end, need_cache_tokens=self.max_length, exclude=refusals.keys())
+                route = await seq.route(start, end, need_cache_tokens=self.max_length, exclude=refusals.keys(),
+                                        prefer=self.prefer)
             except NoRoute as e:
                 if refusals:
                     raise _telling(list(refusals.values()))  # its cause (the server's reply) stays
@@ -608,8 +612,8 @@ class DistributedModel:
 
     # --- low level -------------------------------------------------------------------------------
 
-    def inference_session(self, max_length: int) -> InferenceSession:
-        return InferenceSession(self, max_length)
+    def inference_session(self, max_length: int, prefer: str | None = None) -> InferenceSession:
+        return InferenceSession(self, max_length, prefer)
 
     async def embed(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         t = torch.as_tensor(ids, dtype=torch.long).reshape(1, -1)
@@ -660,13 +664,14 @@ class DistributedModel:
         return out
 
     async def stream(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
-                     speculative: SpeculativeConfig | bool | None = None,
+                     speculative: SpeculativeConfig | bool | None = None, prefer: str | None = None,
                      **kw: Any) -> AsyncGenerator[TokenEvent | Finished, None]:
         """Generate token by token (`params`, or keyword fields of SamplingParams): a `TokenEvent` per
         token, then one `Finished` with the rest of the text and the `Generation`. The events' texts
         add up to the generation's text, whatever the finish reason. `speculative`: draft tokens and
         verify them several a pass (pipeline/speculative.py; the tokens are the same either way) —
-        None: as `ClientConfig.speculative` says (on by default), False: off, True or a config: on."""
+        None: as `ClientConfig.speculative` says (on by default), False: off, True or a config: on.
+        `prefer`: the route's preference, "fast" or "green" (None: `ClientConfig.prefer`)."""
         params = params or SamplingParams(**kw)
         spec = (self.client_config.speculative if speculative is None else
                 SpeculativeConfig() if speculative is True else speculative or None)
@@ -685,7 +690,7 @@ class DistributedModel:
         if params.max_new_tokens == 0:
             yield Finished("", Generation([], "", finish_reason, len(ids)))
             return
-        session = self.inference_session(len(ids) + params.max_new_tokens)
+        session = self.inference_session(len(ids) + params.max_new_tokens, prefer)
         async with session:
             logits = await self.logits((await session.step(await self.embed(ids)))[:, -1:])  # last position only
             ttft = time.perf_counter() - t0
@@ -754,9 +759,10 @@ class DistributedModel:
         return text if cut is None else text[:cut]
 
     async def generate(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
-                       speculative: SpeculativeConfig | bool | None = None, **kw: Any) -> Generation:
+                       speculative: SpeculativeConfig | bool | None = None, prefer: str | None = None,
+                       **kw: Any) -> Generation:
         generation = None
-        async with aclosing(self.stream(prompt, params, speculative=speculative, **kw)) as events:
+        async with aclosing(self.stream(prompt, params, speculative=speculative, prefer=prefer, **kw)) as events:
             async for event in events:
                 if isinstance(event, Finished):
                     generation = event.generation

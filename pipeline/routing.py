@@ -6,6 +6,10 @@ announced span contains [a, b) (spans may be cut), weighted by
     rtt(server) + hop_overhead + (b - a) / decode_tps(server) + (no_cache_penalty if it lacks cache)
       + unreliability_penalty × (1 − reliability(server))
 
+and, with a green preference (`grid`, pipeline/grid.py), the compute term (b − a) / decode_tps is
+stretched by 1 + w·(1 − P_grid(server)) ∈ [1, 1 + w]: the route chosen is never more than (1 + w) times
+the fastest route's cost (w = 0.2 for `--prefer green`: at most 20% slower).
+
 A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
 an announcement of huge throughput at an address where nothing listens, so its throughput counts as
 the slowest announced among the candidates and `unverified_penalty` is added: a server we have
@@ -45,6 +49,7 @@ import trio
 
 from .announce import ServerInfo, fetch_servers
 from .directory import SwarmDirectory
+from .grid import DEFAULT_MAX_AGE, GridPreference, preference_weight
 
 log = logging.getLogger(__name__)
 
@@ -68,16 +73,18 @@ class RoutingConfig:
     unreliability_penalty: float = 1.0  # seconds of route cost for a server of reliability 0
     local_discount: float = 1e-6  # our own blocks' compute time counts this fraction less: they win ties
     unverified_penalty: float = 1.0  # seconds of route cost for a server this client has never reached
+    grid_max_age: float = DEFAULT_MAX_AGE  # seconds: an older grid signal is ignored
 
 
 def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Callable[[str], float | None] = lambda p: None,
                exclude: Iterable[str] = (), need_cache_tokens: int = 0,
                config: RoutingConfig | None = None,
                reliability: Callable[[ServerInfo], float] | None = None, local: str | None = None,
-               verified: Callable[[str], bool] | None = None) -> list[RouteHop]:
+               verified: Callable[[str], bool] | None = None, grid: GridPreference | None = None) -> list[RouteHop]:
     """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap.
     `local`: the peer whose blocks run in this process (no network between us). `verified`: whether
-    this client has reached a server (None: believe every announcement)."""
+    this client has reached a server (None: believe every announcement). `grid`: a green preference
+    (None: grid signals play no part)."""
     cfg = config or RoutingConfig()
     banned = set(exclude)
     usable = [s for s in servers if s.online and s.peer_id not in banned and s.start < end and s.end > start]
@@ -93,6 +100,8 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
         else:
             r = rtt(s.peer_id)
             base, per_block = (cfg.default_rtt if r is None else r) + cfg.hop_overhead, 1.0 / s.decode_tps
+        if grid is not None:
+            per_block *= grid.slowdown(s.grid)
         if s.cache_tokens < need_cache_tokens:
             base += cfg.no_cache_penalty
         r = reliability(s) if reliability is not None else s.reliability
@@ -367,8 +376,11 @@ class SequenceManager:
         return next((s for s in self.servers if s.peer_id == peer_id), None)
 
     async def route(self, start: int = 0, end: int | None = None, *, need_cache_tokens: int = 0,
-                    exclude: Iterable[str] = ()) -> list[RouteHop]:
+                    exclude: Iterable[str] = (), prefer: str = "fast") -> list[RouteHop]:
+        """The cheapest route through [start, end); `prefer` "green" weighs in the servers' grid signals."""
         end = self.num_blocks if end is None else end
+        weight = preference_weight(prefer)
+        grid = GridPreference(weight, self.dht.network.now(), self.config.grid_max_age) if weight > 0 else None
         servers = await self.refresh()
         if self.reliability_source is not None:
             try:
@@ -379,12 +391,12 @@ class SequenceManager:
         try:
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified)
+                              local=local, verified=self.verified, grid=grid)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified)
+                              local=local, verified=self.verified, grid=grid)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates):

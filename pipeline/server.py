@@ -24,8 +24,8 @@
   the steps of different sessions waiting at the same time run as one forward, at most
   `max_batch_steps` steps and `max_batch_tokens` new tokens a batch, one batch at a time.
 - At start the server measures its throughput (prefill and decode tokens/s through one block,
-  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, dtype, version, address and
-  clusters (pipeline/announce.py), again every `announce_period`, and "offline" on shutdown.
+  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, dtype, version, address,
+  clusters and its grid signal if it has a `grid_signal_file` (pipeline/announce.py, pipeline/grid.py), again every `announce_period`, and "offline" on shutdown.
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
   whose blocks have the fewest replicas (up to 2), then the least throughput (pipeline/routing.py
   `choose_span`); every `rebalance_period` it moves when a block has fewer than 2 replicas or swarm
@@ -84,6 +84,7 @@ from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .measure import batch_throughput
+from .grid import GridSignal, GridSignalFile
 from .model import BlockSpan, CacheError, KVCache
 from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
@@ -125,6 +126,7 @@ class ServerConfig:
     cache_share_standing: float = 1.0  # ... and one with standing in this server's view
     displace_idle_after: float = 1.0  # a session idle this long may be displaced by a client with standing
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
+    grid_signal_file: str | None = None  # re-read at each announcement, announced while fresh (pipeline/grid.py)
 
 
 @dataclass
@@ -232,6 +234,9 @@ class BlockServer:
         self.billing = billing
         self.reliability = 1.0  # announced; refreshed from the ledger before each announcement
         self.started = 0.0  # network time this server started serving (announced: clients lift fault bans)
+        self.grid_source = (GridSignalFile(self.config.grid_signal_file, max_age=3 * self.config.announce_period)
+                            if self.config.grid_signal_file is not None else None)
+        self.grid: GridSignal | None = None  # announced; re-read from the file before each announcement
         self.dtype = resolve_dtype(self.config.dtype)
         self.dtype_name = proto.dtype_name(self.dtype)
         self.limiter = PriorityLimiter(self.config.compute_threads)  # loading, batches, dispute replays
@@ -409,7 +414,8 @@ class BlockServer:
                           version=VERSION, addr=addrs[0] if addrs else None,
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
                           reliability=self.reliability, started=self.started,
-                          model_name=card.name, num_blocks=card.num_blocks, context_length=card.context_length)
+                          model_name=card.name, num_blocks=card.num_blocks, context_length=card.context_length,
+                          grid=self.grid)
 
     async def announce(self, state: str = "online") -> int:
         """Store our announcement; returns how many peers (ourselves included) hold it."""
@@ -419,6 +425,8 @@ class BlockServer:
                 self.reliability = await self.billing.reliability()
             except Exception as e:  # noqa: BLE001 - announce with the last known factor
                 log.info("could not compute reliability: %s", e)
+        if self.grid_source is not None:
+            self.grid = await trio.to_thread.run_sync(self.grid_source.current, self.network.now())
         info = self.info(state)
         assert self.model_id is not None  # run() set it up before serving
         acks = await self.dht.store(announce_key(self.model_id), info.to_value(), ttl=ttl, republish=False)

@@ -298,7 +298,8 @@ class Api:
             req = kind.parse(await self.body_json(request))
             prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
             try:
-                job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given)
+                job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given,
+                                    prefer=req.prefer)
             except ApiError as e:
                 if self.upstream is None or e.code not in UPSTREAM_CODES:
                     raise

@@ -114,6 +114,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--draft-model", metavar="FOLDER",
                    help="speculative decoding drafts with this small local model of the same tokenizer (an HF "
                         "folder; default: prompt lookup, no extra model)")
+    p.add_argument("--grid-signal", metavar="FILE",
+                   help="announce this JSON grid signal with the blocks served: {\"load\", \"carbon\", \"renewable\" "
+                        "(each 0-1), \"timestamp\" (unix s)}; re-read at each announcement, keep it fresh")
+    p.add_argument("--prefer", choices=["fast", "green"], default="fast",
+                   help="routes of this peer's generations: fastest, or green (servers' grid signals weigh in, "
+                        "at most 20%% slower than the fastest route; default fast)")
     p.add_argument("--api", metavar="HOST:PORT",
                    help="serve the OpenAI-compatible HTTP API and the dashboard there, e.g. 127.0.0.1:8000")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POTLUCK_API_KEY"),
@@ -240,6 +246,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     apps, fallback = _api_gateway(args)
     if args.draft_model is not None and not (Path(args.draft_model) / "config.json").is_file():
         raise ValueError(f"--draft-model {args.draft_model}: not a model folder (no config.json)")
+    if args.grid_signal is not None:
+        from pipeline.grid import read_signal_file
+
+        if args.blocks is None:
+            raise ValueError("--grid-signal is announced with the blocks served: give --blocks too")
+        read_signal_file(args.grid_signal)  # GridSignalError (a ValueError) says what is wrong with it
     config = PeerConfig(
         data_dir=args.data_dir,
         listen=listen,
@@ -255,6 +267,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         spot_check_fraction=args.spot_check_fraction,
         draft_model=args.draft_model,
+        grid_signal=args.grid_signal,
+        prefer=args.prefer,
         credit_policy=_credit_policy(args),
         api=args.api,
         api_key=args.api_key,

@@ -64,7 +64,8 @@ class GenerationClient(Protocol):
 
     def encode(self, prompt: Prompt) -> list[int]: ...
 
-    def stream(self, prompt: list[int], params: SamplingParams) -> AsyncGenerator[TokenEvent | Finished, None]: ...
+    def stream(self, prompt: list[int], params: SamplingParams, *,
+               prefer: str | None = None) -> AsyncGenerator[TokenEvent | Finished, None]: ...
 
 
 class ApiPeer(Protocol):
@@ -92,6 +93,7 @@ class PreparedGeneration:
     client: GenerationClient
     ids: list[int]
     params: SamplingParams
+    prefer: str | None = None  # the route's preference, "fast" or "green" (None: the peer's)
 
 
 async def resolve(peer: ApiPeer, name: str) -> dict:
@@ -121,7 +123,7 @@ def no_route(model: dict) -> ApiError | None:
 
 
 async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: SamplingParams, *,
-                  max_tokens_given: bool) -> PreparedGeneration:
+                  max_tokens_given: bool, prefer: str | None = None) -> PreparedGeneration:
     """Check a request (see the module docstring); raises ApiError naming what is wrong."""
     model = await resolve(peer, model_name)
     client = await peer.client()
@@ -148,7 +150,7 @@ async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: Sampli
     if blocked is not None:
         raise blocked
     params = _fit_swarm_cache(model, len(ids), params, max_tokens_given=max_tokens_given, what=what)
-    return PreparedGeneration(model, client, ids, params)
+    return PreparedGeneration(model, client, ids, params, prefer)
 
 
 def _fit_swarm_cache(model: dict, prompt_tokens: int, params: SamplingParams, *, max_tokens_given: bool,
@@ -211,7 +213,7 @@ async def run(peer: ApiPeer, job: PreparedGeneration, *, source: str) -> AsyncGe
     `ApiError` that says what went wrong (`explain`)."""
     result = None
     try:
-        async with aclosing(job.client.stream(job.ids, job.params)) as events:
+        async with aclosing(job.client.stream(job.ids, job.params, prefer=job.prefer)) as events:
             async for event in events:
                 if event.text:
                     yield event.text

@@ -7,7 +7,8 @@ raises `ApiError` naming the field, which the API answers as OpenAI does:
 
 Fields we take: model, messages | prompt, max_tokens (or max_completion_tokens), temperature,
 top_p, seed, stop, stream, stream_options.include_usage, n (= 1 only), potluck.receipts (ours: the
-answer carries the signed receipts it was charged by), and the penalties,
+answer carries the signed receipts it was charged by), potluck.prefer (ours: "fast" or "green", the
+route's preference, pipeline/grid.py), and the penalties,
 logprobs, tools / tool_choice / functions and response_format only at their neutral values (we do
 not implement them, and say so rather than ignore them). Other fields (user, metadata, ...) are
 ignored, like OpenAI's servers ignore what they do not use.
@@ -22,6 +23,8 @@ import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from pipeline.grid import PREFERENCES
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP = 4
@@ -122,6 +125,7 @@ class GenerationRequest:
     include_usage: bool = False
     max_tokens_given: bool = False
     receipts: bool = False  # `"potluck": {"receipts": true}`: the answer carries its signed receipts
+    prefer: str | None = None  # `"potluck": {"prefer": "green"}`: the route weighs grid signals (None: the peer's)
 
     @staticmethod
     def _common(body: Any, max_tokens_limit: int) -> dict:
@@ -172,6 +176,9 @@ class GenerationRequest:
         receipts = extensions.get("receipts", False)
         if not isinstance(receipts, bool):
             raise bad("potluck", "'potluck.receipts' must be true or false", "invalid_type")
+        prefer = extensions.get("prefer")
+        if prefer is not None and (not isinstance(prefer, str) or prefer not in PREFERENCES):
+            raise bad("potluck", f"'potluck.prefer' must be one of {', '.join(PREFERENCES)}")
         if seed is not None:
             seed %= 1 << 63  # torch generators take non-negative seeds
         from pipeline.sampling import SamplingParams  # (torch: imported when a request comes, not with the CLI)
@@ -179,7 +186,7 @@ class GenerationRequest:
         # OpenAI's default temperature is 1 (sampling); temperature 0 is greedy here.
         params = SamplingParams(max_new_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed, stop=stop)
         return dict(model=model, params=params, stream=stream, include_usage=include_usage,
-                    max_tokens_given=given is not None, receipts=receipts)
+                    max_tokens_given=given is not None, receipts=receipts, prefer=prefer)
 
 
 @dataclass

@@ -106,6 +106,8 @@ class PeerConfig:
     max_batch: int | None = None  # steps computed as one forward by the served blocks (None: the server's default)
     spot_check_fraction: float | None = None  # fixed spot-check fraction (0: none); None: adaptive (checkpolicy)
     draft_model: str | None = None  # an HF folder: speculative decoding drafts with it (None: prompt lookup)
+    grid_signal: str | None = None  # a grid signal file the served blocks announce (pipeline/grid.py)
+    prefer: str = "fast"  # this peer's generations route "fast" or "green" (a request may say otherwise)
     credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
@@ -331,7 +333,7 @@ class Peer:
                 policy = AdaptivePolicy()
                 self._client = await DistributedModel.from_pretrained(
                     folder, self.network, self.dht, dtype=self.config.dtype,
-                    config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs),
+                    config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs), prefer=self.config.prefer,
                                         spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction,
                                                                    policy=policy, attestations=self.attestations)),
                     local_server=self.server)
@@ -388,6 +390,7 @@ def _server_config(config: PeerConfig) -> ServerConfig:
         sc.cache_budget_bytes = config.cache_mib << 20
     if config.max_batch is not None:
         sc.max_batch_steps = config.max_batch
+    sc.grid_signal_file = config.grid_signal
     return sc
 
 

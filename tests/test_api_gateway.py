@@ -55,7 +55,8 @@ class FakeClient:
         text = prompt if isinstance(prompt, str) else "|".join(f"{m['role']}:{m['content']}" for m in prompt)
         return [ord(c) % 1000 for c in text]
 
-    async def stream(self, ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenEvent | Finished, None]:
+    async def stream(self, ids: list[int], params: SamplingParams, *,
+                     prefer: str | None = None) -> AsyncGenerator[TokenEvent | Finished, None]:
         self.prompts.append(ids)
         answer = self.answer[:params.max_new_tokens]
         route = [("peerA", 0, 6)]

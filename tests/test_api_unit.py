@@ -62,7 +62,8 @@ class FakeClient:
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 
-    async def stream(self, ids: list[int], params: SamplingParams) -> AsyncGenerator[TokenEvent | Finished, None]:
+    async def stream(self, ids: list[int], params: SamplingParams, *,
+                     prefer: str | None = None) -> AsyncGenerator[TokenEvent | Finished, None]:
         self.started.set()
         if self.fail is not None:
             raise self.fail
