@@ -859,10 +859,14 @@ def run_attack(name: str, attack: Attack, target: Target, rss: RssSampler, hones
     }
 
 
-def standing_of(viewer: PeerProcess, peer_id: str) -> float:
-    """`peer_id`'s standing in `viewer`'s own view (credits), as `potluck credits` shows it."""
+def credits_row(viewer: PeerProcess, of: PeerProcess) -> dict:
+    """`of` as `viewer`'s ledger sees it (`potluck credits`: standing in its view, what it earned from `of`)."""
     rows = {row["peer_id"]: row for row in viewer.call("credits")["peers"]}
-    return rows.get(peer_id, {}).get("standing") or 0.0
+    return rows.get(of.peer_id, {})
+
+
+def standing_of(viewer: PeerProcess, of: PeerProcess) -> float:
+    return credits_row(viewer, of).get("standing") or 0.0
 
 
 def earn_standing(root: Path, common: list[str], config: ModelConfig, target: float, per_generation: float,
@@ -890,7 +894,7 @@ def earn_standing(root: Path, common: list[str], config: ModelConfig, target: fl
         assert [hop["peer_id"] for hop in first["route"]] == [server.peer_id]
         generations, standing = 1, 0.0
         deadline = time.monotonic() + timeout
-        while (standing := standing_of(client, server.peer_id)) < target:
+        while (standing := standing_of(client, server)) < target:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the honest user's standing at the victim reached {standing} of {target} credits")
             for _ in range(max(1, math.ceil((target - standing) / per_generation))):
@@ -978,7 +982,7 @@ def main(argv: list[str] | None = None) -> int:
                            "blocks": config.num_layers, "cache_mb": cache_budget // MiB,
                            "malloc_arena_max": args.malloc_arena_max,
                            "debt_allowance_credits": policy.debt_limit / GFLOP},
-                "honest_user": {"standing_at_victim_credits": standing_of(victim, user.peer_id),
+                "honest_user": {"standing_at_victim_credits": standing_of(victim, user),
                                 "standing_worth_generations": sizes.standing_generations, "earned_by": earned},
                 "goals": {"rss_growth_mb_max": RSS_GOAL_MB, "honest_success": 1.0, "latency_ratio_max": LATENCY_GOAL},
                 "attacks": {},
@@ -989,8 +993,7 @@ def main(argv: list[str] | None = None) -> int:
                     break
             report["victim"]["rss_mb_end"] = round(rss.now() / MiB, 1) if target.alive() else None
             if target.alive():  # what the honest user consumed at the victim, against its allowance there
-                row = {r["peer_id"]: r for r in victim.call("credits")["peers"]}.get(user.peer_id, {})
-                report["honest_user"]["consumed_at_victim_credits"] = row.get("earned_from")
+                report["honest_user"]["consumed_at_victim_credits"] = credits_row(victim, user).get("earned_from")
             report["all_goals_met"] = all(all(a["goals_met"].values()) for a in report["attacks"].values())
         finally:
             if honest is not None:
