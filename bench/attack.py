@@ -3,8 +3,13 @@
 On loopback it starts a victim, `potluck serve --blocks 0:N --api` (a tiny random-weight Llama by
 default, SmolLM2-135M-Instruct with `--smollm2`), and an honest user's peer, `potluck serve
 --bootstrap VICTIM --api`, that generates through the victim's blocks all along (a thread posting
-/v1/completions). Then this process attacks the victim, one attack at a time, each bounded in count
-and time (bench/hostile.py holds what the hostile tests send too):
+/v1/completions). The honest user is a contributor, as a user of an open network is: before the
+attacks its peer served every block to the victim's own user (the victim's peer, serving nothing
+then, generating through it), so its work reached the victim and it has standing there
+(credits.standing) worth `standing_generations` of its generations — a busy victim lets it owe that
+much more than a newcomer (credits.admission). New users without standing are `announcement_squatting`'s
+`new_user_*` figures. Then this process attacks the victim, one attack at a time, each bounded in
+count and time (bench/hostile.py holds what the hostile tests send too):
 
     object_bomb            16 MiB frames of empty arrays
     malformed_frames       a corpus of broken frames, each on a fresh raw session
@@ -23,10 +28,11 @@ and time (bench/hostile.py holds what the hostile tests send too):
 
 For each: the victim's RSS before, peak and after (VmRSS, sampled every 50 ms) and `rss_growth_mb`
 (peak - before), `alive`, the honest client's success and median latency just before and during the
-attack (`latency_ratio`), what the attacker obtained as the victim reports it (records and entries
+attack (`latency_ratio`) with its failures by API error code, what the attacker obtained as the victim reports it (records and entries
 it holds, tokens computed, cache bytes, sockets it holds, messages it forwarded) with the defences'
 bounds, and `goals_met`: RSS growth ≤ 64 MB, alive, honest success 100 %, latency ≤ 2× before,
-obtained ≤ bound. `--json` prints one JSON object; without it, a table.
+obtained ≤ bound; and `honest_user`: its standing at the victim, how it was earned, what it consumed
+there. `--json` prints one JSON object; without it, a table.
 
 `--malloc-arena-max N` starts the victim with MALLOC_ARENA_MAX=N, and `--only NAME` runs some
 attacks alone (the request-flood RSS measurements of the issue use both).
@@ -88,6 +94,7 @@ LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 RSS_GOAL_MB = 64.0
 LATENCY_GOAL = 2.0
 HONEST_MAX_TOKENS = 8
+HONEST_TOKENS = 16 + HONEST_MAX_TOKENS  # at most, one honest generation's tokens through the victim's blocks
 ALLOWANCE_TOKENS = 40  # the swarm's debt limit, in tokens through the victim's blocks
 
 
@@ -109,14 +116,17 @@ class Sizes:
     gossip_messages: int
     sybil_notes: int
     json_requests: int
+    standing_generations: int  # the honest user's standing at the victim: worth this many of its generations
 
 
 QUICK = Sizes(seconds=2.0, baseline_s=1.0, bombs=1, corpus_rounds=1, dht_records=400, squat_subkeys=16,
               sybil_announcements=60, chain_entries=200, hog_sessions=48, unpaid_keys=2, pushes=8, sockets=120,
-              requests=3000, gossip_messages=300, sybil_notes=320, json_requests=12)
+              requests=3000, gossip_messages=300, sybil_notes=320, json_requests=12,
+              standing_generations=600)
 FULL = Sizes(seconds=15.0, baseline_s=4.0, bombs=6, corpus_rounds=4, dht_records=3000, squat_subkeys=100,
              sybil_announcements=1200, chain_entries=1000, hog_sessions=300, unpaid_keys=4, pushes=100,
-             sockets=1000, requests=200_000, gossip_messages=3000, sybil_notes=3000, json_requests=200)
+             sockets=1000, requests=200_000, gossip_messages=3000, sybil_notes=3000, json_requests=200,
+             standing_generations=4000)
 
 
 # --- what runs beside the attacks: the RSS sampler and the honest client ----------------------------
@@ -849,7 +859,55 @@ def run_attack(name: str, attack: Attack, target: Target, rss: RssSampler, hones
     }
 
 
-def start_swarm(root: Path, args: argparse.Namespace) -> tuple[PeerProcess, PeerProcess, Path, str, ModelConfig, int]:
+def credits_row(viewer: PeerProcess, of: PeerProcess) -> dict:
+    """`of` as `viewer`'s ledger sees it (`potluck credits`: standing in its view, what it earned from `of`)."""
+    rows = {row["peer_id"]: row for row in viewer.call("credits")["peers"]}
+    return rows.get(of.peer_id, {})
+
+
+def standing_of(viewer: PeerProcess, of: PeerProcess) -> float:
+    return credits_row(viewer, of).get("standing") or 0.0
+
+
+def earn_standing(root: Path, common: list[str], config: ModelConfig, target: float, per_generation: float,
+                  prompt_tokens: int, timeout: float = 900.0) -> dict:
+    """Before the attacks, the honest user contributes: its peer serves every block and the victim's own
+    user generates through them (the victim's peer serves nothing yet), so the victim signs receipts for
+    the honest user's work — its standing in the victim's view (credits.standing), at least `target`
+    credits. Both peers stop; their data folders (identities, ledgers) stay for the bench's run."""
+    started = time.monotonic()
+    server = PeerProcess(root / "user", *common, "--blocks", f"0:{config.num_layers}")
+    server.start(timeout=180)
+    client = PeerProcess(root / "victim", *common, "--bootstrap", server.addr)
+    try:
+        start_all([client], timeout=180)
+        rng = random.Random(0)
+        prompt = [rng.randrange(3, config.vocab_size) for _ in range(prompt_tokens)]
+
+        def generate() -> dict | None:
+            try:
+                return client.call("generate", prompt=prompt, max_tokens=1, timeout=120)
+            except RuntimeError:
+                return None  # no route learned yet
+
+        first = wait_until(generate, 120, 1, message="the victim's first generation through the honest user")
+        assert [hop["peer_id"] for hop in first["route"]] == [server.peer_id]
+        generations, standing = 1, 0.0
+        deadline = time.monotonic() + timeout
+        while (standing := standing_of(client, server)) < target:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the honest user's standing at the victim reached {standing} of {target} credits")
+            for _ in range(max(1, math.ceil((target - standing) / per_generation))):
+                client.call("generate", prompt=prompt, max_tokens=1, timeout=120)
+                generations += 1
+    finally:
+        client.close()
+        server.close()
+    return {"generations": generations, "prompt_tokens": prompt_tokens, "seconds": round(time.monotonic() - started, 1)}
+
+
+def start_swarm(root: Path, args: argparse.Namespace,
+                sizes: Sizes) -> tuple[PeerProcess, PeerProcess, Path, str, ModelConfig, int, dict]:
     from pipeline.convert import model_folder
 
     if args.smollm2:
@@ -869,12 +927,17 @@ def start_swarm(root: Path, args: argparse.Namespace) -> tuple[PeerProcess, Peer
     debt = pricing(mid, 0, config.num_layers, ALLOWANCE_TOKENS) / GFLOP
     env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else {}
     common = ["--model", str(folder), "--threads", "1", "--debt-limit", repr(debt), "--api", "127.0.0.1:0"]
+    # a long prompt and one new token: much work per generation, little time
+    prompt_tokens = min(config.max_position_embeddings - 1, 1024)
+    earned = earn_standing(root, common, config, sizes.standing_generations * pricing(mid, 0, config.num_layers,
+                                                                                      HONEST_TOKENS) / GFLOP,
+                           pricing(mid, 0, config.num_layers, prompt_tokens) / GFLOP, prompt_tokens)
     victim = PeerProcess(root / "victim", *common, "--blocks", f"0:{config.num_layers}", "--cache-mb", str(cache_mb),
                          env=env)
     victim.start(timeout=180)
     user = PeerProcess(root / "user", *common, "--bootstrap", victim.addr)
     start_all([user], timeout=180)
-    return victim, user, folder, mid, config, cache_mb * MiB
+    return victim, user, folder, mid, config, cache_mb * MiB, earned
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -894,7 +957,7 @@ def main(argv: list[str] | None = None) -> int:
     names = args.only or list(ATTACKS)
     with tempfile.TemporaryDirectory(prefix="potluck-attack-") as tmp:
         root = Path(tmp)
-        victim, user, folder, mid, config, cache_budget = start_swarm(root, args)
+        victim, user, folder, mid, config, cache_budget, earned = start_swarm(root, args, sizes)
         rss = honest = None
         try:
             api = user.call("status")["api"]
@@ -919,6 +982,8 @@ def main(argv: list[str] | None = None) -> int:
                            "blocks": config.num_layers, "cache_mb": cache_budget // MiB,
                            "malloc_arena_max": args.malloc_arena_max,
                            "debt_allowance_credits": policy.debt_limit / GFLOP},
+                "honest_user": {"standing_at_victim_credits": standing_of(victim, user),
+                                "standing_worth_generations": sizes.standing_generations, "earned_by": earned},
                 "goals": {"rss_growth_mb_max": RSS_GOAL_MB, "honest_success": 1.0, "latency_ratio_max": LATENCY_GOAL},
                 "attacks": {},
             }
@@ -927,6 +992,8 @@ def main(argv: list[str] | None = None) -> int:
                 if not target.alive():
                     break
             report["victim"]["rss_mb_end"] = round(rss.now() / MiB, 1) if target.alive() else None
+            if target.alive():  # what the honest user consumed at the victim, against its allowance there
+                report["honest_user"]["consumed_at_victim_credits"] = credits_row(victim, user).get("earned_from")
             report["all_goals_met"] = all(all(a["goals_met"].values()) for a in report["attacks"].values())
         finally:
             if honest is not None:
@@ -946,6 +1013,9 @@ def print_table(report: dict) -> None:
     v = report["victim"]
     print(f"victim: {v['model']}, {v['blocks']} blocks, {v['cache_mb']} MiB cache, debt allowance "
           f"{v['debt_allowance_credits']:.4g} credits ({report['mode']} run)")
+    h = report["honest_user"]
+    print(f"honest user: standing {h['standing_at_victim_credits']:.4g} credits at the victim (earned serving its "
+          f"user {h['earned_by']['generations']} generations), consumed {h.get('consumed_at_victim_credits')}")
     print(f"{'attack':<24}{'RSS before/peak/after MB':>26}{'alive':>7}{'honest':>8}{'lat×':>6}  goals  obtained (≤ bound)")
     for name, a in report["attacks"].items():
         r = a["rss_mb"]

@@ -187,6 +187,13 @@ def test_attack_quick():
     assert got["gossip_flood"]["published"] > got["gossip_flood"]["relayed_by_victim"]  # throttled, not relayed
     assert got["presence_sybils"]["notes_sent"] > got["presence_sybils"]["presence_authors_listed"]  # bounded, not all
     assert got["nested_json"]["requests"] > 0 and got["nested_json"]["answered_other_than_400"] == 0
+    # the honest user earned standing at the victim (serving its user) beyond what it consumed there, so
+    # even the attacks that keep the victim busy never refuse it for credit
+    honest = r["honest_user"]
+    assert honest["consumed_at_victim_credits"] < honest["standing_at_victim_credits"], honest
+    refused = {name: a["honest_during"]["errors"] for name, a in r["attacks"].items()
+               if "402 insufficient_credits" in a["honest_during"].get("errors", {})}
+    assert not refused, refused
 
 
 def test_placement_quick():
