@@ -32,6 +32,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 REGIONS = {"eu": 3, "us": 3, "ap": 3}
 RTT_MS = {("eu", "us"): 80.0, ("eu", "ap"): 120.0, ("us", "ap"): 150.0}
@@ -320,7 +321,8 @@ def run(data_dir: str | None = None, *, quick: bool = False) -> dict:
         result["swarm_formed_s"] = round(time.monotonic() - t, 2)
         model_folder = getattr(lab, "model_folder", None)  # set by _start_peers, like the measurements read it
         result["model"] = str(model_folder) if model_folder else {"skipped": getattr(lab, "model_skip", "no model")}
-        measurements = {**MEASUREMENTS, "speculative": functools.partial(measure_speculative, quick=quick)}
+        measurements: dict[str, Callable[..., dict]] = {
+            **MEASUREMENTS, "speculative": functools.partial(measure_speculative, quick=quick)}
         for name, fn in measurements.items():
             if quick and name in MODEL_MEASUREMENTS:
                 continue
