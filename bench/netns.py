@@ -236,18 +236,18 @@ def measure_speculative(lab, peers, *, quick: bool = False, timeout: float = 300
             proc.kill()
             proc.communicate()
             raise TimeoutError(f"the far user did not finish in {timeout}s: {log_path.read_text()[-2000:]}") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"the far user exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        out = json.loads(stdout)
+        by_id = {p.peer_id: p.host for p in lab.peers}
+        for name in ("plain", "prompt_lookup"):
+            route = out[name].pop("route")
+            servers = [by_id[h["peer_id"]] for h in route if h["peer_id"] in by_id]
+            out[name]["route_hosts"] = [s.name for s in servers]
+            # client-driven: a pass is one round trip from the user to each hop (the RTTs it ran under)
+            out[name]["route_rtt_ms"] = sum(lab.expected_rtt_ms(host, s) for s in servers)
     finally:
         lab.set_rtt("us", "ap", RTT_MS[("us", "ap")])
-    if proc.returncode != 0:
-        raise RuntimeError(f"the far user exited {proc.returncode}: {log_path.read_text()[-2000:]}")
-    out = json.loads(stdout)
-    by_id = {p.peer_id: p.host for p in lab.peers}
-    for name in ("plain", "prompt_lookup"):
-        route = out[name].pop("route")
-        servers = [by_id[h["peer_id"]] for h in route if h["peer_id"] in by_id]
-        out[name]["route_hosts"] = [s.name for s in servers]
-        # client-driven: a pass is one round trip from the user to each hop
-        out[name]["route_rtt_ms"] = sum(lab.expected_rtt_ms(host, s) for s in servers)
     out["user"] = host.name
     return out
 
