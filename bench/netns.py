@@ -11,8 +11,14 @@ us–ap 150 ms; peers on <region>-0 and -1, DHT probes on <region>-2):
 - tokens_per_s: the default model (SmolLM2-135M) served whole by eu-0 and us-0 (`--blocks 0:30`),
   generated greedily by a user peer in each region (eu-1, us-1, ap-0), with the route's regions;
 - recovery_after_kill: the eu server SIGKILLed while the eu user generates: seconds from the kill
-  to the first step the us replica serves, and whether the output equals the undisturbed one.
+  to the first step the us replica serves, and whether the output equals the undisturbed one;
+- speculative: a far user on ap-2 (`bench.netns_client`, its own client process in that namespace;
+  us–ap lowered to 120 ms for this measurement, so either replica is 120 ms away) generates the
+  restating prompt (bench.pipeline's `RESTATE`) plain, then with prompt lookup: tok/s each,
+  `speculative_over_plain`, tokens per pass, acceptance, `identical` output, and where a pass's
+  time goes (the route's configured RTT vs the servers' compute per step).
 
+--quick: everything but tokens_per_s and recovery_after_kill, the speculative figure on fewer tokens.
 Needs root (network namespaces); without it prints {"skipped": reason} and exits 0. The model is
 converted once into --data-dir (default: potluck's, ~/.potluck); without it the pipeline
 measurements report {"skipped": why}.
@@ -21,10 +27,12 @@ measurements report {"skipped": why}.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 
 REGIONS = {"eu": 3, "us": 3, "ap": 3}
 RTT_MS = {("eu", "us"): 80.0, ("eu", "ap"): 120.0, ("us", "ap"): 150.0}
@@ -198,25 +206,69 @@ def measure_recovery_after_kill(lab, peers) -> dict:
     }
 
 
+FAR_USER_HOST = "ap-2"  # no peer of the swarm there; its DHT probe has closed by then
+FAR_USER_RTT_MS = 120.0  # to either replica while the far user measures (the issue: a user 80–120 ms away)
+SPECULATIVE_TOKENS = {"full": 64, "quick": 24}
+
+
+def measure_speculative(lab, peers, *, quick: bool = False, timeout: float = 300.0) -> dict:
+    """The far user's restating generations, plain then with prompt lookup (bench.netns_client)."""
+    import subprocess
+
+    from netlab.topology import REPO_ROOT
+
+    if not getattr(lab, "model_folder", None):
+        return {"skipped": getattr(lab, "model_skip", "no model")}
+    host = lab.host(FAR_USER_HOST)
+    tokens = SPECULATIVE_TOKENS["quick" if quick else "full"]
+    log_path = lab.workdir / f"netns-client-{host.name}.log"
+    args = [sys.executable, "-m", "bench.netns_client", "--listen", f"/ip4/{host.ip}/tcp/4600",
+            "--region", host.region, "--bootstrap", peers[0].addr, "--model", str(lab.model_folder),
+            "--tokens", str(tokens)]
+    lab.set_rtt("us", "ap", FAR_USER_RTT_MS)
+    try:
+        with open(log_path, "ab") as log:
+            proc = host.popen(args, stdout=subprocess.PIPE, stderr=log, cwd=str(REPO_ROOT))
+        lab.procs.append(proc)  # killed with the lab if it outlives the timeout below
+        try:
+            stdout, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise TimeoutError(f"the far user did not finish in {timeout}s: {log_path.read_text()[-2000:]}") from None
+        if proc.returncode != 0:
+            raise RuntimeError(f"the far user exited {proc.returncode}: {log_path.read_text()[-2000:]}")
+        out = json.loads(stdout)
+        by_id = {p.peer_id: p.host for p in lab.peers}
+        for name in ("plain", "prompt_lookup"):
+            route = out[name].pop("route")
+            servers = [by_id[h["peer_id"]] for h in route if h["peer_id"] in by_id]
+            out[name]["route_hosts"] = [s.name for s in servers]
+            # client-driven: a pass is one round trip from the user to each hop (the RTTs it ran under)
+            out[name]["route_rtt_ms"] = sum(lab.expected_rtt_ms(host, s) for s in servers)
+    finally:
+        lab.set_rtt("us", "ap", RTT_MS[("us", "ap")])
+    out["user"] = host.name
+    return out
+
+
 MEASUREMENTS = {
     "router": measure_router,
     "membership_rtt": measure_membership_rtt,
     "dht_lookup": measure_dht_lookup,
     "tokens_per_s": measure_tokens_per_s,
+    "speculative": measure_speculative,  # before the kill: both replicas up
     "recovery_after_kill": measure_recovery_after_kill,
 }
 
 
-MODEL_MEASUREMENTS = {"tokens_per_s", "recovery_after_kill"}
+MODEL_MEASUREMENTS = {"tokens_per_s", "recovery_after_kill"}  # --quick skips these
 
 
-def _start_peers(lab, data_dir: str | None, *, with_model: bool = True) -> list:
+def _start_peers(lab, data_dir: str | None) -> list:
     """eu-0 and us-0 serve the whole model, eu-1/us-1/ap-0 are users, ap-1 a plain peer. Without the
     model: six plain peers (the pipeline measurements then say why they were skipped)."""
     lab.model_folder, lab.model_skip, lab.reference_ids = None, None, None
-    if not with_model:
-        lab.model_skip = "--quick runs without the model"
-        return lab.swarm([lab.region_hosts(r)[j] for r in REGIONS for j in (0, 1)])
     try:
         from pipeline.convert import ensure_default_model
         from potluck.cli import DEFAULT_DATA_DIR
@@ -262,14 +314,16 @@ def run(data_dir: str | None = None, *, quick: bool = False) -> dict:
             "lab_setup_s": round(lab.setup_s, 3),
         }
         t = time.monotonic()
-        peers = _start_peers(lab, data_dir, with_model=not quick)
+        peers = _start_peers(lab, data_dir)
         ids = {p.peer_id for p in peers}
         for p in peers:
             wait_until(lambda p=p: p.alive_peers() >= ids - {p.peer_id}, 90, message=f"{p.host.name} sees all")
         result["swarm_formed_s"] = round(time.monotonic() - t, 2)
         model_folder = getattr(lab, "model_folder", None)  # set by _start_peers, like the measurements read it
         result["model"] = str(model_folder) if model_folder else {"skipped": getattr(lab, "model_skip", "no model")}
-        for name, fn in MEASUREMENTS.items():
+        measurements: dict[str, Callable[..., dict]] = {
+            **MEASUREMENTS, "speculative": functools.partial(measure_speculative, quick=quick)}
+        for name, fn in measurements.items():
             if quick and name in MODEL_MEASUREMENTS:
                 continue
             try:
@@ -285,7 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print JSON only")
     parser.add_argument("--data-dir", help="where the default model is converted (default: potluck's data dir)")
     parser.add_argument("--quick", action="store_true",
-                        help="no model: the harness, membership and DHT figures only (the test suite runs it)")
+                        help="no per-region tokens/s or kill; the speculative figure on fewer tokens (the test suite "
+                             "runs it)")
     args = parser.parse_args(argv)
     result = run(args.data_dir, quick=args.quick)
     if args.json:

@@ -145,16 +145,25 @@ def test_pipeline_quick(smollm2_data):
 
 
 @pytest.mark.slow
-def test_netns_quick():
+def test_netns_quick(smollm2_data):
     from netlab import skip_reason
 
     if reason := skip_reason():
         pytest.skip(reason)
-    r = run_bench("netns", timeout=600)
+    data_dir, _ = smollm2_data
+    r = run_bench("netns", "--data-dir", str(data_dir), timeout=600)
     figure(r, "router.added_rtt_ms_median_over_pairs")
     assert figure(r, "membership_rtt.cross_over_in_region_ratio") > 1  # the lab's regions are farther apart
     assert r["dht_lookup"].get("all_found") is True, r["dht_lookup"]
-    assert "tokens_per_s" not in r and "recovery_after_kill" not in r  # --quick leaves the model out
+    assert "tokens_per_s" not in r and "recovery_after_kill" not in r  # --quick leaves these out
+    # the far user's restating prompt, plain then with prompt lookup, 120 ms from the replica it uses
+    assert figure(r, "speculative.speculative_over_plain") > 0 and r["speculative"]["identical"] is True, r["speculative"]
+    for mode in ("plain", "prompt_lookup"):
+        assert figure(r, f"speculative.{mode}.tokens_per_s") > 0
+        assert figure(r, f"speculative.{mode}.route_rtt_ms") == 120, r["speculative"]
+    assert figure(r, "speculative.plain.tokens_per_pass") == 1
+    assert figure(r, "speculative.prompt_lookup.tokens_per_pass") >= 1
+    assert 0 <= figure(r, "speculative.prompt_lookup.acceptance") <= 1
 
 
 ATTACKS = ("object_bomb", "malformed_frames", "dht_store_flood", "credit_chain_flood", "kv_cache_hog", "unpaid_compute",
