@@ -153,12 +153,21 @@ class _Walk:
         if self.dirty:
             live = sorted((c for c in self.cands.values() if c.state != FAILED), key=lambda c: c.dist)
             limit = self.lookup.max_candidates
-            if len(live) > limit:  # forget never-queried candidates: suspect, then unvouched, then far ones
-                by_worth = sorted(live, key=lambda c: (self.suspect(c), not self.vouched(c), c.dist))
-                for c in by_worth[limit:]:
-                    if c.state == NEW:
+            if len(live) > limit:
+                # Forget never-queried candidates: suspects' offers first, then far ones. The k closest
+                # vouched for stay, however many offers sort ahead of them; unvouched ones closer than
+                # the rest stay too (an honest answer near the target is unvouched at first).
+                keep = {c.contact.peer_id for c in live if c.state != NEW}
+                keep.update(c.contact.peer_id for c in
+                            [c for c in live if self.vouched(c) and not self.suspect(c)][: self.lookup.k])
+                for c in sorted(live, key=lambda c: (self.suspect(c), c.dist)):
+                    if len(keep) >= limit:
+                        break
+                    keep.add(c.contact.peer_id)
+                for c in live:
+                    if c.contact.peer_id not in keep:
                         del self.cands[c.contact.peer_id]
-                live = [c for c in live if c.contact.peer_id in self.cands]
+                live = [c for c in live if c.contact.peer_id in keep]
             self.sorted = live
             self.dirty = False
         return self.sorted
@@ -177,7 +186,7 @@ class _Walk:
         for). One given up on still counts here (its late answer may matter): it only holds the walk
         up once nothing else is left to ask — unless only suspects offered it."""
         top = self.ranked()[: self.lookup.need]
-        if top and all(c.state == DONE for c in top):
+        if len(top) == self.lookup.need and all(c.state == DONE for c in top):
             return True
         return not any(c.state in (NEW, INFLIGHT) for c in self.mine())
 
