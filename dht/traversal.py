@@ -98,6 +98,7 @@ class _Walk:
         self.dirty = False
         self.stop_depth = 0
         self.referrers: dict[str, Referrer] = {}
+        self.heard = 0  # candidates ever added (fewer than `need`: a swarm too small to skip anyone in)
 
     def add(self, contact: Contact, depth: int, coord: Coord | None, referrer: str | None = None) -> bool:
         """Add a candidate (or note one more referrer of a known one); True if it is new."""
@@ -117,6 +118,7 @@ class _Walk:
             return False
         self.cands[contact.peer_id] = Candidate(contact, contact.id ^ lk.target, depth, coord,
                                                 referrers=[] if referrer is None else [referrer])
+        self.heard += 1
         self.dirty = True
         return True
 
@@ -184,9 +186,12 @@ class _Walk:
     def finished(self) -> bool:
         """The `need` closest ranked candidates have all answered (or nothing is left to ask or wait
         for). One given up on still counts here (its late answer may matter): it only holds the walk
-        up once nothing else is left to ask — unless only suspects offered it."""
-        top = self.ranked()[: self.lookup.need]
-        if len(top) == self.lookup.need and all(c.state == DONE for c in top):
+        up once nothing else is left to ask — unless only suspects offered it. A walk that has heard
+        of fewer than `need` peers in all (a small cluster, far peers given up on) skips no one: it
+        asks and waits for suspects' offers too."""
+        need = self.lookup.need
+        top = self.ranked()[:need]
+        if top and all(c.state == DONE for c in top) and (len(top) == need or self.heard >= need):
             return True
         return not any(c.state in (NEW, INFLIGHT) for c in self.mine())
 
