@@ -5,6 +5,10 @@ Every bench takes `--quick` (small sizes, seconds), which tests/test_bench_quick
     gossip_sim  gossip reach and cost on the simulator vs an ideal flood
     dht_sim     clustered vs plain Kademlia on one simulated topology
     ledger      credit-log sign/verify/store rates and spread
+    spotcheck   spot checks: honest noise vs tolerance, liars caught, checker compute (adaptive vs fixed 2 %)
     pipeline    SmolLM2 through real server processes vs local generation
     netns       the namespace lab's figures (needs root)
+    attack      attacks on a real peer: its RSS, whether it stays up, what the attacker got, an honest client beside
+    fuzz        every wire and stored-data decoder against fuzzed inputs (bench.fuzzgen makes them)
+And what the attack bench and the hostile tests send: hostile.py (not a bench).
 """

@@ -20,6 +20,22 @@
   balance fold it reads the reliability factors from still to do (`recompute_s`) and done
   (`recompute_balances_known_s`); and, on the whole work graph built in memory, the build and one
   more viewer's standings.
+- `sybils`: a swarm of `--sybil-peers` peers, 10 % of them Sybils in groups of `--sybil-group`
+  keys, each of which signs for an hour of work (1,000 tokens/s) its group's first key never did,
+  and which consume some honest work and
+  do a little real work for honest clients; honest clients each use 3 honest servers (receipts
+  written straight into a store, as above). Every honest peer computes its view: the most standing
+  any Sybil (`max_sybil_standing`) and any group (`max_group_standing`) reaches in any honest view,
+  against the work honest peers received from that group (`max_group_work_received`) — the bound —
+  and the balance the farm shows in the shared fold (`max_group_farmed_balance`), the baseline.
+  Figures in GFLOP-credits.
+- `proofs`: what judging a dispute costs (pipeline/proofs.py, pipeline/disputes.py), on a tiny random
+  Llama (hidden 64, 2 blocks) built in a temp dir: `signature_check_per_s` (one signed step, the
+  check a forged record gets and all it gets) against `verify_per_s` above; `inputs_check_s` (hashing
+  a proof's steps against the signed input digest); `replay_s` (a judge re-running a proof of
+  `--proof-tokens` tokens over the span, KV cache included) against `forward_s`, the same steps run
+  straight through the span in the same run; `signed_forward_s`, those steps with each signed by the
+  server and checked by the client (what signing costs a session); and the proof's size.
 - `sim`: on the simulator (`--nodes` peers, each dialling `--dials` others), the virtual seconds
   for one new entry to reach every peer's verified store, by gossip push + pull, against the ideal
   flood over the same connections (`bench.gossip_sim.ideal_flood`) in the same run.
@@ -43,6 +59,7 @@ from credits import (
     CreditPolicy, IngestLimits, Ledger, LogEntry, ReceiptSigner, StandingView, Store, WorkGraph, linear_pricing, standings,
 )
 from credits.entry import ZERO_HASH, clear_signature_cache
+from credits.ledger import GFLOP
 from p2p.identity import Identity
 
 PRICING = linear_pricing(lambda model: 1_000_000)
@@ -87,6 +104,81 @@ def bench_crypto(n: int) -> dict:
         key.verify(h, s)
     verify = time.perf_counter() - t
     return {"sign_per_s": rate(n, sign), "verify_per_s": rate(n, verify)}
+
+
+def bench_proofs(n: int, tokens: int) -> dict:
+    """See the module docstring (`proofs`)."""
+    import math
+    import tempfile as tf
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.disputes import DisputeJudge, ServedBlocks
+    from pipeline.limiter import PriorityLimiter
+    from pipeline.loading import load_span
+    from pipeline.proofs import (
+        DisputeProof, InputChain, ProvenLog, check_signed, result_digests, sign_step, tensor_digest,
+    )
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         intermediate_size=96, vocab_size=101, max_position_embeddings=max(64, 2 * tokens))
+    with tf.TemporaryDirectory() as folder:
+        LlamaForCausalLM(config).save_pretrained(folder)
+        span = load_span(folder, 0, 2, dtype="float32", device="cpu")
+    server, session, seed = Identity.generate(), b"i" * 16, b"s" * 16
+    prefill = max(1, tokens // 2)
+    steps = [(0, torch.randn(1, prefill, 64))] + [(p, torch.randn(1, 1, 64)) for p in range(prefill, tokens)]
+    span.forward(steps[0][1], span.new_cache(tokens), 0)  # warm up
+
+    def run(signed: bool) -> tuple[float, ProvenLog]:
+        cache, chain, log = span.new_cache(tokens), InputChain(session), ProvenLog(session)
+        t0 = time.perf_counter()
+        for i, (pos, x) in enumerate(steps):
+            out = span.forward(x, cache, pos)
+            if signed:  # the server signs, the client checks and keeps the step
+                output_digest, output_fingerprint = result_digests(out, seed)
+                wire = sign_step(server, model="m", start=0, end=2, dtype="float32", session=session, step=i,
+                                 pos=pos, chunks=[x.shape[1]],
+                                 input_digest=chain.add(pos, [x.shape[1]], tensor_digest(x)),
+                                 output_digest=output_digest, output_fingerprint=output_fingerprint,
+                                 seed=seed).to_wire()
+                log.accept(check_signed(wire, server=server.public_key, model="m", start=0, end=2, dtype="float32",
+                                        session=session, step=i, seed=seed, outputs=out), pos, [x.shape[1]], x, out)
+        return time.perf_counter() - t0, log
+
+    async def in_worker(signed: bool) -> tuple[float, ProvenLog]:  # where servers and judges compute
+        return await trio.to_thread.run_sync(run, signed)
+
+    forward = min(trio.run(in_worker, False)[0] for _ in range(3))  # best of 3: the figures are ratios
+    signed = min(trio.run(in_worker, True)[0] for _ in range(3))
+    log = trio.run(in_worker, True)[1]
+    proof = log.proof(len(log.steps) - 1)
+    evidence = proof.encode()
+    decoded = DisputeProof.decode(evidence, server.public_key, 64)
+    t = time.perf_counter()
+    for _ in range(n):
+        decoded.record.valid()
+    signature = time.perf_counter() - t
+    t = time.perf_counter()
+    assert decoded.inputs_match()
+    inputs_check = time.perf_counter() - t
+    blocks = ServedBlocks(SimpleNamespace(span=span, model_id="m", dtype_name="float32", limiter=PriorityLimiter(1)))
+    judge = DisputeJudge(None, blocks)  # type: ignore[arg-type]  # judge() reads no ledger
+
+    async def replay() -> tuple[bool | None, float]:
+        t0 = time.perf_counter()
+        verdict = await judge.judge(server.public_key, evidence)
+        return verdict, time.perf_counter() - t0
+
+    verdict, replay_s = min((trio.run(replay) for _ in range(3)), key=lambda r: r[1])
+    assert verdict is False and not math.isnan(replay_s)  # an honest step: a false accusation
+    return {"tokens": tokens, "steps": len(steps), "proof_bytes": len(evidence),
+            "signature_check_per_s": rate(n, signature), "inputs_check_s": round(inputs_check, 6),
+            "replay_s": round(replay_s, 4), "forward_s": round(forward, 4), "signed_forward_s": round(signed, 4),
+            "replay_vs_forward": round(replay_s / forward, 2), "signed_vs_forward": round(signed / forward, 2)}
 
 
 def bench_store(n: int, range_size: int, directory: str) -> dict:
@@ -166,6 +258,52 @@ def bench_standing(peers: int, servers_per_client: int = 10, seed: int = 0) -> d
             "one_view_ms": round((time.perf_counter() - t) * 1000, 3)}
 
 
+def bench_sybils(peers: int, group_size: int, sybil_share: float = 0.1, seed: int = 0) -> dict:
+    rng = random.Random(seed)
+    viewer = Identity.generate()  # owns the store; its own view is not among those measured
+    keys = [rng.randbytes(32) for _ in range(peers)]
+    n_sybils = int(peers * sybil_share)
+    honest, sybils = keys[n_sybils:], keys[:n_sybils]
+    groups = [sybils[i:i + group_size] for i in range(0, n_sybils, group_size)]
+    hour = 3_600_000 * 30_000_000  # an hour at 1,000 tokens/s through 30 blocks of 1e6 FLOPs each
+    led = Ledger(viewer, Store(None), pricing=PRICING)
+    counter = iter(range(1, 1 << 62))
+
+    def serve(server: bytes, client: bytes, flops: int) -> None:
+        led.store.insert_transfer(server, client, rng.randbytes(16), 1, next(counter), flops, "m")
+
+    with led.store.transaction():
+        for client in honest:
+            for server in rng.sample(honest, 3):
+                if server != client:
+                    serve(server, client, rng.randint(10**10, 10**11))
+        for group in groups:
+            for member in group:
+                if member != group[0]:
+                    serve(group[0], member, hour)  # the farm's "server" earns an hour from each of its keys
+                serve(rng.choice(honest), member, rng.randint(10**10, 10**11))
+            serve(group[0], rng.choice(honest), 3 * 10**10)
+    t = time.perf_counter()
+    graph = WorkGraph.from_transfers(led.store.counted_transfers())
+    views = [standings(graph, h) for h in honest]
+    views_s = time.perf_counter() - t
+    balances = led.balances_sync()
+    out = {"peers": peers, "sybils": n_sybils, "group": group_size, "honest_views": len(views),
+           "views_s": round(views_s, 3), "max_sybil_standing": 0.0, "max_group_standing": 0.0,
+           "max_group_work_received": 0.0, "max_group_farmed_balance": 0.0}
+    for group in groups:
+        members = set(group)
+        received = sum(w for h in honest for s, w in graph.received.get(h, {}).items() if s in members)
+        farmed = sum(max(0, balances[m].effective) for m in members if m in balances)
+        reached = [sum(view.get(m, 0) for m in members) for view in views]
+        out["max_sybil_standing"] = max(out["max_sybil_standing"],
+                                        max(view.get(m, 0) for view in views for m in members) / GFLOP)
+        out["max_group_standing"] = max(out["max_group_standing"], max(reached) / GFLOP)
+        out["max_group_work_received"] = max(out["max_group_work_received"], received / GFLOP)
+        out["max_group_farmed_balance"] = max(out["max_group_farmed_balance"], farmed / GFLOP)
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in out.items()}
+
+
 async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
     from bench.gossip_sim import ideal_flood
     from credits.replication import Replicator
@@ -176,7 +314,9 @@ async def bench_sim(nodes: int, dials: int, seed: int) -> dict:
     rng = random.Random(seed)
     async with SimWorld.open(seed=seed) as world, trio.open_nursery() as nursery:
         ns = [world.add_node() for _ in range(nodes)]
-        leds = [Ledger(n.identity, Store(None), pricing=PRICING, clock=n.now) for n in ns]
+        # a starting grant is the new entry spread below (open swarms grant 0: a private swarm's policy)
+        policy = CreditPolicy(starting_grant=GFLOP)
+        leds = [Ledger(n.identity, Store(None), pricing=PRICING, policy=policy, clock=n.now) for n in ns]
         gossips = [Gossip(n, n.identity, rng=random.Random(seed + i)) for i, n in enumerate(ns)]
         reps = [Replicator(led, n, g, exchange_interval=5.0, rng=random.Random(seed + i))
                 for i, (led, n, g) in enumerate(zip(leds, ns, gossips))]
@@ -226,11 +366,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--standing-peers", type=int, nargs="*", default=[1000, 10000],
                         help="swarm sizes to time standing on (none: skip)")
+    parser.add_argument("--sybil-peers", type=int, default=1000, help="swarm size of the Sybil figure (0: skip)")
+    parser.add_argument("--sybil-group", type=int, default=10, help="keys per Sybil group (at least 2)")
+    parser.add_argument("--proof-tokens", type=int, default=40, help="tokens of the session a timed proof covers")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = parser.parse_args(argv)
     if args.quick:
-        args.entries, args.nodes, args.standing_peers = 300, 50, [100, 1000]
+        args.entries, args.nodes, args.standing_peers, args.sybil_peers, args.proof_tokens = 300, 50, [100, 1000], 200, 16
     directory = args.dir or os.path.join(os.getcwd(), ".bench-ledger")
     os.makedirs(directory, exist_ok=True)
     result = {"entries": args.entries, "range": args.range, "sqlite": "WAL, synchronous=FULL", "cores": 1}
@@ -242,6 +385,11 @@ def main(argv: list[str] | None = None) -> None:
         pass
     result["per_reply_vs_verify_alone"] = round(result["ingest_durable_per_reply_per_s_dispute"] / result["verify_per_s"], 2)
     result["standing"] = [bench_standing(n, seed=args.seed) for n in args.standing_peers]
+    if args.sybil_peers:
+        result["sybils"] = bench_sybils(args.sybil_peers, args.sybil_group, seed=args.seed)
+    result["proofs"] = bench_proofs(args.entries, args.proof_tokens)
+    result["proofs"]["signature_check_vs_verify"] = round(result["proofs"]["signature_check_per_s"]
+                                                          / result["verify_per_s"], 2)
     if args.nodes:
         result["sim"] = trio.run(bench_sim, args.nodes, args.dials, args.seed,
                                  clock=trio.testing.MockClock(autojump_threshold=0))

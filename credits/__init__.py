@@ -11,9 +11,12 @@ Layers, each readable alone (imports only go down the list):
                     over chains; CreditPolicy
     standing.py     WorkGraph, StandingView: each peer's own view of another, the flow of verified work
                     that reached it (Sybil-bounded; balances stay the shared fold)
+    admission.py    Admission, Position: how much a busy server lets a client owe it (a newcomer's
+                    allowance plus the client's standing in the server's own view)
     replication.py  Replicator: gossip push, head-vector anti-entropy and range pulls between peers
 """
 
+from .admission import Admission, Position
 from .allowance import IngestLimits
 from .entry import ForkProof, LogEntry, SignedHeader
 from .errors import CreditError, CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
@@ -26,5 +29,5 @@ __all__ = [
     "LogEntry", "ForkProof", "SignedHeader", "CreditError", "CreditRefused", "InvalidEntry", "InvalidForkProof",
     "InvalidReceipt", "GFLOP", "Balance", "CreditPolicy", "IngestLimits", "IngestResult", "Ledger", "credits",
     "Pricing", "Receipt", "ReceiptSigner", "ReceiptTracker", "linear_pricing", "new_session_id", "Store",
-    "StandingView", "WorkGraph", "standings",
+    "StandingView", "WorkGraph", "standings", "Admission", "Position",
 ]

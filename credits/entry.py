@@ -30,6 +30,7 @@ import msgpack
 import nacl.exceptions
 import nacl.signing
 
+from p2p.framing import brief
 from p2p.identity import Identity, peer_id_from_public_key
 
 from .errors import InvalidEntry
@@ -197,7 +198,7 @@ def _check_fields(author: Any, seq: Any, prev: Any, timestamp: Any, kind: Any, b
     if type(timestamp) is not int or not 0 <= timestamp <= MAX_INT:
         raise InvalidEntry("timestamp must be a non-negative integer (milliseconds)")
     if not isinstance(kind, str) or kind not in KINDS:
-        raise InvalidEntry(f"kind must be one of {', '.join(KINDS)}, got {str(kind)[:40]!r}")
+        raise InvalidEntry(f"kind must be one of {', '.join(KINDS)}, got {brief(kind)}")
     if not isinstance(body, bytes) or len(body) > MAX_BODY:
         raise InvalidEntry(f"body must be at most {MAX_BODY} bytes")
 

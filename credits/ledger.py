@@ -15,18 +15,28 @@ Kinds and bodies (each body is the msgpack of a fixed-order list, decoded strict
 - `spend`  [receipt] — the client's own record of the same receipt (client = author). Kept for
   audits and `potluck credits`; it does not move balances (see below).
 - `dispute` [accused(32 B), reason(str), evidence(bytes)] — a signed accusation from a spot check;
-  it lowers the accused server's reliability (below).
+  its evidence is a proof (pipeline/proofs.py: the accused's signed step result and the inputs it
+  ran on) that any peer holding the span can re-run. It moves no balance (below).
 - `fork`   [fork proof] — the author records a fork proof it checked (it is also stored and spread
   on its own, see `ForkProof`).
 
 Balances, as each peer sees them (a fold over the chains it has verified):
     balance(P) = grants to P + earned(P) − spent(P)
-where earned(S) sums, over S's earn entries, the worth of the highest-counter receipt per
+where earned(S) sums, over S's earn entries, the FLOPs of the highest-counter receipt per
 (client, session), and spent(C) sums the same receipts by client — a client's debit is derived from
 the *servers'* earn entries carrying its signature, so it cannot dodge a debt by not recording
-spends. A receipt is worth its FLOPs × the server's reliability (`PER_DISPUTE` per distinct
-credible accuser), to both sides, so every receipt adds to one peer what it takes
-from another and the total over all peers is exactly the sum of grants: conserved.
+spends. Every receipt adds to one peer what it takes from another, so the total over all peers is
+exactly the sum of grants: conserved, and the same at every peer holding the same chains.
+
+Disputes and verdicts. A dispute is a claim; it counts nothing until this peer has judged it
+itself (pipeline/disputes.py re-runs the proof on blocks it holds) and kept a *verdict* in its own
+store (`record_verdict`, never replicated). A proven liar, a peer whose accusation was false and a
+forked author have reliability 0 in this peer's view (`reliability_sync`): routing avoids them and
+`credits.standing` counts their work at nothing — a liar's earnings are forfeited where decisions are
+made, not rewritten in the shared fold. A client's own referee-backed spot check is a verdict in its
+own view. Once an accuser is found making a false accusation, its disputes are never verified again
+(`unjudged_disputes` leaves them out), so dispute spam costs the verifier one check per accuser and
+the accused nothing.
 
 Ingestion bounds what one author adds without work behind it: grants, disputes and forks are paid
 for from a per-author allowance (`credits.allowance.IngestLimits`); earn and spend entries, which
@@ -37,13 +47,14 @@ agrees on), is not replicated further, and its balance is *frozen*: it no longer
 favour (`effective = min(raw, 0)`), while its debts still stand. `Ledger.forks` exposes the proofs
 for routing.
 
-Sybil caveat: identities are free, so with a starting grant > 0 anyone can mint
-`starting_grant` per key they generate, and move it to one key by signing receipts between their
-own keys (conservation still holds — the grants are real, just farmed); receipts for work never
-done move balances just as well. The starting grant is therefore small and bounded, servers serve
-debtors only when idle, and private swarms can set `starting_grant=0` and fund members through
-grant authorities. `credits.standing` computes each peer's own, Sybil-bounded view of another
-(flow of verified work to it); admission and priority do not use it yet.
+Sybil caveat: identities are free, and receipts for work never done move balances just as well
+as real ones: two keys one person controls can sign each other any amount (conservation still holds
+— the total is the grants — but the balance is farmed). So balances are the shared record, not
+what decisions read: servers admit, queue and share their cache by *standing*, each peer's own view
+of the verified work that reached it (`credits.standing`, `credits.admission`), which a farm does
+not raise. And nothing is minted by default: `starting_grant` is 0 in open swarms (a newcomer is
+served by idle servers and, when they are busy, within each server's debt allowance); a private
+swarm may set a starting grant or fund its members through grant authorities.
 """
 
 from __future__ import annotations
@@ -60,7 +71,7 @@ from p2p.identity import Identity, peer_id_from_public_key
 
 from .allowance import BACKED_KINDS, Allowances, IngestLimits
 from .entry import KEY_LEN, MAX_INT, ZERO_HASH, ForkProof, LogEntry
-from .errors import CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
+from .errors import InvalidEntry, InvalidForkProof, InvalidReceipt
 from .receipts import Pricing, Receipt
 from .store import Store
 
@@ -68,9 +79,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 GFLOP = 10**9
-PER_DISPUTE = 0.5  # reliability factor per distinct credible accuser
 MAX_NOTE = 200
 MAX_EVIDENCE = 12 * 1024
+
+
+UNIT = "GFLOP-credits (1 credit = 1e9 FLOPs of compute, earned by serving)"
 
 
 def credits(flops: int) -> float:
@@ -82,10 +95,12 @@ def credits(flops: int) -> float:
 class CreditPolicy:
     """Swarm-wide credit rules. Every peer of a swarm must use the same policy, or their balances differ."""
 
-    starting_grant: int = 100_000 * GFLOP  # 100k GFLOP-credits: ~370k tokens of a 135M model, ~7k of a 7B one
+    starting_grant: int = 0  # identities are free: an open swarm mints nothing (a private one may)
     grant_authorities: frozenset[bytes] = frozenset()
     max_authority_grant: int = 10**9 * GFLOP
-    debt_limit: int = 10_000 * GFLOP  # busy servers refuse clients whose balance is below -debt_limit
+    # A newcomer's allowance at a busy server (credits.admission): 10k GFLOP-credits, ~37k tokens
+    # through all blocks of the 135M default model, ~700 of a 7B one: a few short generations.
+    debt_limit: int = 10_000 * GFLOP
 
     def __post_init__(self) -> None:
         if not 0 <= self.starting_grant <= MAX_INT or not 0 <= self.max_authority_grant <= MAX_INT:
@@ -486,69 +501,65 @@ class Ledger:
 
         for _author, recipient, amount in self.store.counted_grants():
             get(recipient).granted += amount
-        transfers = list(self.store.counted_transfers())
-        face_value: dict[bytes, int] = {}
-        for server, _client, flops in transfers:
-            face_value[server] = face_value.get(server, 0) + flops
-        disputed = self._disputed(face_value)
-        for server, client, flops in transfers:
-            # Work is worth FLOPs × the server's reliability, to both sides: the total stays conserved.
-            # (A forked author is frozen instead, below; its history keeps its face value.)
-            worth = int(flops * disputed.get(server, 1.0))
-            get(server).earned += worth
-            get(client).spent += worth
+        for server, client, flops in self.store.counted_transfers():
+            # Every receipt counts at its face value, to both sides: the total stays conserved, and the
+            # fold is the same at every peer holding the same chains (disputes do not enter it).
+            get(server).earned += flops
+            get(client).spent += flops
         for author in self.forks:
             get(author)
         self._balances = (version, out)
-        self._reliability = (version, {**disputed, **{key: 0.0 for key in self.forks}})
         return out
 
-    def _disputed(self, face_value: dict[bytes, int]) -> dict[bytes, float]:
-        """public key → PER_DISPUTE ** (distinct accusers in good standing — not forked, and paid for
-        serving at least once, so a fresh Sybil key cannot smear anyone for free), for every server
-        with such a dispute. A function of the verified chains alone, so peers holding the same
-        chains agree."""
-        accusers: dict[bytes, set[bytes]] = {}
-        for entry in self.store.entries_of_kind("dispute"):
-            if entry.author in self.forks or face_value.get(entry.author, 0) <= 0:
-                continue
-            accused = msgpack.unpackb(entry.body, raw=False)[0]  # the body was checked on ingest
-            if isinstance(accused, bytes):
-                accusers.setdefault(accused, set()).add(entry.author)
-        return {key: PER_DISPUTE ** len(who) for key, who in accusers.items()}
-
     def reliability_sync(self) -> dict[bytes, float]:
+        """public key → 0.0 for every peer this peer found lying (a dispute it verified, or its own
+        referee-backed check), making a false accusation, or forking; absent keys are 1.0."""
         if self._reliability is None or self._reliability[0] != self.version:
-            self.balances_sync()
-        assert self._reliability is not None  # balances_sync computed it
+            version = self.version
+            liars, false_accusers = self.verdicts_sync()
+            self._reliability = (version, dict.fromkeys(liars | false_accusers | set(self.forks), 0.0))
         return self._reliability[1]
 
     async def reliability(self) -> dict[bytes, float]:
-        """public key → reliability factor for every server with a dispute (or 0 with a fork); absent keys are 1.0."""
+        """`reliability_sync`, through the ledger's worker."""
         return await self._call(self.reliability_sync)
+
+    # --- verdicts on disputes (this peer's own; see the module docstring) -------------------------
+
+    def verdicts_sync(self) -> tuple[set[bytes], set[bytes]]:
+        """(proven liars, false accusers) by this peer's own verdicts."""
+        liars: set[bytes] = set()
+        false_accusers: set[bytes] = set()
+        for accuser, _seq, accused, lie in self.store.verdicts():
+            (liars if lie else false_accusers).add(accused if lie else accuser)
+        return liars, false_accusers
+
+    async def record_verdict(self, accuser: bytes, seq: int, accused: bytes, lie: bool | None) -> None:
+        """Keep this peer's verdict on dispute `seq` of `accuser` (0: its own check, no entry): `lie`
+        True, `accused` lied; False, the accusation was false; None, this peer cannot judge it."""
+        await self._call(self._record_verdict_sync, accuser, seq, accused, lie)
+
+    def _record_verdict_sync(self, accuser: bytes, seq: int, accused: bytes, lie: bool | None) -> None:
+        with self.store.transaction():
+            self.store.put_verdict(accuser, seq, accused, lie)
+        if lie is not None:
+            self.version += 1  # reliability and standing views recompute; no chain changed
+
+    async def unjudged_disputes(self, limit: int = 64) -> list[tuple[LogEntry, bytes, bytes]]:
+        """Disputes by others this peer has no verdict on, from accusers not yet caught making a false
+        accusation: (entry, accused key, evidence)."""
+        entries = await self._call(self.store.unjudged_disputes, self.me, limit)
+        out = []
+        for entry in entries:
+            accused, _reason, evidence = _decode_body(entry.body, 3, "dispute")  # checked on ingest
+            out.append((entry, accused, evidence))
+        return out
 
     async def balance(self, key: bytes) -> Balance:
         return (await self.balances()).get(key) or Balance(key, frozen=key in self.forks)
 
     def is_frozen(self, key: bytes) -> bool:
         return key in self.forks
-
-    async def admit(self, client: bytes, *, idle: bool) -> Balance:
-        """For a server, before it queues a client's work: returns the client's balance (order the queue
-        by `.effective`, highest first), or raises CreditRefused when the client is past the debt limit
-        (or frozen by a fork proof) and this server is busy. Free when idle."""
-        bal = await self.balance(client)
-        if idle:
-            return bal
-        if bal.frozen:
-            raise CreditRefused(f"peer {bal.peer_id} signed two histories of its credit log (fork proof held); "
-                                "this server serves it only when idle")
-        if bal.effective < -self.policy.debt_limit:
-            raise CreditRefused(
-                f"your balance is {credits(bal.effective):,.0f} GFLOP-credits, past this swarm's debt limit of "
-                f"{credits(self.policy.debt_limit):,.0f}; this server is busy and serves debtors only when idle. "
-                "Earn credits by serving blocks with `potluck serve` (or wait for an idle server).")
-        return bal
 
     # --- checks ------------------------------------------------------------------------------------
 
@@ -566,27 +577,58 @@ class Ledger:
             raise InvalidEntry("stored head does not match the stored chain")
         return n
 
-    async def summary(self, recent: int = 10, standings: Mapping[bytes, int] | None = None) -> dict:
-        """What `potluck credits` and `GET /api/credits` show; with `standings` (`credits.standing`), each
-        other peer's standing in this peer's view too (credits; this peer's own is None)."""
+    async def summary(self, recent: int = 10, standings: Mapping[bytes, int] | None = None,
+                      seen_by: Mapping[bytes, int] | None = None) -> dict:
+        """What `potluck credits` and `GET /api/credits` show. Per peer: its balance in the shared fold,
+        what this peer earned from it and spent with it (the receipts between the two), and with
+        `standings` (`credits.standing`) its standing in this peer's view (this peer's own: None).
+        `seen_by` (`StandingView.seen_by_sync`): this peer's standing in the views of peers it served,
+        summarised as "my_standing"."""
         balances = await self.balances()
         latest = await self._call(self.store.recent, recent)
+        between = await self._call(self._between_sync)
         mine = balances.get(self.me) or Balance(self.me)
-        return {
+        out = {
             "peer_id": self.identity.peer_id,
-            "unit": "GFLOP-credits (1 credit = 1e9 FLOPs)",
+            "unit": UNIT,
             "balance": credits(mine.effective), "earned": credits(mine.earned), "spent": credits(mine.spent),
             "granted": credits(mine.granted), "frozen": mine.frozen,
             "chain_length": self.heads.get(self.me, (0,))[0],
             "recent": [{"peer_id": e.author_id, "seq": e.seq, "kind": e.kind, "timestamp_ms": e.timestamp}
                        for e in latest],
-            "peers": sorted((self._peer_row(b, standings) for b in balances.values()), key=lambda d: -d["balance"]),
+            "peers": sorted((self._peer_row(b, standings, between) for b in balances.values()),
+                            key=lambda d: -d["balance"]),
             "forked": [peer_id_from_public_key(a) for a in self.forks],
             "total": credits(sum(b.raw for b in balances.values())),
         }
+        if seen_by is not None:
+            values = sorted(seen_by.values())
+            out["my_standing"] = {
+                "peers": len(values),  # the peers this one served (the most served, at most a few dozen)
+                **({"min": credits(values[0]), "median": credits(values[len(values) // 2]),
+                    "max": credits(values[-1])} if values else {"min": None, "median": None, "max": None}),
+            }
+        return out
 
-    def _peer_row(self, balance: Balance, standings: Mapping[bytes, int] | None) -> dict:
+    def _between_sync(self) -> dict[bytes, tuple[int, int]]:
+        """peer → (what this peer earned from it, what this peer spent with it): the worth of the
+        counted receipts between the two, as in the balance fold."""
+        reliability = self.reliability_sync()
+        out: dict[bytes, tuple[int, int]] = {}
+        for server, client, flops in self.store.counted_transfers():
+            if (server == self.me) == (client == self.me):
+                continue  # not between this peer and another
+            worth = int(flops * reliability.get(server, 1.0))
+            other = client if server == self.me else server
+            earned, spent = out.get(other, (0, 0))
+            out[other] = (earned + worth, spent) if server == self.me else (earned, spent + worth)
+        return out
+
+    def _peer_row(self, balance: Balance, standings: Mapping[bytes, int] | None,
+                  between: Mapping[bytes, tuple[int, int]]) -> dict:
         row = balance.as_dict()
+        earned_from, spent_with = between.get(balance.key, (0, 0))
+        row["earned_from"], row["spent_with"] = credits(earned_from), credits(spent_with)
         if standings is not None:
             row["standing"] = None if balance.key == self.me else credits(standings.get(balance.key, 0))
         return row

@@ -8,8 +8,9 @@ first, actually received.
 
 The work graph. Every counted receipt (`Store.counted_transfers`: the highest counter per
 (server, client, session), below a forked server's fork point) is an edge server → client in the
-direction the work went, weighted by its worth: FLOPs × the server's reliability (disputes halve
-it, a fork makes it 0), the worth the balance fold uses. Only the client can sign an edge into
+direction the work went, weighted by its worth: FLOPs × the server's reliability in this peer's own
+view (`Ledger.reliability_sync`: 0 for a server this peer proved a liar, one that made a false
+accusation, or a forked one; else 1) — so a proven liar's work is forfeited here, whatever the fold says. Only the client can sign an edge into
 itself, so an edge into an honest peer is work that peer really received.
 
 Standing of X in the view of me (the viewer), over paths of at most two edges (BarterCast's bound,
@@ -37,14 +38,19 @@ from S to me leaves S over such an edge, so:
   myself (a member that served me counts it directly, and relays at most as much again to the
   members that "served" it).
 Identities are free, so S gains nothing by splitting into more keys: the bound is the honest work it
-did, whatever its size. Not yet used for admission, queue priority, the debt limit or the starting
-grant — those still read balances.
+did, whatever its size.
+
+What it decides (`credits.admission`, pipeline/billing.py, pipeline/server.py): a busy server's
+debt allowance for a client (`debt_limit` + standing), the compute queue's order (highest standing
+first) and the larger KV-cache share (standing > 0). The balances stay the shared record.
 
 `StandingView` keeps one peer's standings, recomputed from its ledger at most every `max_age`
-seconds (and only when the ledger changed), through the ledger's worker, never SQLite on the trio
-thread. A recomputation reads only the receipts this peer signed and those its servers signed
-(through the store's client index), and the reliability factors of the balance fold (which the
-ledger computes once per change, for balances anyway).
+seconds (and only when the ledger changed; one recomputation at a time, the others wait for it),
+through the ledger's worker, never SQLite on the trio thread. A recomputation reads only the
+receipts this peer signed and those its servers signed (through the store's client index), and this
+peer's reliability factors (which the ledger computes once per change of its chains or verdicts).
+`seen_by` estimates this peer's own standing in the views of the peers it served, from the
+same graph as held here (each of them may hold more or less of it).
 """
 
 from __future__ import annotations
@@ -52,6 +58,8 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping
+
+import trio
 
 from .ledger import Ledger
 
@@ -101,6 +109,7 @@ class StandingView:
         self.ledger = ledger
         self.max_age = max_age
         self._computed: tuple[int, float, dict[bytes, int]] | None = None  # (ledger version, clock, standings)
+        self._recomputing = trio.Lock()
 
     def _fresh(self) -> dict[bytes, int] | None:
         if self._computed is None:
@@ -114,7 +123,10 @@ class StandingView:
         """public key → standing (FLOPs) of every peer with standing > 0 here."""
         table = self._fresh()
         if table is None:
-            table = await self.ledger.read(self.standings_sync)
+            async with self._recomputing:
+                table = self._fresh()  # another task may have recomputed it meanwhile
+                if table is None:
+                    table = await self.ledger.read(self.standings_sync)
         return table
 
     async def standing(self, peer: bytes) -> int:
@@ -123,10 +135,27 @@ class StandingView:
     def standings_sync(self) -> dict[bytes, int]:
         """Blocking: recompute now (benchmarks, tools that own the thread)."""
         version, at, me = self.ledger.version, self.ledger.clock(), self.ledger.me
-        reliability = self.ledger.reliability_sync()  # the balance fold's, computed once per ledger change
+        reliability = self.ledger.reliability_sync()  # this peer's verdicts and forks, once per ledger change
         into_me = self.ledger.store.counted_transfers_to([me])
         relays = {server for server, _client, _flops in into_me}
         graph = WorkGraph.from_transfers(into_me + self.ledger.store.counted_transfers_to(relays), reliability)
         table = standings(graph, me)
         self._computed = (version, at, table)
         return table
+
+    def seen_by_sync(self, limit: int = 64) -> dict[bytes, int]:
+        """Blocking: this peer's standing in the view of each of the (at most `limit`, the most served)
+        peers it served, computed on the graph this ledger holds around each of them."""
+        me = self.ledger.me
+        reliability = self.ledger.reliability_sync()
+        served: dict[bytes, int] = defaultdict(int)
+        for server, client, flops in self.ledger.store.counted_transfers():
+            if server == me and client != me:
+                served[client] += flops
+        out: dict[bytes, int] = {}
+        for viewer in sorted(served, key=lambda c: -served[c])[:limit]:
+            into = self.ledger.store.counted_transfers_to([viewer])
+            relays = {server for server, _client, _flops in into}
+            graph = WorkGraph.from_transfers(into + self.ledger.store.counted_transfers_to(relays), reliability)
+            out[viewer] = standings(graph, viewer).get(me, 0)
+        return out

@@ -50,6 +50,12 @@ CREATE TABLE IF NOT EXISTS grants (
     PRIMARY KEY (author, seq)) WITHOUT ROWID;
 -- the lowest-seq fork proof known per author
 CREATE TABLE IF NOT EXISTS forks (author BLOB PRIMARY KEY, seq INTEGER NOT NULL, proof BLOB NOT NULL) WITHOUT ROWID;
+-- this peer's own verdicts on disputes (seq: of the dispute in the accuser's chain; 0: a check of its
+-- own with no entry): lie=1, the accused is a proven liar; lie=0, the accusation was false; lie=-1, this
+-- peer could not judge it (it does not hold the span). Not replicated: each peer judges for itself.
+CREATE TABLE IF NOT EXISTS verdicts (
+    accuser BLOB NOT NULL, seq INTEGER NOT NULL, accused BLOB NOT NULL, lie INTEGER NOT NULL,
+    PRIMARY KEY (accuser, seq, accused)) WITHOUT ROWID;
 """
 
 
@@ -181,6 +187,20 @@ class Store:
     def count(self) -> int:
         return self.db.execute("SELECT COUNT(*) FROM entries").fetchone()[0]
 
+    def verdicts(self) -> list[tuple[bytes, int, bytes, bool]]:
+        """(accuser, seq, accused, lie) of every verdict this peer reached."""
+        return [(a, s, x, bool(lie)) for a, s, x, lie in self.db.execute(
+            "SELECT accuser, seq, accused, lie FROM verdicts WHERE lie >= 0")]
+
+    def unjudged_disputes(self, me: bytes, limit: int) -> list[LogEntry]:
+        """Up to `limit` dispute entries by others with no verdict here yet, leaving out every accuser
+        already found making a false accusation (its disputes are never verified again)."""
+        return [LogEntry.decode(r[0]) for r in self.db.execute("""
+            SELECT e.wire FROM entries e LEFT JOIN verdicts v ON v.accuser = e.author AND v.seq = e.seq
+            WHERE e.kind = 'dispute' AND e.author != ? AND v.seq IS NULL
+              AND e.author NOT IN (SELECT accuser FROM verdicts WHERE lie = 0)
+            ORDER BY e.author, e.seq LIMIT ?""", (me, limit))]
+
     # --- writes (inside `transaction()`) ----------------------------------------------------------
 
     def insert_entry(self, entry: LogEntry, *, head: tuple[int, bytes] | None = None, update_head: bool = True) -> None:
@@ -208,6 +228,11 @@ class Store:
 
     def insert_grant(self, author: bytes, seq: int, recipient: bytes, amount: int) -> None:
         self.db.execute("INSERT INTO grants VALUES (?, ?, ?, ?)", (author, seq, recipient, amount))
+
+    def put_verdict(self, accuser: bytes, seq: int, accused: bytes, lie: bool | None) -> None:
+        """`lie` None: this peer could not judge the dispute (it is not offered again)."""
+        self.db.execute("INSERT OR REPLACE INTO verdicts VALUES (?, ?, ?, ?)",
+                        (accuser, seq, accused, -1 if lie is None else int(lie)))
 
     def put_fork(self, author: bytes, seq: int, proof: bytes) -> bool:
         """Keep the lowest-seq proof per author; True if this one was new or lower."""

@@ -131,6 +131,16 @@ class ExactReader:
 # --- shape checks for decoded messages ------------------------------------------------------------
 
 
+def brief(value: Any, limit: int = 40) -> str:
+    """An untrusted value, shown in at most about `limit` characters of an error message. Containers
+    are shown by type and size: the repr of a deeply nested one would recurse past Python's limit."""
+    if isinstance(value, (list, dict)):
+        return f"<{type(value).__name__} of {len(value)}>"
+    if isinstance(value, (str, bytes)):
+        value = value[:limit]
+    return repr(value)[:limit]
+
+
 def expect_map(obj: Any, what: str = "message") -> dict:
     if not isinstance(obj, dict):
         raise FrameError(f"{what} must be a map, got {type(obj).__name__}")

@@ -18,6 +18,11 @@ _B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
 _PROTOBUF_ED25519_PREFIX = b"\x08\x01\x12\x20"  # PublicKey{Type: Ed25519, Data: <32 bytes>}
 _IDENTITY_MULTIHASH_PREFIX = b"\x00\x24"  # identity hash, 36-byte digest
 KEY_FILE = "identity.key"
+KEY_SIZE = 32  # an identity key file holds the Ed25519 seed and nothing else
+
+
+class IdentityKeyError(ValueError):
+    """An identity key file is not a potluck identity key."""
 
 
 def b58encode(data: bytes) -> str:
@@ -93,16 +98,22 @@ class Identity:
         """Read the key from `data_dir`, creating it (mode 0600) on first run."""
         path = Path(data_dir) / KEY_FILE
         if path.exists():
-            seed = path.read_bytes()
-            if len(seed) != 32:
-                raise ValueError(f"{path} is not a potluck identity key (expected 32 bytes); move it away to make a new one")
-            return cls(seed)
+            with open(path, "rb") as f:
+                return cls.from_key_file(f.read(KEY_SIZE + 1), str(path))  # a longer file is refused unread
         path.parent.mkdir(parents=True, exist_ok=True)
         identity = cls.generate()
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(identity.seed)
         return identity
+
+    @classmethod
+    def from_key_file(cls, raw: bytes, source: str) -> "Identity":
+        """The identity whose seed is `raw`, a key file's bytes; IdentityKeyError if it is not one."""
+        if len(raw) != KEY_SIZE:
+            raise IdentityKeyError(f"{source} is not a potluck identity key (expected {KEY_SIZE} bytes); "
+                                   "move it away to make a new one")
+        return cls(raw)
 
     @cached_property
     def _signing_key(self) -> nacl.signing.SigningKey:

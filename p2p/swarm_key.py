@@ -81,10 +81,15 @@ def load_key(path: Path | str) -> bytes:
         raise SwarmKeyError(f"swarm key file {path} does not exist (create one with `potluck swarm new-key`)") from None
     except OSError as e:
         raise SwarmKeyError(f"cannot read swarm key file {path}: {e.strerror or e}") from None
+    return decode_key_file(raw, str(path))
+
+
+def decode_key_file(raw: bytes, source: str) -> bytes:
+    """The key in a swarm key file's bytes; SwarmKeyError names `source` and the defect."""
     if len(raw) > _MAX_FILE:
-        raise SwarmKeyError(f"{path} is too large to be a swarm key file")
+        raise SwarmKeyError(f"{source} is too large to be a swarm key file")
     try:
         text = raw.decode("ascii")
     except UnicodeDecodeError:
-        raise SwarmKeyError(f"{path} is not a text swarm key file") from None
-    return parse_key(text, str(path))
+        raise SwarmKeyError(f"{source} is not a text swarm key file") from None
+    return parse_key(text, source)

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import FrameError
-from .framing import expect_map, field
+from .framing import brief, expect_map, field
 
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2, "int64": 8, "int32": 4, "uint8": 1, "bool": 1}
 MAX_DIMS = 8
@@ -53,7 +53,7 @@ def unpack(msg: object, *, dtype: str | None = None, shape: tuple[int | None, ..
     if dtype is not None and name != dtype:
         raise FrameError(f"tensor dtype is {name}, expected {dtype}")
     if not all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**31 for d in dims):
-        raise FrameError(f"tensor shape must be non-negative integers, got {dims!r}"[:200])
+        raise FrameError(f"tensor shape must be non-negative integers, got {', '.join(brief(d, 20) for d in dims)}")
     if shape is not None:
         if len(dims) != len(shape) or any(want is not None and want != got for want, got in zip(shape, dims)):
             raise FrameError(f"tensor shape {dims} does not match expected {list(shape)}")

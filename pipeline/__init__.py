@@ -14,15 +14,20 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     sampling.py   SamplingParams, Sampler, stop strings
     errors.py     GenerationFailed and the typed Refused family (a refusal is not a fault)
     protocol.py   /potluck/inference/1.0.0 messages, error kinds (refusals vs faults), hidden states on the wire
+    proofs.py     signed step results (input chain, output digest, seeded fingerprint), the client's
+                  per-step check, dispute proofs (bounded decoding, input check)
     directory.py  SwarmDirectory: the Protocol naming what pipeline uses of the DHT
     announce.py   ServerInfo announcements in the DHT and by gossip; fetch_servers; the swarm's model index
                   (ModelCard, fetch_models)
     routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)
     limiter.py    PriorityLimiter: worker-thread limiter served by priority, FIFO within one
+    proofshelf.py ProofShelf: proofs too large for a dispute entry, kept and served by their accuser; fetch_proof
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)
     hop.py        Hop: the client's end of one session — RemoteHop (a stream) or LocalHop (our own server,
                   in process); StepRecord
-    spotcheck.py  SpotChecker: re-runs steps on a second server, referee, disputes
-    server.py     BlockServer: serves a span, KV caches per session, announces, forwards pushes
+    checkpolicy.py  which steps are spot-checked: AdaptivePolicy (per-server trust), FixedPolicy
+    spotcheck.py  SpotChecker: re-runs steps on a second server, referee, disputes with the liar's signed step
+    server.py     BlockServer: serves a span, KV caches per session, signs step results, announces, forwards pushes
+    disputes.py   DisputeJudge: a serving peer re-runs the proofs of disputes on its blocks; verdicts
     client.py     DistributedModel / InferenceSession: route, steps, recovery by replay, generation
 """

@@ -44,6 +44,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 from dht.records import InvalidRecord, SignedValue
+from p2p.framing import brief
 
 from .config import ModelConfig
 from .directory import SwarmDirectory
@@ -172,7 +173,7 @@ class ServerInfo:
         def num(name: str, lo: float, hi: float, kind=(int, float)) -> Any:
             x = value.get(name)
             if isinstance(x, bool) or not isinstance(x, kind) or not (lo <= x <= hi) or (isinstance(x, float) and not math.isfinite(x)):
-                raise InvalidRecord(f"announcement field {name!r} is bad: {str(x)[:40]}")
+                raise InvalidRecord(f"announcement field {name!r} is bad: {brief(x)}")
             return x
 
         def text(name: str, max_len: int, optional: bool = False) -> Any:

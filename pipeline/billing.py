@@ -26,10 +26,11 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   step, is not signed by the client or is mispriced (FLOPs re-computed from the model config) is
   refused with `BadReceipt`; a step whose tokens the receipts held do not cover is refused with
   `ReceiptRequired: the client stopped signing receipts`; and, unless the server is idle (no other
-  client's session open), a step that would put the client's unsettled receipts (across all its
-  sessions here) past its balance plus the debt limit is refused with `CreditRefused`. So no step
-  or prefill is computed unpaid, and what a server can lose to a client that never pays up is that
-  client's debt allowance (a fresh key: `CreditPolicy.debt_limit`, plus any grant its chain shows).
+  client's session open), a step that would put what the client owes (its unsettled receipts across
+  all its sessions here, plus spent − granted as this server's ledger shows it) past its allowance
+  (`CreditPolicy.debt_limit` + its standing in this server's own view, `credits.admission`) is
+  refused with `CreditRefused`. So no step or prefill is computed unpaid, and what a server can lose
+  to a client that never pays up is that client's allowance (a fresh key: `debt_limit`).
   A step that is not computed after all gives its receipt back (`ServerAccount.rollback`).
 - "close" carries the final receipt (covering the last step). The server appends its latest receipt
   to its chain as an *earn* entry when the session ends (close, expiry, disconnect, shutdown) and,
@@ -37,23 +38,25 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   replayed or non-increasing counter, so a settle never double-counts. The client appends its latest
   receipt per hop as the matching *spend* when it closes (or abandons) the hop. Balances follow from
   the servers' earn entries alone (see credits.ledger), so a client that skips its spends still pays.
-- Admission: on "open" the server calls `ledger.admit(client, idle=<no other session open>)`; a
-  client past the debt limit is refused with `CreditRefused` and how to earn, unless the server is
+- Admission: on "open" the server calls `Admission.admit(client, idle=<no other session open>)`; a
+  client past its allowance is refused with `CreditRefused` and how to earn, unless the server is
   idle (free when idle).
 - Priority: every torch job goes through `PriorityLimiter` (pipeline/limiter.py; it replaces the
   plain CapacityLimiter in front of the compute threads): waiting steps are served highest client
-  balance first, FIFO within an equal balance; loading and cache allocation go first (priority +inf).
+  standing (in this server's view) first, FIFO within an equal standing — a farmed balance buys no
+  place in the queue; loading and cache allocation go first (priority +inf).
 
-Reliability (`Ledger.reliability`): how much a verifier trusts a server, from what it can check itself —
-the signed *dispute* entries against the server in verified chains, counted once per accuser, and
-only from accusers in good standing (not frozen by a fork proof, with credits earned by serving:
-a fresh Sybil key cannot smear anyone for free) — folded with what the verifier saw itself (spot
-checks passed / failed, hop failures; `SequenceManager`). Servers announce their own factor (uptime
-and disputes as their ledger sees them) in ServerInfo, but routing never takes a self-report above its
-own view: it uses min(announced, observed). The balance fold in credits/ counts each receipt at FLOPs
-× the server's reliability, for the server and its client alike (conserved). Not fully verifiable: checks that passed are not recorded on chains, and a dispute's evidence
-is the accuser's claim (hashes of the inputs and of both outputs) — servers do not sign their outputs,
-so a third party cannot re-check a dispute without re-running the blocks itself.
+Reliability (`Ledger.reliability`): how much a peer trusts a server, from what it checked itself —
+0 for a server it proved a liar (a dispute whose proof it re-ran, pipeline/disputes.py, or its own
+referee-backed spot check, `ClientBilling.dispute`), for a peer whose accusation it found false, and
+for a forked author — folded with what it saw itself (spot checks passed / failed, hop failures;
+`SequenceManager`). Servers sign every step's result (pipeline/proofs.py), so a dispute carries
+the accused's own signature over what it returned and the inputs it ran on: anyone holding the span
+can check it, and a dispute nobody could check counts nothing. Disputes never move balances: the
+fold stays the same everywhere and conserved, so dispute spam changes nobody's balance; a proven
+liar's work is worth 0 in the standing of the peers that proved it (credits.standing). Servers
+announce their own factor in ServerInfo, but routing never takes a self-report above its own view:
+it uses min(announced, observed).
 """
 
 from __future__ import annotations
@@ -63,17 +66,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import msgpack
 import trio
 
-from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, credits
+from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, StandingView
+from credits.admission import Admission
 from p2p.identity import peer_id_from_public_key, public_key_from_peer_id
 
+from .proofs import MAX_FETCHED_PROOF, MAX_PROOF_BYTES, DisputeClaim, DisputeProof, is_claim
+from .proofshelf import ProofShelf
 from .protocol import InferenceError
 
 log = logging.getLogger(__name__)
 
-EARN_HINT = "To earn credits, serve blocks of this model: `potluck serve --model {model} --blocks auto`."
+EARN_HINT = ("To earn standing, serve blocks of this model: `potluck serve --model {model} --blocks auto` "
+             "(or wait for an idle server).")
 
 
 # --- server side ------------------------------------------------------------------------------------------
@@ -115,7 +121,7 @@ class ServerAccount:
 
     @property
     def standing(self) -> bool:
-        """The client has credit (a positive balance, as of the last priority refresh)."""
+        """The client has standing in this server's view (as of the last priority refresh)."""
         return self.priority > 0
 
     def check(self, receipt: Any, covered_tokens: int, *, require: bool = True) -> Receipt | None:
@@ -158,12 +164,15 @@ class ServerBilling:
     """The server's side: admission, receipt checks, earn entries, compute priority. Pass it to
     `BlockServer(..., billing=ServerBilling(ledger))`."""
 
-    def __init__(self, ledger: Ledger, pricing: Any = None, *, earn_every: int = 256, earn_interval: float = 60.0,
-                 priority_ttl: float = 1.0, model_name: str | None = None, clock: Callable[[], float] = time.monotonic):
-        """`earn_every` / `earn_interval`: a long session's receipt is appended as an earn entry every
-        that many receipts or seconds (and always at its end). `model_name`: what `--model` the refusal
-        message suggests (the served folder or hub id)."""
+    def __init__(self, ledger: Ledger, pricing: Any = None, *, standing: StandingView | None = None,
+                 earn_every: int = 256, earn_interval: float = 60.0, priority_ttl: float = 1.0,
+                 model_name: str | None = None, clock: Callable[[], float] = time.monotonic):
+        """`standing`: this peer's view of others (the peer shares its own; default: a new one on
+        `ledger`). `earn_every` / `earn_interval`: a long session's receipt is appended as an earn entry
+        every that many receipts or seconds (and always at its end). `model_name`: what `--model` the
+        refusal message suggests (the served folder or hub id)."""
         self.ledger = ledger
+        self.admission = Admission(ledger, standing)
         self.model_name = model_name
         self.pricing = pricing if pricing is not None else ledger.pricing
         self.earn_every = earn_every
@@ -181,7 +190,7 @@ class ServerBilling:
 
     async def open(self, peer_id: str, *, session: bytes, model: str, start: int, end: int,
                    idle: bool) -> ServerAccount | None:
-        """Admit a client's new session (raises InferenceError("CreditRefused") past the debt limit
+        """Admit a client's new session (raises InferenceError("CreditRefused") past its allowance
         while busy) and start its account; None for this peer's own sessions (serving itself is free)."""
         try:
             client = public_key_from_peer_id(peer_id)
@@ -190,7 +199,7 @@ class ServerBilling:
         if client == self.me:
             return None
         try:
-            bal = await self.ledger.admit(client, idle=idle)
+            position = await self.admission.admit(client, idle=idle)
         except CreditRefused as e:
             self.stats["refused"] += 1
             raise InferenceError("CreditRefused", f"{e} {EARN_HINT.format(model=self.model_name or '<model>')}") from None
@@ -200,29 +209,29 @@ class ServerBilling:
         tracker = ReceiptTracker(server=self.me, client=client, model=model, start=start, end=end, session=session,
                                  pricing=self.pricing)
         now = self.clock()
-        account = ServerAccount(self, client, tracker, float(bal.effective), now, recorded_at=now)
+        account = ServerAccount(self, client, tracker, float(position.standing), now, recorded_at=now)
         self.open_accounts.setdefault(client, set()).add(account)
         return account
 
     async def commit(self, account: ServerAccount, receipt: Any, *, served: int, step_tokens: int,
                      idle: bool) -> Receipt | None:
         """Before computing a step of `step_tokens` after `served` tokens: the step's receipt must
-        cover both (a signed commitment to pay), and unless `idle`, the client's unsettled receipts
-        here must stay within its balance plus the debt limit. Returns the receipt held before, for
+        cover both (a signed commitment to pay), and unless `idle`, what the client owes (the step
+        included) must stay within its allowance (`credits.admission`). Returns the receipt held before, for
         `ServerAccount.rollback` if the step is not computed. Raises InferenceError ("BadReceipt",
         "ReceiptRequired", "CreditRefused")."""
         previous = account.check(receipt, served + step_tokens)
         if idle:
             return previous
-        balance = (await self.ledger.balance(account.client)).effective
+        position = await self.admission.position(account.client)
         unsettled = sum(a.unsettled_flops for a in self.open_accounts.get(account.client, ()))
-        if balance - unsettled < -self.ledger.policy.debt_limit:
+        try:
+            self.admission.check(position, unsettled)
+        except CreditRefused as e:
             account.rollback(previous)
             self.stats["over_allowance"] += 1
-            raise InferenceError(
-                "CreditRefused", f"this step would bring your balance to {credits(balance - unsettled):,.0f} "
-                f"GFLOP-credits, past this swarm's debt limit of {credits(self.ledger.policy.debt_limit):,.0f}; "
-                f"this server is busy. {EARN_HINT.format(model=self.model_name or '<model>')}")
+            raise InferenceError("CreditRefused",
+                                 f"{e} {EARN_HINT.format(model=self.model_name or '<model>')}") from None
         return previous
 
     async def end(self, account: ServerAccount) -> None:
@@ -241,11 +250,11 @@ class ServerBilling:
                 del self.open_accounts[account.client]
 
     async def priority(self, account: ServerAccount) -> float:
-        """The client's balance (FLOPs), refreshed at most every `priority_ttl` seconds."""
+        """The client's standing in this server's view (FLOPs), refreshed at most every `priority_ttl` seconds."""
         now = self.clock()
         if now - account.priority_at >= self.priority_ttl:
             account.priority_at = now
-            account.priority = float((await self.ledger.balance(account.client)).effective)
+            account.priority = float(await self.admission.view.standing(account.client))
         return account.priority
 
     async def settle(self, account: ServerAccount) -> bool:
@@ -280,12 +289,17 @@ class ClientBilling:
     """The client's side: signs cumulative receipts per (server, session), records spends, files
     disputes. Pass it as `ClientConfig(billing=ClientBilling(ledger))`."""
 
-    def __init__(self, ledger: Ledger, pricing: Any = None):
+    def __init__(self, ledger: Ledger, pricing: Any = None, *, shelf: ProofShelf | None = None,
+                 inline_proof_bytes: int = MAX_PROOF_BYTES):
+        """`shelf`: where proofs larger than `inline_proof_bytes` are kept and served to verifiers
+        (pipeline/proofshelf.py; the peer serves it on its network); None: such disputes are not filed."""
         self.ledger = ledger
+        self.shelf = shelf
+        self.inline_proof_bytes = min(inline_proof_bytes, MAX_PROOF_BYTES)
         self.identity = ledger.identity
         self.pricing = pricing if pricing is not None else ledger.pricing
         self.signers: dict[tuple[str, bytes], ReceiptSigner] = {}
-        self.stats = {"receipts": 0, "spend_entries": 0, "spent_flops": 0, "disputes": 0}
+        self.stats = {"receipts": 0, "spend_entries": 0, "spent_flops": 0, "disputes": 0, "unfiled_disputes": 0}
 
     def register_model(self, model_id: str, config: Any) -> None:
         _register(self.pricing, model_id, config)
@@ -332,10 +346,24 @@ class ClientBilling:
         """peer id → reliability factor from this ledger's verified chains (for routing)."""
         return {peer_id_from_public_key(k): r for k, r in (await self.ledger.reliability()).items()}
 
-    async def dispute(self, accused_peer: str, reason: str, evidence: dict) -> None:
+    async def dispute(self, accused_peer: str, reason: str, proof: DisputeProof | None) -> None:
+        """A referee-backed spot check caught `accused_peer` lying: a verdict in our own view, and a
+        dispute entry for everyone else carrying `proof` (inline when it fits, else a claim naming the
+        proof on our shelf). Without a proof none is filed: it would count nothing anywhere and make
+        us a false accuser."""
         try:
             accused = public_key_from_peer_id(accused_peer)
         except ValueError:
             return
-        await self.ledger.record_dispute(accused, reason[:200], msgpack.packb(evidence, use_bin_type=True))
-        self.stats["disputes"] += 1
+        seq = 0
+        evidence = proof.encode() if proof is not None else b""
+        if proof is not None and len(evidence) > self.inline_proof_bytes and self.shelf is not None \
+                and len(evidence) <= MAX_FETCHED_PROOF:
+            evidence = DisputeClaim(proof.record, self.shelf.put(evidence), len(evidence)).encode()
+        filed = len(evidence) <= self.inline_proof_bytes or is_claim(evidence)
+        if proof is not None and filed and len(evidence) <= MAX_PROOF_BYTES:
+            seq = (await self.ledger.record_dispute(accused, reason[:200], evidence)).seq
+            self.stats["disputes"] += 1
+        else:
+            self.stats["unfiled_disputes"] += 1
+        await self.ledger.record_verdict(self.ledger.me, seq, accused, True)

@@ -32,9 +32,15 @@
   "out"); in push mode each push-list entry carries its hop's receipt. "close" carries the final
   receipt, and the latest receipt per hop is recorded as a *spend* when the hop is closed or
   abandoned; a generation's spends are its `Generation.paid` (what this one generation cost).
-- Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py, default 2 % of steps) re-runs
+- Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py; which steps: pipeline/checkpolicy.py,
+  by default every step of a server new to this client, then fewer as it earns trust) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
   distrusted, disputed on the client's chain, replaced, and the step re-run.
+- Signed results: every remote hop's "out" carries the server's signature over the step's result
+  (pipeline/proofs.py); the client checks it as the reply arrives and, once the step's inputs are
+  known, that it covers them (`RemoteHop.accept`). A result that is not what the server signed is a
+  fault (`BadSignedStep`): the hop is replaced like a broken stream; in push mode a hop that signed
+  other inputs than the client saw is run directly instead.
 """
 
 from __future__ import annotations
@@ -60,6 +66,7 @@ from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
 from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
+from .proofs import BadSignedStep
 from .protocol import pack_hidden
 from .routing import NoRoute, RouteHop, SequenceManager
 from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
@@ -157,7 +164,7 @@ class InferenceSession:
         cfg = model.client_config
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
                                     model_id=model.model_id, billing=cfg.billing)
-                        if cfg.spot_check is not None and cfg.spot_check.fraction > 0 else None)
+                        if cfg.spot_check is not None and cfg.spot_check.enabled else None)
         self.stats = SessionStats()
 
     @property
@@ -290,6 +297,7 @@ class InferenceSession:
             await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
             out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.model_config.hidden_size,
                                                    self.model.dtype_name)
+        hop.accept(step_id, pos, chunks or [h.shape[1]], h, out)
         self.stats.compute_s += compute_s
         self.model.sequence.observe_rtt(hop.peer_id, max(0.0, trio.current_time() - t0 - compute_s))
         return out
@@ -395,9 +403,9 @@ class InferenceSession:
         return h
 
     async def _spot_check(self, hop: Hop) -> str | None:
-        """Maybe (with the configured probability) check `hop`'s unverified steps; the hop's peer id if it
-        lied (the caller replaces it), else None (a lying checker is dealt with inside)."""
-        if self.checker is None or isinstance(hop, LocalHop) or not self.checker.selected():
+        """Maybe (as the check policy says for its server) check `hop`'s unverified steps; the hop's peer id
+        if it lied (the caller replaces it), else None (a lying checker is dealt with inside)."""
+        if self.checker is None or isinstance(hop, LocalHop) or not self.checker.selected(hop):
             return None
         liar = await self.checker.check(hop)
         return liar if liar == hop.peer_id else None
@@ -465,8 +473,14 @@ class InferenceSession:
             if got is None:
                 self.stats.push_fallbacks += 1
                 return k, h
-            inputs[hop.start] = h
             out, c = got
+            try:
+                hop.accept(step_id, pos, (n,), h, out)
+            except BadSignedStep as e:  # e.g. a push that carried other inputs than the client saw: run it directly
+                log.info("push step: hop %s signed other inputs: %s", hop, e)
+                self.stats.push_fallbacks += 1
+                return k, h
+            inputs[hop.start] = h
             if self.checker is not None:
                 self.checker.record(hop, StepRecord(pos, h, (n,), out))
             h = out

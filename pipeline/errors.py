@@ -35,7 +35,7 @@ class CacheFull(Refused):
 
 
 class InsufficientCredit(Refused):
-    """The client is past the server's debt limit (and the server is not idle)."""
+    """The client owes the server its allowance (credits.admission) and the server is not idle."""
 
 
 class ReceiptRequired(Refused):
@@ -70,6 +70,6 @@ REFUSALS: dict[str, type[Refused]] = {
     "PushRefused": PushRefused,
 }
 
-# Refusals that depend on the server asked (its cache, its limits, its view of the client's balance,
+# Refusals that depend on the server asked (its cache, its limits, its view of the client's standing,
 # its load): another server may accept. The rest depend on the client (its receipts) and fail at once.
 SERVER_SPECIFIC = (TooLong, CacheFull, InsufficientCredit, WrongModel, Busy)

@@ -2,9 +2,13 @@
 
 A `RemoteHop` is a stream to another peer: `RemoteHop.open` sends "open" and waits for "opened";
 `send_step` / `receive_out` carry one step (the reply is checked: its step id, token count,
-finiteness); `close` ends the session, with the final receipt when there is one. A `LocalHop` is a
-session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no
-stream and no serialisation, and nothing to sign for (serving ourselves is free). Either way a
+finiteness, and the server's signature over the result, pipeline/proofs.py); once the step's inputs
+are known (at once, or after a push collected every hop's output) `accept` checks the signed input
+digest and keeps the step in the hop's signed history `log`, what a dispute proof is built from. A
+bad signed result is a `BadSignedStep` (a FrameError: a fault, like a broken stream). `close` ends
+the session, with the final receipt when there is one. A `LocalHop` is a session with this peer's
+own BlockServer (`LocalServer`), in process: `run` is a call, with no stream and no serialisation,
+and nothing to sign for (serving ourselves is free). Either way a
 server's refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to,
 with the server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord`
 is what one completed step of a hop sent and got back (the spot checker keeps them,
@@ -13,6 +17,7 @@ pipeline/spotcheck.py).
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
@@ -20,11 +25,13 @@ import torch
 import trio
 
 from p2p.errors import FrameError, P2PError
+from p2p.identity import public_key_from_peer_id
 from p2p.network import Network, Stream
 
 from . import protocol as proto
 from .errors import REFUSALS
 from .model import CacheError
+from .proofs import SEED_LEN, BadSignedStep, ProvenLog, SignedStep, check_signed
 from .protocol import InferenceError, expect_reply, unpack_hidden
 from .routing import RouteHop
 
@@ -63,11 +70,16 @@ class StepRecord:
 class RemoteHop:
     """One open session with another peer's server for blocks [start, end), over a stream."""
 
-    def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None):
+    def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None, *,
+                 model_id: str, dtype: str, seed: bytes):
         self.peer_id, self.start, self.end = peer_id, start, end
         self.stream, self.session_id, self.addr = stream, session_id, addr
+        self.model_id, self.dtype, self.seed = model_id, dtype, seed
+        self.server_key = public_key_from_peer_id(peer_id)
         self.served = 0  # tokens the server says it has computed in this session (what we sign for)
         self.closed = False
+        self.signed: dict[int, SignedStep] = {}  # step id → its signed result, until its inputs are accepted
+        self.log = ProvenLog(session_id)  # the signed history: what a dispute proof is built from
 
     def __repr__(self) -> str:
         return f"<hop {self.peer_id[-6:]} [{self.start},{self.end})>"
@@ -81,13 +93,14 @@ class RemoteHop:
         try:
             with trio.fail_after(timeout):
                 stream = await network.open_stream(hop.peer_id, proto.INFERENCE)
+                seed = secrets.token_bytes(SEED_LEN)  # ours, so the server cannot aim a lie at the fingerprint
                 await stream.send({"t": "open", "model": model_id, "start": hop.start, "end": hop.end,
-                                   "max_length": max_length, "dtype": dtype})
+                                   "max_length": max_length, "dtype": dtype, "seed": seed})
                 reply = await _receive_reply(stream, "opened", hop.peer_id)
             sid = reply.get("session")
             if not isinstance(sid, bytes) or len(sid) != proto.SESSION_ID_LEN:
                 raise FrameError("'opened' reply lacks a session id")
-            return cls(hop.peer_id, hop.start, hop.end, stream, sid, addr)
+            return cls(hop.peer_id, hop.start, hop.end, stream, sid, addr, model_id=model_id, dtype=dtype, seed=seed)
         except BaseException:
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):
@@ -114,11 +127,23 @@ class RemoteHop:
                 raise FrameError(f"server returned {out.shape[1]} tokens for a step of {n}")
             if not torch.isfinite(out).all():
                 raise FrameError("server returned non-finite hidden states")
+            self.signed = {step_id: check_signed(m.get("signed"), server=self.server_key, model=self.model_id,
+                                                 start=self.start, end=self.end, dtype=self.dtype,
+                                                 session=self.session_id, step=step_id, seed=self.seed, outputs=out)}
             served = m.get("served")
             if isinstance(served, int) and not isinstance(served, bool) and 0 <= served <= 1 << 40:
                 self.served = served
             c = m.get("compute_s")
             return out, float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0
+
+    def accept(self, step_id: int, pos: int, chunks: list[int] | tuple[int, ...], inputs: torch.Tensor,
+               outputs: torch.Tensor) -> None:
+        """The inputs of step `step_id` (received by `receive_out`) are known: the server must have signed
+        them (BadSignedStep, a fault, otherwise); the step joins the signed history `log`."""
+        record = self.signed.pop(step_id, None)
+        if record is None:
+            raise BadSignedStep(f"no signed result for step {step_id}")
+        self.log.accept(record, pos, chunks, inputs, outputs)
 
     async def close(self, polite: bool = True, receipt: list | None = None) -> None:
         self.closed = True

@@ -1,5 +1,5 @@
 """`PriorityLimiter`: a capacity limiter for trio's worker threads whose waiters are served highest
-priority first, FIFO within a priority (the server queues compute by client balance with it)."""
+priority first, FIFO within a priority (the server queues compute by client standing with it)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class PriorityLimiter:
 
     Usable wherever trio wants a limiter (`trio.to_thread.run_sync(fn, limiter=...)`): the plain
     `acquire_on_behalf_of` takes priority +inf (loading, cache allocation); `at(priority)` gives a
-    limiter view that queues at `priority` (a client's balance, in FLOPs)."""
+    limiter view that queues at `priority` (a client's standing, in FLOPs)."""
 
     def __init__(self, total_tokens: int = 1):
         if total_tokens < 1:

@@ -5,13 +5,16 @@ is a msgpack map with a type "t"; the server answers each client message with ex
 in order.
 
 client → server
-    {"t": "open", "model": model id (hex), "start": a, "end": b, "max_length": L, "dtype": "float32"|"bfloat16"}
+    {"t": "open", "model": model id (hex), "start": a, "end": b, "max_length": L, "dtype": "float32"|"bfloat16",
+     "seed": 16 bytes (optional: the client's fingerprint seed; with it, every "out" is signed)}
         → {"t": "opened", "session": 16 random bytes, "start": a, "end": b, "max_length": L,
            "cache_tokens_left": int}
     {"t": "step", "id": n, "pos": p, "h": tensor [1, k, hidden], "chunks": [k1, k2, ...] (optional),
      "push": [{"peer": id, "session": bytes, "receipt": ...}, ...] (optional), "receipt": (credits)}
         → {"t": "out", "id": n, "h": tensor [1, k, hidden], "compute_s": seconds, "pushed": bool,
-           "served": tokens computed in this session so far}
+           "served": tokens computed in this session so far, "signed": the server's signed result
+           (pipeline/proofs.py SignedStep: span, session, step, pos, chunks, input digest, output
+           digest, fingerprint; sent when "open" carried a seed)}
       `chunks` replays several earlier steps in one message: the server runs them one after the other
       (k = Σ chunks), exactly as they first ran, so a rebuilt KV cache is bit-identical to the lost one.
       `push` (server-to-server forwarding): after computing, the server also sends its output to the
@@ -34,7 +37,8 @@ Kinds that are *refusals* (pipeline/errors.py maps them to typed exceptions; nev
     BadMaxLength, MaxLengthExceeded   the session is too long ("limit": the most tokens it takes)
     CacheFull                         no room in the KV cache now, or past the client's share of it
                                       ("limit": tokens it could hold)
-    CreditRefused                     the client is (or this step would take it) past the debt limit
+    CreditRefused                     the client owes (or this step would make it owe) the server more than
+                                      its allowance: the debt limit plus its standing there
     ReceiptRequired, BadReceipt       no valid receipt for what was served (credits)
     ModelMismatch, DtypeMismatch, SpanNotServed   another model, dtype or span
     TooManySessions, ServerStopping   busy or shutting down

@@ -13,7 +13,7 @@
   CacheFull unless its max length fits the free budget and the client's share, but reserves only
   `initial_cache_tokens`; the cache grows (doubling, copied) as steps need it, each growth checked
   again. A client holds at most `cache_share` of the budget over all its sessions, or
-  `cache_share_standing` with a positive balance (billing), and opens at most `cache_share` of
+  `cache_share_standing` with standing in this server's view (billing, credits.standing), and opens at most `cache_share` of
   `max_sessions`; a client with standing whose session
   does not fit displaces sessions of clients without that have been idle `displace_idle_after`.
   Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after.
@@ -35,15 +35,20 @@
   every `announcement_refresh` seconds) covers the block after the session's span; it is dialled by
   peer id, at the address it announced when the network knows none. A step naming anyone else is
   refused before computing (PushRefused); addresses a client sends are never used.
-- Credits (`billing=ServerBilling(ledger)`, pipeline/billing.py): "open" is admitted by the client's
-  balance (refused past the debt limit unless this server is idle); each step's "receipt" is checked
+- Signed results (pipeline/proofs.py): when "open" carries the client's fingerprint seed, every "out"
+  carries the server's signature over the step's result — the input digest chaining the session's
+  history (`InputChain`, updated with the KV cache under the session's compute lock), the output
+  digest and the seeded fingerprint — so a lie it returns is a lie it signed, checkable by anyone
+  holding the span (pipeline/disputes.py).
+- Credits (`billing=ServerBilling(ledger)`, pipeline/billing.py): "open" is admitted by what the client
+  owes against its allowance here (credits.admission: refused past it unless this server is idle); each step's "receipt" is checked
   BEFORE the step is computed and must cover every token served before it and the step's own
   ("ReceiptRequired: the client stopped signing receipts"); unless no other client has a session
   here, a step that would take the client's unsettled receipts past its debt allowance is refused
   (CreditRefused); every "out" says how many tokens the session has been served ("served"); "close" carries
   the final receipt; the latest receipt becomes an earn entry when the session ends (close, expiry,
   disconnect, shutdown) and periodically in long sessions. Compute waits in a `PriorityLimiter`:
-  highest client balance first, FIFO within a balance. Idle (for admission) = no other session open.
+  highest client standing (this server's own view) first, FIFO within a standing. Idle (for admission) = no other session open.
 """
 
 from __future__ import annotations
@@ -72,6 +77,7 @@ from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .model import BlockSpan, CacheError, KVCache
+from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
 from .routing import choose_span, coverage, swarm_quality
 
@@ -101,7 +107,7 @@ class ServerConfig:
     first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
     initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
     cache_share: float = 0.5  # of the budget (and of max_sessions), the most one client without standing holds
-    cache_share_standing: float = 1.0  # ... and one with a positive balance
+    cache_share_standing: float = 1.0  # ... and one with standing in this server's view
     displace_idle_after: float = 1.0  # a session idle this long may be displaced by a client with standing
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
 
@@ -127,6 +133,8 @@ class ServedSession:
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     compute_lock: trio.Lock = field(default_factory=trio.Lock)
     account: ServerAccount | None = None  # credits (billing)
+    seed: bytes | None = None  # the client's fingerprint seed: steps are signed (pipeline/proofs.py)
+    inputs: InputChain | None = None  # the input digest of the session's history (signed steps)
 
 
 def measure_throughput(span: BlockSpan, *, decode_steps: int = 16, prefill_tokens: int = 64) -> dict:
@@ -203,7 +211,7 @@ class BlockServer:
         self.started = 0.0  # network time this server started serving (announced: clients lift fault bans)
         self.dtype = resolve_dtype(self.config.dtype)
         self.dtype_name = proto.dtype_name(self.dtype)
-        self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client balance
+        self.limiter = PriorityLimiter(self.config.compute_threads)  # steps queue by client standing
         self.span: BlockSpan | None = None
         self.mf: ModelFolder | None = None
         self.throughput: dict = {}
@@ -532,6 +540,9 @@ class BlockServer:
             self.stats["sessions_refused"] += 1
             raise InferenceError("TooManySessions", f"this server already holds {mine} of your sessions, as many "
                                  "as one client may open")
+        seed = mfield(m, "seed", bytes, max_len=SEED_LEN, optional=True)
+        if seed is not None and len(seed) != SEED_LEN:
+            raise InferenceError("BadRequest", f"'seed' must be {SEED_LEN} bytes")
         sid = secrets.token_bytes(proto.SESSION_ID_LEN)
         account = None
         if self.billing is not None:
@@ -560,7 +571,8 @@ class BlockServer:
                 account.billing.forget(account)
             raise
         session = ServedSession(sid, peer_id, sub, cache, max_length, dtype, stream, scope, need,
-                                trio.current_time(), account=account, standing=standing)
+                                trio.current_time(), account=account, standing=standing, seed=seed,
+                                inputs=InputChain(sid) if seed is not None else None)
         self.sessions[session.id] = session
         self.stats["sessions_opened"] += 1
         return session
@@ -580,7 +592,7 @@ class BlockServer:
         held = sum(s.nbytes for s in self.sessions.values() if s.peer_id == peer_id)
         if held + nbytes > share:
             self.stats["sessions_refused"] += 1
-            raise InferenceError("CacheFull", f"a client {'with' if standing else 'without'} credit may hold "
+            raise InferenceError("CacheFull", f"a client {'with' if standing else 'without'} standing here may hold "
                                  f"{share} bytes of this server's KV cache; you hold {held}, this session needs "
                                  f"{nbytes} more", max(0, share - held) // per_token)
 
@@ -592,7 +604,7 @@ class BlockServer:
         for s in sorted(self._displaceable(), key=lambda s: s.last_used):
             if self.cache_used + nbytes <= budget:
                 break
-            log.info("session %s of %s displaced (idle, no credit)", s.id.hex()[:8], s.peer_id[-8:])
+            log.info("session %s of %s displaced (idle, no standing)", s.id.hex()[:8], s.peer_id[-8:])
             self.stats["displaced"] += 1
             self._drop(s)
             s.scope.cancel()
@@ -623,16 +635,25 @@ class BlockServer:
         ran = await self._run(session, step_id, pos, hidden, chunks, m.get("receipt"), pushed=pushed)
         if ran is None:
             return None
-        out, compute_s, served = ran
+        out, compute_s, served, signed = ran
         packed = pack_hidden(out)
         if next_hop is not None and self._nursery is not None:
             self._nursery.start_soon(self._push, push, next_hop, step_id, pos, packed, push_receipts)
-        return {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
+        reply = {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
+        if session.seed is not None and signed is not None:
+            assert self.model_id is not None  # run() set it before serving
+            input_digest, output_digest, output_fingerprint = signed
+            reply["signed"] = sign_step(
+                self.network.identity, model=self.model_id, start=session.span.start, end=session.span.end,
+                dtype=session.dtype, session=session.id, step=step_id, pos=pos, chunks=chunks,
+                input_digest=input_digest, output_digest=output_digest, output_fingerprint=output_fingerprint,
+                seed=session.seed).to_wire()
+        return reply
 
     async def _run(self, session: ServedSession, step_id: int, pos: int, hidden: torch.Tensor, chunks: list[int],
-                   receipt: Any, *, pushed: bool) -> tuple[torch.Tensor, float, int] | None:
-        """Compute a step of `session`, paid for first: (outputs, compute seconds, tokens served so far),
-        or None for a stale push."""
+                   receipt: Any, *, pushed: bool) -> tuple[torch.Tensor, float, int, tuple[bytes, bytes, bytes] | None] | None:
+        """Compute a step of `session`, paid for first: (outputs, compute seconds, tokens served so far,
+        (input digest, output digest, fingerprint) when steps are signed), or None for a stale push."""
         n = hidden.shape[1]
         async with session.compute_lock:
             if step_id < session.last_step:
@@ -664,7 +685,7 @@ class BlockServer:
                 if account is not None:
                     limiter = self.limiter.at(await account.billing.priority(account))
 
-                def compute() -> tuple[torch.Tensor, float]:
+                def compute() -> tuple[torch.Tensor, float, tuple[bytes, bytes, bytes] | None]:
                     t0 = time.perf_counter()
                     if capacity > session.cache.capacity:
                         session.cache = _grown(session.span, session.cache, capacity)
@@ -672,9 +693,14 @@ class BlockServer:
                     for c in chunks:
                         outs.append(session.span.forward(hidden[:, off:off + c], session.cache, p))
                         off, p = off + c, p + c
-                    return (outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)), time.perf_counter() - t0
+                    result = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)
+                    elapsed = time.perf_counter() - t0
+                    # what signing needs of the tensors, hashed and projected here, off the trio thread
+                    digests = (tensor_digest(hidden), *result_digests(result, session.seed)) \
+                        if session.seed is not None else None
+                    return result, elapsed, digests
 
-                out, compute_s = await trio.to_thread.run_sync(compute, limiter=limiter)
+                out, compute_s, digests = await trio.to_thread.run_sync(compute, limiter=limiter)
             except BaseException:
                 if account is not None:
                     account.rollback(paid_before)
@@ -683,12 +709,16 @@ class BlockServer:
             session.last_used = trio.current_time()
             session.tokens += n
             served = session.tokens
+            signed = None
+            if digests is not None and session.inputs is not None:
+                inputs_digest, output_digest, output_fingerprint = digests
+                signed = (session.inputs.add(pos, chunks, inputs_digest), output_digest, output_fingerprint)
         session.steps += 1
         if account is not None and account.due(account.billing.clock()) and self._nursery is not None:
             self._nursery.start_soon(account.billing.settle, account)  # periodic earn entry (long sessions)
         self.stats["steps"] += 1
         self.stats["tokens"] += n
-        return out, compute_s, served
+        return out, compute_s, served, signed
 
     # --- sessions of a client in this process (pipeline/hop.py LocalHop) -------------------------
 
@@ -837,7 +867,7 @@ class InProcessSession:
             raise InferenceError("SessionExpired", "the server closed this session (idle, moved or stopping)")
         ran = await self.server._run(s, s.last_step + 1, pos, hidden, chunks or [hidden.shape[1]], None, pushed=False)
         assert ran is not None  # only pushes are ever stale
-        out, compute_s, _ = ran
+        out, compute_s, _, _ = ran
         return out, compute_s
 
     def close(self) -> None:

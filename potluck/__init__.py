@@ -5,6 +5,7 @@ Modules (imports go down to pipeline/, credits/, dht/, p2p/; nothing below impor
     startup.py        refusals before a peer starts: ports in use, malformed addresses (exit 2)
     peer.py           one peer process: wires overlay, DHT, credits, block server and client together
     control.py        the local control socket `potluck status` and friends talk to
+    memory.py         the peer process gives big freed blocks back to the OS (glibc's mmap threshold)
     generation.py     one generation for every front door: request checks, the typed result, error mapping
     openai_schema.py  the OpenAI wire format: request parsing, response and chunk shapes
     api.py            the HTTP face: OpenAI-compatible endpoints, /api/status, /api/credits, the dashboard

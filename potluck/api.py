@@ -7,7 +7,8 @@
     POST /v1/chat/completions    messages through the tokenizer's chat template; stream: true gives SSE
     POST /v1/completions         a plain prompt
     GET  /api/status             this peer, its server, known peers, coverage, the last request's route
-    GET  /api/credits            this peer's credits and every balance it knows
+    GET  /api/credits            this peer's credits, its standing as others likely see it, and per known
+                                 peer: balance, what we owe each other, standing in this peer's view
     GET  /                       the dashboard (potluck/dashboard/: plain HTML + JS, no CDN)
 
 Why hypercorn + Starlette. The peer is one trio program: every task of it lives in one nursery
@@ -32,7 +33,7 @@ Errors use the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
                                unsupported parameter (tools, response_format, ...), a prompt too long
                                (code says which)
     401 invalid_request_error  missing or wrong API key (code invalid_api_key)
-    402 insufficient_quota     a server refused us: this peer is past the swarm's debt limit
+    402 insufficient_quota     a server refused us: this peer owes it its allowance (debt limit + standing)
                                (code insufficient_credits; the message says how to earn). Not 429:
                                retrying soon does not help, serving blocks does.
     404 invalid_request_error  unknown model (code model_not_found), unknown path
@@ -70,12 +71,11 @@ from starlette.routing import Route
 
 from .generation import ApiPeer, GenerationResult, PreparedGeneration, map_error, prepare, resolve, run
 from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
-                            completion_chunk, new_id, text_completion, usage)
+                            completion_chunk, new_id, parse_json_body, text_completion, usage)
 
 log = logging.getLogger(__name__)
 
 MAX_BODY = 4 * 1024 * 1024
-MAX_JSON_DEPTH = 32  # no request needs more; deeper would only exhaust the parser's recursion
 DASHBOARD_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
                    "style.css": "text/css; charset=utf-8"}
 
@@ -187,14 +187,7 @@ class Api:
             data += chunk
             if len(data) > MAX_BODY:
                 raise ApiError(413, f"the request body is larger than {MAX_BODY} bytes", code="body_too_large")
-        try:
-            body = json.loads(bytes(data))
-        except (ValueError, UnicodeDecodeError, RecursionError) as e:
-            raise ApiError(400, f"We could not parse the JSON body of your request: {e}. Send a JSON object "
-                                "with Content-Type: application/json.", code="invalid_json") from None
-        if _depth(body) > MAX_JSON_DEPTH:
-            raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
-        return body
+        return parse_json_body(bytes(data))
 
     async def models(self, load: bool = True) -> list[dict]:
         return await self.peer.swarm_models(load=load)
@@ -224,7 +217,7 @@ class Api:
         return JSONResponse(status)
 
     async def credits(self, request: Request) -> Response:
-        return JSONResponse(await self.peer.ledger.summary())
+        return JSONResponse(await self.peer.credits())
 
     async def dashboard(self, request: Request) -> Response:
         name = request.path_params.get("name", "index.html")
@@ -361,17 +354,6 @@ class _GenerationResponse:
                 break
         await event("[DONE]")
         await send({"type": "http.response.body", "body": b"", "more_body": False})
-
-
-def _depth(obj: Any) -> int:
-    """How deeply JSON arrays and objects nest in `obj` (without recursion)."""
-    deepest, stack = 0, [(obj, 1)]
-    while stack:
-        x, d = stack.pop()
-        if isinstance(x, (list, dict)):
-            deepest = max(deepest, d)
-            stack += [(v, d + 1) for v in (x.values() if isinstance(x, dict) else x)]
-    return deepest
 
 
 def create_app(peer: ApiPeer, *, api_key: str | None = None):

@@ -20,6 +20,54 @@ def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
                         help=f"where the identity key and state live (default {DEFAULT_DATA_DIR}, or $POTLUCK_DATA_DIR)")
 
 
+def _limit_args(parser: argparse.ArgumentParser) -> None:
+    limits = parser.add_argument_group("limits", "what this peer grants other peers; the defaults suit a "
+                                                 "volunteer's machine")
+    limits.add_argument("--max-inbound-per-ip", type=int, metavar="N",
+                        help="connections one IP address may hold open before their peer passes the "
+                             "handshake (default 8)")
+    limits.add_argument("--inflight-mb", type=float, metavar="MiB",
+                        help="memory one peer's requests may hold here at once, as decoded (default 64; "
+                             "at least 16, the largest message)")
+    limits.add_argument("--dht-store-mb", type=float, metavar="MiB",
+                        help="DHT records stored for other peers (default 64)")
+    limits.add_argument("--gossip-rate", type=float, metavar="MSGS/S",
+                        help="gossip messages taken per second from one author on one topic, after a burst "
+                             "of 100 (default 2)")
+    limits.add_argument("--gossip-mb", type=float, metavar="MiB",
+                        help="gossip messages held to relay to other peers (default 32)")
+
+
+def peer_limits(args: argparse.Namespace):
+    """The PeerLimits the limit flags ask for (a ValueError names a flag out of range)."""
+    from dataclasses import replace
+
+    from p2p import framing
+
+    from .peer import PeerLimits
+
+    for flag, value in (("--max-inbound-per-ip", args.max_inbound_per_ip), ("--dht-store-mb", args.dht_store_mb),
+                        ("--gossip-rate", args.gossip_rate), ("--gossip-mb", args.gossip_mb)):
+        if value is not None and not value > 0:
+            raise ValueError(f"{flag} wants a positive number")
+    mib = 1 << 20
+    if args.inflight_mb is not None and not args.inflight_mb * mib >= framing.DEFAULT_MAX_FRAME:
+        raise ValueError(f"--inflight-mb wants at least {framing.DEFAULT_MAX_FRAME // mib} (MiB): a request "
+                         "may be that large")
+    limits = PeerLimits()
+    if args.max_inbound_per_ip is not None:
+        limits = replace(limits, inbound=replace(limits.inbound, max_unadmitted_per_ip=args.max_inbound_per_ip))
+    if args.inflight_mb is not None:
+        limits = replace(limits, inflight_bytes_in=round(args.inflight_mb * mib))
+    if args.dht_store_mb is not None:
+        limits = replace(limits, dht_store=replace(limits.dht_store, max_bytes=round(args.dht_store_mb * mib)))
+    if args.gossip_rate is not None:
+        limits = replace(limits, gossip=replace(limits.gossip, rate=args.gossip_rate))
+    if args.gossip_mb is not None:
+        limits = replace(limits, gossip=replace(limits.gossip, max_total_bytes=round(args.gossip_mb * mib)))
+    return limits
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="potluck", description="Peer-to-peer LLM inference: bring compute, share compute.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
@@ -42,11 +90,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="behind NAT: full multiaddr of a peer running --relay-service; this peer reserves a slot "
                         "there and is announced as reachable through it (repeatable)")
     p.add_argument("--starting-grant", type=float, metavar="CREDITS",
-                   help="credit policy: GFLOP-credits each new identity starts with (default 100000); a swarm's "
-                        "peers must all use the same policy")
+                   help="credit policy: GFLOP-credits each new identity grants itself (default 0: an open swarm "
+                        "mints nothing; a private swarm may); a swarm's peers must all use the same policy")
     p.add_argument("--debt-limit", type=float, metavar="CREDITS",
-                   help="credit policy: how far below zero a busy server still serves a client (default 10000 "
-                        "GFLOP-credits); the same for every peer of a swarm")
+                   help="credit policy: how much a newcomer may owe a busy server (default 10000 GFLOP-credits; "
+                        "a client's standing there adds to it); the same for every peer of a swarm")
     p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
     p.add_argument("--model", help="model to serve or use: a Hugging Face folder or hub id "
                                    "(default: SmolLM2-135M-Instruct, converted once per machine into ~/.cache/potluck)")
@@ -57,11 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory for the KV cache of the blocks served (default 256); bounds the sessions it holds")
     p.add_argument("--threads", type=int, help="torch threads for this peer (default: torch's choice); "
                                                "give 1 when several peers share a machine")
+    p.add_argument("--spot-check-fraction", type=float, metavar="P",
+                   help="re-check this fraction of every server's steps on another server (0: none; default: "
+                        "adaptive — every step of a server new to this peer, fewer as it earns trust)")
     p.add_argument("--api", metavar="HOST:PORT",
                    help="serve the OpenAI-compatible HTTP API and the dashboard there, e.g. 127.0.0.1:8000")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POTLUCK_API_KEY"),
                    help="require `Authorization: Bearer KEY` on every HTTP request (needed for a non-loopback "
                         "--api; default $POTLUCK_API_KEY)")
+    _limit_args(p)
 
     p = sub.add_parser("chat", help="chat in the terminal through the running peer's API (or a fresh peer)")
     _data_dir_arg(p)
@@ -82,7 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--wide", action="store_true", help="full peer ids and addresses (lines may pass 80 columns)")
 
-    p = sub.add_parser("credits", help="this peer's credits: balance, earned, spent, recent entries, every peer's balance")
+    p = sub.add_parser("credits", help="this peer's credits: the unit, balance, my standing as others likely see "
+                                       "it; per peer: balance, what we earned from and spent with each other, "
+                                       "standing in my view")
     _data_dir_arg(p)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--wide", action="store_true", help="full peer ids (lines may pass 80 columns)")
@@ -142,6 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parse_blocks(args.blocks)  # a malformed span is an error before anything starts
     if args.cache_mb is not None and args.cache_mb < 1:
         raise ValueError("--cache-mb wants a positive number of MiB")
+    if args.spot_check_fraction is not None and not 0.0 <= args.spot_check_fraction <= 1.0:
+        raise ValueError("--spot-check-fraction wants a number in [0, 1]")
     config = PeerConfig(
         data_dir=args.data_dir,
         listen=listen,
@@ -154,9 +210,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         blocks=args.blocks,
         dtype=args.dtype,
         cache_mib=args.cache_mb,
+        spot_check_fraction=args.spot_check_fraction,
         credit_policy=_credit_policy(args),
         api=args.api,
         api_key=args.api_key,
+        limits=peer_limits(args),
     )
     if args.threads:
         import torch

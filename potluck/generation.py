@@ -40,8 +40,8 @@ from .swarmview import format_ranges
 
 log = logging.getLogger(__name__)
 
-EARN_HINT = ("Earn credits by serving blocks of the model: `potluck serve --blocks auto` (a volunteer peer earns "
-             "for every step it computes), then retry; `potluck credits` shows your balance.")
+EARN_HINT = ("Earn standing by serving blocks of the model: `potluck serve --blocks auto` (a volunteer peer earns "
+             "for every step it computes), then retry; `potluck credits` shows your standing.")
 
 Prompt = str | list[int] | list[dict]
 
@@ -67,19 +67,12 @@ class GenerationClient(Protocol):
     def stream(self, prompt: list[int], params: SamplingParams) -> AsyncGenerator[TokenEvent | Finished, None]: ...
 
 
-class CreditsView(Protocol):
-    """The peer's ledger, as far as the API shows it (`credits.Ledger`)."""
-
-    async def summary(self, recent: int = 10) -> dict: ...
-
-
 class ApiPeer(Protocol):
     """What the HTTP API and the control socket use of a running peer (`potluck.peer.Peer`)."""
 
     last_generation: dict | None  # the summary of the latest generation, for status and the dashboard
 
-    @property
-    def ledger(self) -> CreditsView: ...
+    async def credits(self) -> dict: ...
 
     def status(self) -> dict: ...
 

@@ -17,7 +17,9 @@ POTLUCK = [sys.executable, "-m", "potluck.cli"]
 
 
 class PeerProcess:
-    def __init__(self, data_dir: Path, *args: str, env: dict | None = None):
+    def __init__(self, data_dir: Path, *args: str, env: dict | None = None, command: list[str] | None = None):
+        """`command`: what runs `serve` (default `python -m potluck.cli`; a benchmark may wrap it)."""
+        self.command = command or POTLUCK
         self.data_dir = Path(data_dir)
         self.args = list(args)
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -30,7 +32,7 @@ class PeerProcess:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "ab")
         proc = self.proc = subprocess.Popen(
-            [*POTLUCK, "serve", "--data-dir", str(self.data_dir), *self.args],
+            [*self.command, "serve", "--data-dir", str(self.data_dir), *self.args],
             stdout=subprocess.PIPE, stderr=self._log, env=self.env,
         )
         assert proc.stdout is not None  # stdout=PIPE

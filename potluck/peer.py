@@ -30,23 +30,30 @@ import trio
 
 from credits import CreditPolicy, Ledger, StandingView
 from credits.replication import Replicator
-from dht.node import DHTNode
+from dht import Validators
+from dht.node import DHTConfig, DHTNode
+from dht.records import StoreLimits
 from p2p import framing
 from p2p.errors import P2PError
-from p2p.gossip import Gossip
+from p2p.gossip import Gossip, GossipQuotas
 from p2p.identity import Identity
-from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p import InboundLimits, Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
-from pipeline.announce import GOSSIP_TOPIC, ModelCard, fetch_models, fetch_servers, from_gossip_note
+from pipeline.announce import (GOSSIP_TOPIC, AnnouncementValidator, ModelCard, fetch_models, fetch_servers,
+                               from_gossip_note)
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
+from pipeline.disputes import DisputeJudge, ServedBlocks
+from pipeline.proofshelf import ProofShelf
 from pipeline.pricing import ModelPricing
+from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
+from pipeline.spotcheck import SpotCheckConfig
 
-from . import control, generation
+from . import control, generation, memory
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
 
@@ -54,6 +61,25 @@ log = logging.getLogger(__name__)
 
 PRESENCE_TOPIC = "presence"
 MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
+MAX_PRESENCE_SEEN = 256  # authors of presence notes that status lists; the latest kept (new keys are free)
+
+
+@dataclass(frozen=True)
+class PeerLimits:
+    """What this peer grants other peers, layer by layer (`potluck serve`'s limit flags). The defaults
+    are each layer's own, sized for a volunteer's machine."""
+
+    inbound: InboundLimits = InboundLimits()  # connections not admitted yet, per IP; the upgrade deadline
+    inflight_bytes_in: int | None = None  # one peer's requests held at once, as decoded (None: the network's)
+    dht_store: StoreLimits = StoreLimits()  # DHT records stored for others
+    gossip: GossipQuotas = GossipQuotas()  # per-author gossip rates, and the gossip held
+
+    def network_options(self) -> dict:
+        """The `Libp2pNetwork.open` options these limits set."""
+        options: dict = {"inbound_limits": self.inbound}
+        if self.inflight_bytes_in is not None:
+            options["max_inflight_bytes_in"] = self.inflight_bytes_in
+        return options
 
 
 @dataclass
@@ -70,9 +96,11 @@ class PeerConfig:
     blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
     dtype: str = "float32"
     cache_mib: int | None = None  # the KV cache budget of served blocks (None: the server's default)
+    spot_check_fraction: float | None = None  # fixed spot-check fraction (0: none); None: adaptive (checkpolicy)
     credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
+    limits: PeerLimits = PeerLimits()
 
 
 class Peer:
@@ -83,14 +111,17 @@ class Peer:
         self.identity = identity
         self.network = network
         self.ledger = ledger
-        self.standing = StandingView(ledger)  # this peer's own view of others' work (shown, not yet decided on)
+        self.standing = StandingView(ledger)  # this peer's own view of others' work: its server decides on it
         self.membership = Membership(network, region=config.region)
-        self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None)
-        self.gossip = Gossip(network, identity)
+        self.dht = DHTNode(network, bootstrap=config.bootstrap, region=config.region or None,
+                           validators=_validators(), config=DHTConfig(store_limits=config.limits.dht_store))
+        self.gossip = Gossip(network, identity, quotas=config.limits.gossip)
         self.replicator = Replicator(ledger, network, self.gossip)
+        self.proofs = ProofShelf()  # proofs of our disputes too large for an entry, served to verifiers
+        self.proofs.serve_on(network)
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
-        self.presence_seen: set[str] = set()
+        self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None
         self._client_lock = trio.Lock()
@@ -111,7 +142,10 @@ class Peer:
         return True
 
     def _on_presence(self, message) -> None:
-        self.presence_seen.add(message.author)
+        self.presence_seen.pop(message.author, None)
+        self.presence_seen[message.author] = None
+        while len(self.presence_seen) > MAX_PRESENCE_SEEN:
+            del self.presence_seen[next(iter(self.presence_seen))]
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])
@@ -245,8 +279,16 @@ class Peer:
             servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
         return coverage_view(servers, card["num_blocks"])
 
+    async def credits(self) -> dict:
+        """What `potluck credits` and `GET /api/credits` show: the ledger's summary with every peer's
+        standing in this peer's view, and this peer's own standing as the peers it served likely see it.
+        Recomputed for each request (a person asking wants what the ledger holds now; it also refreshes
+        the view the server decides on)."""
+        return await self.ledger.summary(standings=await self.ledger.read(self.standing.standings_sync),
+                                         seen_by=await self.ledger.read(self.standing.seen_by_sync))
+
     async def _credits_command(self, request: dict) -> dict:
-        return await self.ledger.summary(standings=await self.standing.standings())
+        return await self.credits()
 
     # DHT operations for operators and tests, through the control socket.
     async def _dht_store_command(self, request: dict) -> dict:
@@ -271,7 +313,9 @@ class Peer:
                 folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
                 self._client = await DistributedModel.from_pretrained(
                     folder, self.network, self.dht, dtype=self.config.dtype,
-                    config=ClientConfig(billing=ClientBilling(self.ledger)), local_server=self.server)
+                    config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs),
+                                        spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction)),
+                    local_server=self.server)
             return self._client
 
     async def _generate_command(self, request: dict) -> dict:
@@ -307,6 +351,14 @@ class Peer:
             await trio.sleep(self.config.presence_interval)
 
 
+def _validators() -> Validators:
+    """What this peer's DHT stores under the swarm's own keys: well-formed server announcements only,
+    one per server (not whatever a stranger signs under the model's record)."""
+    validators = Validators()
+    validators.register(ANNOUNCE_NAMESPACE, AnnouncementValidator())
+    return validators
+
+
 def _server_config(config: PeerConfig) -> ServerConfig:
     if config.cache_mib is None:
         return ServerConfig(dtype=config.dtype)
@@ -315,12 +367,14 @@ def _server_config(config: PeerConfig) -> ServerConfig:
 
 async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None = None) -> None:
     """Run a peer until cancelled or until SIGINT/SIGTERM arrives."""
+    memory.return_big_blocks()  # KV caches and big frames go back to the OS when freed
     identity = Identity.load_or_create(config.data_dir)
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
     ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(), policy=config.credit_policy)
     try:
         async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
-                                      relay_service=config.relay_service, relays=config.relays) as network:
+                                      relay_service=config.relay_service, relays=config.relays,
+                                      **config.limits.network_options()) as network:
             peer = Peer(config, identity, network, ledger)
             if config.bootstrap:
                 # Before any task starts, so a refused swarm key ends the peer with a plain error.
@@ -331,7 +385,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 start, end = parse_blocks(config.blocks)
                 peer.server = BlockServer(network, peer.dht, folder, start, end, gossip=peer.gossip,
                                           config=_server_config(config),
-                                          billing=ServerBilling(ledger, model_name=config.model))
+                                          billing=ServerBilling(ledger, standing=peer.standing,
+                                                                model_name=config.model))
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(peer.gossip.run)
@@ -340,6 +395,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 await nursery.start(peer.dht.run)
                 if peer.server is not None:
                     await nursery.start(peer.server.run)
+                    # disputes against servers of our span: re-run their proofs (pipeline/disputes.py)
+                    await nursery.start(DisputeJudge(ledger, ServedBlocks(peer.server), network=network).run)
                 await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME, peer.commands())
                 if config.api is not None:
                     from . import api

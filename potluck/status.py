@@ -157,6 +157,15 @@ def render_credits(summary: dict, console: Console | None = None, *, wide: bool 
     console.print(f"  balance {_amount(summary['balance'])}, earned {_amount(summary['earned'])}, "
                   f"spent {_amount(summary['spent'])}, granted {_amount(summary['granted'])}")
     console.print(f"  unit: {summary['unit']}")
+    console.print("  standing: a peer's work that reached me (served me, or those who served me);")
+    console.print("  busy servers admit and queue by standing: a farmed balance buys nothing")
+    mine = summary.get("my_standing")
+    if mine is not None:
+        if mine["peers"]:
+            console.print(f"  my standing as the {mine['peers']} peers I served likely see it:")
+            console.print(f"    min {_amount(mine['min'])}, median {_amount(mine['median'])}, max {_amount(mine['max'])}")
+        else:
+            console.print("  my standing: none yet (`potluck serve --blocks auto` earns it)")
     recent = Table(title=f"recent entries (own chain: {summary['chain_length']})", box=box.SIMPLE_HEAD, show_edge=False,
                    title_justify="left", pad_edge=False)
     for column in ("peer", "seq", "kind"):
@@ -164,15 +173,16 @@ def render_credits(summary: dict, console: Console | None = None, *, wide: bool 
     for e in summary["recent"]:
         recent.add_row(who(e["peer_id"]), str(e["seq"]), e["kind"])
     console.print(recent)
-    peers = Table(title=f"balances as this peer sees them (total {_amount(summary['total'])})", box=box.SIMPLE_HEAD, show_edge=False,
-                  title_justify="left", pad_edge=False)
+    peers = Table(title=f"peers as this one sees them (balances total {_amount(summary['total'])})",
+                  box=box.SIMPLE_HEAD, show_edge=False, title_justify="left", pad_edge=False)
     peers.add_column("peer", overflow="fold")
-    for column in ("balance", "earned", "spent", "granted", "standing", "state"):
+    # balance: the shared fold; earned from / spent with: the receipts between that peer and me;
+    # standing: this peer's own view (credits.standing), "-" for itself or from a peer that sends none
+    for column in ("balance", "I earned", "I spent", "standing", "state"):
         peers.add_column(column, justify="right" if column != "state" else "left", no_wrap=True)
     for b in summary["peers"]:
         state = "[red]frozen[/red]" if b["frozen"] else "ok"
-        # standing is this peer's own view (credits.standing): "-" for itself, or from a peer that sends none
         standing = b.get("standing")
-        peers.add_row(who(b["peer_id"]), _amount(b["balance"]), _amount(b["earned"]), _amount(b["spent"]),
-                      _amount(b["granted"]), "-" if standing is None else _amount(standing), state)
+        peers.add_row(who(b["peer_id"]), _amount(b["balance"]), _amount(b["earned_from"]),
+                      _amount(b["spent_with"]), "-" if standing is None else _amount(standing), state)
     console.print(peers)

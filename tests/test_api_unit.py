@@ -18,7 +18,7 @@ from pipeline.errors import REFUSALS, Refused
 from pipeline.protocol import InferenceError
 from pipeline.sampling import SamplingParams
 from potluck import api
-from potluck.generation import ApiPeer, CreditsView, GenerationClient
+from potluck.generation import ApiPeer, GenerationClient
 from potluck.openai_schema import ApiError, ChatRequest, CompletionRequest
 from potluck.swarmview import coverage_view, format_ranges, missing_ranges
 
@@ -83,23 +83,20 @@ class FakeClient:
                                       wall_s=0.1, tokens_per_s=10.0))
 
 
-class FakeLedger:
-    async def summary(self, recent: int = 10) -> dict:
-        return {"peer_id": "me", "balance": 5.0, "earned": 0.0, "spent": 0.0, "granted": 5.0, "unit": "GFLOP-credits",
-                "frozen": False, "peers": [], "total": 5.0, "recent": [], "chain_length": 1, "forked": []}
-
-
 class FakePeer:
     """A stand-in for `potluck.peer.Peer`, as the API sees it (`ApiPeer`)."""
 
     def __init__(self, servers):
         self._client = FakeClient()
         self.servers = servers
-        self.ledger: CreditsView = FakeLedger()
         self.last_generation: dict | None = None
 
     def status(self) -> dict:
         return {"peer_id": "me", "peers": [], "last_generation": self.last_generation}
+
+    async def credits(self) -> dict:
+        return {"peer_id": "me", "balance": 5.0, "earned": 0.0, "spent": 0.0, "granted": 5.0, "unit": "GFLOP-credits",
+                "frozen": False, "peers": [], "total": 5.0, "recent": [], "chain_length": 1, "forked": []}
 
     async def client(self) -> GenerationClient:
         return self._client

@@ -66,6 +66,55 @@ def test_ledger_quick():
     assert figure(r, "verify_per_s") > 0 and figure(r, "own_append_durable_per_s") > 0
     assert figure(r, "per_reply_vs_verify_alone") > 0
     assert figure(r, "sim.nodes") == 50
+    assert figure(r, "standing.1.recompute_s") >= 0 and figure(r, "standing.1.peers") == 1000
+    # Sybils reach no more standing than twice the work honest peers received from them (the bound of
+    # credits/standing.py), far below the balance their farm shows
+    reached, received = figure(r, "sybils.max_group_standing"), figure(r, "sybils.max_group_work_received")
+    assert reached <= 2 * received < figure(r, "sybils.max_group_farmed_balance")
+
+
+def test_spotcheck_quick():
+    r = run_bench("spotcheck")
+    for name, pair in r["noise"]["tiny"].items():
+        assert figure(r, f"noise.tiny.{name}.tolerance") > 0 and pair["over_tolerance"] == 0, (name, pair)
+    for name, pair in r["false_accusations"]["tiny"].items():
+        assert pair["checked_steps"] >= 200 and pair["false_accusations"] == 0, (name, pair)
+    assert r["lies"]["tiny"]["float32/1t vs float32/4t"]["smallest_lie_caught"] <= 0.01  # a 1 % lie is caught
+    for rate in ("rate_1", "rate_0.05", "rate_0.01"):
+        for policy in ("adaptive_new", "adaptive_trusted", "fixed_2pct"):
+            assert r["liars"][rate][policy]["false_accusations"] == 0
+    assert r["liars"]["rate_1"]["adaptive_new"]["detection_probability"] == 1.0  # on probation: every step checked
+    assert r["liars"]["rate_1"]["adaptive_new"]["output_identical_to_local"] == 1.0
+    assert figure(r, "overhead.adaptive.checker_compute_per_token") > 0
+    assert figure(r, "overhead.fixed_2pct.checker_compute_per_token") >= 0
+
+
+@pytest.mark.slow
+def test_spotcheck_liar_process_quick():
+    """The liar as a real `potluck serve` process (bench.liarpeer), new to each client: every generation
+    it lied in is caught before the lie is used, and nobody honest is accused."""
+    r = run_bench("spotcheck", "--process-generations", "3", "--process-rates", "1", timeout=600)
+    run = r["liar_processes"]["rate_1"]
+    assert run["generations"] == 3 and run["routed_through_liar"] >= 1 and run["generations_with_a_lie"] >= 1, run
+    assert run["detection_probability"] == 1.0 and run["output_identical_to_local"] == 1.0, run
+    assert run["false_accusations"] == 0, run
+
+
+def test_fuzz_quick():
+    # a generous per-input bound: on a loaded machine a slow input is not a hang (tests assert no timings)
+    r = run_bench("fuzz", "--hang-s", "60", timeout=900)
+    assert r["decoder_count"] >= 30 and set(r["decoders"]) >= {
+        "p2p.framing.decode", "p2p.tensor.unpack", "p2p.gossip.push", "p2p.membership.hello", "dht.protocol.decode_request",
+        "dht.records.SignedValue", "credits.LogEntry.decode", "credits.ForkProof.decode", "credits.replication.heads",
+        "pipeline.protocol.step", "pipeline.announce.ServerInfo", "potluck.openai_schema.ChatRequest", "potluck.control",
+        "p2p.libp2p.relay.HopMessage", "p2p.swarm_key.decode_key_file", "p2p.identity.key_file"}
+    for name, d in r["decoders"].items():
+        assert d["inputs"] == r["inputs_per_decoder"] > 0, name
+        assert d["rejected"] + d["accepted"] + d["crashes"] == d["inputs"], name
+        assert d["rejected"] > 0, name  # every decoder saw inputs it had to refuse
+    crashes = {name: d["crash_examples"] for name, d in r["decoders"].items() if d["crashes"]}
+    assert r["crashes_total"] == 0, json.dumps(crashes)[:3000]
+    assert figure(r, "msgpack_unpack_per_s") > 0 and figure(r, "framing_decode_vs_msgpack") > 0
 
 
 @pytest.mark.slow
@@ -91,3 +140,35 @@ def test_netns_quick():
     assert figure(r, "membership_rtt.cross_over_in_region_ratio") > 1  # the lab's regions are farther apart
     assert r["dht_lookup"].get("all_found") is True, r["dht_lookup"]
     assert "tokens_per_s" not in r and "recovery_after_kill" not in r  # --quick leaves the model out
+
+
+ATTACKS = ("object_bomb", "malformed_frames", "dht_store_flood", "credit_chain_flood", "kv_cache_hog", "unpaid_compute",
+           "push_ssrf", "slowloris", "request_flood", "gossip_flood", "presence_sybils", "nested_json",
+           "announcement_squatting")
+
+
+def test_attack_quick():
+    r = run_bench("attack", timeout=400)
+    assert sorted(r["attacks"]) == sorted(ATTACKS)
+    for name, a in r["attacks"].items():
+        assert a["alive"] is True, (name, a)  # the victim stayed up and still answers its control socket
+        for point in ("before", "peak", "after"):
+            assert figure(r, f"attacks.{name}.rss_mb.{point}") > 0
+        figure(r, f"attacks.{name}.rss_growth_mb")
+        assert a["honest_during"]["generations"] > 0, (name, a)  # the honest client was generating all along
+        assert set(a["goals_met"]) == {"rss_growth", "alive", "honest_success", "latency", "attacker_bounded"}
+        # What the attacker got, as the victim reports it, is within the defences' bounds (counts, not timings).
+        for what, bound in a["bounds"].items():
+            assert a["attacker_obtained"][what] <= bound, (name, what, a["attacker_obtained"][what], bound)
+        assert a["goals_met"]["attacker_bounded"] is True, (name, a)
+    got = {name: a["attacker_obtained"] for name, a in r["attacks"].items()}
+    # the attacks really ran: each sent what it is about
+    assert got["object_bomb"]["frames_sent"] >= 1 and got["object_bomb"]["connections_kept"] == 0
+    assert got["malformed_frames"]["frames_sent"] >= 10
+    assert got["unpaid_compute"]["unreceipted_tokens"] == 0 and got["unpaid_compute"]["sybil_keys"] >= 1
+    assert got["push_ssrf"]["pushes_refused"] >= 1 and got["push_ssrf"]["connections_to_named_hosts"] == 0
+    assert got["slowloris"]["sockets_opened"] > r["attacks"]["slowloris"]["notes"]["max_unadmitted_per_ip"]
+    assert got["request_flood"]["requests_answered"] > 0
+    assert got["gossip_flood"]["published"] > got["gossip_flood"]["relayed_by_victim"]  # throttled, not relayed
+    assert got["presence_sybils"]["notes_sent"] > got["presence_sybils"]["presence_authors_listed"]  # bounded, not all
+    assert got["nested_json"]["requests"] > 0 and got["nested_json"]["answered_other_than_400"] == 0

@@ -1,17 +1,18 @@
 """Credits inside inference sessions: receipts per step, earn/spend entries that match and replicate,
-admission by balance (debt limit, free when idle), compute ordered by balance, unpaid clients cut off."""
+admission by what a client owes against its allowance (debt limit + standing in the server's view,
+free when idle), compute ordered by standing, unpaid clients cut off."""
 
 import pytest
 import trio
 
-from credits import CreditPolicy
+from credits import CreditPolicy, StandingView
 from credits.ledger import GFLOP
 from pipeline.billing import ClientBilling
 from pipeline.client import GenerationFailed
 from pipeline.errors import InsufficientCredit, ReceiptRequired
 from pipeline.limiter import PriorityLimiter
 from pipeline.loading import ModelFolder
-from testkit.billing import POLICY, add_client, add_server, latest_receipts, make_ledger
+from testkit.billing import POLICY, add_client, add_server, give_standing, latest_receipts, make_ledger
 from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
@@ -207,11 +208,13 @@ async def test_priority_limiter_orders_by_balance_fifo_within():
     assert await trio.to_thread.run_sync(lambda: 7, limiter=lim.at(3)) == 7
 
 
-async def test_server_queues_steps_by_client_balance(llama):
+async def test_server_queues_steps_by_client_standing_not_balance(llama):
+    """Waiting steps go highest standing (in the server's own view) first; a client the server funded
+    with a large grant, but whose work never reached it, waits behind every client with standing."""
     path, mid, local, cfg = llama
     holder = {}
 
-    def policy_fn(ident):  # the server is a grant authority, so it can fund the clients differently
+    def policy_fn(ident):  # the server is a grant authority, so it can fund one client richly
         holder.setdefault("key", ident.public_key)
         return CreditPolicy(starting_grant=0, grant_authorities=frozenset([holder["key"]]))
 
@@ -219,10 +222,11 @@ async def test_server_queues_steps_by_client_balance(llama):
         async with swarm("sim", path, [], model_id=mid) as s:
             srv = await add_server(s, 0, 4, mid=mid, cfg=cfg, policy_fn=policy_fn)
             policy = srv.ledger.policy
-            clients = [await add_client(s, mid=mid, cfg=cfg, policy=policy) for _ in range(3)]
-            amounts = [5 * GFLOP, 50 * GFLOP, 20 * GFLOP]
-            for (peer, _), amount in zip(clients, amounts):
-                await srv.ledger.grant(peer.network.identity.public_key, amount)
+            clients = [await add_client(s, mid=mid, cfg=cfg, policy=policy) for _ in range(4)]
+            standing = [await give_standing(peer.ledger, srv.ledger, model=mid, start=0, end=4, tokens=tokens)
+                        for (peer, _), tokens in zip(clients[:3], (5, 50, 20))]
+            await srv.ledger.grant(clients[3][0].network.identity.public_key, 10**6 * GFLOP)  # balance, no standing
+            assert (await srv.ledger.balance(clients[3][0].network.identity.public_key)).effective > max(standing)
             ready, go = [trio.Event() for _ in clients], trio.Event()
             lim = srv.server.limiter
 
@@ -240,13 +244,16 @@ async def test_server_queues_steps_by_client_balance(llama):
                 await lim.acquire_on_behalf_of("test")  # the compute thread is busy
                 go.set()
                 with trio.fail_after(10):
-                    while lim.waiting < 3:
+                    while lim.waiting < 4:
                         await trio.sleep(0.01)
                 lim.release_on_behalf_of("test")
-            assert lim.served[-3:] == sorted(amounts, reverse=True)
+            assert lim.served[-4:] == sorted(standing, reverse=True) + [0]
 
 
-async def test_reliability_counts_credible_accusers_and_scales_what_a_server_earned(llama, tmp_path):
+async def test_disputes_count_only_as_the_viewers_own_verdicts_and_never_move_balances(llama, tmp_path):
+    """Disputes used to cut what the accused earned in every peer's fold, on the accuser's word alone.
+    Now the fold ignores them; a verdict this peer reached itself zeroes the liar's reliability (routing,
+    standing) and a false accusation the accuser's, in this peer's view only."""
     from credits import ReceiptSigner
     from p2p.identity import Identity
 
@@ -255,7 +262,6 @@ async def test_reliability_counts_credible_accusers_and_scales_what_a_server_ear
     leds = [make_ledger(i, None, mid, cfg) for i in ids]
     for led in leds:
         await led.claim_starting_grant()
-    # both servers served the client; 1 earned something, so its dispute counts; 2 never served
     for server in (0, 1):
         rs = ReceiptSigner(ids[3], server=ids[server].public_key, model=mid, start=0, end=2, pricing=leds[server].pricing)
         await leds[server].record_earn(rs.sign(5))
@@ -266,15 +272,20 @@ async def test_reliability_counts_credible_accusers_and_scales_what_a_server_ear
     for led in leds[:3]:
         wires = led.store.range_wire(led.me, 1, 100)
         assert (await viewer.ingest(wires)).stored == len(wires)
-    view = await viewer.reliability()
-    assert view[ids[0].public_key] == 0.5  # one credible accuser; the Sybil's dispute does not count
-    assert ids[1].public_key not in view
-    # what the accused earned counts at half, for it and for its client alike: still conserved
+    assert await viewer.reliability() == {}  # claims without a verdict count nothing
     balances = await viewer.balances()
-    assert balances[ids[0].public_key].earned == face // 2
-    assert balances[ids[1].public_key].earned == face
-    assert balances[ids[3].public_key].spent == face + face // 2
-    assert sum(b.raw for b in balances.values()) == sum(b.granted for b in balances.values())
+    assert balances[ids[0].public_key].earned == face and balances[ids[3].public_key].spent == 2 * face
+    assert sum(b.raw for b in balances.values()) == sum(b.granted for b in balances.values())  # conserved
+    # the viewer judged one dispute a proven lie, the other a false accusation
+    disputes = {e.author: e for e, _, _ in await viewer.unjudged_disputes()}
+    await viewer.record_verdict(ids[1].public_key, disputes[ids[1].public_key].seq, ids[0].public_key, True)
+    await viewer.record_verdict(ids[2].public_key, disputes[ids[2].public_key].seq, ids[0].public_key, False)
+    assert await viewer.reliability() == {ids[0].public_key: 0.0, ids[2].public_key: 0.0}
+    assert {k: b.raw for k, b in (await viewer.balances()).items()} == {k: b.raw for k, b in balances.items()}
+    assert await viewer.unjudged_disputes() == []
+    # the liar's work is worth nothing in the viewer's standing; the honest server's stays
+    table = StandingView(viewer).standings_sync()
+    assert table == {ids[1].public_key: face}
 
 
 def test_route_penalises_unreliable_servers():

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 from credits import (
-    CreditPolicy, CreditRefused, ForkProof, InvalidEntry, InvalidForkProof, InvalidReceipt, Ledger, LogEntry,
+    CreditPolicy, ForkProof, InvalidEntry, InvalidForkProof, InvalidReceipt, Ledger, LogEntry,
     Receipt, ReceiptSigner, ReceiptTracker, Store, linear_pricing,
 )
 from credits.allowance import IngestLimits
@@ -381,17 +381,6 @@ async def test_earning_is_not_slowed_by_the_allowance():
     result = await viewer.ingest([e.encode() for e in chain(server, [("grant", grant_body(server))] + earns)])
     assert result.stored == 301 and not result.throttled and result.error is None
     assert (await viewer.balance(server.public_key)).earned == 300 * PRICING("m", 0, 3, 10)
-
-
-async def test_debt_limit_refuses_busy_but_serves_when_idle():
-    server, client = ledger(1), ident(2)
-    await server.claim_starting_grant()
-    signer = ReceiptSigner(client, server=server.me, model="big", start=0, end=10, pricing=PRICING)
-    await server.record_earn(signer.sign(1))  # 70M FLOPs: the client never claimed a grant
-    assert (await server.admit(client.public_key, idle=True)).effective < 0
-    with pytest.raises(CreditRefused, match="potluck serve"):
-        await server.admit(client.public_key, idle=False)
-    assert (await server.admit(server.me, idle=False)).effective > 0
 
 
 async def test_store_on_disk_survives_reopening(tmp_path):

@@ -10,17 +10,19 @@ import time
 
 import pytest
 
-from credits import Ledger, Store, linear_pricing
+from credits import CreditPolicy, Ledger, Store, linear_pricing
 from p2p.identity import Identity
 
 pytestmark = pytest.mark.slow  # eight child processes, each SIGKILLed
 
 CHILD = r"""
 import sys, msgpack
-from credits import Ledger, Store, linear_pricing
+from credits import CreditPolicy, Ledger, Store, linear_pricing
 from p2p.identity import Identity
 data = sys.argv[1]
-led = Ledger(Identity.load_or_create(data), Store(data), pricing=linear_pricing({}))
+# a private swarm's policy: an open swarm (starting grant 0) would refuse the first entry
+led = Ledger(Identity.load_or_create(data), Store(data), pricing=linear_pricing({}),
+             policy=CreditPolicy(starting_grant=1000))
 other = b"\x05" * 32
 if led.heads.get(led.me, (0,))[0] == 0:
     led.append_sync("grant", msgpack.packb([led.me, 1000, "start"]))
@@ -49,7 +51,8 @@ def test_sigkill_during_appends_loses_no_acknowledged_entry(tmp_path):
         acked.update(int(x) for x in lines[:-1] if x.strip())
         assert proc.returncode == -signal.SIGKILL
 
-    led = Ledger(Identity.load_or_create(tmp_path), Store(tmp_path), pricing=linear_pricing({}))
+    led = Ledger(Identity.load_or_create(tmp_path), Store(tmp_path), pricing=linear_pricing({}),
+                 policy=CreditPolicy(starting_grant=1000))
     length = led.verify_chain(led.me)
     assert length >= max(acked) > 8
     stored = {e.seq for e in led.store.entries(led.me)}

@@ -73,7 +73,10 @@ def swarm(smollm2_data, reference):
         boot = ["--bootstrap", first.addr]
         rest = [lab.peer_process(lab.host(h), *common, *boot, "--blocks", b).launch()
                 for h, b in SERVERS.items() if h != "eu-0"]
-        rest += [lab.peer_process(lab.host(h), *common, *boot).launch() for h in USERS]
+        # Users check at the fixed 2 % these region tests were written with: under the adaptive policy's
+        # probation every step is re-run on another replica, which may sit across the cut region.
+        rest += [lab.peer_process(lab.host(h), *common, *boot, "--spot-check-fraction", "0.02").launch()
+                 for h in USERS]
         for p in rest:
             p.wait_ready(120)
         peers = {p.host.name: p for p in [first, *rest]}
@@ -161,10 +164,13 @@ def test_region_cut_for_30s_heals_and_credit_logs_converge(swarm, reference):
         wait_until(lambda p=p: p.alive_peers() >= ids - {p.peer_id}, 60, 1, message=f"{p.host.name} sees all again")
     reformed_s = time.monotonic() - healed
 
+    # An open swarm mints nothing: a peer that neither served nor used the swarm has no entry, and no row.
+    active = {p.peer_id for p in peers.values() if p.call("credits")["chain_length"] > 0}
+
     def converged():
         views = credit_views(peers)
         first = next(iter(views.values()))
-        return views if len(first) == len(peers) and all(v == first for v in views.values()) else None
+        return views if set(first) >= active and all(v == first for v in views.values()) else None
 
     views = wait_until(converged, 60, 1, message="every peer to fold the same balances")
     converged_s = time.monotonic() - healed
@@ -176,8 +182,8 @@ def test_region_cut_for_30s_heals_and_credit_logs_converge(swarm, reference):
     for name, p in peers.items():
         assert after[name]["chain_length"] >= before[name]["chain_length"], name  # nothing lost
         # Everyone's view of each peer is that peer's own view of itself.
-        assert view[p.peer_id][2] == pytest.approx(after[name]["spent"]), name
-        assert view[p.peer_id][1] == pytest.approx(after[name]["earned"]), name
+        assert view.get(p.peer_id, (0, 0, 0))[2] == pytest.approx(after[name]["spent"]), name
+        assert view.get(p.peer_id, (0, 0, 0))[1] == pytest.approx(after[name]["earned"]), name
     # What both sides did during the cut is in every view.
     for user in USERS:
         assert view[peers[user].peer_id][2] > spent_before[user], user

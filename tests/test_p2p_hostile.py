@@ -8,21 +8,18 @@ from __future__ import annotations
 
 import gc
 import random
-import struct
 import time
 import tracemalloc
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
-from libp2p.peer.id import ID
-
+from bench.hostile import empty_arrays_body, nested_empty_arrays_body, object_bomb_frame, open_idle_sockets, raw_session
 from p2p import framing
 from p2p.errors import FrameError, RemoteError
 from p2p.gossip import Gossip, GossipQuotas
 from p2p.identity import Identity
 from p2p.libp2p import InboundLimits, Libp2pNetwork
-from p2p.libp2p.network import LIBP2P_PROTOCOL
 from p2p.sim import SimWorld
 
 ECHO = "/potluck/echo/1.0.0"
@@ -38,18 +35,6 @@ async def peers(n: int, **options):
 
 async def echo(peer_id, body):
     return body
-
-
-def empty_arrays_body(size: int) -> bytes:
-    """A valid msgpack body of `size` bytes: an array of (size - 5) empty arrays."""
-    return b"\xdd" + struct.pack(">I", size - 5) + b"\x90" * (size - 5)
-
-
-def nested_empty_arrays_body(size: int) -> bytes:
-    """A valid msgpack body: arrays of 65535 empty arrays each, so no single container is long."""
-    inner = b"\xdc\xff\xff" + b"\x90" * 0xFFFF
-    n = size // len(inner)
-    return b"\xdd" + struct.pack(">I", n) + inner * n
 
 
 # --- decoding is bounded by what it builds ---------------------------------------------------------
@@ -96,15 +81,13 @@ async def test_a_peer_keeps_answering_while_sent_frames_of_empty_arrays():
                 slowest = max(slowest, trio.current_time() - started)
                 await trio.sleep(0.02)
 
-        payload = struct.pack(">I", framing.DEFAULT_MAX_FRAME) + nested_empty_arrays_body(framing.DEFAULT_MAX_FRAME)
-        payload = struct.pack(">I", len(payload) - 4) + payload[4:]
+        payload = object_bomb_frame()
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ping_all_along)
             for _ in range(3):
                 await hostile.connect(server.listen_addrs()[0])
-                raw = await hostile._host.new_stream(ID.from_base58(server.peer_id), [LIBP2P_PROTOCOL])
-                session = await hostile._handshake_as_dialer(server.peer_id, raw)
-                await raw.write(payload)
+                session = await raw_session(hostile, server.peer_id)
+                await session.raw.write(payload)
                 with trio.fail_after(10):
                     said = await framing.read_frame(session.reader.read_exactly)
                 assert "decodes into more than" in said["x"], said
@@ -154,17 +137,6 @@ async def test_a_flooding_author_is_throttled_at_every_peer_and_honest_news_stil
 
 
 # --- handshake hardening -----------------------------------------------------------------------------
-
-
-async def open_idle_sockets(port: int, n: int, source: str) -> list:
-    """`n` TCP connections to 127.0.0.1:`port` from `source` that never say anything (slowloris)."""
-    sockets = []
-    for _ in range(n):
-        sock = trio.socket.socket()
-        await sock.bind((source, 0))
-        await sock.connect(("127.0.0.1", port))
-        sockets.append(sock)
-    return sockets
 
 
 async def test_idle_sockets_from_one_address_do_not_starve_other_peers():

@@ -101,8 +101,10 @@ def test_status_table_is_readable(spawn):
 
 
 def test_credit_chains_replicate_between_processes(spawn):
-    a = spawn()
-    b = spawn("--bootstrap", a.addr)
+    # A private swarm's policy: each peer grants itself 1,000 credits, so each has a chain from the start
+    # (an open swarm's identities start with none).
+    a = spawn("--starting-grant", "1000")
+    b = spawn("--bootstrap", a.addr, "--starting-grant", "1000")
 
     def credits(p):
         out = subprocess.run([*POTLUCK, "credits", "--json", "--data-dir", str(p.data_dir)],

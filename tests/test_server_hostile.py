@@ -2,7 +2,7 @@
 
 - the KV cache and session slots: "open" reserves only what a session starts with and the cache grows as it computes;
   one client without credit holds at most its share (of the cache and of the sessions); sessions that never compute expire quickly;
-  a client with credit displaces idle sessions of clients without;
+  a client with standing (its work reached the server) displaces idle sessions of clients without;
 - compute: every step (the first and the prefill too) is paid for before it runs, by a receipt
   that covers it; a client that never pays gets nothing, and one that signs without credit gets at
   most its debt allowance, per fresh identity too;
@@ -15,7 +15,7 @@ import pytest
 import torch
 import trio
 
-from credits import CreditPolicy, ReceiptSigner
+from credits import CreditPolicy, ReceiptSigner, StandingView
 from p2p.identity import Identity, peer_id_from_public_key
 from pipeline import protocol as proto
 from pipeline.billing import ClientBilling, ServerBilling
@@ -24,7 +24,7 @@ from pipeline.errors import REFUSALS, Busy, CacheFull, InsufficientCredit, PushR
 from pipeline.loading import ModelFolder
 from pipeline.protocol import pack_hidden
 from pipeline.server import BlockServer, ServerConfig
-from testkit.billing import make_ledger
+from testkit.billing import give_standing, make_ledger
 from testkit.swarms import FIXED_TP, swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
@@ -46,23 +46,28 @@ async def ledger_peer(s, *, client_mode, mid, cfg, policy):
 
 
 async def billed_server(s, *, mid, cfg, debt_limit, **server_cfg):
-    """A server of all 4 blocks that is the swarm's grant authority (it funds the clients with standing)."""
+    """A server of all 4 blocks that is the swarm's grant authority (it can fund clients' balances); its
+    view of standing follows every change of its ledger at once (max_age=0)."""
     peer = await s._peer(client_mode=False)
     policy = CreditPolicy(starting_grant=0, debt_limit=debt_limit,
                           grant_authorities=frozenset([peer.network.identity.public_key]))
     peer.ledger = make_ledger(peer.network.identity, None, mid, cfg, policy)
     conf = ServerConfig(throughput=FIXED_TP, announce_period=5.0, **server_cfg)
     peer.server = BlockServer(peer.network, peer.dht, s.folder, 0, 4, config=conf, model_id=mid,
-                              billing=ServerBilling(peer.ledger))
+                              billing=ServerBilling(peer.ledger, standing=StandingView(peer.ledger, max_age=0)))
     await peer.nursery.start(peer.server.run)
     s.servers.append(peer)
     return peer
 
 
-async def billed_client(s, srv, *, mid, cfg, grant=0):
+async def billed_client(s, srv, *, mid, cfg, grant=0, served_tokens=0):
+    """A client; `grant`: FLOPs the server grants it (balance); `served_tokens`: work it did for the
+    server (standing in the server's view)."""
     peer = await ledger_peer(s, client_mode=True, mid=mid, cfg=cfg, policy=srv.ledger.policy)
     if grant:
         await srv.ledger.grant(peer.network.identity.public_key, grant)
+    if served_tokens:
+        await give_standing(peer.ledger, srv.ledger, model=mid, start=0, end=4, tokens=served_tokens)
     s.clients.append(peer)
     conf = ClientConfig(billing=ClientBilling(peer.ledger), spot_check=None, step_timeout=10.0)
     model = await DistributedModel.from_pretrained(s.folder, peer.network, peer.dht, model_id=mid, config=conf)
@@ -103,7 +108,7 @@ async def test_cache_hog_holds_a_share_briefly_and_is_displaced(llama):
             # a session longer than a credit-less client's share (half the budget: 32 tokens) is refused
             st = await raw_stream(mallory, srv)
             too_long = await ask(st, open_msg(mid, max_length=40))
-            assert too_long["kind"] == "CacheFull" and too_long["limit"] == 32 and "without credit" in too_long["m"]
+            assert too_long["kind"] == "CacheFull" and too_long["limit"] == 32
             assert REFUSALS[too_long["kind"]] is CacheFull
             # an open reserves 4 tokens, not its max_length ...
             assert (await ask(st, open_msg(mid, max_length=32)))["t"] == "opened"
@@ -130,9 +135,14 @@ async def test_cache_hog_holds_a_share_briefly_and_is_displaced(llama):
             with pytest.raises(CacheFull):
                 await poor.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
             assert not poor.sequence.banned()
-            # ... one with credit displaces the idle credit-less sessions it needs
-            _, rich = await billed_client(s, srv, mid=mid, cfg=cfg, grant=10**12)
+            # ... and so is one with a balance (a grant) but no standing here, once those sessions are idle ...
             await trio.sleep(server.config.displace_idle_after)
+            _, funded = await billed_client(s, srv, mid=mid, cfg=cfg, grant=10**12)
+            with pytest.raises(CacheFull):
+                await funded.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+            assert server.stats["displaced"] == 0
+            # ... while one with standing (its work reached this server) displaces the idle sessions it needs
+            _, rich = await billed_client(s, srv, mid=mid, cfg=cfg, served_tokens=10)
             g = await rich.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
             assert g.token_ids == want
             assert server.stats["displaced"] >= 1

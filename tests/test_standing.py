@@ -214,6 +214,41 @@ async def test_a_peer_keeps_its_own_view_and_shows_it_in_its_credit_summary():
     assert "standing" in out and f"{flops(400) / 1e9:,.1f}" in out
 
 
+async def test_the_credit_summary_shows_what_i_earned_and_spent_per_peer_and_my_standing_as_others_see_it():
+    me, a, b, c, d = (identity(n) for n in ("me", "a", "b", "c", "d"))
+    led = Ledger(me, Store(None), pricing=PRICING)
+    view = StandingView(led, max_age=60)
+    # I served a (100) and b (300); a served me (40) and d (70); c served b (50) and d served a (20).
+    for receipts in ([receipt(a, me, 100, b"1" * 16), receipt(b, me, 300, b"2" * 16)],):
+        for r in receipts:
+            await led.record_earn(r)
+    chains = {a: earn_chain(a, [receipt(me, a, 40, b"3" * 16), receipt(d, a, 70, b"7" * 16)]),
+              c: earn_chain(c, [receipt(b, c, 50, b"4" * 16)]),
+              d: earn_chain(d, [receipt(a, d, 20, b"5" * 16)])}
+    for wires in chains.values():
+        assert (await led.ingest(wires)).error is None
+    seen_by = await led.read(view.seen_by_sync)
+    # in a's view: my 100 directly; in b's view: my 300 directly (c's 50 is c's, not mine)
+    assert seen_by == {a.public_key: flops(100), b.public_key: flops(300)}
+    summary = await led.summary(standings=await view.standings(), seen_by=seen_by)
+    rows = {row["peer_id"]: row for row in summary["peers"]}
+    assert (rows[a.peer_id]["earned_from"], rows[a.peer_id]["spent_with"]) == (flops(100) / 1e9, flops(40) / 1e9)
+    assert (rows[b.peer_id]["earned_from"], rows[b.peer_id]["spent_with"]) == (flops(300) / 1e9, 0)
+    assert (rows[c.peer_id]["earned_from"], rows[c.peer_id]["spent_with"]) == (0, 0)  # nothing between us
+    assert rows[a.peer_id]["standing"] == flops(40) / 1e9
+    # d's work for a reached me in the share a passed on of all it received (40 of my 100 + d's 20)
+    assert rows[d.peer_id]["standing"] == (flops(20) * flops(40) // flops(120)) / 1e9
+    assert summary["my_standing"] == {"peers": 2, "min": flops(100) / 1e9, "median": flops(300) / 1e9,
+                                      "max": flops(300) / 1e9}
+    assert "1e9 FLOPs" in summary["unit"]
+    console = Console(record=True, width=80, color_system=None)
+    render_credits(summary, console)
+    out = console.export_text()
+    assert not [line for line in out.splitlines() if len(line.rstrip()) > 80], out
+    assert "I earned" in out and "I spent" in out and f"{flops(300) / 1e9:,.1f}" in out
+    assert "2 peers I served" in out
+
+
 # --- 1,000 peers, 10 % Sybils ------------------------------------------------------------------------
 
 HOUR_OF_TOKENS = 3_600_000  # an hour at 1,000 tokens/s

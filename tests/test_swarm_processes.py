@@ -30,7 +30,9 @@ def swarm(model_dir, tmp_path_factory):
         boot = ["--bootstrap", procs["head"].addr]
         for name, blocks in (("mid-a", "10:20"), ("mid-b", "10:20"), ("tail", "20:30")):
             procs[name] = PeerProcess(root / name, *common, *boot, "--blocks", blocks).start(timeout=120)
-        procs["user"] = PeerProcess(root / "user", *common, *boot).start(timeout=120)
+        # the fixed 2 % spot checks this module was written with: under the adaptive default every step of
+        # a server new to the user is re-run on the other replica, which would then serve a session too
+        procs["user"] = PeerProcess(root / "user", *common, *boot, "--spot-check-fraction", "0.02").start(timeout=120)
         servers = [procs[n] for n in ("head", "mid-a", "mid-b", "tail")]
         wait_until(lambda: all(p.call("status")["server"]["start"] is not None for p in servers), 120,
                    message="servers loaded and announced")
@@ -60,8 +62,11 @@ def test_swarm_of_processes_generates_what_a_local_run_does(swarm, reference):
 
 
 def test_credits_after_generation_match_and_agree_everywhere(swarm):
-    """Servers earned what the user was debited; every peer folds the same balances; the total is the grants."""
-    user = swarm["user"]
+    """A credit moves between machines: servers earned what the user was debited, every peer folds the
+    same balances, the total is the grants (none: an open swarm mints nothing). Each route server's
+    work is standing in the user's view; the user, who did no work, has none in theirs. A server that
+    generates through its own blocks pays the others and earns nothing from itself."""
+    user, head = swarm["user"], swarm["head"]
     result = user.call("generate", prompt=PROMPT, max_tokens=8)
     route = {hop["peer_id"] for hop in result["route"]}
     peers = list(swarm.values())
@@ -70,16 +75,46 @@ def test_credits_after_generation_match_and_agree_everywhere(swarm):
         return [{b["peer_id"]: (b["balance"], b["earned"], b["spent"]) for b in p.call("credits")["peers"]}
                 for p in peers]
 
-    def settled():
+    def settled(payers, earners):
         vs = views()
-        spent = vs[peers.index(user)].get(user.peer_id, (0, 0, 0))[2]
-        return vs if spent > 0 and all(v == vs[0] for v in vs) and len(vs[0]) == len(peers) else None
+        spent = [vs[peers.index(p)].get(p.peer_id, (0, 0, 0))[2] for p in payers]
+        # every earner is in every view (a spot check's replica may have earned too)
+        return vs if all(spent) and all(v == vs[0] for v in vs) and set(vs[0]) >= earners else None
 
-    view = wait_until(settled, 60, 1, message="every peer to fold the same balances")[0]
+    view = wait_until(lambda: settled([user], route | {user.peer_id}), 60, 1,
+                      message="every peer to fold the same balances")[0]
     assert all(view[p][1] > 0 for p in route)  # every server on the route was paid
     assert view[user.peer_id][2] == pytest.approx(sum(v[1] for v in view.values()))  # debited what servers earned
     grants = [p.call("credits")["granted"] for p in peers]
+    assert sum(grants) == 0  # nothing minted
     assert sum(v[0] for v in view.values()) == pytest.approx(sum(grants))  # conserved
+
+    mine = {row["peer_id"]: row for row in user.call("credits")["peers"]}
+    for server in route:  # the receipts between us, and the work that reached me
+        assert view[server][1] > 0 and mine[server]["spent_with"] == pytest.approx(view[server][1])
+        assert mine[server]["standing"] == pytest.approx(view[server][1])
+    for p in peers:
+        if p.peer_id in route:
+            theirs = {row["peer_id"]: row for row in p.call("credits")["peers"]}
+            assert theirs[user.peer_id]["standing"] == 0
+            assert theirs[user.peer_id]["earned_from"] == pytest.approx(view[p.peer_id][1])
+            assert p.call("credits")["my_standing"]["peers"] == 1  # it served the user
+
+    # The head generates too: its own blocks run locally and unbilled; it pays the others.
+    earned_before = view[head.peer_id][1]
+    own = head.call("generate", prompt=PROMPT, max_tokens=8)
+    others = {hop["peer_id"] for hop in own["route"]} - {head.peer_id}
+    assert head.peer_id in {hop["peer_id"] for hop in own["route"]} and others
+    view = wait_until(lambda: settled([user, head], route | others | {user.peer_id, head.peer_id}), 60, 1,
+                      message="every peer to fold the head's generation")[0]
+    assert view[head.peer_id][1] == pytest.approx(earned_before)  # serving itself earned it nothing
+    mine = {row["peer_id"]: row for row in head.call("credits")["peers"]}
+    assert mine[head.peer_id]["earned_from"] == mine[head.peer_id]["spent_with"] == 0
+    assert mine[head.peer_id]["standing"] is None  # no standing in its own view
+    # what it was debited is what it signed to the others: the route's servers, and any replica that
+    # checked a step (spot checks) or replaced a failed hop
+    assert view[head.peer_id][2] == pytest.approx(sum(row["spent_with"] for row in mine.values()))
+    assert all(mine[p]["spent_with"] > 0 for p in others)
 
 
 def test_server_killed_mid_generation_changes_nothing(swarm, reference):

@@ -195,6 +195,7 @@ function drawCredits(c, myId) {
     const id = el("td", "mono", short(b.peer_id) + (b.peer_id === myId ? " (this peer)" : ""));
     id.title = b.peer_id;
     tr.append(id, el("td", "num", fmt(b.balance)), el("td", "num", fmt(b.earned)), el("td", "num", fmt(b.spent)),
+      el("td", "num", b.standing == null ? "–" : fmt(b.standing)),
       el("td", b.frozen ? "dead" : "", b.frozen ? "frozen" : "ok"));
     tbody.append(tr);
   }
