@@ -98,7 +98,6 @@ class _Walk:
         self.dirty = False
         self.stop_depth = 0
         self.referrers: dict[str, Referrer] = {}
-        self.heard = 0  # candidates ever added (fewer than `need`: a swarm too small to skip anyone in)
 
     def add(self, contact: Contact, depth: int, coord: Coord | None, referrer: str | None = None) -> bool:
         """Add a candidate (or note one more referrer of a known one); True if it is new."""
@@ -118,7 +117,6 @@ class _Walk:
             return False
         self.cands[contact.peer_id] = Candidate(contact, contact.id ^ lk.target, depth, coord,
                                                 referrers=[] if referrer is None else [referrer])
-        self.heard += 1
         self.dirty = True
         return True
 
@@ -186,14 +184,20 @@ class _Walk:
     def finished(self) -> bool:
         """The `need` closest ranked candidates have all answered (or nothing is left to ask or wait
         for). One given up on still counts here (its late answer may matter): it only holds the walk
-        up once nothing else is left to ask — unless only suspects offered it. A walk that has heard
-        of fewer than `need` peers in all (a small cluster, far peers given up on) skips no one: it
-        asks and waits for suspects' offers too."""
+        up once nothing else is left to ask — unless only suspects offered it. A walk skips suspects'
+        offers only once it knows `need` peers that someone beyond suspicion offered: a referrer
+        turns suspect on soft timeouts alone, which are guesses (a newcomer measures only its
+        bootstrap peer; its first offers, far away, all answer late), and a walk that ended on that
+        guess would leave a joining peer unknown to its neighbours."""
         need = self.lookup.need
         top = self.ranked()[:need]
-        if top and all(c.state == DONE for c in top) and (len(top) == need or self.heard >= need):
+        if top and all(c.state == DONE for c in top) and (len(top) == need or self.trusted_heard() >= need):
             return True
         return not any(c.state in (NEW, INFLIGHT) for c in self.mine())
+
+    def trusted_heard(self) -> int:
+        """Candidates (answered, failed or not yet asked) not offered only by suspects."""
+        return sum(1 for c in self.cands.values() if not self.suspect(c))
 
     def pick(self, *, with_suspects: bool) -> Candidate | None:
         lk = self.lookup
