@@ -12,9 +12,11 @@ Robustness (liars answer with floods of fake contacts that sort closest to the t
 - Every candidate remembers which peers offered it (its referrers; seeds have none). A referrer
   that has not yet had an offer answer in this walk gets one query in flight at a time, so an
   unknown liar holds at most one α slot; a referrer whose offers mostly fail (FAILED or given up,
-  twice at least: one dead contact is no lie) is suspect, and candidates only suspects offered drop out of the ranking — they are asked only
-  when nothing else is under way, are trimmed first (then those no proven referrer vouches for),
-  and are not handed on to a later walk.
+  twice at least: one dead contact is no lie) is suspect, and candidates only suspects offered
+  drop out of the ranking — they are asked only when nothing else is under way, are trimmed first
+  (then those no proven referrer vouches for), and are not handed on to a later walk. Suspicion
+  rests on soft timeouts, which are guesses: a walk skips suspects' offers only once it knows
+  `need` peers that others offered.
 - One answer may inject at most k new candidates (an honest answer lists at most k), the closest
   of those it offers, and the shortlist is trimmed to a bounded size.
 - Failed peers are never counted among the closest; `accept` drops contacts the node refuses
