@@ -316,7 +316,7 @@ class DHTNode:
             enough = quorum if level == 0 or not exhaustive else 1 << 30
             query = self._find_value_query(key, target, level, answers, [], enough, holders)
             need = self.config.k if level == 0 else self.config.inner_patience
-            result = await self._walk(target, level, carry, query, need=need, paths=paths, select=select)
+            result = await self._walk(target, level, carry, query, need=need, paths=paths, select=select, patient=False)
             messages += result.messages
             hops += result.hops
             if result.stopped:
@@ -642,7 +642,7 @@ class DHTNode:
         return min(max(2.0 * est + 0.05, self.config.min_soft_timeout), self.config.request_timeout)
 
     async def _walk(self, target: int, level: int, carry: list[Candidate], query, *, need: int | None = None,
-                    paths: int = 1, select: str | None = None) -> LookupResult:
+                    paths: int = 1, select: str | None = None, patient: bool = True) -> LookupResult:
         table = self.tables[level]
         seeds: list[Any] = []
         for contact in table.nearest(target, self.config.k, exclude=lambda c: self._banned(c.peer_id)):
@@ -652,7 +652,7 @@ class DHTNode:
         return await iterative_lookup(
             target, seeds, query, k=self.config.k, alpha=self.config.alpha, paths=paths, need=need,
             select=select or self.config.select, window=self.config.window, rtt=self._rtt_for,
-            soft_timeout=self._soft_timeout, accept=self._accept)
+            soft_timeout=self._soft_timeout, accept=self._accept, patient=patient)
 
     def _correct_stale(self, key: str, merged: dict[str, SignedValue], answers: dict[str, dict[str, SignedValue]],
                        closest: list[Contact]) -> None:

@@ -15,8 +15,8 @@ Robustness (liars answer with floods of fake contacts that sort closest to the t
   twice at least: one dead contact is no lie) is suspect, and candidates only suspects offered
   drop out of the ranking — they are asked only when nothing else is under way, are trimmed first
   (then those no proven referrer vouches for), and are not handed on to a later walk. Suspicion
-  rests on soft timeouts, which are guesses: a walk skips suspects' offers only once it knows
-  `need` peers that others offered.
+  rests on soft timeouts, which are guesses: a patient walk (one that must find the true closest)
+  skips suspects' offers only once it knows `need` peers that others offered.
 - One answer may inject at most k new candidates (an honest answer lists at most k), the closest
   of those it offers, and the shortlist is trimmed to a bounded size.
 - Failed peers are never counted among the closest; `accept` drops contacts the node refuses
@@ -100,6 +100,7 @@ class _Walk:
         self.dirty = False
         self.stop_depth = 0
         self.referrers: dict[str, Referrer] = {}
+        self.heard = 0  # candidates ever added
 
     def add(self, contact: Contact, depth: int, coord: Coord | None, referrer: str | None = None) -> bool:
         """Add a candidate (or note one more referrer of a known one); True if it is new."""
@@ -119,6 +120,7 @@ class _Walk:
             return False
         self.cands[contact.peer_id] = Candidate(contact, contact.id ^ lk.target, depth, coord,
                                                 referrers=[] if referrer is None else [referrer])
+        self.heard += 1
         self.dirty = True
         return True
 
@@ -186,14 +188,16 @@ class _Walk:
     def finished(self) -> bool:
         """The `need` closest ranked candidates have all answered (or nothing is left to ask or wait
         for). One given up on still counts here (its late answer may matter): it only holds the walk
-        up once nothing else is left to ask — unless only suspects offered it. A walk skips suspects'
-        offers only once it knows `need` peers that someone beyond suspicion offered: a referrer
-        turns suspect on soft timeouts alone, which are guesses (a newcomer measures only its
-        bootstrap peer; its first offers, far away, all answer late), and a walk that ended on that
+        up once nothing else is left to ask — unless only suspects offered it. A walk that has heard
+        of fewer than `need` peers skips no one: it asks and waits for suspects' offers too. For a
+        patient walk only peers that someone beyond suspicion offered count: a referrer turns
+        suspect on soft timeouts alone, which are guesses (a newcomer measures only its bootstrap
+        peer, and its first offers, far away, all answer late), and a self-lookup that ended on that
         guess would leave a joining peer unknown to its neighbours."""
         need = self.lookup.need
         top = self.ranked()[:need]
-        if top and all(c.state == DONE for c in top) and (len(top) == need or self.trusted_heard() >= need):
+        heard = self.trusted_heard() if self.lookup.patient else self.heard
+        if top and all(c.state == DONE for c in top) and (len(top) == need or heard >= need):
             return True
         return not any(c.state in (NEW, INFLIGHT) for c in self.mine())
 
@@ -317,7 +321,7 @@ class _Walk:
 class _Lookup:
     def __init__(self, target: int, query: QueryFn, *, k: int, alpha: int, need: int, select: str, window: int,
                  rtt: Callable[[str, Coord | None], float], soft_timeout: Callable[[str, Coord | None], float],
-                 accept: Callable[[Contact], bool], max_candidates: int):
+                 accept: Callable[[Contact], bool], max_candidates: int, patient: bool):
         self.target = target
         self.query = query
         self.k = k
@@ -329,6 +333,7 @@ class _Lookup:
         self.soft_timeout = soft_timeout
         self.accept = accept
         self.max_candidates = max_candidates
+        self.patient = patient
         self.claimed: dict[str, int] = {}
         self.messages = 0
         self.failed: list[str] = []
@@ -350,14 +355,19 @@ async def iterative_lookup(
     rtt: Callable[[str, Coord | None], float] = lambda peer_id, coord: 0.2,
     soft_timeout: Callable[[str, Coord | None], float] = lambda peer_id, coord: 1.0,
     accept: Callable[[Contact], bool] = lambda contact: True,
+    patient: bool = True,
 ) -> LookupResult:
     """Walk towards `target` from `seeds` (pairs of contact + coordinate hint, or candidates of an
     earlier walk, whose depth carries over). `need`: how many of the closest must have answered for
-    the walk to end (default k; smaller = give up sooner on a value that is not there)."""
+    the walk to end (default k; smaller = give up sooner on a value that is not there). `patient`:
+    the walk must find the true closest (joins, refreshes, stores) and skips suspects' offers only
+    once it knows `need` peers that others offered; a read (False) skips them once it has heard of
+    `need` peers in all, so liars' black holes hold it up less."""
     if select not in ("xor", "rtt"):
         raise ValueError("select is 'xor' or 'rtt'")
     lk = _Lookup(target, query, k=k, alpha=alpha, need=need or k, select=select, window=window or alpha * 2,
-                 rtt=rtt, soft_timeout=soft_timeout, accept=accept, max_candidates=max(3 * k, 30))
+                 rtt=rtt, soft_timeout=soft_timeout, accept=accept, max_candidates=max(3 * k, 30),
+                 patient=patient)
     walks = [_Walk(lk, i) for i in range(max(1, paths))]
     seen: set[str] = set()
     n = 0
