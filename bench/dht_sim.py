@@ -27,6 +27,14 @@ come with means: a lookup takes one hop or two, and a median that sits between t
 between runs more than the mean does. The looker's own store is ignored (a replica it happens to hold would
 be a free hit). Wall-clock time covers the whole run.
 
+Liars (`--liars FRACTION`). After the honest measurement, that fraction of the peers (never a
+looker) turns liar: it still answers pings and takes stores (so it stays in every table) but
+answers every FIND_NODE / FIND_VALUE with no value and MAX_CONTACTS fake contacts — the closest to
+the target of its own pool of 200 ids whose addresses are black holes (peers that are down in the
+sim world, so a dial is never answered), each with a made-up coordinate far away. The same lookers
+then look up a second set of keys, published like the first, and the figures under `under_liars`
+compare with the honest ones (`liar_latency_ratio`: median with liars / median without).
+
 The plain variant uses the same routing table as the clustered one (level 0 is plain Kademlia's
 table: least-recently-seen eviction, no proximity neighbour selection); only the lookup and store
 strategy differ. Both run on the same topology in the same run, so the ratio is like for like.
@@ -47,8 +55,12 @@ from typing import Any, Sequence
 import trio
 import trio.testing
 
+from dht import protocol as proto
 from dht.clusters import REGIONS
+from dht.ids import key_id, node_id
 from dht.node import DHTConfig, DHTNode
+from dht.vivaldi import Coord
+from p2p.identity import Identity
 from p2p.sim import LatencyModel, Place, SimWorld
 
 # millions of Internet users per region (see docstring)
@@ -138,6 +150,36 @@ class Swarm:
             pass
 
 
+FAR_AWAY = Coord(9.0, 9.0, 0.5, 0.01)  # what a liar claims for its fakes: waiting for them looks reasonable
+
+
+def black_holes(world: SimWorld, rng: random.Random, n: int) -> list[tuple[str, str]]:
+    """`n` (peer id, address) pairs of sim peers that are down: a dial to one is never answered."""
+    out = []
+    own = random.Random(rng.getrandbits(64))  # not the world's sequence of identities, even if seeded alike
+    for _ in range(n):
+        sim = world.add_node(identity=Identity(own.randbytes(32)), place=random_place(own))
+        world.crash(sim.peer_id)
+        out.append((sim.peer_id, sim.addr))
+    return out
+
+
+def turn_liar(node: DHTNode, fakes: list[tuple[str, str]]) -> None:
+    """`node` answers every FIND_NODE / FIND_VALUE with no value and the MAX_CONTACTS fakes closest
+    to the target; pings and stores it answers honestly, so it stays in its peers' tables."""
+    pool = [(node_id(peer_id), proto.encode_contact(peer_id, addr, FAR_AWAY)) for peer_id, addr in fakes]
+
+    async def handle(sender: str, body: Any) -> Any:
+        req = proto.decode_request(sender, body)
+        if req.op not in ("find_node", "find_value"):
+            return await node._handle(sender, body)
+        target = req.target if req.op == "find_node" else key_id(req.key)
+        closest = sorted(pool, key=lambda fake: fake[0] ^ target)[: proto.MAX_CONTACTS]
+        return {"i": node._info(), "n": [contact for _, contact in closest], "e": []}
+
+    node.network.set_request_handler(node.config.protocol, handle)
+
+
 def pct(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
@@ -197,12 +239,38 @@ def vivaldi_error(swarm: Swarm, samples: int = 2000) -> float:
     return statistics.median(errs)
 
 
+TALLIES = ("clustered_in_region", "plain_in_region", "clustered_global", "plain_global")
+
+
+async def measure(swarm: Swarm, jobs: list[tuple[DHTNode, dict[str, str]]], churn_fraction: float, wave: int,
+                  rng: random.Random) -> dict[str, Tally]:
+    """Every looker's four lookups, in 5 batches with churn between them."""
+    tallies = {name: Tally() for name in TALLIES}
+    batches = 5
+    for b in range(batches):
+        async with trio.open_nursery() as tmp:
+            for looker, keys in jobs[b::batches]:
+                if looker.peer_id not in swarm.scopes:
+                    continue
+                tmp.start_soon(timed_lookup, looker, keys["rc"], tallies["clustered_in_region"])
+                tmp.start_soon(lambda l=looker, k=keys["rp"]: timed_lookup(l, k, tallies["plain_in_region"], levels=[0], select="xor"))
+                tmp.start_soon(timed_lookup, looker, keys["gc"], tallies["clustered_global"])
+                tmp.start_soon(lambda l=looker, k=keys["gp"]: timed_lookup(l, k, tallies["plain_global"], levels=[0], select="xor"))
+        # churn between batches: some leave, as many fresh peers join
+        leaving = int(churn_fraction * len(swarm.alive))
+        lookers_alive = {l.peer_id for l, _ in jobs}
+        for node in rng.sample([n for n in swarm.alive if n.peer_id not in lookers_alive], leaving):
+            swarm.crash(node)
+        await swarm.grow(leaving, wave=wave)
+    return tallies
+
+
 async def run_bench(nodes: int, *, lookups: int, seed: int, dead_fraction: float, churn_fraction: float,
-                    settle_rounds: int, wave: int, region_hints: bool = True) -> dict[str, Any]:
+                    settle_rounds: int, wave: int, region_hints: bool = True, liar_fraction: float = 0.0) -> dict[str, Any]:
     wall0 = time.perf_counter()
     rng = random.Random(seed)
     out: dict[str, Any] = {"nodes": nodes, "region_hints": region_hints, "dead_fraction": dead_fraction,
-                           "churn_per_batch": churn_fraction}
+                           "churn_per_batch": churn_fraction, "liar_fraction": liar_fraction}
     async with SimWorld.open(seed=seed, latency=LatencyModel(jitter=0.1, seed=seed)) as world:
         async with trio.open_nursery() as nursery:
             swarm = Swarm(world, nursery, DHTConfig(), rng, hint_regions=region_hints, progress=nodes >= 5000)
@@ -220,44 +288,44 @@ async def run_bench(nodes: int, *, lookups: int, seed: int, dead_fraction: float
             for node in alive:
                 by_region.setdefault(swarm.region_of[node.peer_id], []).append(node)
             lookers = [n for n in rng.sample(alive, min(lookups, len(alive))) if len(by_region[swarm.region_of[n.peer_id]]) > 1]
-            jobs = []
+            jobs: list[tuple[DHTNode, dict[str, str]]] = []
+            liar_jobs: list[tuple[DHTNode, dict[str, str]]] = []
             t0 = time.perf_counter()
             async with trio.open_nursery() as tmp:
                 for i, looker in enumerate(lookers):
                     mates = [m for m in by_region[swarm.region_of[looker.peer_id]] if m is not looker]
-                    local_pub, global_pub = rng.choice(mates), rng.choice([m for m in alive if m is not looker])
-                    keys = {kind: f"bench/{kind}/{i}" for kind in ("rc", "rp", "gc", "gp")}
-                    tmp.start_soon(_publish, local_pub, keys["rc"], None)
-                    tmp.start_soon(_publish, local_pub, keys["rp"], [0])
-                    tmp.start_soon(_publish, global_pub, keys["gc"], None)
-                    tmp.start_soon(_publish, global_pub, keys["gp"], [0])
-                    jobs.append((looker, keys))
+                    for phase, phase_jobs in (("", jobs), ("liars/", liar_jobs)):
+                        if phase and not liar_fraction:
+                            continue
+                        local_pub, global_pub = rng.choice(mates), rng.choice([m for m in alive if m is not looker])
+                        keys = {kind: f"bench/{phase}{kind}/{i}" for kind in ("rc", "rp", "gc", "gp")}
+                        tmp.start_soon(_publish, local_pub, keys["rc"], None)
+                        tmp.start_soon(_publish, local_pub, keys["rp"], [0])
+                        tmp.start_soon(_publish, global_pub, keys["gc"], None)
+                        tmp.start_soon(_publish, global_pub, keys["gp"], [0])
+                        phase_jobs.append((looker, keys))
             out["publish_wall_s"] = round(time.perf_counter() - t0, 1)
 
             # dead contacts: a few % crash silently, tables still list them
             for node in rng.sample(swarm.alive, int(dead_fraction * len(swarm.alive))):
                 swarm.crash(node)
-            tallies = {name: Tally() for name in ("clustered_in_region", "plain_in_region", "clustered_global", "plain_global")}
             t0 = time.perf_counter()
-            batches = 5
-            for b in range(batches):
-                async with trio.open_nursery() as tmp:
-                    for looker, keys in jobs[b::batches]:
-                        if looker.peer_id not in swarm.scopes:
-                            continue
-                        tmp.start_soon(timed_lookup, looker, keys["rc"], tallies["clustered_in_region"])
-                        tmp.start_soon(lambda l=looker, k=keys["rp"]: timed_lookup(l, k, tallies["plain_in_region"], levels=[0], select="xor"))
-                        tmp.start_soon(timed_lookup, looker, keys["gc"], tallies["clustered_global"])
-                        tmp.start_soon(lambda l=looker, k=keys["gp"]: timed_lookup(l, k, tallies["plain_global"], levels=[0], select="xor"))
-                # churn between batches: some leave, as many fresh peers join
-                leaving = int(churn_fraction * len(swarm.alive))
-                lookers_alive = {l.peer_id for l, _ in jobs}
-                for node in rng.sample([n for n in swarm.alive if n.peer_id not in lookers_alive], leaving):
-                    swarm.crash(node)
-                await swarm.grow(leaving, wave=wave)
+            tallies = await measure(swarm, jobs, churn_fraction, wave, rng)
             out["lookup_wall_s"] = round(time.perf_counter() - t0, 1)
             for name, tally in tallies.items():
                 out[name] = tally.summary()
+            if liar_fraction:
+                looker_ids = {l.peer_id for l, _ in jobs}
+                others = [n for n in swarm.alive if n.peer_id not in looker_ids]
+                liars = rng.sample(others, min(len(others), round(liar_fraction * len(swarm.alive))))
+                for liar in liars:
+                    turn_liar(liar, black_holes(world, rng, 200))
+                under = await measure(swarm, liar_jobs, churn_fraction, wave, rng)
+                out["liars"] = len(liars)
+                out["under_liars"] = {name: tally.summary() for name, tally in under.items()}
+                out["liar_latency_ratio"] = {
+                    name: round(u / h, 3) if (u := out["under_liars"][name]["latency_ms_median"]) and (h := out[name]["latency_ms_median"]) else None
+                    for name in TALLIES}
             ci, pi = out["clustered_in_region"]["latency_ms_median"], out["plain_in_region"]["latency_ms_median"]
             cg, pg = out["clustered_global"]["latency_ms_median"], out["plain_global"]["latency_ms_median"]
             out["in_region_latency_ratio"] = round(ci / pi, 3) if ci and pi else None
@@ -300,6 +368,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--settle-rounds", type=int, default=3)
     ap.add_argument("--wave", type=int, default=200, help="peers joining concurrently")
     ap.add_argument("--no-region-hints", action="store_true", help="peers start without a --region hint")
+    ap.add_argument("--liars", type=float, default=0.0, metavar="FRACTION",
+                    help="then this fraction of peers answers lookups with fake black-hole contacts, and the lookups run again")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = ap.parse_args(argv)
@@ -307,18 +377,24 @@ def main(argv: list[str] | None = None) -> None:
         args.nodes, args.lookups, args.wave, args.settle_rounds = 100, 10, 50, 1
     out = trio.run(lambda: run_bench(args.nodes, lookups=args.lookups, seed=args.seed, dead_fraction=args.dead,
                                      churn_fraction=args.churn, settle_rounds=args.settle_rounds, wave=args.wave,
-                                     region_hints=not args.no_region_hints),
+                                     region_hints=not args.no_region_hints, liar_fraction=args.liars),
                    clock=trio.testing.MockClock(autojump_threshold=0))
     if args.json:
         print(json.dumps(out))
         return
     print(f"{out['nodes']} peers, wall {out['wall_s']} s (join {out['join_wall_s']} s); "
           f"Vivaldi median error {out['vivaldi_median_rel_error']:.1%}")
-    for name in ("clustered_in_region", "plain_in_region", "clustered_global", "plain_global"):
+    for name in TALLIES:
         s = out[name]
         print(f"  {name:20s} median {s['latency_ms_median']} ms  p90 {s['latency_ms_p90']} ms  hops {s['hops_median']}"
               f"  msgs {s['messages_per_lookup']}  success {s['success_rate']}")
     print(f"  in-region clustered/plain {out['in_region_latency_ratio']}, global {out['global_latency_ratio']}")
+    if "under_liars" in out:
+        print(f"with {out['liars']} liars answering with fake black-hole contacts:")
+        for name in TALLIES:
+            s = out["under_liars"][name]
+            print(f"  {name:20s} median {s['latency_ms_median']} ms  p90 {s['latency_ms_p90']} ms  hops {s['hops_median']}"
+                  f"  msgs {s['messages_per_lookup']}  success {s['success_rate']}  ×{out['liar_latency_ratio'][name]} of honest")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ Layers, each readable alone (imports only go down the list):
     clusters.py   Coral-style cluster levels by RTT, landmark election without a coordinator
     routing.py    k-buckets with least-recently-seen eviction that pings first
     protocol.py   /potluck/kad/1.0.0 messages and their strict decoders
-    traversal.py  α-parallel iterative lookups, d disjoint paths, soft timeouts
+    traversal.py  α-parallel iterative lookups, d disjoint paths, soft timeouts, liars' offers held back
     node.py       DHTNode: tables per level, handlers, get/store/find_peer, maintenance
 """
 

@@ -26,7 +26,12 @@ What it does:
 - Owners republish their entries before expiry with a fresh signature; records expire at
   `network.now()`-based times at every holder.
 - Failed peers are blacklisted with exponential backoff and dropped from tables after
-  `max_failures` consecutive failures.
+  `max_failures` consecutive failures. Only peers that answered enter tables, so a fake contact
+  offered in a lookup never does.
+- A lookup gives up on a contact after a few expected RTTs (traversal.py): our measurement of it,
+  or else its coordinate's estimate capped at the slow end of what we measure to anyone, so a liar
+  cannot make us wait long for its fakes by claiming they are far away. Reads for several holders
+  walk disjoint paths.
 - Every reply carries the responder's Vivaldi coordinate and every request measures an RTT
   (connection setup is timed apart from the request, so samples are pure RTTs); a few pings per
   maintenance round add samples. `rtt_estimate`, `closest` and the cluster labels come from there.
@@ -37,6 +42,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -149,6 +155,7 @@ class DHTNode:
         self._owned: dict[tuple[str, str], tuple[Any, float, list[int] | None, float]] = {}
         self._relabelled: set[int] = set()  # levels whose label changed since we last announced it
         self._relabel_wakeup = trio.Event()
+        self._recent_rtts: deque[float] = deque(maxlen=64)  # every peer's, for expectations of unmeasured ones
         self.stats = {"requests_in": 0, "requests_out": 0, "bad_requests": 0, "bad_replies": 0, "corrections": 0}
         network.add_connection_listener(self._on_connection)
 
@@ -278,7 +285,9 @@ class DHTNode:
         record are the entries of owners that stored in our clusters (plus any that reached the
         global level through the same holders). `exhaustive=True` walks every level out to the
         global one and merges all entries (every owner's, wherever it is). `secure`: d disjoint
-        paths and d holders (for values that matter)."""
+        paths and d holders (for values that matter). A read that asks for `quorum` > 1 holders
+        (announcement reads do) walks min(quorum, d) disjoint paths even without `secure`: holders
+        found through one liar's answers would not be independent."""
         return (await self.lookup_value(key, quorum=quorum, secure=secure, exhaustive=exhaustive, levels=levels)).entries
 
     async def lookup_value(self, key: str, *, quorum: int = 1, secure: bool = False, levels: list[int] | None = None,
@@ -288,8 +297,11 @@ class DHTNode:
         (so a benchmark measures the network, not a replica we happen to hold)."""
         now = self.network.now()
         target = key_id(key)
-        paths = self.config.disjoint_paths if secure else 1
-        quorum = max(quorum, paths if secure else 1)
+        if secure:
+            paths = self.config.disjoint_paths
+            quorum = max(quorum, paths)
+        else:
+            paths = max(1, min(quorum, self.config.disjoint_paths))
         answers: dict[str, dict[str, SignedValue]] = {}
         local = self.records.get(key, now) if use_local else {}
         holders = ["self"] if local else []
@@ -304,7 +316,7 @@ class DHTNode:
             enough = quorum if level == 0 or not exhaustive else 1 << 30
             query = self._find_value_query(key, target, level, answers, [], enough, holders)
             need = self.config.k if level == 0 else self.config.inner_patience
-            result = await self._walk(target, level, carry, query, need=need, paths=paths, select=select)
+            result = await self._walk(target, level, carry, query, need=need, paths=paths, select=select, patient=False)
             messages += result.messages
             hops += result.hops
             if result.stopped:
@@ -409,6 +421,7 @@ class DHTNode:
             ps.rtts.append(rtt)
             if len(ps.rtts) > 5:
                 del ps.rtts[0]
+            self._recent_rtts.append(rtt)
             self.vivaldi.observe(peer_id, info.coord, rtt)
         view = self.clusters_view
         if view.thresholds and info.labels:
@@ -609,14 +622,27 @@ class DHTNode:
             est = self.vivaldi.estimate(coord)
         return 0.25 if est is None else est
 
+    def _typical_rtt(self) -> float:
+        """The slow end (90th percentile) of our recent RTT samples, all peers together."""
+        if not self._recent_rtts:
+            return 0.25
+        ordered = sorted(self._recent_rtts)
+        return ordered[int(0.9 * (len(ordered) - 1))]
+
     def _soft_timeout(self, peer_id: str, coord: Coord | None) -> float:
+        """A few expected RTTs. Only our own measurements of this peer count as they are: an
+        estimate from a coordinate, which whoever offered the contact may have made up far away to
+        make us wait, counts at most as the slow end of what we measure to anyone."""
         est = self._rtt_for(peer_id, coord)
+        ps = self.peers.get(peer_id)
+        if ps is None or not ps.rtts:
+            est = min(est, self._typical_rtt())
         if peer_id not in self._connected:
             est *= 2  # a dial first
         return min(max(2.0 * est + 0.05, self.config.min_soft_timeout), self.config.request_timeout)
 
     async def _walk(self, target: int, level: int, carry: list[Candidate], query, *, need: int | None = None,
-                    paths: int = 1, select: str | None = None) -> LookupResult:
+                    paths: int = 1, select: str | None = None, patient: bool = True) -> LookupResult:
         table = self.tables[level]
         seeds: list[Any] = []
         for contact in table.nearest(target, self.config.k, exclude=lambda c: self._banned(c.peer_id)):
@@ -626,7 +652,7 @@ class DHTNode:
         return await iterative_lookup(
             target, seeds, query, k=self.config.k, alpha=self.config.alpha, paths=paths, need=need,
             select=select or self.config.select, window=self.config.window, rtt=self._rtt_for,
-            soft_timeout=self._soft_timeout, accept=self._accept)
+            soft_timeout=self._soft_timeout, accept=self._accept, patient=patient)
 
     def _correct_stale(self, key: str, merged: dict[str, SignedValue], answers: dict[str, dict[str, SignedValue]],
                        closest: list[Contact]) -> None:
