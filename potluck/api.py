@@ -56,8 +56,8 @@ the receipts this peer signed to the servers for this answer (hex msgpack, `cred
 an application can check their signatures and prices and compare them with the servers' ledgers.
 `/v1/models` entries have `potluck` with the coverage.
 
-Many applications (--apps, potluck/apps.py): each request with an app's key is metered and held to
-its quotas; the operator (the --api-key key, or loopback without a key) sees every app's usage.
+Many applications (--apps, potluck/apps.py, which needs --api-key): each request with an app's key is
+metered and held to its quotas; the operator (the --api-key key) sees every app's usage.
 """
 
 from __future__ import annotations
@@ -122,10 +122,15 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def check_bind(host: str, api_key: str | None) -> None:
+def check_bind(host: str, api_key: str | None, *, apps: bool = False) -> None:
     if not is_loopback(host) and not api_key:
         raise ValueError(f"--api {host}: an address other than loopback needs --api-key KEY "
                          "(every request must then send `Authorization: Bearer KEY`)")
+    # Without an operator key, a key-less request would be the operator's; behind a reverse proxy on
+    # this host every stranger's request comes from loopback.
+    if apps and not api_key:
+        raise ValueError("--apps needs --api-key KEY too: the operator's key, which sees every app's usage, "
+                         "the peer's status and credits")
 
 
 async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None, *, apps: AppTable | None = None,
@@ -134,7 +139,7 @@ async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None,
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
 
-    check_bind(host, api_key)
+    check_bind(host, api_key, apps=apps is not None)
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None
@@ -174,8 +179,8 @@ APP_PATHS = ("/v1/", "/api/usage")  # what an app's key opens; the rest (status,
 class _KeyCheck:
     """ASGI middleware: with a key, every HTTP request must carry it (Bearer header, x-api-key, or
     ?key= for the dashboard's page, which a browser opens without headers). With apps, an app's key
-    is let in as that app (`scope[CALLER]`); the operator is the --api-key key, or, without one, a
-    request without an app key. An app sees the API and its usage, not the peer's status or credits."""
+    is let in as that app (`scope[CALLER]`); the operator is the --api-key key (apps need one:
+    `check_bind`). An app sees the API and its usage, not the peer's status or credits."""
 
     def __init__(self, app, key: str | None, apps: AppTable | None):
         self.app, self.key, self.apps = app, key, apps
@@ -203,7 +208,7 @@ class _KeyCheck:
             app = self.apps.by_key(g)
             if app is not None:
                 return True, app
-        return self.key is None and not given, None  # (a wrong key is not taken for the operator)
+        return False, None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":

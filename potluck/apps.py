@@ -14,8 +14,9 @@ Quotas are leaky buckets: what an app used drains at its quota per minute, and a
 while the bucket is below the quota; an answer is charged when it ends, so requests already in
 flight may take an app past its quota once (the next ones wait for it to drain).
 
-The operator is whoever sends the `--api-key` key, or, without one, a request from loopback with no
-app key: it is not metered and `GET /api/usage` shows it every app; an app sees its own usage.
+The operator is whoever sends the `--api-key` key (required with `--apps`: a key-less request from
+loopback may be any stranger behind a reverse proxy): it is not metered and `GET /api/usage` shows it
+every app; an app sees its own usage.
 
 Bounded: the table is the operator's file (at most MAX_APPS apps), and each app holds a fixed set
 of counters, whatever its traffic.

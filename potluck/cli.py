@@ -225,7 +225,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         from .api import check_bind, parse_hostport
 
         host, port = parse_hostport(args.api)
-        check_bind(host, args.api_key)
+        check_bind(host, args.api_key, apps=args.apps is not None)
         check_port_free(host, port, "--api", "choose another port, or stop the program that holds it")
 
     from p2p.errors import SwarmKeyMismatch

@@ -208,6 +208,7 @@ async def _flood(stream: trio.SocketStream) -> None:
 
 
 KEY_A, KEY_B = "sk-app-a-0123456789abcdef", "sk-app-b-0123456789abcdef"
+OPERATOR_KEY = "operator-key"
 
 
 @pytest.fixture
@@ -217,7 +218,7 @@ async def gateway(nursery):
                                          "b": {"key": KEY_B, "credits_per_minute": 1000}}}, "test"),
                     clock=lambda: clock[0])
     me = FakePeer("Tiny-Model", FULL, "0123456789")
-    url = await start(nursery, me, apps=apps)
+    url = await start(nursery, me, api_key=OPERATOR_KEY, apps=apps)
     return url, clock, apps
 
 
@@ -229,7 +230,7 @@ def as_app(url: str, key: str | None) -> httpx.AsyncClient:
 async def test_apps_are_metered_and_held_to_their_quota(gateway):
     url, clock, _ = gateway
     body = {**CHAT, "max_tokens": 10}  # "user:hello" is 10 prompt tokens: 20 a request
-    async with as_app(url, KEY_A) as a, as_app(url, KEY_B) as b, as_app(url, None) as operator:
+    async with as_app(url, KEY_A) as a, as_app(url, KEY_B) as b, as_app(url, OPERATOR_KEY) as operator:
         assert (await a.post("/v1/chat/completions", json=body)).status_code == 200
         assert (await a.post("/v1/chat/completions", json=body)).status_code == 200  # 20 < 30: room left
         r = await a.post("/v1/chat/completions", json=body)  # 40 used of 30 a minute: wait 20 s
@@ -307,11 +308,15 @@ async def test_receipts_come_with_the_answer_when_asked(nursery):
         assert r.status_code == 400 and r.json()["error"]["param"] == "potluck"
 
 
-def test_the_apps_file_and_fallback_flags_are_checked_before_start(tmp_path: Path):
+def test_the_apps_file_and_fallback_flags_are_checked_before_start(tmp_path: Path, capsys):
     bad = tmp_path / "apps.json"
     bad.write_text(json.dumps({"apps": {"x": {"key": "short"}}}))
     assert main(["serve", "--data-dir", str(tmp_path / "d"), "--api", "127.0.0.1:0", "--apps", str(bad)]) == 2
     assert main(["serve", "--data-dir", str(tmp_path / "d"), "--fallback", "http://127.0.0.1:1/v1"]) == 2
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"apps": {"x": {"key": "k" * 16}}}))
+    assert main(["serve", "--data-dir", str(tmp_path / "d"), "--api", "127.0.0.1:0", "--apps", str(good)]) == 2
+    assert "--apps needs --api-key" in capsys.readouterr().err
     assert main(["serve", "--data-dir", str(tmp_path / "d"), "--api", "127.0.0.1:0", "--fallback",
                  "http://127.0.0.1:1/v1", "--fallback-key-env", "POTLUCK_TEST_UNSET_VARIABLE"]) == 2
 

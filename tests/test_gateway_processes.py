@@ -24,6 +24,10 @@ pytestmark = pytest.mark.slow
 MODEL = "SmolLM2-135M-Instruct"
 NOTES_KEY, TINY_KEY = "sk-notes-0123456789abcdef", "sk-tiny-0123456789abcdef"
 UPSTREAM_KEY = "upstream-secret-key"
+OPERATOR_KEY = "user-operator-key"  # the user's peer's --api-key: --apps needs one
+
+
+OPERATOR = {"authorization": f"Bearer {OPERATOR_KEY}"}
 
 
 class Gateway:
@@ -49,7 +53,7 @@ def gateway(smollm2_data, tmp_path_factory):
         start_all([procs["server"], procs["upstream"]], timeout=120)
         upstream_url = procs["upstream"].call("status")["api"]
         boot = ["--bootstrap", procs["server"].addr, "--spot-check-fraction", "0", "--api", "127.0.0.1:0"]
-        procs["user"] = PeerProcess(root / "user", *model, *boot, "--apps", str(apps),
+        procs["user"] = PeerProcess(root / "user", *model, *boot, "--apps", str(apps), "--api-key", OPERATOR_KEY,
                                     "--fallback", upstream_url + "/v1", "--fallback-key-env", "UPSTREAM_KEY",
                                     env={"UPSTREAM_KEY": UPSTREAM_KEY})
         procs["plain"] = PeerProcess(root / "plain", *model, *boot)
@@ -118,7 +122,7 @@ def test_apps_are_metered_and_refused_past_their_quota(gateway):
         assert (u["requests"], u["rate_limited"], u["completion_tokens"]) == (1, 1, first.usage.completion_tokens)
         assert u["prompt_tokens"] == first.usage.prompt_tokens
         assert u["credits_spent"] == pytest.approx(first.model_extra["potluck"]["credits_spent"])
-        everyone = http.get("/api/usage").json()["apps"]  # the operator: loopback, no key
+        everyone = http.get("/api/usage", headers=OPERATOR).json()["apps"]
         assert set(everyone) == {"notes", "tiny"} and everyone["notes"]["requests"] >= 1
 
 
@@ -145,7 +149,7 @@ def test_a_server_lost_mid_answer_the_fallback_writes_the_rest(gateway):
 
 
 def test_without_a_route_the_fallback_answers_and_nothing_is_spent(gateway):
-    with httpx.Client(base_url=gateway.urls["user"], timeout=60) as http:
+    with httpx.Client(base_url=gateway.urls["user"], headers=OPERATOR, timeout=60) as http:
         spent_before = http.get("/api/credits").json()["spent"]
     client = gateway.openai(NOTES_KEY)
     kw = dict(model=MODEL, messages=[{"role": "user", "content": "Name a color."}], max_tokens=6, temperature=0)
@@ -162,7 +166,7 @@ def test_without_a_route_the_fallback_answers_and_nothing_is_spent(gateway):
     assert chunks[-1].model_extra["potluck"]["fallback"] is True
     direct = gateway.openai(UPSTREAM_KEY, "upstream").chat.completions.create(**kw)
     assert whole.choices[0].message.content == direct.choices[0].message.content != ""
-    with httpx.Client(base_url=gateway.urls["user"], timeout=60) as http:
+    with httpx.Client(base_url=gateway.urls["user"], headers=OPERATOR, timeout=60) as http:
         assert http.get("/api/credits").json()["spent"] == spent_before
         status = http.get("/api/status", params={"load": "0"}).json()
         assert status["last_generation"]["fallback"] is True
