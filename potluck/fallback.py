@@ -19,6 +19,7 @@ is checked for its shape before a field of it is used (`FallbackFailed` otherwis
 from __future__ import annotations
 
 import json
+import logging
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncGenerator, AsyncIterator, Awaitable, Callable
@@ -26,20 +27,23 @@ from typing import AsyncGenerator, AsyncIterator, Awaitable, Callable
 import httpx
 import trio
 
+log = logging.getLogger(__name__)
+
 MAX_BODY_BYTES = 8 << 20  # a whole answer as it comes over the wire
 MAX_LINE_BYTES = 1 << 20  # one SSE line
-MAX_ERROR_BYTES = 4096  # what is kept of an upstream's error body, for the message
+MAX_ERROR_BYTES = 4096  # what is kept of an upstream's error body, for the log
 UPSTREAM_CODES = ("no_route", "generation_failed")  # the swarm could not answer: the fallback may
 
 
 class FallbackFailed(Exception):
-    """The upstream did not give an answer (refused, unreachable, too slow, malformed)."""
+    """The upstream did not give an answer (refused, unreachable, too slow, malformed). Its message
+    goes to the client: it names no URL and quotes nothing the upstream sent (those are logged)."""
 
 
 @dataclass(frozen=True)
 class FallbackConfig:
     url: str  # the upstream's base URL, e.g. https://api.example.com/v1
-    key: str | None = None  # sent as `Authorization: Bearer KEY`
+    key: str | None = field(default=None, repr=False)  # sent as `Authorization: Bearer KEY`
     models: dict[str, str] = field(default_factory=dict)  # our model name → the upstream's; "*" for any other
     read_timeout: float = 60.0  # between two pieces of the upstream's answer
     deadline: float = 600.0  # a whole answer
@@ -103,10 +107,13 @@ class Upstream:
         try:
             async with self.http.stream("POST", self.config.url.rstrip("/") + path, json=body, headers=headers) as r:
                 if r.status_code != 200:
-                    raise FallbackFailed(f"the fallback answered HTTP {r.status_code}: {await _head(r)}")
+                    log.warning("the fallback %s answered HTTP %d: %s", _shown(self.config.url), r.status_code,
+                                await _head(r))
+                    raise FallbackFailed(f"the fallback answered HTTP {r.status_code}")
                 yield r
         except httpx.HTTPError as e:
-            raise FallbackFailed(f"the fallback {self.config.url} failed: {type(e).__name__}: {e}") from e
+            log.warning("the fallback %s failed: %s: %s", _shown(self.config.url), type(e).__name__, e)
+            raise FallbackFailed(f"the fallback failed: {type(e).__name__}") from e
 
     async def answer(self, what: str, model: str, request: dict,
                      on_text: Callable[[str], Awaitable[None]]) -> UpstreamFinished:
@@ -125,7 +132,8 @@ class Upstream:
                             break
                         event = _json_object(data)
                         if "error" in event:
-                            raise FallbackFailed(f"the fallback failed mid-answer: {str(event['error'])[:MAX_ERROR_BYTES]}")
+                            log.warning("the fallback failed mid-answer: %s", str(event["error"])[:MAX_ERROR_BYTES])
+                            raise FallbackFailed("the fallback failed mid-answer")
                         usage = event.get("usage")
                         if isinstance(usage, dict):
                             counts = {k: _count(usage.get(k)) for k in counts}
@@ -141,9 +149,16 @@ class Upstream:
         return UpstreamFinished(upstream_model, finish, **counts)
 
 
+def _shown(url: str) -> str:
+    """`url` for the log: without user:password@ and without the query (either may hold a credential)."""
+    u = httpx.URL(url)
+    return str(u.copy_with(userinfo=b"", query=None, fragment=None))
+
+
 async def _head(r: httpx.Response) -> str:
+    """The start of an error body, as sent (raw: a small compressed body may inflate without bound)."""
     data = bytearray()
-    async for chunk in r.aiter_bytes():
+    async for chunk in r.aiter_raw():
         data += chunk
         if len(data) >= MAX_ERROR_BYTES:
             break
@@ -171,8 +186,9 @@ async def _events(r: httpx.Response) -> AsyncGenerator[str, None]:
 def _json_object(data: str) -> dict:
     try:
         event = json.loads(data)
-    except ValueError:
-        raise FallbackFailed(f"the fallback sent an event that is not JSON: {data[:80]!r}") from None
+    except (ValueError, RecursionError):  # RecursionError: nested deeper than the parser's stack
+        log.warning("the fallback sent an event that is not JSON: %r", data[:80])
+        raise FallbackFailed("the fallback sent an event that is not JSON") from None
     if not isinstance(event, dict):
         raise FallbackFailed("the fallback sent an event that is not a JSON object")
     return event

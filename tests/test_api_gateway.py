@@ -168,15 +168,55 @@ async def test_a_failure_mid_answer_continues_from_the_text_already_sent(nursery
         assert r.json()["choices"][0]["text"] == "the from upstream"
 
 
-async def test_a_failing_upstream_leaves_the_swarms_error(nursery, upstream):
+async def test_a_failing_upstream_leaves_the_swarms_error(nursery, upstream, caplog):
+    """The client hears the upstream's status, not its URL (it may hold credentials) nor its error body."""
     up_peer, up_url = upstream
     me = FakePeer("Tiny-Model", HALF, "x")
-    url = await start(nursery, me, fallback=FallbackConfig(up_url, models={"*": "No-Such-Model"}))
+    with_password = up_url.replace("http://", "http://someone:up-password@")
+    config = FallbackConfig(with_password, key="up-secret-key", models={"*": "No-Such-Model"})
+    assert "up-secret-key" not in repr(config)
+    url = await start(nursery, me, fallback=config)
     async with httpx.AsyncClient(base_url=url, timeout=10) as http:
         r = await http.post("/v1/chat/completions", json=CHAT)
         err = r.json()["error"]
         assert r.status_code == 503 and err["code"] == "no_route" and "fallback failed too" in err["message"]
         assert "HTTP 404" in err["message"]
+        assert "127.0.0.1" not in err["message"] and "No-Such-Model" not in err["message"]
+    logged = caplog.text
+    assert "No-Such-Model" in logged and "up-password" not in logged
+
+
+async def _answer_with(stream: trio.SocketStream, head: bytes, body: bytes) -> None:
+    await stream.receive_some(65536)
+    await stream.send_all(head + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+
+
+async def test_a_deeply_nested_upstream_event_is_a_malformed_answer(nursery):
+    deep = b"data: " + b"[" * 100_000 + b"]" * 100_000 + b"\n\n"
+    head = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+    listeners = await nursery.start(trio.serve_tcp, lambda s: _answer_with(s, head, deep), 0)
+    port = listeners[0].socket.getsockname()[1]
+
+    async def keep(text: str) -> None:
+        raise AssertionError(text)
+
+    async with Upstream.connect(FallbackConfig(f"http://127.0.0.1:{port}/v1", read_timeout=10)) as upstream:
+        with pytest.raises(FallbackFailed, match="not JSON"):
+            await upstream.answer("chat", "m", {"messages": []}, keep)
+
+
+async def test_an_upstream_error_body_is_read_as_sent_not_inflated(nursery, caplog):
+    """A small gzip error body that would inflate to 64 MiB: what is read of it stays small."""
+    import gzip
+
+    bomb = gzip.compress(b"A" * (64 << 20))
+    head = b"HTTP/1.1 500 Oops\r\ncontent-encoding: gzip\r\n"
+    listeners = await nursery.start(trio.serve_tcp, lambda s: _answer_with(s, head, bomb), 0)
+    port = listeners[0].socket.getsockname()[1]
+    async with Upstream.connect(FallbackConfig(f"http://127.0.0.1:{port}/v1", read_timeout=10)) as upstream:
+        with pytest.raises(FallbackFailed, match="HTTP 500"):
+            await upstream.answer("chat", "m", {"messages": []}, None)  # type: ignore[arg-type]
+    assert "A" * 64 not in caplog.text
 
 
 async def test_an_upstream_that_floods_is_cut_at_the_line_bound(nursery, monkeypatch):
