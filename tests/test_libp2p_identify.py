@@ -26,11 +26,13 @@ from p2p.libp2p.identify import (
     MAX_MESSAGE,
     MAX_MESSAGES,
     PING,
+    IdentifyService,
     ObservedAddrs,
     _uvarint,
     decode,
     read_messages,
 )
+from p2p.libp2p import identify as identify_module
 from p2p.libp2p import io
 from p2p.libp2p.autonat import AUTONAT, AutonatLimits
 from p2p.libp2p.network import LIBP2P_PROTOCOL
@@ -155,6 +157,41 @@ async def test_identify_and_ping_streams_are_bounded_per_peer():
         await again.write(b"y" * 32)
         with trio.fail_after(3):
             assert await again.read(32) == b"y" * 32
+
+
+class _FakeStream:
+    def __init__(self, peer_id: str):
+        self.muxed_conn = type("Conn", (), {"peer_id": ID.from_base58(peer_id)})()
+        self.was_reset = False
+
+    async def reset(self) -> None:
+        self.was_reset = True
+
+
+class _HostThatNeverOpens:
+    async def new_stream(self, peer_id, protocols):
+        await trio.sleep_forever()
+
+
+async def test_a_stream_whose_answer_cannot_be_written_is_reset_not_raised():
+    """E.g. an IPv6 link-local asker with a zone: its address is no multiaddr (ValueError)."""
+    pid = Identity.generate().peer_id
+    service = IdentifyService(None, serve=False)  # type: ignore[arg-type]  # serving needs no net here
+    raw = _FakeStream(pid)
+
+    async def unwritable(raw, peer_id: str) -> None:
+        Multiaddr("/ip6/fe80::1%eth0/tcp/4001")
+
+    await service._bounded(raw, IDENTIFY, unwritable)
+    assert raw.was_reset and service._streams == {}
+
+
+async def test_identify_bounds_opening_its_stream_too(monkeypatch):
+    monkeypatch.setattr(identify_module, "ANSWER_TIMEOUT", 0.2)
+    net = type("Net", (), {"host": _HostThatNeverOpens()})()
+    service = IdentifyService(net, serve=False)
+    with trio.fail_after(5), pytest.raises(trio.TooSlowError):
+        await service.identify(Identity.generate().peer_id)
 
 
 # --- private swarms -----------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import multiaddr
 import trio
+from google.protobuf.message import EncodeError
 from libp2p.abc import IHost
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.custom_types import TProtocol
@@ -277,7 +278,9 @@ class IdentifyService:
             return
         try:
             await serve(raw, peer_id)
-        except (StreamClosed, FrameError, trio.TooSlowError) as e:
+        # ValueError: an address we cannot write as a multiaddr (e.g. an IPv6 link-local one with a
+        # zone) or a message protobuf will not encode; a peer's stream must never crash its connection
+        except (StreamClosed, FrameError, trio.TooSlowError, ValueError, EncodeError) as e:
             log.info("%s stream from %s ended: %s", protocol, peer_id, e or type(e).__name__)
             await io.reset(raw)
         finally:
@@ -324,18 +327,18 @@ class IdentifyService:
     async def identify(self, peer_id: str) -> PeerRecord:
         """Ask `peer_id` (connected) for its identify record; keep it and the address it sees us at.
         Raises StreamClosed (no such protocol, connection gone), FrameError or trio.TooSlowError."""
-        try:
-            raw = await self.net.host.new_stream(ID.from_base58(peer_id), [IDENTIFY])
-        except trio.Cancelled:
-            raise
-        except Exception as e:
-            raise StreamClosed(f"cannot open identify to {peer_id}: {type(e).__name__}") from None
-        try:
-            with trio.fail_after(ANSWER_TIMEOUT):
+        with trio.fail_after(ANSWER_TIMEOUT):  # opening the stream (protocol negotiation) included
+            try:
+                raw = await self.net.host.new_stream(ID.from_base58(peer_id), [IDENTIFY])
+            except trio.Cancelled:
+                raise
+            except Exception as e:
+                raise StreamClosed(f"cannot open identify to {peer_id}: {type(e).__name__}") from None
+            try:
                 record = decode(await read_messages(io.exact_reader(raw)), peer_id)
-        except BaseException:
-            await io.reset(raw)
-            raise
+            except BaseException:
+                await io.reset(raw)
+                raise
         await io.close(raw)
         self._keep(peer_id, record, relayed=self.net.is_relayed(raw.muxed_conn))
         return record
