@@ -34,7 +34,7 @@ from p2p.libp2p.identify import (
 )
 from p2p.libp2p import identify as identify_module
 from p2p.libp2p import io
-from p2p.libp2p.autonat import AUTONAT, AutonatLimits
+from p2p.libp2p.autonat import AUTONAT, Autonat, AutonatLimits, DialBackRefused
 from p2p.libp2p.network import LIBP2P_PROTOCOL
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -287,6 +287,47 @@ async def test_a_dialable_peer_is_public_and_one_whose_listen_address_is_elsewhe
         await hidden._swarm.listen(Multiaddr("/ip4/127.0.0.1/tcp/0"))
         await until(lambda: hidden.reachability()["status"] == "public", 20)
         assert all(addr.startswith("/ip4/127.0.0.1/") for addr in hidden.reachability()["reachable_addrs"])
+
+
+class _AutonatNet:
+    """What `Autonat` serving needs: requests come from `seen_at`; we listen at `ours`."""
+
+    def __init__(self, seen_at: str, ours: list[str]):
+        self.seen_at, self.ours = seen_at, ours
+
+    def set_request_handler(self, protocol, handler) -> None:
+        pass
+
+    def add_connection_listener(self, listener) -> None:
+        pass
+
+    def remote_ip(self, peer_id: str) -> str:
+        return self.seen_at
+
+    def direct_addrs(self) -> list[str]:
+        return self.ours
+
+
+@pytest.mark.parametrize("seen_at, ours, served", [
+    ("127.0.0.1", ["/ip4/127.0.0.1/tcp/4001"], True),  # a swarm on one machine
+    ("127.0.0.1", ["/ip4/127.0.0.1/tcp/4001", "/ip4/192.0.2.7/tcp/4001"], False),  # a local forward
+    ("127.0.0.1", ["/ip4/0.0.0.0/tcp/4001"], False),
+    ("::1", ["/ip6/2001:db8::7/tcp/4001"], False),
+    ("fe80::1", ["/ip4/127.0.0.1/tcp/4001"], False),
+    ("169.254.3.4", ["/ip4/127.0.0.1/tcp/4001"], False),
+    ("0.0.0.0", ["/ip4/127.0.0.1/tcp/4001"], False),
+    ("224.0.0.1", ["/ip4/192.0.2.7/tcp/4001"], False),
+    ("198.51.100.9", ["/ip4/192.0.2.7/tcp/4001"], True),
+])
+async def test_dial_backs_to_our_own_host_or_link_are_refused(seen_at, ours, served):
+    autonat = Autonat(_AutonatNet(seen_at, ours), None)  # type: ignore[arg-type]  # no dial: no addresses asked
+    requester = Identity.generate().peer_id
+    if served:
+        assert await autonat._serve(requester, {"addrs": []}) == {"ok": [], "failed": []}
+    else:
+        with pytest.raises(DialBackRefused):
+            await autonat._serve(requester, {"addrs": []})
+        assert autonat.stats["dialbacks_refused"] == 1
 
 
 @asynccontextmanager

@@ -15,7 +15,10 @@ candidate addresses change, when the verdict is still unknown and new peers are 
 Serving it is bounded: one request per peer per `AutonatLimits.per_peer_interval`, at most
 `max_concurrent` dial-back jobs at once, `max_addrs` addresses dialled per request, each within
 `dial_timeout`; over-limit requests are refused at once with `DialBackRefused`, and requests over a
-relayed connection too (the relay hides where the requester is).
+relayed connection too (the relay hides where the requester is), and requests from a loopback,
+unspecified, link-local or multicast IP (our own host or link: a local forward or proxy would
+otherwise aim our dials at our own local ports), loopback allowed only while we listen on loopback
+alone.
 """
 
 from __future__ import annotations
@@ -156,6 +159,9 @@ class Autonat:
         if ip is None:
             self.stats["dialbacks_refused"] += 1
             raise DialBackRefused("the request came over a relayed connection")
+        if not self._may_dial(ip):
+            self.stats["dialbacks_refused"] += 1
+            raise DialBackRefused("the request came from a local address (a forward or proxy on this host?)")
         targets: list[tuple[str, tuple[str, int]]] = []
         for addr in addrs:
             if not isinstance(addr, str) or len(addr) > MAX_ADDR_LEN:
@@ -183,6 +189,17 @@ class Autonat:
             self._jobs.release()
         self.stats["dialbacks_served"] += 1
         return {"ok": reached, "failed": failed}
+
+    def _may_dial(self, ip: str) -> bool:
+        """Whether a requester seen at `ip` may be dialled back there. A loopback, unspecified,
+        link-local or multicast IP is this host or its link: strangers arriving through a local
+        forward or proxy would aim our dials at our own local ports. Loopback is let through only
+        when we ourselves listen on loopback alone (a swarm on one machine: tests, a local demo)."""
+        seen = ipaddress.ip_address(ip)
+        if seen.is_loopback:
+            ours = [w for w in (_ip_port(a) for a in self.net.direct_addrs()) if w is not None]
+            return bool(ours) and all(ipaddress.ip_address(our_ip).is_loopback for our_ip, _ in ours)
+        return not (seen.is_unspecified or seen.is_link_local or seen.is_multicast)
 
     async def _dial_back(self, peer_id: str, ip: str, port: int) -> bool:
         """Whether `peer_id` answers at ip:port on a new connection (TCP, then Noise proves who it is)."""
