@@ -38,8 +38,8 @@ Errors use the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
                                (code insufficient_credits; the message says how to earn). Not 429:
                                retrying soon does not help, serving blocks does.
     404 invalid_request_error  unknown model (code model_not_found), unknown path
-    429 requests               an app (--apps) used up a quota; `retry-after` says when to retry
-                               (code rate_limit_exceeded)
+    429 requests               an app (--apps) used up a quota, or has its max_in_flight requests being
+                               answered; `retry-after` says when to retry (code rate_limit_exceeded)
     503 server_error           no route covers the model (code no_route, names the missing blocks),
                                or the swarm failed mid-generation (code generation_failed); with
                                --fallback the upstream answers instead (potluck/fallback.py)
@@ -297,22 +297,30 @@ class Api:
     async def _generate(self, request: Request, kind: type[ChatRequest] | type[CompletionRequest],
                         what: str) -> _GenerationResponse:
         caller: App | None = request.scope.get(CALLER)
-        if caller is not None and self.apps is not None:
-            self.apps.admit(caller)
+        if caller is None or self.apps is None:
+            return await self._prepare(request, kind, what, None)
+        self.apps.admit(caller)
         try:
-            req = kind.parse(await self.body_json(request))
-            prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
-            try:
-                job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given,
-                                    prefer=req.prefer)
-            except ApiError as e:
-                if self.upstream is None or e.code not in UPSTREAM_CODES:
-                    raise
-                return _GenerationResponse(self, req, what, await resolve(self.peer, req.model), caller, swarm_error=e)
+            return await self._prepare(request, kind, what, caller)  # the response gives the app's slot back
         except ApiError:
-            if caller is not None and self.apps is not None:
-                self.apps.record_failure(caller)
+            self.apps.record_failure(caller)
+            self.apps.release(caller)
             raise
+        except BaseException:  # the client went away while sending its request: nothing to meter
+            self.apps.release(caller)
+            raise
+
+    async def _prepare(self, request: Request, kind: type[ChatRequest] | type[CompletionRequest], what: str,
+                       caller: App | None) -> _GenerationResponse:
+        req = kind.parse(await self.body_json(request))
+        prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
+        try:
+            job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given,
+                                prefer=req.prefer)
+        except ApiError as e:
+            if self.upstream is None or e.code not in UPSTREAM_CODES:
+                raise
+            return _GenerationResponse(self, req, what, await resolve(self.peer, req.model), caller, swarm_error=e)
         return _GenerationResponse(self, req, what, job.model, caller, job=job)
 
 
@@ -329,7 +337,8 @@ class _GenerationResponse:
     """An ASGI response that runs the generation: non-streamed JSON, or SSE chunks. The generation,
     the writer and a watcher of `http.disconnect` share one nursery; a disconnect cancels it. When
     the swarm cannot answer (`swarm_error` before it starts, or a failure on the way) and a fallback
-    is configured, the fallback writes the rest of the answer."""
+    is configured, the fallback writes the rest of the answer. An app's request is metered exactly
+    once, however it ends, and gives back the app's slot in flight (`AppTable.admit`)."""
 
     def __init__(self, api: Api, req: GenerationRequest, what: str, model: dict, caller: App | None, *,
                  job: PreparedGeneration | None = None, swarm_error: ApiError | None = None):
@@ -338,18 +347,30 @@ class _GenerationResponse:
         self.job, self.swarm_error = job, swarm_error
         self.rid = new_id("chatcmpl" if what == "chat" else "cmpl")
         self.created = int(time.time())
+        self.pieces_produced = 0  # pieces of text of the answer so far, the swarm's and the fallback's
+        self.fell_back = False
+        self.metered = False
 
     async def __call__(self, scope, receive, send) -> None:
         self.scope, self.receive = scope, receive
         send_ch, recv_ch = trio.open_memory_channel(256)
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
-            nursery.start_soon(self._produce, send_ch)
-            if self.req.stream:
-                await self._write_stream(recv_ch, send)
-            else:
-                await self._write_whole(recv_ch, send)
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._watch_disconnect, receive, nursery.cancel_scope)
+                nursery.start_soon(self._produce, send_ch)
+                if self.req.stream:
+                    await self._write_stream(recv_ch, send)
+                else:
+                    await self._write_whole(recv_ch, send)
+                nursery.cancel_scope.cancel()
+        finally:
+            # Plain bookkeeping, no awaits: it runs even while a cancellation (the client went away)
+            # passes through, and does not stop it.
+            if self.caller is not None and self.apps is not None:
+                if not self.metered:  # the answer did not end: charge what was produced for it
+                    prompt_tokens = len(self.job.ids) if self.job is not None else 0
+                    self._meter(prompt_tokens, self.pieces_produced, 0.0, fallback=self.fell_back)
+                self.apps.release(self.caller)
 
     async def _watch_disconnect(self, receive, scope: trio.CancelScope) -> None:
         while True:
@@ -376,6 +397,7 @@ class _GenerationResponse:
                             await ch.send(("done", piece))
                         else:
                             written.append(piece)
+                            self.pieces_produced += 1
                             await ch.send(("text", piece))
             except Exception as e:  # every failure becomes an answer, never a crashed connection
                 error = map_error(e)
@@ -407,10 +429,12 @@ class _GenerationResponse:
         if params.stop:
             request["stop"] = list(params.stop)
         pieces_after = 0
+        self.fell_back = True
 
         async def write(text: str) -> None:
             nonlocal pieces_after
             pieces_after += 1
+            self.pieces_produced += 1
             await ch.send(("text", text))
 
         try:
@@ -436,11 +460,13 @@ class _GenerationResponse:
 
     def _meter(self, prompt_tokens: int, completion_tokens: int, credits_spent: float, *, fallback: bool) -> None:
         if self.caller is not None and self.apps is not None:
+            self.metered = True
             self.apps.record(self.caller, prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
                              credits_spent=credits_spent, fallback=fallback)
 
     def _meter_failure(self) -> None:
         if self.caller is not None and self.apps is not None:
+            self.metered = True
             self.apps.record_failure(self.caller)
 
     def _usage(self, result: GenerationResult) -> dict:

@@ -7,12 +7,15 @@
     key = "sk-notes-0123456789abcdef"   # the app sends `Authorization: Bearer sk-notes-...`
     tokens_per_minute = 20000           # prompt + completion tokens; absent: no limit
     credits_per_minute = 500            # GFLOP-credits its answers spend; absent: no limit
+    max_in_flight = 4                   # its requests being answered at once (default 4)
 
 A request with an app's key is that app's: it is metered (requests, tokens, credits, fallback
 answers, refusals) and refused with 429 and `retry-after` while one of its quotas is used up.
 Quotas are leaky buckets: what an app used drains at its quota per minute, and a request is taken
-while the bucket is below the quota; an answer is charged when it ends, so requests already in
-flight may take an app past its quota once (the next ones wait for it to drain).
+while the bucket is below the quota; an answer is charged when it ends (or when its client goes
+away: what was produced until then), so requests already in flight may take an app past its quota
+once (the next ones wait for it to drain). `max_in_flight` bounds that overshoot: past it a
+request is refused with 429 at once, so an app cannot open a thousand requests while below quota.
 
 The operator is whoever sends the `--api-key` key (required with `--apps`: a key-less request from
 loopback may be any stranger behind a reverse proxy): it is not metered and `GET /api/usage` shows it
@@ -39,6 +42,8 @@ from .openai_schema import ApiError
 MAX_APPS = 4096
 MAX_FILE_BYTES = 4 << 20
 MIN_KEY_LEN, MAX_KEY_LEN = 16, 256
+DEFAULT_MAX_IN_FLIGHT = 4
+MAX_IN_FLIGHT_LIMIT = 1024  # the most an apps file may allow one app
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
@@ -84,12 +89,15 @@ class App:
     key: str = field(repr=False)
     tokens_per_minute: float | None = None
     credits_per_minute: float | None = None
+    max_in_flight: int = DEFAULT_MAX_IN_FLIGHT
+    in_flight: int = 0  # requests admitted and not yet ended
     usage: Usage = field(default_factory=Usage)
     buckets: dict[str, Bucket] = field(default_factory=dict, repr=False)
 
     def view(self) -> dict:
         return {"name": self.name, "tokens_per_minute": self.tokens_per_minute,
-                "credits_per_minute": self.credits_per_minute, **asdict(self.usage)}
+                "credits_per_minute": self.credits_per_minute, "max_in_flight": self.max_in_flight,
+                **asdict(self.usage)}
 
 
 class AppTable:
@@ -111,7 +119,8 @@ class AppTable:
         return found
 
     def admit(self, app: App) -> None:
-        """Raise 429 (with the seconds to wait) while one of `app`'s quotas is used up."""
+        """Take one request of `app` in flight (give it back with `release`). Raise 429 (with the
+        seconds to wait) while one of its quotas is used up or `max_in_flight` of its requests are."""
         waits = {what: b.wait_s() for what, b in app.buckets.items()}
         what, wait = max(waits.items(), key=lambda kv: kv[1], default=("", 0.0))
         if wait > 0:
@@ -119,6 +128,15 @@ class AppTable:
             raise ApiError(429, f"App '{app.name}' used its {what} per minute ({app.buckets[what].per_minute:g}); "
                                 f"retry in {math.ceil(wait)} s.", type="requests", code="rate_limit_exceeded",
                            retry_after=math.ceil(wait))
+        if app.in_flight >= app.max_in_flight:
+            app.usage.rate_limited += 1
+            raise ApiError(429, f"App '{app.name}' has {app.in_flight} requests being answered (its max_in_flight); "
+                                "retry when one ends.", type="requests", code="rate_limit_exceeded", retry_after=1)
+        app.in_flight += 1
+
+    def release(self, app: App) -> None:
+        """One request `admit` took has ended."""
+        app.in_flight -= 1
 
     def record(self, app: App, *, prompt_tokens: int, completion_tokens: int, credits_spent: float,
                fallback: bool) -> None:
@@ -159,7 +177,8 @@ def load_apps(path: Path) -> AppTable:
 def parse_apps(doc: Any, where: str) -> list[App]:
     apps = doc.get("apps") if isinstance(doc, dict) else None
     if not isinstance(apps, dict) or not apps:
-        raise ValueError(f"--apps {where}: wants a table 'apps' of name → {{key, tokens_per_minute, credits_per_minute}}")
+        raise ValueError(f"--apps {where}: wants a table 'apps' of name → "
+                         "{key, tokens_per_minute, credits_per_minute, max_in_flight}")
     if len(apps) > MAX_APPS:
         raise ValueError(f"--apps {where}: at most {MAX_APPS} apps")
     out: list[App] = []
@@ -169,7 +188,7 @@ def parse_apps(doc: Any, where: str) -> list[App]:
             raise ValueError(f"--apps {where}: app name {str(name)[:70]!r} must be 1-64 letters, digits, _ . -")
         if not isinstance(spec, dict):
             raise ValueError(f"--apps {where}: app '{name}' must be a table")
-        unknown = set(spec) - {"key", "tokens_per_minute", "credits_per_minute"}
+        unknown = set(spec) - {"key", "tokens_per_minute", "credits_per_minute", "max_in_flight"}
         if unknown:
             raise ValueError(f"--apps {where}: app '{name}' has unknown fields {sorted(unknown)}")
         key = spec.get("key")
@@ -180,7 +199,11 @@ def parse_apps(doc: Any, where: str) -> list[App]:
             raise ValueError(f"--apps {where}: app '{name}' has the key of another app")
         keys.add(key)
         tokens, credits = (_per_minute(spec, what, name, where) for what in ("tokens_per_minute", "credits_per_minute"))
-        out.append(App(name, key, tokens_per_minute=tokens, credits_per_minute=credits))
+        in_flight = spec.get("max_in_flight", DEFAULT_MAX_IN_FLIGHT)
+        if isinstance(in_flight, bool) or not isinstance(in_flight, int) or not 1 <= in_flight <= MAX_IN_FLIGHT_LIMIT:
+            raise ValueError(f"--apps {where}: app '{name}': max_in_flight must be a whole number in "
+                             f"[1, {MAX_IN_FLIGHT_LIMIT}]")
+        out.append(App(name, key, tokens_per_minute=tokens, credits_per_minute=credits, max_in_flight=in_flight))
     return out
 
 

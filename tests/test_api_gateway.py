@@ -42,13 +42,16 @@ class FakeConfig:
 
 class FakeClient:
     """Tokens are characters; the answer is `answer`, one token per character; it fails with
-    GenerationFailed after `fail_after` tokens when that is set. Pays 1e9 FLOPs per prompt token."""
+    GenerationFailed after `fail_after` tokens when that is set, and waits for `resume` after
+    `pause_after` tokens when that is. Pays 1e9 FLOPs per prompt token."""
 
     model_config = FakeConfig()
 
     def __init__(self, answer: str):
         self.answer = answer
         self.fail_after: int | None = None
+        self.pause_after: int | None = None
+        self.resume = trio.Event()
         self.prompts: list[list[int]] = []
 
     def encode(self, prompt):
@@ -63,6 +66,8 @@ class FakeClient:
         for i, c in enumerate(answer):
             if i == self.fail_after:
                 raise GenerationFailed("peerA went away")
+            if i == self.pause_after:
+                await self.resume.wait()
             await trio.sleep(0)
             yield TokenEvent(ord(c), c, i, route)
         paid = [Receipt(SERVER, b"\1" * 32, "ab" * 32, 0, 6, len(ids) + len(answer), len(ids) * 10**9,
@@ -189,6 +194,9 @@ async def test_a_failing_upstream_leaves_the_swarms_error(nursery, upstream, cap
 async def _answer_with(stream: trio.SocketStream, head: bytes, body: bytes) -> None:
     await stream.receive_some(65536)
     await stream.send_all(head + f"content-length: {len(body)}\r\n\r\n".encode() + body)
+    with trio.move_on_after(10):  # read on until the client closes: closing first could reset what it has not read
+        while await stream.receive_some(65536):
+            pass
 
 
 async def test_a_deeply_nested_upstream_event_is_a_malformed_answer(nursery):
@@ -283,7 +291,7 @@ async def test_apps_are_metered_and_held_to_their_quota(gateway):
         mine = (await a.get("/api/usage")).json()["apps"]
         assert list(mine) == ["a"]
         assert mine["a"] | {"name": "a"} == {"name": "a", "tokens_per_minute": 30.0, "credits_per_minute": None,
-                                            "requests": 3, "prompt_tokens": 30, "completion_tokens": 30,
+                                            "max_in_flight": 4, "requests": 3, "prompt_tokens": 30, "completion_tokens": 30,
                                             "credits_spent": 30.0, "fallback_answers": 0, "rate_limited": 1}
         everyone = (await operator.get("/api/usage")).json()["apps"]
         assert set(everyone) == {"a", "b"} and everyone["b"]["credits_spent"] == 10.0
@@ -291,6 +299,61 @@ async def test_apps_are_metered_and_held_to_their_quota(gateway):
         r = await a.get("/api/credits")  # the operator's, not an app's
         assert r.status_code == 403 and r.json()["error"]["code"] == "operator_only"
         assert (await operator.get("/api/credits")).status_code == 200
+
+
+async def test_an_app_cannot_have_more_than_max_in_flight_requests_at_once(nursery):
+    """Quotas are charged when answers end: without a bound on requests in flight, an app below its
+    quota could open any number at once."""
+    apps = AppTable(parse_apps({"apps": {"a": {"key": KEY_A, "tokens_per_minute": 10**6, "max_in_flight": 2}}},
+                               "test"))
+    me = FakePeer("Tiny-Model", FULL, "0123456789")
+    me._client.pause_after = 1
+    url = await start(nursery, me, api_key=OPERATOR_KEY, apps=apps)
+    async with as_app(url, KEY_A) as a, trio.open_nursery() as requests:
+        answered = []
+
+        async def ask() -> None:
+            answered.append((await a.post("/v1/chat/completions", json=CHAT)).status_code)
+
+        for _ in range(2):
+            requests.start_soon(ask)
+        await until(lambda: apps.apps["a"].in_flight == 2)
+        r = await a.post("/v1/chat/completions", json=CHAT)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limit_exceeded"
+        assert r.headers["retry-after"] == "1"
+        me._client.resume.set()
+    assert answered == [200, 200]
+    await until(lambda: apps.apps["a"].in_flight == 0)  # (the slot is given back just after the answer is sent)
+    assert (await as_app(url, KEY_A).post("/v1/chat/completions", json=CHAT)).status_code == 200
+    usage = apps.apps["a"].usage
+    assert (usage.requests, usage.rate_limited) == (3, 1)
+
+
+async def test_an_app_whose_client_goes_away_mid_answer_is_charged_what_was_produced(nursery):
+    apps = AppTable(parse_apps({"apps": {"a": {"key": KEY_A, "tokens_per_minute": 10**6}}}, "test"))
+    me = FakePeer("Tiny-Model", FULL, "0123456789")
+    me._client.pause_after = 3
+    url = await start(nursery, me, api_key=OPERATOR_KEY, apps=apps)
+    async with as_app(url, KEY_A) as a:
+        async with a.stream("POST", "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            lines = r.aiter_lines()
+            texts = 0
+            while texts < 3:
+                line = await lines.__anext__()
+                texts += line.startswith("data: ") and bool(json.loads(line[6:])["choices"][0]["delta"].get("content"))
+        # the stream is closed here, before the answer ended
+    app = apps.apps["a"]
+    await until(lambda: app.usage.requests == 1)
+    prompt_tokens = len("user:hello")
+    assert (app.usage.prompt_tokens, app.usage.completion_tokens) == (prompt_tokens, 3)
+    assert app.buckets["tokens"].level == pytest.approx(prompt_tokens + 3, abs=1)
+    assert app.in_flight == 0
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)
 
 
 async def test_with_an_admin_key_apps_and_admin_get_in_and_nobody_else(nursery):
@@ -327,7 +390,9 @@ def test_apps_files_are_checked(tmp_path: Path):
     assert load_apps(tmp_path / "apps.json").apps["x"].credits_per_minute == 5.0
     for bad in ({"apps": {"x": {"key": "short"}}}, {"apps": {"x": {"key": "k" * 16, "tokens_per_minute": 0}}},
                 {"apps": {"x": {"key": "k" * 16}, "y": {"key": "k" * 16}}}, {"apps": {"x y": {"key": "k" * 16}}},
-                {"apps": {"x": {"key": "k" * 16, "admin": True}}}, {"apps": {}}, []):
+                {"apps": {"x": {"key": "k" * 16, "admin": True}}}, {"apps": {}}, [],
+                {"apps": {"x": {"key": "k" * 16, "max_in_flight": 0}}},
+                {"apps": {"x": {"key": "k" * 16, "max_in_flight": 2.5}}}):
         with pytest.raises(ValueError):
             parse_apps(bad, "test")
 
