@@ -8,14 +8,12 @@ digest and keeps the step in the hop's signed history `log`, what a dispute proo
 bad signed result is a `BadSignedStep` (a FrameError: a fault, like a broken stream). The hop counts
 the tokens of the steps it sent that the server answered, less the rolled-back drafts, by the server's
 own rule (`counted`); "served" (what the client signs for) above that count is an `OverstatedServed`,
-a fault too. `close` ends
-the session, with the final receipt when there is one. A `LocalHop` is a session with this peer's
-own BlockServer (`LocalServer`), in process: `run` is a call, with no stream and no serialisation,
-and nothing to sign for (serving ourselves is free). Either way a
-server's refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to,
-with the server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord`
-is what one completed step of a hop sent and got back (the spot checker keeps them,
-pipeline/spotcheck.py).
+a fault too. `close` ends the session, with the final receipt when there is one. A `LocalHop` is a
+session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no stream
+and no serialisation, and nothing to sign for (serving ourselves is free). Either way a server's
+refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to, with the
+server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord` is what
+one completed step of a hop sent and got back (the spot checker keeps them, pipeline/spotcheck.py).
 """
 
 from __future__ import annotations
@@ -143,7 +141,8 @@ class RemoteHop:
 
     def _count(self, step_id: int) -> None:
         """The server answered step `step_id`, so computed it: count it as the server does (pipeline/server.py
-        `_run`); steps sent before it and never answered (stale pushes) were not computed."""
+        `_run`); steps sent before it and never answered (stale pushes) were not computed: the server
+        answers a session's steps in the order it computes them."""
         step = self.sent.pop(step_id, None)
         self.sent = {i: s for i, s in self.sent.items() if i > step_id}
         if step is None:
