@@ -21,6 +21,8 @@
   fails the steps of that forward run again one by one, so only the faulty one fails.
 - Cancellation: a cancelled step still waiting leaves the queue; one already computing is waited for
   (as `trio.to_thread.run_sync` waits), so its session never sees its cache written behind its back.
+  When `run` is cancelled (the server stops), the steps still queued, and those of a batch still
+  waiting for the limiter, fail with InferenceError("ServerStopping").
 """
 
 from __future__ import annotations
@@ -124,6 +126,8 @@ class StepBatcher:
                     await trio.to_thread.run_sync(compute_batch, batch, limiter=limiter)
                 finally:
                     for s in batch:
+                        if s.outputs is None and s.error is None:  # cancelled while waiting for the limiter
+                            s.error = InferenceError("ServerStopping", "this server stopped computing")
                         s.done.set()
         finally:
             self.running = False

@@ -16,8 +16,9 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
 - Session id: the server's 16-byte session id is the receipt's session id (unique per server and
   session, so per (client, session, server) the receipt counter rises and replays are refused).
 - Every "out" reply carries "served": the tokens the server has computed in this session so far
-  (all steps, replays and re-runs included). With each step the client signs a cumulative receipt
-  (`ReceiptSigner`) for that count PLUS the step's own tokens — a signed commitment to pay for the
+  (all steps, replays and re-runs included); the client counts the same itself and takes a larger
+  claim for a fault (pipeline/hop.py `OverstatedServed`). With each step the client signs a cumulative
+  receipt (`ReceiptSigner`) for that count PLUS the step's own tokens — a signed commitment to pay for the
   step before it is computed — and sends it as the step's "receipt"; in push mode each push-list
   entry carries its hop's receipt and the servers forward it untouched (they cannot alter it: it is
   signed by the client).

@@ -29,7 +29,8 @@
   (its receipts), the typed `Refused` is raised at once.
 - Credits: `ClientConfig.billing = ClientBilling(ledger)` (pipeline/billing.py) signs, with every
   step, a cumulative receipt for the tokens the server says it has served so far ("served" in each
-  "out"); in push mode each push-list entry carries its hop's receipt. "close" carries the final
+  "out"), never more than the client counts it sent that server (a server claiming more faults,
+  pipeline/hop.py `OverstatedServed`); in push mode each push-list entry carries its hop's receipt. "close" carries the final
   receipt, and the latest receipt per hop is recorded as a *spend* when the hop is closed or
   abandoned; a generation's spends are its `Generation.paid` (what this one generation cost).
 - Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py; which steps: pipeline/checkpolicy.py,
@@ -342,6 +343,7 @@ class InferenceSession:
         step_id = self._step_id
         t0 = trio.current_time()
         with trio.fail_after(self.model.client_config.step_timeout):
+            hop.note_sent(step_id, pos, h.shape[1])
             await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
             out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.model_config.hidden_size,
                                                    self.model.dtype_name)
@@ -495,6 +497,8 @@ class InferenceSession:
         outs: list[tuple[torch.Tensor, float] | None] = [None] * len(hops)
         cfg = self.model.client_config
         n = hidden.shape[1]
+        for hp in hops:
+            hp.note_sent(step_id, pos, n)
         msg = self._step_msg(hops[0], step_id, pos, hidden)
         msg["push"] = []
         for hp in hops[1:]:

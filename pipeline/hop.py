@@ -5,14 +5,15 @@ A `RemoteHop` is a stream to another peer: `RemoteHop.open` sends "open" and wai
 finiteness, and the server's signature over the result, pipeline/proofs.py); once the step's inputs
 are known (at once, or after a push collected every hop's output) `accept` checks the signed input
 digest and keeps the step in the hop's signed history `log`, what a dispute proof is built from. A
-bad signed result is a `BadSignedStep` (a FrameError: a fault, like a broken stream). `close` ends
-the session, with the final receipt when there is one. A `LocalHop` is a session with this peer's
-own BlockServer (`LocalServer`), in process: `run` is a call, with no stream and no serialisation,
-and nothing to sign for (serving ourselves is free). Either way a
-server's refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to,
-with the server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord`
-is what one completed step of a hop sent and got back (the spot checker keeps them,
-pipeline/spotcheck.py).
+bad signed result is a `BadSignedStep` (a FrameError: a fault, like a broken stream). The hop counts
+the tokens of the steps it sent that the server answered, less the rolled-back drafts, by the server's
+own rule (`counted`); "served" (what the client signs for) above that count is an `OverstatedServed`,
+a fault too. `close` ends the session, with the final receipt when there is one. A `LocalHop` is a
+session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no stream
+and no serialisation, and nothing to sign for (serving ourselves is free). Either way a server's
+refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to, with the
+server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord` is what
+one completed step of a hop sent and got back (the spot checker keeps them, pipeline/spotcheck.py).
 """
 
 from __future__ import annotations
@@ -53,6 +54,10 @@ async def _receive_reply(stream: Stream, kind: str, peer_id: str) -> dict:
         _raise_typed(e, peer_id)
 
 
+class OverstatedServed(FrameError):
+    """An "out" whose "served" exceeds the tokens the client sent that session (less the refunds): a fault."""
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """A completed step of a hop: its position, inputs, the chunks they ran in, and the outputs."""
@@ -90,8 +95,10 @@ class RemoteHop:
         self.stream, self.session_id, self.addr = stream, session_id, addr
         self.model_id, self.dtype, self.seed = model_id, dtype, seed
         self.server_key = public_key_from_peer_id(peer_id)
-        self.served = 0  # tokens the server says it has computed in this session (what we sign for)
-        self.last_pos, self.last_tokens = 0, 0  # the last accepted step (what a rollback may credit back)
+        self.served = 0  # tokens the server says it has computed in this session, at most `counted` (what we sign for)
+        self.counted = 0  # tokens of our steps the server answered, less rolled-back drafts (the server's own rule)
+        self.last_pos, self.last_tokens = 0, 0  # the last answered step (what a rollback may credit back)
+        self.sent: dict[int, tuple[int, int]] = {}  # step id → (pos, tokens) of steps sent, until answered
         self.closed = False
         self.signed: dict[int, SignedStep] = {}  # step id → its signed result, until its inputs are accepted
         self.log = ProvenLog(session_id)  # the signed history: what a dispute proof is built from
@@ -128,6 +135,22 @@ class RemoteHop:
     async def send_step(self, msg: dict) -> None:
         await self.stream.send(msg)
 
+    def note_sent(self, step_id: int, pos: int, tokens: int) -> None:
+        """Step `step_id` (`tokens` at `pos`) is on its way to the server, sent or pushed: what its "out" counts."""
+        self.sent[step_id] = (pos, tokens)
+
+    def _count(self, step_id: int) -> None:
+        """The server answered step `step_id`, so computed it: count it as the server does (pipeline/server.py
+        `_run`); steps sent before it and never answered (stale pushes) were not computed: the server
+        answers a session's steps in the order it computes them."""
+        step = self.sent.pop(step_id, None)
+        self.sent = {i: s for i, s in self.sent.items() if i > step_id}
+        if step is None:
+            return
+        pos, tokens = step
+        self.counted += tokens - proto.refunded_tokens(self.last_pos, self.last_tokens, pos)
+        self.last_pos, self.last_tokens = pos, tokens
+
     async def receive_out(self, step_id: int, n: int, hidden_size: int, dtype: str) -> tuple[torch.Tensor, float]:
         """The "out" for `step_id` (older outs, e.g. duplicates after a fallback, are skipped)."""
         while True:
@@ -135,6 +158,7 @@ class RemoteHop:
             got = m.get("id")
             if not isinstance(got, int) or got > step_id:
                 raise FrameError(f"reply for step {got!r} while waiting for step {step_id}")
+            self._count(got)  # skipped outs too: the server computed them
             if got < step_id:
                 continue
             out = unpack_hidden(m.get("h"), dtype=dtype, hidden_size=hidden_size)
@@ -146,7 +170,9 @@ class RemoteHop:
                                                  start=self.start, end=self.end, dtype=self.dtype,
                                                  session=self.session_id, step=step_id, seed=self.seed, outputs=out)}
             served = m.get("served")
-            if isinstance(served, int) and not isinstance(served, bool) and 0 <= served <= 1 << 40:
+            if isinstance(served, int) and not isinstance(served, bool) and served >= 0:
+                if served > self.counted:  # we would sign for work we never sent (or skipped refunds)
+                    raise OverstatedServed(f"server claims {served} tokens served, we sent {self.counted}")
                 self.served = served
             c = m.get("compute_s")
             return out, float(c) if isinstance(c, (int, float)) and not isinstance(c, bool) else 0.0
@@ -159,7 +185,6 @@ class RemoteHop:
         if record is None:
             raise BadSignedStep(f"no signed result for step {step_id}")
         self.log.accept(record, pos, chunks, inputs, outputs)
-        self.last_pos, self.last_tokens = pos, inputs.shape[1]
 
     def billed_before(self, pos: int) -> int:
         """What the server counts as served before a step at `pos`: `served` less the rejected drafts

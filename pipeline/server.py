@@ -9,14 +9,16 @@
 - Sessions (pipeline/protocol.py): one stream per session; the server keeps the session's KV cache,
   counted against `cache_budget_bytes`. A session may ask for any sub-span of ours. Every bad
   message gets an error reply and the session (and every other session) goes on.
-- What a session holds is what it uses (a stranger cannot sit on the cache): "open" is refused with
-  CacheFull unless its max length fits the free budget and the client's share, but reserves only
-  `initial_cache_tokens`; the cache grows (doubling, copied) as steps need it, each growth checked
-  again. A client holds at most `cache_share` of the budget over all its sessions (and at most
-  `stranger_cache_bytes`; all clients without standing together at most `strangers_cache_bytes`), or
-  `cache_share_standing` with standing in this server's view (billing, credits.standing), and opens at most `cache_share` of
-  `max_sessions`; a client with standing whose session
-  does not fit displaces sessions of clients without that have been idle `displace_idle_after`.
+- "open" is refused with CacheFull unless its max length fits the free budget and the client's share.
+  A client without standing books its whole max length at open (so a full strangers' pool refuses it
+  there, never mid-generation); one with standing books only `initial_cache_tokens` and what it uses
+  after that: its cache grows (doubling, copied) as steps need it, each growth checked again (it may
+  be refused then). Either way the cache's memory is allocated as it grows. A client holds at most
+  `cache_share` of the budget over all its sessions (and at most `stranger_cache_bytes`; all clients
+  without standing together at most `strangers_cache_bytes`), or `cache_share_standing` with standing
+  in this server's view (billing, credits.standing), and opens at most `cache_share` of
+  `max_sessions`; a client with standing whose session does not fit displaces sessions of clients
+  without that have been idle `displace_idle_after`.
   Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after.
 - All torch work (loading, measuring, every step) runs in worker threads through one
   `PriorityLimiter`, so the peer's trio loop (DHT, membership, other sessions' I/O) never
@@ -589,7 +591,9 @@ class BlockServer:
         standing = peer_id == self.network.peer_id or (self.billing is not None and (account is None or account.standing))
         per_token = KVCache.bytes_for(cfg, b - a, 1, dtype=self.dtype)
         capacity = min(max_length, self.config.initial_cache_tokens)
-        need = capacity * per_token
+        # without standing the whole max_length is booked now: the strangers' pool is small, and a cache
+        # growing past a full pool would be refused mid-generation (which ends it) instead of at open
+        need = (capacity if standing else max_length) * per_token
         try:
             self._check_room(peer_id, standing, max_length * per_token, per_token)  # it could finish here
             self._reserve(peer_id, standing, need, per_token)  # before the await: opens cannot overbook
@@ -723,8 +727,9 @@ class BlockServer:
                     capacity = min(session.max_length, max(pos + n, 2 * capacity))
                     per_token = session.span.cache_bytes(1)
                     extra = capacity * per_token - session.nbytes
-                    self._reserve(session.peer_id, session.standing, extra, per_token)
-                    session.nbytes += extra
+                    if extra > 0:  # a session without standing booked its max_length at open
+                        self._reserve(session.peer_id, session.standing, extra, per_token)
+                        session.nbytes += extra
                 priority = math.inf if account is None else await account.billing.priority(account)
                 seed = session.seed
 

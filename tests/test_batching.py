@@ -11,6 +11,7 @@ from pipeline.batching import BatchStep, StepBatcher, compute_batch
 from pipeline.limiter import PriorityLimiter
 from pipeline.loading import load_span
 from pipeline.model import CacheError
+from pipeline.protocol import InferenceError
 from testkit.models import make_tiny
 from testkit.swarms import swarm
 
@@ -163,6 +164,32 @@ async def test_a_cancelled_waiting_step_leaves_the_queue(llama_folder):
         await first.done.wait()
         nursery.cancel_scope.cancel()
     assert first.outputs is not None and gone.outputs is None and batcher.stats["steps"] == 1
+
+
+async def test_steps_of_a_batch_cancelled_before_its_thread_fail_typed(llama_folder):
+    """The server stops while a batch waits for the limiter: its steps fail as ServerStopping, none is left
+    done with neither outputs nor an error."""
+    span = load_span(llama_folder, 0, 2, device="cpu")
+    limiter = PriorityLimiter(1)
+    batcher = StepBatcher(limiter, max_steps=4, max_tokens=64)
+    step = _step(span, span.new_cache(8), 1, 0.0)
+    failed = []
+
+    async def submit():
+        try:
+            await batcher.submit(step)
+        except InferenceError as e:
+            failed.append(e.kind)
+
+    async with trio.open_nursery() as clients:
+        async with trio.open_nursery() as server:
+            await server.start(batcher.run)
+            await limiter.acquire_on_behalf_of("busy")  # the compute thread is taken: the batch waits
+            clients.start_soon(submit)
+            while not step.taken:
+                await trio.sleep(0.01)
+            server.cancel_scope.cancel()
+    assert failed == ["ServerStopping"] and step.outputs is None
 
 
 async def test_concurrent_clients_through_a_batching_swarm_get_their_lone_tokens(llama):

@@ -11,9 +11,10 @@ from credits.ledger import GFLOP
 from pipeline.batching import BatchStep
 from pipeline.billing import ClientBilling
 from pipeline.client import GenerationFailed
-from pipeline.errors import InsufficientCredit, ReceiptRequired
+from pipeline.errors import InsufficientCredit, ReceiptRequired, Refused
 from pipeline.limiter import PriorityLimiter
 from pipeline.loading import ModelFolder
+from pipeline.server import BlockServer
 from testkit.billing import POLICY, add_client, add_server, give_standing, latest_receipts, make_ledger
 from testkit.swarms import swarm
 
@@ -152,6 +153,34 @@ async def test_client_that_stops_signing_is_cut_off(llama):
             model.client_config.billing = Forger(model.client_config.billing.ledger)
             with pytest.raises(GenerationFailed, match="BadReceipt"):
                 await model.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+
+
+class OverstatesServed(BlockServer):
+    """Claims a thousand tokens more served than it computed in every "out"."""
+
+    async def _step(self, session, m, *, pushed):
+        reply = await super()._step(session, m, pushed=pushed)
+        if reply is not None:
+            reply["served"] += 1000
+        return reply
+
+
+async def test_client_never_signs_for_more_than_it_sent(llama):
+    """A server overstating "served" is a fault (banned, not a refusal), and the client's receipts for it
+    cover only the tokens it sent."""
+    path, mid, local, cfg = llama
+    with trio.fail_after(60):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            liar = await add_server(s, 0, 2, mid=mid, cfg=cfg, server_cls=OverstatesServed)
+            await add_server(s, 2, 4, mid=mid, cfg=cfg)
+            client, model = await add_client(s, mid=mid, cfg=cfg)
+            with pytest.raises(GenerationFailed) as failed:
+                await model.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+            assert not isinstance(failed.value, Refused) and "OverstatedServed" in str(failed.value)
+            assert liar.network.peer_id in model.sequence.banned()
+            spends = latest_receipts(client.ledger, client.ledger.me, "spend")
+            signed = [r.tokens for r in spends.values() if r.server == liar.ledger.me]
+            assert signed and max(signed) <= len(PROMPT)  # the prefill it was sent, not a token more
 
 
 async def test_debtor_refused_when_busy_served_when_idle(llama):

@@ -11,6 +11,7 @@ from pipeline import convert
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.config import ModelConfig
+from pipeline.errors import CacheFull
 from pipeline.loading import ModelFolder
 from pipeline.model import KVCache
 from pipeline.server import BlockServer, ServerConfig
@@ -109,3 +110,43 @@ def test_the_defaults_hold_a_normal_generation_of_the_default_model_and_bound_a_
     assert conf.stranger_cache_bytes <= conf.strangers_cache_bytes <= 64 << 20  # the issue's bound on a hog's RSS
     print(f"\nSmolLM2, 30 blocks, float32: {normal / 2**20:.1f} MiB for {400 + DEFAULT_MAX_TOKENS} tokens; "
           f"a stranger may hold {conf.stranger_cache_bytes >> 20} MiB, all strangers {conf.strangers_cache_bytes >> 20} MiB")
+
+
+async def test_a_stranger_is_refused_at_open_never_mid_generation(llama):
+    """Strangers book their whole max_length at open: when two of them do not fit the strangers' pool
+    together, the second is refused at "open" (CacheFull), and once there is room it runs to the end."""
+    path, mid, local, cfg = llama
+    want = local.generate_greedy(PROMPT, 10)
+    per = KV_BYTES_PER_TOKEN
+    with trio.fail_after(90):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            peer = await s._peer(client_mode=False)
+            policy = CreditPolicy(starting_grant=0, debt_limit=10**12)
+            peer.ledger = make_ledger(peer.network.identity, None, mid, cfg, policy)
+            # 18 tokens for all strangers: two sessions of 16 do not fit, one of 16 and one of 4 growing to 16 did
+            conf = ServerConfig(throughput=FIXED_TP, announce_period=5.0, cache_budget_bytes=256 * per,
+                                initial_cache_tokens=4, stranger_cache_bytes=16 * per, strangers_cache_bytes=18 * per)
+            server = peer.server = BlockServer(peer.network, peer.dht, path, 0, 4, config=conf, model_id=mid,
+                                               billing=ServerBilling(peer.ledger,
+                                                                     standing=StandingView(peer.ledger, max_age=0)))
+            await peer.nursery.start(server.run)
+            s.servers.append(peer)
+            models = []
+            for _ in range(2):
+                p = await s._peer(client_mode=True)
+                p.ledger = make_ledger(p.network.identity, None, mid, cfg, policy)
+                s.clients.append(p)
+                models.append(await DistributedModel.from_pretrained(
+                    path, p.network, p.dht, model_id=mid,
+                    config=ClientConfig(billing=ClientBilling(p.ledger), spot_check=None, step_timeout=10.0)))
+            first, second = models
+            async with first.inference_session(len(PROMPT) + 10):
+                assert [x.nbytes for x in server.sessions.values()] == [16 * per]  # booked at open
+                with pytest.raises(CacheFull) as refused:
+                    await second.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
+                assert refused.value.limit == 2 and server.stats["steps"] == 0  # at open, before any step
+            with trio.fail_after(10):
+                while server.sessions:
+                    await trio.sleep(0.05)
+            g = await second.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
+            assert g.token_ids == want

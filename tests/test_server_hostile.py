@@ -110,10 +110,10 @@ async def test_cache_hog_holds_a_share_briefly_and_is_displaced(llama):
             too_long = await ask(st, open_msg(mid, max_length=40))
             assert too_long["kind"] == "CacheFull" and too_long["limit"] == 32
             assert REFUSALS[too_long["kind"]] is CacheFull
-            # an open reserves 4 tokens, not its max_length ...
-            assert (await ask(st, open_msg(mid, max_length=32)))["t"] == "opened"
-            assert held_by(server, mallory) == 4 * KV_BYTES_PER_TOKEN
-            # ... and 8 sessions fill mallory's share, no more
+            # a credit-less open books its whole max_length (4 tokens would be reserved with standing) ...
+            assert (await ask(st, open_msg(mid, max_length=16)))["t"] == "opened"
+            assert held_by(server, mallory) == 16 * KV_BYTES_PER_TOKEN
+            # ... and 4 more sessions of 4 tokens fill mallory's share, no more
             streams, opened = [st], 1
             while True:
                 streams.append(await raw_stream(mallory, srv))
@@ -121,10 +121,10 @@ async def test_cache_hog_holds_a_share_briefly_and_is_displaced(llama):
                 if reply["t"] != "opened":
                     break
                 opened += 1
-            assert opened == 8 and reply["kind"] == "CacheFull" and reply["limit"] == 0
+            assert opened == 5 and reply["kind"] == "CacheFull" and reply["limit"] == 0
             hog = held_by(server, mallory)
             print(f"\ncache one credit-less key holds: {hog} of {budget} bytes ({hog / budget:.0%}); "
-                  f"each idle open reserves {4 * KV_BYTES_PER_TOKEN} bytes whatever its max_length")
+                  f"each idle open books its max_length")
             assert hog == budget // 2
             # a second credit-less key takes the other half: the budget is full
             for _ in range(8):
@@ -163,13 +163,15 @@ async def test_cache_grows_with_the_tokens_computed(llama):
             server = s.servers[0].server
             model = await s.client(spot_check=None)
             async with model.inference_session(64) as session:
-                assert server.cache_used == 8 * KV_BYTES_PER_TOKEN  # not 64 tokens' worth
+                # no billing, so no standing: the session's max_length is booked at open, the cache allocated as it grows
+                (served,) = server.sessions.values()
+                assert server.cache_used == 64 * KV_BYTES_PER_TOKEN and served.cache.capacity == 8
                 await session.step(await model.embed(PROMPT))
-                assert server.cache_used == 8 * KV_BYTES_PER_TOKEN
+                assert served.cache.capacity == 8
                 await session.step(await model.embed(LONG))  # 56 tokens: grows to fit
-                assert server.cache_used == 56 * KV_BYTES_PER_TOKEN
+                assert served.cache.capacity == 56
                 await session.step(await model.embed([1]))  # doubles, up to the session's max_length
-                assert server.cache_used == 64 * KV_BYTES_PER_TOKEN
+                assert served.cache.capacity == 64 and server.cache_used == 64 * KV_BYTES_PER_TOKEN
             g = await model.generate(LONG, max_new_tokens=6, stop_token_ids=[])  # grows mid-generation
             assert g.token_ids == want  # what the cache held was copied bit for bit
 
