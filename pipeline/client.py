@@ -257,14 +257,21 @@ class InferenceSession:
         retried: set[str] = set()
         refusals: dict[str, Refused] = {}  # peer → its refusal, for this route only
         faults = 0
+        second_chance = False  # servers left out after a failed first contact, opened once more (full timeout)
         while faults <= self.model.client_config.max_recoveries:
-            await self._probe(start, end)
+            if not second_chance:
+                await self._probe(start, end)
             try:
                 route = await seq.route(start, end, need_cache_tokens=self.max_length, exclude=refusals.keys(),
                                         prefer=self.prefer)
             except NoRoute as e:
                 if refusals:
                     raise _telling(list(refusals.values()))  # its cause (the server's reply) stays
+                if not second_chance and seq.forgive_unreachable(start, end):
+                    # a short first dial that failed is no proof nothing listens (a loaded or just
+                    # restarted server): rather one more open than no answer at all
+                    second_chance = True
+                    continue
                 raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from last if last is not None else e
             hops: list[Hop] = []
             try:

@@ -308,6 +308,13 @@ class SequenceManager:
             self.unreachable[peer_id] = trio.current_time() + self.unreachable_for
             log.info("server %s could not be reached: left out for %.0f s", peer_id[-8:], self.unreachable_for)
 
+    def forgive_unreachable(self, start: int, end: int) -> bool:
+        """Clear the marks of servers of [start, end) whose first contact failed; whether there were any."""
+        forgiven = [s.peer_id for s in self.servers if s.peer_id in self.unreachable and s.start < end and s.end > start]
+        for peer_id in forgiven:
+            del self.unreachable[peer_id]
+        return bool(forgiven)
+
     def note_connected(self, peers: Iterable[str]) -> None:
         """Announced servers among `peers` (the network's open connections) count as contacted."""
         announced = {s.peer_id for s in self.servers}

@@ -142,3 +142,20 @@ async def test_honest_generations_succeed_among_hundreds_of_fake_announcements(l
             assert blind.sequence.dials_failed > 0 and not blind.sequence.banned()
             figures["blind_dials_failed"] = blind.sequence.dials_failed
             print(figures)
+
+
+async def test_a_server_left_out_after_a_failed_first_dial_is_opened_once_more_rather_than_no_route(llama):
+    """A first dial has a short timeout; failing it (a loaded or just restarted server) leaves the server out
+    for a while. When that leaves some block without a route, the client opens it once more with the full
+    open timeout instead of answering "no route"."""
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 4)
+    with trio.fail_after(120):
+        async with swarm("libp2p", path, [(0, 2), (2, 4)], model_id=mid) as s:
+            client = await s.client()
+            await client.sequence.refresh(force=True)
+            tail = next(p.network.peer_id for p in s.servers if p.server.start == 2)
+            client.sequence.note_contact(tail, False)  # as if its first dial had timed out
+            assert tail in client.sequence.unreachable
+            assert (await client.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])).token_ids == want
+            assert tail in client.sequence.reached
