@@ -122,6 +122,9 @@ def test_a_broke_user_gets_402_while_the_servers_are_busy(swarm):
 def test_a_server_stopped_mid_answer_changes_nothing_for_the_user(swarm):
     prompt = [{"role": "user", "content": "Write two sentences about the sea."}]
     want = swarm.user.call("generate", messages=prompt, max_tokens=24)["text"]  # greedy, undisturbed
+    # that generation's sessions close as its servers read the close: none left when the stream starts,
+    # so the one busy replica below is the stream's
+    wait_until(lambda: not any(_sessions(swarm).values()), 30, 0.2, message="the servers to close earlier sessions")
     stream = swarm.client.chat.completions.create(model=MODEL, messages=prompt, max_tokens=24, temperature=0,
                                                   stream=True)
     pieces, stopped = [], None
