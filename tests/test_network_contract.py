@@ -196,7 +196,8 @@ async def test_disconnect_notifies_both_sides_and_the_book_redials(pair, clock):
     b.add_connection_listener(lambda p, up: events.append((p, up)))
     await a.disconnect(b.peer_id)
     with trio.fail_after(3):
-        while (a.peer_id, False) not in events:
+        # a reachability dial-back (libp2p backend) may hold a short-lived probe connection of its own
+        while (a.peer_id, False) not in events or a.connected_peers() or b.connected_peers():
             await trio.sleep(0.02)
     assert a.connected_peers() == [] and b.connected_peers() == []
     b.set_request_handler(ECHO, echo)
