@@ -30,28 +30,36 @@ def llama(llama):
     return path, mid, local, ModelFolder(path).config
 
 
+async def _billed_server(s, path, mid, cfg, *, strangers_tokens: int, authority: bool = False):
+    """A billing server of all 4 blocks with a 256-token cache: 16 tokens for one stranger, `strangers_tokens`
+    for all strangers; its own key a grant authority when `authority` (to give clients standing)."""
+    per = KV_BYTES_PER_TOKEN
+    peer = await s._peer(client_mode=False)
+    authorities = frozenset([peer.network.identity.public_key]) if authority else frozenset()
+    peer.ledger = make_ledger(peer.network.identity, None, mid, cfg,
+                              CreditPolicy(starting_grant=0, debt_limit=10**12, grant_authorities=authorities))
+    conf = ServerConfig(throughput=FIXED_TP, announce_period=5.0, cache_budget_bytes=256 * per,
+                        initial_cache_tokens=4, stranger_cache_bytes=16 * per,
+                        strangers_cache_bytes=strangers_tokens * per)
+    server = peer.server = BlockServer(peer.network, peer.dht, path, 0, 4, config=conf, model_id=mid,
+                                       billing=ServerBilling(peer.ledger, standing=StandingView(peer.ledger, max_age=0)))
+    await peer.nursery.start(server.run)
+    s.servers.append(peer)
+    return peer, server
+
+
 async def test_strangers_hold_a_bounded_slice_and_standing_keeps_the_rest(llama):
     path, mid, local, cfg = llama
     want = local.generate_greedy(PROMPT, 4)
     per = KV_BYTES_PER_TOKEN
     with trio.fail_after(90):
         async with swarm("sim", path, [], model_id=mid) as s:
-            peer = await s._peer(client_mode=False)
-            policy = CreditPolicy(starting_grant=0, debt_limit=10**12,
-                                  grant_authorities=frozenset([peer.network.identity.public_key]))
-            peer.ledger = make_ledger(peer.network.identity, None, mid, cfg, policy)
             # a fraction alone (half of 256 tokens) would let one key hold 128 tokens, two keys all of it
-            conf = ServerConfig(throughput=FIXED_TP, announce_period=5.0, cache_budget_bytes=256 * per,
-                                initial_cache_tokens=4, stranger_cache_bytes=16 * per, strangers_cache_bytes=40 * per)
-            server = peer.server = BlockServer(peer.network, peer.dht, path, 0, 4, config=conf, model_id=mid,
-                                               billing=ServerBilling(peer.ledger,
-                                                                     standing=StandingView(peer.ledger, max_age=0)))
-            await peer.nursery.start(server.run)
-            s.servers.append(peer)
+            peer, server = await _billed_server(s, path, mid, cfg, strangers_tokens=40, authority=True)
 
             async def stranger():
                 p = await s._peer(client_mode=True)
-                p.ledger = make_ledger(p.network.identity, None, mid, cfg, policy)
+                p.ledger = make_ledger(p.network.identity, None, mid, cfg, peer.ledger.policy)
                 p.network.add_address(peer.network.peer_id, peer.network.listen_addrs()[0])
                 return p
 
@@ -82,10 +90,10 @@ async def test_strangers_hold_a_bounded_slice_and_standing_keeps_the_rest(llama)
                 while (await ask_open(sybil, 4))[1]["t"] == "opened":
                     pass
             assert held() == 40 * per
-            print(f"\nstrangers hold {held()} of {conf.cache_budget_bytes} bytes; one key {held(mallory)}")
+            print(f"\nstrangers hold {held()} of {server.config.cache_budget_bytes} bytes; one key {held(mallory)}")
             # a client with standing (its work reached this server) is not held to their slice
             rich = await s._peer(client_mode=True)
-            rich.ledger = make_ledger(rich.network.identity, None, mid, cfg, policy)
+            rich.ledger = make_ledger(rich.network.identity, None, mid, cfg, peer.ledger.policy)
             await give_standing(rich.ledger, peer.ledger, model=mid, start=0, end=4, tokens=10)
             s.clients.append(rich)
             model = await DistributedModel.from_pretrained(
@@ -120,21 +128,12 @@ async def test_a_stranger_is_refused_at_open_never_mid_generation(llama):
     per = KV_BYTES_PER_TOKEN
     with trio.fail_after(90):
         async with swarm("sim", path, [], model_id=mid) as s:
-            peer = await s._peer(client_mode=False)
-            policy = CreditPolicy(starting_grant=0, debt_limit=10**12)
-            peer.ledger = make_ledger(peer.network.identity, None, mid, cfg, policy)
             # 18 tokens for all strangers: two sessions of 16 do not fit, one of 16 and one of 4 growing to 16 did
-            conf = ServerConfig(throughput=FIXED_TP, announce_period=5.0, cache_budget_bytes=256 * per,
-                                initial_cache_tokens=4, stranger_cache_bytes=16 * per, strangers_cache_bytes=18 * per)
-            server = peer.server = BlockServer(peer.network, peer.dht, path, 0, 4, config=conf, model_id=mid,
-                                               billing=ServerBilling(peer.ledger,
-                                                                     standing=StandingView(peer.ledger, max_age=0)))
-            await peer.nursery.start(server.run)
-            s.servers.append(peer)
+            peer, server = await _billed_server(s, path, mid, cfg, strangers_tokens=18)
             models = []
             for _ in range(2):
                 p = await s._peer(client_mode=True)
-                p.ledger = make_ledger(p.network.identity, None, mid, cfg, policy)
+                p.ledger = make_ledger(p.network.identity, None, mid, cfg, peer.ledger.policy)
                 s.clients.append(p)
                 models.append(await DistributedModel.from_pretrained(
                     path, p.network, p.dht, model_id=mid,
