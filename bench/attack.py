@@ -334,7 +334,7 @@ async def _send_raw(net: Libp2pNetwork, target: Target, frame: bytes) -> tuple[b
             answered = True
         except (P2PError, FrameError):
             pass
-    with trio.move_on_after(1):
+    with trio.move_on_after(10):  # a loaded victim may take seconds to get to the close
         while target.peer_id in net.connected_peers():
             await trio.sleep(0.02)
     return answered, target.peer_id not in net.connected_peers()
@@ -391,6 +391,18 @@ async def dht_store_flood(target: Target) -> Outcome:
     return Outcome({"records_sent": sent, "records_stored": stored}, {"records_stored": StoreLimits().owner_values})
 
 
+@asynccontextmanager
+async def user_client(target: Target, identity: Identity, ledger: Ledger) -> AsyncIterator[DistributedModel]:
+    """A user's client with its own key: its DHT bootstrapped from the victim, no spot checks, 10 s steps."""
+    async with stranger(target, identity) as net, trio.open_nursery() as nursery:
+        dht = DHTNode(net, bootstrap=[target.addr], client_mode=True, config=DHTConfig(request_timeout=5.0))
+        await nursery.start(dht.run)
+        yield await DistributedModel.from_pretrained(
+            target.folder, net, dht, model_id=target.model_id,
+            config=ClientConfig(billing=ClientBilling(ledger), spot_check=None, step_timeout=10.0))
+        nursery.cancel_scope.cancel()
+
+
 async def fresh_client(target: Target, *, cold: bool, generations: int = 3) -> dict:
     """A new user's client (a fresh key, its DHT bootstrapped from the victim) generating a few short
     completions; `cold`: it has read the announcements but holds no connection to any server, so it
@@ -402,16 +414,11 @@ async def fresh_client(target: Target, *, cold: bool, generations: int = 3) -> d
     latencies: list[float] = []
     failures: list[str] = []
     try:
-        async with stranger(target, identity) as net, trio.open_nursery() as nursery:
-            dht = DHTNode(net, bootstrap=[target.addr], client_mode=True, config=DHTConfig(request_timeout=5.0))
-            await nursery.start(dht.run)
-            model = await DistributedModel.from_pretrained(
-                target.folder, net, dht, model_id=target.model_id,
-                config=ClientConfig(billing=ClientBilling(ledger), spot_check=None, step_timeout=10.0))
+        async with user_client(target, identity, ledger) as model:
             announced = len(await model.sequence.refresh(force=True))
             if cold:
-                for peer in net.connected_peers():
-                    await net.disconnect(peer)
+                for peer in model.network.connected_peers():
+                    await model.network.disconnect(peer)
             for _ in range(generations):  # 4 + 4 tokens each: within a new key's debt allowance
                 t0 = trio.current_time()
                 try:
@@ -419,7 +426,6 @@ async def fresh_client(target: Target, *, cold: bool, generations: int = 3) -> d
                     latencies.append(trio.current_time() - t0)
                 except (GenerationFailed, Refused) as e:
                     failures.append(type(e).__name__)
-            nursery.cancel_scope.cancel()
     finally:
         ledger.store.close()
     return {"generations": generations, "succeeded": len(latencies), "failures": failures,
@@ -567,12 +573,7 @@ async def unpaid_compute(target: Target) -> Outcome:
         keys.append(identity)
         ledger = Ledger.open(identity, None, pricing=target.pricing, policy=target.policy)
         try:
-            async with stranger(target, identity) as net, trio.open_nursery() as nursery:
-                dht = DHTNode(net, bootstrap=[target.addr], client_mode=True, config=DHTConfig(request_timeout=5.0))
-                await nursery.start(dht.run)
-                model = await DistributedModel.from_pretrained(
-                    target.folder, net, dht, model_id=target.model_id,
-                    config=ClientConfig(billing=ClientBilling(ledger), spot_check=None, step_timeout=10.0))
+            async with user_client(target, identity, ledger) as model:
                 task_status.started()
                 prompt = [random.randrange(3, target.config.vocab_size) for _ in range(8)]
                 try:
@@ -581,7 +582,6 @@ async def unpaid_compute(target: Target) -> Outcome:
                         tokens[0] += len(prompt) + len(g.token_ids)
                 except InsufficientCredit:
                     pass
-                nursery.cancel_scope.cancel()
         finally:
             ledger.store.close()
 

@@ -14,38 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
-
-
-async def restating_runs(model, n: int) -> dict:
-    """The restating prompt plain, then with prompt lookup: tok/s, passes, the time of a pass and where it goes."""
-    from bench.pipeline import RESTATE
-
-    ids = model.encode(RESTATE)
-    out: dict = {"prompt_tokens": len(ids), "tokens": n}
-    tokens = {}
-    for name, speculative in (("plain", False), ("prompt_lookup", True)):
-        await model.generate(ids, max_new_tokens=2, stop_token_ids=[], speculative=speculative)
-        t0 = time.perf_counter()
-        g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[], speculative=speculative)
-        wall = time.perf_counter() - t0
-        passes = max(1, g.steps - 1)  # the prefill is the first step
-        out[name] = {
-            "tokens_per_s": n / wall, "decode_tokens_per_s": g.tokens_per_s, "wall_s": wall, "ttft_s": g.ttft_s,
-            "passes": g.steps - 1, "tokens_per_pass": (n - 1) / passes,
-            "ms_per_pass": 1000 * g.decode_s / passes,
-            # per step, the prefill included: what the servers computed vs the rest of the step's wall time
-            "server_compute_ms_per_step": 1000 * g.compute_s / max(1, g.steps),
-            "network_ms_per_step": 1000 * g.network_s / max(1, g.steps),
-            "route": [{"peer_id": p, "start": a, "end": b} for p, a, b in g.route],
-        }
-        if g.speculation is not None:
-            out[name]["acceptance"] = g.speculation.acceptance
-            out[name]["drafted"] = g.speculation.drafted
-        tokens[name] = g.token_ids
-    out["identical"] = tokens["plain"] == tokens["prompt_lookup"]
-    out["speculative_over_plain"] = out["prompt_lookup"]["tokens_per_s"] / out["plain"]["tokens_per_s"]
-    return out
 
 
 async def run(args: argparse.Namespace) -> dict:
@@ -57,6 +25,7 @@ async def run(args: argparse.Namespace) -> dict:
     from p2p.libp2p import Libp2pNetwork
     from pipeline.billing import ClientBilling
     from pipeline.client import ClientConfig, DistributedModel
+    from bench.pipeline import restating_runs
     from pipeline.pricing import ModelPricing
 
     identity = Identity.generate()

@@ -18,15 +18,14 @@ import time
 from pathlib import Path
 
 import httpx
-import msgpack
 import openai
 import pytest
 import trio
 from openai import OpenAI
 
-from credits import Receipt, Store, credits
 from potluck import control
 from potluck.localswarm import POTLUCK, PeerProcess, start_all, wait_until
+from testkit.processes import earned_per_session
 
 pytestmark = pytest.mark.slow
 
@@ -161,24 +160,6 @@ def test_readme_client_snippet_runs_unchanged(swarm, capsys):
     assert out.strip() and re.search(r" \d+\n", out)
 
 
-def _earned(swarm: Swarm, sessions: set[str]) -> dict[str, float]:
-    """Session id (hex) → GFLOP-credits the servers' own ledgers record as earned for it (each earn
-    entry holds the session's latest receipt; the highest counter is what the session earned)."""
-    latest: dict[str, Receipt] = {}
-    for p in swarm.servers:
-        store = Store(p.data_dir)  # a second connection to the running server's database
-        try:
-            earns = store.entries_of_kind("earn")
-        finally:
-            store.close()
-        for entry in earns:
-            r = Receipt.from_list(msgpack.unpackb(entry.body, raw=False)[0])
-            key = r.session.hex()
-            if key in sessions and (key not in latest or latest[key].counter < r.counter):
-                latest[key] = r
-    return {key: credits(r.flops) for key, r in latest.items()}
-
-
 def test_concurrent_requests_each_report_the_credits_of_their_own_sessions(swarm):
     """Two requests at once: each answer's credits_spent is what the servers earned for that request's
     sessions, not the movement of the ledger while both ran."""
@@ -200,7 +181,7 @@ def test_concurrent_requests_each_report_the_credits_of_their_own_sessions(swarm
     for extra in answers.values():
         paid = {p["session"]: p["credits"] for p in extra["paid"]}
         assert len(paid) == 3 and {p["peer_id"] for p in extra["paid"]} == {p.peer_id for p in swarm.servers}
-        earned = wait_until(lambda: (e := _earned(swarm, set(paid))).keys() == paid.keys() and e, 30, 0.5,
+        earned = wait_until(lambda: (e := earned_per_session([p.data_dir for p in swarm.servers], set(paid))).keys() == paid.keys() and e, 30, 0.5,
                             message="the servers' earn entries for the request's sessions")
         assert earned == pytest.approx(paid)
         assert extra["credits_spent"] == pytest.approx(sum(earned.values())) and extra["credits_spent"] > 0

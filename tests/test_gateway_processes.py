@@ -15,9 +15,10 @@ import openai
 import pytest
 from openai import OpenAI
 
-from credits import Receipt, Store, credits
+from credits import Receipt, credits
 from pipeline.pricing import ModelPricing
 from potluck.localswarm import PeerProcess, start_all, wait_until
+from testkit.processes import earned_per_session
 
 pytestmark = pytest.mark.slow
 
@@ -70,22 +71,6 @@ def gateway(smollm2_data, tmp_path_factory):
             p.close()
 
 
-def _earned(server: PeerProcess, sessions: set[str]) -> dict[str, float]:
-    """Session (hex) → GFLOP-credits the server's own ledger records as earned for it (latest receipt)."""
-    store = Store(server.data_dir)  # a second connection to the running server's database
-    try:
-        earns = store.entries_of_kind("earn")
-    finally:
-        store.close()
-    latest: dict[str, Receipt] = {}
-    for entry in earns:
-        r = Receipt.from_list(msgpack.unpackb(entry.body, raw=False)[0])
-        key = r.session.hex()
-        if key in sessions and (key not in latest or latest[key].counter < r.counter):
-            latest[key] = r
-    return {key: credits(r.flops) for key, r in latest.items()}
-
-
 def test_an_answers_receipts_verify_and_add_up_to_what_it_cost(gateway):
     reply = gateway.openai(NOTES_KEY).chat.completions.create(
         model=MODEL, messages=[{"role": "user", "content": "Name a fruit."}], max_tokens=8, temperature=0,
@@ -100,7 +85,7 @@ def test_an_answers_receipts_verify_and_add_up_to_what_it_cost(gateway):
     assert sum(credits(r.flops) for r in receipts) == pytest.approx(extra["credits_spent"])
     # what the server's own ledger holds for these sessions is what the answer says it was charged
     sessions = {r.session.hex(): credits(r.flops) for r in receipts}
-    earned = wait_until(lambda: (e := _earned(gateway.procs["server"], set(sessions))).keys() == sessions.keys() and e,
+    earned = wait_until(lambda: (e := earned_per_session([gateway.procs["server"].data_dir], set(sessions))).keys() == sessions.keys() and e,
                         30, 0.5, message="the server's earn entries for the answer's sessions")
     assert earned == pytest.approx(sessions)
 

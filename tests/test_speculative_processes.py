@@ -3,14 +3,12 @@ that restates its text, the user's peer verifies several tokens a pass and gets 
 tokens; a route server's receipt bills the kept positions, not the rejected drafts; a server SIGKILLed
 mid-speculation (a replica exists) changes nothing."""
 
-import threading
-import time
-
 import pytest
 
 from pipeline.loading import load_local_model
 from pipeline.speculative import SpeculativeConfig
 from potluck.localswarm import PeerProcess, wait_until
+from testkit.processes import kill_the_serving_replica
 
 pytestmark = pytest.mark.slow
 
@@ -81,18 +79,8 @@ def test_server_killed_mid_speculation_changes_nothing(swarm, reference):
     replicas = [swarm["tail-a"], swarm["tail-b"]]
     wait_until(lambda: all(p.call("status")["server"]["sessions"] == 0 for p in replicas), 30, 0.2,
                message="earlier sessions closed")
-    box: dict = {}
-    worker = threading.Thread(target=lambda: box.update(result=user.call("generate", prompt=PROMPT,
-                                                                         max_tokens=NEW_TOKENS, timeout=180)))
-    worker.start()
-    victim = wait_until(lambda: next((p for p in replicas if p.call("status")["server"]["sessions"] > 0), None),
-                        60, 0.05, message="a replica serving the session")
-    time.sleep(0.3)
-    victim.kill()
-    worker.join(timeout=180)
-    assert not worker.is_alive()
-    result = box["result"]
+    result, victim, survivor = kill_the_serving_replica(user, replicas, after_s=0.3, poll_s=0.05, timeout=180,
+                                                        prompt=PROMPT, max_tokens=NEW_TOKENS)
     assert result["token_ids"] == reference
     assert result["recoveries"] >= 1 and result["speculation"]["accepted"] > 0
-    survivor = next(p for p in replicas if p is not victim)
     assert any(hop["peer_id"] == survivor.peer_id for hop in result["route"])

@@ -1,13 +1,11 @@
 """SmolLM2 served by real `potluck serve --blocks` processes, used by a user's peer process: the tokens
 equal a local run, and a server SIGKILLed mid-generation (a replica exists) changes nothing."""
 
-import threading
-import time
-
 import pytest
 
 from pipeline.loading import load_local_model
 from potluck.localswarm import PeerProcess, wait_until
+from testkit.processes import kill_the_serving_replica
 
 pytestmark = pytest.mark.slow
 
@@ -120,21 +118,11 @@ def test_credits_after_generation_match_and_agree_everywhere(swarm):
 def test_server_killed_mid_generation_changes_nothing(swarm, reference):
     user = swarm["user"]
     replicas = [swarm["mid-a"], swarm["mid-b"]]
-    box: dict = {}
-    worker = threading.Thread(target=lambda: box.update(result=user.call("generate", prompt=PROMPT,
-                                                                     max_tokens=NEW_TOKENS)))
-    worker.start()
     # Kill whichever replica the generation is using, once it is under way.
-    victim = wait_until(lambda: next((p for p in replicas if p.call("status")["server"]["sessions"] > 0), None),
-                        60, 0.1, message="a replica serving the session")
-    time.sleep(1.0)
-    victim.kill()
-    worker.join(timeout=180)
-    assert not worker.is_alive()
-    result = box["result"]
+    result, victim, survivor = kill_the_serving_replica(user, replicas, after_s=1.0, poll_s=0.1, timeout=180,
+                                                        prompt=PROMPT, max_tokens=NEW_TOKENS)
     assert result["token_ids"] == reference
     assert result["recoveries"] >= 1
-    survivor = next(p for p in replicas if p is not victim)
     assert any(hop["peer_id"] == survivor.peer_id for hop in result["route"])
 
 

@@ -1,0 +1,45 @@
+"""What tests do to swarms of real `potluck serve` processes (`potluck.localswarm.PeerProcess`)."""
+
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+
+from credits import Receipt, Store, credits
+from potluck.localswarm import PeerProcess, wait_until
+
+
+def kill_the_serving_replica(user: PeerProcess, replicas: list[PeerProcess], *, after_s: float, poll_s: float,
+                             timeout: float, **generate) -> tuple[dict, PeerProcess, PeerProcess]:
+    """Start a generation at `user`, kill whichever of `replicas` serves it `after_s` seconds after its session
+    shows, and return (the generation's result, the killed replica, the survivor)."""
+    box: dict = {}
+    worker = threading.Thread(target=lambda: box.update(result=user.call("generate", timeout=timeout, **generate)))
+    worker.start()
+    victim = wait_until(lambda: next((p for p in replicas if p.call("status")["server"]["sessions"] > 0), None),
+                        60, poll_s, message="a replica serving the session")
+    time.sleep(after_s)
+    victim.kill()
+    worker.join(timeout=timeout)
+    assert not worker.is_alive(), "the generation did not finish after its server was killed"
+    survivor = next(p for p in replicas if p is not victim)
+    return box["result"], victim, survivor
+
+
+def earned_per_session(data_dirs: list[Path], sessions: set[str]) -> dict[str, float]:
+    """Session id (hex) → GFLOP-credits the servers' own ledgers (in `data_dirs`) record as earned for it: each
+    earn entry holds the session's latest receipt; the highest counter is what the session earned."""
+    latest: dict[str, Receipt] = {}
+    for data_dir in data_dirs:
+        store = Store(data_dir)  # a second connection to the running server's database
+        try:
+            earns = store.entries_of_kind("earn")
+        finally:
+            store.close()
+        for entry in earns:
+            r = Receipt.from_list(msgpack.unpackb(entry.body, raw=False)[0])
+            key = r.session.hex()
+            if key in sessions and (key not in latest or latest[key].counter < r.counter):
+                latest[key] = r
+    return {key: credits(r.flops) for key, r in latest.items()}
