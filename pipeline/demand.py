@@ -1,7 +1,8 @@
 """Demand: how many requests each model gets, as peers saw them, shared by gossip.
 
 A peer counts the requests its own front doors take (the HTTP API, the control socket: `saw`) per
-model over the last `window` seconds, and every `interval` publishes them on the gossip topic `TOPIC`
+model over the last `window` seconds and publishes them on the gossip topic `TOPIC` — at once after a
+quiet spell, then every `interval` while the window holds any —
 as a `DemandNote` `{"v": 1, "window": s, "counts": {model id: n}}` — signed by the gossip layer
 (the author is the requester), rate-limited per author like every topic (p2p/gossip.py
 `GossipQuotas`). Only the latest note of each author counts, while it is younger than `note_ttl`.
@@ -103,6 +104,7 @@ class DemandBook:
     max_authors: int = 1024
     _mine: dict[str, deque[float]] = field(default_factory=dict)  # model id → times of our requests
     _heard: OrderedDict[str, _Heard] = field(default_factory=OrderedDict)  # author → latest note
+    _asked: trio.Event = field(default_factory=trio.Event)  # set by a request: a quiet publisher wakes up
     stats: dict[str, int] = field(default_factory=lambda: {"published": 0, "heard": 0, "stale": 0})
 
     # --- our requests ---------------------------------------------------------------------------
@@ -115,6 +117,7 @@ class DemandBook:
                 return  # our front doors serve one model; more would be a bug, and a bound keeps it small
             times = self._mine[model_id] = deque(maxlen=MAX_COUNT)
         times.append(self.now())
+        self._asked.set()
 
     def own_counts(self) -> dict[str, int]:
         """Our requests per model in the last `window` seconds (models with none left out)."""
@@ -139,12 +142,16 @@ class DemandBook:
         return True
 
     async def run(self, gossip: Publisher, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Take in others' notes, and publish ours every `interval` seconds."""
+        """Take in others' notes; publish ours as soon as we see a request, then every `interval`
+        seconds while our window holds any."""
         gossip.subscribe(TOPIC, self._on_message, validator=_valid)
         task_status.started()
         while True:
-            await self.publish(gossip)
-            await trio.sleep(self.interval)
+            self._asked = trio.Event()
+            if await self.publish(gossip):
+                await trio.sleep(self.interval)
+            else:
+                await self._asked.wait()
 
     # --- others' requests -----------------------------------------------------------------------
 

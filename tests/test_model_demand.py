@@ -172,3 +172,46 @@ def test_supersedes_is_announced_and_checked():
     for bad in (5, "x" * 129, ["a"]):
         with pytest.raises(InvalidRecord):
             ServerInfo.from_value("p", {**info.to_value(), "supersedes": bad})
+
+
+# --- real processes -----------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_models(tmp_path_factory):
+    """Two tiny random Llamas (different weights, so different ids): [(folder, model id)]."""
+    from pipeline.identity import model_id
+    from testkit.models import make_tiny
+
+    out = []
+    for seed in (1, 2):
+        path = tmp_path_factory.mktemp(f"model{seed}")
+        make_tiny("llama", path, seed=seed)
+        out.append((path, model_id(path)))
+    return out
+
+
+@pytest.mark.slow  # three peers, and the volunteer listens ~10 s for demand before each choice
+def test_a_volunteer_given_two_models_waits_for_demand_then_serves_the_one_asked_for(spawn, two_models):
+    from potluck.localswarm import wait_until
+
+    (a, a_id), (b, b_id) = two_models
+    server_a = spawn("--model", str(a), "--blocks", "0:4", "--threads", "1")
+    spawn("--model", str(b), "--blocks", "0:4", "--threads", "1", "--bootstrap", server_a.addr)
+    volunteer = spawn("--model", str(b), "--model", str(a), "--blocks", "auto", "--threads", "1",
+                      "--bootstrap", server_a.addr)
+
+    def choice() -> dict | None:
+        return volunteer.status()["model_choice"]
+
+    first = wait_until(choice, 60, 1, message="the volunteer's first model choice")
+    assert first["chosen"] is None and volunteer.status()["server"] is None  # nobody asks: nothing loaded
+    assert {c["model_id"]: c["copies"] for c in first["candidates"]} == {a_id: 1.0, b_id: 1.0}
+
+    for _ in range(2):  # requests at A's server's own front door: it counts them and gossips the count
+        server_a.call("generate", prompt=[1, 2, 3], max_tokens=2)
+
+    served = wait_until(lambda: volunteer.status()["server"], 90, 1, message="the volunteer serves a model")
+    assert served["model_id"] == a_id, volunteer.log_tail()
+    last = volunteer.status()["model_choice"]
+    demand = {c["model_id"]: c["demand"] for c in last["candidates"]}
+    assert demand[a_id] >= 1 and demand[b_id] == 0  # the second request may still wait for the next note
