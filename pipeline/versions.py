@@ -9,8 +9,9 @@ close a cycle are dropped.
 
 What it is used for:
 - a family's versions share its demand: requests for the old id are served by whichever version is
-  complete, so the newest version inherits its predecessors' demand (`family_demand`), and a volunteer
-  that holds the new weights moves over while the new version is short of servers (pipeline/modelchoice.py);
+  complete, and the newest version is wanted for its predecessors' requests too
+  (pipeline/modelchoice.py `wanted_by_version`), so a volunteer that holds the new weights moves over
+  while the new version is short of servers;
 - a request for any version of a family goes to the newest complete one, else to what was asked
   (`serving`): clients keep being served while the new version fills up.
 
@@ -70,10 +71,6 @@ class Lineage:
                 out.append(old)
                 frontier += sorted(predecessors.get(old, []))
         return out
-
-    def family_demand(self, model_id: str, demand: Mapping[str, int]) -> int:
-        """Requests for `model_id` and for every version it supersedes."""
-        return sum(demand.get(m, 0) for m in [model_id, *self.older(model_id)])
 
     def serving(self, requested: str, complete: Callable[[str], bool]) -> str:
         """The version a request for `requested` goes to: the newest complete version of its line from

@@ -57,7 +57,7 @@ from pipeline.demand import DemandBook
 from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.identity import model_id as compute_model_id
 from pipeline.loading import ModelFolder
-from pipeline.modelchoice import Candidate, choose_model, copies
+from pipeline.modelchoice import Candidate, choose_model, complete, copies, move_to, wanted_by_version
 from pipeline.proofshelf import ProofShelf
 from pipeline.pricing import ModelPricing
 from pipeline.protocol import ANNOUNCE_NAMESPACE
@@ -76,6 +76,7 @@ log = logging.getLogger(__name__)
 
 PRESENCE_TOPIC = "presence"
 MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
+MAX_OLDER_VERSIONS = 8  # versions the candidates supersede whose announcements a model choice reads
 MAX_PRESENCE_SEEN = 256  # authors of presence notes that status lists; the latest kept (new keys are free)
 
 
@@ -97,6 +98,16 @@ class PeerLimits:
         return options
 
 
+@dataclass(frozen=True)
+class ModelOption:
+    """One of the candidate models a volunteer may serve (`--model`, several)."""
+
+    name: str  # as given to --model
+    folder: Path
+    model_id: str
+    num_blocks: int
+
+
 @dataclass
 class PeerConfig:
     data_dir: Path
@@ -110,6 +121,7 @@ class PeerConfig:
     model: str | None = None  # None: the default model
     model_candidates: list[str] = field(default_factory=list)  # several: serve the one demand needs most
     model_choice_wait: float = 10.0  # seconds to hear the swarm's demand before choosing (and between tries)
+    model_recheck: float = 60.0  # seconds between a candidates' server's looks for a model that needs it more
     supersedes: str | None = None  # the model id the served model is a new version of (announced)
     blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
     dtype: str = "float32"
@@ -148,7 +160,8 @@ class Peer:
         self.attestations = AttestationBook(identity, self.standing.standings, network.now)
         # requests per model, ours and (capped, by standing) others' (pipeline/demand.py)
         self.demand = DemandBook(identity.peer_id, self.standing.standings, network.now)
-        self.model_choice: dict | None = None  # with several candidate models: what the choice saw, and chose
+        self.model_choice: dict | None = None  # with several candidate models: what the choice saw
+        self._model_options_found: list[ModelOption] | None = None
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
@@ -213,31 +226,73 @@ class Peer:
         """A request for `model_id` came in at one of our front doors: it counts toward the swarm's demand."""
         self.demand.saw(model_id)
 
-    async def choose_model(self) -> tuple[str, Path, str]:
-        """The candidate model to serve (name, folder, id): the one with the most demand per copy the swarm
-        serves (pipeline/modelchoice.py); waits, reading again every `model_choice_wait` s, until one is asked for."""
-        found = []
-        for name in self.config.model_candidates:
-            folder = await trio.to_thread.run_sync(model_folder, name, self.config.data_dir)
-            mf = await trio.to_thread.run_sync(ModelFolder, folder)
-            found.append((name, folder, await trio.to_thread.run_sync(compute_model_id, mf),
-                          mf.config.num_layers))
+    async def _model_options(self) -> list[ModelOption]:
+        """The candidate models (`--model`, several), each opened once for its id and size."""
+        if self._model_options_found is None:
+            found = []
+            for name in self.config.model_candidates:
+                folder = await trio.to_thread.run_sync(model_folder, name, self.config.data_dir)
+                mf = await trio.to_thread.run_sync(ModelFolder, folder)
+                found.append(ModelOption(name, folder, await trio.to_thread.run_sync(compute_model_id, mf),
+                                         mf.config.num_layers))
+            self._model_options_found = found
+        return self._model_options_found
+
+    async def _survey_models(self, options: list[ModelOption]) -> tuple[list[Candidate], dict[str, int]]:
+        """Each candidate's coverage now, and the requests each version is wanted for (pipeline/modelchoice.py):
+        reads the candidates' announcements (and those of the older versions they supersede) and the demand."""
+        swarms = {o.model_id: (await fetch_servers(self.dht, o.model_id, num_blocks=o.num_blocks), o.num_blocks)
+                  for o in options}
+        claims = [(model_id, s.supersedes) for model_id, (servers, _) in swarms.items()
+                  for s in servers if s.supersedes is not None]
+        lineage = Lineage.from_claims(claims)
+        for old in sorted({old for _, old in claims} - set(swarms))[:MAX_OLDER_VERSIONS]:
+            servers = await fetch_servers(self.dht, old)
+            swarms[old] = (servers, max((s.num_blocks or 0 for s in servers), default=0))
+        wanted = wanted_by_version(await self.demand.demand(), lineage,
+                                   lambda m: m in swarms and complete(*swarms[m]))
+        candidates = [Candidate(o.model_id, copies(*swarms[o.model_id])) for o in options]
+        self.model_choice = {
+            "candidates": [{"model_id": c.model_id, "copies": c.copies, "demand": wanted.get(c.model_id, 0)}
+                           for c in candidates],
+            "serving": self.server.model_id if self.server is not None else None,
+            "tries": (self.model_choice or {}).get("tries", 0) + 1}
+        log.info("model choice: %s", self.model_choice)
+        return candidates, wanted
+
+    async def choose_model(self) -> ModelOption:
+        """The candidate model to serve: the one with the most demand per copy the swarm serves
+        (pipeline/modelchoice.py); waits, reading again every `model_choice_wait` s, until one is asked for."""
+        options = await self._model_options()
         while True:
             await trio.sleep(self.config.model_choice_wait)  # the demand notes arrive by gossip (pull on join)
-            swarms = {model_id: await fetch_servers(self.dht, model_id, num_blocks=n) for _, _, model_id, n in found}
-            lineage = Lineage.from_claims((model_id, s.supersedes) for model_id, servers in swarms.items()
-                                          for s in servers if s.supersedes is not None)
-            demand = await self.demand.demand()
-            candidates = [Candidate(model_id, copies(swarms[model_id], n)) for _, _, model_id, n in found]
-            chosen = choose_model(candidates, demand, lineage)
-            self.model_choice = {
-                "candidates": [{"model_id": c.model_id, "copies": c.copies,
-                                "demand": lineage.family_demand(c.model_id, demand)} for c in candidates],
-                "chosen": chosen, "tries": (self.model_choice or {}).get("tries", 0) + 1}
-            log.info("model choice: %s", self.model_choice)
-            for name, folder, model_id, _ in found:
-                if model_id == chosen:
-                    return name, folder, model_id
+            try:
+                chosen = choose_model(*await self._survey_models(options))
+            except P2PError as e:
+                log.info("could not read the swarm for the model choice: %s", e)
+                continue
+            for option in options:
+                if option.model_id == chosen:
+                    return option
+
+    async def better_model(self, serving: ModelOption, blocks: int) -> ModelOption:
+        """Once the swarm would gain by it (`modelchoice.move_to`): the candidate to move to from `serving`,
+        where we serve `blocks` blocks; read every `model_recheck` s."""
+        options = await self._model_options()
+        while True:
+            await trio.sleep(self.config.model_recheck)
+            try:
+                candidates, wanted = await self._survey_models(options)
+            except P2PError as e:
+                log.info("could not read the swarm for the model choice: %s", e)
+                continue
+            sizes = {o.model_id: o.num_blocks for o in options}
+            current = next(c for c in candidates if c.model_id == serving.model_id)
+            target = move_to(current, blocks / serving.num_blocks, candidates, wanted,
+                             lambda m: min(blocks, sizes[m]) / sizes[m])
+            for option in options:
+                if option.model_id == target:
+                    return option
 
     async def announce_presence(self) -> None:
         await self.gossip.publish(
@@ -482,7 +537,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                         api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback))
                 nursery.start_soon(peer._presence_loop)
                 if config.blocks is not None and len(config.model_candidates) > 1:
-                    nursery.start_soon(_serve_by_demand, peer, nursery)
+                    nursery.start_soon(_serve_by_demand, peer)
                 if on_ready:
                     on_ready(peer)
     finally:
@@ -505,12 +560,23 @@ async def _serve(peer: Peer, nursery: trio.Nursery) -> None:
     await nursery.start(DisputeJudge(peer.ledger, ServedBlocks(peer.server), network=peer.network).run)
 
 
-async def _serve_by_demand(peer: Peer, nursery: trio.Nursery) -> None:
-    """Choose among the candidate models by demand, then serve the chosen one like a single `--model`."""
-    name, folder, model_id = await peer.choose_model()
-    peer.config = replace(peer.config, model=name)  # the client half, if asked for, uses the same model
-    peer.server = _block_server(peer, folder, model_id)
-    await _serve(peer, nursery)
+async def _serve_by_demand(peer: Peer) -> None:
+    """Serve the candidate model demand needs most, like a single `--model`; move to another candidate
+    when the swarm would gain by it (its server stops, announcing itself offline, and the new one starts)."""
+    option = await peer.choose_model()
+    while True:
+        peer.config = replace(peer.config, model=option.name)  # the client half, if asked for, uses the same model
+        peer._model_card = peer._swarm_cache = None
+        async with trio.open_nursery() as serving:
+            peer.server = _block_server(peer, option.folder, option.model_id)
+            await _serve(peer, serving)
+            assert peer.server.start is not None and peer.server.end is not None  # serving
+            moved_to = await peer.better_model(option, peer.server.end - peer.server.start)
+            log.info("moving from model %s to %s: the swarm needs it more", option.model_id[:12],
+                     moved_to.model_id[:12])
+            serving.cancel_scope.cancel()
+        peer.server = None
+        option = moved_to
 
 
 def _context_length(config) -> int | None:

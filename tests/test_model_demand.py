@@ -12,7 +12,7 @@ from dht.records import InvalidRecord
 from p2p.identity import Identity
 from pipeline.announce import ServerInfo
 from pipeline.demand import MAX_COUNT, MAX_MODELS, DemandBook, DemandNote, InvalidDemandNote
-from pipeline.modelchoice import Candidate, choose_model, copies, need
+from pipeline.modelchoice import Candidate, choose_model, complete, copies, move_to, need, wanted_by_version
 from pipeline.versions import Lineage
 
 A, B = "a" * 64, "b" * 64
@@ -132,7 +132,7 @@ def test_the_most_demand_per_copy_wins_and_a_model_nobody_asks_for_is_never_chos
     assert choose_model([Candidate(A, 1.0), Candidate(B, 3.0)], {A: 10, B: 20}) == A  # 10/1 > 20/3
     assert choose_model([Candidate(A, 1.0), Candidate(B, 1.5)], {A: 10, B: 20}) == B  # 10/1 < 20/1.5
     assert choose_model([Candidate(A, 0.0), Candidate(B, 0.0)], {A: 1, B: 2}) == B  # both uncovered: more demand
-    assert need(Candidate(A, 0.0), {A: 1}) == math.inf and need(Candidate(A, 2.0), {}) == 0.0
+    assert need(1, 0.0) == math.inf and need(0, 2.0) == 0.0 and need(6, 2.0) == 3.0
 
 
 # --- versions -----------------------------------------------------------------------------------------------
@@ -145,7 +145,6 @@ def test_lineage_takes_the_claim_most_servers_make_and_drops_cycles():
     assert lineage.successor == {A: B}  # B's two servers outvote C's; "A supersedes B" would close a cycle
     chain = Lineage.from_claims([(B, A), (C, B)])
     assert chain.newer(A) == [B, C] and chain.older(C) == [B, A] and chain.older(A) == []
-    assert chain.family_demand(C, {A: 5, B: 2, C: 1}) == 8 and chain.family_demand(A, {A: 5, B: 2}) == 5
 
 
 def test_a_request_for_a_family_goes_to_its_newest_complete_version():
@@ -157,12 +156,62 @@ def test_a_request_for_a_family_goes_to_its_newest_complete_version():
     assert Lineage().serving(A, {B}.__contains__) == A  # unrelated models are never substituted
 
 
-def test_a_new_version_inherits_the_old_ones_demand_so_volunteers_with_its_weights_move_over():
+def test_a_new_version_is_wanted_for_the_old_ones_requests_so_volunteers_with_its_weights_move_over():
     lineage = Lineage.from_claims([(B, A)])
-    candidates = [Candidate(A, 2.0), Candidate(B, 0.5)]
-    assert choose_model(candidates, {A: 10}) == A  # without the lineage, B is asked for by nobody
-    assert choose_model(candidates, {A: 10}, lineage) == B  # 10 / 0.5 copies > 10 / 2 copies
-    assert choose_model([Candidate(A, 0.5), Candidate(B, 3.0)], {A: 10}, lineage) == A  # B is well covered
+    demand = {A: 10}
+    # the new version is still filling up: the old one serves the requests, the new one is wanted for them too
+    wanted = wanted_by_version(demand, lineage, {A}.__contains__)
+    assert wanted == {A: 10, B: 10}
+    assert choose_model([Candidate(A, 2.0), Candidate(B, 0.5)], {A: 10}) == A  # blind to versions: B is unasked
+    assert choose_model([Candidate(A, 2.0), Candidate(B, 0.5)], wanted) == B  # 10 / 0.5 copies > 10 / 2 copies
+    assert choose_model([Candidate(A, 0.5), Candidate(B, 3.0)], wanted) == A  # B is well covered already
+    # once the new version is complete it serves the requests: the old one is wanted by nobody
+    assert wanted_by_version(demand, lineage, {A, B}.__contains__) == {B: 10}
+    assert wanted_by_version({B: 3}, Lineage(), {A}.__contains__) == {B: 3}  # no lineage: nothing shared
+
+
+def test_complete_means_every_block_announced_by_an_online_server():
+    assert complete([srv("a", 0, 2), srv("b", 2, 4)], 4)
+    assert not complete([srv("a", 0, 2), srv("b", 2, 4, state="offline")], 4)
+    assert not complete([], 4)
+
+
+def test_a_server_moves_only_when_that_lowers_the_larger_need_and_never_leaves_a_model_it_alone_covers():
+    def share(m: str) -> float:
+        return 1.0
+
+    # a new version short of servers, the old one well covered: move
+    assert move_to(Candidate(A, 3.0), 1.0, [Candidate(A, 3.0), Candidate(B, 0.5)], {A: 10, B: 10}, share) == B
+    # we are the old version's only copy and it still serves requests: stay (its need would be infinite)
+    assert move_to(Candidate(A, 1.0), 1.0, [Candidate(A, 1.0), Candidate(B, 0.0)], {A: 10, B: 10}, share) is None
+    # the new version is complete and serves every request: the old version's servers move
+    assert move_to(Candidate(A, 2.0), 1.0, [Candidate(A, 2.0), Candidate(B, 1.0)], {B: 10}, share) == B
+    # balanced within the margin: stay (no back and forth)
+    assert move_to(Candidate(A, 2.0), 1.0, [Candidate(A, 2.0), Candidate(B, 2.0)], {A: 10, B: 11}, share) is None
+    # nobody asks for anything: stay
+    assert move_to(Candidate(A, 2.0), 1.0, [Candidate(A, 2.0), Candidate(B, 0.0)], {}, share) is None
+
+
+def test_moves_one_server_at_a_time_settle_without_cycles():
+    wanted = {A: 30, B: 10}
+    swarm = {A: 0.0, B: 0.0}
+    serving = [A if i % 2 else B for i in range(8)]  # 8 one-copy servers split evenly to start
+    for m in serving:
+        swarm[m] += 1.0
+    moves = 0
+    for _ in range(10):
+        moved = False
+        for i, m in enumerate(serving):
+            target = move_to(Candidate(m, swarm[m]), 1.0, [Candidate(x, swarm[x]) for x in (A, B)], wanted,
+                             lambda x: 1.0)
+            if target is not None:
+                swarm[m] -= 1.0
+                swarm[target] += 1.0
+                serving[i] = target
+                moved, moves = True, moves + 1
+        if not moved:
+            break
+    assert not moved and moves == 2 and swarm == {A: 6.0, B: 2.0}  # 30/6 = 10/2: demand per copy even
 
 
 def test_supersedes_is_announced_and_checked():
@@ -177,13 +226,13 @@ def test_supersedes_is_announced_and_checked():
 # --- real processes -----------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def two_models(tmp_path_factory):
-    """Two tiny random Llamas (different weights, so different ids): [(folder, model id)]."""
+def three_models(tmp_path_factory):
+    """Three tiny random Llamas (different weights, so different ids): [(folder, model id)]."""
     from pipeline.identity import model_id
     from testkit.models import make_tiny
 
     out = []
-    for seed in (1, 2):
+    for seed in (1, 2, 3):
         path = tmp_path_factory.mktemp(f"model{seed}")
         make_tiny("llama", path, seed=seed)
         out.append((path, model_id(path)))
@@ -191,10 +240,10 @@ def two_models(tmp_path_factory):
 
 
 @pytest.mark.slow  # three peers, and the volunteer listens ~10 s for demand before each choice
-def test_a_volunteer_given_two_models_waits_for_demand_then_serves_the_one_asked_for(spawn, two_models):
+def test_a_volunteer_given_two_models_waits_for_demand_then_serves_the_one_asked_for(spawn, three_models):
     from potluck.localswarm import wait_until
 
-    (a, a_id), (b, b_id) = two_models
+    (a, a_id), (b, b_id), _ = three_models
     server_a = spawn("--model", str(a), "--blocks", "0:4", "--threads", "1")
     spawn("--model", str(b), "--blocks", "0:4", "--threads", "1", "--bootstrap", server_a.addr)
     volunteer = spawn("--model", str(b), "--model", str(a), "--blocks", "auto", "--threads", "1",
@@ -204,7 +253,7 @@ def test_a_volunteer_given_two_models_waits_for_demand_then_serves_the_one_asked
         return volunteer.status()["model_choice"]
 
     first = wait_until(choice, 60, 1, message="the volunteer's first model choice")
-    assert first["chosen"] is None and volunteer.status()["server"] is None  # nobody asks: nothing loaded
+    assert first["serving"] is None and volunteer.status()["server"] is None  # nobody asks: nothing loaded
     assert {c["model_id"]: c["copies"] for c in first["candidates"]} == {a_id: 1.0, b_id: 1.0}
 
     for _ in range(2):  # requests at A's server's own front door: it counts them and gossips the count
@@ -215,3 +264,24 @@ def test_a_volunteer_given_two_models_waits_for_demand_then_serves_the_one_asked
     last = volunteer.status()["model_choice"]
     demand = {c["model_id"]: c["demand"] for c in last["candidates"]}
     assert demand[a_id] >= 1 and demand[b_id] == 0  # the second request may still wait for the next note
+
+
+@pytest.mark.slow  # three peers, and the volunteer listens ~10 s for demand before its choice
+def test_a_volunteer_holding_a_new_versions_weights_completes_it_while_the_old_one_is_asked_for(spawn, three_models):
+    from potluck.localswarm import wait_until
+
+    (old, old_id), _, (new, new_id) = three_models
+    server_old = spawn("--model", str(old), "--blocks", "0:4", "--threads", "1")
+    server_new = spawn("--model", str(new), "--blocks", "0:2", "--supersedes", old_id, "--threads", "1",
+                       "--bootstrap", server_old.addr)
+    assert wait_until(lambda: server_new.status()["server"], 60, 1, message="the new version's first server")
+    server_old.call("generate", prompt=[1, 2, 3], max_tokens=2)  # the old version is asked for, and serves
+    volunteer = spawn("--model", str(old), "--model", str(new), "--blocks", "auto", "--threads", "1",
+                      "--bootstrap", server_old.addr)
+
+    served = wait_until(lambda: volunteer.status()["server"], 90, 1, message="the volunteer serves a model")
+    # the old version has one copy and serves the requests; the new one, half a copy, is wanted for them too
+    assert served["model_id"] == new_id, volunteer.log_tail()
+    assert served["start"] <= 2 and served["end"] == 4  # with the blocks the new version lacked: complete now
+    wanted = {c["model_id"]: c["demand"] for c in volunteer.status()["model_choice"]["candidates"]}
+    assert wanted[old_id] >= 1 and wanted[new_id] == wanted[old_id]
