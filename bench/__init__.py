@@ -9,6 +9,8 @@ Every bench takes `--quick` (small sizes, seconds), which tests/test_bench_quick
     pipeline    SmolLM2 through real server processes vs local generation
     netns       the namespace lab's figures (needs root)
     placement   --blocks auto on a simulated swarm: blocks with 2 replicas vs what memory allows (vs the throughput rule)
+    model_demand  volunteers choosing among models by demand per copy: worst model's coverage per demand vs the
+                best split (vs choices blind to coverage or demand); Sybil demand with and without the caps
     attack      attacks on a real peer: its RSS, whether it stays up, what the attacker got, an honest client beside
     fuzz        every wire and stored-data decoder against fuzzed inputs (bench.fuzzgen makes them)
 And what the attack bench and the hostile tests send: hostile.py (not a bench).

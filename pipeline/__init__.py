@@ -21,6 +21,9 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     directory.py  SwarmDirectory: the Protocol naming what pipeline uses of the DHT
     announce.py   ServerInfo announcements in the DHT and by gossip; fetch_servers; the swarm's model index
                   (ModelCard, fetch_models)
+    versions.py   Lineage: model versions from announced `supersedes`; which version serves a family
+    demand.py     DemandBook: requests per model, ours and others' by gossip (capped per author, strangers pooled)
+    modelchoice.py  which of several candidate models a volunteer serves: demand per copy served
     routing.py    find_route (Dijkstra over block boundaries), placement helpers, SequenceManager (bans)
     limiter.py    PriorityLimiter: worker-thread limiter served by priority, FIFO within one
     batching.py   StepBatcher: continuous batching — waiting steps of several sessions as one forward, by priority

@@ -10,7 +10,8 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
      "started": when this server (process) started serving (optional, 0),
      "model_name": the model folder's name, "num_blocks": n, "context_length": n (each optional, None),
      "batch_decode_tps": f (optional, None), "batch_size": n (optional, 1),
-     "grid": {"load": L, "carbon": C, "renewable": R, "timestamp": t} (optional, None)}
+     "grid": {"load": L, "carbon": C, "renewable": R, "timestamp": t} (optional, None),
+     "supersedes": the model id this model is a new version of (optional, None)}
 
 `reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
 self-report: routing never believes it above what the client sees itself.
@@ -25,6 +26,8 @@ A clean shutdown stores an "offline" entry over the online one (same TTL, later 
 
 `grid` is the server's grid signal (pipeline/grid.py: from its `--grid-signal` file), signed with
 the rest; routing with a green preference reads it while it is fresh.
+
+`supersedes` is the servers' declaration that their model replaces an older id (pipeline/versions.py).
 
 `model_name`, `num_blocks` and `context_length` let a peer that has not loaded the model show it
 (`ServerInfo.card`); announcements from before they existed decode with None.
@@ -168,6 +171,7 @@ class ServerInfo:
     batch_decode_tps: float | None = None
     batch_size: int = 1
     grid: GridSignal | None = None
+    supersedes: str | None = None  # the model id this one is a new version of
 
     @property
     def capacity_tps(self) -> float:
@@ -229,7 +233,8 @@ class ServerInfo:
                        n, "announcement context_length", MAX_CONTEXT_LENGTH)),
                    batch_decode_tps=float(num("batch_decode_tps", 1e-6, 1e12)) if value.get("batch_decode_tps") is not None else None,
                    batch_size=num("batch_size", 1, MAX_BATCH_SIZE, int) if "batch_size" in value else 1,
-                   grid=optional("grid", GridSignal.from_value))
+                   grid=optional("grid", GridSignal.from_value),
+                   supersedes=text("supersedes", MAX_MODEL_ID_LEN, optional=True))
 
     @classmethod
     def from_entry(cls, entry: SignedValue, *, num_blocks: int | None = None) -> "ServerInfo":

@@ -127,6 +127,7 @@ class ServerConfig:
     strangers_cache_bytes: int = 48 << 20  # all clients without standing together (Sybil keys too)
     cache_share_standing: float = 1.0  # ... and one with standing in this server's view
     displace_idle_after: float = 1.0  # a session idle this long may be displaced by a client with standing
+    supersedes: str | None = None  # the model id the served model is a new version of (announced)
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
     grid_signal_file: str | None = None  # re-read at each announcement, announced while fresh (pipeline/grid.py)
 
@@ -417,7 +418,7 @@ class BlockServer:
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
                           reliability=self.reliability, started=self.started,
                           model_name=card.name, num_blocks=card.num_blocks, context_length=card.context_length,
-                          grid=self.grid)
+                          grid=self.grid, supersedes=self.config.supersedes)
 
     async def announce(self, state: str = "online") -> int:
         """Store our announcement; returns how many peers (ourselves included) hold it."""

@@ -96,8 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="credit policy: how much a newcomer may owe a busy server (default 10000 GFLOP-credits; "
                         "a client's standing there adds to it); the same for every peer of a swarm")
     p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
-    p.add_argument("--model", help="model to serve or use: a Hugging Face folder or hub id "
-                                   "(default: SmolLM2-135M-Instruct, converted once per machine into ~/.cache/potluck)")
+    p.add_argument("--model", action="append", default=[],
+                   help="model to serve or use: a Hugging Face folder or hub id (default: SmolLM2-135M-Instruct, "
+                        "converted once per machine into ~/.cache/potluck); repeated with --blocks, the candidates "
+                        "to choose from: the peer serves the one the swarm asks for most per copy served")
+    p.add_argument("--supersedes", metavar="MODEL_ID",
+                   help="announce the served model as a new version of this model id: requests for the old one "
+                        "go to it once it is complete, and volunteers holding its weights move to it")
     p.add_argument("--blocks", metavar="a:b|auto",
                    help="serve blocks [a, b) of the model, or 'auto' to fill the swarm's gaps (default: serve none)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -244,6 +249,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.spot_check_fraction is not None and not 0.0 <= args.spot_check_fraction <= 1.0:
         raise ValueError("--spot-check-fraction wants a number in [0, 1]")
     apps, fallback = _api_gateway(args)
+    if len(args.model) > 1 and args.blocks is None:
+        raise ValueError("several --model values are candidates to serve: give --blocks too")
+    if args.supersedes is not None and (args.blocks is None or len(args.model) > 1):
+        raise ValueError("--supersedes is announced with the one model served: give --blocks and one --model")
     if args.draft_model is not None and not (Path(args.draft_model) / "config.json").is_file():
         raise ValueError(f"--draft-model {args.draft_model}: not a model folder (no config.json)")
     if args.grid_signal is not None:
@@ -260,7 +269,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         relay_service=args.relay_service,
         relays=args.relay,
         region=args.region,
-        model=args.model,
+        model=args.model[0] if args.model else None,
+        model_candidates=args.model,
+        supersedes=args.supersedes,
         blocks=args.blocks,
         dtype=args.dtype,
         cache_mib=args.cache_mb,

@@ -81,6 +81,9 @@ class ApiPeer(Protocol):
 
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]: ...
 
+    def saw_request(self, model_id: str) -> None:
+        """A request for the model came in: it counts toward the swarm's demand (pipeline/demand.py)."""
+
 
 # --- checking a request -----------------------------------------------------------------------------------
 
@@ -126,6 +129,7 @@ async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: Sampli
                   max_tokens_given: bool, prefer: str | None = None) -> PreparedGeneration:
     """Check a request (see the module docstring); raises ApiError naming what is wrong."""
     model = await resolve(peer, model_name)
+    peer.saw_request(model["model_id"])  # asked for, whether or not the swarm can answer it
     client = await peer.client()
     what = "messages" if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) else "prompt"
     try:

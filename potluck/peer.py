@@ -5,7 +5,10 @@ server and a client for generating through the swarm; plus the local control soc
 stops together. Each peer gossips a signed presence note (addresses, region) when it starts and
 every `presence_interval`, so peers learn of members they are not directly connected to.
 
-With `--blocks`, the peer serves that span of `--model` (the default model unless named). The
+With `--blocks`, the peer serves that span of `--model` (the default model unless named). Given several
+`--model` candidates, it serves the one the swarm needs most (pipeline/modelchoice.py: demand per copy
+served), waiting until some candidate is asked for; every peer counts the requests its front doors take
+and gossips them (pipeline/demand.py). The
 client half (embeddings, final norm, LM head, tokenizer) is loaded on the first generation request,
 so volunteers that only serve never pay for it.
 
@@ -24,7 +27,7 @@ import functools
 import logging
 import math
 import signal
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -50,12 +53,17 @@ from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.checkpolicy import AdaptivePolicy
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
+from pipeline.demand import DemandBook
 from pipeline.disputes import DisputeJudge, ServedBlocks
+from pipeline.identity import model_id as compute_model_id
+from pipeline.loading import ModelFolder
+from pipeline.modelchoice import Candidate, choose_model, complete, copies, move_to, wanted_by_version
 from pipeline.proofshelf import ProofShelf
 from pipeline.pricing import ModelPricing
 from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 from pipeline.speculative import with_draft_model
+from pipeline.versions import Lineage
 from pipeline.spotcheck import SpotCheckConfig
 
 from . import control, generation, memory
@@ -68,6 +76,7 @@ log = logging.getLogger(__name__)
 
 PRESENCE_TOPIC = "presence"
 MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
+MAX_OLDER_VERSIONS = 8  # versions the candidates supersede whose announcements a model choice reads
 MAX_PRESENCE_SEEN = 256  # authors of presence notes that status lists; the latest kept (new keys are free)
 
 
@@ -89,6 +98,16 @@ class PeerLimits:
         return options
 
 
+@dataclass(frozen=True)
+class ModelOption:
+    """One of the candidate models a volunteer may serve (`--model`, several)."""
+
+    name: str  # as given to --model
+    folder: Path
+    model_id: str
+    num_blocks: int
+
+
 @dataclass
 class PeerConfig:
     data_dir: Path
@@ -100,6 +119,10 @@ class PeerConfig:
     region: str = ""
     presence_interval: float = 30.0
     model: str | None = None  # None: the default model
+    model_candidates: list[str] = field(default_factory=list)  # several: serve the one demand needs most
+    model_choice_wait: float = 10.0  # seconds to hear the swarm's demand before choosing (and between tries)
+    model_recheck: float = 60.0  # seconds between a candidates' server's looks for a model that needs it more
+    supersedes: str | None = None  # the model id the served model is a new version of (announced)
     blocks: str | None = None  # "a:b" or "auto": serve blocks; None: serve none
     dtype: str = "float32"
     cache_mib: int | None = None  # the KV cache budget of served blocks (None: the server's default)
@@ -135,6 +158,10 @@ class Peer:
         self.proofs.serve_on(network)
         # our passed spot checks, shared; others', counted toward servers' probation (pipeline/attestations.py)
         self.attestations = AttestationBook(identity, self.standing.standings, network.now)
+        # requests per model, ours and (capped, by standing) others' (pipeline/demand.py)
+        self.demand = DemandBook(identity.peer_id, self.standing.standings, network.now)
+        self.model_choice: dict | None = None  # with several candidate models: what the choice saw
+        self._model_options_found: list[ModelOption] | None = None
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
@@ -195,6 +222,78 @@ class Peer:
                 del self._heard_models[model_id]
         return sorted((card for card, _ in self._heard_models.values()), key=lambda c: (c.name, c.model_id))
 
+    def saw_request(self, model_id: str) -> None:
+        """A request for `model_id` came in at one of our front doors: it counts toward the swarm's demand."""
+        self.demand.saw(model_id)
+
+    async def _model_options(self) -> list[ModelOption]:
+        """The candidate models (`--model`, several), each opened once for its id and size."""
+        if self._model_options_found is None:
+            found = []
+            for name in self.config.model_candidates:
+                folder = await trio.to_thread.run_sync(model_folder, name, self.config.data_dir)
+                mf = await trio.to_thread.run_sync(ModelFolder, folder)
+                found.append(ModelOption(name, folder, await trio.to_thread.run_sync(compute_model_id, mf),
+                                         mf.config.num_layers))
+            self._model_options_found = found
+        return self._model_options_found
+
+    async def _survey_models(self, options: list[ModelOption]) -> tuple[list[Candidate], dict[str, int]]:
+        """Each candidate's coverage now, and the requests each version is wanted for (pipeline/modelchoice.py):
+        reads the candidates' announcements (and those of the older versions they supersede) and the demand."""
+        swarms = {o.model_id: (await fetch_servers(self.dht, o.model_id, num_blocks=o.num_blocks), o.num_blocks)
+                  for o in options}
+        claims = [(model_id, s.supersedes) for model_id, (servers, _) in swarms.items()
+                  for s in servers if s.supersedes is not None]
+        lineage = Lineage.from_claims(claims)
+        for old in sorted({old for _, old in claims} - set(swarms))[:MAX_OLDER_VERSIONS]:
+            servers = await fetch_servers(self.dht, old)
+            swarms[old] = (servers, max((s.num_blocks or 0 for s in servers), default=0))
+        wanted = wanted_by_version(await self.demand.demand(), lineage,
+                                   lambda m: m in swarms and complete(*swarms[m]))
+        candidates = [Candidate(o.model_id, copies(*swarms[o.model_id])) for o in options]
+        self.model_choice = {
+            "candidates": [{"model_id": c.model_id, "copies": c.copies, "demand": wanted.get(c.model_id, 0)}
+                           for c in candidates],
+            "serving": self.server.model_id if self.server is not None else None,
+            "tries": (self.model_choice or {}).get("tries", 0) + 1}
+        log.info("model choice: %s", self.model_choice)
+        return candidates, wanted
+
+    async def choose_model(self) -> ModelOption:
+        """The candidate model to serve: the one with the most demand per copy the swarm serves
+        (pipeline/modelchoice.py); waits, reading again every `model_choice_wait` s, until one is asked for."""
+        options = await self._model_options()
+        while True:
+            await trio.sleep(self.config.model_choice_wait)  # the demand notes arrive by gossip (pull on join)
+            try:
+                chosen = choose_model(*await self._survey_models(options))
+            except P2PError as e:
+                log.info("could not read the swarm for the model choice: %s", e)
+                continue
+            for option in options:
+                if option.model_id == chosen:
+                    return option
+
+    async def better_model(self, serving: ModelOption, blocks: int) -> ModelOption:
+        """Once the swarm would gain by it (`modelchoice.move_to`): the candidate to move to from `serving`,
+        where we serve `blocks` blocks; read every `model_recheck` s."""
+        options = await self._model_options()
+        while True:
+            await trio.sleep(self.config.model_recheck)
+            try:
+                candidates, wanted = await self._survey_models(options)
+            except P2PError as e:
+                log.info("could not read the swarm for the model choice: %s", e)
+                continue
+            sizes = {o.model_id: o.num_blocks for o in options}
+            current = next(c for c in candidates if c.model_id == serving.model_id)
+            target = move_to(current, blocks / serving.num_blocks, candidates, wanted,
+                             lambda m: min(blocks, sizes[m]) / sizes[m])
+            for option in options:
+                if option.model_id == target:
+                    return option
+
     async def announce_presence(self) -> None:
         await self.gossip.publish(
             PRESENCE_TOPIC, {"addrs": self.network.listen_addrs(), "region": self.config.region}
@@ -215,6 +314,7 @@ class Peer:
             "attestations": dict(self.attestations.stats),
             "dht": self.dht.status(),
             "server": self.server.status() if self.server else None,
+            "model_choice": self.model_choice,
             "last_generation": self.last_generation,
             "api": self.api_url,
         }
@@ -395,6 +495,7 @@ def _server_config(config: PeerConfig) -> ServerConfig:
     if config.max_batch is not None:
         sc.max_batch_steps = config.max_batch
     sc.grid_signal_file = config.grid_signal
+    sc.supersedes = config.supersedes
     return sc
 
 
@@ -413,24 +514,19 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                 # Before any task starts, so a refused swarm key ends the peer with a plain error.
                 await peer.membership.bootstrap(config.bootstrap)
             await ledger.claim_starting_grant()
-            if config.blocks is not None:
+            if config.blocks is not None and len(config.model_candidates) <= 1:
                 folder = await trio.to_thread.run_sync(model_folder, config.model, config.data_dir)
-                start, end = parse_blocks(config.blocks)
-                peer.server = BlockServer(network, peer.dht, folder, start, end, gossip=peer.gossip,
-                                          config=_server_config(config),
-                                          billing=ServerBilling(ledger, standing=peer.standing,
-                                                                model_name=config.model))
+                peer.server = _block_server(peer, folder)
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 await nursery.start(peer.gossip.run)
                 await nursery.start(peer.membership.run)
                 await nursery.start(peer.replicator.run)
                 await nursery.start(peer.attestations.run, peer.gossip)
+                await nursery.start(peer.demand.run, peer.gossip)
                 await nursery.start(peer.dht.run)
                 if peer.server is not None:
-                    await nursery.start(peer.server.run)
-                    # disputes against servers of our span: re-run their proofs (pipeline/disputes.py)
-                    await nursery.start(DisputeJudge(ledger, ServedBlocks(peer.server), network=network).run)
+                    await _serve(peer, nursery)
                 await nursery.start(control.serve, Path(config.data_dir) / control.SOCKET_NAME, peer.commands())
                 if config.api is not None:
                     from . import api
@@ -440,10 +536,47 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                     peer.api_url = await nursery.start(functools.partial(
                         api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback))
                 nursery.start_soon(peer._presence_loop)
+                if config.blocks is not None and len(config.model_candidates) > 1:
+                    nursery.start_soon(_serve_by_demand, peer)
                 if on_ready:
                     on_ready(peer)
     finally:
         ledger.store.close()
+
+
+def _block_server(peer: Peer, folder: Path, model_id: str | None = None) -> BlockServer:
+    config = peer.config
+    assert config.blocks is not None  # only a peer that serves builds one
+    start, end = parse_blocks(config.blocks)
+    return BlockServer(peer.network, peer.dht, folder, start, end, gossip=peer.gossip, model_id=model_id,
+                       config=_server_config(config),
+                       billing=ServerBilling(peer.ledger, standing=peer.standing, model_name=config.model))
+
+
+async def _serve(peer: Peer, nursery: trio.Nursery) -> None:
+    assert peer.server is not None
+    await nursery.start(peer.server.run)
+    # disputes against servers of our span: re-run their proofs (pipeline/disputes.py)
+    await nursery.start(DisputeJudge(peer.ledger, ServedBlocks(peer.server), network=peer.network).run)
+
+
+async def _serve_by_demand(peer: Peer) -> None:
+    """Serve the candidate model demand needs most, like a single `--model`; move to another candidate
+    when the swarm would gain by it (its server stops, announcing itself offline, and the new one starts)."""
+    option = await peer.choose_model()
+    while True:
+        peer.config = replace(peer.config, model=option.name)  # the client half, if asked for, uses the same model
+        peer._model_card = peer._swarm_cache = None
+        async with trio.open_nursery() as serving:
+            peer.server = _block_server(peer, option.folder, option.model_id)
+            await _serve(peer, serving)
+            assert peer.server.start is not None and peer.server.end is not None  # serving
+            moved_to = await peer.better_model(option, peer.server.end - peer.server.start)
+            log.info("moving from model %s to %s: the swarm needs it more", option.model_id[:12],
+                     moved_to.model_id[:12])
+            serving.cancel_scope.cancel()
+        peer.server = None
+        option = moved_to
 
 
 def _context_length(config) -> int | None:

@@ -91,6 +91,10 @@ class FakePeer:
         self._client = FakeClient()
         self.servers = servers
         self.last_generation: dict | None = None
+        self.requests_seen: list[str] = []  # model ids, as `saw_request` counted them
+
+    def saw_request(self, model_id: str) -> None:
+        self.requests_seen.append(model_id)
 
     def status(self) -> dict:
         return {"peer_id": "me", "peers": [], "last_generation": self.last_generation}

@@ -221,3 +221,18 @@ def test_placement_quick():
     # the replica rule keeps more blocks doubled than the throughput rule on the same volunteers, as they
     # join (choose_span) and once they have rebalanced (rebalance_span)
     assert gained["joined"] > 0 and gained["rebalanced"] > 0, gained
+
+
+def test_model_demand_quick():
+    r = run_bench("model_demand")
+    assert [run["volunteers"] for run in r["runs"]] == [20, 40]
+    for i, run in enumerate(r["runs"]):
+        bound = figure(r, f"runs.{i}.bound")
+        for rule in ("demand", "proportional", "uniform", "default"):
+            assert 0 <= figure(r, f"runs.{i}.{rule}.worst_copies_per_share") <= bound + 1e-9  # no split does better
+        assert figure(r, f"runs.{i}.demand.unwanted_chosen") == 0  # nobody serves the model nobody asks for
+        # choosing by demand per copy beats choosing by demand alone, on the same volunteers
+        assert figure(r, f"runs.{i}.demand.vs_bound") > figure(r, f"runs.{i}.proportional.vs_bound")
+    # Sybil keys asking for C: with the caps they weigh one requester (at most one volunteer for C), without, most
+    assert figure(r, "sybil.capped.volunteers_on_C") <= 1
+    assert figure(r, "sybil.uncapped.volunteers_on_C") > figure(r, "sybil.capped.volunteers_on_C")

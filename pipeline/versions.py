@@ -1,0 +1,81 @@
+"""Model versions: a new model id announced as superseding an old one, and which version serves a family.
+
+A model's id is a hash of its weights (pipeline/identity.py), so a new version is a new id. The servers
+of the new version say what it replaces: their announcements carry `supersedes: <old id>`
+(pipeline/announce.py; signed by each server as the owner of its entry under the new id's record, so
+only those who serve the new id can claim it). `Lineage` reads those claims: a successor counts for an
+old id when servers of it claim so, the claim most servers make winning a conflict; claims that would
+close a cycle are dropped.
+
+What it is used for:
+- a family's versions share its demand: requests for the old id are served by whichever version is
+  complete, and the newest version is wanted for its predecessors' requests too
+  (pipeline/modelchoice.py `wanted_by_version`), so a volunteer that holds the new weights moves over
+  while the new version is short of servers;
+- a request for any version of a family goes to the newest complete one, else to what was asked
+  (`serving`): clients keep being served while the new version fills up.
+
+A claim costs a stranger nothing, but buys nothing on its own: a version serves requests only once it is
+complete (every block announced), and the id is checked against the weights by whoever loads them.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Mapping
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Old id → the id that supersedes it (one successor each, no cycles)."""
+
+    successor: Mapping[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_claims(cls, claims: Iterable[tuple[str, str]]) -> "Lineage":
+        """`claims`: one (new id, old id) per server announcement that says so."""
+        votes: dict[str, Counter[str]] = {}
+        for new, old in claims:
+            if new != old:
+                votes.setdefault(old, Counter())[new] += 1
+        successor: dict[str, str] = {}
+        for old in sorted(votes):
+            new = max(sorted(votes[old]), key=lambda n: votes[old][n])
+            seen, walk = {old}, new
+            while walk in successor and walk not in seen:  # would this edge close a cycle?
+                seen.add(walk)
+                walk = successor[walk]
+            if walk not in seen:
+                successor[old] = new
+        return cls(successor)
+
+    def newer(self, model_id: str) -> list[str]:
+        """The versions that supersede `model_id`, nearest first."""
+        out, walk = [], self.successor.get(model_id)
+        while walk is not None and walk not in out and walk != model_id:
+            out.append(walk)
+            walk = self.successor.get(walk)
+        return out
+
+    def older(self, model_id: str) -> list[str]:
+        """The versions `model_id` supersedes (transitively), nearest first."""
+        predecessors: dict[str, list[str]] = {}
+        for old, new in self.successor.items():
+            predecessors.setdefault(new, []).append(old)
+        out: list[str] = []
+        frontier = sorted(predecessors.get(model_id, []))
+        while frontier:
+            old = frontier.pop(0)
+            if old not in out and old != model_id:
+                out.append(old)
+                frontier += sorted(predecessors.get(old, []))
+        return out
+
+    def serving(self, requested: str, complete: Callable[[str], bool]) -> str:
+        """The version a request for `requested` goes to: the newest complete version of its line from
+        `requested` on, else the newest complete older one, else `requested` itself."""
+        for model_id in [*reversed(self.newer(requested)), requested, *self.older(requested)]:
+            if complete(model_id):
+                return model_id
+        return requested
