@@ -60,7 +60,7 @@ class Pricing(Protocol):
     layer: pipeline.pricing.ModelPricing, `span_flops(config, a, b, t)` times the rate (attention grows with
     context, so this is not linear in `tokens`; cumulative receipts price it exactly all the same)."""
 
-    def __call__(self, model: str, start: int, end: int, tokens: int, rate: int = RATE_UNIT) -> int: ...
+    def __call__(self, model: str, start: int, end: int, tokens: int, rate: int = RATE_UNIT, /) -> int: ...
 
 
 def linear_pricing(flops_per_block_token: dict[str, int] | Callable[[str], int]) -> Pricing:
