@@ -492,7 +492,11 @@ class BlockServer:
                 "cache_budget_bytes": self.config.cache_budget_bytes,
                 "cache_tokens_left": self.cache_tokens_left() if self.mf else 0, "reliability": self.reliability,
                 "batching": dict(self.batcher.stats),
-                **({"billing": dict(self.billing.stats)} if self.billing is not None else {}), **self.stats}
+                "tier": None if self.tier is None else {
+                    "name": self.tier.tier, "milli": self.tier.announced_milli(time.time()),
+                    "quarantine_until": self.tier.quarantine_until, "flops_per_s": self.flops_per_s},
+                **({"billing": {**self.billing.stats, "rates": list(self.billing.rates)}}
+                   if self.billing is not None else {}), **self.stats}
 
     # --- sessions --------------------------------------------------------------------------------
 
