@@ -242,3 +242,62 @@ def test_prefer_cheap_picks_the_cheaper_of_two_equal_servers_and_fast_the_faster
     # with a client ledger, routing prices what the receipts would carry (rate_of), precision included
     manager.rate_of = lambda peer: TIERED.rate(*manager.believed_tier(peer))
     assert manager.price(fast) == 3.0 and manager.price(slow) == 0.25
+
+
+# --- real processes -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_tiered_generation_between_processes_debits_the_client_what_it_credits_the_server(smollm2_data, tmp_path):
+    """Two `potluck serve --pricing tiered` processes: a server of all SmolLM2's blocks, placed in a tier by
+    its own start-up measurement, and a client. The client's spend is the server's earn, receipt for
+    receipt, at a rate the server accepts and the tiered policy prices (not pure FLOPs)."""
+    from potluck.localswarm import PeerProcess, wait_until
+
+    common = ["--model", str(smollm2_data[1]), "--threads", "1", "--pricing", "tiered"]  # the swarm's policy
+    server = PeerProcess(tmp_path / "server", *common, "--blocks", "0:30").start(timeout=120)
+    procs = [server]
+    try:
+        client = PeerProcess(tmp_path / "client", *common, "--bootstrap", server.addr).start(timeout=120)
+        procs.append(client)
+        wait_until(lambda: server.call("status")["server"]["start"] is not None, 120, message="the server loaded")
+        status = server.call("status")["server"]
+        tier, rates = status["tier"], status["billing"]["rates"]
+        assert tier["name"] in [t.name for t in TIERS] and MIN_MILLI <= tier["milli"] <= MAX_MILLI
+        assert rates == [TIERED.rate(MIN_MILLI, "float32"), TIERED.rate(tier["milli"], "float32")]
+        assert json.loads((tmp_path / "server" / RECORD_NAME).read_text())["tier"] == tier["name"]
+
+        def generated():
+            try:
+                return client.call("generate", prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", max_tokens=6, timeout=120)
+            except RuntimeError:
+                return None  # the client has not learned a route yet
+
+        wait_until(generated, 120, 2, message="a generation through the server")
+
+        def agreed():
+            theirs = {row["peer_id"]: row for row in server.call("credits")["peers"]}.get(client.peer_id)
+            ours = {row["peer_id"]: row for row in client.call("credits")["peers"]}.get(client.peer_id)
+            return theirs is not None and ours is not None and ours["spent"] == theirs["earned_from"] > 0
+
+        wait_until(agreed, 60, 1, message="the client's debit to equal the server's credit")
+    finally:
+        for p in procs:
+            p.close()
+
+    def receipts(name: str, kind: str) -> list[Receipt]:
+        identity = Identity.load_or_create(tmp_path / name)
+        ledger = Ledger.open(identity, tmp_path / name, pricing=ModelPricing(TIERED))
+        try:
+            return [Receipt.from_list(msgpack.unpackb(e.body)[0]) for e in ledger.store.entries_of_kind(kind)
+                    if e.author == identity.public_key]
+        finally:
+            ledger.store.close()
+
+    earned, spent = receipts("server", "earn"), receipts("client", "spend")
+    assert earned and {r.signature for r in spent} <= {r.signature for r in earned}
+    paid = max(spent, key=lambda r: r.counter)
+    assert paid in earned and paid.rate != RATE_UNIT and rates[0] <= paid.rate <= rates[1]
+    assert paid.flops == span_flops(DEFAULT_MODEL_CONFIG, 0, 30, paid.tokens) * paid.rate // RATE_UNIT
+    print(f"\ntier {tier['name']} ({tier['flops_per_s']:.3g} FLOP/s): {paid.tokens} tokens at rate {paid.rate}, "
+          f"{paid.flops / 1e9:.2f} GFLOP-credits earned = spent")
