@@ -301,3 +301,18 @@ def test_a_tiered_generation_between_processes_debits_the_client_what_it_credits
     assert paid.flops == span_flops(DEFAULT_MODEL_CONFIG, 0, 30, paid.tokens) * paid.rate // RATE_UNIT
     print(f"\ntier {tier['name']} ({tier['flops_per_s']:.3g} FLOP/s): {paid.tokens} tokens at rate {paid.rate}, "
           f"{paid.flops / 1e9:.2f} GFLOP-credits earned = spent")
+
+
+def test_potluck_status_shows_the_served_blocks_tier():
+    from rich.console import Console
+
+    from potluck.status import render_status
+
+    console = Console(record=True, width=100, color_system=None)
+    server = {"model_id": "2c49f44b91f1f918", "start": 0, "end": 30, "sessions": 0, "sessions_opened": 0,
+              "tokens": 0, "throughput": {"decode_tps": 300.0}, "cache_tokens_left": 1000,
+              "tier": {"name": "cpu", "milli": 250, "quarantine_until": 0.0, "flops_per_s": 1e11}}
+    render_status({"peer_id": "12D3KooWHeLxnfQRGkwYNgrMAwb3MPD14ScT7rcmVCfg1mg9vYqp", "region": "", "addrs": [],
+                   "dht": {"clusters": {}}, "api": None, "peers": [], "server": server, "last_generation": None},
+                  console)
+    assert "tier cpu (0.25×)" in console.export_text()
