@@ -20,8 +20,8 @@ once the client has seen it step more than `TIER_SLACK` times slower than it ann
 sees (`observe_speed`: block-tokens per wall-clock second of its prompt-sized steps, the best seen) is
 a lower bound on the server's speed — it includes the network and both ends' overheads — so it can
 only refute a claim, not say what the true tier is: a refuted claim earns no premium (a liar caught
-earns less than an honest server of its real tier). 100× is far above what loopback overheads cost a
-tiny model's steps here and far below the 10⁵ between the edge and datacenter anchors.
+earns less than an honest server of its real tier). 100× leaves room for the network and the
+overheads of short steps, and is still far below the 10⁵ between the edge and datacenter anchors.
 
 A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
 an announcement of huge throughput at an address where nothing listens, so its throughput counts as
