@@ -316,3 +316,48 @@ def test_potluck_status_shows_the_served_blocks_tier():
                    "dht": {"clusters": {}}, "api": None, "peers": [], "server": server, "last_generation": None},
                   console)
     assert "tier cpu (0.25×)" in console.export_text()
+
+
+@pytest.mark.slow
+def test_prefer_cheap_between_processes_routes_through_the_quarantined_server(smollm2_data, tmp_path):
+    """Two servers of all SmolLM2's blocks on this machine (the same tier); one of them moved here from
+    other hardware under its identity and is still in quarantine at the lowest tier's price. A client
+    started with `--prefer cheap` routes through it and pays it the lowest rate."""
+    import time
+
+    from potluck.localswarm import PeerProcess, wait_until
+
+    common = ["--model", str(smollm2_data[1]), "--threads", "1", "--pricing", "tiered"]
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    (moved / RECORD_NAME).write_text(json.dumps(  # its record from before the move: quarantined, floor the lowest
+        {"tier": "datacenter", "milli": 8000, "floor_milli": MIN_MILLI, "quarantine_until": time.time() + 3600}))
+    settled = PeerProcess(tmp_path / "settled", *common, "--blocks", "0:30").start(timeout=120)
+    procs = [settled]
+    try:
+        procs.append(PeerProcess(moved, *common, "--blocks", "0:30", "--bootstrap", settled.addr).start(timeout=120))
+        quarantined = procs[1]
+        for server in procs:
+            wait_until(lambda: server.call("status")["server"]["start"] is not None, 120, message="the servers loaded")
+        tiers = {p.peer_id: p.call("status")["server"]["tier"] for p in procs}
+        assert tiers[quarantined.peer_id]["milli"] == MIN_MILLI < tiers[settled.peer_id]["milli"]
+        client = PeerProcess(tmp_path / "client", *common, "--prefer", "cheap", "--bootstrap", settled.addr)
+        procs.append(client.start(timeout=120))
+
+        def knows_both():  # before its first route: a server it has reached would have the edge of a stranger
+            models = client.call("status", models=True).get("models") or []
+            return {s["peer_id"] for m in models for s in (m.get("coverage") or {}).get("servers", [])} >= set(tiers)
+
+        wait_until(knows_both, 120, 1, message="the client to hear both servers")
+
+        def generated():
+            try:
+                return client.call("generate", prompt="1, 2, 3, 4, 5,", max_tokens=3, timeout=120)
+            except RuntimeError:
+                return None  # the peer has not taken up the model yet (no route is tried before it has)
+
+        result = wait_until(generated, 120, 2, message="a generation")
+        assert [hop["peer_id"] for hop in result["route"]] == [quarantined.peer_id]
+    finally:
+        for p in procs:
+            p.close()
