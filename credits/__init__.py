@@ -21,13 +21,13 @@ from .allowance import IngestLimits
 from .entry import ForkProof, LogEntry, SignedHeader
 from .errors import CreditError, CreditRefused, InvalidEntry, InvalidForkProof, InvalidReceipt
 from .ledger import GFLOP, Balance, CreditPolicy, IngestResult, Ledger, credits
-from .receipts import Pricing, Receipt, ReceiptSigner, ReceiptTracker, linear_pricing, new_session_id
+from .receipts import RATE_UNIT, Pricing, Receipt, ReceiptSigner, ReceiptTracker, linear_pricing, new_session_id
 from .standing import StandingView, WorkGraph, standings
 from .store import Store
 
 __all__ = [
     "LogEntry", "ForkProof", "SignedHeader", "CreditError", "CreditRefused", "InvalidEntry", "InvalidForkProof",
     "InvalidReceipt", "GFLOP", "Balance", "CreditPolicy", "IngestLimits", "IngestResult", "Ledger", "credits",
-    "Pricing", "Receipt", "ReceiptSigner", "ReceiptTracker", "linear_pricing", "new_session_id", "Store",
+    "RATE_UNIT", "Pricing", "Receipt", "ReceiptSigner", "ReceiptTracker", "linear_pricing", "new_session_id", "Store",
     "StandingView", "WorkGraph", "standings", "Admission", "Position",
 ]

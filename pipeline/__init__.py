@@ -10,7 +10,8 @@ Layers, each readable alone (imports only go down the list; none comes back up):
     convert.py    the default model (SmolLM2 GGUF from its wheel) converted to an HF folder
     measure.py    peak RSS of loading part of a model, in a subprocess; a span's tokens/s (alone, batched)
     flops.py      FLOPs per block per token, from the config
-    pricing.py    ModelPricing: what a receipt's work costs, for the credit ledger
+    tiers.py      hardware tiers (edge 0.05× … datacenter 8×) from measured FLOP/s; quarantine after a change
+    pricing.py    ModelPricing: what a receipt's work costs, for the credit ledger; PricingPolicy (tier, precision)
     sampling.py   SamplingParams, Sampler (Gumbel-max per output index), stop strings
     speculative.py  speculative decoding: PromptLookup drafts, `verify` (the acceptance rule), DraftLength (adaptive k)
     errors.py     GenerationFailed and the typed Refused family (a refusal is not a fault)

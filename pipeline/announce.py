@@ -11,7 +11,8 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
      "model_name": the model folder's name, "num_blocks": n, "context_length": n (each optional, None),
      "batch_decode_tps": f (optional, None), "batch_size": n (optional, 1),
      "grid": {"load": L, "carbon": C, "renewable": R, "timestamp": t} (optional, None),
-     "supersedes": the model id this model is a new version of (optional, None)}
+     "supersedes": the model id this model is a new version of (optional, None),
+     "tier": name, "tier_milli": m, "flops_per_s": f (each optional, None)}
 
 `reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
 self-report: routing never believes it above what the client sees itself.
@@ -28,6 +29,11 @@ A clean shutdown stores an "offline" entry over the online one (same TTL, later 
 the rest; routing with a green preference reads it while it is fresh.
 
 `supersedes` is the servers' declaration that their model replaces an older id (pipeline/versions.py).
+
+`tier` is the server's hardware tier (pipeline/tiers.py), `flops_per_s` the effective FLOP/s its start-up
+measurement placed it by, and `tier_milli` the multiplier it prices at (thousandths; lower than its
+tier's while quarantined after a change of tier). Signed with the rest, and still a self-report: a
+client believes it only as far as the announced and its own measured speed bear it out (pipeline/routing.py).
 
 `model_name`, `num_blocks` and `context_length` let a peer that has not loaded the model show it
 (`ServerInfo.card`); announcements from before they existed decode with None.
@@ -60,6 +66,7 @@ from .config import ModelConfig
 from .directory import SwarmDirectory
 from .grid import GridSignal
 from .protocol import ANNOUNCE_NAMESPACE
+from .tiers import MAX_MILLI, MIN_MILLI, TIER_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +179,9 @@ class ServerInfo:
     batch_size: int = 1
     grid: GridSignal | None = None
     supersedes: str | None = None  # the model id this one is a new version of
+    tier: str | None = None
+    tier_milli: int | None = None
+    flops_per_s: float | None = None
 
     @property
     def capacity_tps(self) -> float:
@@ -208,6 +218,11 @@ class ServerInfo:
         def optional(name: str, check: Callable[[Any], Any]) -> Any:
             return None if value.get(name) is None else check(value[name])
 
+        def tier_name(x: Any) -> str:
+            if x not in TIER_NAMES:
+                raise InvalidRecord(f"announcement tier must be one of {', '.join(TIER_NAMES)}")
+            return x
+
         announced_blocks = optional("num_blocks", lambda n: _check_count(n, "announcement num_blocks", MAX_NUM_BLOCKS))
         if num_blocks is not None and announced_blocks not in (None, num_blocks):
             raise InvalidRecord(f"announcement num_blocks {announced_blocks} disagrees with the model's {num_blocks}")
@@ -234,7 +249,10 @@ class ServerInfo:
                    batch_decode_tps=float(num("batch_decode_tps", 1e-6, 1e12)) if value.get("batch_decode_tps") is not None else None,
                    batch_size=num("batch_size", 1, MAX_BATCH_SIZE, int) if "batch_size" in value else 1,
                    grid=optional("grid", GridSignal.from_value),
-                   supersedes=text("supersedes", MAX_MODEL_ID_LEN, optional=True))
+                   supersedes=text("supersedes", MAX_MODEL_ID_LEN, optional=True),
+                   tier=optional("tier", tier_name),
+                   tier_milli=num("tier_milli", MIN_MILLI, MAX_MILLI, int) if value.get("tier_milli") is not None else None,
+                   flops_per_s=float(num("flops_per_s", 1.0, 1e18)) if value.get("flops_per_s") is not None else None)
 
     @classmethod
     def from_entry(cls, entry: SignedValue, *, num_blocks: int | None = None) -> "ServerInfo":

@@ -39,6 +39,12 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   replayed or non-increasing counter, so a settle never double-counts. The client appends its latest
   receipt per hop as the matching *spend* when it closes (or abandons) the hop. Balances follow from
   the servers' earn entries alone (see credits.ledger), so a client that skips its spends still pays.
+- Rates (a swarm's `PricingPolicy`, pipeline/pricing.py; pure FLOPs by default): the client signs each
+  session's receipts at one rate — its policy's rate for the server's announced tier and precision when
+  it believes the tier, the lowest tier's when it does not (`ClientBilling.tier_source`, from routing).
+  The server accepts a rate between the lowest tier's and its own announced one (`ServerBilling.set_tier`;
+  anything else is `BadReceipt`, a refusal). The receipt is both the earn and the spend: what the
+  client pays is exactly what the server earns.
 - Admission: on "open" the server calls `Admission.admit(client, idle=<no other session open>)`; a
   client past its allowance is refused with `CreditRefused` and how to earn, unless the server is
   idle (free when idle).
@@ -69,13 +75,15 @@ from typing import Any, Callable
 
 import trio
 
-from credits import CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, StandingView
+from credits import RATE_UNIT, CreditRefused, InvalidReceipt, Ledger, Receipt, ReceiptSigner, ReceiptTracker, StandingView
 from credits.admission import Admission
 from p2p.identity import peer_id_from_public_key, public_key_from_peer_id
 
 from .proofs import MAX_FETCHED_PROOF, MAX_PROOF_BYTES, DisputeClaim, DisputeProof, is_claim
 from .proofshelf import ProofShelf
+from .pricing import FLOPS_POLICY, ModelPricing
 from .protocol import InferenceError
+from .tiers import MIN_MILLI
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +141,10 @@ class ServerAccount:
         r = parse_receipt(receipt) if receipt is not None else None
         if r is not None and r == previous:
             r = None  # the one held, again
+        if r is not None and not self.billing.rates[0] <= r.rate <= self.billing.rates[1]:
+            self.billing.stats["bad_receipts"] += 1
+            raise InferenceError("BadReceipt", f"receipt priced at rate {r.rate}; this server prices at "
+                                 f"{self.billing.rates[1]} (or the lowest tier's {self.billing.rates[0]})")
         if r is not None:
             try:
                 self.tracker.accept(r, served_tokens=covered_tokens)
@@ -176,6 +188,9 @@ class ServerBilling:
         self.admission = Admission(ledger, standing)
         self.model_name = model_name
         self.pricing = pricing if pricing is not None else ledger.pricing
+        self.policy = self.pricing.policy if isinstance(self.pricing, ModelPricing) else FLOPS_POLICY
+        # receipts' rates accepted: [the lowest tier's, our announced tier's] (set_tier); pure FLOPs until then
+        self.rates = (RATE_UNIT, RATE_UNIT)
         self.earn_every = earn_every
         self.earn_interval = earn_interval
         self.priority_ttl = priority_ttl
@@ -188,6 +203,11 @@ class ServerBilling:
 
     def register_model(self, model_id: str, config: Any) -> None:
         _register(self.pricing, model_id, config)
+
+    def set_tier(self, tier_milli: int, dtype: str) -> None:
+        """Price our work at the tier multiplier `tier_milli` / 1000 in `dtype` (the policy may ignore
+        either). A client that does not believe our tier may pay the lowest tier's rate instead."""
+        self.rates = (self.policy.rate(MIN_MILLI, dtype), self.policy.rate(tier_milli, dtype))
 
     async def open(self, peer_id: str, *, session: bytes, model: str, start: int, end: int,
                    idle: bool) -> ServerAccount | None:
@@ -299,11 +319,20 @@ class ClientBilling:
         self.inline_proof_bytes = min(inline_proof_bytes, MAX_PROOF_BYTES)
         self.identity = ledger.identity
         self.pricing = pricing if pricing is not None else ledger.pricing
+        self.policy = self.pricing.policy if isinstance(self.pricing, ModelPricing) else FLOPS_POLICY
         self.signers: dict[tuple[str, bytes], ReceiptSigner] = {}
+        # peer id → (the tier multiplier in thousandths we believe it has, its dtype); routing sets it
+        self.tier_source: Callable[[str], tuple[int, str]] | None = None
         self.stats = {"receipts": 0, "spend_entries": 0, "spent_flops": 0, "disputes": 0, "unfiled_disputes": 0}
 
     def register_model(self, model_id: str, config: Any) -> None:
         _register(self.pricing, model_id, config)
+
+    def rate(self, peer_id: str) -> int:
+        """The rate a new session with `peer_id` is signed at: the policy's, for the tier we believe it has."""
+        if self.tier_source is None:
+            return self.policy.rate(MIN_MILLI, "")
+        return self.policy.rate(*self.tier_source(peer_id))
 
     def receipt(self, peer_id: str, session_id: bytes, info: dict) -> list | None:
         """The receipt to send with a step (or close) to `peer_id`: covers `info["served"]`, the tokens
@@ -319,7 +348,7 @@ class ClientBilling:
                     return None
                 signer = self.signers[key] = ReceiptSigner(
                     self.identity, server=server, model=info["model"], start=info["start"], end=info["end"],
-                    pricing=self.pricing, session=session_id)
+                    pricing=self.pricing, session=session_id, rate=self.rate(peer_id))
             if served > signer.tokens:
                 signer.sign(served)
                 self.stats["receipts"] += 1

@@ -53,6 +53,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import time
@@ -71,7 +72,9 @@ from . import protocol as proto
 from .announce import ServerInfo
 from .billing import ClientBilling
 from .directory import SwarmDirectory
+from .config import ModelConfig
 from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
+from .flops import span_flops
 from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
@@ -100,7 +103,7 @@ class ClientConfig:
     billing: ClientBilling | None = None  # receipts, spends, disputes
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
     speculative: SpeculativeConfig | None = field(default_factory=SpeculativeConfig)  # None: one token a pass
-    prefer: str = "fast"  # routes: "fast", or "green" (servers' grid signals weigh in, pipeline/grid.py)
+    prefer: str = "fast"  # routes: "fast", "green" (servers' grid signals weigh in, pipeline/grid.py) or "cheap" (prices)
 
 
 HopSpan = tuple[str, int, int]  # (peer id, first block, end block) of one hop
@@ -169,7 +172,7 @@ class InferenceSession:
     """A generation's path through the swarm: route, open hops, history for replay. Use `async with`."""
 
     def __init__(self, model: "DistributedModel", max_length: int, prefer: str | None = None):
-        """`prefer`: the routing preference ("fast" / "green"; None: the client config's)."""
+        """`prefer`: the routing preference ("fast" / "green" / "cheap"; None: the client config's)."""
         self.model = model
         self.max_length = max_length
         self.prefer = prefer or model.client_config.prefer
@@ -356,7 +359,9 @@ class InferenceSession:
                                                    self.model.dtype_name)
         hop.accept(step_id, pos, chunks or [h.shape[1]], h, out)
         self.stats.compute_s += compute_s
-        self.model.sequence.observe_rtt(hop.peer_id, max(0.0, trio.current_time() - t0 - compute_s))
+        wall = trio.current_time() - t0
+        self.model.sequence.observe_rtt(hop.peer_id, max(0.0, wall - compute_s))
+        self.model.sequence.observe_speed(hop.peer_id, h.shape[1], hop.end - hop.start, wall)
         return out
 
     async def _run_route_hop(self, hop: Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
@@ -562,6 +567,12 @@ class InferenceSession:
         return len(hops), h
 
 
+def _prefill_flops_per_token(config: ModelConfig, block: int, tokens: int = 64) -> float:
+    """FLOPs per token of a `tokens`-token prefill through `block`: what a server's measured prefill
+    tokens/s is worth (pipeline/server.py places itself in a tier by the same figure)."""
+    return span_flops(config, block, block + 1, tokens) / tokens
+
+
 def _telling(refusals: list[Refused]) -> Refused:
     """The refusal to raise when every server refused: the one offering the longest session (too
     long / cache full, so the caller learns the usable limit), else the last."""
@@ -589,10 +600,14 @@ class DistributedModel:
         self.local_server = local_server
         self.sequence = SequenceManager(dht, model_id, self.model_config.num_layers, me=network.peer_id,
                                         local_blocks=local_server is not None)
+        # the FLOPs the servers' tiers are checked against: a 64-token prefill through a block, per token
+        self.sequence.block_flops = functools.partial(_prefill_flops_per_token, self.model_config)
         billing = self.client_config.billing
         if billing is not None:
             billing.register_model(model_id, self.model_config)
             self.sequence.reliability_source = billing.reliability_by_peer
+            billing.tier_source = self.sequence.believed_tier
+            self.sequence.rate_of = billing.rate
 
     @classmethod
     async def from_pretrained(cls, model_folder: str | os.PathLike | ModelFolder, network: Network, dht: SwarmDirectory, *,
@@ -682,7 +697,7 @@ class DistributedModel:
         add up to the generation's text, whatever the finish reason. `speculative`: draft tokens and
         verify them several a pass (pipeline/speculative.py; the tokens are the same either way) —
         None: as `ClientConfig.speculative` says (on by default), False: off, True or a config: on.
-        `prefer`: the route's preference, "fast" or "green" (None: `ClientConfig.prefer`)."""
+        `prefer`: the route's preference, "fast", "green" or "cheap" (None: `ClientConfig.prefer`)."""
         params = params or SamplingParams(**kw)
         spec = (self.client_config.speculative if speculative is None else
                 SpeculativeConfig() if speculative is True else speculative or None)

@@ -38,7 +38,7 @@ from dht.records import InvalidRecord
 log = logging.getLogger(__name__)
 
 GREEN_WEIGHT = 0.2  # the most a green preference costs: routes at most 20% slower than the fastest
-PREFERENCES = {"fast": 0.0, "green": GREEN_WEIGHT}
+PREFERENCES = {"fast": 0.0, "green": GREEN_WEIGHT, "cheap": 0.0}  # cheap: prices instead (pipeline/routing.py)
 DEFAULT_MAX_AGE = 90.0  # seconds: 3 of the default 30 s announce periods
 FUTURE_SKEW = 5.0  # seconds of clock difference tolerated for a timestamp ahead of ours
 MAX_FILE_BYTES = 4096
@@ -109,7 +109,7 @@ class GridPreference:
 
 
 def preference_weight(prefer: str) -> float:
-    """The grid weight of a routing preference ("fast" or "green"); ValueError for another."""
+    """The grid weight of a routing preference ("fast", "green" or "cheap"); ValueError for another."""
     if prefer not in PREFERENCES:
         raise ValueError(f"unknown routing preference {prefer!r}: one of {', '.join(PREFERENCES)}")
     return PREFERENCES[prefer]

@@ -8,7 +8,20 @@ announced span contains [a, b) (spans may be cut), weighted by
 
 and, with a green preference (`grid`, pipeline/grid.py), the compute term (b − a) / decode_tps is
 stretched by 1 + w·(1 − P_grid(server)) ∈ [1, 1 + w]: the route chosen is never more than (1 + w) times
-the fastest route's cost (w = 0.2 for `--prefer green`: at most 20% slower).
+the fastest route's cost (w = 0.2 for `--prefer green`: at most 20% slower). With `--prefer cheap`
+(`price`) each hop also costs `price_weight` × (b − a) × its price multiplier (the rate its receipts
+would carry / 1000, pipeline/pricing.py): a second a block at 1×, so price outweighs speed and the
+cheapest route wins, speed breaking ties; `fast` and `green` leave price out.
+
+Tiers, as the client believes them (`SequenceManager.believed_tier`): a server's announced tier
+multiplier, but never more than what its announced prefill throughput is worth in FLOP/s on this
+model (the client prices the FLOPs itself, pipeline/tiers.py); and none at all — the lowest tier —
+once the client has seen it step more than `TIER_SLACK` times slower than it announced. What a client
+sees (`observe_speed`: block-tokens per wall-clock second of its prompt-sized steps, the best seen) is
+a lower bound on the server's speed — it includes the network and both ends' overheads — so it can
+only refute a claim, not say what the true tier is: a refuted claim earns no premium (a liar caught
+earns less than an honest server of its real tier). 100× leaves room for the network and the
+overheads of short steps, and is still far below the 10⁵ between the edge and datacenter anchors.
 
 A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
 an announcement of huge throughput at an address where nothing listens, so its throughput counts as
@@ -50,8 +63,12 @@ import trio
 from .announce import ServerInfo, fetch_servers
 from .directory import SwarmDirectory
 from .grid import DEFAULT_MAX_AGE, GridPreference, preference_weight
+from .tiers import MIN_MILLI, tier_milli
 
 log = logging.getLogger(__name__)
+
+TIER_SLACK = 100.0  # a server seen stepping this many times slower than it announced loses its tier
+SPEED_CHECK_TOKENS = 16  # steps of at least this many tokens measure a server's prefill speed
 
 
 class NoRoute(RuntimeError):
@@ -74,17 +91,20 @@ class RoutingConfig:
     local_discount: float = 1e-6  # our own blocks' compute time counts this fraction less: they win ties
     unverified_penalty: float = 1.0  # seconds of route cost for a server this client has never reached
     grid_max_age: float = DEFAULT_MAX_AGE  # seconds: an older grid signal is ignored
+    price_weight: float = 1.0  # with a cheap preference: seconds of route cost per block at a 1× rate
 
 
 def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Callable[[str], float | None] = lambda p: None,
                exclude: Iterable[str] = (), need_cache_tokens: int = 0,
                config: RoutingConfig | None = None,
                reliability: Callable[[ServerInfo], float] | None = None, local: str | None = None,
-               verified: Callable[[str], bool] | None = None, grid: GridPreference | None = None) -> list[RouteHop]:
+               verified: Callable[[str], bool] | None = None, grid: GridPreference | None = None,
+               price: Callable[[ServerInfo], float] | None = None) -> list[RouteHop]:
     """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap.
     `local`: the peer whose blocks run in this process (no network between us). `verified`: whether
     this client has reached a server (None: believe every announcement). `grid`: a green preference
-    (None: grid signals play no part)."""
+    (None: grid signals play no part). `price`: a cheap preference, a server's price multiplier
+    (None: price plays no part; our own blocks are free)."""
     cfg = config or RoutingConfig()
     banned = set(exclude)
     usable = [s for s in servers if s.online and s.peer_id not in banned and s.start < end and s.end > start]
@@ -106,6 +126,8 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
             base += cfg.no_cache_penalty
         r = reliability(s) if reliability is not None else s.reliability
         base += cfg.unreliability_penalty * (1.0 - min(1.0, max(0.0, r)))
+        if price is not None and s.peer_id != local:
+            per_block += cfg.price_weight * price(s)
         lo, hi = max(s.start, start), min(s.end, end)
         for a in range(lo, hi):
             for b in range(a + 1, hi + 1):
@@ -241,6 +263,11 @@ class SequenceManager:
     contacted: set[str] = field(default_factory=set)  # servers we dialled (or are connected to)
     unreachable: dict[str, float] = field(default_factory=dict)  # never-reached server → trio time it may be tried again
     dials_failed: int = 0  # first contacts that failed (dial or session open), over this manager's life
+    speeds: dict[str, float] = field(default_factory=dict)  # peer → best block-tokens/s seen in its prompt steps
+    # block → FLOPs per token of a prefill through it (the model's config); None: announced tiers are not believed
+    block_flops: Callable[[int], float] | None = None
+    # peer id → the rate (thousandths) our receipts to it carry (ClientBilling.rate); None: its believed tier's
+    rate_of: Callable[[str], int] | None = None
 
     def _avoid(self, exclude: Iterable[str]) -> set[str]:
         """Peers no route or check may use: banned, distrusted, `exclude`, and ourselves unless in process."""
@@ -353,6 +380,29 @@ class SequenceManager:
         c = self.checks.setdefault(peer_id, [0, 0])
         c[0 if passed else 1] += 1
 
+    def observe_speed(self, peer_id: str, tokens: int, blocks: int, seconds: float) -> None:
+        """A step of `tokens` through `blocks` of `peer_id`'s took `seconds` of wall clock here."""
+        if tokens >= SPEED_CHECK_TOKENS and seconds > 0:
+            self.speeds[peer_id] = max(self.speeds.get(peer_id, 0.0), tokens * blocks / seconds)
+
+    def believed_tier(self, peer_id: str) -> tuple[int, str]:
+        """(the tier multiplier in thousandths we believe `peer_id` has, its dtype): its announced one,
+        at most what its announced prefill throughput is worth, the lowest once we saw it step more than
+        `TIER_SLACK` times slower than announced (or when it announces none, or we cannot price FLOPs)."""
+        info = self.server(peer_id)
+        if info is None or info.tier_milli is None or self.block_flops is None:
+            return MIN_MILLI, info.dtype if info is not None else ""
+        seen = self.speeds.get(peer_id)
+        if seen is not None and seen * TIER_SLACK < info.prefill_tps:
+            return MIN_MILLI, info.dtype
+        return min(info.tier_milli, tier_milli(info.prefill_tps * self.block_flops(info.start))), info.dtype
+
+    def price(self, info: ServerInfo) -> float:
+        """`info`'s price multiplier as this client would pay it (the rate of our receipts / 1000)."""
+        if self.rate_of is not None:
+            return self.rate_of(info.peer_id) / 1000
+        return self.believed_tier(info.peer_id)[0] / 1000
+
     def reliability(self, info: ServerInfo) -> float:
         """min(announced, observed here, the ledger's view) in [0, 1]."""
         p = info.peer_id
@@ -384,10 +434,12 @@ class SequenceManager:
 
     async def route(self, start: int = 0, end: int | None = None, *, need_cache_tokens: int = 0,
                     exclude: Iterable[str] = (), prefer: str = "fast") -> list[RouteHop]:
-        """The cheapest route through [start, end); `prefer` "green" weighs in the servers' grid signals."""
+        """The cheapest route through [start, end); `prefer` "green" weighs in the servers' grid signals,
+        "cheap" their prices."""
         end = self.num_blocks if end is None else end
         weight = preference_weight(prefer)
         grid = GridPreference(weight, self.dht.network.now(), self.config.grid_max_age) if weight > 0 else None
+        price = self.price if prefer == "cheap" else None
         servers = await self.refresh()
         if self.reliability_source is not None:
             try:
@@ -398,12 +450,12 @@ class SequenceManager:
         try:
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified, grid=grid)
+                              local=local, verified=self.verified, grid=grid, price=price)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified, grid=grid)
+                              local=local, verified=self.verified, grid=grid, price=price)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates):

@@ -86,11 +86,13 @@ from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .measure import batch_throughput
+from .flops import span_flops
 from .grid import GridSignal, GridSignalFile
 from .model import BlockSpan, CacheError, KVCache
 from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
 from .protocol import InferenceError, error, int_field, pack_hidden, unpack_hidden
 from .routing import choose_span, rebalance_span
+from .tiers import DEFAULT_QUARANTINE_S, TierRecord, settle_tier
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -130,6 +132,8 @@ class ServerConfig:
     supersedes: str | None = None  # the model id the served model is a new version of (announced)
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
     grid_signal_file: str | None = None  # re-read at each announcement, announced while fresh (pipeline/grid.py)
+    state_dir: str | None = None  # keeps the hardware tier across restarts, for its quarantine (pipeline/tiers.py)
+    tier_quarantine_s: float = DEFAULT_QUARANTINE_S  # after a change of tier: priced at the lower one this long
 
 
 @dataclass
@@ -248,6 +252,8 @@ class BlockServer:
         self.span: BlockSpan | None = None
         self.mf: ModelFolder | None = None
         self.throughput: dict = {}
+        self.flops_per_s = 0.0  # effective FLOP/s of the start-up measurement: what places us in a tier
+        self.tier: TierRecord | None = None
         self.sessions: dict[bytes, ServedSession] = {}
         self.cache_used = 0
         self.ready = trio.Event()
@@ -341,6 +347,11 @@ class BlockServer:
                                                                   batch=cfg.max_batch_steps))
         self.span, self.start, self.end, self.throughput = span, start, end, tp
         self._subspans = {(start, end): span}
+        tokens = cfg.measure_prefill_tokens
+        self.flops_per_s = tp["prefill_tps"] * span_flops(mf.config, start, start + 1, tokens) / tokens
+        self.tier = await trio.to_thread.run_sync(settle_tier, cfg.state_dir, self.flops_per_s, time.time(),
+                                                  cfg.tier_quarantine_s)
+        self._price_tier()
         log.info("serving blocks [%d, %d) of %s: %.0f decode / %.0f prefill tokens/s per block",
                  start, end, model_id[:12], tp["decode_tps"], tp["prefill_tps"])
 
@@ -402,6 +413,11 @@ class BlockServer:
         per_token = KVCache.bytes_for(self.mf.config, self.end - self.start, 1, dtype=self.dtype)
         return max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
 
+    def _price_tier(self) -> None:
+        """The rates our receipts must carry, from the tier we announce now (a quarantine may end)."""
+        if self.billing is not None and self.tier is not None:
+            self.billing.set_tier(self.tier.announced_milli(time.time()), self.dtype_name)
+
     def info(self, state: str = "online") -> ServerInfo:
         assert self.mf is not None and self.model_id is not None  # run() set it up before serving
         assert self.start is not None and self.end is not None
@@ -418,7 +434,10 @@ class BlockServer:
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
                           reliability=self.reliability, started=self.started,
                           model_name=card.name, num_blocks=card.num_blocks, context_length=card.context_length,
-                          grid=self.grid, supersedes=self.config.supersedes)
+                          grid=self.grid, supersedes=self.config.supersedes,
+                          tier=self.tier.tier if self.tier is not None else None,
+                          tier_milli=self.tier.announced_milli(time.time()) if self.tier is not None else None,
+                          flops_per_s=self.flops_per_s or None)
 
     async def announce(self, state: str = "online") -> int:
         """Store our announcement; returns how many peers (ourselves included) hold it."""
@@ -430,6 +449,7 @@ class BlockServer:
                 log.info("could not compute reliability: %s", e)
         if self.grid_source is not None:
             self.grid = await trio.to_thread.run_sync(self.grid_source.current, self.network.now())
+        self._price_tier()
         info = self.info(state)
         assert self.model_id is not None  # run() set it up before serving
         acks = await self.dht.store(announce_key(self.model_id), info.to_value(), ttl=ttl, republish=False)
@@ -474,7 +494,11 @@ class BlockServer:
                 "cache_budget_bytes": self.config.cache_budget_bytes,
                 "cache_tokens_left": self.cache_tokens_left() if self.mf else 0, "reliability": self.reliability,
                 "batching": dict(self.batcher.stats),
-                **({"billing": dict(self.billing.stats)} if self.billing is not None else {}), **self.stats}
+                "tier": None if self.tier is None else {
+                    "name": self.tier.tier, "milli": self.tier.announced_milli(time.time()),
+                    "quarantine_until": self.tier.quarantine_until, "flops_per_s": self.flops_per_s},
+                **({"billing": {**self.billing.stats, "rates": list(self.billing.rates)}}
+                   if self.billing is not None else {}), **self.stats}
 
     # --- sessions --------------------------------------------------------------------------------
 

@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--debt-limit", type=float, metavar="CREDITS",
                    help="credit policy: how much a newcomer may owe a busy server (default 10000 GFLOP-credits; "
                         "a client's standing there adds to it); the same for every peer of a swarm")
+    p.add_argument("--pricing", choices=["flops", "tiered"], default="flops",
+                   help="pricing policy: flops (default) prices pure FLOPs; tiered weights each step by the server's "
+                        "hardware tier (edge 0.05x ... datacenter 8x, measured at start) and precision (float32 1, "
+                        "bfloat16/float16 0.9); the same for every peer of a swarm")
+    p.add_argument("--tier-quarantine", type=float, metavar="SECONDS",
+                   help="after the blocks served change hardware tier under this identity, price at the lower of "
+                        "the old and new tier this long (default 7 days)")
     p.add_argument("--region", default="", help="a hint for clustering, e.g. eu-west; measured RTT decides")
     p.add_argument("--model", action="append", default=[],
                    help="model to serve or use: a Hugging Face folder or hub id (default: SmolLM2-135M-Instruct, "
@@ -122,9 +129,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grid-signal", metavar="FILE",
                    help="announce this JSON grid signal with the blocks served: {\"load\", \"carbon\", \"renewable\" "
                         "(each 0-1), \"timestamp\" (unix s)}; re-read at each announcement, keep it fresh")
-    p.add_argument("--prefer", choices=["fast", "green"], default="fast",
-                   help="routes of this peer's generations: fastest, or green (servers' grid signals weigh in, "
-                        "at most 20%% slower than the fastest route; default fast)")
+    p.add_argument("--prefer", choices=["fast", "green", "cheap"], default="fast",
+                   help="routes of this peer's generations: fastest, green (servers' grid signals weigh in, "
+                        "at most 20%% slower than the fastest route), or cheap (lowest priced servers, see "
+                        "--pricing; speed breaks ties); default fast")
     p.add_argument("--api", metavar="HOST:PORT",
                    help="serve the OpenAI-compatible HTTP API and the dashboard there, e.g. 127.0.0.1:8000")
     p.add_argument("--api-key", metavar="KEY", default=os.environ.get("POTLUCK_API_KEY"),
@@ -246,6 +254,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise ValueError("--cache-mb wants a positive number of MiB")
     if args.max_batch is not None and not 1 <= args.max_batch <= 256:
         raise ValueError("--max-batch wants a number of steps in [1, 256]")
+    if args.tier_quarantine is not None and not 0.0 <= args.tier_quarantine <= 1e9:
+        raise ValueError("--tier-quarantine wants a number of seconds in [0, 1e9]")
     if args.spot_check_fraction is not None and not 0.0 <= args.spot_check_fraction <= 1.0:
         raise ValueError("--spot-check-fraction wants a number in [0, 1]")
     apps, fallback = _api_gateway(args)
@@ -281,6 +291,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         grid_signal=args.grid_signal,
         prefer=args.prefer,
         credit_policy=_credit_policy(args),
+        pricing=args.pricing,
+        tier_quarantine_s=args.tier_quarantine,
         api=args.api,
         api_key=args.api_key,
         apps=apps,

@@ -7,7 +7,7 @@ raises `ApiError` naming the field, which the API answers as OpenAI does:
 
 Fields we take: model, messages | prompt, max_tokens (or max_completion_tokens), temperature,
 top_p, seed, stop, stream, stream_options.include_usage, n (= 1 only), potluck.receipts (ours: the
-answer carries the signed receipts it was charged by), potluck.prefer (ours: "fast" or "green", the
+answer carries the signed receipts it was charged by), potluck.prefer (ours: "fast", "green" or "cheap", the
 route's preference, pipeline/grid.py), and the penalties,
 logprobs, tools / tool_choice / functions and response_format only at their neutral values (we do
 not implement them, and say so rather than ignore them). Other fields (user, metadata, ...) are

@@ -59,7 +59,7 @@ from pipeline.identity import model_id as compute_model_id
 from pipeline.loading import ModelFolder
 from pipeline.modelchoice import Candidate, choose_model, complete, copies, move_to, wanted_by_version
 from pipeline.proofshelf import ProofShelf
-from pipeline.pricing import ModelPricing
+from pipeline.pricing import POLICIES, ModelPricing
 from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 from pipeline.speculative import with_draft_model
@@ -130,8 +130,10 @@ class PeerConfig:
     spot_check_fraction: float | None = None  # fixed spot-check fraction (0: none); None: adaptive (checkpolicy)
     draft_model: str | None = None  # an HF folder: speculative decoding drafts with it (None: prompt lookup)
     grid_signal: str | None = None  # a grid signal file the served blocks announce (pipeline/grid.py)
-    prefer: str = "fast"  # this peer's generations route "fast" or "green" (a request may say otherwise)
+    prefer: str = "fast"  # this peer's generations route "fast", "green" or "cheap" (a request may say otherwise)
     credit_policy: CreditPolicy | None = None  # the swarm's credit rules (None: the open swarm's defaults)
+    pricing: str = "flops"  # the swarm's pricing policy (pipeline/pricing.py POLICIES): flops or tiered
+    tier_quarantine_s: float | None = None  # after a change of hardware tier (None: pipeline/tiers.py's default)
     api: str | None = None  # "host:port": serve the HTTP API and dashboard there
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
     apps: AppTable | None = None  # --apps: the applications the API serves, their keys and quotas
@@ -496,6 +498,9 @@ def _server_config(config: PeerConfig) -> ServerConfig:
         sc.max_batch_steps = config.max_batch
     sc.grid_signal_file = config.grid_signal
     sc.supersedes = config.supersedes
+    sc.state_dir = str(config.data_dir)  # the served blocks' tier, kept for its quarantine (pipeline/tiers.py)
+    if config.tier_quarantine_s is not None:
+        sc.tier_quarantine_s = config.tier_quarantine_s
     return sc
 
 
@@ -504,7 +509,8 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
     memory.return_big_blocks()  # KV caches and big frames go back to the OS when freed
     identity = Identity.load_or_create(config.data_dir)
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
-    ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(), policy=config.credit_policy)
+    ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(POLICIES[config.pricing]),
+                         policy=config.credit_policy)
     try:
         async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
                                       relay_service=config.relay_service, relays=config.relays,

@@ -82,6 +82,9 @@ def render_status(status: dict, console: Console | None = None, *, wide: bool = 
                       f"{server.get('tokens', 0):,} tokens computed")
         speed = [f"{tps:,.0f} tok/s per block"] if isinstance(tps, (int, float)) else []
         speed += [f"room for {cache:,} cached tokens"] if isinstance(cache, int) else []
+        tier = server.get("tier")
+        if isinstance(tier, dict) and isinstance(tier.get("milli"), int):
+            speed += [f"tier {tier.get('name')} ({tier['milli'] / 1000:g}×)"]
         if speed:
             console.print("  " + ", ".join(speed))
     else:

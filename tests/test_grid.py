@@ -99,8 +99,9 @@ def test_announcement_carries_the_signal_and_old_ones_decode():
 
 def test_preference_names():
     assert preference_weight("fast") == 0.0 and preference_weight("green") == GREEN_WEIGHT
+    assert preference_weight("cheap") == 0.0  # prices instead of grid signals (pipeline/routing.py)
     with pytest.raises(ValueError):
-        preference_weight("cheap")
+        preference_weight("cheapest")
 
 
 def test_signal_file_checked(tmp_path):
@@ -137,7 +138,8 @@ def test_request_field_prefer_checked():
     assert ChatRequest.parse(body).prefer is None
     assert ChatRequest.parse({**body, "potluck": {"prefer": "green"}}).prefer == "green"
     assert ChatRequest.parse({**body, "potluck": {"prefer": "fast"}}).prefer == "fast"
-    for bad in ("cheap", 1, ["green"], {"green": True}):
+    assert ChatRequest.parse({**body, "potluck": {"prefer": "cheap"}}).prefer == "cheap"
+    for bad in ("cheapest", 1, ["green"], {"green": True}):
         with pytest.raises(ApiError) as e:
             ChatRequest.parse({**body, "potluck": {"prefer": bad}})
         assert e.value.status == 400
