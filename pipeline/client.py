@@ -76,7 +76,7 @@ from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
 from .proofs import BadSignedStep
-from .protocol import pack_hidden
+from .protocol import InferenceError, pack_hidden
 from .routing import NoRoute, RouteHop, SequenceManager
 from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
 from .speculative import SpeculationStats, SpeculativeConfig, verify
@@ -372,7 +372,9 @@ class InferenceSession:
         bad = self.hops[index]
         seq = self.model.sequence
         log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
-        seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
+        if not (isinstance(err, InferenceError) and err.kind == "SessionExpired"):
+            # (a server that ended the session — idle, displaced, moving, stopping — did nothing wrong)
+            seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
         self.stats.recoveries += 1
         if self.checker is not None:
             await self.checker.forget(bad)

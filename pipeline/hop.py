@@ -25,7 +25,7 @@ from typing import NoReturn, Protocol
 import torch
 import trio
 
-from p2p.errors import FrameError, P2PError
+from p2p.errors import FrameError, P2PError, StreamClosed
 from p2p.identity import public_key_from_peer_id
 from p2p.network import Network, Stream
 
@@ -133,7 +133,22 @@ class RemoteHop:
             raise
 
     async def send_step(self, msg: dict) -> None:
-        await self.stream.send(msg)
+        try:
+            await self.stream.send(msg)
+        except StreamClosed:
+            await self._last_word()
+            raise
+
+    async def _last_word(self) -> None:
+        """The server closed the stream: raise its error reply still waiting there (why it ended the
+        session, e.g. SessionExpired), if there is one."""
+        with trio.move_on_after(1.0):
+            try:
+                last = await self.stream.receive()
+            except P2PError:
+                return
+            if isinstance(last, dict) and last.get("t") == "error":
+                expect_reply(last, "out")  # raises it, an InferenceError
 
     def note_sent(self, step_id: int, pos: int, tokens: int) -> None:
         """Step `step_id` (`tokens` at `pos`) is on its way to the server, sent or pushed: what its "out" counts."""
