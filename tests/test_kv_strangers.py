@@ -5,20 +5,26 @@ The defaults hold a long session of the default model and of an 8B-class one. Id
 they expire after `stranger_idle_timeout`, and a newcomer the pool refuses displaces the longest-idle
 ones (never one that keeps stepping); a displaced client re-opens, and bans nobody."""
 
+from contextlib import AsyncExitStack
+
 import pytest
 import torch
 import trio
 
 from credits import CreditPolicy, StandingView
+from p2p.identity import Identity
+from p2p.libp2p import Libp2pNetwork
 from pipeline import protocol as proto
 from pipeline import convert
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.config import ModelConfig
 from pipeline.errors import CacheFull
+from pipeline.identity import model_id
 from pipeline.loading import ModelFolder
 from pipeline.model import KVCache
 from pipeline.server import BlockServer, ServerConfig, StrangerCaps
+from potluck.cli import build_parser
 from potluck.openai_schema import DEFAULT_MAX_TOKENS
 from testkit.billing import give_standing, make_ledger
 from testkit.models import have_default_model_wheel
@@ -271,3 +277,51 @@ async def test_idle_stranger_sessions_expire_after_their_own_short_timeout(llama
                 assert (await stream.receive())["kind"] == "SessionExpired"
             assert list(server.sessions) == [own.id] and server.stats["expired"] == 1
             own.close()
+
+
+def test_serve_flags_state_the_servers_defaults(monkeypatch):
+    monkeypatch.setenv("COLUMNS", "80")
+    raw = build_parser()._subparsers._group_actions[0].choices["serve"].format_help()  # type: ignore[union-attr]
+    text = " ".join(raw.split())
+    conf = ServerConfig()
+    assert f"hold (default {conf.stranger_cache_tokens};" in text and f"(default {conf.strangers_cache_tokens};" in text
+
+
+@pytest.mark.slow
+def test_a_serve_process_holds_strangers_to_its_token_flags_and_idle_ones_give_way(spawn, llama_folder):
+    """`potluck serve --stranger-cache-tokens 16 --strangers-cache-tokens 24`: a fresh key's session of 17
+    tokens is refused (CacheFull, limit 16); a second key finds 8 left; once the first key's session is
+    idle, a third key's session displaces it (its stream says SessionExpired)."""
+    proc = spawn("--model", str(llama_folder), "--threads", "1", "--blocks", "0:4", "--cache-mb", "4",
+                 "--stranger-cache-tokens", "16", "--strangers-cache-tokens", "24")
+    status = proc.call("status")["server"]
+    per = KV_BYTES_PER_TOKEN
+    assert (status["stranger_cache_bytes"], status["strangers_cache_bytes"]) == (16 * per, 24 * per)
+    mid = model_id(llama_folder)
+
+    async def open_session(stack: AsyncExitStack, max_length: int):
+        """A fresh key's "open" at the process: (its stream, the reply)."""
+        net = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]))
+        await net.connect(proc.addr, timeout=10)
+        stream = await net.open_stream(proc.addr.rsplit("/", 1)[1], proto.INFERENCE)
+        await stream.send({"t": "open", "model": mid, "start": 0, "end": 4, "max_length": max_length,
+                           "dtype": "float32"})
+        with trio.fail_after(10):
+            return stream, await stream.receive()
+
+    async def keys() -> None:
+        with trio.fail_after(60):
+            async with AsyncExitStack() as stack:
+                _, too_long = await open_session(stack, 17)
+                assert too_long["kind"] == "CacheFull" and too_long["limit"] == 16
+                first, opened = await open_session(stack, 16)
+                assert opened["t"] == "opened"
+                _, second = await open_session(stack, 16)
+                assert second["kind"] == "CacheFull" and second["limit"] == 8
+                await trio.sleep(ServerConfig().displace_idle_after + 0.5)
+                _, third = await open_session(stack, 16)
+                assert third["t"] == "opened"
+                assert (await first.receive())["kind"] == "SessionExpired"
+
+    trio.run(keys)
+    assert proc.call("status")["server"]["displaced"] == 1
