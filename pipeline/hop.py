@@ -8,8 +8,9 @@ digest and keeps the step in the hop's signed history `log`, what a dispute proo
 bad signed result is a `BadSignedStep` (a FrameError: a fault, like a broken stream). The hop counts
 the tokens of the steps it sent that the server answered, less the rolled-back drafts, by the server's
 own rule (`counted`); "served" (what the client signs for) above that count is an `OverstatedServed`,
-a fault too. `close` ends the session, with the final receipt when there is one. A `LocalHop` is a
-session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no stream
+a fault too. A step sent on a stream the server closed raises the error reply it left there (why it
+ended the session: SessionExpired) when there is one. `close` ends the session, with the final
+receipt when there is one. A `LocalHop` is a session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no stream
 and no serialisation, and nothing to sign for (serving ourselves is free). Either way a server's
 refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to, with the
 server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord` is what
