@@ -84,7 +84,7 @@ from pipeline.errors import GenerationFailed, InsufficientCredit, Refused
 from pipeline.identity import model_id as model_id_of
 from pipeline.loading import ModelFolder
 from pipeline.pricing import ModelPricing
-from pipeline.server import ServerConfig
+from pipeline.server import ServerConfig, StrangerCaps
 from potluck import control
 from potluck.localswarm import PeerProcess, start_all, wait_until
 from potluck.peer import MAX_PRESENCE_SEEN, PRESENCE_TOPIC
@@ -547,8 +547,8 @@ async def kv_cache_hog(target: Target) -> Outcome:
     return Outcome({"sessions_opened": opened, "sessions_refused": refused, "streams_refused": streams_refused,
                     "cache_bytes_held": held_peak},
                    {"sessions_opened": int(config.cache_share * config.max_sessions),
-                    "cache_bytes_held": min(int(config.cache_share * target.cache_budget),
-                                            config.stranger_cache_bytes) + honest},
+                    "cache_bytes_held": StrangerCaps.of(replace(config, cache_budget_bytes=target.cache_budget),
+                                                        target.kv_bytes_per_token()).per_client + honest},
                    {"cache_budget_bytes": target.cache_budget})
 
 

@@ -22,7 +22,9 @@
   refusal, malformed or non-finite output), its server is banned for a while, a new route for that
   hop's blocks is built from the others, the history is replayed there — chunk by chunk in one
   message, so the rebuilt KV cache is bit-identical — and the step goes on. Greedy output is the
-  same as an undisturbed run.
+  same as an undisturbed run. A session the server ended (SessionExpired: idle, displaced by another
+  client, a move) is no fault the first time: it is re-routed and replayed without a ban (the same
+  server may take it again); a server that ends a session's hop a second time is banned.
 - Refusals (pipeline/errors.py: too long, cache full, no credit, no receipt, wrong model, busy) are
   not faults: no ban. A server that refuses to open a session is left out of that route only and
   another is tried where one could accept; when none is left, or the refusal is about the client
@@ -79,7 +81,7 @@ from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
 from .proofs import BadSignedStep
-from .protocol import pack_hidden
+from .protocol import InferenceError, pack_hidden
 from .routing import NoRoute, RouteHop, SequenceManager
 from .sampling import Sampler, SamplingParams, find_stop, safe_prefix_len
 from .speculative import SpeculationStats, SpeculativeConfig, verify
@@ -181,6 +183,7 @@ class InferenceSession:
         self.chunks: list[int] = []  # tokens per completed step
         self.history: dict[int, list[torch.Tensor]] = {}  # block boundary → inputs of completed steps
         self._step_id = 0
+        self._ended_by: set[str] = set()  # servers that ended a session of ours (SessionExpired): forgiven once
         cfg = model.client_config
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
                                     model_id=model.model_id, billing=cfg.billing, step_timeout=cfg.step_timeout)
@@ -377,7 +380,11 @@ class InferenceSession:
         bad = self.hops[index]
         seq = self.model.sequence
         log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
-        seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
+        ended = isinstance(err, InferenceError) and err.kind == "SessionExpired"
+        if not ended or bad.peer_id in self._ended_by:  # ending it (idle, displaced, moving) is no fault, once
+            seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
+        if ended:
+            self._ended_by.add(bad.peer_id)
         self.stats.recoveries += 1
         if self.checker is not None:
             await self.checker.forget(bad)

@@ -8,8 +8,9 @@ digest and keeps the step in the hop's signed history `log`, what a dispute proo
 bad signed result is a `BadSignedStep` (a FrameError: a fault, like a broken stream). The hop counts
 the tokens of the steps it sent that the server answered, less the rolled-back drafts, by the server's
 own rule (`counted`); "served" (what the client signs for) above that count is an `OverstatedServed`,
-a fault too. `close` ends the session, with the final receipt when there is one. A `LocalHop` is a
-session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no stream
+a fault too. A step sent on a stream the server closed raises the error reply it left there (why it
+ended the session: SessionExpired) when there is one. `close` ends the session, with the final
+receipt when there is one. A `LocalHop` is a session with this peer's own BlockServer (`LocalServer`), in process: `run` is a call, with no stream
 and no serialisation, and nothing to sign for (serving ourselves is free). Either way a server's
 refusal (a refusal kind, pipeline/errors.py) is raised as the typed `Refused` it maps to, with the
 server's error as its cause; other errors stay `InferenceError`s (faults). A `StepRecord` is what
@@ -25,7 +26,7 @@ from typing import NoReturn, Protocol
 import torch
 import trio
 
-from p2p.errors import FrameError, P2PError
+from p2p.errors import FrameError, P2PError, StreamClosed
 from p2p.identity import public_key_from_peer_id
 from p2p.network import Network, Stream
 
@@ -133,7 +134,22 @@ class RemoteHop:
             raise
 
     async def send_step(self, msg: dict) -> None:
-        await self.stream.send(msg)
+        try:
+            await self.stream.send(msg)
+        except StreamClosed:
+            await self._last_word()
+            raise
+
+    async def _last_word(self) -> None:
+        """The server closed the stream: raise its error reply still waiting there (why it ended the
+        session, e.g. SessionExpired), if there is one."""
+        with trio.move_on_after(1.0):
+            try:
+                last = await self.stream.receive()
+            except P2PError:
+                return
+            if isinstance(last, dict) and last.get("t") == "error":
+                expect_reply(last, "out")  # raises it, an InferenceError
 
     def note_sent(self, step_id: int, pos: int, tokens: int) -> None:
         """Step `step_id` (`tokens` at `pos`) is on its way to the server, sent or pushed: what its "out" counts."""

@@ -14,12 +14,15 @@
   there, never mid-generation); one with standing books only `initial_cache_tokens` and what it uses
   after that: its cache grows (doubling, copied) as steps need it, each growth checked again (it may
   be refused then). Either way the cache's memory is allocated as it grows. A client holds at most
-  `cache_share` of the budget over all its sessions (and at most `stranger_cache_bytes`; all clients
-  without standing together at most `strangers_cache_bytes`), or `cache_share_standing` with standing
-  in this server's view (billing, credits.standing), and opens at most `cache_share` of
-  `max_sessions`; a client with standing whose session does not fit displaces sessions of clients
-  without that have been idle `displace_idle_after`.
-  Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after.
+  `cache_share` of the budget over all its sessions (and at most `stranger_cache_tokens` of the span;
+  all clients without standing together at most `strangers_cache_tokens` and `strangers_cache_share`
+  of the budget: `StrangerCaps`), or `cache_share_standing` with standing in this server's view
+  (billing, credits.standing), and opens at most `cache_share` of `max_sessions`. A session that does
+  not fit displaces the longest-idle sessions of other clients without standing, idle at least
+  `displace_idle_after` (never one computing or stepping more often): an idle stranger gives way to
+  a client with standing and to a newcomer alike; its client sees SessionExpired and re-opens.
+  Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after,
+  and at most `stranger_idle_timeout` without standing.
 - All torch work (loading, measuring, every step) runs in worker threads through one
   `PriorityLimiter`, so the peer's trio loop (DHT, membership, other sessions' I/O) never
   waits on a matmul. Steps go through a `StepBatcher` (pipeline/batching.py, continuous batching):
@@ -122,18 +125,36 @@ class ServerConfig:
     first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
     initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
     cache_share: float = 0.5  # of the budget (and of max_sessions), the most one client without standing holds
-    # ... and never more than this: SmolLM2-135M (all 30 blocks, float32) keeps 45 KiB a token, so this
-    # holds a 472-token prompt plus the API's default 256 new tokens; a key costs nothing to make, so
-    # a byte bound, not a fraction of whatever budget the volunteer gave
-    stranger_cache_bytes: int = 32 << 20
-    strangers_cache_bytes: int = 48 << 20  # all clients without standing together (Sybil keys too)
+    # A key costs nothing to make: clients without standing are also held to tokens of the span served
+    # (`StrangerCaps`, converted with its KV bytes a token: a long session of a big model as of a small one)
+    stranger_cache_tokens: int = 4096  # one client without standing: a long prompt and its answer
+    strangers_cache_tokens: int = 16384  # all of them together (Sybil keys too): a few such sessions ...
+    strangers_cache_share: float = 0.5  # ... and at most this fraction of the budget: standing keeps the rest
+    stranger_idle_timeout: float = 10.0  # idle seconds before a session without standing is dropped
     cache_share_standing: float = 1.0  # ... and one with standing in this server's view
-    displace_idle_after: float = 1.0  # a session idle this long may be displaced by a client with standing
+    # a session without standing idle this long may be displaced: by a client with standing that needs
+    # the room, or by one without that the strangers' pool (or the budget) would refuse
+    displace_idle_after: float = 1.0
     supersedes: str | None = None  # the model id the served model is a new version of (announced)
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
     grid_signal_file: str | None = None  # re-read at each announcement, announced while fresh (pipeline/grid.py)
     state_dir: str | None = None  # keeps the hardware tier across restarts, for its quarantine (pipeline/tiers.py)
     tier_quarantine_s: float = DEFAULT_QUARANTINE_S  # after a change of tier: priced at the lower one this long
+
+
+@dataclass(frozen=True)
+class StrangerCaps:
+    """The KV cache bytes clients without standing may hold: one of them (`per_client`), all of them
+    together (`pool`) — the configured tokens at `token_bytes` a token, within the budget's fractions."""
+
+    per_client: int
+    pool: int
+
+    @classmethod
+    def of(cls, config: ServerConfig, token_bytes: int) -> StrangerCaps:
+        budget = config.cache_budget_bytes
+        return cls(per_client=min(config.stranger_cache_tokens * token_bytes, int(budget * config.cache_share)),
+                   pool=min(config.strangers_cache_tokens * token_bytes, int(budget * config.strangers_cache_share)))
 
 
 @dataclass
@@ -256,6 +277,7 @@ class BlockServer:
         self.tier: TierRecord | None = None
         self.sessions: dict[bytes, ServedSession] = {}
         self.cache_used = 0
+        self.stranger_caps = StrangerCaps(0, 0)  # set for the span loaded
         self.ready = trio.Event()
         self.stopping = False
         self._subspans: dict[tuple[int, int], BlockSpan] = {}
@@ -346,6 +368,7 @@ class BlockServer:
                                                                   prefill_tokens=cfg.measure_prefill_tokens,
                                                                   batch=cfg.max_batch_steps))
         self.span, self.start, self.end, self.throughput = span, start, end, tp
+        self.stranger_caps = StrangerCaps.of(cfg, span.cache_bytes(1))
         self._subspans = {(start, end): span}
         tokens = cfg.measure_prefill_tokens
         self.flops_per_s = tp["prefill_tps"] * span_flops(mf.config, start, start + 1, tokens) / tokens
@@ -476,13 +499,16 @@ class BlockServer:
                 log.info("announcement failed: %s", e)
 
     async def _expire_loop(self) -> None:
-        first = min(self.config.first_step_timeout, self.config.session_timeout)
-        period = max(0.05, min(5.0, first / 4))
+        cfg = self.config
+        first = min(cfg.first_step_timeout, cfg.session_timeout)
+        period = max(0.05, min(5.0, first / 4, cfg.stranger_idle_timeout / 4))
         while True:
             await trio.sleep(period)
             now = trio.current_time()
             for s in list(self.sessions.values()):
-                timeout = self.config.session_timeout if s.steps else first
+                timeout = cfg.session_timeout if s.steps else first
+                if not s.standing:  # a stranger mid-generation steps far more often
+                    timeout = min(timeout, cfg.stranger_idle_timeout)
                 if not s.compute_lock.locked() and now - s.last_used > timeout:
                     log.info("session %s of %s expired", s.id.hex()[:8], s.peer_id[-8:])
                     self.stats["expired"] += 1
@@ -492,6 +518,7 @@ class BlockServer:
         return {"model_id": self.model_id, "start": self.start, "end": self.end, "dtype": self.dtype_name,
                 "throughput": self.throughput, "sessions": len(self.sessions), "cache_used_bytes": self.cache_used,
                 "cache_budget_bytes": self.config.cache_budget_bytes,
+                "stranger_cache_bytes": self.stranger_caps.per_client, "strangers_cache_bytes": self.stranger_caps.pool,
                 "cache_tokens_left": self.cache_tokens_left() if self.mf else 0, "reliability": self.reliability,
                 "batching": dict(self.batcher.stats),
                 "tier": None if self.tier is None else {
@@ -640,18 +667,18 @@ class BlockServer:
         return session
 
     def _check_room(self, peer_id: str, standing: bool, nbytes: int, per_token: int) -> None:
-        """Raise CacheFull unless `nbytes` more fit the client's share and the budget (after displacing
-        idle sessions, for a client with standing). CacheFull's limit: the tokens that would fit."""
+        """Raise CacheFull unless `nbytes` more fit the client's share and the budget (and, without
+        standing, the strangers' pool), after displacing idle sessions of other clients without
+        standing. CacheFull's limit: the tokens that would fit."""
         budget = self.config.cache_budget_bytes
-        free = budget - self.cache_used
-        if standing:
-            free += sum(s.nbytes for s in self._displaceable())
+        idle = sum(s.nbytes for s in self._displaceable(peer_id))
+        free = budget - self.cache_used + idle
         if nbytes > free:
             self.stats["sessions_refused"] += 1
             raise InferenceError("CacheFull", f"the KV cache budget is full: {self.cache_used} of {budget} bytes "
                                  f"in use, this session needs {nbytes} more", max(0, free) // per_token)
-        share = int(budget * self.config.cache_share_standing) if standing else \
-            min(int(budget * self.config.cache_share), self.config.stranger_cache_bytes)
+        caps = self.stranger_caps
+        share = int(budget * self.config.cache_share_standing) if standing else caps.per_client
         held = sum(s.nbytes for s in self.sessions.values() if s.peer_id == peer_id)
         if held + nbytes > share:
             self.stats["sessions_refused"] += 1
@@ -660,21 +687,21 @@ class BlockServer:
                                  f"{nbytes} more", max(0, share - held) // per_token)
         if standing:
             return
-        strangers = sum(s.nbytes for s in self.sessions.values() if not s.standing)
-        if strangers + nbytes > self.config.strangers_cache_bytes:
+        strangers = self._strangers_bytes()
+        if strangers - idle + nbytes > caps.pool:
             self.stats["sessions_refused"] += 1
-            raise InferenceError("CacheFull", f"clients without standing here may hold "
-                                 f"{self.config.strangers_cache_bytes} bytes of this server's KV cache together; "
-                                 f"they hold {strangers}, this session needs {nbytes} more",
-                                 max(0, self.config.strangers_cache_bytes - strangers) // per_token)
+            raise InferenceError("CacheFull", f"clients without standing here may hold {caps.pool} bytes of this "
+                                 f"server's KV cache together; they hold {strangers} ({idle} of it idle), this "
+                                 f"session needs {nbytes} more", max(0, caps.pool - strangers + idle) // per_token)
 
     def _reserve(self, peer_id: str, standing: bool, nbytes: int, per_token: int) -> None:
-        """Count `nbytes` more of KV cache for a session of `peer_id` (displacing idle sessions of
-        clients without standing if it has standing and needs the room); CacheFull if they do not fit."""
+        """Count `nbytes` more of KV cache for a session of `peer_id`, displacing the longest-idle
+        sessions of other clients without standing while it would not fit (the budget, and without
+        standing the strangers' pool); CacheFull if it does not fit even so."""
         self._check_room(peer_id, standing, nbytes, per_token)
-        budget = self.config.cache_budget_bytes
-        for s in sorted(self._displaceable(), key=lambda s: s.last_used):
-            if self.cache_used + nbytes <= budget:
+        budget, pool = self.config.cache_budget_bytes, self.stranger_caps.pool
+        for s in sorted(self._displaceable(peer_id), key=lambda s: s.last_used):
+            if self.cache_used + nbytes <= budget and (standing or self._strangers_bytes() + nbytes <= pool):
                 break
             log.info("session %s of %s displaced (idle, no standing)", s.id.hex()[:8], s.peer_id[-8:])
             self.stats["displaced"] += 1
@@ -682,11 +709,14 @@ class BlockServer:
             s.scope.cancel()
         self.cache_used += nbytes
 
-    def _displaceable(self) -> list[ServedSession]:
-        """Sessions of clients without standing that are idle (no step running, none lately)."""
+    def _displaceable(self, peer_id: str) -> list[ServedSession]:
+        """Sessions of clients without standing, other than `peer_id`, that are idle (no step running, none lately)."""
         now = trio.current_time()
-        return [s for s in self.sessions.values() if not s.standing and not s.compute_lock.locked()
-                and now - s.last_used >= self.config.displace_idle_after]
+        return [s for s in self.sessions.values() if not s.standing and s.peer_id != peer_id
+                and not s.compute_lock.locked() and now - s.last_used >= self.config.displace_idle_after]
+
+    def _strangers_bytes(self) -> int:
+        return sum(s.nbytes for s in self.sessions.values() if not s.standing)
 
     def _drop(self, session: ServedSession) -> None:
         if self.sessions.pop(session.id, None) is not None:

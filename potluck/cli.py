@@ -115,6 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--cache-mb", type=int, metavar="MiB",
                    help="memory for the KV cache of the blocks served (default 256); bounds the sessions it holds")
+    p.add_argument("--stranger-cache-tokens", type=int, metavar="N",
+                   help="KV cache tokens of the blocks served one client without standing here may hold (default "
+                        "4096; at most half the cache)")
+    p.add_argument("--strangers-cache-tokens", type=int, metavar="N",
+                   help="... all clients without standing together (default 16384; at most half the cache)")
     p.add_argument("--max-batch", type=int, metavar="N",
                    help="steps of different sessions the blocks served compute as one forward (default 8; 1: no "
                         "batching)")
@@ -252,6 +257,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         parse_blocks(args.blocks)  # a malformed span is an error before anything starts
     if args.cache_mb is not None and args.cache_mb < 1:
         raise ValueError("--cache-mb wants a positive number of MiB")
+    for flag, tokens in (("--stranger-cache-tokens", args.stranger_cache_tokens),
+                         ("--strangers-cache-tokens", args.strangers_cache_tokens)):
+        if tokens is not None and tokens < 1:
+            raise ValueError(f"{flag} wants a positive number of tokens")
     if args.max_batch is not None and not 1 <= args.max_batch <= 256:
         raise ValueError("--max-batch wants a number of steps in [1, 256]")
     if args.tier_quarantine is not None and not 0.0 <= args.tier_quarantine <= 1e9:
@@ -286,6 +295,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         cache_mib=args.cache_mb,
         max_batch=args.max_batch,
+        stranger_cache_tokens=args.stranger_cache_tokens,
+        strangers_cache_tokens=args.strangers_cache_tokens,
         spot_check_fraction=args.spot_check_fraction,
         draft_model=args.draft_model,
         grid_signal=args.grid_signal,

@@ -127,6 +127,8 @@ class PeerConfig:
     dtype: str = "float32"
     cache_mib: int | None = None  # the KV cache budget of served blocks (None: the server's default)
     max_batch: int | None = None  # steps computed as one forward by the served blocks (None: the server's default)
+    stranger_cache_tokens: int | None = None  # KV cache tokens one client without standing may hold (None: default)
+    strangers_cache_tokens: int | None = None  # ... all of them together (None: the server's default)
     spot_check_fraction: float | None = None  # fixed spot-check fraction (0: none); None: adaptive (checkpolicy)
     draft_model: str | None = None  # an HF folder: speculative decoding drafts with it (None: prompt lookup)
     grid_signal: str | None = None  # a grid signal file the served blocks announce (pipeline/grid.py)
@@ -496,6 +498,10 @@ def _server_config(config: PeerConfig) -> ServerConfig:
         sc.cache_budget_bytes = config.cache_mib << 20
     if config.max_batch is not None:
         sc.max_batch_steps = config.max_batch
+    if config.stranger_cache_tokens is not None:
+        sc.stranger_cache_tokens = config.stranger_cache_tokens
+    if config.strangers_cache_tokens is not None:
+        sc.strangers_cache_tokens = config.strangers_cache_tokens
     sc.grid_signal_file = config.grid_signal
     sc.supersedes = config.supersedes
     sc.state_dir = str(config.data_dir)  # the served blocks' tier, kept for its quarantine (pipeline/tiers.py)

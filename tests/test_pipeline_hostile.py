@@ -100,7 +100,7 @@ async def test_cache_budget_expiry_and_offline(llama):
     # 2 blocks × 2 (k, v) × 2 kv heads × 16 dims × 4 bytes = 512 bytes per token; 64 tokens = 32 KiB a session
     with trio.fail_after(60):
         async with swarm("sim", path, [(0, 2), (2, 4)], model_id=mid, cache_budget_bytes=70_000,
-                         session_timeout=0.5, cache_share=1.0) as s:  # one client may fill it (shares: test_server_hostile)
+                         session_timeout=0.5, cache_share=1.0, strangers_cache_share=1.0) as s:  # one client may fill it (shares: test_server_hostile)
             server = s.servers[0]
             streams = [await raw_stream(s, server) for _ in range(3)]
             assert (await ask(streams[0], open_msg(mid, max_length=64)))["t"] == "opened"

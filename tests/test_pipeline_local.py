@@ -208,9 +208,10 @@ async def test_own_blocks_are_never_spot_checked_but_check_remote_hops(llama):
             assert stats.spot_checks["checks"] == 0 and remote.server.stats["sessions_opened"] == 1
 
 
-async def test_our_session_ending_is_a_fault_recovered_elsewhere(llama):
-    """Our server drops the session (idle expiry, a move, shutdown): the history is replayed on a remote
-    server and the output stays the local model's."""
+async def test_our_session_ending_is_replayed_there_then_a_fault_recovered_elsewhere(llama):
+    """Our server drops the session (idle expiry, displacement, a move): no fault the first time — the
+    history is replayed on a fresh session there; the second time the server is banned and the history
+    replayed on a remote server. The output stays the local model's."""
     path, mid, local = llama
     want = local.generate_greedy(PROMPT, 12)
     with trio.fail_after(60):
@@ -224,12 +225,12 @@ async def test_our_session_ending_is_a_fault_recovered_elsewhere(llama):
                     g = ev.generation
                     continue
                 tokens.append(ev.token_id)
-                if ev.index == 4:
+                if ev.index in (4, 8):
                     assert ev.route == [(me.network.peer_id, 0, 4)]
                     for session in list(me.server.sessions.values()):
                         session.scope.cancel()  # what expiry does
             assert tokens == want and g is not None
-            assert g.recoveries == 1 and g.route == [(remote.network.peer_id, 0, 4)]
+            assert g.recoveries == 2 and g.route == [(remote.network.peer_id, 0, 4)]
             assert not me.server.sessions and me.server.cache_used == 0
 
 
