@@ -1,0 +1,71 @@
+"""What a Libp2pNetwork keeps about other peers and about itself (p2p.libp2p): dial-back probes are no
+connections, the address book and py-libp2p's peerstore are bounded, observed addresses count once per
+reporting network, and address changes are pushed to connected peers (identify-push). Real sockets on
+loopback."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import trio
+from libp2p.peer.id import ID
+
+from p2p.identity import Identity
+from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p.autonat import AutonatLimits
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+EAGER = AutonatLimits(per_peer_interval=0.0)  # every dial-back request is served
+
+
+@asynccontextmanager
+async def peers(n: int, listen: list[str] = LOOPBACK, **options):
+    async with AsyncExitStack() as stack:
+        yield [await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), listen, **options))
+               for _ in range(n)]
+
+
+async def until(predicate, timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+def swarm_connections(net: Libp2pNetwork, peer_id: str) -> int:
+    return len(net._swarm.get_connections(ID.from_base58(peer_id)))
+
+
+# --- dial-back probes ---------------------------------------------------------------------------------
+
+
+async def test_dial_backs_are_no_connections_and_a_check_never_redials():
+    async with peers(2, autonat_limits=EAGER) as (a, b):
+        await a.connect(b.listen_addrs()[0])
+        most = {"a": 0, "b": 0}
+        listed: set[tuple[str, ...]] = set()
+
+        async def watch(done: trio.Event) -> None:
+            while not done.is_set():
+                most["a"] = max(most["a"], swarm_connections(a, b.peer_id))
+                most["b"] = max(most["b"], swarm_connections(b, a.peer_id))
+                listed.add((*a.connected_peers(), "|", *b.connected_peers()))
+                await trio.sleep(0)
+
+        done = trio.Event()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch, done)
+            for _ in range(3):  # each check: the other side dials us back on a new TCP + Noise socket
+                assert (await a._autonat.check()).status == "public"
+                assert (await b._autonat.check()).status == "public"
+            done.set()
+        assert a._autonat.stats["dialbacks_served"] >= 3 and b._autonat.stats["dialbacks_served"] >= 3
+        assert most == {"a": 1, "b": 1}  # the probes never joined the swarm's connections
+        assert listed == {(b.peer_id, "|", a.peer_id)}
+
+        # a peer that left is not re-dialled by a check that had chosen it (a request would re-dial)
+        ups: list[str] = []
+        a.add_connection_listener(lambda peer, up: up and ups.append(peer))
+        await a.disconnect(b.peer_id)
+        await until(lambda: not a.connected_peers() and not b.connected_peers())
+        assert await a._autonat.ask_one(b.peer_id, a._autonat.candidates()) is None
+        assert ups == [] and a.connected_peers() == [] and swarm_connections(a, b.peer_id) == 0
