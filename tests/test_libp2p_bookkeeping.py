@@ -9,9 +9,10 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
 from libp2p.peer.id import ID
+from multiaddr import Multiaddr
 
 from p2p.identity import Identity
-from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p import Libp2pNetwork, identify, io
 from p2p.libp2p.autonat import AutonatLimits
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -69,3 +70,36 @@ async def test_dial_backs_are_no_connections_and_a_check_never_redials():
         await until(lambda: not a.connected_peers() and not b.connected_peers())
         assert await a._autonat.ask_one(b.peer_id, a._autonat.candidates()) is None
         assert ups == [] and a.connected_peers() == [] and swarm_connections(a, b.peer_id) == 0
+
+
+# --- observed addresses ----------------------------------------------------------------------------
+
+
+def lie_in_identify(net: Libp2pNetwork, observed: str) -> None:
+    """`net` answers identify saying it sees the asker at `observed`, wherever the asker is."""
+
+    async def answer(raw, peer_id: str) -> None:
+        await io.write(raw, identify.encode(net, Multiaddr(observed)))
+        await io.close(raw)
+
+    net._identify._answer_identify = answer  # type: ignore[method-assign]
+
+
+async def test_sybils_on_one_network_count_once_and_are_not_believed():
+    fake = "/ip4/203.0.113.66/tcp/4001"
+    async with peers(1) as (target,), \
+            peers(1, ["/ip4/127.0.1.1/tcp/0"]) as (honest1,), peers(1, ["/ip4/127.0.2.1/tcp/0"]) as (honest2,), \
+            AsyncExitStack() as stack:
+        sybils = [await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), [f"/ip4/127.0.9.{i}/tcp/0"]))
+                  for i in range(1, 7)]
+        for sybil in sybils:
+            lie_in_identify(sybil, fake)
+        # the target dials them all: it sees each at its own 127.0.N.x (its own connections come from 127.0.0.1)
+        for other in (honest1, honest2, *sybils):
+            await target.connect(other.listen_addrs()[0])
+        await until(lambda: all(target.identified(o.peer_id) for o in (honest1, honest2, *sybils)))
+        observed = dict(target.observed_addrs())
+        assert observed[fake] == 1  # six reporters, one network (127.0.9.0/24)
+        assert sum(observed.values()) == 3 and len(target._identify.observed) == 3
+        assert target.confirmed_ips() == ["127.0.0.1"]  # two honest networks agree; the Sybils' IP is no candidate
+        assert not any("203.0.113.66" in c for c in target._autonat.candidates())

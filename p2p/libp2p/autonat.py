@@ -2,10 +2,10 @@
 
 A peer asks a few admitted peers, over `/potluck/autonat/1.0.0` (a request on our gated session, so
 private swarms use it too), to dial it back at its candidate addresses: the addresses it listens on
-and the ones peers observe it at (`identify`). Each asked peer dials, on a NEW connection, only the
-candidates whose IP is the one it sees the request come from (never an address a requester merely
-names, so a peer cannot aim our dials at a third party), checks with a Noise handshake that the peer
-answering there is the requester, closes, and answers which addresses worked. A dial-back is a bare
+and the IPs peers in two networks observe it at (`identify`). Each asked peer dials, on a NEW
+connection, only the candidates whose IP is the one it sees the request come from (never an address
+a requester merely names, so a peer cannot aim our dials at a third party), checks with a Noise
+handshake that the peer answering there is the requester, closes, and answers which addresses worked. A dial-back is a bare
 TCP + Noise socket outside the swarm: neither side ever lists it as a connection (`connected_peers`,
 status pages), and it is closed as soon as Noise has answered.
 
@@ -91,7 +91,7 @@ class AutonatHost(Protocol):
 
     def direct_addrs(self) -> list[str]: ...
 
-    def observed_addrs(self) -> list[tuple[str, int]]: ...
+    def confirmed_ips(self) -> list[str]: ...
 
     def connected_peers(self) -> list[str]: ...
 
@@ -233,10 +233,12 @@ class Autonat:
 
     def candidates(self) -> list[str]:
         """Where others might reach us: the TCP addresses we listen on, and each IP peers see us at
-        with each port we listen on (what a NAT that forwards or preserves our port exposes). The
-        ports peers see our outbound connections come from are not candidates: nothing listens there."""
+        (`confirmed_ips`: reported from two networks, so one network's Sybils cannot fill our
+        candidates) with each port we listen on (what a NAT that forwards or preserves our port
+        exposes). The ports peers see our outbound connections come from are not candidates: nothing
+        listens there."""
         listening = [w for w in (_ip_port(a) for a in self.net.direct_addrs()) if w is not None]
-        seen = [w[0] for w in (_ip_port(a) for a, _ in self.net.observed_addrs()) if w is not None]
+        seen = [str(ipaddress.ip_address(ip)) for ip in self.net.confirmed_ips()]
         out: list[str] = []
         for ip, port in [*listening, *((ip, port) for ip in seen for _, port in listening)]:
             addr = f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{port}"

@@ -8,8 +8,9 @@ private swarm registers none of them: an outsider's multistream `ls` names only 
 
 Once a peer is admitted, we identify it in turn: its answer says which address it sees us at (our
 observed address: behind NAT, the NAT's public side). `ObservedAddrs` keeps one such report per
-reporting peer, for a bounded number of peers, from admitted peers only (a stranger's claims are not
-stored).
+reporting network (the reporter's /24 or /48: Sybils on one network fill one slot), for a bounded
+number of networks, from admitted peers only (a stranger's claims are not stored); an address is
+believed (`confirmed_ips`) once two networks report it.
 
 Hostile input: an identify message is at most `MAX_MESSAGE` bytes (go-libp2p's own bound on a signed
 identify record) after a bounded varint, at most `MAX_MESSAGES` of them; fields are shape-checked
@@ -20,6 +21,7 @@ A ping stream that sends nothing for `PING_IDLE` seconds is closed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -94,32 +96,66 @@ class IdentifyHost(Protocol):
     def admitted(self, peer_id: str) -> bool: ...
 
 
+def reporter_network(ip: str) -> str:
+    """The network a reporter's IP belongs to, as observed-address reports are counted: its /24 (IPv4)
+    or /48 (IPv6). One party easily holds many addresses of one network, rarely many networks."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def _ip_of(addr: str) -> str | None:
+    try:
+        ma = multiaddr.Multiaddr(addr)
+        first = ma.protocols()[0]
+        return ma.value_for_protocol(first.code) if first.name in ("ip4", "ip6") else None
+    except Exception:  # not a multiaddr, or an empty one
+        return None
+
+
 class ObservedAddrs:
-    """Our addresses as peers observe them: one (the latest) report per reporting peer, at most
-    `max_reporters` peers (the least recently reporting ones are forgotten first)."""
+    """Our addresses as peers observe them: one report (the latest) per reporting NETWORK
+    (`reporter_network`), for at most `max_networks` networks (the least recently reporting ones are
+    forgotten first), so Sybil reporters from one network fill one slot, not all of them. An address
+    IP is believed (`confirmed_ips`) once reported from `min_networks` networks."""
 
-    def __init__(self, max_reporters: int = 64):
-        self.max_reporters = max_reporters
-        self._by_reporter: OrderedDict[str, str] = OrderedDict()
+    def __init__(self, max_networks: int = 64, min_networks: int = 2):
+        self.max_networks = max_networks
+        self.min_networks = min_networks
+        self._by_network: OrderedDict[str, str] = OrderedDict()
 
-    def report(self, reporter: str, addr: str) -> None:
-        self._by_reporter[reporter] = addr
-        self._by_reporter.move_to_end(reporter)
-        while len(self._by_reporter) > self.max_reporters:
-            self._by_reporter.popitem(last=False)
+    def report(self, reporter_ip: str, addr: str) -> None:
+        network = reporter_network(reporter_ip)
+        self._by_network[network] = addr
+        self._by_network.move_to_end(network)
+        while len(self._by_network) > self.max_networks:
+            self._by_network.popitem(last=False)
 
-    def of(self, reporter: str) -> str | None:
-        return self._by_reporter.get(reporter)
+    def of(self, reporter_ip: str) -> str | None:
+        """What the reporter's network reported last."""
+        return self._by_network.get(reporter_network(reporter_ip))
 
     def addrs(self) -> list[tuple[str, int]]:
-        """Each observed address with how many peers report it, most reported first."""
+        """Each observed address with how many networks report it, most reported first."""
         counts: dict[str, int] = {}
-        for addr in self._by_reporter.values():
+        for addr in self._by_network.values():
             counts[addr] = counts.get(addr, 0) + 1
         return sorted(counts.items(), key=lambda item: -item[1])
 
+    def confirmed_ips(self) -> list[str]:
+        """The IPs we are observed at from at least `min_networks` networks (whatever the ports: we are
+        seen at a new port on each outbound connection), most reported first."""
+        counts: dict[str, int] = {}
+        for addr in self._by_network.values():
+            ip = _ip_of(addr)
+            if ip is not None:
+                counts[ip] = counts.get(ip, 0) + 1
+        return [ip for ip, n in sorted(counts.items(), key=lambda item: -item[1]) if n >= self.min_networks]
+
     def __len__(self) -> int:
-        return len(self._by_reporter)
+        return len(self._by_network)
 
 
 def _observed(remote: tuple[str, int] | None) -> multiaddr.Multiaddr | None:
@@ -238,11 +274,11 @@ class IdentifyService:
     peers, and keeps what they said: their records while admitted, our observed addresses."""
 
     def __init__(self, net: IdentifyHost, *, serve: bool, max_streams_per_peer: int = 4,
-                 max_reporters: int = 64):
+                 max_networks: int = 64):
         self.net = net
         self.serve = serve
         self.max_streams_per_peer = max_streams_per_peer
-        self.observed = ObservedAddrs(max_reporters)
+        self.observed = ObservedAddrs(max_networks)
         self.records: dict[str, PeerRecord] = {}  # admitted peers only; forgotten with their session
         self._streams: dict[str, int] = {}
         self.stats = {"identify_served": 0, "pings_served": 0, "streams_refused": 0}
@@ -304,7 +340,7 @@ class IdentifyService:
         with trio.fail_after(ANSWER_TIMEOUT):
             record = decode(await read_messages(io.exact_reader(raw)), peer_id)
         await io.close(raw)
-        self._keep(peer_id, record, relayed=self.net.is_relayed(raw.muxed_conn))
+        self._keep(peer_id, record, raw)
 
     async def _on_ping(self, raw: Any) -> None:
         await self._bounded(raw, PING, self._echo)
@@ -340,16 +376,20 @@ class IdentifyService:
                 await io.reset(raw)
                 raise
         await io.close(raw)
-        self._keep(peer_id, record, relayed=self.net.is_relayed(raw.muxed_conn))
+        self._keep(peer_id, record, raw)
         return record
 
-    def _keep(self, peer_id: str, record: PeerRecord, relayed: bool) -> None:
+    def _keep(self, peer_id: str, record: PeerRecord, raw: Any) -> None:
         if not self.net.admitted(peer_id):  # a stranger's record is not kept
             return
         self.records[peer_id] = record
-        # Over a relay the peer sees the relay's view of us, which is no address of ours.
-        if record.observed_addr is not None and not relayed and "/p2p-circuit" not in record.observed_addr:
-            self.observed.report(peer_id, record.observed_addr)
+        # Over a relay the peer sees the relay's view of us, which is no address of ours (and we
+        # cannot tell which network the peer reports from).
+        if record.observed_addr is None or "/p2p-circuit" in record.observed_addr:
+            return
+        remote = None if self.net.is_relayed(raw.muxed_conn) else raw.get_remote_address()
+        if remote:
+            self.observed.report(remote[0], record.observed_addr)
 
     def forget(self, peer_id: str) -> None:
         self.records.pop(peer_id, None)

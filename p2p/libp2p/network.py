@@ -343,9 +343,13 @@ class Libp2pNetwork(Network):
         return [str(a) for a in self._host.get_addrs()]
 
     def observed_addrs(self) -> list[tuple[str, int]]:
-        """Our addresses as admitted peers see them (identify), each with how many peers report it,
-        most reported first. Empty in private swarms (they do not run identify)."""
+        """Our addresses as admitted peers see them (identify), each with how many reporting networks
+        (/24, /48) report it, most reported first. Empty in private swarms (they do not run identify)."""
         return self._identify.observed.addrs()
+
+    def confirmed_ips(self) -> list[str]:
+        """The IPs we believe we are observed at: reported from at least two networks."""
+        return self._identify.observed.confirmed_ips()
 
     def identified(self, peer_id: str) -> PeerRecord | None:
         """What an admitted peer said about itself in identify, once it answered."""
