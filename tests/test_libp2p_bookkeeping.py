@@ -5,12 +5,15 @@ loopback."""
 
 from __future__ import annotations
 
+import socket
 from contextlib import AsyncExitStack, asynccontextmanager
 
+import pytest
 import trio
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
+from p2p.errors import P2PError
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork, identify, io
 from p2p.libp2p.autonat import AutonatLimits
@@ -103,3 +106,60 @@ async def test_sybils_on_one_network_count_once_and_are_not_believed():
         assert sum(observed.values()) == 3 and len(target._identify.observed) == 3
         assert target.confirmed_ips() == ["127.0.0.1"]  # two honest networks agree; the Sybils' IP is no candidate
         assert not any("203.0.113.66" in c for c in target._autonat.candidates())
+
+
+# --- the address book and py-libp2p's peerstore --------------------------------------------------------
+
+
+def closed_port() -> int:
+    """A loopback TCP port nothing listens on (a dial there is refused at once)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_announced_addresses_leave_the_book_and_the_peerstore_bounded():
+    cap = 16
+    async with peers(1, max_known_peers=cap) as (a,), peers(2) as (b, c):
+        store = a._swarm.peerstore.peer_data_map
+        await a.connect(b.listen_addrs()[0])
+        await a.connect(c.listen_addrs()[0])
+        await a.disconnect(c.peer_id)  # c was heard from: kept over peers never reached
+        await until(lambda: a.connected_peers() == [b.peer_id])
+        port = closed_port()
+        fakes = [Identity.generate().peer_id for _ in range(3 * cap)]
+        for i, fake in enumerate(fakes):
+            addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{fake}"
+            with pytest.raises(P2PError):
+                if i % 2:
+                    await a.connect(addr, timeout=3.0)  # a failed dial drops what it added
+                else:
+                    a.add_address(fake, addr)  # noted for later (gossip, the DHT), then asked for
+                    await a.request(fake, "/potluck/echo/1.0.0", 1, timeout=3.0)
+            assert len(store) <= cap and len(a._book) <= cap
+            if i % 2:
+                assert a.address_of(fake) is None
+            assert ID.from_base58(fake) not in store
+        assert len(a._book) <= cap
+        assert a.address_of(b.peer_id) and a.address_of(c.peer_id)  # connected; heard from
+        assert sum(a.address_of(f) is not None for f in fakes) < cap
+        a.host.get_public_key()  # our own key pair is still in the peerstore
+        a._identify.records.pop(b.peer_id, None)
+        await a._identify.identify(b.peer_id)  # which identify needs
+
+
+async def test_peers_dialled_with_success_are_pruned_from_the_peerstore_once_gone():
+    cap = 4
+    async with peers(1, max_known_peers=cap) as (a,), peers(6) as others:
+        store = a._swarm.peerstore.peer_data_map
+        for other in others:
+            await a.connect(other.listen_addrs()[0])
+        assert len(store) == 1 + len(others)  # connected peers are never pruned
+        for other in others[:4]:
+            await a.disconnect(other.peer_id)
+        await until(lambda: sorted(a.connected_peers()) == sorted(o.peer_id for o in others[4:]))
+        a.add_address(Identity.generate().peer_id, "/ip4/127.0.0.1/tcp/1")  # any change of the book prunes
+        assert len(store) <= cap
+        kept = {pid.to_base58() for pid in store}
+        assert {a.peer_id, others[4].peer_id, others[5].peer_id} <= kept
+        assert others[0].peer_id not in kept  # heard from longest ago

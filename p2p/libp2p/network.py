@@ -37,7 +37,9 @@ frame on a session stream drops that peer (with a logged reason and a best-effor
 other peers are unaffected. Inbound requests in flight are bounded per peer in count and in what they
 decode into (`session`). Inbound connections not admitted yet are bounded per remote IP address, and
 must finish their Noise + yamux upgrade within a deadline (`patches.InboundLimits`), so idle sockets
-from one address cannot take the swarm's inbound slots from everyone else.
+from one address cannot take the swarm's inbound slots from everyone else. The addresses we are
+given to dial, and py-libp2p's peerstore they end up in, hold at most `max_known_peers` peers
+(`book`): a stranger announcing thousands of peers costs dials, not memory.
 """
 
 from __future__ import annotations
@@ -92,6 +94,7 @@ from ..network import (
 from . import gate, io, patches
 from .addresses import full_addr, split_circuit
 from .autonat import Autonat, AutonatLimits
+from .book import AddressBook
 from .identify import IdentifyService, PeerRecord
 from .relay import CircuitRelay, RelayLimits
 from .session import MAX_PROTOCOL_LEN, RequestSession
@@ -158,6 +161,7 @@ class Libp2pNetwork(Network):
         inbound_limits: patches.InboundLimits = patches.InboundLimits(),
         autonat_limits: AutonatLimits | None = None,
         reachability_recheck: float = 300.0,
+        max_known_peers: int = 4096,
     ):
         if swarm_key is not None and (not isinstance(swarm_key, bytes) or len(swarm_key) < 16):
             raise ValueError("a swarm key is at least 16 bytes (load it with p2p.swarm_key.load_key)")
@@ -176,7 +180,6 @@ class Libp2pNetwork(Network):
         self._request_handlers: dict[str, RequestHandler] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._listeners: list[ConnectionListener] = []
-        self._book: dict[str, str] = {}
         self._sessions: dict[str, list[RequestSession]] = {}
         self._streams_in: dict[str, int] = {}
         self._dial_locks: dict[str, trio.Lock] = {}
@@ -213,6 +216,7 @@ class Libp2pNetwork(Network):
         self._host._schedule_identify = lambda *args, **kwargs: None  # type: ignore[method-assign]
         swarm.register_notifee(_Notifee(self))
         self._swarm = swarm
+        self._book = AddressBook(swarm, max_known_peers)
         # Circuit relay v2 (`relay`): dialing circuit addresses always works; the relay service and
         # reservations on relays only when asked for (each registers one more libp2p protocol).
         self._relay = CircuitRelay(self, service=relay_service, relays=relays, limits=relay_limits,
@@ -384,11 +388,10 @@ class Libp2pNetwork(Network):
         return time.time()
 
     def add_address(self, peer_id: str, addr: str) -> None:
-        addr = full_addr(addr, peer_id)
-        self._book[peer_id] = addr
+        self._book.add(peer_id, full_addr(addr, peer_id))
 
     def address_of(self, peer_id: str) -> str | None:
-        return self._book.get(peer_id)
+        return self._book.addr_of(peer_id)
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         self._listeners.append(listener)
@@ -408,12 +411,12 @@ class Libp2pNetwork(Network):
         peer_id = full.rsplit("/p2p/", 1)[1]
         if peer_id == self.peer_id:
             raise PeerUnreachable("cannot connect to ourselves")
-        self._book.setdefault(peer_id, full)
+        noted = self._book.add_if_missing(peer_id, full)
         if self._session(peer_id) is not None:
             return peer_id
         lock = self._dial_locks.setdefault(peer_id, trio.Lock())
         try:
-            with trio.fail_after(timeout):
+            with self._book.dialing(peer_id, noted), trio.fail_after(timeout):
                 async with lock:
                     if self._session(peer_id) is not None:
                         return peer_id
@@ -483,6 +486,7 @@ class Libp2pNetwork(Network):
         first = not any(not s.closed for s in sessions)
         sessions.append(session)
         if first:
+            self._book.heard(session.peer_id)
             self._notify(session.peer_id, True)
             if self._identify.serve:
                 self.spawn(self._identify_peer, session.peer_id)
@@ -494,6 +498,7 @@ class Libp2pNetwork(Network):
         sessions.remove(session)
         if not sessions:
             del self._sessions[session.peer_id]
+            self._book.heard(session.peer_id)
             self._identify.forget(session.peer_id)
             self._notify(session.peer_id, False)
             self._close_sessionless(session.peer_id)
@@ -682,7 +687,7 @@ class Libp2pNetwork(Network):
         session = self._session(peer_id)
         if session is not None:
             return session
-        addr = self._book.get(peer_id)
+        addr = self._book.addr_of(peer_id)
         if addr is None:
             raise PeerUnreachable(f"no address known for {peer_id}; add_address() first")
         # The dial runs in the background, bounded by its own timeout: a caller that gives up first
