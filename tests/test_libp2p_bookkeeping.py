@@ -163,3 +163,78 @@ async def test_peers_dialled_with_success_are_pruned_from_the_peerstore_once_gon
         kept = {pid.to_base58() for pid in store}
         assert {a.peer_id, others[4].peer_id, others[5].peer_id} <= kept
         assert others[0].peer_id not in kept  # heard from longest ago
+
+
+# --- identify-push on address changes ----------------------------------------------------------------
+
+
+def circuits(record) -> list[str]:
+    return [a for a in record.listen_addrs if "/p2p-circuit" in a]
+
+
+async def relay_until(stop: trio.Event, identity: Identity, listen: list[str], *, task_status=trio.TASK_STATUS_IGNORED):
+    """A relay service at `listen` until `stop` is set; starts with its address."""
+    async with Libp2pNetwork.open(identity, listen, relay_service=True) as relay:
+        task_status.started(relay.listen_addrs()[0])
+        await stop.wait()
+
+
+async def test_peers_learn_a_relay_reservation_lost_and_made_again_without_reconnecting():
+    relay_identity = Identity.generate()
+    async with peers(1) as (a,), trio.open_nursery() as nursery:
+        gone = trio.Event()
+        relay_addr = await nursery.start(relay_until, gone, relay_identity, LOOPBACK)
+        async with Libp2pNetwork.open(Identity.generate(), LOOPBACK, relays=[relay_addr]) as b:
+            events: list[tuple[str, bool]] = []
+            a.add_connection_listener(lambda peer, up: events.append((peer, up)))
+            await a.connect(b.direct_addrs()[0])  # not through the relay (its circuit address is listed first)
+            await until(lambda: a.identified(b.peer_id) is not None)
+            assert circuits(a.identified(b.peer_id)) == [f"{relay_addr}/p2p-circuit"]
+            connection = a._swarm.get_connections(ID.from_base58(b.peer_id))[0]
+
+            gone.set()  # the relay goes away: b's reservation with it
+            await until(lambda: not circuits(a.identified(b.peer_id)), 10)
+            assert a.identified(b.peer_id).listen_addrs == tuple(x.rsplit("/p2p/", 1)[0] for x in b.listen_addrs())
+
+            # the relay is back at the same address: b reserves again, and a hears of it
+            back = trio.Event()
+            await nursery.start(relay_until, back, relay_identity, [relay_addr.rsplit("/p2p/", 1)[0]])
+            await until(lambda: b.relay_status()["reserved_on"], 20)
+            await until(lambda: circuits(a.identified(b.peer_id)), 10)
+            back.set()
+            assert events == [(b.peer_id, True)]  # no reconnection: the same connection all along
+            assert a._swarm.get_connections(ID.from_base58(b.peer_id)) == [connection]
+
+
+class _FlappingNet:
+    """What `IdentifyService` pushing needs: 100 connected peers, and addresses that change at every look."""
+
+    def __init__(self):
+        self.looks = 0
+        self.peers = [Identity.generate().peer_id for _ in range(100)]
+
+    def advertised_addrs(self) -> list[str]:
+        self.looks += 1
+        return [f"/ip4/192.0.2.1/tcp/{self.looks}"]
+
+    def connected_peers(self) -> list[str]:
+        return self.peers
+
+
+async def test_pushes_are_bounded_in_rate_and_in_peers(autojump_clock):
+    net = _FlappingNet()
+    service = identify.IdentifyService(net, serve=False, push_interval=5.0, max_push_peers=8)  # type: ignore[arg-type]
+    service.records = {p: None for p in net.peers[:50]}  # type: ignore[misc]  # 50 of them identified to us
+    rounds: list[tuple[float, list[str]]] = []
+
+    async def push(peer_id: str) -> None:
+        if not rounds or rounds[-1][0] != trio.current_time():
+            rounds.append((trio.current_time(), []))
+        rounds[-1][1].append(peer_id)
+
+    service.push = push  # type: ignore[method-assign]
+    with trio.move_on_after(60):
+        await service.push_on_change()
+    assert 5 <= len(rounds) <= 60 / 5
+    assert all(later - earlier >= 5.0 for (earlier, _), (later, _) in zip(rounds, rounds[1:]))
+    assert all(len(set(peers)) == len(peers) == 8 and set(peers) <= set(service.records) for _, peers in rounds)

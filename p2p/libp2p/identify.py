@@ -6,6 +6,10 @@ anyone connected, so a go/rust/js libp2p node that dials a potluck peer can iden
 private swarm registers none of them: an outsider's multistream `ls` names only `/potluck/1.0.0`
 (the swarm-key gate decides everything else).
 
+When the addresses we advertise change (listen, relay circuit, a NAT's port found dialable), we push
+identify to connected peers (`push_on_change`: at most once per few seconds, to a bounded number of
+peers), so they learn the new addresses without reconnecting.
+
 Once a peer is admitted, we identify it in turn: its answer says which address it sees us at (our
 observed address: behind NAT, the NAT's public side). `ObservedAddrs` keeps one such report per
 reporting network (the reporter's /24 or /48: Sybils on one network fill one slot), for a bounded
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import metadata
@@ -38,7 +43,7 @@ from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from multiaddr.protocols import P_P2P
 
-from ..errors import FrameError, StreamClosed
+from ..errors import FrameError, P2PError, StreamClosed
 from ..framing import ExactReader
 from . import io
 
@@ -57,6 +62,7 @@ MAX_TEXT = 256  # agent version, protocol version, one protocol id
 PING_SIZE = 32
 PING_IDLE = 10.0  # go-libp2p closes an idle ping stream after 10 s too
 ANSWER_TIMEOUT = 5.0
+PUSH_POLL = 1.0  # how often our addresses are compared with those last pushed
 
 
 def _agent_version() -> str:
@@ -89,7 +95,9 @@ class IdentifyHost(Protocol):
     @property
     def host(self) -> IHost: ...
 
-    def listen_addrs(self) -> list[str]: ...
+    def advertised_addrs(self) -> list[str]: ...
+
+    def connected_peers(self) -> list[str]: ...
 
     def is_relayed(self, muxed_conn: Any) -> bool: ...
 
@@ -169,7 +177,7 @@ def _observed(remote: tuple[str, int] | None) -> multiaddr.Multiaddr | None:
 
 def encode(net: IdentifyHost, observed: multiaddr.Multiaddr | None) -> bytes:
     """Our identify message, as one varint-delimited protobuf."""
-    addrs = [multiaddr.Multiaddr(a).decapsulate_code(P_P2P).to_bytes() for a in net.listen_addrs()]
+    addrs = [multiaddr.Multiaddr(a).decapsulate_code(P_P2P).to_bytes() for a in net.advertised_addrs()[:MAX_ADDRS]]
     protocols = [str(p) for p in net.host.get_mux().get_protocols() if p is not None]
     msg = Identify(
         protocol_version=PROTOCOL_VERSION,
@@ -274,14 +282,16 @@ class IdentifyService:
     peers, and keeps what they said: their records while admitted, our observed addresses."""
 
     def __init__(self, net: IdentifyHost, *, serve: bool, max_streams_per_peer: int = 4,
-                 max_networks: int = 64):
+                 max_networks: int = 64, push_interval: float = 5.0, max_push_peers: int = 32):
         self.net = net
         self.serve = serve
         self.max_streams_per_peer = max_streams_per_peer
+        self.push_interval = push_interval
+        self.max_push_peers = max_push_peers
         self.observed = ObservedAddrs(max_networks)
         self.records: dict[str, PeerRecord] = {}  # admitted peers only; forgotten with their session
         self._streams: dict[str, int] = {}
-        self.stats = {"identify_served": 0, "pings_served": 0, "streams_refused": 0}
+        self.stats = {"identify_served": 0, "pings_served": 0, "streams_refused": 0, "pushes_sent": 0}
         if serve:
             net.host.set_stream_handler(IDENTIFY, self._on_identify)
             net.host.set_stream_handler(IDENTIFY_PUSH, self._on_push)
@@ -390,6 +400,52 @@ class IdentifyService:
         remote = None if self.net.is_relayed(raw.muxed_conn) else raw.get_remote_address()
         if remote:
             self.observed.report(remote[0], record.observed_addr)
+
+    # --- pushing our address changes ------------------------------------------------------------------
+
+    async def push_on_change(self) -> None:
+        """Whenever the addresses we advertise change (a relay reservation made or lost, a NAT's port
+        found dialable), push identify to connected peers that identified to us: at most once per
+        `push_interval`, to at most `max_push_peers` of them (chosen at random), so they learn our
+        new addresses without reconnecting."""
+        pushed = self.net.advertised_addrs()
+        while True:
+            await trio.sleep(PUSH_POLL)
+            now = self.net.advertised_addrs()
+            if now == pushed:
+                continue
+            pushed = now
+            peers = [p for p in self.net.connected_peers() if p in self.records]
+            async with trio.open_nursery() as nursery:
+                for peer_id in random.sample(peers, min(self.max_push_peers, len(peers))):
+                    nursery.start_soon(self._push_quietly, peer_id)
+            await trio.sleep(self.push_interval)
+
+    async def _push_quietly(self, peer_id: str) -> None:
+        try:
+            await self.push(peer_id)
+        except (P2PError, trio.TooSlowError, ValueError, EncodeError) as e:
+            # A push that fails says nothing against the peer; it learns our addresses when it asks.
+            log.info("identify-push to %s failed: %s", peer_id, e or type(e).__name__)
+
+    async def push(self, peer_id: str) -> None:
+        """Send `peer_id` (connected) our identify record on `/ipfs/id/push/1.0.0`. Raises StreamClosed
+        (no such protocol, connection gone) or trio.TooSlowError."""
+        with trio.fail_after(ANSWER_TIMEOUT):
+            try:
+                raw = await self.net.host.new_stream(ID.from_base58(peer_id), [IDENTIFY_PUSH])
+            except trio.Cancelled:
+                raise
+            except Exception as e:
+                raise StreamClosed(f"cannot open identify-push to {peer_id}: {type(e).__name__}") from None
+            try:
+                observed = None if self.net.is_relayed(raw.muxed_conn) else _observed(raw.get_remote_address())
+                await io.write(raw, encode(self.net, observed))
+            except BaseException:
+                await io.reset(raw)
+                raise
+        await io.close(raw)
+        self.stats["pushes_sent"] += 1
 
     def forget(self, peer_id: str) -> None:
         self.records.pop(peer_id, None)

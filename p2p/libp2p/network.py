@@ -5,7 +5,8 @@ What travels on a connection
 ----------------------------
 Our own traffic uses ONE libp2p protocol id, `/potluck/1.0.0`. Open swarms also serve libp2p's
 identify, identify-push and ping (`identify`), so other libp2p nodes can identify and ping us, and we
-identify each admitted peer to learn the address it sees us at (`observed_addrs`). A private swarm
+identify each admitted peer to learn the address it sees us at (`observed_addrs`), and push identify
+to connected peers when our addresses change (a relay reservation made or lost). A private swarm
 registers `/potluck/1.0.0` alone: an outsider learns neither our addresses nor our protocol list.
 Every `/potluck/1.0.0` stream starts with one of two frames (`p2p.framing`):
 
@@ -211,7 +212,7 @@ class Libp2pNetwork(Network):
         patches.limit_inbound(swarm, inbound_limits)
         self._host = BasicHost(swarm, default_protocols=OrderedDict([(LIBP2P_PROTOCOL, self._on_libp2p_stream)]))
         # BasicHost runs identify against every new connection (admitted or not) and pushes identify
-        # to every peer; we identify admitted peers only (`identify`), and never push.
+        # to every peer; we identify admitted peers only, and push when our addresses change (`identify`).
         swarm.notifees = [n for n in swarm.notifees if not isinstance(n, _IdentifyNotifee)]
         self._host._schedule_identify = lambda *args, **kwargs: None  # type: ignore[method-assign]
         swarm.register_notifee(_Notifee(self))
@@ -260,6 +261,8 @@ class Libp2pNetwork(Network):
                         try:
                             await net._relay.start(nursery)
                             nursery.start_soon(net._autonat.run)
+                            if net._identify.serve:
+                                nursery.start_soon(net._identify.push_on_change)
                             yield net
                         finally:
                             net._closing = True
@@ -341,6 +344,13 @@ class Libp2pNetwork(Network):
         """Our addresses through relays we hold a reservation on (first: behind NAT they are the ones
         others can dial), then the addresses we listen on."""
         return [*self._relay.circuit_addrs(), *self.direct_addrs()]
+
+    def advertised_addrs(self) -> list[str]:
+        """What identify tells peers: `listen_addrs()`, then the addresses peers dialled us back at
+        that we do not listen on (a NAT's forwarded port; `reachability`)."""
+        listen = self.listen_addrs()
+        listed = {a.rsplit("/p2p/", 1)[0] for a in listen}
+        return [*listen, *(a for a in self._autonat.reachability.reachable_addrs if a not in listed)]
 
     def direct_addrs(self) -> list[str]:
         """The addresses we listen on (with /p2p/<id>), without circuit addresses."""
