@@ -132,13 +132,11 @@ async def test_announced_addresses_leave_the_book_and_the_peerstore_bounded():
             addr = f"/ip4/127.0.0.1/tcp/{port}/p2p/{fake}"
             with pytest.raises(P2PError):
                 if i % 2:
-                    await a.connect(addr, timeout=3.0)  # a failed dial drops what it added
+                    await a.connect(addr, timeout=3.0)  # a failed dial drops what it added to the peerstore
                 else:
                     a.add_address(fake, addr)  # noted for later (gossip, the DHT), then asked for
                     await a.request(fake, "/potluck/echo/1.0.0", 1, timeout=3.0)
             assert len(store) <= cap and len(a._book) <= cap
-            if i % 2:
-                assert a.address_of(fake) is None
             assert ID.from_base58(fake) not in store
         assert len(a._book) <= cap
         assert a.address_of(b.peer_id) and a.address_of(c.peer_id)  # connected; heard from

@@ -6,9 +6,9 @@ never forgets a peer there; its own cap (1000 peers) evicts entries without addr
 key pair among them (identify then fails). Anyone who can make us dial (a gossiped or announced
 address) could grow either without bound. So:
 
-- a dial that fails drops what it added: the address `connect` noted, and the peer's peerstore entry
-  (nothing of it is needed: every dial passes its address) unless the peer is connected or dialled
-  by another task;
+- a dial that fails drops what it added to the peerstore: the peer's entry (nothing of it is needed:
+  every dial passes its address) unless the peer is connected or dialled by another task. The book
+  keeps the address (a later request dials it again, and meets the same error);
 - past `max_peers`, peers we are not connected to are forgotten, in the book and in the peerstore:
   peers we never held a session with first (oldest noted first), then those we heard from least
   recently. Connected peers, peers being dialled and ourselves are never forgotten.
@@ -52,12 +52,10 @@ class AddressBook:
         self._addrs.move_to_end(peer_id)
         self.prune()
 
-    def add_if_missing(self, peer_id: str, addr: str) -> bool:
-        """Note `addr` unless the book has an address for the peer; whether it was noted."""
-        if peer_id in self._addrs:
-            return False
-        self.add(peer_id, addr)
-        return True
+    def add_if_missing(self, peer_id: str, addr: str) -> None:
+        """Note `addr` unless the book has an address for the peer."""
+        if peer_id not in self._addrs:
+            self.add(peer_id, addr)
 
     def heard(self, peer_id: str) -> None:
         """A session with the peer began or ended: it is not forgotten before peers heard from longer ago."""
@@ -65,19 +63,16 @@ class AddressBook:
             self._heard[peer_id] = time.monotonic()
 
     @contextmanager
-    def dialing(self, peer_id: str, noted: bool) -> Iterator[None]:
-        """Around a dial of `peer_id` (`noted`: the dial added its address to the book). If the dial
-        fails and the peer is not connected, what the dial added is dropped."""
+    def dialing(self, peer_id: str) -> Iterator[None]:
+        """Around a dial of `peer_id`: if it fails and the peer is not connected (nor dialled by
+        another task), its peerstore entry is dropped."""
         self._dialing[peer_id] = self._dialing.get(peer_id, 0) + 1
         try:
             yield
         except BaseException:
             self._release(peer_id)
-            if not self._connected(peer_id):
-                if noted:
-                    self._addrs.pop(peer_id, None)
-                if peer_id not in self._dialing:
-                    self._forget_in_peerstore(ID.from_base58(peer_id))
+            if peer_id not in self._dialing and not self._connected(peer_id):
+                self._forget_in_peerstore(ID.from_base58(peer_id))
             raise
         else:
             self._release(peer_id)

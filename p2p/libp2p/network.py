@@ -421,12 +421,12 @@ class Libp2pNetwork(Network):
         peer_id = full.rsplit("/p2p/", 1)[1]
         if peer_id == self.peer_id:
             raise PeerUnreachable("cannot connect to ourselves")
-        noted = self._book.add_if_missing(peer_id, full)
+        self._book.add_if_missing(peer_id, full)
         if self._session(peer_id) is not None:
             return peer_id
         lock = self._dial_locks.setdefault(peer_id, trio.Lock())
         try:
-            with self._book.dialing(peer_id, noted), trio.fail_after(timeout):
+            with self._book.dialing(peer_id), trio.fail_after(timeout):
                 async with lock:
                     if self._session(peer_id) is not None:
                         return peer_id
