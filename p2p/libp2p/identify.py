@@ -13,7 +13,7 @@ peers), so they learn the new addresses without reconnecting.
 Once a peer is admitted, we identify it in turn: its answer says which address it sees us at (our
 observed address: behind NAT, the NAT's public side). `ObservedAddrs` keeps one such report per
 reporting network (the reporter's /24 or /48: Sybils on one network fill one slot), for a bounded
-number of networks, from admitted peers only (a stranger's claims are not stored); an address is
+number of networks, from admitted peers only (a stranger's claims are not stored); an IP of ours is
 believed (`confirmed_ips`) once two networks report it.
 
 Hostile input: an identify message is at most `MAX_MESSAGE` bytes (go-libp2p's own bound on a signed
@@ -126,8 +126,8 @@ def _ip_of(addr: str) -> str | None:
 class ObservedAddrs:
     """Our addresses as peers observe them: one report (the latest) per reporting NETWORK
     (`reporter_network`), for at most `max_networks` networks (the least recently reporting ones are
-    forgotten first), so Sybil reporters from one network fill one slot, not all of them. An address
-    IP is believed (`confirmed_ips`) once reported from `min_networks` networks."""
+    forgotten first), so Sybil reporters from one network fill one slot, not all of them. An IP is
+    believed (`confirmed_ips`) once reported from `min_networks` networks."""
 
     def __init__(self, max_networks: int = 64, min_networks: int = 2):
         self.max_networks = max_networks
