@@ -254,13 +254,26 @@ async def test_a_lying_identify_answer_stores_nothing():
         assert a.connected_peers() == [liar.peer_id]
 
 
-def test_observed_addresses_are_kept_per_reporter_and_bounded():
-    observed = ObservedAddrs(max_reporters=4)
+def test_observed_addresses_are_kept_per_reporter_network_and_bounded():
+    observed = ObservedAddrs(max_networks=4)
     for i in range(10):
-        observed.report(f"peer{i}", "/ip4/203.0.113.1/tcp/1" if i % 2 else "/ip4/203.0.113.2/tcp/2")
-    assert len(observed) == 4 and observed.of("peer0") is None and observed.of("peer9") is not None
-    observed.report("peer9", "/ip4/203.0.113.2/tcp/2")  # a reporter's new report replaces its old one
+        observed.report(f"198.51.{i}.7", "/ip4/203.0.113.1/tcp/1" if i % 2 else "/ip4/203.0.113.2/tcp/2")
+    assert len(observed) == 4 and observed.of("198.51.0.7") is None and observed.of("198.51.9.7") is not None
+    observed.report("198.51.9.8", "/ip4/203.0.113.2/tcp/2")  # a network's new report replaces its old one
     assert observed.addrs() == [("/ip4/203.0.113.2/tcp/2", 3), ("/ip4/203.0.113.1/tcp/1", 1)]
+    assert observed.confirmed_ips() == ["203.0.113.2"]
+
+
+def test_sybils_on_one_network_fill_one_observed_address_slot():
+    observed = ObservedAddrs(max_networks=4)
+    for honest in ("192.0.2.10", "198.51.100.20", "2001:db8:1::5"):
+        observed.report(honest, "/ip4/203.0.113.7/tcp/40001")
+    for i in range(100):  # a hundred reporters on one /24 (and one /48): two networks
+        observed.report(f"10.66.0.{i}", "/ip4/6.6.6.6/tcp/6")
+        observed.report(f"2001:db8:66:{i:x}::1", "/ip4/6.6.6.6/tcp/6")
+    assert sorted(observed.addrs()) == [("/ip4/203.0.113.7/tcp/40001", 2), ("/ip4/6.6.6.6/tcp/6", 2)]
+    assert len(observed) == 4 and observed.of("2001:db8:66:ffff::9") == "/ip4/6.6.6.6/tcp/6"
+    assert observed.of("192.0.2.99") is None  # the least recently reporting network made room
 
 
 # --- reachability (autonat) ---------------------------------------------------------------------------

@@ -5,9 +5,10 @@ One concept a module (imports only go down the list):
     patches.py    workarounds for py-libp2p 0.8.1 defects, applied by `Libp2pNetwork.open()`, and the
                   limits on inbound connections not admitted yet (`InboundLimits`)
     addresses.py  full multiaddrs (…/p2p/<id>) and circuit addresses through a relay
+    book.py       the address book (where to dial each peer) and py-libp2p's peerstore, both bounded
     gate.py       the session handshake: wire version and the swarm key proof
     identify.py   libp2p identify, identify-push and ping for other libp2p nodes (open swarms), and
-                  the addresses admitted peers observe us at
+                  the addresses admitted peers observe us at (counted per reporting network)
     autonat.py    reachability detection: peers dial us back on new connections (public / private)
     session.py    RequestSession: one peer's requests and replies, multiplexed on one stream
     stream.py     FlowControlledStream: a long-lived message stream with credit-based flow control

@@ -2,15 +2,17 @@
 
 A peer asks a few admitted peers, over `/potluck/autonat/1.0.0` (a request on our gated session, so
 private swarms use it too), to dial it back at its candidate addresses: the addresses it listens on
-and the ones peers observe it at (`identify`). Each asked peer dials, on a NEW connection, only the
-candidates whose IP is the one it sees the request come from (never an address a requester merely
-names, so a peer cannot aim our dials at a third party), checks with a Noise handshake that the peer
-answering there is the requester, closes, and answers which addresses worked.
+and the IPs peers in two networks observe it at (`identify`). Each asked peer dials, on a NEW
+connection, only the candidates whose IP is the one it sees the request come from (never an address
+a requester merely names, so a peer cannot aim our dials at a third party), checks with a Noise
+handshake that the peer answering there is the requester, closes, and answers which addresses worked. A dial-back is a bare
+TCP + Noise socket outside the swarm: neither side ever lists it as a connection (`connected_peers`,
+status pages), and it is closed as soon as Noise has answered.
 
 The verdict: `public` when more asked peers reached us than did not, `private` otherwise, `unknown`
 until a peer answered. The first check runs as soon as a peer is admitted; it is repeated when our
 candidate addresses change, when the verdict is still unknown and new peers are around, and every
-`recheck` seconds.
+`recheck` seconds. A check asks connected peers only: it never re-dials a peer that left meanwhile.
 
 Serving it is bounded: one request per peer per `AutonatLimits.per_peer_interval`, at most
 `max_concurrent` dial-back jobs at once, `max_addrs` addresses dialled per request, each within
@@ -89,9 +91,11 @@ class AutonatHost(Protocol):
 
     def direct_addrs(self) -> list[str]: ...
 
-    def observed_addrs(self) -> list[tuple[str, int]]: ...
+    def confirmed_ips(self) -> list[str]: ...
 
     def connected_peers(self) -> list[str]: ...
+
+    def admitted(self, peer_id: str) -> bool: ...
 
     def remote_ip(self, peer_id: str) -> str | None: ...
 
@@ -229,10 +233,12 @@ class Autonat:
 
     def candidates(self) -> list[str]:
         """Where others might reach us: the TCP addresses we listen on, and each IP peers see us at
-        with each port we listen on (what a NAT that forwards or preserves our port exposes). The
-        ports peers see our outbound connections come from are not candidates: nothing listens there."""
+        (`confirmed_ips`: reported from two networks, so one network's Sybils cannot fill our
+        candidates) with each port we listen on (what a NAT that forwards or preserves our port
+        exposes). The ports peers see our outbound connections come from are not candidates: nothing
+        listens there."""
         listening = [w for w in (_ip_port(a) for a in self.net.direct_addrs()) if w is not None]
-        seen = [w[0] for w in (_ip_port(a) for a, _ in self.net.observed_addrs()) if w is not None]
+        seen = [str(ipaddress.ip_address(ip)) for ip in self.net.confirmed_ips()]
         out: list[str] = []
         for ip, port in [*listening, *((ip, port) for ip in seen for _, port in listening)]:
             addr = f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{port}"
@@ -259,6 +265,21 @@ class Autonat:
                 last = time.monotonic()
             await trio.sleep(self.poll)
 
+    async def ask_one(self, peer_id: str, candidates: list[str]) -> dict | None:
+        """`peer_id`'s answer (the candidates it reached us at, those it did not), or None when it gave
+        none. Only while connected: a check never re-dials a peer that left (a request would)."""
+        if not self.net.admitted(peer_id):
+            return None
+        try:
+            answer = expect_map(await self.net.request(peer_id, AUTONAT, {"addrs": candidates},
+                                                       timeout=self.answer_timeout), "autonat answer")
+            ok = frame_field(answer, "ok", list, max_len=MAX_CANDIDATES)
+            failed = frame_field(answer, "failed", list, max_len=MAX_CANDIDATES)
+        except P2PError as e:  # refused, timed out, gone: this peer says nothing about us
+            log.info("autonat: %s gave no answer: %s", peer_id, e)
+            return None
+        return {"ok": [a for a in ok if a in candidates], "failed": failed}
+
     async def check(self) -> Reachability:
         """Ask up to `ask` connected peers to dial us back; update and return `reachability`."""
         candidates = self.candidates()
@@ -267,15 +288,9 @@ class Autonat:
         answers: list[dict] = []
 
         async def ask(peer_id: str) -> None:
-            try:
-                answer = expect_map(await self.net.request(peer_id, AUTONAT, {"addrs": candidates},
-                                                           timeout=self.answer_timeout), "autonat answer")
-                ok = frame_field(answer, "ok", list, max_len=MAX_CANDIDATES)
-                failed = frame_field(answer, "failed", list, max_len=MAX_CANDIDATES)
-            except P2PError as e:  # refused, timed out, gone: this peer says nothing about us
-                log.info("autonat: %s gave no answer: %s", peer_id, e)
-                return
-            answers.append({"ok": [a for a in ok if a in candidates], "failed": failed})
+            answer = await self.ask_one(peer_id, candidates)
+            if answer is not None:
+                answers.append(answer)
 
         async with trio.open_nursery() as nursery:
             for peer_id in chosen:

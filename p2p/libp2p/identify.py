@@ -6,10 +6,15 @@ anyone connected, so a go/rust/js libp2p node that dials a potluck peer can iden
 private swarm registers none of them: an outsider's multistream `ls` names only `/potluck/1.0.0`
 (the swarm-key gate decides everything else).
 
+When the addresses we advertise change (listen, relay circuit, a NAT's port found dialable), we push
+identify to connected peers (`push_on_change`: at most once per few seconds, to a bounded number of
+peers), so they learn the new addresses without reconnecting.
+
 Once a peer is admitted, we identify it in turn: its answer says which address it sees us at (our
 observed address: behind NAT, the NAT's public side). `ObservedAddrs` keeps one such report per
-reporting peer, for a bounded number of peers, from admitted peers only (a stranger's claims are not
-stored).
+reporting network (the reporter's /24 or /48: Sybils on one network fill one slot), for a bounded
+number of networks, from admitted peers only (a stranger's claims are not stored); an IP of ours is
+believed (`confirmed_ips`) once two networks report it.
 
 Hostile input: an identify message is at most `MAX_MESSAGE` bytes (go-libp2p's own bound on a signed
 identify record) after a bounded varint, at most `MAX_MESSAGES` of them; fields are shape-checked
@@ -20,7 +25,9 @@ A ping stream that sends nothing for `PING_IDLE` seconds is closed.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from importlib import metadata
@@ -36,7 +43,7 @@ from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from multiaddr.protocols import P_P2P
 
-from ..errors import FrameError, StreamClosed
+from ..errors import FrameError, P2PError, StreamClosed
 from ..framing import ExactReader
 from . import io
 
@@ -55,6 +62,7 @@ MAX_TEXT = 256  # agent version, protocol version, one protocol id
 PING_SIZE = 32
 PING_IDLE = 10.0  # go-libp2p closes an idle ping stream after 10 s too
 ANSWER_TIMEOUT = 5.0
+PUSH_POLL = 1.0  # how often our addresses are compared with those last pushed
 
 
 def _agent_version() -> str:
@@ -87,39 +95,75 @@ class IdentifyHost(Protocol):
     @property
     def host(self) -> IHost: ...
 
-    def listen_addrs(self) -> list[str]: ...
+    def advertised_addrs(self) -> list[str]: ...
+
+    def connected_peers(self) -> list[str]: ...
 
     def is_relayed(self, muxed_conn: Any) -> bool: ...
 
     def admitted(self, peer_id: str) -> bool: ...
 
 
+def reporter_network(ip: str) -> str:
+    """The network a reporter's IP belongs to, as observed-address reports are counted: its /24 (IPv4)
+    or /48 (IPv6). One party easily holds many addresses of one network, rarely many networks."""
+    address = ipaddress.ip_address(ip)
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    prefix = 24 if address.version == 4 else 48
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+
+
+def _ip_of(addr: str) -> str | None:
+    try:
+        ma = multiaddr.Multiaddr(addr)
+        first = ma.protocols()[0]
+        return ma.value_for_protocol(first.code) if first.name in ("ip4", "ip6") else None
+    except Exception:  # not a multiaddr, or an empty one
+        return None
+
+
 class ObservedAddrs:
-    """Our addresses as peers observe them: one (the latest) report per reporting peer, at most
-    `max_reporters` peers (the least recently reporting ones are forgotten first)."""
+    """Our addresses as peers observe them: one report (the latest) per reporting NETWORK
+    (`reporter_network`), for at most `max_networks` networks (the least recently reporting ones are
+    forgotten first), so Sybil reporters from one network fill one slot, not all of them. An IP is
+    believed (`confirmed_ips`) once reported from `min_networks` networks."""
 
-    def __init__(self, max_reporters: int = 64):
-        self.max_reporters = max_reporters
-        self._by_reporter: OrderedDict[str, str] = OrderedDict()
+    def __init__(self, max_networks: int = 64, min_networks: int = 2):
+        self.max_networks = max_networks
+        self.min_networks = min_networks
+        self._by_network: OrderedDict[str, str] = OrderedDict()
 
-    def report(self, reporter: str, addr: str) -> None:
-        self._by_reporter[reporter] = addr
-        self._by_reporter.move_to_end(reporter)
-        while len(self._by_reporter) > self.max_reporters:
-            self._by_reporter.popitem(last=False)
+    def report(self, reporter_ip: str, addr: str) -> None:
+        network = reporter_network(reporter_ip)
+        self._by_network[network] = addr
+        self._by_network.move_to_end(network)
+        while len(self._by_network) > self.max_networks:
+            self._by_network.popitem(last=False)
 
-    def of(self, reporter: str) -> str | None:
-        return self._by_reporter.get(reporter)
+    def of(self, reporter_ip: str) -> str | None:
+        """What the reporter's network reported last."""
+        return self._by_network.get(reporter_network(reporter_ip))
 
     def addrs(self) -> list[tuple[str, int]]:
-        """Each observed address with how many peers report it, most reported first."""
+        """Each observed address with how many networks report it, most reported first."""
         counts: dict[str, int] = {}
-        for addr in self._by_reporter.values():
+        for addr in self._by_network.values():
             counts[addr] = counts.get(addr, 0) + 1
         return sorted(counts.items(), key=lambda item: -item[1])
 
+    def confirmed_ips(self) -> list[str]:
+        """The IPs we are observed at from at least `min_networks` networks (whatever the ports: we are
+        seen at a new port on each outbound connection), most reported first."""
+        counts: dict[str, int] = {}
+        for addr in self._by_network.values():
+            ip = _ip_of(addr)
+            if ip is not None:
+                counts[ip] = counts.get(ip, 0) + 1
+        return [ip for ip, n in sorted(counts.items(), key=lambda item: -item[1]) if n >= self.min_networks]
+
     def __len__(self) -> int:
-        return len(self._by_reporter)
+        return len(self._by_network)
 
 
 def _observed(remote: tuple[str, int] | None) -> multiaddr.Multiaddr | None:
@@ -133,7 +177,7 @@ def _observed(remote: tuple[str, int] | None) -> multiaddr.Multiaddr | None:
 
 def encode(net: IdentifyHost, observed: multiaddr.Multiaddr | None) -> bytes:
     """Our identify message, as one varint-delimited protobuf."""
-    addrs = [multiaddr.Multiaddr(a).decapsulate_code(P_P2P).to_bytes() for a in net.listen_addrs()]
+    addrs = [multiaddr.Multiaddr(a).decapsulate_code(P_P2P).to_bytes() for a in net.advertised_addrs()[:MAX_ADDRS]]
     protocols = [str(p) for p in net.host.get_mux().get_protocols() if p is not None]
     msg = Identify(
         protocol_version=PROTOCOL_VERSION,
@@ -238,14 +282,16 @@ class IdentifyService:
     peers, and keeps what they said: their records while admitted, our observed addresses."""
 
     def __init__(self, net: IdentifyHost, *, serve: bool, max_streams_per_peer: int = 4,
-                 max_reporters: int = 64):
+                 max_networks: int = 64, push_interval: float = 5.0, max_push_peers: int = 32):
         self.net = net
         self.serve = serve
         self.max_streams_per_peer = max_streams_per_peer
-        self.observed = ObservedAddrs(max_reporters)
+        self.push_interval = push_interval
+        self.max_push_peers = max_push_peers
+        self.observed = ObservedAddrs(max_networks)
         self.records: dict[str, PeerRecord] = {}  # admitted peers only; forgotten with their session
         self._streams: dict[str, int] = {}
-        self.stats = {"identify_served": 0, "pings_served": 0, "streams_refused": 0}
+        self.stats = {"identify_served": 0, "pings_served": 0, "streams_refused": 0, "pushes_sent": 0}
         if serve:
             net.host.set_stream_handler(IDENTIFY, self._on_identify)
             net.host.set_stream_handler(IDENTIFY_PUSH, self._on_push)
@@ -304,7 +350,7 @@ class IdentifyService:
         with trio.fail_after(ANSWER_TIMEOUT):
             record = decode(await read_messages(io.exact_reader(raw)), peer_id)
         await io.close(raw)
-        self._keep(peer_id, record, relayed=self.net.is_relayed(raw.muxed_conn))
+        self._keep(peer_id, record, raw)
 
     async def _on_ping(self, raw: Any) -> None:
         await self._bounded(raw, PING, self._echo)
@@ -340,16 +386,66 @@ class IdentifyService:
                 await io.reset(raw)
                 raise
         await io.close(raw)
-        self._keep(peer_id, record, relayed=self.net.is_relayed(raw.muxed_conn))
+        self._keep(peer_id, record, raw)
         return record
 
-    def _keep(self, peer_id: str, record: PeerRecord, relayed: bool) -> None:
+    def _keep(self, peer_id: str, record: PeerRecord, raw: Any) -> None:
         if not self.net.admitted(peer_id):  # a stranger's record is not kept
             return
         self.records[peer_id] = record
-        # Over a relay the peer sees the relay's view of us, which is no address of ours.
-        if record.observed_addr is not None and not relayed and "/p2p-circuit" not in record.observed_addr:
-            self.observed.report(peer_id, record.observed_addr)
+        # Over a relay the peer sees the relay's view of us, which is no address of ours (and we
+        # cannot tell which network the peer reports from).
+        if record.observed_addr is None or "/p2p-circuit" in record.observed_addr:
+            return
+        remote = None if self.net.is_relayed(raw.muxed_conn) else raw.get_remote_address()
+        if remote:
+            self.observed.report(remote[0], record.observed_addr)
+
+    # --- pushing our address changes ------------------------------------------------------------------
+
+    async def push_on_change(self) -> None:
+        """Whenever the addresses we advertise change (a relay reservation made or lost, a NAT's port
+        found dialable), push identify to connected peers that identified to us: at most once per
+        `push_interval`, to at most `max_push_peers` of them (chosen at random), so they learn our
+        new addresses without reconnecting."""
+        pushed = self.net.advertised_addrs()
+        while True:
+            await trio.sleep(PUSH_POLL)
+            now = self.net.advertised_addrs()
+            if now == pushed:
+                continue
+            pushed = now
+            peers = [p for p in self.net.connected_peers() if p in self.records]
+            async with trio.open_nursery() as nursery:
+                for peer_id in random.sample(peers, min(self.max_push_peers, len(peers))):
+                    nursery.start_soon(self._push_quietly, peer_id)
+            await trio.sleep(self.push_interval)
+
+    async def _push_quietly(self, peer_id: str) -> None:
+        try:
+            await self.push(peer_id)
+        except (P2PError, trio.TooSlowError, ValueError, EncodeError) as e:
+            # A push that fails says nothing against the peer; it learns our addresses when it asks.
+            log.info("identify-push to %s failed: %s", peer_id, e or type(e).__name__)
+
+    async def push(self, peer_id: str) -> None:
+        """Send `peer_id` (connected) our identify record on `/ipfs/id/push/1.0.0`. Raises StreamClosed
+        (no such protocol, connection gone) or trio.TooSlowError."""
+        with trio.fail_after(ANSWER_TIMEOUT):
+            try:
+                raw = await self.net.host.new_stream(ID.from_base58(peer_id), [IDENTIFY_PUSH])
+            except trio.Cancelled:
+                raise
+            except Exception as e:
+                raise StreamClosed(f"cannot open identify-push to {peer_id}: {type(e).__name__}") from None
+            try:
+                observed = None if self.net.is_relayed(raw.muxed_conn) else _observed(raw.get_remote_address())
+                await io.write(raw, encode(self.net, observed))
+            except BaseException:
+                await io.reset(raw)
+                raise
+        await io.close(raw)
+        self.stats["pushes_sent"] += 1
 
     def forget(self, peer_id: str) -> None:
         self.records.pop(peer_id, None)

@@ -5,7 +5,8 @@ What travels on a connection
 ----------------------------
 Our own traffic uses ONE libp2p protocol id, `/potluck/1.0.0`. Open swarms also serve libp2p's
 identify, identify-push and ping (`identify`), so other libp2p nodes can identify and ping us, and we
-identify each admitted peer to learn the address it sees us at (`observed_addrs`). A private swarm
+identify each admitted peer to learn the address it sees us at (`observed_addrs`), and push identify
+to connected peers when our addresses change (a relay reservation made or lost). A private swarm
 registers `/potluck/1.0.0` alone: an outsider learns neither our addresses nor our protocol list.
 Every `/potluck/1.0.0` stream starts with one of two frames (`p2p.framing`):
 
@@ -37,7 +38,9 @@ frame on a session stream drops that peer (with a logged reason and a best-effor
 other peers are unaffected. Inbound requests in flight are bounded per peer in count and in what they
 decode into (`session`). Inbound connections not admitted yet are bounded per remote IP address, and
 must finish their Noise + yamux upgrade within a deadline (`patches.InboundLimits`), so idle sockets
-from one address cannot take the swarm's inbound slots from everyone else.
+from one address cannot take the swarm's inbound slots from everyone else. The addresses we are
+given to dial, and py-libp2p's peerstore they end up in, hold at most `max_known_peers` peers
+(`book`): a stranger announcing thousands of peers costs dials, not memory.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ from ..network import (
 from . import gate, io, patches
 from .addresses import full_addr, split_circuit
 from .autonat import Autonat, AutonatLimits
+from .book import AddressBook
 from .identify import IdentifyService, PeerRecord
 from .relay import CircuitRelay, RelayLimits
 from .session import MAX_PROTOCOL_LEN, RequestSession
@@ -158,6 +162,7 @@ class Libp2pNetwork(Network):
         inbound_limits: patches.InboundLimits = patches.InboundLimits(),
         autonat_limits: AutonatLimits | None = None,
         reachability_recheck: float = 300.0,
+        max_known_peers: int = 4096,
     ):
         if swarm_key is not None and (not isinstance(swarm_key, bytes) or len(swarm_key) < 16):
             raise ValueError("a swarm key is at least 16 bytes (load it with p2p.swarm_key.load_key)")
@@ -176,7 +181,6 @@ class Libp2pNetwork(Network):
         self._request_handlers: dict[str, RequestHandler] = {}
         self._stream_handlers: dict[str, StreamHandler] = {}
         self._listeners: list[ConnectionListener] = []
-        self._book: dict[str, str] = {}
         self._sessions: dict[str, list[RequestSession]] = {}
         self._streams_in: dict[str, int] = {}
         self._dial_locks: dict[str, trio.Lock] = {}
@@ -208,11 +212,12 @@ class Libp2pNetwork(Network):
         patches.limit_inbound(swarm, inbound_limits)
         self._host = BasicHost(swarm, default_protocols=OrderedDict([(LIBP2P_PROTOCOL, self._on_libp2p_stream)]))
         # BasicHost runs identify against every new connection (admitted or not) and pushes identify
-        # to every peer; we identify admitted peers only (`identify`), and never push.
+        # to every peer; we identify admitted peers only, and push when our addresses change (`identify`).
         swarm.notifees = [n for n in swarm.notifees if not isinstance(n, _IdentifyNotifee)]
         self._host._schedule_identify = lambda *args, **kwargs: None  # type: ignore[method-assign]
         swarm.register_notifee(_Notifee(self))
         self._swarm = swarm
+        self._book = AddressBook(swarm, max_known_peers)
         # Circuit relay v2 (`relay`): dialing circuit addresses always works; the relay service and
         # reservations on relays only when asked for (each registers one more libp2p protocol).
         self._relay = CircuitRelay(self, service=relay_service, relays=relays, limits=relay_limits,
@@ -256,6 +261,8 @@ class Libp2pNetwork(Network):
                         try:
                             await net._relay.start(nursery)
                             nursery.start_soon(net._autonat.run)
+                            if net._identify.serve:
+                                nursery.start_soon(net._identify.push_on_change)
                             yield net
                         finally:
                             net._closing = True
@@ -338,14 +345,25 @@ class Libp2pNetwork(Network):
         others can dial), then the addresses we listen on."""
         return [*self._relay.circuit_addrs(), *self.direct_addrs()]
 
+    def advertised_addrs(self) -> list[str]:
+        """What identify tells peers: `listen_addrs()`, then the addresses peers dialled us back at
+        that we do not listen on (a NAT's forwarded port; `reachability`)."""
+        listen = self.listen_addrs()
+        listed = {a.rsplit("/p2p/", 1)[0] for a in listen}
+        return [*listen, *(a for a in self._autonat.reachability.reachable_addrs if a not in listed)]
+
     def direct_addrs(self) -> list[str]:
         """The addresses we listen on (with /p2p/<id>), without circuit addresses."""
         return [str(a) for a in self._host.get_addrs()]
 
     def observed_addrs(self) -> list[tuple[str, int]]:
-        """Our addresses as admitted peers see them (identify), each with how many peers report it,
-        most reported first. Empty in private swarms (they do not run identify)."""
+        """Our addresses as admitted peers see them (identify), each with how many reporting networks
+        (/24, /48) report it, most reported first. Empty in private swarms (they do not run identify)."""
         return self._identify.observed.addrs()
+
+    def confirmed_ips(self) -> list[str]:
+        """The IPs we believe we are observed at: reported from at least two networks."""
+        return self._identify.observed.confirmed_ips()
 
     def identified(self, peer_id: str) -> PeerRecord | None:
         """What an admitted peer said about itself in identify, once it answered."""
@@ -380,11 +398,10 @@ class Libp2pNetwork(Network):
         return time.time()
 
     def add_address(self, peer_id: str, addr: str) -> None:
-        addr = full_addr(addr, peer_id)
-        self._book[peer_id] = addr
+        self._book.add(peer_id, full_addr(addr, peer_id))
 
     def address_of(self, peer_id: str) -> str | None:
-        return self._book.get(peer_id)
+        return self._book.addr_of(peer_id)
 
     def add_connection_listener(self, listener: ConnectionListener) -> None:
         self._listeners.append(listener)
@@ -404,12 +421,12 @@ class Libp2pNetwork(Network):
         peer_id = full.rsplit("/p2p/", 1)[1]
         if peer_id == self.peer_id:
             raise PeerUnreachable("cannot connect to ourselves")
-        self._book.setdefault(peer_id, full)
+        self._book.add_if_missing(peer_id, full)
         if self._session(peer_id) is not None:
             return peer_id
         lock = self._dial_locks.setdefault(peer_id, trio.Lock())
         try:
-            with trio.fail_after(timeout):
+            with self._book.dialing(peer_id), trio.fail_after(timeout):
                 async with lock:
                     if self._session(peer_id) is not None:
                         return peer_id
@@ -479,6 +496,7 @@ class Libp2pNetwork(Network):
         first = not any(not s.closed for s in sessions)
         sessions.append(session)
         if first:
+            self._book.heard(session.peer_id)
             self._notify(session.peer_id, True)
             if self._identify.serve:
                 self.spawn(self._identify_peer, session.peer_id)
@@ -490,6 +508,7 @@ class Libp2pNetwork(Network):
         sessions.remove(session)
         if not sessions:
             del self._sessions[session.peer_id]
+            self._book.heard(session.peer_id)
             self._identify.forget(session.peer_id)
             self._notify(session.peer_id, False)
             self._close_sessionless(session.peer_id)
@@ -678,7 +697,7 @@ class Libp2pNetwork(Network):
         session = self._session(peer_id)
         if session is not None:
             return session
-        addr = self._book.get(peer_id)
+        addr = self._book.addr_of(peer_id)
         if addr is None:
             raise PeerUnreachable(f"no address known for {peer_id}; add_address() first")
         # The dial runs in the background, bounded by its own timeout: a caller that gives up first
