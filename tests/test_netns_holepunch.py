@@ -63,3 +63,60 @@ def test_nat_kinds_map_and_filter_as_named():
         ports = [int(m.split(":")[1]) for m in mapped]
         assert ips == {lab.host("cgn").ip} and ports[0] != ports[1], mapped
         assert unsolicited == [], results["cgn"]
+
+
+@pytest.fixture(scope="module")
+def lab():
+    nats = {f"{kind[:3]}-{region}": (region, 1, kind) for kind in ("endpoint-independent", "port-restricted", "symmetric")
+            for region in ("eu", "us")}
+    with Lab(regions={"eu": 1, "us": 1}, nats=nats) as lab:
+        yield lab
+
+
+def _netpeer(lab, host, port, *args, lifetime=90):
+    proc = host.popen([sys.executable, "-m", "netlab.netpeer", "--listen", f"/ip4/{host.ip}/tcp/{port}", *args,
+                       "--lifetime", str(lifetime)],
+                      stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=str(REPO_ROOT), bufsize=0)
+    lab.procs.append(proc)
+    return proc
+
+
+def _addrs(proc, timeout=30):
+    """The peer's addresses once it printed `ready`."""
+    addrs = []
+    while (line := _read_line(proc, timeout)) != "ready":
+        assert line, "netpeer did not start"
+        if line.startswith("addr "):
+            addrs.append(line.split()[1])
+    return addrs
+
+
+def _punch(lab, nat_kind, port):
+    """A peer behind a `nat_kind` NAT in eu, reachable through a relay in us, dialled by a peer behind
+    another `nat_kind` NAT in us; the dialer's JSON result after waiting for a direct connection."""
+    relay_addr = _addrs(_netpeer(lab, lab.host("us-0"), port, "--relay-service"))[0]
+    target = _addrs(_netpeer(lab, lab.host(f"{nat_kind[:3]}-eu-0"), port, "--relay", relay_addr))[0]
+    assert "/p2p-circuit/" in target
+    dialer = _netpeer(lab, lab.host(f"{nat_kind[:3]}-us-0"), port, "--dial", target, "--count", "5",
+                      "--wait-direct", "25")
+    _addrs(dialer)
+    result = json.loads(_read_line(dialer, 90) or '{"ok": false, "error": "no result"}')
+    print(nat_kind, json.dumps(result))
+    assert result["ok"], result
+    return result
+
+
+@pytest.mark.parametrize("nat_kind", ["endpoint-independent", "port-restricted"])
+def test_peers_behind_cone_nats_move_from_the_relay_to_a_direct_connection(lab, nat_kind):
+    result = _punch(lab, nat_kind, 4700 if nat_kind == "port-restricted" else 4710)
+    # Only a direct connection is left, the session runs on it, and no request failed on the way.
+    assert result["direct"] and result["connections"] == ["direct"], result
+    assert result["switch_failures"] == 0, result
+    # eu <-> us direct: one 80 ms RTT, against 80 + 5 ms through the relay in us.
+    assert result["direct_median_ms"] < result["median_ms"], result
+
+
+def test_peers_behind_symmetric_nats_stay_relayed(lab):
+    result = _punch(lab, "symmetric", 4720)
+    assert not result["direct"] and result["connections"] == ["relayed"], result
+    assert result["switch_failures"] == 0, result
