@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Awaitable, Callable, Protocol
+from typing import Any, Awaitable, Callable, Protocol, Sequence
 
 import multiaddr
 import trio
@@ -96,12 +96,12 @@ class HolePunchHost(Protocol):
     async def open_session(self, peer_id: str) -> RequestSessionLike:
         """A new request session with an admitted peer, on its best connection (direct before relayed)."""
 
-    def sessions_on(self, peer_id: str, muxed_conn: Any) -> list[RequestSessionLike]: ...
+    def sessions_on(self, peer_id: str, muxed_conn: Any) -> Sequence[RequestSessionLike]: ...
 
 
 def _tcp_endpoint(addr: multiaddr.Multiaddr) -> tuple[str, int] | None:
     """(ip, port) of a plain /ip4|ip6/<ip>/tcp/<port>[/p2p/<id>] address; None for anything else."""
-    parts = [(p.name, v) for p, v in zip(addr.protocols(), str(addr).split("/")[2::2])]
+    parts = [(proto.name, value) for proto, value in addr.items()]
     if parts and parts[-1][0] == "p2p":
         parts = parts[:-1]
     if len(parts) != 2 or parts[0][0] not in ("ip4", "ip6") or parts[1][0] != "tcp":
