@@ -11,6 +11,7 @@ import pytest
 
 from netlab import Lab, skip_reason
 from netlab.topology import REPO_ROOT, _read_line
+from potluck.localswarm import wait_until
 
 _reason = skip_reason()
 pytestmark = [pytest.mark.skipif(_reason is not None, reason=_reason or ""), pytest.mark.slow]
@@ -120,3 +121,22 @@ def test_peers_behind_symmetric_nats_stay_relayed(lab):
     result = _punch(lab, "symmetric", 4720)
     assert not result["direct"] and result["connections"] == ["relayed"], result
     assert result["switch_failures"] == 0, result
+
+
+def test_potluck_volunteers_behind_nats_end_up_direct():
+    """`potluck serve` volunteers behind two port-restricted NATs meet through a relay in a third region
+    and hole punch: their ping RTT drops from both relay legs (eu-ap 120 + ap-us 150 ms) to the
+    direct eu-us path (80 ms), which no relayed path can reach."""
+    with Lab(regions={"eu": 1, "us": 1, "ap": 1}, nats={"home": ("eu", 1), "cafe": ("us", 1)}) as lab:
+        seed = lab.spawn_peer(lab.host("ap-0"), "--relay-service", port=4004)
+        home, cafe = lab.spawn_peers([lab.host("home-0"), lab.host("cafe-0")], "--bootstrap", seed.addr,
+                                     "--relay", seed.addr, port=4004)
+        wait_until(lambda: cafe.peer_id in home.alive_peers() and home.peer_id in cafe.alive_peers(), 40,
+                   message="home and cafe reach each other")
+        relayed_floor = lab.expected_rtt_ms(home.host, seed.host) + lab.expected_rtt_ms(seed.host, cafe.host)
+        direct = lab.expected_rtt_ms(home.host, cafe.host)
+        wait_until(lambda: (r := home.peers_by_id()[cafe.peer_id]["rtt_ms"]) is not None and r < relayed_floor - 60,
+                   60, 1.0, message="home's ping RTT to cafe drops below any relayed path")
+        rtt = home.peers_by_id()[cafe.peer_id]["rtt_ms"]
+        print(f"home -> cafe after hole punching: {rtt} ms (direct network {direct:g} ms, relayed {relayed_floor:g} ms)")
+        assert rtt >= direct - 0.5
