@@ -10,7 +10,7 @@ with `--dial ADDR` it then connects, times `--count` echo requests and prints on
 
 With `--wait-direct S` the dialer then keeps sending echo requests for up to S seconds, until its
 session with the peer runs on a direct connection (hole punching, `p2p.libp2p.holepunch`) and the
-relayed one is gone, and adds "direct" (bool), "connections" (["direct"|"relayed", …]),
+relayed one is gone, and adds "direct" (bool), "direct_after_s", "connections" (["direct"|"relayed", …]),
 "switch_requests" / "switch_failures" (requests sent during the wait, and how many failed) and
 "direct_median_ms".
 
@@ -54,6 +54,7 @@ async def _timed(net, peer: str, count: int, size: int) -> float:
 async def _until_direct(net, peer: str, wait: float) -> dict:
     """Echo requests back to back until only a direct connection to `peer` is left (or `wait` s)."""
     sent = failed = 0
+    started = time.perf_counter()
     with trio.move_on_after(wait):
         while not (net.is_direct(peer) and net.connection_kinds(peer) == ["direct"]):
             sent += 1
@@ -63,7 +64,8 @@ async def _until_direct(net, peer: str, wait: float) -> dict:
                 failed += 1
             await trio.sleep(0.02)
     return {"direct": net.is_direct(peer), "connections": net.connection_kinds(peer),
-            "switch_requests": sent, "switch_failures": failed}
+            "switch_requests": sent, "switch_failures": failed,
+            "direct_after_s": round(time.perf_counter() - started, 2) if net.is_direct(peer) else None}
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -76,7 +78,8 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         with trio.move_on_after(args.lifetime):
             async with Libp2pNetwork.open(Identity.generate(), [args.listen], swarm_key=key,
-                                          relay_service=args.relay_service, relays=args.relay) as net:
+                                          relay_service=args.relay_service, relays=args.relay,
+                                          hole_punch=not args.no_hole_punch) as net:
                 net.set_request_handler(ECHO, _echo)
                 print(f"peer {net.peer_id}", flush=True)
                 for addr in net.listen_addrs():
@@ -120,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--lifetime", type=float, default=120.0)
     p.add_argument("--wait-direct", type=float, default=0.0)
+    p.add_argument("--no-hole-punch", action="store_true", help="stay on the relay (a baseline)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     return trio.run(_run, args)

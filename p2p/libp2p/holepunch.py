@@ -174,6 +174,7 @@ class HolePunch:
     def relayed_session_accepted(self, peer_id: str) -> None:
         """A peer reached us over a relay: try to move to a direct connection (we are DCUtR's B)."""
         if self.enabled and peer_id not in self._busy:
+            self._busy.add(peer_id)
             self.net.spawn(self._initiate, peer_id)
 
     async def _read(self, stream: Any, want: int) -> HolePunchMessage:
@@ -196,7 +197,6 @@ class HolePunch:
             raise HolePunchFailed(f"DCUtR stream broke: {type(e).__name__}: {e}"[:300]) from None
 
     async def _initiate(self, peer_id: str) -> None:
-        self._busy.add(peer_id)
         self.stats["attempts"] += 1
         stream = None
         try:
