@@ -41,7 +41,8 @@ import time
 from collections.abc import Callable
 
 REGIONS = {"eu": 3, "us": 3, "ap": 3}
-NATS = {"home": ("eu", 1), "cafe": ("us", 1), "cgn": ("us", 1, "symmetric")}  # for hole_punch only
+NATS: dict[str, tuple[str, int] | tuple[str, int, str]] = {  # for hole_punch only
+    "home": ("eu", 1), "cafe": ("us", 1), "cgn": ("us", 1, "symmetric")}
 RTT_MS = {("eu", "us"): 80.0, ("eu", "ap"): 120.0, ("us", "ap"): 150.0}
 INTRA_RTT_MS = 5.0
 

@@ -265,7 +265,7 @@ class HolePunch:
                 return conn
         return None
 
-    def direct_conn(self, peer_id: str) -> Any | None:
+    def _direct_conn(self, peer_id: str) -> Any | None:
         for conn in self.swarm.get_connections(ID.from_base58(peer_id)):
             if not self.net.is_relayed(conn.muxed_conn) and not conn.is_closed:
                 return conn
@@ -298,10 +298,10 @@ class HolePunch:
                 for endpoint in endpoints[:8]:
                     nursery.start_soon(dial, endpoint)
                 with trio.move_on_after(ROUND_TIMEOUT):
-                    while self.direct_conn(peer_id) is None:
+                    while self._direct_conn(peer_id) is None:
                         await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
-            if self.direct_conn(peer_id) is not None:
+            if self._direct_conn(peer_id) is not None:
                 return
         raise HolePunchFailed(f"no direct connection to {peer_id} after {ROUNDS} rounds")
 
@@ -309,7 +309,7 @@ class HolePunch:
 
     async def _move_session(self, peer_id: str, relayed_muxed: Any) -> None:
         """Open a session on the direct connection, then retire the relayed one in the background."""
-        direct = self.direct_conn(peer_id)
+        direct = self._direct_conn(peer_id)
         try:
             session = await self.net.open_session(peer_id)
         except BaseException:
