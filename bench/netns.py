@@ -18,6 +18,11 @@ us–ap 150 ms; peers on <region>-0 and -1, DHT probes on <region>-2):
   `speculative_over_plain`, tokens per pass, acceptance, `identical` output, and where a pass's
   time goes (the route's configured RTT vs the servers' compute per step).
 
+- hole_punch: `netlab.netpeer` peers behind port-restricted NATs in eu (home) and us (cafe) meet
+  through a relay on ap-1: request RTT on the relay (the target without hole punching: the
+  baseline) vs after hole punching (`direct_over_relayed`), seconds from connecting to direct, and
+  whether a dialer behind a symmetric NAT (cgn, us) stays on the relay, as it must.
+
 --quick: everything but tokens_per_s and recovery_after_kill, the speculative figure on fewer tokens.
 Needs root (network namespaces); without it prints {"skipped": reason} and exits 0. The model is
 converted once into --data-dir (default: potluck's, ~/.potluck); without it the pipeline
@@ -30,11 +35,14 @@ import argparse
 import functools
 import json
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
 
 REGIONS = {"eu": 3, "us": 3, "ap": 3}
+NATS: dict[str, tuple[str, int] | tuple[str, int, str]] = {  # for hole_punch only
+    "home": ("eu", 1), "cafe": ("us", 1), "cgn": ("us", 1, "symmetric")}
 RTT_MS = {("eu", "us"): 80.0, ("eu", "ap"): 120.0, ("us", "ap"): 150.0}
 INTRA_RTT_MS = 5.0
 
@@ -252,6 +260,47 @@ def measure_speculative(lab, peers, *, quick: bool = False, timeout: float = 300
     return out
 
 
+def _netpeer_result(lab, host, port: int, *args: str, timeout: float = 90.0) -> dict:
+    """Start `netlab.netpeer` in host; its addresses once ready, or its JSON result with --dial."""
+    from netlab.topology import REPO_ROOT, _read_line
+
+    proc = host.popen([sys.executable, "-m", "netlab.netpeer", "--listen", f"/ip4/{host.ip}/tcp/{port}", *args,
+                       "--lifetime", "120"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=str(REPO_ROOT),
+                      bufsize=0)
+    lab.procs.append(proc)
+    addrs = []
+    while (line := _read_line(proc, timeout)) != "ready":
+        if not line:
+            raise RuntimeError(f"netpeer in {host.name} did not start")
+        if line.startswith("addr "):
+            addrs.append(line.split()[1])
+    if "--dial" not in args:
+        return {"addrs": addrs}
+    return json.loads(_read_line(proc, timeout) or '{"ok": false, "error": "no result"}')
+
+
+def measure_hole_punch(lab, peers) -> dict:
+    relay_host, home, cafe, cgn = lab.host("ap-1"), lab.host("home-0"), lab.host("cafe-0"), lab.host("cgn-0")
+    relay = _netpeer_result(lab, relay_host, 4800, "--relay-service")["addrs"][0]
+    baseline_target = _netpeer_result(lab, home, 4800, "--relay", relay, "--no-hole-punch")["addrs"][0]
+    relayed = _netpeer_result(lab, cafe, 4800, "--dial", baseline_target, "--count", "20")
+    target = _netpeer_result(lab, home, 4801, "--relay", relay)["addrs"][0]
+    punched = _netpeer_result(lab, cafe, 4801, "--dial", target, "--count", "3", "--wait-direct", "30")
+    symmetric = _netpeer_result(lab, cgn, 4802, "--dial", target, "--count", "3", "--wait-direct", "20")
+    if not (relayed.get("ok") and punched.get("ok") and punched.get("direct")):
+        return {"error": "no direct connection", "relayed": relayed, "punched": punched}
+    return {
+        "network_relayed_ms": lab.expected_rtt_ms(cafe, relay_host) + lab.expected_rtt_ms(relay_host, home),
+        "network_direct_ms": lab.expected_rtt_ms(cafe, home),
+        "relayed_median_ms": relayed["median_ms"],
+        "direct_median_ms": punched["direct_median_ms"],
+        "direct_over_relayed": round(punched["direct_median_ms"] / relayed["median_ms"], 3),
+        "direct_after_s": punched["direct_after_s"],
+        "failed_requests_while_moving": punched["switch_failures"],
+        "symmetric_stays_relayed": bool(symmetric.get("ok") and not symmetric.get("direct")),
+    }
+
+
 MEASUREMENTS = {
     "router": measure_router,
     "membership_rtt": measure_membership_rtt,
@@ -259,6 +308,7 @@ MEASUREMENTS = {
     "tokens_per_s": measure_tokens_per_s,
     "speculative": measure_speculative,  # before the kill: both replicas up
     "recovery_after_kill": measure_recovery_after_kill,
+    "hole_punch": measure_hole_punch,
 }
 
 
@@ -307,7 +357,7 @@ def run(data_dir: str | None = None, *, quick: bool = False) -> dict:
     if reason:
         return {"skipped": reason}
     started = time.monotonic()
-    with Lab(regions=REGIONS, rtt_ms=RTT_MS, intra_rtt_ms=INTRA_RTT_MS) as lab:
+    with Lab(regions=REGIONS, rtt_ms=RTT_MS, intra_rtt_ms=INTRA_RTT_MS, nats=NATS) as lab:
         result: dict = {
             "config": {"regions": REGIONS, "intra_rtt_ms": INTRA_RTT_MS,
                        "inter_rtt_ms": {f"{a}-{b}": v for (a, b), v in RTT_MS.items()}},

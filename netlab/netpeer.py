@@ -8,7 +8,13 @@ with `--dial ADDR` it then connects, times `--count` echo requests and prints on
     python -m netlab.netpeer --listen … --relay RELAY_ADDR                    # behind NAT
     python -m netlab.netpeer --listen … --dial CIRCUIT_ADDR --compare RELAY_ADDR --count 20
 
-The JSON line: {"ok", "peer", "connect_ms", "median_ms", "compare_median_ms", "error"}. A failure to
+With `--wait-direct S` the dialer then keeps sending echo requests for up to S seconds, until its
+session with the peer runs on a direct connection (hole punching, `p2p.libp2p.holepunch`) and the
+relayed one is gone, and adds "direct" (bool), "direct_after_s", "connections" (["direct"|"relayed", …]),
+"switch_requests" / "switch_failures" (requests sent during the wait, and how many failed) and
+"direct_median_ms".
+
+The JSON line: {"ok", "peer", "connect_ms", "median_ms", "compare_median_ms", "error", …}. A failure to
 start (e.g. every relay refused us) prints {"ok": false, "error": "<type>: <message>"} and exits 2.
 Exits after --lifetime seconds.
 """
@@ -24,6 +30,8 @@ import time
 from pathlib import Path
 
 import trio
+
+from p2p.errors import P2PError
 
 ECHO = "/potluck/netpeer-echo/1.0.0"
 
@@ -43,8 +51,24 @@ async def _timed(net, peer: str, count: int, size: int) -> float:
     return round(statistics.median(rtts), 2)
 
 
+async def _until_direct(net, peer: str, wait: float) -> dict:
+    """Echo requests back to back until only a direct connection to `peer` is left (or `wait` s)."""
+    sent = failed = 0
+    started = time.perf_counter()
+    with trio.move_on_after(wait):
+        while not (net.is_direct(peer) and net.connection_kinds(peer) == ["direct"]):
+            sent += 1
+            try:
+                await net.request(peer, ECHO, [sent, b"x"], timeout=10)
+            except P2PError:
+                failed += 1
+            await trio.sleep(0.02)
+    return {"direct": net.is_direct(peer), "connections": net.connection_kinds(peer),
+            "switch_requests": sent, "switch_failures": failed,
+            "direct_after_s": round(time.perf_counter() - started, 2) if net.is_direct(peer) else None}
+
+
 async def _run(args: argparse.Namespace) -> int:
-    from p2p.errors import P2PError
     from p2p.identity import Identity
     from p2p.libp2p import Libp2pNetwork
     from p2p.swarm_key import load_key
@@ -54,7 +78,8 @@ async def _run(args: argparse.Namespace) -> int:
     try:
         with trio.move_on_after(args.lifetime):
             async with Libp2pNetwork.open(Identity.generate(), [args.listen], swarm_key=key,
-                                          relay_service=args.relay_service, relays=args.relay) as net:
+                                          relay_service=args.relay_service, relays=args.relay,
+                                          hole_punch=not args.no_hole_punch) as net:
                 net.set_request_handler(ECHO, _echo)
                 print(f"peer {net.peer_id}", flush=True)
                 for addr in net.listen_addrs():
@@ -67,6 +92,10 @@ async def _run(args: argparse.Namespace) -> int:
                     peer = await net.connect(args.dial, timeout=15)
                     result.update(peer=peer, connect_ms=round((time.perf_counter() - t) * 1000, 1))
                     result["median_ms"] = await _timed(net, peer, args.count, args.size)
+                    if args.wait_direct:
+                        result.update(await _until_direct(net, peer, args.wait_direct))
+                        if result["direct"]:
+                            result["direct_median_ms"] = await _timed(net, peer, args.count, args.size)
                     if args.compare:
                         other = await net.connect(args.compare, timeout=15)
                         result["compare_median_ms"] = await _timed(net, other, args.count, args.size)
@@ -93,6 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=20)
     p.add_argument("--size", type=int, default=64)
     p.add_argument("--lifetime", type=float, default=120.0)
+    p.add_argument("--wait-direct", type=float, default=0.0)
+    p.add_argument("--no-hole-punch", action="store_true", help="stay on the relay (a baseline)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     return trio.run(_run, args)

@@ -6,6 +6,13 @@
     python -m netlab.probe bulk HOST PORT [--bytes N]          (TCP throughput through an echo server)
     python -m netlab.probe udp-serve PORT [--lifetime S]
     python -m netlab.probe udp-echo HOST PORT [--count N] [--interval S] [--wait S]   (delivery ratio)
+    python -m netlab.probe udp-whoami PORT [--lifetime S]      (answers each datagram with "ip:port" of its sender)
+    python -m netlab.probe udp-map PORT --server IP:PORT … [--wait S]   (how a NAT maps and filters, below)
+    python -m netlab.probe udp-send HOST PORT [--count N]      (a few datagrams from an ephemeral port)
+
+`udp-map` sends from local PORT to each `udp-whoami` server, prints {"observed": {server: "ip:port"}} (the
+mapping each server sees), then listens `--wait` s and prints {"unsolicited": ["ip:port", …]}: the senders
+of datagrams that came from anyone but those servers (through the NAT's filtering).
 
 `rtt` and `connect` print one JSON object. Stdlib only, so they start in tens of milliseconds.
 """
@@ -88,6 +95,60 @@ def udp_echo(host: str, port: int, count: int, interval: float, wait: float) -> 
         drain()
         time.sleep(0.005)
     return {"sent": count, "received": len(got), "delivery": round(len(got) / count, 4) if count else None}
+
+
+def udp_whoami(port: int, lifetime: float) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("0.0.0.0", port))
+    sock.settimeout(0.5)
+    print("ready", flush=True)
+    deadline = time.monotonic() + lifetime
+    while time.monotonic() < deadline:
+        try:
+            _, (ip, src_port) = sock.recvfrom(2048)
+        except socket.timeout:
+            continue
+        sock.sendto(f"{ip}:{src_port}".encode(), (ip, src_port))
+
+
+def udp_map(port: int, servers: list[tuple[str, int]], wait: float, out=sys.stdout) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("0.0.0.0", port))
+    sock.settimeout(0.1)
+    observed: dict[str, str] = {}
+    for _ in range(20):  # a datagram may be lost; ask again until every server answered
+        for server in servers:
+            if f"{server[0]}:{server[1]}" not in observed:
+                sock.sendto(b"whoami", server)
+        deadline = time.monotonic() + 0.3
+        while time.monotonic() < deadline:
+            try:
+                data, (ip, src_port) = sock.recvfrom(2048)
+            except socket.timeout:
+                continue
+            if (ip, src_port) in servers:
+                observed[f"{ip}:{src_port}"] = data.decode(errors="replace")[:64]
+        if len(observed) == len(servers):
+            break
+    print(json.dumps({"observed": observed}), file=out, flush=True)
+    unsolicited: list[str] = []
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        try:
+            _, (ip, src_port) = sock.recvfrom(2048)
+        except socket.timeout:
+            continue
+        if (ip, src_port) not in servers and f"{ip}:{src_port}" not in unsolicited:
+            unsolicited.append(f"{ip}:{src_port}")
+    print(json.dumps({"unsolicited": unsolicited}), file=out, flush=True)
+
+
+def udp_send(host: str, port: int, count: int) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    for _ in range(count):
+        sock.sendto(b"unsolicited", (host, port))
+        time.sleep(0.02)
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
@@ -198,6 +259,17 @@ def main(argv: list[str] | None = None) -> int:
     ue.add_argument("--count", type=int, default=200)
     ue.add_argument("--interval", type=float, default=0.002)
     ue.add_argument("--wait", type=float, default=1.0)
+    uw = sub.add_parser("udp-whoami")
+    uw.add_argument("port", type=int)
+    uw.add_argument("--lifetime", type=float, default=600.0)
+    um = sub.add_parser("udp-map")
+    um.add_argument("port", type=int)
+    um.add_argument("--server", action="append", default=[], required=True)
+    um.add_argument("--wait", type=float, default=2.0)
+    usd = sub.add_parser("udp-send")
+    usd.add_argument("host")
+    usd.add_argument("port", type=int)
+    usd.add_argument("--count", type=int, default=5)
     c = sub.add_parser("connect")
     c.add_argument("host")
     c.add_argument("port", type=int)
@@ -211,6 +283,13 @@ def main(argv: list[str] | None = None) -> int:
         udp_serve(args.port, args.lifetime)
     elif args.cmd == "udp-echo":
         print(json.dumps(udp_echo(args.host, args.port, min(args.count, 100_000), args.interval, args.wait)))
+    elif args.cmd == "udp-whoami":
+        udp_whoami(args.port, args.lifetime)
+    elif args.cmd == "udp-map":
+        servers = [(ip, int(p)) for ip, p in (s.rsplit(":", 1) for s in args.server)]
+        udp_map(args.port, servers, min(args.wait, 60.0))
+    elif args.cmd == "udp-send":
+        udp_send(args.host, args.port, min(args.count, 1000))
     elif args.cmd == "rtt":
         print(json.dumps(rtt(args.host, args.port, min(args.count, 100_000), args.size, args.interval, args.timeout)))
     else:

@@ -6,8 +6,18 @@ firewall are never touched):
     region i (0-based), host j:  namespace plk-<pid>-<lab>-<name>, eth0 = 10.77.(i+1).(j+1)/32
         └─ veth ── router namespace (plk-<pid>-<lab>-router): h<k>, gateway 10.77.0.1/32 on every veth
     NAT k attached to region i:  namespace …-nat<k>, uplink eth0 = 10.77.(i+1).(200+k) (public)
-        └─ private host j:       eth0 = 10.77.(100+k).(j+1), gateway 10.77.(100+k).254; MASQUERADE on eth0,
-                                 nothing from outside is forwarded in (like a home router)
+        └─ private host j:       eth0 = 10.77.(100+k).(j+1), gateway 10.77.(100+k).254
+
+A NAT's `kind` says how it maps and filters (RFC 4787 terms), all built with iptables on eth0:
+- "port-restricted" (the default; a typical home router): MASQUERADE, which keeps the source port when
+  it is free, so the mapping is endpoint-independent; conntrack admits only replies from the exact
+  address and port a host sent to (address- and port-dependent filtering).
+- "endpoint-independent" (full cone): the same port-preserving mapping, plus a DNAT of every new TCP/UDP
+  flow to the NAT's public address onto its first private host at the same port (a router's "DMZ
+  host"), so any outside host reaches a mapped port. Other private hosts behind it filter like
+  port-restricted.
+- "symmetric": MASQUERADE --random-fully: a random public port for each new flow, so each destination
+  sees another port and a mapping learnt from one peer is useless to another; filtering as above.
 
 Each host has one veth to the router (the NAT gateway for NATed hosts); routes cover only
 10.77.0.0/16. The router forwards between veths, but policy routing first sends every forwarded
@@ -19,7 +29,7 @@ ends of a veth.
 
 Usage (see tests/test_netns_*.py):
 
-    with Lab(regions={"eu": 3, "us": 3, "ap": 3}, nats={"home": ("eu", 2)}) as lab:
+    with Lab(regions={"eu": 3, "us": 3, "ap": 3}, nats={"home": ("eu", 2), "cgn": ("us", 1, "symmetric")}) as lab:
         eu0, us0 = lab.host("eu-0"), lab.host("us-0")
         lab.tcp_rtt(eu0, us0)                    # {"median_ms": …}
         a = lab.spawn_peer(eu0)                  # `potluck serve` inside eu-0's namespace
@@ -55,6 +65,8 @@ DELAY_TUN = "dly0"
 DELAY_TABLE = "100"
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_INTER_RTT_MS = (80.0, 120.0, 150.0)  # assigned to region pairs in order, then repeated
+
+NAT_KINDS = ("port-restricted", "endpoint-independent", "symmetric")
 
 _lab_counter = itertools.count()
 
@@ -153,6 +165,7 @@ class Host:
     kind: str = "host"  # host | nat | private
     router_if: str | None = None  # this host's veth on the router (or NAT gateway) side
     gateway: "Host | None" = None  # NAT gateway for private hosts
+    nat_kind: str | None = None  # for NAT gateways: one of NAT_KINDS
 
     def cmd(self, args: list[str]) -> list[str]:
         return ["ip", "netns", "exec", self.ns, *args]
@@ -237,7 +250,7 @@ class Lab:
         rtt_ms: dict[tuple[str, str], float] | None = None,
         intra_rtt_ms: float = 5.0,
         jitter_ms: float | dict[tuple[str, str], float] = 0.0,
-        nats: dict[str, tuple[str, int]] | None = None,
+        nats: dict[str, tuple[str, int] | tuple[str, int, str]] | None = None,
         workdir: Path | None = None,
         realtime_router: bool = True,
         seed: int | None = None,
@@ -250,7 +263,13 @@ class Lab:
         for (a, b), v in (rtt_ms or {}).items():
             self.rtt_ms[(a, b)] = v
         self.jitter_ms = jitter_ms
-        self.nats = dict(nats or {})
+        self.nats: dict[str, tuple[str, int, str]] = {}
+        for nat_name, spec in (nats or {}).items():
+            region, count, *kind = spec
+            nat_kind = kind[0] if kind else "port-restricted"
+            if nat_kind not in NAT_KINDS:
+                raise ValueError(f"NAT {nat_name}: kind {nat_kind!r} is not one of {', '.join(NAT_KINDS)}")
+            self.nats[nat_name] = (region, count, nat_kind)
         self.realtime_router = realtime_router
         self.seed = seed
         self.id = f"{PREFIX}{os.getpid()}-{next(_lab_counter)}-"
@@ -295,22 +314,21 @@ class Lab:
                 name = f"{region}-{j}"
                 ip = f"10.77.{r_index + 1}.{j + 1}"
                 self.hosts[name] = self._attach(name, ip, region, self.router, ROUTER_GW)
-        for k, (nat_name, (region, count)) in enumerate(self.nats.items()):
+        for k, (nat_name, (region, count, nat_kind)) in enumerate(self.nats.items()):
             r_index = list(self.regions).index(region)
             gw = self._attach(nat_name, f"10.77.{r_index + 1}.{200 + k}", region, self.router, ROUTER_GW,
                               kind="nat", forward=True)
+            gw.nat_kind = nat_kind
             self.hosts[nat_name] = gw
             lan_gw = f"10.77.{100 + k}.254"
+            private = []
             for j in range(count):
                 name = f"{nat_name}-{j}"
                 host = self._attach(name, f"10.77.{100 + k}.{j + 1}", region, gw, lan_gw, kind="private")
                 host.gateway = gw
                 self.hosts[name] = host
-            ipt = ["iptables"]
-            gw.exec([*ipt, "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"])
-            gw.exec([*ipt, "-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
-                     "-j", "ACCEPT"])
-            gw.exec([*ipt, "-A", "FORWARD", "-i", "eth0", "-j", "DROP"])
+                private.append(host)
+            self._nat_rules(gw, nat_kind, private)
         self.router.exec(["iptables", "-N", "PLK_CUT"])
         self.router.exec(["iptables", "-I", "FORWARD", "-j", "PLK_CUT"])
         self.setup_s = time.monotonic() - started
@@ -402,6 +420,22 @@ class Lab:
         ]) + "\n"
         _run(["ip", "-n", ns, "-batch", "-"], input=batch_host)
         return host
+
+    @staticmethod
+    def _nat_rules(gw: Host, kind: str, private: list[Host]) -> None:
+        """The gateway's iptables for a NAT of `kind` (see the module docstring)."""
+        masquerade = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "eth0", "-j", "MASQUERADE"]
+        gw.exec([*masquerade, "--random-fully"] if kind == "symmetric" else masquerade)
+        if kind == "endpoint-independent" and private:
+            # New inbound flows only: replies to a mapping are un-NATed by conntrack before this table.
+            for proto in ("tcp", "udp"):
+                gw.exec(["iptables", "-t", "nat", "-A", "PREROUTING", "-i", "eth0", "-d", gw.ip, "-p", proto,
+                         "-j", "DNAT", "--to-destination", private[0].ip])
+            gw.exec(["iptables", "-A", "FORWARD", "-i", "eth0", "-d", private[0].ip, "-m", "conntrack",
+                     "--ctstate", "DNAT", "-j", "ACCEPT"])
+        gw.exec(["iptables", "-A", "FORWARD", "-i", "eth0", "-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED",
+                 "-j", "ACCEPT"])
+        gw.exec(["iptables", "-A", "FORWARD", "-i", "eth0", "-j", "DROP"])
 
     def _router_config(self) -> dict:
         def jitter(a: str, b: str) -> float:

@@ -164,6 +164,9 @@ def test_netns_quick(smollm2_data):
     assert figure(r, "speculative.plain.tokens_per_pass") == 1
     assert figure(r, "speculative.prompt_lookup.tokens_per_pass") >= 1
     assert 0 <= figure(r, "speculative.prompt_lookup.acceptance") <= 1
+    # peers behind port-restricted NATs hole punch; behind a symmetric NAT they stay on the relay
+    assert figure(r, "hole_punch.direct_over_relayed") > 0 and r["hole_punch"]["symmetric_stays_relayed"] is True, \
+        r["hole_punch"]
 
 
 ATTACKS = ("object_bomb", "malformed_frames", "dht_store_flood", "credit_chain_flood", "kv_cache_hog", "unpaid_compute",

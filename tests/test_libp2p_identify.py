@@ -35,6 +35,7 @@ from p2p.libp2p.identify import (
 from p2p.libp2p import identify as identify_module
 from p2p.libp2p import io
 from p2p.libp2p.autonat import AUTONAT, Autonat, AutonatLimits, DialBackRefused
+from p2p.libp2p.holepunch import DCUTR_PROTOCOL
 from p2p.libp2p.network import LIBP2P_PROTOCOL
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -89,7 +90,7 @@ async def test_admitted_peers_identify_each_other_and_learn_where_they_are_seen(
         record = a.identified(b.peer_id)
         assert record.agent_version.startswith("potluck/") and record.protocol_version == "ipfs/0.1.0"
         assert record.listen_addrs == (transport(b.listen_addrs()[0]),)
-        assert set(record.protocols) == {str(LIBP2P_PROTOCOL), IDENTIFY, IDENTIFY_PUSH, PING}
+        assert set(record.protocols) == {str(LIBP2P_PROTOCOL), IDENTIFY, IDENTIFY_PUSH, PING, DCUTR_PROTOCOL}
         # a dialled b's listening address: a sees b there, and b sees a at the port a dialled from
         assert b.observed_addrs() == [(transport(b.listen_addrs()[0]), 1)]
         assert a.observed_addrs() == [(record.observed_addr, 1)]

@@ -13,6 +13,7 @@ One concept a module (imports only go down the list):
     session.py    RequestSession: one peer's requests and replies, multiplexed on one stream
     stream.py     FlowControlledStream: a long-lived message stream with credit-based flow control
     relay.py      circuit relay v2: reservations, circuit dialing, the relay service
+    holepunch.py  DCUtR: peers that met over a relay dial each other at once and move their sessions
     network.py    Libp2pNetwork: the host, connections, admission, and the `Network` methods
 """
 

@@ -25,6 +25,9 @@ only where asked for (`relay_service=True`: `/libp2p/circuit/relay/0.2.0/hop`; `
 `<relay>/p2p/R/p2p-circuit/p2p/T` names peer T (the last /p2p/); dialing it first makes a libp2p
 connection to T through R, then runs the session handshake on it as on any other.
 
+Peers that met over a relay try to connect directly (`holepunch`, DCUtR) and move their sessions
+there; the relayed connection closes once nothing uses it.
+
 Reachability (`autonat`): once peers are admitted, a few of them are asked to dial us back on new
 connections, at our listening addresses and at each IP they see us at; `reachability()` says whether
 that worked (public), did not (private: behind NAT), or is not known yet.
@@ -96,6 +99,7 @@ from . import gate, io, patches
 from .addresses import full_addr, split_circuit
 from .autonat import Autonat, AutonatLimits
 from .book import AddressBook
+from .holepunch import HolePunch
 from .identify import IdentifyService, PeerRecord
 from .relay import CircuitRelay, RelayLimits
 from .session import MAX_PROTOCOL_LEN, RequestSession
@@ -163,6 +167,7 @@ class Libp2pNetwork(Network):
         autonat_limits: AutonatLimits | None = None,
         reachability_recheck: float = 300.0,
         max_known_peers: int = 4096,
+        hole_punch: bool = True,
     ):
         if swarm_key is not None and (not isinstance(swarm_key, bytes) or len(swarm_key) < 16):
             raise ValueError("a swarm key is at least 16 bytes (load it with p2p.swarm_key.load_key)")
@@ -225,6 +230,8 @@ class Libp2pNetwork(Network):
         self.relay_dial_timeout = max(15.0, relay_timeout)
         self._identify = IdentifyService(self, serve=swarm_key is None)
         self._autonat = Autonat(self, swarm, limits=autonat_limits, recheck=reachability_recheck)
+        # Hole punching needs our observed addresses, which only identify (open swarms) learns.
+        self._holepunch = HolePunch(self, swarm, enabled=hole_punch and swarm_key is None)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -391,8 +398,18 @@ class Libp2pNetwork(Network):
         return self._autonat.reachability.as_dict()
 
     def relay_status(self) -> dict:
-        """Reservations held and served, circuits, bytes relayed (for status pages)."""
-        return self._relay.relay_status()
+        """Reservations held and served, circuits, bytes relayed, hole punches (for status pages)."""
+        return {**self._relay.relay_status(), "hole_punch": dict(self._holepunch.stats)}
+
+    def connection_kinds(self, peer_id: str) -> list[str]:
+        """"direct" or "relayed" for each open connection to the peer."""
+        return ["relayed" if self.is_relayed(c.muxed_conn) else "direct"
+                for c in self._swarm.get_connections(ID.from_base58(peer_id)) if not c.is_closed]
+
+    def is_direct(self, peer_id: str) -> bool:
+        """Whether our current session with the peer runs on a direct (not relayed) connection."""
+        session = self._session(peer_id)
+        return session is not None and not self.is_relayed(session.raw.muxed_conn)
 
     def now(self) -> float:
         return time.time()
@@ -489,6 +506,27 @@ class Libp2pNetwork(Network):
         await gate.handshake_as_dialer(raw, reader, own_id=self.peer_id, peer_id=peer_id, key=self.swarm_key,
                                        timeout=self.gate_timeout)
         return RequestSession(self, peer_id, raw, reader)
+
+    async def open_session(self, peer_id: str) -> RequestSession:
+        """One more session with an admitted peer, on its best connection (libp2p prefers direct ones
+        over relayed): hole punching moves a relayed peer here (`holepunch`)."""
+        try:
+            raw = await self._host.new_stream(ID.from_base58(peer_id), [LIBP2P_PROTOCOL])
+        except trio.Cancelled:
+            raise
+        except Exception as e:
+            raise PeerUnreachable(f"cannot open a stream to {peer_id}: {type(e).__name__}: {e}"[:400]) from None
+        try:
+            session = await self._handshake_as_dialer(peer_id, raw)
+        except BaseException:
+            await io.reset(raw)
+            raise
+        self._admit(session)
+        self.spawn(session.run)
+        return session
+
+    def sessions_on(self, peer_id: str, muxed_conn: Any) -> list[RequestSession]:
+        return [s for s in self._sessions.get(peer_id, ()) if s.raw.muxed_conn is muxed_conn]
 
     def _admit(self, session: RequestSession) -> None:
         patches.admitted(self._swarm, session.raw.muxed_conn)
@@ -632,6 +670,8 @@ class Libp2pNetwork(Network):
                 return
             session = RequestSession(self, peer_id, raw, reader)
             self._admit(session)
+            if self.is_relayed(raw.muxed_conn):
+                self._holepunch.relayed_session_accepted(peer_id)
             await session.run()
             return
         await self._serve_stream(peer_id, raw, reader, protocol)

@@ -1,0 +1,96 @@
+"""Hole punching (p2p.libp2p.holepunch, DCUtR) between Libp2pNetworks on 127.0.0.1: the exchange over a
+circuit, the move of the peers' sessions to the direct connection with a request in flight, and
+hostile DCUtR input. On loopback every dial gets through; NATs (and who stays relayed) are
+tests/test_netns_holepunch.py."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.utils.varint import encode_uvarint
+
+from p2p.identity import Identity
+from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p.holepunch import DCUTR_PROTOCOL, MAX_ADDRS, decode_addrs
+
+LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
+SLOW = "/potluck/slow/1.0.0"
+
+
+async def _until(predicate, timeout=10.0):
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.02)
+
+
+async def test_relayed_peers_move_to_a_direct_connection_and_a_request_in_flight_finishes():
+    async with AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK, relay_service=True))
+        nated = await stack.enter_async_context(
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK, relays=[relay.listen_addrs()[0]]))
+        dialer = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK))
+
+        async def slow(peer_id, body):
+            # Answers only once the direct connection is up: the request spans the move.
+            await _until(lambda: "direct" in nated.connection_kinds(peer_id))
+            return body
+
+        async def echo(peer_id, body):
+            return body
+
+        nated.set_request_handler(SLOW, slow)
+        dialer.set_request_handler(SLOW, echo)
+        peer = await dialer.connect(nated.listen_addrs()[0])
+        assert dialer.connection_kinds(peer) == ["relayed"] and not dialer.is_direct(peer)
+        assert await dialer.request(peer, SLOW, "spans the move", timeout=15) == "spans the move"
+        # Both sides' sessions run on the direct connection; the relayed one is closed, at the relay too.
+        await _until(lambda: dialer.connection_kinds(peer) == ["direct"] and dialer.is_direct(peer))
+        await _until(lambda: nated.connection_kinds(dialer.peer_id) == ["direct"] and nated.is_direct(dialer.peer_id))
+        await _until(lambda: relay.relay_status()["circuits_active"] == 0)
+        assert relay.relay_status()["circuits_opened"] == 1
+        assert nated.relay_status()["hole_punch"] == {"attempts": 1, "direct": 1, "failed": 0}
+        assert dialer.relay_status()["hole_punch"] == {"attempts": 1, "direct": 1, "failed": 0}
+        assert await nated.request(dialer.peer_id, SLOW, "back", timeout=5) == "back"
+        assert dialer.connected_peers().count(peer) == 1
+
+
+async def test_dcutr_is_served_only_over_a_relay_and_bounded():
+    async with AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK, relay_service=True))
+        # This peer starts no exchange itself: the test speaks DCUtR for it.
+        nated = await stack.enter_async_context(
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK, relays=[relay.listen_addrs()[0]], hole_punch=False))
+        dialer = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK))
+
+        async def reset_without_answer(net, peer_id, data):
+            answer = b""
+            with trio.fail_after(5):
+                try:
+                    stream = await net.host.new_stream(ID.from_base58(peer_id), [DCUTR_PROTOCOL])
+                    await stream.write(data)
+                    answer = await stream.read(1)
+                except Exception:
+                    pass  # reset (even before the protocol negotiation finished): what we expect
+            assert answer == b""
+
+        # Over a direct connection (to the relay, admitted): refused.
+        await dialer.connect(relay.listen_addrs()[0])
+        await reset_without_answer(dialer, relay.peer_id, encode_uvarint(2) + b"\x08\x64")
+        assert relay.relay_status()["hole_punch"]["attempts"] == 0
+        # Over the circuit, a CONNECT claiming 1 MiB is refused before anything is read.
+        await dialer.connect(nated.listen_addrs()[0])
+        await reset_without_answer(nated, dialer.peer_id, encode_uvarint(1 << 20) + b"x" * 100)
+        await _until(lambda: dialer.relay_status()["hole_punch"]["failed"] == 1)
+        assert dialer.connection_kinds(nated.peer_id) == ["relayed"]
+
+
+def test_connect_addresses_are_bounded_and_checked():
+    good = [multiaddr.Multiaddr(f"/ip4/10.0.0.{i}/tcp/4001").to_bytes() for i in range(1, 40)]
+    circuit = multiaddr.Multiaddr(
+        "/ip4/10.0.0.1/tcp/1/p2p/12D3KooWJ4sZ2MBHhKprbKhHuAweyNCC4p4KQoqEb2AoRBzWHzbm/p2p-circuit").to_bytes()
+    udp = multiaddr.Multiaddr("/ip4/10.0.0.1/udp/4001").to_bytes()
+    assert decode_addrs([b"\xff\xff garbage", circuit, udp, good[0], good[0]]) == [("10.0.0.1", 4001)]
+    assert len(decode_addrs(good)) == MAX_ADDRS
