@@ -12,11 +12,11 @@ the fastest route's cost (w = 0.2 for `--prefer green`: at most 20% slower).
 
 `load` is the sessions the server already runs and `block_time` the seconds a token of one more
 session takes through one of its blocks: 1 / decode_tps alone, up to batch_size / batch throughput
-when its batches fill, and its capacity shared beyond that. The load is
-max(what the server announced, the sessions this client holds there now): the client knows its
-own exactly and at once, so concurrent requests of one peer spread over replicas before any
-announcement says so, and taking the max never counts a session twice. `session_spread` breaks the
-ties of servers that batch for free: the less loaded one wins.
+when its batches fill, and its capacity shared beyond that. The load is max(what the server
+announced, the sessions this client holds there now): the client knows its own exactly and at
+once, so concurrent requests of one peer spread over replicas before any announcement says so,
+and taking the max never counts a session twice. `session_spread` breaks the ties of servers that
+batch for free: the less loaded one wins.
 
 A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
 an announcement of huge throughput at an address where nothing listens, so its throughput counts as
