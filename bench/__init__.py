@@ -8,7 +8,8 @@ Every bench takes `--quick` (small sizes, seconds), which tests/test_bench_quick
     spotcheck   spot checks: honest noise vs tolerance, liars caught, checker compute (adaptive vs fixed 2 %)
     pipeline    SmolLM2 through real server processes vs local generation
     netns       the namespace lab's figures (needs root)
-    placement   --blocks auto on a simulated swarm: blocks with 2 replicas vs what memory allows (vs the throughput rule)
+    placement   --blocks auto on a simulated swarm: blocks with 2 replicas vs what memory allows (vs the throughput rule);
+                concurrent requests spread over it by load (vs routes blind to load)
     model_demand  volunteers choosing among models by demand per copy: worst model's coverage per demand vs the
                 best split (vs choices blind to coverage or demand); Sybil demand with and without the caps
     attack      attacks on a real peer: its RSS, whether it stays up, what the attacker got, an honest client beside

@@ -10,6 +10,14 @@ until nobody moves. The baseline is the rule before it (`throughput_choose_span`
 the same volunteers. Figures: the fraction of blocks with ≥ 2 replicas, against the best the
 swarm's memory allows — `bound` = min(1, slots / (2 × blocks)), and `bound_covered` = min(1,
 (slots − blocks) / blocks), the best while every block keeps a replica.
+
+`spread`: on each rebalanced swarm (servers batching 8 steps at 4× their single-stream speed),
+`--requests` concurrent requests of one peer routed one after another by the real `find_route`
+(on the swarms without a gap),
+each counted as a session at its servers as the client counts them (`SequenceManager.hold`);
+baseline: the same routes chosen blind to load (as before #15/#17). Figures: the most sessions at
+one server, and the mean and worst per-token time of the requests once all are running, as
+`block_time` models it (hop overhead + blocks × block_time at each server's final load).
 """
 
 from __future__ import annotations
@@ -22,7 +30,8 @@ from dataclasses import replace
 from typing import Callable
 
 from pipeline.announce import ServerInfo
-from pipeline.routing import choose_span, coverage, rebalance_span, replicas, swarm_quality
+from pipeline.routing import (RoutingConfig, block_time, choose_span, coverage, find_route, rebalance_span, replicas,
+                              swarm_quality)
 
 # volunteers' accelerator memory (GiB) and decode tokens/s through one block, with their shares
 HARDWARE = [(8, 15.0, 0.25), (12, 25.0, 0.20), (16, 30.0, 0.20), (24, 60.0, 0.20), (48, 90.0, 0.10), (80, 200.0, 0.05)]
@@ -86,7 +95,29 @@ def simulate(joining: list[tuple[int, float]], num_blocks: int, choose: ChooseSp
         moves += moved
         if not moved:
             break
-    return {"joined": joined, "rebalanced": {**figures(servers, num_blocks), "moves": moves, "rounds": rounds}}
+    return {"joined": joined, "rebalanced": {**figures(servers, num_blocks), "moves": moves, "rounds": rounds},
+            "servers": servers}
+
+
+def spread(servers: list[ServerInfo], num_blocks: int, requests: int, *, aware: bool) -> dict:
+    """`requests` routes through the whole model, chosen one after another (load-aware: each counting
+    the sessions of those before it); the sessions per server and the modelled per-token times."""
+    batching = [replace(s, batch_decode_tps=4 * s.decode_tps, batch_size=8) for s in servers]
+    cfg = RoutingConfig() if aware else RoutingConfig(session_spread=0.0)
+    held: dict[str, int] = {}
+    routes = []
+    for _ in range(requests):
+        route = find_route(batching, 0, num_blocks, config=cfg,
+                           load=(lambda s: held.get(s.peer_id, 0)) if aware else (lambda s: 0))
+        for hop in route:
+            held[hop.peer_id] = held.get(hop.peer_id, 0) + 1
+        routes.append(route)
+    by_id = {s.peer_id: s for s in batching}
+    times = [sum(cfg.hop_overhead + (h.end - h.start) * block_time(
+        by_id[h.peer_id].decode_tps, by_id[h.peer_id].batch_decode_tps, by_id[h.peer_id].batch_size,
+        held[h.peer_id] - 1) for h in route) for route in routes]
+    return {"max_sessions": max(held.values()), "servers_used": len(held), "mean_token_s": statistics.fmean(times),
+            "worst_token_s": max(times)}
 
 
 def mean_of(runs: list[dict], stage: str, name: str) -> float:
@@ -122,6 +153,16 @@ def run_size(count: int, args: argparse.Namespace) -> dict:
                           "min_replicas": round(mean_of(runs, stage, "min_replicas"), 4)}
         fig["rebalanced"]["moves_per_server"] = round(mean_of(runs, "rebalanced", "moves") / count, 4)
         out[name] = fig
+    routable = [run["servers"] for run in per_rule["after"] if run["rebalanced"]["min_replicas"] >= 1]
+    if routable:  # swarms with a gap route nothing
+        by_load = {name: [spread(servers, n, args.requests, aware=name == "aware") for servers in routable]
+                   for name in ("blind", "aware")}
+        out["spread"] = {"requests": args.requests, "swarms": len(routable),
+                         **{name: {k: round(statistics.fmean(r[k] for r in runs), 4) for k in
+                                   ("max_sessions", "servers_used", "mean_token_s", "worst_token_s")}
+                            for name, runs in by_load.items()}}
+        out["spread"]["worst_over_blind"] = round(out["spread"]["aware"]["worst_token_s"]
+                                                  / out["spread"]["blind"]["worst_token_s"], 4)
     return out
 
 
@@ -132,6 +173,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--block-gib", type=float, default=1.75, help="memory of one block (70B llama in bf16)")
     parser.add_argument("--seeds", type=int, default=10, help="swarms per size, averaged")
     parser.add_argument("--rounds", type=int, default=5, help="rebalancing rounds at most (each server once a round)")
+    parser.add_argument("--requests", type=int, default=16, help="concurrent requests of one peer (`spread`)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
@@ -150,6 +192,13 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{run['volunteers']:4d} volunteers, {run['slots_per_block']:.2f} slots/block, bound {run['bound']:.3f}: "
               f"before {b['joined']['two_replicas']:.3f} / {b['rebalanced']['two_replicas']:.3f}, "
               f"after {a['joined']['two_replicas']:.3f} / {a['rebalanced']['two_replicas']:.3f}")
+        sp = run.get("spread")
+        if sp is None:
+            continue
+        print(f"     {sp['requests']} concurrent requests, blind to load -> load-aware: servers used "
+              f"{sp['blind']['servers_used']:.1f} -> {sp['aware']['servers_used']:.1f}, most sessions at one server "
+              f"{sp['blind']['max_sessions']:.1f} -> {sp['aware']['max_sessions']:.1f}, worst per-token time "
+              f"{sp['blind']['worst_token_s']:.3f} s -> {sp['aware']['worst_token_s']:.3f} s")
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
      "clusters": {"1": label, ...}, "t": announce time, "reliability": r in [0, 1] (optional, 1.0),
      "started": when this server (process) started serving (optional, 0),
      "model_name": the model folder's name, "num_blocks": n, "context_length": n (each optional, None),
-     "batch_decode_tps": f (optional, None), "batch_size": n (optional, 1),
+     "batch_decode_tps": f (optional, None), "batch_size": n (optional, 1), "sessions": n (optional, 0),
      "grid": {"load": L, "carbon": C, "renewable": R, "timestamp": t} (optional, None),
      "supersedes": the model id this model is a new version of (optional, None),
      "tier": name, "tier_milli": m, "flops_per_s": f (each optional, None)}
@@ -23,6 +23,9 @@ k / decode_tps per decoded token), measured by the server at start. `cache_token
 more tokens of KV cache (for its whole span) it can hold now. `batch_decode_tps` is the aggregate
 decode tokens/s through one block when `batch_size` sessions step together (the server batches them,
 pipeline/batching.py): its capacity, where `decode_tps` is what one stream sees (`capacity_tps`).
+`sessions` is its load: the sessions it held when it announced (at most `MAX_ANNOUNCED_SESSIONS`);
+routing counts the wait they cause (pipeline/routing.py `block_time`). Claiming more drives clients
+away from it; claiming fewer earns it no more than claiming a higher `decode_tps` would.
 A clean shutdown stores an "offline" entry over the online one (same TTL, later expiry, so it wins at every holder).
 
 `grid` is the server's grid signal (pipeline/grid.py: from its `--grid-signal` file), signed with
@@ -82,6 +85,7 @@ MAX_MODEL_NAME_LEN = 64  # a server announces its folder's name cut to this
 MAX_NUM_BLOCKS = 1 << 16
 MAX_CONTEXT_LENGTH = 1 << 30
 MAX_BATCH_SIZE = 1 << 12
+MAX_ANNOUNCED_SESSIONS = 1 << 16
 
 
 def announce_key(model_id: str) -> str:
@@ -177,6 +181,7 @@ class ServerInfo:
     context_length: int | None = None
     batch_decode_tps: float | None = None
     batch_size: int = 1
+    sessions: int = 0  # its load: sessions it held at `t`
     grid: GridSignal | None = None
     supersedes: str | None = None  # the model id this one is a new version of
     tier: str | None = None
@@ -248,6 +253,7 @@ class ServerInfo:
                        n, "announcement context_length", MAX_CONTEXT_LENGTH)),
                    batch_decode_tps=float(num("batch_decode_tps", 1e-6, 1e12)) if value.get("batch_decode_tps") is not None else None,
                    batch_size=num("batch_size", 1, MAX_BATCH_SIZE, int) if "batch_size" in value else 1,
+                   sessions=num("sessions", 0, MAX_ANNOUNCED_SESSIONS, int) if "sessions" in value else 0,
                    grid=optional("grid", GridSignal.from_value),
                    supersedes=text("supersedes", MAX_MODEL_ID_LEN, optional=True),
                    tier=optional("tier", tier_name),

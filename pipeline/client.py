@@ -11,7 +11,9 @@
 - A session (`InferenceSession`) asks the `SequenceManager` (pipeline/routing.py) for a route
   covering all blocks, opens one session per hop (`Hop`, pipeline/hop.py) and sends each step's
   hidden states through them (client-driven, or with server-to-server forwarding: `ClientConfig.push`,
-  along each run of consecutive remote hops).
+  along each run of consecutive remote hops). From the moment its route is chosen until they close,
+  its hops count as this client's load on their servers (`SequenceManager.hold`): concurrent
+  sessions spread over replicas.
 - Our own blocks: given the peer's own server (`local_server`), routes may use it like any server,
   preferred where it is at least as fast (pipeline/routing.py), and its hops are `LocalHop`s: steps
   are calls in this process, with no stream, no serialisation and no receipts; they fault, refuse,
@@ -184,6 +186,7 @@ class InferenceSession:
         self.history: dict[int, list[torch.Tensor]] = {}  # block boundary → inputs of completed steps
         self._step_id = 0
         self._ended_by: set[str] = set()  # servers that ended a session of ours (SessionExpired): forgiven once
+        self._held: set[Hop] = set()  # route hops counted in the sequence manager's `held` until closed
         cfg = model.client_config
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
                                     model_id=model.model_id, billing=cfg.billing, step_timeout=cfg.step_timeout)
@@ -233,6 +236,9 @@ class InferenceSession:
     async def close_hop(self, hop: Hop, polite: bool = True, pay: bool = True) -> None:
         """Close a hop (with the final receipt unless `pay` is False) and record what we signed for it
         as a spend."""
+        if hop in self._held:
+            self._held.discard(hop)
+            self.model.sequence.release([hop.peer_id])
         if hop.closed:
             return
         if isinstance(hop, LocalHop):  # nothing signed: serving ourselves is free
@@ -280,11 +286,18 @@ class InferenceSession:
                     continue
                 raise GenerationFailed(str(e) + (f"; last error: {last}" if last else "")) from last if last is not None else e
             hops: list[Hop] = []
+            seq.hold(r.peer_id for r in route)  # before any await: concurrent sessions routing now see it
             try:
-                for r in route:
-                    info = seq.server(r.peer_id)
-                    hops.append(await self.open_hop(r, info.addr if info else None))
-                    seq.note_reached(r.peer_id)
+                try:
+                    for r in route:
+                        info = seq.server(r.peer_id)
+                        hops.append(hop := await self.open_hop(r, info.addr if info else None))
+                        self._held.add(hop)
+                        seq.note_reached(r.peer_id)
+                except BaseException:  # the route's sessions count no more; those opened are closed below
+                    self._held.difference_update(hops)
+                    seq.release(r.peer_id for r in route)
+                    raise
                 self.stats.servers.extend(self.route_of(hops))
                 return hops
             except Refused as e:

@@ -3,10 +3,10 @@
 `find_route` is Dijkstra over block boundaries 0..n: an edge a → b exists for every server whose
 announced span contains [a, b) (spans may be cut), weighted by
 
-    rtt(server) + hop_overhead + (b - a) / decode_tps(server) + (no_cache_penalty if it lacks cache)
-      + unreliability_penalty × (1 − reliability(server))
+    rtt(server) + hop_overhead + (b - a) × block_time(server, load) + session_spread × load
+      + (no_cache_penalty if it lacks cache) + unreliability_penalty × (1 − reliability(server))
 
-and, with a green preference (`grid`, pipeline/grid.py), the compute term (b − a) / decode_tps is
+and, with a green preference (`grid`, pipeline/grid.py), the compute term (b − a) × block_time is
 stretched by 1 + w·(1 − P_grid(server)) ∈ [1, 1 + w]: the route chosen is never more than (1 + w) times
 the fastest route's cost (w = 0.2 for `--prefer green`: at most 20% slower). With `--prefer cheap`
 (`price`) each hop also costs `price_weight` × (b − a) × its price multiplier (the rate its receipts
@@ -22,6 +22,14 @@ a lower bound on the server's speed — it includes the network and both ends' o
 only refute a claim, not say what the true tier is: a refuted claim earns no premium (a liar caught
 earns less than an honest server of its real tier). 100× leaves room for the network and the
 overheads of short steps, and is still far below the 10⁵ between the edge and datacenter anchors.
+
+`load` is the sessions the server already runs and `block_time` the seconds a token of one more
+session takes through one of its blocks: 1 / decode_tps alone, up to batch_size / batch throughput
+when its batches fill, and its capacity shared beyond that. The load is max(what the server
+announced, the sessions this client holds there now): the client knows its own exactly and at
+once, so concurrent requests of one peer spread over replicas before any announcement says so,
+and taking the max never counts a session twice. `session_spread` breaks the ties of servers that
+batch for free: the less loaded one wins.
 
 A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
 an announcement of huge throughput at an address where nothing listens, so its throughput counts as
@@ -44,6 +52,8 @@ What the client has verified of each server: `reached` (a session opened), `cont
 succeeded), `unreachable` (a first contact failed: left out for `unreachable_for` seconds without a
 ban's strike — a dead address costs a dial, not a fault). `to_probe` names the never-contacted
 servers worth dialling before routing (pipeline/client.py dials them in parallel).
+`held`: this client's sessions per server, counted from the moment a route is chosen (`hold`) to
+the hop's close (`release`, pipeline/client.py) — the load routing adds to what servers announce.
 Reliability of a server, as the client uses it: min(what it announces, what this client saw — spot
 checks failed mean 0 and a permanent ban (`distrust`), each failure ban a factor 0.8 — and what the
 client's ledger says: `reliability_source`, e.g. disputes in verified chains, pipeline/billing.py).
@@ -90,8 +100,23 @@ class RoutingConfig:
     unreliability_penalty: float = 1.0  # seconds of route cost for a server of reliability 0
     local_discount: float = 1e-6  # our own blocks' compute time counts this fraction less: they win ties
     unverified_penalty: float = 1.0  # seconds of route cost for a server this client has never reached
+    session_spread: float = 1e-3  # seconds of route cost per session a server runs: equal servers share the load
     grid_max_age: float = DEFAULT_MAX_AGE  # seconds: an older grid signal is ignored
     price_weight: float = 1.0  # with a cheap preference: seconds of route cost per block at a 1× rate
+
+
+def block_time(decode_tps: float, batch_decode_tps: float | None, batch_size: int, load: int) -> float:
+    """Seconds a token of a new session takes through one block of a server already running `load`
+    sessions. A batch of n ≤ batch_size steps takes from 1 / decode_tps (n = 1) to batch_size /
+    capacity (full), linearly in between; past a full batch the sessions share its capacity."""
+    n = load + 1
+    size = batch_size if batch_decode_tps else 1
+    # never more than `size` sessions each as fast as one alone: an announcement claiming it is not believed
+    capacity = min(max(decode_tps, batch_decode_tps or 0.0), size * decode_tps)
+    alone = 1.0 / decode_tps
+    if n >= size:
+        return max(alone, n / capacity)
+    return alone + (n - 1) / (size - 1) * (size / capacity - alone)
 
 
 def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Callable[[str], float | None] = lambda p: None,
@@ -99,27 +124,33 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
                config: RoutingConfig | None = None,
                reliability: Callable[[ServerInfo], float] | None = None, local: str | None = None,
                verified: Callable[[str], bool] | None = None, grid: GridPreference | None = None,
-               price: Callable[[ServerInfo], float] | None = None) -> list[RouteHop]:
+               price: Callable[[ServerInfo], float] | None = None,
+               load: Callable[[ServerInfo], int] | None = None) -> list[RouteHop]:
     """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap.
     `local`: the peer whose blocks run in this process (no network between us). `verified`: whether
     this client has reached a server (None: believe every announcement). `grid`: a green preference
     (None: grid signals play no part). `price`: a cheap preference, a server's price multiplier
-    (None: price plays no part; our own blocks are free)."""
+    (None: price plays no part; our own blocks are free). `load`: the sessions a server runs (None: as
+    it announced)."""
     cfg = config or RoutingConfig()
     banned = set(exclude)
     usable = [s for s in servers if s.online and s.peer_id not in banned and s.start < end and s.end > start]
     slowest = min((s.decode_tps for s in usable), default=1.0)
     edges: dict[int, list[tuple[int, float, str]]] = {}
     for s in usable:
+        sessions = load(s) if load is not None else s.sessions
         if s.peer_id == local:
-            base, per_block = 0.0, (1.0 - cfg.local_discount) / s.decode_tps
+            base = 0.0
+            per_block = (1.0 - cfg.local_discount) * block_time(s.decode_tps, s.batch_decode_tps, s.batch_size, sessions)
         elif verified is not None and not verified(s.peer_id):
             r = rtt(s.peer_id)
             base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead + cfg.unverified_penalty
-            per_block = 1.0 / slowest
+            per_block = block_time(slowest, None, 1, sessions)
         else:
             r = rtt(s.peer_id)
-            base, per_block = (cfg.default_rtt if r is None else r) + cfg.hop_overhead, 1.0 / s.decode_tps
+            base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead
+            per_block = block_time(s.decode_tps, s.batch_decode_tps, s.batch_size, sessions)
+        base += cfg.session_spread * sessions
         if grid is not None:
             per_block *= grid.slowdown(s.grid)
         if s.cache_tokens < need_cache_tokens:
@@ -268,6 +299,7 @@ class SequenceManager:
     block_flops: Callable[[int], float] | None = None
     # peer id → the rate (thousandths) our receipts to it carry (ClientBilling.rate); None: its believed tier's
     rate_of: Callable[[str], int] | None = None
+    held: dict[str, int] = field(default_factory=dict)  # server → this client's sessions there (open or opening)
 
     def _avoid(self, exclude: Iterable[str]) -> set[str]:
         """Peers no route or check may use: banned, distrusted, `exclude`, and ourselves unless in process."""
@@ -366,6 +398,23 @@ class SequenceManager:
         unknown.sort(key=lambda s: self.dht.rtt_estimate(s.peer_id) is None)
         return unknown[:n]
 
+    def hold(self, peer_ids: Iterable[str]) -> None:
+        """Count a session of ours at each of `peer_ids` (from the moment its route is chosen)."""
+        for p in peer_ids:
+            self.held[p] = self.held.get(p, 0) + 1
+
+    def release(self, peer_ids: Iterable[str]) -> None:
+        for p in peer_ids:
+            left = self.held.get(p, 0) - 1
+            if left > 0:
+                self.held[p] = left
+            else:
+                self.held.pop(p, None)
+
+    def load(self, info: ServerInfo) -> int:
+        """Sessions `info`'s server runs, as far as we know: its announcement may be older than ours."""
+        return max(info.sessions, self.held.get(info.peer_id, 0))
+
     def banned(self) -> set[str]:
         now = trio.current_time()
         return {p for p, b in self._bans.items() if b.until > now} | set(self.distrusted)
@@ -450,12 +499,12 @@ class SequenceManager:
         try:
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified, grid=grid, price=price)
+                              local=local, verified=self.verified, grid=grid, price=price, load=self.load)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified, grid=grid, price=price)
+                              local=local, verified=self.verified, grid=grid, price=price, load=self.load)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates):

@@ -29,7 +29,7 @@
   the steps of different sessions waiting at the same time run as one forward, at most
   `max_batch_steps` steps and `max_batch_tokens` new tokens a batch, one batch at a time.
 - At start the server measures its throughput (prefill and decode tokens/s through one block,
-  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, dtype, version, address,
+  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, sessions held (its load), dtype, version, address,
   clusters and its grid signal if it has a `grid_signal_file` (pipeline/announce.py, pipeline/grid.py), again every `announce_period`, and "offline" on shutdown.
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
   whose blocks have the fewest replicas (up to 2), then the least throughput (pipeline/routing.py
@@ -81,8 +81,8 @@ from p2p.gossip import Gossip
 from p2p.network import Network, Stream
 
 from . import protocol as proto
-from .announce import (GOSSIP_TOPIC, VERSION, ModelCard, ServerInfo, announce_key, announce_model, fetch_servers,
-                       gossip_note)
+from .announce import (GOSSIP_TOPIC, MAX_ANNOUNCED_SESSIONS, VERSION, ModelCard, ServerInfo, announce_key,
+                       announce_model, fetch_servers, gossip_note)
 from .batching import BatchStep, StepBatcher
 from .billing import ServerAccount, ServerBilling
 from .directory import SwarmDirectory
@@ -452,6 +452,7 @@ class BlockServer:
                           prefill_tps=self.throughput.get("prefill_tps", 1.0),
                           batch_decode_tps=self.throughput.get("batch_decode_tps"),
                           batch_size=self.throughput.get("batch_size", 1),
+                          sessions=min(len(self.sessions), MAX_ANNOUNCED_SESSIONS),
                           cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
                           version=VERSION, addr=addrs[0] if addrs else None,
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),

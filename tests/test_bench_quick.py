@@ -224,6 +224,13 @@ def test_placement_quick():
     # the replica rule keeps more blocks doubled than the throughput rule on the same volunteers, as they
     # join (choose_span) and once they have rebalanced (rebalance_span)
     assert gained["joined"] > 0 and gained["rebalanced"] > 0, gained
+    # concurrent requests of one peer counted as load spread over more servers, and the slowest of them
+    # is no slower than when all take the one best route (the simulation is seeded: no timing here)
+    for i in range(len(r["runs"])):
+        if "spread" in r["runs"][i]:
+            assert figure(r, f"runs.{i}.spread.aware.servers_used") >= figure(r, f"runs.{i}.spread.blind.servers_used")
+            assert 0 < figure(r, f"runs.{i}.spread.worst_over_blind") <= 1.0
+    assert "spread" in r["runs"][-1]  # 40 volunteers cover the model
 
 
 def test_model_demand_quick():
