@@ -2,8 +2,12 @@
 server and a client for generating through the swarm; plus the local control socket.
 
 `run_peer` owns every task of the peer in one nursery, so SIGINT/SIGTERM cancel it and everything
-stops together. Each peer gossips a signed presence note (addresses, region) when it starts and
-every `presence_interval`, so peers learn of members they are not directly connected to.
+stops together. Each peer gossips a signed presence note (addresses, region, whether it is a relay)
+when it starts, every `presence_interval`, and when its addresses change (a relay reservation made or
+lost: its server re-announces then too), so peers learn of members they are not directly connected to.
+
+Relays: a `--relay-service` peer announces itself (potluck/relays.py); a peer given no `--relay` that
+autonat finds behind NAT chooses relays from those announcements (potluck/autorelay.py).
 
 With `--blocks`, the peer serves that span of `--model` (the default model unless named). The
 client half (embeddings, final norm, LM head, tokenizer) is loaded on the first generation request,
@@ -60,6 +64,9 @@ from pipeline.spotcheck import SpotCheckConfig
 
 from . import control, generation, memory
 from .apps import AppTable
+from .autorelay import AutoRelay
+from .relays import MAX_ADDRS, MAX_RELAY_RECORDS, RELAY_NAMESPACE, RelayAd, RelayAnnouncing, RelayBook, \
+    RelayRecordValidator, relay_key
 from .fallback import FallbackConfig
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
@@ -119,7 +126,8 @@ class PeerConfig:
 class Peer:
     """The parts of a running peer, wired together; `run_peer` drives it."""
 
-    def __init__(self, config: PeerConfig, identity: Identity, network: Network, ledger: Ledger):
+    def __init__(self, config: PeerConfig, identity: Identity, network: Network, ledger: Ledger,
+                 swarm_key: bytes | None = None):
         self.config = config
         self.identity = identity
         self.network = network
@@ -138,6 +146,10 @@ class Peer:
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
+        self.relay_key = relay_key(swarm_key)
+        self.relay_book = RelayBook(identity.peer_id, network.now)  # relays heard of (DHT, presence notes)
+        self.autorelay: AutoRelay | None = None  # set by run_peer where this peer chooses relays itself
+        self.addrs_changed = trio.Event()
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None
         self._client_lock = trio.Lock()
@@ -153,6 +165,7 @@ class Peer:
         body = framing.expect_map(message.data, "presence")
         addrs = framing.field(body, "addrs", list, max_len=8)
         framing.field(body, "region", str, max_len=64)
+        framing.field(body, "relay", bool, optional=True)
         for addr in addrs:
             check_addr(addr, message.author)
         return True
@@ -165,6 +178,11 @@ class Peer:
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])
+        direct = [a for a in addrs if "/p2p-circuit" not in a][:MAX_ADDRS]
+        if message.data.get("relay") and direct:
+            # heard again within three presence intervals, or forgotten
+            self.relay_book.hear(RelayAd(message.author, tuple(direct), message.data["region"],
+                                         self.network.now() + 3 * self.config.presence_interval))
 
     def _valid_server_note(self, message) -> bool:
         from_gossip_note(message.author, message.data, self.network.now())
@@ -197,8 +215,18 @@ class Peer:
 
     async def announce_presence(self) -> None:
         await self.gossip.publish(
-            PRESENCE_TOPIC, {"addrs": self.network.listen_addrs(), "region": self.config.region}
+            PRESENCE_TOPIC, {"addrs": self.network.listen_addrs(), "region": self.config.region,
+                             "relay": self.config.relay_service}
         )
+
+    async def read_relay_announcements(self) -> None:
+        """The DHT's relay announcements of this swarm, into `relay_book`."""
+        self.relay_book.hear_entries(await self.dht.get(self.relay_key))
+
+    def relay_rtt(self, peer_id: str) -> float | None:
+        """Seconds to a relay: the DHT's estimate (measured, else Vivaldi), else membership's ping RTT."""
+        rtt = self.dht.rtt_estimate(peer_id)
+        return rtt if rtt is not None else self.membership.rtt(peer_id)
 
     def status(self) -> dict:
         return {
@@ -217,6 +245,8 @@ class Peer:
             "server": self.server.status() if self.server else None,
             "last_generation": self.last_generation,
             "api": self.api_url,
+            "relay": self.network.relay_status() if isinstance(self.network, Libp2pNetwork) else None,
+            "autorelay": self.autorelay.status() if self.autorelay else None,
         }
 
     async def _status_command(self, request: dict) -> dict:
@@ -379,12 +409,27 @@ class Peer:
             await self.announce_presence()
             await trio.sleep(self.config.presence_interval)
 
+    async def _readdress_loop(self) -> None:
+        """When our addresses change, tell the swarm at once: presence note, and the server's announcement
+        (clients dial a server at the address it announces)."""
+        while True:
+            await self.addrs_changed.wait()
+            await trio.sleep(0.5)  # the other reservation often changes right after
+            self.addrs_changed = trio.Event()
+            await self.announce_presence()
+            if self.server is not None:
+                try:
+                    await self.server.announce()
+                except P2PError as e:
+                    log.info("announcement after an address change failed: %s", e)
+
 
 def _validators() -> Validators:
     """What this peer's DHT stores under the swarm's own keys: well-formed server announcements only,
     one per server (not whatever a stranger signs under the model's record)."""
     validators = Validators()
     validators.register(ANNOUNCE_NAMESPACE, AnnouncementValidator())
+    validators.register(RELAY_NAMESPACE, RelayRecordValidator(), max_entries=MAX_RELAY_RECORDS)
     return validators
 
 
@@ -405,10 +450,12 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
     swarm_key = load_key(config.swarm_key_file) if config.swarm_key_file else None
     ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(), policy=config.credit_policy)
     try:
+        choose_relays = not config.relays and not config.relay_service  # `--relay` overrides the choice
         async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
                                       relay_service=config.relay_service, relays=config.relays,
-                                      **config.limits.network_options()) as network:
-            peer = Peer(config, identity, network, ledger)
+                                      auto_relays=choose_relays, **config.limits.network_options()) as network:
+            peer = Peer(config, identity, network, ledger, swarm_key=swarm_key)
+            network.add_address_listener(lambda: peer.addrs_changed.set())
             if config.bootstrap:
                 # Before any task starts, so a refused swarm key ends the peer with a plain error.
                 await peer.membership.bootstrap(config.bootstrap)
@@ -440,6 +487,14 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                     peer.api_url = await nursery.start(functools.partial(
                         api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback))
                 nursery.start_soon(peer._presence_loop)
+                nursery.start_soon(peer._readdress_loop)
+                if config.relay_service:
+                    nursery.start_soon(RelayAnnouncing(peer.dht, peer.relay_key, network.direct_addrs,
+                                                       config.region).run)
+                if choose_relays:
+                    peer.autorelay = AutoRelay(network, peer.relay_book, peer.read_relay_announcements,
+                                               peer.relay_rtt)
+                    nursery.start_soon(peer.autorelay.run)
                 if on_ready:
                     on_ready(peer)
     finally:

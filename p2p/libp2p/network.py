@@ -153,6 +153,7 @@ class Libp2pNetwork(Network):
         linger: float = 10.0,
         relay_service: bool = False,
         relays: list[str] | None = None,
+        auto_relays: bool = False,
         relay_limits: RelayLimits | None = None,
         relay_timeout: float = 10.0,
         inbound_limits: patches.InboundLimits = patches.InboundLimits(),
@@ -215,8 +216,8 @@ class Libp2pNetwork(Network):
         self._swarm = swarm
         # Circuit relay v2 (`relay`): dialing circuit addresses always works; the relay service and
         # reservations on relays only when asked for (each registers one more libp2p protocol).
-        self._relay = CircuitRelay(self, service=relay_service, relays=relays, limits=relay_limits,
-                                   timeout=relay_timeout)
+        self._relay = CircuitRelay(self, service=relay_service, relays=relays, auto_relays=auto_relays,
+                                   limits=relay_limits, timeout=relay_timeout)
         self.relay_dial_timeout = max(15.0, relay_timeout)
         self._identify = IdentifyService(self, serve=swarm_key is None)
         self._autonat = Autonat(self, swarm, limits=autonat_limits, recheck=reachability_recheck)
@@ -243,6 +244,8 @@ class Libp2pNetwork(Network):
           `relay_timeout` (10 s) for the first reservations; it raises `SwarmKeyMismatch` or
           `p2p.libp2p.RelayRefused` when every relay refused us, and otherwise keeps retrying the
           missing ones in the background.
+        - `auto_relays=True`: accept circuits from relays chosen while running (`add_relay`,
+          `drop_relay`; the choice is the caller's, e.g. potluck's `autorelay`).
         - `relay_limits=p2p.libp2p.RelayLimits(...)`: what a relay service grants.
         """
         patches.apply()
@@ -375,6 +378,21 @@ class Libp2pNetwork(Network):
     def relay_status(self) -> dict:
         """Reservations held and served, circuits, bytes relayed (for status pages)."""
         return self._relay.relay_status()
+
+    def add_relay(self, addr: str) -> str:
+        """Reserve on one more relay (kept refreshed until dropped); returns its peer id."""
+        return self._relay.add_relay(addr)
+
+    def drop_relay(self, relay_id: str) -> None:
+        self._relay.drop_relay(relay_id)
+
+    def relays_held(self) -> dict[str, tuple[bool, P2PError | None]]:
+        """Relay id -> (reservation live, the last attempt's error or None), for every relay in use."""
+        return self._relay.relays_held()
+
+    def add_address_listener(self, listener: Callable[[], None]) -> None:
+        """`listener()` runs whenever our circuit addresses change (a reservation made or lost)."""
+        self._relay.add_address_listener(listener)
 
     def now(self) -> float:
         return time.time()
