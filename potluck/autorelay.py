@@ -4,8 +4,8 @@ picks relays itself from the announcements it heard (`potluck.relays`: the DHT, 
 It keeps reservations on `AutoRelayConfig.want` relays, nearest first where an RTT estimate exists
 (the DHT's measured or Vivaldi estimate, then membership's ping RTT). The network keeps each
 reservation refreshed (`p2p.libp2p.relay`); this loop replaces a relay that holds no live
-reservation and whose last attempt failed (it died, refused us, or broke off), or that granted none
-within `reserve_grace`; a replaced relay is not chosen again for `avoid_for` seconds. When autonat
+reservation and whose last attempt failed (it died, refused us, or broke off), or that has held none
+for `reserve_grace`; a replaced relay is not chosen again for `avoid_for` seconds. When autonat
 later finds the peer public, the relays it chose are dropped.
 """
 
@@ -42,7 +42,7 @@ class AutoRelayConfig:
     want: int = 2  # reservations held at once
     check_interval: float = 2.0  # seconds between looks at reachability and the reservations
     read_interval: float = 60.0  # seconds between DHT reads of the relay announcements, once we have enough
-    reserve_grace: float = 30.0  # a chosen relay that granted no reservation within this is replaced
+    reserve_grace: float = 30.0  # a chosen relay without a reservation for this long is replaced
     avoid_for: float = 300.0  # a replaced relay is not chosen again for this long
 
 
@@ -60,7 +60,7 @@ class AutoRelay:
         self.read_announcements = read_announcements  # a DHT read into `book`
         self.rtt = rtt
         self.config = config or AutoRelayConfig()
-        self.chosen: dict[str, float] = {}  # relay id -> when chosen (monotonic)
+        self.chosen: dict[str, float] = {}  # relay id -> when chosen or last seen reserved (monotonic)
         self.avoided: dict[str, float] = {}  # relay id -> until when (monotonic)
         self.stats = {"chosen": 0, "replaced": 0}
         self._last_read = -float("inf")
@@ -120,10 +120,13 @@ class AutoRelay:
         held = self.network.relays_held()
         for relay_id, since in list(self.chosen.items()):
             live, error = held.get(relay_id, (False, None))
-            if live or (error is None and now - since < self.config.reserve_grace):
+            if live:
+                self.chosen[relay_id] = now
                 continue
+            if error is None and now - since < self.config.reserve_grace:
+                continue  # reserving (again): the keeper's first attempt has not failed yet
             log.warning("relay %s: %s; choosing another", relay_id,
-                        error or f"no reservation within {self.config.reserve_grace:g} s")
+                        error or f"no reservation for {self.config.reserve_grace:g} s")
             self.network.drop_relay(relay_id)
             del self.chosen[relay_id]
             self.avoided[relay_id] = now + self.config.avoid_for

@@ -188,6 +188,21 @@ def test_chooser_replaces_a_relay_that_grants_nothing_within_its_grace():
     assert relays.added == [ids[0], ids[1]] and list(relays.held) == [ids[1]]
 
 
+def test_chooser_gives_a_relay_that_lost_its_reservation_time_to_reserve_again():
+    ids = [Identity.generate().peer_id for _ in range(2)]
+    relays = Relays()
+    chooser, _ = _chooser(relays, {ids[0]: 0.01, ids[1]: 0.02}, want=1, reserve_grace=30.0)
+    chooser.step()
+    relays.held[ids[0]] = (True, None)
+    chooser.step()
+    chooser.chosen[ids[0]] -= 60.0  # reserved a minute ago ...
+    relays.held[ids[0]] = (True, None)
+    chooser.step()  # ... and seen reserved now: the grace counts from here
+    relays.held[ids[0]] = (False, None)  # the connection dropped; the keeper is reserving again
+    chooser.step()
+    assert relays.added == [ids[0]] and chooser.stats["replaced"] == 0
+
+
 async def test_chooser_acts_only_while_private():
     ids = [Identity.generate().peer_id for _ in range(3)]
     relays = Relays()
