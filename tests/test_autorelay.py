@@ -272,3 +272,29 @@ async def test_a_chosen_relay_that_is_not_one_reports_its_refusal():
         assert not live and isinstance(error, RelayRefused)
         with pytest.raises(ValueError):
             nated.add_relay(nated.listen_addrs()[0])  # ourselves
+
+
+async def _run_relay(listen, stop, task_status=trio.TASK_STATUS_IGNORED):
+    async with Libp2pNetwork.open(Identity.generate(), listen, relay_service=True) as relay:
+        task_status.started(relay.listen_addrs()[0])
+        await stop.wait()
+
+
+@pytest.mark.slow
+async def test_circuits_through_a_relay_that_dies_are_closed_at_both_ends():
+    async with trio.open_nursery() as nursery:
+        stop = trio.Event()
+        relay_addr = await nursery.start(_run_relay, LOOPBACK, stop)
+        async with Libp2pNetwork.open(Identity.generate(), LOOPBACK, auto_relays=True) as nated, \
+                Libp2pNetwork.open(Identity.generate(), LOOPBACK) as dialer:
+            nated.set_request_handler(ECHO, echo)
+            nated.add_relay(relay_addr)
+            with trio.fail_after(10):
+                while not nated.relays_held()[relay_addr.rsplit("/p2p/", 1)[1]][0]:
+                    await trio.sleep(0.05)
+            assert await dialer.connect(nated.listen_addrs()[0]) == nated.peer_id
+            assert await dialer.request(nated.peer_id, ECHO, 1) == 1
+            stop.set()
+            with trio.fail_after(5):
+                while nated.peer_id in dialer.connected_peers() or dialer.peer_id in nated.connected_peers():
+                    await trio.sleep(0.05)
