@@ -8,14 +8,17 @@ import time
 
 import pytest
 import trio
+import trio.testing
 
+from dht.node import DHTConfig, DHTNode
 from dht.records import InvalidRecord, RecordStore, SignedValue, StoreLimits
 from p2p.errors import PeerUnreachable
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork, RelayRefused
+from p2p.sim import Place, SimWorld
 from potluck.autorelay import AutoRelay, AutoRelayConfig, dial_addr
 from potluck.peer import _validators
-from potluck.relays import MAX_RELAY_RECORDS, RelayAd, RelayBook, relay_key
+from potluck.relays import MAX_RELAY_RECORDS, RelayAd, RelayAnnouncing, RelayBook, relay_key
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY = relay_key(None)
@@ -87,6 +90,44 @@ def test_swarms_announce_relays_under_their_own_key():
     assert relay_key(None) == "relays/open"
     assert relay_key(b"a" * 32) != relay_key(b"b" * 32)
     assert relay_key(b"a" * 32).startswith("relays/")
+
+
+@pytest.fixture
+def autojump_clock():
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+async def test_a_relay_announces_itself_in_the_dht_and_its_entry_expires_when_it_stops(autojump_clock):
+    async with SimWorld.open(seed=3) as world:
+        async with trio.open_nursery() as nursery:
+            nodes = []
+            for i in range(6):
+                net = world.add_node(place=Place(50.0, 8.0 + i, "eu", last_mile_ms=1.0))
+                dht = DHTNode(net, bootstrap=[nodes[0].network.listen_addrs()[0]] if nodes else [],
+                              validators=_validators(), config=DHTConfig(request_timeout=2.0, cluster_thresholds={}))
+                await nursery.start(dht.run)
+                nodes.append(dht)
+            relay, reader = nodes[1], nodes[5]
+            announcing = RelayAnnouncing(relay, KEY, relay.network.listen_addrs, "eu", ttl=60.0, period=20.0)
+            announcer = trio.CancelScope()
+            nursery.start_soon(_run_in, announcer, announcing.run)
+            await trio.sleep(10.0)
+            book = RelayBook(reader.network.peer_id, reader.network.now)
+            book.hear_entries(await reader.get(KEY))
+            assert [(ad.peer_id, ad.addrs, ad.region) for ad in book.relays()] == [
+                (relay.network.peer_id, tuple(relay.network.listen_addrs()), "eu")]
+            await trio.sleep(100.0)  # re-stored every 20 s: still there after its first ttl
+            assert relay.network.peer_id in await reader.get(KEY)
+            announcer.cancel()
+            await trio.sleep(61.0)
+            assert await reader.get(KEY) == {}
+            assert book.relays() == []
+            nursery.cancel_scope.cancel()
+
+
+async def _run_in(scope, fn):
+    with scope:
+        await fn()
 
 
 # --- the relay book ---------------------------------------------------------------------------------
