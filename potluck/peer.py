@@ -453,7 +453,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
         choose_relays = not config.relays and not config.relay_service  # `--relay` overrides the choice
         async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
                                       relay_service=config.relay_service, relays=config.relays,
-                                      auto_relays=choose_relays, **config.limits.network_options()) as network:
+                                      **config.limits.network_options()) as network:
             peer = Peer(config, identity, network, ledger, swarm_key=swarm_key)
             network.add_address_listener(lambda: peer.addrs_changed.set())
             if config.bootstrap:

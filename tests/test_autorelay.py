@@ -15,6 +15,7 @@ from dht.records import InvalidRecord, RecordStore, SignedValue, StoreLimits
 from p2p.errors import PeerUnreachable
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork, RelayRefused
+from p2p.libp2p.relay import STOP_PROTOCOL
 from p2p.sim import Place, SimWorld
 from potluck.autorelay import AutoRelay, AutoRelayConfig, dial_addr
 from potluck.peer import _validators
@@ -277,13 +278,15 @@ async def echo(peer_id, body):
 @pytest.mark.slow
 async def test_a_relay_added_while_running_reserves_and_a_dropped_one_withdraws():
     async with Libp2pNetwork.open(Identity.generate(), LOOPBACK, relay_service=True) as relay, \
-            Libp2pNetwork.open(Identity.generate(), LOOPBACK, auto_relays=True) as nated, \
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK) as nated, \
             Libp2pNetwork.open(Identity.generate(), LOOPBACK) as dialer:
         nated.set_request_handler(ECHO, echo)
         changes = []
         nated.add_address_listener(lambda: changes.append(list(nated.listen_addrs())))
         assert nated.listen_addrs() == nated.direct_addrs()
+        assert STOP_PROTOCOL not in nated.host.get_mux().handlers  # no relay, no circuits accepted
         relay_id = nated.add_relay(relay.listen_addrs()[0])
+        assert STOP_PROTOCOL in nated.host.get_mux().handlers
         assert relay_id == relay.peer_id
         with trio.fail_after(10):
             while not changes:
@@ -304,7 +307,7 @@ async def test_a_relay_added_while_running_reserves_and_a_dropped_one_withdraws(
 @pytest.mark.slow
 async def test_a_chosen_relay_that_is_not_one_reports_its_refusal():
     async with Libp2pNetwork.open(Identity.generate(), LOOPBACK) as plain, \
-            Libp2pNetwork.open(Identity.generate(), LOOPBACK, auto_relays=True) as nated:
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK) as nated:
         relay_id = nated.add_relay(plain.listen_addrs()[0])
         with trio.fail_after(15):
             while nated.relays_held()[relay_id][1] is None:
@@ -326,7 +329,7 @@ async def test_circuits_through_a_relay_that_dies_are_closed_at_both_ends():
     async with trio.open_nursery() as nursery:
         stop = trio.Event()
         relay_addr = await nursery.start(_run_relay, LOOPBACK, stop)
-        async with Libp2pNetwork.open(Identity.generate(), LOOPBACK, auto_relays=True) as nated, \
+        async with Libp2pNetwork.open(Identity.generate(), LOOPBACK) as nated, \
                 Libp2pNetwork.open(Identity.generate(), LOOPBACK) as dialer:
             nated.set_request_handler(ECHO, echo)
             nated.add_relay(relay_addr)

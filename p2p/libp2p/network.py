@@ -19,8 +19,8 @@ session handshake ("admitted" peers); anything else is reset, and a connection w
 admitted within the gate timeout is closed.
 
 Relaying (peers behind NAT) is `relay`: circuit relay v2, whose two libp2p protocols are registered
-only where asked for (`relay_service=True`: `/libp2p/circuit/relay/0.2.0/hop`; `relays=[...]`:
-`/libp2p/circuit/relay/0.2.0/stop`), and which serves only admitted peers. A circuit address
+only where asked for (`relay_service=True`: `/libp2p/circuit/relay/0.2.0/hop`; `relays=[...]` or
+`add_relay`: `/libp2p/circuit/relay/0.2.0/stop`), and which serves only admitted peers. A circuit address
 `<relay>/p2p/R/p2p-circuit/p2p/T` names peer T (the last /p2p/); dialing it first makes a libp2p
 connection to T through R, then runs the session handshake on it as on any other.
 
@@ -153,7 +153,6 @@ class Libp2pNetwork(Network):
         linger: float = 10.0,
         relay_service: bool = False,
         relays: list[str] | None = None,
-        auto_relays: bool = False,
         relay_limits: RelayLimits | None = None,
         relay_timeout: float = 10.0,
         inbound_limits: patches.InboundLimits = patches.InboundLimits(),
@@ -216,8 +215,8 @@ class Libp2pNetwork(Network):
         self._swarm = swarm
         # Circuit relay v2 (`relay`): dialing circuit addresses always works; the relay service and
         # reservations on relays only when asked for (each registers one more libp2p protocol).
-        self._relay = CircuitRelay(self, service=relay_service, relays=relays, auto_relays=auto_relays,
-                                   limits=relay_limits, timeout=relay_timeout)
+        self._relay = CircuitRelay(self, service=relay_service, relays=relays, limits=relay_limits,
+                                   timeout=relay_timeout)
         self.relay_dial_timeout = max(15.0, relay_timeout)
         self._identify = IdentifyService(self, serve=swarm_key is None)
         self._autonat = Autonat(self, swarm, limits=autonat_limits, recheck=reachability_recheck)
@@ -244,8 +243,8 @@ class Libp2pNetwork(Network):
           `relay_timeout` (10 s) for the first reservations; it raises `SwarmKeyMismatch` or
           `p2p.libp2p.RelayRefused` when every relay refused us, and otherwise keeps retrying the
           missing ones in the background.
-        - `auto_relays=True`: accept circuits from relays chosen while running (`add_relay`,
-          `drop_relay`; the choice is the caller's, e.g. potluck's `autorelay`).
+        Relays can also be added and dropped while the network runs (`add_relay`, `drop_relay`; the
+        choice is the caller's, e.g. potluck's `autorelay`).
         - `relay_limits=p2p.libp2p.RelayLimits(...)`: what a relay service grants.
         """
         patches.apply()

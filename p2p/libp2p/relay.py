@@ -31,11 +31,11 @@ Security (private swarms)
   swarm key) like any other before anything is served on it.
 
 Relays are given at start (`relays`) or added and dropped while running (`add_relay`, `drop_relay`:
-a chooser above this layer picks them, `auto_relays=True`); either way each has one reservation
-keeper task, and `add_address_listener` callbacks hear when our circuit addresses change.
+a chooser above this layer picks them); either way each has one reservation keeper task, and
+`add_address_listener` callbacks hear when our circuit addresses change.
 
 Only peers that use relaying register the extra libp2p protocols: `/hop` on relay services, `/stop` on
-peers given relays or choosing them. A peer with neither keeps serving `/potluck/1.0.0` alone.
+peers from their first relay on. A peer with neither keeps serving `/potluck/1.0.0` alone.
 """
 
 from __future__ import annotations
@@ -148,7 +148,7 @@ class CircuitRelay:
     with `service=True`) and reservations on `relays` (with STOP to accept circuits)."""
 
     def __init__(self, net: RelayHost, *, service: bool = False, relays: list[str] | None = None,
-                 auto_relays: bool = False, limits: RelayLimits | None = None, timeout: float = 10.0):
+                 limits: RelayLimits | None = None, timeout: float = 10.0):
         self.net = net
         self.host = net.host
         self.service = service
@@ -174,9 +174,15 @@ class CircuitRelay:
         self._relayed_conns: weakref.WeakSet = weakref.WeakSet()
         if service:
             self.host.set_stream_handler(HOP_PROTOCOL, self._on_hop)
-        if self.relays or auto_relays:
-            self.host.set_stream_handler(STOP_PROTOCOL, self._on_stop)
+        self._accepting_circuits = False
+        if self.relays:
+            self._accept_circuits()
         net.add_connection_listener(self._on_peer)
+
+    def _accept_circuits(self) -> None:
+        if not self._accepting_circuits:
+            self.host.set_stream_handler(STOP_PROTOCOL, self._on_stop)
+            self._accepting_circuits = True
 
     def _parse_relay(self, addr: str) -> tuple[str, str]:
         """(relay id, full address) of a relay's own address; ValueError for anything else."""
@@ -217,6 +223,7 @@ class CircuitRelay:
         its peer id. ValueError for an address that is no relay's own, or our own."""
         relay_id, full = self._parse_relay(addr)
         if relay_id not in self.relays:
+            self._accept_circuits()
             self.relays[relay_id] = full
             self._relay_lost[relay_id] = trio.Event()
             self._first_attempt[relay_id] = trio.Event()
