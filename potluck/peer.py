@@ -486,7 +486,6 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                     api.check_bind(host, config.api_key)
                     peer.api_url = await nursery.start(functools.partial(
                         api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback))
-                nursery.start_soon(peer._presence_loop)
                 nursery.start_soon(peer._readdress_loop)
                 if config.relay_service:
                     nursery.start_soon(RelayAnnouncing(peer.dht, peer.relay_key, network.direct_addrs,
@@ -495,6 +494,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                     peer.autorelay = AutoRelay(network, peer.relay_book, peer.read_relay_announcements,
                                                peer.relay_rtt)
                     nursery.start_soon(peer.autorelay.run)
+                nursery.start_soon(peer._presence_loop)
                 if on_ready:
                     on_ready(peer)
     finally:
