@@ -66,7 +66,7 @@ from . import control, generation, memory
 from .apps import AppTable
 from .autorelay import AutoRelay
 from .relays import MAX_ADDRS, MAX_RELAY_RECORDS, RELAY_NAMESPACE, RelayAd, RelayAnnouncing, RelayBook, \
-    RelayRecordValidator, relay_key
+    RelayRecordValidator, dialable, relay_addrs, relay_key
 from .fallback import FallbackConfig
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
@@ -178,7 +178,7 @@ class Peer:
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])
-        direct = [a for a in addrs if "/p2p-circuit" not in a][:MAX_ADDRS]
+        direct = dialable(addrs)[:MAX_ADDRS]
         if message.data.get("relay") and direct:
             # heard again within three presence intervals, or forgotten
             self.relay_book.hear(RelayAd(message.author, tuple(direct), message.data["region"],
@@ -216,8 +216,14 @@ class Peer:
     async def announce_presence(self) -> None:
         await self.gossip.publish(
             PRESENCE_TOPIC, {"addrs": self.network.listen_addrs(), "region": self.config.region,
-                             "relay": self.config.relay_service}
+                             "relay": bool(self.relay_addrs())}
         )
+
+    def relay_addrs(self) -> list[str]:
+        """Where this peer relays for others (`potluck.relays.relay_addrs`); none unless `--relay-service`."""
+        if not self.config.relay_service:
+            return []
+        return relay_addrs(self.network.reachability(), self.network.listen_addrs(), self.network.peer_id)
 
     async def read_relay_announcements(self) -> None:
         """The DHT's relay announcements of this swarm, into `relay_book`."""
@@ -488,8 +494,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                         api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback))
                 nursery.start_soon(peer._readdress_loop)
                 if config.relay_service:
-                    nursery.start_soon(RelayAnnouncing(peer.dht, peer.relay_key, network.direct_addrs,
-                                                       config.region).run)
+                    nursery.start_soon(RelayAnnouncing(peer.dht, peer.relay_key, peer.relay_addrs, config.region).run)
                 if choose_relays:
                     peer.autorelay = AutoRelay(network, peer.relay_book, peer.read_relay_announcements,
                                                peer.relay_rtt)

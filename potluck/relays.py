@@ -1,8 +1,9 @@
 """Relay announcements: how peers behind NAT find the swarm's relay services.
 
 A peer started with `--relay-service` stores a signed DHT entry under `relays/<swarm>` (its own peer
-id as the subkey: one entry per relay, no suffixes) holding its direct addresses and region, and
-re-stores it every `RelayAnnouncing.period`; the entry expires `ttl` after it was signed, so a relay
+id as the subkey: one entry per relay, no suffixes) holding where it can be dialled (`relay_addrs`:
+once autonat finds it public, the addresses peers dialled it back at, then those it listens on,
+never 0.0.0.0) and its region, and re-stores it every `RelayAnnouncing.period`; the entry expires `ttl` after it was signed, so a relay
 that stops is forgotten. Its presence note (gossip) says `"relay": true` too, which peers hear
 between DHT reads.
 
@@ -118,6 +119,21 @@ class RelayBook:
         return list(self._ads.values())
 
 
+def relay_addrs(reachability: dict, direct: list[str], peer_id: str) -> list[str]:
+    """Where a relay service can be dialled, from its `reachability()` and listen addresses: nothing
+    until peers dialled it back (a relay behind NAT is no relay); then the addresses they reached it
+    at, and those it listens on except unspecified ones (0.0.0.0, ::)."""
+    if reachability.get("status") != "public":
+        return []
+    reached = [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in reachability.get("reachable_addrs", [])]
+    return list(dict.fromkeys(dialable([*reached, *direct])))[:MAX_ADDRS]
+
+
+def dialable(addrs: list[str]) -> list[str]:
+    """The addresses a relay can be dialled at from elsewhere: no circuits, no 0.0.0.0 or ::."""
+    return [a for a in addrs if "/p2p-circuit" not in a and not a.startswith(("/ip4/0.0.0.0/", "/ip6/::/"))]
+
+
 class RelayDirectory(Protocol):
     """What relay announcing and reading need of the DHT."""
 
@@ -135,19 +151,21 @@ class RelayAnnouncing:
 
     dht: RelayDirectory
     key: str
-    addrs: Callable[[], list[str]]  # our direct addresses
+    addrs: Callable[[], list[str]]  # where we can be dialled (`relay_addrs`); none yet: not announced
     region: str
     ttl: float = 1800.0
     period: float = 600.0
-
-    def value(self) -> dict:
-        return {"addrs": [a for a in self.addrs() if "/p2p-circuit" not in a][:MAX_ADDRS], "region": self.region}
+    wait: float = 2.0  # seconds between looks while we have no address to announce
 
     async def run(self) -> None:
         fast = 1.0
         while True:
+            addrs = self.addrs()[:MAX_ADDRS]
+            if not addrs:
+                await trio.sleep(self.wait)
+                continue
             try:
-                await self.dht.store(self.key, self.value(), ttl=self.ttl, republish=False)
+                await self.dht.store(self.key, {"addrs": addrs, "region": self.region}, ttl=self.ttl, republish=False)
             except P2PError as e:
                 log.info("relay announcement failed: %s", e)
             if fast < self.period:

@@ -19,7 +19,7 @@ from p2p.libp2p.relay import STOP_PROTOCOL
 from p2p.sim import Place, SimWorld
 from potluck.autorelay import AutoRelay, AutoRelayConfig, dial_addr
 from potluck.peer import _validators
-from potluck.relays import MAX_RELAY_RECORDS, RelayAd, RelayAnnouncing, RelayBook, relay_key
+from potluck.relays import MAX_RELAY_RECORDS, RelayAd, RelayAnnouncing, RelayBook, relay_addrs, relay_key
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY = relay_key(None)
@@ -129,6 +129,15 @@ async def test_a_relay_announces_itself_in_the_dht_and_its_entry_expires_when_it
 async def _run_in(scope, fn):
     with scope:
         await fn()
+
+
+def test_a_relay_announces_where_peers_dialled_it_back_and_only_once_they_did():
+    pid = Identity.generate().peer_id
+    listening = [f"/ip4/0.0.0.0/tcp/4001/p2p/{pid}", f"/ip4/192.168.1.5/tcp/4001/p2p/{pid}"]
+    assert relay_addrs({"status": "unknown", "reachable_addrs": []}, listening, pid) == []
+    assert relay_addrs({"status": "private", "reachable_addrs": []}, listening, pid) == []
+    public = {"status": "public", "reachable_addrs": ["/ip4/203.0.113.7/tcp/4001"]}
+    assert relay_addrs(public, listening, pid) == [_addr(pid), f"/ip4/192.168.1.5/tcp/4001/p2p/{pid}"]
 
 
 # --- the relay book ---------------------------------------------------------------------------------
