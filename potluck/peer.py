@@ -226,8 +226,9 @@ class Peer:
         return relay_addrs(self.network.reachability(), self.network.listen_addrs(), self.network.peer_id)
 
     async def read_relay_announcements(self) -> None:
-        """The DHT's relay announcements of this swarm, into `relay_book`."""
-        self.relay_book.hear_entries(await self.dht.get(self.relay_key))
+        """The DHT's relay announcements of this swarm, into `relay_book`: every level's (a nearest-copies
+        read holds only the relays that stored in our clusters, and the nearest may not be among them)."""
+        self.relay_book.hear_entries(await self.dht.get(self.relay_key, exhaustive=True))
 
     def relay_rtt(self, peer_id: str) -> float | None:
         """Seconds to a relay: the DHT's estimate (measured, else Vivaldi), else membership's ping RTT."""

@@ -48,6 +48,9 @@ def test_nated_volunteer_with_no_flags_picks_relays_serves_and_moves_when_one_di
     relays = [first, *lab.spawn_peers([lab.host("us-0"), lab.host("us-1")], "--relay-service",
                                       "--bootstrap", first.addr, port=PORT)]
     relay_by_id = {r.peer_id: r for r in relays}
+    for relay in relays:  # a relay announces itself once peers have dialled it back
+        wait_until(lambda relay=relay: relay.status()["reachability"]["status"] == "public", 60, 1,
+                   message=f"autonat finds the relay on {relay.host.name} public")
     volunteer, user = [lab.peer_process(lab.host(host), *common, *blocks, "--bootstrap", first.addr, port=PORT).launch()
                        for host, blocks in (("home-0", ["--blocks", "0:4"]), ("cafe-0", []))]
     for peer in (volunteer, user):
