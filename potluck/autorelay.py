@@ -5,8 +5,10 @@ It keeps reservations on `AutoRelayConfig.want` relays, nearest first where an R
 (the DHT's measured or Vivaldi estimate, then membership's ping RTT). The network keeps each
 reservation refreshed (`p2p.libp2p.relay`); this loop replaces a relay that holds no live
 reservation and whose last attempt failed (it died, refused us, or broke off), or that has held none
-for `reserve_grace`; a replaced relay is not chosen again for `avoid_for` seconds. When autonat
-later finds the peer public, the relays it chose are dropped.
+for `reserve_grace`; a replaced relay is not chosen again for `avoid_for` seconds. A relay heard of
+later that is much nearer (`nearer_factor`) than the farthest one in use takes its place: reserved
+first, the farther one dropped once it holds (one move at a time). When autonat later finds the peer
+public, the relays it chose are dropped.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class AutoRelayConfig:
     read_interval: float = 60.0  # seconds between DHT reads of the relay announcements, once we have enough
     reserve_grace: float = 30.0  # a chosen relay without a reservation for this long is replaced
     avoid_for: float = 300.0  # a replaced relay is not chosen again for this long
+    nearer_factor: float = 0.5  # a candidate this much nearer than the farthest relay in use replaces it
 
 
 def dial_addr(ad: RelayAd) -> str:
@@ -62,7 +65,8 @@ class AutoRelay:
         self.config = config or AutoRelayConfig()
         self.chosen: dict[str, float] = {}  # relay id -> when chosen or last seen reserved (monotonic)
         self.avoided: dict[str, float] = {}  # relay id -> until when (monotonic)
-        self.stats = {"chosen": 0, "replaced": 0}
+        self.moving_to: str | None = None  # a nearer relay reserved on, to replace the farthest one in use
+        self.stats = {"chosen": 0, "replaced": 0, "moved_nearer": 0}
         self._last_read = -float("inf")
 
     def status(self) -> dict:
@@ -134,12 +138,43 @@ class AutoRelay:
         for ad in self.candidates():
             if len(self.chosen) >= self.config.want:
                 break
-            try:
-                relay_id = self.network.add_relay(dial_addr(ad))
-            except ValueError as e:  # our own, or an address no relay of ours can have
-                log.info("relay %s not usable: %s", ad.peer_id, e)
-                self.avoided[ad.peer_id] = now + self.config.avoid_for
-                continue
-            log.info("behind NAT: reserving on relay %s (%s)", relay_id, dial_addr(ad))
-            self.chosen[relay_id] = now
-            self.stats["chosen"] += 1
+            self._choose(ad, now)
+        self._move_nearer(held, now)
+
+    def _choose(self, ad: RelayAd, now: float) -> str | None:
+        try:
+            relay_id = self.network.add_relay(dial_addr(ad))
+        except ValueError as e:  # our own, or an address no relay of ours can have
+            log.info("relay %s not usable: %s", ad.peer_id, e)
+            self.avoided[ad.peer_id] = now + self.config.avoid_for
+            return None
+        log.info("behind NAT: reserving on relay %s (%s)", relay_id, dial_addr(ad))
+        self.chosen[relay_id] = now
+        self.stats["chosen"] += 1
+        return relay_id
+
+    def _move_nearer(self, held: dict, now: float) -> None:
+        if self.moving_to is not None:
+            if self.moving_to not in self.chosen:  # it failed and was replaced
+                self.moving_to = None
+            elif held.get(self.moving_to, (False, None))[0]:
+                if len(self.chosen) > self.config.want:  # else the one it was to replace failed meanwhile
+                    others = {r: self.rtt(r) for r in self.chosen if r != self.moving_to}
+                    farthest = max(others, key=lambda r: others[r] or 0.0)
+                    log.info("reserved on nearer relay %s; dropping %s", self.moving_to, farthest)
+                    self.network.drop_relay(farthest)
+                    del self.chosen[farthest]
+                    self.stats["moved_nearer"] += 1
+                self.moving_to = None
+            return
+        if len(self.chosen) < self.config.want or not all(held.get(r, (False, None))[0] for r in self.chosen):
+            return
+        rtts = {r: self.rtt(r) for r in self.chosen}
+        if any(rtt is None for rtt in rtts.values()):
+            return
+        farthest_rtt = max(rtt for rtt in rtts.values() if rtt is not None)
+        for ad in self.candidates():
+            rtt = self.rtt(ad.peer_id)
+            if rtt is not None and rtt < farthest_rtt * self.config.nearer_factor:
+                self.moving_to = self._choose(ad, now)
+            return  # candidates come nearest first: the first one decides

@@ -254,6 +254,30 @@ def test_chooser_gives_a_relay_that_lost_its_reservation_time_to_reserve_again()
     assert relays.added == [ids[0]] and chooser.stats["replaced"] == 0
 
 
+def test_chooser_moves_to_a_much_nearer_relay_heard_of_later():
+    far, farther, near, close = (Identity.generate().peer_id for _ in range(4))
+    relays = Relays()
+    rtts = {far: 0.08, farther: 0.15}
+    chooser, _ = _chooser(relays, rtts)
+    chooser.step()
+    relays.held = {far: (True, None), farther: (True, None)}
+    rtts[close] = 0.1  # nearer than the farthest, not by half: no move
+    chooser.book.hear(RelayAd(close, (_addr(close),), "", time.time() + 600))
+    chooser.step()
+    assert set(relays.held) == {far, farther}
+    rtts[near] = 0.005
+    chooser.book.hear(RelayAd(near, (_addr(near),), "", time.time() + 600))
+    chooser.step()  # reserves on the near one first ...
+    assert set(relays.held) == {far, farther, near} and chooser.moving_to == near
+    chooser.step()
+    assert set(relays.held) == {far, farther, near}
+    relays.held[near] = (True, None)
+    chooser.step()  # ... and drops the farthest once it holds
+    assert set(relays.held) == {far, near} and chooser.stats["moved_nearer"] == 1
+    chooser.step()
+    assert set(relays.held) == {far, near}  # the dropped one is farther than both: it stays dropped
+
+
 async def test_chooser_acts_only_while_private():
     ids = [Identity.generate().peer_id for _ in range(3)]
     relays = Relays()
