@@ -55,6 +55,7 @@ from pipeline.billing import ServerAccount, ServerBilling, parse_receipt
 from potluck import control
 from potluck.api import Api
 from potluck.openai_schema import ApiError, ChatRequest, CompletionRequest
+from potluck.relays import RelayRecordValidator, relay_key
 
 from .fuzzgen import FuzzInputs, minimise
 
@@ -350,9 +351,15 @@ def announce_targets(server: Identity) -> list[Target]:
     card = ModelCard("ab" * 32, "tiny", 8, 2048).to_value()
     note = {"model": "ab" * 32, "ttl": 60.0, "info": info}
 
+    relay = {"addrs": [f"/ip4/203.0.113.7/tcp/4001/p2p/{server.peer_id}"], "region": "eu"}
+
     def announcement(data: bytes) -> None:
         entry = SignedValue.create(server, "pipeline/" + "ab" * 32, framing.decode(data), time.time() + 600)
         ServerInfo.from_entry(entry, num_blocks=8)
+
+    def relay_announcement(data: bytes) -> None:
+        RelayRecordValidator().validate(SignedValue.create(server, relay_key(None), framing.decode(data),
+                                                           time.time() + 600))
 
     return [
         Target("pipeline.announce.ServerInfo", announcement, (InvalidRecord, FrameError), [info]),
@@ -360,6 +367,7 @@ def announce_targets(server: Identity) -> list[Target]:
                (InvalidRecord, FrameError), [note]),
         Target("pipeline.announce.ModelCard", lambda d: ModelCard.from_value(framing.decode(d)),
                (InvalidRecord, FrameError), [card]),
+        Target("potluck.relays.RelayRecordValidator", relay_announcement, (InvalidRecord, FrameError), [relay]),
     ]
 
 

@@ -130,9 +130,13 @@ class Validators:
     by_namespace: dict[str, Validator] = field(default_factory=dict)
     default: Validator = field(default_factory=DefaultValidator)
     max_ttl: float = DEFAULT_MAX_TTL
+    max_entries: dict[str, int] = field(default_factory=dict)  # namespace -> entries one record holds
 
-    def register(self, namespace: str, validator: Validator) -> None:
+    def register(self, namespace: str, validator: Validator, max_entries: int | None = None) -> None:
+        """`max_entries`: a smaller cap than `StoreLimits.max_subkeys` on each record of the namespace."""
         self.by_namespace[namespace] = validator
+        if max_entries is not None:
+            self.max_entries[namespace] = max_entries
 
     def for_key(self, key: str) -> Validator:
         return self.by_namespace.get(namespace_of(key), self.default)
@@ -293,7 +297,8 @@ class RecordStore:
         mine = counts.get(entry.owner, 0)
         if mine >= self.limits.owner_subkeys:
             raise StoreRefused(f"owner {entry.owner[-12:]} holds {mine} subkeys of {entry.key[:60]!r}, its limit")
-        if len(record) < self.limits.max_subkeys:
+        cap = min(self.limits.max_subkeys, self.validators.max_entries.get(namespace_of(entry.key), self.limits.max_subkeys))
+        if len(record) < cap:
             return
         most = max(counts.values())
         if mine >= most:

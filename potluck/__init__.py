@@ -4,6 +4,8 @@ Modules (imports go down to pipeline/, credits/, dht/, p2p/; nothing below impor
     cli.py            `potluck id | serve | chat | status | credits | swarm new-key`
     startup.py        refusals before a peer starts: ports in use, malformed addresses (exit 2)
     peer.py           one peer process: wires overlay, DHT, credits, block server and client together
+    relays.py         relay announcements: the signed `relays/<swarm>` DHT record, its validator, the relays heard of
+    autorelay.py      behind NAT with no `--relay`: choosing relays from those announcements, replacing failed ones
     control.py        the local control socket `potluck status` and friends talk to
     memory.py         the peer process gives big freed blocks back to the OS (glibc's mmap threshold)
     generation.py     one generation for every front door: request checks, the typed result, error mapping

@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "for a peer others can dial directly")
     p.add_argument("--relay", action="append", default=[], metavar="MULTIADDR",
                    help="behind NAT: full multiaddr of a peer running --relay-service; this peer reserves a slot "
-                        "there and is announced as reachable through it (repeatable)")
+                        "there and is announced as reachable through it (repeatable). Without it, a peer found "
+                        "behind NAT chooses relays itself from those the swarm announces")
     p.add_argument("--starting-grant", type=float, metavar="CREDITS",
                    help="credit policy: GFLOP-credits each new identity grants itself (default 0: an open swarm "
                         "mints nothing; a private swarm may); a swarm's peers must all use the same policy")

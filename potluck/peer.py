@@ -2,8 +2,12 @@
 server and a client for generating through the swarm; plus the local control socket.
 
 `run_peer` owns every task of the peer in one nursery, so SIGINT/SIGTERM cancel it and everything
-stops together. Each peer gossips a signed presence note (addresses, region) when it starts and
-every `presence_interval`, so peers learn of members they are not directly connected to.
+stops together. Each peer gossips a signed presence note (addresses, region, whether it is a relay)
+when it starts, every `presence_interval`, and when its addresses change (a relay reservation made or
+lost: its server re-announces then too), so peers learn of members they are not directly connected to.
+
+Relays: a `--relay-service` peer announces itself (potluck/relays.py); a peer given no `--relay` that
+autonat finds behind NAT chooses relays from those announcements (potluck/autorelay.py).
 
 With `--blocks`, the peer serves that span of `--model` (the default model unless named). Given several
 `--model` candidates, it serves the one the swarm needs most (pipeline/modelchoice.py: demand per copy
@@ -68,6 +72,9 @@ from pipeline.spotcheck import SpotCheckConfig
 
 from . import control, generation, memory
 from .apps import AppTable
+from .autorelay import AutoRelay
+from .relays import MAX_ADDRS, MAX_RELAY_RECORDS, RELAY_NAMESPACE, RelayAd, RelayAnnouncing, RelayBook, \
+    RelayRecordValidator, dialable, relay_addrs, relay_key
 from .fallback import FallbackConfig
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
@@ -146,7 +153,8 @@ class PeerConfig:
 class Peer:
     """The parts of a running peer, wired together; `run_peer` drives it."""
 
-    def __init__(self, config: PeerConfig, identity: Identity, network: Network, ledger: Ledger):
+    def __init__(self, config: PeerConfig, identity: Identity, network: Network, ledger: Ledger,
+                 swarm_key: bytes | None = None):
         self.config = config
         self.identity = identity
         self.network = network
@@ -169,6 +177,10 @@ class Peer:
         self.gossip.subscribe(PRESENCE_TOPIC, self._on_presence, validator=self._valid_presence)
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
+        self.relay_key = relay_key(swarm_key)
+        self.relay_book = RelayBook(identity.peer_id, network.now)  # relays heard of (DHT, presence notes)
+        self.autorelay: AutoRelay | None = None  # set by run_peer where this peer chooses relays itself
+        self.addrs_changed = trio.Event()
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None
         self._client_lock = trio.Lock()
@@ -184,6 +196,7 @@ class Peer:
         body = framing.expect_map(message.data, "presence")
         addrs = framing.field(body, "addrs", list, max_len=8)
         framing.field(body, "region", str, max_len=64)
+        framing.field(body, "relay", bool, optional=True)
         for addr in addrs:
             check_addr(addr, message.author)
         return True
@@ -196,6 +209,11 @@ class Peer:
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])
+        direct = dialable(addrs)[:MAX_ADDRS]
+        if message.data.get("relay") and direct:
+            # heard again within three presence intervals, or forgotten
+            self.relay_book.hear(RelayAd(message.author, tuple(direct), message.data["region"],
+                                         self.network.now() + 3 * self.config.presence_interval))
 
     def _valid_server_note(self, message) -> bool:
         from_gossip_note(message.author, message.data, self.network.now())
@@ -300,8 +318,25 @@ class Peer:
 
     async def announce_presence(self) -> None:
         await self.gossip.publish(
-            PRESENCE_TOPIC, {"addrs": self.network.listen_addrs(), "region": self.config.region}
+            PRESENCE_TOPIC, {"addrs": self.network.listen_addrs(), "region": self.config.region,
+                             "relay": bool(self.relay_addrs())}
         )
+
+    def relay_addrs(self) -> list[str]:
+        """Where this peer relays for others (`potluck.relays.relay_addrs`); none unless `--relay-service`."""
+        if not self.config.relay_service:
+            return []
+        return relay_addrs(self.network.reachability(), self.network.listen_addrs(), self.network.peer_id)
+
+    async def read_relay_announcements(self) -> None:
+        """The DHT's relay announcements of this swarm, into `relay_book`: every level's (a nearest-copies
+        read holds only the relays that stored in our clusters, and the nearest may not be among them)."""
+        self.relay_book.hear_entries(await self.dht.get(self.relay_key, exhaustive=True))
+
+    def relay_rtt(self, peer_id: str) -> float | None:
+        """Seconds to a relay: the DHT's estimate (measured, else Vivaldi), else membership's ping RTT."""
+        rtt = self.dht.rtt_estimate(peer_id)
+        return rtt if rtt is not None else self.membership.rtt(peer_id)
 
     def status(self) -> dict:
         return {
@@ -321,6 +356,8 @@ class Peer:
             "model_choice": self.model_choice,
             "last_generation": self.last_generation,
             "api": self.api_url,
+            "relay": self.network.relay_status() if isinstance(self.network, Libp2pNetwork) else None,
+            "autorelay": self.autorelay.status() if self.autorelay else None,
         }
 
     async def _status_command(self, request: dict) -> dict:
@@ -483,12 +520,27 @@ class Peer:
             await self.announce_presence()
             await trio.sleep(self.config.presence_interval)
 
+    async def _readdress_loop(self) -> None:
+        """When our addresses change, tell the swarm at once: presence note, and the server's announcement
+        (clients dial a server at the address it announces)."""
+        while True:
+            await self.addrs_changed.wait()
+            await trio.sleep(0.5)  # the other reservation often changes right after
+            self.addrs_changed = trio.Event()
+            await self.announce_presence()
+            if self.server is not None:
+                try:
+                    await self.server.announce()
+                except P2PError as e:
+                    log.info("announcement after an address change failed: %s", e)
+
 
 def _validators() -> Validators:
     """What this peer's DHT stores under the swarm's own keys: well-formed server announcements only,
     one per server (not whatever a stranger signs under the model's record)."""
     validators = Validators()
     validators.register(ANNOUNCE_NAMESPACE, AnnouncementValidator())
+    validators.register(RELAY_NAMESPACE, RelayRecordValidator(), max_entries=MAX_RELAY_RECORDS)
     return validators
 
 
@@ -518,10 +570,12 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
     ledger = Ledger.open(identity, config.data_dir, pricing=ModelPricing(POLICIES[config.pricing]),
                          policy=config.credit_policy)
     try:
+        choose_relays = not config.relays and not config.relay_service  # `--relay` overrides the choice
         async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
                                       relay_service=config.relay_service, relays=config.relays,
                                       **config.limits.network_options()) as network:
-            peer = Peer(config, identity, network, ledger)
+            peer = Peer(config, identity, network, ledger, swarm_key=swarm_key)
+            network.add_address_listener(lambda: peer.addrs_changed.set())
             if config.bootstrap:
                 # Before any task starts, so a refused swarm key ends the peer with a plain error.
                 await peer.membership.bootstrap(config.bootstrap)
@@ -547,6 +601,13 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                     api.check_bind(host, config.api_key)
                     peer.api_url = await nursery.start(functools.partial(
                         api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback))
+                nursery.start_soon(peer._readdress_loop)
+                if config.relay_service:
+                    nursery.start_soon(RelayAnnouncing(peer.dht, peer.relay_key, peer.relay_addrs, config.region).run)
+                if choose_relays:
+                    peer.autorelay = AutoRelay(network, peer.relay_book, peer.read_relay_announcements,
+                                               peer.relay_rtt)
+                    nursery.start_soon(peer.autorelay.run)
                 nursery.start_soon(peer._presence_loop)
                 if config.blocks is not None and len(config.model_candidates) > 1:
                     nursery.start_soon(_serve_by_demand, peer)

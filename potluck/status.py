@@ -62,6 +62,9 @@ def render_status(status: dict, console: Console | None = None, *, wide: bool = 
     reachability = (status.get("reachability") or {}).get("status")
     if reachability in ("public", "private"):
         facts.append("dialable (public)" if reachability == "public" else "not dialable (behind NAT)")
+    relays = ((status.get("autorelay") or {}).get("relays") or {}).values()
+    if relays:
+        facts.append(f"reachable through {sum(1 for r in relays if r['reserved'])} relays it chose")
     clusters = (status.get("dht") or {}).get("clusters") or {}
     labels = [f"L{lv} {_label(label)}" for lv, label in sorted(clusters.items()) if label]
     if labels:

@@ -20,8 +20,8 @@ session handshake ("admitted" peers); anything else is reset, and a connection w
 admitted within the gate timeout is closed.
 
 Relaying (peers behind NAT) is `relay`: circuit relay v2, whose two libp2p protocols are registered
-only where asked for (`relay_service=True`: `/libp2p/circuit/relay/0.2.0/hop`; `relays=[...]`:
-`/libp2p/circuit/relay/0.2.0/stop`), and which serves only admitted peers. A circuit address
+only where asked for (`relay_service=True`: `/libp2p/circuit/relay/0.2.0/hop`; `relays=[...]` or
+`add_relay`: `/libp2p/circuit/relay/0.2.0/stop`), and which serves only admitted peers. A circuit address
 `<relay>/p2p/R/p2p-circuit/p2p/T` names peer T (the last /p2p/); dialing it first makes a libp2p
 connection to T through R, then runs the session handshake on it as on any other.
 
@@ -255,6 +255,8 @@ class Libp2pNetwork(Network):
           `relay_timeout` (10 s) for the first reservations; it raises `SwarmKeyMismatch` or
           `p2p.libp2p.RelayRefused` when every relay refused us, and otherwise keeps retrying the
           missing ones in the background.
+        Relays can also be added and dropped while the network runs (`add_relay`, `drop_relay`; the
+        choice is the caller's, e.g. potluck's `autorelay`).
         - `relay_limits=p2p.libp2p.RelayLimits(...)`: what a relay service grants.
         """
         patches.apply()
@@ -410,6 +412,21 @@ class Libp2pNetwork(Network):
         """Whether our current session with the peer runs on a direct (not relayed) connection."""
         session = self._session(peer_id)
         return session is not None and not self.is_relayed(session.raw.muxed_conn)
+
+    def add_relay(self, addr: str) -> str:
+        """Reserve on one more relay (kept refreshed until dropped); returns its peer id."""
+        return self._relay.add_relay(addr)
+
+    def drop_relay(self, relay_id: str) -> None:
+        self._relay.drop_relay(relay_id)
+
+    def relays_held(self) -> dict[str, tuple[bool, P2PError | None]]:
+        """Relay id -> (reservation live, the last attempt's error or None), for every relay in use."""
+        return self._relay.relays_held()
+
+    def add_address_listener(self, listener: Callable[[], None]) -> None:
+        """`listener()` runs whenever our circuit addresses change (a reservation made or lost)."""
+        self._relay.add_address_listener(listener)
 
     def now(self) -> float:
         return time.time()

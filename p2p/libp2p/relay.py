@@ -30,8 +30,12 @@ Security (private swarms)
   must be the initiator the relay announced, and the connection must then pass our gate (with the
   swarm key) like any other before anything is served on it.
 
+Relays are given at start (`relays`) or added and dropped while running (`add_relay`, `drop_relay`:
+a chooser above this layer picks them); either way each has one reservation keeper task, and
+`add_address_listener` callbacks hear when our circuit addresses change.
+
 Only peers that use relaying register the extra libp2p protocols: `/hop` on relay services, `/stop` on
-peers given relays. A peer with neither keeps serving `/potluck/1.0.0` alone.
+peers from their first relay on. A peer with neither keeps serving `/potluck/1.0.0` alone.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import trio
 from libp2p.abc import IHost
@@ -152,21 +156,16 @@ class CircuitRelay:
         self.timeout = timeout
         self.relays: dict[str, str] = {}  # relay id -> its address (with /p2p/<id>)
         for addr in relays or []:
-            try:
-                full = full_addr(addr)
-            except PeerUnreachable as e:
-                raise ValueError(f"relay address {addr!r}: {e}") from None
-            if split_circuit(full) is not None:
-                raise ValueError(f"relay address {addr!r} is itself a circuit address; give the relay's own address")
-            relay_id = full.rsplit("/p2p/", 1)[1]
-            if relay_id == net.peer_id:
-                raise ValueError("this peer cannot be its own relay")
+            relay_id, full = self._parse_relay(addr)
             self.relays[relay_id] = full
         # client side
         self._reserved: dict[str, float] = {}  # relay id -> reservation expiry (unix time)
         self._relay_lost: dict[str, trio.Event] = {rid: trio.Event() for rid in self.relays}
         self._relay_errors: dict[str, P2PError] = {}
         self._first_attempt: dict[str, trio.Event] = {rid: trio.Event() for rid in self.relays}
+        self._keepers: dict[str, trio.CancelScope] = {}
+        self._nursery: trio.Nursery | None = None
+        self._addr_listeners: list[Callable[[], None]] = []
         # service side
         self._reservations: dict[str, float] = {}  # peer id -> expiry (unix time)
         self._circuits_of: dict[str, int] = {}
@@ -175,19 +174,39 @@ class CircuitRelay:
         self._relayed_conns: weakref.WeakSet = weakref.WeakSet()
         if service:
             self.host.set_stream_handler(HOP_PROTOCOL, self._on_hop)
+        self._accepting_circuits = False
         if self.relays:
-            self.host.set_stream_handler(STOP_PROTOCOL, self._on_stop)
+            self._accept_circuits()
         net.add_connection_listener(self._on_peer)
+
+    def _accept_circuits(self) -> None:
+        if not self._accepting_circuits:
+            self.host.set_stream_handler(STOP_PROTOCOL, self._on_stop)
+            self._accepting_circuits = True
+
+    def _parse_relay(self, addr: str) -> tuple[str, str]:
+        """(relay id, full address) of a relay's own address; ValueError for anything else."""
+        try:
+            full = full_addr(addr)
+        except PeerUnreachable as e:
+            raise ValueError(f"relay address {addr!r}: {e}") from None
+        if split_circuit(full) is not None:
+            raise ValueError(f"relay address {addr!r} is itself a circuit address; give the relay's own address")
+        relay_id = full.rsplit("/p2p/", 1)[1]
+        if relay_id == self.net.peer_id:
+            raise ValueError("this peer cannot be its own relay")
+        return relay_id, full
 
     # --- lifecycle (driven by Libp2pNetwork.open) ----------------------------------------------------
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Start one reservation keeper per relay; wait until each has made its first attempt (bounded
         by `timeout`). Raises when every relay definitively refused us (retrying cannot help)."""
+        self._nursery = nursery
         if not self.relays:
             return
         for relay_id in self.relays:
-            nursery.start_soon(self._keep_reservation, relay_id)
+            self._start_keeper(relay_id)
         with trio.move_on_after(self.timeout + 1.0):
             for event in self._first_attempt.values():
                 await event.wait()
@@ -198,6 +217,54 @@ class CircuitRelay:
             if relay_id not in self._reserved:
                 log.warning("no reservation on relay %s yet (%s); retrying in the background", addr,
                             self._relay_errors.get(relay_id, "no answer"))
+
+    def add_relay(self, addr: str) -> str:
+        """Start holding a reservation on the relay at `addr` (kept like those given at start); returns
+        its peer id. ValueError for an address that is no relay's own, or our own."""
+        relay_id, full = self._parse_relay(addr)
+        if relay_id not in self.relays:
+            self._accept_circuits()
+            self.relays[relay_id] = full
+            self._relay_lost[relay_id] = trio.Event()
+            self._first_attempt[relay_id] = trio.Event()
+            self._start_keeper(relay_id)
+        return relay_id
+
+    def drop_relay(self, relay_id: str) -> None:
+        """Stop using a relay: its keeper ends and its circuit address is no longer ours."""
+        scope = self._keepers.pop(relay_id, None)
+        if scope is not None:
+            scope.cancel()
+        self.relays.pop(relay_id, None)
+        self._relay_lost.pop(relay_id, None)
+        self._relay_errors.pop(relay_id, None)
+        self._first_attempt.pop(relay_id, None)
+        if self._reserved.pop(relay_id, None) is not None:
+            self._addrs_changed()
+
+    def relays_held(self) -> dict[str, tuple[bool, P2PError | None]]:
+        """Every relay in use: relay id -> (reservation live, the last attempt's error or None)."""
+        now = time.time()
+        return {r: (self._reserved.get(r, 0) > now, self._relay_errors.get(r)) for r in self.relays}
+
+    def add_address_listener(self, listener: Callable[[], None]) -> None:
+        """`listener()` runs whenever a reservation is made or lost (our circuit addresses change)."""
+        self._addr_listeners.append(listener)
+
+    def _addrs_changed(self) -> None:
+        for listener in self._addr_listeners:
+            listener()
+
+    def _start_keeper(self, relay_id: str) -> None:
+        if self._nursery is None:
+            raise RuntimeError("the relay client starts with its network (Libp2pNetwork.open)")
+        scope = self._keepers[relay_id] = trio.CancelScope()
+
+        async def keeper() -> None:
+            with scope:
+                await self._keep_reservation(relay_id)
+
+        self._nursery.start_soon(keeper)
 
     def circuit_addrs(self) -> list[str]:
         """Our addresses through relays we hold a live reservation on."""
@@ -225,7 +292,8 @@ class CircuitRelay:
         if self._reservations.pop(peer_id, None) is not None:
             log.info("reservation of %s ended with its session", peer_id)
         if peer_id in self._relay_lost:
-            self._reserved.pop(peer_id, None)
+            if self._reserved.pop(peer_id, None) is not None:
+                self._addrs_changed()
             self._relay_lost[peer_id].set()
 
     # --- client: reservations -----------------------------------------------------------------------
@@ -241,10 +309,12 @@ class CircuitRelay:
                 await self.net.connect(addr, timeout=self.timeout)
                 while True:
                     expires = await self._reserve(relay_id)
-                    if relay_id not in self._reserved:
+                    gained = relay_id not in self._reserved
+                    self._reserved[relay_id] = expires
+                    if gained:
                         log.info("reserved a slot on relay %s: reachable at %s", addr,
                                  circuit_addr(addr, self.net.peer_id))
-                    self._reserved[relay_id] = expires
+                        self._addrs_changed()
                     self._relay_errors.pop(relay_id, None)
                     self._first_attempt[relay_id].set()
                     backoff = 1.0
@@ -258,7 +328,8 @@ class CircuitRelay:
                 if not isinstance(e, P2PError):
                     log.exception("reservation keeper for relay %s failed", addr)
                     e = PeerUnreachable(f"reservation on {addr} failed: {type(e).__name__}: {e}"[:400])
-                self._reserved.pop(relay_id, None)
+                if self._reserved.pop(relay_id, None) is not None:
+                    self._addrs_changed()
                 self._relay_errors[relay_id] = e
                 log.warning("reservation on relay %s failed: %s", addr, e)
                 self._first_attempt[relay_id].set()
