@@ -13,7 +13,9 @@ What it is used for:
   (pipeline/modelchoice.py `wanted_by_version`), so a volunteer that holds the new weights moves over
   while the new version is short of servers;
 - a request for any version of a family goes to the newest complete one, else to what was asked
-  (`serving`): clients keep being served while the new version fills up.
+  (`serving`): clients keep being served while the new version fills up. A user's peer generates with
+  the versions it holds the folders of (potluck/generation.py `choose_version`: the first complete one in
+  `preference` order among them).
 
 A claim costs a stranger nothing, but buys nothing on its own: a version serves requests only once it is
 complete (every block announced), and the id is checked against the weights by whoever loads them.
@@ -72,10 +74,12 @@ class Lineage:
                 frontier += sorted(predecessors.get(old, []))
         return out
 
+    def preference(self, requested: str) -> list[str]:
+        """The versions a request for `requested` may go to, in order: the newest of its line from
+        `requested` on first, down to `requested`, then the older ones, nearest first."""
+        return [*reversed(self.newer(requested)), requested, *self.older(requested)]
+
     def serving(self, requested: str, complete: Callable[[str], bool]) -> str:
-        """The version a request for `requested` goes to: the newest complete version of its line from
-        `requested` on, else the newest complete older one, else `requested` itself."""
-        for model_id in [*reversed(self.newer(requested)), requested, *self.older(requested)]:
-            if complete(model_id):
-                return model_id
-        return requested
+        """The version a request for `requested` goes to: the first complete one in `preference` order,
+        else `requested` itself."""
+        return next((model_id for model_id in self.preference(requested) if complete(model_id)), requested)

@@ -261,7 +261,9 @@ class Api:
                             "covered_blocks": view.get("covered_blocks"), "missing_blocks": view.get("missing"),
                             "replicas": view.get("replicas"), "throughput": view.get("throughput"),
                             "context_length": m.get("context_length"),
-                            "max_request_tokens": view.get("max_request_tokens")}}
+                            "max_request_tokens": view.get("max_request_tokens"),
+                            # model versions (pipeline/versions.py): requests go to the newest complete one
+                            "supersedes": m.get("supersedes", []), "superseded_by": m.get("superseded_by")}}
 
     async def status(self, request: Request) -> Response:
         status = self.peer.status()

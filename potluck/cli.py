@@ -107,7 +107,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", action="append", default=[],
                    help="model to serve or use: a Hugging Face folder or hub id (default: SmolLM2-135M-Instruct, "
                         "converted once per machine into ~/.cache/potluck); repeated with --blocks, the candidates "
-                        "to choose from: the peer serves the one the swarm asks for most per copy served")
+                        "to choose from: the peer serves the one the swarm asks for most per copy served; "
+                        "repeated, versions of a family: a request for any runs on the newest complete one")
     p.add_argument("--supersedes", metavar="MODEL_ID",
                    help="announce the served model as a new version of this model id: requests for the old one "
                         "go to it once it is complete, and volunteers holding its weights move to it")
@@ -269,8 +270,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.spot_check_fraction is not None and not 0.0 <= args.spot_check_fraction <= 1.0:
         raise ValueError("--spot-check-fraction wants a number in [0, 1]")
     apps, fallback = _api_gateway(args)
-    if len(args.model) > 1 and args.blocks is None:
-        raise ValueError("several --model values are candidates to serve: give --blocks too")
     if args.supersedes is not None and (args.blocks is None or len(args.model) > 1):
         raise ValueError("--supersedes is announced with the one model served: give --blocks and one --model")
     if args.draft_model is not None and not (Path(args.draft_model) / "config.json").is_file():

@@ -7,7 +7,8 @@ and the control socket (`generate`, potluck/peer.py).
     result = await complete(peer, job, source="control")  # or all at once
 
 - `prepare` checks a request against the model and the swarm before anything runs: the model
-  exists (404), the prompt tokenizes (400), its ids fit the vocabulary, prompt + max_tokens fit the
+  exists (404; a request for any version of a family runs on the newest complete version this peer holds
+  the folder of, `choose_version`, and its result names the id that served), the prompt tokenizes (400), its ids fit the vocabulary, prompt + max_tokens fit the
   context (400 context_length_exceeded; an unasked-for max_tokens is lowered to fit), and a route
   covers every block (503 no_route, naming the missing blocks).
 - `run` streams the text and ends with the typed `GenerationResult` (`complete` waits for it); it
@@ -34,6 +35,7 @@ from pipeline.errors import REFUSALS, CacheFull, InsufficientCredit, Refused, To
 from pipeline.protocol import InferenceError
 from pipeline.routing import NoRoute
 from pipeline.sampling import SamplingParams
+from pipeline.versions import Lineage
 
 from .openai_schema import ApiError
 from .swarmview import format_ranges
@@ -77,7 +79,8 @@ class ApiPeer(Protocol):
 
     def status(self) -> dict: ...
 
-    async def client(self) -> GenerationClient: ...
+    async def client(self, model_id: str | None = None) -> GenerationClient:
+        """The client half of the model `model_id` (one this peer `runs_here`; None: its own)."""
 
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]: ...
 
@@ -99,17 +102,46 @@ class PreparedGeneration:
     prefer: str | None = None  # the route's preference, "fast" or "green" (None: the peer's)
 
 
-async def resolve(peer: ApiPeer, name: str) -> dict:
-    """The model called `name` (its name, id, an id prefix of 8+ characters, or "default") among those
-    this peer generates with (`runs_here`; the swarm may serve others); 404 if none."""
-    models = [m for m in await peer.swarm_models(load=True) if m.get("runs_here")]
+def find_model(models: list[dict], name: str) -> dict | None:
+    """The model called `name` (its name, id, an id prefix of 8+ characters, or "default": this peer's
+    own) among `models` (`swarm_models`), those this peer generates with first; None if none."""
     wanted = name.strip().lower()
-    for m in models:
-        if wanted in (m["name"].lower(), m["model_id"], "default") or (len(wanted) >= 8 and m["model_id"].startswith(wanted)):
+    for m in sorted(models, key=lambda m: not m.get("runs_here")):  # stable: this peer's own model first
+        if wanted in (m["name"].lower(), m["model_id"]) or (len(wanted) >= 8 and m["model_id"].startswith(wanted)):
             return m
-    known = ", ".join(f"{m['name']} (id {m['model_id'][:12]})" for m in models) or "none"
-    raise ApiError(404, f"The model '{name[:100]}' does not exist here. This peer runs: {known}; "
-                        "GET /v1/models lists them.", param="model", code="model_not_found")
+        if wanted == "default" and m.get("runs_here"):
+            return m
+    return None
+
+
+def choose_version(models: list[dict], requested: str) -> dict | None:
+    """The model a request for the model id `requested` runs on: among the versions of its family this
+    peer generates with (`runs_here`: it has their folders), the newest complete one, else an older
+    complete one (pipeline/versions.py `Lineage.preference`, from the models' `superseded_by`); when none
+    is complete, `requested` if this peer runs it, else its nearest version here (whose 503 then names the
+    missing blocks); None when this peer runs no version of it."""
+    lineage = Lineage({m["model_id"]: m["superseded_by"] for m in models if m.get("superseded_by")})
+    here = {m["model_id"]: m for m in models if m.get("runs_here")}
+    versions = [here[model_id] for model_id in lineage.preference(requested) if model_id in here]
+    served = next((m for m in versions if (m.get("coverage") or {}).get("complete")), None)
+    return served or here.get(requested) or next(iter(versions), None)
+
+
+async def resolve(peer: ApiPeer, name: str) -> dict:
+    """The model a request for `name` runs on (`find_model`, then `choose_version`); 404 if none."""
+    return (await _requested_and_served(peer, name))[1]
+
+
+async def _requested_and_served(peer: ApiPeer, name: str) -> tuple[str, dict]:
+    """The id asked for by `name`, and the model the request runs on (`resolve`)."""
+    models = await peer.swarm_models(load=True)
+    requested = find_model(models, name)
+    served = choose_version(models, requested["model_id"]) if requested is not None else None
+    if requested is None or served is None:
+        known = ", ".join(f"{m['name']} (id {m['model_id'][:12]})" for m in models if m.get("runs_here")) or "none"
+        raise ApiError(404, f"The model '{name[:100]}' does not exist here. This peer runs: {known}; "
+                            "GET /v1/models lists them.", param="model", code="model_not_found")
+    return requested["model_id"], served
 
 
 def no_route(model: dict) -> ApiError | None:
@@ -128,9 +160,11 @@ def no_route(model: dict) -> ApiError | None:
 async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: SamplingParams, *,
                   max_tokens_given: bool, prefer: str | None = None) -> PreparedGeneration:
     """Check a request (see the module docstring); raises ApiError naming what is wrong."""
-    model = await resolve(peer, model_name)
-    peer.saw_request(model["model_id"])  # asked for, whether or not the swarm can answer it
-    client = await peer.client()
+    requested, model = await _requested_and_served(peer, model_name)
+    # asked for, whether or not the swarm can answer it; by the id asked for (pipeline/modelchoice.py
+    # counts it toward the version that serves it)
+    peer.saw_request(requested)
+    client = await peer.client(model["model_id"])
     what = "messages" if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) else "prompt"
     try:
         ids = client.encode(prompt)

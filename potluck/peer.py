@@ -50,8 +50,8 @@ from p2p.libp2p import InboundLimits, Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
-from pipeline.announce import (GOSSIP_TOPIC, AnnouncementValidator, ModelCard, fetch_models, fetch_servers,
-                               from_gossip_note)
+from pipeline.announce import (GOSSIP_TOPIC, AnnouncementValidator, ModelCard, ServerInfo, fetch_models,
+                               fetch_servers, from_gossip_note)
 from pipeline.attestations import AttestationBook
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.checkpolicy import AdaptivePolicy
@@ -113,6 +113,12 @@ class ModelOption:
     folder: Path
     model_id: str
     num_blocks: int
+    context_length: int | None = None
+
+    def card(self) -> dict:
+        """The model card, as `model_card` says it."""
+        return {"name": self.folder.name, "model_id": self.model_id, "num_blocks": self.num_blocks,
+                "context_length": self.context_length}
 
 
 @dataclass
@@ -126,7 +132,8 @@ class PeerConfig:
     region: str = ""
     presence_interval: float = 30.0
     model: str | None = None  # None: the default model
-    model_candidates: list[str] = field(default_factory=list)  # several: serve the one demand needs most
+    # several: serve the one demand needs most (with `blocks`); generate with any (versions of a family)
+    model_candidates: list[str] = field(default_factory=list)
     model_choice_wait: float = 10.0  # seconds to hear the swarm's demand before choosing (and between tries)
     model_recheck: float = 60.0  # seconds between a candidates' server's looks for a model that needs it more
     supersedes: str | None = None  # the model id the served model is a new version of (announced)
@@ -182,7 +189,8 @@ class Peer:
         self.autorelay: AutoRelay | None = None  # set by run_peer where this peer chooses relays itself
         self.addrs_changed = trio.Event()
         self.server: BlockServer | None = None
-        self._client: DistributedModel | None = None
+        self._client: DistributedModel | None = None  # `config.model`'s
+        self._version_clients: dict[str, DistributedModel] = {}  # the other candidates', by model id
         self._client_lock = trio.Lock()
         self.last_generation: dict | None = None  # generation.GenerationResult.summary() of the latest one
         self.api_url: str | None = None
@@ -223,8 +231,9 @@ class Peer:
         """A server's announcement by gossip: the client's routes see it before the next DHT read, and
         `swarm_models` lists its model even on a peer that has loaded none."""
         model_id, info = from_gossip_note(message.author, message.data, self.network.now())
-        if self._client is not None and self._client.model_id == model_id:
-            self._client.sequence.hear(info)
+        client = self._loaded_client(model_id)
+        if client is not None:
+            client.sequence.hear(info)
         card = info.card(model_id)
         if info.online and card is not None:
             self._hear_model(card, info.expires)
@@ -256,7 +265,7 @@ class Peer:
                 folder = await trio.to_thread.run_sync(model_folder, name, self.config.data_dir)
                 mf = await trio.to_thread.run_sync(ModelFolder, folder)
                 found.append(ModelOption(name, folder, await trio.to_thread.run_sync(compute_model_id, mf),
-                                         mf.config.num_layers))
+                                         mf.config.num_layers, _context_length(mf.config)))
             self._model_options_found = found
         return self._model_options_found
 
@@ -391,8 +400,11 @@ class Peer:
 
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:
         """Every model the swarm serves, as far as this peer knows, with the swarm's coverage of it (read
-        from the DHT at most every `max_age` s): this peer's own model first (`"runs_here": True`, the
-        one it generates with), then those its servers announce (the DHT's model index, gossip)."""
+        from the DHT at most every `max_age` s): this peer's own model first (`"runs_here": True`: it
+        generates with it), then the other versions it holds the folders of (several `--model`; runs_here
+        too, once known: `load` opens them), then those its servers announce (the DHT's model index, gossip).
+        Each lists the versions its servers say it `supersedes` and the one `superseded_by` it
+        (pipeline/versions.py `Lineage`, from the online servers' claims)."""
         async with self._swarm_lock:
             now = trio.current_time()
             if self._swarm_cache is not None and now - self._swarm_cache[0] < max_age:
@@ -400,13 +412,21 @@ class Peer:
             deadline = now + timeout
             own = await self.model_card(load=load)
             cards = [{**own, "runs_here": True}] if own is not None else []
+            versions = await self._model_options() if load and len(self.config.model_candidates) > 1 else \
+                self._model_options_found or []
+            for option in versions:
+                if all(option.model_id != card["model_id"] for card in cards):
+                    cards.append({**option.card(), "runs_here": True})
             views: dict[str, dict | None] = {}
+            claims: list[tuple[str, str]] = []  # (new id, old id): one per online server that says so
 
             async def read_coverage(card: dict) -> None:
                 views[card["model_id"]] = None
                 with trio.move_on_at(deadline):
                     try:
-                        views[card["model_id"]] = await self._coverage(card)
+                        servers, views[card["model_id"]] = await self._coverage(card)
+                        claims.extend((card["model_id"], s.supersedes) for s in servers
+                                      if s.online and s.supersedes is not None)
                     except Exception as e:  # a status must not fail because a lookup did
                         log.info("could not read the swarm of %s: %s", card["name"], e)
 
@@ -427,21 +447,26 @@ class Peer:
                 for card in others:
                     nursery.start_soon(read_coverage, card)
             cards += others
-            models = [{**card, "coverage": views[card["model_id"]]} for card in cards]
+            lineage = Lineage.from_claims(claims)
+            models = [{**card, "coverage": views[card["model_id"]],
+                       "supersedes": sorted(old for old, new in lineage.successor.items() if new == card["model_id"]),
+                       "superseded_by": lineage.successor.get(card["model_id"])} for card in cards]
             self._swarm_cache = (trio.current_time(), models)
             return models
 
-    async def _coverage(self, card: dict) -> dict:
+    async def _coverage(self, card: dict) -> tuple[list[ServerInfo], dict]:
+        """The model's servers as announced, and the swarm's coverage of it (`coverage_view`)."""
         # Capacity counts the servers reached: ourselves, peers we are connected to, and those our client
         # opened a session with or dialled (announcements alone can be Sybils at dead addresses).
         reached = {self.identity.peer_id, *self.network.connected_peers()}
-        if self._client is not None and self._client.model_id == card["model_id"]:
+        client = self._loaded_client(card["model_id"])
+        if client is not None:
             # The view routes are built from (DHT + gossip), so "no route" means just that.
-            sequence = self._client.sequence
+            sequence = client.sequence
             servers = await sequence.refresh()
-            return coverage_view(servers, card["num_blocks"], lambda p: p in reached or sequence.verified(p))
+            return servers, coverage_view(servers, card["num_blocks"], lambda p: p in reached or sequence.verified(p))
         servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
-        return coverage_view(servers, card["num_blocks"], reached.__contains__)
+        return servers, coverage_view(servers, card["num_blocks"], reached.__contains__)
 
     async def credits(self) -> dict:
         """What `potluck credits` and `GET /api/credits` show: the ledger's summary with every peer's
@@ -470,23 +495,41 @@ class Peer:
 
     # --- generating through the swarm ----------------------------------------------------------------
 
-    async def client(self) -> DistributedModel:
-        """The client half of the model, loaded on first use."""
+    async def client(self, model_id: str | None = None) -> DistributedModel:
+        """The client half of `config.model` (None), or of the candidate model `model_id` (another version
+        of a family this peer holds the folder of), loaded on first use. Raises LookupError for another id."""
         async with self._client_lock:
             if self._client is None:
                 folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
-                policy = AdaptivePolicy()
-                self._client = await DistributedModel.from_pretrained(
-                    folder, self.network, self.dht, dtype=self.config.dtype,
-                    config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs), prefer=self.config.prefer,
-                                        spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction,
-                                                                   policy=policy, attestations=self.attestations)),
-                    local_server=self.server)
-                policy.vouches = self.attestations.vouches(self._client.model_id)
-                if self.config.draft_model is not None:
-                    self._client.client_config.speculative = await trio.to_thread.run_sync(
-                        with_draft_model, self.config.draft_model, self._client.model_config.vocab_size)
+                self._client = await self._load_client(folder)
+            if model_id is None or model_id == self._client.model_id:
+                return self._client
+            if model_id not in self._version_clients:
+                option = next((o for o in await self._model_options() if o.model_id == model_id), None)
+                if option is None:
+                    raise LookupError(f"this peer holds no folder of model {model_id}")
+                self._version_clients[model_id] = await self._load_client(option.folder)
+            return self._version_clients[model_id]
+
+    async def _load_client(self, folder: Path) -> DistributedModel:
+        policy = AdaptivePolicy()
+        client = await DistributedModel.from_pretrained(
+            folder, self.network, self.dht, dtype=self.config.dtype,
+            config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs), prefer=self.config.prefer,
+                                spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction,
+                                                           policy=policy, attestations=self.attestations)),
+            local_server=self.server)
+        policy.vouches = self.attestations.vouches(client.model_id)
+        if self.config.draft_model is not None:
+            client.client_config.speculative = await trio.to_thread.run_sync(
+                with_draft_model, self.config.draft_model, client.model_config.vocab_size)
+        return client
+
+    def _loaded_client(self, model_id: str) -> DistributedModel | None:
+        """The client half of `model_id` if loaded."""
+        if self._client is not None and self._client.model_id == model_id:
             return self._client
+        return self._version_clients.get(model_id)
 
     async def _generate_command(self, request: dict) -> dict:
         """A generation for `potluck`'s own tools: checked and run like an API request (potluck/generation.py),

@@ -117,6 +117,10 @@ def render_status(status: dict, console: Console | None = None, *, wide: bool = 
         cov = m.get("coverage")
         context = f", context {m['context_length']:,}" if m.get("context_length") else ""
         console.print(f"[bold]{escape(m['name'])}[/bold] (model {m['model_id'][:12]}, {m['num_blocks']} blocks{context})")
+        versions = [f"supersedes {', '.join(old[:12] for old in m.get('supersedes') or [])}"] if m.get("supersedes") else []
+        versions += [f"superseded by {m['superseded_by'][:12]}"] if m.get("superseded_by") else []
+        if versions:
+            console.print("  " + "; ".join(versions))
         if cov is None:
             console.print("  coverage unknown (the DHT did not answer in time)")
             continue

@@ -94,7 +94,7 @@ class FakePeer:
     async def credits(self) -> dict:
         return {}
 
-    async def client(self) -> GenerationClient:
+    async def client(self, model_id: str | None = None) -> GenerationClient:
         return self._client
 
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:

@@ -103,7 +103,7 @@ class FakePeer:
         return {"peer_id": "me", "balance": 5.0, "earned": 0.0, "spent": 0.0, "granted": 5.0, "unit": "GFLOP-credits",
                 "frozen": False, "peers": [], "total": 5.0, "recent": [], "chain_length": 1, "forked": []}
 
-    async def client(self) -> GenerationClient:
+    async def client(self, model_id: str | None = None) -> GenerationClient:
         return self._client
 
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:
