@@ -5,6 +5,7 @@ the old version serves until the new one is complete, then the new one does."""
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from pipeline.versions import Lineage
@@ -107,7 +108,8 @@ def test_the_old_version_serves_until_the_new_one_is_complete_then_the_new_one_d
     server_old = spawn("--model", str(old), "--blocks", "0:4", "--threads", "1")
     new_first = spawn("--model", str(new), "--blocks", "0:2", "--supersedes", old_id, "--threads", "1",
                       "--bootstrap", server_old.addr)
-    user = spawn("--model", str(old), "--model", str(new), "--threads", "1", "--bootstrap", server_old.addr)
+    user = spawn("--model", str(old), "--model", str(new), "--threads", "1", "--api", "127.0.0.1:0",
+                 "--bootstrap", server_old.addr)
     assert wait_until(lambda: new_first.status()["server"], 60, 1, message="the new version's first server")
 
     def ask(model: str) -> dict:
@@ -132,3 +134,12 @@ def test_the_old_version_serves_until_the_new_one_is_complete_then_the_new_one_d
     new_servers = {new_first.status()["peer_id"], new_second.status()["peer_id"]}
     assert {hop["peer_id"] for hop in served["route"]} == new_servers and served["tokens"] == 2
     assert ask(old_id)["model_id"] == new_id, user.log_tail()
+
+    # the same through the HTTP API: the answer names the version that served; /v1/models, the relations
+    api = user.call("status")["api"]
+    answer = httpx.post(api + "/v1/completions", json={"model": old_id, "prompt": [1, 2, 3], "max_tokens": 2},
+                        timeout=60)
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["potluck"]["model_id"] == new_id and answer.json()["model"] == new.name
+    listing = {m["root"]: m["potluck"] for m in httpx.get(api + "/v1/models", timeout=60).json()["data"]}
+    assert listing[old_id]["superseded_by"] == new_id and listing[new_id]["supersedes"] == [old_id]
