@@ -143,3 +143,18 @@ def test_the_old_version_serves_until_the_new_one_is_complete_then_the_new_one_d
     assert answer.json()["potluck"]["model_id"] == new_id and answer.json()["model"] == new.name
     listing = {m["root"]: m["potluck"] for m in httpx.get(api + "/v1/models", timeout=60).json()["data"]}
     assert listing[old_id]["superseded_by"] == new_id and listing[new_id]["supersedes"] == [old_id]
+
+
+def test_potluck_status_shows_the_supersedes_relations():
+    from rich.console import Console
+
+    from potluck.status import render_status
+
+    status = {"peer_id": "me", "region": "", "addrs": [], "dht": {"clusters": {}}, "api": None, "server": None,
+              "last_generation": None, "peers": [],
+              "models": [{**card(A, "tiny", here=True, complete=None, superseded_by=B)},
+                         {**card(B, "tiny-v2", here=False, complete=None), "supersedes": [A]}]}
+    console = Console(record=True, width=100, color_system=None)
+    render_status(status, console)
+    out = console.export_text()
+    assert f"superseded by {B[:12]}" in out and f"supersedes {A[:12]}" in out, out
