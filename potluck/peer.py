@@ -14,7 +14,9 @@ With `--blocks`, the peer serves that span of `--model` (the default model unles
 served), waiting until some candidate is asked for; every peer counts the requests its front doors take
 and gossips them (pipeline/demand.py). The
 client half (embeddings, final norm, LM head, tokenizer) is loaded on the first generation request,
-so volunteers that only serve never pay for it.
+so volunteers that only serve never pay for it. Several `--model` folders without `--blocks` are
+versions of a family the peer generates with: a request runs on the newest complete one
+(potluck/generation.py `choose_version`), each version's client half loaded when first used.
 
 Every peer, with a model or none, lists the models the swarm serves (`swarm_models`: for `potluck
 status`, `/api/status`, `/v1/models`) from the servers' announcements: the DHT's model index and the
