@@ -85,6 +85,13 @@ class ApiPeer(Protocol):
         """A request for the model came in: it counts toward the swarm's demand (pipeline/demand.py)."""
 
 
+class LocalRunner(Protocol):
+    """This peer's own copy of the model (`potluck.localfallback.LocalFallback`)."""
+
+    async def client(self, max_length: int) -> GenerationClient:
+        """The client answering with it, for a request of `max_length` tokens (raises NotEnoughMemory)."""
+
+
 # --- checking a request -----------------------------------------------------------------------------------
 
 
@@ -131,6 +138,28 @@ async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: Sampli
     model = await resolve(peer, model_name)
     peer.saw_request(model["model_id"])  # asked for, whether or not the swarm can answer it
     client = await peer.client()
+    ids, params, what = _checked(client, model, prompt, params, max_tokens_given=max_tokens_given)
+    blocked = no_route(model)
+    if blocked is not None:
+        raise blocked
+    params = _fit_swarm_cache(model, len(ids), params, max_tokens_given=max_tokens_given, what=what)
+    return PreparedGeneration(model, client, ids, params, prefer)
+
+
+async def prepare_local(peer: ApiPeer, local: LocalRunner, model_name: str, prompt: Prompt, params: SamplingParams,
+                        *, max_tokens_given: bool) -> PreparedGeneration:
+    """`prepare` for an answer with this peer's own copy of the model (`--fallback local`): the same
+    checks but the swarm's (coverage, its servers' caches); raises ApiError, or NotEnoughMemory when
+    this machine cannot hold the model."""
+    model = await resolve(peer, model_name)
+    ids, params, _ = _checked(await peer.client(), model, prompt, params, max_tokens_given=max_tokens_given)
+    client = await local.client(len(ids) + params.max_new_tokens)
+    return PreparedGeneration(model, client, ids, params)
+
+
+def _checked(client: GenerationClient, model: dict, prompt: Prompt, params: SamplingParams, *,
+             max_tokens_given: bool) -> tuple[list[int], SamplingParams, str]:
+    """(the prompt's ids, the params with max_tokens fitted to the context, "messages" or "prompt")."""
     what = "messages" if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) else "prompt"
     try:
         ids = client.encode(prompt)
@@ -150,11 +179,7 @@ async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: Sampli
                                 "max_tokens.", param="max_tokens" if room >= 1 else what,
                            code="context_length_exceeded")
         params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
-    blocked = no_route(model)
-    if blocked is not None:
-        raise blocked
-    params = _fit_swarm_cache(model, len(ids), params, max_tokens_given=max_tokens_given, what=what)
-    return PreparedGeneration(model, client, ids, params, prefer)
+    return ids, params, what
 
 
 def _fit_swarm_cache(model: dict, prompt_tokens: int, params: SamplingParams, *, max_tokens_given: bool,

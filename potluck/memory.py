@@ -30,3 +30,25 @@ def return_big_blocks() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+class NotEnoughMemory(Exception):
+    """This machine cannot hold what a local answer needs (`check_room`): its message says how much."""
+
+    def __init__(self, need: int, available: int):
+        super().__init__(f"it needs {need >> 20} MiB and this machine has {available >> 20} MiB available")
+        self.need, self.available = need, available
+
+
+def available_bytes() -> int:
+    """Memory the OS can give this process now without swapping (/proc/meminfo's MemAvailable)."""
+    from pipeline.server import available_memory
+
+    return available_memory()
+
+
+def check_room(need: int, available: int | None = None) -> None:
+    """Raise NotEnoughMemory unless `need` bytes fit in `available` (default: `available_bytes()`)."""
+    have = available_bytes() if available is None else available
+    if need > have:
+        raise NotEnoughMemory(need, have)
