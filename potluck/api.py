@@ -416,7 +416,7 @@ class _GenerationResponse:
                 try:
                     await self._run_job(ch, self.job, written)
                 except ApiError as error:
-                    if (self.local or self.local_runner is None or written or error.code not in UPSTREAM_CODES):
+                    if self.local or self.local_runner is None or written or error.code not in UPSTREAM_CODES:
                         raise
                     log.info("the swarm failed before writing (%s): answering with our own copy", error.code)
                     self.job, self.local = await local_generation(self.peer, self.local_runner, self.req, error), True

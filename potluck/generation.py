@@ -10,6 +10,8 @@ and the control socket (`generate`, potluck/peer.py).
   exists (404), the prompt tokenizes (400), its ids fit the vocabulary, prompt + max_tokens fit the
   context (400 context_length_exceeded; an unasked-for max_tokens is lowered to fit), and a route
   covers every block (503 no_route, naming the missing blocks).
+- `prepare_local` makes the same checks, but the swarm's, for an answer on this peer's own copy of
+  the model (`LocalRunner`, `--fallback local`: potluck/localfallback.py).
 - `run` streams the text and ends with the typed `GenerationResult` (`complete` waits for it); it
   records the result as the peer's last generation (status, dashboard). The credits a result
   reports are what this client signed for this generation's own sessions (`Generation.paid`), so

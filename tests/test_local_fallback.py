@@ -9,6 +9,8 @@ it says 503."""
 
 from __future__ import annotations
 
+import functools
+import json
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
@@ -98,6 +100,28 @@ async def _answered_locally(client: DistributedModel, reference) -> None:
     assert local.loads == 2
 
 
+async def test_the_api_answers_locally_without_a_route_or_when_the_swarm_fails_first(llama, nursery):
+    async with swarm_client(llama[0]) as client:
+        peer = StandInPeer(client)
+        local = LocalFallback(lambda: _same(client), client.network)
+        url = await nursery.start(functools.partial(api.serve, peer, "127.0.0.1", 0, local=local))
+        body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
+        async with httpx.AsyncClient(base_url=url, timeout=60) as http:
+            # the coverage says nothing is missing: the swarm's own client fails (no server), before any text
+            failed_first = (await http.post("/v1/completions", json=body)).json()
+            peer.coverage = {"complete": False, "missing": [[0, 4]], "num_blocks": 4}  # no route: 503 no_route
+            no_route = (await http.post("/v1/completions", json=body)).json()
+            async with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                events = [line async for line in r.aiter_lines() if line.startswith("data: {")]
+        for answer in (failed_first, no_route):
+            assert answer["potluck"]["fallback"] == "local", answer
+            assert answer["potluck"]["route"] == [{"peer_id": client.network.peer_id, "start": 0, "end": 4}]
+            assert answer["potluck"]["credits_spent"] == 0.0 and answer["usage"]["completion_tokens"] == 6
+        assert json.loads(events[-1][6:])["potluck"]["fallback"] == "local"
+        assert peer.last_generation["fallback"] == "local" and local.loads == 1
+        nursery.cancel_scope.cancel()
+
+
 async def _same(client: DistributedModel) -> DistributedModel:
     return client
 
@@ -105,10 +129,10 @@ async def _same(client: DistributedModel) -> DistributedModel:
 class StandInPeer:
     """The `ApiPeer` a local answer's preparation uses: the model card and the client half."""
 
-    last_generation = None
-
     def __init__(self, client: DistributedModel):
         self._client = client
+        self.coverage: dict | None = None  # the swarm's, as `swarm_models` reports it (None: not known)
+        self.last_generation: dict | None = None
 
     async def client(self) -> DistributedModel:
         return self._client
@@ -116,7 +140,7 @@ class StandInPeer:
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:
         c = self._client
         return [{"name": "tiny", "model_id": c.model_id, "num_blocks": 4, "context_length": 64, "runs_here": True,
-                 "coverage": None}]
+                 "coverage": self.coverage}]
 
     def saw_request(self, model_id: str) -> None:
         pass
