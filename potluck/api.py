@@ -86,7 +86,7 @@ from starlette.routing import Route
 
 from .apps import App, AppTable
 from .fallback import UPSTREAM_CODES, FallbackConfig, FallbackFailed, Upstream, continuation
-from .generation import (ApiPeer, GenerationResult, LocalRunner, PreparedGeneration, map_error, prepare,
+from .generation import (ApiPeer, GenerationResult, LocalRunner, PreparedGeneration, Prompt, map_error, prepare,
                          prepare_local, resolve, run)
 from .memory import NotEnoughMemory
 from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
@@ -337,7 +337,12 @@ async def local_generation(peer: ApiPeer, local: LocalRunner, req: GenerationReq
                            swarm_error: ApiError) -> PreparedGeneration:
     """`req` prepared for this peer's own copy of the model; when this machine cannot hold it, the
     swarm's error, saying why this peer cannot answer either."""
-    prompt = req.messages if isinstance(req, ChatRequest) else req.prompt
+    prompt: Prompt
+    if isinstance(req, ChatRequest):
+        prompt = req.messages
+    else:
+        assert isinstance(req, CompletionRequest)  # the only other kind
+        prompt = req.prompt
     try:
         return await prepare_local(peer, local, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given)
     except NotEnoughMemory as e:
@@ -415,11 +420,11 @@ class _GenerationResponse:
                     raise self.swarm_error
                 try:
                     await self._run_job(ch, self.job, written)
-                except ApiError as error:
-                    if self.local or self.local_runner is None or written or error.code not in UPSTREAM_CODES:
+                except ApiError as failed:
+                    if self.local or self.local_runner is None or written or failed.code not in UPSTREAM_CODES:
                         raise
-                    log.info("the swarm failed before writing (%s): answering with our own copy", error.code)
-                    self.job, self.local = await local_generation(self.peer, self.local_runner, self.req, error), True
+                    log.info("the swarm failed before writing (%s): answering with our own copy", failed.code)
+                    self.job, self.local = await local_generation(self.peer, self.local_runner, self.req, failed), True
                     await self._run_job(ch, self.job, written)
             except Exception as e:  # every failure becomes an answer, never a crashed connection
                 error = map_error(e)
