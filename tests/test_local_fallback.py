@@ -24,6 +24,8 @@ from p2p.sim import SimWorld
 from pipeline.client import DistributedModel
 from pipeline.sampling import SamplingParams
 from potluck import api, memory
+from potluck.chat import stats_line
+from potluck.cli import _api_gateway, build_parser
 from potluck.localfallback import LocalFallback, NoDirectory, cache_bytes, weights_bytes
 from potluck.localswarm import PeerProcess, start_all, wait_until
 from potluck.openai_schema import ApiError, CompletionRequest
@@ -120,6 +122,22 @@ async def test_the_api_answers_locally_without_a_route_or_when_the_swarm_fails_f
         assert json.loads(events[-1][6:])["potluck"]["fallback"] == "local"
         assert peer.last_generation["fallback"] == "local" and local.loads == 1
         nursery.cancel_scope.cancel()
+
+
+def test_chat_says_an_answer_came_from_this_peer():
+    line = stats_line(5, 3, 1.0, {"fallback": "local", "credits_spent": 0.0, "route": []})
+    assert "own copy of the model" in line and "no credits" in line
+
+
+def test_the_flag_local_needs_no_url_and_takes_no_upstream_flags(tmp_path):
+    args = build_parser().parse_args(["serve", "--data-dir", str(tmp_path), "--api", "127.0.0.1:0",
+                                      "--fallback", "local"])
+    assert _api_gateway(args) == (None, None)  # no upstream: the peer answers itself
+    with pytest.raises(ValueError):
+        _api_gateway(build_parser().parse_args(["serve", "--api", "127.0.0.1:0", "--fallback", "local",
+                                                "--fallback-model", "x"]))
+    with pytest.raises(ValueError):
+        _api_gateway(build_parser().parse_args(["serve", "--fallback", "local"]))  # the API's: needs --api
 
 
 async def _same(client: DistributedModel) -> DistributedModel:
