@@ -5,6 +5,9 @@ by default it raises the threshold to the size of every such block freed (up to 
 first KV cache or 16 MiB frame is freed, blocks of that size come from the heap, whose freed memory
 the process keeps (measured with `bench.attack --smollm2`: a KV-cache hog's 121 MB stayed after its
 sessions ended). Fixing the threshold turns the adjustment off.
+
+Whether something fits at all (`check_room`): a local answer (potluck/localfallback.py) loads a whole
+model only when the memory the OS can give now holds it, else `NotEnoughMemory` says how much is missing.
 """
 
 from __future__ import annotations
