@@ -42,7 +42,9 @@ Errors use the OpenAI shape, `{"error": {"message", "type", "param", "code"}}`:
                                answered; `retry-after` says when to retry (code rate_limit_exceeded)
     503 server_error           no route covers the model (code no_route, names the missing blocks),
                                or the swarm failed mid-generation (code generation_failed); with
-                               --fallback the upstream answers instead (potluck/fallback.py)
+                               --fallback URL the upstream answers instead (potluck/fallback.py), with
+                               --fallback local this peer itself (potluck/localfallback.py) unless it
+                               lacks the memory (the 503 then says so)
 In a stream, an error after the first byte arrives as one `data: {"error": ...}` event (the openai
 client raises it), then `data: [DONE]`. 402 and 503 carry `x-should-retry: false` so clients do not
 hammer a swarm that cannot serve them.
@@ -51,7 +53,7 @@ Non-standard additions: every completion (and the final chunk of a stream) has a
 with the route, tokens/s, speculative decoding's tokens per pass and acceptance
 (`speculation`) and the credits this request spent (what this peer signed for the request's
 own server sessions, listed in `paid`), and `fallback` (true when the fallback answered, wholly or
-from where the swarm stopped); a request with `"potluck": {"receipts": true}` also gets `receipts`,
+from where the swarm stopped; "local" when this peer answered with its own copy of the model); a request with `"potluck": {"receipts": true}` also gets `receipts`,
 the receipts this peer signed to the servers for this answer (hex msgpack, `credits.Receipt.from_list`):
 an application can check their signatures and prices and compare them with the servers' ledgers.
 `/v1/models` entries have `potluck` with the coverage.
@@ -84,7 +86,9 @@ from starlette.routing import Route
 
 from .apps import App, AppTable
 from .fallback import UPSTREAM_CODES, FallbackConfig, FallbackFailed, Upstream, continuation
-from .generation import ApiPeer, GenerationResult, PreparedGeneration, map_error, prepare, resolve, run
+from .generation import (ApiPeer, GenerationResult, LocalRunner, PreparedGeneration, Prompt, map_error, prepare,
+                         prepare_local, resolve, run)
+from .memory import NotEnoughMemory
 from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
                             completion_chunk, new_id, parse_json_body, text_completion, usage)
 
@@ -134,7 +138,8 @@ def check_bind(host: str, api_key: str | None, *, apps: bool = False) -> None:
 
 
 async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None, *, apps: AppTable | None = None,
-                fallback: FallbackConfig | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+                fallback: FallbackConfig | None = None, local: LocalRunner | None = None,
+                task_status=trio.TASK_STATUS_IGNORED) -> None:
     """Serve the API for `peer` until cancelled; `started` with the base URL (e.g. http://127.0.0.1:8000)."""
     from hypercorn.config import Config
     from hypercorn.trio import serve as hypercorn_serve
@@ -157,7 +162,7 @@ async def serve(peer: ApiPeer, host: str, port: int, api_key: str | None = None,
 
     async with AsyncExitStack() as stack:
         upstream = await stack.enter_async_context(Upstream.connect(fallback)) if fallback is not None else None
-        app = create_app(peer, api_key=api_key, apps=apps, upstream=upstream)
+        app = create_app(peer, api_key=api_key, apps=apps, upstream=upstream, local=local)
         await hypercorn_serve(app, config, task_status=_Status())
 
 
@@ -228,8 +233,9 @@ class _KeyCheck:
 
 
 class Api:
-    def __init__(self, peer: ApiPeer, apps: AppTable | None = None, upstream: Upstream | None = None):
-        self.peer, self.apps, self.upstream = peer, apps, upstream
+    def __init__(self, peer: ApiPeer, apps: AppTable | None = None, upstream: Upstream | None = None,
+                 local: LocalRunner | None = None):
+        self.peer, self.apps, self.upstream, self.local = peer, apps, upstream, local
 
     # --- helpers ------------------------------------------------------------------------------------
 
@@ -320,10 +326,31 @@ class Api:
             job = await prepare(self.peer, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given,
                                 prefer=req.prefer)
         except ApiError as e:
-            if self.upstream is None or e.code not in UPSTREAM_CODES:
+            if e.code not in UPSTREAM_CODES or (self.upstream is None and self.local is None):
                 raise
+            if self.local is not None:
+                local_job = await local_generation(self.peer, self.local, req, e)
+                return _GenerationResponse(self, req, what, local_job.model, caller, job=local_job, local=True)
             return _GenerationResponse(self, req, what, await resolve(self.peer, req.model), caller, swarm_error=e)
         return _GenerationResponse(self, req, what, job.model, caller, job=job)
+
+
+async def local_generation(peer: ApiPeer, local: LocalRunner, req: GenerationRequest,
+                           swarm_error: ApiError) -> PreparedGeneration:
+    """`req` prepared for this peer's own copy of the model; when this machine cannot hold it, the
+    swarm's error, saying why this peer cannot answer either."""
+    prompt: Prompt
+    if isinstance(req, ChatRequest):
+        prompt = req.messages
+    else:
+        assert isinstance(req, CompletionRequest)  # the only other kind
+        prompt = req.prompt
+    try:
+        return await prepare_local(peer, local, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given)
+    except NotEnoughMemory as e:
+        raise ApiError(swarm_error.status, f"{swarm_error.message} This peer cannot run the model itself "
+                                           f"(--fallback local): {e}.", type=swarm_error.type,
+                       code=swarm_error.code) from e
 
 
 @dataclass(frozen=True)
@@ -339,18 +366,20 @@ class _GenerationResponse:
     """An ASGI response that runs the generation: non-streamed JSON, or SSE chunks. The generation,
     the writer and a watcher of `http.disconnect` share one nursery; a disconnect cancels it. When
     the swarm cannot answer (`swarm_error` before it starts, or a failure on the way) and a fallback
-    is configured, the fallback writes the rest of the answer. An app's request is metered exactly
+    is configured, the fallback writes the rest of the answer; a local fallback (`local`: the job runs
+    on this peer's own copy of the model) takes over a failed swarm answer that wrote nothing yet. An app's request is metered exactly
     once, however it ends, and gives back the app's slot in flight (`AppTable.admit`)."""
 
     def __init__(self, api: Api, req: GenerationRequest, what: str, model: dict, caller: App | None, *,
-                 job: PreparedGeneration | None = None, swarm_error: ApiError | None = None):
-        self.peer, self.apps, self.upstream = api.peer, api.apps, api.upstream
+                 job: PreparedGeneration | None = None, swarm_error: ApiError | None = None, local: bool = False):
+        self.peer, self.apps, self.upstream, self.local_runner = api.peer, api.apps, api.upstream, api.local
         self.req, self.what, self.model, self.caller = req, what, model, caller
         self.job, self.swarm_error = job, swarm_error
         self.rid = new_id("chatcmpl" if what == "chat" else "cmpl")
         self.created = int(time.time())
         self.pieces_produced = 0  # pieces of text of the answer so far, the swarm's and the fallback's
         self.fell_back = False
+        self.local = local  # the job runs on this peer's own copy of the model
         self.metered = False
 
     async def __call__(self, scope, receive, send) -> None:
@@ -391,16 +420,14 @@ class _GenerationResponse:
                 if self.job is None:
                     assert self.swarm_error is not None  # one or the other
                     raise self.swarm_error
-                async with aclosing(run(self.peer, self.job, source="api")) as pieces:
-                    async for piece in pieces:
-                        if isinstance(piece, GenerationResult):
-                            self._meter(len(self.job.ids), len(piece.generation.token_ids), piece.credits_spent,
-                                        fallback=False)
-                            await ch.send(("done", piece))
-                        else:
-                            written.append(piece)
-                            self.pieces_produced += 1
-                            await ch.send(("text", piece))
+                try:
+                    await self._run_job(ch, self.job, written)
+                except ApiError as failed:
+                    if self.local or self.local_runner is None or written or failed.code not in UPSTREAM_CODES:
+                        raise
+                    log.info("the swarm failed before writing (%s): answering with our own copy", failed.code)
+                    self.job, self.local = await local_generation(self.peer, self.local_runner, self.req, failed), True
+                    await self._run_job(ch, self.job, written)
             except Exception as e:  # every failure becomes an answer, never a crashed connection
                 error = map_error(e)
                 if self.upstream is not None and error.code in UPSTREAM_CODES and self._prompt_text() is not None:
@@ -408,6 +435,20 @@ class _GenerationResponse:
                     return
                 self._meter_failure()
                 await ch.send(("error", error))
+
+    async def _run_job(self, ch: trio.MemorySendChannel, job: PreparedGeneration, written: list[str]) -> None:
+        async with aclosing(run(self.peer, job, source="api")) as pieces:
+            async for piece in pieces:
+                if isinstance(piece, GenerationResult):
+                    if self.local:
+                        self.peer.last_generation = {**piece.summary(), "fallback": "local"}
+                    self._meter(len(job.ids), len(piece.generation.token_ids), piece.credits_spent,
+                                fallback=self.local)
+                    await ch.send(("done", piece))
+                else:
+                    written.append(piece)
+                    self.pieces_produced += 1
+                    await ch.send(("text", piece))
 
     def _prompt_text(self) -> str | list[dict] | None:
         """The prompt as an upstream can take it: text or messages (token ids are this model's own)."""
@@ -480,7 +521,7 @@ class _GenerationResponse:
         summary = result.summary()
         extra = {k: summary[k] for k in ("route", "tokens_per_s", "ttft_s", "wall_s", "credits_spent", "paid",
                                          "recoveries", "speculation", "model_id")}
-        extra["fallback"] = False
+        extra["fallback"] = "local" if self.local else False
         if self.req.receipts:
             extra["receipts"] = [msgpack.packb(r.to_list(), use_bin_type=True).hex() for r in result.generation.paid]
         return extra
@@ -551,8 +592,8 @@ class _GenerationResponse:
 
 
 def create_app(peer: ApiPeer, *, api_key: str | None = None, apps: AppTable | None = None,
-               upstream: Upstream | None = None):
-    api = Api(peer, apps, upstream)
+               upstream: Upstream | None = None, local: LocalRunner | None = None):
+    api = Api(peer, apps, upstream, local)
 
     async def on_api_error(request: Request, exc: ApiError) -> Response:
         return error_response(exc)

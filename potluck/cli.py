@@ -13,6 +13,7 @@ from pathlib import Path
 import trio
 
 DEFAULT_DATA_DIR = Path(os.environ.get("POTLUCK_DATA_DIR", Path.home() / ".potluck"))
+LOCAL_FALLBACK = "local"  # `--fallback local`: this peer answers with its own copy of the model
 
 
 def _data_dir_arg(parser: argparse.ArgumentParser) -> None:
@@ -149,9 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="serve many applications: a TOML/JSON table of apps with their API keys and quotas per "
                         "minute (tokens, credits); each is metered, refused with 429 past a quota, and sees its "
                         "usage at /api/usage")
-    p.add_argument("--fallback", metavar="URL",
+    p.add_argument("--fallback", metavar="URL|local",
                    help="an OpenAI-compatible API (its base URL, e.g. https://host/v1) that answers when the swarm "
-                        "cannot (no route, or a failure mid-answer); such answers are marked and cost no credits")
+                        "cannot (no route, or a failure mid-answer); `local`: this peer loads the whole model and "
+                        "answers itself when its memory allows; such answers are marked and cost no credits")
     p.add_argument("--fallback-key-env", metavar="VAR",
                    help="the environment variable that holds the fallback's API key")
     p.add_argument("--fallback-model", action="append", default=[], metavar="NAME|OURS=NAME",
@@ -219,7 +221,7 @@ def _api_gateway(args: argparse.Namespace):
 
     if (args.apps or args.fallback) and args.api is None:
         raise ValueError("--apps and --fallback are the HTTP API's: give --api HOST:PORT too")
-    if (args.fallback_key_env or args.fallback_model) and not args.fallback:
+    if (args.fallback_key_env or args.fallback_model) and (not args.fallback or args.fallback == LOCAL_FALLBACK):
         raise ValueError("--fallback-key-env and --fallback-model need --fallback URL")
     key = None
     if args.fallback_key_env:
@@ -227,7 +229,7 @@ def _api_gateway(args: argparse.Namespace):
         if not key:
             raise ValueError(f"--fallback-key-env {args.fallback_key_env}: that environment variable is not set")
     fallback = (FallbackConfig(args.fallback, key=key, models=parse_model_map(args.fallback_model))
-                if args.fallback else None)
+                if args.fallback and args.fallback != LOCAL_FALLBACK else None)
     return (load_apps(args.apps) if args.apps else None), fallback
 
 
@@ -308,6 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         api_key=args.api_key,
         apps=apps,
         fallback=fallback,
+        local_fallback=args.fallback == LOCAL_FALLBACK,
         limits=peer_limits(args),
     )
     if args.threads:

@@ -11,6 +11,8 @@ and the control socket (`generate`, potluck/peer.py).
   the folder of, `choose_version`, and its result names the id that served), the prompt tokenizes (400), its ids fit the vocabulary, prompt + max_tokens fit the
   context (400 context_length_exceeded; an unasked-for max_tokens is lowered to fit), and a route
   covers every block (503 no_route, naming the missing blocks).
+- `prepare_local` makes the same checks, but the swarm's, for an answer on this peer's own copy of
+  the model (`LocalRunner`, `--fallback local`: potluck/localfallback.py).
 - `run` streams the text and ends with the typed `GenerationResult` (`complete` waits for it); it
   records the result as the peer's last generation (status, dashboard). The credits a result
   reports are what this client signed for this generation's own sessions (`Generation.paid`), so
@@ -86,6 +88,13 @@ class ApiPeer(Protocol):
 
     def saw_request(self, model_id: str) -> None:
         """A request for the model came in: it counts toward the swarm's demand (pipeline/demand.py)."""
+
+
+class LocalRunner(Protocol):
+    """This peer's own copy of the model (`potluck.localfallback.LocalFallback`)."""
+
+    async def client(self, max_length: int) -> GenerationClient:
+        """The client answering with it, for a request of `max_length` tokens (raises NotEnoughMemory)."""
 
 
 # --- checking a request -----------------------------------------------------------------------------------
@@ -165,6 +174,29 @@ async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: Sampli
     # counts it toward the version that serves it)
     peer.saw_request(requested)
     client = await peer.client(model["model_id"])
+    ids, params, what = _checked(client, model, prompt, params, max_tokens_given=max_tokens_given)
+    blocked = no_route(model)
+    if blocked is not None:
+        raise blocked
+    params = _fit_swarm_cache(model, len(ids), params, max_tokens_given=max_tokens_given, what=what)
+    return PreparedGeneration(model, client, ids, params, prefer)
+
+
+async def prepare_local(peer: ApiPeer, local: LocalRunner, model_name: str, prompt: Prompt, params: SamplingParams,
+                        *, max_tokens_given: bool) -> PreparedGeneration:
+    """`prepare` for an answer with this peer's own copy of the model (`--fallback local`): the same
+    checks but the swarm's (coverage, its servers' caches); raises ApiError, or NotEnoughMemory when
+    this machine cannot hold the model."""
+    model = await resolve(peer, model_name)
+    ids, params, _ = _checked(await peer.client(model["model_id"]), model, prompt, params,
+                              max_tokens_given=max_tokens_given)
+    client = await local.client(len(ids) + params.max_new_tokens)
+    return PreparedGeneration(model, client, ids, params)
+
+
+def _checked(client: GenerationClient, model: dict, prompt: Prompt, params: SamplingParams, *,
+             max_tokens_given: bool) -> tuple[list[int], SamplingParams, str]:
+    """(the prompt's ids, the params with max_tokens fitted to the context, "messages" or "prompt")."""
     what = "messages" if isinstance(prompt, list) and prompt and isinstance(prompt[0], dict) else "prompt"
     try:
         ids = client.encode(prompt)
@@ -184,11 +216,7 @@ async def prepare(peer: ApiPeer, model_name: str, prompt: Prompt, params: Sampli
                                 "max_tokens.", param="max_tokens" if room >= 1 else what,
                            code="context_length_exceeded")
         params = dataclasses.replace(params, max_new_tokens=min(params.max_new_tokens, room))
-    blocked = no_route(model)
-    if blocked is not None:
-        raise blocked
-    params = _fit_swarm_cache(model, len(ids), params, max_tokens_given=max_tokens_given, what=what)
-    return PreparedGeneration(model, client, ids, params, prefer)
+    return ids, params, what
 
 
 def _fit_swarm_cache(model: dict, prompt_tokens: int, params: SamplingParams, *, max_tokens_given: bool,

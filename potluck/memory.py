@@ -5,6 +5,9 @@ by default it raises the threshold to the size of every such block freed (up to 
 first KV cache or 16 MiB frame is freed, blocks of that size come from the heap, whose freed memory
 the process keeps (measured with `bench.attack --smollm2`: a KV-cache hog's 121 MB stayed after its
 sessions ended). Fixing the threshold turns the adjustment off.
+
+Whether something fits at all (`check_room`): a local answer (potluck/localfallback.py) loads a whole
+model only when the memory the OS can give now holds it, else `NotEnoughMemory` says how much is missing.
 """
 
 from __future__ import annotations
@@ -30,3 +33,25 @@ def return_big_blocks() -> bool:
     if mallopt is None:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+class NotEnoughMemory(Exception):
+    """This machine cannot hold what a local answer needs (`check_room`): its message says how much."""
+
+    def __init__(self, need: int, available: int):
+        super().__init__(f"it needs {need >> 20} MiB and this machine has {available >> 20} MiB available")
+        self.need, self.available = need, available
+
+
+def available_bytes() -> int:
+    """Memory the OS can give this process now without swapping (/proc/meminfo's MemAvailable)."""
+    from pipeline.server import available_memory
+
+    return available_memory()
+
+
+def check_room(need: int, available: int | None = None) -> None:
+    """Raise NotEnoughMemory unless `need` bytes fit in `available` (default: `available_bytes()`)."""
+    have = available_bytes() if available is None else available
+    if need > have:
+        raise NotEnoughMemory(need, have)

@@ -24,7 +24,7 @@ gossip notes it receives.
 
 With `--api HOST:PORT`, the same nursery also runs the OpenAI-compatible HTTP API and the dashboard
 (potluck/api.py); a non-loopback address needs `--api-key`. `--apps` and `--fallback` are the API's
-(potluck/apps.py, potluck/fallback.py).
+(potluck/apps.py, potluck/fallback.py; `--fallback local`: potluck/localfallback.py).
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ from .autorelay import AutoRelay
 from .relays import MAX_ADDRS, MAX_RELAY_RECORDS, RELAY_NAMESPACE, RelayAd, RelayAnnouncing, RelayBook, \
     RelayRecordValidator, dialable, relay_addrs, relay_key
 from .fallback import FallbackConfig
+from .localfallback import LocalFallback
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
 
@@ -156,6 +157,7 @@ class PeerConfig:
     api_key: str | None = None  # required on every HTTP request when set (and for non-loopback binds)
     apps: AppTable | None = None  # --apps: the applications the API serves, their keys and quotas
     fallback: FallbackConfig | None = None  # --fallback: the upstream that answers when the swarm cannot
+    local_fallback: bool = False  # --fallback local: this peer answers with its own copy of the model instead
     limits: PeerLimits = PeerLimits()
 
 
@@ -189,6 +191,7 @@ class Peer:
         self.relay_key = relay_key(swarm_key)
         self.relay_book = RelayBook(identity.peer_id, network.now)  # relays heard of (DHT, presence notes)
         self.autorelay: AutoRelay | None = None  # set by run_peer where this peer chooses relays itself
+        self.local_fallback = LocalFallback(self.client, network) if config.local_fallback else None
         self.addrs_changed = trio.Event()
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None  # `config.model`'s
@@ -369,6 +372,7 @@ class Peer:
             "api": self.api_url,
             "relay": self.network.relay_status() if isinstance(self.network, Libp2pNetwork) else None,
             "autorelay": self.autorelay.status() if self.autorelay else None,
+            "local_fallback": self.local_fallback.status() if self.local_fallback else None,
         }
 
     async def _status_command(self, request: dict) -> dict:
@@ -645,7 +649,10 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                     host, port = api.parse_hostport(config.api)
                     api.check_bind(host, config.api_key)
                     peer.api_url = await nursery.start(functools.partial(
-                        api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback))
+                        api.serve, peer, host, port, config.api_key, apps=config.apps, fallback=config.fallback,
+                        local=peer.local_fallback))
+                    if peer.local_fallback is not None:
+                        nursery.start_soon(peer.local_fallback.run)
                 nursery.start_soon(peer._readdress_loop)
                 if config.relay_service:
                     nursery.start_soon(RelayAnnouncing(peer.dht, peer.relay_key, peer.relay_addrs, config.region).run)

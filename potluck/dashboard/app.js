@@ -55,6 +55,12 @@ function drawMe(s) {
 function drawRoute(g) {
   const box = $("route");
   box.replaceChildren();
+  if (g && g.fallback === "local") {
+    box.classList.remove("muted");
+    box.textContent = "answered by this peer's own copy of the model (--fallback local), not the swarm";
+    $("route-stats").textContent = `${g.tokens} tokens · no credits`;
+    return;
+  }
   if (g && g.fallback) {
     box.classList.remove("muted");
     box.textContent = `answered by the fallback (${g.fallback_model}), not the swarm: ${g.swarm_error}`;
