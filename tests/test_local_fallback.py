@@ -152,7 +152,7 @@ class StandInPeer:
         self.coverage: dict | None = None  # the swarm's, as `swarm_models` reports it (None: not known)
         self.last_generation: dict | None = None
 
-    async def client(self) -> DistributedModel:
+    async def client(self, model_id: str | None = None) -> DistributedModel:
         return self._client
 
     async def swarm_models(self, load: bool = False, timeout: float = 5.0, max_age: float = 2.0) -> list[dict]:
