@@ -11,9 +11,10 @@ stretched by 1 + w·(1 − P_grid(server)) ∈ [1, 1 + w]: the route chosen is n
 the fastest route's cost (w = 0.2 for `--prefer green`: at most 20% slower).
 
 A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
-an announcement of huge throughput at an address where nothing listens, so its throughput counts as
-the slowest announced among the candidates and `unverified_penalty` is added: a server we have
-dialled or opened a session with wins over any number of strangers announcing more.
+an announcement of huge throughput at an address where nothing listens — or where a peer accepts
+connections and never answers — so its throughput counts as the slowest announced among the
+candidates and `unverified_penalty` is added: a server we have opened a session with wins over any
+number of strangers announcing more, connected ones included.
 
 (RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
 servers are left out. The client's own server (`local`: its blocks run in process) costs no RTT and
@@ -27,9 +28,11 @@ outputs — never refusals, pipeline/errors.py) with exponential backoff, and bu
 demand; sessions ask it for a route and report faults to it. The client's own peer id is routed to
 only when the client runs its peer's blocks in process (`local_blocks`): nothing dials itself. A fault
 ban is lifted as soon as an announcement says the server started after the ban (a restart).
-What the client has verified of each server: `reached` (a session opened), `contacted` (a dial
-succeeded), `unreachable` (a first contact failed: left out for `unreachable_for` seconds without a
-ban's strike — a dead address costs a dial, not a fault). `to_probe` names the never-contacted
+What the client has verified of each server: `reached` (a session opened: only this is `verified`),
+`contacted` (a dial succeeded, or we are connected: worth no more dials, but no proof that it serves),
+`unreachable` (a first contact failed — a dial, or the open of a server never reached, which
+pipeline/client.py gives a shorter timeout: left out for `unreachable_for` seconds without a ban's
+strike — a dead or mute address costs a dial, not a fault). `to_probe` names the never-contacted
 servers worth dialling before routing (pipeline/client.py dials them in parallel).
 Reliability of a server, as the client uses it: min(what it announces, what this client saw — spot
 checks failed mean 0 and a permanent ban (`distrust`), each failure ban a factor 0.8 — and what the
@@ -289,7 +292,12 @@ class SequenceManager:
         self.servers = sorted((s for s in newest.values() if s.online), key=lambda s: (s.start, s.end, s.peer_id))
 
     def verified(self, peer_id: str) -> bool:
-        """We reached `peer_id`: opened a session with it, or dialled it."""
+        """We reached `peer_id`: opened a session with it (a connection alone proves nothing: a Sybil
+        accepts streams and never answers)."""
+        return peer_id in self.reached
+
+    def dialled(self, peer_id: str) -> bool:
+        """We reached `peer_id` or a dial to it succeeded: dialling it again would tell us nothing."""
         return peer_id in self.reached or peer_id in self.contacted
 
     def note_reached(self, peer_id: str) -> None:
@@ -322,19 +330,19 @@ class SequenceManager:
 
     def to_probe(self, start: int, end: int, n: int) -> list[ServerInfo]:
         """Up to `n` never-contacted servers to dial before routing [start, end): none while every
-        block there has a verified server we may route to; else servers of the blocks that lack one,
+        block there has a dialled server we may route to; else servers of the blocks that lack one,
         those our DHT has heard from first (a live peer), in random order otherwise: what an
         announcement claims (span, throughput) cannot tell an honest stranger from a Sybil."""
         avoid = self._avoid(())
         usable = [s for s in self.servers if s.online and s.peer_id not in avoid and s.start < end and s.end > start]
         covered: set[int] = set()
         for s in usable:
-            if self.verified(s.peer_id) or (self.local_blocks and s.peer_id == self.me):
+            if self.dialled(s.peer_id) or (self.local_blocks and s.peer_id == self.me):
                 covered.update(range(max(s.start, start), min(s.end, end)))
         missing = set(range(start, end)) - covered
         if not missing:
             return []
-        unknown = [s for s in usable if not self.verified(s.peer_id) and missing.intersection(range(s.start, s.end))]
+        unknown = [s for s in usable if not self.dialled(s.peer_id) and missing.intersection(range(s.start, s.end))]
         random.shuffle(unknown)
         unknown.sort(key=lambda s: self.dht.rtt_estimate(s.peer_id) is None)
         return unknown[:n]

@@ -291,16 +291,16 @@ class Peer:
             return models
 
     async def _coverage(self, card: dict) -> dict:
-        # Capacity counts the servers reached: ourselves, peers we are connected to, and those our client
-        # opened a session with or dialled (announcements alone can be Sybils at dead addresses).
-        reached = {self.identity.peer_id, *self.network.connected_peers()}
+        # Capacity counts the servers reached: ourselves and those our client opened a session with —
+        # not peers merely connected (a Sybil accepts connections and streams and never answers).
+        me = self.identity.peer_id
         if self._client is not None and self._client.model_id == card["model_id"]:
             # The view routes are built from (DHT + gossip), so "no route" means just that.
             sequence = self._client.sequence
             servers = await sequence.refresh()
-            return coverage_view(servers, card["num_blocks"], lambda p: p in reached or sequence.verified(p))
+            return coverage_view(servers, card["num_blocks"], lambda p: p == me or sequence.verified(p))
         servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
-        return coverage_view(servers, card["num_blocks"], reached.__contains__)
+        return coverage_view(servers, card["num_blocks"], lambda p: p == me)
 
     async def credits(self) -> dict:
         """What `potluck credits` and `GET /api/credits` show: the ledger's summary with every peer's
