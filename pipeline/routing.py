@@ -13,8 +13,10 @@ the fastest route's cost (w = 0.2 for `--prefer green`: at most 20% slower).
 A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
 an announcement of huge throughput at an address where nothing listens — or where a peer accepts
 connections and never answers — so its throughput counts as the slowest announced among the
-candidates and `unverified_penalty` is added: a server we have opened a session with wins over any
-number of strangers announcing more, connected ones included.
+candidates and `unverified_penalty` is added, shared out over the blocks it would carry (a long
+announced span saves no penalty): a server we have opened a session with wins over any number of
+strangers announcing more, connected ones included. A stranger we have not even dialled (`dialled`
+says no) costs `undialled_penalty` more: one we are connected to is at least a live peer.
 
 (RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
 servers are left out. The client's own server (`local`: its blocks run in process) costs no RTT and
@@ -75,7 +77,10 @@ class RoutingConfig:
     no_cache_penalty: float = 10.0
     unreliability_penalty: float = 1.0  # seconds of route cost for a server of reliability 0
     local_discount: float = 1e-6  # our own blocks' compute time counts this fraction less: they win ties
-    unverified_penalty: float = 1.0  # seconds of route cost for a server this client has never reached
+    # seconds of route cost for carrying the whole range through servers this client has never reached,
+    # charged per block (a stranger's span of blocks, like its throughput, is only a claim) ...
+    unverified_penalty: float = 1.0
+    undialled_penalty: float = 1.0  # ... and more for those it is not even connected to (nor dialled)
     grid_max_age: float = DEFAULT_MAX_AGE  # seconds: an older grid signal is ignored
 
 
@@ -83,28 +88,34 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
                exclude: Iterable[str] = (), need_cache_tokens: int = 0,
                config: RoutingConfig | None = None,
                reliability: Callable[[ServerInfo], float] | None = None, local: str | None = None,
-               verified: Callable[[str], bool] | None = None, grid: GridPreference | None = None) -> list[RouteHop]:
+               verified: Callable[[str], bool] | None = None, dialled: Callable[[str], bool] | None = None,
+               grid: GridPreference | None = None) -> list[RouteHop]:
     """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap.
     `local`: the peer whose blocks run in this process (no network between us). `verified`: whether
-    this client has reached a server (None: believe every announcement). `grid`: a green preference
-    (None: grid signals play no part)."""
+    this client has reached a server (None: believe every announcement); `dialled`: whether it is
+    connected to it or dialled it (None: as if so). `grid`: a green preference (None: grid signals
+    play no part)."""
     cfg = config or RoutingConfig()
     banned = set(exclude)
     usable = [s for s in servers if s.online and s.peer_id not in banned and s.start < end and s.end > start]
     slowest = min((s.decode_tps for s in usable), default=1.0)
     edges: dict[int, list[tuple[int, float, str]]] = {}
     for s in usable:
+        unknown = 0.0  # route cost per block of a server never reached
         if s.peer_id == local:
             base, per_block = 0.0, (1.0 - cfg.local_discount) / s.decode_tps
         elif verified is not None and not verified(s.peer_id):
             r = rtt(s.peer_id)
-            base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead + cfg.unverified_penalty
-            per_block = 1.0 / slowest
+            base, per_block = (cfg.default_rtt if r is None else r) + cfg.hop_overhead, 1.0 / slowest
+            undialled = dialled is not None and not dialled(s.peer_id)
+            # a share per block, not per hop: announcing a longer span buys no fewer penalties
+            unknown = (cfg.unverified_penalty + (cfg.undialled_penalty if undialled else 0.0)) / (end - start)
         else:
             r = rtt(s.peer_id)
             base, per_block = (cfg.default_rtt if r is None else r) + cfg.hop_overhead, 1.0 / s.decode_tps
         if grid is not None:
             per_block *= grid.slowdown(s.grid)
+        per_block += unknown
         if s.cache_tokens < need_cache_tokens:
             base += cfg.no_cache_penalty
         r = reliability(s) if reliability is not None else s.reliability
@@ -406,18 +417,18 @@ class SequenceManager:
         try:
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified, grid=grid)
+                              local=local, verified=self.verified, dialled=self.dialled, grid=grid)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified, grid=grid)
+                              local=local, verified=self.verified, dialled=self.dialled, grid=grid)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates):
-        our own (in process), servers we reached or our DHT hears from, not strangers known by their
+        our own (in process), servers we reached, dialled or our DHT hears from, not strangers known by their
         announcement alone (a checker is opened in passing, one candidate after another: dead addresses
         would each cost a dial)."""
         avoid = self._avoid(exclude)
         return [s for s in self.servers if s.online and s.start <= start and end <= s.end and s.peer_id not in avoid
-                and (s.peer_id == self.me or self.verified(s.peer_id) or self.dht.rtt_estimate(s.peer_id) is not None)]
+                and (s.peer_id == self.me or self.dialled(s.peer_id) or self.dht.rtt_estimate(s.peer_id) is not None)]

@@ -26,12 +26,26 @@ from pipeline import protocol as proto
 from pipeline.announce import ServerInfo, announce_key
 from pipeline.identity import model_id
 from pipeline.loading import ModelFolder
-from pipeline.routing import RoutingConfig
+from pipeline.routing import RoutingConfig, find_route
 from potluck.localswarm import PeerProcess, wait_until
 from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 HUGE = 1 << 20
+
+
+def test_a_strangers_span_and_throughput_buy_no_trust():
+    """Two servers we are connected to (never opened) carry blocks [0, 4) in two hops; strangers announce
+    all four at a million tokens/s. Their one hop saves no penalty (it is charged per block), and one
+    we have not even dialled costs more than one we are connected to."""
+    honest = [ServerInfo("head", 0, 2, 100.0, 1000.0, 4096), ServerInfo("tail", 2, 4, 100.0, 1000.0, 4096)]
+    fakes = [ServerInfo(f"sybil{i}", 0, 4, 1e6, 1e7, HUGE) for i in range(50)]
+    connected = {"head", "tail"}.__contains__
+    route = find_route([*honest, *fakes], 0, 4, rtt=lambda p: 0.03, verified=lambda p: False, dialled=connected)
+    assert [h.peer_id for h in route] == ["head", "tail"]
+    # once reached, the servers win over strangers we are connected to as well
+    route = find_route([*honest, *fakes], 0, 4, rtt=lambda p: 0.03, verified=connected, dialled=lambda p: True)
+    assert [h.peer_id for h in route] == ["head", "tail"]
 
 
 @dataclass
