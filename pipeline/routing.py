@@ -426,9 +426,9 @@ class SequenceManager:
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates):
-        our own (in process), servers we reached, dialled or our DHT hears from, not strangers known by their
-        announcement alone (a checker is opened in passing, one candidate after another: dead addresses
-        would each cost a dial)."""
+        our own (in process), servers we reached or our DHT hears from, not strangers known by their
+        announcement or a connection alone (a checker is opened in passing, one candidate after another:
+        dead addresses would each cost a dial, mute peers a timeout)."""
         avoid = self._avoid(exclude)
         return [s for s in self.servers if s.online and s.start <= start and end <= s.end and s.peer_id not in avoid
-                and (s.peer_id == self.me or self.dialled(s.peer_id) or self.dht.rtt_estimate(s.peer_id) is not None)]
+                and (s.peer_id == self.me or self.verified(s.peer_id) or self.dht.rtt_estimate(s.peer_id) is not None)]
