@@ -100,6 +100,9 @@ class WrongOutput(P2PError):
 class ClientConfig:
     step_timeout: float = 30.0
     open_timeout: float = 10.0
+    # the first open of a server never reached: a real one answers in milliseconds, a Sybil that accepts
+    # the stream and stays mute would cost `open_timeout` each (its second chance gets the full timeout)
+    first_open_timeout: float = 3.0
     dial_timeout: float = 3.0  # a first contact's dial: an announced address may be dead
     probe_width: int = 32  # never-contacted servers dialled at once while routing
     max_recoveries: int = 8  # per step (failed first contacts do not count while other servers remain)
@@ -223,15 +226,15 @@ class InferenceSession:
         info = {**(info or {}), "start": hop.start, "end": hop.end, "served": served, "model": self.model.model_id}
         return billing.receipt(hop.peer_id, hop.session_id, info)
 
-    async def open_hop(self, route_hop: RouteHop, addr: str | None) -> Hop:
+    async def open_hop(self, route_hop: RouteHop, addr: str | None, timeout: float | None = None) -> Hop:
         """A session with `route_hop`'s server for its blocks, for this session's model, length and dtype
-        (in this process when that server is our own)."""
+        (in this process when that server is our own), within `timeout` (None: `open_timeout`)."""
         m = self.model
         if m.local_server is not None and route_hop.peer_id == m.network.peer_id:
             return await LocalHop.open(m.local_server, route_hop, model_id=m.model_id, max_length=self.max_length,
                                        dtype=m.dtype_name)
         return await RemoteHop.open(m.network, route_hop, addr, model_id=m.model_id, max_length=self.max_length,
-                                    dtype=m.dtype_name, timeout=m.client_config.open_timeout)
+                                    dtype=m.dtype_name, timeout=m.client_config.open_timeout if timeout is None else timeout)
 
     async def close_hop(self, hop: Hop, polite: bool = True, pay: bool = True) -> None:
         """Close a hop (with the final receipt unless `pay` is False) and record what we signed for it
@@ -262,8 +265,8 @@ class InferenceSession:
         """Route [start, end) and open every hop. A server that faults is banned and the route built
         again; one that refuses is left out of this route only (no ban); when no route is left after
         refusals, the most useful refusal is raised (see `_telling`). Servers never reached are dialled
-        first (`_probe`); one that cannot be reached or opened is left out a while (not a fault: an
-        announcement is no proof that anything listens)."""
+        first (`_probe`) and opened with `first_open_timeout`; one that cannot be reached or opened is
+        left out a while (not a fault: an announcement, or a connection, is no proof that anything serves)."""
         seq = self.model.sequence
         last: BaseException | None = None
         retried: set[str] = set()
@@ -291,7 +294,9 @@ class InferenceSession:
                 try:
                     for r in route:
                         info = seq.server(r.peer_id)
-                        hops.append(hop := await self.open_hop(r, info.addr if info else None))
+                        first = r.peer_id not in seq.reached and not second_chance
+                        timeout = self.model.client_config.first_open_timeout if first else None
+                        hops.append(hop := await self.open_hop(r, info.addr if info else None, timeout))
                         self._held.add(hop)
                         seq.note_reached(r.peer_id)
                 except BaseException:  # the route's sessions count no more; those opened are closed below

@@ -32,9 +32,12 @@ and taking the max never counts a session twice. `session_spread` breaks the tie
 batch for free: the less loaded one wins.
 
 A server this client has never reached (`verified` says no) is a probe, not a promise: anyone can sign
-an announcement of huge throughput at an address where nothing listens, so its throughput counts as
-the slowest announced among the candidates and `unverified_penalty` is added: a server we have
-dialled or opened a session with wins over any number of strangers announcing more.
+an announcement of huge throughput at an address where nothing listens — or where a peer accepts
+connections and never answers — so its throughput counts as the slowest announced among the
+candidates and `unverified_penalty` is added, shared out over the blocks it would carry (a long
+announced span saves no penalty): a server we have opened a session with wins over any number of
+strangers announcing more, connected ones included. A stranger we have not even dialled (`dialled`
+says no) costs `undialled_penalty` more: one we are connected to is at least a live peer.
 
 (RTT from the DHT's estimate; Petals uses RTT/2 + 18 ms and a 10 s penalty for a full cache). Banned
 servers are left out. The client's own server (`local`: its blocks run in process) costs no RTT and
@@ -48,9 +51,11 @@ outputs — never refusals, pipeline/errors.py) with exponential backoff, and bu
 demand; sessions ask it for a route and report faults to it. The client's own peer id is routed to
 only when the client runs its peer's blocks in process (`local_blocks`): nothing dials itself. A fault
 ban is lifted as soon as an announcement says the server started after the ban (a restart).
-What the client has verified of each server: `reached` (a session opened), `contacted` (a dial
-succeeded), `unreachable` (a first contact failed: left out for `unreachable_for` seconds without a
-ban's strike — a dead address costs a dial, not a fault). `to_probe` names the never-contacted
+What the client has verified of each server: `reached` (a session opened: only this is `verified`),
+`contacted` (a dial succeeded, or we are connected: worth no more dials, but no proof that it serves),
+`unreachable` (a first contact failed — a dial, or the open of a server never reached, which
+pipeline/client.py gives a shorter timeout: left out for `unreachable_for` seconds without a ban's
+strike — a dead or mute address costs a dial, not a fault). `to_probe` names the never-contacted
 servers worth dialling before routing (pipeline/client.py dials them in parallel).
 `held`: this client's sessions per server, counted from the moment a route is chosen (`hold`) to
 the hop's close (`release`, pipeline/client.py) — the load routing adds to what servers announce.
@@ -99,7 +104,10 @@ class RoutingConfig:
     no_cache_penalty: float = 10.0
     unreliability_penalty: float = 1.0  # seconds of route cost for a server of reliability 0
     local_discount: float = 1e-6  # our own blocks' compute time counts this fraction less: they win ties
-    unverified_penalty: float = 1.0  # seconds of route cost for a server this client has never reached
+    # seconds of route cost for carrying the whole range through servers this client has never reached,
+    # charged per block (a stranger's span of blocks, like its throughput, is only a claim) ...
+    unverified_penalty: float = 1.0
+    undialled_penalty: float = 1.0  # ... and more for those it is not even connected to (nor dialled)
     session_spread: float = 1e-3  # seconds of route cost per session a server runs: equal servers share the load
     grid_max_age: float = DEFAULT_MAX_AGE  # seconds: an older grid signal is ignored
     price_weight: float = 1.0  # with a cheap preference: seconds of route cost per block at a 1× rate
@@ -123,15 +131,15 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
                exclude: Iterable[str] = (), need_cache_tokens: int = 0,
                config: RoutingConfig | None = None,
                reliability: Callable[[ServerInfo], float] | None = None, local: str | None = None,
-               verified: Callable[[str], bool] | None = None, grid: GridPreference | None = None,
-               price: Callable[[ServerInfo], float] | None = None,
+               verified: Callable[[str], bool] | None = None, dialled: Callable[[str], bool] | None = None,
+               grid: GridPreference | None = None, price: Callable[[ServerInfo], float] | None = None,
                load: Callable[[ServerInfo], int] | None = None) -> list[RouteHop]:
     """Cheapest chain of hops covering [start, end) exactly; raises NoRoute naming the first gap.
     `local`: the peer whose blocks run in this process (no network between us). `verified`: whether
-    this client has reached a server (None: believe every announcement). `grid`: a green preference
-    (None: grid signals play no part). `price`: a cheap preference, a server's price multiplier
-    (None: price plays no part; our own blocks are free). `load`: the sessions a server runs (None: as
-    it announced)."""
+    this client has reached a server (None: believe every announcement); `dialled`: whether it is
+    connected to it or dialled it (None: as if so). `grid`: a green preference (None: grid signals
+    play no part). `price`: a cheap preference, a server's price multiplier (None: price plays no
+    part; our own blocks are free). `load`: the sessions a server runs (None: as it announced)."""
     cfg = config or RoutingConfig()
     banned = set(exclude)
     usable = [s for s in servers if s.online and s.peer_id not in banned and s.start < end and s.end > start]
@@ -139,13 +147,17 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
     edges: dict[int, list[tuple[int, float, str]]] = {}
     for s in usable:
         sessions = load(s) if load is not None else s.sessions
+        unknown = 0.0  # route cost per block of a server never reached
         if s.peer_id == local:
             base = 0.0
             per_block = (1.0 - cfg.local_discount) * block_time(s.decode_tps, s.batch_decode_tps, s.batch_size, sessions)
         elif verified is not None and not verified(s.peer_id):
             r = rtt(s.peer_id)
-            base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead + cfg.unverified_penalty
+            base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead
             per_block = block_time(slowest, None, 1, sessions)
+            undialled = dialled is not None and not dialled(s.peer_id)
+            # a share per block, not per hop: announcing a longer span buys no fewer penalties
+            unknown = (cfg.unverified_penalty + (cfg.undialled_penalty if undialled else 0.0)) / (end - start)
         else:
             r = rtt(s.peer_id)
             base = (cfg.default_rtt if r is None else r) + cfg.hop_overhead
@@ -153,6 +165,7 @@ def find_route(servers: Iterable[ServerInfo], start: int, end: int, *, rtt: Call
         base += cfg.session_spread * sessions
         if grid is not None:
             per_block *= grid.slowdown(s.grid)
+        per_block += unknown
         if s.cache_tokens < need_cache_tokens:
             base += cfg.no_cache_penalty
         r = reliability(s) if reliability is not None else s.reliability
@@ -348,7 +361,12 @@ class SequenceManager:
         self.servers = sorted((s for s in newest.values() if s.online), key=lambda s: (s.start, s.end, s.peer_id))
 
     def verified(self, peer_id: str) -> bool:
-        """We reached `peer_id`: opened a session with it, or dialled it."""
+        """We reached `peer_id`: opened a session with it (a connection alone proves nothing: a Sybil
+        accepts streams and never answers)."""
+        return peer_id in self.reached
+
+    def dialled(self, peer_id: str) -> bool:
+        """We reached `peer_id` or a dial to it succeeded: dialling it again would tell us nothing."""
         return peer_id in self.reached or peer_id in self.contacted
 
     def note_reached(self, peer_id: str) -> None:
@@ -381,19 +399,19 @@ class SequenceManager:
 
     def to_probe(self, start: int, end: int, n: int) -> list[ServerInfo]:
         """Up to `n` never-contacted servers to dial before routing [start, end): none while every
-        block there has a verified server we may route to; else servers of the blocks that lack one,
+        block there has a dialled server we may route to; else servers of the blocks that lack one,
         those our DHT has heard from first (a live peer), in random order otherwise: what an
         announcement claims (span, throughput) cannot tell an honest stranger from a Sybil."""
         avoid = self._avoid(())
         usable = [s for s in self.servers if s.online and s.peer_id not in avoid and s.start < end and s.end > start]
         covered: set[int] = set()
         for s in usable:
-            if self.verified(s.peer_id) or (self.local_blocks and s.peer_id == self.me):
+            if self.dialled(s.peer_id) or (self.local_blocks and s.peer_id == self.me):
                 covered.update(range(max(s.start, start), min(s.end, end)))
         missing = set(range(start, end)) - covered
         if not missing:
             return []
-        unknown = [s for s in usable if not self.verified(s.peer_id) and missing.intersection(range(s.start, s.end))]
+        unknown = [s for s in usable if not self.dialled(s.peer_id) and missing.intersection(range(s.start, s.end))]
         random.shuffle(unknown)
         unknown.sort(key=lambda s: self.dht.rtt_estimate(s.peer_id) is None)
         return unknown[:n]
@@ -499,18 +517,20 @@ class SequenceManager:
         try:
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified, grid=grid, price=price, load=self.load)
+                              local=local, verified=self.verified, dialled=self.dialled, grid=grid, price=price,
+                              load=self.load)
         except NoRoute:
             servers = await self.refresh(force=True)  # the swarm may have changed since the last read
             return find_route(servers, start, end, rtt=self.rtt, exclude=self._avoid(exclude),
                               need_cache_tokens=need_cache_tokens, config=self.config, reliability=self.reliability,
-                              local=local, verified=self.verified, grid=grid, price=price, load=self.load)
+                              local=local, verified=self.verified, dialled=self.dialled, grid=grid, price=price,
+                              load=self.load)
 
     def checkers(self, start: int, end: int, *, exclude: Iterable[str] = ()) -> list[ServerInfo]:
         """Online, trusted, unbanned servers whose span holds all of [start, end) (spot-check candidates):
         our own (in process), servers we reached or our DHT hears from, not strangers known by their
-        announcement alone (a checker is opened in passing, one candidate after another: dead addresses
-        would each cost a dial)."""
+        announcement or a connection alone (a checker is opened in passing, one candidate after another:
+        dead addresses would each cost a dial, mute peers a timeout)."""
         avoid = self._avoid(exclude)
         return [s for s in self.servers if s.online and s.start <= start and end <= s.end and s.peer_id not in avoid
                 and (s.peer_id == self.me or self.verified(s.peer_id) or self.dht.rtt_estimate(s.peer_id) is not None)]

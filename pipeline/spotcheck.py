@@ -42,7 +42,8 @@ Checker choice and bounded checks. A check runs while the user waits, so the che
 candidate: candidates are ordered by the client's RTT estimate (routing's: measured by sessions, the
 DHT's pings, else Vivaldi), in buckets of `NEAR_S` — within a bucket, and for a candidate with no
 estimate yet (its first check measures it), the order is random, spreading checks over equally near
-replicas. And a check is bounded: opening the checker session and its replay get `wait_min` +
+replicas. A checker or referee whose session opened is one the client has reached: routes believe its
+announcement from then on (pipeline/routing.py). And a check is bounded: opening the checker session and its replay get `wait_min` +
 `wait_factor` × the wall time of the steps it covers (as the client measured them), never more than
 the step timeout. A checker that has not answered by then is dropped (its session closed; not banned:
 slow is not a fault) and the output is used *unchecked for now*: the steps stay in the hop's
@@ -333,6 +334,7 @@ class SpotChecker:
                 asked.append(info.peer_id)
                 try:
                     watch.checker = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
+                    self.seq.note_reached(info.peer_id)  # a session opened: routes may believe its announcement
                     break
                 except Refused as e:  # not a fault: no ban, try another (and not this one again for this hop)
                     log.info("checker candidate %s refused: %s", info.peer_id[-8:], e)
@@ -381,6 +383,7 @@ class SpotChecker:
             ref = None
             try:
                 ref = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
+                self.seq.note_reached(info.peer_id)
                 out = await self._replay(ref, list(watch.records))
             except Refused as e:  # not a fault: no ban, ask another
                 log.info("referee candidate %s refused: %s", info.peer_id[-8:], e)

@@ -462,17 +462,17 @@ class Peer:
 
     async def _coverage(self, card: dict) -> tuple[list[ServerInfo], dict]:
         """The model's servers as announced, and the swarm's coverage of it (`coverage_view`)."""
-        # Capacity counts the servers reached: ourselves, peers we are connected to, and those our client
-        # opened a session with or dialled (announcements alone can be Sybils at dead addresses).
-        reached = {self.identity.peer_id, *self.network.connected_peers()}
+        # Capacity counts the servers reached: ourselves and those our client opened a session with —
+        # not peers merely connected (a Sybil accepts connections and streams and never answers).
+        me = self.identity.peer_id
         client = self._loaded_client(card["model_id"])
         if client is not None:
             # The view routes are built from (DHT + gossip), so "no route" means just that.
             sequence = client.sequence
             servers = await sequence.refresh()
-            return servers, coverage_view(servers, card["num_blocks"], lambda p: p in reached or sequence.verified(p))
+            return servers, coverage_view(servers, card["num_blocks"], lambda p: p == me or sequence.verified(p))
         servers = await fetch_servers(self.dht, card["model_id"], num_blocks=card["num_blocks"])
-        return servers, coverage_view(servers, card["num_blocks"], reached.__contains__)
+        return servers, coverage_view(servers, card["num_blocks"], lambda p: p == me)
 
     async def credits(self) -> dict:
         """What `potluck credits` and `GET /api/credits` show: the ledger's summary with every peer's

@@ -2,9 +2,10 @@
 
 Built from the DHT's announcements (`pipeline.announce.ServerInfo`); shown by `/v1/models`,
 `/api/status`, the dashboard and `potluck status`. Anyone can sign an announcement of huge throughput
-and cache at an address where nothing listens, so the capacity figures (throughput, the longest
-request) count only servers this peer has reached (`reached`); which blocks are served, and by how
-many, is what the announcements say.
+and cache at an address where nothing listens, or where it accepts connections and never answers, so
+the capacity figures (throughput, the longest request) count only servers this peer has reached
+(`reached`: its own, and those its client opened a session with); which blocks are served, and by
+how many, is what the announcements say.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ def format_ranges(ranges: Iterable[Iterable[int]]) -> str:
 
 def coverage_view(servers: Iterable, num_blocks: int, reached: Callable[[str], bool] | None = None) -> dict:
     """Per-block replicas of the online servers, the gaps, the servers; summed decode throughput and
-    free cache of those among them this peer has reached (a session opened, a dial that succeeded,
-    its own; None: believe every announcement, as `pipeline.routing.find_route` does)."""
+    free cache of those among them this peer has reached (a session opened, or its own — not a mere
+    connection; None: believe every announcement, as `pipeline.routing.find_route` does)."""
     replicas = [0] * num_blocks
     tps = [0.0] * num_blocks
     room: list[int | None] = [None] * num_blocks  # the most cache tokens one reached server of each block has free

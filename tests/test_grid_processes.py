@@ -73,8 +73,9 @@ def test_api_request_preferring_green_goes_through_the_greener_server(smollm2_da
     refresher.thread.start()
     procs: dict[str, PeerProcess] = {}
     try:
-        procs["user"] = PeerProcess(tmp_path / "user", *common, "--api", "127.0.0.1:0",
-                                    "--spot-check-fraction", "0").start(timeout=120)
+        # spot checks on (the default): the other server, opened as a checker, is one the user has reached,
+        # so routes believe its announcement (pipeline/routing.py) and can follow the swapped signals to it
+        procs["user"] = PeerProcess(tmp_path / "user", *common, "--api", "127.0.0.1:0").start(timeout=120)
         boot = ["--bootstrap", procs["user"].addr]
         for name in ("green", "dirty"):  # started together: each measures its speed under the same load
             procs[name] = PeerProcess(tmp_path / name, *common, *boot, "--blocks", "0:30",
