@@ -129,6 +129,8 @@ async def test_a_real_server_announces_its_load_and_a_new_client_routes_around_i
             await _wait(lambda: not loaded.server.sessions)
             await loaded.server.announce()
             # with the load gone the two are equal again: the next generations are spread by our own count
+            # (among servers this client trusts: it has not opened the loaded one yet, as if it had)
+            model.sequence.note_reached(loaded.network.peer_id)
             model.sequence.refresh_interval = 0.0
             again = [await model.inference_session(32).__aenter__() for _ in range(2)]
             try:
