@@ -40,8 +40,7 @@
   `open_local`: the same admission and refusals, the same KV caches and limits, but steps are calls
   (`InProcessSession.run`) — no stream, no serialisation, nothing billed (serving ourselves is free).
 - Server-to-server forwarding: a step may carry a "push" list; the output is then also sent to the
-  next server's session (stream `/potluck/inference-push/1.0.0`), which answers the client itself;
-  the push goes out before this server signs and sends its own "out" (it is on the token's critical path).
+  next server's session (stream `/potluck/inference-push/1.0.0`), which answers the client itself.
   The next hop must be a server whose current announcement (as this server reads the DHT, at most
   every `announcement_refresh` seconds) covers the block after the session's span; it is dialled by
   peer id, at the address it announced when the network knows none. A step naming anyone else is
@@ -741,10 +740,8 @@ class BlockServer:
             return None
         out, compute_s, served, signed = ran
         packed = pack_hidden(out)
-        if next_hop is not None:
-            # the next server's input is on the token's critical path, this reply is not: forward first,
-            # so the push never waits behind signing and sending the reply (bounded by push_timeout)
-            await self._push(push, next_hop, step_id, pos, packed, push_receipts)
+        if next_hop is not None and self._nursery is not None:
+            self._nursery.start_soon(self._push, push, next_hop, step_id, pos, packed, push_receipts)
         reply = {"t": "out", "id": step_id, "h": packed, "compute_s": compute_s, "pushed": bool(push), "served": served}
         if session.seed is not None and signed is not None:
             assert self.model_id is not None  # run() set it before serving
