@@ -15,7 +15,10 @@ In one run, on this machine:
   batching gain without any network, `forward_by_batch`).
 Reported: tokens/s (new tokens / wall time of the whole generation, prefill included), swarm/local
 ratios, time to first token, per-token time split into server compute, network (+ serialisation,
-thread hops) and the client's own head (embed, final norm, LM head, sampling), whether the swarm's
+thread hops) and the client's own head (embed, final norm, LM head, sampling), the per-token per-hop
+overhead (a step's wall less the servers' compute, per token, per server on the route; direct and push)
+against bench.hop's round trip of one decode step's hidden state on the same machine in the same run
+(`per_hop_overhead`), whether the swarm's
 tokens equal HF's, and peak RSS of each server process against a process holding the full model.
 
 Speculative decoding (`speculative`): on a prompt that restates given text (`RESTATE`), the same
@@ -151,6 +154,15 @@ def start_servers(folder: Path, k: int, num_layers: int, threads: int, root: Pat
     return [(p, p.status()["server"]) for p in procs]
 
 
+async def transport_round_trip(size: int) -> dict:
+    """bench.hop's round trip of a `size`-byte request (a decode step's hidden state) over our libp2p
+    backend and over raw TCP, in this process: what a hop's messages cost the transport alone."""
+    from bench.hop import measure, summarize
+
+    m = await measure(argparse.Namespace(size=size, rounds=200, warmup=20, mib=1, bulk_repeats=1))
+    return {"request_bytes": size, "libp2p": summarize(m["libp2p"]["rtt"]), "tcp": summarize(m["tcp"]["rtt"])}
+
+
 async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, expect: list[int]) -> dict:
     from dht.node import DHTNode
     from p2p.identity import Identity
@@ -187,6 +199,10 @@ async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: 
                                      "client_head": 1000 * client_s / n},
                     "route": [[p[-8:], a, b] for p, a, b in g.route], "push_fallbacks": g.push_fallbacks,
                 }
+                # what a hop costs beyond its compute: the steps' wall less the servers' compute (the client's
+                # head left out: it is paid once a token, not per hop), per token, per server on the route
+                results[mode]["per_hop_overhead_ms"] = 1000 * g.network_s / n / max(1, len(g.route))
+            results["transport"] = await transport_round_trip(4 * model.model_config.hidden_size)
             model.client_config.push = False  # client-driven: speculation's figure alone
             results["speculative"] = await restating_runs(model, n)
             nursery.cancel_scope.cancel()
@@ -358,6 +374,11 @@ def main(argv: list[str] | None = None) -> None:
         "ratio_swarm_direct_vs_local_hf": swarm["direct"]["tokens_per_s"] / hf_tps,
         "ratio_swarm_push_vs_local_hf": swarm["push"]["tokens_per_s"] / hf_tps,
         "ratio_push_vs_direct": swarm["push"]["tokens_per_s"] / swarm["direct"]["tokens_per_s"],
+        "per_hop_overhead": {
+            "direct_ms": swarm["direct"]["per_hop_overhead_ms"], "push_ms": swarm["push"]["per_hop_overhead_ms"],
+            "transport_rtt_ms": swarm["transport"]["libp2p"]["median_ms"], "tcp_rtt_ms": swarm["transport"]["tcp"]["median_ms"],
+            "direct_over_transport_rtt": swarm["direct"]["per_hop_overhead_ms"] / swarm["transport"]["libp2p"]["median_ms"],
+            "push_over_transport_rtt": swarm["push"]["per_hop_overhead_ms"] / swarm["transport"]["libp2p"]["median_ms"]},
         "concurrent": concurrent, "aggregate_over_single": concurrent["aggregate_over_single"],
         "speculative": swarm["speculative"], "speculative_over_plain": swarm["speculative"]["speculative_over_plain"],
         "local_hf_prompt_lookup": local_spec,
@@ -371,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
     else:
         for k in ("local_hf", "local_ours", "swarm_direct", "swarm_push"):
             print(f"{k:14s} {report[k]['tokens_per_s']:7.1f} tok/s")
+        hop = report["per_hop_overhead"]
+        print(f"per-token per-hop overhead: direct {hop['direct_ms']:.2f} ms, push {hop['push_ms']:.2f} ms "
+              f"(libp2p round trip {hop['transport_rtt_ms']:.2f} ms, TCP {hop['tcp_rtt_ms']:.2f} ms)")
         print(f"swarm/local: direct {report['ratio_swarm_direct_vs_local_hf']:.2f}, push {report['ratio_swarm_push_vs_local_hf']:.2f}")
         print(f"{args.clients} clients: aggregate/single {report['aggregate_over_single']:.2f}")
         spec = report["speculative"]

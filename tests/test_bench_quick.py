@@ -133,6 +133,8 @@ def test_pipeline_quick(smollm2_data):
         assert figure(r, f"{mode}.tokens_per_s") > 0
         assert r[mode]["tokens_match_local"] is True, r[mode]  # greedy through the swarm = local
     assert figure(r, "ratio_swarm_direct_vs_local_hf") > 0 and figure(r, "ratio_swarm_push_vs_local_hf") > 0
+    for key in ("direct_ms", "push_ms", "transport_rtt_ms", "direct_over_transport_rtt", "push_over_transport_rtt"):
+        assert figure(r, f"per_hop_overhead.{key}") > 0  # per-token per-hop overhead against the transport's RTT
     assert figure(r, "rss.server_over_full") > 0
     c = r["concurrent"]  # continuous batching: 4 clients at once through the same servers
     assert c["clients"] == 4 and c["tokens_match_local"] is True, c
