@@ -76,9 +76,8 @@ from . import protocol as proto
 from .announce import ServerInfo
 from .billing import ClientBilling
 from .directory import SwarmDirectory
-from .config import ModelConfig
 from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
-from .flops import span_flops
+from .flops import tier_flops_per_token
 from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
@@ -587,12 +586,6 @@ class InferenceSession:
         return len(hops), h
 
 
-def _prefill_flops_per_token(config: ModelConfig, block: int, tokens: int = 64) -> float:
-    """FLOPs per token of a `tokens`-token prefill through `block`: what a server's measured prefill
-    tokens/s is worth (pipeline/server.py places itself in a tier by the same figure)."""
-    return span_flops(config, block, block + 1, tokens) / tokens
-
-
 def _telling(refusals: list[Refused]) -> Refused:
     """The refusal to raise when every server refused: the one offering the longest session (too
     long / cache full, so the caller learns the usable limit), else the last."""
@@ -620,8 +613,8 @@ class DistributedModel:
         self.local_server = local_server
         self.sequence = SequenceManager(dht, model_id, self.model_config.num_layers, me=network.peer_id,
                                         local_blocks=local_server is not None)
-        # the FLOPs the servers' tiers are checked against: a 64-token prefill through a block, per token
-        self.sequence.block_flops = functools.partial(_prefill_flops_per_token, self.model_config)
+        # the FLOPs the servers' tiers are checked against: the figure they place themselves by
+        self.sequence.block_flops = functools.partial(tier_flops_per_token, self.model_config)
         billing = self.client_config.billing
         if billing is not None:
             billing.register_model(model_id, self.model_config)

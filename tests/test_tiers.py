@@ -15,7 +15,7 @@ from dht.records import InvalidRecord
 from p2p.identity import Identity
 from pipeline.announce import ServerInfo
 from pipeline.billing import ServerBilling
-from pipeline.flops import span_flops
+from pipeline.flops import span_flops, tier_flops_per_token
 from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, POLICIES, ModelPricing
 from pipeline.protocol import InferenceError
 from pipeline.routing import TIER_SLACK, SequenceManager, find_route
@@ -193,7 +193,7 @@ def _manager(*servers: ServerInfo) -> SequenceManager:
     # what believed_tier and price read: announcements (no DHT is asked) and the model's FLOPs per token
     manager = SequenceManager(dht=None, model_id=DEFAULT_MODEL_ID, num_blocks=30)  # type: ignore[arg-type]
     manager.servers = list(servers)
-    manager.block_flops = lambda block: span_flops(DEFAULT_MODEL_CONFIG, block, block + 1, 64) / 64
+    manager.block_flops = lambda block: tier_flops_per_token(DEFAULT_MODEL_CONFIG, block)
     return manager
 
 
