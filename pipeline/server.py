@@ -524,7 +524,7 @@ class BlockServer:
                 "tier": None if self.tier is None else {
                     "name": self.tier.tier, "milli": self.tier.announced_milli(time.time()),
                     "quarantine_until": self.tier.quarantine_until, "flops_per_s": self.flops_per_s},
-                **({"billing": {**self.billing.stats, "rates": list(self.billing.rates)}}
+                **({"billing": {**self.billing.stats, "rate": self.billing.rate}}
                    if self.billing is not None else {}), **self.stats}
 
     # --- sessions --------------------------------------------------------------------------------
@@ -556,6 +556,8 @@ class BlockServer:
                             reply = {"t": "opened", "session": session.id, "start": session.span.start,
                                      "end": session.span.end, "max_length": session.max_length,
                                      "cache_tokens_left": self.cache_tokens_left()}
+                            if session.account is not None:  # the rate its receipts must carry
+                                reply["rate"] = session.account.rate
                         elif kind == "step":
                             if session is None:
                                 raise InferenceError("NoSession", "no session is open on this stream: send 'open' first")

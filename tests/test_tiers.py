@@ -14,11 +14,12 @@ from credits import RATE_UNIT, InvalidReceipt, Ledger, Receipt, ReceiptTracker, 
 from dht.records import InvalidRecord
 from p2p.identity import Identity
 from pipeline.announce import ServerInfo
-from pipeline.billing import ServerBilling
+from pipeline.billing import ClientBilling, ServerBilling
+from pipeline.errors import SERVER_SPECIFIC, RateRefused
 from pipeline.flops import span_flops, tier_flops_per_token
 from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, POLICIES, ModelPricing
 from pipeline.protocol import InferenceError
-from pipeline.routing import TIER_SLACK, SequenceManager, find_route
+from pipeline.routing import OBSERVED_SLACK, SequenceManager, find_route
 from pipeline.tiers import MAX_MILLI, MIN_MILLI, RECORD_NAME, TIERS, settle_tier, tier_milli, tier_multiplier, tier_of
 
 TIERED = POLICIES["tiered"]
@@ -144,27 +145,38 @@ def test_a_sessions_rate_cannot_change_under_a_cumulative_receipt():
     tracker.accept(_receipt(client, server, rate=250, tokens=10, counter=2), served_tokens=10)
 
 
-async def test_a_server_accepts_rates_between_the_lowest_tier_and_its_own():
+async def test_a_server_states_one_rate_per_session_and_accepts_no_other():
     server, client = Identity.generate(), Identity.generate()
     billing = ServerBilling(Ledger(server, Store(None), pricing=ModelPricing(TIERED)))
     billing.set_tier(1000, "bfloat16")
-    assert billing.rates == (TIERED.rate(MIN_MILLI, "bfloat16"), 900) == (45, 900)
+    assert billing.rate == 900
     account = await billing.open(client.peer_id, session=SESSION, model=DEFAULT_MODEL_ID, start=0, end=2, idle=True)
-    assert account is not None
-    with pytest.raises(InferenceError) as refused:  # more than it announced: a refusal, not a fault
-        account.check(_receipt(client, server, rate=1000, tokens=4).to_list(), 4)
-    assert refused.value.kind == "BadReceipt"
-    with pytest.raises(InferenceError):  # below the lowest tier at its precision
-        account.check(_receipt(client, server, rate=44, tokens=4).to_list(), 4)
+    assert account is not None and account.rate == 900  # what "opened" states
+    for rate in (1000, TIERED.rate(MIN_MILLI, "bfloat16")):  # more, or the lowest tier's floor: both refused
+        with pytest.raises(InferenceError) as refused:
+            account.check(_receipt(client, server, rate=rate, tokens=4).to_list(), 4)
+        assert refused.value.kind == "BadReceipt"
     account.check(_receipt(client, server, rate=900, tokens=4).to_list(), 4)
     assert account.tracker.latest is not None and account.tracker.latest.rate == 900
+    billing.set_tier(250, "bfloat16")  # e.g. a quarantine began: new sessions only
     other = await billing.open(client.peer_id, session=b"t" * 16, model=DEFAULT_MODEL_ID, start=0, end=2, idle=True)
-    assert other is not None
-    receipt = Receipt.sign(client, server=server.public_key, model=DEFAULT_MODEL_ID, start=0, end=2, tokens=4,
-                           flops=ModelPricing(TIERED)(DEFAULT_MODEL_ID, 0, 2, 4, 45), session=b"t" * 16, counter=1,
-                           rate=45)
-    other.check(receipt.to_list(), 4)  # a client that does not believe our tier pays the lowest one's
+    assert other is not None and other.rate == 225 and account.rate == 900
     assert billing.stats["bad_receipts"] == 2
+
+
+def test_a_client_signs_at_the_stated_rate_only_up_to_the_tier_it_believes():
+    client, server = Identity.generate(), Identity.generate()
+    billing = ClientBilling(Ledger(client, Store(None), pricing=ModelPricing(TIERED)))
+    assert billing.rate(server.peer_id, "float32") == 50  # no belief: the lowest tier, at the session's precision
+    billing.tier_source = lambda peer: 1000
+    info = {"model": DEFAULT_MODEL_ID, "start": 0, "end": 2, "served": 0, "tokens": 4}
+    for asked in (2700, TIERED.min_rate - 1, 0):  # dearer than believed, or no rate the policy prices
+        with pytest.raises(RateRefused) as refused:
+            billing.agree(server.peer_id, SESSION, asked, "bfloat16")
+        assert isinstance(refused.value, SERVER_SPECIFIC) and refused.value.peer_id == server.peer_id
+    assert billing.receipt(server.peer_id, SESSION, info) is None  # no rate agreed: nothing signed
+    billing.agree(server.peer_id, SESSION, 450, "bfloat16")  # cheaper than believed (e.g. quarantined): its rate
+    assert Receipt.from_list(billing.receipt(server.peer_id, SESSION, info)).rate == 450
 
 
 # --- announcements, belief, routing ---------------------------------------------------------------------------
@@ -198,29 +210,38 @@ def _manager(*servers: ServerInfo) -> SequenceManager:
 
 
 def test_a_client_believes_a_tier_only_as_far_as_speeds_bear_it_out():
-    per_token = span_flops(DEFAULT_MODEL_CONFIG, 0, 1, 64) / 64
+    per_token = tier_flops_per_token(DEFAULT_MODEL_CONFIG, 0)
+    assert per_token == span_flops(DEFAULT_MODEL_CONFIG, 0, 1, 64) / 64  # what the server places itself by
     datacenter_tps = TIERS[-1].flops_per_s / per_token  # prefill tokens/s a data-center accelerator gets
+    cpu_tps = TIERS[1].flops_per_s / per_token
     honest = _info("honest", prefill_tps=datacenter_tps, tier_milli_=8000)
-    boaster = _info("boaster", prefill_tps=1e11 / per_token, tier_milli_=8000)  # cpu speed, datacenter price
+    boaster = _info("boaster", prefill_tps=cpu_tps, tier_milli_=8000)  # cpu speed, datacenter price
     silent = _info("silent", prefill_tps=datacenter_tps, tier_milli_=None)
     manager = _manager(honest, boaster, silent)
-    assert manager.believed_tier("honest") == (8000, "float32")
-    assert manager.believed_tier("boaster") == (250, "float32")  # what its own announced speed is worth
-    assert manager.believed_tier("silent")[0] == MIN_MILLI
-    assert manager.believed_tier("stranger")[0] == MIN_MILLI
+    assert manager.believed_tier("honest") == 8000
+    assert manager.believed_tier("boaster") == 250  # what its own announced speed is worth
+    assert manager.believed_tier("silent") == MIN_MILLI
+    assert manager.believed_tier("stranger") == MIN_MILLI
 
-    # seen stepping within TIER_SLACK of its announced speed: believed; slower than that: the lowest tier
-    manager.observe_speed("honest", 64, 4, 64 * 4 / (datacenter_tps / (TIER_SLACK / 2)))
-    assert manager.believed_tier("honest")[0] == 8000
-    manager.observe_speed("honest", 8, 4, 1e3)  # a short step measures nothing
-    assert manager.believed_tier("honest")[0] == 8000
-    slow = _info("slow", prefill_tps=datacenter_tps, tier_milli_=8000)
-    manager.servers.append(slow)
-    manager.observe_speed("slow", 64, 4, 64 * 4 / (datacenter_tps / (TIER_SLACK * 2)))
-    assert manager.believed_tier("slow")[0] == MIN_MILLI
+    # seen stepping within OBSERVED_SLACK of its announced speed (by the compute time it reports): believed
+    blocks = 4
+    manager.observe_speed("honest", 64, blocks, 64 * blocks / (datacenter_tps / (OBSERVED_SLACK / 2)), wall_s=5.0)
+    assert manager.believed_tier("honest") == 8000
+    manager.observe_speed("honest", 16, blocks, 1e3, wall_s=1e3)  # shorter than the start-up measurement: nothing
+    assert manager.believed_tier("honest") == 8000
+    # an overclaim: announced datacenter speed, seen at cpu speed: believed at most the tier of 4× that
+    liar = _info("liar", prefill_tps=datacenter_tps, tier_milli_=8000)
+    manager.servers.append(liar)
+    manager.observe_speed("liar", 64, blocks, 64 * blocks / cpu_tps, wall_s=60.0)
+    assert manager.believed_tier("liar") == tier_milli(TIERS[1].flops_per_s * OBSERVED_SLACK) < 1000
+    # a reported compute time longer than the wall clock we saw (or none) counts the wall clock
+    late = _info("late", prefill_tps=datacenter_tps, tier_milli_=8000)
+    manager.servers.append(late)
+    manager.observe_speed("late", 64, blocks, 1e9, wall_s=64 * blocks / cpu_tps)
+    assert manager.believed_tier("late") == manager.believed_tier("liar")
     # the client has no config to price FLOPs by: no tier is believed
     manager.block_flops = None
-    assert manager.believed_tier("honest")[0] == MIN_MILLI
+    assert manager.believed_tier("honest") == MIN_MILLI
 
 
 def test_prefer_cheap_picks_the_cheaper_of_two_equal_servers_and_fast_the_faster():
@@ -240,7 +261,7 @@ def test_prefer_cheap_picks_the_cheaper_of_two_equal_servers_and_fast_the_faster
     assert [h.peer_id for h in find_route([fast, slow], 0, 4)] == ["fast"]
     assert [h.peer_id for h in find_route([fast, slow], 0, 4, price=manager.price)] == ["slow"]
     # with a client ledger, routing prices what the receipts would carry (rate_of), precision included
-    manager.rate_of = lambda peer: TIERED.rate(*manager.believed_tier(peer))
+    manager.rate_of = lambda peer, dtype: TIERED.rate(manager.believed_tier(peer), dtype)
     assert manager.price(fast) == 3.0 and manager.price(slow) == 0.25
 
 
@@ -262,9 +283,9 @@ def test_a_tiered_generation_between_processes_debits_the_client_what_it_credits
         procs.append(client)
         wait_until(lambda: server.call("status")["server"]["start"] is not None, 120, message="the server loaded")
         status = server.call("status")["server"]
-        tier, rates = status["tier"], status["billing"]["rates"]
+        tier, rate = status["tier"], status["billing"]["rate"]
         assert tier["name"] in [t.name for t in TIERS] and MIN_MILLI <= tier["milli"] <= MAX_MILLI
-        assert rates == [TIERED.rate(MIN_MILLI, "float32"), TIERED.rate(tier["milli"], "float32")]
+        assert rate == TIERED.rate(tier["milli"], "float32")
         assert json.loads((tmp_path / "server" / RECORD_NAME).read_text())["tier"] == tier["name"]
 
         def generated():
@@ -297,7 +318,7 @@ def test_a_tiered_generation_between_processes_debits_the_client_what_it_credits
     earned, spent = receipts("server", "earn"), receipts("client", "spend")
     assert earned and {r.signature for r in spent} <= {r.signature for r in earned}
     paid = max(spent, key=lambda r: r.counter)
-    assert paid in earned and paid.rate != RATE_UNIT and rates[0] <= paid.rate <= rates[1]
+    assert paid in earned and paid.rate != RATE_UNIT and paid.rate == rate  # the rate the server stated
     assert paid.flops == span_flops(DEFAULT_MODEL_CONFIG, 0, 30, paid.tokens) * paid.rate // RATE_UNIT
     print(f"\ntier {tier['name']} ({tier['flops_per_s']:.3g} FLOP/s): {paid.tokens} tokens at rate {paid.rate}, "
           f"{paid.flops / 1e9:.2f} GFLOP-credits earned = spent")
