@@ -20,7 +20,7 @@ from pipeline.flops import span_flops, tier_flops_per_token
 from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, POLICIES, ModelPricing
 from pipeline.protocol import InferenceError
 from pipeline.routing import OBSERVED_SLACK, SequenceManager, find_route
-from pipeline.tiers import MAX_MILLI, MIN_MILLI, RECORD_NAME, TIERS, settle_tier, tier_milli, tier_multiplier, tier_of
+from pipeline.tiers import MAX_MILLI, MIN_MILLI, RECORD_NAME, TIERS, TierRecord, settle_tier, tier_milli, tier_multiplier, tier_of
 
 TIERED = POLICIES["tiered"]
 SESSION = b"s" * 16
@@ -382,3 +382,82 @@ def test_prefer_cheap_between_processes_routes_through_the_quarantined_server(sm
     finally:
         for p in procs:
             p.close()
+
+
+# --- agreed rates in sessions (in process) ----------------------------------------------------------------------
+
+
+def _tiered(*peers) -> None:
+    """Switch billed peers (tests/testkit/billing.py: pure FLOPs) to the tiered policy, as `--pricing tiered` would."""
+    for p in peers:
+        p.ledger.pricing.policy = TIERED
+        for billing in (getattr(getattr(p, "server", None), "billing", None), getattr(p, "client_billing", None)):
+            if billing is not None:
+                billing.policy = TIERED
+
+
+def _ask(server, milli: int) -> None:
+    """`server` places itself at tier multiplier `milli` and prices its sessions from now on by it."""
+    server.server.tier = TierRecord(tier_of(0).name, milli, milli)  # what it announces and re-prices by
+    server.server.billing.set_tier(milli, server.server.dtype_name)
+
+
+async def test_a_server_asking_more_than_believed_is_routed_around_and_never_banned(llama):
+    """Two servers of the same blocks, one asking a data-center rate its announced speed does not bear
+    out: the client opens it, refuses its rate (RateRefused), routes through the other at the rate that
+    one stated, and bans nobody; when every server asks too much, the generation fails saying so."""
+    import trio
+
+    from pipeline.loading import ModelFolder
+    from testkit.billing import add_client, add_server
+    from testkit.swarms import swarm
+
+    path, mid, local = llama
+    cfg = ModelFolder(path).config
+    prompt = [5, 17, 42, 8, 99, 3]
+    with trio.fail_after(90):
+        async with swarm("libp2p", path, [], model_id=mid) as s:
+            dear = await add_server(s, 0, 4, mid=mid, cfg=cfg)
+            fair = await add_server(s, 0, 4, mid=mid, cfg=cfg)
+            client, model = await add_client(s, mid=mid, cfg=cfg)
+            client.client_billing = model.client_config.billing
+            _tiered(dear, fair, client)
+            _ask(dear, 8000)
+            _ask(fair, 3000)  # both dearer than their announced speed bears out: no route is left
+            with pytest.raises(RateRefused, match="asks rate"):
+                await model.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+            assert not model.sequence.banned()
+            assert dear.server.stats["sessions_opened"] >= 1 and fair.server.stats["sessions_opened"] >= 1  # both opened
+
+            _ask(fair, MIN_MILLI)  # the tiny model at the test's fixed speed: the lowest tier
+            for _ in range(2):
+                g = await model.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+                assert g.token_ids == local.generate_greedy(prompt, 4)
+                assert {peer for peer, _, _ in g.servers} == {fair.network.peer_id}
+                assert [r.rate for r in g.paid] == [TIERED.rate(MIN_MILLI, "float32")]
+            assert not model.sequence.banned()
+            assert dear.server.billing.stats["bad_receipts"] == 0  # refused at open: it never saw a receipt
+
+
+async def test_pushed_steps_observe_the_servers_speed(llama, monkeypatch):
+    """In push mode the client still times each server (by the compute time it reports, bounded by when
+    its output arrived), so an overclaimed tier is refuted there too."""
+    import trio
+
+    from pipeline import routing
+    from pipeline.loading import ModelFolder
+    from testkit.billing import add_client, add_server
+    from testkit.swarms import swarm
+
+    monkeypatch.setattr(routing, "SPEED_CHECK_TOKENS", 8)  # the tiny model's context is shorter than the real check
+    path, mid, local = llama
+    cfg = ModelFolder(path).config
+    with trio.fail_after(90):
+        async with swarm("libp2p", path, [], model_id=mid) as s:
+            first = await add_server(s, 0, 2, mid=mid, cfg=cfg)
+            second = await add_server(s, 2, 4, mid=mid, cfg=cfg)
+            client, model = await add_client(s, mid=mid, cfg=cfg)
+            model.client_config.push = True
+            g = await model.generate(list(range(1, 13)), max_new_tokens=2, stop_token_ids=[])
+            assert g.push_fallbacks == 0  # every step went down the push chain
+            assert set(model.sequence.speeds) == {first.network.peer_id, second.network.peer_id}
