@@ -15,7 +15,7 @@ from dht.records import InvalidRecord
 from p2p.identity import Identity
 from pipeline.announce import ServerInfo
 from pipeline.billing import ClientBilling, ServerBilling
-from pipeline.errors import SERVER_SPECIFIC, RateRefused
+from pipeline.errors import SERVER_SPECIFIC, RateRefused, ReceiptRequired
 from pipeline.flops import span_flops, tier_flops_per_token
 from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, POLICIES, ModelPricing
 from pipeline.protocol import InferenceError
@@ -437,6 +437,16 @@ async def test_a_server_asking_more_than_believed_is_routed_around_and_never_ban
                 assert [r.rate for r in g.paid] == [TIERED.rate(MIN_MILLI, "float32")]
             assert not model.sequence.banned()
             assert dear.server.billing.stats["bad_receipts"] == 0  # refused at open: it never saw a receipt
+
+            # a client signing at another rate than the one agreed (a bug): the server's refusal of the
+            # step's receipt reaches the caller typed, and bans nobody
+            billing = client.client_billing
+            agree = billing.agree
+            billing.agree = lambda peer, session, rate, dtype: agree(peer, session, rate - 1, dtype)
+            with pytest.raises(ReceiptRequired) as refused:
+                await model.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+            assert refused.value.kind == "BadReceipt" and refused.value.peer_id == fair.network.peer_id
+            assert not model.sequence.banned()
 
 
 async def test_pushed_steps_observe_the_servers_speed(llama, monkeypatch):
