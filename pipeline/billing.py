@@ -119,9 +119,9 @@ class ServerAccount:
     billing: "ServerBilling"
     client: bytes
     tracker: ReceiptTracker
-    rate: int  # the session's rate, stated in "opened": its receipts carry exactly this one
     priority: float
     priority_at: float
+    rate: int = RATE_UNIT  # the session's rate, stated in "opened": its receipts carry exactly this one
     recorded_counter: int = 0
     recorded_flops: int = 0
     recorded_at: float = 0.0
@@ -234,7 +234,8 @@ class ServerBilling:
         tracker = ReceiptTracker(server=self.me, client=client, model=model, start=start, end=end, session=session,
                                  pricing=self.pricing)
         now = self.clock()
-        account = ServerAccount(self, client, tracker, self.rate, float(position.standing), now, recorded_at=now)
+        account = ServerAccount(self, client, tracker, float(position.standing), now, rate=self.rate,
+                                recorded_at=now)
         self.open_accounts.setdefault(client, set()).add(account)
         return account
 

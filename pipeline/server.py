@@ -436,7 +436,7 @@ class BlockServer:
         return max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
 
     def _price_tier(self) -> None:
-        """The rates our receipts must carry, from the tier we announce now (a quarantine may end)."""
+        """The rate sessions opened from now on are priced at, from the tier we announce now (a quarantine may end)."""
         if self.billing is not None and self.tier is not None:
             self.billing.set_tier(self.tier.announced_milli(time.time()), self.dtype_name)
 
