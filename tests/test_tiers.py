@@ -387,6 +387,47 @@ def test_prefer_cheap_between_processes_routes_through_the_quarantined_server(sm
 # --- agreed rates in sessions (in process) ----------------------------------------------------------------------
 
 
+class _OneReply:
+    """A network whose one stream answers "open" with `reply` (what RemoteHop.open reads of a server)."""
+
+    def __init__(self, reply: dict):
+        self.reply = reply
+
+    def address_of(self, peer_id: str) -> None:
+        return None
+
+    async def open_stream(self, peer_id: str, protocol: str) -> "_OneReply":
+        return self
+
+    async def send(self, msg: dict) -> None:
+        pass
+
+    async def receive(self) -> dict:
+        return self.reply
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_rate_an_opened_reply_states_is_an_integer_in_bounds():
+    from p2p.errors import FrameError
+    from pipeline.hop import RemoteHop
+    from pipeline.routing import RouteHop
+
+    server = Identity.generate()
+    opened = {"t": "opened", "session": SESSION, "start": 0, "end": 2, "max_length": 64, "cache_tokens_left": 64}
+
+    async def open_with(**reply):
+        return await RemoteHop.open(_OneReply({**opened, **reply}), RouteHop(server.peer_id, 0, 2), None,  # type: ignore[arg-type]
+                                    model_id=DEFAULT_MODEL_ID, max_length=64, dtype="float32", timeout=5.0)
+
+    assert (await open_with(rate=900)).rate == 900
+    assert (await open_with()).rate is None  # a server that bills nothing states none
+    for bad in (True, "900", 9.0, 0, -1, 10**6 + 1, 1 << 70):
+        with pytest.raises(FrameError, match="rate"):
+            await open_with(rate=bad)
+
+
 def _tiered(*peers) -> None:
     """Switch billed peers (tests/testkit/billing.py: pure FLOPs) to the tiered policy, as `--pricing tiered` would."""
     for p in peers:
