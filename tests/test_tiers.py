@@ -1,7 +1,9 @@
 """Hardware tiers and precision in prices (pipeline/tiers.py, pipeline/pricing.py): the tier a measured
 speed places a server in, the quarantine after a change of tier, receipts that carry a rate and are
-verified at it, the rates a server accepts, what a client believes of an announced tier, `--prefer
-cheap|fast`, and a priced generation between real processes where the client's debit is the server's credit."""
+verified at it, the one rate a session is priced at (stated at open, refused by a client that does not
+believe it: re-routed, never banned), what a client believes of an announced tier and of the speed it saw
+(pushed steps too), `--prefer cheap|fast`, and a priced generation between real processes where the
+client's debit is the server's credit."""
 
 from __future__ import annotations
 
