@@ -39,12 +39,15 @@ The protocol (pipeline/protocol.py carries it; the fields below are additions of
   replayed or non-increasing counter, so a settle never double-counts. The client appends its latest
   receipt per hop as the matching *spend* when it closes (or abandons) the hop. Balances follow from
   the servers' earn entries alone (see credits.ledger), so a client that skips its spends still pays.
-- Rates (a swarm's `PricingPolicy`, pipeline/pricing.py; pure FLOPs by default): the client signs each
-  session's receipts at one rate — its policy's rate for the server's announced tier and precision when
-  it believes the tier, the lowest tier's when it does not (`ClientBilling.tier_source`, from routing).
-  The server accepts a rate between the lowest tier's and its own announced one (`ServerBilling.set_tier`;
-  anything else is `BadReceipt`, a refusal). The receipt is both the earn and the spend: what the
-  client pays is exactly what the server earns.
+- Rates (a swarm's `PricingPolicy`, pipeline/pricing.py; pure FLOPs by default): each session has one
+  rate, the server's. The "opened" reply states it (`ServerBilling.rate`: its policy's rate for the tier
+  it announces and its precision, `set_tier`), and the server accepts receipts at exactly that rate for
+  the session (anything else is `BadReceipt`). The client signs at that rate when it is at most what it
+  believes the server's tier is worth (`ClientBilling.agree`; `tier_source`, from routing, and the
+  session's dtype); otherwise it refuses the server for this route (`RateRefused`, server-specific: it
+  re-routes, and bans nobody). So no client can pay a server less than it asks, and no server can charge
+  more than the client believes. The receipt is both the earn and the spend: what the client pays is
+  exactly what the server earns.
 - Admission: on "open" the server calls `Admission.admit(client, idle=<no other session open>)`; a
   client past its allowance is refused with `CreditRefused` and how to earn, unless the server is
   idle (free when idle).
@@ -82,6 +85,7 @@ from p2p.identity import peer_id_from_public_key, public_key_from_peer_id
 from .proofs import MAX_FETCHED_PROOF, MAX_PROOF_BYTES, DisputeClaim, DisputeProof, is_claim
 from .proofshelf import ProofShelf
 from .pricing import FLOPS_POLICY, ModelPricing
+from .errors import RateRefused
 from .protocol import InferenceError
 from .tiers import MIN_MILLI
 
@@ -117,6 +121,7 @@ class ServerAccount:
     tracker: ReceiptTracker
     priority: float
     priority_at: float
+    rate: int = RATE_UNIT  # the session's rate, stated in "opened": its receipts carry exactly this one
     recorded_counter: int = 0
     recorded_flops: int = 0
     recorded_at: float = 0.0
@@ -141,10 +146,9 @@ class ServerAccount:
         r = parse_receipt(receipt) if receipt is not None else None
         if r is not None and r == previous:
             r = None  # the one held, again
-        if r is not None and not self.billing.rates[0] <= r.rate <= self.billing.rates[1]:
+        if r is not None and r.rate != self.rate:
             self.billing.stats["bad_receipts"] += 1
-            raise InferenceError("BadReceipt", f"receipt priced at rate {r.rate}; this server prices at "
-                                 f"{self.billing.rates[1]} (or the lowest tier's {self.billing.rates[0]})")
+            raise InferenceError("BadReceipt", f"receipt priced at rate {r.rate}; this session's rate is {self.rate}")
         if r is not None:
             try:
                 self.tracker.accept(r, served_tokens=covered_tokens)
@@ -189,8 +193,8 @@ class ServerBilling:
         self.model_name = model_name
         self.pricing = pricing if pricing is not None else ledger.pricing
         self.policy = self.pricing.policy if isinstance(self.pricing, ModelPricing) else FLOPS_POLICY
-        # receipts' rates accepted: [the lowest tier's, our announced tier's] (set_tier); pure FLOPs until then
-        self.rates = (RATE_UNIT, RATE_UNIT)
+        # the rate a session opened now is priced at (set_tier); pure FLOPs until then
+        self.rate = RATE_UNIT
         self.earn_every = earn_every
         self.earn_interval = earn_interval
         self.priority_ttl = priority_ttl
@@ -205,9 +209,9 @@ class ServerBilling:
         _register(self.pricing, model_id, config)
 
     def set_tier(self, tier_milli: int, dtype: str) -> None:
-        """Price our work at the tier multiplier `tier_milli` / 1000 in `dtype` (the policy may ignore
-        either). A client that does not believe our tier may pay the lowest tier's rate instead."""
-        self.rates = (self.policy.rate(MIN_MILLI, dtype), self.policy.rate(tier_milli, dtype))
+        """Price sessions opened from now on at the tier multiplier `tier_milli` / 1000 in `dtype` (the
+        policy may ignore either); a session keeps the rate it opened at."""
+        self.rate = self.policy.rate(tier_milli, dtype)
 
     async def open(self, peer_id: str, *, session: bytes, model: str, start: int, end: int,
                    idle: bool) -> ServerAccount | None:
@@ -230,7 +234,8 @@ class ServerBilling:
         tracker = ReceiptTracker(server=self.me, client=client, model=model, start=start, end=end, session=session,
                                  pricing=self.pricing)
         now = self.clock()
-        account = ServerAccount(self, client, tracker, float(position.standing), now, recorded_at=now)
+        account = ServerAccount(self, client, tracker, float(position.standing), now, rate=self.rate,
+                                recorded_at=now)
         self.open_accounts.setdefault(client, set()).add(account)
         return account
 
@@ -321,18 +326,27 @@ class ClientBilling:
         self.pricing = pricing if pricing is not None else ledger.pricing
         self.policy = self.pricing.policy if isinstance(self.pricing, ModelPricing) else FLOPS_POLICY
         self.signers: dict[tuple[str, bytes], ReceiptSigner] = {}
-        # peer id → (the tier multiplier in thousandths we believe it has, its dtype); routing sets it
-        self.tier_source: Callable[[str], tuple[int, str]] | None = None
+        self.agreed: dict[tuple[str, bytes], int] = {}  # (server, session) → the rate its "opened" stated
+        # peer id → the tier multiplier in thousandths we believe it has; routing sets it
+        self.tier_source: Callable[[str], int] | None = None
         self.stats = {"receipts": 0, "spend_entries": 0, "spent_flops": 0, "disputes": 0, "unfiled_disputes": 0}
 
     def register_model(self, model_id: str, config: Any) -> None:
         _register(self.pricing, model_id, config)
 
-    def rate(self, peer_id: str) -> int:
-        """The rate a new session with `peer_id` is signed at: the policy's, for the tier we believe it has."""
-        if self.tier_source is None:
-            return self.policy.rate(MIN_MILLI, "")
-        return self.policy.rate(*self.tier_source(peer_id))
+    def rate(self, peer_id: str, dtype: str) -> int:
+        """The most we pay `peer_id` for a session in `dtype`: the policy's rate for the tier we believe it has."""
+        return self.policy.rate(MIN_MILLI if self.tier_source is None else self.tier_source(peer_id), dtype)
+
+    def agree(self, peer_id: str, session_id: bytes, rate: int, dtype: str) -> None:
+        """`peer_id`'s "opened" stated `rate` for session `session_id` in `dtype`: its receipts are signed
+        at that rate, if it is one our policy prices and at most what we believe the server is worth;
+        otherwise `RateRefused` (server-specific: the client routes elsewhere)."""
+        ours = self.rate(peer_id, dtype)
+        if not self.policy.allows(rate) or rate > ours:
+            raise RateRefused("RateRefused", f"server {peer_id[-8:]} asks rate {rate} for this session; we pay it "
+                              f"at most {ours} (the tier we believe it has, in {dtype})", peer_id=peer_id)
+        self.agreed[(peer_id, session_id)] = rate
 
     def receipt(self, peer_id: str, session_id: bytes, info: dict) -> list | None:
         """The receipt to send with a step (or close) to `peer_id`: covers `info["served"]`, the tokens
@@ -348,7 +362,7 @@ class ClientBilling:
                     return None
                 signer = self.signers[key] = ReceiptSigner(
                     self.identity, server=server, model=info["model"], start=info["start"], end=info["end"],
-                    pricing=self.pricing, session=session_id, rate=self.rate(peer_id))
+                    pricing=self.pricing, session=session_id, rate=self.agreed[key])
             if served > signer.tokens:
                 signer.sign(served)
                 self.stats["receipts"] += 1
@@ -360,6 +374,7 @@ class ClientBilling:
         """The session with `peer_id` is over: record the latest receipt signed for it as a spend.
         Returns that receipt (what the session cost: what we signed, even if our ledger refused to
         record it), or None when nothing was owed."""
+        self.agreed.pop((peer_id, session_id), None)
         signer = self.signers.pop((peer_id, session_id), None)
         if signer is None or signer.latest is None:
             return None

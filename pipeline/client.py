@@ -36,7 +36,9 @@
   "out"), never more than the client counts it sent that server (a server claiming more faults,
   pipeline/hop.py `OverstatedServed`); in push mode each push-list entry carries its hop's receipt. "close" carries the final
   receipt, and the latest receipt per hop is recorded as a *spend* when the hop is closed or
-  abandoned; a generation's spends are its `Generation.paid` (what this one generation cost).
+  abandoned; a generation's spends are its `Generation.paid` (what this one generation cost). A server
+  whose "opened" asks a rate above what the client believes its tier is worth is refused for the
+  route (`RateRefused`, server-specific: another is tried, nobody is banned).
 - Spot checks: `ClientConfig.spot_check` (pipeline/spotcheck.py; which steps: pipeline/checkpolicy.py,
   by default every step of a server new to this client, then fewer as it earns trust) re-runs
   steps on a second server before their output is used; a liar (confirmed by a third server) is
@@ -76,9 +78,8 @@ from . import protocol as proto
 from .announce import ServerInfo
 from .billing import ClientBilling
 from .directory import SwarmDirectory
-from .config import ModelConfig
-from .errors import SERVER_SPECIFIC, GenerationFailed, Refused
-from .flops import span_flops
+from .errors import SERVER_SPECIFIC, GenerationFailed, RateRefused, Refused
+from .flops import tier_flops_per_token
 from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
@@ -233,8 +234,16 @@ class InferenceSession:
         if m.local_server is not None and route_hop.peer_id == m.network.peer_id:
             return await LocalHop.open(m.local_server, route_hop, model_id=m.model_id, max_length=self.max_length,
                                        dtype=m.dtype_name)
-        return await RemoteHop.open(m.network, route_hop, addr, model_id=m.model_id, max_length=self.max_length,
-                                    dtype=m.dtype_name, timeout=m.client_config.open_timeout if timeout is None else timeout)
+        hop = await RemoteHop.open(m.network, route_hop, addr, model_id=m.model_id, max_length=self.max_length,
+                                   dtype=m.dtype_name, timeout=m.client_config.open_timeout if timeout is None else timeout)
+        billing = m.client_config.billing
+        if billing is not None and hop.rate is not None:
+            try:
+                billing.agree(hop.peer_id, hop.session_id, hop.rate, m.dtype_name)
+            except RateRefused:  # too dear for us: nothing was computed, so nothing is owed
+                await hop.close()
+                raise
+        return hop
 
     async def close_hop(self, hop: Hop, polite: bool = True, pay: bool = True) -> None:
         """Close a hop (with the final receipt unless `pay` is False) and record what we signed for it
@@ -382,7 +391,7 @@ class InferenceSession:
         self.stats.compute_s += compute_s
         wall = trio.current_time() - t0
         self.model.sequence.observe_rtt(hop.peer_id, max(0.0, wall - compute_s))
-        self.model.sequence.observe_speed(hop.peer_id, h.shape[1], hop.end - hop.start, wall)
+        self.model.sequence.observe_speed(hop.peer_id, h.shape[1], hop.end - hop.start, compute_s, wall)
         return out
 
     async def _run_route_hop(self, hop: Hop, h: torch.Tensor, pos: int, chunks: list[int] | None = None) -> torch.Tensor:
@@ -532,6 +541,7 @@ class InferenceSession:
         self._step_id += 1
         step_id = self._step_id
         outs: list[tuple[torch.Tensor, float] | None] = [None] * len(hops)
+        arrived = [0.0] * len(hops)  # seconds from sending the step to each hop's output: a bound on its compute
         cfg = self.model.client_config
         n = hidden.shape[1]
         for hp in hops:
@@ -552,6 +562,7 @@ class InferenceSession:
             try:
                 outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
                                                     self.model.dtype_name)
+                arrived[k] = trio.current_time() - sent_at
             except Refused as e:  # raised below, once the other hops' receives are cancelled
                 refusal = e
                 nursery.cancel_scope.cancel()
@@ -560,6 +571,7 @@ class InferenceSession:
                 failed = True
                 nursery.cancel_scope.cancel()
 
+        sent_at = trio.current_time()
         with trio.move_on_after(cfg.step_timeout):
             try:
                 await hops[0].send_step(msg)
@@ -589,13 +601,8 @@ class InferenceSession:
                 self.checker.record(hop, StepRecord(pos, h, (n,), out))
             h = out
             self.stats.compute_s += c
+            self.model.sequence.observe_speed(hop.peer_id, n, hop.end - hop.start, c, arrived[k])
         return len(hops), h
-
-
-def _prefill_flops_per_token(config: ModelConfig, block: int, tokens: int = 64) -> float:
-    """FLOPs per token of a `tokens`-token prefill through `block`: what a server's measured prefill
-    tokens/s is worth (pipeline/server.py places itself in a tier by the same figure)."""
-    return span_flops(config, block, block + 1, tokens) / tokens
 
 
 def _telling(refusals: list[Refused]) -> Refused:
@@ -625,8 +632,8 @@ class DistributedModel:
         self.local_server = local_server
         self.sequence = SequenceManager(dht, model_id, self.model_config.num_layers, me=network.peer_id,
                                         local_blocks=local_server is not None)
-        # the FLOPs the servers' tiers are checked against: a 64-token prefill through a block, per token
-        self.sequence.block_flops = functools.partial(_prefill_flops_per_token, self.model_config)
+        # the FLOPs the servers' tiers are checked against: the figure they place themselves by
+        self.sequence.block_flops = functools.partial(tier_flops_per_token, self.model_config)
         billing = self.client_config.billing
         if billing is not None:
             billing.register_model(model_id, self.model_config)

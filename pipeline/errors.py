@@ -55,6 +55,11 @@ class PushRefused(Refused):
     server reads the swarm) shows that peer serving the next blocks of the model."""
 
 
+class RateRefused(Refused):
+    """The client's own refusal at open: the server asks a rate for the session above what the client
+    believes its tier is worth (pipeline/billing.py `ClientBilling.agree`); another server may be cheaper."""
+
+
 REFUSALS: dict[str, type[Refused]] = {
     "BadMaxLength": TooLong,
     "MaxLengthExceeded": TooLong,
@@ -72,4 +77,4 @@ REFUSALS: dict[str, type[Refused]] = {
 
 # Refusals that depend on the server asked (its cache, its limits, its view of the client's standing,
 # its load): another server may accept. The rest depend on the client (its receipts) and fail at once.
-SERVER_SPECIFIC = (TooLong, CacheFull, InsufficientCredit, WrongModel, Busy)
+SERVER_SPECIFIC = (TooLong, CacheFull, InsufficientCredit, WrongModel, Busy, RateRefused)

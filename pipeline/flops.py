@@ -14,7 +14,9 @@ Per block, per token at position p (0-based; it attends to `ctx(p) = min(p + 1, 
     flops(p)   = linear + attention
 
 Prefill of n tokens after `past` cached ones costs Σ flops(p) for p in [past, past + n); decode
-is the n = 1 case. `head_flops` is the client's LM head (2·h·V per token).
+is the n = 1 case. `head_flops` is the client's LM head (2·h·V per token). `tier_flops_per_token`
+is what a prefill token/s through a block is worth in FLOP/s: the figure that places a server in a
+hardware tier (pipeline/server.py) and that clients check its announcement against (pipeline/routing.py).
 """
 
 from __future__ import annotations
@@ -63,6 +65,15 @@ def decode_flops(cfg: ModelConfig, position: int, block: int = 0) -> int:
 def prefill_flops_per_token(cfg: ModelConfig, n: int, block: int = 0) -> float:
     """Average per-token cost of a prefill of n tokens from an empty cache, one block."""
     return block_flops(cfg, n, 0, block) / n if n else 0.0
+
+
+TIER_PREFILL_TOKENS = 64  # the prefill a server's start-up measurement times (pipeline/server.py)
+
+
+def tier_flops_per_token(cfg: ModelConfig, block: int, tokens: int = TIER_PREFILL_TOKENS) -> float:
+    """FLOPs per token of a `tokens`-token prefill through `block` from an empty cache: what a measured
+    prefill tokens/s through that block is worth in FLOP/s."""
+    return prefill_flops_per_token(cfg, tokens, block)
 
 
 def span_flops(cfg: ModelConfig, start: int, end: int, new_tokens: int, past_tokens: int = 0) -> int:

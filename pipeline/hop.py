@@ -1,6 +1,7 @@
 """The client's end of one session with one server for blocks [start, end): a `Hop`.
 
 A `RemoteHop` is a stream to another peer: `RemoteHop.open` sends "open" and waits for "opened";
+"opened" states the session's rate when the server bills (`rate`, what the receipts must carry);
 `send_step` / `receive_out` carry one step (the reply is checked: its step id, token count,
 finiteness, and the server's signature over the result, pipeline/proofs.py); once the step's inputs
 are known (at once, or after a push collected every hop's output) `accept` checks the signed input
@@ -26,6 +27,7 @@ from typing import NoReturn, Protocol
 import torch
 import trio
 
+from credits.receipts import MAX_RATE
 from p2p.errors import FrameError, P2PError, StreamClosed
 from p2p.identity import public_key_from_peer_id
 from p2p.network import Network, Stream
@@ -91,11 +93,12 @@ class RemoteHop:
     """One open session with another peer's server for blocks [start, end), over a stream."""
 
     def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None, *,
-                 model_id: str, dtype: str, seed: bytes):
+                 model_id: str, dtype: str, seed: bytes, rate: int | None = None):
         self.peer_id, self.start, self.end = peer_id, start, end
         self.stream, self.session_id, self.addr = stream, session_id, addr
         self.model_id, self.dtype, self.seed = model_id, dtype, seed
         self.server_key = public_key_from_peer_id(peer_id)
+        self.rate = rate  # the session's rate, as "opened" stated it (None: the server bills nothing)
         self.served = 0  # tokens the server says it has computed in this session, at most `counted` (what we sign for)
         self.counted = 0  # tokens of our steps the server answered, less rolled-back drafts (the server's own rule)
         self.last_pos, self.last_tokens = 0, 0  # the last answered step (what a rollback may credit back)
@@ -123,7 +126,11 @@ class RemoteHop:
             sid = reply.get("session")
             if not isinstance(sid, bytes) or len(sid) != proto.SESSION_ID_LEN:
                 raise FrameError("'opened' reply lacks a session id")
-            return cls(hop.peer_id, hop.start, hop.end, stream, sid, addr, model_id=model_id, dtype=dtype, seed=seed)
+            rate = reply.get("rate")
+            if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= MAX_RATE):
+                raise FrameError(f"'opened' reply's rate is not an integer in [1, {MAX_RATE}]")
+            return cls(hop.peer_id, hop.start, hop.end, stream, sid, addr, model_id=model_id, dtype=dtype, seed=seed,
+                       rate=rate)
         except BaseException:
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):

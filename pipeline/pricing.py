@@ -16,8 +16,8 @@ with its `CreditPolicy`), since every verifier re-prices receipts. `POLICIES`:
             bfloat16 / float16 0.9, int8 0.6 — fewer bits, less work and a less exact result)
 
 A verifier cannot know a server's tier when the work was done, so it checks only that a receipt's
-rate is one the policy can produce (`PricingPolicy.allows`); the server checks it is the one it
-announced (pipeline/billing.py), and the client that it believes the tier (pipeline/routing.py).
+rate is one the policy can produce (`PricingPolicy.allows`); the server checks it is the one it stated
+when the session opened (pipeline/billing.py), and the client that it believes the tier (pipeline/routing.py).
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ client → server
     {"t": "open", "model": model id (hex), "start": a, "end": b, "max_length": L, "dtype": "float32"|"bfloat16",
      "seed": 16 bytes (optional: the client's fingerprint seed; with it, every "out" is signed)}
         → {"t": "opened", "session": 16 random bytes, "start": a, "end": b, "max_length": L,
-           "cache_tokens_left": int}
+           "cache_tokens_left": int, "rate": int (when it bills: the session's receipts carry this rate)}
     {"t": "step", "id": n, "pos": p, "h": tensor [1, k, hidden], "chunks": [k1, k2, ...] (optional),
      "push": [{"peer": id, "session": bytes, "receipt": ...}, ...] (optional), "receipt": (credits)}
         → {"t": "out", "id": n, "h": tensor [1, k, hidden], "compute_s": seconds, "pushed": bool,

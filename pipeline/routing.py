@@ -15,13 +15,17 @@ cheapest route wins, speed breaking ties; `fast` and `green` leave price out.
 
 Tiers, as the client believes them (`SequenceManager.believed_tier`): a server's announced tier
 multiplier, but never more than what its announced prefill throughput is worth in FLOP/s on this
-model (the client prices the FLOPs itself, pipeline/tiers.py); and none at all — the lowest tier —
-once the client has seen it step more than `TIER_SLACK` times slower than it announced. What a client
-sees (`observe_speed`: block-tokens per wall-clock second of its prompt-sized steps, the best seen) is
-a lower bound on the server's speed — it includes the network and both ends' overheads — so it can
-only refute a claim, not say what the true tier is: a refuted claim earns no premium (a liar caught
-earns less than an honest server of its real tier). 100× leaves room for the network and the
-overheads of short steps, and is still far below the 10⁵ between the edge and datacenter anchors.
+model (the client prices the FLOPs itself, pipeline/flops.py `tier_flops_per_token`), nor, once the
+client has seen it step, more than the tier of `OBSERVED_SLACK` × the speed it saw. What a client sees
+(`observe_speed`: block-tokens per second of its steps of at least `SPEED_CHECK_TOKENS` — the size of
+the start-up measurement that placed the server — the best seen) is timed by the compute time the
+server reports for the step ("compute_s", which excludes the network, so an honest fast server is not
+judged by its RTT), never more than the wall clock the client saw; in push mode too, where no per-hop
+wall clock exists. 4× leaves room for what a step costs beyond the start-up measurement (attention over
+the cached context, unpacking and signing, sharing the compute thread with other sessions) and is below
+every gap between tier anchors but the workstation → datacenter one, so a server claiming a tier above
+its real one is refuted after one session. A server that also understates its compute time is bounded
+only by the wall clock (this client's step, or the push chain's round trip).
 
 `load` is the sessions the server already runs and `block_time` the seconds a token of one more
 session takes through one of its blocks: 1 / decode_tps alone, up to batch_size / batch throughput
@@ -78,12 +82,13 @@ import trio
 from .announce import ServerInfo, fetch_servers
 from .directory import SwarmDirectory
 from .grid import DEFAULT_MAX_AGE, GridPreference, preference_weight
+from .flops import TIER_PREFILL_TOKENS
 from .tiers import MIN_MILLI, tier_milli
 
 log = logging.getLogger(__name__)
 
-TIER_SLACK = 100.0  # a server seen stepping this many times slower than it announced loses its tier
-SPEED_CHECK_TOKENS = 16  # steps of at least this many tokens measure a server's prefill speed
+OBSERVED_SLACK = 4.0  # a server is believed at most the tier of 4× the speed it was seen stepping at
+SPEED_CHECK_TOKENS = TIER_PREFILL_TOKENS  # steps of at least this many tokens measure a server's prefill speed
 
 
 class NoRoute(RuntimeError):
@@ -310,8 +315,8 @@ class SequenceManager:
     speeds: dict[str, float] = field(default_factory=dict)  # peer → best block-tokens/s seen in its prompt steps
     # block → FLOPs per token of a prefill through it (the model's config); None: announced tiers are not believed
     block_flops: Callable[[int], float] | None = None
-    # peer id → the rate (thousandths) our receipts to it carry (ClientBilling.rate); None: its believed tier's
-    rate_of: Callable[[str], int] | None = None
+    # (peer id, dtype) → the most we pay it, in thousandths (ClientBilling.rate); None: its believed tier
+    rate_of: Callable[[str, str], int] | None = None
     held: dict[str, int] = field(default_factory=dict)  # server → this client's sessions there (open or opening)
 
     def _avoid(self, exclude: Iterable[str]) -> set[str]:
@@ -447,28 +452,30 @@ class SequenceManager:
         c = self.checks.setdefault(peer_id, [0, 0])
         c[0 if passed else 1] += 1
 
-    def observe_speed(self, peer_id: str, tokens: int, blocks: int, seconds: float) -> None:
-        """A step of `tokens` through `blocks` of `peer_id`'s took `seconds` of wall clock here."""
+    def observe_speed(self, peer_id: str, tokens: int, blocks: int, compute_s: float, wall_s: float) -> None:
+        """A step of `tokens` through `blocks` of `peer_id`'s took `compute_s` by the server's report and
+        `wall_s` by our clock (an upper bound on its compute: a report above it, or none, counts the wall)."""
+        seconds = compute_s if 0 < compute_s <= wall_s else wall_s
         if tokens >= SPEED_CHECK_TOKENS and seconds > 0:
             self.speeds[peer_id] = max(self.speeds.get(peer_id, 0.0), tokens * blocks / seconds)
 
-    def believed_tier(self, peer_id: str) -> tuple[int, str]:
-        """(the tier multiplier in thousandths we believe `peer_id` has, its dtype): its announced one,
-        at most what its announced prefill throughput is worth, the lowest once we saw it step more than
-        `TIER_SLACK` times slower than announced (or when it announces none, or we cannot price FLOPs)."""
+    def believed_tier(self, peer_id: str) -> int:
+        """The tier multiplier in thousandths we believe `peer_id` has: its announced one, at most what its
+        announced prefill throughput is worth, and at most the tier of `OBSERVED_SLACK` × the speed we saw
+        (the lowest when it announces none, or we cannot price FLOPs)."""
         info = self.server(peer_id)
         if info is None or info.tier_milli is None or self.block_flops is None:
-            return MIN_MILLI, info.dtype if info is not None else ""
+            return MIN_MILLI
+        per_token = self.block_flops(info.start)
+        believed = min(info.tier_milli, tier_milli(info.prefill_tps * per_token))
         seen = self.speeds.get(peer_id)
-        if seen is not None and seen * TIER_SLACK < info.prefill_tps:
-            return MIN_MILLI, info.dtype
-        return min(info.tier_milli, tier_milli(info.prefill_tps * self.block_flops(info.start))), info.dtype
+        return believed if seen is None else min(believed, tier_milli(seen * OBSERVED_SLACK * per_token))
 
     def price(self, info: ServerInfo) -> float:
-        """`info`'s price multiplier as this client would pay it (the rate of our receipts / 1000)."""
+        """`info`'s price multiplier as this client would pay it at most (the rate of our receipts / 1000)."""
         if self.rate_of is not None:
-            return self.rate_of(info.peer_id) / 1000
-        return self.believed_tier(info.peer_id)[0] / 1000
+            return self.rate_of(info.peer_id, info.dtype) / 1000
+        return self.believed_tier(info.peer_id) / 1000
 
     def reliability(self, info: ServerInfo) -> float:
         """min(announced, observed here, the ledger's view) in [0, 1]."""

@@ -89,7 +89,7 @@ from .directory import SwarmDirectory
 from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .measure import batch_throughput
-from .flops import span_flops
+from .flops import TIER_PREFILL_TOKENS, tier_flops_per_token
 from .grid import GridSignal, GridSignalFile
 from .model import BlockSpan, CacheError, KVCache
 from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
@@ -113,7 +113,7 @@ class ServerConfig:
     announce_ttl: float | None = None  # default 2 × announce_period
     throughput: dict | None = None  # {"decode_tps": f, "prefill_tps": f} to skip measuring
     measure_decode_steps: int = 16
-    measure_prefill_tokens: int = 64
+    measure_prefill_tokens: int = TIER_PREFILL_TOKENS  # clients price a measured tokens/s at this many (pipeline/flops.py)
     memory_budget_bytes: int | None = None  # for auto placement; default half of available memory
     num_blocks: int | None = None  # for auto placement: force this many blocks
     rebalance_period: float = 60.0
@@ -370,8 +370,7 @@ class BlockServer:
         self.span, self.start, self.end, self.throughput = span, start, end, tp
         self.stranger_caps = StrangerCaps.of(cfg, span.cache_bytes(1))
         self._subspans = {(start, end): span}
-        tokens = cfg.measure_prefill_tokens
-        self.flops_per_s = tp["prefill_tps"] * span_flops(mf.config, start, start + 1, tokens) / tokens
+        self.flops_per_s = tp["prefill_tps"] * tier_flops_per_token(mf.config, start, cfg.measure_prefill_tokens)
         self.tier = await trio.to_thread.run_sync(settle_tier, cfg.state_dir, self.flops_per_s, time.time(),
                                                   cfg.tier_quarantine_s)
         self._price_tier()
@@ -437,7 +436,7 @@ class BlockServer:
         return max(0, (self.config.cache_budget_bytes - self.cache_used) // per_token)
 
     def _price_tier(self) -> None:
-        """The rates our receipts must carry, from the tier we announce now (a quarantine may end)."""
+        """The rate sessions opened from now on are priced at, from the tier we announce now (a quarantine may end)."""
         if self.billing is not None and self.tier is not None:
             self.billing.set_tier(self.tier.announced_milli(time.time()), self.dtype_name)
 
@@ -525,7 +524,7 @@ class BlockServer:
                 "tier": None if self.tier is None else {
                     "name": self.tier.tier, "milli": self.tier.announced_milli(time.time()),
                     "quarantine_until": self.tier.quarantine_until, "flops_per_s": self.flops_per_s},
-                **({"billing": {**self.billing.stats, "rates": list(self.billing.rates)}}
+                **({"billing": {**self.billing.stats, "rate": self.billing.rate}}
                    if self.billing is not None else {}), **self.stats}
 
     # --- sessions --------------------------------------------------------------------------------
@@ -557,6 +556,8 @@ class BlockServer:
                             reply = {"t": "opened", "session": session.id, "start": session.span.start,
                                      "end": session.span.end, "max_length": session.max_length,
                                      "cache_tokens_left": self.cache_tokens_left()}
+                            if session.account is not None:  # the rate its receipts must carry
+                                reply["rate"] = session.account.rate
                         elif kind == "step":
                             if session is None:
                                 raise InferenceError("NoSession", "no session is open on this stream: send 'open' first")

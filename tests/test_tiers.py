@@ -1,7 +1,9 @@
 """Hardware tiers and precision in prices (pipeline/tiers.py, pipeline/pricing.py): the tier a measured
 speed places a server in, the quarantine after a change of tier, receipts that carry a rate and are
-verified at it, the rates a server accepts, what a client believes of an announced tier, `--prefer
-cheap|fast`, and a priced generation between real processes where the client's debit is the server's credit."""
+verified at it, the one rate a session is priced at (stated at open, refused by a client that does not
+believe it: re-routed, never banned), what a client believes of an announced tier and of the speed it saw
+(pushed steps too), `--prefer cheap|fast`, and a priced generation between real processes where the
+client's debit is the server's credit."""
 
 from __future__ import annotations
 
@@ -14,12 +16,13 @@ from credits import RATE_UNIT, InvalidReceipt, Ledger, Receipt, ReceiptTracker, 
 from dht.records import InvalidRecord
 from p2p.identity import Identity
 from pipeline.announce import ServerInfo
-from pipeline.billing import ServerBilling
-from pipeline.flops import span_flops
+from pipeline.billing import ClientBilling, ServerBilling
+from pipeline.errors import SERVER_SPECIFIC, RateRefused, ReceiptRequired
+from pipeline.flops import span_flops, tier_flops_per_token
 from pipeline.pricing import DEFAULT_MODEL_CONFIG, DEFAULT_MODEL_ID, POLICIES, ModelPricing
 from pipeline.protocol import InferenceError
-from pipeline.routing import TIER_SLACK, SequenceManager, find_route
-from pipeline.tiers import MAX_MILLI, MIN_MILLI, RECORD_NAME, TIERS, settle_tier, tier_milli, tier_multiplier, tier_of
+from pipeline.routing import OBSERVED_SLACK, SequenceManager, find_route
+from pipeline.tiers import MAX_MILLI, MIN_MILLI, RECORD_NAME, TIERS, TierRecord, settle_tier, tier_milli, tier_multiplier, tier_of
 
 TIERED = POLICIES["tiered"]
 SESSION = b"s" * 16
@@ -144,27 +147,38 @@ def test_a_sessions_rate_cannot_change_under_a_cumulative_receipt():
     tracker.accept(_receipt(client, server, rate=250, tokens=10, counter=2), served_tokens=10)
 
 
-async def test_a_server_accepts_rates_between_the_lowest_tier_and_its_own():
+async def test_a_server_states_one_rate_per_session_and_accepts_no_other():
     server, client = Identity.generate(), Identity.generate()
     billing = ServerBilling(Ledger(server, Store(None), pricing=ModelPricing(TIERED)))
     billing.set_tier(1000, "bfloat16")
-    assert billing.rates == (TIERED.rate(MIN_MILLI, "bfloat16"), 900) == (45, 900)
+    assert billing.rate == 900
     account = await billing.open(client.peer_id, session=SESSION, model=DEFAULT_MODEL_ID, start=0, end=2, idle=True)
-    assert account is not None
-    with pytest.raises(InferenceError) as refused:  # more than it announced: a refusal, not a fault
-        account.check(_receipt(client, server, rate=1000, tokens=4).to_list(), 4)
-    assert refused.value.kind == "BadReceipt"
-    with pytest.raises(InferenceError):  # below the lowest tier at its precision
-        account.check(_receipt(client, server, rate=44, tokens=4).to_list(), 4)
+    assert account is not None and account.rate == 900  # what "opened" states
+    for rate in (1000, TIERED.rate(MIN_MILLI, "bfloat16")):  # more, or the lowest tier's floor: both refused
+        with pytest.raises(InferenceError) as refused:
+            account.check(_receipt(client, server, rate=rate, tokens=4).to_list(), 4)
+        assert refused.value.kind == "BadReceipt"
     account.check(_receipt(client, server, rate=900, tokens=4).to_list(), 4)
     assert account.tracker.latest is not None and account.tracker.latest.rate == 900
+    billing.set_tier(250, "bfloat16")  # e.g. a quarantine began: new sessions only
     other = await billing.open(client.peer_id, session=b"t" * 16, model=DEFAULT_MODEL_ID, start=0, end=2, idle=True)
-    assert other is not None
-    receipt = Receipt.sign(client, server=server.public_key, model=DEFAULT_MODEL_ID, start=0, end=2, tokens=4,
-                           flops=ModelPricing(TIERED)(DEFAULT_MODEL_ID, 0, 2, 4, 45), session=b"t" * 16, counter=1,
-                           rate=45)
-    other.check(receipt.to_list(), 4)  # a client that does not believe our tier pays the lowest one's
+    assert other is not None and other.rate == 225 and account.rate == 900
     assert billing.stats["bad_receipts"] == 2
+
+
+def test_a_client_signs_at_the_stated_rate_only_up_to_the_tier_it_believes():
+    client, server = Identity.generate(), Identity.generate()
+    billing = ClientBilling(Ledger(client, Store(None), pricing=ModelPricing(TIERED)))
+    assert billing.rate(server.peer_id, "float32") == 50  # no belief: the lowest tier, at the session's precision
+    billing.tier_source = lambda peer: 1000
+    info = {"model": DEFAULT_MODEL_ID, "start": 0, "end": 2, "served": 0, "tokens": 4}
+    for asked in (2700, TIERED.min_rate - 1, 0):  # dearer than believed, or no rate the policy prices
+        with pytest.raises(RateRefused) as refused:
+            billing.agree(server.peer_id, SESSION, asked, "bfloat16")
+        assert isinstance(refused.value, SERVER_SPECIFIC) and refused.value.peer_id == server.peer_id
+    assert billing.receipt(server.peer_id, SESSION, info) is None  # no rate agreed: nothing signed
+    billing.agree(server.peer_id, SESSION, 450, "bfloat16")  # cheaper than believed (e.g. quarantined): its rate
+    assert Receipt.from_list(billing.receipt(server.peer_id, SESSION, info)).rate == 450
 
 
 # --- announcements, belief, routing ---------------------------------------------------------------------------
@@ -193,34 +207,43 @@ def _manager(*servers: ServerInfo) -> SequenceManager:
     # what believed_tier and price read: announcements (no DHT is asked) and the model's FLOPs per token
     manager = SequenceManager(dht=None, model_id=DEFAULT_MODEL_ID, num_blocks=30)  # type: ignore[arg-type]
     manager.servers = list(servers)
-    manager.block_flops = lambda block: span_flops(DEFAULT_MODEL_CONFIG, block, block + 1, 64) / 64
+    manager.block_flops = lambda block: tier_flops_per_token(DEFAULT_MODEL_CONFIG, block)
     return manager
 
 
 def test_a_client_believes_a_tier_only_as_far_as_speeds_bear_it_out():
-    per_token = span_flops(DEFAULT_MODEL_CONFIG, 0, 1, 64) / 64
+    per_token = tier_flops_per_token(DEFAULT_MODEL_CONFIG, 0)
+    assert per_token == span_flops(DEFAULT_MODEL_CONFIG, 0, 1, 64) / 64  # what the server places itself by
     datacenter_tps = TIERS[-1].flops_per_s / per_token  # prefill tokens/s a data-center accelerator gets
+    cpu_tps = TIERS[1].flops_per_s / per_token
     honest = _info("honest", prefill_tps=datacenter_tps, tier_milli_=8000)
-    boaster = _info("boaster", prefill_tps=1e11 / per_token, tier_milli_=8000)  # cpu speed, datacenter price
+    boaster = _info("boaster", prefill_tps=cpu_tps, tier_milli_=8000)  # cpu speed, datacenter price
     silent = _info("silent", prefill_tps=datacenter_tps, tier_milli_=None)
     manager = _manager(honest, boaster, silent)
-    assert manager.believed_tier("honest") == (8000, "float32")
-    assert manager.believed_tier("boaster") == (250, "float32")  # what its own announced speed is worth
-    assert manager.believed_tier("silent")[0] == MIN_MILLI
-    assert manager.believed_tier("stranger")[0] == MIN_MILLI
+    assert manager.believed_tier("honest") == 8000
+    assert manager.believed_tier("boaster") == 250  # what its own announced speed is worth
+    assert manager.believed_tier("silent") == MIN_MILLI
+    assert manager.believed_tier("stranger") == MIN_MILLI
 
-    # seen stepping within TIER_SLACK of its announced speed: believed; slower than that: the lowest tier
-    manager.observe_speed("honest", 64, 4, 64 * 4 / (datacenter_tps / (TIER_SLACK / 2)))
-    assert manager.believed_tier("honest")[0] == 8000
-    manager.observe_speed("honest", 8, 4, 1e3)  # a short step measures nothing
-    assert manager.believed_tier("honest")[0] == 8000
-    slow = _info("slow", prefill_tps=datacenter_tps, tier_milli_=8000)
-    manager.servers.append(slow)
-    manager.observe_speed("slow", 64, 4, 64 * 4 / (datacenter_tps / (TIER_SLACK * 2)))
-    assert manager.believed_tier("slow")[0] == MIN_MILLI
+    # seen stepping within OBSERVED_SLACK of its announced speed (by the compute time it reports): believed
+    blocks = 4
+    manager.observe_speed("honest", 64, blocks, 64 * blocks / (datacenter_tps / (OBSERVED_SLACK / 2)), wall_s=5.0)
+    assert manager.believed_tier("honest") == 8000
+    manager.observe_speed("honest", 16, blocks, 1e3, wall_s=1e3)  # shorter than the start-up measurement: nothing
+    assert manager.believed_tier("honest") == 8000
+    # an overclaim: announced datacenter speed, seen at cpu speed: believed at most the tier of 4× that
+    liar = _info("liar", prefill_tps=datacenter_tps, tier_milli_=8000)
+    manager.servers.append(liar)
+    manager.observe_speed("liar", 64, blocks, 64 * blocks / cpu_tps, wall_s=60.0)
+    assert manager.believed_tier("liar") == tier_milli(TIERS[1].flops_per_s * OBSERVED_SLACK) < 1000
+    # a reported compute time longer than the wall clock we saw (or none) counts the wall clock
+    late = _info("late", prefill_tps=datacenter_tps, tier_milli_=8000)
+    manager.servers.append(late)
+    manager.observe_speed("late", 64, blocks, 1e9, wall_s=64 * blocks / cpu_tps)
+    assert manager.believed_tier("late") == manager.believed_tier("liar")
     # the client has no config to price FLOPs by: no tier is believed
     manager.block_flops = None
-    assert manager.believed_tier("honest")[0] == MIN_MILLI
+    assert manager.believed_tier("honest") == MIN_MILLI
 
 
 def test_prefer_cheap_picks_the_cheaper_of_two_equal_servers_and_fast_the_faster():
@@ -240,7 +263,7 @@ def test_prefer_cheap_picks_the_cheaper_of_two_equal_servers_and_fast_the_faster
     assert [h.peer_id for h in find_route([fast, slow], 0, 4)] == ["fast"]
     assert [h.peer_id for h in find_route([fast, slow], 0, 4, price=manager.price)] == ["slow"]
     # with a client ledger, routing prices what the receipts would carry (rate_of), precision included
-    manager.rate_of = lambda peer: TIERED.rate(*manager.believed_tier(peer))
+    manager.rate_of = lambda peer, dtype: TIERED.rate(manager.believed_tier(peer), dtype)
     assert manager.price(fast) == 3.0 and manager.price(slow) == 0.25
 
 
@@ -262,9 +285,9 @@ def test_a_tiered_generation_between_processes_debits_the_client_what_it_credits
         procs.append(client)
         wait_until(lambda: server.call("status")["server"]["start"] is not None, 120, message="the server loaded")
         status = server.call("status")["server"]
-        tier, rates = status["tier"], status["billing"]["rates"]
+        tier, rate = status["tier"], status["billing"]["rate"]
         assert tier["name"] in [t.name for t in TIERS] and MIN_MILLI <= tier["milli"] <= MAX_MILLI
-        assert rates == [TIERED.rate(MIN_MILLI, "float32"), TIERED.rate(tier["milli"], "float32")]
+        assert rate == TIERED.rate(tier["milli"], "float32")
         assert json.loads((tmp_path / "server" / RECORD_NAME).read_text())["tier"] == tier["name"]
 
         def generated():
@@ -297,7 +320,7 @@ def test_a_tiered_generation_between_processes_debits_the_client_what_it_credits
     earned, spent = receipts("server", "earn"), receipts("client", "spend")
     assert earned and {r.signature for r in spent} <= {r.signature for r in earned}
     paid = max(spent, key=lambda r: r.counter)
-    assert paid in earned and paid.rate != RATE_UNIT and rates[0] <= paid.rate <= rates[1]
+    assert paid in earned and paid.rate != RATE_UNIT and paid.rate == rate  # the rate the server stated
     assert paid.flops == span_flops(DEFAULT_MODEL_CONFIG, 0, 30, paid.tokens) * paid.rate // RATE_UNIT
     print(f"\ntier {tier['name']} ({tier['flops_per_s']:.3g} FLOP/s): {paid.tokens} tokens at rate {paid.rate}, "
           f"{paid.flops / 1e9:.2f} GFLOP-credits earned = spent")
@@ -361,3 +384,133 @@ def test_prefer_cheap_between_processes_routes_through_the_quarantined_server(sm
     finally:
         for p in procs:
             p.close()
+
+
+# --- agreed rates in sessions (in process) ----------------------------------------------------------------------
+
+
+class _OneReply:
+    """A network whose one stream answers "open" with `reply` (what RemoteHop.open reads of a server)."""
+
+    def __init__(self, reply: dict):
+        self.reply = reply
+
+    def address_of(self, peer_id: str) -> None:
+        return None
+
+    async def open_stream(self, peer_id: str, protocol: str) -> "_OneReply":
+        return self
+
+    async def send(self, msg: dict) -> None:
+        pass
+
+    async def receive(self) -> dict:
+        return self.reply
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def test_the_rate_an_opened_reply_states_is_an_integer_in_bounds():
+    from p2p.errors import FrameError
+    from pipeline.hop import RemoteHop
+    from pipeline.routing import RouteHop
+
+    server = Identity.generate()
+    opened = {"t": "opened", "session": SESSION, "start": 0, "end": 2, "max_length": 64, "cache_tokens_left": 64}
+
+    async def open_with(**reply):
+        return await RemoteHop.open(_OneReply({**opened, **reply}), RouteHop(server.peer_id, 0, 2), None,  # type: ignore[arg-type]
+                                    model_id=DEFAULT_MODEL_ID, max_length=64, dtype="float32", timeout=5.0)
+
+    assert (await open_with(rate=900)).rate == 900
+    assert (await open_with()).rate is None  # a server that bills nothing states none
+    for bad in (True, "900", 9.0, 0, -1, 10**6 + 1, 1 << 70):
+        with pytest.raises(FrameError, match="rate"):
+            await open_with(rate=bad)
+
+
+def _tiered(*peers) -> None:
+    """Switch billed peers (tests/testkit/billing.py: pure FLOPs) to the tiered policy, as `--pricing tiered` would."""
+    for p in peers:
+        p.ledger.pricing.policy = TIERED
+        for billing in (getattr(getattr(p, "server", None), "billing", None), getattr(p, "client_billing", None)):
+            if billing is not None:
+                billing.policy = TIERED
+
+
+def _ask(server, milli: int) -> None:
+    """`server` places itself at tier multiplier `milli` and prices its sessions from now on by it."""
+    server.server.tier = TierRecord(tier_of(0).name, milli, milli)  # what it announces and re-prices by
+    server.server.billing.set_tier(milli, server.server.dtype_name)
+
+
+async def test_a_server_asking_more_than_believed_is_routed_around_and_never_banned(llama):
+    """Two servers of the same blocks, one asking a data-center rate its announced speed does not bear
+    out: the client opens it, refuses its rate (RateRefused), routes through the other at the rate that
+    one stated, and bans nobody; when every server asks too much, the generation fails saying so."""
+    import trio
+
+    from pipeline.loading import ModelFolder
+    from testkit.billing import add_client, add_server
+    from testkit.swarms import swarm
+
+    path, mid, local = llama
+    cfg = ModelFolder(path).config
+    prompt = [5, 17, 42, 8, 99, 3]
+    with trio.fail_after(90):
+        async with swarm("libp2p", path, [], model_id=mid) as s:
+            dear = await add_server(s, 0, 4, mid=mid, cfg=cfg)
+            fair = await add_server(s, 0, 4, mid=mid, cfg=cfg)
+            client, model = await add_client(s, mid=mid, cfg=cfg)
+            client.client_billing = model.client_config.billing
+            _tiered(dear, fair, client)
+            _ask(dear, 8000)
+            _ask(fair, 3000)  # both dearer than their announced speed bears out: no route is left
+            with pytest.raises(RateRefused, match="asks rate"):
+                await model.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+            assert not model.sequence.banned()
+            assert dear.server.stats["sessions_opened"] >= 1 and fair.server.stats["sessions_opened"] >= 1  # both opened
+
+            _ask(fair, MIN_MILLI)  # the tiny model at the test's fixed speed: the lowest tier
+            for _ in range(2):
+                g = await model.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+                assert g.token_ids == local.generate_greedy(prompt, 4)
+                assert {peer for peer, _, _ in g.servers} == {fair.network.peer_id}
+                assert [r.rate for r in g.paid] == [TIERED.rate(MIN_MILLI, "float32")]
+            assert not model.sequence.banned()
+            assert dear.server.billing.stats["bad_receipts"] == 0  # refused at open: it never saw a receipt
+
+            # a client signing at another rate than the one agreed (a bug): the server's refusal of the
+            # step's receipt reaches the caller typed, and bans nobody
+            billing = client.client_billing
+            agree = billing.agree
+            billing.agree = lambda peer, session, rate, dtype: agree(peer, session, rate - 1, dtype)
+            with pytest.raises(ReceiptRequired) as refused:
+                await model.generate(prompt, max_new_tokens=4, stop_token_ids=[])
+            assert refused.value.kind == "BadReceipt" and refused.value.peer_id == fair.network.peer_id
+            assert not model.sequence.banned()
+
+
+async def test_pushed_steps_observe_the_servers_speed(llama, monkeypatch):
+    """In push mode the client still times each server (by the compute time it reports, bounded by when
+    its output arrived), so an overclaimed tier is refuted there too."""
+    import trio
+
+    from pipeline import routing
+    from pipeline.loading import ModelFolder
+    from testkit.billing import add_client, add_server
+    from testkit.swarms import swarm
+
+    monkeypatch.setattr(routing, "SPEED_CHECK_TOKENS", 8)  # the tiny model's context is shorter than the real check
+    path, mid, local = llama
+    cfg = ModelFolder(path).config
+    with trio.fail_after(90):
+        async with swarm("libp2p", path, [], model_id=mid) as s:
+            first = await add_server(s, 0, 2, mid=mid, cfg=cfg)
+            second = await add_server(s, 2, 4, mid=mid, cfg=cfg)
+            client, model = await add_client(s, mid=mid, cfg=cfg)
+            model.client_config.push = True
+            g = await model.generate(list(range(1, 13)), max_new_tokens=2, stop_token_ids=[])
+            assert g.push_fallbacks == 0  # every step went down the push chain
+            assert set(model.sequence.speeds) == {first.network.peer_id, second.network.peer_id}
