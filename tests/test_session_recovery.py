@@ -17,11 +17,14 @@ async def fast_and_slow(s) -> tuple:
     return fast, slow
 
 
-async def client(s) -> DistributedModel:
+async def client(s, servers) -> DistributedModel:
+    """A client that has reached both `servers` (so routes weigh what they announce: the fast one first)."""
     model = await s.client(step_timeout=5.0, spot_check=None)
     with trio.fail_after(20):
         while len(await model.sequence.refresh(force=True)) < 2:
             await trio.sleep(0.05)
+        for peer in servers:
+            await model.network.connect(peer.network.listen_addrs()[0])
     return model
 
 
@@ -36,7 +39,7 @@ async def test_a_session_a_server_ended_is_replayed_elsewhere_without_a_ban(llam
     with trio.fail_after(60):
         async with swarm("sim", path, [], model_id=mid) as s:
             fast, slow = await fast_and_slow(s)
-            model = await client(s)
+            model = await client(s, (fast, slow))
             tokens, g = [], None
             async for ev in model.stream(PROMPT, max_new_tokens=10, stop_token_ids=[]):
                 if isinstance(ev, Finished):
@@ -60,7 +63,7 @@ async def test_a_rebuild_cancelled_mid_replay_closes_what_it_opened(llama):
     with trio.fail_after(60):
         async with swarm("sim", path, [], model_id=mid) as s:
             fast, slow = await fast_and_slow(s)
-            model = await client(s)
+            model = await client(s, (fast, slow))
             replays = []
             with trio.CancelScope() as caller:
                 async with model.inference_session(16) as session:
