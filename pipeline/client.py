@@ -269,7 +269,7 @@ class InferenceSession:
         again; one that refuses is left out of this route only (no ban); when no route is left after
         refusals, the most useful refusal is raised (see `_telling`). Servers never reached are dialled
         first (`_probe`); one that cannot be reached or opened is left out a while (not a fault: an
-        announcement is no proof that anything listens). Servers in `avoid` are left out too."""
+        announcement is no proof that anything listens)."""
         seq = self.model.sequence
         last: BaseException | None = None
         retried: set[str] = set()
@@ -445,8 +445,8 @@ class InferenceSession:
         raise GenerationFailed(f"could not rebuild blocks [{bad.start}, {bad.end}) on other servers")
 
     async def _reroute(self, start: int, end: int) -> list[Hop]:
-        """`_open_route` for a hop's blocks without the servers that ended a hop of this session; with
-        them when no other route is left (a paid replay rather than none)."""
+        """`_open_route` for a hop's blocks, leaving out (`avoid`) the servers that ended a hop of this
+        session; with them when no other route is left (a paid replay rather than none)."""
         if self._ended_by:
             try:
                 return await self._open_route(start, end, avoid=self._ended_by)
