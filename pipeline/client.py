@@ -24,9 +24,11 @@
   refusal, malformed or non-finite output), its server is banned for a while, a new route for that
   hop's blocks is built from the others, the history is replayed there — chunk by chunk in one
   message, so the rebuilt KV cache is bit-identical — and the step goes on. Greedy output is the
-  same as an undisturbed run. A session the server ended (SessionExpired: idle, displaced by another
-  client, a move) is no fault the first time: it is re-routed and replayed without a ban (the same
-  server may take it again); a server that ends a session's hop a second time is banned.
+  same as an undisturbed run. A session the server ended is no fault: displaced by another client
+  (Displaced) or the first time it expired (SessionExpired: idle, a move), it is re-routed and replayed
+  without a ban, on other servers where a route is left (a replay there is paid for again; our own
+  server replays free); a server that expires a session's hop a second time is banned. A rebuild
+  that is cancelled or refused closes the hops it opened.
 - Refusals (pipeline/errors.py: too long, cache full, no credit, no receipt, wrong model, busy) are
   not faults: no ban. A server that refuses to open a session is left out of that route only and
   another is tried where one could accept; when none is left, or the refusal is about the client
@@ -63,6 +65,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Collection
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, cast
@@ -189,7 +192,10 @@ class InferenceSession:
         self.chunks: list[int] = []  # tokens per completed step
         self.history: dict[int, list[torch.Tensor]] = {}  # block boundary → inputs of completed steps
         self._step_id = 0
-        self._ended_by: set[str] = set()  # servers that ended a session of ours (SessionExpired): forgiven once
+        self._expired_by: set[str] = set()  # servers that ended a session of ours (SessionExpired): forgiven once
+        # remote servers that ended (expired, displaced) a hop of this session: its rebuilds go elsewhere
+        # where a route is left (the replay there would be paid for again)
+        self._ended_by: set[str] = set()
         self._held: set[Hop] = set()  # route hops counted in the sequence manager's `held` until closed
         cfg = model.client_config
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
@@ -270,7 +276,7 @@ class InferenceSession:
                 if spend is not None:
                     self.stats.paid.append(spend)
 
-    async def _open_route(self, start: int, end: int) -> list[Hop]:
+    async def _open_route(self, start: int, end: int, avoid: Collection[str] = ()) -> list[Hop]:
         """Route [start, end) and open every hop. A server that faults is banned and the route built
         again; one that refuses is left out of this route only (no ban); when no route is left after
         refusals, the most useful refusal is raised (see `_telling`). Servers never reached are dialled
@@ -286,7 +292,7 @@ class InferenceSession:
             if not second_chance:
                 await self._probe(start, end)
             try:
-                route = await seq.route(start, end, need_cache_tokens=self.max_length, exclude=refusals.keys(),
+                route = await seq.route(start, end, need_cache_tokens=self.max_length, exclude=refusals.keys() | avoid,
                                         prefer=self.prefer)
             except NoRoute as e:
                 if refusals:
@@ -407,10 +413,13 @@ class InferenceSession:
         bad = self.hops[index]
         seq = self.model.sequence
         log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
-        ended = isinstance(err, InferenceError) and err.kind == "SessionExpired"
-        if not ended or bad.peer_id in self._ended_by:  # ending it (idle, displaced, moving) is no fault, once
+        kind = err.kind if isinstance(err, InferenceError) else None
+        # ended by its server: displaced (it said why) is no fault; expired (idle, moving) no fault once
+        if kind != proto.DISPLACED and (kind != proto.SESSION_EXPIRED or bad.peer_id in self._expired_by):
             seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
-        if ended:
+        if kind == proto.SESSION_EXPIRED:
+            self._expired_by.add(bad.peer_id)
+        if kind in (proto.DISPLACED, proto.SESSION_EXPIRED) and isinstance(bad, RemoteHop):  # ours replays free
             self._ended_by.add(bad.peer_id)
         self.stats.recoveries += 1
         if self.checker is not None:
@@ -419,7 +428,7 @@ class InferenceSession:
         await self.close_hop(bad, polite=liar, pay=not liar)  # a liar is not paid for the step it lied on
         for _ in range(self.model.client_config.max_recoveries + 1):
             try:
-                new = await self._open_route(bad.start, bad.end)
+                new = await self._reroute(bad.start, bad.end)
             except Refused:
                 raise
             except GenerationFailed as g:  # no route is left: say what broke the old one
@@ -440,9 +449,27 @@ class InferenceSession:
                 for h in new:
                     await self.close_hop(h, polite=False)
                 continue
+            except BaseException:  # cancelled or refused: not in self.hops yet, so closed (and released) here
+                with trio.CancelScope(shield=True):
+                    for h in new:
+                        await self.close_hop(h)
+                raise
             self.hops[index:index + 1] = new
             return
         raise GenerationFailed(f"could not rebuild blocks [{bad.start}, {bad.end}) on other servers")
+
+    async def _reroute(self, start: int, end: int) -> list[Hop]:
+        """`_open_route` for a hop's blocks, leaving out (`avoid`) the servers that ended a hop of this
+        session; with them when no other route is left (a paid replay rather than none)."""
+        if self._ended_by:
+            try:
+                return await self._open_route(start, end, avoid=self._ended_by)
+            except Refused as e:
+                if not isinstance(e, SERVER_SPECIFIC):
+                    raise
+            except GenerationFailed:
+                pass
+        return await self._open_route(start, end)
 
     def keep(self, length: int) -> None:
         """Forget the positions from `length` on, inside the last step (the rejected drafts of a

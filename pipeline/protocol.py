@@ -47,8 +47,11 @@ Kinds that are *refusals* (pipeline/errors.py maps them to typed exceptions; nev
     ModelMismatch, DtypeMismatch, SpanNotServed   another model, dtype or span
     TooManySessions, ServerStopping   busy or shutting down
     PushRefused                       the push list's next hop is not an announced server of the next blocks
-The others (BadRequest, BadPosition, StaleStep, NoSession, SessionOpen, SessionExpired, CacheError,
-BadPeer) say that a message or a session broke.
+The server ended the session (sent as the stream closes; the client re-routes and replays, no ban):
+    Displaced                         its idle cache was given to another client (pipeline/server.py)
+    SessionExpired                    idle too long, moved or stopping
+The others (BadRequest, BadPosition, StaleStep, NoSession, SessionOpen, CacheError, BadPeer) say that a
+message or a session broke.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ MAX_LENGTH_LIMIT = 1 << 20
 MAX_CHUNKS = 4096
 MAX_PUSH = 64
 SESSION_ID_LEN = 16
+SESSION_EXPIRED = "SessionExpired"  # the error kinds of a session the server ended (see above)
+DISPLACED = "Displaced"
 MAX_REFUNDED_TOKENS = 16  # rolled-back tokens a step may take off "served" (pipeline/speculative.py MAX_DRAFT)
 
 

@@ -18,9 +18,11 @@
   all clients without standing together at most `strangers_cache_tokens` and `strangers_cache_share`
   of the budget: `StrangerCaps`), or `cache_share_standing` with standing in this server's view
   (billing, credits.standing), and opens at most `cache_share` of `max_sessions`. A session that does
-  not fit displaces the longest-idle sessions of other clients without standing, idle at least
-  `displace_idle_after` (never one computing or stepping more often): an idle stranger gives way to
-  a client with standing and to a newcomer alike; its client sees SessionExpired and re-opens.
+  not fit displaces the longest-idle sessions of other clients without standing (never one computing):
+  a client with standing those idle at least `displace_idle_after`, a newcomer without standing only
+  those that never stepped (idle as long) or idle at least `stranger_displace_idle_after` (longer than
+  a generation's gap between steps on a slow route: strangers do not end each other's generations).
+  The displaced client sees Displaced (no fault: it re-routes); any other end says SessionExpired.
   Sessions expire when idle: `first_step_timeout` before their first step, `session_timeout` after,
   and at most `stranger_idle_timeout` without standing.
 - All torch work (loading, measuring, every step) runs in worker threads through one
@@ -133,8 +135,11 @@ class ServerConfig:
     stranger_idle_timeout: float = 10.0  # idle seconds before a session without standing is dropped
     cache_share_standing: float = 1.0  # ... and one with standing in this server's view
     # a session without standing idle this long may be displaced: by a client with standing that needs
-    # the room, or by one without that the strangers' pool (or the budget) would refuse
+    # the room, or by one without that the strangers' pool (or the budget) would refuse if it never stepped
     displace_idle_after: float = 1.0
+    # ... and one that stepped, by a newcomer without standing, only once idle this long: a generation on
+    # a slow (WAN, CPU) route is idle here a second or more between its steps
+    stranger_displace_idle_after: float = 5.0
     supersedes: str | None = None  # the model id the served model is a new version of (announced)
     announcement_refresh: float = 1.0  # least seconds between reads of the swarm's announcements (push checks)
     grid_signal_file: str | None = None  # re-read at each announcement, announced while fresh (pipeline/grid.py)
@@ -177,6 +182,7 @@ class ServedSession:
     steps: int = 0
     tokens: int = 0  # what the session is billed: tokens computed, less rolled-back drafts (refunded_tokens)
     standing: bool = False  # may displace idle sessions of clients without (see BlockServer._reserve)
+    end_kind: str = proto.SESSION_EXPIRED  # the error its client is told when the server ends it
     send_lock: trio.Lock = field(default_factory=trio.Lock)
     compute_lock: trio.Lock = field(default_factory=trio.Lock)
     account: ServerAccount | None = None  # credits (billing)
@@ -590,7 +596,7 @@ class BlockServer:
         if scope.cancelled_caught and session is not None:
             with trio.move_on_after(1.0) as _:
                 try:
-                    await stream.send(error("SessionExpired", "the server closed this session (idle, moved or stopping)"))
+                    await stream.send(error(session.end_kind, _END_MESSAGES[session.end_kind]))
                 except P2PError:
                     pass
 
@@ -673,7 +679,7 @@ class BlockServer:
         standing, the strangers' pool), after displacing idle sessions of other clients without
         standing. CacheFull's limit: the tokens that would fit."""
         budget = self.config.cache_budget_bytes
-        idle = sum(s.nbytes for s in self._displaceable(peer_id))
+        idle = sum(s.nbytes for s in self._displaceable(peer_id, standing))
         free = budget - self.cache_used + idle
         if nbytes > free:
             self.stats["sessions_refused"] += 1
@@ -702,20 +708,24 @@ class BlockServer:
         standing the strangers' pool); CacheFull if it does not fit even so."""
         self._check_room(peer_id, standing, nbytes, per_token)
         budget, pool = self.config.cache_budget_bytes, self.stranger_caps.pool
-        for s in sorted(self._displaceable(peer_id), key=lambda s: s.last_used):
+        for s in sorted(self._displaceable(peer_id, standing), key=lambda s: s.last_used):
             if self.cache_used + nbytes <= budget and (standing or self._strangers_bytes() + nbytes <= pool):
                 break
             log.info("session %s of %s displaced (idle, no standing)", s.id.hex()[:8], s.peer_id[-8:])
             self.stats["displaced"] += 1
+            s.end_kind = proto.DISPLACED
             self._drop(s)
             s.scope.cancel()
         self.cache_used += nbytes
 
-    def _displaceable(self, peer_id: str) -> list[ServedSession]:
-        """Sessions of clients without standing, other than `peer_id`, that are idle (no step running, none lately)."""
-        now = trio.current_time()
+    def _displaceable(self, peer_id: str, standing: bool) -> list[ServedSession]:
+        """Sessions of clients without standing, other than `peer_id`, that are idle (no step running, none
+        lately): for a client without `standing`, only those that never stepped or have been idle longer
+        than a generation's gap between steps."""
+        now, cfg = trio.current_time(), self.config
         return [s for s in self.sessions.values() if not s.standing and s.peer_id != peer_id
-                and not s.compute_lock.locked() and now - s.last_used >= self.config.displace_idle_after]
+                and not s.compute_lock.locked() and now - s.last_used >= cfg.displace_idle_after
+                and (standing or not s.steps or now - s.last_used >= cfg.stranger_displace_idle_after)]
 
     def _strangers_bytes(self) -> int:
         return sum(s.nbytes for s in self.sessions.values() if not s.standing)
@@ -955,7 +965,7 @@ class InProcessSession:
         the same checks as a step message, raised as InferenceErrors."""
         s = self.session
         if s.id not in self.server.sessions:
-            raise InferenceError("SessionExpired", "the server closed this session (idle, moved or stopping)")
+            raise InferenceError(s.end_kind, _END_MESSAGES[s.end_kind])
         ran = await self.server._run(s, s.last_step + 1, pos, hidden, chunks or [hidden.shape[1]], None, pushed=False)
         assert ran is not None  # only pushes are ever stale
         out, compute_s, _, _ = ran
@@ -964,6 +974,10 @@ class InProcessSession:
     def close(self) -> None:
         self.server._drop(self.session)
         self.session.scope.cancel()
+
+
+_END_MESSAGES = {proto.SESSION_EXPIRED: "the server closed this session (idle, moved or stopping)",
+                 proto.DISPLACED: "the server gave this idle session's cache to another client"}
 
 
 def _error_reply(e: FrameError | InferenceError | CacheError) -> dict:

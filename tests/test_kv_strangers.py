@@ -3,7 +3,8 @@ and at most `stranger_cache_tokens` of the span; all of them together (Sybil key
 `strangers_cache_tokens` and `strangers_cache_share` of the budget; clients with standing keep the rest.
 The defaults hold a long session of the default model and of an 8B-class one. Idle strangers give way:
 they expire after `stranger_idle_timeout`, and a newcomer the pool refuses displaces the longest-idle
-ones (never one that keeps stepping); a displaced client re-opens, and bans nobody."""
+ones (never one that keeps stepping, nor one between a generation's steps); a displaced client re-opens,
+and bans nobody."""
 
 from contextlib import AsyncExitStack
 
@@ -207,23 +208,26 @@ async def test_a_stranger_is_refused_at_open_never_mid_generation(llama):
 
 
 async def test_idle_strangers_give_way_to_a_newcomer_and_one_that_keeps_stepping_keeps_its_share(llama):
-    """Keys without standing holding the strangers' pool with idle sessions lock nobody out: once they
-    have been idle `displace_idle_after`, a newcomer the pool refuses displaces the longest-idle one; a
-    stranger that keeps stepping is never displaced; a displaced client re-opens (no ban) and goes on."""
+    """Keys without standing holding the strangers' pool with idle sessions lock nobody out: a newcomer
+    the pool refuses displaces the longest-idle one — one that never stepped once idle
+    `displace_idle_after`, one that stepped (a generation between its steps on a slow route) only once
+    idle `stranger_displace_idle_after`; a stranger that keeps stepping is never displaced; a displaced
+    client is told so (Displaced), re-opens (no ban) and goes on."""
     path, mid, local, cfg = llama
     want = local.generate_greedy(PROMPT, 24)
     per = KV_BYTES_PER_TOKEN
-    idle_after = 2.0
+    idle_after, stepped_idle_after = 1.0, 3.0
     with trio.fail_after(90):
         async with swarm("sim", path, [], model_id=mid) as s:
             peer, server = await _billed_server(s, path, mid, cfg, strangers_tokens=72, stranger_tokens=32,
-                                                displace_idle_after=idle_after)
+                                                displace_idle_after=idle_after,
+                                                stranger_displace_idle_after=stepped_idle_after)
             active, idler = [await _billed_client(s, peer, path, mid, cfg) for _ in range(2)]
             stepping = trio.Event()
             stop = trio.Event()
 
             async def keep_stepping(task_status=trio.TASK_STATUS_IGNORED):
-                """Greedy decoding, a token every 0.2 s (far more often than `idle_after`) until told to stop."""
+                """Greedy decoding, a token every 0.3 s (far more often than `idle_after`) until told to stop."""
                 tokens: list[int] = []
                 async with active.inference_session(32) as session:
                     h = await session.step(await active.embed(PROMPT))
@@ -231,7 +235,7 @@ async def test_idle_strangers_give_way_to_a_newcomer_and_one_that_keeps_stepping
                     while not stop.is_set() and len(PROMPT) + len(tokens) < 32:
                         tokens.append(int((await active.logits(h[:, -1:]))[0, -1].argmax()))
                         h = await session.step(await active.embed(tokens[-1:]))
-                        await trio.sleep(0.2)
+                        await trio.sleep(0.3)
                 assert tokens == want[:len(tokens)] and len(tokens) >= 10
                 assert session.stats.recoveries == 0  # never displaced
                 stepping.set()
@@ -247,7 +251,11 @@ async def test_idle_strangers_give_way_to_a_newcomer_and_one_that_keeps_stepping
                     _, early = await _raw_open(s, peer, mid, cfg, 32)
                     assert early["kind"] == "CacheFull" and server.stats["displaced"] == 0
                     await trio.sleep(idle_after + 0.5)
-                    # once idle, the newcomer displaces the longest-idle session (the parked one) ...
+                    # idle between steps is no reason to end a generation: only the never-stepped key (8) gives way
+                    _, between = await _raw_open(s, peer, mid, cfg, 32)
+                    assert between["kind"] == "CacheFull" and between["limit"] == 8 and server.stats["displaced"] == 0
+                    await trio.sleep(stepped_idle_after - idle_after)
+                    # idle past a generation's gap, the newcomer displaces the longest-idle session (the parked one) ...
                     _, newcomer = await _raw_open(s, peer, mid, cfg, 32)
                     assert newcomer["t"] == "opened" and server.stats["displaced"] == 1
                     assert parked.hops[0].session_id not in server.sessions
@@ -291,7 +299,7 @@ def test_serve_flags_state_the_servers_defaults(monkeypatch):
 def test_a_serve_process_holds_strangers_to_its_token_flags_and_idle_ones_give_way(spawn, llama_folder):
     """`potluck serve --stranger-cache-tokens 16 --strangers-cache-tokens 24`: a fresh key's session of 17
     tokens is refused (CacheFull, limit 16); a second key finds 8 left; once the first key's session is
-    idle, a third key's session displaces it (its stream says SessionExpired)."""
+    idle (it never stepped), a third key's session displaces it (its stream says Displaced)."""
     proc = spawn("--model", str(llama_folder), "--threads", "1", "--blocks", "0:4", "--cache-mb", "4",
                  "--stranger-cache-tokens", "16", "--strangers-cache-tokens", "24")
     status = proc.call("status")["server"]
@@ -321,7 +329,7 @@ def test_a_serve_process_holds_strangers_to_its_token_flags_and_idle_ones_give_w
                 await trio.sleep(ServerConfig().displace_idle_after + 0.5)
                 _, third = await open_session(stack, 16)
                 assert third["t"] == "opened"
-                assert (await first.receive())["kind"] == "SessionExpired"
+                assert (await first.receive())["kind"] == "Displaced"
 
     trio.run(keys)
     assert proc.call("status")["server"]["displaced"] == 1
