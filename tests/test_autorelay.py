@@ -15,7 +15,7 @@ from dht.records import InvalidRecord, RecordStore, SignedValue, StoreLimits
 from p2p.errors import PeerUnreachable
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork, RelayRefused
-from p2p.libp2p.relay import STOP_PROTOCOL
+from p2p.libp2p.relay import STOP_PROTOCOL, CircuitRelay
 from p2p.sim import Place, SimWorld
 from potluck.autorelay import AutoRelay, AutoRelayConfig, dial_addr
 from potluck.peer import _validators
@@ -306,6 +306,59 @@ ECHO = "/potluck/echo/1.0.0"
 
 async def echo(peer_id, body):
     return body
+
+
+class _HeldHost:
+    """The libp2p host of `_HeldDialer`: it registers handlers; a stream it opens never comes."""
+
+    def __init__(self):
+        self.handlers = {}
+
+    def set_stream_handler(self, protocol, handler):
+        self.handlers[protocol] = handler
+
+    async def new_stream(self, peer_id, protocols):
+        await trio.sleep_forever()
+
+
+class _HeldDialer:
+    """A RelayHost whose connect completes only when the test says so."""
+
+    closing = False
+
+    def __init__(self):
+        self.peer_id = Identity.generate().peer_id
+        self.host = _HeldHost()
+        self.dialing = trio.Event()
+        self.connected = trio.Event()
+
+    def admitted(self, peer_id):
+        return True
+
+    async def connect(self, addr, timeout=5.0):
+        self.dialing.set()
+        await self.connected.wait()
+        return addr.rsplit("/p2p/", 1)[1]
+
+    def direct_addrs(self):
+        return []
+
+    def add_connection_listener(self, listener):
+        pass
+
+
+async def test_a_relay_dropped_in_the_tick_its_connect_completes_ends_its_keeper_quietly():
+    net = _HeldDialer()
+    circuits = CircuitRelay(net)
+    async with trio.open_nursery() as nursery:
+        await circuits.start(nursery)
+        relay_id = circuits.add_relay(_addr(Identity.generate().peer_id))
+        await net.dialing.wait()
+        net.connected.set()  # the keeper is rescheduled with its connect done...
+        circuits.drop_relay(relay_id)  # ...and the relay dropped before it runs again
+        await trio.testing.wait_all_tasks_blocked()
+        assert circuits.relays_held() == {} and circuits.circuit_addrs() == []
+        nursery.cancel_scope.cancel()
 
 
 @pytest.mark.slow

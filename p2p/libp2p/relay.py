@@ -259,10 +259,11 @@ class CircuitRelay:
         if self._nursery is None:
             raise RuntimeError("the relay client starts with its network (Libp2pNetwork.open)")
         scope = self._keepers[relay_id] = trio.CancelScope()
+        addr, first_attempt = self.relays[relay_id], self._first_attempt[relay_id]
 
         async def keeper() -> None:
             with scope:
-                await self._keep_reservation(relay_id)
+                await self._keep_reservation(relay_id, addr, first_attempt, scope)
 
         self._nursery.start_soon(keeper)
 
@@ -298,17 +299,21 @@ class CircuitRelay:
 
     # --- client: reservations -----------------------------------------------------------------------
 
-    async def _keep_reservation(self, relay_id: str) -> None:
+    async def _keep_reservation(self, relay_id: str, addr: str, first_attempt: trio.Event,
+                                scope: trio.CancelScope) -> None:
         """Hold a reservation on one relay for as long as the network runs: reserve, refresh at half
-        the reservation's life, and re-reserve (after backoff) whenever the relay's session ends."""
-        addr = self.relays[relay_id]
+        the reservation's life, and re-reserve (after backoff) whenever the relay's session ends.
+        `drop_relay` cancels `scope`; a connect or refresh that completed in the same tick still
+        resumes here, so every step back from an await checks for that before touching our tables."""
         backoff = 1.0
         while True:
             self._relay_lost[relay_id] = lost = trio.Event()
             try:
                 await self.net.connect(addr, timeout=self.timeout)
                 while True:
-                    expires = await self._reserve(relay_id)
+                    expires = await self._reserve(addr)
+                    if scope.cancel_called:
+                        return
                     gained = relay_id not in self._reserved
                     self._reserved[relay_id] = expires
                     if gained:
@@ -316,7 +321,7 @@ class CircuitRelay:
                                  circuit_addr(addr, self.net.peer_id))
                         self._addrs_changed()
                     self._relay_errors.pop(relay_id, None)
-                    self._first_attempt[relay_id].set()
+                    first_attempt.set()
                     backoff = 1.0
                     with trio.move_on_after(max(1.0, (expires - time.time()) / 2)):
                         await lost.wait()
@@ -325,6 +330,9 @@ class CircuitRelay:
                             log.warning("lost the connection to relay %s; reserving again", addr)
                         break
             except Exception as e:
+                first_attempt.set()
+                if scope.cancel_called:
+                    return
                 if not isinstance(e, P2PError):
                     log.exception("reservation keeper for relay %s failed", addr)
                     e = PeerUnreachable(f"reservation on {addr} failed: {type(e).__name__}: {e}"[:400])
@@ -332,16 +340,14 @@ class CircuitRelay:
                     self._addrs_changed()
                 self._relay_errors[relay_id] = e
                 log.warning("reservation on relay %s failed: %s", addr, e)
-                self._first_attempt[relay_id].set()
                 if isinstance(e, (SwarmKeyMismatch, RelayRefused)):
                     backoff = 60.0  # a configuration problem: retry rarely
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
-    async def _reserve(self, relay_id: str) -> float:
-        """One RESERVE exchange; returns the reservation's expiry (unix time)."""
-        addr = self.relays[relay_id]
-        stream = await self._open_hop(relay_id, addr)
+    async def _reserve(self, addr: str) -> float:
+        """One RESERVE exchange with the relay at `addr`; returns the reservation's expiry (unix time)."""
+        stream = await self._open_hop(addr.rsplit("/p2p/", 1)[1], addr)
         try:
             with trio.fail_after(self.timeout):
                 await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
