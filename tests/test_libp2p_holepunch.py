@@ -10,10 +10,13 @@ from contextlib import AsyncExitStack
 import multiaddr
 import trio
 from libp2p.peer.id import ID
-from libp2p.utils.varint import encode_uvarint
+from libp2p.relay.circuit_v2.pb.dcutr_pb2 import HolePunch
+from libp2p.relay.circuit_v2.utils import write_delimited_msg
+from libp2p.utils.varint import encode_uvarint, read_varint_prefixed_bytes_limited
 
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p.addresses import may_dial
 from p2p.libp2p.holepunch import DCUTR_PROTOCOL, MAX_ADDRS, decode_addrs
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
@@ -85,6 +88,49 @@ async def test_dcutr_is_served_only_over_a_relay_and_bounded():
         await reset_without_answer(nated, dialer.peer_id, encode_uvarint(1 << 20) + b"x" * 100)
         await _until(lambda: dialer.relay_status()["hole_punch"]["failed"] == 1)
         assert dialer.connection_kinds(nated.peer_id) == ["relayed"]
+
+
+async def test_a_stranger_cannot_aim_our_punches_at_this_host_its_link_or_private_networks():
+    async with AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK, relay_service=True))
+        # The test speaks DCUtR for this peer (B), naming the addresses the dialer (A) will punch.
+        nated = await stack.enter_async_context(
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK, relays=[relay.listen_addrs()[0]], hole_punch=False))
+        dialer = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK))
+        dialled = []
+        swarm = dialer._swarm
+        real_dial = swarm._dial_addr_single_attempt
+
+        async def recording_dial(addr, peer_id, source=None):
+            dialled.append(str(addr))
+            return await real_dial(addr, peer_id, source)
+
+        await dialer.connect(nated.listen_addrs()[0])  # through the relay: dialer reaches it first
+        swarm._dial_addr_single_attempt = recording_dial
+        hostile = ["/ip4/169.254.169.254/tcp/80", "/ip4/10.0.0.1/tcp/22", "/ip4/192.168.1.1/tcp/80",
+                   "/ip4/100.64.0.1/tcp/80", "/ip4/0.0.0.0/tcp/80", "/ip6/::/tcp/80", "/ip6/fe80::1/tcp/80",
+                   "/ip4/224.0.0.1/tcp/80"]
+        with trio.fail_after(10):
+            stream = await nated.host.new_stream(ID.from_base58(dialer.peer_id), [DCUTR_PROTOCOL])
+            await write_delimited_msg(stream, HolePunch(
+                type=HolePunch.CONNECT, ObsAddrs=[multiaddr.Multiaddr(a).to_bytes() for a in hostile]))
+            answer = HolePunch()
+            answer.ParseFromString(await read_varint_prefixed_bytes_limited(stream, 4096))
+            assert answer.type == HolePunch.CONNECT
+            await write_delimited_msg(stream, HolePunch(type=HolePunch.SYNC))
+        await _until(lambda: dialer.relay_status()["hole_punch"]["failed"] == 1)
+        assert dialled == [] and dialer.connection_kinds(nated.peer_id) == ["relayed"]
+
+
+def test_punch_targets_follow_the_ip_class_of_our_own_addresses():
+    loopback_only, lan, public = ["127.0.0.1"], ["10.77.1.2", "203.0.113.9"], ["203.0.113.9"]
+    for ip in ("0.0.0.0", "::", "0:0::0", "169.254.169.254", "fe80::1", "224.0.0.1", "0.1.2.3", "240.0.0.1"):
+        assert not may_dial(ip, loopback_only) and not may_dial(ip, lan) and not may_dial(ip, public)
+    assert may_dial("127.0.0.1", loopback_only) and not may_dial("127.0.0.1", lan)
+    assert not may_dial("::ffff:127.0.0.1", public) and not may_dial("::1", ["127.0.0.1", "203.0.113.9"])
+    for ip in ("10.0.0.1", "172.16.5.5", "192.168.1.1", "100.64.0.1", "fd00::1"):
+        assert may_dial(ip, lan) and not may_dial(ip, public) and not may_dial(ip, loopback_only)
+    assert may_dial("198.51.100.4", public) and may_dial("198.51.100.4", lan) and not may_dial("not an ip", public)
 
 
 def test_connect_addresses_are_bounded_and_checked():

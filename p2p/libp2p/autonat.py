@@ -44,6 +44,7 @@ from ..framing import expect_map
 from ..framing import field as frame_field
 from ..network import ConnectionListener, RequestHandler
 from . import io
+from .addresses import may_dial_local
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +196,9 @@ class Autonat:
         return {"ok": reached, "failed": failed}
 
     def _may_dial(self, ip: str) -> bool:
-        """Whether a requester seen at `ip` may be dialled back there. A loopback, unspecified,
-        link-local or multicast IP is this host or its link: strangers arriving through a local
-        forward or proxy would aim our dials at our own local ports. Loopback is let through only
-        when we ourselves listen on loopback alone (a swarm on one machine: tests, a local demo)."""
-        seen = ipaddress.ip_address(ip)
-        if seen.is_loopback:
-            ours = [w for w in (_ip_port(a) for a in self.net.direct_addrs()) if w is not None]
-            return bool(ours) and all(ipaddress.ip_address(our_ip).is_loopback for our_ip, _ in ours)
-        return not (seen.is_unspecified or seen.is_link_local or seen.is_multicast)
+        """Whether a requester seen at `ip` may be dialled back there (`may_dial_local`): strangers
+        arriving through a local forward or proxy would otherwise aim our dials at our own ports."""
+        return may_dial_local(ip, [w[0] for w in (_ip_port(a) for a in self.net.direct_addrs()) if w is not None])
 
     async def _dial_back(self, peer_id: str, ip: str, port: int) -> bool:
         """Whether `peer_id` answers at ip:port on a new connection (TCP, then Noise proves who it is)."""
