@@ -18,6 +18,7 @@ from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from p2p.libp2p.addresses import may_dial
 from p2p.libp2p.holepunch import DCUTR_PROTOCOL, MAX_ADDRS, decode_addrs
+from p2p.libp2p.holepunch import HolePunch as HolePunchExchange
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 SLOW = "/potluck/slow/1.0.0"
@@ -140,3 +141,29 @@ def test_connect_addresses_are_bounded_and_checked():
     udp = multiaddr.Multiaddr("/ip4/10.0.0.1/udp/4001").to_bytes()
     assert decode_addrs([b"\xff\xff garbage", circuit, udp, good[0], good[0]]) == [("10.0.0.1", 4001)]
     assert len(decode_addrs(good)) == MAX_ADDRS
+
+
+class _Observed:
+    """What `HolePunch._our_addrs` reads of a network: where we listen and where peers see us."""
+
+    def __init__(self, observed, confirmed):
+        self.observed, self.confirmed = observed, confirmed
+
+    def direct_addrs(self):
+        return ["/ip4/10.0.0.5/tcp/4001/p2p/12D3KooWJ4sZ2MBHhKprbKhHuAweyNCC4p4KQoqEb2AoRBzWHzbm"]
+
+    def observed_addrs(self):
+        return self.observed
+
+    def confirmed_ips(self):
+        return self.confirmed
+
+
+async def test_we_announce_confirmed_ips_and_the_top_observation_only_while_none_is_confirmed():
+    def announced(observed, confirmed):
+        return HolePunchExchange(_Observed(observed, confirmed), None, enabled=False)._our_addrs()
+
+    # A single network's reporters (a Sybil /24) name 6.6.6.6; two networks confirm 198.51.100.4.
+    observed = [("/ip4/6.6.6.6/tcp/1111", 1), ("/ip4/198.51.100.4/tcp/2222", 1), ("/ip4/6.6.6.7/tcp/3", 1)]
+    assert await announced(observed, ["198.51.100.4"]) == [multiaddr.Multiaddr("/ip4/198.51.100.4/tcp/4001").to_bytes()]
+    assert await announced(observed, []) == [multiaddr.Multiaddr("/ip4/6.6.6.6/tcp/4001").to_bytes()]

@@ -14,8 +14,8 @@ through a full-cone NAT. Either way there is one TCP connection, and the securit
 are fixed by the spec: A (the circuit's dialer) is the Noise initiator, B upgrades its dial as the
 responder (`Swarm.dial_addr_as_responder`). Up to `ROUNDS` rounds are tried.
 
-The addresses we announce are the addresses admitted peers observe us at (`identify`), with the
-port we listen on: a port-preserving NAT (endpoint-independent mapping) maps our listen port to the
+The addresses we announce are the IPs admitted peers in two networks observe us at (`identify`;
+the most reported observation while none is confirmed), with the port we listen on: a port-preserving NAT (endpoint-independent mapping) maps our listen port to the
 same port outside. A symmetric NAT maps each destination to another port, so there it fails and the
 peers stay on the relay. Identify runs in open swarms only, so private swarms do not hole punch.
 
@@ -162,20 +162,23 @@ class HolePunch:
         return [*listening, *self.net.confirmed_ips()]
 
     async def _our_addrs(self) -> list[bytes]:
-        """Our observed IPs with our listen port (waits up to observed_wait for a first observation)."""
+        """The IPs peers in two networks see us at (`confirmed_ips`), with our listen port; while none
+        is confirmed, the most reported observation alone (one network's reporters cannot add more).
+        Waits up to observed_wait for a first observation."""
         listen = self._listen_endpoint()
         if listen is None:
             return []
         with trio.move_on_after(self.observed_wait):
             while not self.net.observed_addrs():
                 await trio.sleep(0.05)
+        ips = self.net.confirmed_ips()
+        if not ips:
+            top = [_tcp_endpoint(multiaddr.Multiaddr(addr)) for addr, _ in self.net.observed_addrs()[:1]]
+            ips = [endpoint[0] for endpoint in top if endpoint is not None]
         out: list[bytes] = []
-        for addr, _ in self.net.observed_addrs():
-            endpoint = _tcp_endpoint(multiaddr.Multiaddr(addr))
-            if endpoint is None:
-                continue
-            proto = "ip6" if ":" in endpoint[0] else "ip4"
-            candidate = multiaddr.Multiaddr(f"/{proto}/{endpoint[0]}/tcp/{listen[1]}").to_bytes()
+        for ip in ips:
+            proto = "ip6" if ":" in ip else "ip4"
+            candidate = multiaddr.Multiaddr(f"/{proto}/{ip}/tcp/{listen[1]}").to_bytes()
             if candidate not in out:
                 out.append(candidate)
         return out[:MAX_ADDRS]
