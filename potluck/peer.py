@@ -178,7 +178,8 @@ class Peer:
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
         self.relay_key = relay_key(swarm_key)
-        self.relay_book = RelayBook(identity.peer_id, network.now)  # relays heard of (DHT, presence notes)
+        self.relay_book = RelayBook(identity.peer_id, network.now,  # relays heard of (DHT, presence notes)
+                                    in_use=lambda relay_id: self.autorelay is not None and relay_id in self.autorelay.chosen)
         self.autorelay: AutoRelay | None = None  # set by run_peer where this peer chooses relays itself
         self.addrs_changed = trio.Event()
         self.server: BlockServer | None = None
@@ -212,8 +213,8 @@ class Peer:
         direct = dialable(addrs)[:MAX_ADDRS]
         if message.data.get("relay") and direct:
             # heard again within three presence intervals, or forgotten
-            self.relay_book.hear(RelayAd(message.author, tuple(direct), message.data["region"],
-                                         self.network.now() + 3 * self.config.presence_interval))
+            self.relay_book.hear_note(RelayAd(message.author, tuple(direct), message.data["region"],
+                                              self.network.now() + 3 * self.config.presence_interval))
 
     def _valid_server_note(self, message) -> bool:
         from_gossip_note(message.author, message.data, self.network.now())

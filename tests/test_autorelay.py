@@ -157,6 +157,28 @@ def test_relay_book_is_bounded_expires_and_ignores_ourselves():
     assert [ad.peer_id for ad in book.relays()] == [ids[4]]
 
 
+def test_presence_notes_cannot_push_relays_read_from_the_dht_or_in_use_out_of_the_book():
+    clock = [1000.0]
+    in_use: set[str] = set()
+    book = RelayBook(Identity.generate().peer_id, lambda: clock[0], max_candidates=3, max_noted=2,
+                     in_use=in_use.__contains__)
+    honest = [Identity.generate().peer_id for _ in range(3)]
+    for pid in honest:
+        book.hear(RelayAd(pid, (_addr(pid),), "", 1100.0))
+    sybils = [Identity.generate().peer_id for _ in range(32)]
+    for pid in sybils:  # 32 authors gossip `relay: true`
+        book.hear_note(RelayAd(pid, (_addr(pid),), "", 1500.0))
+    assert [ad.peer_id for ad in book.relays()] == [*honest, *sybils[-2:]]
+    book.hear_note(RelayAd(honest[0], ("/ip4/198.51.100.1/tcp/1",), "", 1200.0))  # a note extends an entry
+    assert book.relays()[0] == RelayAd(honest[0], (_addr(honest[0]),), "", 1200.0)
+    # A relay in use stays while newer DHT entries arrive; the others in use go least recent first.
+    in_use.add(honest[0])
+    newer = [Identity.generate().peer_id for _ in range(3)]
+    for pid in newer:
+        book.hear(RelayAd(pid, (_addr(pid),), "", 1100.0))
+    assert [ad.peer_id for ad in book.relays()][:3] == [honest[0], *newer[1:]]
+
+
 def test_relay_book_takes_only_valid_dht_entries():
     me = Identity.generate()
     relay, liar = Identity.generate(), Identity.generate()
