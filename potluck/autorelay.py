@@ -1,6 +1,8 @@
 """Automatic relays: a peer that autonat finds behind NAT (`private`) and that was given no `--relay`
 picks relays itself from the announcements it heard (`potluck.relays`: the DHT, presence notes).
 
+A relay is dialled only at addresses `relays.dial_addrs` allows (never this host or its link; a private
+network only when we are in one), internet-routable ones first, each in turn (`add_relay(also_at=)`).
 It keeps reservations on `AutoRelayConfig.want` relays, nearest first where an RTT estimate exists
 (the DHT's measured or Vivaldi estimate, then membership's ping RTT). The network keeps each
 reservation refreshed (`p2p.libp2p.relay`); this loop replaces a relay that holds no live
@@ -16,13 +18,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import trio
 
 from p2p.errors import P2PError
+from p2p.libp2p.addresses import tcp_endpoint
 
-from .relays import RelayAd, RelayBook
+from .relays import RelayAd, RelayBook, dial_addrs
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +35,15 @@ class RelayClient(Protocol):
 
     def reachability(self) -> dict: ...
 
-    def add_relay(self, addr: str) -> str: ...
+    def add_relay(self, addr: str, also_at: Sequence[str] = ()) -> str: ...
 
     def drop_relay(self, relay_id: str) -> None: ...
 
     def relays_held(self) -> dict[str, tuple[bool, P2PError | None]]: ...
+
+    def direct_addrs(self) -> list[str]: ...
+
+    def confirmed_ips(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -47,12 +54,6 @@ class AutoRelayConfig:
     reserve_grace: float = 30.0  # a chosen relay without a reservation for this long is replaced
     avoid_for: float = 300.0  # a replaced relay is not chosen again for this long
     nearer_factor: float = 0.5  # a candidate this much nearer than the farthest relay in use replaces it
-
-
-def dial_addr(ad: RelayAd) -> str:
-    """The relay address to dial: its first non-loopback one (a relay listening on every interface
-    announces 127.0.0.1 too), else its first."""
-    return next((a for a in ad.addrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))), ad.addrs[0])
 
 
 class AutoRelay:
@@ -141,14 +142,21 @@ class AutoRelay:
             self._choose(ad, now)
         self._move_nearer(held, now)
 
+    def _own_ips(self) -> list[str]:
+        listening = [e[0] for e in map(tcp_endpoint, self.network.direct_addrs()) if e is not None]
+        return [*listening, *self.network.confirmed_ips()]
+
     def _choose(self, ad: RelayAd, now: float) -> str | None:
+        addrs = dial_addrs(ad, self._own_ips())
         try:
-            relay_id = self.network.add_relay(dial_addr(ad))
+            if not addrs:
+                raise ValueError("it names only addresses we may not dial (this host, its link, a private network)")
+            relay_id = self.network.add_relay(addrs[0], also_at=addrs[1:])
         except ValueError as e:  # our own, or an address no relay of ours can have
             log.info("relay %s not usable: %s", ad.peer_id, e)
             self.avoided[ad.peer_id] = now + self.config.avoid_for
             return None
-        log.info("behind NAT: reserving on relay %s (%s)", relay_id, dial_addr(ad))
+        log.info("behind NAT: reserving on relay %s (%s)", relay_id, ", ".join(addrs))
         self.chosen[relay_id] = now
         self.stats["chosen"] += 1
         return relay_id

@@ -74,7 +74,7 @@ from . import control, generation, memory
 from .apps import AppTable
 from .autorelay import AutoRelay
 from .relays import MAX_ADDRS, MAX_RELAY_RECORDS, RELAY_NAMESPACE, RelayAd, RelayAnnouncing, RelayBook, \
-    RelayRecordValidator, dialable, relay_addrs, relay_key
+    RelayRecordValidator, plain_addrs, relay_addrs, relay_key
 from .fallback import FallbackConfig
 from .openai_schema import ChatRequest, CompletionRequest
 from .swarmview import coverage_view
@@ -210,7 +210,7 @@ class Peer:
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])
-        direct = dialable(addrs)[:MAX_ADDRS]
+        direct = plain_addrs(addrs)[:MAX_ADDRS]
         if message.data.get("relay") and direct:
             # heard again within three presence intervals, or forgotten
             self.relay_book.hear_note(RelayAd(message.author, tuple(direct), message.data["region"],

@@ -17,6 +17,7 @@ recently heard dropped first, never one in use), each until its entry or note ex
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -26,6 +27,7 @@ import trio
 from dht.records import InvalidRecord, SignedValue
 from p2p import framing
 from p2p.errors import BadRequest, P2PError
+from p2p.libp2p.addresses import may_dial, may_dial_local, routable, tcp_endpoint
 from p2p.membership import check_addr
 
 log = logging.getLogger(__name__)
@@ -151,16 +153,36 @@ class RelayBook:
 def relay_addrs(reachability: dict, direct: list[str], peer_id: str) -> list[str]:
     """Where a relay service can be dialled, from its `reachability()` and listen addresses: nothing
     until peers dialled it back (a relay behind NAT is no relay); then the addresses they reached it
-    at, and those it listens on except unspecified ones (0.0.0.0, ::)."""
+    at, and those it listens on, except this host's and its link's (loopback only while it listens on
+    loopback alone), internet-routable ones first."""
     if reachability.get("status") != "public":
         return []
     reached = [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in reachability.get("reachable_addrs", [])]
-    return list(dict.fromkeys(dialable([*reached, *direct])))[:MAX_ADDRS]
+    ours = [e[0] for e in map(tcp_endpoint, direct) if e is not None]
+    candidates = plain_addrs([*reached, *direct])
+    return [a for a in candidates if may_dial_local(_ip_of(a), ours)][:MAX_ADDRS]
 
 
-def dialable(addrs: list[str]) -> list[str]:
-    """The addresses a relay can be dialled at from elsewhere: no circuits, no 0.0.0.0 or ::."""
-    return [a for a in addrs if "/p2p-circuit" not in a and not a.startswith(("/ip4/0.0.0.0/", "/ip6/::/"))]
+def plain_addrs(addrs: list[str]) -> list[str]:
+    """The plain /ip4|ip6/<ip>/tcp/<port>/p2p/<id> addresses among `addrs`, without unspecified IPs
+    (0.0.0.0, ::) or repeats, internet-routable ones first (else a LAN address, sorted first as text,
+    is all a remote peer tries)."""
+    plain = [a for a in dict.fromkeys(addrs) if "/p2p/" in a and tcp_endpoint(a) is not None]
+    plain = [a for a in plain if not ipaddress.ip_address(_ip_of(a)).is_unspecified]
+    return sorted(plain, key=lambda a: not routable(_ip_of(a)))
+
+
+def dial_addrs(ad: RelayAd, ours: list[str]) -> list[str]:
+    """The addresses of a relay we may dial (`p2p.libp2p.addresses.may_dial`, given our own IPs
+    `ours`), internet-routable ones first; none for a relay that names only this host, its link, or
+    a private network we are not in."""
+    return [a for a in plain_addrs(list(ad.addrs)) if may_dial(_ip_of(a), ours)]
+
+
+def _ip_of(addr: str) -> str:
+    endpoint = tcp_endpoint(addr)
+    assert endpoint is not None  # plain addresses only
+    return endpoint[0]
 
 
 class RelayDirectory(Protocol):

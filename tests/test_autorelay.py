@@ -17,9 +17,9 @@ from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork, RelayRefused
 from p2p.libp2p.relay import STOP_PROTOCOL, CircuitRelay
 from p2p.sim import Place, SimWorld
-from potluck.autorelay import AutoRelay, AutoRelayConfig, dial_addr
+from potluck.autorelay import AutoRelay, AutoRelayConfig
 from potluck.peer import _validators
-from potluck.relays import MAX_RELAY_RECORDS, RelayAd, RelayAnnouncing, RelayBook, relay_addrs, relay_key
+from potluck.relays import MAX_RELAY_RECORDS, RelayAd, RelayAnnouncing, RelayBook, dial_addrs, relay_addrs, relay_key
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY = relay_key(None)
@@ -138,6 +138,14 @@ def test_a_relay_announces_where_peers_dialled_it_back_and_only_once_they_did():
     assert relay_addrs({"status": "private", "reachable_addrs": []}, listening, pid) == []
     public = {"status": "public", "reachable_addrs": ["/ip4/203.0.113.7/tcp/4001"]}
     assert relay_addrs(public, listening, pid) == [_addr(pid), f"/ip4/192.168.1.5/tcp/4001/p2p/{pid}"]
+    # A LAN dial-back (sorted first as text) comes after the routable one; this host's addresses go.
+    lan_first = {"status": "public", "reachable_addrs": ["/ip4/10.1.2.3/tcp/4001", "/ip4/203.0.113.7/tcp/4001"]}
+    listening = [f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}", f"/ip6/0:0::0/tcp/4001/p2p/{pid}",
+                 f"/ip4/10.1.2.3/tcp/4001/p2p/{pid}"]
+    assert relay_addrs(lan_first, listening, pid) == [_addr(pid), f"/ip4/10.1.2.3/tcp/4001/p2p/{pid}"]
+    loopback = {"status": "public", "reachable_addrs": ["/ip4/127.0.0.1/tcp/4001"]}
+    assert relay_addrs(loopback, [f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}"], pid) == [
+        f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}"]  # a swarm on one machine
 
 
 # --- the relay book ---------------------------------------------------------------------------------
@@ -191,10 +199,33 @@ def test_relay_book_takes_only_valid_dht_entries():
     assert [(ad.peer_id, ad.region) for ad in book.relays()] == [(relay.peer_id, "us")]
 
 
-def test_dial_addr_skips_loopback():
+def test_a_relay_is_dialled_only_where_we_may_and_routable_addresses_first():
     pid = Identity.generate().peer_id
-    ad = RelayAd(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}", _addr(pid)), "", 1e12)
-    assert dial_addr(ad) == _addr(pid)
+    names = ["/ip4/10.0.0.9/tcp/1", "/ip4/127.0.0.1/tcp/1", "/ip6/0:0::0/tcp/1", "/ip4/169.254.169.254/tcp/80",
+             "/ip6/::1/tcp/1", "/ip4/203.0.113.7/tcp/4001", "/ip4/192.168.1.5/tcp/4001"]
+    ad = RelayAd(pid, tuple(f"{a}/p2p/{pid}" for a in names), "", 1e12)
+    assert dial_addrs(ad, ["198.51.100.3"]) == [_addr(pid)]  # a public peer: no loopback, link, LAN
+    assert dial_addrs(ad, ["10.0.0.5"]) == [_addr(pid), f"/ip4/10.0.0.9/tcp/1/p2p/{pid}",
+                                            f"/ip4/192.168.1.5/tcp/4001/p2p/{pid}"]  # behind a NAT
+    assert dial_addrs(ad, ["127.0.0.1"]) == [_addr(pid), f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",
+                                             f"/ip6/::1/tcp/1/p2p/{pid}"]  # a swarm on one machine
+    only_loopback = RelayAd(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",), "", 1e12)
+    assert dial_addrs(only_loopback, ["10.0.0.5", "198.51.100.3"]) == []
+
+
+async def test_the_keeper_tries_each_address_of_a_relay_in_turn():
+    async with Libp2pNetwork.open(Identity.generate(), LOOPBACK, relay_service=True) as relay, \
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK) as nated:
+        with trio.socket.socket() as closed:  # a port nothing listens on
+            await closed.bind(("127.0.0.1", 0))
+            dead = f"/ip4/127.0.0.1/tcp/{closed.getsockname()[1]}/p2p/{relay.peer_id}"
+        relay_id = nated.add_relay(dead, also_at=[relay.listen_addrs()[0]])
+        with trio.fail_after(20):
+            while not nated.relays_held()[relay_id][0]:
+                await trio.sleep(0.05)
+        assert nated.listen_addrs()[0] == f"{relay.listen_addrs()[0]}/p2p-circuit/p2p/{nated.peer_id}"
+        with pytest.raises(ValueError):
+            nated.add_relay(relay.listen_addrs()[0], also_at=[_addr(nated.peer_id)])  # another peer's
 
 
 # --- the chooser's policy ---------------------------------------------------------------------------
@@ -210,7 +241,7 @@ class Relays:
     def reachability(self) -> dict:
         return {"status": self.status}
 
-    def add_relay(self, addr: str) -> str:
+    def add_relay(self, addr: str, also_at=()) -> str:
         relay_id = addr.rsplit("/p2p/", 1)[1]
         self.held[relay_id] = (False, None)
         self.added.append(relay_id)
@@ -221,6 +252,12 @@ class Relays:
 
     def relays_held(self):
         return dict(self.held)
+
+    def direct_addrs(self) -> list[str]:
+        return ["/ip4/10.0.0.5/tcp/4001"]  # behind a NAT
+
+    def confirmed_ips(self) -> list[str]:
+        return []
 
 
 def _chooser(relays: Relays, rtts: dict[str, float], **config):

@@ -108,6 +108,13 @@ def may_dial(ip: str, ours: Iterable[str]) -> bool:
     return not _private(address) or any(m is not None and _private(m) for m in map(_ip, mine))
 
 
+def routable(ip: str) -> bool:
+    """Whether `ip` is reachable across the internet: none of this host's, its link's, or a private
+    or CGNAT range's (those first in a list of addresses to dial from elsewhere)."""
+    address = _ip(ip)
+    return address is not None and may_dial_local(ip, []) and not _private(address)
+
+
 def tcp_endpoint(addr: str) -> tuple[str, int] | None:
     """(ip, port) of a plain /ip4|ip6/<ip>/tcp/<port>[/p2p/<id>] address; None for anything else."""
     try:
