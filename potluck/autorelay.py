@@ -9,8 +9,9 @@ reservation refreshed (`p2p.libp2p.relay`); this loop replaces a relay that hold
 reservation and whose last attempt failed (it died, refused us, or broke off), or that has held none
 for `reserve_grace`; a replaced relay is not chosen again for `avoid_for` seconds. A relay heard of
 later that is much nearer (`nearer_factor`) than the farthest one in use takes its place: reserved
-first, the farther one dropped once it holds (one move at a time). When autonat later finds the peer
-public, the relays it chose are dropped.
+first, the farther one dropped once it holds (one move at a time); nearer by a measured RTT only
+(`measured_rtt`: DHT samples, ping), never by a coordinate estimate a relay could fake. When
+autonat later finds the peer public, the relays it chose are dropped.
 """
 
 from __future__ import annotations
@@ -58,11 +59,13 @@ class AutoRelayConfig:
 
 class AutoRelay:
     def __init__(self, network: RelayClient, book: RelayBook, read_announcements: Callable[[], Awaitable[None]],
-                 rtt: Callable[[str], float | None], config: AutoRelayConfig | None = None):
+                 rtt: Callable[[str], float | None], measured_rtt: Callable[[str], float | None],
+                 config: AutoRelayConfig | None = None):
         self.network = network
         self.book = book
         self.read_announcements = read_announcements  # a DHT read into `book`
-        self.rtt = rtt
+        self.rtt = rtt  # measured, else estimated (Vivaldi): orders the candidates
+        self.measured_rtt = measured_rtt  # measured only: a relay faking its coordinates moves nothing
         self.config = config or AutoRelayConfig()
         self.chosen: dict[str, float] = {}  # relay id -> when chosen or last seen reserved (monotonic)
         self.avoided: dict[str, float] = {}  # relay id -> until when (monotonic)
@@ -167,7 +170,7 @@ class AutoRelay:
                 self.moving_to = None
             elif held.get(self.moving_to, (False, None))[0]:
                 if len(self.chosen) > self.config.want:  # else the one it was to replace failed meanwhile
-                    others = {r: self.rtt(r) for r in self.chosen if r != self.moving_to}
+                    others = {r: self.measured_rtt(r) for r in self.chosen if r != self.moving_to}
                     farthest = max(others, key=lambda r: others[r] or 0.0)
                     log.info("reserved on nearer relay %s; dropping %s", self.moving_to, farthest)
                     self.network.drop_relay(farthest)
@@ -177,12 +180,12 @@ class AutoRelay:
             return
         if len(self.chosen) < self.config.want or not all(held.get(r, (False, None))[0] for r in self.chosen):
             return
-        rtts = {r: self.rtt(r) for r in self.chosen}
+        rtts = {r: self.measured_rtt(r) for r in self.chosen}
         if any(rtt is None for rtt in rtts.values()):
             return
         farthest_rtt = max(rtt for rtt in rtts.values() if rtt is not None)
         for ad in self.candidates():
-            rtt = self.rtt(ad.peer_id)
+            rtt = self.measured_rtt(ad.peer_id)
             if rtt is not None and rtt < farthest_rtt * self.config.nearer_factor:
                 self.moving_to = self._choose(ad, now)
-            return  # candidates come nearest first: the first one decides
+                return  # candidates come nearest first: the first measured one near enough

@@ -339,6 +339,13 @@ class Peer:
         rtt = self.dht.rtt_estimate(peer_id)
         return rtt if rtt is not None else self.membership.rtt(peer_id)
 
+    def relay_measured_rtt(self, peer_id: str) -> float | None:
+        """Seconds to a relay as measured (the DHT's recent samples, else membership's ping RTT), never
+        a coordinate estimate: what a relay says of its place cannot make it look near."""
+        state = self.dht.peers.get(peer_id)
+        rtt = state.rtt if state is not None else None
+        return rtt if rtt is not None else self.membership.rtt(peer_id)
+
     def status(self) -> dict:
         return {
             "peer_id": self.identity.peer_id,
@@ -607,7 +614,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                     nursery.start_soon(RelayAnnouncing(peer.dht, peer.relay_key, peer.relay_addrs, config.region).run)
                 if choose_relays:
                     peer.autorelay = AutoRelay(network, peer.relay_book, peer.read_relay_announcements,
-                                               peer.relay_rtt)
+                                               peer.relay_rtt, peer.relay_measured_rtt)
                     nursery.start_soon(peer.autorelay.run)
                 nursery.start_soon(peer._presence_loop)
                 if config.blocks is not None and len(config.model_candidates) > 1:

@@ -260,7 +260,9 @@ class Relays:
         return []
 
 
-def _chooser(relays: Relays, rtts: dict[str, float], **config):
+def _chooser(relays: Relays, rtts: dict[str, float], measured: dict[str, float | None] | None = None, **config):
+    """A chooser given `rtts` (estimates, -1 for none), measured as estimated unless `measured` says."""
+    measured = measured if measured is not None else {}
     me = Identity.generate().peer_id
     book = RelayBook(me, time.time)
     for pid in rtts:
@@ -270,7 +272,10 @@ def _chooser(relays: Relays, rtts: dict[str, float], **config):
     async def read():
         reads.append(1)
 
-    return AutoRelay(relays, book, read, lambda pid: rtts[pid] if rtts[pid] >= 0 else None,
+    def rtt(pid):
+        return rtts[pid] if rtts[pid] >= 0 else None
+
+    return AutoRelay(relays, book, read, rtt, lambda pid: measured.get(pid, rtt(pid)),
                      AutoRelayConfig(check_interval=0.01, **config)), reads
 
 
@@ -487,3 +492,21 @@ async def test_circuits_through_a_relay_that_dies_are_closed_at_both_ends():
             with trio.fail_after(5):
                 while nated.peer_id in dialer.connected_peers() or dialer.peer_id in nated.connected_peers():
                     await trio.sleep(0.05)
+
+
+def test_chooser_does_not_move_to_a_relay_near_only_by_its_coordinates():
+    far, farther, faker, near = (Identity.generate().peer_id for _ in range(4))
+    relays = Relays()
+    rtts = {far: 0.08, farther: 0.15}
+    measured: dict[str, float | None] = {}
+    chooser, _ = _chooser(relays, rtts, measured)
+    chooser.step()
+    relays.held = {far: (True, None), farther: (True, None)}
+    rtts[faker], measured[faker] = 0.0001, None  # its Vivaldi coordinates put it next door; never measured
+    chooser.book.hear(RelayAd(faker, (_addr(faker),), "", time.time() + 600))
+    chooser.step()
+    assert set(relays.held) == {far, farther} and chooser.moving_to is None
+    rtts[near] = 0.01  # measured as near: the move is made
+    chooser.book.hear(RelayAd(near, (_addr(near),), "", time.time() + 600))
+    chooser.step()
+    assert chooser.moving_to == near
