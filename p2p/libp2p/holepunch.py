@@ -313,11 +313,19 @@ class HolePunch:
         for round_ in range(ROUNDS):
             if round_:
                 await trio.sleep(1.0)
+            dialling = [len(endpoints)]
+
+            async def dial_once(endpoint: tuple[str, int]) -> None:
+                try:
+                    await dial(endpoint)
+                finally:
+                    dialling[0] -= 1
+
             async with trio.open_nursery() as nursery:
                 for endpoint in endpoints:
-                    nursery.start_soon(dial, endpoint)
-                with trio.move_on_after(ROUND_TIMEOUT):
-                    while self._direct_conn(peer_id) is None:
+                    nursery.start_soon(dial_once, endpoint)
+                with trio.move_on_after(ROUND_TIMEOUT):  # a round ends early once all its dials failed
+                    while self._direct_conn(peer_id) is None and dialling[0]:
                         await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
             if self._direct_conn(peer_id) is not None:
