@@ -1,14 +1,17 @@
 """Automatic relays: a peer that autonat finds behind NAT (`private`) and that was given no `--relay`
 picks relays itself from the announcements it heard (`potluck.relays`: the DHT, presence notes).
 
+A relay is dialled only at addresses `relays.dial_addrs` allows (never this host or its link; a private
+network only when we are in one), internet-routable ones first, each in turn (`add_relay(also_at=)`).
 It keeps reservations on `AutoRelayConfig.want` relays, nearest first where an RTT estimate exists
 (the DHT's measured or Vivaldi estimate, then membership's ping RTT). The network keeps each
 reservation refreshed (`p2p.libp2p.relay`); this loop replaces a relay that holds no live
 reservation and whose last attempt failed (it died, refused us, or broke off), or that has held none
 for `reserve_grace`; a replaced relay is not chosen again for `avoid_for` seconds. A relay heard of
 later that is much nearer (`nearer_factor`) than the farthest one in use takes its place: reserved
-first, the farther one dropped once it holds (one move at a time). When autonat later finds the peer
-public, the relays it chose are dropped.
+first, the farther one dropped once it holds (one move at a time); nearer by a measured RTT only
+(`measured_rtt`: DHT samples, ping), never by a coordinate estimate a relay could fake. When
+autonat later finds the peer public, the relays it chose are dropped.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol
+from typing import Awaitable, Callable, Protocol, Sequence
 
 import trio
 
 from p2p.errors import P2PError
+from p2p.libp2p.addresses import tcp_endpoint
 
-from .relays import RelayAd, RelayBook
+from .relays import RelayAd, RelayBook, dial_addrs
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +36,15 @@ class RelayClient(Protocol):
 
     def reachability(self) -> dict: ...
 
-    def add_relay(self, addr: str) -> str: ...
+    def add_relay(self, addr: str, also_at: Sequence[str] = ()) -> str: ...
 
     def drop_relay(self, relay_id: str) -> None: ...
 
     def relays_held(self) -> dict[str, tuple[bool, P2PError | None]]: ...
+
+    def direct_addrs(self) -> list[str]: ...
+
+    def confirmed_ips(self) -> list[str]: ...
 
 
 @dataclass(frozen=True)
@@ -49,19 +57,15 @@ class AutoRelayConfig:
     nearer_factor: float = 0.5  # a candidate this much nearer than the farthest relay in use replaces it
 
 
-def dial_addr(ad: RelayAd) -> str:
-    """The relay address to dial: its first non-loopback one (a relay listening on every interface
-    announces 127.0.0.1 too), else its first."""
-    return next((a for a in ad.addrs if not a.startswith(("/ip4/127.", "/ip6/::1/"))), ad.addrs[0])
-
-
 class AutoRelay:
     def __init__(self, network: RelayClient, book: RelayBook, read_announcements: Callable[[], Awaitable[None]],
-                 rtt: Callable[[str], float | None], config: AutoRelayConfig | None = None):
+                 rtt: Callable[[str], float | None], measured_rtt: Callable[[str], float | None],
+                 config: AutoRelayConfig | None = None):
         self.network = network
         self.book = book
         self.read_announcements = read_announcements  # a DHT read into `book`
-        self.rtt = rtt
+        self.rtt = rtt  # measured, else estimated (Vivaldi): orders the candidates
+        self.measured_rtt = measured_rtt  # measured only: a relay faking its coordinates moves nothing
         self.config = config or AutoRelayConfig()
         self.chosen: dict[str, float] = {}  # relay id -> when chosen or last seen reserved (monotonic)
         self.avoided: dict[str, float] = {}  # relay id -> until when (monotonic)
@@ -141,14 +145,21 @@ class AutoRelay:
             self._choose(ad, now)
         self._move_nearer(held, now)
 
+    def _own_ips(self) -> list[str]:
+        listening = [e[0] for e in map(tcp_endpoint, self.network.direct_addrs()) if e is not None]
+        return [*listening, *self.network.confirmed_ips()]
+
     def _choose(self, ad: RelayAd, now: float) -> str | None:
+        addrs = dial_addrs(ad, self._own_ips())
         try:
-            relay_id = self.network.add_relay(dial_addr(ad))
+            if not addrs:
+                raise ValueError("it names only addresses we may not dial (this host, its link, a private network)")
+            relay_id = self.network.add_relay(addrs[0], also_at=addrs[1:])
         except ValueError as e:  # our own, or an address no relay of ours can have
             log.info("relay %s not usable: %s", ad.peer_id, e)
             self.avoided[ad.peer_id] = now + self.config.avoid_for
             return None
-        log.info("behind NAT: reserving on relay %s (%s)", relay_id, dial_addr(ad))
+        log.info("behind NAT: reserving on relay %s (%s)", relay_id, ", ".join(addrs))
         self.chosen[relay_id] = now
         self.stats["chosen"] += 1
         return relay_id
@@ -159,7 +170,7 @@ class AutoRelay:
                 self.moving_to = None
             elif held.get(self.moving_to, (False, None))[0]:
                 if len(self.chosen) > self.config.want:  # else the one it was to replace failed meanwhile
-                    others = {r: self.rtt(r) for r in self.chosen if r != self.moving_to}
+                    others = {r: self.measured_rtt(r) for r in self.chosen if r != self.moving_to}
                     farthest = max(others, key=lambda r: others[r] or 0.0)
                     log.info("reserved on nearer relay %s; dropping %s", self.moving_to, farthest)
                     self.network.drop_relay(farthest)
@@ -169,12 +180,12 @@ class AutoRelay:
             return
         if len(self.chosen) < self.config.want or not all(held.get(r, (False, None))[0] for r in self.chosen):
             return
-        rtts = {r: self.rtt(r) for r in self.chosen}
+        rtts = {r: self.measured_rtt(r) for r in self.chosen}
         if any(rtt is None for rtt in rtts.values()):
             return
         farthest_rtt = max(rtt for rtt in rtts.values() if rtt is not None)
         for ad in self.candidates():
-            rtt = self.rtt(ad.peer_id)
+            rtt = self.measured_rtt(ad.peer_id)
             if rtt is not None and rtt < farthest_rtt * self.config.nearer_factor:
                 self.moving_to = self._choose(ad, now)
-            return  # candidates come nearest first: the first one decides
+                return  # candidates come nearest first: the first measured one near enough

@@ -76,7 +76,7 @@ from . import control, generation, memory
 from .apps import AppTable
 from .autorelay import AutoRelay
 from .relays import MAX_ADDRS, MAX_RELAY_RECORDS, RELAY_NAMESPACE, RelayAd, RelayAnnouncing, RelayBook, \
-    RelayRecordValidator, dialable, relay_addrs, relay_key
+    RelayRecordValidator, plain_addrs, relay_addrs, relay_key
 from .fallback import FallbackConfig
 from .localfallback import LocalFallback
 from .openai_schema import ChatRequest, CompletionRequest
@@ -189,7 +189,8 @@ class Peer:
         self.gossip.subscribe(GOSSIP_TOPIC, self._on_server_note, validator=self._valid_server_note)
         self.presence_seen: dict[str, None] = {}  # authors of presence notes, the least recently heard first
         self.relay_key = relay_key(swarm_key)
-        self.relay_book = RelayBook(identity.peer_id, network.now)  # relays heard of (DHT, presence notes)
+        self.relay_book = RelayBook(identity.peer_id, network.now,  # relays heard of (DHT, presence notes)
+                                    in_use=lambda relay_id: self.autorelay is not None and relay_id in self.autorelay.chosen)
         self.autorelay: AutoRelay | None = None  # set by run_peer where this peer chooses relays itself
         self.local_fallback = LocalFallback(self.client, network) if config.local_fallback else None
         self.addrs_changed = trio.Event()
@@ -222,11 +223,11 @@ class Peer:
         addrs = message.data["addrs"]
         if message.author != self.identity.peer_id and addrs:
             self.membership.learn(message.author, addrs[0], message.data["region"])
-        direct = dialable(addrs)[:MAX_ADDRS]
+        direct = plain_addrs(addrs)[:MAX_ADDRS]
         if message.data.get("relay") and direct:
             # heard again within three presence intervals, or forgotten
-            self.relay_book.hear(RelayAd(message.author, tuple(direct), message.data["region"],
-                                         self.network.now() + 3 * self.config.presence_interval))
+            self.relay_book.hear_note(RelayAd(message.author, tuple(direct), message.data["region"],
+                                              self.network.now() + 3 * self.config.presence_interval))
 
     def _valid_server_note(self, message) -> bool:
         from_gossip_note(message.author, message.data, self.network.now())
@@ -350,6 +351,13 @@ class Peer:
     def relay_rtt(self, peer_id: str) -> float | None:
         """Seconds to a relay: the DHT's estimate (measured, else Vivaldi), else membership's ping RTT."""
         rtt = self.dht.rtt_estimate(peer_id)
+        return rtt if rtt is not None else self.membership.rtt(peer_id)
+
+    def relay_measured_rtt(self, peer_id: str) -> float | None:
+        """Seconds to a relay as measured (the DHT's recent samples, else membership's ping RTT), never
+        a coordinate estimate: what a relay says of its place cannot make it look near."""
+        state = self.dht.peers.get(peer_id)
+        rtt = state.rtt if state is not None else None
         return rtt if rtt is not None else self.membership.rtt(peer_id)
 
     def status(self) -> dict:
@@ -658,7 +666,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
                     nursery.start_soon(RelayAnnouncing(peer.dht, peer.relay_key, peer.relay_addrs, config.region).run)
                 if choose_relays:
                     peer.autorelay = AutoRelay(network, peer.relay_book, peer.read_relay_announcements,
-                                               peer.relay_rtt)
+                                               peer.relay_rtt, peer.relay_measured_rtt)
                     nursery.start_soon(peer.autorelay.run)
                 nursery.start_soon(peer._presence_loop)
                 if config.blocks is not None and len(config.model_candidates) > 1:

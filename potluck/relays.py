@@ -10,12 +10,14 @@ between DHT reads.
 Bounded: the DHT holds at most `MAX_RELAY_RECORDS` entries in a `relays/` record (validator
 `RelayRecordValidator`, `dht.Validators.register(..., max_entries=...)`), each at most `MAX_ADDRS`
 direct addresses of its own signer. `RelayBook`, where a peer keeps the relays it heard of, holds at
-most `MAX_CANDIDATES` (the least recently heard dropped first), each until its entry or note expires.
+most `MAX_CANDIDATES` read from the DHT and `MAX_NOTED` heard of only in presence notes (the least
+recently heard dropped first, never one in use), each until its entry or note expires.
 """
 
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Protocol
@@ -25,6 +27,7 @@ import trio
 from dht.records import InvalidRecord, SignedValue
 from p2p import framing
 from p2p.errors import BadRequest, P2PError
+from p2p.libp2p.addresses import may_dial, may_dial_local, routable, tcp_endpoint
 from p2p.membership import check_addr
 
 log = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ MAX_RELAY_RECORDS = 64  # entries one `relays/` record holds at a DHT node
 MAX_ADDRS = 4
 MAX_REGION_LEN = 64
 MAX_CANDIDATES = 32
+MAX_NOTED = 4  # relays heard of only in presence notes
 
 
 def relay_key(swarm_key: bytes | None) -> str:
@@ -84,24 +88,50 @@ class RelayRecordValidator:
 
 
 class RelayBook:
-    """The relays this peer heard of (DHT reads, presence notes), at most `MAX_CANDIDATES`, each until
-    its announcement expires."""
+    """The relays this peer heard of, each until its announcement expires: at most `max_candidates`
+    read from the DHT (signed entries the DHT bounds), and at most `max_noted` more heard only in
+    presence notes (anyone can gossip one, so Sybils' notes push out only each other). A note from a
+    relay read from the DHT extends its entry. Relays `in_use` (we hold or seek a reservation there)
+    are never pushed out; the least recently heard of the others go first."""
 
-    def __init__(self, own_id: str, now: Callable[[], float], max_candidates: int = MAX_CANDIDATES):
+    def __init__(self, own_id: str, now: Callable[[], float], max_candidates: int = MAX_CANDIDATES,
+                 max_noted: int = MAX_NOTED, in_use: Callable[[str], bool] = lambda relay_id: False):
         self.own_id = own_id
         self.now = now
         self.max_candidates = max_candidates
-        self._ads: dict[str, RelayAd] = {}  # least recently heard first
+        self.max_noted = max_noted
+        self.in_use = in_use
+        self._ads: dict[str, RelayAd] = {}  # read from the DHT, least recently heard first
+        self._noted: dict[str, RelayAd] = {}  # heard only in presence notes, least recently heard first
 
     def hear(self, ad: RelayAd) -> None:
+        """A relay's announcement read from the DHT."""
         if ad.peer_id == self.own_id or ad.expires <= self.now():
             return
         known = self._ads.pop(ad.peer_id, None)
         if known is not None and known.expires > ad.expires:
             ad = known
+        self._noted.pop(ad.peer_id, None)
         self._ads[ad.peer_id] = ad
-        while len(self._ads) > self.max_candidates:
-            del self._ads[next(iter(self._ads))]
+        self._bound(self._ads, self.max_candidates)
+
+    def hear_note(self, ad: RelayAd) -> None:
+        """A relay's presence note: extends the entry of a relay read from the DHT, else takes one of
+        the few places for relays heard of only this way."""
+        if ad.peer_id == self.own_id or ad.expires <= self.now():
+            return
+        known = self._ads.get(ad.peer_id)
+        if known is not None:
+            if ad.expires > known.expires:
+                self._ads[ad.peer_id] = RelayAd(known.peer_id, known.addrs, known.region, ad.expires)
+            return
+        self._noted.pop(ad.peer_id, None)
+        self._noted[ad.peer_id] = ad
+        self._bound(self._noted, self.max_noted)
+
+    def _bound(self, ads: dict[str, RelayAd], most: int) -> None:
+        for peer_id in [p for p in ads if not self.in_use(p)][: max(0, len(ads) - most)]:
+            del ads[peer_id]
 
     def hear_entries(self, entries: dict[str, SignedValue]) -> None:
         """Every valid entry of a `relays/` record read from the DHT."""
@@ -113,25 +143,46 @@ class RelayBook:
 
     def relays(self) -> list[RelayAd]:
         now = self.now()
-        for peer_id, ad in list(self._ads.items()):
-            if ad.expires <= now:
-                del self._ads[peer_id]
-        return list(self._ads.values())
+        for ads in (self._ads, self._noted):
+            for peer_id, ad in list(ads.items()):
+                if ad.expires <= now:
+                    del ads[peer_id]
+        return [*self._ads.values(), *self._noted.values()]
 
 
 def relay_addrs(reachability: dict, direct: list[str], peer_id: str) -> list[str]:
     """Where a relay service can be dialled, from its `reachability()` and listen addresses: nothing
     until peers dialled it back (a relay behind NAT is no relay); then the addresses they reached it
-    at, and those it listens on except unspecified ones (0.0.0.0, ::)."""
+    at, and those it listens on, except this host's and its link's (loopback only while it listens on
+    loopback alone), internet-routable ones first."""
     if reachability.get("status") != "public":
         return []
     reached = [a if "/p2p/" in a else f"{a}/p2p/{peer_id}" for a in reachability.get("reachable_addrs", [])]
-    return list(dict.fromkeys(dialable([*reached, *direct])))[:MAX_ADDRS]
+    ours = [e[0] for e in map(tcp_endpoint, direct) if e is not None]
+    candidates = plain_addrs([*reached, *direct])
+    return [a for a in candidates if may_dial_local(_ip_of(a), ours)][:MAX_ADDRS]
 
 
-def dialable(addrs: list[str]) -> list[str]:
-    """The addresses a relay can be dialled at from elsewhere: no circuits, no 0.0.0.0 or ::."""
-    return [a for a in addrs if "/p2p-circuit" not in a and not a.startswith(("/ip4/0.0.0.0/", "/ip6/::/"))]
+def plain_addrs(addrs: list[str]) -> list[str]:
+    """The plain /ip4|ip6/<ip>/tcp/<port>/p2p/<id> addresses among `addrs`, without unspecified IPs
+    (0.0.0.0, ::) or repeats, internet-routable ones first (else a LAN address, sorted first as text,
+    is all a remote peer tries)."""
+    plain = [a for a in dict.fromkeys(addrs) if "/p2p/" in a and tcp_endpoint(a) is not None]
+    plain = [a for a in plain if not ipaddress.ip_address(_ip_of(a)).is_unspecified]
+    return sorted(plain, key=lambda a: not routable(_ip_of(a)))
+
+
+def dial_addrs(ad: RelayAd, ours: list[str]) -> list[str]:
+    """The addresses of a relay we may dial (`p2p.libp2p.addresses.may_dial`, given our own IPs
+    `ours`), internet-routable ones first; none for a relay that names only this host, its link, or
+    a private network we are not in."""
+    return [a for a in plain_addrs(list(ad.addrs)) if may_dial(_ip_of(a), ours)]
+
+
+def _ip_of(addr: str) -> str:
+    endpoint = tcp_endpoint(addr)
+    assert endpoint is not None  # plain addresses only
+    return endpoint[0]
 
 
 class RelayDirectory(Protocol):

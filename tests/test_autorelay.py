@@ -15,11 +15,11 @@ from dht.records import InvalidRecord, RecordStore, SignedValue, StoreLimits
 from p2p.errors import PeerUnreachable
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork, RelayRefused
-from p2p.libp2p.relay import STOP_PROTOCOL
+from p2p.libp2p.relay import STOP_PROTOCOL, CircuitRelay
 from p2p.sim import Place, SimWorld
-from potluck.autorelay import AutoRelay, AutoRelayConfig, dial_addr
+from potluck.autorelay import AutoRelay, AutoRelayConfig
 from potluck.peer import _validators
-from potluck.relays import MAX_RELAY_RECORDS, RelayAd, RelayAnnouncing, RelayBook, relay_addrs, relay_key
+from potluck.relays import MAX_RELAY_RECORDS, RelayAd, RelayAnnouncing, RelayBook, dial_addrs, relay_addrs, relay_key
 
 LOOPBACK = ["/ip4/127.0.0.1/tcp/0"]
 KEY = relay_key(None)
@@ -138,6 +138,14 @@ def test_a_relay_announces_where_peers_dialled_it_back_and_only_once_they_did():
     assert relay_addrs({"status": "private", "reachable_addrs": []}, listening, pid) == []
     public = {"status": "public", "reachable_addrs": ["/ip4/203.0.113.7/tcp/4001"]}
     assert relay_addrs(public, listening, pid) == [_addr(pid), f"/ip4/192.168.1.5/tcp/4001/p2p/{pid}"]
+    # A LAN dial-back (sorted first as text) comes after the routable one; this host's addresses go.
+    lan_first = {"status": "public", "reachable_addrs": ["/ip4/10.1.2.3/tcp/4001", "/ip4/203.0.113.7/tcp/4001"]}
+    listening = [f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}", f"/ip6/0:0::0/tcp/4001/p2p/{pid}",
+                 f"/ip4/10.1.2.3/tcp/4001/p2p/{pid}"]
+    assert relay_addrs(lan_first, listening, pid) == [_addr(pid), f"/ip4/10.1.2.3/tcp/4001/p2p/{pid}"]
+    loopback = {"status": "public", "reachable_addrs": ["/ip4/127.0.0.1/tcp/4001"]}
+    assert relay_addrs(loopback, [f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}"], pid) == [
+        f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}"]  # a swarm on one machine
 
 
 # --- the relay book ---------------------------------------------------------------------------------
@@ -157,6 +165,28 @@ def test_relay_book_is_bounded_expires_and_ignores_ourselves():
     assert [ad.peer_id for ad in book.relays()] == [ids[4]]
 
 
+def test_presence_notes_cannot_push_relays_read_from_the_dht_or_in_use_out_of_the_book():
+    clock = [1000.0]
+    in_use: set[str] = set()
+    book = RelayBook(Identity.generate().peer_id, lambda: clock[0], max_candidates=3, max_noted=2,
+                     in_use=in_use.__contains__)
+    honest = [Identity.generate().peer_id for _ in range(3)]
+    for pid in honest:
+        book.hear(RelayAd(pid, (_addr(pid),), "", 1100.0))
+    sybils = [Identity.generate().peer_id for _ in range(32)]
+    for pid in sybils:  # 32 authors gossip `relay: true`
+        book.hear_note(RelayAd(pid, (_addr(pid),), "", 1500.0))
+    assert [ad.peer_id for ad in book.relays()] == [*honest, *sybils[-2:]]
+    book.hear_note(RelayAd(honest[0], ("/ip4/198.51.100.1/tcp/1",), "", 1200.0))  # a note extends an entry
+    assert book.relays()[0] == RelayAd(honest[0], (_addr(honest[0]),), "", 1200.0)
+    # A relay in use stays while newer DHT entries arrive; the others in use go least recent first.
+    in_use.add(honest[0])
+    newer = [Identity.generate().peer_id for _ in range(3)]
+    for pid in newer:
+        book.hear(RelayAd(pid, (_addr(pid),), "", 1100.0))
+    assert [ad.peer_id for ad in book.relays()][:3] == [honest[0], *newer[1:]]
+
+
 def test_relay_book_takes_only_valid_dht_entries():
     me = Identity.generate()
     relay, liar = Identity.generate(), Identity.generate()
@@ -169,10 +199,33 @@ def test_relay_book_takes_only_valid_dht_entries():
     assert [(ad.peer_id, ad.region) for ad in book.relays()] == [(relay.peer_id, "us")]
 
 
-def test_dial_addr_skips_loopback():
+def test_a_relay_is_dialled_only_where_we_may_and_routable_addresses_first():
     pid = Identity.generate().peer_id
-    ad = RelayAd(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}", _addr(pid)), "", 1e12)
-    assert dial_addr(ad) == _addr(pid)
+    names = ["/ip4/10.0.0.9/tcp/1", "/ip4/127.0.0.1/tcp/1", "/ip6/0:0::0/tcp/1", "/ip4/169.254.169.254/tcp/80",
+             "/ip6/::1/tcp/1", "/ip4/203.0.113.7/tcp/4001", "/ip4/192.168.1.5/tcp/4001"]
+    ad = RelayAd(pid, tuple(f"{a}/p2p/{pid}" for a in names), "", 1e12)
+    assert dial_addrs(ad, ["198.51.100.3"]) == [_addr(pid)]  # a public peer: no loopback, link, LAN
+    assert dial_addrs(ad, ["10.0.0.5"]) == [_addr(pid), f"/ip4/10.0.0.9/tcp/1/p2p/{pid}",
+                                            f"/ip4/192.168.1.5/tcp/4001/p2p/{pid}"]  # behind a NAT
+    assert dial_addrs(ad, ["127.0.0.1"]) == [_addr(pid), f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",
+                                             f"/ip6/::1/tcp/1/p2p/{pid}"]  # a swarm on one machine
+    only_loopback = RelayAd(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",), "", 1e12)
+    assert dial_addrs(only_loopback, ["10.0.0.5", "198.51.100.3"]) == []
+
+
+async def test_the_keeper_tries_each_address_of_a_relay_in_turn():
+    async with Libp2pNetwork.open(Identity.generate(), LOOPBACK, relay_service=True) as relay, \
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK) as nated:
+        with trio.socket.socket() as closed:  # a port nothing listens on
+            await closed.bind(("127.0.0.1", 0))
+            dead = f"/ip4/127.0.0.1/tcp/{closed.getsockname()[1]}/p2p/{relay.peer_id}"
+        relay_id = nated.add_relay(dead, also_at=[relay.listen_addrs()[0]])
+        with trio.fail_after(20):
+            while not nated.relays_held()[relay_id][0]:
+                await trio.sleep(0.05)
+        assert nated.listen_addrs()[0] == f"{relay.listen_addrs()[0]}/p2p-circuit/p2p/{nated.peer_id}"
+        with pytest.raises(ValueError):
+            nated.add_relay(relay.listen_addrs()[0], also_at=[_addr(nated.peer_id)])  # another peer's
 
 
 # --- the chooser's policy ---------------------------------------------------------------------------
@@ -188,7 +241,7 @@ class Relays:
     def reachability(self) -> dict:
         return {"status": self.status}
 
-    def add_relay(self, addr: str) -> str:
+    def add_relay(self, addr: str, also_at=()) -> str:
         relay_id = addr.rsplit("/p2p/", 1)[1]
         self.held[relay_id] = (False, None)
         self.added.append(relay_id)
@@ -200,8 +253,16 @@ class Relays:
     def relays_held(self):
         return dict(self.held)
 
+    def direct_addrs(self) -> list[str]:
+        return ["/ip4/10.0.0.5/tcp/4001"]  # behind a NAT
 
-def _chooser(relays: Relays, rtts: dict[str, float], **config):
+    def confirmed_ips(self) -> list[str]:
+        return []
+
+
+def _chooser(relays: Relays, rtts: dict[str, float], measured: dict[str, float | None] | None = None, **config):
+    """A chooser given `rtts` (estimates, -1 for none), measured as estimated unless `measured` says."""
+    measured = measured if measured is not None else {}
     me = Identity.generate().peer_id
     book = RelayBook(me, time.time)
     for pid in rtts:
@@ -211,7 +272,10 @@ def _chooser(relays: Relays, rtts: dict[str, float], **config):
     async def read():
         reads.append(1)
 
-    return AutoRelay(relays, book, read, lambda pid: rtts[pid] if rtts[pid] >= 0 else None,
+    def rtt(pid):
+        return rtts[pid] if rtts[pid] >= 0 else None
+
+    return AutoRelay(relays, book, read, rtt, lambda pid: measured.get(pid, rtt(pid)),
                      AutoRelayConfig(check_interval=0.01, **config)), reads
 
 
@@ -308,6 +372,59 @@ async def echo(peer_id, body):
     return body
 
 
+class _HeldHost:
+    """The libp2p host of `_HeldDialer`: it registers handlers; a stream it opens never comes."""
+
+    def __init__(self):
+        self.handlers = {}
+
+    def set_stream_handler(self, protocol, handler):
+        self.handlers[protocol] = handler
+
+    async def new_stream(self, peer_id, protocols):
+        await trio.sleep_forever()
+
+
+class _HeldDialer:
+    """A RelayHost whose connect completes only when the test says so."""
+
+    closing = False
+
+    def __init__(self):
+        self.peer_id = Identity.generate().peer_id
+        self.host = _HeldHost()
+        self.dialing = trio.Event()
+        self.connected = trio.Event()
+
+    def admitted(self, peer_id):
+        return True
+
+    async def connect(self, addr, timeout=5.0):
+        self.dialing.set()
+        await self.connected.wait()
+        return addr.rsplit("/p2p/", 1)[1]
+
+    def direct_addrs(self):
+        return []
+
+    def add_connection_listener(self, listener):
+        pass
+
+
+async def test_a_relay_dropped_in_the_tick_its_connect_completes_ends_its_keeper_quietly():
+    net = _HeldDialer()
+    circuits = CircuitRelay(net)
+    async with trio.open_nursery() as nursery:
+        await circuits.start(nursery)
+        relay_id = circuits.add_relay(_addr(Identity.generate().peer_id))
+        await net.dialing.wait()
+        net.connected.set()  # the keeper is rescheduled with its connect done...
+        circuits.drop_relay(relay_id)  # ...and the relay dropped before it runs again
+        await trio.testing.wait_all_tasks_blocked()
+        assert circuits.relays_held() == {} and circuits.circuit_addrs() == []
+        nursery.cancel_scope.cancel()
+
+
 @pytest.mark.slow
 async def test_a_relay_added_while_running_reserves_and_a_dropped_one_withdraws():
     async with Libp2pNetwork.open(Identity.generate(), LOOPBACK, relay_service=True) as relay, \
@@ -375,3 +492,21 @@ async def test_circuits_through_a_relay_that_dies_are_closed_at_both_ends():
             with trio.fail_after(5):
                 while nated.peer_id in dialer.connected_peers() or dialer.peer_id in nated.connected_peers():
                     await trio.sleep(0.05)
+
+
+def test_chooser_does_not_move_to_a_relay_near_only_by_its_coordinates():
+    far, farther, faker, near = (Identity.generate().peer_id for _ in range(4))
+    relays = Relays()
+    rtts = {far: 0.08, farther: 0.15}
+    measured: dict[str, float | None] = {}
+    chooser, _ = _chooser(relays, rtts, measured)
+    chooser.step()
+    relays.held = {far: (True, None), farther: (True, None)}
+    rtts[faker], measured[faker] = 0.0001, None  # its Vivaldi coordinates put it next door; never measured
+    chooser.book.hear(RelayAd(faker, (_addr(faker),), "", time.time() + 600))
+    chooser.step()
+    assert set(relays.held) == {far, farther} and chooser.moving_to is None
+    rtts[near] = 0.01  # measured as near: the move is made
+    chooser.book.hear(RelayAd(near, (_addr(near),), "", time.time() + 600))
+    chooser.step()
+    assert chooser.moving_to == near

@@ -322,6 +322,54 @@ class _AutonatNet:
         return self.ours
 
 
+class _AskingNet:
+    """What `Autonat.check` needs: connected peers seen at an IP (None: over a relay), each answering
+    a dial-back request as it pleases."""
+
+    def __init__(self, peers: dict[str, tuple[str | None, bool]]):
+        self.peers = peers  # peer id -> (remote IP or None, whether it says it reached us)
+        self.asked: list[str] = []
+
+    def set_request_handler(self, protocol, handler) -> None:
+        pass
+
+    def add_connection_listener(self, listener) -> None:
+        pass
+
+    def direct_addrs(self) -> list[str]:
+        return ["/ip4/10.0.0.5/tcp/4001"]
+
+    def confirmed_ips(self) -> list[str]:
+        return []
+
+    def connected_peers(self) -> list[str]:
+        return list(self.peers)
+
+    def admitted(self, peer_id: str) -> bool:
+        return True
+
+    def remote_ip(self, peer_id: str) -> str | None:
+        return self.peers[peer_id][0]
+
+    async def request(self, peer_id, protocol, body, timeout=None):
+        self.asked.append(peer_id)
+        if self.peers[peer_id][1]:
+            return {"ok": body["addrs"], "failed": []}
+        return {"ok": [], "failed": body["addrs"]}
+
+
+async def test_reachability_counts_direct_peers_one_per_network():
+    honest = {f"honest{i}": (f"198.51.{i}.9", False) for i in range(2)}  # we are behind a NAT
+    sybils_relayed = {f"relayed{i}": (None, True) for i in range(5)}
+    sybils_one_network = {f"sybil{i}": (f"203.0.113.{i + 1}", True) for i in range(5)}
+    net = _AskingNet({**honest, **sybils_relayed, **sybils_one_network})
+    autonat = Autonat(net, None, ask=10)  # type: ignore[arg-type]  # asks only, never dials
+    verdict = await autonat.check()
+    assert verdict.status == "private" and verdict.answered == 3
+    assert not any(p.startswith("relayed") for p in net.asked)
+    assert sum(p.startswith("sybil") for p in net.asked) == 1
+
+
 @pytest.mark.parametrize("seen_at, ours, served", [
     ("127.0.0.1", ["/ip4/127.0.0.1/tcp/4001"], True),  # a swarm on one machine
     ("127.0.0.1", ["/ip4/127.0.0.1/tcp/4001", "/ip4/192.0.2.7/tcp/4001"], False),  # a local forward

@@ -1,7 +1,15 @@
 """Multiaddrs as this backend takes them: full addresses end in /p2p/<peer id>; a circuit address
-`<relay addr>/p2p/<relay id>/p2p-circuit/p2p/<peer id>` names the peer reached through that relay."""
+`<relay addr>/p2p/<relay id>/p2p-circuit/p2p/<peer id>` names the peer reached through that relay.
+
+Which IPs a peer may be made to dial (`may_dial_local`, `may_dial`): an address a stranger names or
+a connection arrives from must not aim our dials at this host, its link, or (unless we live in one
+ourselves) a private network behind us.
+"""
 
 from __future__ import annotations
+
+import ipaddress
+from typing import Iterable
 
 import multiaddr
 
@@ -53,3 +61,76 @@ def full_addr(addr: str, peer_id: str | None = None) -> str:
     if peer_id is not None and found != peer_id:
         raise PeerUnreachable(f"address {addr} names peer {found}, not {peer_id}")
     return addr
+
+
+_NEVER_DIALLED = [ipaddress.ip_network(n) for n in ("0.0.0.0/8", "240.0.0.0/4")]
+_PRIVATE = [ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16",
+                                               "100.64.0.0/10", "fc00::/7")]  # RFC 1918, CGNAT, ULA
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        return None
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return address.ipv4_mapped
+    return address
+
+
+def _private(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    return any(address in net for net in _PRIVATE if net.version == address.version)
+
+
+def may_dial_local(ip: str, ours: Iterable[str]) -> bool:
+    """Whether `ip` is not this host or its link: loopback, unspecified (0.0.0.0/8, ::), link-local
+    (169.254.169.254 included), multicast and 240/4 never are, loopback only while every IP of ours
+    (`ours`: those we listen on) is loopback too (a swarm on one machine: tests, a local demo)."""
+    address = _ip(ip)
+    if address is None:
+        return False
+    if address.is_loopback:
+        mine = [_ip(o) for o in ours]
+        return bool(mine) and all(m is not None and m.is_loopback for m in mine)
+    return not (address.is_unspecified or address.is_link_local or address.is_multicast
+                or any(address in net for net in _NEVER_DIALLED if net.version == address.version))
+
+
+def may_dial(ip: str, ours: Iterable[str]) -> bool:
+    """`may_dial_local`, and a private or CGNAT IP only when one of `ours` (the IPs we listen on or are
+    seen at) is private too: a peer on a LAN, or in a lab, dials its neighbours; a public one is never
+    aimed at the networks behind it."""
+    mine = list(ours)
+    if not may_dial_local(ip, mine):
+        return False
+    address = _ip(ip)
+    assert address is not None
+    return not _private(address) or any(m is not None and _private(m) for m in map(_ip, mine))
+
+
+def routable(ip: str) -> bool:
+    """Whether `ip` is reachable across the internet: none of this host's, its link's, or a private
+    or CGNAT range's (those first in a list of addresses to dial from elsewhere)."""
+    address = _ip(ip)
+    return address is not None and may_dial_local(ip, []) and not _private(address)
+
+
+def tcp_endpoint(addr: str) -> tuple[str, int] | None:
+    """(ip, port) of a plain /ip4|ip6/<ip>/tcp/<port>[/p2p/<id>] address; None for anything else."""
+    try:
+        ma = multiaddr.Multiaddr(addr)
+        parts = [(p.name, ma.value_for_protocol(p.code)) for p in ma.protocols()]
+    except Exception:  # multiaddr raises several unrelated types on bad input
+        return None
+    if parts and parts[-1][0] == "p2p":
+        parts = parts[:-1]
+    if len(parts) != 2 or parts[0][0] not in ("ip4", "ip6") or parts[1][0] != "tcp":
+        return None
+    address = _ip(str(parts[0][1]))
+    try:
+        port = int(parts[1][1])
+    except ValueError:
+        return None
+    if address is None or not 0 < port < 65536:
+        return None
+    return str(address), port

@@ -12,7 +12,9 @@ status pages), and it is closed as soon as Noise has answered.
 The verdict: `public` when more asked peers reached us than did not, `private` otherwise, `unknown`
 until a peer answered. The first check runs as soon as a peer is admitted; it is repeated when our
 candidate addresses change, when the verdict is still unknown and new peers are around, and every
-`recheck` seconds. A check asks connected peers only: it never re-dials a peer that left meanwhile.
+`recheck` seconds. A check asks connected peers only: it never re-dials a peer that left meanwhile;
+only peers we reach directly (over a relay only a liar answers), and one per network (/24, /48), so
+Sybils cannot outvote honest peers by numbers or by relaying.
 
 Serving it is bounded: one request per peer per `AutonatLimits.per_peer_interval`, at most
 `max_concurrent` dial-back jobs at once, `max_addrs` addresses dialled per request, each within
@@ -44,6 +46,8 @@ from ..framing import expect_map
 from ..framing import field as frame_field
 from ..network import ConnectionListener, RequestHandler
 from . import io
+from .addresses import may_dial_local
+from .identify import reporter_network
 
 log = logging.getLogger(__name__)
 
@@ -195,15 +199,9 @@ class Autonat:
         return {"ok": reached, "failed": failed}
 
     def _may_dial(self, ip: str) -> bool:
-        """Whether a requester seen at `ip` may be dialled back there. A loopback, unspecified,
-        link-local or multicast IP is this host or its link: strangers arriving through a local
-        forward or proxy would aim our dials at our own local ports. Loopback is let through only
-        when we ourselves listen on loopback alone (a swarm on one machine: tests, a local demo)."""
-        seen = ipaddress.ip_address(ip)
-        if seen.is_loopback:
-            ours = [w for w in (_ip_port(a) for a in self.net.direct_addrs()) if w is not None]
-            return bool(ours) and all(ipaddress.ip_address(our_ip).is_loopback for our_ip, _ in ours)
-        return not (seen.is_unspecified or seen.is_link_local or seen.is_multicast)
+        """Whether a requester seen at `ip` may be dialled back there (`may_dial_local`): strangers
+        arriving through a local forward or proxy would otherwise aim our dials at our own ports."""
+        return may_dial_local(ip, [w[0] for w in (_ip_port(a) for a in self.net.direct_addrs()) if w is not None])
 
     async def _dial_back(self, peer_id: str, ip: str, port: int) -> bool:
         """Whether `peer_id` answers at ip:port on a new connection (TCP, then Noise proves who it is)."""
@@ -253,17 +251,24 @@ class Autonat:
         last = -float("inf")
         while True:
             candidates = self.candidates()
-            self._asked_peers &= set(self.net.connected_peers())
-            fresh = set(self.net.connected_peers()) - self._asked_peers
+            direct = {peer_id for peer_id, _ in self._direct_peers()}
+            self._asked_peers &= direct
+            fresh = direct - self._asked_peers
             due = (
                 time.monotonic() - last >= self.recheck
                 or candidates != self._checked_candidates
                 or (self.reachability.status == "unknown" and fresh)
             )
-            if due and self.net.connected_peers():
+            if due and direct:
                 await self.check()
                 last = time.monotonic()
             await trio.sleep(self.poll)
+
+    def _direct_peers(self) -> list[tuple[str, str]]:
+        """(peer id, IP) of each connected peer we reach directly. Over a relay only liars answer
+        (honest peers refuse: they cannot see where we are), so relayed peers are never asked."""
+        ips = [(peer_id, self.net.remote_ip(peer_id)) for peer_id in self.net.connected_peers()]
+        return [(peer_id, ip) for peer_id, ip in ips if ip is not None]
 
     async def ask_one(self, peer_id: str, candidates: list[str]) -> dict | None:
         """`peer_id`'s answer (the candidates it reached us at, those it did not), or None when it gave
@@ -281,10 +286,15 @@ class Autonat:
         return {"ok": [a for a in ok if a in candidates], "failed": failed}
 
     async def check(self) -> Reachability:
-        """Ask up to `ask` connected peers to dial us back; update and return `reachability`."""
+        """Ask up to `ask` directly connected peers, one per network (`reporter_network`: Sybils in one
+        network give one answer), to dial us back; update and return `reachability`."""
         candidates = self.candidates()
-        peers = self.net.connected_peers()
-        chosen = random.sample(peers, min(self.ask, len(peers)))
+        peers = self._direct_peers()
+        random.shuffle(peers)
+        one_per_network: dict[str, str] = {}
+        for peer_id, ip in peers:
+            one_per_network.setdefault(reporter_network(ip), peer_id)
+        chosen = list(one_per_network.values())[: self.ask]
         answers: list[dict] = []
 
         async def ask(peer_id: str) -> None:

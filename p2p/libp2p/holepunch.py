@@ -14,8 +14,8 @@ through a full-cone NAT. Either way there is one TCP connection, and the securit
 are fixed by the spec: A (the circuit's dialer) is the Noise initiator, B upgrades its dial as the
 responder (`Swarm.dial_addr_as_responder`). Up to `ROUNDS` rounds are tried.
 
-The addresses we announce are the addresses admitted peers observe us at (`identify`), with the
-port we listen on: a port-preserving NAT (endpoint-independent mapping) maps our listen port to the
+The addresses we announce are the IPs admitted peers in two networks observe us at (`identify`;
+the most reported observation while none is confirmed), with the port we listen on: a port-preserving NAT (endpoint-independent mapping) maps our listen port to the
 same port outside. A symmetric NAT maps each destination to another port, so there it fails and the
 peers stay on the relay. Identify runs in open swarms only, so private swarms do not hole punch.
 
@@ -26,7 +26,10 @@ a generation in progress finishes on the relay.
 
 Hostile input: served only to admitted peers over a relayed connection, one exchange per peer at a
 time; each message is at most `MAX_MESSAGE` bytes (the spec's 4 KiB) with at most `MAX_ADDRS`
-addresses, each a plain /ip4|ip6/…/tcp/… address, and every step is bounded by `timeout`.
+addresses, each a plain /ip4|ip6/…/tcp/… address, and every step is bounded by `timeout`. A
+stranger with a relayed connection names the addresses we dial, so we dial only those
+`addresses.may_dial` allows (never this host or its link; a private range only when we are in one
+ourselves), at most 8 a round, each once a round (no swarm retries).
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 
 from ..errors import P2PError, PeerUnreachable
 from . import io
+from .addresses import may_dial
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +92,8 @@ class HolePunchHost(Protocol):
     def is_relayed(self, muxed_conn: Any) -> bool: ...
 
     def observed_addrs(self) -> list[tuple[str, int]]: ...
+
+    def confirmed_ips(self) -> list[str]: ...
 
     def direct_addrs(self) -> list[str]: ...
 
@@ -150,21 +156,29 @@ class HolePunch:
                 return endpoint
         return None
 
+    def _own_ips(self) -> list[str]:
+        """The IPs we listen on and those peers in two networks see us at."""
+        listening = [e[0] for e in (_tcp_endpoint(multiaddr.Multiaddr(a)) for a in self.net.direct_addrs()) if e]
+        return [*listening, *self.net.confirmed_ips()]
+
     async def _our_addrs(self) -> list[bytes]:
-        """Our observed IPs with our listen port (waits up to observed_wait for a first observation)."""
+        """The IPs peers in two networks see us at (`confirmed_ips`), with our listen port; while none
+        is confirmed, the most reported observation alone (one network's reporters cannot add more).
+        Waits up to observed_wait for a first observation."""
         listen = self._listen_endpoint()
         if listen is None:
             return []
         with trio.move_on_after(self.observed_wait):
             while not self.net.observed_addrs():
                 await trio.sleep(0.05)
+        ips = self.net.confirmed_ips()
+        if not ips:
+            top = [_tcp_endpoint(multiaddr.Multiaddr(addr)) for addr, _ in self.net.observed_addrs()[:1]]
+            ips = [endpoint[0] for endpoint in top if endpoint is not None]
         out: list[bytes] = []
-        for addr, _ in self.net.observed_addrs():
-            endpoint = _tcp_endpoint(multiaddr.Multiaddr(addr))
-            if endpoint is None:
-                continue
-            proto = "ip6" if ":" in endpoint[0] else "ip4"
-            candidate = multiaddr.Multiaddr(f"/{proto}/{endpoint[0]}/tcp/{listen[1]}").to_bytes()
+        for ip in ips:
+            proto = "ip6" if ":" in ip else "ip4"
+            candidate = multiaddr.Multiaddr(f"/{proto}/{ip}/tcp/{listen[1]}").to_bytes()
             if candidate not in out:
                 out.append(candidate)
         return out[:MAX_ADDRS]
@@ -274,8 +288,12 @@ class HolePunch:
     async def _punch(self, peer_id: str, endpoints: list[tuple[str, int]], *, as_noise_initiator: bool) -> None:
         """Dial every endpoint from our listen port, up to ROUNDS rounds, until a direct connection exists."""
         source = self._listen_endpoint()
-        if not endpoints or source is None:
-            raise HolePunchFailed("the peer announced no address" if not endpoints else "we listen on no TCP port")
+        if source is None:
+            raise HolePunchFailed("we listen on no TCP port")
+        ours = self._own_ips()
+        endpoints = [e for e in endpoints if may_dial(e[0], ours)][:8]
+        if not endpoints:
+            raise HolePunchFailed("the peer announced no address we may dial")
         pid = ID.from_base58(peer_id)
 
         async def dial(endpoint: tuple[str, int]) -> None:
@@ -283,7 +301,8 @@ class HolePunch:
             addr = multiaddr.Multiaddr(f"/{proto}/{endpoint[0]}/tcp/{endpoint[1]}/p2p/{peer_id}")
             try:
                 if as_noise_initiator:
-                    await self.swarm.dial_addr(addr, pid, source)
+                    # One attempt: the rounds are our retries (dial_addr would retry each dial).
+                    await self.swarm._dial_addr_single_attempt(addr, pid, source)
                 else:
                     await self.swarm.dial_addr_as_responder(addr, pid, source)
             except trio.Cancelled:
@@ -294,11 +313,19 @@ class HolePunch:
         for round_ in range(ROUNDS):
             if round_:
                 await trio.sleep(1.0)
+            dialling = [len(endpoints)]
+
+            async def dial_once(endpoint: tuple[str, int]) -> None:
+                try:
+                    await dial(endpoint)
+                finally:
+                    dialling[0] -= 1
+
             async with trio.open_nursery() as nursery:
-                for endpoint in endpoints[:8]:
-                    nursery.start_soon(dial, endpoint)
-                with trio.move_on_after(ROUND_TIMEOUT):
-                    while self._direct_conn(peer_id) is None:
+                for endpoint in endpoints:
+                    nursery.start_soon(dial_once, endpoint)
+                with trio.move_on_after(ROUND_TIMEOUT):  # a round ends early once all its dials failed
+                    while self._direct_conn(peer_id) is None and dialling[0]:
                         await trio.sleep(0.05)
                 nursery.cancel_scope.cancel()
             if self._direct_conn(peer_id) is not None:

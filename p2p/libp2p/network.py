@@ -53,7 +53,7 @@ import logging
 import time
 from collections import OrderedDict
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable, Sequence
 
 import multiaddr
 import trio
@@ -413,9 +413,10 @@ class Libp2pNetwork(Network):
         session = self._session(peer_id)
         return session is not None and not self.is_relayed(session.raw.muxed_conn)
 
-    def add_relay(self, addr: str) -> str:
-        """Reserve on one more relay (kept refreshed until dropped); returns its peer id."""
-        return self._relay.add_relay(addr)
+    def add_relay(self, addr: str, also_at: Sequence[str] = ()) -> str:
+        """Reserve on one more relay (kept refreshed until dropped; its addresses `also_at` tried in
+        turn when `addr` cannot be reached); returns its peer id."""
+        return self._relay.add_relay(addr, also_at)
 
     def drop_relay(self, relay_id: str) -> None:
         self._relay.drop_relay(relay_id)

@@ -44,7 +44,7 @@ import logging
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import trio
 from libp2p.abc import IHost
@@ -154,7 +154,8 @@ class CircuitRelay:
         self.service = service
         self.limits = limits or RelayLimits()
         self.timeout = timeout
-        self.relays: dict[str, str] = {}  # relay id -> its address (with /p2p/<id>)
+        self.relays: dict[str, str] = {}  # relay id -> its address (with /p2p/<id>) last reached
+        self._fallbacks: dict[str, list[str]] = {}  # relay id -> its other addresses, tried in turn
         for addr in relays or []:
             relay_id, full = self._parse_relay(addr)
             self.relays[relay_id] = full
@@ -218,13 +219,18 @@ class CircuitRelay:
                 log.warning("no reservation on relay %s yet (%s); retrying in the background", addr,
                             self._relay_errors.get(relay_id, "no answer"))
 
-    def add_relay(self, addr: str) -> str:
-        """Start holding a reservation on the relay at `addr` (kept like those given at start); returns
-        its peer id. ValueError for an address that is no relay's own, or our own."""
+    def add_relay(self, addr: str, also_at: Sequence[str] = ()) -> str:
+        """Start holding a reservation on the relay at `addr` (kept like those given at start), tried
+        at `also_at` in turn when `addr` cannot be reached; returns its peer id. ValueError for an
+        address that is no relay's own, our own, or another relay's than `addr`'s."""
         relay_id, full = self._parse_relay(addr)
+        others = [self._parse_relay(a) for a in also_at]
+        if any(other_id != relay_id for other_id, _ in others):
+            raise ValueError(f"the addresses of relay {relay_id} name other peers")
         if relay_id not in self.relays:
             self._accept_circuits()
             self.relays[relay_id] = full
+            self._fallbacks[relay_id] = [a for _, a in others if a != full]
             self._relay_lost[relay_id] = trio.Event()
             self._first_attempt[relay_id] = trio.Event()
             self._start_keeper(relay_id)
@@ -236,6 +242,7 @@ class CircuitRelay:
         if scope is not None:
             scope.cancel()
         self.relays.pop(relay_id, None)
+        self._fallbacks.pop(relay_id, None)
         self._relay_lost.pop(relay_id, None)
         self._relay_errors.pop(relay_id, None)
         self._first_attempt.pop(relay_id, None)
@@ -259,10 +266,12 @@ class CircuitRelay:
         if self._nursery is None:
             raise RuntimeError("the relay client starts with its network (Libp2pNetwork.open)")
         scope = self._keepers[relay_id] = trio.CancelScope()
+        addrs = [self.relays[relay_id], *self._fallbacks.get(relay_id, [])]
+        first_attempt = self._first_attempt[relay_id]
 
         async def keeper() -> None:
             with scope:
-                await self._keep_reservation(relay_id)
+                await self._keep_reservation(relay_id, addrs, first_attempt, scope)
 
         self._nursery.start_soon(keeper)
 
@@ -298,17 +307,26 @@ class CircuitRelay:
 
     # --- client: reservations -----------------------------------------------------------------------
 
-    async def _keep_reservation(self, relay_id: str) -> None:
-        """Hold a reservation on one relay for as long as the network runs: reserve, refresh at half
-        the reservation's life, and re-reserve (after backoff) whenever the relay's session ends."""
-        addr = self.relays[relay_id]
+    async def _keep_reservation(self, relay_id: str, addrs: list[str], first_attempt: trio.Event,
+                                scope: trio.CancelScope) -> None:
+        """Hold a reservation on one relay for as long as the network runs: connect at the first of
+        `addrs` that answers, reserve, refresh at half the reservation's life, and re-reserve (after
+        backoff) whenever the relay's session ends.
+        `drop_relay` cancels `scope`; a connect or refresh that completed in the same tick still
+        resumes here, so every step back from an await checks for that before touching our tables."""
         backoff = 1.0
+        addr = addrs[0]
         while True:
             self._relay_lost[relay_id] = lost = trio.Event()
             try:
-                await self.net.connect(addr, timeout=self.timeout)
+                addr = await self._connect_any(addrs)
+                if scope.cancel_called:
+                    return
+                self.relays[relay_id] = addr
                 while True:
-                    expires = await self._reserve(relay_id)
+                    expires = await self._reserve(addr)
+                    if scope.cancel_called:
+                        return
                     gained = relay_id not in self._reserved
                     self._reserved[relay_id] = expires
                     if gained:
@@ -316,7 +334,7 @@ class CircuitRelay:
                                  circuit_addr(addr, self.net.peer_id))
                         self._addrs_changed()
                     self._relay_errors.pop(relay_id, None)
-                    self._first_attempt[relay_id].set()
+                    first_attempt.set()
                     backoff = 1.0
                     with trio.move_on_after(max(1.0, (expires - time.time()) / 2)):
                         await lost.wait()
@@ -325,6 +343,9 @@ class CircuitRelay:
                             log.warning("lost the connection to relay %s; reserving again", addr)
                         break
             except Exception as e:
+                first_attempt.set()
+                if scope.cancel_called:
+                    return
                 if not isinstance(e, P2PError):
                     log.exception("reservation keeper for relay %s failed", addr)
                     e = PeerUnreachable(f"reservation on {addr} failed: {type(e).__name__}: {e}"[:400])
@@ -332,16 +353,25 @@ class CircuitRelay:
                     self._addrs_changed()
                 self._relay_errors[relay_id] = e
                 log.warning("reservation on relay %s failed: %s", addr, e)
-                self._first_attempt[relay_id].set()
                 if isinstance(e, (SwarmKeyMismatch, RelayRefused)):
                     backoff = 60.0  # a configuration problem: retry rarely
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 30.0)
 
-    async def _reserve(self, relay_id: str) -> float:
-        """One RESERVE exchange; returns the reservation's expiry (unix time)."""
-        addr = self.relays[relay_id]
-        stream = await self._open_hop(relay_id, addr)
+    async def _connect_any(self, addrs: list[str]) -> str:
+        """The first of a relay's addresses we connect to, tried in turn; the last failure's error."""
+        for addr in addrs[:-1]:
+            try:
+                await self.net.connect(addr, timeout=self.timeout)
+                return addr
+            except P2PError as e:
+                log.info("relay %s: %s; trying its next address", addr, e)
+        await self.net.connect(addrs[-1], timeout=self.timeout)
+        return addrs[-1]
+
+    async def _reserve(self, addr: str) -> float:
+        """One RESERVE exchange with the relay at `addr`; returns the reservation's expiry (unix time)."""
+        stream = await self._open_hop(addr.rsplit("/p2p/", 1)[1], addr)
         try:
             with trio.fail_after(self.timeout):
                 await write_delimited_msg(stream, HopMessage(type=HopMessage.RESERVE))
