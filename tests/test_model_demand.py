@@ -15,7 +15,7 @@ from pipeline.demand import MAX_COUNT, MAX_MODELS, DemandBook, DemandNote, Inval
 from pipeline.modelchoice import Candidate, choose_model, complete, copies, move_to, need, wanted_by_version
 from pipeline.versions import Lineage
 
-A, B = "a" * 64, "b" * 64
+A, B, C = "a" * 64, "b" * 64, "c" * 64
 
 
 class Clock:
@@ -87,31 +87,44 @@ async def test_each_author_counts_up_to_the_cap_and_strangers_together_count_as_
     trusted = [Identity.generate() for _ in range(2)]
     demand, clock = book({i.public_key: 10 for i in trusted}, per_author=50)
     for ident in trusted:
-        demand.hear(ident.peer_id, note({A: 1000}), clock.t)  # each capped at 50
+        await demand.hear(ident.peer_id, note({A: 1000}), clock.t)  # each capped at 50
     for _ in range(100):  # a hundred fresh keys shouting for B
-        demand.hear(Identity.generate().peer_id, note({B: 50}), clock.t)
+        await demand.hear(Identity.generate().peer_id, note({B: 50}), clock.t)
     assert await demand.demand() == {A: 100, B: 50}
 
 
 async def test_only_the_latest_fresh_note_of_an_author_counts():
     author = Identity.generate()
     demand, clock = book({author.public_key: 1}, note_ttl=100.0)
-    assert demand.hear(author.peer_id, note({A: 5}), clock.t)
-    assert not demand.hear(author.peer_id, note({A: 50}), clock.t - 1)  # an older note (a replay) loses
-    assert demand.hear(author.peer_id, note({A: 7}), clock.t + 1)
+    assert await demand.hear(author.peer_id, note({A: 5}), clock.t)
+    assert not await demand.hear(author.peer_id, note({A: 50}), clock.t - 1)  # an older note (a replay) loses
+    assert await demand.hear(author.peer_id, note({A: 7}), clock.t + 1)
     assert await demand.demand() == {A: 7}
     clock.t += 200  # the author stopped publishing: its demand fades
     assert await demand.demand() == {}
 
 
 async def test_our_own_notes_heard_back_are_not_counted_twice_and_authors_are_bounded():
-    demand, clock = book(max_authors=8)
+    trusted = [Identity.generate() for _ in range(20)]
+    demand, clock = book({i.public_key: 1 for i in trusted}, max_trusted=8, max_strangers=4)
     demand.saw(A)
-    assert not demand.hear(demand.me, note({A: 1}), clock.t)
+    assert not await demand.hear(demand.me, note({A: 1}), clock.t)
+    for ident in trusted:
+        await demand.hear(ident.peer_id, note({B: 1}), clock.t)
     for _ in range(20):
-        demand.hear(Identity.generate().peer_id, note({B: 1}), clock.t)
-    assert len(demand._heard) == 8
-    assert await demand.demand() == {A: 1, B: 8}
+        await demand.hear(Identity.generate().peer_id, note({C: 1}), clock.t)
+    assert len(demand._trusted) == 8 and len(demand._strangers) == 4
+    assert await demand.demand() == {A: 1, B: 8, C: 4}
+
+
+async def test_a_flood_of_fresh_keys_never_pushes_out_the_notes_of_authors_with_standing():
+    trusted = [Identity.generate() for _ in range(3)]
+    demand, clock = book({i.public_key: 1 for i in trusted})
+    for ident in trusted:
+        await demand.hear(ident.peer_id, note({A: 10}), clock.t)
+    for _ in range(1024 + 1):  # more fresh keys than the book keeps authors
+        await demand.hear(Identity.generate().peer_id, note({B: 64}), clock.t + 1)
+    assert await demand.demand() == {A: 30, B: 64}  # the Sybils still weigh one requester
 
 
 # --- the choice ---------------------------------------------------------------------------------------------
@@ -136,9 +149,6 @@ def test_the_most_demand_per_copy_wins_and_a_model_nobody_asks_for_is_never_chos
 
 
 # --- versions -----------------------------------------------------------------------------------------------
-
-C = "c" * 64
-
 
 def test_lineage_takes_the_claim_most_servers_make_and_drops_cycles():
     lineage = Lineage.from_claims([(B, A), (B, A), (C, A), (A, B), (A, A)])
