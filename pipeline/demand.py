@@ -167,7 +167,7 @@ class DemandBook:
         """Keep `note` as `author`'s latest (a checked one); whether it was newer than what we held."""
         if author == self.me:
             return False
-        trusted = _has_standing(await self.standing(), author)
+        trusted = has_standing(await self.standing(), author)
         known = self._trusted.pop(author, None) or self._strangers.pop(author, None)
         shelf, bound = (self._trusted, self.max_trusted) if trusted else (self._strangers, self.max_strangers)
         if known is not None and known.at >= at:
@@ -192,7 +192,7 @@ class DemandBook:
                 if heard.at < since:
                     del shelf[author]
                     continue
-                trusted = _has_standing(standings, author)  # as we see it now, whichever shelf it is on
+                trusted = has_standing(standings, author)  # as we see it now, whichever shelf it is on
                 for model_id, n in heard.note.counts.items():
                     n = min(n, self.per_author)
                     if trusted:
@@ -204,9 +204,10 @@ class DemandBook:
         return {model_id: n for model_id, n in out.items() if n > 0}
 
 
-def _has_standing(standings: Mapping[bytes, int], author: str) -> bool:
+def has_standing(standings: Mapping[bytes, int], peer_id: str) -> bool:
+    """Whether `peer_id` has standing in `standings` (a StandingView's table)."""
     try:
-        return standings.get(public_key_from_peer_id(author), 0) > 0
+        return standings.get(public_key_from_peer_id(peer_id), 0) > 0
     except ValueError:  # not an Ed25519 peer id: nobody we have seen work from
         return False
 

@@ -57,7 +57,7 @@ from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.checkpolicy import AdaptivePolicy
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
-from pipeline.demand import DemandBook
+from pipeline.demand import DemandBook, has_standing
 from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.identity import model_id as compute_model_id
 from pipeline.loading import ModelFolder
@@ -67,7 +67,7 @@ from pipeline.pricing import POLICIES, ModelPricing
 from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 from pipeline.speculative import with_draft_model
-from pipeline.versions import Lineage
+from pipeline.versions import Claim, Lineage
 from pipeline.spotcheck import SpotCheckConfig
 
 from . import control, generation, memory
@@ -265,10 +265,14 @@ class Peer:
         reads the candidates' announcements (and those of the older versions they supersede) and the demand."""
         swarms = {o.model_id: (await fetch_servers(self.dht, o.model_id, num_blocks=o.num_blocks), o.num_blocks)
                   for o in options}
-        claims = [(model_id, s.supersedes) for model_id, (servers, _) in swarms.items()
+        claims = [Claim(s.peer_id, model_id, s.supersedes) for model_id, (servers, _) in swarms.items()
                   for s in servers if s.supersedes is not None]
-        lineage = Lineage.from_claims(claims)
-        for old in sorted({old for _, old in claims} - set(swarms))[:MAX_OLDER_VERSIONS]:
+        # A claim moves demand (versions.py), so it counts only from a server whose work reached us
+        # (standing) or that holds a live connection to us (a running peer per vote, not a record per vote).
+        standings = await self.standing.standings()
+        reached = set(self.network.connected_peers())
+        lineage = Lineage.from_claims(claims, lambda p: p in reached or has_standing(standings, p))
+        for old in sorted(set(lineage.successor) - set(swarms))[:MAX_OLDER_VERSIONS]:
             servers = await fetch_servers(self.dht, old)
             swarms[old] = (servers, max((s.num_blocks or 0 for s in servers), default=0))
         wanted = wanted_by_version(await self.demand.demand(), lineage,

@@ -13,9 +13,9 @@ from p2p.identity import Identity
 from pipeline.announce import ServerInfo
 from pipeline.demand import MAX_COUNT, MAX_MODELS, DemandBook, DemandNote, InvalidDemandNote
 from pipeline.modelchoice import Candidate, choose_model, complete, copies, move_to, need, wanted_by_version
-from pipeline.versions import Lineage
+from pipeline.versions import Claim, Lineage
 
-A, B, C = "a" * 64, "b" * 64, "c" * 64
+A, B, C, D = "a" * 64, "b" * 64, "c" * 64, "d" * 64
 
 
 class Clock:
@@ -150,15 +150,48 @@ def test_the_most_demand_per_copy_wins_and_a_model_nobody_asks_for_is_never_chos
 
 # --- versions -----------------------------------------------------------------------------------------------
 
+def anyone(server: str) -> bool:
+    return True
+
+
+def lineage_of(*claims: tuple[str, str]) -> Lineage:
+    """The lineage of (new, old) claims, each by its own vouched server."""
+    return Lineage.from_claims([Claim(f"s{i}", new, old) for i, (new, old) in enumerate(claims)], anyone)
+
+
 def test_lineage_takes_the_claim_most_servers_make_and_drops_cycles():
-    lineage = Lineage.from_claims([(B, A), (B, A), (C, A), (A, B), (A, A)])
+    lineage = lineage_of((B, A), (B, A), (C, A), (A, B), (A, A))
     assert lineage.successor == {A: B}  # B's two servers outvote C's; "A supersedes B" would close a cycle
-    chain = Lineage.from_claims([(B, A), (C, B)])
+    chain = lineage_of((B, A), (C, B))
     assert chain.newer(A) == [B, C] and chain.older(C) == [B, A] and chain.older(A) == []
 
 
+def test_a_strangers_supersedes_claim_moves_no_demand():
+    vouched = {"s1", "s2"}.__contains__
+    sybil = Lineage.from_claims([Claim("x", C, A)], vouched)  # a fresh key serving C "supersedes A"
+    assert sybil.successor == {}
+    assert wanted_by_version({A: 10}, sybil, {A}.__contains__) == {A: 10}  # C is wanted by nobody
+    # a vouched server's claim moves demand to the new version while it fills up
+    real = Lineage.from_claims([Claim("s1", B, A), Claim("x", C, A), Claim("y", C, A)], vouched)
+    assert real.successor == {A: B}  # two strangers do not outvote one vouched server
+    assert wanted_by_version({A: 10}, real, {A}.__contains__) == {A: 10, B: 10}
+
+
+def test_claims_are_votes_of_distinct_servers_and_a_weaker_claim_cannot_cancel_a_stronger_one():
+    # one server announcing the same claim thrice counts once
+    lineage = Lineage.from_claims([Claim("s1", B, A)] * 3 + [Claim("s2", C, A), Claim("s3", C, A)], anyone)
+    assert lineage.successor == {A: C}
+    # a server naming two successors of one version counts for neither
+    lineage = Lineage.from_claims([Claim("s1", C, A), Claim("s2", C, A), Claim("s3", B, A), Claim("s4", B, A),
+                                   Claim("s4", D, A)], anyone)
+    assert lineage.successor == {A: C}  # C: s1, s2; B: s3 (ties would go to B)
+    # "C supersedes A" by one server would close a cycle with "A supersedes C" by two: the two win
+    lineage = Lineage.from_claims([Claim("s1", C, A), Claim("s2", A, C), Claim("s3", A, C)], anyone)
+    assert lineage.successor == {C: A}
+
+
 def test_a_request_for_a_family_goes_to_its_newest_complete_version():
-    lineage = Lineage.from_claims([(B, A)])
+    lineage = lineage_of((B, A))
     assert lineage.serving(A, {A, B}.__contains__) == B  # the new version is complete: it serves
     assert lineage.serving(A, {A}.__contains__) == A  # the new one is still filling up: the old serves
     assert lineage.serving(B, {A}.__contains__) == A  # asked for the new one by name, served by the old
@@ -167,7 +200,7 @@ def test_a_request_for_a_family_goes_to_its_newest_complete_version():
 
 
 def test_a_new_version_is_wanted_for_the_old_ones_requests_so_volunteers_with_its_weights_move_over():
-    lineage = Lineage.from_claims([(B, A)])
+    lineage = lineage_of((B, A))
     demand = {A: 10}
     # the new version is still filling up: the old one serves the requests, the new one is wanted for them too
     wanted = wanted_by_version(demand, lineage, {A}.__contains__)
