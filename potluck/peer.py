@@ -184,6 +184,9 @@ class Peer:
         self.server: BlockServer | None = None
         self._client: DistributedModel | None = None
         self._client_lock = trio.Lock()
+        # set while the model this peer generates with is settled; a move clears it until its server is up
+        self._model_settled = trio.Event()
+        self._model_settled.set()
         self.last_generation: dict | None = None  # generation.GenerationResult.summary() of the latest one
         self.api_url: str | None = None
         self._model_card: dict | None = None
@@ -475,22 +478,43 @@ class Peer:
     # --- generating through the swarm ----------------------------------------------------------------
 
     async def client(self) -> DistributedModel:
-        """The client half of the model, loaded on first use."""
-        async with self._client_lock:
-            if self._client is None:
-                folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
-                policy = AdaptivePolicy()
-                self._client = await DistributedModel.from_pretrained(
-                    folder, self.network, self.dht, dtype=self.config.dtype,
-                    config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs), prefer=self.config.prefer,
-                                        spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction,
-                                                                   policy=policy, attestations=self.attestations)),
-                    local_server=self.server)
-                policy.vouches = self.attestations.vouches(self._client.model_id)
-                if self.config.draft_model is not None:
-                    self._client.client_config.speculative = await trio.to_thread.run_sync(
-                        with_draft_model, self.config.draft_model, self._client.model_config.vocab_size)
-            return self._client
+        """The client half of the model, loaded on first use; during a move (`leave_model`), once the new
+        model's server is up."""
+        while True:
+            settled = self._model_settled
+            await settled.wait()
+            async with self._client_lock:
+                if settled is self._model_settled:  # else a move began meanwhile: wait for its end
+                    return await self._load_client()
+
+    async def _load_client(self) -> DistributedModel:
+        if self._client is None:
+            folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
+            policy = AdaptivePolicy()
+            self._client = await DistributedModel.from_pretrained(
+                folder, self.network, self.dht, dtype=self.config.dtype,
+                config=ClientConfig(billing=ClientBilling(self.ledger, shelf=self.proofs), prefer=self.config.prefer,
+                                    spot_check=SpotCheckConfig(fraction=self.config.spot_check_fraction,
+                                                               policy=policy, attestations=self.attestations)),
+                local_server=self.server)
+            policy.vouches = self.attestations.vouches(self._client.model_id)
+            if self.config.draft_model is not None:
+                self._client.client_config.speculative = await trio.to_thread.run_sync(
+                    with_draft_model, self.config.draft_model, self._client.model_config.vocab_size)
+        return self._client
+
+    async def leave_model(self) -> None:
+        """A move begins: the client half (built for the model we leave, with its server as local blocks)
+        is dropped — generations under way keep theirs — and `client` waits for `settle_model`."""
+        async with self._client_lock:  # a client being built finishes first, then is dropped
+            self._model_settled = trio.Event()
+            self._client = None
+            self._model_card = self._swarm_cache = None
+
+    def settle_model(self) -> None:
+        """The server of the model we move to (`config.model`) is up: the client half is built for it on next use."""
+        self._model_card = self._swarm_cache = None
+        self._model_settled.set()
 
     async def _generate_command(self, request: dict) -> dict:
         """A generation for `potluck`'s own tools: checked and run like an API request (potluck/generation.py),
@@ -639,18 +663,21 @@ async def _serve(peer: Peer, nursery: trio.Nursery) -> None:
 
 async def _serve_by_demand(peer: Peer) -> None:
     """Serve the candidate model demand needs most, like a single `--model`; move to another candidate
-    when the swarm would gain by it (its server stops, announcing itself offline, and the new one starts)."""
+    when the swarm would gain by it (its server stops, announcing itself offline, and the new one starts).
+    The client half follows: requests wait while a model's server starts, then generate with that model."""
     option = await peer.choose_model()
+    await peer.leave_model()  # a client half built meanwhile is for `--model`'s first name, not the choice
     while True:
-        peer.config = replace(peer.config, model=option.name)  # the client half, if asked for, uses the same model
-        peer._model_card = peer._swarm_cache = None
+        peer.config = replace(peer.config, model=option.name)  # the client half, once settled, uses the same model
         async with trio.open_nursery() as serving:
             peer.server = _block_server(peer, option.folder, option.model_id)
             await _serve(peer, serving)
+            peer.settle_model()
             assert peer.server.start is not None and peer.server.end is not None  # serving
             moved_to = await peer.better_model(option, peer.server.end - peer.server.start)
             log.info("moving from model %s to %s: the swarm needs it more", option.model_id[:12],
                      moved_to.model_id[:12])
+            await peer.leave_model()  # before its server stops: no new request is routed through it
             serving.cancel_scope.cancel()
         peer.server = None
         option = moved_to

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 
 import pytest
+import trio
 
 from dht.records import InvalidRecord
 from p2p.identity import Identity
@@ -264,6 +265,55 @@ def test_supersedes_is_announced_and_checked():
     for bad in (5, "x" * 129, ["a"]):
         with pytest.raises(InvalidRecord):
             ServerInfo.from_value("p", {**info.to_value(), "supersedes": bad})
+
+
+# --- a move: the client half follows the served model ------------------------------------------------------
+
+@pytest.mark.slow  # two servers start in turn (each loads and measures its blocks): ~30 s here
+async def test_after_a_move_the_peer_generates_with_the_model_it_serves_now(three_models, tmp_path):
+    from credits import Ledger
+    from pipeline.pricing import ModelPricing
+    from potluck.peer import ModelOption, Peer, PeerConfig, _serve_by_demand
+    from testkit.swarms import HERE, swarm
+
+    (a, a_id), (b, b_id), _ = three_models
+    options = [ModelOption(str(a), a, a_id, 4), ModelOption(str(b), b, b_id, 4)]
+    move = trio.Event()
+
+    async def choose_model():
+        return options[0]
+
+    async def better_model(serving, blocks):
+        if serving is options[1]:
+            await trio.sleep_forever()
+        await move.wait()
+        return options[1]
+
+    with trio.fail_after(120):
+        async with swarm("sim", a, [], model_id=a_id) as s, trio.open_nursery() as nursery:
+            node = s.world.add_node(place=HERE)
+            peer = Peer(PeerConfig(data_dir=tmp_path, model=str(a), blocks="0:4", model_candidates=[str(a), str(b)],
+                                   bootstrap=list(s.bootstrap)),
+                        node.identity, node, Ledger.open(node.identity, tmp_path, pricing=ModelPricing()))
+            peer.choose_model, peer.better_model = choose_model, better_model  # type: ignore[method-assign]
+            await nursery.start(peer.dht.run)
+            await nursery.start(peer.gossip.run)
+            nursery.start_soon(_serve_by_demand, peer)
+            while peer.server is None:
+                await trio.sleep(0.05)
+            old = await peer.client()  # waits for A's server to be up
+            old_server = peer.server
+            assert old.model_id == a_id and old.local_server is old_server
+            assert (await peer.model_card())["model_id"] == a_id
+
+            move.set()
+            while peer.server is old_server or peer.server is None:
+                await trio.sleep(0.05)
+            new = await peer.client()  # waits for B's server to be up, then is built for B
+            assert old_server.stopping
+            assert new.model_id == b_id and new.local_server is peer.server and peer.server.model_id == b_id
+            assert (await peer.model_card())["model_id"] == b_id
+            nursery.cancel_scope.cancel()
 
 
 # --- real processes -----------------------------------------------------------------------------------------
