@@ -270,11 +270,7 @@ class Peer:
                   for o in options}
         claims = [Claim(s.peer_id, model_id, s.supersedes) for model_id, (servers, _) in swarms.items()
                   for s in servers if s.supersedes is not None]
-        # A claim moves demand (versions.py), so it counts only from a server whose work reached us
-        # (standing) or that holds a live connection to us (a running peer per vote, not a record per vote).
-        standings = await self.standing.standings()
-        reached = set(self.network.connected_peers())
-        lineage = Lineage.from_claims(claims, lambda p: p in reached or has_standing(standings, p))
+        lineage = Lineage.from_claims(claims, await self.vouched_servers())
         for old in sorted(set(lineage.successor) - set(swarms))[:MAX_OLDER_VERSIONS]:
             servers = await fetch_servers(self.dht, old)
             swarms[old] = (servers, max((s.num_blocks or 0 for s in servers), default=0))
@@ -288,6 +284,14 @@ class Peer:
             "tries": (self.model_choice or {}).get("tries", 0) + 1}
         log.info("model choice: %s", self.model_choice)
         return candidates, wanted
+
+    async def vouched_servers(self) -> Callable[[str], bool]:
+        """Whose `supersedes` claims this peer believes (pipeline/versions.py): a claim moves demand, so it
+        counts only from a server whose work reached us (standing) or that holds a live connection to us
+        (a running peer per vote, not a record per vote)."""
+        standings = await self.standing.standings()
+        reached = set(self.network.connected_peers())
+        return lambda peer_id: peer_id in reached or has_standing(standings, peer_id)
 
     async def choose_model(self) -> ModelOption:
         """The candidate model to serve: the one with the most demand per copy the swarm serves
