@@ -33,7 +33,7 @@ import math
 import signal
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import trio
 
@@ -50,8 +50,8 @@ from p2p.libp2p import InboundLimits, Libp2pNetwork
 from p2p.membership import Membership, check_addr
 from p2p.network import Network
 from p2p.swarm_key import load_key
-from pipeline.announce import (GOSSIP_TOPIC, AnnouncementValidator, ModelCard, fetch_models, fetch_servers,
-                               from_gossip_note)
+from pipeline.announce import (GOSSIP_TOPIC, AnnouncementValidator, ModelCard, ServerInfo, fetch_models,
+                               fetch_servers, from_gossip_note)
 from pipeline.attestations import AttestationBook
 from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.checkpolicy import AdaptivePolicy
@@ -84,6 +84,8 @@ log = logging.getLogger(__name__)
 PRESENCE_TOPIC = "presence"
 MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
 MAX_OLDER_VERSIONS = 8  # versions the candidates supersede whose announcements a model choice reads
+MAX_CLAIMANTS_DIALLED = 8  # servers claiming `supersedes` a model choice dials to believe them (versions.py)
+CLAIMANT_DIAL_TIMEOUT = 3.0  # seconds
 MAX_PRESENCE_SEEN = 256  # authors of presence notes that status lists; the latest kept (new keys are free)
 
 
@@ -270,7 +272,8 @@ class Peer:
                   for o in options}
         claims = [Claim(s.peer_id, model_id, s.supersedes) for model_id, (servers, _) in swarms.items()
                   for s in servers if s.supersedes is not None]
-        lineage = Lineage.from_claims(claims, await self.vouched_servers())
+        claimants = [s for servers, _ in swarms.values() for s in servers if s.supersedes is not None]
+        lineage = Lineage.from_claims(claims, await self.vouched_servers(claimants))
         for old in sorted(set(lineage.successor) - set(swarms))[:MAX_OLDER_VERSIONS]:
             servers = await fetch_servers(self.dht, old)
             swarms[old] = (servers, max((s.num_blocks or 0 for s in servers), default=0))
@@ -285,12 +288,27 @@ class Peer:
         log.info("model choice: %s", self.model_choice)
         return candidates, wanted
 
-    async def vouched_servers(self) -> Callable[[str], bool]:
+    async def vouched_servers(self, claimants: Iterable[ServerInfo]) -> Callable[[str], bool]:
         """Whose `supersedes` claims this peer believes (pipeline/versions.py): a claim moves demand, so it
-        counts only from a server whose work reached us (standing) or that holds a live connection to us
-        (a running peer per vote, not a record per vote)."""
+        counts only from a server whose work reached us (standing) or that this peer reaches — connected
+        now, or dialled here at its announced address (at most `MAX_CLAIMANTS_DIALLED`): a running peer
+        per vote, not a record per vote."""
         standings = await self.standing.standings()
         reached = set(self.network.connected_peers())
+        unreached = {s.peer_id: s.addr for s in claimants  # announced at its own address, not another's
+                     if s.addr is not None and s.addr.endswith(f"/p2p/{s.peer_id}") and s.peer_id not in reached
+                     and not has_standing(standings, s.peer_id)}
+
+        async def dial(peer_id: str, addr: str) -> None:
+            try:
+                if await self.network.connect(addr, timeout=CLAIMANT_DIAL_TIMEOUT) == peer_id:
+                    reached.add(peer_id)
+            except (P2PError, trio.TooSlowError) as e:
+                log.debug("claimant %s not reached: %s", peer_id[:12], e)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id, addr in sorted(unreached.items())[:MAX_CLAIMANTS_DIALLED]:
+                nursery.start_soon(dial, peer_id, addr)
         return lambda peer_id: peer_id in reached or has_standing(standings, peer_id)
 
     async def choose_model(self) -> ModelOption:
