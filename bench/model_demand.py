@@ -108,11 +108,11 @@ async def tallied(share: dict[str, float], sybils: int, capped: bool) -> dict[st
         return standing
 
     book = DemandBook(Identity.generate().peer_id, standings, lambda: 0.0,
-                      per_author=64 if capped else MAX_COUNT, max_authors=4096)
+                      per_author=64 if capped else MAX_COUNT, max_trusted=4096)
     for i, ident in enumerate(honest):
-        book.hear(ident.peer_id, DemandNote(600.0, {"A" if i < round(20 * share["A"]) else "B": 64}), 0.0)
+        await book.hear(ident.peer_id, DemandNote(600.0, {"A" if i < round(20 * share["A"]) else "B": 64}), 0.0)
     for ident in sybil_keys:
-        book.hear(ident.peer_id, DemandNote(600.0, {"C": MAX_COUNT}), 0.0)
+        await book.hear(ident.peer_id, DemandNote(600.0, {"C": MAX_COUNT}), 0.0)
     return await book.demand()
 
 

@@ -18,8 +18,10 @@ more; demand from peers with standing outweighs it as soon as two of them ask.
 
 Bounded and typed: a note names at most `MAX_MODELS` models (ids of at most `MAX_MODEL_ID_LEN`
 characters), counts are integers in [0, `MAX_COUNT`], the window in (0, `MAX_WINDOW`]; the book keeps
-at most `max_authors` authors (the least recently heard dropped) and our own counts at most
-`MAX_COUNT` requests a model, of at most `MAX_MODELS` models.
+the notes of at most `max_trusted` authors with standing and, apart, of at most `max_strangers` authors
+without (each the least recently heard dropped, so fresh keys only ever push out one another, never an
+author with standing), and our own counts at most `MAX_COUNT` requests a model, of at most `MAX_MODELS`
+models.
 """
 
 from __future__ import annotations
@@ -101,9 +103,12 @@ class DemandBook:
     interval: float = 30.0  # seconds between our notes
     note_ttl: float = 120.0  # a note older than this no longer counts (its author stopped publishing)
     per_author: int = 64  # requests of a model one author (or all strangers together) counts for
-    max_authors: int = 1024
+    max_trusted: int = 1024  # authors with standing here whose notes are kept
+    max_strangers: int = 256  # authors without standing whose notes are kept (apart: they never evict the others)
     _mine: dict[str, deque[float]] = field(default_factory=dict)  # model id → times of our requests
-    _heard: OrderedDict[str, _Heard] = field(default_factory=OrderedDict)  # author → latest note
+    # author → latest note, the least recently heard first: authors with standing when heard, and the others
+    _trusted: OrderedDict[str, _Heard] = field(default_factory=OrderedDict)
+    _strangers: OrderedDict[str, _Heard] = field(default_factory=OrderedDict)
     _asked: trio.Event = field(default_factory=trio.Event)  # set by a request: a quiet publisher wakes up
     stats: dict[str, int] = field(default_factory=lambda: {"published": 0, "heard": 0, "stale": 0})
 
@@ -155,21 +160,23 @@ class DemandBook:
 
     # --- others' requests -----------------------------------------------------------------------
 
-    def _on_message(self, message: GossipMessage) -> None:
-        self.hear(message.author, DemandNote.from_value(message.data), message.timestamp)
+    async def _on_message(self, message: GossipMessage) -> None:
+        await self.hear(message.author, DemandNote.from_value(message.data), message.timestamp)
 
-    def hear(self, author: str, note: DemandNote, at: float) -> bool:
+    async def hear(self, author: str, note: DemandNote, at: float) -> bool:
         """Keep `note` as `author`'s latest (a checked one); whether it was newer than what we held."""
         if author == self.me:
             return False
-        known = self._heard.pop(author, None)
+        trusted = has_standing(await self.standing(), author)
+        known = self._trusted.pop(author, None) or self._strangers.pop(author, None)
+        shelf, bound = (self._trusted, self.max_trusted) if trusted else (self._strangers, self.max_strangers)
         if known is not None and known.at >= at:
-            self._heard[author] = known
+            shelf[author] = known
             self.stats["stale"] += 1
             return False
-        self._heard[author] = _Heard(note, at)
-        while len(self._heard) > self.max_authors:
-            self._heard.popitem(last=False)
+        shelf[author] = _Heard(note, at)
+        while len(shelf) > bound:
+            shelf.popitem(last=False)
         self.stats["heard"] += 1
         return True
 
@@ -180,23 +187,29 @@ class DemandBook:
         since = self.now() - self.note_ttl
         out = {model_id: min(n, self.per_author) for model_id, n in self.own_counts().items()}
         strangers: dict[str, int] = {}
-        for author, heard in list(self._heard.items()):
-            if heard.at < since:
-                del self._heard[author]
-                continue
-            try:
-                trusted = standings.get(public_key_from_peer_id(author), 0) > 0
-            except ValueError:  # not an Ed25519 peer id: nobody we have seen work from
-                trusted = False
-            for model_id, n in heard.note.counts.items():
-                n = min(n, self.per_author)
-                if trusted:
-                    out[model_id] = out.get(model_id, 0) + n
-                else:
-                    strangers[model_id] = strangers.get(model_id, 0) + n
+        for shelf in (self._trusted, self._strangers):
+            for author, heard in list(shelf.items()):
+                if heard.at < since:
+                    del shelf[author]
+                    continue
+                trusted = has_standing(standings, author)  # as we see it now, whichever shelf it is on
+                for model_id, n in heard.note.counts.items():
+                    n = min(n, self.per_author)
+                    if trusted:
+                        out[model_id] = out.get(model_id, 0) + n
+                    else:
+                        strangers[model_id] = strangers.get(model_id, 0) + n
         for model_id, n in strangers.items():
             out[model_id] = out.get(model_id, 0) + min(n, self.per_author)
         return {model_id: n for model_id, n in out.items() if n > 0}
+
+
+def has_standing(standings: Mapping[bytes, int], peer_id: str) -> bool:
+    """Whether `peer_id` has standing in `standings` (a StandingView's table)."""
+    try:
+        return standings.get(public_key_from_peer_id(peer_id), 0) > 0
+    except ValueError:  # not an Ed25519 peer id: nobody we have seen work from
+        return False
 
 
 def _valid(message: GossipMessage) -> bool:

@@ -15,9 +15,11 @@ best split).
 
 `wanted` counts versions (pipeline/versions.py, `wanted_by_version`): a request counts for the version
 that serves it now (the newest complete one of its family), and also for its family's newest version,
-the one the family moves to. So while a new version is short of servers, volunteers holding its weights
-go to it (and the old one keeps its servers while it alone is complete); once the new one is complete,
-the old one's requests are its own and the old version is wanted by nobody.
+the one the family moves to — in the lineage as this peer believes it, from the claims of servers it
+vouches for only (versions.py), so a stranger's `supersedes` claim moves no demand. So while a new
+version is short of servers, volunteers holding its weights go to it (and the old one keeps its servers
+while it alone is complete); once the new one is complete, the old one's requests are its own and the
+old version is wanted by nobody.
 
 A server already serving moves (`move_to`) only when that lowers the larger need of the two models it
 leaves and joins by a margin: the largest need in the swarm never rises, so moves cannot cycle, and it

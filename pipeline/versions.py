@@ -4,8 +4,10 @@ A model's id is a hash of its weights (pipeline/identity.py), so a new version i
 of the new version say what it replaces: their announcements carry `supersedes: <old id>`
 (pipeline/announce.py; signed by each server as the owner of its entry under the new id's record, so
 only those who serve the new id can claim it). `Lineage` reads those claims: a successor counts for an
-old id when servers of it claim so, the claim most servers make winning a conflict; claims that would
-close a cycle are dropped.
+old id when servers this peer vouches for claim so (`vouched`: with standing in its view, or reached by
+it — the caller says which), each such server one vote per old id; the successor most of them name wins
+a conflict, and claims are taken strongest first, a claim that would close a cycle with stronger ones
+dropped (so a weaker claim cannot cancel a stronger one).
 
 What it is used for:
 - a family's versions share its demand: requests for the old id are served by whichever version is
@@ -17,15 +19,25 @@ What it is used for:
   the versions it holds the folders of (potluck/generation.py `choose_version`: the first complete one in
   `preference` order among them).
 
-A claim costs a stranger nothing, but buys nothing on its own: a version serves requests only once it is
-complete (every block announced), and the id is checked against the weights by whoever loads them.
+A claim costs a stranger nothing and is not free to believe: the newest version of a family is wanted
+for all of the family's requests, so a believed claim steers volunteers to it. Hence only vouched servers'
+claims count: a fresh key announcing `supersedes` moves nobody's demand. A version serves requests only
+once it is complete (every block announced), and the id is checked against the weights by whoever loads them.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, NamedTuple
+
+
+class Claim(NamedTuple):
+    """One server's announcement under `new` saying it supersedes `old`."""
+
+    server: str  # the peer id of the announcing server
+    new: str
+    old: str
 
 
 @dataclass(frozen=True)
@@ -35,15 +47,22 @@ class Lineage:
     successor: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
-    def from_claims(cls, claims: Iterable[tuple[str, str]]) -> "Lineage":
-        """`claims`: one (new id, old id) per server announcement that says so."""
-        votes: dict[str, Counter[str]] = {}
-        for new, old in claims:
-            if new != old:
-                votes.setdefault(old, Counter())[new] += 1
+    def from_claims(cls, claims: Iterable[Claim], vouched: Callable[[str], bool]) -> "Lineage":
+        """The lineage the claims of `vouched` servers make (see the module docstring); a server naming
+        two successors of one old id is not counted for it."""
+        named: dict[tuple[str, str], set[str]] = {}  # (server, old) → the successors it names
+        for claim in claims:
+            if claim.new != claim.old and vouched(claim.server):
+                named.setdefault((claim.server, claim.old), set()).add(claim.new)
+        votes: Counter[tuple[str, str]] = Counter()  # (old, new) → distinct servers claiming it
+        for (_, old), successors in named.items():
+            if len(successors) == 1:
+                (new,) = successors
+                votes[(old, new)] += 1
         successor: dict[str, str] = {}
-        for old in sorted(votes):
-            new = max(sorted(votes[old]), key=lambda n: votes[old][n])
+        for old, new in sorted(votes, key=lambda edge: (-votes[edge], edge)):
+            if old in successor:
+                continue  # a stronger claim named its successor
             seen, walk = {old}, new
             while walk in successor and walk not in seen:  # would this edge close a cycle?
                 seen.add(walk)

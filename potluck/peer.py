@@ -35,7 +35,7 @@ import math
 import signal
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable
 
 import trio
 
@@ -59,7 +59,7 @@ from pipeline.billing import ClientBilling, ServerBilling
 from pipeline.checkpolicy import AdaptivePolicy
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
-from pipeline.demand import DemandBook
+from pipeline.demand import DemandBook, has_standing
 from pipeline.disputes import DisputeJudge, ServedBlocks
 from pipeline.identity import model_id as compute_model_id
 from pipeline.loading import ModelFolder
@@ -69,7 +69,7 @@ from pipeline.pricing import POLICIES, ModelPricing
 from pipeline.protocol import ANNOUNCE_NAMESPACE
 from pipeline.server import BlockServer, ServerConfig, parse_blocks
 from pipeline.speculative import with_draft_model
-from pipeline.versions import Lineage
+from pipeline.versions import Claim, Lineage
 from pipeline.spotcheck import SpotCheckConfig
 
 from . import control, generation, memory
@@ -87,6 +87,8 @@ log = logging.getLogger(__name__)
 PRESENCE_TOPIC = "presence"
 MAX_HEARD_MODELS = 32  # models heard of (gossip, the DHT's model index) that status lists; the latest kept
 MAX_OLDER_VERSIONS = 8  # versions the candidates supersede whose announcements a model choice reads
+MAX_CLAIMANTS_DIALLED = 8  # servers claiming `supersedes` a model choice dials to believe them (versions.py)
+CLAIMANT_DIAL_TIMEOUT = 3.0  # seconds
 MAX_PRESENCE_SEEN = 256  # authors of presence notes that status lists; the latest kept (new keys are free)
 
 
@@ -198,6 +200,9 @@ class Peer:
         self._client: DistributedModel | None = None  # `config.model`'s
         self._version_clients: dict[str, DistributedModel] = {}  # the other candidates', by model id
         self._client_lock = trio.Lock()
+        # set while the model this peer generates with is settled; a move clears it until its server is up
+        self._model_settled = trio.Event()
+        self._model_settled.set()
         self.last_generation: dict | None = None  # generation.GenerationResult.summary() of the latest one
         self.api_url: str | None = None
         self._model_card: dict | None = None
@@ -280,10 +285,11 @@ class Peer:
         reads the candidates' announcements (and those of the older versions they supersede) and the demand."""
         swarms = {o.model_id: (await fetch_servers(self.dht, o.model_id, num_blocks=o.num_blocks), o.num_blocks)
                   for o in options}
-        claims = [(model_id, s.supersedes) for model_id, (servers, _) in swarms.items()
+        claims = [Claim(s.peer_id, model_id, s.supersedes) for model_id, (servers, _) in swarms.items()
                   for s in servers if s.supersedes is not None]
-        lineage = Lineage.from_claims(claims)
-        for old in sorted({old for _, old in claims} - set(swarms))[:MAX_OLDER_VERSIONS]:
+        claimants = [s for servers, _ in swarms.values() for s in servers if s.supersedes is not None]
+        lineage = Lineage.from_claims(claims, await self.vouched_servers(claimants))
+        for old in sorted(set(lineage.successor) - set(swarms))[:MAX_OLDER_VERSIONS]:
             servers = await fetch_servers(self.dht, old)
             swarms[old] = (servers, max((s.num_blocks or 0 for s in servers), default=0))
         wanted = wanted_by_version(await self.demand.demand(), lineage,
@@ -296,6 +302,29 @@ class Peer:
             "tries": (self.model_choice or {}).get("tries", 0) + 1}
         log.info("model choice: %s", self.model_choice)
         return candidates, wanted
+
+    async def vouched_servers(self, claimants: Iterable[ServerInfo], *, dial: bool = True) -> Callable[[str], bool]:
+        """Whose `supersedes` claims this peer believes (pipeline/versions.py): a claim moves demand and
+        requests, so it counts only from a server whose work reached us (standing) or that this peer
+        reaches — connected now, or (`dial`: the model choice, not a status read) dialled here at its
+        announced address (at most `MAX_CLAIMANTS_DIALLED`): a running peer per vote, not a record per vote."""
+        standings = await self.standing.standings()
+        reached = set(self.network.connected_peers())
+        unreached = {s.peer_id: s.addr for s in claimants  # announced at its own address, not another's
+                     if dial and s.addr is not None and s.addr.endswith(f"/p2p/{s.peer_id}")
+                     and s.peer_id not in reached and not has_standing(standings, s.peer_id)}
+
+        async def dial(peer_id: str, addr: str) -> None:
+            try:
+                if await self.network.connect(addr, timeout=CLAIMANT_DIAL_TIMEOUT) == peer_id:
+                    reached.add(peer_id)
+            except (P2PError, trio.TooSlowError) as e:
+                log.debug("claimant %s not reached: %s", peer_id[:12], e)
+
+        async with trio.open_nursery() as nursery:
+            for peer_id, addr in sorted(unreached.items())[:MAX_CLAIMANTS_DIALLED]:
+                nursery.start_soon(dial, peer_id, addr)
+        return lambda peer_id: peer_id in reached or has_standing(standings, peer_id)
 
     async def choose_model(self) -> ModelOption:
         """The candidate model to serve: the one with the most demand per copy the swarm serves
@@ -432,15 +461,17 @@ class Peer:
                 if all(option.model_id != card["model_id"] for card in cards):
                     cards.append({**option.card(), "runs_here": True})
             views: dict[str, dict | None] = {}
-            claims: list[tuple[str, str]] = []  # (new id, old id): one per online server that says so
+            claims: list[Claim] = []  # one per online server that says its model supersedes another
+            claimants: list[ServerInfo] = []
 
             async def read_coverage(card: dict) -> None:
                 views[card["model_id"]] = None
                 with trio.move_on_at(deadline):
                     try:
                         servers, views[card["model_id"]] = await self._coverage(card)
-                        claims.extend((card["model_id"], s.supersedes) for s in servers
-                                      if s.online and s.supersedes is not None)
+                        said = [s for s in servers if s.online and s.supersedes is not None]
+                        claims.extend(Claim(s.peer_id, card["model_id"], s.supersedes) for s in said)
+                        claimants.extend(said)
                     except Exception as e:  # a status must not fail because a lookup did
                         log.info("could not read the swarm of %s: %s", card["name"], e)
 
@@ -461,7 +492,7 @@ class Peer:
                 for card in others:
                     nursery.start_soon(read_coverage, card)
             cards += others
-            lineage = Lineage.from_claims(claims)
+            lineage = Lineage.from_claims(claims, await self.vouched_servers(claimants, dial=False))
             models = [{**card, "coverage": views[card["model_id"]],
                        "supersedes": sorted(old for old, new in lineage.successor.items() if new == card["model_id"]),
                        "superseded_by": lineage.successor.get(card["model_id"])} for card in cards]
@@ -511,19 +542,25 @@ class Peer:
 
     async def client(self, model_id: str | None = None) -> DistributedModel:
         """The client half of `config.model` (None), or of the candidate model `model_id` (another version
-        of a family this peer holds the folder of), loaded on first use. Raises LookupError for another id."""
-        async with self._client_lock:
-            if self._client is None:
-                folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
-                self._client = await self._load_client(folder)
-            if model_id is None or model_id == self._client.model_id:
-                return self._client
-            if model_id not in self._version_clients:
-                option = next((o for o in await self._model_options() if o.model_id == model_id), None)
-                if option is None:
-                    raise LookupError(f"this peer holds no folder of model {model_id}")
-                self._version_clients[model_id] = await self._load_client(option.folder)
-            return self._version_clients[model_id]
+        of a family this peer holds the folder of), loaded on first use; during a move (`leave_model`), once
+        the new model's server is up. Raises LookupError for another id."""
+        while True:
+            settled = self._model_settled
+            await settled.wait()
+            async with self._client_lock:
+                if settled is not self._model_settled:  # a move began meanwhile: wait for its end
+                    continue
+                if self._client is None:
+                    folder = await trio.to_thread.run_sync(model_folder, self.config.model, self.config.data_dir)
+                    self._client = await self._load_client(folder)
+                if model_id is None or model_id == self._client.model_id:
+                    return self._client
+                if model_id not in self._version_clients:
+                    option = next((o for o in await self._model_options() if o.model_id == model_id), None)
+                    if option is None:
+                        raise LookupError(f"this peer holds no folder of model {model_id}")
+                    self._version_clients[model_id] = await self._load_client(option.folder)
+                return self._version_clients[model_id]
 
     async def _load_client(self, folder: Path) -> DistributedModel:
         policy = AdaptivePolicy()
@@ -544,6 +581,20 @@ class Peer:
         if self._client is not None and self._client.model_id == model_id:
             return self._client
         return self._version_clients.get(model_id)
+
+    async def leave_model(self) -> None:
+        """A move begins: the client halves (built for the model we leave, with its server as local blocks)
+        are dropped — generations under way keep theirs — and `client` waits for `settle_model`."""
+        async with self._client_lock:  # a client being built finishes first, then is dropped
+            self._model_settled = trio.Event()
+            self._client = None
+            self._version_clients.clear()
+            self._model_card = self._swarm_cache = None
+
+    def settle_model(self) -> None:
+        """The server of the model we move to (`config.model`) is up: the client half is built for it on next use."""
+        self._model_card = self._swarm_cache = None
+        self._model_settled.set()
 
     async def _generate_command(self, request: dict) -> dict:
         """A generation for `potluck`'s own tools: checked and run like an API request (potluck/generation.py),
@@ -695,18 +746,21 @@ async def _serve(peer: Peer, nursery: trio.Nursery) -> None:
 
 async def _serve_by_demand(peer: Peer) -> None:
     """Serve the candidate model demand needs most, like a single `--model`; move to another candidate
-    when the swarm would gain by it (its server stops, announcing itself offline, and the new one starts)."""
+    when the swarm would gain by it (its server stops, announcing itself offline, and the new one starts).
+    The client half follows: requests wait while a model's server starts, then generate with that model."""
     option = await peer.choose_model()
+    await peer.leave_model()  # a client half built meanwhile is for `--model`'s first name, not the choice
     while True:
-        peer.config = replace(peer.config, model=option.name)  # the client half, if asked for, uses the same model
-        peer._model_card = peer._swarm_cache = None
+        peer.config = replace(peer.config, model=option.name)  # the client half, once settled, uses the same model
         async with trio.open_nursery() as serving:
             peer.server = _block_server(peer, option.folder, option.model_id)
             await _serve(peer, serving)
+            peer.settle_model()
             assert peer.server.start is not None and peer.server.end is not None  # serving
             moved_to = await peer.better_model(option, peer.server.end - peer.server.start)
             log.info("moving from model %s to %s: the swarm needs it more", option.model_id[:12],
                      moved_to.model_id[:12])
+            await peer.leave_model()  # before its server stops: no new request is routed through it
             serving.cancel_scope.cancel()
         peer.server = None
         option = moved_to

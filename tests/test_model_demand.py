@@ -7,15 +7,16 @@ from __future__ import annotations
 import math
 
 import pytest
+import trio
 
 from dht.records import InvalidRecord
 from p2p.identity import Identity
 from pipeline.announce import ServerInfo
 from pipeline.demand import MAX_COUNT, MAX_MODELS, DemandBook, DemandNote, InvalidDemandNote
 from pipeline.modelchoice import Candidate, choose_model, complete, copies, move_to, need, wanted_by_version
-from pipeline.versions import Lineage
+from pipeline.versions import Claim, Lineage
 
-A, B = "a" * 64, "b" * 64
+A, B, C, D = "a" * 64, "b" * 64, "c" * 64, "d" * 64
 
 
 class Clock:
@@ -87,31 +88,44 @@ async def test_each_author_counts_up_to_the_cap_and_strangers_together_count_as_
     trusted = [Identity.generate() for _ in range(2)]
     demand, clock = book({i.public_key: 10 for i in trusted}, per_author=50)
     for ident in trusted:
-        demand.hear(ident.peer_id, note({A: 1000}), clock.t)  # each capped at 50
+        await demand.hear(ident.peer_id, note({A: 1000}), clock.t)  # each capped at 50
     for _ in range(100):  # a hundred fresh keys shouting for B
-        demand.hear(Identity.generate().peer_id, note({B: 50}), clock.t)
+        await demand.hear(Identity.generate().peer_id, note({B: 50}), clock.t)
     assert await demand.demand() == {A: 100, B: 50}
 
 
 async def test_only_the_latest_fresh_note_of_an_author_counts():
     author = Identity.generate()
     demand, clock = book({author.public_key: 1}, note_ttl=100.0)
-    assert demand.hear(author.peer_id, note({A: 5}), clock.t)
-    assert not demand.hear(author.peer_id, note({A: 50}), clock.t - 1)  # an older note (a replay) loses
-    assert demand.hear(author.peer_id, note({A: 7}), clock.t + 1)
+    assert await demand.hear(author.peer_id, note({A: 5}), clock.t)
+    assert not await demand.hear(author.peer_id, note({A: 50}), clock.t - 1)  # an older note (a replay) loses
+    assert await demand.hear(author.peer_id, note({A: 7}), clock.t + 1)
     assert await demand.demand() == {A: 7}
     clock.t += 200  # the author stopped publishing: its demand fades
     assert await demand.demand() == {}
 
 
 async def test_our_own_notes_heard_back_are_not_counted_twice_and_authors_are_bounded():
-    demand, clock = book(max_authors=8)
+    trusted = [Identity.generate() for _ in range(20)]
+    demand, clock = book({i.public_key: 1 for i in trusted}, max_trusted=8, max_strangers=4)
     demand.saw(A)
-    assert not demand.hear(demand.me, note({A: 1}), clock.t)
+    assert not await demand.hear(demand.me, note({A: 1}), clock.t)
+    for ident in trusted:
+        await demand.hear(ident.peer_id, note({B: 1}), clock.t)
     for _ in range(20):
-        demand.hear(Identity.generate().peer_id, note({B: 1}), clock.t)
-    assert len(demand._heard) == 8
-    assert await demand.demand() == {A: 1, B: 8}
+        await demand.hear(Identity.generate().peer_id, note({C: 1}), clock.t)
+    assert len(demand._trusted) == 8 and len(demand._strangers) == 4
+    assert await demand.demand() == {A: 1, B: 8, C: 4}
+
+
+async def test_a_flood_of_fresh_keys_never_pushes_out_the_notes_of_authors_with_standing():
+    trusted = [Identity.generate() for _ in range(3)]
+    demand, clock = book({i.public_key: 1 for i in trusted})
+    for ident in trusted:
+        await demand.hear(ident.peer_id, note({A: 10}), clock.t)
+    for _ in range(1024 + 1):  # more fresh keys than the book keeps authors
+        await demand.hear(Identity.generate().peer_id, note({B: 64}), clock.t + 1)
+    assert await demand.demand() == {A: 30, B: 64}  # the Sybils still weigh one requester
 
 
 # --- the choice ---------------------------------------------------------------------------------------------
@@ -137,18 +151,48 @@ def test_the_most_demand_per_copy_wins_and_a_model_nobody_asks_for_is_never_chos
 
 # --- versions -----------------------------------------------------------------------------------------------
 
-C = "c" * 64
+def anyone(server: str) -> bool:
+    return True
+
+
+def lineage_of(*claims: tuple[str, str]) -> Lineage:
+    """The lineage of (new, old) claims, each by its own vouched server."""
+    return Lineage.from_claims([Claim(f"s{i}", new, old) for i, (new, old) in enumerate(claims)], anyone)
 
 
 def test_lineage_takes_the_claim_most_servers_make_and_drops_cycles():
-    lineage = Lineage.from_claims([(B, A), (B, A), (C, A), (A, B), (A, A)])
+    lineage = lineage_of((B, A), (B, A), (C, A), (A, B), (A, A))
     assert lineage.successor == {A: B}  # B's two servers outvote C's; "A supersedes B" would close a cycle
-    chain = Lineage.from_claims([(B, A), (C, B)])
+    chain = lineage_of((B, A), (C, B))
     assert chain.newer(A) == [B, C] and chain.older(C) == [B, A] and chain.older(A) == []
 
 
+def test_a_strangers_supersedes_claim_moves_no_demand():
+    vouched = {"s1", "s2"}.__contains__
+    sybil = Lineage.from_claims([Claim("x", C, A)], vouched)  # a fresh key serving C "supersedes A"
+    assert sybil.successor == {}
+    assert wanted_by_version({A: 10}, sybil, {A}.__contains__) == {A: 10}  # C is wanted by nobody
+    # a vouched server's claim moves demand to the new version while it fills up
+    real = Lineage.from_claims([Claim("s1", B, A), Claim("x", C, A), Claim("y", C, A)], vouched)
+    assert real.successor == {A: B}  # two strangers do not outvote one vouched server
+    assert wanted_by_version({A: 10}, real, {A}.__contains__) == {A: 10, B: 10}
+
+
+def test_claims_are_votes_of_distinct_servers_and_a_weaker_claim_cannot_cancel_a_stronger_one():
+    # one server announcing the same claim thrice counts once
+    lineage = Lineage.from_claims([Claim("s1", B, A)] * 3 + [Claim("s2", C, A), Claim("s3", C, A)], anyone)
+    assert lineage.successor == {A: C}
+    # a server naming two successors of one version counts for neither
+    lineage = Lineage.from_claims([Claim("s1", C, A), Claim("s2", C, A), Claim("s3", B, A), Claim("s4", B, A),
+                                   Claim("s4", D, A)], anyone)
+    assert lineage.successor == {A: C}  # C: s1, s2; B: s3 (ties would go to B)
+    # "C supersedes A" by one server would close a cycle with "A supersedes C" by two: the two win
+    lineage = Lineage.from_claims([Claim("s1", C, A), Claim("s2", A, C), Claim("s3", A, C)], anyone)
+    assert lineage.successor == {C: A}
+
+
 def test_a_request_for_a_family_goes_to_its_newest_complete_version():
-    lineage = Lineage.from_claims([(B, A)])
+    lineage = lineage_of((B, A))
     assert lineage.serving(A, {A, B}.__contains__) == B  # the new version is complete: it serves
     assert lineage.serving(A, {A}.__contains__) == A  # the new one is still filling up: the old serves
     assert lineage.serving(B, {A}.__contains__) == A  # asked for the new one by name, served by the old
@@ -157,7 +201,7 @@ def test_a_request_for_a_family_goes_to_its_newest_complete_version():
 
 
 def test_a_new_version_is_wanted_for_the_old_ones_requests_so_volunteers_with_its_weights_move_over():
-    lineage = Lineage.from_claims([(B, A)])
+    lineage = lineage_of((B, A))
     demand = {A: 10}
     # the new version is still filling up: the old one serves the requests, the new one is wanted for them too
     wanted = wanted_by_version(demand, lineage, {A}.__contains__)
@@ -221,6 +265,55 @@ def test_supersedes_is_announced_and_checked():
     for bad in (5, "x" * 129, ["a"]):
         with pytest.raises(InvalidRecord):
             ServerInfo.from_value("p", {**info.to_value(), "supersedes": bad})
+
+
+# --- a move: the client half follows the served model ------------------------------------------------------
+
+@pytest.mark.slow  # two servers start in turn (each loads and measures its blocks): ~30 s here
+async def test_after_a_move_the_peer_generates_with_the_model_it_serves_now(three_models, tmp_path):
+    from credits import Ledger
+    from pipeline.pricing import ModelPricing
+    from potluck.peer import ModelOption, Peer, PeerConfig, _serve_by_demand
+    from testkit.swarms import HERE, swarm
+
+    (a, a_id), (b, b_id), _ = three_models
+    options = [ModelOption(str(a), a, a_id, 4), ModelOption(str(b), b, b_id, 4)]
+    move = trio.Event()
+
+    async def choose_model():
+        return options[0]
+
+    async def better_model(serving, blocks):
+        if serving is options[1]:
+            await trio.sleep_forever()
+        await move.wait()
+        return options[1]
+
+    with trio.fail_after(120):
+        async with swarm("sim", a, [], model_id=a_id) as s, trio.open_nursery() as nursery:
+            node = s.world.add_node(place=HERE)
+            peer = Peer(PeerConfig(data_dir=tmp_path, model=str(a), blocks="0:4", model_candidates=[str(a), str(b)],
+                                   bootstrap=list(s.bootstrap)),
+                        node.identity, node, Ledger.open(node.identity, tmp_path, pricing=ModelPricing()))
+            peer.choose_model, peer.better_model = choose_model, better_model  # type: ignore[method-assign]
+            await nursery.start(peer.dht.run)
+            await nursery.start(peer.gossip.run)
+            nursery.start_soon(_serve_by_demand, peer)
+            while peer.server is None:
+                await trio.sleep(0.05)
+            old = await peer.client()  # waits for A's server to be up
+            old_server = peer.server
+            assert old.model_id == a_id and old.local_server is old_server
+            assert (await peer.model_card())["model_id"] == a_id
+
+            move.set()
+            while peer.server is old_server or peer.server is None:
+                await trio.sleep(0.05)
+            new = await peer.client()  # waits for B's server to be up, then is built for B
+            assert old_server.stopping
+            assert new.model_id == b_id and new.local_server is peer.server and peer.server.model_id == b_id
+            assert (await peer.model_card())["model_id"] == b_id
+            nursery.cancel_scope.cancel()
 
 
 # --- real processes -----------------------------------------------------------------------------------------
