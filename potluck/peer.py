@@ -314,7 +314,7 @@ class Peer:
                      if dial and s.addr is not None and s.addr.endswith(f"/p2p/{s.peer_id}")
                      and s.peer_id not in reached and not has_standing(standings, s.peer_id)}
 
-        async def dial(peer_id: str, addr: str) -> None:
+        async def dial_one(peer_id: str, addr: str) -> None:
             try:
                 if await self.network.connect(addr, timeout=CLAIMANT_DIAL_TIMEOUT) == peer_id:
                     reached.add(peer_id)
@@ -323,7 +323,7 @@ class Peer:
 
         async with trio.open_nursery() as nursery:
             for peer_id, addr in sorted(unreached.items())[:MAX_CLAIMANTS_DIALLED]:
-                nursery.start_soon(dial, peer_id, addr)
+                nursery.start_soon(dial_one, peer_id, addr)
         return lambda peer_id: peer_id in reached or has_standing(standings, peer_id)
 
     async def choose_model(self) -> ModelOption:
@@ -469,9 +469,10 @@ class Peer:
                 with trio.move_on_at(deadline):
                     try:
                         servers, views[card["model_id"]] = await self._coverage(card)
-                        said = [s for s in servers if s.online and s.supersedes is not None]
-                        claims.extend(Claim(s.peer_id, card["model_id"], s.supersedes) for s in said)
-                        claimants.extend(said)
+                        for s in servers:
+                            if s.online and s.supersedes is not None:
+                                claims.append(Claim(s.peer_id, card["model_id"], s.supersedes))
+                                claimants.append(s)
                     except Exception as e:  # a status must not fail because a lookup did
                         log.info("could not read the swarm of %s: %s", card["name"], e)
 

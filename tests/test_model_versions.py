@@ -8,7 +8,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from pipeline.versions import Lineage
+from pipeline.versions import Claim, Lineage
 from potluck.generation import choose_version, find_model, resolve
 from potluck.openai_schema import ApiError
 
@@ -23,7 +23,7 @@ def card(model_id: str, name: str, *, here: bool, complete: bool | None, superse
 
 
 def test_preference_is_newest_first_then_older_nearest_first():
-    chain = Lineage.from_claims([(B, A), (C, B)])
+    chain = Lineage.from_claims([Claim("s1", B, A), Claim("s2", C, B)], lambda server: True)
     assert chain.preference(B) == [C, B, A]
     assert chain.preference(A) == [C, B, A]
     assert Lineage().preference(A) == [A]
