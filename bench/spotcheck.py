@@ -266,9 +266,14 @@ class SimSwarm:
 
 
 async def sees(model: DistributedModel, n: int) -> None:
+    """Wait until `model` reads `n` servers' announcements, and take them as reached (as if earlier sessions
+    had opened them): these runs measure spot checks — which servers lie, which check — not routing's
+    distrust of servers never opened (a liar's throughput claim is what routes through it)."""
     with trio.fail_after(30):
-        while len(await model.sequence.refresh(force=True)) < n:
+        while len(servers := await model.sequence.refresh(force=True)) < n:
             await trio.sleep(0.1)
+    for server in servers:
+        model.sequence.note_reached(server.peer_id)
 
 
 POLICIES = ["adaptive_new", "adaptive_trusted", "fixed_2pct"]

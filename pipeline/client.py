@@ -24,11 +24,12 @@
   refusal, malformed or non-finite output), its server is banned for a while, a new route for that
   hop's blocks is built from the others, the history is replayed there — chunk by chunk in one
   message, so the rebuilt KV cache is bit-identical — and the step goes on. Greedy output is the
-  same as an undisturbed run. A session the server ended is no fault: displaced by another client
-  (Displaced) or the first time it expired (SessionExpired: idle, a move), it is re-routed and replayed
+  same as an undisturbed run. A session the server ended is no fault the first time: displaced by
+  another client (Displaced) or expired (SessionExpired: idle, a move), it is re-routed and replayed
   without a ban, on other servers where a route is left (a replay there is paid for again; our own
-  server replays free); a server that expires a session's hop a second time is banned. A rebuild
-  that is cancelled or refused closes the hops it opened.
+  server replays free); a server that ends a session's hop a second time is banned (else it could
+  bill the replays over and over). A route open or rebuild that is cancelled or refused closes the
+  hops it opened.
 - Refusals (pipeline/errors.py: too long, cache full, no credit, no receipt, wrong model, busy) are
   not faults: no ban. A server that refuses to open a session is left out of that route only and
   another is tried where one could accept; when none is left, or the refusal is about the client
@@ -192,7 +193,7 @@ class InferenceSession:
         self.chunks: list[int] = []  # tokens per completed step
         self.history: dict[int, list[torch.Tensor]] = {}  # block boundary → inputs of completed steps
         self._step_id = 0
-        self._expired_by: set[str] = set()  # servers that ended a session of ours (SessionExpired): forgiven once
+        self._expired_by: set[str] = set()  # servers that ended a session of ours (expired, displaced): forgiven once
         # remote servers that ended (expired, displaced) a hop of this session: its rebuilds go elsewhere
         # where a route is left (the replay there would be paid for again)
         self._ended_by: set[str] = set()
@@ -314,9 +315,13 @@ class InferenceSession:
                         hops.append(hop := await self.open_hop(r, info.addr if info else None, timeout))
                         self._held.add(hop)
                         seq.note_reached(r.peer_id)
-                except BaseException:  # the route's sessions count no more; those opened are closed below
+                except BaseException as e:  # the route's sessions count no more, and those opened close
                     self._held.difference_update(hops)
                     seq.release(r.peer_id for r in route)
+                    if not isinstance(e, (Refused, P2PError, trio.TooSlowError)):  # (those are closed below)
+                        with trio.CancelScope(shield=True):
+                            for h in hops:
+                                await self.close_hop(h)
                     raise
                 self.stats.servers.extend(self.route_of(hops))
                 return hops
@@ -414,10 +419,12 @@ class InferenceSession:
         seq = self.model.sequence
         log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
         kind = err.kind if isinstance(err, InferenceError) else None
-        # ended by its server: displaced (it said why) is no fault; expired (idle, moving) no fault once
-        if kind != proto.DISPLACED and (kind != proto.SESSION_EXPIRED or bad.peer_id in self._expired_by):
+        # ended by its server (displaced for room, expired while idle or moving): no fault once per server
+        # and session; a server ending it again would make us pay its replays over and over
+        ended = kind in (proto.DISPLACED, proto.SESSION_EXPIRED)
+        if not ended or bad.peer_id in self._expired_by:
             seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
-        if kind == proto.SESSION_EXPIRED:
+        if ended:
             self._expired_by.add(bad.peer_id)
         if kind in (proto.DISPLACED, proto.SESSION_EXPIRED) and isinstance(bad, RemoteHop):  # ours replays free
             self._ended_by.add(bad.peer_id)

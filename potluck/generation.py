@@ -93,8 +93,9 @@ class ApiPeer(Protocol):
 class LocalRunner(Protocol):
     """This peer's own copy of the model (`potluck.localfallback.LocalFallback`)."""
 
-    async def client(self, max_length: int) -> GenerationClient:
-        """The client answering with it, for a request of `max_length` tokens (raises NotEnoughMemory)."""
+    async def client(self, model_id: str, max_length: int) -> GenerationClient:
+        """The client answering with its copy of `model_id`, for a request of `max_length` tokens (raises
+        NotEnoughMemory)."""
 
 
 # --- checking a request -----------------------------------------------------------------------------------
@@ -190,7 +191,7 @@ async def prepare_local(peer: ApiPeer, local: LocalRunner, model_name: str, prom
     model = await resolve(peer, model_name)
     ids, params, _ = _checked(await peer.client(model["model_id"]), model, prompt, params,
                               max_tokens_given=max_tokens_given)
-    client = await local.client(len(ids) + params.max_new_tokens)
+    client = await local.client(model["model_id"], len(ids) + params.max_new_tokens)
     return PreparedGeneration(model, client, ids, params)
 
 

@@ -112,7 +112,7 @@ def cache_bytes(client: DistributedModel, max_length: int) -> int:
 class LocalFallback:
     """The peer's own copy of every block, loaded when an answer needs it (`client`), dropped when idle."""
 
-    def __init__(self, swarm_client: Callable[[], Awaitable[DistributedModel]], network: Any, *,
+    def __init__(self, swarm_client: Callable[[str], Awaitable[DistributedModel]], network: Any, *,
                  idle_s: float = IDLE_S, available: Callable[[], int] = memory.available_bytes):
         self.swarm_client, self.network = swarm_client, network
         self.idle_s, self.available = idle_s, available
@@ -121,11 +121,17 @@ class LocalFallback:
         self._lock = trio.Lock()
         self.loads = 0  # times the blocks were loaded (status, tests)
 
-    async def client(self, max_length: int) -> DistributedModel:
-        """The client that answers with our own blocks, for a request of `max_length` tokens; raises
-        NotEnoughMemory when this machine cannot hold the blocks (if not loaded yet) and its KV cache."""
+    async def client(self, model_id: str, max_length: int) -> DistributedModel:
+        """The client that answers with our own blocks of `model_id` (a model this peer holds the folder of),
+        for a request of `max_length` tokens; raises NotEnoughMemory when this machine cannot hold the blocks
+        (if not loaded yet) and its KV cache. One model's blocks at a time: another's, idle, are dropped."""
         async with self._lock:
-            swarm = await self.swarm_client()
+            swarm = await self.swarm_client(model_id)
+            if self._client is not None and self._client.model_id != swarm.model_id:
+                assert self.blocks is not None
+                if self.blocks.sessions:  # answering with another version: its memory is not ours to take
+                    raise memory.NotEnoughMemory(weights_bytes(swarm), 0)
+                self.blocks = self._client = None
             need = cache_bytes(swarm, max_length) + (0 if self._client is not None else weights_bytes(swarm))
             memory.check_room(need, self.available())
             if self._client is None:

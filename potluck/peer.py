@@ -448,12 +448,12 @@ class Peer:
         too, once known: `load` opens them), then those its servers announce (the DHT's model index, gossip).
         Each lists the versions its servers say it `supersedes` and the one `superseded_by` it
         (pipeline/versions.py `Lineage`, from the online servers' claims)."""
+        own = await self.model_card(load=load)  # outside the lock: during a move it waits for the new model
         async with self._swarm_lock:
             now = trio.current_time()
             if self._swarm_cache is not None and now - self._swarm_cache[0] < max_age:
                 return self._swarm_cache[1]
             deadline = now + timeout
-            own = await self.model_card(load=load)
             cards = [{**own, "runs_here": True}] if own is not None else []
             versions = await self._model_options() if load and len(self.config.model_candidates) > 1 else \
                 self._model_options_found or []
@@ -729,10 +729,15 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
         ledger.store.close()
 
 
-def _block_server(peer: Peer, folder: Path, model_id: str | None = None) -> BlockServer:
+def _block_server(peer: Peer, folder: Path, model_id: str | None = None, num_blocks: int | None = None) -> BlockServer:
+    """`num_blocks`: the model's (a candidate of several `--model`): `--blocks a:b` is clamped to it, so a
+    move to a smaller model serves its last blocks instead of failing the peer."""
     config = peer.config
     assert config.blocks is not None  # only a peer that serves builds one
     start, end = parse_blocks(config.blocks)
+    if num_blocks is not None and end is not None and start is not None and end > num_blocks:
+        end = num_blocks
+        start = min(start, end - 1)
     return BlockServer(peer.network, peer.dht, folder, start, end, gossip=peer.gossip, model_id=model_id,
                        config=_server_config(config),
                        billing=ServerBilling(peer.ledger, standing=peer.standing, model_name=config.model))
@@ -754,7 +759,7 @@ async def _serve_by_demand(peer: Peer) -> None:
     while True:
         peer.config = replace(peer.config, model=option.name)  # the client half, once settled, uses the same model
         async with trio.open_nursery() as serving:
-            peer.server = _block_server(peer, option.folder, option.model_id)
+            peer.server = _block_server(peer, option.folder, option.model_id, option.num_blocks)
             await _serve(peer, serving)
             peer.settle_model()
             assert peer.server.start is not None and peer.server.end is not None  # serving

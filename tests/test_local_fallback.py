@@ -9,6 +9,7 @@ it says 503."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from contextlib import asynccontextmanager
@@ -58,9 +59,9 @@ async def test_without_the_memory_nothing_is_loaded_and_the_503_says_why(llama):
 async def _refused_then_loaded(client: DistributedModel) -> None:
     length = len(PROMPT) + 8  # the request's prompt and max_tokens below
     need = weights_bytes(client) + cache_bytes(client, length)
-    local = LocalFallback(lambda: _same(client), client.network, available=lambda: need - 1)
+    local = LocalFallback(lambda model_id: _same(client), client.network, available=lambda: need - 1)
     with pytest.raises(memory.NotEnoughMemory):
-        await local.client(length)
+        await local.client(client.model_id, length)
     assert local.blocks is None and local.loads == 0
 
     peer = StandInPeer(client)
@@ -82,8 +83,8 @@ async def test_the_local_answer_is_the_models_own_and_costs_nothing(llama):
 
 
 async def _answered_locally(client: DistributedModel, reference) -> None:
-    local = LocalFallback(lambda: _same(client), client.network, idle_s=0.2)
-    own = await local.client(len(PROMPT) + 12)
+    local = LocalFallback(lambda model_id: _same(client), client.network, idle_s=0.2)
+    own = await local.client(client.model_id, len(PROMPT) + 12)
     generation = await own.generate(PROMPT, SamplingParams(max_new_tokens=12, temperature=0.0), speculative=False)
     assert generation.token_ids == reference.generate_greedy(PROMPT, 12)[:len(generation.token_ids)]
     assert len(generation.token_ids) == 12
@@ -98,14 +99,33 @@ async def _answered_locally(client: DistributedModel, reference) -> None:
             while local.blocks is not None:
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
-    await local.client(8)
+    await local.client(client.model_id, 8)
     assert local.loads == 2
+
+
+async def test_the_blocks_are_those_of_the_model_asked_for(llama):
+    """A peer holding two versions answers each with its own weights: the other version's idle blocks are
+    dropped for the one asked for, never used under its id; busy, they are not taken."""
+    async with swarm_client(llama[0]) as client:
+        other = copy.copy(client)
+        other.model_id = "another-version"
+        clients = {client.model_id: client, other.model_id: other}
+        local = LocalFallback(lambda model_id: _same(clients[model_id]), client.network)
+        first = await local.client(client.model_id, 8)
+        assert local.blocks is not None and local.blocks.model_id == client.model_id
+        session = await local.blocks.open_local(first.model_id, 0, 4, 8, first.dtype_name)
+        with pytest.raises(memory.NotEnoughMemory):  # busy with the first version: not swapped under it
+            await local.client(other.model_id, 8)
+        session.close()
+        second = await local.client(other.model_id, 8)
+        assert second.model_id == other.model_id and local.blocks.model_id == other.model_id
+        assert local.loads == 2
 
 
 async def test_the_api_answers_locally_without_a_route_or_when_the_swarm_fails_first(llama, nursery):
     async with swarm_client(llama[0]) as client:
         peer = StandInPeer(client)
-        local = LocalFallback(lambda: _same(client), client.network)
+        local = LocalFallback(lambda model_id: _same(client), client.network)
         url = await nursery.start(functools.partial(api.serve, peer, "127.0.0.1", 0, local=local))
         body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 6, "temperature": 0}
         async with httpx.AsyncClient(base_url=url, timeout=60) as http:

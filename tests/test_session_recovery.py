@@ -2,9 +2,12 @@
 blocks — the server that ended it is not paid again for the replay, and is not banned — and a rebuild
 the caller leaves mid-replay (an HTTP client gone) closes the sessions it opened and releases their load."""
 
+import pytest
 import trio
 
+from pipeline import protocol as proto
 from pipeline.client import DistributedModel, Finished
+from pipeline.errors import GenerationFailed
 from testkit.swarms import swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
@@ -21,10 +24,11 @@ async def client(s, servers) -> DistributedModel:
     """A client that has reached both `servers` (so routes weigh what they announce: the fast one first)."""
     model = await s.client(step_timeout=5.0, spot_check=None)
     with trio.fail_after(20):
-        while len(await model.sequence.refresh(force=True)) < 2:
+        while len(await model.sequence.refresh(force=True)) < len(servers):
             await trio.sleep(0.05)
         for peer in servers:
             await model.network.connect(peer.network.listen_addrs()[0])
+            model.sequence.note_reached(peer.network.peer_id)  # as if earlier sessions had opened it
     return model
 
 
@@ -87,3 +91,27 @@ async def test_a_rebuild_cancelled_mid_replay_closes_what_it_opened(llama):
                 while fast.server.sessions or slow.server.sessions:
                     await trio.sleep(0.05)
             assert fast.server.cache_used == slow.server.cache_used == 0
+
+
+def displace(server) -> None:
+    for session in list(server.sessions.values()):
+        session.end_kind = proto.DISPLACED  # what displacement tells the client
+        session.scope.cancel()
+
+
+async def test_a_server_that_ends_a_session_twice_is_banned_not_paid_again_and_again(llama):
+    """The only server of a span displaces the session twice: the first is forgiven (replayed there: no
+    other route), the second is a fault — else it could bill a replay of the whole history at every step."""
+    path, mid, local = llama
+    with trio.fail_after(60):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            only = await s.add_server(0, 4)
+            model = await client(s, (only,))
+            ended = 0
+            with pytest.raises(GenerationFailed):
+                async for ev in model.stream(PROMPT, max_new_tokens=10, stop_token_ids=[]):
+                    if not isinstance(ev, Finished) and ev.index in (2, 5):
+                        displace(only.server)
+                        ended += 1
+            assert ended == 2 and only.network.peer_id in model.sequence.banned()
+            assert only.server.stats["sessions_opened"] == 2  # one replay paid, not one a step
