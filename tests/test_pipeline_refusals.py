@@ -59,10 +59,12 @@ async def test_restarted_server_is_used_again_after_its_announcement(llama):
             with pytest.raises(GenerationFailed):
                 async with model.inference_session(16) as session:
                     await session.step(await model.embed(PROMPT))
-                    scope.cancel()  # the server stops under the open session: a fault
+                    scope.cancel()  # the server stops under the open session, saying so (SessionExpired)
                     await trio.sleep(0.5)
                     await session.step(await model.embed([1]))
             me = peer.network.peer_id
+            assert me not in model.sequence.banned()  # a session its server ended is no fault the first time
+            model.sequence.ban(me, "a fault")  # as a crash mid-step would (tests/test_bad_day.py: SIGKILL)
             assert me in model.sequence.banned()
             banned_at = trio.current_time()
             peer.server, scope = await peer.nursery.start(serve)  # same identity, a new start
