@@ -525,15 +525,19 @@ class Libp2pNetwork(Network):
                                        timeout=self.gate_timeout)
         return RequestSession(self, peer_id, raw, reader)
 
-    async def open_session(self, peer_id: str) -> RequestSession:
-        """One more session with an admitted peer, on its best connection (libp2p prefers direct ones
-        over relayed): hole punching moves a relayed peer here (`holepunch`)."""
+    async def _new_potluck_stream(self, peer_id: str) -> Any:
+        """A new libp2p stream of our protocol to `peer_id` (its best connection); PeerUnreachable if none."""
         try:
-            raw = await self._host.new_stream(ID.from_base58(peer_id), [LIBP2P_PROTOCOL])
+            return await self._host.new_stream(ID.from_base58(peer_id), [LIBP2P_PROTOCOL])
         except trio.Cancelled:
             raise
         except Exception as e:
             raise PeerUnreachable(f"cannot open a stream to {peer_id}: {type(e).__name__}: {e}"[:400]) from None
+
+    async def open_session(self, peer_id: str) -> RequestSession:
+        """One more session with an admitted peer, on its best connection (libp2p prefers direct ones
+        over relayed): hole punching moves a relayed peer here (`holepunch`)."""
+        raw = await self._new_potluck_stream(peer_id)
         try:
             session = await self._handshake_as_dialer(peer_id, raw)
         except BaseException:
@@ -797,12 +801,7 @@ class Libp2pNetwork(Network):
 
     async def open_stream(self, peer_id: str, protocol: str) -> Stream:
         await self._ensure_session(peer_id)
-        try:
-            raw = await self._host.new_stream(ID.from_base58(peer_id), [LIBP2P_PROTOCOL])
-        except trio.Cancelled:
-            raise
-        except Exception as e:
-            raise PeerUnreachable(f"cannot open a stream to {peer_id}: {type(e).__name__}: {e}"[:400]) from None
+        raw = await self._new_potluck_stream(peer_id)
         reader = io.exact_reader(raw)
         try:
             with trio.fail_after(self.gate_timeout + 3.0):
