@@ -4,7 +4,9 @@ A small swarm needs no DHT to find itself: each peer says hello to the peers it 
 reply carries the peers the other side knows, so bootstrapping from any one member reaches all of
 them. Every known peer is pinged each `ping_interval`; `dead_after` missed pings in a row mark it
 dead (a few seconds), after which it is redialled with exponential backoff until it returns or is
-forgotten. RTTs are smoothed and kept for clustering and routing above.
+forgotten. Three misses, not two: over a lossy link TCP's retransmissions make one slow ping likely
+to be followed by another, and a peer wrongly declared dead loses its connection and waits out a
+backoff. A redial gets three ping timeouts (a dial costs several round trips). RTTs are smoothed and kept for clustering and routing above.
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ class Membership:
         region: str = "",
         ping_interval: float = 1.0,
         ping_timeout: float = 1.0,
-        dead_after: int = 2,
+        dead_after: int = 3,
         exchange_interval: float = 5.0,
         max_peers: int = 64,
         max_backoff: float = 15.0,
@@ -231,8 +233,9 @@ class Membership:
             await self._hello(state.peer_id)
             return
         start = trio.current_time()
+        timeout = self.ping_timeout if state.alive else self.ping_timeout * 3
         try:
-            await self.network.request(state.peer_id, PING, {}, timeout=self.ping_timeout)
+            await self.network.request(state.peer_id, PING, {}, timeout=timeout)
         except P2PError:
             was_alive = state.alive
             self._mark_missed(state.peer_id)
