@@ -420,8 +420,9 @@ async def test_a_peer_that_reconnects_at_once_keeps_its_new_connection():
 
 
 def test_no_module_of_p2p_imports_one_that_imports_it_back():
-    """The package's parts know the network only through the Protocols they declare (relay.RelayHost,
-    session.SessionOwner, stream.StreamOwner). Imports under TYPE_CHECKING and inside functions count."""
+    """The package's parts know the network only through the Protocols they declare (gate.GatedHost and,
+    built on it, relay.RelayHost and the like; session.SessionOwner, stream.StreamOwner). Imports under
+    TYPE_CHECKING and inside functions count."""
     root = Path(__file__).resolve().parent.parent
     modules = {}
     for path in (root / "p2p").rglob("*.py"):

@@ -37,7 +37,6 @@ from typing import Any, Protocol
 
 import multiaddr
 import trio
-from libp2p.abc import IHost
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 
@@ -47,6 +46,7 @@ from ..framing import field as frame_field
 from ..network import ConnectionListener, RequestHandler
 from . import io
 from .addresses import may_dial_local
+from .gate import GatedHost
 from .identify import reporter_network
 
 log = logging.getLogger(__name__)
@@ -84,22 +84,14 @@ class Reachability:
                 "asked": self.asked, "answered": self.answered}
 
 
-class AutonatHost(Protocol):
-    """What reachability detection needs of `Libp2pNetwork`."""
-
-    @property
-    def peer_id(self) -> str: ...
-
-    @property
-    def host(self) -> IHost: ...
+class AutonatHost(GatedHost, Protocol):
+    """What reachability detection needs of `Libp2pNetwork` besides `GatedHost`."""
 
     def direct_addrs(self) -> list[str]: ...
 
     def confirmed_ips(self) -> list[str]: ...
 
     def connected_peers(self) -> list[str]: ...
-
-    def admitted(self, peer_id: str) -> bool: ...
 
     def remote_ip(self, peer_id: str) -> str | None: ...
 

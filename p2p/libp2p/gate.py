@@ -25,15 +25,30 @@ import hashlib
 import hmac
 import logging
 import secrets
-from typing import Any
+from typing import Any, Protocol
 
 import trio
+from libp2p.abc import IHost
 
 from .. import framing
 from ..errors import FrameError, PeerUnreachable, RequestTimeout, StreamClosed, SwarmKeyMismatch
 from ..framing import ExactReader, expect_map, field
 from ..network import MAX_REMOTE_ERROR_LEN
 from . import io
+
+
+class GatedHost(Protocol):
+    """What every part of this backend needs of `Libp2pNetwork` (each part's own Protocol adds the rest):
+    who we are, the libp2p host, and which peers passed this gate."""
+
+    @property
+    def peer_id(self) -> str: ...
+
+    @property
+    def host(self) -> IHost: ...
+
+    def admitted(self, peer_id: str) -> bool:
+        """Whether the peer holds a session with us (it passed the gate)."""
 
 log = logging.getLogger(__name__)
 

@@ -41,7 +41,6 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence
 import multiaddr
 import trio
 from google.protobuf.message import DecodeError
-from libp2p.abc import IHost
 from libp2p.custom_types import TProtocol
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
@@ -52,6 +51,7 @@ from libp2p.utils.varint import read_varint_prefixed_bytes_limited
 from ..errors import P2PError, PeerUnreachable
 from . import io
 from .addresses import may_dial
+from .gate import GatedHost
 
 log = logging.getLogger(__name__)
 
@@ -75,19 +75,11 @@ class RequestSessionLike(Protocol):
     async def close(self, reason: str = "closed") -> None: ...
 
 
-class HolePunchHost(Protocol):
-    """What hole punching needs of `Libp2pNetwork`."""
-
-    @property
-    def peer_id(self) -> str: ...
-
-    @property
-    def host(self) -> IHost: ...
+class HolePunchHost(GatedHost, Protocol):
+    """What hole punching needs of `Libp2pNetwork` besides `GatedHost`."""
 
     @property
     def closing(self) -> bool: ...
-
-    def admitted(self, peer_id: str) -> bool: ...
 
     def is_relayed(self, muxed_conn: Any) -> bool: ...
 

@@ -36,7 +36,6 @@ from typing import Any, Awaitable, Callable, Protocol
 import multiaddr
 import trio
 from google.protobuf.message import EncodeError
-from libp2p.abc import IHost
 from libp2p.crypto.serialization import deserialize_public_key
 from libp2p.custom_types import TProtocol
 from libp2p.identity.identify.pb.identify_pb2 import Identify
@@ -46,6 +45,7 @@ from multiaddr.protocols import P_P2P
 from ..errors import FrameError, P2PError, StreamClosed
 from ..framing import ExactReader
 from . import io
+from .gate import GatedHost
 
 log = logging.getLogger(__name__)
 
@@ -86,22 +86,14 @@ class PeerRecord:
     observed_addr: str | None  # where the peer sees us
 
 
-class IdentifyHost(Protocol):
-    """What identify needs of `Libp2pNetwork`."""
-
-    @property
-    def peer_id(self) -> str: ...
-
-    @property
-    def host(self) -> IHost: ...
+class IdentifyHost(GatedHost, Protocol):
+    """What identify needs of `Libp2pNetwork` besides `GatedHost`."""
 
     def advertised_addrs(self) -> list[str]: ...
 
     def connected_peers(self) -> list[str]: ...
 
     def is_relayed(self, muxed_conn: Any) -> bool: ...
-
-    def admitted(self, peer_id: str) -> bool: ...
 
 
 def reporter_network(ip: str) -> str:

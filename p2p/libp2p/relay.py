@@ -47,7 +47,6 @@ from dataclasses import dataclass
 from typing import Any, Callable, Protocol, Sequence
 
 import trio
-from libp2p.abc import IHost
 from libp2p.connection_types import ConnectionType
 from libp2p.custom_types import TProtocol
 from libp2p.host.exceptions import StreamFailure
@@ -61,6 +60,7 @@ from ..errors import P2PError, PeerUnreachable, SwarmKeyMismatch
 from ..network import ConnectionListener
 from . import io
 from .addresses import circuit_addr, full_addr, split_circuit
+from .gate import GatedHost
 
 log = logging.getLogger(__name__)
 
@@ -121,20 +121,11 @@ def _pid(raw_id: bytes) -> ID | None:
         return None
 
 
-class RelayHost(Protocol):
-    """What the relay needs of its network: who we are, the libp2p host, and which peers passed the gate."""
-
-    @property
-    def peer_id(self) -> str: ...
-
-    @property
-    def host(self) -> IHost: ...
+class RelayHost(GatedHost, Protocol):
+    """What the relay needs of its network besides `GatedHost`."""
 
     @property
     def closing(self) -> bool: ...
-
-    def admitted(self, peer_id: str) -> bool:
-        """Whether the peer holds a session with us (it passed the gate)."""
 
     async def connect(self, addr: str, timeout: float = 5.0) -> str: ...
 
