@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from potluck.localswarm import PeerProcess, wait_until
+from potluck.localswarm import wait_until
+from testkit.processes import first_generation, server_and_client
 
 pytestmark = pytest.mark.slow
 
@@ -18,21 +19,9 @@ DEBT = 20.0  # GFLOP-credits a newcomer may owe a busy server: ~74 tokens throug
 def test_a_busy_servers_exposure_to_a_defaulting_client_is_its_allowance(smollm2_data, tmp_path):
     model_dir = smollm2_data[1]
     common = ["--model", str(model_dir), "--threads", "1", "--debt-limit", str(DEBT)]  # the swarm's policy
-    server = PeerProcess(tmp_path / "server", *common, "--blocks", "0:30").start(timeout=120)
-    procs = [server]
-    try:
-        client = PeerProcess(tmp_path / "client", *common, "--bootstrap", server.addr).start(timeout=120)
-        procs.append(client)
-        wait_until(lambda: server.call("status")["server"]["start"] is not None, 120, message="the server loaded")
-
-        def first_generation():
-            try:
-                return client.call("generate", prompt=COUNTING, max_tokens=1, timeout=120)
-            except RuntimeError:
-                return None  # the client has not learned a route yet
-
+    with server_and_client(tmp_path, common) as (server, client):
         # While the server is idle the client is served (free when idle), and owes what it signed for.
-        wait_until(first_generation, 120, 2, message="a first generation through the server")
+        first_generation(client, COUNTING, 1)
         wait_until(lambda: server.call("status")["server"]["sessions"] == 0, 30, 0.2, message="its session closed")
 
         # The server gets busy with a long generation of its own; the client asks for more than it may owe.
@@ -65,6 +54,3 @@ def test_a_busy_servers_exposure_to_a_defaulting_client_is_its_allowance(smollm2
         print(f"\nexposure to a defaulting client: {row['earned_from']:.2f} of an allowance of {DEBT} GFLOP-credits")
         assert row["standing"] == 0 and row["granted"] == 0
         assert 0 < row["earned_from"] <= DEBT and row["balance"] == -row["earned_from"]
-    finally:
-        for p in procs:
-            p.close()

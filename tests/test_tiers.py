@@ -275,28 +275,17 @@ def test_a_tiered_generation_between_processes_debits_the_client_what_it_credits
     """Two `potluck serve --pricing tiered` processes: a server of all SmolLM2's blocks, placed in a tier by
     its own start-up measurement, and a client. The client's spend is the server's earn, receipt for
     receipt, at a rate the server accepts and the tiered policy prices (not pure FLOPs)."""
-    from potluck.localswarm import PeerProcess, wait_until
+    from potluck.localswarm import wait_until
+    from testkit.processes import first_generation, server_and_client
 
     common = ["--model", str(smollm2_data[1]), "--threads", "1", "--pricing", "tiered"]  # the swarm's policy
-    server = PeerProcess(tmp_path / "server", *common, "--blocks", "0:30").start(timeout=120)
-    procs = [server]
-    try:
-        client = PeerProcess(tmp_path / "client", *common, "--bootstrap", server.addr).start(timeout=120)
-        procs.append(client)
-        wait_until(lambda: server.call("status")["server"]["start"] is not None, 120, message="the server loaded")
+    with server_and_client(tmp_path, common) as (server, client):
         status = server.call("status")["server"]
         tier, rate = status["tier"], status["billing"]["rate"]
         assert tier["name"] in [t.name for t in TIERS] and MIN_MILLI <= tier["milli"] <= MAX_MILLI
         assert rate == TIERED.rate(tier["milli"], "float32")
         assert json.loads((tmp_path / "server" / RECORD_NAME).read_text())["tier"] == tier["name"]
-
-        def generated():
-            try:
-                return client.call("generate", prompt="1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", max_tokens=6, timeout=120)
-            except RuntimeError:
-                return None  # the client has not learned a route yet
-
-        wait_until(generated, 120, 2, message="a generation through the server")
+        first_generation(client, "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,", 6)
 
         def agreed():
             theirs = {row["peer_id"]: row for row in server.call("credits")["peers"]}.get(client.peer_id)
@@ -304,9 +293,6 @@ def test_a_tiered_generation_between_processes_debits_the_client_what_it_credits
             return theirs is not None and ours is not None and ours["spent"] == theirs["earned_from"] > 0
 
         wait_until(agreed, 60, 1, message="the client's debit to equal the server's credit")
-    finally:
-        for p in procs:
-            p.close()
 
     def receipts(name: str, kind: str) -> list[Receipt]:
         identity = Identity.load_or_create(tmp_path / name)

@@ -2,7 +2,9 @@
 
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import msgpack
 
@@ -43,3 +45,30 @@ def earned_per_session(data_dirs: list[Path], sessions: set[str]) -> dict[str, f
             if key in sessions and (key not in latest or latest[key].counter < r.counter):
                 latest[key] = r
     return {key: credits(r.flops) for key, r in latest.items()}
+
+
+@contextmanager
+def server_and_client(tmp_path: Path, common: list[str]) -> Iterator[tuple[PeerProcess, PeerProcess]]:
+    """A `potluck serve` server of all 30 of SmolLM2's blocks, its model loaded, and a client bootstrapped
+    from it, both with the swarm's `common` flags (the model among them); both closed after."""
+    server = PeerProcess(tmp_path / "server", *common, "--blocks", "0:30").start(timeout=120)
+    procs = [server]
+    try:
+        client = PeerProcess(tmp_path / "client", *common, "--bootstrap", server.addr).start(timeout=120)
+        procs.append(client)
+        wait_until(lambda: server.call("status")["server"]["start"] is not None, 120, message="the server loaded")
+        yield server, client
+    finally:
+        for p in procs:
+            p.close()
+
+
+def first_generation(client: PeerProcess, prompt: str, max_tokens: int) -> dict:
+    """The client's first generation, asked again until it has learned a route."""
+    def generated() -> dict | None:
+        try:
+            return client.call("generate", prompt=prompt, max_tokens=max_tokens, timeout=120)
+        except RuntimeError:
+            return None  # the client has not learned a route yet
+
+    return wait_until(generated, 120, 2, message="a first generation through the server")
