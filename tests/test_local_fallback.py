@@ -383,3 +383,90 @@ def test_without_a_route_the_peer_answers_itself(half_swarm, smollm2_data):
     with pytest.raises(openai.APIStatusError) as e:
         plain.chat.completions.create(**kw)
     assert e.value.status_code == 503 and e.value.code == "no_route"
+
+
+# --- real processes: a server killed mid-answer ------------------------------------------------------------
+
+CONTINUED_PROMPT = "The three primary colors are"
+CONTINUED_TOKENS = 48
+
+
+@pytest.fixture(scope="module")
+def split_swarm(smollm2_data, tmp_path_factory):
+    """Blocks 15:30 on a server that stays; the user's peer with `--fallback local` and a plain one. Each
+    test starts the only server of blocks 0:15 itself (`procs` closes it)."""
+    root = tmp_path_factory.mktemp("localcont")
+    model = ["--model", str(smollm2_data[1]), "--threads", "1"]
+    procs: dict[str, PeerProcess] = {}
+    try:
+        procs["tail"] = PeerProcess(root / "tail", *model, "--blocks", "15:30")
+        start_all([procs["tail"]], timeout=120)
+        boot = ["--bootstrap", procs["tail"].addr]
+        procs["user"] = PeerProcess(root / "user", *model, *boot, "--api", "127.0.0.1:0", "--fallback", "local")
+        procs["plain"] = PeerProcess(root / "plain", *model, *boot, "--api", "127.0.0.1:0")
+        start_all([procs["user"], procs["plain"]], timeout=120)
+        yield procs, lambda name: PeerProcess(root / name, *model, *boot, "--blocks", "0:15")
+    finally:
+        for p in procs.values():
+            p.close()
+
+
+def _answer_killing_the_head(procs: dict[str, PeerProcess], new_head, asker: str) -> list[dict]:
+    """Start the only server of blocks 0:15, stream a greedy completion from peer `asker`, SIGKILL that server
+    as the first piece of text arrives; the stream's events."""
+    head = procs[f"head-{asker}"] = new_head(f"head-{asker}").start(timeout=120)
+    url = procs[asker].call("status")["api"]
+    with httpx.Client(base_url=url, timeout=300) as http:
+        wait_until(lambda: head.call("status")["server"]["start"] is not None, 120, 1, message="blocks 0:15 served")
+        wait_until(lambda: http.get("/v1/models").json()["data"][0]["potluck"]["covered_blocks"] == 30, 90, 1,
+                   message=f"{asker} to see every block covered")
+        body = {"model": MODEL, "prompt": CONTINUED_PROMPT, "max_tokens": CONTINUED_TOKENS, "temperature": 0,
+                "stream": True, "stream_options": {"include_usage": True}}
+        events = []
+        with http.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if line.startswith("data: {"):
+                    events.append(json.loads(line[6:]))
+                    if head.proc is not None and head.proc.poll() is None and _text_of(events[-1]):
+                        head.kill()  # mid-answer: the swarm wrote this piece
+    assert head.proc is not None and head.proc.poll() is not None, "the answer had no text"
+    return events
+
+
+def _text_of(event: dict) -> str:
+    return (event.get("choices") or [{}])[0].get("text") or ""
+
+
+@pytest.mark.slow
+def test_a_server_killed_mid_answer_and_our_own_copy_goes_on(split_swarm, smollm2_data):
+    from pipeline.loading import load_local_model
+    from transformers import AutoTokenizer
+
+    procs, new_head = split_swarm
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_data[1]))
+    greedy = load_local_model(smollm2_data[1]).generate_greedy(tokenizer(CONTINUED_PROMPT)["input_ids"],
+                                                                CONTINUED_TOKENS)
+    user_url = procs["user"].call("status")["api"]
+    with httpx.Client(base_url=user_url, timeout=60) as http:
+        spent_before = http.get("/api/credits").json()["spent"]
+
+    events = _answer_killing_the_head(procs, new_head, "user")
+    assert not any("error" in e for e in events), events[-1]
+    pieces = [_text_of(e) for e in events if _text_of(e)]
+    final = next(e for e in reversed(events) if e.get("choices"))
+    extra, n = final["potluck"], events[-1]["usage"]["completion_tokens"]
+    assert extra["fallback"] == "local" and extra["swarm_error"] in ("generation_failed", "no_route")
+    assert 0 < extra["swarm_pieces"] < len(pieces)  # both wrote part of it
+    assert extra["route"] == [{"peer_id": procs["user"].peer_id, "start": 0, "end": 30}]
+    assert "".join(pieces) == tokenizer.decode(greedy[:n], skip_special_tokens=True)  # the undisturbed answer
+    assert n == CONTINUED_TOKENS or greedy[n - 1] in (tokenizer.eos_token_id, 2)
+    with httpx.Client(base_url=user_url, timeout=60) as http:
+        assert http.get("/api/credits").json()["spent"] > spent_before  # the swarm's part, billed as ever
+        last = http.get("/api/status", params={"load": "0"}).json()["last_generation"]
+        assert last["fallback"] == "local" and last["swarm_pieces"] == extra["swarm_pieces"]
+
+    # the same kill at a peer without `--fallback local`: the answer ends with the swarm's error
+    events = _answer_killing_the_head(procs, new_head, "plain")
+    assert any(_text_of(e) for e in events[:-1])
+    assert events[-1]["error"]["code"] in ("generation_failed", "no_route")
