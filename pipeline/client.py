@@ -130,6 +130,15 @@ class TokenEvent:
 
 
 @dataclass(frozen=True)
+class PartialAnswer:
+    """The start of an answer a generation wrote before it stopped: its tokens, and how many characters of
+    their text it showed. `DistributedModel.stream(..., continuing=)` goes on from there."""
+
+    token_ids: tuple[int, ...] = ()
+    shown: int = 0
+
+
+@dataclass(frozen=True)
 class Generation:
     """What a generation produced and how it went: `generate` returns it, `stream` ends with it."""
 
@@ -757,13 +766,18 @@ class DistributedModel:
 
     async def stream(self, prompt: str | list[int] | list[dict], params: SamplingParams | None = None, *,
                      speculative: SpeculativeConfig | bool | None = None, prefer: str | None = None,
+                     continuing: PartialAnswer | None = None,
                      **kw: Any) -> AsyncGenerator[TokenEvent | Finished, None]:
         """Generate token by token (`params`, or keyword fields of SamplingParams): a `TokenEvent` per
         token, then one `Finished` with the rest of the text and the `Generation`. The events' texts
         add up to the generation's text, whatever the finish reason. `speculative`: draft tokens and
         verify them several a pass (pipeline/speculative.py; the tokens are the same either way) —
         None: as `ClientConfig.speculative` says (on by default), False: off, True or a config: on.
-        `prefer`: the route's preference, "fast", "green" or "cheap" (None: `ClientConfig.prefer`)."""
+        `prefer`: the route's preference, "fast", "green" or "cheap" (None: `ClientConfig.prefer`).
+        `continuing`: the start of this answer, written by another generation that stopped (a failed
+        swarm's): its tokens count toward max_new_tokens, the next is drawn at their index (a seeded
+        sampler draws what the stopped generation would have), stop strings are looked for in the
+        whole text, the events carry only text not shown yet, and the `Generation` holds every token."""
         params = params or SamplingParams(**kw)
         spec = (self.client_config.speculative if speculative is None else
                 SpeculativeConfig() if speculative is True else speculative or None)
@@ -776,18 +790,22 @@ class DistributedModel:
         draft_length = spec.draft_length() if spec is not None else None
         speculation = SpeculationStats() if spec is not None else None
         t0 = time.perf_counter()
-        generated: list[int] = []
-        shown = 0  # characters of the text the events have carried so far
+        continuing = continuing or PartialAnswer()
+        generated: list[int] = list(continuing.token_ids)
+        first = len(generated)  # tokens of the answer generated before this stream
+        shown = continuing.shown  # characters of the text the events (ours and the stopped ones') have carried
         finish_reason = "length"
-        if params.max_new_tokens == 0:
-            yield Finished("", Generation([], "", finish_reason, len(ids)))
+        if first >= params.max_new_tokens:
+            text = self.final_text(generated, params.stop)
+            yield Finished(text[shown:], Generation(generated, text, finish_reason, len(ids)))
             return
         session = self.inference_session(len(ids) + params.max_new_tokens, prefer)
         async with session:
-            logits = await self.logits((await session.step(await self.embed(ids)))[:, -1:])  # last position only
+            # last position only
+            logits = await self.logits((await session.step(await self.embed(ids + generated)))[:, -1:])
             ttft = time.perf_counter() - t0
             t_first = time.perf_counter()
-            new = [sampler(logits[0, -1], 0)]  # tokens chosen by the model, not yet shown
+            new = [sampler(logits[0, -1], first)]  # tokens chosen by the model, not yet shown
             done = False
             while not done:
                 for tok in new:
@@ -840,7 +858,8 @@ class DistributedModel:
             steps=stats.steps, recoveries=stats.recoveries, push_fallbacks=stats.push_fallbacks,
             spot_checks=stats.spot_checks, paid=list(stats.paid), ttft_s=ttft, wall_s=wall,
             decode_s=decode_wall,
-            tokens_per_s=(len(generated) - 1) / decode_wall if len(generated) > 1 and decode_wall > 0 else 0.0,
+            tokens_per_s=(len(generated) - first - 1) / decode_wall if len(generated) - first > 1 and decode_wall > 0
+            else 0.0,
             compute_s=stats.compute_s, network_s=max(0.0, stats.step_wall_s - stats.compute_s),
             speculation=speculation))
 

@@ -53,7 +53,8 @@ Non-standard additions: every completion (and the final chunk of a stream) has a
 with the route, tokens/s, speculative decoding's tokens per pass and acceptance
 (`speculation`) and the credits this request spent (what this peer signed for the request's
 own server sessions, listed in `paid`), and `fallback` (true when the fallback answered, wholly or
-from where the swarm stopped; "local" when this peer answered with its own copy of the model); a request with `"potluck": {"receipts": true}` also gets `receipts`,
+from where the swarm stopped; "local" when this peer answered with its own copy of the model, wholly or
+from the swarm's last token; `swarm_pieces` says how many pieces of text the swarm wrote); a request with `"potluck": {"receipts": true}` also gets `receipts`,
 the receipts this peer signed to the servers for this answer (hex msgpack, `credits.Receipt.from_list`):
 an application can check their signatures and prices and compare them with the servers' ledgers.
 `/v1/models` entries have `potluck` with the coverage.
@@ -86,8 +87,8 @@ from starlette.routing import Route
 
 from .apps import App, AppTable
 from .fallback import UPSTREAM_CODES, FallbackConfig, FallbackFailed, Upstream, continuation
-from .generation import (ApiPeer, GenerationResult, LocalRunner, PreparedGeneration, Prompt, map_error, prepare,
-                         prepare_local, resolve, run)
+from .generation import (ApiPeer, GenerationResult, Interrupted, LocalRunner, PreparedGeneration, Prompt,
+                         continue_locally, map_error, prepare, prepare_local, resolve, run, seeded)
 from .memory import NotEnoughMemory
 from .openai_schema import (ApiError, ChatRequest, CompletionRequest, GenerationRequest, chat_chunk, chat_completion,
                             completion_chunk, new_id, parse_json_body, text_completion, usage)
@@ -330,8 +331,11 @@ class Api:
                 raise
             if self.local is not None:
                 local_job = await local_generation(self.peer, self.local, req, e)
-                return _GenerationResponse(self, req, what, local_job.model, caller, job=local_job, local=True)
+                return _GenerationResponse(self, req, what, local_job.model, caller, job=local_job, swarm_error=e,
+                                           local=True)
             return _GenerationResponse(self, req, what, await resolve(self.peer, req.model), caller, swarm_error=e)
+        if self.local is not None:  # our own copy may have to go on with this answer as the swarm would have
+            job = seeded(job)
         return _GenerationResponse(self, req, what, job.model, caller, job=job)
 
 
@@ -348,9 +352,21 @@ async def local_generation(peer: ApiPeer, local: LocalRunner, req: GenerationReq
     try:
         return await prepare_local(peer, local, req.model, prompt, req.params, max_tokens_given=req.max_tokens_given)
     except NotEnoughMemory as e:
-        raise ApiError(swarm_error.status, f"{swarm_error.message} This peer cannot run the model itself "
-                                           f"(--fallback local): {e}.", type=swarm_error.type,
-                       code=swarm_error.code) from e
+        raise _cannot_run_locally(swarm_error, e) from e
+
+
+async def local_continuation(local: LocalRunner, job: PreparedGeneration, failed: Interrupted) -> PreparedGeneration:
+    """The swarm's `job`, which failed (`failed`) after producing `failed.partial`, to be finished on this peer's
+    own copy of the model; when this machine cannot hold it, the swarm's error, saying why."""
+    try:
+        return await continue_locally(local, job, failed.partial)
+    except NotEnoughMemory as e:
+        raise _cannot_run_locally(failed, e) from e
+
+
+def _cannot_run_locally(swarm_error: ApiError, e: NotEnoughMemory) -> ApiError:
+    return ApiError(swarm_error.status, f"{swarm_error.message} This peer cannot run the model itself "
+                                        f"(--fallback local): {e}.", type=swarm_error.type, code=swarm_error.code)
 
 
 @dataclass(frozen=True)
@@ -365,10 +381,12 @@ class _FallbackAnswer:
 class _GenerationResponse:
     """An ASGI response that runs the generation: non-streamed JSON, or SSE chunks. The generation,
     the writer and a watcher of `http.disconnect` share one nursery; a disconnect cancels it. When
-    the swarm cannot answer (`swarm_error` before it starts, or a failure on the way) and a fallback
+    the swarm cannot answer (`swarm_error` before it starts, with a local `job` the reason it answers
+    instead; or a failure on the way) and a fallback
     is configured, the fallback writes the rest of the answer; a local fallback (`local`: the job runs
-    on this peer's own copy of the model) takes over a failed swarm answer that wrote nothing yet. An app's request is metered exactly
-    once, however it ends, and gives back the app's slot in flight (`AppTable.admit`)."""
+    on this peer's own copy of the model) goes on with a failed swarm answer from the swarm's last token
+    (`local_continuation`). An app's request is metered exactly once, however it ends, and gives back
+    the app's slot in flight (`AppTable.admit`)."""
 
     def __init__(self, api: Api, req: GenerationRequest, what: str, model: dict, caller: App | None, *,
                  job: PreparedGeneration | None = None, swarm_error: ApiError | None = None, local: bool = False):
@@ -380,6 +398,7 @@ class _GenerationResponse:
         self.pieces_produced = 0  # pieces of text of the answer so far, the swarm's and the fallback's
         self.fell_back = False
         self.local = local  # the job runs on this peer's own copy of the model
+        self.swarm_pieces = 0  # pieces of text the swarm wrote before our own copy took over
         self.metered = False
 
     async def __call__(self, scope, receive, send) -> None:
@@ -422,11 +441,14 @@ class _GenerationResponse:
                     raise self.swarm_error
                 try:
                     await self._run_job(ch, self.job, written)
-                except ApiError as failed:
-                    if self.local or self.local_runner is None or written or failed.code not in UPSTREAM_CODES:
+                except Interrupted as failed:
+                    if self.local or self.local_runner is None or failed.code not in UPSTREAM_CODES:
                         raise
-                    log.info("the swarm failed before writing (%s): answering with our own copy", failed.code)
-                    self.job, self.local = await local_generation(self.peer, self.local_runner, self.req, failed), True
+                    log.info("the swarm failed after %d tokens (%s): our own copy goes on",
+                             len(failed.partial.token_ids), failed.code)
+                    self.swarm_error, self.swarm_pieces = failed, len(written)
+                    self.job = await local_continuation(self.local_runner, self.job, failed)
+                    self.local = True
                     await self._run_job(ch, self.job, written)
             except Exception as e:  # every failure becomes an answer, never a crashed connection
                 error = map_error(e)
@@ -441,7 +463,7 @@ class _GenerationResponse:
             async for piece in pieces:
                 if isinstance(piece, GenerationResult):
                     if self.local:
-                        self.peer.last_generation = {**piece.summary(), "fallback": "local"}
+                        self.peer.last_generation = {**piece.summary(), **self._local_extra()}
                     self._meter(len(job.ids), len(piece.generation.token_ids), piece.credits_spent,
                                 fallback=self.local)
                     await ch.send(("done", piece))
@@ -521,9 +543,21 @@ class _GenerationResponse:
         summary = result.summary()
         extra = {k: summary[k] for k in ("route", "tokens_per_s", "ttft_s", "wall_s", "credits_spent", "paid",
                                          "recoveries", "speculation", "model_id")}
-        extra["fallback"] = "local" if self.local else False
+        extra["fallback"] = False
+        if self.local:
+            extra.update(self._local_extra())
         if self.req.receipts:
             extra["receipts"] = [msgpack.packb(r.to_list(), use_bin_type=True).hex() for r in result.generation.paid]
+        return extra
+
+    def _local_extra(self) -> dict:
+        """What an answer of our own copy of the model adds to its `potluck` field: how much the swarm wrote
+        before it failed, and why; what a swarm part cost is in the ledger (this answer does not know it)."""
+        failure = self.swarm_error
+        extra: dict[str, Any] = {"fallback": "local", "swarm_pieces": self.swarm_pieces,
+                                 "swarm_error": failure.code if failure is not None else None}
+        if isinstance(failure, Interrupted) and failure.partial.token_ids:
+            extra["credits_spent"] = None
         return extra
 
     def _ending(self, value: GenerationResult | _FallbackAnswer) -> tuple[str, dict, dict]:

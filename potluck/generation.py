@@ -12,13 +12,17 @@ and the control socket (`generate`, potluck/peer.py).
   context (400 context_length_exceeded; an unasked-for max_tokens is lowered to fit), and a route
   covers every block (503 no_route, naming the missing blocks).
 - `prepare_local` makes the same checks, but the swarm's, for an answer on this peer's own copy of
-  the model (`LocalRunner`, `--fallback local`: potluck/localfallback.py).
+  the model (`LocalRunner`, `--fallback local`: potluck/localfallback.py); `continue_locally` hands a
+  swarm's job that failed to that copy, to go on from the tokens the swarm generated (`seeded` first
+  fixes the job's sampling seed, so that a sampled answer goes on as the swarm's would have).
 - `run` streams the text and ends with the typed `GenerationResult` (`complete` waits for it); it
   records the result as the peer's last generation (status, dashboard). The credits a result
   reports are what this client signed for this generation's own sessions (`Generation.paid`), so
   concurrent requests never see each other's spending.
-- A failure is raised as the `ApiError` both front doors answer with (`explain`): refusals and
-  failures are told apart by exception type on the cause chain, never by their text.
+- A failure is raised as the `ApiError` both front doors answer with (`explain`), as an `Interrupted`
+  that also holds the answer's start produced before it (`PartialAnswer`: token ids, characters
+  shown): refusals and failures are told apart by exception type on the cause chain, never by their
+  text.
 - `ApiPeer` is what the front doors use of a peer (`peer.Peer` is one; tests use a stand-in).
 """
 
@@ -26,13 +30,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import secrets
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import AsyncGenerator, Iterator, Protocol
 
 from credits import CreditRefused, credits
 from p2p.identity import peer_id_from_public_key
-from pipeline.client import Finished, Generation, GenerationFailed, TokenEvent
+from pipeline.client import Finished, Generation, GenerationFailed, PartialAnswer, TokenEvent
 from pipeline.errors import REFUSALS, CacheFull, InsufficientCredit, Refused, TooLong
 from pipeline.protocol import InferenceError
 from pipeline.routing import NoRoute
@@ -68,8 +73,8 @@ class GenerationClient(Protocol):
 
     def encode(self, prompt: Prompt) -> list[int]: ...
 
-    def stream(self, prompt: list[int], params: SamplingParams, *,
-               prefer: str | None = None) -> AsyncGenerator[TokenEvent | Finished, None]: ...
+    def stream(self, prompt: list[int], params: SamplingParams, *, prefer: str | None = None,
+               continuing: PartialAnswer | None = None) -> AsyncGenerator[TokenEvent | Finished, None]: ...
 
 
 class ApiPeer(Protocol):
@@ -110,6 +115,7 @@ class PreparedGeneration:
     ids: list[int]
     params: SamplingParams
     prefer: str | None = None  # the route's preference, "fast" or "green" (None: the peer's)
+    continuing: PartialAnswer | None = None  # the answer's start another generation wrote before it failed
 
 
 def find_model(models: list[dict], name: str) -> dict | None:
@@ -195,6 +201,21 @@ async def prepare_local(peer: ApiPeer, local: LocalRunner, model_name: str, prom
     return PreparedGeneration(model, client, ids, params)
 
 
+def seeded(job: PreparedGeneration) -> PreparedGeneration:
+    """`job` with a sampling seed drawn now if the request gave none (its sampler would draw one anyway):
+    a generation that continues it (`continue_locally`) then draws the tokens this one would have."""
+    if job.params.seed is not None:
+        return job
+    return dataclasses.replace(job, params=dataclasses.replace(job.params, seed=secrets.randbits(63)))
+
+
+async def continue_locally(local: LocalRunner, job: PreparedGeneration, partial: PartialAnswer) -> PreparedGeneration:
+    """`job`, whose swarm generation failed after `partial`, to be finished on this peer's own copy of the
+    model: the same prompt ids and params (the rest of max_tokens is what is left); raises NotEnoughMemory."""
+    client = await local.client(job.model["model_id"], len(job.ids) + job.params.max_new_tokens)
+    return dataclasses.replace(job, client=client, prefer=None, continuing=partial)
+
+
 def _checked(client: GenerationClient, model: dict, prompt: Prompt, params: SamplingParams, *,
              max_tokens_given: bool) -> tuple[list[int], SamplingParams, str]:
     """(the prompt's ids, the params with max_tokens fitted to the context, "messages" or "prompt")."""
@@ -274,20 +295,39 @@ class GenerationResult:
         }
 
 
+class Interrupted(ApiError):
+    """A generation that failed: the `ApiError` to answer with, and the start of the answer it had
+    produced (`partial`: every token the stream gave, and the characters of text written)."""
+
+    def __init__(self, error: ApiError, partial: PartialAnswer):
+        super().__init__(error.status, error.message, type=error.type, param=error.param, code=error.code,
+                         retry=error.retry, retry_after=error.retry_after)
+        self.partial = partial
+
+
 async def run(peer: ApiPeer, job: PreparedGeneration, *, source: str) -> AsyncGenerator[str | GenerationResult, None]:
-    """Run a prepared generation: its text piece by piece (the pieces add up to the whole text), then
-    its `GenerationResult`, which becomes the peer's last generation. A failure is raised as the
-    `ApiError` that says what went wrong (`explain`)."""
+    """Run a prepared generation (from `job.continuing` when set): its text piece by piece (the pieces
+    add up to the text not written before), then its `GenerationResult`, which becomes the peer's last
+    generation. A failure is raised as the `Interrupted` that says what went wrong (`explain`) and
+    what was produced before it."""
     result = None
+    start = job.continuing or PartialAnswer()
+    token_ids: list[int] = []
+    shown = 0
     try:
-        async with aclosing(job.client.stream(job.ids, job.params, prefer=job.prefer)) as events:
+        async with aclosing(job.client.stream(job.ids, job.params, prefer=job.prefer,
+                                              continuing=job.continuing)) as events:
             async for event in events:
+                if isinstance(event, TokenEvent):
+                    token_ids.append(event.token_id)
+                shown += len(event.text)
                 if event.text:
                     yield event.text
                 if isinstance(event, Finished):
                     result = GenerationResult(event.generation, job.model["model_id"], source)
     except Exception as e:
-        raise await explain(peer, job.model, e) from e
+        partial = PartialAnswer(start.token_ids + tuple(token_ids), start.shown + shown)
+        raise Interrupted(await explain(peer, job.model, e), partial) from e
     if result is None:
         raise RuntimeError("the generation's stream ended without its Finished event")
     peer.last_generation = result.summary()

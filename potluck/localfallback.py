@@ -1,8 +1,10 @@
 """The local fallback: `potluck serve --api 127.0.0.1:8000 --fallback local`.
 
-When no route covers the model (503 no_route), or the swarm fails before it wrote any of an answer
-(503 generation_failed), this peer runs the whole model itself and answers: marked
-`potluck.fallback: "local"`, nothing signed, nothing spent.
+When no route covers the model (503 no_route), or the swarm fails (503 generation_failed), this peer
+runs the whole model itself and answers: marked `potluck.fallback: "local"`, nothing signed or spent
+for its part. A swarm answer that failed midway is continued, not restarted: from the prompt's token ids and
+those the swarm generated (potluck/generation.py `continue_locally`), so a greedy answer is the one an
+undisturbed swarm gives, in the same stream.
 
 - The blocks are loaded on the first answer that needs them (`LocalFallback.client`), and only when
   this machine can hold them and the request's KV cache (`memory.check_room`): else the 503 stays and

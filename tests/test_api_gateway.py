@@ -16,7 +16,7 @@ import trio
 
 from credits import Receipt
 from p2p.identity import Identity
-from pipeline.client import Finished, Generation, GenerationFailed, TokenEvent
+from pipeline.client import Finished, Generation, GenerationFailed, PartialAnswer, TokenEvent
 from pipeline.sampling import SamplingParams
 from potluck import api, fallback
 from potluck.apps import AppTable, load_apps, parse_apps
@@ -58,8 +58,9 @@ class FakeClient:
         text = prompt if isinstance(prompt, str) else "|".join(f"{m['role']}:{m['content']}" for m in prompt)
         return [ord(c) % 1000 for c in text]
 
-    async def stream(self, ids: list[int], params: SamplingParams, *,
-                     prefer: str | None = None) -> AsyncGenerator[TokenEvent | Finished, None]:
+    async def stream(self, ids: list[int], params: SamplingParams, *, prefer: str | None = None,
+                     continuing: PartialAnswer | None = None) -> AsyncGenerator[TokenEvent | Finished, None]:
+        assert continuing is None  # the swarm's client: it never goes on with another generation's answer
         self.prompts.append(ids)
         answer = self.answer[:params.max_new_tokens]
         route = [("peerA", 0, 6)]

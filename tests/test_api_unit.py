@@ -13,7 +13,7 @@ import trio
 
 from credits import Receipt, credits
 from p2p.identity import Identity
-from pipeline.client import Finished, Generation, GenerationFailed, TokenEvent
+from pipeline.client import Finished, Generation, GenerationFailed, PartialAnswer, TokenEvent
 from pipeline.errors import REFUSALS, Refused
 from pipeline.protocol import InferenceError
 from pipeline.sampling import SamplingParams
@@ -62,8 +62,9 @@ class FakeClient:
     def decode(self, ids):
         return "".join(chr(i) for i in ids)
 
-    async def stream(self, ids: list[int], params: SamplingParams, *,
-                     prefer: str | None = None) -> AsyncGenerator[TokenEvent | Finished, None]:
+    async def stream(self, ids: list[int], params: SamplingParams, *, prefer: str | None = None,
+                     continuing: PartialAnswer | None = None) -> AsyncGenerator[TokenEvent | Finished, None]:
+        assert continuing is None  # the swarm's client: it never goes on with another generation's answer
         self.started.set()
         if self.fail is not None:
             raise self.fail
