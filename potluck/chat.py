@@ -111,10 +111,14 @@ def stats_line(prompt_tokens: int | None, tokens: int, wall: float, extra: dict 
              f"{tps:.1f} tok/s"]
     if extra.get("ttft_s") is not None:
         parts.append(f"first token {extra['ttft_s']:.2f} s")
-    if extra.get("fallback") == "local":
-        parts.append("answered by this peer's own copy of the model (--fallback local): no credits")
-    elif extra.get("fallback"):
-        parts.append(f"answered by the fallback ({extra.get('fallback_model')}): no credits")
+    fallback = extra.get("fallback")
+    by = "this peer's own copy of the model (--fallback local)" if fallback == "local" else \
+        f"the fallback ({extra.get('fallback_model')})"
+    if fallback and extra.get("swarm_pieces"):
+        parts.append(f"the swarm wrote {extra['swarm_pieces']} pieces, then {by} the rest: only the swarm's part "
+                     "cost credits")
+    elif fallback:
+        parts.append(f"answered by {by}: no credits")
     else:
         parts.append(f"{extra.get('credits_spent', 0.0):,.1f} credits spent")
     route = extra.get("route") or []

@@ -272,6 +272,8 @@ async def _ask(url: str, body: dict) -> tuple[str, dict, dict, str]:
 def test_chat_says_an_answer_came_from_this_peer():
     line = stats_line(5, 3, 1.0, {"fallback": "local", "credits_spent": 0.0, "route": []})
     assert "own copy of the model" in line and "no credits" in line
+    line = stats_line(5, 12, 1.0, {"fallback": "local", "swarm_pieces": 4, "credits_spent": None, "route": []})
+    assert "the swarm wrote 4 pieces, then this peer's own copy" in line and "only the swarm's part cost" in line
 
 
 def test_the_flag_local_needs_no_url_and_takes_no_upstream_flags(tmp_path):

@@ -55,16 +55,14 @@ function drawMe(s) {
 function drawRoute(g) {
   const box = $("route");
   box.replaceChildren();
-  if (g && g.fallback === "local") {
-    box.classList.remove("muted");
-    box.textContent = "answered by this peer's own copy of the model (--fallback local), not the swarm";
-    $("route-stats").textContent = `${g.tokens} tokens · no credits`;
-    return;
-  }
   if (g && g.fallback) {
+    const by = g.fallback === "local" ? "this peer's own copy of the model (--fallback local)"
+      : `the fallback (${g.fallback_model})`;
     box.classList.remove("muted");
-    box.textContent = `answered by the fallback (${g.fallback_model}), not the swarm: ${g.swarm_error}`;
-    $("route-stats").textContent = `${g.tokens} tokens · no credits`;
+    box.textContent = g.swarm_pieces
+      ? `the swarm wrote ${g.swarm_pieces} pieces (${g.swarm_error}), then ${by} the rest`
+      : `answered by ${by}, not the swarm` + (g.swarm_error ? `: ${g.swarm_error}` : "");
+    $("route-stats").textContent = `${g.tokens} tokens · ` + (g.swarm_pieces ? "only the swarm's part cost credits" : "no credits");
     return;
   }
   if (!g || !g.route || !g.route.length) {
