@@ -31,7 +31,7 @@
   the steps of different sessions waiting at the same time run as one forward, at most
   `max_batch_steps` steps and `max_batch_tokens` new tokens a batch, one batch at a time.
 - At start the server measures its throughput (prefill and decode tokens/s through one block,
-  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, sessions held (its load), dtype, version, address,
+  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, sessions held (its load), dtype, version, addresses,
   clusters and its grid signal if it has a `grid_signal_file` (pipeline/announce.py, pipeline/grid.py), again every `announce_period`, and "offline" on shutdown.
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
   whose blocks have the fewest replicas (up to 2), then the least throughput (pipeline/routing.py

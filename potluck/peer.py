@@ -628,7 +628,7 @@ class Peer:
 
     async def _readdress_loop(self) -> None:
         """When our addresses change, tell the swarm at once: presence note, and the server's announcement
-        (clients dial a server at the address it announces)."""
+        (clients dial a server at the addresses it announces)."""
         while True:
             await self.addrs_changed.wait()
             await trio.sleep(0.5)  # the other reservation often changes right after
