@@ -168,3 +168,35 @@ async def test_a_client_opens_a_session_with_a_server_whose_first_announced_addr
                 assert checker_net.address_of(server_net.peer_id) == live[0]
                 await hop.close(True, None)
                 nursery.cancel_scope.cancel()
+
+
+async def _relay(stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], relay_service=True) as relay:
+        task_status.started(relay.listen_addrs()[0])
+        await stop.wait()
+
+
+async def test_a_peer_reserved_on_two_relays_is_reached_through_the_second_when_the_first_dies():
+    """The issue's case: a NATed server's announcement names its circuits through two relays; the first
+    relay dies before the server announces again, and a client holding that announcement still reaches it."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            stops = [trio.Event(), trio.Event()]
+            relays = [await nursery.start(_relay, stop) for stop in stops]
+            async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], relays=relays,
+                                          hole_punch=False) as nated, \
+                    Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as dialer:
+                while len(nated.announce_addrs()) < 3:  # two circuits, then its loopback address
+                    await trio.sleep(0.05)
+                addrs = announced_addrs(nated.peer_id, nated.announce_addrs())
+                assert sorted(addrs[:2]) == sorted(f"{r}/p2p-circuit/p2p/{nated.peer_id}" for r in relays)
+                assert list(addrs[2:]) == nated.direct_addrs()  # a loopback address: no peer elsewhere dials it
+                first = relays.index(addrs[0].partition("/p2p-circuit")[0])
+                stops[first].set()  # the relay behind the first address goes away
+                while addrs[0] in nated.announce_addrs():
+                    await trio.sleep(0.05)
+                # a client with the announcement made before: the circuits only, as a peer elsewhere
+                assert await connect_announced(dialer, nated.peer_id, addrs[:2], each=5.0)
+                assert dialer.address_of(nated.peer_id) == addrs[1]
+                assert dialer.connection_kinds(nated.peer_id) == ["relayed"]
+            stops[1 - first].set()
