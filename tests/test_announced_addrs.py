@@ -1,6 +1,7 @@
 """A server announces its addresses as a bounded list (issue #16): at most four, each its own, internet-
 routable direct ones first, then circuits; the decoder refuses any other shape. A client's first contact
-tries them in turn, only those its network may dial, and reaches a server whose first address is dead."""
+tries them in turn, only those its network may dial, and reaches a server whose first address is dead
+(a closed port; a relay that died). On real processes a server announces every address it listens on."""
 
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from pipeline.client import ClientConfig, DistributedModel
 from pipeline.hop import RemoteHop, connect_announced
 from pipeline.routing import RouteHop
 from pipeline.server import BlockServer, ServerConfig
+from potluck.localswarm import wait_until
 from testkit.swarms import DHT_CFG, FIXED_TP
 
 ME, OTHER, RELAY_A, RELAY_B = (Identity(bytes([i]) * 32).peer_id for i in (7, 8, 9, 10))
@@ -200,3 +202,19 @@ async def test_a_peer_reserved_on_two_relays_is_reached_through_the_second_when_
                 assert dialer.address_of(nated.peer_id) == addrs[1]
                 assert dialer.connection_kinds(nated.peer_id) == ["relayed"]
             stops[1 - first].set()
+
+
+def test_a_server_process_announces_every_address_it_listens_on(spawn, llama_folder):
+    """Real processes: a server listening on two addresses announces both, and a peer that loaded no
+    model lists them with the model's servers (`potluck status --json`)."""
+    boot = spawn()
+    server = spawn("--model", str(llama_folder), "--blocks", "0:4", "--threads", "1", "--bootstrap", boot.addr,
+                   "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.2/tcp/0")
+    assert len(server.addrs) == 2 and all(a.endswith(f"/p2p/{server.peer_id}") for a in server.addrs)
+
+    def listed() -> list[dict] | None:
+        models = boot.status().get("models") or []
+        return (models[0].get("coverage") or {}).get("servers") if models else None
+
+    (seen,) = wait_until(listed, 90, 1, message="the bootstrap peer lists the model's server")
+    assert seen["peer_id"] == server.peer_id and seen["addrs"] == server.addrs
