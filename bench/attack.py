@@ -444,7 +444,7 @@ async def announcement_squatting(target: Target) -> Outcome:
 
     def fake(identity: Identity, now: float) -> dict:
         return ServerInfo(identity.peer_id, 0, target.blocks, 1e6, 1e7, 1 << 20, t=now,
-                          addr=f"/ip4/127.0.0.1/tcp/1/p2p/{identity.peer_id}", num_blocks=target.blocks,
+                          addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{identity.peer_id}",), num_blocks=target.blocks,
                           model_name=target.folder.name).to_value()
 
     baseline = await fresh_client(target, cold=False)

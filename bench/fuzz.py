@@ -346,7 +346,7 @@ def ledger_targets(authority: Identity, client: Identity) -> list[Target]:
 
 def announce_targets(server: Identity) -> list[Target]:
     info = ServerInfo(peer_id=server.peer_id, start=0, end=4, decode_tps=10.0, prefill_tps=100.0, cache_tokens=4096,
-                      addr=f"/sim/1/p2p/{server.peer_id}", clusters={"1": "x"}, t=1.7e9, model_name="tiny",
+                      addrs=(f"/sim/1/p2p/{server.peer_id}",), clusters={"1": "x"}, t=1.7e9, model_name="tiny",
                       num_blocks=8, context_length=2048).to_value()
     card = ModelCard("ab" * 32, "tiny", 8, 2048).to_value()
     note = {"model": "ab" * 32, "ttl": 60.0, "info": info}

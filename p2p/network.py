@@ -92,6 +92,16 @@ class Network(ABC):
     def listen_addrs(self) -> list[str]:
         """Full multiaddrs (with /p2p/<id>) other peers can dial."""
 
+    def announce_addrs(self) -> list[str]:
+        """`listen_addrs()` in the order a peer elsewhere should try them (what a server announces);
+        backends with nothing to order keep theirs."""
+        return self.listen_addrs()
+
+    def may_dial(self, addr: str) -> bool:
+        """Whether we may dial `addr`, a full address a stranger named (a server's announcement);
+        backends a stranger cannot aim at anything else (the simulator) allow every one."""
+        return True
+
     @abstractmethod
     async def connect(self, addr: str, timeout: float = 5.0) -> str:
         """Dial `addr` (a full multiaddr) and return the remote peer id. Raises PeerUnreachable,

@@ -5,7 +5,7 @@ only that server can write it: records are signed by their owner, dht/records.py
 the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
 
     {"v": 1, "state": "online"|"offline", "start": a, "end": b, "decode_tps": f, "prefill_tps": f,
-     "cache_tokens": n, "dtype": "float32", "version": "0.1.0", "addr": multiaddr|None,
+     "cache_tokens": n, "dtype": "float32", "version": "0.1.0", "addrs": [multiaddr, ...] (optional, []),
      "clusters": {"1": label, ...}, "t": announce time, "reliability": r in [0, 1] (optional, 1.0),
      "started": when this server (process) started serving (optional, 0),
      "model_name": the model folder's name, "num_blocks": n, "context_length": n (each optional, None),
@@ -13,6 +13,14 @@ the whole swarm of a model in one lookup. The value (`ServerInfo.to_value`):
      "grid": {"load": L, "carbon": C, "renewable": R, "timestamp": t} (optional, None),
      "supersedes": the model id this model is a new version of (optional, None),
      "tier": name, "tier_milli": m, "flops_per_s": f (each optional, None)}
+
+`addrs` are where the server can be dialled, in the order to try them (its network's `announce_addrs`:
+direct addresses reachable across the internet first, then those through its relays, then a LAN's): at
+most `MAX_ANNOUNCED_ADDRS`, each printable ASCII of at most `MAX_ADDR_LEN` characters ending in
+/p2p/<its own peer id> (a circuit address ends in …/p2p-circuit/p2p/<its id>), none twice. An
+announcement naming another peer's address is refused whole, not trimmed: no honest server writes one
+(`announced_addrs` builds ours within these bounds), and a client must never be aimed at someone else.
+A client tries them in turn (pipeline/hop.py `connect_announced`), only those its network may dial.
 
 `reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
 self-report: routing never believes it above what the client sees itself.
@@ -86,6 +94,8 @@ MAX_NUM_BLOCKS = 1 << 16
 MAX_CONTEXT_LENGTH = 1 << 30
 MAX_BATCH_SIZE = 1 << 12
 MAX_ANNOUNCED_SESSIONS = 1 << 16
+MAX_ANNOUNCED_ADDRS = 4  # two relays' circuits and two direct addresses (IPv4, IPv6)
+MAX_ADDR_LEN = 512
 
 
 def announce_key(model_id: str) -> str:
@@ -111,6 +121,28 @@ def _check_model_name(name: Any) -> str:
     if not isinstance(name, str) or not 0 < len(name) <= MAX_MODEL_NAME_LEN or not name.isprintable():
         raise InvalidRecord(f"a model name must be printable text of 1 to {MAX_MODEL_NAME_LEN} characters")
     return name
+
+
+def _check_addrs(peer_id: str, addrs: Any) -> tuple[str, ...]:
+    if not isinstance(addrs, (list, tuple)) or len(addrs) > MAX_ANNOUNCED_ADDRS:
+        raise InvalidRecord(f"announcement addrs must be a list of at most {MAX_ANNOUNCED_ADDRS} addresses")
+    for addr in addrs:
+        if not isinstance(addr, str) or not _own_addr(peer_id, addr):
+            raise InvalidRecord(f"announcement address {brief(addr)} is not a printable address of at most "
+                                f"{MAX_ADDR_LEN} characters ending in /p2p/<the server's peer id>")
+    if len(set(addrs)) != len(addrs):
+        raise InvalidRecord("announcement addrs name an address twice")
+    return tuple(addrs)
+
+
+def _own_addr(peer_id: str, addr: str) -> bool:
+    return len(addr) <= MAX_ADDR_LEN and addr.isascii() and addr.isprintable() and addr.endswith(f"/p2p/{peer_id}")
+
+
+def announced_addrs(peer_id: str, addrs: list[str]) -> tuple[str, ...]:
+    """The addresses a server announces from its network's `announce_addrs` (in that order): its own,
+    within the bounds every peer checks (`from_value` refuses an announcement outside them)."""
+    return tuple(a for a in dict.fromkeys(addrs) if _own_addr(peer_id, a))[:MAX_ANNOUNCED_ADDRS]
 
 
 def _check_count(value: Any, what: str, hi: int) -> int:
@@ -170,7 +202,7 @@ class ServerInfo:
     state: str = "online"
     dtype: str = "float32"
     version: str = VERSION
-    addr: str | None = None
+    addrs: tuple[str, ...] = ()  # where to dial it, in the order to try them
     clusters: dict[str, str] = field(default_factory=dict)
     t: float = 0.0
     expires: float = math.inf
@@ -244,7 +276,7 @@ class ServerInfo:
         return cls(peer_id=peer_id, start=start, end=end,
                    decode_tps=float(num("decode_tps", 1e-6, 1e12)), prefill_tps=float(num("prefill_tps", 1e-6, 1e12)),
                    cache_tokens=num("cache_tokens", 0, 1 << 40, int), state=state, dtype=text("dtype", 16),
-                   version=text("version", 32), addr=text("addr", 512, optional=True), clusters=dict(clusters),
+                   version=text("version", 32), addrs=_check_addrs(peer_id, value.get("addrs", [])), clusters=dict(clusters),
                    t=float(num("t", 0, 1e12)), expires=expires,
                    reliability=float(num("reliability", 0.0, 1.0)) if "reliability" in value else 1.0,
                    started=float(num("started", 0, 1e12)) if "started" in value else 0.0,

@@ -66,7 +66,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
 from typing import Any, AsyncGenerator, cast
@@ -84,7 +84,7 @@ from .billing import ClientBilling
 from .directory import SwarmDirectory
 from .errors import SERVER_SPECIFIC, GenerationFailed, RateRefused, Refused
 from .flops import tier_flops_per_token
-from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord
+from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord, connect_announced
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
 from .proofs import BadSignedStep
@@ -243,14 +243,15 @@ class InferenceSession:
         info = {**(info or {}), "start": hop.start, "end": hop.end, "served": served, "model": self.model.model_id}
         return billing.receipt(hop.peer_id, hop.session_id, info)
 
-    async def open_hop(self, route_hop: RouteHop, addr: str | None, timeout: float | None = None) -> Hop:
-        """A session with `route_hop`'s server for its blocks, for this session's model, length and dtype
-        (in this process when that server is our own), within `timeout` (None: `open_timeout`)."""
+    async def open_hop(self, route_hop: RouteHop, addrs: Sequence[str], timeout: float | None = None) -> Hop:
+        """A session with `route_hop`'s server (which announced `addrs`) for its blocks, for this session's
+        model, length and dtype (in this process when that server is our own), within `timeout` (None:
+        `open_timeout`)."""
         m = self.model
         if m.local_server is not None and route_hop.peer_id == m.network.peer_id:
             return await LocalHop.open(m.local_server, route_hop, model_id=m.model_id, max_length=self.max_length,
                                        dtype=m.dtype_name)
-        hop = await RemoteHop.open(m.network, route_hop, addr, model_id=m.model_id, max_length=self.max_length,
+        hop = await RemoteHop.open(m.network, route_hop, addrs, model_id=m.model_id, max_length=self.max_length,
                                    dtype=m.dtype_name, timeout=m.client_config.open_timeout if timeout is None else timeout)
         billing = m.client_config.billing
         if billing is not None and hop.rate is not None:
@@ -321,7 +322,7 @@ class InferenceSession:
                         info = seq.server(r.peer_id)
                         first = r.peer_id not in seq.reached and not second_chance
                         timeout = self.model.client_config.first_open_timeout if first else None
-                        hops.append(hop := await self.open_hop(r, info.addr if info else None, timeout))
+                        hops.append(hop := await self.open_hop(r, info.addrs if info else (), timeout))
                         self._held.add(hop)
                         seq.note_reached(r.peer_id)
                 except BaseException as e:  # the route's sessions count no more, and those opened close
@@ -370,15 +371,11 @@ class InferenceSession:
                     nursery.start_soon(self._dial, info)
 
     async def _dial(self, info: ServerInfo) -> None:
-        """A first contact with `info`'s server at the address it announced; the outcome goes to routing."""
-        network, seq = self.model.network, self.model.sequence
-        ok = False
-        if info.addr is not None and info.addr.endswith(f"/p2p/{info.peer_id}"):  # its own address, not another's
-            try:
-                ok = await network.connect(info.addr, timeout=self.model.client_config.dial_timeout) == info.peer_id
-            except (P2PError, trio.TooSlowError) as e:
-                log.debug("could not dial server %s at %s: %s", info.peer_id[-8:], info.addr[:80], e)
-        seq.note_contact(info.peer_id, ok)
+        """A first contact with `info`'s server at the addresses it announced, in turn, each within
+        `dial_timeout` (at most `MAX_ANNOUNCED_ADDRS` of them); the outcome goes to routing, once."""
+        ok = await connect_announced(self.model.network, info.peer_id, info.addrs,
+                                     each=self.model.client_config.dial_timeout)
+        self.model.sequence.note_contact(info.peer_id, ok)
 
     @staticmethod
     def route_of(hops: list[Hop]) -> list[tuple[str, int, int]]:

@@ -1,6 +1,7 @@
 """The client's end of one session with one server for blocks [start, end): a `Hop`.
 
-A `RemoteHop` is a stream to another peer: `RemoteHop.open` sends "open" and waits for "opened";
+A `RemoteHop` is a stream to another peer: `RemoteHop.open` (first, when the peer is not connected,
+`connect_announced`: the addresses its announcement lists, in turn) sends "open" and waits for "opened";
 "opened" states the session's rate when the server bills (`rate`, what the receipts must carry);
 `send_step` / `receive_out` carry one step (the reply is checked: its step id, token count,
 finiteness, and the server's signature over the result, pipeline/proofs.py); once the step's inputs
@@ -20,7 +21,9 @@ one completed step of a hop sent and got back (the spot checker keeps them, pipe
 
 from __future__ import annotations
 
+import logging
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import NoReturn, Protocol
 
@@ -38,6 +41,27 @@ from .model import CacheError
 from .proofs import SEED_LEN, BadSignedStep, ProvenLog, SignedStep, check_signed
 from .protocol import InferenceError, expect_reply, unpack_hidden
 from .routing import RouteHop
+
+log = logging.getLogger(__name__)
+
+
+async def connect_announced(network: Network, peer_id: str, addrs: Sequence[str], *, each: float) -> bool:
+    """Connect to `peer_id` at the addresses its announcement lists (`ServerInfo.addrs`, at most
+    `MAX_ANNOUNCED_ADDRS`), in order, each dial within `each` seconds, until one reaches it; only those
+    our network may dial (`Network.may_dial`: a stranger's address must not aim us at this host or the
+    networks behind it). The address that answered is where the network dials the peer from now on
+    (a dead one dialled before it stays out of the address book). Whether one did."""
+    for addr in addrs:
+        if not network.may_dial(addr):
+            log.debug("not dialling %s at %s: an address we may not dial", peer_id[-8:], addr[:80])
+            continue
+        try:
+            if await network.connect(addr, timeout=each) == peer_id:
+                network.add_address(peer_id, addr)
+                return True
+        except (P2PError, trio.TooSlowError) as e:
+            log.debug("could not dial %s at %s: %s", peer_id[-8:], addr[:80], e)
+    return False
 
 
 def _raise_typed(e: InferenceError, peer_id: str) -> NoReturn:
@@ -92,10 +116,10 @@ class StepRecord:
 class RemoteHop:
     """One open session with another peer's server for blocks [start, end), over a stream."""
 
-    def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, addr: str | None, *,
+    def __init__(self, peer_id: str, start: int, end: int, stream: Stream, session_id: bytes, *,
                  model_id: str, dtype: str, seed: bytes, rate: int | None = None):
         self.peer_id, self.start, self.end = peer_id, start, end
-        self.stream, self.session_id, self.addr = stream, session_id, addr
+        self.stream, self.session_id = stream, session_id
         self.model_id, self.dtype, self.seed = model_id, dtype, seed
         self.server_key = public_key_from_peer_id(peer_id)
         self.rate = rate  # the session's rate, as "opened" stated it (None: the server bills nothing)
@@ -111,13 +135,15 @@ class RemoteHop:
         return f"<hop {self.peer_id[-6:]} [{self.start},{self.end})>"
 
     @classmethod
-    async def open(cls, network: Network, hop: RouteHop, addr: str | None, *, model_id: str, max_length: int,
+    async def open(cls, network: Network, hop: RouteHop, addrs: Sequence[str], *, model_id: str, max_length: int,
                    dtype: str, timeout: float) -> "RemoteHop":
-        if addr is not None and network.address_of(hop.peer_id) is None:
-            network.add_address(hop.peer_id, addr)
+        """A session with `hop`'s server, which announced `addrs`, within `timeout` (its dials included)."""
         stream = None
         try:
             with trio.fail_after(timeout):
+                if addrs and hop.peer_id not in network.connected_peers():
+                    # each address gets its share of the time: a dead first one leaves the others theirs
+                    await connect_announced(network, hop.peer_id, addrs, each=timeout / len(addrs))
                 stream = await network.open_stream(hop.peer_id, proto.INFERENCE)
                 seed = secrets.token_bytes(SEED_LEN)  # ours, so the server cannot aim a lie at the fingerprint
                 await stream.send({"t": "open", "model": model_id, "start": hop.start, "end": hop.end,
@@ -129,8 +155,7 @@ class RemoteHop:
             rate = reply.get("rate")
             if rate is not None and (not isinstance(rate, int) or isinstance(rate, bool) or not 1 <= rate <= MAX_RATE):
                 raise FrameError(f"'opened' reply's rate is not an integer in [1, {MAX_RATE}]")
-            return cls(hop.peer_id, hop.start, hop.end, stream, sid, addr, model_id=model_id, dtype=dtype, seed=seed,
-                       rate=rate)
+            return cls(hop.peer_id, hop.start, hop.end, stream, sid, model_id=model_id, dtype=dtype, seed=seed, rate=rate)
         except BaseException:
             if stream is not None:
                 with trio.CancelScope(shield=True), trio.move_on_after(1.0):

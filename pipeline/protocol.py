@@ -20,7 +20,7 @@ client → server
       `push` (server-to-server forwarding): after computing, the server also sends its output to the
       first entry's session as a "push" on a stream of its own, with the rest of the list. The first
       entry must be a server whose current announcement covers the block after this session's span
-      (else PushRefused, before computing); it is dialled by peer id (its announced address), never
+      (else PushRefused, before computing); it is dialled by peer id (its announced addresses), never
       at an address from the client.
       `receipt` (credits, pipeline/billing.py) covers every token served so far AND this step's: the
       step is paid for before it is computed (ReceiptRequired / CreditRefused otherwise).

@@ -31,7 +31,7 @@
   the steps of different sessions waiting at the same time run as one forward, at most
   `max_batch_steps` steps and `max_batch_tokens` new tokens a batch, one batch at a time.
 - At start the server measures its throughput (prefill and decode tokens/s through one block,
-  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, sessions held (its load), dtype, version, address,
+  after a warm-up; and decode tokens/s of `max_batch_steps` sessions batched) and announces span, throughput, free cache tokens, sessions held (its load), dtype, version, addresses,
   clusters and its grid signal if it has a `grid_signal_file` (pipeline/announce.py, pipeline/grid.py), again every `announce_period`, and "offline" on shutdown.
 - Auto placement (start=None): as many blocks as fit `memory_budget_bytes`, placed on the window
   whose blocks have the fewest replicas (up to 2), then the least throughput (pipeline/routing.py
@@ -84,7 +84,7 @@ from p2p.network import Network, Stream
 
 from . import protocol as proto
 from .announce import (GOSSIP_TOPIC, MAX_ANNOUNCED_SESSIONS, VERSION, ModelCard, ServerInfo, announce_key,
-                       announce_model, fetch_servers, gossip_note)
+                       announce_model, announced_addrs, fetch_servers, gossip_note)
 from .batching import BatchStep, StepBatcher
 from .billing import ServerAccount, ServerBilling
 from .directory import SwarmDirectory
@@ -450,7 +450,6 @@ class BlockServer:
         assert self.mf is not None and self.model_id is not None  # run() set it up before serving
         assert self.start is not None and self.end is not None
         card = ModelCard.announced(self.model_id, self.mf.path.name, self.mf.config)
-        addrs = self.network.listen_addrs()
         clusters = self.dht.clusters
         return ServerInfo(peer_id=self.network.peer_id, start=self.start, end=self.end,
                           decode_tps=self.throughput.get("decode_tps", 1.0),
@@ -459,7 +458,7 @@ class BlockServer:
                           batch_size=self.throughput.get("batch_size", 1),
                           sessions=min(len(self.sessions), MAX_ANNOUNCED_SESSIONS),
                           cache_tokens=self.cache_tokens_left(), state=state, dtype=self.dtype_name,
-                          version=VERSION, addr=addrs[0] if addrs else None,
+                          version=VERSION, addrs=announced_addrs(self.network.peer_id, self.network.announce_addrs()),
                           clusters={str(k): v for k, v in clusters.items() if v}, t=self.network.now(),
                           reliability=self.reliability, started=self.started,
                           model_name=card.name, num_blocks=card.num_blocks, context_length=card.context_length,
@@ -891,8 +890,10 @@ class BlockServer:
                         for (p, s), r in zip(rest, receipts[1:])]}
         if receipts[0] is not None:
             msg["receipt"] = receipts[0]
-        if next_hop.addr is not None and self.network.address_of(peer) is None:
-            self.network.add_address(peer, next_hop.addr)  # what it announced (signed by itself)
+        if self.network.address_of(peer) is None:  # the first address it announced (signed by itself) we may dial
+            addr = next((a for a in next_hop.addrs if self.network.may_dial(a)), None)
+            if addr is not None:
+                self.network.add_address(peer, addr)
         lock = self._push_locks.setdefault(peer, trio.Lock())
         try:
             with trio.fail_after(self.config.push_timeout):

@@ -72,6 +72,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -96,8 +97,9 @@ NEAR_S = 0.04  # checker candidates whose RTT estimates fall in one bucket this 
 class CheckedSession(Protocol):
     """What the checker needs of the session it checks (pipeline.client.InferenceSession has it)."""
 
-    async def open_hop(self, route_hop: RouteHop, addr: str | None) -> Hop:
-        """A new session with a server, opened like the route's own (same model, length, dtype)."""
+    async def open_hop(self, route_hop: RouteHop, addrs: Sequence[str]) -> Hop:
+        """A new session with a server (which announced `addrs`), opened like the route's own (same model,
+        length, dtype)."""
 
     async def run_hop(self, hop: Hop, inputs: torch.Tensor, pos: int, chunks: list[int]) -> torch.Tensor:
         """One step (or a replay of several, `chunks`) through `hop`; its outputs."""
@@ -333,7 +335,7 @@ class SpotChecker:
             for info in self._candidates(hop, watch.refused | self._slow()):
                 asked.append(info.peer_id)
                 try:
-                    watch.checker = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
+                    watch.checker = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addrs)
                     self.seq.note_reached(info.peer_id)  # a session opened: routes may believe its announcement
                     break
                 except Refused as e:  # not a fault: no ban, try another (and not this one again for this hop)
@@ -382,7 +384,7 @@ class SpotChecker:
         for info in self._candidates(hop, {checker.peer_id} | self._slow()):
             ref = None
             try:
-                ref = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addr)
+                ref = await self.session.open_hop(RouteHop(info.peer_id, hop.start, hop.end), info.addrs)
                 self.seq.note_reached(info.peer_id)
                 out = await self._replay(ref, list(watch.records))
             except Refused as e:  # not a fault: no ban, ask another

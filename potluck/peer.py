@@ -61,6 +61,7 @@ from pipeline.client import ClientConfig, DistributedModel
 from pipeline.convert import model_folder
 from pipeline.demand import DemandBook, has_standing
 from pipeline.disputes import DisputeJudge, ServedBlocks
+from pipeline.hop import connect_announced
 from pipeline.identity import model_id as compute_model_id
 from pipeline.loading import ModelFolder
 from pipeline.modelchoice import Candidate, choose_model, complete, copies, move_to, wanted_by_version
@@ -307,23 +308,19 @@ class Peer:
         """Whose `supersedes` claims this peer believes (pipeline/versions.py): a claim moves demand and
         requests, so it counts only from a server whose work reached us (standing) or that this peer
         reaches — connected now, or (`dial`: the model choice, not a status read) dialled here at its
-        announced address (at most `MAX_CLAIMANTS_DIALLED`): a running peer per vote, not a record per vote."""
+        announced addresses (at most `MAX_CLAIMANTS_DIALLED`): a running peer per vote, not a record per vote."""
         standings = await self.standing.standings()
         reached = set(self.network.connected_peers())
-        unreached = {s.peer_id: s.addr for s in claimants  # announced at its own address, not another's
-                     if dial and s.addr is not None and s.addr.endswith(f"/p2p/{s.peer_id}")
-                     and s.peer_id not in reached and not has_standing(standings, s.peer_id)}
+        unreached = {s.peer_id: s.addrs for s in claimants  # announced at its own addresses (the decoder's rule)
+                     if dial and s.addrs and s.peer_id not in reached and not has_standing(standings, s.peer_id)}
 
-        async def dial_one(peer_id: str, addr: str) -> None:
-            try:
-                if await self.network.connect(addr, timeout=CLAIMANT_DIAL_TIMEOUT) == peer_id:
-                    reached.add(peer_id)
-            except (P2PError, trio.TooSlowError) as e:
-                log.debug("claimant %s not reached: %s", peer_id[:12], e)
+        async def dial_one(peer_id: str, addrs: tuple[str, ...]) -> None:
+            if await connect_announced(self.network, peer_id, addrs, each=CLAIMANT_DIAL_TIMEOUT):
+                reached.add(peer_id)
 
         async with trio.open_nursery() as nursery:
-            for peer_id, addr in sorted(unreached.items())[:MAX_CLAIMANTS_DIALLED]:
-                nursery.start_soon(dial_one, peer_id, addr)
+            for peer_id, addrs in sorted(unreached.items())[:MAX_CLAIMANTS_DIALLED]:
+                nursery.start_soon(dial_one, peer_id, addrs)
         return lambda peer_id: peer_id in reached or has_standing(standings, peer_id)
 
     async def choose_model(self) -> ModelOption:
@@ -631,7 +628,7 @@ class Peer:
 
     async def _readdress_loop(self) -> None:
         """When our addresses change, tell the swarm at once: presence note, and the server's announcement
-        (clients dial a server at the address it announces)."""
+        (clients dial a server at the addresses it announces)."""
         while True:
             await self.addrs_changed.wait()
             await trio.sleep(0.5)  # the other reservation often changes right after

@@ -52,7 +52,7 @@ def coverage_view(servers: Iterable, num_blocks: int, reached: Callable[[str], b
                 room[i] = max(room[i] or 0, s.cache_tokens)
         listed.append({"peer_id": s.peer_id, "start": s.start, "end": s.end, "decode_tps": round(s.decode_tps, 2),
                        "prefill_tps": round(s.prefill_tps, 2), "cache_tokens": s.cache_tokens,
-                       "clusters": dict(s.clusters), "addr": s.addr, "reached": known})
+                       "clusters": dict(s.clusters), "addrs": list(s.addrs), "reached": known})
     missing = missing_ranges(replicas)
     fits = [r for r in room if r is not None]
     return {

@@ -32,7 +32,7 @@ SERVER = Identity.generate().public_key
 class FakeInfo:
     def __init__(self, peer_id, start, end):
         self.peer_id, self.start, self.end, self.decode_tps, self.prefill_tps = peer_id, start, end, 100.0, 100.0
-        self.cache_tokens, self.clusters, self.addr, self.online = 1000, {"1": "c0"}, None, True
+        self.cache_tokens, self.clusters, self.addrs, self.online = 1000, {"1": "c0"}, (), True
 
 
 class FakeConfig:

@@ -26,7 +26,7 @@ from potluck.swarmview import coverage_view, format_ranges, missing_ranges
 class FakeInfo:
     def __init__(self, peer_id, start, end, tps=100.0):
         self.peer_id, self.start, self.end, self.decode_tps, self.prefill_tps = peer_id, start, end, tps, tps
-        self.cache_tokens, self.clusters, self.addr, self.online = 1000, {"1": "c0"}, None, True
+        self.cache_tokens, self.clusters, self.addrs, self.online = 1000, {"1": "c0"}, (), True
 
 
 class FakeConfig:

@@ -114,7 +114,7 @@ async def test_a_real_server_announces_its_load_and_a_new_client_routes_around_i
             # another user holds three sessions at one replica
             user = await s.client()
             info = loaded.server.info()
-            hops = [await RemoteHop.open(user.network, RouteHop(loaded.network.peer_id, 0, 4), info.addr, model_id=mid,
+            hops = [await RemoteHop.open(user.network, RouteHop(loaded.network.peer_id, 0, 4), info.addrs, model_id=mid,
                                          max_length=32, dtype=user.dtype_name, timeout=10.0) for _ in range(3)]
             assert loaded.server.info().sessions == 3
             await loaded.server.announce()
@@ -149,7 +149,7 @@ async def test_concurrent_generations_of_one_client_spread_over_the_replicas(lla
         async with swarm("sim", path, [(0, 2), (2, 4), (0, 2), (2, 4)], model_id=mid, throughput=CPU_TP) as s:
             model = await s.client(spot_check=None)  # checks open sessions at the other replica too
             for p in s.servers:  # it has contacted them all (a peer up for a while has): none is a stranger
-                await model.network.connect(p.server.info().addr, timeout=5.0)
+                await model.network.connect(p.server.info().addrs[0], timeout=5.0)
             got: list = []
 
             async def one() -> None:

@@ -113,7 +113,7 @@ async def test_the_model_index_lists_each_model_once_as_most_servers_announce_it
 class Info:
     def __init__(self, peer_id, start, end):
         self.peer_id, self.start, self.end, self.online = peer_id, start, end, True
-        self.decode_tps, self.prefill_tps, self.cache_tokens, self.addr, self.clusters = 300.0, 900.0, 12000, None, {}
+        self.decode_tps, self.prefill_tps, self.cache_tokens, self.addrs, self.clusters = 300.0, 900.0, 12000, (), {}
 
 
 def pid(i: int) -> str:

@@ -124,7 +124,7 @@ async def test_cache_budget_expiry_and_offline(llama):
             model = await s.client()
             online = await fetch_servers(model.dht, mid)
             assert {x.peer_id for x in online} == {p.network.peer_id for p in s.servers}
-            assert all(x.decode_tps == 1000.0 and x.version and x.addr for x in online)
+            assert all(x.decode_tps == 1000.0 and x.version and x.addrs for x in online)
             server.scope.cancel()
             await server.done.wait()
             everyone = await fetch_servers(s.servers[1].dht, mid, online_only=False)

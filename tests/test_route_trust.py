@@ -70,7 +70,7 @@ class MuteServer:
     async def announce(self, holders: list[str], key: str, blocks: int, model_name: str | None = None) -> None:
         """Store its signed announcement, at its own live address, in the DHT of each peer at `holders`."""
         net = self.network
-        info = ServerInfo(net.peer_id, 0, blocks, 1e6, 1e7, HUGE, t=net.now(), addr=net.listen_addrs()[0],
+        info = ServerInfo(net.peer_id, 0, blocks, 1e6, 1e7, HUGE, t=net.now(), addrs=tuple(net.listen_addrs()),
                           num_blocks=blocks, model_name=model_name)
         entry = SignedValue.create(net.identity, key, info.to_value(), net.now() + 600)
         for addr in holders:

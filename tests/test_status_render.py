@@ -9,7 +9,7 @@ from potluck.swarmview import coverage_view
 class Info:
     def __init__(self, peer_id, start, end):
         self.peer_id, self.start, self.end, self.online = peer_id, start, end, True
-        self.decode_tps, self.prefill_tps, self.cache_tokens, self.addr = 300.0, 900.0, 12000, None
+        self.decode_tps, self.prefill_tps, self.cache_tokens, self.addrs = 300.0, 900.0, 12000, ()
         self.clusters = {"1": "12D3KooWHeLxnfQRGkwYNgrMAwb3MPD14ScT7rcmVCfg1mg9vYqp"}
 
 

@@ -21,7 +21,7 @@ HUGE = 1 << 20
 
 def fake(identity: Identity, blocks: int, t: float, model_name: str = "") -> ServerInfo:
     """A server of every block, faster and roomier than any real one, where nothing listens."""
-    return ServerInfo(identity.peer_id, 0, blocks, 1e6, 1e7, HUGE, t=t, addr=f"/ip4/127.0.0.1/tcp/1/p2p/{identity.peer_id}",
+    return ServerInfo(identity.peer_id, 0, blocks, 1e6, 1e7, HUGE, t=t, addrs=(f"/ip4/127.0.0.1/tcp/1/p2p/{identity.peer_id}",),
                       num_blocks=blocks, model_name=model_name)
 
 

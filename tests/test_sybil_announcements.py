@@ -32,7 +32,7 @@ def closed_port() -> int:
 def fake_announcement(identity: Identity, blocks: int, port: int, now: float) -> dict:
     """A well-formed announcement of every block, a million tokens/s, at an address where nothing listens."""
     return ServerInfo(identity.peer_id, 0, blocks, 1e6, 1e7, 1 << 20, t=now,
-                      addr=f"/ip4/127.0.0.1/tcp/{port}/p2p/{identity.peer_id}", num_blocks=blocks).to_value()
+                      addrs=(f"/ip4/127.0.0.1/tcp/{port}/p2p/{identity.peer_id}",), num_blocks=blocks).to_value()
 
 
 def test_sybils_with_the_longest_ttl_do_not_evict_an_honest_announcement():
@@ -43,7 +43,7 @@ def test_sybils_with_the_longest_ttl_do_not_evict_an_honest_announcement():
     honest = Identity.generate()
 
     def announce(t: float) -> SignedValue:  # what a server stores every 30 s, for 60 s
-        info = ServerInfo(honest.peer_id, 0, 4, 100.0, 1000.0, 4096, t=t, addr="/ip4/127.0.0.1/tcp/4001")
+        info = ServerInfo(honest.peer_id, 0, 4, 100.0, 1000.0, 4096, t=t, addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{honest.peer_id}",))
         return SignedValue.create(honest, key, info.to_value(), t + 60)
 
     assert store.put(announce(NOW), NOW)

@@ -406,7 +406,7 @@ async def test_the_rate_an_opened_reply_states_is_an_integer_in_bounds():
     opened = {"t": "opened", "session": SESSION, "start": 0, "end": 2, "max_length": 64, "cache_tokens_left": 64}
 
     async def open_with(**reply):
-        return await RemoteHop.open(_OneReply({**opened, **reply}), RouteHop(server.peer_id, 0, 2), None,  # type: ignore[arg-type]
+        return await RemoteHop.open(_OneReply({**opened, **reply}), RouteHop(server.peer_id, 0, 2), (),  # type: ignore[arg-type]
                                     model_id=DEFAULT_MODEL_ID, max_length=64, dtype="float32", timeout=5.0)
 
     assert (await open_with(rate=900)).rate == 900

@@ -1,9 +1,10 @@
 """Multiaddrs as this backend takes them: full addresses end in /p2p/<peer id>; a circuit address
 `<relay addr>/p2p/<relay id>/p2p-circuit/p2p/<peer id>` names the peer reached through that relay.
 
-Which IPs a peer may be made to dial (`may_dial_local`, `may_dial`): an address a stranger names or
-a connection arrives from must not aim our dials at this host, its link, or (unless we live in one
-ourselves) a private network behind us.
+Which IPs a peer may be made to dial (`may_dial_local`, `may_dial`; a whole address: `may_dial_addr`):
+an address a stranger names or a connection arrives from must not aim our dials at this host, its
+link, or (unless we live in one ourselves) a private network behind us. `announce_order`: our own
+addresses in the order others should try them.
 """
 
 from __future__ import annotations
@@ -113,6 +114,27 @@ def routable(ip: str) -> bool:
     or CGNAT range's (those first in a list of addresses to dial from elsewhere)."""
     address = _ip(ip)
     return address is not None and may_dial_local(ip, []) and not _private(address)
+
+
+def may_dial_addr(addr: str, ours: Iterable[str]) -> bool:
+    """`may_dial` for the IP of a full address a stranger named (a circuit address: its relay's); one
+    of any other shape names no IP to judge and is not dialled."""
+    try:
+        circuit = split_circuit(addr)
+    except PeerUnreachable:
+        return False
+    endpoint = tcp_endpoint(addr if circuit is None else circuit[0])
+    return endpoint is not None and may_dial(endpoint[0], ours)
+
+
+def announce_order(direct: list[str], circuits: list[str]) -> list[str]:
+    """Our addresses in the order a peer elsewhere should try them: direct ones (`direct`, plain TCP)
+    reachable across the internet, then those through relays (behind NAT the ones that work from
+    anywhere), then the other direct ones (a LAN's, this host's: for peers there); never an unspecified
+    IP (0.0.0.0, ::), which no peer dials."""
+    plain = [(a, e[0]) for a in direct if (e := tcp_endpoint(a)) is not None]
+    return [*(a for a, ip in plain if routable(ip)), *circuits,
+            *(a for a, ip in plain if not routable(ip) and not ipaddress.ip_address(ip).is_unspecified)]
 
 
 def tcp_endpoint(addr: str) -> tuple[str, int] | None:

@@ -96,7 +96,7 @@ from ..network import (
     StreamHandler,
 )
 from . import gate, io, patches
-from .addresses import full_addr, split_circuit
+from .addresses import announce_order, full_addr, may_dial_addr, split_circuit, tcp_endpoint
 from .autonat import Autonat, AutonatLimits
 from .book import AddressBook
 from .holepunch import HolePunch
@@ -360,6 +360,17 @@ class Libp2pNetwork(Network):
         listen = self.listen_addrs()
         listed = {a.rsplit("/p2p/", 1)[0] for a in listen}
         return [*listen, *(a for a in self._autonat.reachability.reachable_addrs if a not in listed)]
+
+    def announce_addrs(self) -> list[str]:
+        """`listen_addrs()` in the order a peer elsewhere should try them (`addresses.announce_order`:
+        internet-routable direct ones, then circuits, then a LAN's or this host's)."""
+        return announce_order(self.direct_addrs(), self._relay.circuit_addrs())
+
+    def may_dial(self, addr: str) -> bool:
+        """`addresses.may_dial_addr` given the IPs we listen on and peers in two networks see us at (as
+        hole punching and autorelay judge theirs)."""
+        ours = [e[0] for e in map(tcp_endpoint, self.direct_addrs()) if e is not None]
+        return may_dial_addr(addr, [*ours, *self.confirmed_ips()])
 
     def direct_addrs(self) -> list[str]:
         """The addresses we listen on (with /p2p/<id>), without circuit addresses."""

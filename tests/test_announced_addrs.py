@@ -1,0 +1,221 @@
+"""A server announces its addresses as a bounded list (issue #16): at most four, each its own, internet-
+routable direct ones first, then circuits; the decoder refuses any other shape. A client's first contact
+tries them in turn, only those its network may dial, and reaches a server whose first address is dead
+(a closed port; a relay that died). On real processes a server announces every address it listens on."""
+
+from __future__ import annotations
+
+import socket
+from contextlib import AsyncExitStack
+
+import pytest
+import trio
+
+from dht.node import DHTConfig, DHTNode
+from dht.records import InvalidRecord, SignedValue
+from p2p import framing
+from p2p.identity import Identity
+from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p.addresses import announce_order, may_dial_addr
+from pipeline.announce import (MAX_ADDR_LEN, MAX_ANNOUNCED_ADDRS, AnnouncementValidator, ServerInfo, announced_addrs,
+                               fetch_servers)
+from pipeline.client import ClientConfig, DistributedModel
+from pipeline.hop import RemoteHop, connect_announced
+from pipeline.routing import RouteHop
+from pipeline.server import BlockServer, ServerConfig
+from potluck.localswarm import wait_until
+from testkit.swarms import DHT_CFG, FIXED_TP
+
+ME, OTHER, RELAY_A, RELAY_B = (Identity(bytes([i]) * 32).peer_id for i in (7, 8, 9, 10))
+PUBLIC = f"/ip4/203.0.113.9/tcp/4001/p2p/{ME}"
+PUBLIC6 = f"/ip6/2001:db8::9/tcp/4001/p2p/{ME}"
+LAN = f"/ip4/192.168.1.5/tcp/4001/p2p/{ME}"
+LOOPBACK = f"/ip4/127.0.0.1/tcp/4001/p2p/{ME}"
+CIRCUIT_A = f"/ip4/198.51.100.1/tcp/4001/p2p/{RELAY_A}/p2p-circuit/p2p/{ME}"
+CIRCUIT_B = f"/ip4/198.51.100.2/tcp/4001/p2p/{RELAY_B}/p2p-circuit/p2p/{ME}"
+PROMPT = [5, 17, 42, 8, 99, 3]
+
+
+def announcement(addrs) -> dict:
+    value = ServerInfo(ME, 0, 4, 100.0, 1000.0, 4096, t=1.7e9).to_value()
+    return {**value, "addrs": addrs}
+
+
+def decoded(value: dict) -> ServerInfo:
+    """`value` as a peer receives it: through msgpack, then the decoder."""
+    return ServerInfo.from_value(ME, framing.decode(framing.encode(value)), num_blocks=4)
+
+
+FOUR = (PUBLIC, PUBLIC6, CIRCUIT_A, CIRCUIT_B)
+LONGEST = "/dns4/" + "a" * (MAX_ADDR_LEN - len(f"/dns4//tcp/1/p2p/{ME}")) + f"/tcp/1/p2p/{ME}"
+
+
+def test_an_announcement_lists_at_most_four_addresses_each_the_servers_own():
+    assert MAX_ANNOUNCED_ADDRS == 4 and decoded(announcement(list(FOUR))).addrs == FOUR
+    assert len(LONGEST) == MAX_ADDR_LEN and decoded(announcement([LONGEST])).addrs == (LONGEST,)
+    assert decoded(announcement([])).addrs == ()
+    without = announcement([])
+    del without["addrs"]
+    assert decoded(without).addrs == ()  # an announcement naming no address (the server listens nowhere)
+
+
+REFUSED = {
+    "five addresses": [*FOUR, LAN],
+    "an address over the length bound": ["/dns4/a" + LONGEST[len("/dns4/"):]],
+    "one string, not a list": PUBLIC,
+    "a number in the list": [PUBLIC, 4001],
+    "bytes in the list": [PUBLIC.encode()],
+    "a map": {"0": PUBLIC},
+    "None": None,
+    "another peer's address": [PUBLIC, f"/ip4/203.0.113.7/tcp/4001/p2p/{OTHER}"],
+    "an address without a peer id": ["/ip4/203.0.113.9/tcp/4001"],
+    "a circuit to another peer": [f"/ip4/198.51.100.1/tcp/4001/p2p/{RELAY_A}/p2p-circuit/p2p/{OTHER}"],
+    "an address twice": [PUBLIC, PUBLIC],
+    "a control character": [f"/ip4/203.0.113.9/tcp/4001\n/p2p/{ME}"],
+}
+
+
+@pytest.mark.parametrize("addrs", list(REFUSED.values()), ids=list(REFUSED))
+def test_an_announcement_of_any_other_addresses_is_refused_with_the_decoders_error(addrs):
+    with pytest.raises(InvalidRecord, match="addr"):
+        decoded(announcement(addrs))
+    entry = SignedValue.create(Identity(bytes([7]) * 32), "pipeline/m", announcement(addrs), 1000.0)
+    with pytest.raises(InvalidRecord):  # the DHT's validator stores none of them
+        AnnouncementValidator().validate(entry)
+
+
+def test_a_server_lists_routable_direct_addresses_then_circuits_then_the_rest_within_the_bound():
+    unspecified = f"/ip4/0.0.0.0/tcp/4001/p2p/{ME}"
+    ordered = announce_order([unspecified, LAN, LOOPBACK, PUBLIC], [CIRCUIT_A, CIRCUIT_B])
+    assert ordered == [PUBLIC, CIRCUIT_A, CIRCUIT_B, LAN, LOOPBACK]  # 0.0.0.0: nobody dials it
+    foreign = f"/ip4/203.0.113.7/tcp/4001/p2p/{OTHER}"
+    too_long = "/dns4/" + "a" * MAX_ADDR_LEN + f"/tcp/1/p2p/{ME}"
+    assert announced_addrs(ME, [foreign, too_long, *ordered, PUBLIC]) == (PUBLIC, CIRCUIT_A, CIRCUIT_B, LAN)
+    assert decoded(announcement(list(announced_addrs(ME, ordered)))).addrs == (PUBLIC, CIRCUIT_A, CIRCUIT_B, LAN)
+
+
+def test_an_announced_address_is_dialled_only_where_we_may_dial():
+    public, lan = ["203.0.113.9"], ["192.168.1.5"]
+    for ours in (public, lan):
+        assert may_dial_addr(PUBLIC, ours) and may_dial_addr(PUBLIC6, ours) and may_dial_addr(CIRCUIT_A, ours)
+        for addr in (LOOPBACK, f"/ip4/0.0.0.0/tcp/1/p2p/{ME}", f"/ip4/169.254.169.254/tcp/80/p2p/{ME}",
+                     f"/ip4/127.0.0.1/tcp/1/p2p/{RELAY_A}/p2p-circuit/p2p/{ME}",  # a relay on this host
+                     f"/dns4/example.com/tcp/1/p2p/{ME}",  # no IP to judge
+                     f"/ip4/198.51.100.1/tcp/1/p2p-circuit/p2p/{ME}",  # a circuit naming no relay
+                     "not an address"):
+            assert not may_dial_addr(addr, ours), addr
+    assert not may_dial_addr(LAN, public) and may_dial_addr(LAN, lan)  # a private range only from one
+    circuit_in_lan = f"/ip4/10.0.0.1/tcp/1/p2p/{RELAY_A}/p2p-circuit/p2p/{ME}"
+    assert not may_dial_addr(circuit_in_lan, public) and may_dial_addr(circuit_in_lan, lan)
+
+
+def closed_port() -> int:
+    """A loopback TCP port where nothing listens (bound, then closed)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def test_a_client_never_dials_an_announced_address_its_network_may_not():
+    target = Identity.generate().peer_id
+    forbidden = [f"/ip4/10.1.2.3/tcp/4001/p2p/{target}",  # a private network: we listen on loopback only
+                 f"/ip4/0.0.0.0/tcp/{closed_port()}/p2p/{target}",  # Linux would dial this host
+                 f"/ip4/169.254.169.254/tcp/80/p2p/{target}",
+                 f"/ip4/10.9.9.9/tcp/4001/p2p/{RELAY_A}/p2p-circuit/p2p/{target}"]
+    with trio.fail_after(30):
+        async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as net:
+            assert not await connect_announced(net, target, forbidden, each=1.0)
+            assert net.address_of(target) is None  # a dial would have noted the address it tried
+
+
+async def test_a_client_opens_a_session_with_a_server_whose_first_announced_address_is_dead(llama, monkeypatch):
+    """The server is no DHT server (client mode): a client learns where it listens from its announcement
+    alone, which lists a closed port first."""
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 4)
+    with trio.fail_after(120):
+        async with AsyncExitStack() as stack:
+            boot_net, server_net, client_net, checker_net = [
+                await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]))
+                for _ in range(4)]
+            live = server_net.listen_addrs()
+            dead = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{server_net.peer_id}"
+            monkeypatch.setattr(server_net, "announce_addrs", lambda: [dead, *live])
+            boot_addr = boot_net.listen_addrs()[0]
+            async with trio.open_nursery() as nursery:
+                boot = DHTNode(boot_net, bootstrap=[], config=DHTConfig(**DHT_CFG))
+                server_dht, client_dht = (DHTNode(net, bootstrap=[boot_addr], client_mode=True, config=DHTConfig(**DHT_CFG))
+                                          for net in (server_net, client_net))
+                for dht in (boot, server_dht, client_dht):
+                    await nursery.start(dht.run)
+                server = BlockServer(server_net, server_dht, path, 0, 4, model_id=mid,
+                                     config=ServerConfig(throughput=FIXED_TP, announce_period=5.0))
+                await nursery.start(server.run)
+
+                [info] = await fetch_servers(client_dht, mid)
+                assert info.addrs == (dead, *live)
+                assert server_net.peer_id not in client_net.connected_peers()
+                model = await DistributedModel.from_pretrained(path, client_net, client_dht, model_id=mid,
+                                                               config=ClientConfig(spot_check=None))
+                g = await model.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+                assert g.token_ids == want and [p for p, _, _ in g.route] == [server_net.peer_id]
+                # one first contact, a success: the dead address cost a dial, not the server
+                assert model.sequence.dials_failed == 0 and server_net.peer_id in model.sequence.reached
+                # where it dials the server from now on: the address that answered, not the dead one tried first
+                assert client_net.address_of(server_net.peer_id) == live[0]
+
+                # a spot checker's open (RemoteHop.open) of a server never dialled tries them in turn too
+                hop = await RemoteHop.open(checker_net, RouteHop(server_net.peer_id, 0, 4), info.addrs, model_id=mid,
+                                           max_length=32, dtype=model.dtype_name, timeout=10.0)
+                assert checker_net.address_of(server_net.peer_id) == live[0]
+                await hop.close(True, None)
+                nursery.cancel_scope.cancel()
+
+
+async def _relay(stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], relay_service=True) as relay:
+        task_status.started(relay.listen_addrs()[0])
+        await stop.wait()
+
+
+async def test_a_peer_reserved_on_two_relays_is_reached_through_the_second_when_the_first_dies():
+    """The issue's case: a NATed server's announcement names its circuits through two relays; the first
+    relay dies before the server announces again, and a client holding that announcement still reaches it."""
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            stops = [trio.Event(), trio.Event()]
+            relays = [await nursery.start(_relay, stop) for stop in stops]
+            async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], relays=relays,
+                                          hole_punch=False) as nated, \
+                    Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as dialer:
+                while len(nated.announce_addrs()) < 3:  # two circuits, then its loopback address
+                    await trio.sleep(0.05)
+                addrs = announced_addrs(nated.peer_id, nated.announce_addrs())
+                assert sorted(addrs[:2]) == sorted(f"{r}/p2p-circuit/p2p/{nated.peer_id}" for r in relays)
+                assert list(addrs[2:]) == nated.direct_addrs()  # a loopback address: no peer elsewhere dials it
+                first = relays.index(addrs[0].partition("/p2p-circuit")[0])
+                stops[first].set()  # the relay behind the first address goes away
+                while addrs[0] in nated.announce_addrs():
+                    await trio.sleep(0.05)
+                # a client with the announcement made before: the circuits only, as a peer elsewhere
+                assert await connect_announced(dialer, nated.peer_id, addrs[:2], each=5.0)
+                assert dialer.address_of(nated.peer_id) == addrs[1]
+                assert dialer.connection_kinds(nated.peer_id) == ["relayed"]
+            stops[1 - first].set()
+
+
+def test_a_server_process_announces_every_address_it_listens_on(spawn, llama_folder):
+    """Real processes: a server listening on two addresses announces both, and a peer that loaded no
+    model lists them with the model's servers (`potluck status --json`)."""
+    boot = spawn()
+    server = spawn("--model", str(llama_folder), "--blocks", "0:4", "--threads", "1", "--bootstrap", boot.addr,
+                   "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.2/tcp/0")
+    own = server.status()["addrs"]
+    assert len(own) == 2 and all(a.endswith(f"/p2p/{server.peer_id}") for a in own)
+
+    def listed() -> list[dict] | None:
+        models = boot.status().get("models") or []
+        return (models[0].get("coverage") or {}).get("servers") if models else None
+
+    (seen,) = wait_until(listed, 90, 1, message="the bootstrap peer lists the model's server")
+    assert seen["peer_id"] == server.peer_id and seen["addrs"] == own
