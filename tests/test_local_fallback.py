@@ -320,18 +320,25 @@ class StandInPeer:
 # --- real processes -------------------------------------------------------------------------------
 
 
+def _start_server_and_users(procs: dict[str, PeerProcess], root, model: list[str], name: str, blocks: str) -> list[str]:
+    """Start (into `procs`) server `name` of `blocks`, then two peers with an API bootstrapped from it: "user"
+    with `--fallback local` and "plain" without; the bootstrap flags."""
+    procs[name] = PeerProcess(root / name, *model, "--blocks", blocks)
+    start_all([procs[name]], timeout=120)
+    boot = ["--bootstrap", procs[name].addr]
+    procs["user"] = PeerProcess(root / "user", *model, *boot, "--api", "127.0.0.1:0", "--fallback", "local")
+    procs["plain"] = PeerProcess(root / "plain", *model, *boot, "--api", "127.0.0.1:0")
+    start_all([procs["user"], procs["plain"]], timeout=120)
+    return boot
+
+
 @pytest.fixture(scope="module")
 def half_swarm(smollm2_data, tmp_path_factory):
     root = tmp_path_factory.mktemp("localfb")
     model = ["--model", str(smollm2_data[1]), "--threads", "1"]
     procs: dict[str, PeerProcess] = {}
     try:
-        procs["server"] = PeerProcess(root / "server", *model, "--blocks", "0:15")
-        start_all([procs["server"]], timeout=120)
-        boot = ["--bootstrap", procs["server"].addr, "--api", "127.0.0.1:0"]
-        procs["user"] = PeerProcess(root / "user", *model, *boot, "--fallback", "local")
-        procs["plain"] = PeerProcess(root / "plain", *model, *boot)
-        start_all([procs["user"], procs["plain"]], timeout=120)
+        _start_server_and_users(procs, root, model, "server", "0:15")
         urls = {name: procs[name].call("status")["api"] for name in ("user", "plain")}
         for url in urls.values():
             with httpx.Client(base_url=url, timeout=60) as http:
@@ -401,12 +408,7 @@ def split_swarm(smollm2_data, tmp_path_factory):
     model = ["--model", str(smollm2_data[1]), "--threads", "1"]
     procs: dict[str, PeerProcess] = {}
     try:
-        procs["tail"] = PeerProcess(root / "tail", *model, "--blocks", "15:30")
-        start_all([procs["tail"]], timeout=120)
-        boot = ["--bootstrap", procs["tail"].addr]
-        procs["user"] = PeerProcess(root / "user", *model, *boot, "--api", "127.0.0.1:0", "--fallback", "local")
-        procs["plain"] = PeerProcess(root / "plain", *model, *boot, "--api", "127.0.0.1:0")
-        start_all([procs["user"], procs["plain"]], timeout=120)
+        boot = _start_server_and_users(procs, root, model, "tail", "15:30")
         yield procs, lambda name: PeerProcess(root / name, *model, *boot, "--blocks", "0:15")
     finally:
         for p in procs.values():
