@@ -161,7 +161,10 @@ class ServerAccount:
             except InvalidReceipt as e:
                 self.billing.stats["unpaid_refusals"] += 1
                 self.rollback(previous)
-                raise InferenceError("ReceiptRequired", f"the client stopped signing receipts: {e}") from None
+                # the count asked for goes with it: a client that stopped waiting for a pushed step's
+                # reply learns that the step was computed (pipeline/hop.py `RemoteHop.reconcile`)
+                raise InferenceError("ReceiptRequired", f"the client stopped signing receipts: {e}",
+                                     covered_tokens) from None
         return previous
 
     def rollback(self, previous: Receipt | None) -> None:

@@ -82,9 +82,9 @@ from . import protocol as proto
 from .announce import ServerInfo
 from .billing import ClientBilling
 from .directory import SwarmDirectory
-from .errors import SERVER_SPECIFIC, GenerationFailed, RateRefused, Refused
+from .errors import SERVER_SPECIFIC, GenerationFailed, RateRefused, ReceiptRequired, Refused
 from .flops import tier_flops_per_token
-from .hop import Hop, LocalHop, LocalServer, RemoteHop, StepRecord, connect_announced
+from .hop import Hop, LocalHop, LocalServer, OverstatedServed, RemoteHop, StepRecord, connect_announced
 from .loading import ModelFolder, load_head, resolve_dtype
 from .model import ModelHead
 from .proofs import BadSignedStep
@@ -396,14 +396,21 @@ class InferenceSession:
             out, compute_s = await hop.run(h, pos, chunks)
             self.stats.compute_s += compute_s
             return out
-        self._step_id += 1
-        step_id = self._step_id
         t0 = trio.current_time()
+        n = h.shape[1]
         with trio.fail_after(self.model.client_config.step_timeout):
-            hop.note_sent(step_id, pos, h.shape[1])
-            await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
-            out, compute_s = await hop.receive_out(step_id, h.shape[1], self.model.model_config.hidden_size,
-                                                   self.model.dtype_name)
+            for retry in (False, True):
+                self._step_id += 1
+                step_id = self._step_id
+                hop.note_sent(step_id, pos, n)
+                await hop.send_step(self._step_msg(hop, step_id, pos, h, chunks))
+                try:
+                    out, compute_s = await hop.receive_out(step_id, n, self.model.model_config.hidden_size,
+                                                           self.model.dtype_name)
+                    break
+                except ReceiptRequired as e:  # after a push fallback: had it computed the push we left?
+                    if retry or e.limit is None or not hop.reconcile(e.limit, step_id, pos, n):
+                        raise
         hop.accept(step_id, pos, chunks or [h.shape[1]], h, out)
         self.stats.compute_s += compute_s
         wall = trio.current_time() - t0
@@ -516,7 +523,7 @@ class InferenceSession:
             hop = self.hops[i]
             run = push_runs.pop(hop, None)  # pushed once a step; what the push missed runs client-driven
             if run is not None:
-                done, h = await self._push_step(run, h, pos, inputs)
+                done, h, fault = await self._push_step(run, h, pos, inputs)
                 for k in range(i, i + done):  # spot checks of the pushed outputs, in route order
                     liar = await self._spot_check(self.hops[k])
                     if liar is not None:
@@ -525,9 +532,14 @@ class InferenceSession:
                         for j in range(k, len(self.hops)):
                             inputs.pop(self.hops[j].start, None)
                         await self._recover(k, WrongOutput(f"spot check: {liar} returned wrong outputs"))
-                        done = k - i
+                        done, fault = k - i, None
                         break
                 i += done
+                if fault is not None:
+                    recoveries += 1
+                    if recoveries > self.model.client_config.max_recoveries:
+                        raise GenerationFailed(f"step at position {pos} failed {recoveries} times; last: {fault}") from fault
+                    await self._recover(i, fault)
                 continue
             try:
                 out = await self._run_route_hop(hop, h, pos)
@@ -575,9 +587,14 @@ class InferenceSession:
         return runs
 
     async def _push_step(self, hops: list[RemoteHop], hidden: torch.Tensor, pos: int,
-                         inputs: dict[int, torch.Tensor]) -> tuple[int, torch.Tensor]:
+                         inputs: dict[int, torch.Tensor]) -> tuple[int, torch.Tensor, FrameError | None]:
         """Send the step to the first of `hops` with the rest as its push list; collect every hop's output.
-        Returns (how many hops gave an output, the input of the next) for the client-driven loop."""
+        Returns (how many hops gave an output, the input of the next, and the fault of that next hop when its
+        own reply proved it at fault) for the client-driven loop. A push that did not get through (a broken
+        stream, a reply for another step, inputs other than the client saw) is no proof against the hop:
+        the rest runs client-driven. A reply the hop signed badly or whose "served" overstates what it was
+        sent is its own doing: recovered from as the fault it is, as in a client-driven step (the hop's
+        next receipt would otherwise be refused as unpaid work)."""
         self._step_id += 1
         step_id = self._step_id
         outs: list[tuple[torch.Tensor, float] | None] = [None] * len(hops)
@@ -596,6 +613,7 @@ class InferenceSession:
             msg["push"].append(entry)
         failed = False
         refusal: Refused | None = None
+        faults: dict[int, FrameError] = {}
 
         async def collect(k: int, nursery: trio.Nursery) -> None:
             nonlocal failed, refusal
@@ -603,8 +621,17 @@ class InferenceSession:
                 outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
                                                     self.model.dtype_name)
                 arrived[k] = trio.current_time() - sent_at
+            except ReceiptRequired as e:
+                if e.limit is not None and hops[k].reconcile(e.limit, step_id, pos, n):
+                    failed = True  # it computed an earlier push we left: run it with a fresh receipt
+                else:
+                    refusal = e
+                nursery.cancel_scope.cancel()
             except Refused as e:  # raised below, once the other hops' receives are cancelled
                 refusal = e
+                nursery.cancel_scope.cancel()
+            except (OverstatedServed, BadSignedStep) as e:
+                faults[k] = e
                 nursery.cancel_scope.cancel()
             except (P2PError, FrameError) as e:
                 log.info("push step: hop %s failed: %s", hops[k], e)
@@ -627,22 +654,24 @@ class InferenceSession:
         for k, hop in enumerate(hops):
             got = outs[k]
             if got is None:
+                if k in faults:
+                    return k, h, faults[k]
                 self.stats.push_fallbacks += 1
-                return k, h
+                return k, h, None
             out, c = got
             try:
                 hop.accept(step_id, pos, (n,), h, out)
             except BadSignedStep as e:  # e.g. a push that carried other inputs than the client saw: run it directly
                 log.info("push step: hop %s signed other inputs: %s", hop, e)
                 self.stats.push_fallbacks += 1
-                return k, h
+                return k, h, None
             inputs[hop.start] = h
             if self.checker is not None:
                 self.checker.record(hop, StepRecord(pos, h, (n,), out))
             h = out
             self.stats.compute_s += c
             self.model.sequence.observe_speed(hop.peer_id, n, hop.end - hop.start, c, arrived[k])
-        return len(hops), h
+        return len(hops), h, None
 
 
 def _telling(refusals: list[Refused]) -> Refused:

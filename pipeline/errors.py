@@ -39,7 +39,8 @@ class InsufficientCredit(Refused):
 
 
 class ReceiptRequired(Refused):
-    """The server wants a valid receipt for what it served before it computes more."""
+    """The server wants a valid receipt for what it served before it computes more; `limit`: the tokens
+    the receipts must cover (when the server said)."""
 
 
 class WrongModel(Refused):

@@ -199,6 +199,28 @@ class RemoteHop:
         self.counted += tokens - proto.refunded_tokens(self.last_pos, self.last_tokens, pos)
         self.last_pos, self.last_tokens = pos, tokens
 
+    def reconcile(self, covered: int, step_id: int, pos: int, n: int) -> bool:
+        """The server refused step `step_id` (`n` tokens at `pos`, so not computed) with ReceiptRequired,
+        asking receipts for `covered` tokens. True when that is what it counts had it computed the steps
+        it answered without our reading their "served" (skipped outs), then the first of those still
+        unanswered (pushes whose replies we stopped waiting for): the hop's count moves there, and a fresh
+        receipt for the step is due. Never beyond what `_count` would give: we still sign for no step we
+        did not send."""
+        self.sent.pop(step_id, None)
+        state = (self.counted, self.last_pos, self.last_tokens)
+        unanswered = sorted(i for i in self.sent if i < step_id)
+        for k in range(len(unanswered) + 1):
+            counted, last_pos, last_tokens = state
+            if counted - proto.refunded_tokens(last_pos, last_tokens, pos) + n == covered:
+                for i in unanswered[:k]:
+                    self._count(i)
+                self.served = self.counted
+                return True
+            if k < len(unanswered):
+                p, t = self.sent[unanswered[k]]
+                state = (counted + t - proto.refunded_tokens(last_pos, last_tokens, p), p, t)
+        return False
+
     async def receive_out(self, step_id: int, n: int, hidden_size: int, dtype: str) -> tuple[torch.Tensor, float]:
         """The "out" for `step_id` (older outs, e.g. duplicates after a fallback, are skipped)."""
         while True:

@@ -43,7 +43,8 @@ Kinds that are *refusals* (pipeline/errors.py maps them to typed exceptions; nev
                                       ("limit": tokens it could hold)
     CreditRefused                     the client owes (or this step would make it owe) the server more than
                                       its allowance: the debt limit plus its standing there
-    ReceiptRequired, BadReceipt       no valid receipt for what was served (credits)
+    ReceiptRequired, BadReceipt       no valid receipt for what was served (credits); ReceiptRequired's
+                                      "limit": the tokens the receipts must cover, this step included
     ModelMismatch, DtypeMismatch, SpanNotServed   another model, dtype or span
     TooManySessions, ServerStopping   busy or shutting down
     PushRefused                       the push list's next hop is not an announced server of the next blocks

@@ -165,15 +165,21 @@ class OverstatesServed(BlockServer):
         return reply
 
 
-async def test_client_never_signs_for_more_than_it_sent(llama):
+@pytest.mark.parametrize("push,liar_first", [(False, True), (True, True), (True, False)],
+                         ids=["direct", "push-first-hop", "push-pushed-hop"])
+async def test_client_never_signs_for_more_than_it_sent(llama, push, liar_first):
     """A server overstating "served" is a fault (banned, not a refusal), and the client's receipts for it
-    cover only the tokens it sent."""
+    cover only the tokens it sent — with server-to-server push too, whether the liar is the hop the
+    client sends to or one the step is pushed to (not a push fallback that re-sends the step and then
+    meets the liar's refusal of the short receipt)."""
     path, mid, local, cfg = llama
     with trio.fail_after(60):
         async with swarm("sim", path, [], model_id=mid) as s:
-            liar = await add_server(s, 0, 2, mid=mid, cfg=cfg, server_cls=OverstatesServed)
-            await add_server(s, 2, 4, mid=mid, cfg=cfg)
+            first = await add_server(s, 0, 2, mid=mid, cfg=cfg, server_cls=OverstatesServed if liar_first else BlockServer)
+            second = await add_server(s, 2, 4, mid=mid, cfg=cfg, server_cls=BlockServer if liar_first else OverstatesServed)
+            liar = first if liar_first else second
             client, model = await add_client(s, mid=mid, cfg=cfg)
+            model.client_config.push = push
             with pytest.raises(GenerationFailed) as failed:
                 await model.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
             assert not isinstance(failed.value, Refused) and "OverstatedServed" in str(failed.value)
@@ -181,6 +187,32 @@ async def test_client_never_signs_for_more_than_it_sent(llama):
             spends = latest_receipts(client.ledger, client.ledger.me, "spend")
             signed = [r.tokens for r in spends.values() if r.server == liar.ledger.me]
             assert signed and max(signed) <= len(PROMPT)  # the prefill it was sent, not a token more
+
+
+def test_a_receipt_refusal_moves_the_count_only_to_steps_that_were_sent():
+    """`RemoteHop.reconcile`: a ReceiptRequired naming the count the server would have after computing
+    pushes we stopped waiting for (step 2, then 3) moves the hop's count there, in order; a count beyond
+    every step sent is not believed (the refusal stands, we sign for nothing more)."""
+    from p2p.identity import Identity
+    from pipeline.hop import RemoteHop
+
+    def hop() -> RemoteHop:
+        h = RemoteHop(Identity.generate().peer_id, 0, 2, None, b"s" * 16, model_id="m", dtype="float32", seed=b"x")
+        h.counted = h.served = 7
+        h.last_pos, h.last_tokens = 6, 1
+        h.note_sent(2, 7, 1)  # pushed, never answered
+        h.note_sent(3, 8, 1)  # pushed, never answered
+        h.note_sent(4, 7, 1)  # the redo of step 2, refused
+        return h
+
+    nobody = hop()
+    assert nobody.reconcile(8, 4, 7, 1) and nobody.served == 7 and nobody.sent == {2: (7, 1), 3: (8, 1)}
+    first = hop()  # step 2 computed: 8 served before a redo at 7 (a whole step redone is paid again)
+    assert first.reconcile(9, 4, 7, 1) and (first.served, first.counted) == (8, 8) and first.sent == {3: (8, 1)}
+    both = hop()  # steps 2 and 3 computed: 9 served before a redo of step 3 at 8
+    assert both.reconcile(10, 4, 8, 1) and (both.served, both.counted) == (9, 9) and both.sent == {}
+    liar = hop()
+    assert not liar.reconcile(11, 4, 7, 1) and (liar.served, liar.counted) == (7, 7)
 
 
 async def test_debtor_refused_when_busy_served_when_idle(llama):

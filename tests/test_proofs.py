@@ -269,7 +269,9 @@ async def sees(model, n: int) -> None:
             await trio.sleep(0.1)
 
 
-async def test_a_result_that_differs_from_its_signature_is_a_fault_at_once(llama):
+@pytest.mark.parametrize("push", [False, True], ids=["direct", "push"])
+async def test_a_result_that_differs_from_its_signature_is_a_fault_at_once(llama, push):
+    """With push too: the badly signed reply is the hop's own fault, not a push to fall back from."""
     path, mid, local, cfg = llama
     want = local.generate_greedy(PROMPT, 6)
     with trio.fail_after(90):
@@ -280,10 +282,12 @@ async def test_a_result_that_differs_from_its_signature_is_a_fault_at_once(llama
             client, model = await add_client(s, mid=mid, cfg=cfg, spot_check=None)  # no spot checks at all
             await sees(model, 3)
             model.sequence.rtt = lambda peer_id: 0.0 if peer_id == liar.network.peer_id else 0.05  # the liar is nearest
+            model.client_config.push = push
             g = await model.generate(PROMPT, max_new_tokens=6, stop_token_ids=[])
             assert g.token_ids == want  # the output that was not the signed one was never used
             assert g.servers[0][0] == liar.network.peer_id  # it was routed through first
             assert liar.network.peer_id in model.sequence.banned() and g.recoveries >= 1
+            assert g.push_fallbacks == 0
 
 
 @pytest.mark.parametrize("inline", [True, False], ids=["inline", "fetched"])
