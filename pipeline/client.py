@@ -111,7 +111,7 @@ class ClientConfig:
     dial_timeout: float = 3.0  # a first contact's dial: an announced address may be dead
     probe_width: int = 32  # never-contacted servers dialled at once while routing
     max_recoveries: int = 8  # per step (failed first contacts do not count while other servers remain)
-    push: bool = False  # server-to-server forwarding of activations
+    push: bool = True  # server-to-server forwarding of activations (runs of two or more remote hops)
     billing: ClientBilling | None = None  # receipts, spends, disputes
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
     speculative: SpeculativeConfig | None = field(default_factory=SpeculativeConfig)  # None: one token a pass
