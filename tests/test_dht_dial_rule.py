@@ -20,7 +20,7 @@ from dht.vivaldi import Coord
 from p2p.errors import PeerUnreachable
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
-from p2p.libp2p.addresses import may_dial_addr
+from p2p.libp2p.addresses import DialVerdicts, may_dial_addr
 from p2p.sim import SimWorld
 from testkit.swarms import DHT_CFG
 
@@ -112,6 +112,29 @@ async def test_a_bootstrap_peer_whose_own_address_may_not_be_dialled_stands_at_t
         assert node.peers[boot.peer_id].addr == boot.addr
         assert net.address_of(other.peer_id) is None and node.stats["addrs_refused"] >= 2  # boot's own, other's
         nursery.cancel_scope.cancel()
+
+
+# --- the rule's verdicts, remembered ---------------------------------------------------------------------
+
+
+async def test_the_dial_rules_remembered_verdicts_follow_the_ips_we_are_seen_at(monkeypatch):
+    async with Libp2pNetwork.open(Identity.generate(), LOOPBACK) as net:
+        pid = Identity.generate().peer_id
+        lan, here = f"/ip4/10.0.0.1/tcp/4001/p2p/{pid}", f"/ip4/127.0.0.1/tcp/4001/p2p/{pid}"
+        assert net.may_dial(here) and not net.may_dial(lan)  # a swarm on one machine
+        monkeypatch.setattr(net, "confirmed_ips", lambda: ["10.0.0.9"])  # peers see us in a private network
+        assert net.may_dial(lan) and not net.may_dial(here)
+        monkeypatch.setattr(net, "confirmed_ips", lambda: [PUBLIC_IP])
+        assert not net.may_dial(lan) and not net.may_dial(here)
+
+
+def test_the_remembered_verdicts_are_bounded():
+    verdicts = DialVerdicts(max_addrs=8)
+    pids = [Identity.generate().peer_id for _ in range(20)]
+    for i, pid in enumerate(pids):
+        assert verdicts.may_dial(f"/ip4/198.51.100.{i + 1}/tcp/4001/p2p/{pid}", [PUBLIC_IP])
+        assert not verdicts.may_dial(f"/ip4/10.0.0.{i + 1}/tcp/4001/p2p/{pid}", [PUBLIC_IP])
+        assert len(verdicts._verdicts) <= 8
 
 
 # --- real peers on loopback ------------------------------------------------------------------------------
