@@ -9,7 +9,8 @@ Layers, each readable alone (imports only go down the list):
     routing.py    k-buckets with least-recently-seen eviction that pings first
     protocol.py   /potluck/kad/1.0.0 messages and their strict decoders
     traversal.py  α-parallel iterative lookups, d disjoint paths, soft timeouts, liars' offers held back
-    node.py       DHTNode: tables per level, handlers, get/store/find_peer, maintenance
+    node.py       DHTNode: tables per level, handlers, get/store/find_peer, maintenance; the one gate
+                  (`_may_dial`) every address a stranger gives passes before it is dialled or kept
 """
 
 from .node import DHTConfig, DHTNode, ValueLookup

@@ -25,6 +25,11 @@ What it does:
   caches hot keys along the path).
 - Owners republish their entries before expiry with a fresh signature; records expire at
   `network.now()`-based times at every holder.
+- Every address a stranger gives (a reply's contacts, a message's sender address) passes
+  `Network.may_dial` in `_may_dial` before it is dialled, noted in the address book, or enters a
+  table or a walk; one that may not be dialled is dropped (`stats["addrs_refused"]`), the rest of
+  the message is used. The operator's bootstrap addresses are dialled as given, and stand for a
+  bootstrap peer whose own address may not be dialled.
 - Failed peers are blacklisted with exponential backoff and dropped from tables after
   `max_failures` consecutive failures. Only peers that answered enter tables, so a fake contact
   offered in a lookup never does.
@@ -138,6 +143,7 @@ class DHTNode:
         self.client_mode = client_mode
         self.region = region
         self.bootstrap_addrs = list(bootstrap)
+        self._bootstrapped: dict[str, str] = {}  # peer id → the bootstrap address the operator gave for it
         self.peer_id = network.peer_id
         self.node_id = node_id(self.peer_id)
         self.rng = random.Random(seed if seed is not None else self.node_id)
@@ -156,7 +162,8 @@ class DHTNode:
         self._relabelled: set[int] = set()  # levels whose label changed since we last announced it
         self._relabel_wakeup = trio.Event()
         self._recent_rtts: deque[float] = deque(maxlen=64)  # every peer's, for expectations of unmeasured ones
-        self.stats = {"requests_in": 0, "requests_out": 0, "bad_requests": 0, "bad_replies": 0, "corrections": 0}
+        self.stats = {"requests_in": 0, "requests_out": 0, "bad_requests": 0, "bad_replies": 0, "corrections": 0,
+                      "addrs_refused": 0}
         network.add_connection_listener(self._on_connection)
 
     # --- public surface -------------------------------------------------------------------------
@@ -403,6 +410,16 @@ class DHTNode:
             return False
         return not self.config.puzzle_difficulty or puzzle_ok(contact.peer_id, self.config.puzzle_difficulty)
 
+    def _may_dial(self, peer_id: str, addr: str) -> bool:
+        """Whether an address a stranger gave for `peer_id` may be dialled, noted, or passed on
+        (`Network.may_dial`: a stranger must not aim us at this host, its link, or a private network
+        we are not in). Every contact of a reply and every sender address passes here."""
+        if self.network.may_dial(addr):
+            return True
+        self.stats["addrs_refused"] += 1
+        log.debug("not dialling %s for %s", addr[:200], peer_id)
+        return False
+
     def _observe(self, peer_id: str, info: PeerInfo, rtt: float | None) -> None:
         """Fold what a message told us about its sender into states, Vivaldi, clusters and tables."""
         now = trio.current_time()
@@ -412,9 +429,12 @@ class DHTNode:
         ps.coord = info.coord
         ps.labels = {lv: advert.landmark for lv, advert in info.labels.items()}
         ps.last_seen = now
-        if info.addr is not None:
-            ps.addr = info.addr
-            self.network.add_address(peer_id, info.addr)
+        addr = info.addr
+        if addr is not None and not self._may_dial(peer_id, addr):
+            addr = self._bootstrapped.get(peer_id)
+        if addr is not None:
+            ps.addr = addr
+            self.network.add_address(peer_id, addr)
         changed: list[int] = []
         if rtt is not None:
             ps.failures = 0
@@ -569,7 +589,7 @@ class DHTNode:
     def _contacts(self, wire: list[WireContact]) -> list[tuple[Contact, Coord | None]]:
         out = []
         for wc in wire:
-            if wc.peer_id == self.peer_id:
+            if wc.peer_id == self.peer_id or not self._may_dial(wc.peer_id, wc.addr):
                 continue
             ps = self.peers.get(wc.peer_id)
             coord = ps.coord if ps is not None and ps.coord is not None else wc.coord
@@ -723,6 +743,7 @@ class DHTNode:
                 peer_id = await self.network.connect(addr, timeout=self.config.request_timeout)
                 if peer_id == self.peer_id:
                     continue
+                self._bootstrapped[peer_id] = addr
                 await self._rpc(peer_id, addr, "ping", {})
                 reached += 1
             except P2PError as e:

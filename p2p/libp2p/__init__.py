@@ -6,7 +6,7 @@ One concept a module (imports only go down the list):
                   limits on inbound connections not admitted yet (`InboundLimits`)
     addresses.py  full multiaddrs (…/p2p/<id>), circuit addresses through a relay, and which IPs we may
                   be made to dial (`may_dial`: never this host or its link; a private range only from one),
-                  the order others should try ours in (`announce_order`)
+                  the order others should try ours in (`announce_order`); verdicts remembered (`DialVerdicts`)
     book.py       the address book (where to dial each peer) and py-libp2p's peerstore, both bounded
     gate.py       the session handshake: wire version and the swarm key proof; `GatedHost`, what every
                   part below needs of the network (each part's Protocol adds its own needs to it)

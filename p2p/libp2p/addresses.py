@@ -3,7 +3,8 @@
 
 Which IPs a peer may be made to dial (`may_dial_local`, `may_dial`; a whole address: `may_dial_addr`):
 an address a stranger names or a connection arrives from must not aim our dials at this host, its
-link, or (unless we live in one ourselves) a private network behind us. `announce_order`: our own
+link, or (unless we live in one ourselves) a private network behind us; `DialVerdicts` remembers
+`may_dial_addr`'s verdicts while our own IPs stay the same. `announce_order`: our own
 addresses in the order others should try them.
 """
 
@@ -125,6 +126,28 @@ def may_dial_addr(addr: str, ours: Iterable[str]) -> bool:
         return False
     endpoint = tcp_endpoint(addr if circuit is None else circuit[0])
     return endpoint is not None and may_dial(endpoint[0], ours)
+
+
+class DialVerdicts:
+    """`may_dial_addr` remembered per address while `ours` stays the same (the verdict is a function of
+    both): parsing a multiaddr costs about 0.1 ms, and lookups hear of the same peers again and again.
+    At most `max_addrs` are remembered; past that the memory starts afresh."""
+
+    def __init__(self, max_addrs: int = 4096):
+        self.max_addrs = max_addrs
+        self._ours: frozenset[str] = frozenset()
+        self._verdicts: dict[str, bool] = {}
+
+    def may_dial(self, addr: str, ours: Iterable[str]) -> bool:
+        mine = frozenset(ours)
+        if mine != self._ours:
+            self._ours, self._verdicts = mine, {}
+        verdict = self._verdicts.get(addr)
+        if verdict is None:
+            if len(self._verdicts) >= self.max_addrs:
+                self._verdicts.clear()
+            verdict = self._verdicts[addr] = may_dial_addr(addr, mine)
+        return verdict
 
 
 def announce_order(direct: list[str], circuits: list[str]) -> list[str]:

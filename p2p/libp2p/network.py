@@ -96,7 +96,7 @@ from ..network import (
     StreamHandler,
 )
 from . import gate, io, patches
-from .addresses import announce_order, full_addr, may_dial_addr, split_circuit, tcp_endpoint
+from .addresses import DialVerdicts, announce_order, full_addr, split_circuit, tcp_endpoint
 from .autonat import Autonat, AutonatLimits
 from .book import AddressBook
 from .holepunch import HolePunch
@@ -192,6 +192,8 @@ class Libp2pNetwork(Network):
         self._implicit_dials: dict[str, tuple[trio.Event, list[BaseException]]] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = False
+        self._listen_ips: list[str] = []  # of `direct_addrs()`, fixed once listening (see `may_dial`)
+        self._dial_verdicts = DialVerdicts()
 
         key_pair = _ed25519.create_new_key_pair(identity.seed)
         self._libp2p_id = ID.from_pubkey(key_pair.public_key)
@@ -368,9 +370,11 @@ class Libp2pNetwork(Network):
 
     def may_dial(self, addr: str) -> bool:
         """`addresses.may_dial_addr` given the IPs we listen on and peers in two networks see us at (as
-        hole punching and autorelay judge theirs)."""
-        ours = [e[0] for e in map(tcp_endpoint, self.direct_addrs()) if e is not None]
-        return may_dial_addr(addr, [*ours, *self.confirmed_ips()])
+        hole punching and autorelay judge theirs). The IPs we listen on are read once: the listeners
+        do not change after `open`, and parsing them costs more than the verdict."""
+        if not self._listen_ips:
+            self._listen_ips = [e[0] for e in map(tcp_endpoint, self.direct_addrs()) if e is not None]
+        return self._dial_verdicts.may_dial(addr, [*self._listen_ips, *self.confirmed_ips()])
 
     def direct_addrs(self) -> list[str]:
         """The addresses we listen on (with /p2p/<id>), without circuit addresses."""
