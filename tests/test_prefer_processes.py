@@ -33,7 +33,8 @@ def _route(user: PeerProcess, prompt: str) -> list[str]:
 
 
 def _sessions_opened(*servers: PeerProcess) -> dict[str, int]:
-    return {p.peer_id: p.call("status")["server"]["sessions_opened"] for p in servers}
+    """Sessions each server has opened, by its data dir's name."""
+    return {p.data_dir.name: p.call("status")["server"]["sessions_opened"] for p in servers}
 
 
 @pytest.mark.slow
