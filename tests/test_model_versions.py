@@ -1,7 +1,8 @@
 """Requests routed by model family (issue #17): a request for any version of a family runs on the newest
 complete version the peer holds the folder of (potluck/generation.py `find_model`, `choose_version`,
 pipeline/versions.py `Lineage.preference`), and the answer names the id that served; on real processes,
-the old version serves until the new one is complete, then the new one does."""
+the old version serves until the new one is complete, then the new one does — for users holding its
+folder, while a server and a user holding only the old folder keep serving and using the old one."""
 
 from __future__ import annotations
 
@@ -143,6 +144,46 @@ def test_the_old_version_serves_until_the_new_one_is_complete_then_the_new_one_d
     assert answer.json()["potluck"]["model_id"] == new_id and answer.json()["model"] == new.name
     listing = {m["root"]: m["potluck"] for m in httpx.get(api + "/v1/models", timeout=60).json()["data"]}
     assert listing[old_id]["superseded_by"] == new_id and listing[new_id]["supersedes"] == [old_id]
+
+
+@pytest.mark.slow  # four peers
+def test_a_server_holding_only_the_old_version_keeps_serving_it_after_the_new_one_is_complete(spawn, two_versions):
+    """The new version complete in the swarm does not retire the old one: its server (only the old folder)
+    keeps announcing and serving, a user holding only the old folder is answered by it — asked by id or
+    by name — while a user holding both folders moves to the new version."""
+    from potluck.localswarm import wait_until
+
+    (old, old_id), (new, new_id) = two_versions
+    server_old = spawn("--model", str(old), "--blocks", "0:4", "--threads", "1")
+    boot = ["--threads", "1", "--bootstrap", server_old.addr]
+    server_new = spawn("--model", str(new), "--blocks", "0:4", "--supersedes", old_id, *boot)
+    user_old = spawn("--model", str(old), *boot)
+    user_both = spawn("--model", str(old), "--model", str(new), *boot)
+
+    def ask(user, model: str) -> dict:
+        return user.call("generate", model=model, prompt=[1, 2, 3], max_tokens=2)
+
+    def served_by_new() -> dict | None:
+        try:
+            answer = ask(user_both, old_id)
+        except RuntimeError:
+            return None  # the user's peer has not taken up its versions yet
+        return answer if answer["model_id"] == new_id else None
+
+    moved = wait_until(served_by_new, 90, 1, message="the user holding both folders served by the new version")
+    assert [hop["peer_id"] for hop in moved["route"]] == [server_new.peer_id] and moved["tokens"] == 2
+    models = {m["model_id"]: m for m in user_both.call("status", models=True)["models"]}
+    assert models[old_id]["superseded_by"] == new_id and models[new_id]["coverage"]["complete"]
+
+    for asked in (old_id, old.name):  # by id and by name: the old version, from the server that kept it
+        served = ask(user_old, asked)
+        assert served["model_id"] == old_id and served["tokens"] == 2, user_old.log_tail()
+        assert [hop["peer_id"] for hop in served["route"]] == [server_old.peer_id]
+    # the old server still announces its blocks: the swarm's view of the old version is complete through it
+    models = {m["model_id"]: m for m in user_both.call("status", models=True)["models"]}
+    assert models[old_id]["coverage"]["complete"], models[old_id]
+    assert server_old.call("status")["server"]["sessions_opened"] >= 2
+    assert ask(user_both, old.name)["model_id"] == new_id  # and the user holding both stays on the new one
 
 
 def test_potluck_status_shows_the_supersedes_relations():
