@@ -219,3 +219,60 @@ def test_a_server_process_announces_every_address_it_listens_on(spawn, llama_fol
 
     (seen,) = wait_until(listed, 90, 1, message="the bootstrap peer lists the model's server")
     assert seen["peer_id"] == server.peer_id and seen["addrs"] == own
+
+
+def test_a_listener_on_an_unspecified_ip_stands_for_each_interface_ip():
+    """0.0.0.0 (or ::) is where we listen, not where anyone can dial us: it becomes one address per IP
+    of this host, internet-routable first, a LAN's next, loopback last; other addresses stay."""
+    from p2p.libp2p.addresses import expand_unspecified
+
+    ips = ["127.0.0.1", "192.168.1.5", "203.0.113.9", "::1", "2001:db8::9"]
+    assert expand_unspecified(f"/ip4/0.0.0.0/tcp/4001/p2p/{ME}", ips) == [PUBLIC, LAN, LOOPBACK]
+    assert expand_unspecified(f"/ip6/::/tcp/4001/p2p/{ME}", ips) == [PUBLIC6, f"/ip6/::1/tcp/4001/p2p/{ME}"]
+    assert expand_unspecified(LAN, ips) == [LAN]
+    assert expand_unspecified(CIRCUIT_A, ips) == [CIRCUIT_A]
+
+
+# Run in a network namespace of its own (unshare): a veth pair gives it two LAN IPs; a peer listening
+# on 0.0.0.0 there must list and announce them (and loopback), never 0.0.0.0, and a peer on the LAN must
+# be allowed to dial, and reach, what it announces first — the address its DHT messages carry too.
+_IN_NAMESPACE = """
+import json, subprocess, trio
+for cmd in ("ip link set lo up", "ip link add v0 type veth peer name v1", "ip addr add 10.99.0.1/24 dev v0",
+            "ip addr add 10.99.0.2/24 dev v1", "ip link set v0 up", "ip link set v1 up"):
+    subprocess.run(cmd.split(), check=True)
+from p2p.identity import Identity
+from p2p.libp2p import Libp2pNetwork
+
+async def main():
+    async with Libp2pNetwork.open(Identity.generate(), ["/ip4/0.0.0.0/tcp/0"]) as a, \\
+            Libp2pNetwork.open(Identity.generate(), ["/ip4/10.99.0.2/tcp/0"]) as b:
+        print("DIRECT", json.dumps(a.direct_addrs()))
+        print("ANNOUNCED", a.announce_addrs())
+        print("FIRST", a.listen_addrs()[0])
+        first = a.announce_addrs()[0]
+        print("MAY", b.may_dial(first))
+        print("REACHED", await b.connect(first, timeout=5) == a.peer_id)
+
+trio.run(main)
+"""
+
+
+def test_a_peer_listening_on_0000_announces_addresses_a_lan_peer_may_dial():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode:
+        pytest.skip("needs root and unshare --net (a network namespace of the test's own)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["unshare", "--net", sys.executable, "-c", _IN_NAMESPACE], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines() if " " in line)
+    direct = json.loads(lines["DIRECT"])
+    ips = [a.split("/")[2] for a in direct]
+    assert ips[-1] == "127.0.0.1" and set(ips[:-1]) == {"10.99.0.1", "10.99.0.2"} and "0.0.0.0" not in ips
+    assert "0.0.0.0" not in lines["ANNOUNCED"] and "0.0.0.0" not in lines["FIRST"]
+    assert lines["MAY"] == "True" and lines["REACHED"] == "True"

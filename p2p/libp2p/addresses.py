@@ -5,15 +5,18 @@ Which IPs a peer may be made to dial (`may_dial_local`, `may_dial`; a whole addr
 an address a stranger names or a connection arrives from must not aim our dials at this host, its
 link, or (unless we live in one ourselves) a private network behind us; `DialVerdicts` remembers
 `may_dial_addr`'s verdicts while our own IPs stay the same. `announce_order`: our own
-addresses in the order others should try them.
+addresses in the order others should try them; `expand_unspecified`: a listener on 0.0.0.0 or :: as
+the addresses of this host's interfaces (`interface_ips`).
 """
 
 from __future__ import annotations
 
 import ipaddress
+import socket
 from typing import Iterable
 
 import multiaddr
+import psutil
 
 from ..errors import PeerUnreachable
 
@@ -148,6 +151,33 @@ class DialVerdicts:
                 self._verdicts.clear()
             verdict = self._verdicts[addr] = may_dial_addr(addr, mine)
         return verdict
+
+
+def interface_ips() -> list[str]:
+    """This host's IPs, from its network interfaces (link-local ones, which need a scope, left out)."""
+    found = []
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family in (socket.AF_INET, socket.AF_INET6) and "%" not in a.address:
+                address = _ip(a.address)
+                if address is not None and not address.is_link_local:
+                    found.append(str(address))
+    return found
+
+
+def expand_unspecified(addr: str, ips: Iterable[str]) -> list[str]:
+    """`addr` (ours, plain TCP) listening on an unspecified IP (0.0.0.0, ::) as one address for each
+    of `ips` of that IP version — the internet-routable ones first, then a LAN's, then this host's —
+    since no peer can dial 0.0.0.0; any other address as it is."""
+    endpoint = tcp_endpoint(addr)
+    address = _ip(endpoint[0]) if endpoint is not None else None
+    if endpoint is None or address is None or not address.is_unspecified:
+        return [addr]
+    tail = addr.split("/tcp/", 1)[1]
+    same = [ip for ip in dict.fromkeys(ips) if (a := _ip(ip)) is not None and a.version == address.version]
+    rank = {ip: 0 if routable(ip) else 2 if ipaddress.ip_address(ip).is_loopback else 1 for ip in same}
+    proto = "ip4" if address.version == 4 else "ip6"
+    return [f"/{proto}/{ip}/tcp/{tail}" for ip in sorted(same, key=lambda ip: rank[ip])]
 
 
 def announce_order(direct: list[str], circuits: list[str]) -> list[str]:

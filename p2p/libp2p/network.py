@@ -96,7 +96,8 @@ from ..network import (
     StreamHandler,
 )
 from . import gate, io, patches
-from .addresses import DialVerdicts, announce_order, full_addr, split_circuit, tcp_endpoint
+from .addresses import (DialVerdicts, announce_order, expand_unspecified, full_addr, interface_ips, split_circuit,
+                        tcp_endpoint)
 from .autonat import Autonat, AutonatLimits
 from .book import AddressBook
 from .holepunch import HolePunch
@@ -377,8 +378,13 @@ class Libp2pNetwork(Network):
         return self._dial_verdicts.may_dial(addr, [*self._listen_ips, *self.confirmed_ips()])
 
     def direct_addrs(self) -> list[str]:
-        """The addresses we listen on (with /p2p/<id>), without circuit addresses."""
-        return [str(a) for a in self._host.get_addrs()]
+        """The addresses we listen on (with /p2p/<id>), without circuit addresses; a listener on 0.0.0.0
+        or :: as one address per IP of this host's interfaces (`addresses.expand_unspecified`)."""
+        addrs = [str(a) for a in self._host.get_addrs()]
+        if not any(a.startswith(("/ip4/0.0.0.0/", "/ip6/::/")) for a in addrs):
+            return addrs
+        ips = interface_ips()
+        return list(dict.fromkeys(x for a in addrs for x in expand_unspecified(a, ips)))
 
     def observed_addrs(self) -> list[tuple[str, int]]:
         """Our addresses as admitted peers see them (identify), each with how many reporting networks
