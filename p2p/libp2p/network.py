@@ -68,7 +68,6 @@ from libp2p.host.exceptions import StreamFailure
 from libp2p.network.config import ConnectionConfig, RetryConfig
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
-from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
 from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
@@ -189,7 +188,9 @@ class Libp2pNetwork(Network):
         self._listeners: list[ConnectionListener] = []
         self._sessions: dict[str, list[RequestSession]] = {}
         self._streams_in: dict[str, int] = {}
-        self._dial_locks: dict[str, trio.Lock] = {}
+        # one dial at a time per (peer, address); another address of the same peer may race it
+        # (pipeline/hop.py `connect_announced`: the first to reach the peer wins)
+        self._dial_locks: dict[tuple[str, str], trio.Lock] = {}
         self._implicit_dials: dict[str, tuple[trio.Event, list[BaseException]]] = {}
         self._nursery: trio.Nursery | None = None
         self._closing = False
@@ -480,7 +481,7 @@ class Libp2pNetwork(Network):
         self._book.add_if_missing(peer_id, full)
         if self._session(peer_id) is not None:
             return peer_id
-        lock = self._dial_locks.setdefault(peer_id, trio.Lock())
+        lock = self._dial_locks.setdefault((peer_id, full), trio.Lock())
         try:
             with self._book.dialing(peer_id), trio.fail_after(timeout):
                 async with lock:
@@ -491,7 +492,7 @@ class Libp2pNetwork(Network):
             raise RequestTimeout(f"connecting to {peer_id} took longer than {timeout:g} s") from None
         finally:
             if not lock.locked() and lock.statistics().tasks_waiting == 0:
-                self._dial_locks.pop(peer_id, None)
+                self._dial_locks.pop((peer_id, full), None)
         return peer_id
 
     async def _dial(self, peer_id: str, ma: multiaddr.Multiaddr) -> None:
@@ -510,8 +511,11 @@ class Libp2pNetwork(Network):
                     # swarm like a direct one, and our session handshake runs on it unchanged.
                     if not self._swarm.get_connections(pid):
                         await self._relay.dial(str(ma), peer_id)
-                else:
-                    await self._host.connect(PeerInfo(pid, [transport]))
+                elif not self._swarm.get_connections(pid):
+                    # this address alone: the swarm's own dial_peer would wait for any dial of the peer
+                    # in progress and pick from every address it ever noted for it
+                    self._host.get_peerstore().add_addrs(pid, [transport], 120)
+                    await self._swarm.dial_addr(transport, pid)
             except trio.Cancelled:
                 raise
             except P2PError:
