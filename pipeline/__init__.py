@@ -32,7 +32,8 @@ Layers, each readable alone (imports only go down the list; none comes back up):
                   by their accuser; fetch_proof
     billing.py    credits in sessions: ServerBilling / ClientBilling (receipts, earn/spend, admission)
     hop.py        Hop: the client's end of one session — RemoteHop (a stream) or LocalHop (our own server,
-                  in process); StepRecord; connect_announced (a server's announced addresses, in turn)
+                  in process); StepRecord; connect_announced (a server's announced addresses,
+                  Happy-Eyeballs style: staggered dials, the first to reach it wins)
     checkpolicy.py  which steps are spot-checked: AdaptivePolicy (per-server trust), FixedPolicy
     attestations.py AttestationBook: passed checks shared as signed attestations by gossip, counted
                   toward probation only from signers with standing

@@ -20,7 +20,7 @@ most `MAX_ANNOUNCED_ADDRS`, each printable ASCII of at most `MAX_ADDR_LEN` chara
 /p2p/<its own peer id> (a circuit address ends in …/p2p-circuit/p2p/<its id>), none twice. An
 announcement naming another peer's address is refused whole, not trimmed: no honest server writes one
 (`announced_addrs` builds ours within these bounds), and a client must never be aimed at someone else.
-A client tries them in turn (pipeline/hop.py `connect_announced`), only those its network may dial.
+A client tries them in order, staggered (pipeline/hop.py `connect_announced`), only those its network may dial.
 
 `reliability` is the server's own factor (pipeline/billing.py: from disputes in its ledger) — a
 self-report: routing never believes it above what the client sees itself.

@@ -1,7 +1,7 @@
 """The client's end of one session with one server for blocks [start, end): a `Hop`.
 
 A `RemoteHop` is a stream to another peer: `RemoteHop.open` (first, when the peer is not connected,
-`connect_announced`: the addresses its announcement lists, in turn) sends "open" and waits for "opened";
+`connect_announced`: the addresses its announcement lists, staggered) sends "open" and waits for "opened";
 "opened" states the session's rate when the server bills (`rate`, what the receipts must carry);
 `send_step` / `receive_out` carry one step (the reply is checked: its step id, token count,
 finiteness, and the server's signature over the result, pipeline/proofs.py); once the step's inputs
@@ -45,23 +45,55 @@ from .routing import RouteHop
 log = logging.getLogger(__name__)
 
 
-async def connect_announced(network: Network, peer_id: str, addrs: Sequence[str], *, each: float) -> bool:
+DIAL_STAGGER = 0.25
+"""Seconds an announced address's dial has to itself before the next one starts too (RFC 8305's
+connection attempt delay): a black hole first costs this, not a whole dial timeout."""
+
+
+async def connect_announced(network: Network, peer_id: str, addrs: Sequence[str], *, each: float,
+                            stagger: float = DIAL_STAGGER) -> bool:
     """Connect to `peer_id` at the addresses its announcement lists (`ServerInfo.addrs`, at most
-    `MAX_ANNOUNCED_ADDRS`), in order, each dial within `each` seconds, until one reaches it; only those
-    our network may dial (`Network.may_dial`: a stranger's address must not aim us at this host or the
-    networks behind it). The address that answered is where the network dials the peer from now on
-    (a dead one dialled before it stays out of the address book). Whether one did."""
+    `MAX_ANNOUNCED_ADDRS`), only those our network may dial (`Network.may_dial`: a stranger's address
+    must not aim us at this host or the networks behind it), Happy-Eyeballs style: in order, the next
+    dial starting when the one before failed or after `stagger` seconds, each within `each` seconds;
+    the first that reaches `peer_id` (a dial reaching another peer is a failure) wins and the others are
+    cancelled. The winner is where the network dials the peer from now on (the others stay out of the
+    address book). Whether one did."""
+    allowed = []
     for addr in addrs:
-        if not network.may_dial(addr):
+        if network.may_dial(addr):
+            allowed.append(addr)
+        else:
             log.debug("not dialling %s at %s: an address we may not dial", peer_id[-8:], addr[:80])
-            continue
-        try:
-            if await network.connect(addr, timeout=each) == peer_id:
-                network.add_address(peer_id, addr)
-                return True
-        except (P2PError, trio.TooSlowError) as e:
-            log.debug("could not dial %s at %s: %s", peer_id[-8:], addr[:80], e)
-    return False
+    won: list[str] = []
+    async with trio.open_nursery() as nursery:
+        for addr in allowed:
+            failed = trio.Event()
+            nursery.start_soon(_dial_one, network, peer_id, addr, each, failed, won, nursery.cancel_scope)
+            with trio.move_on_after(stagger):
+                await failed.wait()
+    if not won:
+        return False
+    network.add_address(peer_id, won[0])
+    return True
+
+
+async def _dial_one(network: Network, peer_id: str, addr: str, timeout: float, failed: trio.Event,
+                    won: list[str], race: trio.CancelScope) -> None:
+    """One dial of `connect_announced`'s race: `failed` is set unless it reaches `peer_id`; then `addr`
+    joins `won` and the race is over (`race` cancelled)."""
+    try:
+        reached = await network.connect(addr, timeout=timeout)
+    except (P2PError, trio.TooSlowError) as e:
+        log.debug("could not dial %s at %s: %s", peer_id[-8:], addr[:80], e)
+        failed.set()
+        return
+    if reached != peer_id:
+        log.debug("dialled %s at %s and reached %s", peer_id[-8:], addr[:80], reached[-8:])
+        failed.set()
+        return
+    won.append(addr)
+    race.cancel()
 
 
 def _raise_typed(e: InferenceError, peer_id: str) -> NoReturn:

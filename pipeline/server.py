@@ -44,9 +44,9 @@
 - Server-to-server forwarding: a step may carry a "push" list; the output is then also sent to the
   next server's session (stream `/potluck/inference-push/1.0.0`), which answers the client itself.
   The next hop must be a server whose current announcement (as this server reads the DHT, at most
-  every `announcement_refresh` seconds) covers the block after the session's span; it is dialled by
-  peer id, at the address it announced when the network knows none. A step naming anyone else is
-  refused before computing (PushRefused); addresses a client sends are never used.
+  every `announcement_refresh` seconds) covers the block after the session's span; when not connected,
+  it is dialled at the addresses it announced (pipeline/hop.py `connect_announced`), then by peer id. A
+  step naming anyone else is refused before computing (PushRefused); addresses a client sends are never used.
 - Signed results (pipeline/proofs.py): when "open" carries the client's fingerprint seed, every "out"
   carries the server's signature over the step's result — the input digest chaining the session's
   history (`InputChain`, updated with the KV cache under the session's compute lock), the output
@@ -92,6 +92,7 @@ from .limiter import PriorityLimiter
 from .loading import ModelFolder, load_span, resolve_dtype
 from .measure import batch_throughput
 from .flops import TIER_PREFILL_TOKENS, tier_flops_per_token
+from .hop import connect_announced
 from .grid import GridSignal, GridSignalFile
 from .model import BlockSpan, CacheError, KVCache
 from .proofs import SEED_LEN, InputChain, result_digests, sign_step, tensor_digest
@@ -890,28 +891,33 @@ class BlockServer:
                         for (p, s), r in zip(rest, receipts[1:])]}
         if receipts[0] is not None:
             msg["receipt"] = receipts[0]
-        if self.network.address_of(peer) is None:  # the first address it announced (signed by itself) we may dial
-            addr = next((a for a in next_hop.addrs if self.network.may_dial(a)), None)
-            if addr is not None:
-                self.network.add_address(peer, addr)
         lock = self._push_locks.setdefault(peer, trio.Lock())
         try:
             with trio.fail_after(self.config.push_timeout):
                 async with lock:
                     stream = self._push_streams.get(peer)
                     if stream is None:
-                        stream = self._push_streams[peer] = await self.network.open_stream(peer, proto.PUSH)
+                        stream = self._push_streams[peer] = await self._open_push(next_hop)
                     try:
                         await stream.send(msg)
                     except P2PError:
                         self._push_streams.pop(peer, None)
-                        stream = self._push_streams[peer] = await self.network.open_stream(peer, proto.PUSH)
+                        stream = self._push_streams[peer] = await self._open_push(next_hop)
                         await stream.send(msg)
             self.stats["pushes_sent"] += 1
         except (P2PError, trio.TooSlowError) as e:
             self._push_streams.pop(peer, None)
             self.stats["push_failures"] += 1
             log.info("push to %s failed: %s (the client falls back)", peer[-8:], e)
+
+    async def _open_push(self, next_hop: ServerInfo) -> Stream:
+        """A push stream to `next_hop`'s server; when not connected, dialled first at the addresses it
+        announced (signed by itself; those we may dial, staggered: `connect_announced`)."""
+        peer = next_hop.peer_id
+        if next_hop.addrs and peer not in self.network.connected_peers():
+            await connect_announced(self.network, peer, next_hop.addrs,
+                                    each=self.config.push_timeout / len(next_hop.addrs))
+        return await self.network.open_stream(peer, proto.PUSH)
 
     async def _handle_push(self, stream: Stream) -> None:
         """Steps pushed by the previous server of a route; the answer goes on the session's own stream."""

@@ -1,12 +1,15 @@
 """A server announces its addresses as a bounded list (issue #16): at most four, each its own, internet-
 routable direct ones first, then circuits; the decoder refuses any other shape. A client's first contact
-tries them in turn, only those its network may dial, and reaches a server whose first address is dead
-(a closed port; a relay that died). On real processes a server announces every address it listens on."""
+tries them in order, staggered (Happy Eyeballs), only those its network may dial, and reaches a server whose
+first address is dead (a closed port; a relay that died; a black hole that never answers: the next address
+is dialled while it is still pending), as does a server pushing to the next one. On real processes a server
+announces every address it listens on."""
 
 from __future__ import annotations
 
 import socket
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, asynccontextmanager
+from typing import AsyncIterator
 
 import pytest
 import trio
@@ -202,6 +205,134 @@ async def test_a_peer_reserved_on_two_relays_is_reached_through_the_second_when_
                 assert dialer.address_of(nated.peer_id) == addrs[1]
                 assert dialer.connection_kinds(nated.peer_id) == ["relayed"]
             stops[1 - first].set()
+
+
+BLACK_HOLE_HELD = 8  # connections a black hole holds open at most (more are closed at once)
+
+
+@asynccontextmanager
+async def black_hole() -> AsyncIterator[int]:
+    """A loopback port that accepts TCP connections and never says a word (held open, at most
+    `BLACK_HOLE_HELD`, until the end): a dial there hangs in its handshake until its timeout."""
+    listener = trio.socket.socket()
+    await listener.bind(("127.0.0.1", 0))
+    listener.listen(BLACK_HOLE_HELD)
+    held: list[trio.socket.SocketType] = []
+
+    async def accept() -> None:
+        while True:
+            sock, _ = await listener.accept()
+            if len(held) < BLACK_HOLE_HELD:
+                held.append(sock)
+            else:
+                sock.close()
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            yield listener.getsockname()[1]
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in held:
+            sock.close()
+        listener.close()
+
+
+def record_dials(monkeypatch, net, via: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """Instrument `net.connect`: the list it returns gets ("start", addr) when a dial starts and then
+    ("reached", addr), ("failed", addr) or ("cancelled", addr), in the order they happen. `via` dials
+    some addresses at another instead (a network whose dial there reaches someone else)."""
+    events: list[tuple[str, str]] = []
+    connect = net.connect
+
+    async def recorded(addr: str, timeout: float = 5.0) -> str:
+        events.append(("start", addr))
+        try:
+            reached = await connect((via or {}).get(addr, addr), timeout=timeout)
+        except trio.Cancelled:
+            events.append(("cancelled", addr))
+            raise
+        except BaseException:
+            events.append(("failed", addr))
+            raise
+        events.append(("reached", addr))
+        return reached
+
+    monkeypatch.setattr(net, "connect", recorded)
+    return events
+
+
+async def test_a_black_hole_announced_first_is_raced_not_waited_for(monkeypatch):
+    """A server's first address accepts TCP and never answers, its second we may not dial: the client
+    dials the third while the first is still pending, reaches the server there, and the black hole's
+    dial is cancelled (not timed out) and never noted; the address we may not dial is never dialled."""
+    with trio.fail_after(60):
+        async with black_hole() as port, \
+                Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as server, \
+                Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as client:
+            hole = f"/ip4/127.0.0.1/tcp/{port}/p2p/{server.peer_id}"
+            refused = f"/ip4/10.1.2.3/tcp/4001/p2p/{server.peer_id}"  # a private network: we listen on loopback
+            [live] = server.listen_addrs()
+            assert not client.may_dial(refused)
+            events = record_dials(monkeypatch, client)
+            assert await connect_announced(client, server.peer_id, [hole, refused, live], each=10.0)
+            assert events == [("start", hole), ("start", live), ("reached", live), ("cancelled", hole)]
+            assert client.address_of(server.peer_id) == live and server.peer_id in client.connected_peers()
+
+
+async def test_a_dial_that_reaches_another_peer_is_a_failure(monkeypatch):
+    """The first announced address answers as someone else: that dial failed — the race goes on, and
+    the server is reached (and noted) at the next one."""
+    with trio.fail_after(60):
+        async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as server, \
+                Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as other, \
+                Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]) as client:
+            [live], [elsewhere] = server.listen_addrs(), other.listen_addrs()
+            impostor = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{server.peer_id}"
+            events = record_dials(monkeypatch, client, via={impostor: elsewhere})
+            assert await connect_announced(client, server.peer_id, [impostor, live], each=10.0)
+            assert events == [("start", impostor), ("reached", impostor), ("start", live), ("reached", live)]
+            assert client.address_of(server.peer_id) == live
+
+
+async def test_a_server_pushes_to_a_next_hop_whose_first_announced_address_is_a_black_hole(llama, monkeypatch):
+    """Push (server to server): the server of blocks [0, 2) has never contacted that of [2, 4), whose
+    announcement lists a black hole first; it dials the announced addresses as a client does, and the
+    push arrives (the client never falls back to sending the step itself)."""
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 4)
+    with trio.fail_after(120):
+        async with AsyncExitStack() as stack:
+            port = await stack.enter_async_context(black_hole())
+            boot_net, first_net, second_net, client_net = [
+                await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"]))
+                for _ in range(4)]
+            live = second_net.listen_addrs()
+            hole = f"/ip4/127.0.0.1/tcp/{port}/p2p/{second_net.peer_id}"
+            monkeypatch.setattr(second_net, "announce_addrs", lambda: [hole, *live])
+            events = record_dials(monkeypatch, first_net)
+            boot_addr = boot_net.listen_addrs()[0]
+            async with trio.open_nursery() as nursery:
+                boot = DHTNode(boot_net, bootstrap=[], config=DHTConfig(**DHT_CFG))
+                dhts = [DHTNode(net, bootstrap=[boot_addr], client_mode=True, config=DHTConfig(**DHT_CFG))
+                        for net in (first_net, second_net, client_net)]
+                for dht in (boot, *dhts):
+                    await nursery.start(dht.run)
+                servers = [BlockServer(net, dht, path, a, b, model_id=mid,
+                                       config=ServerConfig(throughput=FIXED_TP, announce_period=5.0))
+                           for net, dht, (a, b) in zip((first_net, second_net), dhts, [(0, 2), (2, 4)])]
+                for server in servers:
+                    await nursery.start(server.run)
+                model = await DistributedModel.from_pretrained(path, client_net, dhts[2], model_id=mid,
+                                                               config=ClientConfig(spot_check=None, push=True))
+                assert second_net.peer_id not in first_net.connected_peers()
+                g = await model.generate(PROMPT, max_new_tokens=4, stop_token_ids=[])
+                assert g.token_ids == want and g.route == [(first_net.peer_id, 0, 2), (second_net.peer_id, 2, 4)]
+                assert g.push_fallbacks == 0 and servers[0].stats["push_failures"] == 0
+                assert servers[0].stats["pushes_sent"] == servers[1].stats["pushes_received"] > 0
+                assert ("start", live[0]) in events and ("reached", hole) not in events
+                assert first_net.address_of(second_net.peer_id) == live[0]
+                nursery.cancel_scope.cancel()
 
 
 def test_a_server_process_announces_every_address_it_listens_on(spawn, llama_folder):
