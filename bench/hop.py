@@ -8,12 +8,18 @@
   its flow control) until the receiver acknowledges the last one; the baseline sends the same frames
   over a TCP connection.
 and the ratios (ours / TCP for time, TCP / ours for throughput).
+
+It also times a first contact (`connect_announced`) with a server announcing 1–3 black holes (loopback
+ports that accept TCP and never answer) before its real address, each dial within `--dial-timeout`:
+dialled in turn (the baseline: the next address only once the one before failed) against staggered
+(Happy Eyeballs, the next after `DIAL_STAGGER` while the one before is still pending).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import statistics
 import struct
@@ -27,6 +33,7 @@ import trio
 from p2p.errors import StreamClosed
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
+from pipeline.hop import DIAL_STAGGER, connect_announced
 
 ECHO = "/potluck/bench-echo/1.0.0"
 SINK = "/potluck/bench-sink/1.0.0"
@@ -174,6 +181,48 @@ async def measure(args: argparse.Namespace) -> dict:
     return out
 
 
+MAX_BLACK_HOLES = 3
+
+
+async def _black_hole(held: list[trio.socket.SocketType], task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """A loopback port that accepts connections and never says a word; they are held in `held`."""
+    with trio.socket.socket() as listener:
+        await listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        task_status.started(listener.getsockname()[1])
+        while True:
+            sock, _ = await listener.accept()
+            held.append(sock)
+
+
+async def first_contacts(each: float) -> dict:
+    """Seconds to a first contact with a server announcing 1..MAX_BLACK_HOLES black holes before its
+    real address, dialled in turn and staggered; a fresh client each time."""
+    held: list[trio.socket.SocketType] = []
+    out: dict = {}
+    try:
+        async with trio.open_nursery() as nursery, Libp2pNetwork.open(Identity.generate()) as server:
+            ports = [await nursery.start(_black_hole, held) for _ in range(MAX_BLACK_HOLES)]
+            holes = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{server.peer_id}" for port in ports]
+            for n in range(1, MAX_BLACK_HOLES + 1):
+                addrs = [*holes[:n], server.listen_addrs()[0]]
+                row = {}
+                for name, stagger in (("in_turn", math.inf), ("staggered", DIAL_STAGGER)):
+                    async with Libp2pNetwork.open(Identity.generate()) as client:
+                        t0 = time.perf_counter()
+                        reached = await connect_announced(client, server.peer_id, addrs, each=each, stagger=stagger)
+                        row[name] = round(time.perf_counter() - t0, 3)
+                        if not reached:
+                            raise RuntimeError(f"no first contact past {n} black holes ({name})")
+                row["in_turn_over_staggered"] = round(row["in_turn"] / row["staggered"], 1)
+                out[f"black_holes_{n}"] = row
+            nursery.cancel_scope.cancel()
+    finally:
+        for sock in held:
+            sock.close()
+    return out
+
+
 def summarize(rtt: list[float]) -> dict:
     return {"median_ms": round(statistics.median(rtt) * 1e3, 4), "p90_ms": round(quantile(rtt, 0.9) * 1e3, 4)}
 
@@ -201,6 +250,8 @@ async def run(args: argparse.Namespace) -> dict:
             "rtt_cpu_libp2p_over_tcp": round(rtt["libp2p"]["cpu_ms_per_round_trip"] / rtt["tcp"]["cpu_ms_per_round_trip"], 2),
             "throughput_libp2p_over_tcp": round(tput["libp2p"] / tput["tcp"], 3),
         },
+        "first_contact_s": {"dial_timeout_s": args.dial_timeout, "stagger_s": DIAL_STAGGER,
+                            **await first_contacts(args.dial_timeout)},
         "libp2p_connect_ms": round(m["connect_ms"], 2),
         "libp2p_open_stream_ms": round(m["open_stream_ms"], 2),
         "load_average_1min": round(os.getloadavg()[0], 2),
@@ -218,10 +269,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=16 * 1024)
     p.add_argument("--mib", type=int, default=64)
     p.add_argument("--bulk-repeats", type=int, default=3)
+    p.add_argument("--dial-timeout", type=float, default=3.0, help="each dial of a first contact (the client's)")
     p.add_argument("--quick", action="store_true", help="small sizes, seconds: a smoke run of every figure (the test suite runs it)")
     args = p.parse_args(argv)
     if args.quick:
-        args.rounds, args.warmup, args.mib, args.bulk_repeats = 200, 20, 4, 1
+        args.rounds, args.warmup, args.mib, args.bulk_repeats, args.dial_timeout = 200, 20, 4, 1, 0.6
     result = trio.run(run, args)
     if args.json:
         print(json.dumps(result))

@@ -43,6 +43,9 @@ def test_hop_quick():
     assert figure(r, "rtt_16k.libp2p.median_ms") > 0 and figure(r, "rtt_16k.tcp.median_ms") > 0
     assert figure(r, "ratios.rtt_median_libp2p_over_tcp") > 0
     assert figure(r, "ratios.throughput_libp2p_over_tcp") > 0
+    for n in (1, 2, 3):  # a first contact past n black holes, dialled in turn and staggered
+        assert figure(r, f"first_contact_s.black_holes_{n}.in_turn") > 0
+        assert figure(r, f"first_contact_s.black_holes_{n}.staggered") > 0
 
 
 def test_gossip_sim_quick():
