@@ -55,7 +55,8 @@ async def connect_announced(network: Network, peer_id: str, addrs: Sequence[str]
     """Connect to `peer_id` at the addresses its announcement lists (`ServerInfo.addrs`, at most
     `MAX_ANNOUNCED_ADDRS`), only those our network may dial (`Network.may_dial`: a stranger's address
     must not aim us at this host or the networks behind it), Happy-Eyeballs style: in order, the next
-    dial starting when the one before failed or after `stagger` seconds, each within `each` seconds;
+    dial starting when the one before failed or after `stagger` seconds (`math.inf`: in turn, as
+    bench/hop.py's baseline), each within `each` seconds;
     the first that reaches `peer_id` (a dial reaching another peer is a failure) wins and the others are
     cancelled. The winner is where the network dials the peer from now on (the others stay out of the
     address book). Whether one did."""
