@@ -24,8 +24,11 @@
   refusal, malformed or non-finite output), its server is banned for a while, a new route for that
   hop's blocks is built from the others, the history is replayed there — chunk by chunk in one
   message, so the rebuilt KV cache is bit-identical — and the step goes on. Greedy output is the
-  same as an undisturbed run. A session the server ended is no fault the first time: displaced by
-  another client (Displaced) or expired (SessionExpired: idle, a move), it is re-routed and replayed
+  same as an undisturbed run. A broken stream may be the transport's doing (the relay a NATed server
+  is reached through died): before any ban, the client reaches that server again at its announced
+  addresses and replays there (once per server and session). A session the server ended is no fault
+  the first time: displaced by another client (Displaced) or expired (SessionExpired: idle, a move),
+  it is re-routed and replayed
   without a ban, on other servers where a route is left (a replay there is paid for again; our own
   server replays free); a server that ends a session's hop a second time is banned (else it could
   bill the replays over and over). A route open or rebuild that is cancelled or refused closes the
