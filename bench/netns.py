@@ -21,9 +21,13 @@ us–ap 150 ms; peers on <region>-0 and -1, DHT probes on <region>-2):
 - hole_punch: `netlab.netpeer` peers behind port-restricted NATs in eu (home) and us (cafe) meet
   through a relay on ap-1: request RTT on the relay (the target without hole punching: the
   baseline) vs after hole punching (`direct_over_relayed`), seconds from connecting to direct, and
-  whether a dialer behind a symmetric NAT (cgn, us) stays on the relay, as it must.
+  whether a dialer behind a symmetric NAT (cgn, us) stays on the relay, as it must; and the same for
+  generations: tok/s of a user behind the cafe NAT through a volunteer behind the home NAT serving the
+  whole model (`potluck serve` peers, a swarm of their own around a relay on ap-1), the volunteer with
+  `--no-hole-punch` (the baseline) vs after hole punching (`direct_over_relayed_tokens_per_s`).
 
---quick: everything but tokens_per_s and recovery_after_kill, the speculative figure on fewer tokens.
+--quick: everything but tokens_per_s and recovery_after_kill, the speculative and hole_punch tok/s figures on
+fewer tokens.
 Needs root (network namespaces); without it prints {"skipped": reason} and exits 0. The model is
 converted once into --data-dir (default: potluck's, ~/.potluck); without it the pipeline
 measurements report {"skipped": why}.
@@ -279,7 +283,55 @@ def _netpeer_result(lab, host, port: int, *args: str, timeout: float = 90.0) -> 
     return json.loads(_read_line(proc, timeout) or '{"ok": false, "error": "no result"}')
 
 
-def measure_hole_punch(lab, peers) -> dict:
+NATED_TOKENS = {"full": 32, "quick": 12}
+
+
+def measure_nated_tokens_per_s(lab, relay_host, home, cafe, *, tokens: int) -> dict:
+    """tok/s of a user behind one NAT (cafe) through a volunteer behind another (home) serving the whole
+    model, the two meeting through a relay on `relay_host`: the volunteer with `--no-hole-punch` (on
+    the relay: the baseline), then a fresh volunteer and user on the same hosts after hole punching.
+    A swarm of their own (the relay is their bootstrap), so the route is the volunteer's."""
+    from potluck.localswarm import wait_until
+
+    common = ["--model", str(lab.model_folder), "--threads", "1"]
+    relay = lab.spawn_peer(relay_host, "--relay-service", port=4900, timeout=120)
+    joined = ["--relay", relay.addr, "--bootstrap", relay.addr]
+    out: dict = {}
+    for port, mode, flags in ((4900, "relayed", ["--no-hole-punch"]), (4901, "direct", [])):
+        volunteer = lab.peer_process(home, *common, "--blocks", "0:30", *joined, *flags, port=port).launch()
+        user = lab.peer_process(cafe, *common, *joined, port=port).launch()
+        for p in (volunteer, user):
+            p.wait_ready(120)
+
+        def through_volunteer(n: int) -> dict | None:
+            try:
+                r = user.call("generate", prompt=PROMPT, max_tokens=n, timeout=120)
+            except RuntimeError:
+                return None  # not announced yet
+            return r if [h["peer_id"] for h in r["route"]] == [volunteer.peer_id] else None
+
+        # the warm-up loads the client half, and (without --no-hole-punch) starts the hole punch
+        wait_until(lambda: through_volunteer(2), 180, 2, message=f"a generation through the {mode} volunteer")
+        if mode == "direct":
+            wait_until(lambda: volunteer.status()["relay"]["hole_punch"]["direct"] >= 1, 60, 1,
+                       message="the volunteer and the user hole punch")
+        result = wait_until(lambda: through_volunteer(tokens), 120, 2, message=f"a {mode} generation")
+        out[mode] = {"tokens_per_s": round(result["tokens_per_s"], 2), "token_ids": result["token_ids"],
+                     "hole_punch": volunteer.status()["relay"]["hole_punch"]}
+        volunteer.kill()
+        user.kill()
+    relayed, direct = out["relayed"]["tokens_per_s"], out["direct"]["tokens_per_s"]
+    return {
+        "tokens": tokens,
+        "relayed_tokens_per_s": relayed,
+        "direct_tokens_per_s": direct,
+        "direct_over_relayed_tokens_per_s": round(direct / relayed, 3),
+        "relayed_stayed_relayed": out["relayed"]["hole_punch"]["direct"] == 0,
+        "same_tokens": out["relayed"]["token_ids"] == out["direct"]["token_ids"],
+    }
+
+
+def measure_hole_punch(lab, peers, *, quick: bool = False) -> dict:
     relay_host, home, cafe, cgn = lab.host("ap-1"), lab.host("home-0"), lab.host("cafe-0"), lab.host("cgn-0")
     relay = _netpeer_result(lab, relay_host, 4800, "--relay-service")["addrs"][0]
     baseline_target = _netpeer_result(lab, home, 4800, "--relay", relay, "--no-hole-punch")["addrs"][0]
@@ -298,6 +350,9 @@ def measure_hole_punch(lab, peers) -> dict:
         "direct_after_s": punched["direct_after_s"],
         "failed_requests_while_moving": punched["switch_failures"],
         "symmetric_stays_relayed": bool(symmetric.get("ok") and not symmetric.get("direct")),
+        # the same route's generation speed, on the relay vs direct
+        **(measure_nated_tokens_per_s(lab, relay_host, home, cafe, tokens=NATED_TOKENS["quick" if quick else "full"])
+           if getattr(lab, "model_folder", None) else {"tokens_per_s": {"skipped": getattr(lab, "model_skip", "no model")}}),
     }
 
 
@@ -372,7 +427,8 @@ def run(data_dir: str | None = None, *, quick: bool = False) -> dict:
         model_folder = getattr(lab, "model_folder", None)  # set by _start_peers, like the measurements read it
         result["model"] = str(model_folder) if model_folder else {"skipped": getattr(lab, "model_skip", "no model")}
         measurements: dict[str, Callable[..., dict]] = {
-            **MEASUREMENTS, "speculative": functools.partial(measure_speculative, quick=quick)}
+            **MEASUREMENTS, "speculative": functools.partial(measure_speculative, quick=quick),
+            "hole_punch": functools.partial(measure_hole_punch, quick=quick)}
         for name, fn in measurements.items():
             if quick and name in MODEL_MEASUREMENTS:
                 continue

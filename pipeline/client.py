@@ -24,8 +24,11 @@
   refusal, malformed or non-finite output), its server is banned for a while, a new route for that
   hop's blocks is built from the others, the history is replayed there — chunk by chunk in one
   message, so the rebuilt KV cache is bit-identical — and the step goes on. Greedy output is the
-  same as an undisturbed run. A session the server ended is no fault the first time: displaced by
-  another client (Displaced) or expired (SessionExpired: idle, a move), it is re-routed and replayed
+  same as an undisturbed run. A broken stream may be the transport's doing (the relay a NATed server
+  is reached through died): before any ban, the client reaches that server again at its announced
+  addresses and replays there (once per server and session). A session the server ended is no fault
+  the first time: displaced by another client (Displaced) or expired (SessionExpired: idle, a move),
+  it is re-routed and replayed
   without a ban, on other servers where a route is left (a replay there is paid for again; our own
   server replays free); a server that ends a session's hop a second time is banned (else it could
   bill the replays over and over). A route open or rebuild that is cancelled or refused closes the
@@ -207,6 +210,7 @@ class InferenceSession:
         # where a route is left (the replay there would be paid for again)
         self._ended_by: set[str] = set()
         self._held: set[Hop] = set()  # route hops counted in the sequence manager's `held` until closed
+        self._reconnected: set[str] = set()  # servers whose broken stream we re-opened once, without a ban
         cfg = model.client_config
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
                                     model_id=model.model_id, billing=cfg.billing, step_timeout=cfg.step_timeout)
@@ -430,22 +434,33 @@ class InferenceSession:
         """Replace hop `index` by a fresh route for its blocks and replay the history there."""
         bad = self.hops[index]
         seq = self.model.sequence
-        log.info("hop %s failed (%s: %s); re-routing blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
-        kind = err.kind if isinstance(err, InferenceError) else None
-        # ended by its server (displaced for room, expired while idle or moving): no fault once per server
-        # and session; a server ending it again would make us pay its replays over and over
-        ended = kind in (proto.DISPLACED, proto.SESSION_EXPIRED)
-        if not ended or bad.peer_id in self._expired_by:
-            seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
-        if ended:
-            self._expired_by.add(bad.peer_id)
-        if kind in (proto.DISPLACED, proto.SESSION_EXPIRED) and isinstance(bad, RemoteHop):  # ours replays free
-            self._ended_by.add(bad.peer_id)
+        log.info("hop %s failed (%s: %s); recovering blocks [%d, %d)", bad, type(err).__name__, err, bad.start, bad.end)
         self.stats.recoveries += 1
         if self.checker is not None:
             await self.checker.forget(bad)
         liar = isinstance(err, WrongOutput)
         await self.close_hop(bad, polite=liar, pay=not liar)  # a liar is not paid for the step it lied on
+        fault = True
+        if isinstance(bad, RemoteHop) and isinstance(err, StreamClosed):  # perhaps its transport (a relay) died
+            try:
+                if await self._reconnect(index, bad):
+                    return
+            except Refused as e:
+                if not isinstance(e, SERVER_SPECIFIC):
+                    raise
+                # reached again: the connection broke, not the server, which has no room for us now
+                fault = False
+                self._ended_by.add(bad.peer_id)
+        kind = err.kind if isinstance(err, InferenceError) else None
+        # ended by its server (displaced for room, expired while idle or moving): no fault once per server
+        # and session; a server ending it again would make us pay its replays over and over
+        ended = kind in (proto.DISPLACED, proto.SESSION_EXPIRED)
+        if fault and (not ended or bad.peer_id in self._expired_by):
+            seq.ban(bad.peer_id, f"{type(err).__name__}: {err}")
+        if ended:
+            self._expired_by.add(bad.peer_id)
+        if kind in (proto.DISPLACED, proto.SESSION_EXPIRED) and isinstance(bad, RemoteHop):  # ours replays free
+            self._ended_by.add(bad.peer_id)
         for _ in range(self.model.client_config.max_recoveries + 1):
             try:
                 new = await self._reroute(bad.start, bad.end)
@@ -477,6 +492,50 @@ class InferenceSession:
             self.hops[index:index + 1] = new
             return
         raise GenerationFailed(f"could not rebuild blocks [{bad.start}, {bad.end}) on other servers")
+
+    async def _reconnect(self, index: int, bad: RemoteHop) -> bool:
+        """Replace hop `index` (`bad`, whose stream broke) by a fresh session with the same server, reached
+        again at the addresses it announced (each dial within `dial_timeout`), and replay the history
+        there: a server whose connection died (e.g. the relay it was reached through) but which is still
+        reachable at another of its addresses is no faulty server. Once per server and session: a server
+        breaking its streams again would make us pay its replays over and over. Whether it worked (if
+        not, the caller bans the server and re-routes as for any fault); a server-specific refusal of the
+        new session is raised (the server was reached: no fault)."""
+        if bad.peer_id in self._reconnected:
+            return False
+        self._reconnected.add(bad.peer_id)
+        seq, network, cfg = self.model.sequence, self.model.network, self.model.client_config
+        info = seq.server(bad.peer_id)
+        addrs = info.addrs if info is not None else ()
+        if addrs and bad.peer_id not in network.connected_peers() and not await connect_announced(
+                network, bad.peer_id, addrs, each=cfg.dial_timeout):
+            log.info("%s: its server is reachable at none of its announced addresses", bad)
+            return False
+        seq.hold([bad.peer_id])
+        hop: Hop | None = None
+        try:
+            hop = await self.open_hop(RouteHop(bad.peer_id, bad.start, bad.end), addrs)
+            self._held.add(hop)
+            if self.position:
+                await self._run_route_hop(hop, torch.cat(self.history[hop.start], dim=1), 0, self.chunks)
+        except (P2PError, trio.TooSlowError) as e:  # the caller bans it for the broken stream
+            log.info("%s: a new session with its server failed too: %s: %s", bad, type(e).__name__, e)
+            await self._drop_reconnect(bad.peer_id, hop)
+            return False
+        except BaseException:  # cancelled or refused
+            with trio.CancelScope(shield=True):
+                await self._drop_reconnect(bad.peer_id, hop)
+            raise
+        log.info("%s: reached its server again; session replayed there", bad)
+        self.hops[index] = hop
+        return True
+
+    async def _drop_reconnect(self, peer_id: str, hop: Hop | None) -> None:
+        """Undo a failed `_reconnect`: close its session (releasing its hold), or release the hold alone."""
+        if hop is None:
+            self.model.sequence.release([peer_id])
+        else:
+            await self.close_hop(hop, polite=False)
 
     async def _reroute(self, start: int, end: int) -> list[Hop]:
         """`_open_route` for a hop's blocks, leaving out (`avoid`) the servers that ended a hop of this

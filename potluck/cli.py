@@ -91,6 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="behind NAT: full multiaddr of a peer running --relay-service; this peer reserves a slot "
                         "there and is announced as reachable through it (repeatable). Without it, a peer found "
                         "behind NAT chooses relays itself from those the swarm announces")
+    p.add_argument("--no-hole-punch", dest="hole_punch", action="store_false",
+                   help="stay on the relay with peers met through one (no direct connection is tried)")
     p.add_argument("--starting-grant", type=float, metavar="CREDITS",
                    help="credit policy: GFLOP-credits each new identity grants itself (default 0: an open swarm "
                         "mints nothing; a private swarm may); a swarm's peers must all use the same policy")
@@ -289,6 +291,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         swarm_key_file=args.swarm_key,
         relay_service=args.relay_service,
         relays=args.relay,
+        hole_punch=args.hole_punch,
         region=args.region,
         model=args.model[0] if args.model else None,
         model_candidates=args.model,

@@ -135,6 +135,7 @@ class PeerConfig:
     swarm_key_file: Path | None = None
     relay_service: bool = False  # serve circuit relay v2 for members behind NAT (a public peer)
     relays: list[str] = field(default_factory=list)  # behind NAT: reserve on these relays, announce the circuit
+    hole_punch: bool = True  # peers met through a relay try a direct connection (DCUtR)
     region: str = ""
     presence_interval: float = 30.0
     model: str | None = None  # None: the default model
@@ -679,6 +680,7 @@ async def run_peer(config: PeerConfig, on_ready: Callable[[Peer], None] | None =
         choose_relays = not config.relays and not config.relay_service  # `--relay` overrides the choice
         async with Libp2pNetwork.open(identity, config.listen, swarm_key=swarm_key,
                                       relay_service=config.relay_service, relays=config.relays,
+                                      hole_punch=config.hole_punch,
                                       **config.limits.network_options()) as network:
             peer = Peer(config, identity, network, ledger, swarm_key=swarm_key)
             network.add_address_listener(lambda: peer.addrs_changed.set())

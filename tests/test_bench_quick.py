@@ -172,6 +172,10 @@ def test_netns_quick(smollm2_data):
     # peers behind port-restricted NATs hole punch; behind a symmetric NAT they stay on the relay
     assert figure(r, "hole_punch.direct_over_relayed") > 0 and r["hole_punch"]["symmetric_stays_relayed"] is True, \
         r["hole_punch"]
+    # the same route's generations: a NATed volunteer kept on the relay, then hole punched; the same tokens
+    assert figure(r, "hole_punch.relayed_tokens_per_s") > 0 and figure(r, "hole_punch.direct_tokens_per_s") > 0
+    assert figure(r, "hole_punch.direct_over_relayed_tokens_per_s") > 0
+    assert r["hole_punch"]["relayed_stayed_relayed"] is True and r["hole_punch"]["same_tokens"] is True, r["hole_punch"]
 
 
 ATTACKS = ("object_bomb", "malformed_frames", "dht_store_flood", "credit_chain_flood", "kv_cache_hog", "unpaid_compute",

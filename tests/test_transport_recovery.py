@@ -1,0 +1,133 @@
+"""A server whose connection broke while it is still reachable is no faulty server (issue #16): the
+client opens a new session with it — at another of its announced addresses where the one in use died
+(a relay) — replays the history there and goes on, with the same output and no ban. Once per server and
+session: a server whose stream breaks again is banned and replaced like any fault."""
+
+from __future__ import annotations
+
+from contextlib import AsyncExitStack
+
+import trio
+
+from dht.node import DHTConfig, DHTNode
+from p2p.identity import Identity
+from p2p.libp2p import Libp2pNetwork
+from pipeline.announce import fetch_servers
+from pipeline.client import ClientConfig, DistributedModel, Finished
+from pipeline.server import BlockServer, ServerConfig
+from testkit.swarms import DHT_CFG, FIXED_TP, swarm
+
+PROMPT = [5, 17, 42, 8, 99, 3]
+
+
+def cut(s, client) -> None:
+    """The simulator drops every connection of `client` (no peer crashes) and lets it dial again."""
+    s.world.partition([client.network.peer_id])
+    s.world.heal()
+
+
+async def test_the_only_server_of_a_span_whose_connection_broke_is_reached_again_not_banned(llama):
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 16)
+    with trio.fail_after(60):
+        async with swarm("sim", path, [(0, 4)], model_id=mid) as s:
+            model = await s.client(spot_check=None, step_timeout=10.0)
+            [server] = s.servers
+            tokens, g = [], None
+            async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[]):
+                if isinstance(ev, Finished):
+                    g = ev.generation
+                    continue
+                tokens.append(ev.token_id)
+                if ev.index == 5:
+                    cut(s, s.clients[0])
+            assert tokens == want
+            assert g.recoveries == 1 and [p for p, _, _ in g.route] == [server.network.peer_id]
+            assert server.network.peer_id not in model.sequence.banned()
+
+
+async def test_a_server_whose_stream_breaks_a_second_time_in_a_session_is_banned_and_replaced(llama):
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 16)
+    with trio.fail_after(60):
+        async with swarm("sim", path, [(0, 4), (0, 4)], model_id=mid) as s:
+            model = await s.client(spot_check=None, step_timeout=10.0)
+            tokens, g, first = [], None, None
+            async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[]):
+                if isinstance(ev, Finished):
+                    g = ev.generation
+                    continue
+                tokens.append(ev.token_id)
+                if ev.index == 3:
+                    first = ev.route[0][0]
+                if ev.index in (3, 9):
+                    cut(s, s.clients[0])
+            assert tokens == want
+            assert g.recoveries == 2
+            assert first in model.sequence.banned()  # reached again once, then banned
+            assert [p for p, _, _ in g.route] != [first]
+
+
+async def _relay(stop: trio.Event, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], relay_service=True) as relay:
+        task_status.started(relay.listen_addrs()[0])
+        await stop.wait()
+
+
+async def test_a_generation_survives_the_death_of_the_relay_its_only_server_is_reached_through(llama, monkeypatch):
+    """Real sockets on loopback: a server reserved on two relays announces its two circuits only (as
+    behind a NAT); the relay the client reached it through dies mid-generation; the client reaches it
+    through the other, replays there, and the generation ends as an undisturbed one, the server unbanned."""
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 16)
+    with trio.fail_after(120):
+        async with trio.open_nursery() as relays_nursery:
+            stops = [trio.Event(), trio.Event()]
+            relays = [await relays_nursery.start(_relay, stop) for stop in stops]
+            async with AsyncExitStack() as stack:
+                boot_net, client_net = [
+                    await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"],
+                                                                       hole_punch=False))
+                    for _ in range(2)]
+                server_net = await stack.enter_async_context(Libp2pNetwork.open(
+                    Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], relays=relays, hole_punch=False))
+                while len([a for a in server_net.announce_addrs() if "/p2p-circuit/" in a]) < 2:
+                    await trio.sleep(0.05)
+                circuits = [a for a in server_net.announce_addrs() if "/p2p-circuit/" in a]
+                monkeypatch.setattr(server_net, "announce_addrs", lambda: circuits)
+                boot_addr = boot_net.listen_addrs()[0]
+                async with trio.open_nursery() as nursery:
+                    boot = DHTNode(boot_net, bootstrap=[], config=DHTConfig(**DHT_CFG))
+                    server_dht, client_dht = (DHTNode(net, bootstrap=[boot_addr], client_mode=True,
+                                                      config=DHTConfig(**DHT_CFG))
+                                              for net in (server_net, client_net))
+                    for dht in (boot, server_dht, client_dht):
+                        await nursery.start(dht.run)
+                    server = BlockServer(server_net, server_dht, path, 0, 4, model_id=mid,
+                                         config=ServerConfig(throughput=FIXED_TP, announce_period=5.0))
+                    await nursery.start(server.run)
+                    [info] = await fetch_servers(client_dht, mid)
+                    assert sorted(info.addrs) == sorted(circuits)
+
+                    model = await DistributedModel.from_pretrained(path, client_net, client_dht, model_id=mid,
+                                                                   config=ClientConfig(spot_check=None, step_timeout=10.0))
+                    peer = server_net.peer_id
+                    tokens, g, used = [], None, None
+                    async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[]):
+                        if isinstance(ev, Finished):
+                            g = ev.generation
+                            continue
+                        tokens.append(ev.token_id)
+                        if ev.index == 5:
+                            assert client_net.connection_kinds(peer) == ["relayed"]
+                            used = client_net.address_of(peer)
+                            stops[relays.index(used.partition("/p2p-circuit")[0])].set()
+                            while peer in client_net.connected_peers():  # the relay's connections are gone
+                                await trio.sleep(0.05)
+                    assert tokens == want
+                    assert g.recoveries == 1 and [p for p, _, _ in g.route] == [peer]
+                    assert peer not in model.sequence.banned()
+                    assert client_net.address_of(peer) == next(a for a in circuits if a != used)
+                    nursery.cancel_scope.cancel()
+            for stop in stops:
+                stop.set()
