@@ -115,6 +115,11 @@ class ClientConfig:
     probe_width: int = 32  # never-contacted servers dialled at once while routing
     max_recoveries: int = 8  # per step (failed first contacts do not count while other servers remain)
     push: bool = True  # server-to-server forwarding of activations (runs of two or more remote hops)
+    # how long a pushed hop's output may lag the previous hop's (beyond twice the time that one took)
+    # before the client runs the rest of the step itself and stops pushing for the session: a server
+    # that cannot reach the next one (NAT, a dead address) says nothing, and waiting out step_timeout
+    # on every step would stall the generation
+    push_grace: float = 2.0
     billing: ClientBilling | None = None  # receipts, spends, disputes
     spot_check: SpotCheckConfig | None = field(default_factory=SpotCheckConfig)  # None: no checks
     speculative: SpeculativeConfig | None = field(default_factory=SpeculativeConfig)  # None: one token a pass
@@ -211,6 +216,7 @@ class InferenceSession:
         self._ended_by: set[str] = set()
         self._held: set[Hop] = set()  # route hops counted in the sequence manager's `held` until closed
         self._reconnected: set[str] = set()  # servers whose broken stream we re-opened once, without a ban
+        self._push = model.client_config.push  # off for the rest of the session once a push went missing
         cfg = model.client_config
         self.checker = (SpotChecker(self, cfg.spot_check, routes=model.sequence, dtype=model.dtype,
                                     model_id=model.model_id, billing=cfg.billing, step_timeout=cfg.step_timeout)
@@ -577,7 +583,7 @@ class InferenceSession:
         inputs: dict[int, torch.Tensor] = {}
         i, h = 0, hidden
         recoveries = 0
-        push_runs = self._push_runs() if self.model.client_config.push else {}
+        push_runs = self._push_runs() if self._push else {}
         while i < len(self.hops):
             hop = self.hops[i]
             run = push_runs.pop(hop, None)  # pushed once a step; what the push missed runs client-driven
@@ -673,13 +679,27 @@ class InferenceSession:
         failed = False
         refusal: Refused | None = None
         faults: dict[int, FrameError] = {}
+        came = [trio.Event() for _ in hops]
 
         async def collect(k: int, nursery: trio.Nursery) -> None:
             nonlocal failed, refusal
             try:
-                outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
-                                                    self.model.dtype_name)
+                if k:  # pushed: due soon after the hop before it (whose failure cancels this wait)
+                    await came[k - 1].wait()
+                    with trio.move_on_after(cfg.push_grace + 2 * arrived[k - 1]):
+                        outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
+                                                            self.model.dtype_name)
+                    if outs[k] is None:
+                        log.info("push step: no output from %s in time; no more pushes this session", hops[k])
+                        self._push = False
+                        failed = True
+                        nursery.cancel_scope.cancel()
+                        return
+                else:
+                    outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
+                                                        self.model.dtype_name)
                 arrived[k] = trio.current_time() - sent_at
+                came[k].set()
             except ReceiptRequired as e:
                 if e.limit is not None and hops[k].reconcile(e.limit, step_id, pos, n):
                     failed = True  # it computed an earlier push we left: run it with a fresh receipt

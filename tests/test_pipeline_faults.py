@@ -4,8 +4,11 @@ two clients share servers and each gets its own correct output."""
 import pytest
 import trio
 
+from testkit.billing import add_client, add_server
 from testkit.swarms import swarm
 from pipeline.client import Finished, TokenEvent
+from pipeline.loading import ModelFolder
+from pipeline.server import BlockServer
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 
@@ -35,6 +38,32 @@ async def test_server_killed_mid_generation(llama, backend, push, victim):
             # the next generation routes around the dead server from the start
             again = await model.generate(PROMPT, max_new_tokens=16, stop_token_ids=[])
             assert again.token_ids == want and again.recoveries == 0
+
+
+class CannotPush(BlockServer):
+    """Computes its steps but cannot reach the next server (behind a NAT, say): its pushes vanish."""
+
+    async def _push(self, *args, **kwargs):
+        self.stats["push_failures"] += 1
+
+
+async def test_a_push_that_goes_missing_costs_one_grace_not_a_step_timeout_per_step(llama):
+    """A server whose pushes never arrive says nothing; the client runs the step itself after a short
+    grace, stops pushing for the session, and the answer is the undisturbed one. Without the grace
+    every step would wait out step_timeout (10 s here) and the generation would not finish in time."""
+    path, mid, local = llama
+    cfg = ModelFolder(path).config
+    want = local.generate_greedy(PROMPT, 6)
+    with trio.fail_after(40):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            mute = await add_server(s, 0, 2, mid=mid, cfg=cfg, server_cls=CannotPush)
+            await add_server(s, 2, 4, mid=mid, cfg=cfg)
+            _, model = await add_client(s, mid=mid, cfg=cfg, spot_check=None)
+            assert model.client_config.push  # the default
+            g = await model.generate(PROMPT, max_new_tokens=6, stop_token_ids=[])
+            assert g.token_ids == want
+            assert g.push_fallbacks == 1 and mute.server.stats["push_failures"] == 1
+            assert mute.network.peer_id not in model.sequence.banned()  # not its fault as far as we can tell
 
 
 async def test_no_replica_is_a_clear_failure(llama):

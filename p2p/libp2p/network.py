@@ -381,6 +381,8 @@ class Libp2pNetwork(Network):
     def direct_addrs(self) -> list[str]:
         """The addresses we listen on (with /p2p/<id>), without circuit addresses; a listener on 0.0.0.0
         or :: as one address per IP of this host's interfaces (`addresses.expand_unspecified`)."""
+        if self._closing:  # the listeners are being closed (a closed one has no address to read)
+            return []
         addrs = [str(a) for a in self._host.get_addrs()]
         if not any(a.startswith(("/ip4/0.0.0.0/", "/ip6/::/")) for a in addrs):
             return addrs
