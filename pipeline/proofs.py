@@ -54,7 +54,9 @@ MAX_PROOF_STEPS = 1024
 MAX_FETCHED_PROOF = 15 * 1024 * 1024  # a proof served by its accuser (pipeline/proofshelf.py): under one frame
 MAX_FETCHED_STEPS = 1 << 16
 CLAIM_VERSION = "potluck/dispute-claim/1"
-MAX_FINGERPRINT_BYTES = MAX_PROOF_BYTES
+# a step's fingerprint grows with its tokens (a long prompt's prefill: 64 bytes each); bounded by what a
+# fetched proof may hold, not by an inline one (that bound, 12 KiB, refused every step over 192 tokens)
+MAX_FINGERPRINT_BYTES = MAX_FETCHED_PROOF
 RECORD_FIELDS = 12
 CLIENT_FINGERPRINT_TOLERANCE = 1e-4  # the client recomputes the fingerprint of what it received: float noise only
 

@@ -417,3 +417,29 @@ async def test_cannot_judge_is_retried_a_bounded_number_of_times(llama, span):
     assert await judge.judge_pending(retry=True) == 1 and judge.stats["lies"] == 1
     assert await judge.judge_pending(retry=True) == 0  # one decided, the other out of tries
     assert (await led[verifier].reliability())[liar.public_key] == 0.0
+
+
+async def test_a_prompt_longer_than_an_inline_proof_is_signed_and_accepted(llama, tmp_path):
+    """A step's signed fingerprint grows with its tokens (FINGERPRINT_DIMS float32 each): a 300-token
+    prefill's is 19,200 bytes. Its bound was a dispute entry's evidence (12 KiB, 192 tokens), so every
+    prompt longer than that was a "malformed signed step" and banned the server that computed it."""
+    import json
+    import shutil
+
+    from pipeline.identity import model_id
+    from pipeline.loading import load_local_model
+
+    path = tmp_path / "long"
+    shutil.copytree(llama[0], path)
+    config = json.loads((path / "config.json").read_text())
+    config["max_position_embeddings"] = 512
+    (path / "config.json").write_text(json.dumps(config))
+    mid, local = model_id(path), load_local_model(path, device="cpu")
+    prompt = [(7 * i + 3) % 100 + 1 for i in range(300)]
+    want = local.generate_greedy(prompt, 3)
+    with trio.fail_after(90):
+        async with swarm("sim", path, [(0, 2), (2, 4)], model_id=mid) as s:
+            model = await s.client(step_timeout=20.0)
+            g = await model.generate(prompt, max_new_tokens=3, stop_token_ids=[])
+            assert g.token_ids == want
+            assert g.recoveries == 0 and not model.sequence.banned()
