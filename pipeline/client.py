@@ -67,6 +67,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Collection, Sequence
@@ -684,20 +685,19 @@ class InferenceSession:
         async def collect(k: int, nursery: trio.Nursery) -> None:
             nonlocal failed, refusal
             try:
+                due = math.inf  # the first hop: within the step timeout around the whole step
                 if k:  # pushed: due soon after the hop before it (whose failure cancels this wait)
                     await came[k - 1].wait()
-                    with trio.move_on_after(cfg.push_grace + 2 * arrived[k - 1]):
-                        outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
-                                                            self.model.dtype_name)
-                    if outs[k] is None:
-                        log.info("push step: no output from %s in time; no more pushes this session", hops[k])
-                        self._push = False
-                        failed = True
-                        nursery.cancel_scope.cancel()
-                        return
-                else:
+                    due = cfg.push_grace + 2 * arrived[k - 1]
+                with trio.move_on_after(due):
                     outs[k] = await hops[k].receive_out(step_id, n, self.model.model_config.hidden_size,
                                                         self.model.dtype_name)
+                if outs[k] is None:
+                    log.info("push step: no output from %s in time; no more pushes this session", hops[k])
+                    self._push = False
+                    failed = True
+                    nursery.cancel_scope.cancel()
+                    return
                 arrived[k] = trio.current_time() - sent_at
                 came[k].set()
             except ReceiptRequired as e:
