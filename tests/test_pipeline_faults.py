@@ -5,8 +5,8 @@ import pytest
 import trio
 
 from testkit.billing import add_client, add_server
-from testkit.swarms import swarm
-from pipeline.client import Finished, TokenEvent
+from testkit.swarms import stream_with, swarm
+from pipeline.client import TokenEvent
 from pipeline.loading import ModelFolder
 from pipeline.server import BlockServer
 
@@ -22,15 +22,15 @@ async def test_server_killed_mid_generation(llama, backend, push, victim):
     with trio.fail_after(90):
         async with swarm(backend, path, [(0, 2), (2, 4), (0, 2), (2, 4)], model_id=mid) as s:
             model = await s.client(push=push, step_timeout=10.0)
-            tokens, killed, g = [], None, None
-            async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[]):
-                if isinstance(ev, Finished):
-                    g = ev.generation
-                    continue
-                tokens.append(ev.token_id)
+            killed = None
+
+            async def kill_at_5(ev):
+                nonlocal killed
                 if ev.index == 5:
                     killed = ev.route[victim][0]
                     await s.kill(s.server_of(killed))
+
+            tokens, g = await stream_with(model, PROMPT, 16, kill_at_5)
             assert tokens == want
             assert g.recoveries >= 1
             assert killed not in [p for p, _, _ in g.route]

@@ -13,9 +13,9 @@ from dht.node import DHTConfig, DHTNode
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from pipeline.announce import fetch_servers
-from pipeline.client import ClientConfig, DistributedModel, Finished
+from pipeline.client import ClientConfig, DistributedModel
 from pipeline.server import BlockServer, ServerConfig
-from testkit.swarms import DHT_CFG, FIXED_TP, swarm
+from testkit.swarms import DHT_CFG, FIXED_TP, stream_with, swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 
@@ -33,14 +33,12 @@ async def test_the_only_server_of_a_span_whose_connection_broke_is_reached_again
         async with swarm("sim", path, [(0, 4)], model_id=mid) as s:
             model = await s.client(spot_check=None, step_timeout=10.0)
             [server] = s.servers
-            tokens, g = [], None
-            async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[]):
-                if isinstance(ev, Finished):
-                    g = ev.generation
-                    continue
-                tokens.append(ev.token_id)
+
+            async def cut_at_5(ev):
                 if ev.index == 5:
                     cut(s, s.clients[0])
+
+            tokens, g = await stream_with(model, PROMPT, 16, cut_at_5)
             assert tokens == want
             assert g.recoveries == 1 and [p for p, _, _ in g.route] == [server.network.peer_id]
             assert server.network.peer_id not in model.sequence.banned()
@@ -52,16 +50,16 @@ async def test_a_server_whose_stream_breaks_a_second_time_in_a_session_is_banned
     with trio.fail_after(60):
         async with swarm("sim", path, [(0, 4), (0, 4)], model_id=mid) as s:
             model = await s.client(spot_check=None, step_timeout=10.0)
-            tokens, g, first = [], None, None
-            async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[]):
-                if isinstance(ev, Finished):
-                    g = ev.generation
-                    continue
-                tokens.append(ev.token_id)
+            first = None
+
+            async def cut_at_3_and_9(ev):
+                nonlocal first
                 if ev.index == 3:
                     first = ev.route[0][0]
                 if ev.index in (3, 9):
                     cut(s, s.clients[0])
+
+            tokens, g = await stream_with(model, PROMPT, 16, cut_at_3_and_9)
             assert tokens == want
             assert g.recoveries == 2
             assert first in model.sequence.banned()  # reached again once, then banned
@@ -112,18 +110,18 @@ async def test_a_generation_survives_the_death_of_the_relay_its_only_server_is_r
                     model = await DistributedModel.from_pretrained(path, client_net, client_dht, model_id=mid,
                                                                    config=ClientConfig(spot_check=None, step_timeout=10.0))
                     peer = server_net.peer_id
-                    tokens, g, used = [], None, None
-                    async for ev in model.stream(PROMPT, max_new_tokens=16, stop_token_ids=[]):
-                        if isinstance(ev, Finished):
-                            g = ev.generation
-                            continue
-                        tokens.append(ev.token_id)
+                    used = None
+
+                    async def kill_its_relay_at_5(ev):
+                        nonlocal used
                         if ev.index == 5:
                             assert client_net.connection_kinds(peer) == ["relayed"]
                             used = client_net.address_of(peer)
                             stops[relays.index(used.partition("/p2p-circuit")[0])].set()
                             while peer in client_net.connected_peers():  # the relay's connections are gone
                                 await trio.sleep(0.05)
+
+                    tokens, g = await stream_with(model, PROMPT, 16, kill_its_relay_at_5)
                     assert tokens == want
                     assert g.recoveries == 1 and [p for p, _, _ in g.route] == [peer]
                     assert peer not in model.sequence.banned()

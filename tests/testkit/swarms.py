@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Awaitable, Callable
 
 import trio
 
@@ -18,7 +18,7 @@ from dht.node import DHTConfig, DHTNode
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from p2p.sim import Place, SimWorld
-from pipeline.client import ClientConfig, DistributedModel
+from pipeline.client import ClientConfig, DistributedModel, Finished, Generation, TokenEvent
 from pipeline.server import BlockServer, ServerConfig
 
 FIXED_TP = {"decode_tps": 1000.0, "prefill_tps": 10000.0}
@@ -122,3 +122,16 @@ async def swarm(backend: str, folder, spans: list[tuple[int | None, int | None]]
             with trio.CancelScope(shield=True):
                 await s.stop()
             nursery.cancel_scope.cancel()
+
+
+async def stream_with(model: DistributedModel, prompt: list[int], n: int,
+                      on_token: Callable[[TokenEvent], Awaitable[None]]) -> tuple[list[int], Generation]:
+    """Stream `n` greedy tokens of `prompt`, calling `on_token` after each (to disturb the swarm mid-
+    generation); the tokens and the finished `Generation`."""
+    tokens: list[int] = []
+    async for ev in model.stream(prompt, max_new_tokens=n, stop_token_ids=[]):
+        if isinstance(ev, Finished):
+            return tokens, ev.generation
+        tokens.append(ev.token_id)
+        await on_token(ev)
+    raise AssertionError("the stream ended without its Finished event")
