@@ -14,7 +14,6 @@ from typing import AsyncIterator
 import pytest
 import trio
 
-from dht.node import DHTConfig, DHTNode
 from dht.records import InvalidRecord, SignedValue
 from p2p import framing
 from p2p.identity import Identity
@@ -25,9 +24,8 @@ from pipeline.announce import (MAX_ADDR_LEN, MAX_ANNOUNCED_ADDRS, AnnouncementVa
 from pipeline.client import ClientConfig, DistributedModel
 from pipeline.hop import RemoteHop, connect_announced
 from pipeline.routing import RouteHop
-from pipeline.server import BlockServer, ServerConfig
 from potluck.localswarm import wait_until
-from testkit.swarms import DHT_CFG, FIXED_TP
+from testkit.swarms import start_block_server, start_dhts
 
 ME, OTHER, RELAY_A, RELAY_B = (Identity(bytes([i]) * 32).peer_id for i in (7, 8, 9, 10))
 PUBLIC = f"/ip4/203.0.113.9/tcp/4001/p2p/{ME}"
@@ -144,16 +142,9 @@ async def test_a_client_opens_a_session_with_a_server_whose_first_announced_addr
             live = server_net.listen_addrs()
             dead = f"/ip4/127.0.0.1/tcp/{closed_port()}/p2p/{server_net.peer_id}"
             monkeypatch.setattr(server_net, "announce_addrs", lambda: [dead, *live])
-            boot_addr = boot_net.listen_addrs()[0]
             async with trio.open_nursery() as nursery:
-                boot = DHTNode(boot_net, bootstrap=[], config=DHTConfig(**DHT_CFG))
-                server_dht, client_dht = (DHTNode(net, bootstrap=[boot_addr], client_mode=True, config=DHTConfig(**DHT_CFG))
-                                          for net in (server_net, client_net))
-                for dht in (boot, server_dht, client_dht):
-                    await nursery.start(dht.run)
-                server = BlockServer(server_net, server_dht, path, 0, 4, model_id=mid,
-                                     config=ServerConfig(throughput=FIXED_TP, announce_period=5.0))
-                await nursery.start(server.run)
+                server_dht, client_dht = await start_dhts(nursery, boot_net, [server_net, client_net])
+                await start_block_server(nursery, server_net, server_dht, path, 0, 4, mid)
 
                 [info] = await fetch_servers(client_dht, mid)
                 assert info.addrs == (dead, *live)
@@ -311,18 +302,10 @@ async def test_a_server_pushes_to_a_next_hop_whose_first_announced_address_is_a_
             hole = f"/ip4/127.0.0.1/tcp/{port}/p2p/{second_net.peer_id}"
             monkeypatch.setattr(second_net, "announce_addrs", lambda: [hole, *live])
             events = record_dials(monkeypatch, first_net)
-            boot_addr = boot_net.listen_addrs()[0]
             async with trio.open_nursery() as nursery:
-                boot = DHTNode(boot_net, bootstrap=[], config=DHTConfig(**DHT_CFG))
-                dhts = [DHTNode(net, bootstrap=[boot_addr], client_mode=True, config=DHTConfig(**DHT_CFG))
-                        for net in (first_net, second_net, client_net)]
-                for dht in (boot, *dhts):
-                    await nursery.start(dht.run)
-                servers = [BlockServer(net, dht, path, a, b, model_id=mid,
-                                       config=ServerConfig(throughput=FIXED_TP, announce_period=5.0))
+                dhts = await start_dhts(nursery, boot_net, [first_net, second_net, client_net])
+                servers = [await start_block_server(nursery, net, dht, path, a, b, mid)
                            for net, dht, (a, b) in zip((first_net, second_net), dhts, [(0, 2), (2, 4)])]
-                for server in servers:
-                    await nursery.start(server.run)
                 model = await DistributedModel.from_pretrained(path, client_net, dhts[2], model_id=mid,
                                                                config=ClientConfig(spot_check=None, push=True))
                 assert second_net.peer_id not in first_net.connected_peers()

@@ -9,13 +9,11 @@ from contextlib import AsyncExitStack
 
 import trio
 
-from dht.node import DHTConfig, DHTNode
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
 from pipeline.announce import fetch_servers
 from pipeline.client import ClientConfig, DistributedModel
-from pipeline.server import BlockServer, ServerConfig
-from testkit.swarms import DHT_CFG, FIXED_TP, stream_with, swarm
+from testkit.swarms import start_block_server, start_dhts, stream_with, swarm
 
 PROMPT = [5, 17, 42, 8, 99, 3]
 
@@ -93,17 +91,9 @@ async def test_a_generation_survives_the_death_of_the_relay_its_only_server_is_r
                     await trio.sleep(0.05)
                 circuits = [a for a in server_net.announce_addrs() if "/p2p-circuit/" in a]
                 monkeypatch.setattr(server_net, "announce_addrs", lambda: circuits)
-                boot_addr = boot_net.listen_addrs()[0]
                 async with trio.open_nursery() as nursery:
-                    boot = DHTNode(boot_net, bootstrap=[], config=DHTConfig(**DHT_CFG))
-                    server_dht, client_dht = (DHTNode(net, bootstrap=[boot_addr], client_mode=True,
-                                                      config=DHTConfig(**DHT_CFG))
-                                              for net in (server_net, client_net))
-                    for dht in (boot, server_dht, client_dht):
-                        await nursery.start(dht.run)
-                    server = BlockServer(server_net, server_dht, path, 0, 4, model_id=mid,
-                                         config=ServerConfig(throughput=FIXED_TP, announce_period=5.0))
-                    await nursery.start(server.run)
+                    server_dht, client_dht = await start_dhts(nursery, boot_net, [server_net, client_net])
+                    await start_block_server(nursery, server_net, server_dht, path, 0, 4, mid)
                     [info] = await fetch_servers(client_dht, mid)
                     assert sorted(info.addrs) == sorted(circuits)
 

@@ -135,3 +135,23 @@ async def stream_with(model: DistributedModel, prompt: list[int], n: int,
         tokens.append(ev.token_id)
         await on_token(ev)
     raise AssertionError("the stream ended without its Finished event")
+
+
+async def start_dhts(nursery: trio.Nursery, boot_net: Libp2pNetwork, nets: list[Libp2pNetwork]) -> list[DHTNode]:
+    """A DHT server on `boot_net` and, bootstrapped from it, a client-mode node on each of `nets` (peers
+    that learn each other's addresses only from what they announce), all run in `nursery`; the latter."""
+    boot = DHTNode(boot_net, bootstrap=[], config=DHTConfig(**DHT_CFG))
+    boot_addr = boot_net.listen_addrs()[0]
+    dhts = [DHTNode(net, bootstrap=[boot_addr], client_mode=True, config=DHTConfig(**DHT_CFG)) for net in nets]
+    for dht in (boot, *dhts):
+        await nursery.start(dht.run)
+    return dhts
+
+
+async def start_block_server(nursery: trio.Nursery, net: Libp2pNetwork, dht: DHTNode, folder, start: int, end: int,
+                             model_id: str) -> BlockServer:
+    """A BlockServer of blocks [start, end) on `net` at a fixed throughput, run in `nursery`."""
+    server = BlockServer(net, dht, folder, start, end, model_id=model_id,
+                         config=ServerConfig(throughput=FIXED_TP, announce_period=5.0))
+    await nursery.start(server.run)
+    return server
