@@ -285,6 +285,11 @@ class GenerationResult:
             "wall_s": g.wall_s,
             "tokens_per_s": g.tokens_per_s,
             "recoveries": g.recoveries,
+            # steps, and their wall time split into the servers' compute and the rest (network, queues)
+            "steps": g.steps,
+            "compute_s": g.compute_s,
+            "network_s": g.network_s,
+            "push_fallbacks": g.push_fallbacks,
             # speculative decoding: decode passes, drafts, tokens per pass, acceptance (None: off)
             "speculation": g.speculation.summary() if g.speculation is not None else None,
             "credits_spent": self.credits_spent,

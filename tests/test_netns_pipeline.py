@@ -96,23 +96,32 @@ def region_of(lab, peers, peer_id):
 
 def test_route_stays_in_the_users_region_and_tokens_per_s_shows_it(swarm, reference):
     lab, peers = swarm
-    eu = generate(peers["eu-2"])
-    ap = generate(peers["ap-0"])
-    assert eu["token_ids"] == reference and ap["token_ids"] == reference
+    # Twice each, alternating: the machine's load only ever adds time, so each user's faster run is its own.
+    runs = {h: [] for h in USERS}
+    for _ in range(2):
+        for h in USERS:
+            runs[h].append(generate(peers[h]))
+    for h, outs in runs.items():
+        for out in outs:
+            assert out["token_ids"] == reference, h
+            assert out["push_fallbacks"] == 0, (h, out)
+    eu, ap = (max(runs[h], key=lambda out: out["tokens_per_s"]) for h in USERS)
     eu_route = [(region_of(lab, peers, h["peer_id"]), h["start"], h["end"]) for h in eu["route"]]
     ap_route = [(region_of(lab, peers, h["peer_id"]), h["start"], h["end"]) for h in ap["route"]]
+    net = {h: min(out["network_s"] / out["steps"] for out in runs[h]) for h in USERS}
     print(f"eu user: {eu['tokens_per_s']:.2f} tokens/s via {eu_route}; "
-          f"ap user (no servers in ap): {ap['tokens_per_s']:.2f} tokens/s via {ap_route}")
+          f"ap user (no servers in ap): {ap['tokens_per_s']:.2f} tokens/s via {ap_route}; "
+          f"network per step: eu {net['eu-2'] * 1000:.0f} ms, ap {net['ap-0'] * 1000:.0f} ms")
     assert [r for r, _, _ in eu_route] == ["eu", "eu"], eu_route
     assert all(r != "ap" for r, _, _ in ap_route)
-    # Every decode step of the ap user makes two round trips of ≥ 120 ms; the eu user's two of ≈ 5 ms.
-    # Compute per token is the same for both (and varies with the machine's load), so compare the
-    # seconds per token: the difference is the network's.
-    eu_s, ap_s = 1 / eu["tokens_per_s"], 1 / ap["tokens_per_s"]
-    network_s = 2 * (RTT_MS[("eu", "ap")] - 5) / 1000
-    assert ap_s - eu_s > 0.5 * network_s, (eu_s, ap_s)
-    assert ap_s > 2 * RTT_MS[("eu", "ap")] / 1000 * 0.95, ap_s  # no token faster than the network allows
-    assert eu["tokens_per_s"] > 1.5 * ap["tokens_per_s"], (eu["tokens_per_s"], ap["tokens_per_s"])
+    # Servers push each step to the next (`ClientConfig.push`), so a step of the ap user crosses eu–ap
+    # once each way (ap → eu-0 → eu-1 → ap); the eu user's three legs stay inside eu. Compute per
+    # token is the same for both, and the servers report it: what is left of a step is the network's.
+    network_s = (RTT_MS[("eu", "ap")] - 5) / 1000
+    assert net["ap-0"] - net["eu-2"] > 0.5 * network_s, net
+    ap_s = 1 / ap["tokens_per_s"]
+    assert ap_s > RTT_MS[("eu", "ap")] / 1000 * 0.95, ap_s  # no token faster than the network allows
+    assert ap_s > 1 / eu["tokens_per_s"], (eu["tokens_per_s"], ap["tokens_per_s"])
 
 
 def test_generation_completes_with_20_percent_loss_on_the_users_link(swarm, reference):
