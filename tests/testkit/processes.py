@@ -16,6 +16,9 @@ def kill_the_serving_replica(user: PeerProcess, replicas: list[PeerProcess], *, 
                              timeout: float, **generate) -> tuple[dict, PeerProcess, PeerProcess]:
     """Start a generation at `user`, kill whichever of `replicas` serves it `after_s` seconds after its session
     shows, and return (the generation's result, the killed replica, the survivor)."""
+    # an earlier generation's sessions close after it returns: the replica to kill is the one this one opens
+    wait_until(lambda: all(p.call("status")["server"]["sessions"] == 0 for p in replicas), 30, poll_s,
+               message="the replicas' earlier sessions closed")
     box: dict = {}
     worker = threading.Thread(target=lambda: box.update(result=user.call("generate", timeout=timeout, **generate)))
     worker.start()
