@@ -113,6 +113,11 @@ class Network(ABC):
     @abstractmethod
     def connected_peers(self) -> list[str]: ...
 
+    def relayed(self, peer_id: str) -> bool:
+        """Whether we reach the peer only through relays (a third party, whose hang is not the peer's
+        fault); backends without relays never do."""
+        return False
+
     @abstractmethod
     def add_address(self, peer_id: str, addr: str) -> None:
         """Remember where a peer can be dialled; `request`/`open_stream` dial from this book."""

@@ -24,9 +24,10 @@
   refusal, malformed or non-finite output), its server is banned for a while, a new route for that
   hop's blocks is built from the others, the history is replayed there — chunk by chunk in one
   message, so the rebuilt KV cache is bit-identical — and the step goes on. Greedy output is the
-  same as an undisturbed run. A broken stream may be the transport's doing (the relay a NATed server
-  is reached through died): before any ban, the client reaches that server again at its announced
-  addresses and replays there (once per server and session). A session the server ended is no fault
+  same as an undisturbed run. A broken stream, or a step that timed out on a server reached only
+  through relays, may be the transport's doing (the relay a NATed server is reached through died or
+  hangs): before any ban, the client reaches that server again at its announced addresses (a hung
+  connection dropped first) and replays there (once per server and session). A session the server ended is no fault
   the first time: displaced by another client (Displaced) or expired (SessionExpired: idle, a move),
   it is re-routed and replayed
   without a ban, on other servers where a route is left (a replay there is paid for again; our own
@@ -446,9 +447,15 @@ class InferenceSession:
         if self.checker is not None:
             await self.checker.forget(bad)
         liar = isinstance(err, WrongOutput)
+        network = self.model.network
+        # a step that timed out through relays only: perhaps the relay hangs, not the server
+        relay_hung = isinstance(bad, RemoteHop) and isinstance(err, trio.TooSlowError) and network.relayed(bad.peer_id)
         await self.close_hop(bad, polite=liar, pay=not liar)  # a liar is not paid for the step it lied on
         fault = True
-        if isinstance(bad, RemoteHop) and isinstance(err, StreamClosed):  # perhaps its transport (a relay) died
+        if relay_hung and bad.peer_id not in self._reconnected:
+            with trio.move_on_after(self.model.client_config.dial_timeout):
+                await network.disconnect(bad.peer_id)  # so that reaching it again dials anew, not the hung circuit
+        if isinstance(bad, RemoteHop) and (isinstance(err, StreamClosed) or relay_hung):  # its transport died?
             try:
                 if await self._reconnect(index, bad):
                     return
@@ -501,10 +508,11 @@ class InferenceSession:
         raise GenerationFailed(f"could not rebuild blocks [{bad.start}, {bad.end}) on other servers")
 
     async def _reconnect(self, index: int, bad: RemoteHop) -> bool:
-        """Replace hop `index` (`bad`, whose stream broke) by a fresh session with the same server, reached
-        again at the addresses it announced (each dial within `dial_timeout`), and replay the history
-        there: a server whose connection died (e.g. the relay it was reached through) but which is still
-        reachable at another of its addresses is no faulty server. Once per server and session: a server
+        """Replace hop `index` (`bad`, whose stream broke, or whose step timed out through a relay) by a
+        fresh session with the same server, reached again at the addresses it announced (each dial within
+        `dial_timeout`), and replay the history there: a server whose connection died or hangs (e.g. the
+        relay it was reached through) but which is still reachable at another of its addresses is no
+        faulty server. Once per server and session: a server
         breaking its streams again would make us pay its replays over and over. Whether it worked (if
         not, the caller bans the server and re-routes as for any fault); a server-specific refusal of the
         new session is raised (the server was reached: no fault)."""

@@ -1,10 +1,13 @@
 """A server whose connection broke while it is still reachable is no faulty server (issue #16): the
 client opens a new session with it — at another of its announced addresses where the one in use died
-(a relay) — replays the history there and goes on, with the same output and no ban. Once per server and
-session: a server whose stream breaks again is banned and replaced like any fault."""
+or hangs (a relay) — replays the history there and goes on, with the same output and no ban. Once per
+server and session: a server whose stream breaks again is banned and replaced like any fault."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 from contextlib import AsyncExitStack
 
 import trio
@@ -119,3 +122,70 @@ async def test_a_generation_survives_the_death_of_the_relay_its_only_server_is_r
                     nursery.cancel_scope.cancel()
             for stop in stops:
                 stop.set()
+
+
+RELAY_PROCESS = """
+import trio
+from p2p.identity import Identity
+from p2p.libp2p import Libp2pNetwork
+
+async def main():
+    async with Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], relay_service=True) as relay:
+        print(relay.listen_addrs()[0], flush=True)
+        await trio.sleep_forever()
+
+trio.run(main)
+"""
+
+
+async def test_a_generation_survives_a_hung_relay_its_only_server_is_reached_through(llama, monkeypatch):
+    """As above, but the relay in use hangs (its process stopped: connections stay open, nothing moves)
+    rather than dies: the step times out, and a timeout through relays only is the transport's as
+    much as the server's. The client drops the hung connection, reaches the server through the other
+    relay, replays there; identical output, the server unbanned (banned, with no other server of
+    the span, before)."""
+    path, mid, local = llama
+    want = local.generate_greedy(PROMPT, 16)
+    procs = [subprocess.Popen([sys.executable, "-c", RELAY_PROCESS], stdout=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        with trio.fail_after(120):
+            relays = [(await trio.to_thread.run_sync(p.stdout.readline)).strip() for p in procs]
+            assert all("/p2p/" in r for r in relays), relays
+            async with AsyncExitStack() as stack:
+                boot_net, client_net = [
+                    await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), ["/ip4/127.0.0.1/tcp/0"],
+                                                                       hole_punch=False))
+                    for _ in range(2)]
+                server_net = await stack.enter_async_context(Libp2pNetwork.open(
+                    Identity.generate(), ["/ip4/127.0.0.1/tcp/0"], relays=relays, hole_punch=False))
+                while len([a for a in server_net.announce_addrs() if "/p2p-circuit/" in a]) < 2:
+                    await trio.sleep(0.05)
+                circuits = [a for a in server_net.announce_addrs() if "/p2p-circuit/" in a]
+                monkeypatch.setattr(server_net, "announce_addrs", lambda: circuits)
+                async with trio.open_nursery() as nursery:
+                    server_dht, client_dht = await start_dhts(nursery, boot_net, [server_net, client_net])
+                    await start_block_server(nursery, server_net, server_dht, path, 0, 4, mid)
+                    model = await DistributedModel.from_pretrained(path, client_net, client_dht, model_id=mid,
+                                                                   config=ClientConfig(spot_check=None, step_timeout=5.0))
+                    peer = server_net.peer_id
+                    used = None
+
+                    async def hang_its_relay_at_5(ev):
+                        nonlocal used
+                        if ev.index == 5:
+                            assert client_net.relayed(peer)
+                            used = client_net.address_of(peer)
+                            procs[relays.index(used.partition("/p2p-circuit")[0])].send_signal(signal.SIGSTOP)
+
+                    tokens, g = await stream_with(model, PROMPT, 16, hang_its_relay_at_5)
+                    assert tokens == want
+                    assert g.recoveries == 1 and [p for p, _, _ in g.route] == [peer]
+                    assert peer not in model.sequence.banned()
+                    assert client_net.address_of(peer) == next(a for a in circuits if a != used)
+                    nursery.cancel_scope.cancel()
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGCONT)
+            p.kill()
+            p.wait()

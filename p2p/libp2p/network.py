@@ -432,6 +432,10 @@ class Libp2pNetwork(Network):
         return ["relayed" if self.is_relayed(c.muxed_conn) else "direct"
                 for c in self._swarm.get_connections(ID.from_base58(peer_id)) if not c.is_closed]
 
+    def relayed(self, peer_id: str) -> bool:
+        kinds = self.connection_kinds(peer_id)
+        return bool(kinds) and all(k == "relayed" for k in kinds)
+
     def is_direct(self, peer_id: str) -> bool:
         """Whether our current session with the peer runs on a direct (not relayed) connection."""
         session = self._session(peer_id)
