@@ -661,14 +661,15 @@ class InferenceSession:
         return runs
 
     async def _push_step(self, hops: list[RemoteHop], hidden: torch.Tensor, pos: int,
-                         inputs: dict[int, torch.Tensor]) -> tuple[int, torch.Tensor, FrameError | None]:
+                         inputs: dict[int, torch.Tensor]) -> tuple[int, torch.Tensor, Exception | None]:
         """Send the step to the first of `hops` with the rest as its push list; collect every hop's output.
         Returns (how many hops gave an output, the input of the next, and the fault of that next hop when its
         own reply proved it at fault) for the client-driven loop. A push that did not get through (a broken
         stream, a reply for another step, inputs other than the client saw) is no proof against the hop:
         the rest runs client-driven. A reply the hop signed badly or whose "served" overstates what it was
         sent is its own doing: recovered from as the fault it is, as in a client-driven step (the hop's
-        next receipt would otherwise be refused as unpaid work)."""
+        next receipt would otherwise be refused as unpaid work). So is no output at all from the first hop
+        within the step timeout (a push has nothing to do with it; re-sending the step would wait again)."""
         self._step_id += 1
         step_id = self._step_id
         outs: list[tuple[torch.Tensor, float] | None] = [None] * len(hops)
@@ -687,7 +688,7 @@ class InferenceSession:
             msg["push"].append(entry)
         failed = False
         refusal: Refused | None = None
-        faults: dict[int, FrameError] = {}
+        faults: dict[int, Exception] = {}
         came = [trio.Event() for _ in hops]
 
         async def collect(k: int, nursery: trio.Nursery) -> None:
@@ -726,7 +727,7 @@ class InferenceSession:
                 nursery.cancel_scope.cancel()
 
         sent_at = trio.current_time()
-        with trio.move_on_after(cfg.step_timeout):
+        with trio.move_on_after(cfg.step_timeout) as step_scope:
             try:
                 await hops[0].send_step(msg)
             except P2PError:
@@ -735,6 +736,8 @@ class InferenceSession:
                 async with trio.open_nursery() as nursery:
                     for k in range(len(hops)):
                         nursery.start_soon(collect, k, nursery)
+        if step_scope.cancelled_caught and outs[0] is None and not failed:
+            faults[0] = trio.TooSlowError(f"no output in {cfg.step_timeout:g} s")
         if refusal is not None:
             raise refusal
         h = hidden

@@ -66,6 +66,44 @@ async def test_a_push_that_goes_missing_costs_one_grace_not_a_step_timeout_per_s
             assert mute.network.peer_id not in model.sequence.banned()  # not its fault as far as we can tell
 
 
+class Hangs(BlockServer):
+    """Answers steps until told to hang, then never again (a frozen process, a hung link)."""
+
+    hanging = False
+
+    async def _step(self, session, m, *, pushed):
+        if self.hanging:
+            await trio.sleep_forever()
+        return await super()._step(session, m, pushed=pushed)
+
+
+async def test_a_first_hop_that_hangs_in_a_push_step_is_a_fault_not_a_push_fallback(llama):
+    """The first hop of a push step gives no output within the step timeout: that is its own doing
+    (the push has nothing to do with it), so it is banned and replaced at once. Taken for a missing
+    push, the step was re-sent to it and the timeout waited out a second time."""
+    path, mid, local = llama
+    cfg = ModelFolder(path).config
+    want = local.generate_greedy(PROMPT, 8)
+    with trio.fail_after(40):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            for a, b in ((0, 2), (0, 2), (2, 4)):
+                await add_server(s, a, b, mid=mid, cfg=cfg, server_cls=Hangs)
+            _, model = await add_client(s, mid=mid, cfg=cfg, spot_check=None)
+            model.client_config.step_timeout = 4.0
+            hung = None
+
+            async def hang_the_first_hop_at_3(ev):
+                nonlocal hung
+                if ev.index == 3:
+                    hung = ev.route[0][0]
+                    s.server_of(hung).server.hanging = True
+
+            tokens, g = await stream_with(model, PROMPT, 8, hang_the_first_hop_at_3)
+            assert tokens == want
+            assert g.recoveries == 1 and g.push_fallbacks == 0
+            assert hung in model.sequence.banned() and hung not in [p for p, _, _ in g.route]
+
+
 async def test_no_replica_is_a_clear_failure(llama):
     from pipeline.client import GenerationFailed
 
