@@ -36,6 +36,11 @@ there. `--json` prints one JSON object; without it, a table.
 
 `--malloc-arena-max N` starts the victim with MALLOC_ARENA_MAX=N, and `--only NAME` runs some
 attacks alone (the request-flood RSS measurements of the issue use both).
+
+An attacker runs on a machine of its own: on one with two CPUs or more this process (the attacker)
+runs on the last CPU and the victim and the honest user's peer on the others, during the baselines
+and the attacks alike (`isolated` in the report), so `latency_ratio` measures the victim's defences,
+not CPU time the attacker's own work takes from it. `--no-isolate` shares every CPU.
 """
 
 from __future__ import annotations
@@ -907,6 +912,29 @@ def earn_standing(root: Path, common: list[str], config: ModelConfig, target: fl
     return {"generations": generations, "prompt_tokens": prompt_tokens, "seconds": round(time.monotonic() - started, 1)}
 
 
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process `pid` on `cpus` (threads it starts later inherit it)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
+def isolate(processes: list[PeerProcess]) -> dict | None:
+    """The attacker (this process) on the last CPU, `processes` on the others; what was set, or None
+    with fewer than two CPUs."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        return None
+    attacker, rest = {cpus[-1]}, set(cpus[:-1])
+    for proc in processes:
+        assert proc.proc is not None  # started
+        pin(proc.proc.pid, rest)
+    pin(os.getpid(), attacker)
+    return {"attacker_cpus": sorted(attacker), "victim_and_user_cpus": sorted(rest)}
+
+
 def start_swarm(root: Path, args: argparse.Namespace,
                 sizes: Sizes) -> tuple[PeerProcess, PeerProcess, Path, str, ModelConfig, int, dict]:
     from pipeline.convert import model_folder
@@ -949,6 +977,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", action="append", choices=sorted(ATTACKS), help="run this attack (repeatable)")
     parser.add_argument("--malloc-arena-max", type=int, help="start the victim with MALLOC_ARENA_MAX=N")
     parser.add_argument("--seconds", type=float, help="each attack's time bound (overrides the mode's)")
+    parser.add_argument("--no-isolate", action="store_true",
+                        help="the attacker shares the victim's CPUs (default: a CPU of its own where there are two)")
     args = parser.parse_args(argv)
     sizes = QUICK if args.quick else FULL
     if args.smollm2:  # a generation takes seconds on a CPU: windows long enough to hold several
@@ -973,12 +1003,14 @@ def main(argv: list[str] | None = None) -> int:
             policy = CreditPolicy(debt_limit=round(pricing(mid, 0, config.num_layers, ALLOWANCE_TOKENS)))
             target = Target(victim, victim.call("status")["api"], folder, mid, config, pricing, policy, cache_budget,
                             honest_max_length=64 + HONEST_MAX_TOKENS, sizes=sizes)
+            isolated = None if args.no_isolate else isolate([victim, user])
             rss = RssSampler(target.pid)
             rss.start()
             honest = HonestClient(api, body)
             honest.start()
             report: dict[str, Any] = {
                 "mode": "quick" if args.quick else "full",
+                "isolated": isolated,
                 "victim": {"model": "SmolLM2-135M-Instruct" if args.smollm2 else "tiny random Llama",
                            "blocks": config.num_layers, "cache_mb": cache_budget // MiB,
                            "malloc_arena_max": args.malloc_arena_max,
@@ -1014,6 +1046,9 @@ def print_table(report: dict) -> None:
     v = report["victim"]
     print(f"victim: {v['model']}, {v['blocks']} blocks, {v['cache_mb']} MiB cache, debt allowance "
           f"{v['debt_allowance_credits']:.4g} credits ({report['mode']} run)")
+    iso = report["isolated"]
+    print("attacker on CPU " + ",".join(map(str, iso["attacker_cpus"])) + ", victim and user on CPU "
+          + ",".join(map(str, iso["victim_and_user_cpus"])) if iso else "attacker, victim and user share every CPU")
     h = report["honest_user"]
     print(f"honest user: standing {h['standing_at_victim_credits']:.4g} credits at the victim (earned serving its "
           f"user {h['earned_by']['generations']} generations), consumed {h.get('consumed_at_victim_credits')}")

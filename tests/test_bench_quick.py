@@ -186,6 +186,9 @@ ATTACKS = ("object_bomb", "malformed_frames", "dht_store_flood", "credit_chain_f
 def test_attack_quick():
     r = run_bench("attack", timeout=400)
     assert sorted(r["attacks"]) == sorted(ATTACKS)
+    if len(os.sched_getaffinity(0)) >= 2:  # the attacker on a CPU of its own, as on a machine of its own
+        iso = r["isolated"]
+        assert iso and not set(iso["attacker_cpus"]) & set(iso["victim_and_user_cpus"]), iso
     for name, a in r["attacks"].items():
         assert a["alive"] is True, (name, a)  # the victim stayed up and still answers its control socket
         for point in ("before", "peak", "after"):
