@@ -11,6 +11,7 @@ import pytest
 
 from netlab import Lab, skip_reason
 from netlab.topology import REPO_ROOT, _read_line
+from p2p.swarm_key import new_key_file
 from potluck.localswarm import wait_until
 
 _reason = skip_reason()
@@ -92,14 +93,15 @@ def _addrs(proc, timeout=30):
     return addrs
 
 
-def _punch(lab, nat_kind, port):
+def _punch(lab, nat_kind, port, *options):
     """A peer behind a `nat_kind` NAT in eu, reachable through a relay in us, dialled by a peer behind
-    another `nat_kind` NAT in us; the dialer's JSON result after waiting for a direct connection."""
-    relay_addr = _addrs(_netpeer(lab, lab.host("us-0"), port, "--relay-service"))[0]
-    target = _addrs(_netpeer(lab, lab.host(f"{nat_kind[:3]}-eu-0"), port, "--relay", relay_addr))[0]
+    another `nat_kind` NAT in us (each peer started with `options` too); the dialer's JSON result after
+    waiting for a direct connection."""
+    relay_addr = _addrs(_netpeer(lab, lab.host("us-0"), port, "--relay-service", *options))[0]
+    target = _addrs(_netpeer(lab, lab.host(f"{nat_kind[:3]}-eu-0"), port, "--relay", relay_addr, *options))[0]
     assert "/p2p-circuit/" in target
     dialer = _netpeer(lab, lab.host(f"{nat_kind[:3]}-us-0"), port, "--dial", target, "--count", "5",
-                      "--wait-direct", "25")
+                      "--wait-direct", "25", *options)
     _addrs(dialer)
     result = json.loads(_read_line(dialer, 90) or '{"ok": false, "error": "no result"}')
     print(nat_kind, json.dumps(result))
@@ -114,6 +116,17 @@ def test_peers_behind_cone_nats_move_from_the_relay_to_a_direct_connection(lab, 
     assert result["direct"] and result["connections"] == ["direct"], result
     assert result["switch_failures"] == 0, result
     assert result["direct_median_ms"] > 0, result  # requests keep working on the direct connection
+
+
+def test_private_swarm_members_behind_cone_nats_move_from_the_relay_to_a_direct_connection(lab, tmp_path):
+    """Every peer holds the swarm key: none runs identify, so the members learn where their NATs show
+    them from the relay's gate handshake, and punch through as open-swarm peers do."""
+    key = tmp_path / "swarm.key"
+    new_key_file(key)
+    result = _punch(lab, "endpoint-independent", 4730, "--swarm-key", str(key))
+    assert result["direct"] and result["connections"] == ["direct"], result
+    assert result["switch_failures"] == 0, result
+    assert result["direct_median_ms"] > 0, result
 
 
 def test_peers_behind_symmetric_nats_stay_relayed(lab):
