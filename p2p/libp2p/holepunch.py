@@ -27,8 +27,9 @@ once no request is in flight on it and no other stream uses it (at most `RETIRE_
 a generation in progress finishes on the relay.
 
 Hostile input: served only to admitted peers over a relayed connection (in a private swarm, only
-members: an outsider's stream is reset), one exchange per peer at a time; each message is at most `MAX_MESSAGE` bytes (the spec's 4 KiB) with at most `MAX_ADDRS`
-addresses, each a plain /ip4|ip6/…/tcp/… address, and every step is bounded by `timeout`. A
+members: an outsider's stream is reset), one exchange per peer at a time; each message is at most
+`MAX_MESSAGE` bytes (the spec's 4 KiB) with at most `MAX_ADDRS` addresses, each a plain
+/ip4|ip6/…/tcp/… address, and every step is bounded by `timeout`. A
 stranger with a relayed connection names the addresses we dial, so we dial only those
 `addresses.may_dial` allows (never this host or its link; a private range only when we are in one
 ourselves), at most 8 a round, each once a round (no swarm retries).

@@ -373,12 +373,12 @@ class Libp2pNetwork(Network):
 
     def may_dial(self, addr: str) -> bool:
         """`addresses.may_dial_addr` given the IPs we listen on and peers in two networks see us at (as
-        hole punching and autorelay judge theirs). The IPs we listen on are read once: the listeners
-        do not change after `open`, and parsing them costs more than the verdict."""
+        hole punching and autorelay judge theirs)."""
         return self._dial_verdicts.may_dial(addr, [*self.listen_ips(), *self.confirmed_ips()])
 
     def listen_ips(self) -> list[str]:
-        """The IPs of `direct_addrs()`, read once they are known (the listeners do not change after `open`)."""
+        """The IPs of `direct_addrs()`, read once: the listeners do not change after `open`, and parsing
+        them costs more than a dial verdict."""
         if not self._listen_ips:
             self._listen_ips = [e[0] for e in map(tcp_endpoint, self.direct_addrs()) if e is not None]
         return self._listen_ips
