@@ -287,8 +287,8 @@ WELCOMES = {
         {"t": "welcome", "o": "/ip4/198.51.100.7/tcp/1", "future": {"x": [1, 2]}}, "/ip4/198.51.100.7/tcp/1"),
     "not a multiaddr": ({"t": "welcome", "o": "somewhere"}, None),
     "udp": ({"t": "welcome", "o": "/ip4/198.51.100.7/udp/4001"}, None),
-    "a circuit": ({"t": "welcome", "o": "/ip4/198.51.100.7/tcp/1/p2p/12D3KooWJ4sZ2MBHhKprbKhHuAweyNCC4p4KQoqEb2AoRBzWHzbm"
-                                        "/p2p-circuit"}, None),
+    "a circuit": ({"t": "welcome", "o": "/ip4/198.51.100.7/tcp/1/p2p/"
+                                        "12D3KooWJ4sZ2MBHhKprbKhHuAweyNCC4p4KQoqEb2AoRBzWHzbm/p2p-circuit"}, None),
     "port 0": ({"t": "welcome", "o": "/ip4/198.51.100.7/tcp/0"}, None),
 }
 
