@@ -139,10 +139,21 @@ def test_potluck_volunteers_behind_nats_end_up_direct():
     """`potluck serve` volunteers behind two port-restricted NATs meet through a relay in a third region
     and hole punch: their ping RTT drops from both relay legs (eu-ap 120 + ap-us 150 ms) to the
     direct eu-us path (80 ms), which no relayed path can reach."""
+    _volunteers_end_up_direct()
+
+
+def test_private_swarm_volunteers_behind_nats_end_up_direct(tmp_path):
+    """The same with `--swarm-key` on every peer: a private swarm's volunteers hole punch too."""
+    key = tmp_path / "swarm.key"
+    new_key_file(key)
+    _volunteers_end_up_direct("--swarm-key", str(key))
+
+
+def _volunteers_end_up_direct(*options: str) -> None:
     with Lab(regions={"eu": 1, "us": 1, "ap": 1}, nats={"home": ("eu", 1), "cafe": ("us", 1)}) as lab:
-        seed = lab.spawn_peer(lab.host("ap-0"), "--relay-service", port=4004)
+        seed = lab.spawn_peer(lab.host("ap-0"), "--relay-service", *options, port=4004)
         home, cafe = lab.spawn_peers([lab.host("home-0"), lab.host("cafe-0")], "--bootstrap", seed.addr,
-                                     "--relay", seed.addr, port=4004)
+                                     "--relay", seed.addr, *options, port=4004)
         wait_until(lambda: cafe.peer_id in home.alive_peers() and home.peer_id in cafe.alive_peers(), 40,
                    message="home and cafe reach each other")
         relayed_floor = lab.expected_rtt_ms(home.host, seed.host) + lab.expected_rtt_ms(seed.host, cafe.host)
