@@ -506,19 +506,21 @@ def gate_targets(dialer: Identity, listener: Identity) -> list[Target]:
         reader = framing.ExactReader(stream.receive_some)
         hello = framing.expect_map(await io.read_frame(reader, io.MAX_OPENING_FRAME, 5.0), "first frame")
         if not await gate.handshake_as_listener(stream, reader, hello, own_id=listener.peer_id,
-                                                peer_id=dialer.peer_id, key=key, timeout=5.0):
+                                                peer_id=dialer.peer_id, key=key, timeout=5.0, seen_at=None):
             raise Refused
 
     async def as_dialer(data: bytes) -> None:
         stream = _Reader(data, 5)
         await gate.handshake_as_dialer(stream, framing.ExactReader(stream.receive_some), own_id=dialer.peer_id,
-                                       peer_id=listener.peer_id, key=None, timeout=5.0)
+                                       peer_id=listener.peer_id, key=None, timeout=5.0, seen_at=None)
 
     # A proof binds both sides' fresh nonces, so no fixed input passes the listener's check: its
     # seeds carry a wrong proof (refused after the whole exchange) or none (a swarm without a key).
+    # The unkeyed seeds also say where the other side sees us ("o"), read once it is admitted.
+    seen = "/ip4/192.0.2.1/tcp/4001"
     hellos = [[{"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": True}, {"t": "proof", "p": b"\x01" * 32}],
-              [{"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": False}, {"t": "proof", "p": None}]]
-    replies = [[{"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": False, "p": None}, {"t": "welcome"}],
+              [{"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": False}, {"t": "proof", "p": None, "o": seen}]]
+    replies = [[{"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": False, "p": None}, {"t": "welcome", "o": seen}],
                [{"t": "refuse", "e": "SwarmKeyMismatch", "m": "keys differ"}]]
     def frames(messages: list) -> bytes:
         return b"".join(framed(m) for m in messages)

@@ -7,6 +7,7 @@ with `--dial ADDR` it then connects, times `--count` echo requests and prints on
     python -m netlab.netpeer --listen /ip4/IP/tcp/PORT --relay-service
     python -m netlab.netpeer --listen … --relay RELAY_ADDR                    # behind NAT
     python -m netlab.netpeer --listen … --dial CIRCUIT_ADDR --compare RELAY_ADDR --count 20
+    python -m netlab.netpeer --swarm-key FILE …                               # a private swarm's member
 
 With `--wait-direct S` the dialer then keeps sending echo requests for up to S seconds, until its
 session with the peer runs on a direct connection (hole punching, `p2p.libp2p.holepunch`) and the

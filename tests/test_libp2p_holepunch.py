@@ -61,6 +61,50 @@ async def test_relayed_peers_move_to_a_direct_connection_and_a_request_in_flight
         assert dialer.connected_peers().count(peer) == 1
 
 
+async def _echo(peer_id, body):
+    return body
+
+
+async def test_private_swarm_members_met_over_a_relay_move_to_a_direct_connection():
+    """Members learn where they are seen from the gate handshake (they run no identify) and punch with it."""
+    key = b"k" * 32
+    async with AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK, swarm_key=key, relay_service=True))
+        nated = await stack.enter_async_context(
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK, swarm_key=key, relays=[relay.listen_addrs()[0]]))
+        dialer = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK, swarm_key=key))
+        dialer.set_request_handler(SLOW, _echo)
+        peer = await dialer.connect(nated.listen_addrs()[0])
+        assert dialer.connection_kinds(peer) == ["relayed"]
+        # where the relay sees each: the port each dialled it from
+        for net in (nated, dialer):
+            port = relay._session(net.peer_id).raw.get_remote_address()[1]
+            assert net.observed_addrs() == [(f"/ip4/127.0.0.1/tcp/{port}", 1)]
+            assert net.identified(relay.peer_id) is None
+        await _until(lambda: dialer.connection_kinds(peer) == ["direct"] and dialer.is_direct(peer))
+        await _until(lambda: nated.connection_kinds(dialer.peer_id) == ["direct"] and nated.is_direct(dialer.peer_id))
+        assert nated.relay_status()["hole_punch"] == {"attempts": 1, "direct": 1, "failed": 0}
+        assert await nated.request(dialer.peer_id, SLOW, "direct", timeout=5) == "direct"
+
+
+async def test_a_relayed_member_cannot_tell_us_where_we_are_seen():
+    """Over a relay the far end of the socket is the relay: what a member says there is not kept."""
+    key = b"k" * 32
+    async with AsyncExitStack() as stack:
+        relay = await stack.enter_async_context(
+            Libp2pNetwork.open(Identity.generate(), LOOPBACK, swarm_key=key, relay_service=True))
+        nated = await stack.enter_async_context(Libp2pNetwork.open(
+            Identity.generate(), LOOPBACK, swarm_key=key, relays=[relay.listen_addrs()[0]], hole_punch=False))
+        dialer = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK, swarm_key=key))
+        nated._far_end = lambda raw: "/ip4/127.0.0.1/tcp/1"  # type: ignore[method-assign]  # says it anyway
+        await dialer.connect(relay.listen_addrs()[0])
+        seen_by_relay = dialer.observed_addrs()
+        await dialer.connect(nated.listen_addrs()[0])
+        assert dialer.connection_kinds(nated.peer_id) == ["relayed"]
+        assert dialer.observed_addrs() == seen_by_relay != [("/ip4/127.0.0.1/tcp/1", 1)]
+
+
 async def test_dcutr_is_served_only_over_a_relay_and_bounded():
     async with AsyncExitStack() as stack:
         relay = await stack.enter_async_context(Libp2pNetwork.open(Identity.generate(), LOOPBACK, relay_service=True))

@@ -8,15 +8,18 @@ from contextlib import AsyncExitStack, asynccontextmanager
 
 import pytest
 import trio
+import trio.testing
 from libp2p import new_host
 from libp2p.crypto import ed25519
 from libp2p.host.ping import PingService
 from libp2p.identity.identify.pb.identify_pb2 import Identify
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
+from libp2p.utils.varint import encode_uvarint
 from multiaddr import Multiaddr
 
-from p2p.errors import FrameError, RemoteError
+from p2p import framing
+from p2p.errors import FrameError, P2PError, PeerUnreachable, RemoteError
 from p2p.framing import ExactReader
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
@@ -32,6 +35,7 @@ from p2p.libp2p.identify import (
     decode,
     read_messages,
 )
+from p2p.libp2p import gate
 from p2p.libp2p import identify as identify_module
 from p2p.libp2p import io
 from p2p.libp2p.autonat import AUTONAT, Autonat, AutonatLimits, DialBackRefused
@@ -198,12 +202,225 @@ async def test_identify_bounds_opening_its_stream_too(monkeypatch):
 # --- private swarms -----------------------------------------------------------------------------------
 
 
-async def test_private_swarm_peers_serve_no_identify_and_learn_no_observed_address():
-    async with peers(2, swarm_key=b"k" * 32) as (a, b):
+KEY = b"k" * 32
+
+
+async def test_private_swarm_peers_serve_no_identify_and_learn_where_they_are_seen_in_the_handshake():
+    """Members serve identify to no one, yet each learns where the other sees it from the gate
+    handshake (they learned nothing before hole punching came to private swarms): the dialer at the
+    port it dialed from, the listener at the address it was dialed at."""
+    async with peers(2, swarm_key=KEY) as (a, b):
         await a.connect(b.listen_addrs()[0])
-        await trio.sleep(0.5)
-        assert a.identified(b.peer_id) is None and a.observed_addrs() == [] and b.observed_addrs() == []
-        assert set(b._host.get_mux().get_protocols()) == {LIBP2P_PROTOCOL}
+        a_port = b._session(a.peer_id).raw.get_remote_address()[1]
+        assert a.observed_addrs() == [(f"/ip4/127.0.0.1/tcp/{a_port}", 1)]
+        assert b.observed_addrs() == [(transport(b.listen_addrs()[0]), 1)]
+        with trio.fail_after(5), pytest.raises(Exception):  # no identify, even for a member
+            await a.host.new_stream(ID.from_base58(b.peer_id), [IDENTIFY])
+        await trio.sleep(0.3)
+        assert a.identified(b.peer_id) is None and b.identified(a.peer_id) is None
+        assert set(b._host.get_mux().get_protocols()) == {LIBP2P_PROTOCOL, DCUTR_PROTOCOL}
+        assert a.connected_peers() == [b.peer_id]
+
+
+def _ids() -> tuple[str, str]:
+    return Identity.generate().peer_id, Identity.generate().peer_id
+
+
+class _Pipe:
+    """One end of an in-memory byte stream, read and written as a libp2p stream is (`io`)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def read(self, n: int) -> bytes:
+        return await self.stream.receive_some(n)
+
+
+def _pipes() -> tuple[_Pipe, _Pipe]:
+    left, right = trio.testing.memory_stream_pair()
+    return _Pipe(left), _Pipe(right)
+
+
+async def _against(script, handshake):
+    """`await handshake()` while `script()` plays the other side; what the handshake returns or raises."""
+    outcome: list = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(script)
+        try:
+            with trio.fail_after(5):
+                outcome.append(await handshake())
+        except (P2PError, FrameError) as e:
+            outcome.append(e)
+            nursery.cancel_scope.cancel()
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
+
+
+async def _dial_a_scripted_listener(welcome: dict) -> gate.Admission:
+    """Our dialer's handshake against a member that ends it with `welcome`."""
+    dialer, listener = _ids()
+    ours, theirs = _pipes()
+
+    async def member() -> None:
+        reader = io.exact_reader(theirs)
+        hello = await io.read_frame(reader, io.MAX_OPENING_FRAME, 5)
+        nonce = bytes(gate.NONCE_SIZE)
+        await io.write(theirs, framing.frame({"t": "hello", "v": gate.WIRE_VERSION, "n": nonce, "k": True,
+                                              "p": gate.proof(KEY, b"listener", hello["n"], nonce, dialer, listener)}))
+        assert (await io.read_frame(reader, io.MAX_OPENING_FRAME, 5))["o"] == "/ip4/192.0.2.1/tcp/4001"
+        await io.write(theirs, framing.frame(welcome))
+
+    return await _against(member, lambda: gate.handshake_as_dialer(
+        ours, io.exact_reader(ours), own_id=dialer, peer_id=listener, key=KEY, timeout=5,
+        seen_at="/ip4/192.0.2.1/tcp/4001"))
+
+
+WELCOMES = {
+    "an older member's (none)": ({"t": "welcome"}, None),
+    "plain ip4": ({"t": "welcome", "o": "/ip4/198.51.100.7/tcp/40001"}, "/ip4/198.51.100.7/tcp/40001"),
+    "plain ip6": ({"t": "welcome", "o": "/ip6/2001:db8::7/tcp/4001"}, "/ip6/2001:db8::7/tcp/4001"),
+    "a newer member's, with a field we do not know": (
+        {"t": "welcome", "o": "/ip4/198.51.100.7/tcp/1", "future": {"x": [1, 2]}}, "/ip4/198.51.100.7/tcp/1"),
+    "not a multiaddr": ({"t": "welcome", "o": "somewhere"}, None),
+    "udp": ({"t": "welcome", "o": "/ip4/198.51.100.7/udp/4001"}, None),
+    "a circuit": ({"t": "welcome", "o": "/ip4/198.51.100.7/tcp/1/p2p/"
+                                        "12D3KooWJ4sZ2MBHhKprbKhHuAweyNCC4p4KQoqEb2AoRBzWHzbm/p2p-circuit"}, None),
+    "port 0": ({"t": "welcome", "o": "/ip4/198.51.100.7/tcp/0"}, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(WELCOMES))
+async def test_the_welcome_says_where_the_member_sees_us_in_a_plain_tcp_address_or_nothing(case):
+    welcome, observed = WELCOMES[case]
+    assert await _dial_a_scripted_listener(welcome) == gate.Admission(observed)
+
+
+@pytest.mark.parametrize("value, message", [("/ip4/1.2.3.4/tcp/1" + "0" * gate.MAX_ADDR_LEN, "too long"),
+                                            (4001, "must be str"), (b"/ip4/1.2.3.4/tcp/1", "must be str"),
+                                            (["/ip4/1.2.3.4/tcp/1"], "must be str")])
+async def test_a_welcome_whose_observed_address_is_too_long_or_no_string_breaks_the_handshake(value, message):
+    with pytest.raises(PeerUnreachable, match=message):
+        await _dial_a_scripted_listener({"t": "welcome", "o": value})
+
+
+async def _answer_a_scripted_dialer(proof_frame) -> gate.Admission | None:
+    """Our listener's handshake with a dialer that proves it holds KEY (or not) and sends `proof_frame(p)`."""
+    dialer, listener = _ids()
+    ours, theirs = _pipes()
+    said: list[dict] = []
+
+    async def member() -> None:
+        reader = io.exact_reader(theirs)
+        await io.write(theirs, framing.frame({"t": "hello", "v": gate.WIRE_VERSION, "n": bytes(gate.NONCE_SIZE),
+                                              "k": True}))
+        hello = await io.read_frame(reader, io.MAX_OPENING_FRAME, 5)
+        await io.write(theirs, framing.frame(proof_frame(gate.proof(KEY, b"dialer", bytes(gate.NONCE_SIZE),
+                                                                    hello["n"], dialer, listener))))
+        said.append(await io.read_frame(reader, io.MAX_OPENING_FRAME, 5))
+
+    reader = io.exact_reader(ours)
+
+    async def answer() -> gate.Admission | None:
+        first = await io.read_frame(reader, io.MAX_OPENING_FRAME, 5)
+        return await gate.handshake_as_listener(ours, reader, first, own_id=listener, peer_id=dialer, key=KEY,
+                                                timeout=5, seen_at="/ip4/192.0.2.9/tcp/5555")
+
+    admission = await _against(member, answer)
+    assert said[0]["t"] == ("welcome" if admission else "refuse")
+    if admission:
+        assert said[0]["o"] == "/ip4/192.0.2.9/tcp/5555"
+    return admission
+
+
+async def test_the_listener_learns_what_a_member_dialed_and_nothing_from_an_older_member_or_a_stranger():
+    dialed = "/ip4/198.51.100.3/tcp/4001"
+    assert await _answer_a_scripted_dialer(lambda p: {"t": "proof", "p": p, "o": dialed}) == gate.Admission(dialed)
+    assert await _answer_a_scripted_dialer(lambda p: {"t": "proof", "p": p}) == gate.Admission(None)
+    # a wrong proof: refused, and what it claimed is not even read
+    assert await _answer_a_scripted_dialer(lambda p: {"t": "proof", "p": bytes(32), "o": dialed}) is None
+    assert await _answer_a_scripted_dialer(lambda p: {"t": "proof", "p": bytes(32), "o": 7}) is None
+    with pytest.raises(FrameError, match="too long"):
+        await _answer_a_scripted_dialer(lambda p: {"t": "proof", "p": p, "o": dialed * 10})
+
+
+class _Conn:
+    def __init__(self, relayed: bool):
+        self.relayed = relayed
+
+
+class _Raw:
+    def __init__(self, remote, relayed: bool = False):
+        self.remote, self.muxed_conn = remote, _Conn(relayed)
+
+    def get_remote_address(self):
+        return self.remote
+
+
+class _ObservedNet:
+    """What `IdentifyService.observed_by` reads of a network: whether a connection is relayed, our IPs."""
+
+    def __init__(self, listen_ips):
+        self.ips = listen_ips
+
+    def is_relayed(self, muxed_conn) -> bool:
+        return muxed_conn.relayed
+
+    def listen_ips(self) -> list[str]:
+        return self.ips
+
+
+def test_observations_naming_no_ip_we_are_ever_dialled_at_or_made_over_a_relay_are_ignored():
+    service = IdentifyService(_ObservedNet(["10.0.0.5"]), serve=False)  # type: ignore[arg-type]
+    for i, ignored in enumerate(["/ip4/0.0.0.0/tcp/4001", "/ip4/224.0.0.1/tcp/4001", "/ip4/169.254.169.254/tcp/80",
+                                 "/ip6/::/tcp/4001", "/ip6/fe80::1/tcp/4001", "/ip4/127.0.0.1/tcp/4001",
+                                 "/ip4/240.0.0.1/tcp/4001", "/ip6/::1/tcp/4001"]):
+        service.observed_by(_Raw((f"198.51.{i}.9", 4001)), ignored)
+    service.observed_by(_Raw(("192.0.2.1", 4001), relayed=True), "/ip4/203.0.113.77/tcp/4001")
+    service.observed_by(_Raw(None), "/ip4/203.0.113.78/tcp/4001")
+    assert service.observed.addrs() == []
+    service.observed_by(_Raw(("198.51.100.9", 4001)), "/ip4/203.0.113.5/tcp/4001")
+    service.observed_by(_Raw(("192.0.2.1", 4001)), "/ip4/10.0.0.5/tcp/4001")  # a LAN peer sees us at our LAN IP
+    assert sorted(service.observed.addrs()) == [("/ip4/10.0.0.5/tcp/4001", 1), ("/ip4/203.0.113.5/tcp/4001", 1)]
+    loopback = IdentifyService(_ObservedNet(["127.0.0.1"]), serve=False)  # type: ignore[arg-type]
+    loopback.observed_by(_Raw(("127.0.0.1", 4001)), "/ip4/127.0.0.1/tcp/4001")  # a swarm on one machine
+    assert loopback.observed.addrs() == [("/ip4/127.0.0.1/tcp/4001", 1)]
+
+
+async def test_a_stranger_cannot_tell_a_member_where_it_is_seen():
+    """A stranger runs the handshake to its end with a made-up proof and an address: refused, not kept."""
+    async with peers(1, swarm_key=KEY) as (member,), plain_host() as stranger:
+        pid = ID.from_base58(member.peer_id)
+        await stranger.connect(info_from_p2p_addr(Multiaddr(member.listen_addrs()[0])))
+        raw = await stranger.new_stream(pid, [LIBP2P_PROTOCOL])
+        reader = io.exact_reader(raw)
+        with trio.fail_after(5):
+            await io.write(raw, framing.frame({"t": "hello", "v": gate.WIRE_VERSION, "n": bytes(gate.NONCE_SIZE),
+                                               "k": True}))
+            assert (await io.read_frame(reader, io.MAX_OPENING_FRAME, 5))["t"] == "hello"
+            await io.write(raw, framing.frame({"t": "proof", "p": bytes(32), "o": "/ip4/203.0.113.66/tcp/4001"}))
+            assert (await io.read_frame(reader, io.MAX_OPENING_FRAME, 5))["e"] == "SwarmKeyMismatch"
+        assert member.observed_addrs() == [] and member.connected_peers() == []
+
+
+async def test_an_outsider_gets_no_hole_punching_from_a_private_swarm_member():
+    async with peers(1, swarm_key=KEY) as (member,), plain_host() as outsider:
+        pid = ID.from_base58(member.peer_id)
+        await outsider.connect(info_from_p2p_addr(Multiaddr(member.listen_addrs()[0])))
+        answer = b""
+        with trio.fail_after(5):
+            try:
+                stream = await outsider.new_stream(pid, [DCUTR_PROTOCOL])
+                await stream.write(encode_uvarint(2) + b"\x08\x64")  # a CONNECT
+                answer = await stream.read(1)
+            except Exception:
+                pass  # reset: what we expect
+        assert answer == b""
+        assert member.relay_status()["hole_punch"] == {"attempts": 0, "direct": 0, "failed": 0}
+        assert member.connected_peers() == [] and member.observed_addrs() == []
 
 
 # --- hostile identify answers -------------------------------------------------------------------------
@@ -251,7 +468,9 @@ async def test_a_lying_identify_answer_stores_nothing():
         await a.connect(liar.listen_addrs()[0])
         await until(lambda: liar.identified(a.peer_id) is not None)  # the liar identified a
         await trio.sleep(0.3)
-        assert a.identified(liar.peer_id) is None and a.observed_addrs() == []
+        # what a holds is what the liar's gate handshake said (where it sees a), not the lie
+        a_port = liar._session(a.peer_id).raw.get_remote_address()[1]
+        assert a.identified(liar.peer_id) is None and a.observed_addrs() == [(f"/ip4/127.0.0.1/tcp/{a_port}", 1)]
         assert a.connected_peers() == [liar.peer_id]
 
 

@@ -11,6 +11,7 @@ import pytest
 
 from netlab import Lab, skip_reason
 from netlab.topology import REPO_ROOT, _read_line
+from p2p.swarm_key import new_key_file
 from potluck.localswarm import wait_until
 
 _reason = skip_reason()
@@ -92,14 +93,15 @@ def _addrs(proc, timeout=30):
     return addrs
 
 
-def _punch(lab, nat_kind, port):
+def _punch(lab, nat_kind, port, *options):
     """A peer behind a `nat_kind` NAT in eu, reachable through a relay in us, dialled by a peer behind
-    another `nat_kind` NAT in us; the dialer's JSON result after waiting for a direct connection."""
-    relay_addr = _addrs(_netpeer(lab, lab.host("us-0"), port, "--relay-service"))[0]
-    target = _addrs(_netpeer(lab, lab.host(f"{nat_kind[:3]}-eu-0"), port, "--relay", relay_addr))[0]
+    another `nat_kind` NAT in us (each peer started with `options` too); the dialer's JSON result after
+    waiting for a direct connection."""
+    relay_addr = _addrs(_netpeer(lab, lab.host("us-0"), port, "--relay-service", *options))[0]
+    target = _addrs(_netpeer(lab, lab.host(f"{nat_kind[:3]}-eu-0"), port, "--relay", relay_addr, *options))[0]
     assert "/p2p-circuit/" in target
     dialer = _netpeer(lab, lab.host(f"{nat_kind[:3]}-us-0"), port, "--dial", target, "--count", "5",
-                      "--wait-direct", "25")
+                      "--wait-direct", "25", *options)
     _addrs(dialer)
     result = json.loads(_read_line(dialer, 90) or '{"ok": false, "error": "no result"}')
     print(nat_kind, json.dumps(result))
@@ -116,6 +118,17 @@ def test_peers_behind_cone_nats_move_from_the_relay_to_a_direct_connection(lab, 
     assert result["direct_median_ms"] > 0, result  # requests keep working on the direct connection
 
 
+def test_private_swarm_members_behind_cone_nats_move_from_the_relay_to_a_direct_connection(lab, tmp_path):
+    """Every peer holds the swarm key: none runs identify, so the members learn where their NATs show
+    them from the relay's gate handshake, and punch through as open-swarm peers do."""
+    key = tmp_path / "swarm.key"
+    new_key_file(key)
+    result = _punch(lab, "endpoint-independent", 4730, "--swarm-key", str(key))
+    assert result["direct"] and result["connections"] == ["direct"], result
+    assert result["switch_failures"] == 0, result
+    assert result["direct_median_ms"] > 0, result
+
+
 def test_peers_behind_symmetric_nats_stay_relayed(lab):
     result = _punch(lab, "symmetric", 4720)
     assert not result["direct"] and result["connections"] == ["relayed"], result
@@ -126,10 +139,21 @@ def test_potluck_volunteers_behind_nats_end_up_direct():
     """`potluck serve` volunteers behind two port-restricted NATs meet through a relay in a third region
     and hole punch: their ping RTT drops from both relay legs (eu-ap 120 + ap-us 150 ms) to the
     direct eu-us path (80 ms), which no relayed path can reach."""
+    _volunteers_end_up_direct()
+
+
+def test_private_swarm_volunteers_behind_nats_end_up_direct(tmp_path):
+    """The same with `--swarm-key` on every peer: a private swarm's volunteers hole punch too."""
+    key = tmp_path / "swarm.key"
+    new_key_file(key)
+    _volunteers_end_up_direct("--swarm-key", str(key))
+
+
+def _volunteers_end_up_direct(*options: str) -> None:
     with Lab(regions={"eu": 1, "us": 1, "ap": 1}, nats={"home": ("eu", 1), "cafe": ("us", 1)}) as lab:
-        seed = lab.spawn_peer(lab.host("ap-0"), "--relay-service", port=4004)
+        seed = lab.spawn_peer(lab.host("ap-0"), "--relay-service", *options, port=4004)
         home, cafe = lab.spawn_peers([lab.host("home-0"), lab.host("cafe-0")], "--bootstrap", seed.addr,
-                                     "--relay", seed.addr, port=4004)
+                                     "--relay", seed.addr, *options, port=4004)
         wait_until(lambda: cafe.peer_id in home.alive_peers() and home.peer_id in cafe.alive_peers(), 40,
                    message="home and cafe reach each other")
         relayed_floor = lab.expected_rtt_ms(home.host, seed.host) + lab.expected_rtt_ms(seed.host, cafe.host)

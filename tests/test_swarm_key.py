@@ -20,6 +20,7 @@ from p2p import framing
 from p2p.errors import SwarmKeyMismatch
 from p2p.identity import Identity
 from p2p.libp2p import Libp2pNetwork
+from p2p.libp2p.holepunch import DCUTR_PROTOCOL
 from p2p.libp2p.network import LIBP2P_PROTOCOL
 from p2p.swarm_key import SwarmKeyError, format_key, load_key, new_key_file, parse_key
 
@@ -154,9 +155,10 @@ async def test_outsider_learns_nothing_and_is_disconnected():
             # identify would list our protocols, addresses and observed address: not served
             with pytest.raises(Exception):
                 await outsider.new_stream(pid, [IDENTIFY_ID, TProtocol("/ipfs/ping/1.0.0")])
-            # multistream `ls` names only the one opaque potluck protocol, never the inner ones
+            # multistream `ls` names only the one opaque potluck protocol, never the inner ones (and hole
+            # punching's, which serves members alone: test_libp2p_identify.py)
             listed = await outsider.send_command(pid, "ls")
-            assert listed == [str(LIBP2P_PROTOCOL)]
+            assert listed == [str(LIBP2P_PROTOCOL), str(DCUTR_PROTOCOL)]
             # the potluck protocol without the handshake: a request or a stream open is refused,
             # and the outsider is disconnected at once, never having been admitted
             for first in [{"q": 1, "p": ECHO, "b": 1}, {"t": "open", "p": ECHO}]:

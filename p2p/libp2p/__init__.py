@@ -8,8 +8,9 @@ One concept a module (imports only go down the list):
                   be made to dial (`may_dial`: never this host or its link; a private range only from one),
                   the order others should try ours in (`announce_order`); verdicts remembered (`DialVerdicts`)
     book.py       the address book (where to dial each peer) and py-libp2p's peerstore, both bounded
-    gate.py       the session handshake: wire version and the swarm key proof; `GatedHost`, what every
-                  part below needs of the network (each part's Protocol adds its own needs to it)
+    gate.py       the session handshake: wire version, the swarm key proof, where each side sees the
+                  other; `GatedHost`, what every part below needs of the network (each part's Protocol
+                  adds its own needs to it)
     identify.py   libp2p identify, identify-push and ping for other libp2p nodes (open swarms), and
                   the addresses admitted peers observe us at (counted per reporting network)
     autonat.py    reachability detection: peers dial us back on new connections (public / private)

@@ -14,19 +14,22 @@ through a full-cone NAT. Either way there is one TCP connection, and the securit
 are fixed by the spec: A (the circuit's dialer) is the Noise initiator, B upgrades its dial as the
 responder (`Swarm.dial_addr_as_responder`). Up to `ROUNDS` rounds are tried.
 
-The addresses we announce are the IPs admitted peers in two networks observe us at (`identify`;
-the most reported observation while none is confirmed), with the port we listen on: a port-preserving NAT (endpoint-independent mapping) maps our listen port to the
-same port outside. A symmetric NAT maps each destination to another port, so there it fails and the
-peers stay on the relay. Identify runs in open swarms only, so private swarms do not hole punch.
+The addresses we announce are the IPs admitted peers in two networks observe us at (`identify`'s
+`ObservedAddrs`, fed by identify in open swarms and by the gate handshake in every swarm, so private
+swarms hole punch too; the most reported observation while none is confirmed), with the port we
+listen on: a port-preserving NAT (endpoint-independent mapping) maps our listen port to the same port
+outside. A symmetric NAT maps each destination to another port, so there it fails and the peers stay
+on the relay.
 
 On success A opens a new session on the direct connection (the gate handshake runs again there);
 both sides' new requests use the newest session, and A closes the relayed session and connection
 once no request is in flight on it and no other stream uses it (at most `RETIRE_GRACE` s later), so
 a generation in progress finishes on the relay.
 
-Hostile input: served only to admitted peers over a relayed connection, one exchange per peer at a
-time; each message is at most `MAX_MESSAGE` bytes (the spec's 4 KiB) with at most `MAX_ADDRS`
-addresses, each a plain /ip4|ip6/…/tcp/… address, and every step is bounded by `timeout`. A
+Hostile input: served only to admitted peers over a relayed connection (in a private swarm, only
+members: an outsider's stream is reset), one exchange per peer at a time; each message is at most
+`MAX_MESSAGE` bytes (the spec's 4 KiB) with at most `MAX_ADDRS` addresses, each a plain
+/ip4|ip6/…/tcp/… address, and every step is bounded by `timeout`. A
 stranger with a relayed connection names the addresses we dial, so we dial only those
 `addresses.may_dial` allows (never this host or its link; a private range only when we are in one
 ourselves), at most 8 a round, each once a round (no swarm retries).

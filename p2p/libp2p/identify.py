@@ -4,17 +4,20 @@ Open swarms serve libp2p's `/ipfs/id/1.0.0` (our agent version, public key, list
 protocols, and the address we see the asker at), `/ipfs/id/push/1.0.0` and `/ipfs/ping/1.0.0` to
 anyone connected, so a go/rust/js libp2p node that dials a potluck peer can identify and ping it. A
 private swarm registers none of them: an outsider's multistream `ls` names only `/potluck/1.0.0`
-(the swarm-key gate decides everything else).
+and hole punching's `/libp2p/dcutr`, served to members alone (the swarm-key gate decides everything
+else).
 
 When the addresses we advertise change (listen, relay circuit, a NAT's port found dialable), we push
 identify to connected peers (`push_on_change`: at most once per few seconds, to a bounded number of
 peers), so they learn the new addresses without reconnecting.
 
 Once a peer is admitted, we identify it in turn: its answer says which address it sees us at (our
-observed address: behind NAT, the NAT's public side). `ObservedAddrs` keeps one such report per
-reporting network (the reporter's /24 or /48: Sybils on one network fill one slot), for a bounded
-number of networks, from admitted peers only (a stranger's claims are not stored); an IP of ours is
-believed (`confirmed_ips`) once two networks report it.
+observed address: behind NAT, the NAT's public side). The gate handshake says it too, in every swarm
+(`gate.Admission`): in a private swarm it is how members learn where they are seen. `ObservedAddrs`
+keeps one such report per reporting network (the reporter's /24 or /48: Sybils on one network fill
+one slot), for a bounded number of networks, from admitted peers only (a stranger's claims are not
+stored), and none naming an IP we are never dialled at (`observed_by`); an IP of ours is believed
+(`confirmed_ips`) once two networks report it.
 
 Hostile input: an identify message is at most `MAX_MESSAGE` bytes (go-libp2p's own bound on a signed
 identify record) after a bounded varint, at most `MAX_MESSAGES` of them; fields are shape-checked
@@ -45,7 +48,8 @@ from multiaddr.protocols import P_P2P
 from ..errors import FrameError, P2PError, StreamClosed
 from ..framing import ExactReader
 from . import io
-from .gate import GatedHost
+from .addresses import may_dial_local
+from .gate import GatedHost, plain_addr
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +98,8 @@ class IdentifyHost(GatedHost, Protocol):
     def connected_peers(self) -> list[str]: ...
 
     def is_relayed(self, muxed_conn: Any) -> bool: ...
+
+    def listen_ips(self) -> list[str]: ...
 
 
 def reporter_network(ip: str) -> str:
@@ -158,13 +164,10 @@ class ObservedAddrs:
         return len(self._by_network)
 
 
-def _observed(remote: tuple[str, int] | None) -> multiaddr.Multiaddr | None:
-    if remote is None:
-        return None
-    host, port = remote[0], remote[1]
-    if host.lower().startswith("::ffff:"):
-        host = host[7:]
-    return multiaddr.Multiaddr(f"/ip6/{host}/tcp/{port}" if ":" in host else f"/ip4/{host}/tcp/{port}")
+def _observed(raw: Any, net: IdentifyHost) -> multiaddr.Multiaddr | None:
+    """Where we see the peer on `raw`'s connection; None over a relay (the socket's far end is the relay)."""
+    addr = None if net.is_relayed(raw.muxed_conn) else plain_addr(raw.get_remote_address())
+    return multiaddr.Multiaddr(addr) if addr is not None else None
 
 
 def encode(net: IdentifyHost, observed: multiaddr.Multiaddr | None) -> bytes:
@@ -328,8 +331,7 @@ class IdentifyService:
         await self._bounded(raw, IDENTIFY, self._answer_identify)
 
     async def _answer_identify(self, raw: Any, peer_id: str) -> None:
-        # On a relayed connection the socket's far end is the relay, not the asker.
-        observed = None if self.net.is_relayed(raw.muxed_conn) else _observed(raw.get_remote_address())
+        observed = _observed(raw, self.net)
         with trio.fail_after(ANSWER_TIMEOUT):
             await io.write(raw, encode(self.net, observed))
         self.stats["identify_served"] += 1
@@ -385,13 +387,23 @@ class IdentifyService:
         if not self.net.admitted(peer_id):  # a stranger's record is not kept
             return
         self.records[peer_id] = record
-        # Over a relay the peer sees the relay's view of us, which is no address of ours (and we
-        # cannot tell which network the peer reports from).
-        if record.observed_addr is None or "/p2p-circuit" in record.observed_addr:
+        self.observed_by(raw, record.observed_addr)
+
+    def observed_by(self, raw: Any, addr: str | None) -> None:
+        """Keep `addr`, where the admitted peer on `raw`'s connection sees us (its identify, or its gate
+        handshake: `gate.Admission`), as reported from that connection's network. Not over a relay:
+        the peer sees the relay's view of us, no address of ours (and we cannot tell which network it
+        reports from); not an IP that is never ours to be dialled at (`may_dial_local`: unspecified,
+        multicast, link-local, loopback unless we listen on loopback alone)."""
+        if addr is None or "/p2p-circuit" in addr or self.net.is_relayed(raw.muxed_conn):
             return
-        remote = None if self.net.is_relayed(raw.muxed_conn) else raw.get_remote_address()
+        ip = _ip_of(addr)
+        if ip is not None and not may_dial_local(ip, self.net.listen_ips()):
+            log.info("ignored an observation of us at %s", addr)
+            return
+        remote = raw.get_remote_address()
         if remote:
-            self.observed.report(remote[0], record.observed_addr)
+            self.observed.report(remote[0], addr)
 
     # --- pushing our address changes ------------------------------------------------------------------
 
@@ -431,7 +443,7 @@ class IdentifyService:
             except Exception as e:
                 raise StreamClosed(f"cannot open identify-push to {peer_id}: {type(e).__name__}") from None
             try:
-                observed = None if self.net.is_relayed(raw.muxed_conn) else _observed(raw.get_remote_address())
+                observed = _observed(raw, self.net)
                 await io.write(raw, encode(self.net, observed))
             except BaseException:
                 await io.reset(raw)

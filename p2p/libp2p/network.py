@@ -7,7 +7,9 @@ Our own traffic uses ONE libp2p protocol id, `/potluck/1.0.0`. Open swarms also 
 identify, identify-push and ping (`identify`), so other libp2p nodes can identify and ping us, and we
 identify each admitted peer to learn the address it sees us at (`observed_addrs`), and push identify
 to connected peers when our addresses change (a relay reservation made or lost). A private swarm
-registers `/potluck/1.0.0` alone: an outsider learns neither our addresses nor our protocol list.
+registers `/potluck/1.0.0` and hole punching's `/libp2p/dcutr` (served to admitted peers only), no
+identify: an outsider learns neither our addresses nor our protocol list; its members learn where
+they are seen from the gate handshake, which tells each side where the other sees it (`gate`).
 Every `/potluck/1.0.0` stream starts with one of two frames (`p2p.framing`):
 
 - `{"t": "hello", ...}` opens a request session (`session`) after the gate handshake (`gate`);
@@ -234,8 +236,7 @@ class Libp2pNetwork(Network):
         self.relay_dial_timeout = max(15.0, relay_timeout)
         self._identify = IdentifyService(self, serve=swarm_key is None)
         self._autonat = Autonat(self, swarm, limits=autonat_limits, recheck=reachability_recheck)
-        # Hole punching needs our observed addresses, which only identify (open swarms) learns.
-        self._holepunch = HolePunch(self, swarm, enabled=hole_punch and swarm_key is None)
+        self._holepunch = HolePunch(self, swarm, enabled=hole_punch)
 
     # --- lifecycle ----------------------------------------------------------------------------------
 
@@ -372,11 +373,15 @@ class Libp2pNetwork(Network):
 
     def may_dial(self, addr: str) -> bool:
         """`addresses.may_dial_addr` given the IPs we listen on and peers in two networks see us at (as
-        hole punching and autorelay judge theirs). The IPs we listen on are read once: the listeners
-        do not change after `open`, and parsing them costs more than the verdict."""
+        hole punching and autorelay judge theirs)."""
+        return self._dial_verdicts.may_dial(addr, [*self.listen_ips(), *self.confirmed_ips()])
+
+    def listen_ips(self) -> list[str]:
+        """The IPs of `direct_addrs()`, read once: the listeners do not change after `open`, and parsing
+        them costs more than a dial verdict."""
         if not self._listen_ips:
             self._listen_ips = [e[0] for e in map(tcp_endpoint, self.direct_addrs()) if e is not None]
-        return self._dial_verdicts.may_dial(addr, [*self._listen_ips, *self.confirmed_ips()])
+        return self._listen_ips
 
     def direct_addrs(self) -> list[str]:
         """The addresses we listen on (with /p2p/<id>), without circuit addresses; a listener on 0.0.0.0
@@ -390,8 +395,8 @@ class Libp2pNetwork(Network):
         return list(dict.fromkeys(x for a in addrs for x in expand_unspecified(a, ips)))
 
     def observed_addrs(self) -> list[tuple[str, int]]:
-        """Our addresses as admitted peers see them (identify), each with how many reporting networks
-        (/24, /48) report it, most reported first. Empty in private swarms (they do not run identify)."""
+        """Our addresses as admitted peers see them (their gate handshake and identify), each with how
+        many reporting networks (/24, /48) report it, most reported first."""
         return self._identify.observed.addrs()
 
     def confirmed_ips(self) -> list[str]:
@@ -552,9 +557,16 @@ class Libp2pNetwork(Network):
 
     async def _handshake_as_dialer(self, peer_id: str, raw: Any) -> RequestSession:
         reader = io.exact_reader(raw)
-        await gate.handshake_as_dialer(raw, reader, own_id=self.peer_id, peer_id=peer_id, key=self.swarm_key,
-                                       timeout=self.gate_timeout)
+        admission = await gate.handshake_as_dialer(raw, reader, own_id=self.peer_id, peer_id=peer_id,
+                                                   key=self.swarm_key, timeout=self.gate_timeout,
+                                                   seen_at=self._far_end(raw))
+        self._identify.observed_by(raw, admission.observed_addr)
         return RequestSession(self, peer_id, raw, reader)
+
+    def _far_end(self, raw: Any) -> str | None:
+        """Where we see the peer on `raw`'s connection (`gate.plain_addr`); None over a relay, whose
+        socket's far end is the relay."""
+        return None if self.is_relayed(raw.muxed_conn) else gate.plain_addr(raw.get_remote_address())
 
     async def _new_potluck_stream(self, peer_id: str) -> Any:
         """A new libp2p stream of our protocol to `peer_id` (its best connection); PeerUnreachable if none."""
@@ -699,9 +711,9 @@ class Libp2pNetwork(Network):
                 if kind == "hello":
                     if len(self._sessions.get(peer_id, ())) >= 4:
                         raise FrameError("too many sessions")
-                    welcomed = await gate.handshake_as_listener(raw, reader, first, own_id=self.peer_id,
-                                                                peer_id=peer_id, key=self.swarm_key,
-                                                                timeout=self.gate_timeout)
+                    admission = await gate.handshake_as_listener(raw, reader, first, own_id=self.peer_id,
+                                                                 peer_id=peer_id, key=self.swarm_key,
+                                                                 timeout=self.gate_timeout, seen_at=self._far_end(raw))
                 elif kind == "open":
                     protocol = field(first, "p", str, max_len=MAX_PROTOCOL_LEN)
                 else:
@@ -717,10 +729,11 @@ class Libp2pNetwork(Network):
             await io.reset(raw)
             return
         if kind == "hello":
-            if not welcomed:
+            if admission is None:
                 await io.close(raw)
                 self._close_sessionless(peer_id)
                 return
+            self._identify.observed_by(raw, admission.observed_addr)
             session = RequestSession(self, peer_id, raw, reader)
             self._admit(session)
             if self.is_relayed(raw.muxed_conn):
