@@ -21,7 +21,10 @@ us–ap 150 ms; peers on <region>-0 and -1, DHT probes on <region>-2):
 - hole_punch: `netlab.netpeer` peers behind port-restricted NATs in eu (home) and us (cafe) meet
   through a relay on ap-1: request RTT on the relay (the target without hole punching: the
   baseline) vs after hole punching (`direct_over_relayed`), seconds from connecting to direct, and
-  whether a dialer behind a symmetric NAT (cgn, us) stays on the relay, as it must; and the same for
+  the outcome by the dialer's NAT kind (`by_dialer_nat`: port-restricted cafe, endpoint-independent
+  cone, symmetric cgn, all in us) — a symmetric one must stay on the relay; `reachability`: seconds
+  from starting a `potluck serve` peer with no NAT flags to autonat's verdict, behind the home NAT
+  (private) and on a public host (public); and the same for
   generations: tok/s of a user behind the cafe NAT through a volunteer behind the home NAT serving the
   whole model (`potluck serve` peers, a swarm of their own around a relay on ap-1), the volunteer with
   `--no-hole-punch` (the baseline) vs after hole punching (`direct_over_relayed_tokens_per_s`).
@@ -46,7 +49,7 @@ from collections.abc import Callable
 
 REGIONS = {"eu": 3, "us": 3, "ap": 3}
 NATS: dict[str, tuple[str, int] | tuple[str, int, str]] = {  # for hole_punch only
-    "home": ("eu", 1), "cafe": ("us", 1), "cgn": ("us", 1, "symmetric")}
+    "home": ("eu", 1), "cafe": ("us", 1), "cone": ("us", 1, "endpoint-independent"), "cgn": ("us", 1, "symmetric")}
 RTT_MS = {("eu", "us"): 80.0, ("eu", "ap"): 120.0, ("us", "ap"): 150.0}
 INTRA_RTT_MS = 5.0
 
@@ -331,6 +334,26 @@ def measure_nated_tokens_per_s(lab, relay_host, home, cafe, *, tokens: int) -> d
     }
 
 
+def measure_reachability(lab, peers, timeout: float = 90.0) -> dict:
+    """Seconds from launching a `potluck serve` peer (no NAT flags, bootstrapped from the lab's public
+    peers) to autonat's verdict, behind the home NAT and on a public host; None if none came in time."""
+    from potluck.localswarm import wait_until
+
+    out = {}
+    for name, host, want in (("private", lab.host("home-0"), "private"), ("public", lab.host("ap-2"), "public")):
+        peer = lab.peer_process(host, "--bootstrap", peers[0].addr, port=4903).launch()
+        started = time.monotonic()
+        peer.wait_ready(120)
+        try:
+            wait_until(lambda peer=peer: peer.status()["reachability"]["status"] == want, timeout, 0.25,
+                       message=f"autonat finds the peer on {host.name} {want}")
+            out[f"{name}_detected_s"] = round(time.monotonic() - started, 2)
+        except AssertionError:
+            out[f"{name}_detected_s"] = None
+        peer.kill()
+    return out
+
+
 def measure_hole_punch(lab, peers, *, quick: bool = False) -> dict:
     relay_host, home, cafe, cgn = lab.host("ap-1"), lab.host("home-0"), lab.host("cafe-0"), lab.host("cgn-0")
     relay = _netpeer_result(lab, relay_host, 4800, "--relay-service")["addrs"][0]
@@ -338,10 +361,16 @@ def measure_hole_punch(lab, peers, *, quick: bool = False) -> dict:
     relayed = _netpeer_result(lab, cafe, 4800, "--dial", baseline_target, "--count", "20")
     target = _netpeer_result(lab, home, 4801, "--relay", relay)["addrs"][0]
     punched = _netpeer_result(lab, cafe, 4801, "--dial", target, "--count", "3", "--wait-direct", "30")
+    cone = _netpeer_result(lab, lab.host("cone-0"), 4802, "--dial", target, "--count", "3", "--wait-direct", "30")
     symmetric = _netpeer_result(lab, cgn, 4802, "--dial", target, "--count", "3", "--wait-direct", "20")
     if not (relayed.get("ok") and punched.get("ok") and punched.get("direct")):
         return {"error": "no direct connection", "relayed": relayed, "punched": punched}
+    by_dialer_nat = {kind: {"direct": bool(r.get("ok") and r.get("direct")), "direct_after_s": r.get("direct_after_s")}
+                     for kind, r in (("port-restricted", punched), ("endpoint-independent", cone),
+                                     ("symmetric", symmetric))}
     return {
+        "by_dialer_nat": by_dialer_nat,
+        "reachability": measure_reachability(lab, peers),
         "network_relayed_ms": lab.expected_rtt_ms(cafe, relay_host) + lab.expected_rtt_ms(relay_host, home),
         "network_direct_ms": lab.expected_rtt_ms(cafe, home),
         "relayed_median_ms": relayed["median_ms"],

@@ -172,6 +172,12 @@ def test_netns_quick(smollm2_data):
     # peers behind port-restricted NATs hole punch; behind a symmetric NAT they stay on the relay
     assert figure(r, "hole_punch.direct_over_relayed") > 0 and r["hole_punch"]["symmetric_stays_relayed"] is True, \
         r["hole_punch"]
+    by_nat = r["hole_punch"]["by_dialer_nat"]  # towards a peer behind a port-restricted NAT
+    assert {k: v["direct"] for k, v in by_nat.items()} == {"port-restricted": True, "endpoint-independent": True,
+                                                           "symmetric": False}, by_nat
+    # autonat's verdict for a peer started with no NAT flags, behind a NAT and on a public host
+    assert figure(r, "hole_punch.reachability.private_detected_s") > 0
+    assert figure(r, "hole_punch.reachability.public_detected_s") > 0
     # the same route's generations: a NATed volunteer kept on the relay, then hole punched; the same tokens
     assert figure(r, "hole_punch.relayed_tokens_per_s") > 0 and figure(r, "hole_punch.direct_tokens_per_s") > 0
     assert figure(r, "hole_punch.direct_over_relayed_tokens_per_s") > 0
