@@ -339,7 +339,7 @@ def measure_reachability(lab, peers, timeout: float = 90.0) -> dict:
     peers) to autonat's verdict, behind the home NAT and on a public host; None if none came in time."""
     from potluck.localswarm import wait_until
 
-    out = {}
+    out: dict[str, float | None] = {}
     for name, host, want in (("private", lab.host("home-0"), "private"), ("public", lab.host("ap-2"), "public")):
         peer = lab.peer_process(host, "--bootstrap", peers[0].addr, port=4903).launch()
         started = time.monotonic()
