@@ -21,7 +21,12 @@ Quotas (`GossipQuotas`) stop one author from making every peer relay and hold a 
 stored, delivered nor forwarded, so a flood stops at the author's neighbours) and a cap on the
 messages and bytes held (older ones are let go, their ids still known); and a cap on the bytes
 held in all. Rates are checked only after the signature, so nobody can spend an honest author's
-quota; our own publications are not rate-limited.
+quota; our own publications are not rate-limited. A second bucket per *neighbour* bounds the pushes
+of messages new to us that one connection makes us check (a signature each) and forward: many
+fresh authors, each within its own quota, cost an attacker a key each and cost every peer a
+verification and `fanout` pushes. Pushes over it are dropped before the signature is checked and
+not remembered, so a pull brings them later — pulls are ours to pace, which is why they are not
+counted.
 """
 
 from __future__ import annotations
@@ -66,6 +71,10 @@ class GossipQuotas:
     max_held_bytes: int = 512 * 1024  # bytes held per (author, topic)
     max_total_bytes: int = 32 * 1024 * 1024  # bytes held for every author and topic together
     max_rated: int = 4096  # (author, topic) rates tracked; the stalest is forgotten beyond
+    # Pushes of messages new to us accepted from one neighbour. Honest neighbours share the swarm's
+    # whole message rate between them (each message reaches us first through one of them), far below this.
+    neighbour_rate: float = 20.0
+    neighbour_burst: int = 200
 
 
 @dataclass(frozen=True)
@@ -90,6 +99,7 @@ class GossipStats:
     delivered: int = 0  # handed to a subscriber
     duplicates: int = 0
     throttled: int = 0  # authentic, but over its author's rate for the topic
+    neighbour_throttled: int = 0  # pushed over the neighbour's rate: dropped unchecked, left for pulls
     let_go: int = 0  # held messages dropped for their author's (or the peer's) cap; ids still known
     dropped_invalid: int = 0  # malformed, forged, unsigned, too old or too new
     rejected: int = 0  # refused by a topic validator
@@ -176,7 +186,8 @@ class Gossip:
         self._seen: dict[bytes, tuple[float, _Stored | None]] = {}
         self._held: dict[tuple[str, str], _Held] = {}
         self._held_bytes = 0
-        self._rates: dict[tuple[str, str], _Bucket] = {}
+        self._rates: dict[tuple[str, str], _Bucket] = {}  # per (author, topic)
+        self._neighbour_rates: dict[str, _Bucket] = {}  # per neighbour that pushes
         self._seq = 0
         self._nursery: trio.Nursery | None = None
 
@@ -235,8 +246,9 @@ class Gossip:
 
     # --- receiving -------------------------------------------------------------------------------
 
-    async def _accept(self, wire: Any, sender: str) -> bool:
-        """Check, store, forward and deliver one message; True if it was new and valid."""
+    async def _accept(self, wire: Any, sender: str, *, pushed: bool = False) -> bool:
+        """Check, store, forward and deliver one message; True if it was new and valid. A `pushed`
+        message is charged to the neighbour `sender` before its signature is checked."""
         try:
             wire = framing.expect_map(wire, "gossip message")
             body = framing.field(wire, "b", bytes, max_len=self.max_message_bytes)
@@ -248,6 +260,11 @@ class Gossip:
         if message_id in self._seen:  # only verified ids get here, so checking first is safe and cheap
             self.stats.duplicates += 1
             return False
+        quotas = self.quotas
+        if pushed and not _take_token(self._neighbour_rates, sender, quotas.neighbour_rate, quotas.neighbour_burst,
+                                      quotas.max_rated):
+            self.stats.neighbour_throttled += 1  # not remembered: a pull may bring it
+            return False
         try:
             message = self._check(message_id, body, sig, sender)
         except FrameError as e:
@@ -255,7 +272,8 @@ class Gossip:
             raise BadRequest(str(e)) from None
 
         key = (message.author, message.topic)
-        if message.author != self.identity.peer_id and not self._take_token(key):
+        if message.author != self.identity.peer_id and not _take_token(self._rates, key, quotas.rate, quotas.burst,
+                                                                        quotas.max_rated):
             self.stats.throttled += 1
             self._remember(message_id, None)  # not stored, not forwarded: the flood stops here
             return False
@@ -294,22 +312,6 @@ class Gossip:
         if not verify_by_peer(author, _SIGNING_DOMAIN + body, sig):
             raise FrameError(f"bad signature on a message claiming to be from {author[:64]}")
         return GossipMessage(message_id, topic, author, seq, float(ts), fields["data"], sender)
-
-    def _take_token(self, key: tuple[str, str]) -> bool:
-        """Whether the author may have one more message on the topic accepted now (and count it)."""
-        quotas, now = self.quotas, trio.current_time()
-        bucket = self._rates.pop(key, None)  # re-inserted last: the dict's order is staleness
-        if bucket is None:
-            bucket = _Bucket(quotas.burst, now)
-            while len(self._rates) >= quotas.max_rated:
-                del self._rates[next(iter(self._rates))]
-        bucket.tokens = min(quotas.burst, bucket.tokens + (now - bucket.at) * quotas.rate)
-        bucket.at = now
-        self._rates[key] = bucket
-        if bucket.tokens < 1:
-            return False
-        bucket.tokens -= 1
-        return True
 
     def _remember(self, message_id: bytes, stored: _Stored | None) -> None:
         # A message can come back until its timestamp leaves the window (the sender's clock may be
@@ -381,7 +383,7 @@ class Gossip:
     async def _on_push(self, peer_id: str, body: Any) -> dict:
         if self._nursery is None:
             raise BadRequest("gossip is not running")
-        await self._accept(body, peer_id)
+        await self._accept(body, peer_id, pushed=True)
         return {}
 
     # --- pull ------------------------------------------------------------------------------------
@@ -432,6 +434,24 @@ class Gossip:
                 break
             out.append(stored.wire)
         return {"msgs": out}
+
+
+def _take_token(buckets: dict[Any, _Bucket], key: Any, rate: float, burst: int, max_tracked: int) -> bool:
+    """Whether `key` may pass one more message now under a token bucket of `rate` and `burst` (and
+    count it). At most `max_tracked` keys are tracked: the stalest is forgotten (a fresh full bucket)."""
+    now = trio.current_time()
+    bucket = buckets.pop(key, None)  # re-inserted last: the dict's order is staleness
+    if bucket is None:
+        bucket = _Bucket(burst, now)
+        while len(buckets) >= max_tracked:
+            del buckets[next(iter(buckets))]
+    bucket.tokens = min(burst, bucket.tokens + (now - bucket.at) * rate)
+    bucket.at = now
+    buckets[key] = bucket
+    if bucket.tokens < 1:
+        return False
+    bucket.tokens -= 1
+    return True
 
 
 async def _validate(subscription: _Subscription, message: GossipMessage) -> bool:

@@ -7,17 +7,20 @@ objects, half-open connections from one address (slowloris), request floods, gos
 from __future__ import annotations
 
 import gc
+import hashlib
 import random
 import time
 import tracemalloc
 from contextlib import AsyncExitStack, asynccontextmanager
+from functools import partial
 
 import pytest
 import trio
-from bench.hostile import empty_arrays_body, nested_empty_arrays_body, object_bomb_frame, open_idle_sockets, raw_session
+from bench.hostile import (empty_arrays_body, nested_empty_arrays_body, object_bomb_frame, open_idle_sockets, raw_session,
+                           signed_gossip)
 from p2p import framing
 from p2p.errors import FrameError, RemoteError
-from p2p.gossip import Gossip, GossipQuotas
+from p2p.gossip import PUSH, Gossip, GossipQuotas
 from p2p.identity import Identity
 from p2p.libp2p import InboundLimits, Libp2pNetwork
 from p2p.sim import SimWorld
@@ -133,6 +136,67 @@ async def test_a_flooding_author_is_throttled_at_every_peer_and_honest_news_stil
             assert gossip.held_bytes <= 64 * 1200 + seconds * 200, (i, gossip.held_bytes)
             assert all(gossip.has(message_id) for message_id in honest_ids), i
             assert got[i].count((honest.network.peer_id, {"honest": 0})) == 1, i
+        nursery.cancel_scope.cancel()
+
+
+async def _fresh_author_notes(network, n: int) -> list[dict]:
+    """`n` valid messages on "news", each signed by a fresh identity (free to make, one key each)."""
+    return [signed_gossip(Identity.generate(), "news", {"n": i}, seq=1, now=network.now()) for i in range(n)]
+
+
+async def test_fresh_authors_pushed_by_one_neighbour_are_bounded_by_its_rate(autojump_clock):
+    """Each fresh author is within its own quota; what bounds them is the neighbour that pushes them:
+    the victim checks and forwards at most its burst plus its rate a second, and honest news from
+    another neighbour still arrives."""
+    async with SimWorld.open(seed=7) as world, trio.open_nursery() as nursery:
+        victim, sybil, honest, *others = [world.add_node() for _ in range(6)]
+        for node in (sybil, honest, *others):
+            await node.connect(victim.addr)
+        gossips = [Gossip(node, node.identity, rng=random.Random(i)) for i, node in enumerate((victim, honest, *others))]
+        for gossip in gossips:
+            await nursery.start(gossip.run)
+        quotas = gossips[0].quotas
+        notes = await _fresh_author_notes(sybil, 1000)
+        started = trio.current_time()
+        for k in range(0, len(notes), 100):  # 1,000 notes in 5 s, 200 a second
+            async with trio.open_nursery() as burst:
+                for note in notes[k:k + 100]:
+                    burst.start_soon(partial(sybil.request, victim.peer_id, PUSH, note, timeout=5))
+            await trio.sleep(0.5)
+        elapsed = trio.current_time() - started
+        news = await gossips[1].publish("news", {"honest": True})
+        await trio.sleep(2)
+
+        stats = gossips[0].stats
+        assert stats.accepted <= quotas.neighbour_burst + quotas.neighbour_rate * elapsed + 2, stats  # (+ ours, honest's)
+        assert stats.neighbour_throttled >= len(notes) - quotas.neighbour_burst - quotas.neighbour_rate * elapsed, stats
+        # every push the victim sent came from something it accepted: 5 neighbours besides the sender
+        assert stats.pushes_sent <= 5 * stats.accepted
+        assert all(gossip.has(news) for gossip in gossips)
+        nursery.cancel_scope.cancel()
+
+
+async def test_what_a_neighbours_rate_drops_arrives_by_pull(autojump_clock):
+    """An honest neighbour relaying a burst of many authors' messages over the victim's per-neighbour
+    rate loses none of them: the victim pulls what it dropped."""
+    tight = GossipQuotas(neighbour_rate=1.0, neighbour_burst=10)
+    roomy = GossipQuotas(neighbour_rate=1e6, neighbour_burst=10**6)
+    async with SimWorld.open(seed=8) as world, trio.open_nursery() as nursery:
+        victim, relay, source = [world.add_node() for _ in range(3)]
+        await relay.connect(victim.addr)
+        await source.connect(relay.addr)
+        at_victim = Gossip(victim, victim.identity, quotas=tight)
+        at_relay = Gossip(relay, relay.identity, quotas=roomy)
+        for gossip in (at_victim, at_relay):
+            await nursery.start(gossip.run)
+        notes = await _fresh_author_notes(source, 120)
+        for note in notes:
+            await source.request(relay.peer_id, PUSH, note, timeout=5)
+        ids = [hashlib.sha256(note["b"]).digest() for note in notes]
+        assert all(at_relay.has(i) for i in ids)
+        await trio.sleep(10)  # pulls settle
+        assert at_victim.stats.neighbour_throttled > 0 and at_victim.stats.pulled > 0, at_victim.stats
+        assert all(at_victim.has(i) for i in ids)
         nursery.cancel_scope.cancel()
 
 
