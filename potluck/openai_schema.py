@@ -36,7 +36,6 @@ MAX_JSON_DEPTH = 32  # no request needs more; deeper would only exhaust the pars
 MAX_JSON_STRUCTURE = 1 << 17  # brackets and commas in a body: ~40k values; MAX_MESSAGES messages need ~5k
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"')
 _NOT_STRUCTURE = bytes(c for c in range(256) if c not in b"[]{},")
-_INNERMOST = re.compile(rb"\[\]|\{\}")
 
 
 class ApiError(Exception):
@@ -53,23 +52,45 @@ class ApiError(Exception):
 
 
 def parse_json_body(data: bytes) -> Any:
-    """A request body's JSON, or ApiError ("invalid_json"). Its skeleton (brackets and commas, strings
-    cut out) is checked first with byte operations that run at C speed: a body of a million empty
-    arrays is refused before Python builds, or walks, a million lists."""
-    skeleton = _JSON_STRING.sub(b"", data).translate(None, _NOT_STRUCTURE)
-    if len(skeleton) > MAX_JSON_STRUCTURE:
-        raise ApiError(400, f"the JSON body has more than {MAX_JSON_STRUCTURE} brackets and commas", code="invalid_json")
+    """A request body's JSON, or ApiError ("invalid_json"). Its brackets and commas are counted first
+    with byte operations that run at C speed (strings cut out only when the raw count is over the
+    bound: text may hold brackets), so a body of a million empty arrays is refused before Python
+    builds, or walks, a million lists. Depth: the parser refuses what would exhaust its recursion
+    (cheaply: it stops there), and the parsed value, bounded by the count, is walked level by level."""
+    if len(data.translate(None, _NOT_STRUCTURE)) > MAX_JSON_STRUCTURE:
+        skeleton = _JSON_STRING.sub(b"", data).translate(None, _NOT_STRUCTURE)
+        if len(skeleton) > MAX_JSON_STRUCTURE:
+            raise ApiError(400, f"the JSON body has more than {MAX_JSON_STRUCTURE} brackets and commas",
+                           code="invalid_json")
     try:
         body = json.loads(data)
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+    except RecursionError:
+        body = _TOO_DEEP
+    except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"We could not parse the JSON body of your request: {e}. Send a JSON object "
                             "with Content-Type: application/json.", code="invalid_json") from None
-    nesting = skeleton.translate(None, b",")
-    for _ in range(MAX_JSON_DEPTH):  # each pass removes the innermost level
-        nesting = _INNERMOST.sub(b"", nesting)
-    if nesting:
+    if body is _TOO_DEEP or _deeper_than(body, MAX_JSON_DEPTH):
         raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
     return body
+
+
+_TOO_DEEP = object()
+
+
+def _deeper_than(value: Any, limit: int) -> bool:
+    """Whether arrays and objects nest in `value` more than `limit` levels deep."""
+    level = [value] if isinstance(value, (list, dict)) else []
+    depth = 0
+    while level:
+        depth += 1
+        if depth > limit:
+            return True
+        inner: list = []
+        for container in level:
+            items = container.values() if isinstance(container, dict) else container
+            inner.extend(item for item in items if isinstance(item, (list, dict)))
+        level = inner
+    return False
 
 
 def bad(param: str, message: str, code: str = "invalid_value") -> ApiError:

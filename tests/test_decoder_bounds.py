@@ -81,6 +81,11 @@ def test_json_bodies_are_bounded_in_structure_and_depth():
     # brackets and commas inside strings (escaped quotes too) are text, not structure
     text = "[[[{,]" * MAX_JSON_STRUCTURE + '\\"]]'
     assert parse_json_body(json.dumps({"content": text}).encode()) == {"content": text}
+    deep_text = "[{" * (4 * MAX_JSON_DEPTH)  # few brackets in all, all in a string: text, not depth
+    assert parse_json_body(json.dumps({"content": deep_text}).encode()) == {"content": deep_text}
+    # nesting deeper than the parser's recursion is a depth refusal, not a parse error
+    with pytest.raises(ApiError, match="nested more than"):
+        parse_json_body(b'{"prompt":' * 50_000 + b"1" + b"}" * 50_000)
 
 
 def test_key_files_are_refused_by_type(tmp_path):
