@@ -13,8 +13,9 @@
   A client without standing books its whole max length at open (so a full strangers' pool refuses it
   there, never mid-generation); one with standing books only `initial_cache_tokens` and what it uses
   after that: its cache grows (doubling, copied) as steps need it, each growth checked again (it may
-  be refused then). Either way the cache's memory is allocated as it grows. A client holds at most
-  `cache_share` of the budget over all its sessions (and at most `stranger_cache_tokens` of the span;
+  be refused then). Either way the cache's memory is allocated as it grows (without standing from
+  `stranger_open_cache_tokens`: a booking is accounting, idle sessions hold little memory). A client
+  holds at most `cache_share` of the budget over all its sessions (and at most `stranger_cache_tokens` of the span;
   all clients without standing together at most `strangers_cache_tokens` and `strangers_cache_share`
   of the budget: `StrangerCaps`), or `cache_share_standing` with standing in this server's view
   (billing, credits.standing), and opens at most `cache_share` of `max_sessions`. A session that does
@@ -127,6 +128,10 @@ class ServerConfig:
     push_timeout: float = 10.0
     first_step_timeout: float = 20.0  # idle seconds before a session's first step (capped by session_timeout)
     initial_cache_tokens: int = 256  # what "open" reserves; the cache grows with the steps
+    # what "open" allocates without standing: such a session books its whole max length (the pool's
+    # accounting) but its memory follows its steps, which are paid for before they run, so idle
+    # sessions of fresh keys reserve room in the pool, not the server's RAM
+    stranger_open_cache_tokens: int = 16
     cache_share: float = 0.5  # of the budget (and of max_sessions), the most one client without standing holds
     # A key costs nothing to make: clients without standing are also held to tokens of the span served
     # (`StrangerCaps`, converted with its KV bytes a token: a long session of a big model as of a small one)
@@ -650,7 +655,8 @@ class BlockServer:
         # our own client (in process) always has standing here; account None with billing: ourselves too
         standing = peer_id == self.network.peer_id or (self.billing is not None and (account is None or account.standing))
         per_token = KVCache.bytes_for(cfg, b - a, 1, dtype=self.dtype)
-        capacity = min(max_length, self.config.initial_cache_tokens)
+        opening = self.config.initial_cache_tokens if standing else self.config.stranger_open_cache_tokens
+        capacity = min(max_length, opening)
         # without standing the whole max_length is booked now: the strangers' pool is small, and a cache
         # growing past a full pool would be refused mid-generation (which ends it) instead of at open
         need = (capacity if standing else max_length) * per_token

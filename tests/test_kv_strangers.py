@@ -207,6 +207,37 @@ async def test_a_stranger_is_refused_at_open_never_mid_generation(llama):
             assert g.token_ids == want
 
 
+async def test_a_strangers_booking_is_accounting_its_memory_follows_its_paid_steps(llama):
+    """A stranger's "open" books its whole max length in the pool but allocates only
+    `stranger_open_cache_tokens`: idle sessions of fresh keys (a KV hog) reserve room, not the server's
+    RAM. A stranger's generation grows its cache with its steps and its answer is unchanged."""
+    path, mid, local, cfg = llama
+    want = local.generate_greedy(PROMPT, 10)
+    per = KV_BYTES_PER_TOKEN
+    with trio.fail_after(90):
+        async with swarm("sim", path, [], model_id=mid) as s:
+            peer, server = await _billed_server(s, path, mid, cfg, strangers_tokens=40, stranger_open_cache_tokens=2)
+            streams = []
+            for _ in range(2):
+                stream, reply = await _raw_open(s, peer, mid, cfg, 16)
+                assert reply["t"] == "opened"
+                streams.append(stream)
+            booked = [x.nbytes for x in server.sessions.values()]
+            allocated = [x.cache.nbytes for x in server.sessions.values()]
+            assert booked == [16 * per] * 2 and allocated == [2 * per] * 2
+            for stream in streams:
+                await stream.aclose()
+            model = await _billed_client(s, peer, path, mid, cfg)
+            async with model.inference_session(len(PROMPT) + 10):
+                with trio.fail_after(5):
+                    while len(server.sessions) != 1:  # the raw sessions' closes are read
+                        await trio.sleep(0.02)
+                assert [(x.nbytes, x.cache.nbytes) for x in server.sessions.values()] == [(16 * per, 2 * per)]
+            # its cache grows from 2 tokens with the steps (a prompt of 6 and 10 new tokens)
+            g = await model.generate(PROMPT, max_new_tokens=10, stop_token_ids=[])
+            assert g.token_ids == want
+
+
 async def test_idle_strangers_give_way_to_a_newcomer_and_one_that_keeps_stepping_keeps_its_share(llama):
     """Keys without standing holding the strangers' pool with idle sessions lock nobody out: a newcomer
     the pool refuses displaces the longest-idle one — one that never stepped once idle
