@@ -165,7 +165,7 @@ async def test_cache_grows_with_the_tokens_computed(llama):
     path, mid, local, cfg = llama
     want = local.generate_greedy(LONG, 6)
     with trio.fail_after(60):
-        async with swarm("sim", path, [(0, 4)], model_id=mid, initial_cache_tokens=8) as s:
+        async with swarm("sim", path, [(0, 4)], model_id=mid, stranger_open_cache_tokens=8) as s:
             server = s.servers[0].server
             model = await s.client(spot_check=None)
             async with model.inference_session(64) as session:
