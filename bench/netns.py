@@ -365,7 +365,8 @@ def measure_hole_punch(lab, peers, *, quick: bool = False) -> dict:
     symmetric = _netpeer_result(lab, cgn, 4802, "--dial", target, "--count", "3", "--wait-direct", "20")
     if not (relayed.get("ok") and punched.get("ok") and punched.get("direct")):
         return {"error": "no direct connection", "relayed": relayed, "punched": punched}
-    by_dialer_nat = {kind: {"direct": bool(r.get("ok") and r.get("direct")), "direct_after_s": r.get("direct_after_s")}
+    by_dialer_nat = {kind: {"direct": bool(r.get("ok") and r.get("direct")), "direct_after_s": r.get("direct_after_s"),
+                            **({"error": r["error"]} if r.get("error") else {})}  # (why it stayed relayed)
                      for kind, r in (("port-restricted", punched), ("endpoint-independent", cone),
                                      ("symmetric", symmetric))}
     return {

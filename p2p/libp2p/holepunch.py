@@ -12,7 +12,8 @@ set SO_REUSEADDR/SO_REUSEPORT), so each NAT maps the dial to the address the oth
 and the two SYNs cross: a TCP simultaneous open, or one side's SYN reaching the other's listener
 through a full-cone NAT. Either way there is one TCP connection, and the security handshake's roles
 are fixed by the spec: A (the circuit's dialer) is the Noise initiator, B upgrades its dial as the
-responder (`Swarm.dial_addr_as_responder`). Up to `ROUNDS` rounds are tried.
+responder (`Swarm.dial_addr_as_responder`). Up to `ROUNDS` rounds are tried, and B starts up to
+`ATTEMPTS` exchanges for one relayed session while it stays relayed.
 
 The addresses we announce are the IPs admitted peers in two networks observe us at (`identify`'s
 `ObservedAddrs`, fed by identify in open swarms and by the gate handshake in every swarm, so private
@@ -63,6 +64,11 @@ MAX_MESSAGE = 4096  # the spec's bound on one message
 MAX_ADDRS = 16  # addresses taken from one CONNECT (more are ignored)
 ROUNDS = 3
 ROUND_TIMEOUT = 5.0
+# Exchanges we (B) start for one relayed session, RETRY_AFTER × n apart, while it stays relayed: the
+# spec's retries. A peer that just connected may not know its observed address yet, and a punch under
+# load can miss its moment; a symmetric NAT fails every one, at a bounded cost.
+ATTEMPTS = 3
+RETRY_AFTER = 2.0
 RETIRE_GRACE = 120.0  # the longest a relayed session is kept for requests in flight on it
 RETIRE_QUIET = 1.0  # it must carry nothing for this long first
 
@@ -206,6 +212,19 @@ class HolePunch:
             raise HolePunchFailed(f"DCUtR stream broke: {type(e).__name__}: {e}"[:300]) from None
 
     async def _initiate(self, peer_id: str) -> None:
+        try:
+            for attempt in range(ATTEMPTS):
+                if attempt:
+                    await trio.sleep(RETRY_AFTER * attempt)
+                    if self.net.closing or self._relayed_conn(peer_id) is None or self._direct_conn(peer_id) is not None:
+                        return
+                if await self._attempt(peer_id):
+                    return
+        finally:
+            self._busy.discard(peer_id)
+
+    async def _attempt(self, peer_id: str) -> bool:
+        """One DCUtR exchange and punch as B: whether it ended on a direct connection."""
         self.stats["attempts"] += 1
         stream = None
         try:
@@ -225,18 +244,16 @@ class HolePunch:
             await self._punch(peer_id, theirs, as_noise_initiator=False)
             self.stats["direct"] += 1
             log.info("hole punch to %s: direct connection (relay RTT %.0f ms)", peer_id, rtt * 1000)
+            return True
         except (P2PError, trio.TooSlowError) as e:
             self.stats["failed"] += 1
-            log.info("hole punch to %s failed; staying on the relay: %s", peer_id, e or "timed out")
-            if stream is not None:
-                await io.reset(stream)
+            log.info("hole punch to %s failed; on the relay for now: %s", peer_id, e or "timed out")
         except Exception as e:  # new_stream's errors have no common type; never take the nursery down
             self.stats["failed"] += 1
-            log.info("hole punch to %s failed; staying on the relay: %s: %s", peer_id, type(e).__name__, e)
-            if stream is not None:
-                await io.reset(stream)
-        finally:
-            self._busy.discard(peer_id)
+            log.info("hole punch to %s failed; on the relay for now: %s: %s", peer_id, type(e).__name__, e)
+        if stream is not None:
+            await io.reset(stream)
+        return False
 
     async def _on_dcutr(self, stream: Any) -> None:
         """DCUtR's A: answer CONNECT with our addresses, dial on SYNC, then move our session."""
