@@ -65,16 +65,17 @@ def parse_json_body(data: bytes) -> Any:
     try:
         body = json.loads(data)
     except RecursionError:
-        body = _TOO_DEEP
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as e:
         raise ApiError(400, f"We could not parse the JSON body of your request: {e}. Send a JSON object "
                             "with Content-Type: application/json.", code="invalid_json") from None
-    if body is _TOO_DEEP or _deeper_than(body, MAX_JSON_DEPTH):
-        raise ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
+    if _deeper_than(body, MAX_JSON_DEPTH):
+        raise _too_deep()
     return body
 
 
-_TOO_DEEP = object()
+def _too_deep() -> ApiError:
+    return ApiError(400, f"the JSON body is nested more than {MAX_JSON_DEPTH} levels deep", code="invalid_json")
 
 
 def _deeper_than(value: Any, limit: int) -> bool:

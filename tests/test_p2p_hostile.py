@@ -139,7 +139,7 @@ async def test_a_flooding_author_is_throttled_at_every_peer_and_honest_news_stil
         nursery.cancel_scope.cancel()
 
 
-async def _fresh_author_notes(network, n: int) -> list[dict]:
+def _fresh_author_notes(network, n: int) -> list[dict]:
     """`n` valid messages on "news", each signed by a fresh identity (free to make, one key each)."""
     return [signed_gossip(Identity.generate(), "news", {"n": i}, seq=1, now=network.now()) for i in range(n)]
 
@@ -156,7 +156,7 @@ async def test_fresh_authors_pushed_by_one_neighbour_are_bounded_by_its_rate(aut
         for gossip in gossips:
             await nursery.start(gossip.run)
         quotas = gossips[0].quotas
-        notes = await _fresh_author_notes(sybil, 1000)
+        notes = _fresh_author_notes(sybil, 1000)
         started = trio.current_time()
         for k in range(0, len(notes), 100):  # 1,000 notes in 5 s, 200 a second
             async with trio.open_nursery() as burst:
@@ -189,7 +189,7 @@ async def test_what_a_neighbours_rate_drops_arrives_by_pull(autojump_clock):
         at_relay = Gossip(relay, relay.identity, quotas=roomy)
         for gossip in (at_victim, at_relay):
             await nursery.start(gossip.run)
-        notes = await _fresh_author_notes(source, 120)
+        notes = _fresh_author_notes(source, 120)
         for note in notes:
             await source.request(relay.peer_id, PUSH, note, timeout=5)
         ids = [hashlib.sha256(note["b"]).digest() for note in notes]
