@@ -277,7 +277,7 @@ async def test_requests_in_flight_are_charged_for_what_they_decode_into():
 
 
 async def test_a_flood_of_requests_leaves_nothing_behind():
-    async with peers(2) as (client, server):
+    async with peers(2, request_rate=1e9) as (client, server):  # (the pace has its own test: memory alone here)
         server.set_request_handler(ECHO, echo)
         await client.connect(server.listen_addrs()[0])
 
@@ -301,6 +301,47 @@ async def test_a_flood_of_requests_leaves_nothing_behind():
         finally:
             tracemalloc.stop()
         assert grown < 512 * 1024, grown  # both peers: a few hundred bytes per request would show
+
+
+async def test_a_flooding_peer_is_served_at_its_pace_and_others_at_once():
+    """One peer sending requests as fast as it can, 16 at a time: the server handles at most burst + rate × t
+    of them (the rest wait unread and are answered later: slower, never an error), while another peer's
+    requests are served without waiting."""
+    rate, burst = 50.0, 20
+    async with peers(3, request_rate=rate, request_burst=burst) as (flooder, honest, server):
+        handled: list[str] = []
+
+        async def count(peer_id, body):
+            handled.append(peer_id)
+            return body
+
+        server.set_request_handler(ECHO, count)
+        for peer in (flooder, honest):
+            await peer.connect(server.listen_addrs()[0])
+        answered = 0
+
+        async def flood_one() -> None:
+            nonlocal answered
+            while True:
+                assert await flooder.request(server.peer_id, ECHO, {"x": 1}, timeout=30) == {"x": 1}
+                answered += 1
+
+        async with trio.open_nursery() as nursery:
+            started = time.monotonic()
+            for _ in range(16):
+                nursery.start_soon(flood_one)
+            await trio.sleep(0.5)
+            with trio.fail_after(5):
+                for i in range(10):
+                    assert await honest.request(server.peer_id, ECHO, {"i": i}) == {"i": i}
+            await trio.sleep(max(0.0, 2.0 - (time.monotonic() - started)))
+            elapsed = time.monotonic() - started
+            from_flooder = handled.count(flooder.peer_id)
+            nursery.cancel_scope.cancel()
+    assert from_flooder <= burst + rate * elapsed + 1, (from_flooder, elapsed)
+    assert answered >= burst and server.pace.delayed > 0  # served at its pace, not refused
+    assert handled.count(honest.peer_id) == 10
+    assert server.pace.delay(honest.peer_id) == 0.0  # its ten requests left it tokens to spare: it never waited
 
 
 async def test_what_a_peer_holds_is_capped_per_author_and_in_all(autojump_clock):

@@ -14,6 +14,7 @@ One concept a module (imports only go down the list):
     identify.py   libp2p identify, identify-push and ping for other libp2p nodes (open swarms), and
                   the addresses admitted peers observe us at (counted per reporting network)
     autonat.py    reachability detection: peers dial us back on new connections (public / private)
+    pace.py       RequestPace: each peer's requests served at a bounded rate, paid for by waiting
     session.py    RequestSession: one peer's requests and replies, multiplexed on one stream
     stream.py     FlowControlledStream: a long-lived message stream with credit-based flow control
     relay.py      circuit relay v2: reservations, circuit dialing, the relay service

@@ -96,7 +96,7 @@ from ..network import (
     Stream,
     StreamHandler,
 )
-from . import gate, io, patches
+from . import gate, io, pace, patches
 from .addresses import (DialVerdicts, announce_order, expand_unspecified, full_addr, interface_ips, split_circuit,
                         tcp_endpoint)
 from .autonat import Autonat, AutonatLimits
@@ -159,6 +159,8 @@ class Libp2pNetwork(Network):
         max_inflight_bytes_in: int = 64 * 1024 * 1024,
         max_inflight_out: int = 64,
         max_streams_in: int = 64,
+        request_rate: float = pace.DEFAULT_RATE,
+        request_burst: int = pace.DEFAULT_BURST,
         stream_window: int = 4 * 1024 * 1024,
         linger: float = 10.0,
         relay_service: bool = False,
@@ -183,6 +185,7 @@ class Libp2pNetwork(Network):
         self.max_inflight_bytes_in = max_inflight_bytes_in
         self.max_inflight_out = max_inflight_out
         self.max_streams_in = max_streams_in
+        self.pace = pace.RequestPace(request_rate, request_burst, time.monotonic)
         self.stream_window = stream_window
         self.linger = linger
         self._request_handlers: dict[str, RequestHandler] = {}

@@ -11,7 +11,9 @@ Each session has one reader task that always drains the stream (so a busy handle
 sender waiting for yamux window updates, which py-libp2p turns into a stream reset after 5 s); each
 inbound request runs in its own task; in-flight requests are bounded per peer in both directions, and
 inbound also in bytes (excess inbound requests are answered `Overloaded` at once, so a peer cannot make
-us hold more than `max_inflight_bytes_in` of its requests). A request's bytes are what it costs us
+us hold more than `max_inflight_bytes_in` of its requests), and inbound requests are served at the
+peer's pace (`pace`: past it, the reader waits before it reads on, so a flood costs us its rate, not
+its volume). A request's bytes are what it costs us
 decoded: its frame plus `OBJECT_COST` per object it decoded into (counted for frames over
 `COUNT_OBJECTS_FROM` bytes; a smaller one is charged as if every byte were an object), so frames of
 empty arrays cannot hold 64× more memory than the budget says. A malformed frame ends the session and
@@ -31,6 +33,7 @@ from ..errors import FrameError, P2PError, ProtocolNotSupported, RemoteError, St
 from ..framing import ExactReader, expect_map, field
 from ..network import MAX_REMOTE_ERROR_LEN, RequestHandler
 from . import io
+from .pace import RequestPace
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +51,7 @@ class SessionOwner(Protocol):
     max_inflight_in: int
     max_inflight_bytes_in: int
     max_inflight_out: int
+    pace: RequestPace
 
     def spawn(self, fn: Callable[..., Awaitable[object]], *args: Any) -> None:
         """Run `fn(*args)` in the network's nursery (nothing once the network is closing)."""
@@ -164,6 +168,11 @@ class RequestSession:
                 elif "q" in m:
                     rid = _check_id(m["q"])
                     protocol = field(m, "p", str, max_len=MAX_PROTOCOL_LEN)
+                    wait = owner.pace.delay(self.peer_id)
+                    if wait:  # nothing more is read from this peer meanwhile: its sender feels it
+                        await trio.sleep(wait)
+                        if self.closed:
+                            break
                     if rid in self.inbound:
                         raise FrameError(f"request id {rid} reused while still in flight")
                     if len(self.inbound) >= owner.max_inflight_in:
