@@ -30,6 +30,9 @@ def _limit_args(parser: argparse.ArgumentParser) -> None:
     limits.add_argument("--inflight-mb", type=float, metavar="MiB",
                         help="memory one peer's requests may hold here at once, as decoded (default 64; "
                              "at least 16, the largest message)")
+    limits.add_argument("--request-rate", type=float, metavar="REQ/S",
+                        help="one peer's requests (DHT, gossip, membership, credit sync) served a second, after "
+                             "a burst of twice that; past it that peer's next requests wait (default 100)")
     limits.add_argument("--dht-store-mb", type=float, metavar="MiB",
                         help="DHT records stored for other peers (default 64)")
     limits.add_argument("--gossip-rate", type=float, metavar="MSGS/S",
@@ -48,6 +51,7 @@ def peer_limits(args: argparse.Namespace):
     from .peer import PeerLimits
 
     for flag, value in (("--max-inbound-per-ip", args.max_inbound_per_ip), ("--dht-store-mb", args.dht_store_mb),
+                        ("--request-rate", args.request_rate),
                         ("--gossip-rate", args.gossip_rate), ("--gossip-mb", args.gossip_mb)):
         if value is not None and not value > 0:
             raise ValueError(f"{flag} wants a positive number")
@@ -60,6 +64,8 @@ def peer_limits(args: argparse.Namespace):
         limits = replace(limits, inbound=replace(limits.inbound, max_unadmitted_per_ip=args.max_inbound_per_ip))
     if args.inflight_mb is not None:
         limits = replace(limits, inflight_bytes_in=round(args.inflight_mb * mib))
+    if args.request_rate is not None:
+        limits = replace(limits, request_rate=args.request_rate)
     if args.dht_store_mb is not None:
         limits = replace(limits, dht_store=replace(limits.dht_store, max_bytes=round(args.dht_store_mb * mib)))
     if args.gossip_rate is not None:

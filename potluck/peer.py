@@ -100,6 +100,7 @@ class PeerLimits:
 
     inbound: InboundLimits = InboundLimits()  # connections not admitted yet, per IP; the upgrade deadline
     inflight_bytes_in: int | None = None  # one peer's requests held at once, as decoded (None: the network's)
+    request_rate: float | None = None  # one peer's requests served a second, after a burst of twice that (None: the network's)
     dht_store: StoreLimits = StoreLimits()  # DHT records stored for others
     gossip: GossipQuotas = GossipQuotas()  # per-author gossip rates, and the gossip held
 
@@ -108,6 +109,9 @@ class PeerLimits:
         options: dict = {"inbound_limits": self.inbound}
         if self.inflight_bytes_in is not None:
             options["max_inflight_bytes_in"] = self.inflight_bytes_in
+        if self.request_rate is not None:
+            options["request_rate"] = self.request_rate
+            options["request_burst"] = max(1, round(2 * self.request_rate))
         return options
 
 

@@ -13,7 +13,7 @@ from credits import Ledger
 from dht.records import SignedValue, StoreRefused
 from p2p.gossip import GossipQuotas
 from p2p.identity import Identity
-from p2p.libp2p import InboundLimits
+from p2p.libp2p import InboundLimits, pace
 from p2p.sim import SimWorld
 from pipeline.pricing import ModelPricing
 from potluck.cli import build_parser, peer_limits
@@ -33,17 +33,18 @@ def test_no_flags_keep_every_layers_defaults():
 
 def test_each_flag_sets_its_layers_limit_and_nothing_else():
     limits = limits_of("--max-inbound-per-ip", "3", "--inflight-mb", "20", "--dht-store-mb", "0.5",
-                       "--gossip-rate", "0.25", "--gossip-mb", "4")
+                       "--gossip-rate", "0.25", "--gossip-mb", "4", "--request-rate", "30")
     assert limits.inbound == InboundLimits(max_unadmitted_per_ip=3)
     assert limits.inflight_bytes_in == 20 * MIB
     assert limits.dht_store.max_bytes == MIB // 2 and limits.dht_store.max_values == PeerLimits().dht_store.max_values
     assert limits.gossip == GossipQuotas(rate=0.25, max_total_bytes=4 * MIB)
     assert limits.network_options() == {"inbound_limits": InboundLimits(max_unadmitted_per_ip=3),
-                                        "max_inflight_bytes_in": 20 * MIB}
+                                        "max_inflight_bytes_in": 20 * MIB, "request_rate": 30, "request_burst": 60}
 
 
 @pytest.mark.parametrize("flags", [("--max-inbound-per-ip", "0"), ("--dht-store-mb", "-1"), ("--gossip-rate", "0"),
-                                   ("--gossip-mb", "0"), ("--inflight-mb", "15")])
+                                   ("--gossip-mb", "0"), ("--inflight-mb", "15"),
+                                   ("--request-rate", "0")])
 def test_out_of_range_flags_are_refused(flags):
     with pytest.raises(ValueError):
         limits_of(*flags)
@@ -57,6 +58,7 @@ def test_the_help_states_each_layers_default(monkeypatch):
     defaults = PeerLimits()
     assert f"(default {defaults.inbound.max_unadmitted_per_ip})" in text
     assert f"(default {defaults.dht_store.max_bytes // MIB})" in text
+    assert f"(default {pace.DEFAULT_RATE:g})" in text
     assert f"(default {defaults.gossip.rate:g})" in text and f"burst of {defaults.gossip.burst}" in text
     assert f"(default {defaults.gossip.max_total_bytes // MIB})" in text
 
