@@ -14,5 +14,6 @@ Every bench takes `--quick` (small sizes, seconds), which tests/test_bench_quick
                 best split (vs choices blind to coverage or demand); Sybil demand with and without the caps
     attack      attacks on a real peer: its RSS, whether it stays up, what the attacker got, an honest client beside
     fuzz        every wire and stored-data decoder against fuzzed inputs (bench.fuzzgen makes them)
-And what the attack bench and the hostile tests send: hostile.py (not a bench).
+And what the attack bench and the hostile tests send: hostile.py; the processes benches start: pipeline_client.py
+(pipeline's concurrent users), netns_client.py (netns's far user), liarpeer.py (spotcheck's lying server) — none of them a bench.
 """

@@ -7,10 +7,12 @@ In one run, on this machine:
   + DHTNode on 127.0.0.1, blocks split evenly) and a client in this process that finds them through
   the DHT; client-driven (each hop's output comes back to the client) and with server-to-server
   forwarding (`push`).
-- concurrency (continuous batching): `--clients` clients (each its own identity, ledger and libp2p
-  network; the head's weights shared in this process) generate at once through the same servers:
-  aggregate tok/s over the same clients' single-stream tok/s (`aggregate_over_single`; push mode), per-client
-  tok/s, the servers' batch sizes; then again on servers started with `--max-batch 1` (batching off,
+- concurrency (continuous batching): `--clients` clients, each a process of its own (bench.pipeline_client:
+  its own identity, ledger, libp2p network and head, as each user has a machine of their own), generate
+  at once through the same servers: aggregate tok/s over the same clients' single-stream tok/s
+  (`aggregate_over_single`; push mode), per-client tok/s, the servers' batch sizes, and where the
+  machine's CPU time went per token (`cpu_ms_per_token`: each server, all clients, and the wall time
+  times the cores: what there was); then again on servers started with `--max-batch 1` (batching off,
   skipped by --quick); and in process, decode tok/s of one server's span for batch 1/2/4/8 (the
   batching gain without any network, `forward_by_batch`).
 Reported: tokens/s (new tokens / wall time of the whole generation, prefill included), swarm/local
@@ -209,67 +211,83 @@ async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: 
     return results
 
 
-async def concurrent_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, clients: int,
-                          expect: list[int]) -> dict:
-    """`clients` clients through the same servers: first client 0 alone (single stream), then all at once."""
-    from credits import Ledger
-    from dht.node import DHTNode
-    from p2p.identity import Identity
-    from p2p.libp2p import Libp2pNetwork
-    from pipeline.billing import ClientBilling
-    from pipeline.client import ClientConfig, DistributedModel
-    from pipeline.loading import ModelFolder, load_head
-    from pipeline.pricing import ModelPricing
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, all threads) a process has used so far."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    mf = ModelFolder(folder)
-    head = load_head(mf, dtype=torch.float32, device="cpu")  # shared: the clients' weights, not their state
-    finished = trio.Event()
 
-    async def client(*, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        identity = Identity.generate()
-        ledger = Ledger.open(identity, pricing=ModelPricing())
-        async with Libp2pNetwork.open(identity, ["/ip4/127.0.0.1/tcp/0"]) as net:
-            dht = DHTNode(net, bootstrap=[bootstrap], client_mode=True)
-            async with trio.open_nursery() as inner:
-                await inner.start(dht.run)
-                # push: servers forward to each other, so this one process (all the clients) handles one
-                # message a token per client instead of one per hop
-                model = DistributedModel(mf, head, net, dht, mid,
-                                         config=ClientConfig(billing=ClientBilling(ledger), push=True))
-                await model.generate(ids, max_new_tokens=2, stop_token_ids=[])  # warm-up: dials, routes
-                task_status.started(model)
-                await finished.wait()
-                inner.cancel_scope.cancel()
+def concurrent_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, clients: int, threads: int,
+                    server_pids: list[int], expect: list[int]) -> dict:
+    """`clients` client processes (bench.pipeline_client) through the same servers: client 0 alone first
+    (single stream), then all at once. A process each, as users are on machines of their own: their heads
+    run side by side, not in turn under one interpreter lock."""
+    import subprocess
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
 
-    results: list = [None] * clients
+    cmd = [sys.executable, "-m", "bench.pipeline_client", "--bootstrap", bootstrap, "--model", str(folder),
+           "--model-id", mid, "--ids", json.dumps(ids), "--tokens", str(n), "--threads", str(threads)]
+    procs = [subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(clients)]
+    pool = ThreadPoolExecutor(clients)
 
-    async with trio.open_nursery() as nursery:
-        models = [await nursery.start(client) for _ in range(clients)]
+    def answers(group: list[subprocess.Popen], timeout: float) -> list[dict]:
+        lines = [pool.submit(p.stdout.readline) for p in group if p.stdout is not None]
+        out = []
+        for p, line in zip(group, lines):
+            text = line.result(timeout=timeout)
+            if not text:
+                raise RuntimeError(f"a bench client exited ({p.poll()}) before answering")
+            out.append(json.loads(text))
+        return out
 
-        async def gen(i: int) -> None:
-            t0 = time.perf_counter()
-            g = await models[i].generate(ids, max_new_tokens=n, stop_token_ids=[], speculative=False)  # batching alone
-            results[i] = (time.perf_counter() - t0, g)
+    def go(group: list[subprocess.Popen]) -> None:
+        for p in group:
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
 
-        await gen(0)
-        single_wall, single = results[0]
+    try:
+        answers(procs, 300)  # each warmed up: dials, routes
+        go(procs[:1])
+        single = answers(procs[:1], 300)[0]
+        cpu0 = [cpu_seconds(pid) for pid in server_pids], [cpu_seconds(p.pid) for p in procs]
         t0 = time.perf_counter()
-        async with trio.open_nursery() as all_at_once:
-            for i in range(clients):
-                all_at_once.start_soon(gen, i)
+        go(procs)
+        results = answers(procs, 600)
         wall = time.perf_counter() - t0
-        finished.set()
-    per_client = [n / w for w, _ in results]
-    split = {"server_compute": sum(g.compute_s for _, g in results) / (clients * n) * 1000,
-             "network_and_overhead": sum(g.network_s for _, g in results) / (clients * n) * 1000,
-             "wall": sum(g.wall_s for _, g in results) / (clients * n) * 1000}
+        cpu1 = [cpu_seconds(pid) for pid in server_pids], [cpu_seconds(p.pid) for p in procs]
+    finally:
+        for p in procs:
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        pool.shutdown()
+    per_client = [n / r["wall_s"] for r in results]
+    split = {"server_compute": sum(r["compute_s"] for r in results) / (clients * n) * 1000,
+             "network_and_overhead": sum(r["network_s"] for r in results) / (clients * n) * 1000,
+             "wall": sum(r["generation_wall_s"] for r in results) / (clients * n) * 1000}
     split["client_head_and_waiting"] = max(0.0, split["wall"] - split["server_compute"] - split["network_and_overhead"])
-    single_tps = n / single_wall
-    return {"clients": clients, "single_stream_tokens_per_s": single_tps, "aggregate_tokens_per_s": clients * n / wall,
-            "aggregate_over_single": clients * n / wall / single_tps,
+    single_tps = n / single["wall_s"]
+    return {"clients": clients, "client_processes": True, "single_stream_tokens_per_s": single_tps,
+            "aggregate_tokens_per_s": clients * n / wall, "aggregate_over_single": clients * n / wall / single_tps,
             "per_client_tokens_per_s": {"min": min(per_client), "mean": sum(per_client) / clients, "max": max(per_client)},
             "per_token_ms_per_client": split,
-            "tokens_match_local": single.token_ids == expect and all(g.token_ids == expect for _, g in results)}
+            # where the machine's CPU time went while all generated, per token generated (all clients' tokens)
+            "cpu_ms_per_token": {"servers": [round(1000 * (b - a) / (clients * n), 2) for a, b in zip(cpu0[0], cpu1[0])],
+                                 "clients": round(1000 * sum(b - a for a, b in zip(cpu0[1], cpu1[1])) / (clients * n), 2),
+                                 "wall_over_cores": round(1000 * wall * (os.cpu_count() or 1) / (clients * n), 2)},
+            "tokens_match_local": single["token_ids"] == expect and all(r["token_ids"] == expect for r in results)}
 
 
 def batching_stats(procs: list[tuple[PeerProcess, dict]]) -> list[dict]:
@@ -331,7 +349,8 @@ def main(argv: list[str] | None = None) -> None:
         procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads, Path(tmp))
         try:
             swarm = trio.run(swarm_runs, folder, mid, procs[0][0].addr, ids, n, local["tokens"])
-            concurrent = trio.run(concurrent_runs, folder, mid, procs[0][0].addr, ids, n, args.clients, local["tokens"])
+            concurrent = concurrent_runs(folder, mid, procs[0][0].addr, ids, n, args.clients, args.threads,
+                                         [p.proc.pid for p, _ in procs if p.proc], local["tokens"])
             concurrent["server_batches"] = batching_stats(procs)
             concurrent["announced_batch_decode_tps_per_block"] = [
                 round(info["throughput"].get("batch_decode_tps", 0.0), 1) for _, info in procs]
@@ -345,7 +364,8 @@ def main(argv: list[str] | None = None) -> None:
             procs = start_servers(folder, args.servers, mf.config.num_layers, args.threads, Path(tmp) / "unbatched",
                                   "--max-batch", "1")
             try:
-                off = trio.run(concurrent_runs, folder, mid, procs[0][0].addr, ids, n, args.clients, local["tokens"])
+                off = concurrent_runs(folder, mid, procs[0][0].addr, ids, n, args.clients, args.threads,
+                                         [p.proc.pid for p, _ in procs if p.proc], local["tokens"])
                 off["server_batches"] = batching_stats(procs)
             finally:
                 for p, _ in procs:
