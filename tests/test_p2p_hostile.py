@@ -70,7 +70,8 @@ def test_legitimate_frames_decode_as_before():
 
 
 async def test_a_peer_keeps_answering_while_sent_frames_of_empty_arrays():
-    async with peers(3) as (server, hostile, friend):
+    # the bound on decoding alone: with the request pace on, the server would not read these frames at all
+    async with peers(3, request_rate=1e9) as (server, hostile, friend):
         server.set_request_handler(ECHO, echo)
         await friend.connect(server.listen_addrs()[0])
         slowest = 0.0
@@ -99,6 +100,44 @@ async def test_a_peer_keeps_answering_while_sent_frames_of_empty_arrays():
                         await trio.sleep(0.02)
             done.set()
         assert slowest < 1.0, slowest
+
+
+async def test_a_frame_that_cannot_be_a_reply_waits_for_its_bytes_pace_before_it_is_read():
+    """A 16 MiB frame from a peer we await nothing from is a request or junk: it takes a token per 16 KiB
+    from the peer's bucket before its body is read; one that would wait past `max_wait` (here: 1,025
+    tokens at 10 a second) ends the session after its header, however the peer reconnects, and others
+    are served meanwhile."""
+    async with peers(3, request_rate=10, request_burst=20) as (server, hostile, friend):
+        server.set_request_handler(ECHO, echo)
+        big_bodies = []
+        counted = server.decoder.counted
+
+        async def watched(body: bytes, count_from: int):
+            if len(body) > 1 << 20:
+                big_bodies.append(len(body))
+            return await counted(body, count_from)
+
+        server.decoder.counted = watched  # type: ignore[method-assign]
+        await friend.connect(server.listen_addrs()[0])
+        payload = object_bomb_frame()
+        written = 0
+        for _ in range(2):
+            await hostile.connect(server.listen_addrs()[0])
+            session = await raw_session(hostile, server.peer_id)
+            with trio.move_on_after(3):
+                try:
+                    await session.raw.write(payload)
+                    written += 1
+                except Exception:  # noqa: BLE001 - the sender's own yamux gave up waiting for window: expected
+                    pass
+            with trio.fail_after(5):
+                for i in range(5):
+                    assert await friend.request(server.peer_id, ECHO, i, timeout=5) == i
+            with trio.fail_after(5):  # far past its pace: the session ends after the header, the peer is dropped
+                while hostile.peer_id in server.connected_peers():
+                    await trio.sleep(0.02)
+        assert big_bodies == [] and written == 0
+        assert server.pace.delay(hostile.peer_id) > 10  # its bucket owes the bombs' bytes: the next frame waits
 
 
 # --- gossip quotas ---------------------------------------------------------------------------------

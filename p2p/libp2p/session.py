@@ -7,16 +7,16 @@ connection, carrying requests and replies in both directions, multiplexed by id:
 a peer drops the session for a protocol violation. Opening a libp2p stream costs a multistream-select
 round trip (5–8 ms), so requests never open one.
 
-Each session has one reader task that always drains the stream (so a busy handler never leaves the
-sender waiting for yamux window updates, which py-libp2p turns into a stream reset after 5 s); each
-inbound request runs in its own task; in-flight requests are bounded per peer in both directions, and
-inbound also in bytes (excess inbound requests are answered `Overloaded` at once, so a peer cannot make
-us hold more than `max_inflight_bytes_in` of its requests), and inbound requests are served at the
-peer's pace (`pace`: past it, the reader waits before it reads on, so a flood costs us its rate, not
-its volume). A request's bytes are what it costs us
-decoded: its frame plus `OBJECT_COST` per object it decoded into (counted for frames over
-`COUNT_OBJECTS_FROM` bytes; a smaller one is charged as if every byte were an object), so frames of
-empty arrays cannot hold 64× more memory than the budget says. A malformed frame ends the session and
+Each session has one reader task that drains the stream without waiting on handlers (so a busy handler
+never leaves the sender waiting for yamux window updates, which py-libp2p turns into a stream reset
+after 5 s); each inbound request runs in its own task; in-flight requests are bounded per peer in both
+directions, and inbound also in bytes (excess inbound requests are answered `Overloaded` at once, so a
+peer cannot make us hold more than `max_inflight_bytes_in` of its requests). The one wait the reader
+takes is the peer's request pace (`pace`): past it, the reader sleeps before it reads on, so a flood
+costs us its rate, not its volume (an honest peer waits at most its requests in flight × 1/rate).
+A request's bytes are what it costs us decoded: its frame plus `OBJECT_COST` per object it decoded
+into (counted for frames over `COUNT_OBJECTS_FROM` bytes; a smaller one is charged as if every byte
+were an object), so frames of empty arrays cannot hold 64× more memory than the budget says. A malformed frame ends the session and
 drops the peer; other peers are unaffected.
 """
 
@@ -148,6 +148,11 @@ class RequestSession:
         try:
             while True:
                 length = framing.parse_header(await self.reader.read_exactly(framing.HEADER_SIZE), owner.max_frame)
+                # nothing of ours awaits a reply from this peer: the frame is a request (or junk), paced
+                # before its body is read; a possible reply is read at once, a request in it paced after
+                paced = not self.pending
+                if paced and await self._wait_for_pace(length):
+                    break
                 m, objects = await io.read_body_counted(self.reader, length, owner.frame_timeout, owner.decoder,
                                                         COUNT_OBJECTS_FROM)
                 m = expect_map(m, "session frame")
@@ -168,11 +173,8 @@ class RequestSession:
                 elif "q" in m:
                     rid = _check_id(m["q"])
                     protocol = field(m, "p", str, max_len=MAX_PROTOCOL_LEN)
-                    wait = owner.pace.delay(self.peer_id)
-                    if wait:  # nothing more is read from this peer meanwhile: its sender feels it
-                        await trio.sleep(wait)
-                        if self.closed:
-                            break
+                    if not paced and await self._wait_for_pace(length):
+                        break
                     if rid in self.inbound:
                         raise FrameError(f"request id {rid} reused while still in flight")
                     if len(self.inbound) >= owner.max_inflight_in:
@@ -214,6 +216,18 @@ class RequestSession:
             self.finish(reason)
             with trio.CancelScope(shield=True):
                 await io.reset(self.raw)
+
+    async def _wait_for_pace(self, length: int) -> bool:
+        """Wait until a frame of `length` bytes is within the peer's pace (nothing more is read from the
+        peer meanwhile: its sender feels it); whether the session closed in the meantime. A FrameError
+        when the wait would be past `max_wait`: that peer is far beyond any honest pace."""
+        pace = self.owner.pace
+        wait = pace.delay(self.peer_id, length)
+        if wait > pace.max_wait:
+            raise FrameError(f"a frame of {length} bytes {wait:.0f} s past this peer's request pace")
+        if wait:
+            await trio.sleep(wait)
+        return self.closed
 
     async def _goodbye(self, reason: str) -> None:
         try:
