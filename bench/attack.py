@@ -331,7 +331,11 @@ async def _send_raw(net: Libp2pNetwork, target: Target, frame: bytes) -> tuple[b
     await net.disconnect(target.peer_id)  # a fresh connection for each frame: the last one may be closing
     await net.connect(target.addr, timeout=10)
     session = await raw_session(net, target.peer_id)
-    await session.raw.write(frame)
+    with trio.move_on_after(10):
+        try:
+            await session.raw.write(frame)
+        except Exception:  # noqa: BLE001 - a victim that refuses a frame from its header resets the stream
+            pass
     answered = False
     with trio.move_on_after(10):
         try:
@@ -733,7 +737,9 @@ async def request_flood(target: Target) -> Outcome:
 
         with trio.move_on_after(target.sizes.seconds):
             await in_parallel(32, one, target.sizes.requests)
-    return Outcome({"requests_answered": answered, "requests_failed": failed})
+    paced = (await target.call("status"))["requests_paced"]
+    return Outcome({"requests_answered": answered, "requests_failed": failed},
+                   notes={"victim_requests_paced_so_far": paced})
 
 
 async def gossip_flood(target: Target) -> Outcome:

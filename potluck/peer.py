@@ -410,6 +410,8 @@ class Peer:
             "last_generation": self.last_generation,
             "api": self.api_url,
             "relay": self.network.relay_status() if isinstance(self.network, Libp2pNetwork) else None,
+            # requests that waited for their peer's pace (p2p/libp2p/pace.py): floods, or a peer sending too fast
+            "requests_paced": self.network.pace.delayed if isinstance(self.network, Libp2pNetwork) else None,
             "autorelay": self.autorelay.status() if self.autorelay else None,
             "local_fallback": self.local_fallback.status() if self.local_fallback else None,
         }
