@@ -142,6 +142,7 @@ def test_pipeline_quick(smollm2_data):
     c = r["concurrent"]  # continuous batching: 4 clients at once through the same servers
     assert c["clients"] == 4 and c["tokens_match_local"] is True, c
     assert figure(r, "aggregate_over_single") > 0 and figure(r, "concurrent.per_client_tokens_per_s.min") > 0
+    assert figure(r, "concurrent.cpu_ms_per_token.clients") > 0 and len(c["cpu_ms_per_token"]["servers"]) == 2
     assert figure(r, "concurrent.forward_by_batch.tokens_per_s_per_block.8") > 0
     assert figure(r, "speculative_over_plain") > 0 and r["speculative"]["identical"] is True  # prompt lookup = plain
     assert figure(r, "speculative.prompt_lookup.tokens_per_pass") >= 1
