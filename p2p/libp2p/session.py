@@ -16,8 +16,8 @@ takes is the peer's request pace (`pace`): past it, the reader sleeps before it 
 costs us its rate, not its volume (an honest peer waits at most its requests in flight × 1/rate).
 A request's bytes are what it costs us decoded: its frame plus `OBJECT_COST` per object it decoded
 into (counted for frames over `COUNT_OBJECTS_FROM` bytes; a smaller one is charged as if every byte
-were an object), so frames of empty arrays cannot hold 64× more memory than the budget says. A malformed frame ends the session and
-drops the peer; other peers are unaffected.
+were an object), so frames of empty arrays cannot hold 64× more memory than the budget says. A
+malformed frame ends the session and drops the peer; other peers are unaffected.
 """
 
 from __future__ import annotations
