@@ -36,13 +36,17 @@ import json
 import os
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, Any, AsyncIterator, cast
 
 import torch
 import trio
 
 from potluck.localswarm import PeerProcess, wait_until
+
+if TYPE_CHECKING:
+    from pipeline.client import DistributedModel
 
 PROMPT = [{"role": "user", "content": "Write a short story about a lighthouse keeper who befriends a whale."}]
 RESTATE = [{"role": "user", "content": (
@@ -165,49 +169,59 @@ async def transport_round_trip(size: int) -> dict:
     return {"request_bytes": size, "libp2p": summarize(m["libp2p"]["rtt"]), "tcp": summarize(m["tcp"]["rtt"])}
 
 
-async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, expect: list[int]) -> dict:
+@asynccontextmanager
+async def bench_client(folder: Path, bootstrap: list[str], *, listen: str = "/ip4/127.0.0.1/tcp/0",
+                       region: str | None = None, model_id: str | None = None,
+                       **config: Any) -> AsyncIterator[DistributedModel]:
+    """A user's client as the benches run one (here, in bench.pipeline_client and bench.netns_client): its
+    own identity, an in-memory ledger (servers started by `potluck serve` bill every step, so the client
+    signs receipts like a peer does), libp2p network and client-mode DHT node; `config` sets the rest of
+    its ClientConfig. Yields the model, found through the DHT."""
+    from credits import Ledger
     from dht.node import DHTNode
     from p2p.identity import Identity
-    from credits import Ledger
     from p2p.libp2p import Libp2pNetwork
     from pipeline.billing import ClientBilling
     from pipeline.client import ClientConfig, DistributedModel
     from pipeline.pricing import ModelPricing
 
-    results = {}
     identity = Identity.generate()
-    # servers started by `potluck serve` bill every step, so the client signs receipts like a peer does
-    ledger = Ledger.open(identity, pricing=ModelPricing())  # in memory
-    async with Libp2pNetwork.open(identity, ["/ip4/127.0.0.1/tcp/0"]) as net:
-        dht = DHTNode(net, bootstrap=[bootstrap], client_mode=True)
+    ledger = Ledger.open(identity, pricing=ModelPricing())
+    async with Libp2pNetwork.open(identity, [listen]) as net:
+        dht = DHTNode(net, bootstrap=bootstrap, client_mode=True, region=region)
         async with trio.open_nursery() as nursery:
             await nursery.start(dht.run)
-            model = await DistributedModel.from_pretrained(folder, net, dht, model_id=mid,
-                                                           config=ClientConfig(billing=ClientBilling(ledger)))
-            await model.generate(ids, max_new_tokens=4, stop_token_ids=[])  # warm-up: dials, routes
-            for mode in ("direct", "push"):
-                model.client_config.push = mode == "push"
-                # plain decoding, like the local baseline (speculation has its own figures below)
-                await model.generate(ids, max_new_tokens=2, stop_token_ids=[], speculative=False)
-                t0 = time.perf_counter()
-                g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[], speculative=False)
-                wall = time.perf_counter() - t0
-                client_s = max(0.0, g.wall_s - g.compute_s - g.network_s)
-                results[mode] = {
-                    "tokens_per_s": n / wall, "decode_tokens_per_s": g.tokens_per_s, "ttft_s": g.ttft_s,
-                    "wall_s": wall, "tokens_match_local": g.token_ids == expect,
-                    "per_token_ms": {"total": 1000 * g.wall_s / n, "server_compute": 1000 * g.compute_s / n,
-                                     "network_and_overhead": 1000 * g.network_s / n,
-                                     "client_head": 1000 * client_s / n},
-                    "route": [[p[-8:], a, b] for p, a, b in g.route], "push_fallbacks": g.push_fallbacks,
-                }
-                # what a hop costs beyond its compute: the steps' wall less the servers' compute (the client's
-                # head left out: it is paid once a token, not per hop), per token, per server on the route
-                results[mode]["per_hop_overhead_ms"] = 1000 * g.network_s / n / max(1, len(g.route))
-            results["transport"] = await transport_round_trip(4 * model.model_config.hidden_size)
-            model.client_config.push = False  # client-driven: speculation's figure alone
-            results["speculative"] = await restating_runs(model, n)
+            yield await DistributedModel.from_pretrained(folder, net, dht, model_id=model_id,
+                                                         config=ClientConfig(billing=ClientBilling(ledger), **config))
             nursery.cancel_scope.cancel()
+
+
+async def swarm_runs(folder: Path, mid: str, bootstrap: str, ids: list[int], n: int, expect: list[int]) -> dict:
+    results = {}
+    async with bench_client(folder, [bootstrap], model_id=mid) as model:
+        await model.generate(ids, max_new_tokens=4, stop_token_ids=[])  # warm-up: dials, routes
+        for mode in ("direct", "push"):
+            model.client_config.push = mode == "push"
+            # plain decoding, like the local baseline (speculation has its own figures below)
+            await model.generate(ids, max_new_tokens=2, stop_token_ids=[], speculative=False)
+            t0 = time.perf_counter()
+            g = await model.generate(ids, max_new_tokens=n, stop_token_ids=[], speculative=False)
+            wall = time.perf_counter() - t0
+            client_s = max(0.0, g.wall_s - g.compute_s - g.network_s)
+            results[mode] = {
+                "tokens_per_s": n / wall, "decode_tokens_per_s": g.tokens_per_s, "ttft_s": g.ttft_s,
+                "wall_s": wall, "tokens_match_local": g.token_ids == expect,
+                "per_token_ms": {"total": 1000 * g.wall_s / n, "server_compute": 1000 * g.compute_s / n,
+                                 "network_and_overhead": 1000 * g.network_s / n,
+                                 "client_head": 1000 * client_s / n},
+                "route": [[p[-8:], a, b] for p, a, b in g.route], "push_fallbacks": g.push_fallbacks,
+            }
+            # what a hop costs beyond its compute: the steps' wall less the servers' compute (the client's
+            # head left out: it is paid once a token, not per hop), per token, per server on the route
+            results[mode]["per_hop_overhead_ms"] = 1000 * g.network_s / n / max(1, len(g.route))
+        results["transport"] = await transport_round_trip(4 * model.model_config.hidden_size)
+        model.client_config.push = False  # client-driven: speculation's figure alone
+        results["speculative"] = await restating_runs(model, n)
     return results
 
 

@@ -2,12 +2,12 @@
 
     python -m bench.pipeline_client --bootstrap ADDR --model FOLDER --model-id ID --ids JSON --tokens N
 
-Its own identity, in-memory ledger, `Libp2pNetwork` and client-mode `DHTNode`, as bench.pipeline's
-single-stream client has, in a process of its own as each user of a swarm is on a machine of their own:
-the clients' heads (embedding, LM head, sampling) run side by side instead of one after another
-under one interpreter lock. After a warm-up (dials, routes) it prints `{"ready": true}`; then for each
-line `go` on stdin it generates `--tokens` greedy tokens (push, no speculation: batching alone) and
-prints one JSON object: its wall time and the generation's split. It exits at the end of stdin.
+bench.pipeline's `bench_client` (its own identity, in-memory ledger, libp2p network and DHT node), in a
+process of its own as each user of a swarm is on a machine of their own: the clients' heads (embedding,
+LM head, sampling) run side by side instead of one after another under one interpreter lock. After a
+warm-up (dials, routes) it prints `{"ready": true}`; then for each line `go` on stdin it generates
+`--tokens` greedy tokens (push, no speculation: batching alone) and prints one JSON object: its wall
+time and the generation's split. It exits at the end of stdin.
 """
 
 from __future__ import annotations
@@ -22,33 +22,19 @@ async def run(args: argparse.Namespace) -> None:
     import torch
     import trio
 
-    from credits import Ledger
-    from dht.node import DHTNode
-    from p2p.identity import Identity
-    from p2p.libp2p import Libp2pNetwork
-    from pipeline.billing import ClientBilling
-    from pipeline.client import ClientConfig, DistributedModel
-    from pipeline.pricing import ModelPricing
+    from bench.pipeline import bench_client
 
     torch.set_num_threads(args.threads)
     ids = json.loads(args.ids)
-    identity = Identity.generate()
-    ledger = Ledger.open(identity, pricing=ModelPricing())  # in memory; servers bill every step
-    async with Libp2pNetwork.open(identity, ["/ip4/127.0.0.1/tcp/0"]) as net:
-        dht = DHTNode(net, bootstrap=[args.bootstrap], client_mode=True)
-        async with trio.open_nursery() as nursery:
-            await nursery.start(dht.run)
-            model = await DistributedModel.from_pretrained(args.model, net, dht, model_id=args.model_id,
-                                                           config=ClientConfig(billing=ClientBilling(ledger), push=True))
-            await model.generate(ids, max_new_tokens=2, stop_token_ids=[], speculative=False)  # dials, routes
-            print(json.dumps({"ready": True}), flush=True)
-            while (await trio.to_thread.run_sync(sys.stdin.readline)).strip() == "go":
-                t0 = time.perf_counter()
-                g = await model.generate(ids, max_new_tokens=args.tokens, stop_token_ids=[], speculative=False)
-                print(json.dumps({"wall_s": time.perf_counter() - t0, "generation_wall_s": g.wall_s,
-                                  "compute_s": g.compute_s, "network_s": g.network_s,
-                                  "token_ids": g.token_ids}), flush=True)
-            nursery.cancel_scope.cancel()
+    async with bench_client(args.model, [args.bootstrap], model_id=args.model_id, push=True) as model:
+        await model.generate(ids, max_new_tokens=2, stop_token_ids=[], speculative=False)  # dials, routes
+        print(json.dumps({"ready": True}), flush=True)
+        while (await trio.to_thread.run_sync(sys.stdin.readline)).strip() == "go":
+            t0 = time.perf_counter()
+            g = await model.generate(ids, max_new_tokens=args.tokens, stop_token_ids=[], speculative=False)
+            print(json.dumps({"wall_s": time.perf_counter() - t0, "generation_wall_s": g.wall_s,
+                              "compute_s": g.compute_s, "network_s": g.network_s,
+                              "token_ids": g.token_ids}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
